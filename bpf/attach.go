@@ -1,0 +1,136 @@
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// AttachMode says how programs were attached: "tcx" (kernel >= 6.6) or "tc"
+// (clsact qdisc with direct-action cls_bpf filters, the fallback).
+func (d *Datapath) AttachMode() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.attachFn
+}
+
+func (d *Datapath) linkPin(ifname, dir string) string {
+	return filepath.Join(d.pinDir, "links", ifname+"-"+dir)
+}
+
+// AttachEndpoint attaches from_pod to the ingress and to_pod to the egress of
+// the host-side veth of a pod. An existing pinned link on the same device is
+// updated in place, so re-attaching after a restart has no gap.
+func (d *Datapath) AttachEndpoint(ifname string, ifindex int) error {
+	err := d.attachTCX(ifname, ifindex, "ingress", ebpf.AttachTCXIngress, d.objs.FromPod)
+	if err == nil {
+		err = d.attachTCX(ifname, ifindex, "egress", ebpf.AttachTCXEgress, d.objs.ToPod)
+	}
+	if err == nil {
+		d.setMode("tcx")
+		return nil
+	}
+	if !errors.Is(err, ebpf.ErrNotSupported) {
+		return err
+	}
+	if err := d.attachClsact(ifindex); err != nil {
+		return fmt.Errorf("attach datapath to %s: %w", ifname, err)
+	}
+	d.setMode("tc")
+	return nil
+}
+
+func (d *Datapath) setMode(m string) {
+	d.mu.Lock()
+	d.attachFn = m
+	d.mu.Unlock()
+}
+
+func (d *Datapath) attachTCX(ifname string, ifindex int, dir string, at ebpf.AttachType, prog *ebpf.Program) error {
+	pin := d.linkPin(ifname, dir)
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		info, ierr := l.Info()
+		if ierr == nil && info.TCX() != nil && int(info.TCX().Ifindex) == ifindex {
+			uerr := l.Update(prog)
+			l.Close()
+			if uerr != nil {
+				return fmt.Errorf("update %s program on %s: %w", dir, ifname, uerr)
+			}
+			return nil
+		}
+		// The pinned link belongs to a device that no longer exists.
+		_ = l.Unpin()
+		l.Close()
+	}
+	l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: at})
+	if err != nil {
+		return fmt.Errorf("attach %s program to %s: %w", dir, ifname, err)
+	}
+	defer l.Close()
+	_ = os.Remove(pin)
+	if err := l.Pin(pin); err != nil {
+		return fmt.Errorf("pin %s link of %s: %w", dir, ifname, err)
+	}
+	return nil
+}
+
+// DetachEndpoint removes the programs from a pod's host-side veth. Deleting
+// the veth detaches them too; this also drops the pins.
+func (d *Datapath) DetachEndpoint(ifname string) error {
+	var errs []error
+	for _, dir := range []string{"ingress", "egress"} {
+		pin := d.linkPin(ifname, dir)
+		l, err := link.LoadPinnedLink(pin, nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("load %s link of %s: %w", dir, ifname, err))
+			_ = os.Remove(pin)
+			continue
+		}
+		_ = l.Detach() // fails harmlessly when the device is already gone
+		if err := l.Unpin(); err != nil {
+			errs = append(errs, err)
+		}
+		l.Close()
+	}
+	if nl, err := netlink.LinkByName(ifname); err == nil {
+		// clsact fallback: the qdisc takes its filters with it.
+		_ = netlink.QdiscDel(&netlink.GenericQdisc{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: nl.Attrs().Index, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT}, QdiscType: "clsact"})
+	}
+	return errors.Join(errs...)
+}
+
+// attachClsact is the fallback for kernels without tcx (< 6.6).
+func (d *Datapath) attachClsact(ifindex int) error {
+	qdisc := &netlink.GenericQdisc{
+		QdiscAttrs: netlink.QdiscAttrs{LinkIndex: ifindex, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT},
+		QdiscType:  "clsact",
+	}
+	if err := netlink.QdiscReplace(qdisc); err != nil {
+		return fmt.Errorf("add clsact qdisc: %w", err)
+	}
+	for _, f := range []struct {
+		parent uint32
+		prog   *ebpf.Program
+		name   string
+	}{{netlink.HANDLE_MIN_INGRESS, d.objs.FromPod, "isthmus-from-pod"}, {netlink.HANDLE_MIN_EGRESS, d.objs.ToPod, "isthmus-to-pod"}} {
+		filter := &netlink.BpfFilter{
+			FilterAttrs:  netlink.FilterAttrs{LinkIndex: ifindex, Parent: f.parent, Handle: 1, Protocol: unix.ETH_P_ALL, Priority: 1},
+			Fd:           f.prog.FD(),
+			Name:         f.name,
+			DirectAction: true,
+		}
+		if err := netlink.FilterReplace(filter); err != nil {
+			return fmt.Errorf("add %s filter: %w", f.name, err)
+		}
+	}
+	return nil
+}

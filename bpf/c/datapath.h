@@ -1,0 +1,128 @@
+/* Map layouts shared by the datapath programs. The Go side (package bpf) uses the
+ * bpf2go-generated mirrors of these structs, so a layout change here is a
+ * compile error there, not silent corruption. */
+#pragma once
+
+#include <linux/bpf.h>
+#include <linux/types.h>
+#include <bpf/bpf_helpers.h>
+
+/* Every address is 16 bytes: IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d), so one
+ * key layout serves both families. */
+union addr {
+	__u8 b[16];
+	__be32 w[4];
+};
+
+#define CT_SCOPE_EGRESS 1  /* created where the flow left a local pod */
+#define CT_SCOPE_INGRESS 2 /* created where the flow entered a local pod */
+
+#define CT_F_DNAT 0x1    /* forward: rewrite destination to nat_addr:nat_port */
+#define CT_F_REVNAT 0x2  /* reply: rewrite source to nat_addr:nat_port */
+#define CT_F_CLOSING 0x4 /* FIN or RST seen: a new SYN starts a new flow */
+
+#define EP_F_POLICY_INGRESS 0x1
+#define EP_F_POLICY_EGRESS 0x2
+
+#define DIR_INGRESS 1
+#define DIR_EGRESS 2
+
+#define IDENTITY_WORLD 2
+
+enum reason {
+	REASON_FORWARD_STACK = 0,
+	REASON_FORWARD_LOCAL = 1,
+	REASON_SERVICE_NAT = 2,
+	REASON_DROP_POLICY_EGRESS = 3,
+	REASON_DROP_POLICY_INGRESS = 4,
+	REASON_DROP_NO_BACKEND = 5,
+	REASON_DROP_INVALID = 6,
+	REASON_DROP_SPOOFED = 7,
+	REASON_DROP_UNKNOWN_DEST = 8,
+	REASON_DELIVERED = 9,
+	REASON_MAX = 16,
+};
+
+struct ipcache_key {
+	__u32 prefixlen; /* over addr, IPv4 prefixes are 96 + len */
+	union addr addr;
+};
+
+struct ipcache_val {
+	__u32 identity;
+	__u32 flags;
+	union addr host; /* node hosting the address, zero if local/unknown */
+};
+
+struct ep_key {
+	union addr addr;
+};
+
+struct ep_val {
+	__u32 id;
+	__u32 ifindex; /* host-side veth */
+	__u32 identity;
+	__u32 flags;
+	__u8 pod_mac[6];
+	__u8 host_mac[6];
+};
+
+struct svc_key {
+	union addr vip;
+	__u16 port; /* host byte order */
+	__u8 proto;
+	__u8 pad;
+};
+
+struct svc_val {
+	__u32 id;    /* keys the backends map */
+	__u32 count; /* backends in slots 1..count */
+};
+
+struct be_key {
+	__u32 svc_id;
+	__u32 slot;
+};
+
+struct be_val {
+	union addr addr;
+	__u16 port; /* host byte order */
+	__u16 pad;
+	__u32 cluster_id;
+};
+
+struct pol_key {
+	__u32 ep_id;
+	__u32 identity; /* 0: any */
+	__u16 port;     /* host byte order, 0: any */
+	__u8 proto;     /* 0: any */
+	__u8 dir;
+};
+
+struct pol_val {
+	__u32 flags;
+};
+
+struct ct_key {
+	union addr src;
+	union addr dst;
+	__u16 sport; /* host byte order */
+	__u16 dport;
+	__u8 proto;
+	__u8 scope;
+	__u16 pad;
+};
+
+struct ct_val {
+	__u64 created;   /* bpf_ktime_get_ns */
+	__u64 last_seen; /* refreshed at most once a second */
+	union addr nat_addr;
+	__u16 nat_port;
+	__u16 flags;
+	__u32 pad;
+};
+
+struct metric_val {
+	__u64 packets;
+	__u64 bytes;
+};

@@ -1,0 +1,99 @@
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// Datapath is the loaded datapath of one node: its programs and its pinned
+// maps. It is safe for concurrent use.
+type Datapath struct {
+	pinDir string
+	objs   datapathObjects
+
+	mu       sync.Mutex
+	svcIDs   map[Frontend]uint32 // stable backend-map ID per frontend
+	usedIDs  map[uint32]bool
+	nextID   uint32
+	attachFn string // "tcx" or "tc" (clsact), whichever the kernel took
+}
+
+// EnsureBPFFS mounts a bpf filesystem at root unless one is there already.
+func EnsureBPFFS(root string) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(root, &st); err == nil && st.Type == unix.BPF_FS_MAGIC {
+		return nil
+	}
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		return fmt.Errorf("create bpffs mount point %s: %w", root, err)
+	}
+	if err := unix.Mount("bpf", root, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount bpffs at %s: %w", root, err)
+	}
+	return nil
+}
+
+// Open loads the datapath programs with their maps pinned in pinDir. Maps
+// already pinned there (from an earlier run of the agent) are reused with
+// their contents, so a restart loses no state.
+func Open(pinDir string) (*Datapath, error) {
+	if err := EnsureBPFFS(filepath.Dir(filepath.Dir(pinDir))); err != nil {
+		// pinDir is <bpffs>/isthmus/<node>; a pinDir elsewhere must already be on bpffs.
+		var st unix.Statfs_t
+		if serr := unix.Statfs(filepath.Dir(pinDir), &st); serr != nil || st.Type != unix.BPF_FS_MAGIC {
+			return nil, err
+		}
+	}
+	if err := os.MkdirAll(filepath.Join(pinDir, "links"), 0o700); err != nil {
+		return nil, fmt.Errorf("create pin directory %s: %w", pinDir, err)
+	}
+	spec, err := loadDatapath()
+	if err != nil {
+		return nil, fmt.Errorf("load datapath spec: %w", err)
+	}
+	d := &Datapath{pinDir: pinDir, svcIDs: map[Frontend]uint32{}, usedIDs: map[uint32]bool{}, nextID: 1}
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}}
+	if err := spec.LoadAndAssign(&d.objs, opts); err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			return nil, fmt.Errorf("load datapath programs: %+v", verr)
+		}
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return nil, fmt.Errorf("maps pinned in %s do not match this datapath version (remove them with `isthmus-agent --reset-datapath` or delete the directory): %w", pinDir, err)
+		}
+		return nil, fmt.Errorf("load datapath into the kernel: %w", err)
+	}
+	if err := d.loadServiceIDs(); err != nil {
+		d.objs.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+// PinDir is where the maps and links of this datapath are pinned.
+func (d *Datapath) PinDir() string { return d.pinDir }
+
+// FromPod and ToPod expose the programs, for tests and benchmarks.
+func (d *Datapath) FromPod() *ebpf.Program { return d.objs.FromPod }
+func (d *Datapath) ToPod() *ebpf.Program   { return d.objs.ToPod }
+
+// Close releases this process's handles. Pinned maps and links stay, so the
+// datapath keeps forwarding without the agent.
+func (d *Datapath) Close() error {
+	return d.objs.Close()
+}
+
+// RemovePins deletes everything pinned under pinDir: links are detached and
+// maps freed once no program uses them. Used by cleanup, never on restart.
+func RemovePins(pinDir string) error {
+	if _, err := os.Stat(pinDir); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	return os.RemoveAll(pinDir)
+}
