@@ -445,3 +445,29 @@ func TestValidation(t *testing.T) {
 		t.Fatal("port without protocol accepted")
 	}
 }
+
+func TestConntrackGC(t *testing.T) {
+	d := openTest(t)
+	setup(t, d, [2]bool{}, [2]bool{})
+	run(t, d.FromPod(), testPkt{src: podA, dst: remote, proto: ProtoUDP, sport: 1, dport: 2}.bytes())
+	n, err := d.ConntrackCount()
+	if err != nil || n != 1 {
+		t.Fatalf("conntrack count %d, %v", n, err)
+	}
+	// A fresh flow survives GC; one idle past its lifetime does not.
+	if del, err := d.ConntrackGC(); err != nil || del != 0 {
+		t.Fatalf("gc removed a live flow: %d %v", del, err)
+	}
+	var k datapathCtKey
+	var v datapathCtVal
+	it := d.objs.IsthCt.Iterate()
+	for it.Next(&k, &v) {
+		v.LastSeen -= uint64(2 * ctTimeoutOther)
+		if err := d.objs.IsthCt.Put(&k, &v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if del, err := d.ConntrackGC(); err != nil || del != 1 {
+		t.Fatalf("gc of an idle flow: removed %d, %v", del, err)
+	}
+}
