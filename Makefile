@@ -1,0 +1,75 @@
+# Isthmus build, test and tooling entry points. Most targets need root
+# (network namespaces, BPF); `make deps` installs what they need on Debian.
+
+GO                  ?= go
+BIN                 := bin
+CMDS                := isthmus-agent isthmus
+TEST_TIMEOUT        ?= 20m
+STATICCHECK_VERSION ?= v0.8.2
+
+# Every Debian package the project needs (build, datapath, tests, benchmarks).
+DEB_PACKAGES := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iperf3 \
+	tcpdump iptables nftables ethtool netcat-openbsd util-linux procps \
+	iputils-ping iputils-arping jq python3 git make
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all build generate test bench lint deps clean
+
+all: build
+
+build:
+	$(GO) build ./...
+	@mkdir -p $(BIN)
+	@for c in $(CMDS); do \
+		if ls cmd/$$c/*.go >/dev/null 2>&1; then \
+			echo "$(GO) build -o $(BIN)/$$c ./cmd/$$c"; \
+			$(GO) build -o $(BIN)/$$c ./cmd/$$c || exit 1; \
+		else \
+			echo "build: cmd/$$c has no Go files yet; skipped"; \
+		fi; \
+	done
+
+# Regenerates the bpf2go bindings and objects (needs clang).
+generate:
+	$(GO) generate ./bpf/...
+
+test:
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	@if command -v clang >/dev/null 2>&1; then \
+		scripts/check-generated.sh; \
+	else \
+		echo "test: clang not found; skipping the check that committed bpf objects match their sources"; \
+	fi
+
+bench:
+	scripts/bench.sh
+
+lint:
+	$(GO) vet ./...
+	@if GOBIN=$(CURDIR)/$(BIN) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION); then \
+		echo "$(BIN)/staticcheck ./..."; \
+		$(BIN)/staticcheck ./...; \
+	else \
+		echo "lint: staticcheck $(STATICCHECK_VERSION) did not build; ran go vet only"; \
+	fi
+
+# Idempotent: apt-get runs only when a package is missing; bpffs is mounted
+# only when it is not.
+deps:
+	@missing=""; \
+	for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "deps: installing$$missing"; \
+		$(SUDO) apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends $$missing; \
+	else \
+		echo "deps: all Debian packages present"; \
+	fi
+	@mountpoint -q /sys/fs/bpf || { echo "deps: mounting bpffs at /sys/fs/bpf"; $(SUDO) mount -t bpf bpf /sys/fs/bpf; }
+
+clean:
+	rm -rf $(BIN)
