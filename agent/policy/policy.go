@@ -1,0 +1,187 @@
+package policy
+
+import (
+	"cmp"
+	"slices"
+	"strings"
+
+	"github.com/isthmus-mesh/isthmus/bpf"
+	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
+)
+
+// Endpoint is a local endpoint as policy sees it. Labels include
+// isthmus.io/namespace and isthmus.io/cluster.
+type Endpoint struct {
+	ID        uint32
+	Namespace string
+	Identity  uint32
+	Labels    identity.Labels
+}
+
+// Result is the compiled policy of a node.
+type Result struct {
+	// Keys are the allow entries of the policy map.
+	Keys []bpf.PolicyKey
+	// Ingress and Egress hold, per endpoint ID, whether the direction is
+	// enforced (default deny).
+	Ingress map[uint32]bool
+	Egress  map[uint32]bool
+}
+
+// portProto is one port/protocol pair of a policy key.
+type portProto struct {
+	port  uint16
+	proto bpf.Proto
+}
+
+// Compile turns policies into policy map entries for the given endpoints;
+// see the package documentation for the semantics.
+func Compile(policies []objects.NetworkPolicy, endpoints []Endpoint, identities []identity.Identity, localCluster string) Result {
+	res := Result{
+		Ingress: make(map[uint32]bool, len(endpoints)),
+		Egress:  make(map[uint32]bool, len(endpoints)),
+	}
+	for _, ep := range endpoints {
+		res.Ingress[ep.ID] = false
+		res.Egress[ep.ID] = false
+	}
+	keys := map[bpf.PolicyKey]bool{}
+
+	for _, pol := range policies {
+		ns := namespaceOrDefault(pol.Metadata.Namespace)
+		var selected []Endpoint
+		for _, ep := range endpoints {
+			if namespaceOrDefault(ep.Namespace) == ns && ep.Labels.Has(pol.Spec.EndpointSelector.MatchLabels) {
+				selected = append(selected, ep)
+			}
+		}
+		if len(selected) == 0 {
+			continue
+		}
+		for _, r := range pol.Spec.Ingress {
+			peers := rulePeers(r.FromEndpoints, r.FromEntities, ns, identities, localCluster)
+			addKeys(keys, selected, bpf.Ingress, peers, rulePorts(r.ToPorts))
+		}
+		for _, r := range pol.Spec.Egress {
+			peers := rulePeers(r.ToEndpoints, r.ToEntities, ns, identities, localCluster)
+			addKeys(keys, selected, bpf.Egress, peers, rulePorts(r.ToPorts))
+		}
+		for _, ep := range selected {
+			if len(pol.Spec.Ingress) > 0 {
+				res.Ingress[ep.ID] = true
+			}
+			if len(pol.Spec.Egress) > 0 {
+				res.Egress[ep.ID] = true
+			}
+		}
+	}
+
+	res.Keys = make([]bpf.PolicyKey, 0, len(keys))
+	for k := range keys {
+		res.Keys = append(res.Keys, k)
+	}
+	slices.SortFunc(res.Keys, compareKeys)
+	return res
+}
+
+func addKeys(keys map[bpf.PolicyKey]bool, eps []Endpoint, dir bpf.Direction, peers []uint32, ports []portProto) {
+	for _, ep := range eps {
+		for _, peer := range peers {
+			for _, pp := range ports {
+				keys[bpf.PolicyKey{EndpointID: ep.ID, PeerIdentity: peer, Port: pp.port, Proto: pp.proto, Direction: dir}] = true
+			}
+		}
+	}
+}
+
+// rulePeers returns the peer identities of one rule; duplicates are removed
+// later with the keys.
+func rulePeers(sels []objects.Selector, entities []string, ns string, ids []identity.Identity, localCluster string) []uint32 {
+	if len(sels) == 0 && len(entities) == 0 {
+		return []uint32{bpf.IdentityUnknown} // any peer
+	}
+	var peers []uint32
+	for _, sel := range sels {
+		for _, id := range ids {
+			if selectorMatches(sel.MatchLabels, id.Labels, ns) {
+				peers = append(peers, id.ID)
+			}
+		}
+	}
+	for _, e := range entities {
+		switch strings.ToLower(e) {
+		case objects.EntityHost:
+			peers = append(peers, bpf.IdentityHost)
+		case objects.EntityWorld:
+			peers = append(peers, bpf.IdentityWorld)
+		case objects.EntityAll:
+			peers = append(peers, bpf.IdentityUnknown)
+		case objects.EntityCluster:
+			peers = append(peers, bpf.IdentityHost, bpf.IdentityRemote)
+			for _, id := range ids {
+				if id.Labels[identity.LabelCluster] == localCluster {
+					peers = append(peers, id.ID)
+				}
+			}
+		}
+	}
+	return peers
+}
+
+// selectorMatches applies a peer selector: labels must contain it, and an
+// identity from another namespace matches only when the selector names the
+// namespace itself.
+func selectorMatches(sel map[string]string, l identity.Labels, policyNS string) bool {
+	if !l.Has(sel) {
+		return false
+	}
+	if _, named := sel[identity.LabelNamespace]; !named && l[identity.LabelNamespace] != policyNS {
+		return false
+	}
+	return true
+}
+
+// rulePorts expands toPorts into port/protocol pairs.
+func rulePorts(rules []objects.PortRule) []portProto {
+	if len(rules) == 0 {
+		return []portProto{{0, bpf.ProtoAny}}
+	}
+	var out []portProto
+	for _, r := range rules {
+		switch r.EffectiveProtocol() {
+		case objects.ProtocolTCP:
+			out = append(out, portProto{r.Port, bpf.ProtoTCP})
+		case objects.ProtocolUDP:
+			out = append(out, portProto{r.Port, bpf.ProtoUDP})
+		case objects.ProtocolICMP:
+			// ICMP has no ports; one rule covers both IP families.
+			out = append(out, portProto{0, bpf.ProtoICMP}, portProto{0, bpf.ProtoICMPv6})
+		case objects.ProtocolANY:
+			if r.Port == 0 {
+				out = append(out, portProto{0, bpf.ProtoAny})
+			} else {
+				// Only TCP and UDP have ports.
+				out = append(out, portProto{r.Port, bpf.ProtoTCP}, portProto{r.Port, bpf.ProtoUDP})
+			}
+		}
+	}
+	return out
+}
+
+func compareKeys(a, b bpf.PolicyKey) int {
+	return cmp.Or(
+		cmp.Compare(a.EndpointID, b.EndpointID),
+		cmp.Compare(a.Direction, b.Direction),
+		cmp.Compare(a.PeerIdentity, b.PeerIdentity),
+		cmp.Compare(a.Proto, b.Proto),
+		cmp.Compare(a.Port, b.Port),
+	)
+}
+
+func namespaceOrDefault(ns string) string {
+	if ns == "" {
+		return objects.DefaultNamespace
+	}
+	return ns
+}

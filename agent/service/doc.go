@@ -1,0 +1,21 @@
+// Package service owns the resolution of Services into datapath entries:
+// every frontend (VIP x port) with the backends it load-balances to.
+//
+// Contract:
+//
+//	type Endpoint struct { Namespace string; Labels identity.Labels; IPs []netip.Addr }
+//	func Resolve(svcs []objects.Service, eps []Endpoint) map[bpf.Frontend][]bpf.Backend
+//
+// Backends of a frontend are the addresses of the endpoints in the
+// service's namespace whose labels contain the selector (only when the
+// selector is non-empty), plus the explicit backends, keeping only addresses
+// of the VIP's family. The backend port is the target port (default: the
+// service port). Backends are deduplicated and sorted by address, then port.
+// A frontend without backends is still present, with an empty slice, so the
+// datapath drops its traffic as "no backend" instead of passing it on.
+//
+// Backend.ClusterID is left 0 (local); global services fill it in.
+// Services that fail validation contribute nothing. Two services that claim
+// the same frontend (objects.CheckConflicts keeps that from happening) are
+// resolved deterministically: the one whose namespace/name sorts first wins.
+package service

@@ -1,0 +1,107 @@
+package service
+
+import (
+	"cmp"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/isthmus-mesh/isthmus/bpf"
+	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
+)
+
+// Endpoint is a workload that can back services.
+type Endpoint struct {
+	Namespace string
+	Labels    identity.Labels
+	IPs       []netip.Addr
+}
+
+// Resolve returns the backends of every frontend of svcs; see the package
+// documentation.
+func Resolve(svcs []objects.Service, eps []Endpoint) map[bpf.Frontend][]bpf.Backend {
+	// Sort by namespace/name so that a conflicting frontend always goes to
+	// the same service, whatever the input order.
+	sorted := slices.Clone(svcs)
+	slices.SortStableFunc(sorted, func(a, b objects.Service) int {
+		return cmp.Compare(objects.Key(a), objects.Key(b))
+	})
+
+	out := map[bpf.Frontend][]bpf.Backend{}
+	for _, svc := range sorted {
+		svc.Metadata.Namespace = namespaceOrDefault(svc.Metadata.Namespace)
+		if svc.Validate() != nil {
+			continue
+		}
+		frontends, err := svc.Frontends()
+		if err != nil {
+			continue
+		}
+		addrs := serviceAddrs(svc, eps)
+		for _, f := range frontends {
+			if _, taken := out[f]; taken {
+				continue
+			}
+			out[f] = backendsFor(f, svc, addrs)
+		}
+	}
+	return out
+}
+
+// serviceAddrs returns every candidate address of svc, of both families.
+func serviceAddrs(svc objects.Service, eps []Endpoint) []netip.Addr {
+	var addrs []netip.Addr
+	if len(svc.Spec.Selector) > 0 {
+		for _, ep := range eps {
+			if namespaceOrDefault(ep.Namespace) == svc.Metadata.Namespace && ep.Labels.Has(svc.Spec.Selector) {
+				addrs = append(addrs, ep.IPs...)
+			}
+		}
+	}
+	for _, b := range svc.Spec.Backends {
+		if ip, err := netip.ParseAddr(b.IP); err == nil {
+			addrs = append(addrs, ip)
+		}
+	}
+	return addrs
+}
+
+// backendsFor picks the addresses of f's family, with the target port of
+// f's service port.
+func backendsFor(f bpf.Frontend, svc objects.Service, addrs []netip.Addr) []bpf.Backend {
+	port := targetPort(svc, f)
+	backends := []bpf.Backend{}
+	for _, a := range addrs {
+		a = a.Unmap() // an IPv4-mapped IPv6 address is an IPv4 backend
+		if !a.IsValid() || a.Is4() != f.VIP.Is4() {
+			continue
+		}
+		backends = append(backends, bpf.Backend{Addr: a.WithZone(""), Port: port})
+	}
+	slices.SortFunc(backends, func(a, b bpf.Backend) int {
+		return cmp.Or(a.Addr.Compare(b.Addr), cmp.Compare(a.Port, b.Port), cmp.Compare(a.ClusterID, b.ClusterID))
+	})
+	return slices.Compact(backends)
+}
+
+// targetPort finds the service port behind f.
+func targetPort(svc objects.Service, f bpf.Frontend) uint16 {
+	for _, p := range svc.Spec.Ports {
+		proto := bpf.ProtoTCP
+		if strings.EqualFold(p.Protocol, objects.ProtocolUDP) {
+			proto = bpf.ProtoUDP
+		}
+		if p.Port == f.Port && proto == f.Proto {
+			return p.Target()
+		}
+	}
+	return f.Port
+}
+
+func namespaceOrDefault(ns string) string {
+	if ns == "" {
+		return objects.DefaultNamespace
+	}
+	return ns
+}

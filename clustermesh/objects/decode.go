@@ -1,0 +1,349 @@
+package objects
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+
+	"sigs.k8s.io/yaml"
+)
+
+// Decode parses a multi-document YAML stream (documents separated by lines
+// that are "---", optionally followed by blanks, a comment or content) into
+// *Service and *NetworkPolicy values, defaulted and validated.
+//
+// It is strict: unknown fields, duplicate keys, values of the wrong type
+// (label values must be strings: quote `1.0` or `true`), an unknown kind or
+// apiVersion, and input without any object are errors. Empty documents are
+// skipped. One bad document fails the whole call.
+func Decode(data []byte) ([]Object, error) {
+	var out []Object
+	n := 0
+	for _, doc := range splitDocuments(data) {
+		raw, err := yamlToGeneric(doc.text)
+		if err == nil && raw == nil {
+			continue // empty document: blank, comments only, or null
+		}
+		n++
+		if err != nil {
+			return nil, fmt.Errorf("document %d (line %d): %w", n, doc.line, err)
+		}
+		o, err := decodeObject(raw)
+		if err != nil {
+			return nil, fmt.Errorf("document %d%s: %w", n, describe(raw), err)
+		}
+		out = append(out, o)
+	}
+	if n == 0 {
+		return nil, errors.New("no objects found in input")
+	}
+	return out, nil
+}
+
+type document struct {
+	text []byte
+	line int // 1-based line of the document's first line in the input
+}
+
+// splitDocuments cuts the input at document markers. A line is a marker
+// when it is "---" (or "...") followed by nothing, blanks, or blanks and
+// more text; the text after "--- " belongs to the next document. The YAML
+// library reads only the first document of what it is given, so a marker
+// missed here would silently drop objects.
+func splitDocuments(data []byte) []document {
+	data = bytes.TrimPrefix(data, []byte("\xef\xbb\xbf")) // UTF-8 BOM
+	var docs []document
+	var cur bytes.Buffer
+	start := 1
+	lines := bytes.SplitAfter(data, []byte("\n"))
+	for i, line := range lines {
+		rest, ok := cutMarker(line)
+		if !ok {
+			cur.Write(line)
+			continue
+		}
+		docs = append(docs, document{text: bytes.Clone(cur.Bytes()), line: start})
+		cur.Reset()
+		start = i + 1
+		if len(bytes.TrimSpace(rest)) > 0 && rest[0] != '#' {
+			cur.Write(rest)
+		} else {
+			start = i + 2
+		}
+	}
+	return append(docs, document{text: cur.Bytes(), line: start})
+}
+
+// cutMarker reports whether line is a document marker and returns the text
+// that follows it (without the separating blanks).
+func cutMarker(line []byte) ([]byte, bool) {
+	for _, m := range [][]byte{[]byte("---"), []byte("...")} {
+		rest, ok := bytes.CutPrefix(line, m)
+		if !ok {
+			continue
+		}
+		if len(rest) == 0 || rest[0] == '\n' || rest[0] == '\r' {
+			return nil, true
+		}
+		if rest[0] == ' ' || rest[0] == '\t' {
+			return bytes.TrimLeft(rest, " \t"), true
+		}
+	}
+	return nil, false
+}
+
+// yamlToGeneric converts one YAML document into JSON-like Go values
+// (map[string]any, []any, string, json.Number, bool, nil). Duplicate keys
+// are an error.
+func yamlToGeneric(doc []byte) (any, error) {
+	js, err := yaml.YAMLToJSONStrict(doc)
+	if err != nil {
+		return nil, err
+	}
+	dec := json.NewDecoder(bytes.NewReader(js))
+	dec.UseNumber()
+	var v any
+	if err := dec.Decode(&v); err != nil {
+		return nil, fmt.Errorf("converting YAML: %w", err)
+	}
+	return v, nil
+}
+
+// describe returns " (Kind namespace/name)" for error messages, with as
+// much as the raw document tells.
+func describe(raw any) string {
+	m, _ := raw.(map[string]any)
+	kind, _ := m["kind"].(string)
+	meta, _ := m["metadata"].(map[string]any)
+	name, _ := meta["name"].(string)
+	ns, _ := meta["namespace"].(string)
+	var parts []string
+	if kind != "" {
+		parts = append(parts, kind)
+	}
+	if name != "" {
+		parts = append(parts, namespaceOrDefault(ns)+"/"+name)
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	return " (" + strings.Join(parts, " ") + ")"
+}
+
+func decodeObject(raw any) (Object, error) {
+	m, ok := raw.(map[string]any)
+	if !ok {
+		return nil, fmt.Errorf("must be a mapping with apiVersion, kind, metadata and spec, got %s", describeValue(raw))
+	}
+	switch v := m["apiVersion"].(type) {
+	case nil:
+		return nil, fieldError("apiVersion", "required, must be %q", APIVersion)
+	case string:
+		if v != APIVersion {
+			return nil, fieldError("apiVersion", "must be %q, got %q", APIVersion, v)
+		}
+	default:
+		return nil, fieldError("apiVersion", "must be %q, got %s", APIVersion, describeValue(v))
+	}
+
+	var obj interface {
+		Object
+		defaultNamespace()
+		normalize()
+	}
+	switch kind := m["kind"].(type) {
+	case nil:
+		return nil, fieldError("kind", "required, must be %s or %s", KindService, KindNetworkPolicy)
+	case string:
+		switch kind {
+		case KindService:
+			obj = &Service{}
+		case KindNetworkPolicy:
+			obj = &NetworkPolicy{}
+		default:
+			return nil, fieldError("kind", "unknown kind %q, must be %s or %s", kind, KindService, KindNetworkPolicy)
+		}
+	default:
+		return nil, fieldError("kind", "must be %s or %s, got %s", KindService, KindNetworkPolicy, describeValue(kind))
+	}
+
+	// checkShape gives errors with the full field path; encoding/json's own
+	// errors do not name list indexes or the unknown field's position.
+	if err := checkShape(raw, reflect.TypeOf(obj).Elem(), ""); err != nil {
+		return nil, err
+	}
+	js, err := json.Marshal(raw)
+	if err != nil {
+		return nil, err
+	}
+	dec := json.NewDecoder(bytes.NewReader(js))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(obj); err != nil {
+		return nil, err // checkShape should have caught it; keep the safety net
+	}
+	// Validate accepts any case and an empty namespace would fail, so set
+	// the namespace first and upper-case protocols after: errors then show
+	// the value as the user wrote it.
+	obj.defaultNamespace()
+	if err := obj.Validate(); err != nil {
+		return nil, err
+	}
+	obj.normalize()
+	return obj, nil
+}
+
+// checkShape compares a generic JSON value with the Go type it will be
+// decoded into: no unknown (or differently cased) fields, strings where
+// strings go, integers in range where integers go. null is accepted
+// anywhere and leaves the zero value.
+func checkShape(v any, t reflect.Type, path string) error {
+	if v == nil {
+		return nil
+	}
+	at := func(p string) string {
+		if p == "" {
+			return "document"
+		}
+		return p
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		m, ok := v.(map[string]any)
+		if !ok {
+			return fieldError(at(path), "must be a mapping, got %s", describeValue(v))
+		}
+		fields := jsonFields(t)
+		for _, k := range slices.Sorted(maps.Keys(m)) {
+			child := joinPath(path, k)
+			f, ok := fields[k]
+			if !ok {
+				return fieldError(child, "unknown field")
+			}
+			if err := checkShape(m[k], f.Type, child); err != nil {
+				return err
+			}
+		}
+	case reflect.Map:
+		m, ok := v.(map[string]any)
+		if !ok {
+			return fieldError(at(path), "must be a mapping, got %s", describeValue(v))
+		}
+		for _, k := range slices.Sorted(maps.Keys(m)) {
+			if err := checkShape(m[k], t.Elem(), fmt.Sprintf("%s[%q]", path, k)); err != nil {
+				return err
+			}
+		}
+	case reflect.Slice:
+		s, ok := v.([]any)
+		if !ok {
+			return fieldError(at(path), "must be a list, got %s", describeValue(v))
+		}
+		for i, e := range s {
+			if err := checkShape(e, t.Elem(), fmt.Sprintf("%s[%d]", path, i)); err != nil {
+				return err
+			}
+		}
+	case reflect.String:
+		if _, ok := v.(string); !ok {
+			return fieldError(at(path), "must be a string, got %s (quote it)", describeValue(v))
+		}
+	case reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		num, ok := v.(json.Number)
+		if !ok {
+			return fieldError(at(path), "must be a number, got %s", describeValue(v))
+		}
+		if _, err := strconv.ParseUint(num.String(), 10, t.Bits()); err != nil {
+			return fieldError(at(path), "must be an integer 0-%d, got %s", uint64(1)<<t.Bits()-1, num)
+		}
+	}
+	return nil
+}
+
+// jsonFields maps the JSON names of t's exported fields to the fields.
+func jsonFields(t reflect.Type) map[string]reflect.StructField {
+	out := map[string]reflect.StructField{}
+	for i := range t.NumField() {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		if !f.IsExported() || name == "-" {
+			continue
+		}
+		if name == "" {
+			name = f.Name
+		}
+		out[name] = f
+	}
+	return out
+}
+
+func joinPath(path, field string) string {
+	if path == "" {
+		return field
+	}
+	return path + "." + field
+}
+
+// describeValue renders a generic value for an error message, briefly.
+func describeValue(v any) string {
+	switch v := v.(type) {
+	case nil:
+		return "null"
+	case string:
+		return strconv.Quote(v)
+	case json.Number:
+		return "number " + v.String()
+	case bool:
+		return "boolean " + strconv.FormatBool(v)
+	case map[string]any:
+		return "a mapping"
+	case []any:
+		return "a list"
+	}
+	return fmt.Sprintf("%T", v)
+}
+
+func (s *Service) defaultNamespace() {
+	s.Metadata.Namespace = namespaceOrDefault(s.Metadata.Namespace)
+}
+
+func (p *NetworkPolicy) defaultNamespace() {
+	p.Metadata.Namespace = namespaceOrDefault(p.Metadata.Namespace)
+}
+
+// normalize applies the remaining defaults documented on the types.
+func (s *Service) normalize() {
+	for i := range s.Spec.Ports {
+		p := &s.Spec.Ports[i]
+		p.Protocol = strings.ToUpper(p.Protocol)
+		if p.Protocol == "" {
+			p.Protocol = ProtocolTCP
+		}
+	}
+}
+
+func (p *NetworkPolicy) normalize() {
+	normPorts := func(ports []PortRule) {
+		for i := range ports {
+			ports[i].Protocol = ports[i].EffectiveProtocol()
+		}
+	}
+	normEntities := func(es []string) {
+		for i := range es {
+			es[i] = strings.ToLower(es[i])
+		}
+	}
+	for i := range p.Spec.Ingress {
+		normPorts(p.Spec.Ingress[i].ToPorts)
+		normEntities(p.Spec.Ingress[i].FromEntities)
+	}
+	for i := range p.Spec.Egress {
+		normPorts(p.Spec.Egress[i].ToPorts)
+		normEntities(p.Spec.Egress[i].ToEntities)
+	}
+}

@@ -1,0 +1,260 @@
+package objects
+
+import (
+	"reflect"
+	"strings"
+	"testing"
+)
+
+const webService = `apiVersion: isthmus.io/v1alpha1
+kind: Service
+metadata:
+  name: web
+spec:
+  vips: ["10.96.0.10", "fd00:96::10"]
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+  - port: 53
+    protocol: udp
+  selector:
+    app: web
+`
+
+const denyPolicy = `apiVersion: isthmus.io/v1alpha1
+kind: NetworkPolicy
+metadata:
+  name: db
+  namespace: prod
+  labels:
+    team: storage
+spec:
+  endpointSelector:
+    matchLabels:
+      app: db
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: web
+    fromEntities: [Host]
+    toPorts:
+    - port: 5432
+    - protocol: icmp
+  egress:
+  - toEntities: [world]
+`
+
+func TestDecodeValid(t *testing.T) {
+	objs, err := Decode([]byte("# leading comment\n---\n" + webService + "--- # second\n" + denyPolicy + "---\n\n---\n"))
+	if err != nil {
+		t.Fatalf("Decode: %v", err)
+	}
+	if len(objs) != 2 {
+		t.Fatalf("got %d objects, want 2", len(objs))
+	}
+	svc, ok := objs[0].(*Service)
+	if !ok {
+		t.Fatalf("object 0 is %T", objs[0])
+	}
+	want := Service{
+		APIVersion: APIVersion,
+		Kind:       KindService,
+		Metadata:   Meta{Name: "web", Namespace: "default"},
+		Spec: ServiceSpec{
+			VIPs: []string{"10.96.0.10", "fd00:96::10"},
+			Ports: []ServicePort{
+				{Name: "http", Port: 80, TargetPort: 8080, Protocol: "TCP"},
+				{Port: 53, Protocol: "UDP"},
+			},
+			Selector: map[string]string{"app": "web"},
+		},
+	}
+	if !reflect.DeepEqual(*svc, want) {
+		t.Errorf("service:\n got %+v\nwant %+v", *svc, want)
+	}
+	if Key(svc) != "Service/default/web" {
+		t.Errorf("Key = %q", Key(svc))
+	}
+
+	pol, ok := objs[1].(*NetworkPolicy)
+	if !ok {
+		t.Fatalf("object 1 is %T", objs[1])
+	}
+	wantPol := NetworkPolicy{
+		APIVersion: APIVersion,
+		Kind:       KindNetworkPolicy,
+		Metadata:   Meta{Name: "db", Namespace: "prod", Labels: map[string]string{"team": "storage"}},
+		Spec: PolicySpec{
+			EndpointSelector: Selector{MatchLabels: map[string]string{"app": "db"}},
+			Ingress: []IngressRule{{
+				FromEndpoints: []Selector{{MatchLabels: map[string]string{"app": "web"}}},
+				FromEntities:  []string{"host"},
+				ToPorts:       []PortRule{{Port: 5432, Protocol: "TCP"}, {Protocol: "ICMP"}},
+			}},
+			Egress: []EgressRule{{ToEntities: []string{"world"}}},
+		},
+	}
+	if !reflect.DeepEqual(*pol, wantPol) {
+		t.Errorf("policy:\n got %+v\nwant %+v", *pol, wantPol)
+	}
+	if Key(pol) != "NetworkPolicy/prod/db" {
+		t.Errorf("Key = %q", Key(pol))
+	}
+}
+
+func TestDecodeJSONAndMarkers(t *testing.T) {
+	tests := []struct {
+		name  string
+		input string
+		want  int
+	}{
+		{"json", `{"apiVersion":"isthmus.io/v1alpha1","kind":"Service","metadata":{"name":"a"},"spec":{"vips":["10.0.0.1"],"ports":[{"port":1}],"backends":[{"ip":"10.1.0.1"}]}}`, 1},
+		{"content after marker", "--- {apiVersion: isthmus.io/v1alpha1, kind: Service, metadata: {name: a}, spec: {vips: [10.0.0.1], ports: [{port: 1}], backends: [{ip: 10.1.0.1}]}}\n", 1},
+		{"crlf", strings.ReplaceAll(webService+"---\r\n"+denyPolicy, "\n", "\r\n"), 2},
+		{"marker with trailing blanks", webService + "---   \n" + denyPolicy, 2},
+		{"document end marker", webService + "...\n" + denyPolicy, 2},
+		{"null document", "~\n---\n" + webService, 1},
+		{"bom", "\xef\xbb\xbf" + webService, 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			objs, err := Decode([]byte(tt.input))
+			if err != nil {
+				t.Fatalf("Decode: %v", err)
+			}
+			if len(objs) != tt.want {
+				t.Fatalf("got %d objects, want %d", len(objs), tt.want)
+			}
+		})
+	}
+}
+
+func TestDecodeErrors(t *testing.T) {
+	svc := func(spec string) string {
+		return "apiVersion: isthmus.io/v1alpha1\nkind: Service\nmetadata:\n  name: web\nspec:\n" + spec
+	}
+	pol := func(spec string) string {
+		return "apiVersion: isthmus.io/v1alpha1\nkind: NetworkPolicy\nmetadata:\n  name: p\n  namespace: prod\nspec:\n" + spec
+	}
+	const okPorts = "  ports: [{port: 80}]\n"
+	const okSel = "  selector: {app: web}\n"
+	tests := []struct {
+		name  string
+		input string
+		want  string
+	}{
+		{"empty input", "", "no objects"},
+		{"only comments", "# nothing\n---\n# here\n", "no objects"},
+		{"yaml syntax", "a: [\n", "document 1 (line 1): yaml"},
+		{"duplicate key", "kind: Service\nkind: Service\n", `document 1 (line 1)`},
+		{"scalar document", "hello\n", `document 1: must be a mapping with apiVersion, kind, metadata and spec, got "hello"`},
+		{"list document", "- a\n", "document 1: must be a mapping"},
+		{"missing apiVersion", "kind: Service\nmetadata: {name: web}\n", `document 1 (Service default/web): apiVersion: required`},
+		{"wrong apiVersion", "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n", `apiVersion: must be "isthmus.io/v1alpha1", got "v1"`},
+		{"numeric apiVersion", "apiVersion: 1\nkind: Service\n", `apiVersion: must be "isthmus.io/v1alpha1", got number 1`},
+		{"missing kind", "apiVersion: isthmus.io/v1alpha1\n", "kind: required"},
+		{"unknown kind", "apiVersion: isthmus.io/v1alpha1\nkind: Pod\nmetadata: {name: x, namespace: ns}\n", `document 1 (Pod ns/x): kind: unknown kind "Pod"`},
+		{"lower-case kind", "apiVersion: isthmus.io/v1alpha1\nkind: service\n", `unknown kind "service"`},
+		{"unknown top field", svc("  vips: [10.0.0.1]\n"+okPorts+okSel) + "status: {}\n", "document 1 (Service default/web): status: unknown field"},
+		{"unknown nested field", svc("  vips: [10.0.0.1]\n  ports: [{port: 80, nodePort: 3}]\n" + okSel), "spec.ports[0].nodePort: unknown field"},
+		{"wrong case field", svc("  VIPs: [10.0.0.1]\n" + okPorts + okSel), "spec.VIPs: unknown field"},
+		{"port too large", svc("  vips: [10.0.0.1]\n  ports: [{port: 70000}]\n" + okSel), "spec.ports[0].port: must be an integer 0-65535, got 70000"},
+		{"port negative", svc("  vips: [10.0.0.1]\n  ports: [{port: -1}]\n" + okSel), "spec.ports[0].port: must be an integer 0-65535, got -1"},
+		{"port string", svc("  vips: [10.0.0.1]\n  ports: [{port: http}]\n" + okSel), `spec.ports[0].port: must be a number, got "http"`},
+		{"port zero", svc("  vips: [10.0.0.1]\n  ports: [{port: 0}]\n" + okSel), "document 1 (Service default/web): spec.ports[0].port: must be 1-65535, got 0"},
+		{"vips not a list", svc("  vips: 10.0.0.1\n" + okPorts + okSel), `spec.vips: must be a list, got "10.0.0.1"`},
+		{"numeric label value", svc("  vips: [10.0.0.1]\n" + okPorts + "  selector: {version: 1.0}\n"), `spec.selector["version"]: must be a string, got number 1 (quote it)`},
+		{"boolean label value", svc("  vips: [10.0.0.1]\n" + okPorts + "  selector: {enabled: yes}\n"), `spec.selector["enabled"]: must be a string, got boolean true`},
+		{"spec not a mapping", svc("  - a\n"), "spec: must be a mapping, got a list"},
+		{"second document bad", "---\n" + svc("  vips: [10.0.0.1]\n"+okPorts+okSel) + "---\n" + svc("  vips: [10.0.0.1]\n  ports: [{port: 0}]\n"+okSel),
+			"document 2 (Service default/web): spec.ports[0].port: must be 1-65535"},
+		{"policy without rules", pol("  endpointSelector: {}\n"), "document 1 (NetworkPolicy prod/p): spec: needs at least one ingress or egress rule"},
+		{"policy bad entity", pol("  ingress: [{fromEntities: [everyone]}]\n"), `spec.ingress[0].fromEntities[0]: must be one of host, world, all, cluster, got "everyone"`},
+		{"policy bad protocol", pol("  egress: [{toPorts: [{port: 1, protocol: sctp}]}]\n"), `spec.egress[0].toPorts[0].protocol: must be TCP, UDP, ICMP or ANY, got "sctp"`},
+		{"policy icmp port", pol("  egress: [{toPorts: [{port: 8, protocol: ICMP}]}]\n"), `spec.egress[0].toPorts[0].port: must be 0 or absent for ICMP, got 8`},
+		{"policy unknown rule field", pol("  ingress: [{from: []}]\n"), `spec.ingress[0].from: unknown field`},
+		{"bad name", "apiVersion: isthmus.io/v1alpha1\nkind: Service\nmetadata: {name: Web}\n", `document 1 (Service default/Web): metadata.name: must be a DNS-1123 label`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			objs, err := Decode([]byte(tt.input))
+			if err == nil {
+				t.Fatalf("Decode succeeded with %d objects, want error containing %q", len(objs), tt.want)
+			}
+			if objs != nil {
+				t.Errorf("Decode returned objects along with error %v", err)
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("error %q\n does not contain %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestSplitDocuments(t *testing.T) {
+	tests := []struct {
+		name  string
+		input string
+		texts []string
+		lines []int
+	}{
+		{"none", "a: 1\n", []string{"a: 1\n"}, []int{1}},
+		{"two", "a: 1\n---\nb: 2\n", []string{"a: 1\n", "b: 2\n"}, []int{1, 3}},
+		{"comment", "---  # x\nb: 2\n", []string{"", "b: 2\n"}, []int{1, 2}},
+		{"content", "a: 1\n--- {b: 2}\n", []string{"a: 1\n", "{b: 2}\n"}, []int{1, 2}},
+		{"not a marker", "a: ---\n----\n --- \n", []string{"a: ---\n----\n --- \n"}, []int{1}},
+		{"no trailing newline", "a\n---", []string{"a\n", ""}, []int{1, 3}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			docs := splitDocuments([]byte(tt.input))
+			if len(docs) != len(tt.texts) {
+				t.Fatalf("got %d documents, want %d: %+v", len(docs), len(tt.texts), docs)
+			}
+			for i, d := range docs {
+				if string(d.text) != tt.texts[i] || d.line != tt.lines[i] {
+					t.Errorf("doc %d = %q at line %d, want %q at line %d", i, d.text, d.line, tt.texts[i], tt.lines[i])
+				}
+			}
+		})
+	}
+}
+
+func FuzzDecode(f *testing.F) {
+	for _, s := range []string{
+		"", "---", webService, denyPolicy, webService + "---\n" + denyPolicy,
+		"apiVersion: isthmus.io/v1alpha1\nkind: Service\n",
+		"a: [", "- 1\n- 2\n", "{}", "null", "--- |\n  text\n",
+		"apiVersion: isthmus.io/v1alpha1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec: {ingress: [{}]}\n",
+		"apiVersion: isthmus.io/v1alpha1\nkind: Service\nmetadata: {name: x}\nspec: {vips: [::1], ports: [{port: 99999999999999999999}]}\n",
+		"a: &a [*a]\n", "<<: {a: 1}\n",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		objs, err := Decode(data)
+		if err != nil {
+			if objs != nil {
+				t.Fatal("objects returned with an error")
+			}
+			return
+		}
+		if len(objs) == 0 {
+			t.Fatal("no error and no objects")
+		}
+		for _, o := range objs {
+			if err := o.Validate(); err != nil {
+				t.Fatalf("decoded object does not validate: %v", err)
+			}
+			if o.GetMeta().Namespace == "" {
+				t.Fatal("namespace not defaulted")
+			}
+			if s, ok := o.(*Service); ok {
+				if _, err := s.Frontends(); err != nil {
+					t.Fatalf("valid service has bad frontends: %v", err)
+				}
+			}
+		}
+	})
+}

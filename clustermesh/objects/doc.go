@@ -1,0 +1,33 @@
+// Package objects owns the user-facing YAML kinds of apiVersion
+// isthmus.io/v1alpha1 that are applied in standalone mode (`isthmus apply`)
+// and stored under isthmus/config/<kind>/<ns>/<name>: Service and
+// NetworkPolicy. It decodes them strictly, defaults and validates them, and
+// turns a Service into datapath frontends.
+//
+// Contract:
+//
+//	const APIVersion = "isthmus.io/v1alpha1"
+//	type Object interface { GetKind() string; GetMeta() Meta; Validate() error }
+//	func Decode(data []byte) ([]Object, error) // *Service and *NetworkPolicy values
+//	func Key(o Object) string                   // "<Kind>/<namespace>/<name>"
+//	func (s Service) Frontends() ([]bpf.Frontend, error)
+//	func CheckConflicts(existing []Service, s Service) error
+//
+// Decoding is all-or-nothing: one bad document fails the whole call, so an
+// apply never half-happens. Errors name the document (1-based, counting
+// non-empty documents), the object, the field path and the bad value:
+//
+//	document 2 (Service default/web): spec.ports[0].port: must be 1-65535, got 0
+//
+// Defaults applied by Decode: metadata.namespace "default"; protocols are
+// upper-cased; a Service port protocol defaults to TCP; a PortRule protocol
+// defaults to TCP when port > 0 and ANY when port is 0. A ServicePort's
+// targetPort stays 0 when omitted; ServicePort.Target gives the effective one.
+//
+// NetworkPolicy semantics: a policy selects the endpoints of its namespace
+// whose labels contain endpointSelector.matchLabels (empty = all of them).
+// An endpoint selected by a policy with a non-empty ingress list is default
+// deny for ingress: only what some rule allows gets in; the same for egress.
+// An empty list (`ingress: []`) is the same as leaving the key out, and a
+// policy needs at least one ingress or egress rule.
+package objects

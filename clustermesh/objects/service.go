@@ -1,0 +1,88 @@
+package objects
+
+import (
+	"fmt"
+
+	"github.com/isthmus-mesh/isthmus/bpf"
+)
+
+// Frontends returns every VIP x port of the service, in spec order (VIPs
+// outer, ports inner). It fails on the first VIP, port or protocol that is
+// not valid.
+func (s Service) Frontends() ([]bpf.Frontend, error) {
+	fs, err := s.frontends()
+	if err != nil {
+		return nil, fmt.Errorf("service %s/%s: %w", namespaceOrDefault(s.Metadata.Namespace), s.Metadata.Name, err)
+	}
+	return fs, nil
+}
+
+// frontends returns the frontends that parse plus the first error, so that
+// CheckConflicts can still compare a stored service that went bad.
+func (s Service) frontends() ([]bpf.Frontend, error) {
+	var out []bpf.Frontend
+	var firstErr error
+	keep := func(err error) {
+		if firstErr == nil {
+			firstErr = err
+		}
+	}
+	for i, v := range s.Spec.VIPs {
+		vip, err := parseUnicast(v)
+		if err != nil {
+			keep(fieldError(fmt.Sprintf("spec.vips[%d]", i), "%v", err))
+			continue
+		}
+		for j, p := range s.Spec.Ports {
+			proto, err := serviceProtocol(p.Protocol)
+			if err != nil {
+				keep(fieldError(fmt.Sprintf("spec.ports[%d].protocol", j), "%v", err))
+				continue
+			}
+			if p.Port == 0 {
+				keep(fieldError(fmt.Sprintf("spec.ports[%d].port", j), "must be 1-65535, got 0"))
+				continue
+			}
+			out = append(out, bpf.Frontend{VIP: vip, Port: p.Port, Proto: protoNumber(proto)})
+		}
+	}
+	return out, firstErr
+}
+
+func protoNumber(p string) bpf.Proto {
+	if p == ProtocolUDP {
+		return bpf.ProtoUDP
+	}
+	return bpf.ProtoTCP
+}
+
+// CheckConflicts returns an error when a frontend (VIP, port, protocol) of s
+// is already used by a service in existing with a different Key. A service
+// with the same Key is the one being updated and never conflicts. Invalid
+// frontends of existing services are ignored; invalid ones of s are an
+// error.
+func CheckConflicts(existing []Service, s Service) error {
+	mine, err := s.Frontends()
+	if err != nil {
+		return err
+	}
+	key := Key(s)
+	for _, e := range existing {
+		if Key(e) == key {
+			continue
+		}
+		theirs, _ := e.frontends()
+		used := make(map[bpf.Frontend]bool, len(theirs))
+		for _, f := range theirs {
+			used[f] = true
+		}
+		for _, f := range mine {
+			if used[f] {
+				return fmt.Errorf("service %s/%s: frontend %s is already used by service %s/%s",
+					namespaceOrDefault(s.Metadata.Namespace), s.Metadata.Name, f,
+					namespaceOrDefault(e.Metadata.Namespace), e.Metadata.Name)
+			}
+		}
+	}
+	return nil
+}

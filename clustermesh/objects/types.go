@@ -1,0 +1,172 @@
+package objects
+
+import "strings"
+
+// APIVersion is the only apiVersion the kinds of this package accept.
+const APIVersion = "isthmus.io/v1alpha1"
+
+// Kind names.
+const (
+	KindService       = "Service"
+	KindNetworkPolicy = "NetworkPolicy"
+)
+
+// Protocol names, as normalised by Decode.
+const (
+	ProtocolTCP  = "TCP"
+	ProtocolUDP  = "UDP"
+	ProtocolICMP = "ICMP" // in policies: ICMP and ICMPv6
+	ProtocolANY  = "ANY"  // in policies: any protocol
+)
+
+// Entities a policy rule may name in fromEntities/toEntities.
+const (
+	EntityHost    = "host"    // the local node
+	EntityWorld   = "world"   // anything outside the mesh
+	EntityAll     = "all"     // any peer at all
+	EntityCluster = "cluster" // every workload of the local cluster, its nodes and remote nodes
+)
+
+// DefaultNamespace is the namespace of objects that name none.
+const DefaultNamespace = "default"
+
+// Object is a decoded, typed object.
+type Object interface {
+	GetKind() string
+	GetMeta() Meta
+	Validate() error
+}
+
+// Meta is the metadata common to all kinds.
+type Meta struct {
+	Name        string            `json:"name"`
+	Namespace   string            `json:"namespace,omitempty"`
+	Labels      map[string]string `json:"labels,omitempty"`
+	Annotations map[string]string `json:"annotations,omitempty"`
+}
+
+// Service is a standalone-mode load-balanced service.
+type Service struct {
+	APIVersion string      `json:"apiVersion"`
+	Kind       string      `json:"kind"`
+	Metadata   Meta        `json:"metadata"`
+	Spec       ServiceSpec `json:"spec"`
+}
+
+// ServiceSpec says where a service listens and where it sends traffic.
+type ServiceSpec struct {
+	// VIPs holds at least one and at most one address per family.
+	VIPs  []string      `json:"vips"`
+	Ports []ServicePort `json:"ports"`
+	// Selector picks endpoints of the service's namespace by label.
+	Selector map[string]string `json:"selector,omitempty"`
+	// Backends are explicit addresses, added to the selected endpoints.
+	Backends []ExplicitBackend `json:"backends,omitempty"`
+}
+
+// ServicePort is one port of a service.
+type ServicePort struct {
+	Name string `json:"name,omitempty"`
+	Port uint16 `json:"port"`
+	// TargetPort is the backend port; 0 means the same as Port.
+	TargetPort uint16 `json:"targetPort,omitempty"`
+	// Protocol is TCP (default) or UDP.
+	Protocol string `json:"protocol,omitempty"`
+}
+
+// Target returns the effective backend port.
+func (p ServicePort) Target() uint16 {
+	if p.TargetPort == 0 {
+		return p.Port
+	}
+	return p.TargetPort
+}
+
+// ExplicitBackend is a backend given by address.
+type ExplicitBackend struct {
+	IP string `json:"ip"`
+}
+
+// NetworkPolicy is an identity-based L3/L4 policy.
+type NetworkPolicy struct {
+	APIVersion string     `json:"apiVersion"`
+	Kind       string     `json:"kind"`
+	Metadata   Meta       `json:"metadata"`
+	Spec       PolicySpec `json:"spec"`
+}
+
+// PolicySpec selects endpoints and lists what they may receive and send.
+type PolicySpec struct {
+	EndpointSelector Selector      `json:"endpointSelector"`
+	Ingress          []IngressRule `json:"ingress,omitempty"`
+	Egress           []EgressRule  `json:"egress,omitempty"`
+}
+
+// Selector matches label sets that contain all of MatchLabels; an empty
+// selector matches everything (within the scope it is used in).
+type Selector struct {
+	MatchLabels map[string]string `json:"matchLabels,omitempty"`
+}
+
+// IngressRule allows traffic from the listed peers to the listed ports. A
+// rule with neither fromEndpoints nor fromEntities allows any peer; one
+// without toPorts allows any port and protocol.
+type IngressRule struct {
+	FromEndpoints []Selector `json:"fromEndpoints,omitempty"`
+	FromEntities  []string   `json:"fromEntities,omitempty"`
+	ToPorts       []PortRule `json:"toPorts,omitempty"`
+}
+
+// EgressRule allows traffic to the listed peers and ports; see IngressRule.
+type EgressRule struct {
+	ToEndpoints []Selector `json:"toEndpoints,omitempty"`
+	ToEntities  []string   `json:"toEntities,omitempty"`
+	ToPorts     []PortRule `json:"toPorts,omitempty"`
+}
+
+// PortRule is one port (0 = any) and protocol (TCP, UDP, ICMP, ANY).
+type PortRule struct {
+	Port     uint16 `json:"port,omitempty"`
+	Protocol string `json:"protocol,omitempty"`
+}
+
+// EffectiveProtocol returns the upper-cased protocol with the default
+// applied: TCP when a port is given, ANY otherwise.
+func (r PortRule) EffectiveProtocol() string {
+	if r.Protocol == "" {
+		if r.Port > 0 {
+			return ProtocolTCP
+		}
+		return ProtocolANY
+	}
+	return strings.ToUpper(r.Protocol)
+}
+
+// GetKind implements Object.
+func (s Service) GetKind() string { return KindService }
+
+// GetMeta implements Object.
+func (s Service) GetMeta() Meta { return s.Metadata }
+
+// GetKind implements Object.
+func (p NetworkPolicy) GetKind() string { return KindNetworkPolicy }
+
+// GetMeta implements Object.
+func (p NetworkPolicy) GetMeta() Meta { return p.Metadata }
+
+// Key returns "<Kind>/<namespace>/<name>", the object's identity in stores.
+// An empty namespace counts as DefaultNamespace, as Decode would set it.
+func Key(o Object) string {
+	if o == nil {
+		return ""
+	}
+	m := o.GetMeta()
+	return o.GetKind() + "/" + namespaceOrDefault(m.Namespace) + "/" + m.Name
+}
+
+func namespaceOrDefault(ns string) string {
+	if ns == "" {
+		return DefaultNamespace
+	}
+	return ns
+}

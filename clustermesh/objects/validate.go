@@ -1,0 +1,230 @@
+package objects
+
+import (
+	"fmt"
+	"maps"
+	"net/netip"
+	"regexp"
+	"slices"
+	"strings"
+
+	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+)
+
+// fieldError formats "<path>: <message>".
+func fieldError(path, format string, args ...any) error {
+	return fmt.Errorf("%s: %s", path, fmt.Sprintf(format, args...))
+}
+
+var dns1123LabelRe = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
+
+func validateDNSLabel(path, s string) error {
+	switch {
+	case s == "":
+		return fieldError(path, "must not be empty")
+	case len(s) > 63:
+		return fieldError(path, "must be at most 63 characters, got %q", s)
+	case !dns1123LabelRe.MatchString(s):
+		return fieldError(path, "must be a DNS-1123 label (lower-case alphanumerics and '-', starting and ending alphanumeric), got %q", s)
+	}
+	return nil
+}
+
+// validateLabelMap checks keys and values of a label map or selector, in key
+// order so the first error is stable.
+func validateLabelMap(path string, m map[string]string) error {
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		if err := identity.ValidateLabelKey(k); err != nil {
+			return fieldError(path, "%v", err)
+		}
+		if err := identity.ValidateLabelValue(m[k]); err != nil {
+			return fieldError(fmt.Sprintf("%s[%q]", path, k), "%v", err)
+		}
+	}
+	return nil
+}
+
+func validateHeader(apiVersion, kind, wantKind string, m Meta) error {
+	if apiVersion != APIVersion {
+		return fieldError("apiVersion", "must be %q, got %q", APIVersion, apiVersion)
+	}
+	if kind != wantKind {
+		return fieldError("kind", "must be %q, got %q", wantKind, kind)
+	}
+	if err := validateDNSLabel("metadata.name", m.Name); err != nil {
+		return err
+	}
+	if err := validateDNSLabel("metadata.namespace", m.Namespace); err != nil {
+		return err
+	}
+	if err := validateLabelMap("metadata.labels", m.Labels); err != nil {
+		return err
+	}
+	// Annotation values are free-form; keys follow the label key rules.
+	for _, k := range slices.Sorted(maps.Keys(m.Annotations)) {
+		if err := identity.ValidateLabelKey(k); err != nil {
+			return fieldError("metadata.annotations", "%v", err)
+		}
+	}
+	return nil
+}
+
+// parseUnicast parses an address usable as a VIP or backend: no zone, no
+// IPv4-mapped IPv6 form, not unspecified, multicast or loopback.
+func parseUnicast(s string) (netip.Addr, error) {
+	a, err := netip.ParseAddr(s)
+	switch {
+	case err != nil:
+		return netip.Addr{}, fmt.Errorf("invalid IP address %q", s)
+	case a.Zone() != "":
+		return netip.Addr{}, fmt.Errorf("%q: IPv6 zones are not allowed", s)
+	case a.Is4In6():
+		return netip.Addr{}, fmt.Errorf("%q: use the plain IPv4 form %s", s, a.Unmap())
+	case a.IsUnspecified():
+		return netip.Addr{}, fmt.Errorf("%q: unspecified address", s)
+	case a.IsMulticast():
+		return netip.Addr{}, fmt.Errorf("%q: multicast address", s)
+	case a.IsLoopback():
+		return netip.Addr{}, fmt.Errorf("%q: loopback address", s)
+	}
+	return a, nil
+}
+
+func family(a netip.Addr) string {
+	if a.Is4() {
+		return "IPv4"
+	}
+	return "IPv6"
+}
+
+// Validate checks a Service as Decode leaves it (namespace set). Protocol
+// names are accepted in any case.
+func (s Service) Validate() error {
+	if err := validateHeader(s.APIVersion, s.Kind, KindService, s.Metadata); err != nil {
+		return err
+	}
+	if len(s.Spec.VIPs) == 0 {
+		return fieldError("spec.vips", "must list at least one address")
+	}
+	seenFamily := map[string]string{}
+	for i, v := range s.Spec.VIPs {
+		path := fmt.Sprintf("spec.vips[%d]", i)
+		a, err := parseUnicast(v)
+		if err != nil {
+			return fieldError(path, "%v", err)
+		}
+		if prev, dup := seenFamily[family(a)]; dup {
+			return fieldError(path, "at most one %s address allowed, already have %q", family(a), prev)
+		}
+		seenFamily[family(a)] = v
+	}
+
+	if len(s.Spec.Ports) == 0 {
+		return fieldError("spec.ports", "must list at least one port")
+	}
+	seenPort := map[string]int{}
+	seenName := map[string]int{}
+	for i, p := range s.Spec.Ports {
+		path := fmt.Sprintf("spec.ports[%d]", i)
+		if p.Name != "" {
+			if err := validateDNSLabel(path+".name", p.Name); err != nil {
+				return err
+			}
+			if j, dup := seenName[p.Name]; dup {
+				return fieldError(path+".name", "%q is already used by spec.ports[%d]", p.Name, j)
+			}
+			seenName[p.Name] = i
+		}
+		if p.Port == 0 {
+			return fieldError(path+".port", "must be 1-65535, got 0")
+		}
+		proto, err := serviceProtocol(p.Protocol)
+		if err != nil {
+			return fieldError(path+".protocol", "%v", err)
+		}
+		key := fmt.Sprintf("%d/%s", p.Port, proto)
+		if j, dup := seenPort[key]; dup {
+			return fieldError(path, "port %s is already listed as spec.ports[%d]", key, j)
+		}
+		seenPort[key] = i
+	}
+
+	if err := validateLabelMap("spec.selector", s.Spec.Selector); err != nil {
+		return err
+	}
+	for i, b := range s.Spec.Backends {
+		if _, err := parseUnicast(b.IP); err != nil {
+			return fieldError(fmt.Sprintf("spec.backends[%d].ip", i), "%v", err)
+		}
+	}
+	if len(s.Spec.Selector) == 0 && len(s.Spec.Backends) == 0 {
+		return fieldError("spec", "needs a selector or backends")
+	}
+	return nil
+}
+
+// serviceProtocol returns the upper-cased service protocol, TCP by default.
+func serviceProtocol(p string) (string, error) {
+	switch up := strings.ToUpper(p); up {
+	case "":
+		return ProtocolTCP, nil
+	case ProtocolTCP, ProtocolUDP:
+		return up, nil
+	}
+	return "", fmt.Errorf("must be TCP or UDP, got %q", p)
+}
+
+// Validate checks a NetworkPolicy as Decode leaves it (namespace set).
+// Protocol and entity names are accepted in any case.
+func (p NetworkPolicy) Validate() error {
+	if err := validateHeader(p.APIVersion, p.Kind, KindNetworkPolicy, p.Metadata); err != nil {
+		return err
+	}
+	if err := validateLabelMap("spec.endpointSelector.matchLabels", p.Spec.EndpointSelector.MatchLabels); err != nil {
+		return err
+	}
+	if len(p.Spec.Ingress) == 0 && len(p.Spec.Egress) == 0 {
+		return fieldError("spec", "needs at least one ingress or egress rule")
+	}
+	for i, r := range p.Spec.Ingress {
+		path := fmt.Sprintf("spec.ingress[%d]", i)
+		if err := validateRule(path, "fromEndpoints", "fromEntities", r.FromEndpoints, r.FromEntities, r.ToPorts); err != nil {
+			return err
+		}
+	}
+	for i, r := range p.Spec.Egress {
+		path := fmt.Sprintf("spec.egress[%d]", i)
+		if err := validateRule(path, "toEndpoints", "toEntities", r.ToEndpoints, r.ToEntities, r.ToPorts); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func validateRule(path, endpointsField, entitiesField string, sels []Selector, entities []string, ports []PortRule) error {
+	for j, sel := range sels {
+		if err := validateLabelMap(fmt.Sprintf("%s.%s[%d].matchLabels", path, endpointsField, j), sel.MatchLabels); err != nil {
+			return err
+		}
+	}
+	for j, e := range entities {
+		switch strings.ToLower(e) {
+		case EntityHost, EntityWorld, EntityAll, EntityCluster:
+		default:
+			return fieldError(fmt.Sprintf("%s.%s[%d]", path, entitiesField, j), "must be one of host, world, all, cluster, got %q", e)
+		}
+	}
+	for j, pr := range ports {
+		ppath := fmt.Sprintf("%s.toPorts[%d]", path, j)
+		switch pr.EffectiveProtocol() {
+		case ProtocolTCP, ProtocolUDP, ProtocolANY:
+		case ProtocolICMP:
+			if pr.Port != 0 {
+				return fieldError(ppath+".port", "must be 0 or absent for ICMP, got %d", pr.Port)
+			}
+		default:
+			return fieldError(ppath+".protocol", "must be TCP, UDP, ICMP or ANY, got %q", pr.Protocol)
+		}
+	}
+	return nil
+}
