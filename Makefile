@@ -14,7 +14,7 @@ DEB_PACKAGES := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iperf3 \
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build generate test bench lint deps clean
+.PHONY: all build generate test bench lint deps clean demo
 
 all: build
 
@@ -45,6 +45,11 @@ test:
 
 bench:
 	scripts/bench.sh
+
+# The main job on one machine: a node, pods, a service and a policy, checked,
+# then the status (`make demo DEMO_ARGS=-keep` keeps it running).
+demo:
+	$(GO) run ./tests/demo $(DEMO_ARGS)
 
 lint:
 	$(GO) vet ./...

@@ -471,3 +471,20 @@ func TestConntrackGC(t *testing.T) {
 		t.Fatalf("gc of an idle flow: removed %d, %v", del, err)
 	}
 }
+
+func TestLinkLocalAndMulticastStayOnTheLink(t *testing.T) {
+	d := openTest(t)
+	setup(t, d, [2]bool{true, true}, [2]bool{})
+	for _, p := range []testPkt{
+		{src: netip.MustParseAddr("fe80::1"), dst: netip.MustParseAddr("ff02::16"), proto: 0},
+		{src: netip.MustParseAddr("fe80::1"), dst: netip.MustParseAddr("fe80::2"), proto: ProtoUDP, sport: 546, dport: 547},
+		{src: podA, dst: netip.MustParseAddr("224.0.0.251"), proto: ProtoUDP, sport: 5353, dport: 5353},
+	} {
+		if ret, _ := run(t, d.FromPod(), p.bytes()); ret != tcActOK {
+			t.Fatalf("%s -> %s: ret %d, want pass to the stack", p.src, p.dst, ret)
+		}
+	}
+	if n := metric(t, d, ReasonDropSpoofed); n != 0 {
+		t.Fatalf("link-local traffic counted as spoofed: %d", n)
+	}
+}

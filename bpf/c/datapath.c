@@ -158,6 +158,9 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		addr_from_v4(&p->src, ip->saddr);
 		addr_from_v4(&p->dst, ip->daddr);
 		p->l4_off = ETH_HLEN + ip->ihl * 4;
+		/* Multicast and broadcast stay on the link. */
+		if ((bpf_ntohl(ip->daddr) >> 28) == 0xe || ip->daddr == 0xffffffff)
+			return PARSE_PASS;
 		/* Non-first fragments carry no L4 header. */
 		frag = (ip->frag_off & bpf_htons(0x1fff)) != 0;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
@@ -169,6 +172,10 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		__builtin_memcpy(p->src.b, ip6->saddr.in6_u.u6_addr8, 16);
 		__builtin_memcpy(p->dst.b, ip6->daddr.in6_u.u6_addr8, 16);
 		p->l4_off = ETH_HLEN + sizeof(struct ipv6hdr);
+		/* Link-local sources and multicast destinations (MLD reports behind
+		 * a hop-by-hop header, router solicitations) stay on the link. */
+		if ((p->src.b[0] == 0xfe && (p->src.b[1] & 0xc0) == 0x80) || p->dst.b[0] == 0xff)
+			return PARSE_PASS;
 	} else {
 		return PARSE_PASS;
 	}

@@ -1,0 +1,123 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"net/netip"
+	"time"
+)
+
+// Backend is what the server serves; the agent implements it. Errors built
+// with Errorf (or wrapped by WithStatus) choose the HTTP status; anything else
+// is a 500.
+type Backend interface {
+	AddEndpoint(ctx context.Context, req EndpointRequest) (Endpoint, error)
+	DeleteEndpoint(ctx context.Context, namespace, name string) error
+	ListEndpoints(ctx context.Context) ([]Endpoint, error)
+	Apply(ctx context.Context, yaml []byte) (ApplyResult, error)
+	ListObjects(ctx context.Context, kind string) ([]Object, error)
+	DeleteObject(ctx context.Context, kind, namespace, name string) error
+	Identities(ctx context.Context) ([]Identity, error)
+	Status(ctx context.Context) (Status, error)
+}
+
+// EndpointRequest asks the agent to plumb a pod.
+type EndpointRequest struct {
+	Name      string            `json:"name"`
+	Namespace string            `json:"namespace,omitempty"` // "default" when empty
+	Netns     string            `json:"netns"`               // path of the pod's network namespace
+	Labels    map[string]string `json:"labels,omitempty"`
+}
+
+// Endpoint is a plumbed pod.
+type Endpoint struct {
+	Name      string            `json:"name"`
+	Namespace string            `json:"namespace"`
+	Labels    map[string]string `json:"labels,omitempty"`
+	Netns     string            `json:"netns"`
+	Interface string            `json:"interface"` // host-side veth
+	IfIndex   int               `json:"ifIndex"`
+	IPs       []netip.Addr      `json:"ips"`
+	Identity  uint32            `json:"identity"`
+	ID        uint32            `json:"id"` // node-local endpoint ID
+	HostMAC   string            `json:"hostMAC"`
+	PodMAC    string            `json:"podMAC"`
+	Created   time.Time         `json:"created"`
+}
+
+// ApplyResult lists what an apply did, object by object.
+type ApplyResult struct {
+	Objects []ObjectResult `json:"objects"`
+}
+
+// Actions reported in ObjectResult.
+const (
+	ActionCreated    = "created"
+	ActionConfigured = "configured"
+	ActionUnchanged  = "unchanged"
+)
+
+// ObjectResult is one applied object and what happened to it.
+type ObjectResult struct {
+	Kind      string `json:"kind"`
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
+	Action    string `json:"action"`
+}
+
+// Object is an applied object: its identity and its full JSON document
+// (apiVersion, kind, metadata, spec) as stored by the agent.
+type Object struct {
+	Kind      string          `json:"kind"`
+	Namespace string          `json:"namespace"`
+	Name      string          `json:"name"`
+	Object    json.RawMessage `json:"object"`
+}
+
+// Identity is an allocated security identity.
+type Identity struct {
+	ID        uint32            `json:"id"`
+	Labels    map[string]string `json:"labels"`
+	Endpoints int               `json:"endpoints"` // local endpoints that carry it
+}
+
+// Status is the node at a glance.
+type Status struct {
+	Node       string         `json:"node"`
+	Cluster    string         `json:"cluster"`
+	ClusterID  uint32         `json:"clusterID"`
+	PodCIDRs   []netip.Prefix `json:"podCIDRs"`
+	AttachMode string         `json:"attachMode"` // "tcx", "tc" (clsact), or "" before the first attach
+	Started    time.Time      `json:"started"`
+
+	Endpoints       int `json:"endpoints"`
+	Services        int `json:"services"`
+	NetworkPolicies int `json:"networkPolicies"`
+	Identities      int `json:"identities"`
+
+	// What the datapath holds right now.
+	Frontends      int `json:"frontends"`
+	PolicyEntries  int `json:"policyEntries"`
+	IPCacheEntries int `json:"ipcacheEntries"`
+	Conntrack      int `json:"conntrackEntries"`
+
+	Metrics   []Metric        `json:"metrics"`
+	Reconcile ReconcileStatus `json:"reconcile"`
+	// Errors lists what could not be read for this status.
+	Errors []string `json:"errors,omitempty"`
+}
+
+// Metric is one datapath counter.
+type Metric struct {
+	Reason  string `json:"reason"`
+	Drop    bool   `json:"drop"`
+	Packets uint64 `json:"packets"`
+	Bytes   uint64 `json:"bytes"`
+}
+
+// ReconcileStatus says whether the kernel matches the desired state.
+type ReconcileStatus struct {
+	Runs        uint64    `json:"runs"`
+	LastSuccess time.Time `json:"lastSuccess,omitzero"`
+	LastError   string    `json:"lastError,omitempty"` // empty when the last run succeeded
+}

@@ -1,0 +1,77 @@
+package agent
+
+import (
+	"context"
+	"maps"
+	"slices"
+
+	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+)
+
+// Identities implements api.Backend: the reserved identities, then the
+// allocated ones with the number of local endpoints carrying each.
+func (a *Agent) Identities(context.Context) ([]api.Identity, error) {
+	refs := map[uint32]int{}
+	for _, e := range a.store.Endpoints() {
+		refs[e.Identity]++
+	}
+	var out []api.Identity
+	for id := uint32(1); id <= identity.MaxReserved; id++ {
+		if name, ok := identity.ReservedName(id); ok {
+			out = append(out, api.Identity{ID: id, Labels: identity.Labels{identity.LabelReserved: name}})
+		}
+	}
+	for _, id := range a.ids.List() {
+		out = append(out, api.Identity{ID: id.ID, Labels: id.Labels, Endpoints: refs[id.ID]})
+	}
+	return out, nil
+}
+
+// Status implements api.Backend.
+func (a *Agent) Status(context.Context) (api.Status, error) {
+	svcs, pols := a.objects().split()
+	st := api.Status{
+		Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID,
+		PodCIDRs: a.ipam.CIDRs(), AttachMode: a.dp.AttachMode(), Started: a.started,
+		Endpoints: len(a.store.Endpoints()), Services: len(svcs), NetworkPolicies: len(pols),
+		Identities: len(a.ids.List()),
+	}
+	var errs []error
+	if fs, err := a.dp.ServiceList(); err == nil {
+		st.Frontends = len(fs)
+	} else {
+		errs = append(errs, err)
+	}
+	if ps, err := a.dp.PolicyList(); err == nil {
+		st.PolicyEntries = len(ps)
+	} else {
+		errs = append(errs, err)
+	}
+	if ipc, err := a.dp.IPCacheList(); err == nil {
+		st.IPCacheEntries = len(ipc)
+	} else {
+		errs = append(errs, err)
+	}
+	if n, err := a.dp.ConntrackCount(); err == nil {
+		st.Conntrack = n
+	} else {
+		errs = append(errs, err)
+	}
+	m, err := a.dp.Metrics()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, r := range slices.Sorted(maps.Keys(m)) {
+		st.Metrics = append(st.Metrics, api.Metric{Reason: r.String(), Drop: r.IsDrop(), Packets: m[r].Packets, Bytes: m[r].Bytes})
+	}
+	runs, last, lerr := a.rec.status()
+	st.Reconcile = api.ReconcileStatus{Runs: runs, LastSuccess: last}
+	if lerr != nil {
+		st.Reconcile.LastError = lerr.Error()
+	}
+	for _, err := range errs {
+		st.Errors = append(st.Errors, err.Error())
+	}
+	return st, nil
+}

@@ -1,0 +1,223 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+	"strings"
+
+	"github.com/spf13/cobra"
+	"sigs.k8s.io/yaml"
+
+	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
+)
+
+// kindNames maps what users type to the API kind.
+var kindNames = map[string]string{
+	"service": objects.KindService, "services": objects.KindService, "svc": objects.KindService,
+	"policy": objects.KindNetworkPolicy, "policies": objects.KindNetworkPolicy,
+	"networkpolicy": objects.KindNetworkPolicy, "networkpolicies": objects.KindNetworkPolicy, "netpol": objects.KindNetworkPolicy,
+}
+
+func parseKind(s string) (string, error) {
+	if k, ok := kindNames[strings.ToLower(s)]; ok {
+		return k, nil
+	}
+	return "", fmt.Errorf("unknown kind %q: want services or policies", s)
+}
+
+func (c *cli) applyCommand() *cobra.Command {
+	var file string
+	cmd := &cobra.Command{
+		Use:   "apply -f FILE|-",
+		Short: "Create or update Services and NetworkPolicies from YAML (all or nothing)",
+		Long: `Apply the YAML documents in FILE (or standard input with -f -). Every
+document must be a valid Service or NetworkPolicy of apiVersion
+isthmus.io/v1alpha1; if one is not, or a Service claims another's VIP and
+port, nothing is applied. The command returns once the datapath enforces the
+new state.`,
+		Example: `  isthmus apply -f web.yaml
+  cat policy.yaml | isthmus apply -f -`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if file == "" {
+				return fmt.Errorf("apply needs -f FILE (or -f - for standard input)")
+			}
+			var data []byte
+			var err error
+			if file == "-" {
+				data, err = io.ReadAll(io.LimitReader(c.in, api.MaxBodyBytes+1))
+			} else {
+				data, err = os.ReadFile(file)
+			}
+			if err != nil {
+				return fmt.Errorf("read %s: %w", file, err)
+			}
+			if len(data) > api.MaxBodyBytes {
+				return fmt.Errorf("%s is larger than %d bytes: split it into several applies", file, api.MaxBodyBytes)
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			res, err := c.client().Apply(ctx, data)
+			if err != nil {
+				return err
+			}
+			for _, o := range res.Objects {
+				fmt.Fprintf(c.out, "%s %s/%s %s\n", o.Kind, o.Namespace, o.Name, o.Action)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&file, "filename", "f", "", "file with YAML documents, - for standard input")
+	return cmd
+}
+
+func (c *cli) getCommand() *cobra.Command {
+	var format, ns string
+	cmd := &cobra.Command{
+		Use:   "get services|policies [NAME]",
+		Short: "Show applied Services or NetworkPolicies",
+		Long: `Show applied objects. Without NAME every object of the kind is listed (in
+the namespace given with -n, or in all namespaces). -o yaml prints documents
+that isthmus apply takes back.`,
+		Example: `  isthmus get services
+  isthmus get policy allow-client -o yaml`,
+		Args:      cobra.RangeArgs(1, 2),
+		ValidArgs: []string{"services", "policies"},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := checkFormat(format); err != nil {
+				return err
+			}
+			kind, err := parseKind(args[0])
+			if err != nil {
+				return err
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			objs, err := c.client().ListObjects(ctx, kind)
+			if err != nil {
+				return err
+			}
+			nsSet := cmd.Flags().Changed("namespace")
+			if len(args) == 2 && !nsSet {
+				ns = objects.DefaultNamespace
+			}
+			objs = slices.DeleteFunc(objs, func(o api.Object) bool {
+				return (ns != "" && o.Namespace != ns) || (len(args) == 2 && o.Name != args[1])
+			})
+			if len(args) == 2 && len(objs) == 0 {
+				return fmt.Errorf("%s %s/%s not found", kind, ns, args[1])
+			}
+			return c.printObjects(kind, format, objs, len(args) == 2)
+		},
+	}
+	addOutputFlag(cmd, &format)
+	cmd.Flags().StringVarP(&ns, "namespace", "n", "", "only this namespace (default: all; \"default\" when NAME is given)")
+	return cmd
+}
+
+func (c *cli) printObjects(kind, format string, objs []api.Object, single bool) error {
+	switch format {
+	case formatJSON:
+		if single {
+			return printData(c.out, format, objs[0].Object)
+		}
+		docs := make([]json.RawMessage, len(objs))
+		for i, o := range objs {
+			docs[i] = o.Object
+		}
+		return printData(c.out, format, docs)
+	case formatYAML:
+		for i, o := range objs {
+			y, err := yaml.JSONToYAML(o.Object)
+			if err != nil {
+				return err
+			}
+			if i > 0 {
+				fmt.Fprintln(c.out, "---")
+			}
+			if _, err := c.out.Write(y); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	if len(objs) == 0 {
+		fmt.Fprintf(c.out, "No %s applied. Apply some with: isthmus apply -f FILE\n", plural(kind))
+		return nil
+	}
+	t := newTable(c.out)
+	if kind == objects.KindService {
+		fmt.Fprintln(t, "NAMESPACE\tNAME\tVIPS\tPORTS\tSELECTOR\tBACKENDS")
+	} else {
+		fmt.Fprintln(t, "NAMESPACE\tNAME\tENDPOINTS\tINGRESS RULES\tEGRESS RULES")
+	}
+	for _, o := range objs {
+		decoded, err := objects.Decode(o.Object)
+		if err != nil || len(decoded) != 1 {
+			return fmt.Errorf("the agent returned %s %s/%s in a form this CLI does not understand (version mismatch?): %v", o.Kind, o.Namespace, o.Name, err)
+		}
+		switch v := decoded[0].(type) {
+		case *objects.Service:
+			var ports, backends []string
+			for _, p := range v.Spec.Ports {
+				s := fmt.Sprintf("%d/%s", p.Port, p.Protocol)
+				if p.Target() != p.Port {
+					s = fmt.Sprintf("%d->%d/%s", p.Port, p.Target(), p.Protocol)
+				}
+				ports = append(ports, s)
+			}
+			for _, b := range v.Spec.Backends {
+				backends = append(backends, b.IP)
+			}
+			fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%s\n", o.Namespace, o.Name, strings.Join(v.Spec.VIPs, ","), strings.Join(ports, ","),
+				orNone(identity.Labels(v.Spec.Selector).String()), orNone(strings.Join(backends, ",")))
+		case *objects.NetworkPolicy:
+			sel := identity.Labels(v.Spec.EndpointSelector.MatchLabels).String()
+			if sel == "" {
+				sel = "<all>"
+			}
+			fmt.Fprintf(t, "%s\t%s\t%s\t%d\t%d\n", o.Namespace, o.Name, sel, len(v.Spec.Ingress), len(v.Spec.Egress))
+		}
+	}
+	return t.Flush()
+}
+
+func plural(kind string) string {
+	if kind == objects.KindService {
+		return "services"
+	}
+	return "policies"
+}
+
+func (c *cli) deleteCommand() *cobra.Command {
+	var ns string
+	cmd := &cobra.Command{
+		Use:     "delete service|policy NAME [--namespace NS]",
+		Short:   "Delete an applied Service or NetworkPolicy",
+		Example: `  isthmus delete service web`,
+		Args:    cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			kind, err := parseKind(args[0])
+			if err != nil {
+				return err
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			if err := c.client().DeleteObject(ctx, kind, ns, args[1]); err != nil {
+				if api.IsNotFound(err) {
+					return fmt.Errorf("%w (isthmus get %s lists them)", err, plural(kind))
+				}
+				return err
+			}
+			fmt.Fprintf(c.out, "%s %s/%s deleted\n", kind, ns, args[1])
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&ns, "namespace", "n", objects.DefaultNamespace, "namespace of the object")
+	return cmd
+}

@@ -1,0 +1,114 @@
+package main
+
+import (
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+)
+
+func (c *cli) identityCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:     "identity",
+		Aliases: []string{"identities", "id"},
+		Short:   "Inspect security identities",
+	}
+	var format string
+	list := &cobra.Command{
+		Use:     "list",
+		Aliases: []string{"ls"},
+		Short:   "List reserved and allocated identities with their labels",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkFormat(format); err != nil {
+				return err
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			ids, err := c.client().Identities(ctx)
+			if err != nil {
+				return err
+			}
+			if format != formatTable {
+				return printData(c.out, format, ids)
+			}
+			t := newTable(c.out)
+			fmt.Fprintln(t, "ID\tENDPOINTS\tLABELS")
+			for _, id := range ids {
+				eps := fmt.Sprint(id.Endpoints)
+				if _, reserved := identity.ReservedName(id.ID); reserved {
+					eps = "-"
+				}
+				fmt.Fprintf(t, "%d\t%s\t%s\n", id.ID, eps, identity.Labels(id.Labels).String())
+			}
+			return t.Flush()
+		},
+	}
+	addOutputFlag(list, &format)
+	cmd.AddCommand(list)
+	return cmd
+}
+
+func (c *cli) statusCommand() *cobra.Command {
+	var format string
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show the node, what it runs, and the datapath counters",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkFormat(format); err != nil {
+				return err
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			st, err := c.client().Status(ctx)
+			if err != nil {
+				return err
+			}
+			if format != formatTable {
+				return printData(c.out, format, st)
+			}
+			cidrs := make([]string, len(st.PodCIDRs))
+			for i, p := range st.PodCIDRs {
+				cidrs[i] = p.String()
+			}
+			t := newTable(c.out)
+			fmt.Fprintf(t, "Node:\t%s (cluster %s, ID %d)\n", st.Node, st.Cluster, st.ClusterID)
+			fmt.Fprintf(t, "Pod CIDRs:\t%s\n", strings.Join(cidrs, ", "))
+			fmt.Fprintf(t, "Attach mode:\t%s\n", orNone(st.AttachMode))
+			fmt.Fprintf(t, "Up since:\t%s (%s)\n", st.Started.Local().Format(time.RFC3339), time.Since(st.Started).Round(time.Second))
+			fmt.Fprintf(t, "Endpoints:\t%d\n", st.Endpoints)
+			fmt.Fprintf(t, "Identities:\t%d allocated\n", st.Identities)
+			fmt.Fprintf(t, "Services:\t%d (%d frontends in the datapath)\n", st.Services, st.Frontends)
+			fmt.Fprintf(t, "Policies:\t%d (%d policy map entries)\n", st.NetworkPolicies, st.PolicyEntries)
+			fmt.Fprintf(t, "IPCache:\t%d entries\n", st.IPCacheEntries)
+			fmt.Fprintf(t, "Conntrack:\t%d entries\n", st.Conntrack)
+			rec := "never ran"
+			switch {
+			case st.Reconcile.LastError != "":
+				rec = "FAILING, retrying: " + st.Reconcile.LastError
+			case !st.Reconcile.LastSuccess.IsZero():
+				rec = fmt.Sprintf("in sync (%d runs, last %s ago)", st.Reconcile.Runs, time.Since(st.Reconcile.LastSuccess).Round(time.Second))
+			}
+			fmt.Fprintf(t, "Datapath:\t%s\n", rec)
+			for _, e := range st.Errors {
+				fmt.Fprintf(t, "Error:\t%s\n", e)
+			}
+			if err := t.Flush(); err != nil {
+				return err
+			}
+			fmt.Fprintln(c.out, "\nDatapath counters:")
+			t = newTable(c.out)
+			fmt.Fprintln(t, "  REASON\tPACKETS\tBYTES")
+			for _, m := range st.Metrics {
+				fmt.Fprintf(t, "  %s\t%d\t%d\n", m.Reason, m.Packets, m.Bytes)
+			}
+			return t.Flush()
+		},
+	}
+	addOutputFlag(cmd, &format)
+	return cmd
+}
