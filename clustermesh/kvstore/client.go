@@ -1,0 +1,445 @@
+package kvstore
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Config says how to reach etcd.
+type Config struct {
+	// Endpoints are etcd client URLs, e.g. "https://10.0.0.1:2379".
+	Endpoints []string
+	// TLS enables TLS when set. With a client certificate and etcd's
+	// --client-cert-auth, the certificate's common name is the etcd user.
+	TLS *tls.Config
+	// Username and Password log in with etcd password auth (optional).
+	Username, Password string
+	// DialTimeout bounds Connect's first contact with etcd. Default 5 s.
+	DialTimeout time.Duration
+	// RequestTimeout bounds each attempt of a call; a timed out attempt is
+	// retried while the caller's context allows. Default 10 s.
+	RequestTimeout time.Duration
+	// MaxRetries bounds the retries of one call after transient errors
+	// (no leader, unavailable, timeout). Default 5.
+	MaxRetries int
+	// BackoffMin and BackoffMax bound the jittered exponential waits
+	// between retries and between watch re-lists. Defaults 50 ms and 5 s.
+	BackoffMin, BackoffMax time.Duration
+	// Logger receives the client's log lines. Default slog.Default().
+	Logger *slog.Logger
+}
+
+func (c *Config) setDefaults() {
+	if c.DialTimeout <= 0 {
+		c.DialTimeout = 5 * time.Second
+	}
+	if c.RequestTimeout <= 0 {
+		c.RequestTimeout = 10 * time.Second
+	}
+	if c.MaxRetries <= 0 {
+		c.MaxRetries = 5
+	}
+	if c.BackoffMin <= 0 {
+		c.BackoffMin = 50 * time.Millisecond
+	}
+	if c.BackoffMax <= 0 {
+		c.BackoffMax = 5 * time.Second
+	}
+	if c.BackoffMax < c.BackoffMin {
+		c.BackoffMax = c.BackoffMin
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Client is a connection to one etcd cluster. It is safe for concurrent use.
+type Client struct {
+	cli   *clientv3.Client
+	cfg   Config
+	log   *slog.Logger
+	stats counters
+	// ctx ends when the client is closed; background work (leases,
+	// watches) stops with it.
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+// KeyValue is one key read from etcd.
+type KeyValue struct {
+	Key            string
+	Value          []byte
+	CreateRevision int64
+	ModRevision    int64
+	Lease          LeaseID
+}
+
+// Connect dials etcd and checks that it answers (and accepts the
+// credentials) within DialTimeout, so that a wrong address, CA or client
+// certificate is reported here, not at the first write.
+func Connect(ctx context.Context, cfg Config) (*Client, error) {
+	cfg.setDefaults()
+	if len(cfg.Endpoints) == 0 {
+		return nil, errors.New("kvstore: no etcd endpoints configured")
+	}
+	if cfg.TLS != nil {
+		for _, ep := range cfg.Endpoints {
+			if strings.HasPrefix(ep, "http://") {
+				return nil, fmt.Errorf("kvstore: endpoint %s is plain http but TLS is configured", ep)
+			}
+		}
+	}
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:   cfg.Endpoints,
+		TLS:         cfg.TLS,
+		Username:    cfg.Username,
+		Password:    cfg.Password,
+		DialTimeout: cfg.DialTimeout,
+		// etcd's own zap logs are noise for us; errors come back as
+		// returned errors and we log those with slog.
+		Logger:               zap.NewNop(),
+		DialKeepAliveTime:    10 * time.Second,
+		DialKeepAliveTimeout: 5 * time.Second,
+		// Ping also while no call is in flight, so that a dead connection
+		// is noticed (and re-dialled) before the next call needs it.
+		PermitWithoutStream: true,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("kvstore: connect to %s: %w", strings.Join(cfg.Endpoints, ","), err)
+	}
+	cctx, cancel := context.WithCancel(context.Background())
+	c := &Client{cli: cli, cfg: cfg, log: cfg.Logger, ctx: cctx, cancel: cancel}
+	if err := c.probe(ctx); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// probe asks each endpoint for its status until one answers. Status needs
+// an authenticated user when auth is on but no permission on any key, so
+// it checks TLS, credentials and liveness without assuming a key layout.
+func (c *Client) probe(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.DialTimeout)
+	defer cancel()
+	var errs []error
+	for _, ep := range c.cfg.Endpoints {
+		start := time.Now()
+		_, err := c.cli.Status(ctx, ep)
+		c.stats.observe(opStatus, start, err)
+		if err == nil {
+			return nil
+		}
+		errs = append(errs, fmt.Errorf("%s: %w", ep, err))
+	}
+	return fmt.Errorf("kvstore: no etcd endpoint answered within %s (wrong address, CA or client certificate?): %w",
+		c.cfg.DialTimeout, errors.Join(errs...))
+}
+
+// Close stops leases and watches of this client and closes the connection.
+// Leases are not revoked (their keys expire by TTL); use Lease.Close first
+// to remove them at once.
+func (c *Client) Close() error {
+	c.cancel()
+	return c.cli.Close()
+}
+
+// Endpoints returns the configured endpoints.
+func (c *Client) Endpoints() []string { return append([]string(nil), c.cfg.Endpoints...) }
+
+// retryable reports whether err is a transient failure after which the same
+// call may succeed: etcd has no leader, the connection is not ready, or the
+// attempt timed out.
+func retryable(err error) bool {
+	if err == nil || errors.Is(err, context.Canceled) {
+		return false
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return true
+	}
+	switch status.Code(err) {
+	case codes.Unavailable, codes.DeadlineExceeded, codes.ResourceExhausted:
+		return true
+	}
+	switch rpctypes.Error(err) {
+	case rpctypes.ErrNoLeader, rpctypes.ErrLeaderChanged, rpctypes.ErrTimeout,
+		rpctypes.ErrTimeoutDueToLeaderFail, rpctypes.ErrTimeoutDueToConnectionLost,
+		rpctypes.ErrTooManyRequests:
+		return true
+	}
+	return false
+}
+
+// do runs f with a per-attempt timeout, retrying transient errors with
+// backoff while ctx allows. Only idempotent calls go through do: a retried
+// Put writes the same value again, a retried Delete deletes nothing.
+func (c *Client) do(ctx context.Context, o op, what string, f func(ctx context.Context) error) error {
+	start := time.Now()
+	b := backoff{min: c.cfg.BackoffMin, max: c.cfg.BackoffMax}
+	var err error
+	for attempt := 0; ; attempt++ {
+		actx, cancel := context.WithTimeout(ctx, c.cfg.RequestTimeout)
+		err = f(actx)
+		cancel()
+		if err == nil || ctx.Err() != nil || !retryable(err) || attempt >= c.cfg.MaxRetries {
+			break
+		}
+		c.stats.retries.Add(1)
+		c.log.Debug("kvstore: retrying after transient error", "op", opNames[o], "key", what, "attempt", attempt+1, "err", err)
+		if b.wait(ctx) != nil {
+			break
+		}
+	}
+	c.stats.observe(o, start, err)
+	if err != nil {
+		return fmt.Errorf("kvstore: %s %s: %w", opNames[o], what, err)
+	}
+	return nil
+}
+
+// once runs f a single time with the per-attempt timeout: for calls that
+// are not safe to repeat blindly (transactions), whose caller decides.
+func (c *Client) once(ctx context.Context, o op, what string, f func(ctx context.Context) error) error {
+	start := time.Now()
+	actx, cancel := context.WithTimeout(ctx, c.cfg.RequestTimeout)
+	err := f(actx)
+	cancel()
+	c.stats.observe(o, start, err)
+	if err != nil {
+		return fmt.Errorf("kvstore: %s %s: %w", opNames[o], what, err)
+	}
+	return nil
+}
+
+func toKV(kv interface {
+	GetKey() []byte
+	GetValue() []byte
+	GetCreateRevision() int64
+	GetModRevision() int64
+	GetLease() int64
+}) KeyValue {
+	return KeyValue{
+		Key:            string(kv.GetKey()),
+		Value:          kv.GetValue(),
+		CreateRevision: kv.GetCreateRevision(),
+		ModRevision:    kv.GetModRevision(),
+		Lease:          LeaseID(kv.GetLease()),
+	}
+}
+
+// Get reads one key. found is false when the key does not exist.
+func (c *Client) Get(ctx context.Context, key string) (kv KeyValue, found bool, err error) {
+	err = c.do(ctx, opGet, key, func(ctx context.Context) error {
+		resp, err := c.cli.Get(ctx, key)
+		if err != nil {
+			return err
+		}
+		if len(resp.Kvs) == 1 {
+			kv, found = toKV(resp.Kvs[0]), true
+		}
+		return nil
+	})
+	return kv, found, err
+}
+
+// listPageSize bounds the keys read by one range request; big prefixes are
+// read in pages at one revision, so the result is still one snapshot.
+var listPageSize int64 = 1000
+
+// GetPrefix reads every key under prefix, sorted by key, as one consistent
+// snapshot, and returns the revision of that snapshot.
+func (c *Client) GetPrefix(ctx context.Context, prefix string) (kvs []KeyValue, rev int64, err error) {
+	err = c.do(ctx, opGetPrefix, prefix, func(ctx context.Context) error {
+		kvs, rev = nil, 0
+		end := clientv3.GetPrefixRangeEnd(prefix)
+		from := prefix
+		for {
+			opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(listPageSize)}
+			if rev != 0 {
+				opts = append(opts, clientv3.WithRev(rev))
+			}
+			resp, err := c.cli.Get(ctx, from, opts...)
+			if err != nil {
+				return err
+			}
+			if rev == 0 {
+				rev = resp.Header.Revision
+			}
+			for _, kv := range resp.Kvs {
+				kvs = append(kvs, toKV(kv))
+			}
+			if !resp.More || len(resp.Kvs) == 0 {
+				return nil
+			}
+			from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+		}
+	})
+	return kvs, rev, err
+}
+
+// Put writes key without a lease: it stays until deleted.
+func (c *Client) Put(ctx context.Context, key string, value []byte) error {
+	return c.do(ctx, opPut, key, func(ctx context.Context) error {
+		_, err := c.cli.Put(ctx, key, string(value))
+		return err
+	})
+}
+
+// PutLeased writes key attached to lease, so that it vanishes when the
+// lease's owner dies. If the lease was lost, the error wraps ErrLeaseLost;
+// the lease's OnRegrant callbacks are the place to write such keys again.
+func (c *Client) PutLeased(ctx context.Context, key string, value []byte, lease *Lease) error {
+	id := lease.ID()
+	err := c.do(ctx, opPut, key, func(ctx context.Context) error {
+		_, err := c.cli.Put(ctx, key, string(value), clientv3.WithLease(clientv3.LeaseID(id)))
+		return err
+	})
+	if err = leaseErr(err); errors.Is(err, ErrLeaseLost) {
+		lease.markLost(id)
+	}
+	return err
+}
+
+// Delete removes key. Deleting a missing key is not an error.
+func (c *Client) Delete(ctx context.Context, key string) error {
+	return c.do(ctx, opDelete, key, func(ctx context.Context) error {
+		_, err := c.cli.Delete(ctx, key)
+		return err
+	})
+}
+
+// DeletePrefix removes every key under prefix and returns how many there
+// were. An empty prefix is refused: it would wipe the whole keyspace.
+func (c *Client) DeletePrefix(ctx context.Context, prefix string) (int64, error) {
+	if prefix == "" {
+		return 0, errors.New("kvstore: delete_prefix: refusing an empty prefix (it would delete every key)")
+	}
+	var n int64
+	err := c.do(ctx, opDeletePrefix, prefix, func(ctx context.Context) error {
+		resp, err := c.cli.Delete(ctx, prefix, clientv3.WithPrefix())
+		if err != nil {
+			return err
+		}
+		n += resp.Deleted
+		return nil
+	})
+	return n, err
+}
+
+// Cond is a precondition of a transaction.
+type Cond struct{ cmp clientv3.Cmp }
+
+// KeyMissing holds while key does not exist.
+func KeyMissing(key string) Cond {
+	return Cond{clientv3.Compare(clientv3.CreateRevision(key), "=", 0)}
+}
+
+// KeyExists holds while key exists.
+func KeyExists(key string) Cond {
+	return Cond{clientv3.Compare(clientv3.CreateRevision(key), ">", 0)}
+}
+
+// KeyModRevision holds while key was last written at rev (0: key missing).
+// Read-then-write code uses it to write only if nothing changed since the
+// read.
+func KeyModRevision(key string, rev int64) Cond {
+	return Cond{clientv3.Compare(clientv3.ModRevision(key), "=", rev)}
+}
+
+// KeyValueIs holds while key exists and has exactly value.
+func KeyValueIs(key string, value []byte) Cond {
+	return Cond{clientv3.Compare(clientv3.Value(key), "=", string(value))}
+}
+
+// PrefixEmpty holds while no key exists under prefix (etcd compares every
+// key of the range; an empty range compares as a missing key).
+func PrefixEmpty(prefix string) Cond {
+	return Cond{clientv3.Compare(clientv3.CreateRevision(prefix), "=", 0).WithPrefix()}
+}
+
+// Op is a write of a transaction.
+type Op struct {
+	op clientv3.Op
+	// lease, when set, is resolved at call time so that an Op built before
+	// a re-grant uses the current lease.
+	lease *Lease
+	key   string
+	value []byte
+}
+
+// OpPut writes key (without lease).
+func OpPut(key string, value []byte) Op { return Op{op: clientv3.OpPut(key, string(value))} }
+
+// OpPutLeased writes key attached to lease.
+func OpPutLeased(key string, value []byte, lease *Lease) Op {
+	return Op{lease: lease, key: key, value: value}
+}
+
+// OpDelete deletes key.
+func OpDelete(key string) Op { return Op{op: clientv3.OpDelete(key)} }
+
+// etcd returns the etcd op and the lease ID it uses (0: none).
+func (o Op) etcd() (clientv3.Op, LeaseID) {
+	if o.lease != nil {
+		id := o.lease.ID()
+		return clientv3.OpPut(o.key, string(o.value), clientv3.WithLease(clientv3.LeaseID(id))), id
+	}
+	return o.op, 0
+}
+
+// Txn applies ops atomically if all conds hold and reports whether they
+// did. It is not retried: after an ambiguous error (timeout, lost
+// connection) the caller cannot know whether it applied and must re-read.
+func (c *Client) Txn(ctx context.Context, conds []Cond, ops []Op) (applied bool, err error) {
+	cmps := make([]clientv3.Cmp, len(conds))
+	for i, cd := range conds {
+		cmps[i] = cd.cmp
+	}
+	eops := make([]clientv3.Op, len(ops))
+	leaseIDs := make([]LeaseID, len(ops))
+	for i, o := range ops {
+		eops[i], leaseIDs[i] = o.etcd()
+	}
+	what := "(no ops)"
+	if len(ops) > 0 {
+		what = string(eops[0].KeyBytes())
+	}
+	err = c.once(ctx, opTxn, what, func(ctx context.Context) error {
+		resp, err := c.cli.Txn(ctx).If(cmps...).Then(eops...).Commit()
+		if err != nil {
+			return err
+		}
+		applied = resp.Succeeded
+		return nil
+	})
+	if err = leaseErr(err); errors.Is(err, ErrLeaseLost) {
+		for i, o := range ops {
+			if o.lease != nil {
+				o.lease.markLost(leaseIDs[i])
+			}
+		}
+	}
+	return applied, err
+}
+
+// CreateOnly writes key only if it does not exist yet (compare-and-swap on
+// CreateRevision == 0) and reports whether this call created it.
+func (c *Client) CreateOnly(ctx context.Context, key string, value []byte) (created bool, err error) {
+	return c.Txn(ctx, []Cond{KeyMissing(key)}, []Op{OpPut(key, value)})
+}
+
+// CreateOnlyLeased is CreateOnly for a key attached to lease.
+func (c *Client) CreateOnlyLeased(ctx context.Context, key string, value []byte, lease *Lease) (created bool, err error) {
+	return c.Txn(ctx, []Cond{KeyMissing(key)}, []Op{OpPutLeased(key, value, lease)})
+}

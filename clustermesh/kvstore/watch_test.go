@@ -1,0 +1,114 @@
+package kvstore
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/clustermesh/internal/etcdtest"
+)
+
+// next reads one event or fails after a timeout.
+func next(t *testing.T, ch <-chan Event) Event {
+	t.Helper()
+	select {
+	case ev, ok := <-ch:
+		if !ok {
+			t.Fatal("watch channel closed")
+		}
+		return ev
+	case <-time.After(15 * time.Second):
+		t.Fatal("no watch event within 15s")
+	}
+	return Event{}
+}
+
+func describe(ev Event) string {
+	if ev.Type == EventListDone {
+		return "list-done"
+	}
+	if ev.Type == EventDelete {
+		return "delete " + ev.Key
+	}
+	return fmt.Sprintf("upsert %s=%s", ev.Key, ev.Value)
+}
+
+func expect(t *testing.T, ch <-chan Event, want ...string) {
+	t.Helper()
+	for _, w := range want {
+		if got := describe(next(t, ch)); got != w {
+			t.Fatalf("event %q, want %q", got, w)
+		}
+	}
+}
+
+func TestWatchPrefix(t *testing.T) {
+	ctx := testCtx(t)
+	c := connect(t, etcdtest.Start(t).Endpoint)
+	c.Put(ctx, "w/a", []byte("1"))
+	c.Put(ctx, "w/b", []byte("2"))
+	c.Put(ctx, "x/other", []byte("x"))
+
+	wctx, cancel := context.WithCancel(ctx)
+	ch := c.WatchPrefix(wctx, "w/")
+	expect(t, ch, "upsert w/a=1", "upsert w/b=2", "list-done")
+
+	c.Put(ctx, "w/c", []byte("3"))
+	c.Put(ctx, "x/other", []byte("y")) // not under the prefix
+	c.Delete(ctx, "w/a")
+	c.Put(ctx, "w/b", []byte("22"))
+	expect(t, ch, "upsert w/c=3", "delete w/a", "upsert w/b=22")
+
+	cancel()
+	select {
+	case _, ok := <-ch:
+		if ok {
+			t.Fatal("event after cancel")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("channel not closed after cancel")
+	}
+}
+
+// TestWatchRelistDeletesStale cuts the watcher off, changes and compacts
+// etcd behind its back, and checks that after reconnecting it re-lists,
+// reports only the changes and synthesises the deletion it missed.
+func TestWatchRelistDeletesStale(t *testing.T) {
+	ctx := testCtx(t)
+	etcd := etcdtest.Start(t)
+	direct := connect(t, etcd.Endpoint)
+	proxy := startProxy(t, etcd.Endpoint[len("http://"):])
+	viaProxy := connect(t, "http://"+proxy.Addr)
+
+	for _, k := range []string{"a", "b", "c"} {
+		direct.Put(ctx, "s/"+k, []byte(k))
+	}
+	ch := viaProxy.WatchPrefix(ctx, "s/")
+	expect(t, ch, "upsert s/a=a", "upsert s/b=b", "upsert s/c=c", "list-done")
+
+	proxy.Cut()
+	direct.Delete(ctx, "s/a")
+	direct.Put(ctx, "s/b", []byte("B"))
+	direct.Put(ctx, "s/d", []byte("d"))
+	// Compact the history, so the watch cannot resume from where it was.
+	resp, err := direct.cli.Get(ctx, "s/d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := direct.cli.Compact(ctx, resp.Header.Revision); err != nil {
+		t.Fatal(err)
+	}
+	proxy.Restore()
+
+	// c did not change and is not reported again; a is gone.
+	expect(t, ch, "upsert s/b=B", "upsert s/d=d", "delete s/a", "list-done")
+	st := viaProxy.Stats()
+	if st.WatchRelists != 1 || st.WatchStaleDeletes != 1 || st.WatchErrors != 1 {
+		t.Errorf("stats after relist: relists=%d stale=%d errors=%d", st.WatchRelists, st.WatchStaleDeletes, st.WatchErrors)
+	}
+
+	// The watch goes on after the relist.
+	direct.Delete(ctx, "s/c")
+	expect(t, ch, "delete s/c")
+}
