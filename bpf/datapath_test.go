@@ -488,3 +488,38 @@ func TestLinkLocalAndMulticastStayOnTheLink(t *testing.T) {
 		t.Fatalf("link-local traffic counted as spoofed: %d", n)
 	}
 }
+
+// A pod reaching a service whose chosen backend is itself: the source is
+// translated to the VIP as well, so the pod's kernel accepts the packet and
+// its replies come back through from_pod to be translated back.
+func TestServiceHairpin(t *testing.T) {
+	d := openTest(t)
+	setup(t, d, [2]bool{}, [2]bool{})
+	for _, c := range []struct{ pod, vip netip.Addr }{{podA, vip}, {podA6, vip6}} {
+		for _, proto := range []Proto{ProtoTCP, ProtoUDP} {
+			f := Frontend{VIP: c.vip, Port: 80, Proto: proto}
+			if err := d.ServiceUpsert(f, []Backend{{Addr: c.pod, Port: 8080}}); err != nil {
+				t.Fatal(err)
+			}
+			for i, flags := range []uint8{0x02, 0x10} { // new flow, then established
+				ret, out := run(t, d.FromPod(), testPkt{src: c.pod, dst: c.vip, proto: proto, sport: 40000, dport: 80, tcpFlags: flags}.bytes())
+				if ret != tcActRedirect {
+					t.Fatalf("%s %s packet %d: ret %d", c.vip, proto, i, ret)
+				}
+				if p := parsePkt(t, out, proto); p.src != c.vip || p.sport != 40000 || p.dst != c.pod || p.dport != 8080 {
+					t.Fatalf("%s %s packet %d to itself: %s:%d -> %s:%d", c.vip, proto, i, p.src, p.sport, p.dst, p.dport)
+				}
+			}
+			ret, out := run(t, d.FromPod(), testPkt{src: c.pod, dst: c.vip, proto: proto, sport: 8080, dport: 40000, tcpFlags: 0x12}.bytes())
+			if ret != tcActRedirect {
+				t.Fatalf("hairpin reply: ret %d", ret)
+			}
+			if p := parsePkt(t, out, proto); p.src != c.vip || p.sport != 80 || p.dst != c.pod || p.dport != 40000 {
+				t.Fatalf("hairpin reply: %s:%d -> %s:%d, want %s:80 -> %s:40000", p.src, p.sport, p.dst, p.dport, c.vip, c.pod)
+			}
+			if err := d.ConntrackFlush(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}

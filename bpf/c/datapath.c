@@ -240,6 +240,11 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	return PARSE_OK;
 }
 
+static __always_inline int addr_eq(const union addr *a, const union addr *b)
+{
+	return a->w[0] == b->w[0] && a->w[1] == b->w[1] && a->w[2] == b->w[2] && a->w[3] == b->w[3];
+}
+
 static __always_inline __u32 lookup_identity(const union addr *a)
 {
 	struct ipcache_key k = { .prefixlen = 128 };
@@ -400,7 +405,7 @@ static __always_inline int to_pod_checks(struct __sk_buff *skb, struct pkt *p, c
 	ct_key_rev(&k, p, CT_SCOPE_EGRESS);
 	v = ct_lookup(&k, p);
 	if (v) {
-		if (v->flags & CT_F_REVNAT) {
+		if ((v->flags & (CT_F_REVNAT | CT_F_HAIRPIN)) == CT_F_REVNAT) {
 			union addr na = v->nat_addr;
 			if (rewrite(skb, p, 1, &na, v->nat_port) < 0)
 				return REASON_DROP_INVALID;
@@ -457,9 +462,19 @@ int from_pod(struct __sk_buff *skb)
 	ct_key_fwd(&k, &p, CT_SCOPE_EGRESS);
 	v = ct_lookup(&k, &p);
 	if (v) {
-		if (v->flags & CT_F_DNAT) {
-			union addr na = v->nat_addr;
-			if (rewrite(skb, &p, 0, &na, v->nat_port) < 0)
+		union addr na = v->nat_addr;
+		__u16 np = v->nat_port;
+		__u16 flags = v->flags;
+		if (flags & CT_F_DNAT) {
+			union addr vip = p.dst;
+			if (rewrite(skb, &p, 0, &na, np) < 0)
+				return drop(REASON_DROP_INVALID, len);
+			if ((flags & CT_F_HAIRPIN) && rewrite(skb, &p, 1, &vip, p.sport) < 0)
+				return drop(REASON_DROP_INVALID, len);
+		} else if ((flags & (CT_F_REVNAT | CT_F_HAIRPIN)) == (CT_F_REVNAT | CT_F_HAIRPIN)) {
+			/* A hairpin reply, pod:bport -> VIP:cport: back to VIP:vport -> pod:cport. */
+			union addr self = p.src;
+			if (rewrite(skb, &p, 1, &na, np) < 0 || rewrite(skb, &p, 0, &self, p.dport) < 0)
 				return drop(REASON_DROP_INVALID, len);
 		}
 		goto deliver;
@@ -493,6 +508,13 @@ int from_pod(struct __sk_buff *skb)
 
 	union addr new_dst = nat ? be.addr : p.dst;
 	__u16 new_dport = nat ? be.port : p.dport;
+	int hairpin = nat && addr_eq(&be.addr, &p.src);
+
+	/* Conntrack will admit the hairpin flow into the pod, so the pod's
+	 * ingress policy judges it here, against the pod's own identity. */
+	if (hairpin && (src_flags & EP_F_POLICY_INGRESS) &&
+	    !policy_allows(src_ep_id, src_identity, new_dport, p.proto, DIR_INGRESS))
+		return drop(REASON_DROP_POLICY_INGRESS, len);
 
 	if (src_flags & EP_F_POLICY_EGRESS) {
 		__u32 dst_identity = lookup_identity(&new_dst);
@@ -501,7 +523,16 @@ int from_pod(struct __sk_buff *skb)
 	}
 
 	ct_key_fwd(&k, &p, CT_SCOPE_EGRESS);
-	if (nat) {
+	if (hairpin) {
+		ct_create(&k, CT_F_DNAT | CT_F_HAIRPIN, &new_dst, new_dport);
+		if (rewrite(skb, &p, 0, &new_dst, new_dport) < 0 || rewrite(skb, &p, 1, &orig_dst, p.sport) < 0)
+			return drop(REASON_DROP_INVALID, len);
+		/* Now VIP:cport -> pod:bport; its replies leave the pod as
+		 * pod:bport -> VIP:cport and are matched in step one above. */
+		ct_key_rev(&k, &p, CT_SCOPE_EGRESS);
+		ct_create(&k, CT_F_REVNAT | CT_F_HAIRPIN, &orig_dst, orig_dport);
+		count(REASON_SERVICE_NAT, len);
+	} else if (nat) {
 		ct_create(&k, CT_F_DNAT, &new_dst, new_dport);
 		if (rewrite(skb, &p, 0, &new_dst, new_dport) < 0)
 			return drop(REASON_DROP_INVALID, len);

@@ -20,6 +20,9 @@ union addr {
 #define CT_F_DNAT 0x1    /* forward: rewrite destination to nat_addr:nat_port */
 #define CT_F_REVNAT 0x2  /* reply: rewrite source to nat_addr:nat_port */
 #define CT_F_CLOSING 0x4 /* FIN or RST seen: a new SYN starts a new flow */
+#define CT_F_HAIRPIN 0x8 /* a pod reaching itself through a service: the source
+			  * is translated to the VIP too, and replies are
+			  * translated back in from_pod */
 
 #define EP_F_POLICY_INGRESS 0x1
 #define EP_F_POLICY_EGRESS 0x2
