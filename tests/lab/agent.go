@@ -21,9 +21,10 @@ import (
 // $ISTHMUS_BIN_DIR, next to the running executable (the `isthmus` CLI), or
 // builds them once per process from the module source.
 const (
-	AgentBinary = "isthmus-agent"
-	CLIBinary   = "isthmus"
-	EnvBinDir   = "ISTHMUS_BIN_DIR"
+	AgentBinary  = "isthmus-agent"
+	CLIBinary    = "isthmus"
+	ServerBinary = "isthmus-clustermesh"
+	EnvBinDir    = "ISTHMUS_BIN_DIR"
 )
 
 var (
@@ -70,7 +71,13 @@ func buildBinaries() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/"+AgentBinary, "./cmd/"+CLIBinary)
+	args := []string{"build", "-o", dir + "/"}
+	for _, b := range []string{AgentBinary, CLIBinary, ServerBinary} {
+		if _, err := os.Stat(filepath.Join(root, "cmd", b)); err == nil {
+			args = append(args, "./cmd/"+b)
+		}
+	}
+	cmd := exec.Command("go", args...)
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
 		os.RemoveAll(dir)
