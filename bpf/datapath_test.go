@@ -523,3 +523,17 @@ func TestServiceHairpin(t *testing.T) {
 		}
 	}
 }
+
+func TestReadIPCacheFromPins(t *testing.T) {
+	d := openTest(t)
+	if err := d.IPCacheUpsert(netip.MustParsePrefix("10.9.0.1/32"), IPCacheEntry{Identity: 42, HostIP: netip.MustParseAddr("192.0.2.1")}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := ReadIPCache(d.PinDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := got[netip.MustParsePrefix("10.9.0.1/32")]; e.Identity != 42 || e.HostIP != netip.MustParseAddr("192.0.2.1") {
+		t.Fatalf("ReadIPCache: %+v", got)
+	}
+}

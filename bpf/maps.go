@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"sort"
 
 	"github.com/cilium/ebpf"
@@ -442,4 +443,16 @@ func (d *Datapath) ConntrackFlush() error {
 		_ = d.objs.IsthCt.Delete(&keys[i])
 	}
 	return it.Err()
+}
+
+// ReadIPCache reads the ipcache pinned in pinDir without loading the
+// datapath: for tools, tests and benchmarks that watch a node from outside.
+func ReadIPCache(pinDir string) (map[netip.Prefix]IPCacheEntry, error) {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, "isth_ipcache"), &ebpf.LoadPinOptions{ReadOnly: true})
+	if err != nil {
+		return nil, fmt.Errorf("open ipcache in %s: %w", pinDir, err)
+	}
+	defer m.Close()
+	d := &Datapath{objs: datapathObjects{datapathMaps: datapathMaps{IsthIpcache: m}}}
+	return d.IPCacheList()
 }
