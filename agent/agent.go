@@ -4,16 +4,24 @@
 //
 // Data flows one way:
 //
-//	local API (agent/api)
-//	   │  validate, allocate (ipam, identity), plumb the pod (agent/endpoint)
-//	   ▼
-//	desired state (agent/state, on disk before anything else changes)
-//	   │  trigger (coalescing)
+//	local API (agent/api)                      cluster's etcd (cluster mode only)
+//	   │  validate, allocate (ipam,               │  meshsync.Watch: nodes, ipcache,
+//	   │  identity), plumb the pod                │  identities, services, applied
+//	   │  (agent/endpoint)                        │  objects; remote clusters once synced
+//	   ▼                                          ▼
+//	desired state (agent/state, on disk       meshsync.Tables (typed, validated)
+//	before anything else changes)                 │
+//	   │  trigger (coalescing)  ◀─────────────────┘
 //	   ▼
 //	reconciler (reconcile.go), the only writer of the maps:
-//	   identities ─▶ ipcache   every endpoint IP, the node's addresses, the world
+//	   identities ─▶ ipcache   every endpoint IP (of the mesh), nodes, the world
 //	   policy.Compile ─▶ endpoints map (enforcement flags) and policy map
-//	   service.Resolve ─▶ services and backends maps
+//	   service.Resolve (+ service.Merge) ─▶ services and backends maps
+//	   routes to other nodes' pod CIDRs (cluster mode)
+//
+// In cluster mode (clustermesh.go) the node also publishes its node record
+// and endpoints to etcd (meshsync.Publisher), allocates identities there
+// (identity.NewEtcd), and apply/get/delete act on the cluster's etcd.
 //
 // Reconcile compares the desired state with what the pinned maps hold and
 // writes only the difference, so a restarted agent, which finds its maps and
@@ -52,7 +60,16 @@ type Config struct {
 	// ResetDatapath removes this node's pinned maps and links before loading
 	// the datapath: every flow and every program attachment starts over.
 	ResetDatapath bool
+
+	// Cluster mode: on when KVStoreEndpoints is set (see clustermesh.go).
+	KVStoreEndpoints []string      // etcd client URLs of the cluster's server
+	KVStoreBundle    string        // directory with ca.crt, client.crt, client.key
+	NodeIPs          []netip.Addr  // underlay; default: the default route's interface's
+	LeaseTTL         time.Duration // of the node's records; default 60s
 }
+
+// ClusterMode reports whether the agent works with its cluster's etcd.
+func (c Config) ClusterMode() bool { return len(c.KVStoreEndpoints) > 0 }
 
 // PinDir is where the node's datapath is pinned.
 func (c Config) PinDir() string {
@@ -78,6 +95,11 @@ func (c Config) validate() error {
 	}
 	if c.MTU < 1280 || c.MTU > 65535 {
 		errs = append(errs, fmt.Errorf("MTU %d out of range 1280-65535 (IPv6 needs at least 1280)", c.MTU))
+	}
+	if c.ClusterMode() {
+		errs = append(errs, c.validateClusterMode()...)
+	} else if c.KVStoreBundle != "" || len(c.NodeIPs) > 0 {
+		errs = append(errs, errors.New("--kvstore-bundle and --node-ip need --kvstore-endpoints (cluster mode)"))
 	}
 	return errors.Join(errs...)
 }
@@ -125,9 +147,16 @@ type Agent struct {
 	dp datapath // set in Run, before the API serves
 
 	// Kernel-facing steps, replaceable in tests.
-	plumb        plumber
-	openDatapath func(Config) (datapath, error)
-	nodeAddrs    func() ([]netip.Addr, error)
+	plumb         plumber
+	openDatapath  func(Config) (datapath, error)
+	nodeAddrs     func() ([]netip.Addr, error)
+	newRouter     func() (router, error)
+	detectNodeIPs func() ([]netip.Addr, error)
+
+	// Cluster mode only (nil in standalone mode): the etcd source of
+	// desired state (clustermesh.go), and the routes to other nodes.
+	mesh   *clusterMesh
+	routes router
 
 	rec reconciler
 }
@@ -151,20 +180,28 @@ func New(cfg Config) (*Agent, error) {
 	} else if err != nil {
 		return nil, err
 	}
-	ids, err := identity.NewLocal(filepath.Join(cfg.StateDir, "identities.json"), cfg.ClusterID)
-	if err != nil {
-		return nil, err
-	}
 	a := &Agent{
-		cfg:          cfg,
-		log:          log,
-		store:        store,
-		ipam:         pool,
-		ids:          ids,
-		plumb:        netlinkPlumber{},
-		openDatapath: openBPF,
-		nodeAddrs:    nodeAddrs,
-		rec:          newReconciler(),
+		cfg:           cfg,
+		log:           log,
+		store:         store,
+		ipam:          pool,
+		plumb:         netlinkPlumber{},
+		openDatapath:  openBPF,
+		nodeAddrs:     nodeAddrs,
+		newRouter:     newNetlinkRouter,
+		detectNodeIPs: defaultRouteAddrs,
+		rec:           newReconciler(),
+	}
+	if cfg.ClusterMode() {
+		// Identities are global: allocated in the cluster's etcd.
+		a.mesh = newClusterMesh(cfg, log, func() { a.rec.request() })
+		a.ids = meshIdentities{a.mesh}
+	} else {
+		ids, err := identity.NewLocal(filepath.Join(cfg.StateDir, "identities.json"), cfg.ClusterID)
+		if err != nil {
+			return nil, err
+		}
+		a.ids = ids
 	}
 	if err := a.loadObjects(); err != nil {
 		return nil, err
@@ -209,6 +246,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.dp = dp
 	a.log.Info("datapath loaded", "pinDir", a.cfg.PinDir())
 
+	if a.mesh != nil {
+		r, err := a.newRouter()
+		if err != nil {
+			return err
+		}
+		a.routes = r
+	}
 	a.restoreEndpoints(ctx)
 	a.collectGarbage(ctx)
 	gen := a.rec.start()
@@ -219,17 +263,31 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.log.Error("initial reconcile failed", "err", err)
 	}
 
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
 	var wg sync.WaitGroup
 	wg.Go(func() { a.reconcileLoop(ctx) })
 	wg.Go(func() { a.watchNodeAddrs(ctx) })
+	if a.mesh != nil {
+		// etcd is one more source of desired state; the datapath already
+		// serves from local state while it connects.
+		wg.Go(func() {
+			if err := a.runClusterMesh(ctx); err != nil {
+				cancel(fmt.Errorf("cluster mode: %w", err))
+			}
+		})
+	}
 
 	a.log.Info("agent ready", "socket", a.cfg.SocketPath, "cluster", a.cfg.ClusterName, "podCIDRs", a.cfg.PodCIDRs,
-		"endpoints", len(a.store.Endpoints()), "attachMode", dp.AttachMode())
+		"endpoints", len(a.store.Endpoints()), "attachMode", dp.AttachMode(), "clusterMode", a.cfg.ClusterMode())
 	err = api.NewServer(a, a.log).Serve(ctx, ln)
-	cancel()
+	stopErr := context.Cause(ctx)
+	cancel(nil)
 	wg.Wait()
+	if stopErr != nil && !errors.Is(stopErr, context.Canceled) {
+		// A failure, not a stop: the datapath stays, the agent does not.
+		return stopErr
+	}
 	a.log.Info("agent stopped; datapath stays pinned and attached")
 	return err
 }

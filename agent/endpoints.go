@@ -134,6 +134,7 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointRequest) (api.E
 	if err := a.converge(ctx); err != nil {
 		return fail(fmt.Errorf("the datapath did not take endpoint %s/%s, so it was rolled back: %w", ns, name, err))
 	}
+	a.meshEndpointAdded(e)
 	a.log.Info("endpoint added", "namespace", ns, "name", name, "ips", ips, "identity", id, "interface", hostIf, "id", e.ID)
 	return toAPI(e), nil
 }
@@ -159,7 +160,9 @@ func (a *Agent) DeleteEndpoint(ctx context.Context, namespace, name string) erro
 		// retrying to drop its map entries.
 		a.log.Warn("datapath not yet updated after endpoint delete", "namespace", namespace, "name", name, "err", err)
 	}
-	if err := a.teardown(ctx, e); err != nil {
+	err := a.teardown(ctx, e)
+	a.meshEndpointDeleted(e.Key())
+	if err != nil {
 		return fmt.Errorf("endpoint %s/%s was removed, but cleaning up after it failed (retried when the agent restarts): %w", namespace, name, err)
 	}
 	a.log.Info("endpoint deleted", "namespace", namespace, "name", name)
@@ -181,12 +184,38 @@ func (a *Agent) teardown(ctx context.Context, e state.Endpoint) error {
 	if err := a.ipam.Release(ownerOf(e.Namespace, e.Name)); err != nil && !errors.Is(err, ipam.ErrNotFound) {
 		errs = append(errs, err)
 	}
-	if e.Identity != 0 {
-		if err := a.ids.Release(ctx, e.Identity); err != nil && !errors.Is(err, identity.ErrNotFound) {
+	// In cluster mode only a reference this process took is released: one
+	// of an earlier run expires with that run's lease.
+	if e.Identity != 0 && (a.mesh == nil || a.mesh.isReferenced(e.Key())) {
+		if a.mesh != nil {
+			// The etcd allocator may be unreachable: the endpoint is gone
+			// locally either way, and the reference is dropped once etcd
+			// answers (or expires with this node's lease).
+			go a.releaseIdentityEventually(e.Identity)
+		} else if err := a.ids.Release(ctx, e.Identity); err != nil && !errors.Is(err, identity.ErrNotFound) {
 			errs = append(errs, err)
 		}
 	}
 	return joinErrs(errs...)
+}
+
+// releaseIdentityEventually drops an identity reference in etcd, retrying
+// with backoff while the kvstore is unreachable.
+func (a *Agent) releaseIdentityEventually(id uint32) {
+	wait := time.Second
+	for attempt := 0; ; attempt++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err := a.ids.Release(ctx, id)
+		cancel()
+		if err == nil || errors.Is(err, identity.ErrNotFound) {
+			return
+		}
+		if attempt == 0 || attempt%10 == 0 {
+			a.log.Warn("identity release pending: kvstore unreachable, retrying", "identity", id, "err", err)
+		}
+		time.Sleep(wait)
+		wait = min(2*wait, 30*time.Second)
+	}
 }
 
 // ListEndpoints implements api.Backend.
@@ -275,6 +304,9 @@ func (a *Agent) collectGarbage(ctx context.Context) {
 	}
 	// Valid for the node-local allocator only, where every reference is this
 	// node's: an etcd-backed one lists the whole cluster's identities.
+	if a.mesh != nil {
+		return
+	}
 	for _, id := range a.ids.List() {
 		if refs[id.ID] > 0 {
 			continue

@@ -33,6 +33,11 @@ func (s objectSet) split() (svcs []objects.Service, pols []objects.NetworkPolicy
 }
 
 func (a *Agent) objects() objectSet {
+	// In cluster mode etcd is the source once it was listed; until then
+	// the objects persisted by the last run keep the datapath as it was.
+	if a.mesh != nil && a.mesh.tables.ObjectsListed() {
+		return objectSet(a.mesh.tables.Objects())
+	}
 	if p := a.objSet.Load(); p != nil {
 		return *p
 	}
@@ -77,22 +82,16 @@ func (a *Agent) Apply(ctx context.Context, data []byte) (api.ApplyResult, error)
 	if err != nil {
 		return api.ApplyResult{}, api.WithStatus(http.StatusBadRequest, err)
 	}
+	if a.mesh != nil {
+		return a.applyMesh(ctx, objs)
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 
 	cur := a.objects()
-	batch := map[string]objects.Object{}
-	var order []string
-	for _, o := range objs {
-		key := objects.Key(o)
-		if err := o.Validate(); err != nil {
-			return api.ApplyResult{}, api.Errorf(http.StatusBadRequest, "%s: %w", key, err)
-		}
-		if _, dup := batch[key]; dup {
-			return api.ApplyResult{}, api.Errorf(http.StatusBadRequest, "%s appears more than once in the input", key)
-		}
-		batch[key] = o
-		order = append(order, key)
+	batch, order, err := validateBatch(objs)
+	if err != nil {
+		return api.ApplyResult{}, err
 	}
 	if err := checkServiceConflicts(cur, batch, order); err != nil {
 		return api.ApplyResult{}, err
@@ -140,6 +139,25 @@ func (a *Agent) Apply(ctx context.Context, data []byte) (api.ApplyResult, error)
 		a.log.Info("object applied", "kind", r.Kind, "namespace", r.Namespace, "name", r.Name, "action", r.Action)
 	}
 	return res, nil
+}
+
+// validateBatch validates every object of an apply and indexes them by
+// key, in input order.
+func validateBatch(objs []objects.Object) (map[string]objects.Object, []string, error) {
+	batch := map[string]objects.Object{}
+	var order []string
+	for _, o := range objs {
+		key := objects.Key(o)
+		if err := o.Validate(); err != nil {
+			return nil, nil, api.Errorf(http.StatusBadRequest, "%s: %w", key, err)
+		}
+		if _, dup := batch[key]; dup {
+			return nil, nil, api.Errorf(http.StatusBadRequest, "%s appears more than once in the input", key)
+		}
+		batch[key] = o
+		order = append(order, key)
+	}
+	return batch, order, nil
 }
 
 // checkServiceConflicts refuses a batch in which a Service claims a frontend
@@ -206,6 +224,9 @@ func (a *Agent) rollbackObjects(prev objectSet, put map[string][]byte, del []str
 	a.rec.request()
 }
 
+// jsonOf encodes an object as stored.
+func jsonOf(o objects.Object) ([]byte, error) { return json.Marshal(o) }
+
 func jsonEqual(a, b []byte) bool {
 	var x, y bytes.Buffer
 	if json.Compact(&x, a) != nil || json.Compact(&y, b) != nil {
@@ -215,13 +236,16 @@ func jsonEqual(a, b []byte) bool {
 }
 
 // ListObjects implements api.Backend.
-func (a *Agent) ListObjects(_ context.Context, kind string) ([]api.Object, error) {
+func (a *Agent) ListObjects(ctx context.Context, kind string) ([]api.Object, error) {
 	if kind != "" {
 		k, err := kindOf(kind)
 		if err != nil {
 			return nil, err
 		}
 		kind = k
+	}
+	if a.mesh != nil {
+		return a.listMeshObjects(ctx, kind)
 	}
 	set := a.objects()
 	var out []api.Object
@@ -250,6 +274,9 @@ func (a *Agent) DeleteObject(ctx context.Context, kind, namespace, name string) 
 		namespace = objects.DefaultNamespace
 	}
 	key := k + "/" + namespace + "/" + name
+	if a.mesh != nil {
+		return a.deleteMeshObject(ctx, key)
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	cur := a.objects()

@@ -158,6 +158,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	eps := a.store.Endpoints()
 	svcs, pols := a.objects().split()
 	ids := a.ids.List()
+	mesh := a.meshState()
 	var stats reconcileStats
 
 	// 1. ipcache: who owns which address.
@@ -169,6 +170,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		netip.MustParsePrefix("0.0.0.0/0"): {Identity: bpf.IdentityWorld},
 		netip.MustParsePrefix("::/0"):      {Identity: bpf.IdentityWorld},
 	}
+	mesh.addIPCache(wantIPC) // the rest of the mesh; local facts below override it
 	for _, ip := range hostAddrs {
 		wantIPC[netip.PrefixFrom(ip, ip.BitLen())] = bpf.IPCacheEntry{Identity: bpf.IdentityHost}
 	}
@@ -188,7 +190,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		}
 	}
 	for p := range haveIPC {
-		if _, ok := wantIPC[p]; !ok {
+		if _, ok := wantIPC[p]; !ok && mesh.mayRemove(p) {
 			errs = appendErr(errs, a.dp.IPCacheDelete(p), &stats.ipcache)
 		}
 	}
@@ -266,7 +268,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 			stale++
 		}
 	}
-	if stale > 0 && len(errs) == epErrs {
+	if stale > 0 && len(errs) == epErrs && mesh.ready {
 		if err := a.dp.PolicySync(compiled.Keys); err != nil {
 			errs = append(errs, fmt.Errorf("remove policy entries: %w", err))
 		} else {
@@ -279,25 +281,43 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	for _, ep := range eps {
 		seps = append(seps, service.Endpoint{Namespace: ep.Namespace, Labels: a.identityLabels(ep.Namespace, ep.Labels), IPs: ep.IPs})
 	}
+	seps = append(seps, mesh.clusterEndpoints(a.ids)...) // the own cluster's other nodes
 	wantSvc := service.Resolve(svcs, seps)
+	if a.mesh != nil {
+		wantSvc = service.Merge(wantSvc, svcs, mesh.view.RemoteServices)
+	}
 	haveSvc, err := a.dp.ServiceList()
 	if err != nil {
 		return joinErrs(append(errs, err)...)
 	}
 	for f, bes := range wantSvc {
-		if h, ok := haveSvc[f]; !ok || !slices.Equal(h, bes) {
+		h, ok := haveSvc[f]
+		if ok {
+			bes = mesh.keepUnknown(h, bes)
+		}
+		if !ok || !slices.Equal(h, bes) {
 			errs = appendErr(errs, a.dp.ServiceUpsert(f, bes), &stats.services)
 		}
 	}
 	for f := range haveSvc {
-		if _, ok := wantSvc[f]; !ok {
+		if _, ok := wantSvc[f]; !ok && mesh.ready {
 			errs = appendErr(errs, a.dp.ServiceDelete(f), &stats.services)
 		}
 	}
 
+	// 6. Routes to the pod CIDRs of other nodes. A route that cannot be
+	// made concerns traffic to that node only: it is reported in the
+	// status and retried with the next run, and does not fail this one
+	// (which would roll back unrelated API calls).
+	if a.routes != nil {
+		n, err := a.routes.SyncRoutes(mesh.podRoutes(), mesh.ready)
+		stats.routes += n
+		a.mesh.setRouteErr(err)
+	}
+
 	if stats.any() {
 		a.log.Info("datapath reconciled", "ipcacheChanges", stats.ipcache, "endpointChanges", stats.endpoints,
-			"policyChanges", stats.policy, "serviceChanges", stats.services, "errors", len(errs))
+			"policyChanges", stats.policy, "serviceChanges", stats.services, "routeChanges", stats.routes, "errors", len(errs))
 	}
 	return joinErrs(errs...)
 }
@@ -330,9 +350,9 @@ func (m multiErr) Error() string {
 
 func (m multiErr) Unwrap() []error { return m }
 
-type reconcileStats struct{ ipcache, endpoints, policy, services int }
+type reconcileStats struct{ ipcache, endpoints, policy, services, routes int }
 
-func (s reconcileStats) any() bool { return s.ipcache+s.endpoints+s.policy+s.services > 0 }
+func (s reconcileStats) any() bool { return s.ipcache+s.endpoints+s.policy+s.services+s.routes > 0 }
 
 // appendErr counts a change and keeps its error, if any.
 func appendErr(errs []error, err error, count *int) []error {

@@ -73,5 +73,6 @@ func (a *Agent) Status(context.Context) (api.Status, error) {
 	for _, err := range errs {
 		st.Errors = append(st.Errors, err.Error())
 	}
+	st.ClusterMesh = a.clusterMeshStatus()
 	return st, nil
 }

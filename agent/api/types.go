@@ -105,6 +105,43 @@ type Status struct {
 	Reconcile ReconcileStatus `json:"reconcile"`
 	// Errors lists what could not be read for this status.
 	Errors []string `json:"errors,omitempty"`
+	// ClusterMesh is set in cluster mode (the agent talks to etcd).
+	ClusterMesh *ClusterMeshStatus `json:"clustermesh,omitempty"`
+}
+
+// ClusterMeshStatus is the node's view of its cluster's etcd and of the
+// mesh it reads from there.
+type ClusterMeshStatus struct {
+	KVStoreEndpoints []string     `json:"kvstoreEndpoints"`
+	Connected        bool         `json:"connected"`
+	LastError        string       `json:"lastError,omitempty"`
+	NodeIPs          []netip.Addr `json:"nodeIPs"`
+	// Published: every record of this node (node, ipcache) is in etcd.
+	Published        bool `json:"published"`
+	PublishedRecords int  `json:"publishedRecords"`
+	// RouteError says why routes to other nodes' pod CIDRs are not all in
+	// place (empty when they are).
+	RouteError string `json:"routeError,omitempty"`
+	// InvalidRecords counts records read from etcd that were skipped.
+	InvalidRecords uint64           `json:"invalidRecords"`
+	LastInvalid    string           `json:"lastInvalid,omitempty"`
+	Clusters       []ClusterSummary `json:"clusters"`
+}
+
+// ClusterSummary is one cluster of the mesh, own or remote.
+type ClusterSummary struct {
+	Name  string `json:"name"`
+	ID    uint32 `json:"id"`
+	Local bool   `json:"local"`
+	// Synced: the own cluster's state was listed completely; a remote
+	// cluster's canaries are all present and its state is in use.
+	Synced         bool   `json:"synced"`
+	Error          string `json:"error,omitempty"`
+	Nodes          int    `json:"nodes"`
+	Endpoints      int    `json:"endpoints"`
+	Identities     int    `json:"identities"`
+	Services       int    `json:"services"`
+	InvalidRecords uint64 `json:"invalidRecords"`
 }
 
 // Metric is one datapath counter.

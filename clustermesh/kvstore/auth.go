@@ -8,10 +8,13 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
-// Permission grants a role access to every key under Prefix: read always,
-// write too when Write is set.
+// Permission grants a role access to every key under Prefix (or, when End
+// is set, to the key range [Prefix, End)): read always, write too when
+// Write is set. Ranges let a role cover a prefix except a hole, e.g. every
+// key under isthmus/ but isthmus/remotes/: etcd permissions only add up.
 type Permission struct {
 	Prefix string
+	End    string
 	Write  bool
 }
 
@@ -28,6 +31,12 @@ func (c *Client) EnsureRole(ctx context.Context, role string, perms ...Permissio
 				return fmt.Errorf("role %s: empty prefix would grant the whole keyspace", role)
 			}
 			end := clientv3.GetPrefixRangeEnd(p.Prefix)
+			if p.End != "" {
+				if p.End <= p.Prefix {
+					return fmt.Errorf("role %s: empty range [%q, %q)", role, p.Prefix, p.End)
+				}
+				end = p.End
+			}
 			typ := clientv3.PermissionType(clientv3.PermRead)
 			if p.Write {
 				typ = clientv3.PermissionType(clientv3.PermReadWrite)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -49,9 +50,16 @@ type Config struct {
 	EtcdUsername  string
 	EtcdPassword  string
 
+	// Capabilities are announced in the cluster config (records.Cap*):
+	// what this server does besides storing state, e.g. mirroring.
+	Capabilities []string
+
 	// HeartbeatInterval is how often the heartbeat key is written.
 	// Default 5 s.
 	HeartbeatInterval time.Duration
+	// UnsafeNoFsync turns off the embedded etcd's fsync. For tests and
+	// throw-away labs only: a crash can lose or corrupt data.
+	UnsafeNoFsync bool
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
 }
@@ -84,6 +92,8 @@ type Server struct {
 	kv   *kvstore.Client
 
 	endpoints []string // for bundles
+	localURL  string   // a client URL that works on this host
+	started   time.Time
 
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
@@ -108,10 +118,11 @@ func (c *Config) setDefaults() {
 
 func (c *Config) clusterConfig() records.ClusterConfig {
 	return records.ClusterConfig{
-		Version:  records.CurrentVersion,
-		Name:     c.ClusterName,
-		ID:       c.ClusterID,
-		PodCIDRs: c.PodCIDRs,
+		Version:      records.CurrentVersion,
+		Name:         c.ClusterName,
+		ID:           c.ClusterID,
+		PodCIDRs:     c.PodCIDRs,
+		Capabilities: c.Capabilities,
 	}
 }
 
@@ -145,14 +156,10 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer s.Close()
-	var etcdErr <-chan error
-	if s.etcd != nil {
-		etcdErr = s.etcd.Err()
-	}
 	select {
 	case <-ctx.Done():
 		return nil
-	case err := <-etcdErr:
+	case err := <-s.Err():
 		return fmt.Errorf("embedded etcd failed: %w", err)
 	}
 }
@@ -186,6 +193,14 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if err := s.writeClusterConfig(ctx); err != nil {
 		return nil, err
+	}
+	if err := s.writeInfo(ctx); err != nil {
+		return nil, err
+	}
+	// The first heartbeat before Start returns: it also marks the cluster
+	// config above as this cluster's own (see writeClusterConfig).
+	if err := s.writeHeartbeat(ctx); err != nil {
+		return nil, fmt.Errorf("clustermesh: write heartbeat: %w", err)
 	}
 	hctx, cancel := context.WithCancel(context.Background())
 	s.cancel = cancel
@@ -275,6 +290,7 @@ func (s *Server) startEmbedded(ctx context.Context) error {
 	ecfg.AutoCompactionMode = "periodic"
 	ecfg.AutoCompactionRetention = "1h"
 	ecfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(newEtcdLogger(s.log, &s.stopping))
+	ecfg.UnsafeNoFsync = s.cfg.UnsafeNoFsync
 
 	e, err := embed.StartEtcd(ecfg)
 	if err != nil {
@@ -299,6 +315,11 @@ func (s *Server) startEmbedded(ctx context.Context) error {
 		}
 		s.endpoints = []string{"https://" + ap.String()}
 	}
+	lap := netip.MustParseAddrPort(s.cfg.ListenClient)
+	if lap.Addr().IsUnspecified() {
+		lap = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), lap.Port())
+	}
+	s.localURL = "https://" + lap.String()
 
 	// Bundle directories for the agents and for the CLI (root), rewritten
 	// on every start so they always match the PKI.
@@ -338,7 +359,7 @@ func (s *Server) clientTLS(kp keyPair) (*tls.Config, error) {
 // setupAuth creates the roles and users and turns auth on. Every step is
 // idempotent, so it runs on every start and repairs what is missing.
 func (s *Server) setupAuth(ctx context.Context) error {
-	if err := s.kv.EnsureRole(ctx, roleAgents, kvstore.Permission{Prefix: records.Root, Write: true}); err != nil {
+	if err := s.kv.EnsureRole(ctx, roleAgents, agentPermissions()...); err != nil {
 		return fmt.Errorf("clustermesh: etcd auth: %w", err)
 	}
 	var perms []kvstore.Permission
@@ -362,15 +383,49 @@ func (s *Server) setupAuth(ctx context.Context) error {
 	return nil
 }
 
+// agentPermissions: read and write under isthmus/, except
+// isthmus/remotes/, whose records hold the private keys this server uses to
+// read remote clusters. Agents never need them.
+func agentPermissions() []kvstore.Permission {
+	return []kvstore.Permission{
+		{Prefix: records.Root, End: RemotesPrefix, Write: true},
+		{Prefix: prefixEnd(RemotesPrefix), End: prefixEnd(records.Root), Write: true},
+	}
+}
+
 // writeClusterConfig refuses an etcd that belongs to another cluster (a
 // data dir or external etcd reused by mistake), then writes ours.
+//
+// The configs of remote clusters are there too: the mirror copies them for
+// the agents. Such a copy has a remote record (isthmus/remotes/<c>) and no
+// heartbeat (heartbeats are never mirrored); a config with neither is a
+// copy left behind by a disconnect while the server was down, which the
+// mirror removes. A config with a heartbeat of its own is a live cluster
+// sharing this etcd.
 func (s *Server) writeClusterConfig(ctx context.Context) error {
+	if kv, found, err := s.kv.Get(ctx, InfoKey); err != nil {
+		return fmt.Errorf("clustermesh: read server info: %w", err)
+	} else if found {
+		if in, err := DecodeInfo(kv.Value); err == nil && in.Cluster != s.cfg.ClusterName {
+			return fmt.Errorf("clustermesh: this etcd (%s) belongs to the server of cluster %q, not %q: refusing to share it",
+				s.where(), in.Cluster, s.cfg.ClusterName)
+		}
+	}
 	kvs, _, err := s.kv.GetPrefix(ctx, records.ClusterConfigPrefix)
 	if err != nil {
 		return fmt.Errorf("clustermesh: read cluster config: %w", err)
 	}
 	for _, kv := range kvs {
 		name, _ := records.ParseClusterConfigKey(kv.Key)
+		if name != s.cfg.ClusterName {
+			mirrored, err := s.mirroredConfig(ctx, name)
+			if err != nil {
+				return err
+			}
+			if mirrored {
+				continue
+			}
+		}
 		c, derr := records.DecodeClusterConfig(kv.Value)
 		switch {
 		case name != s.cfg.ClusterName:
@@ -393,6 +448,68 @@ func (s *Server) writeClusterConfig(ctx context.Context) error {
 	return nil
 }
 
+// mirroredConfig reports whether the config of cluster name is a mirror's
+// copy (see writeClusterConfig).
+func (s *Server) mirroredConfig(ctx context.Context, name string) (bool, error) {
+	if name == "" {
+		return false, nil // an unparsable key: not ours to judge, refuse below
+	}
+	_, hasRemote, err := s.kv.Get(ctx, RemoteKey(name))
+	if err != nil {
+		return false, fmt.Errorf("clustermesh: read remote record: %w", err)
+	}
+	if hasRemote {
+		return true, nil
+	}
+	_, hasHeartbeat, err := s.kv.Get(ctx, records.HeartbeatKey(name))
+	if err != nil {
+		return false, fmt.Errorf("clustermesh: read heartbeat: %w", err)
+	}
+	return !hasHeartbeat, nil
+}
+
+// Info returns what the server announces about itself.
+func (s *Server) Info() Info {
+	return Info{
+		Version: InfoVersion, Cluster: s.cfg.ClusterName, ClusterID: s.cfg.ClusterID,
+		PodCIDRs: s.cfg.PodCIDRs, Endpoints: s.Endpoints(), LocalURL: s.localURL,
+		Embedded: s.etcd != nil, Started: s.started,
+	}
+}
+
+// writeInfo stores Info in etcd and, in embedded mode, in the data dir.
+func (s *Server) writeInfo(ctx context.Context) error {
+	s.started = time.Now().UTC().Truncate(time.Second)
+	data, err := json.MarshalIndent(s.Info(), "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := s.kv.Put(ctx, InfoKey, data); err != nil {
+		return fmt.Errorf("clustermesh: write server info: %w", err)
+	}
+	if s.etcd != nil {
+		if err := writeFileAtomic(filepath.Join(s.cfg.DataDir, InfoFile), append(data, '\n'), 0o644); err != nil {
+			return fmt.Errorf("clustermesh: write server info: %w", err)
+		}
+	}
+	return nil
+}
+
+// Err reports a failure of the embedded etcd (nil channel in external
+// mode: it never fires).
+func (s *Server) Err() <-chan error {
+	if s.etcd == nil {
+		return nil
+	}
+	return s.etcd.Err()
+}
+
+// ClusterConfig returns the cluster config the server writes.
+func (s *Server) ClusterConfig() records.ClusterConfig { return s.cfg.clusterConfig() }
+
+// Logger returns the server's logger.
+func (s *Server) Logger() *slog.Logger { return s.log }
+
 func (s *Server) where() string {
 	if s.etcd != nil {
 		return "data dir " + s.cfg.DataDir
@@ -400,21 +517,26 @@ func (s *Server) where() string {
 	return fmt.Sprint("etcd ", s.cfg.EtcdEndpoints)
 }
 
+func (s *Server) writeHeartbeat(ctx context.Context) error {
+	value, err := records.Stamp{Cluster: s.cfg.ClusterName, Time: time.Now().UTC()}.Marshal()
+	if err == nil {
+		err = s.kv.Put(ctx, records.HeartbeatKey(s.cfg.ClusterName), value)
+	}
+	return err
+}
+
+// heartbeat renews the heartbeat (the first one is written by Start).
 func (s *Server) heartbeat(ctx context.Context) {
 	t := time.NewTicker(s.cfg.HeartbeatInterval)
 	defer t.Stop()
 	for {
-		value, err := records.Stamp{Cluster: s.cfg.ClusterName, Time: time.Now().UTC()}.Marshal()
-		if err == nil {
-			err = s.kv.Put(ctx, records.HeartbeatKey(s.cfg.ClusterName), value)
-		}
-		if err != nil && ctx.Err() == nil {
-			s.log.Warn("clustermesh: heartbeat write failed", "err", err)
-		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		}
+		if err := s.writeHeartbeat(ctx); err != nil && ctx.Err() == nil {
+			s.log.Warn("clustermesh: heartbeat write failed", "err", err)
 		}
 	}
 }
@@ -457,15 +579,21 @@ func (s *Server) ExportRemoteBundle(ctx context.Context, remote string) (Bundle,
 	if remote == s.cfg.ClusterName {
 		return Bundle{}, fmt.Errorf("clustermesh: remote cluster %q is this cluster", remote)
 	}
+	return exportRemoteBundle(ctx, s.kv, s.pki, s.Info(), remote)
+}
+
+// exportRemoteBundle creates the user of remote (through kv, as root) and
+// issues its certificate.
+func exportRemoteBundle(ctx context.Context, kv *kvstore.Client, p *pki, in Info, remote string) (Bundle, error) {
 	user := RemoteUser(remote)
-	if err := s.kv.EnsureUser(ctx, user, "", roleRemote); err != nil {
+	if err := kv.EnsureUser(ctx, user, "", roleRemote); err != nil {
 		return Bundle{}, fmt.Errorf("clustermesh: create user %s: %w", user, err)
 	}
-	kp, err := s.pki.issue(user, false, sans{})
+	kp, err := p.issue(user, false, sans{})
 	if err != nil {
 		return Bundle{}, fmt.Errorf("clustermesh: %w", err)
 	}
-	return s.bundle(user, kp), nil
+	return newBundle(in, p, user, kp), nil
 }
 
 // RemoveRemote deletes the etcd user of remote cluster: its certificates
@@ -477,11 +605,13 @@ func (s *Server) RemoveRemote(ctx context.Context, remote string) error {
 	return s.kv.DeleteUser(ctx, RemoteUser(remote))
 }
 
-func (s *Server) bundle(user string, kp keyPair) Bundle {
+func (s *Server) bundle(user string, kp keyPair) Bundle { return newBundle(s.Info(), s.pki, user, kp) }
+
+func newBundle(in Info, p *pki, user string, kp keyPair) Bundle {
 	return Bundle{
-		Cluster: s.cfg.ClusterName, ClusterID: s.cfg.ClusterID,
-		Endpoints: s.Endpoints(), User: user,
-		CACert: s.pki.caPEM, Cert: kp.certPEM, Key: kp.keyPEM,
+		Cluster: in.Cluster, ClusterID: in.ClusterID,
+		Endpoints: append([]string(nil), in.Endpoints...), User: user,
+		CACert: p.caPEM, Cert: kp.certPEM, Key: kp.keyPEM,
 	}
 }
 

@@ -21,17 +21,36 @@ import (
 )
 
 func main() {
-	if err := newCommand().Execute(); err != nil {
+	if err := newCommand(runAgent).Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "Error:", err)
 		os.Exit(1)
 	}
 }
 
-func newCommand() *cobra.Command {
+// runAgent runs the agent until SIGTERM or SIGINT.
+func runAgent(cfg agent.Config) error {
+	if os.Geteuid() != 0 {
+		return errors.New("isthmus-agent needs root (it creates network interfaces and loads eBPF programs)")
+	}
+	a, err := agent.New(cfg)
+	if err != nil {
+		return err
+	}
+	// SIGTERM and SIGINT stop the agent gracefully; programs stay
+	// attached and maps pinned, so traffic keeps flowing.
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	return a.Run(ctx)
+}
+
+// newCommand parses the flags into an agent.Config and hands it to run.
+func newCommand(run func(agent.Config) error) *cobra.Command {
 	var (
-		cfg      agent.Config
-		podCIDRs []string
-		logLevel string
+		cfg       agent.Config
+		podCIDRs  []string
+		logLevel  string
+		endpoints []string
+		nodeIPs   []string
 	)
 	cmd := &cobra.Command{
 		Use:   "isthmus-agent --pod-cidr CIDR [--pod-cidr CIDR] [flags]",
@@ -43,9 +62,18 @@ the isthmus CLI on a unix socket.
 
 Maps and program links are pinned in bpffs, so pods keep their traffic while
 the agent is stopped or restarting; a restarted agent picks up where it left.
+
+With --kvstore-endpoints the node joins its cluster (cluster mode): it
+publishes its node and endpoints to the cluster's etcd (leased), allocates
+identities there, and takes nodes, endpoints, identities, services and the
+applied objects of its cluster and of connected clusters from it. apply,
+get and delete then act on the whole cluster. The datapath starts from
+local state at once; etcd is reached in the background, with retries.
 Needs root.`,
 		Example: `  isthmus-agent --pod-cidr 10.200.0.0/24 --pod-cidr fd00:200::/64
-  isthmus-agent --node-name n1 --cluster-name lab --cluster-id 7 --pod-cidr 10.7.1.0/24`,
+  isthmus-agent --node-name n1 --cluster-name lab --cluster-id 7 --pod-cidr 10.7.1.0/24
+  isthmus-agent --node-name n1 --cluster-name c1 --cluster-id 1 --pod-cidr 10.1.1.0/24 \
+      --kvstore-endpoints https://192.0.2.1:2379 --kvstore-bundle /var/lib/isthmus/pki/agents --node-ip 192.0.2.11`,
 		Args:          cobra.NoArgs,
 		SilenceUsage:  true,
 		SilenceErrors: true,
@@ -63,24 +91,25 @@ Needs root.`,
 				}
 				cfg.PodCIDRs = append(cfg.PodCIDRs, p)
 			}
+			for _, e := range endpoints {
+				if e = strings.TrimSpace(e); e != "" {
+					cfg.KVStoreEndpoints = append(cfg.KVStoreEndpoints, e)
+				}
+			}
+			for _, s := range nodeIPs {
+				ip, err := netip.ParseAddr(strings.TrimSpace(s))
+				if err != nil {
+					return fmt.Errorf("--node-ip %q: not an IP address", s)
+				}
+				cfg.NodeIPs = append(cfg.NodeIPs, ip)
+			}
 			if cfg.StateDir == "" {
 				cfg.StateDir = filepath.Join("/var/lib/isthmus", cfg.NodeName)
 			}
 			if cfg.SocketPath == "" {
 				cfg.SocketPath = api.DefaultSocketPath(cfg.NodeName)
 			}
-			if os.Geteuid() != 0 {
-				return errors.New("isthmus-agent needs root (it creates network interfaces and loads eBPF programs)")
-			}
-			a, err := agent.New(cfg)
-			if err != nil {
-				return err
-			}
-			// SIGTERM and SIGINT stop the agent gracefully; programs stay
-			// attached and maps pinned, so traffic keeps flowing.
-			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-			defer stop()
-			return a.Run(ctx)
+			return run(cfg)
 		},
 	}
 	f := cmd.Flags()
@@ -94,6 +123,10 @@ Needs root.`,
 	f.IntVar(&cfg.MTU, "mtu", 1500, "MTU of pod interfaces")
 	f.BoolVar(&cfg.ResetDatapath, "reset-datapath", false, "remove this node's pinned maps and links before starting (drops all tracked flows; for a datapath version whose maps changed layout)")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	f.StringSliceVar(&endpoints, "kvstore-endpoints", nil, "cluster mode: etcd client URLs of the cluster's isthmus-clustermesh, comma-separated (https://host:2379); without it the agent runs standalone")
+	f.StringVar(&cfg.KVStoreBundle, "kvstore-bundle", "", "cluster mode: directory with ca.crt, client.crt and client.key for etcd (the etcd user is the certificate's common name)")
+	f.StringSliceVar(&nodeIPs, "node-ip", nil, "cluster mode: underlay address of this node, IPv4 and/or IPv6; repeat for dual stack (default: the addresses of the interface holding the default route)")
+	f.DurationVar(&cfg.LeaseTTL, "lease-ttl", agent.DefaultLeaseTTL, "cluster mode: TTL of this node's records in etcd; a node that stops renewing vanishes from the mesh after it")
 	_ = cmd.MarkFlagRequired("pod-cidr")
 	return cmd
 }

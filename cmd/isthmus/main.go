@@ -80,6 +80,7 @@ identities and datapath status.`,
 		c.deleteCommand(),
 		c.identityCommand(),
 		c.statusCommand(),
+		c.clustermeshCommand(),
 	)
 	return root
 }

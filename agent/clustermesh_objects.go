@@ -1,0 +1,184 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/meshsync"
+	"github.com/isthmus-mesh/isthmus/agent/service"
+	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
+)
+
+// configWriteAttempts bounds the retries of an apply or delete that lost
+// the race against a concurrent write of applied objects.
+const configWriteAttempts = 8
+
+// applyMesh is Apply in cluster mode: validate, check VIP conflicts against
+// the objects in etcd, write the batch in one transaction, then wait until
+// this node's watcher brought it into the datapath.
+func (a *Agent) applyMesh(ctx context.Context, objs []objects.Object) (api.ApplyResult, error) {
+	batch, order, err := validateBatch(objs)
+	if err != nil {
+		return api.ApplyResult{}, err
+	}
+	for _, key := range order {
+		if s, ok := batch[key].(*objects.Service); ok {
+			if _, err := service.GlobalOf(*s); err != nil {
+				return api.ApplyResult{}, api.Errorf(http.StatusBadRequest, "%s: %w", key, err)
+			}
+		}
+	}
+	c, err := a.mesh.kv()
+	if err != nil {
+		return api.ApplyResult{}, err
+	}
+	ctx = context.WithoutCancel(ctx) // a started write is seen through
+
+	var res api.ApplyResult
+	put := map[string][]byte{}
+	for attempt := 1; ; attempt++ {
+		cur, err := meshsync.ReadConfig(ctx, c, "")
+		if err != nil {
+			return api.ApplyResult{}, api.WithStatus(http.StatusServiceUnavailable, err)
+		}
+		if err := checkServiceConflicts(objectSet(cur.Objects), batch, order); err != nil {
+			return api.ApplyResult{}, err
+		}
+		res, put = api.ApplyResult{}, map[string][]byte{}
+		for _, key := range order {
+			o := batch[key]
+			raw, err := json.Marshal(o)
+			if err != nil {
+				return api.ApplyResult{}, fmt.Errorf("encode %s: %w", key, err)
+			}
+			m := o.GetMeta()
+			r := api.ObjectResult{Kind: o.GetKind(), Namespace: m.Namespace, Name: m.Name, Action: api.ActionCreated}
+			if old, ok := cur.Raw[key]; ok {
+				r.Action = api.ActionConfigured
+				if jsonEqual(old, raw) {
+					r.Action = api.ActionUnchanged
+				}
+			}
+			if r.Action != api.ActionUnchanged {
+				put[key] = raw
+			}
+			res.Objects = append(res.Objects, r)
+		}
+		if len(put) == 0 {
+			return res, nil
+		}
+		err = meshsync.WriteConfig(ctx, c, cur, a.cfg.ClusterName, put, nil)
+		if errors.Is(err, meshsync.ErrConcurrentChange) && attempt < configWriteAttempts {
+			continue
+		}
+		if err != nil {
+			// A transaction that timed out may or may not have applied:
+			// say so rather than guess.
+			return api.ApplyResult{}, api.Errorf(http.StatusServiceUnavailable, "store objects in the kvstore (check with get whether they were stored): %w", err)
+		}
+		break
+	}
+	for _, r := range res.Objects {
+		a.log.Info("object applied to the cluster", "kind", r.Kind, "namespace", r.Namespace, "name", r.Name, "action", r.Action)
+	}
+	a.awaitObjects(ctx, func(set objectSet) bool {
+		for key, raw := range put {
+			o, ok := set[key]
+			if !ok {
+				return false
+			}
+			have, err := json.Marshal(o)
+			if err != nil || !jsonEqual(have, raw) {
+				return false
+			}
+		}
+		return true
+	})
+	return res, nil
+}
+
+// awaitObjects waits until the applied objects the reconciler reads satisfy
+// done and the datapath reflects them, at most convergeTimeout. The change
+// is already stored cluster-wide, so running late is logged, not failed.
+func (a *Agent) awaitObjects(ctx context.Context, done func(objectSet) bool) {
+	deadline := time.Now().Add(convergeTimeout)
+	for !done(a.objects()) {
+		if time.Now().After(deadline) {
+			a.log.Warn("clustermesh: stored in the kvstore, but this node's watcher has not delivered it yet", "waited", convergeTimeout)
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	if err := a.converge(ctx); err != nil {
+		a.log.Warn("clustermesh: stored in the kvstore, but the local datapath has not taken it yet", "err", err)
+	}
+}
+
+// listMeshObjects is ListObjects in cluster mode: what etcd holds.
+func (a *Agent) listMeshObjects(ctx context.Context, kind string) ([]api.Object, error) {
+	c, err := a.mesh.kv()
+	if err != nil {
+		return nil, err
+	}
+	cur, err := meshsync.ReadConfig(ctx, c, kind)
+	if err != nil {
+		return nil, api.WithStatus(http.StatusServiceUnavailable, err)
+	}
+	var out []api.Object
+	for _, key := range slices.Sorted(maps.Keys(cur.Objects)) {
+		o := cur.Objects[key]
+		m := o.GetMeta()
+		out = append(out, api.Object{Kind: o.GetKind(), Namespace: m.Namespace, Name: m.Name, Object: cur.Raw[key]})
+	}
+	return out, nil
+}
+
+// deleteMeshObject is DeleteObject in cluster mode.
+func (a *Agent) deleteMeshObject(ctx context.Context, key string) error {
+	c, err := a.mesh.kv()
+	if err != nil {
+		return err
+	}
+	ctx = context.WithoutCancel(ctx)
+	for attempt := 1; ; attempt++ {
+		cur, err := meshsync.ReadConfig(ctx, c, kindOfKey(key))
+		if err != nil {
+			return api.WithStatus(http.StatusServiceUnavailable, err)
+		}
+		if _, ok := cur.Raw[key]; !ok {
+			return api.Errorf(http.StatusNotFound, "%s not found", key)
+		}
+		err = meshsync.WriteConfig(ctx, c, cur, a.cfg.ClusterName, nil, []string{key})
+		if errors.Is(err, meshsync.ErrConcurrentChange) && attempt < configWriteAttempts {
+			continue
+		}
+		if err != nil {
+			return api.Errorf(http.StatusServiceUnavailable, "delete %s from the kvstore: %w", key, err)
+		}
+		break
+	}
+	a.log.Info("object deleted from the cluster", "key", key)
+	a.awaitObjects(ctx, func(set objectSet) bool {
+		_, ok := set[key]
+		return !ok
+	})
+	return nil
+}
+
+// kindOfKey returns the kind of an objects.Key.
+func kindOfKey(key string) string {
+	kind, _, _ := strings.Cut(key, "/")
+	return kind
+}

@@ -1,0 +1,178 @@
+package meshsync
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"maps"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
+	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+)
+
+// Files of a credentials bundle directory (see docs/internal-contracts.md).
+const (
+	BundleCA   = "ca.crt"
+	BundleCert = "client.crt"
+	BundleKey  = "client.key"
+)
+
+// meshDomain is the domain of the name a cluster's server certificate
+// carries, <cluster>.mesh.isthmus.io, so that it verifies whatever address
+// an agent dials. It must equal clustermesh/server.MeshDomain (a test checks).
+const meshDomain = "mesh.isthmus.io"
+
+// ServerName is the TLS server name of cluster's etcd.
+func ServerName(cluster string) string { return cluster + "." + meshDomain }
+
+// LoadBundle reads a bundle directory into a TLS client configuration for
+// cluster's etcd: the cluster's CA, the client certificate whose common
+// name is the etcd user, and the server name every server certificate of
+// the cluster carries.
+func LoadBundle(dir, cluster string) (*tls.Config, error) {
+	ca, err := os.ReadFile(filepath.Join(dir, BundleCA))
+	if err != nil {
+		return nil, fmt.Errorf("kvstore bundle: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(ca) {
+		return nil, fmt.Errorf("kvstore bundle: %s holds no PEM certificate", filepath.Join(dir, BundleCA))
+	}
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, BundleCert), filepath.Join(dir, BundleKey))
+	if err != nil {
+		return nil, fmt.Errorf("kvstore bundle %s: %w", dir, err)
+	}
+	return &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}, ServerName: ServerName(cluster), MinVersion: tls.VersionTLS12}, nil
+}
+
+// ErrClusterConfig is wrapped by errors about a cluster-config that does
+// not fit this node: retrying does not help, the configuration is wrong.
+var ErrClusterConfig = errors.New("cluster configuration mismatch")
+
+// CheckClusterConfig reads isthmus/cluster-config/<cluster> and checks it
+// against this node: the same cluster ID, and the node's pod CIDRs inside
+// the cluster's (a cluster-config without pod CIDRs constrains nothing).
+// found is false while the server has not written it yet.
+func CheckClusterConfig(ctx context.Context, c *kvstore.Client, local Local, podCIDRs []netip.Prefix) (cfg records.ClusterConfig, found bool, err error) {
+	key := records.ClusterConfigKey(local.Cluster)
+	kv, found, err := c.Get(ctx, key)
+	if err != nil || !found {
+		return records.ClusterConfig{}, false, err
+	}
+	cfg, err = records.DecodeClusterConfig(kv.Value)
+	if err != nil {
+		return records.ClusterConfig{}, true, fmt.Errorf("%w: %s: %w", ErrClusterConfig, key, err)
+	}
+	if cfg.Name != local.Cluster {
+		return cfg, true, fmt.Errorf("%w: %s names cluster %q", ErrClusterConfig, key, cfg.Name)
+	}
+	if cfg.ID != local.ClusterID {
+		return cfg, true, fmt.Errorf("%w: cluster %q has ID %d in etcd, this agent runs with --cluster-id %d",
+			ErrClusterConfig, local.Cluster, cfg.ID, local.ClusterID)
+	}
+	if len(cfg.PodCIDRs) > 0 {
+		for _, p := range podCIDRs {
+			if !slices.ContainsFunc(cfg.PodCIDRs, func(q netip.Prefix) bool { return q.Bits() <= p.Bits() && q.Contains(p.Addr()) }) {
+				return cfg, true, fmt.Errorf("%w: pod CIDR %s of this node is not inside the pod CIDRs of cluster %q (%s)",
+					ErrClusterConfig, p, local.Cluster, joinPrefixes(cfg.PodCIDRs))
+			}
+		}
+	}
+	return cfg, true, nil
+}
+
+func joinPrefixes(ps []netip.Prefix) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ", ")
+}
+
+// ConfigGuardKey is written by every change of the applied objects. An
+// apply reads it before it reads the objects, and its transaction holds
+// only if the guard is unchanged: two concurrent applies cannot both pass
+// a conflict check (a VIP taken twice) against the same old state.
+const ConfigGuardKey = records.Root + "config-revision"
+
+// Config is the applied objects read from etcd.
+type Config struct {
+	// Objects by objects.Key; values that do not decode are left out (and
+	// listed in Invalid).
+	Objects map[string]objects.Object
+	// Raw holds every value as stored, by objects.Key.
+	Raw     map[string][]byte
+	Invalid []error
+	// guardRev is the guard's revision read before the objects.
+	guardRev int64
+}
+
+// ReadConfig reads the applied objects of kind ("" for every kind).
+func ReadConfig(ctx context.Context, c *kvstore.Client, kind string) (Config, error) {
+	guard, found, err := c.Get(ctx, ConfigGuardKey)
+	if err != nil {
+		return Config{}, err
+	}
+	cfg := Config{Objects: map[string]objects.Object{}, Raw: map[string][]byte{}}
+	if found {
+		cfg.guardRev = guard.ModRevision
+	}
+	prefix := ConfigPrefix
+	if kind != "" {
+		prefix += kind + "/"
+	}
+	kvs, _, err := c.GetPrefix(ctx, prefix)
+	if err != nil {
+		return Config{}, err
+	}
+	for _, kv := range kvs {
+		k := strings.TrimPrefix(kv.Key, ConfigPrefix)
+		cfg.Raw[k] = kv.Value
+		o, err := DecodeObject(kv.Key, kv.Value)
+		if err != nil {
+			cfg.Invalid = append(cfg.Invalid, err)
+			continue
+		}
+		cfg.Objects[k] = o
+	}
+	return cfg, nil
+}
+
+// ErrConcurrentChange says the applied objects changed between ReadConfig
+// and WriteConfig: read again and re-check.
+var ErrConcurrentChange = errors.New("the applied objects changed concurrently")
+
+// WriteConfig stores put and deletes del (keys are objects.Key values) in
+// one transaction that holds only if no other write of applied objects
+// happened since read was taken.
+func WriteConfig(ctx context.Context, c *kvstore.Client, read Config, cluster string, put map[string][]byte, del []string) error {
+	stamp, err := records.Stamp{Cluster: cluster, Time: time.Now().UTC()}.Marshal()
+	if err != nil {
+		return err
+	}
+	var ops []kvstore.Op
+	for _, k := range slices.Sorted(maps.Keys(put)) {
+		ops = append(ops, kvstore.OpPut(ConfigKey(k), put[k]))
+	}
+	for _, k := range del {
+		ops = append(ops, kvstore.OpDelete(ConfigKey(k)))
+	}
+	ops = append(ops, kvstore.OpPut(ConfigGuardKey, stamp))
+	applied, err := c.Txn(ctx, []kvstore.Cond{kvstore.KeyModRevision(ConfigGuardKey, read.guardRev)}, ops)
+	if err != nil {
+		return err
+	}
+	if !applied {
+		return ErrConcurrentChange
+	}
+	return nil
+}

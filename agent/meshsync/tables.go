@@ -1,0 +1,649 @@
+package meshsync
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
+	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+)
+
+// ConfigPrefix holds the applied objects: isthmus/config/<Kind>/<ns>/<name>.
+const ConfigPrefix = records.Root + "config/"
+
+// ConfigKey returns the etcd key of an applied object with objects.Key k
+// ("<Kind>/<ns>/<name>").
+func ConfigKey(k string) string { return ConfigPrefix + k }
+
+// Local names this node and its cluster.
+type Local struct {
+	Cluster   string
+	ClusterID uint32
+	Node      string
+}
+
+// Tables hold what the watchers read from etcd, decoded and validated, per
+// cluster. They are safe for concurrent use.
+type Tables struct {
+	local    Local
+	log      *slog.Logger
+	onChange func()
+
+	mu       sync.RWMutex
+	clusters map[string]*cluster
+	listed   map[string]bool // watched prefix -> its first list is complete
+	objs     map[string]objects.Object
+	objsVer  uint64
+	objsSnap map[string]objects.Object // immutable copy of objs at objsSnapVer
+	snapVer  uint64
+
+	invalid     uint64
+	lastInvalid string
+}
+
+// cluster is the state of one cluster, own or remote.
+type cluster struct {
+	name   string
+	id     uint32 // from its cluster-config; 0 while unknown
+	config *records.ClusterConfig
+	// refused says why a remote cluster's state is not used (it conflicts
+	// with the own cluster).
+	refused error
+
+	nodes      map[string]records.Node
+	ips        map[netip.Prefix]records.IPCacheEntry
+	services   map[string]records.ServiceRecord // "<ns>/<name>"
+	identities map[uint32]identity.Labels
+
+	// Remote clusters only: canaries seen, and the raw mirrored values by
+	// state key, so that the typed tables can be rebuilt when the cluster's
+	// ID becomes known or changes.
+	synced  map[records.Kind]bool
+	raw     map[string][]byte
+	invalid uint64
+}
+
+func newCluster(name string) *cluster {
+	return &cluster{
+		name: name, nodes: map[string]records.Node{}, ips: map[netip.Prefix]records.IPCacheEntry{},
+		services: map[string]records.ServiceRecord{}, identities: map[uint32]identity.Labels{},
+		synced: map[records.Kind]bool{}, raw: map[string][]byte{},
+	}
+}
+
+// NewTables returns empty tables for a node of local's cluster. onChange
+// (may be nil) is called, without locks held, after every change; it must
+// not block.
+func NewTables(local Local, log *slog.Logger, onChange func()) *Tables {
+	if log == nil {
+		log = slog.Default()
+	}
+	if onChange == nil {
+		onChange = func() {}
+	}
+	t := &Tables{local: local, log: log, onChange: onChange, clusters: map[string]*cluster{},
+		listed: map[string]bool{}, objs: map[string]objects.Object{}}
+	own := newCluster(local.Cluster)
+	own.id = local.ClusterID
+	t.clusters[local.Cluster] = own
+	return t
+}
+
+// WatchedPrefixes are the prefixes Watch follows for a node of cluster.
+func WatchedPrefixes(cluster string) []string {
+	return []string{
+		records.ClusterConfigPrefix,
+		ConfigPrefix,
+		records.StateClusterPrefix(records.KindNodes, cluster),
+		records.StateClusterPrefix(records.KindIP, cluster),
+		records.StateClusterPrefix(records.KindServices, cluster),
+		records.IdentityIDPrefix,
+		records.SyncedPrefix,
+		records.CacheRoot,
+	}
+}
+
+// Handle applies one watch event of prefix.
+func (t *Tables) Handle(prefix string, ev kvstore.Event) {
+	t.mu.Lock()
+	changed := t.handle(prefix, ev)
+	t.mu.Unlock()
+	if changed {
+		t.onChange()
+	}
+}
+
+func (t *Tables) handle(prefix string, ev kvstore.Event) bool {
+	if ev.Type == kvstore.EventListDone {
+		first := !t.listed[prefix]
+		t.listed[prefix] = true
+		return first
+	}
+	del := ev.Type == kvstore.EventDelete
+	var err error
+	switch {
+	case prefix == records.ClusterConfigPrefix:
+		err = t.clusterConfig(ev.Key, ev.Value, del)
+	case prefix == ConfigPrefix:
+		err = t.object(ev.Key, ev.Value, del)
+	case prefix == records.SyncedPrefix:
+		err = t.canary(ev.Key, ev.Value, del)
+	case prefix == records.CacheRoot:
+		err = t.cached(ev.Key, ev.Value, del)
+	default: // own cluster's state
+		err = t.state(t.clusters[t.local.Cluster], ev.Key, ev.Value, del)
+	}
+	if err != nil {
+		t.reject(ev.Key, err)
+	}
+	return true
+}
+
+// reject counts and logs a record that was skipped.
+func (t *Tables) reject(key string, err error) {
+	t.invalid++
+	t.lastInvalid = err.Error()
+	if c := t.clusterOfKey(key); c != nil {
+		c.invalid++
+	}
+	t.log.Warn("clustermesh: skipping invalid record", "key", key, "reason", reasonOf(err), "err", err)
+}
+
+func reasonOf(err error) string {
+	switch {
+	case errors.Is(err, records.ErrClusterMismatch):
+		return "cluster-mismatch"
+	case errors.Is(err, records.ErrMalformed):
+		return "malformed"
+	}
+	return "invalid"
+}
+
+// clusterOfKey finds the (known) cluster a key belongs to, for counting.
+func (t *Tables) clusterOfKey(key string) *cluster {
+	if _, c, err := records.StateKey(key); err == nil {
+		return t.clusters[c]
+	}
+	for _, k := range []records.Kind{records.KindNodes, records.KindIP, records.KindServices} {
+		if rest, ok := strings.CutPrefix(key, records.StatePrefix(k)); ok {
+			name, _, _ := strings.Cut(rest, "/")
+			return t.clusters[name]
+		}
+	}
+	if strings.HasPrefix(key, records.IdentityIDPrefix) {
+		return t.clusters[t.local.Cluster]
+	}
+	return nil
+}
+
+func (t *Tables) getCluster(name string) *cluster {
+	c, ok := t.clusters[name]
+	if !ok {
+		c = newCluster(name)
+		t.clusters[name] = c
+	}
+	return c
+}
+
+// clusterConfig handles isthmus/cluster-config/<c>: the own one must match
+// this node's configuration; a remote one gives the ID its records are
+// validated against.
+func (t *Tables) clusterConfig(key string, value []byte, del bool) error {
+	name, err := records.ParseClusterConfigKey(key)
+	if err != nil {
+		return err
+	}
+	if name == t.local.Cluster {
+		own := t.clusters[name]
+		if del {
+			own.config = nil
+			return nil
+		}
+		cfg, err := records.ValidateClusterConfig(key, value, t.local.Cluster, t.local.ClusterID)
+		if err != nil {
+			own.config = nil
+			return err
+		}
+		own.config = &cfg
+		t.recheckRemotes()
+		return nil
+	}
+	c := t.getCluster(name)
+	if del {
+		c.config, c.id = nil, 0
+		t.rebuild(c)
+		return nil
+	}
+	cfg, err := records.DecodeClusterConfig(value)
+	if err == nil && cfg.Name != name {
+		err = fmt.Errorf("%s: record names cluster %q: %w", key, cfg.Name, records.ErrClusterMismatch)
+	}
+	if err != nil {
+		c.config, c.id = nil, 0
+		t.rebuild(c)
+		return fmt.Errorf("%s: %w", key, err)
+	}
+	c.config = &cfg
+	t.checkRemote(c)
+	if c.id != cfg.ID {
+		c.id = cfg.ID
+		t.rebuild(c)
+	}
+	return nil
+}
+
+// checkRemote refuses a remote cluster that cannot share a mesh with the
+// own one: same ID, overlapping pod CIDRs.
+func (t *Tables) checkRemote(c *cluster) {
+	prev := c.refused
+	c.refused = nil
+	own := t.clusters[t.local.Cluster]
+	ownCfg := records.ClusterConfig{Name: t.local.Cluster, ID: t.local.ClusterID}
+	if own.config != nil {
+		ownCfg = *own.config
+	}
+	if c.config != nil {
+		c.refused = records.CheckClusterConflicts(ownCfg, *c.config)
+	}
+	if c.refused != nil && (prev == nil || prev.Error() != c.refused.Error()) {
+		t.log.Error("clustermesh: not using remote cluster", "cluster", c.name, "err", c.refused)
+	}
+}
+
+func (t *Tables) recheckRemotes() {
+	for name, c := range t.clusters {
+		if name != t.local.Cluster {
+			t.checkRemote(c)
+		}
+	}
+}
+
+// canary handles isthmus/synced/<cluster>/<prefix>.
+func (t *Tables) canary(key string, value []byte, del bool) error {
+	name, kind, err := records.ParseSyncedKey(key)
+	if err != nil {
+		return err
+	}
+	if name == t.local.Cluster {
+		return nil // own state is read directly, not through canaries
+	}
+	c := t.getCluster(name)
+	if del {
+		c.synced[kind] = false
+		return nil
+	}
+	st, err := records.DecodeStamp(value)
+	if err == nil && st.Cluster != name {
+		err = fmt.Errorf("stamp of cluster %q: %w", st.Cluster, records.ErrClusterMismatch)
+	}
+	if err != nil {
+		c.synced[kind] = false
+		return fmt.Errorf("%s: %w", key, err)
+	}
+	c.synced[kind] = true
+	return nil
+}
+
+// cached handles a remote cluster's mirrored state under isthmus/cache/.
+func (t *Tables) cached(key string, value []byte, del bool) error {
+	stateKey, name, err := records.StateKey(key)
+	if err != nil {
+		return err
+	}
+	if name == t.local.Cluster {
+		return fmt.Errorf("%s: own cluster %q in the remote cache: %w", key, name, records.ErrClusterMismatch)
+	}
+	c := t.getCluster(name)
+	if del {
+		delete(c.raw, stateKey)
+	} else {
+		c.raw[stateKey] = value
+	}
+	if c.id == 0 {
+		return nil // validated once its cluster-config arrives
+	}
+	return t.state(c, stateKey, value, del)
+}
+
+// rebuild re-validates every mirrored value of a remote cluster, after its
+// ID became known or changed.
+func (t *Tables) rebuild(c *cluster) {
+	clear(c.nodes)
+	clear(c.ips)
+	clear(c.services)
+	clear(c.identities)
+	if c.id == 0 {
+		return
+	}
+	for _, k := range slices.Sorted(maps.Keys(c.raw)) {
+		if err := t.state(c, k, c.raw[k], false); err != nil {
+			t.reject(k, err)
+		}
+	}
+}
+
+// state applies a state key (isthmus/state/...) of cluster c. An invalid
+// value also removes what the key held before: its writer's intent is
+// unknown, so nothing stale is kept.
+func (t *Tables) state(c *cluster, key string, value []byte, del bool) error {
+	switch {
+	case strings.HasPrefix(key, records.StatePrefix(records.KindNodes)):
+		_, name, err := records.ParseNodeKey(key)
+		if err != nil {
+			return err
+		}
+		delete(c.nodes, name)
+		if del {
+			return nil
+		}
+		n, err := records.ValidateNode(key, value, c.name, c.id)
+		if err != nil {
+			return err
+		}
+		c.nodes[name] = n
+	case strings.HasPrefix(key, records.StatePrefix(records.KindIP)):
+		_, p, err := records.ParseIPCacheKey(key)
+		if err != nil {
+			return err
+		}
+		delete(c.ips, p)
+		if del {
+			return nil
+		}
+		e, err := records.ValidateIPCacheEntry(key, value, c.name, c.id)
+		if err != nil {
+			return err
+		}
+		c.ips[p] = e
+	case strings.HasPrefix(key, records.StatePrefix(records.KindServices)):
+		_, ns, name, err := records.ParseServiceKey(key)
+		if err != nil {
+			return err
+		}
+		delete(c.services, ns+"/"+name)
+		if del {
+			return nil
+		}
+		s, err := records.ValidateService(key, value, c.name, c.id)
+		if err != nil {
+			return err
+		}
+		c.services[ns+"/"+name] = s
+	case strings.HasPrefix(key, records.IdentityIDPrefix):
+		id, err := records.ParseIdentityIDKey(key)
+		if err != nil {
+			return err
+		}
+		delete(c.identities, id)
+		if del {
+			return nil
+		}
+		r, err := records.ValidateIdentity(key, value, c.name, c.id)
+		if err != nil {
+			return err
+		}
+		c.identities[id] = identity.Labels(r.Labels)
+	case strings.HasPrefix(key, records.StatePrefix(records.KindIdentities)):
+		// Reference and claim keys of the allocator: not needed here.
+		return nil
+	default:
+		return fmt.Errorf("%s: not a state key this agent reads: %w", key, records.ErrMalformed)
+	}
+	return nil
+}
+
+// object handles isthmus/config/<Kind>/<ns>/<name>.
+func (t *Tables) object(key string, value []byte, del bool) error {
+	rest := strings.TrimPrefix(key, ConfigPrefix)
+	if _, had := t.objs[rest]; had {
+		delete(t.objs, rest)
+		t.objsVer++
+	}
+	if del {
+		return nil
+	}
+	o, err := DecodeObject(key, value)
+	if err != nil {
+		return err
+	}
+	t.objs[rest] = o
+	t.objsVer++
+	return nil
+}
+
+// DecodeObject decodes and validates an applied object read at key.
+func DecodeObject(key string, value []byte) (objects.Object, error) {
+	objs, err := objects.Decode(value)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w: %v", key, records.ErrMalformed, err)
+	}
+	if len(objs) != 1 {
+		return nil, fmt.Errorf("%s: %w: %d objects in one key", key, records.ErrMalformed, len(objs))
+	}
+	o := objs[0]
+	if want := ConfigKey(objects.Key(o)); want != key {
+		return nil, fmt.Errorf("%s: %w: the object is %s", key, records.ErrMalformed, objects.Key(o))
+	}
+	if err := o.Validate(); err != nil {
+		return nil, fmt.Errorf("%s: %w: %v", key, records.ErrMalformed, err)
+	}
+	return o, nil
+}
+
+// Ready reports whether every watched prefix has been listed at least once:
+// from then on the tables are a complete picture, and what is not in them
+// may be removed from the datapath.
+func (t *Tables) Ready() bool {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	for _, p := range WatchedPrefixes(t.local.Cluster) {
+		if !t.listed[p] {
+			return false
+		}
+	}
+	return true
+}
+
+// ObjectsListed reports whether the applied objects have been listed.
+func (t *Tables) ObjectsListed() bool {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.listed[ConfigPrefix]
+}
+
+// Objects returns the applied objects by objects.Key. The map is shared
+// and must not be modified.
+func (t *Tables) Objects() map[string]objects.Object {
+	t.mu.RLock()
+	if t.objsSnap != nil && t.snapVer == t.objsVer {
+		s := t.objsSnap
+		t.mu.RUnlock()
+		return s
+	}
+	t.mu.RUnlock()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.objsSnap == nil || t.snapVer != t.objsVer {
+		t.objsSnap = maps.Clone(t.objs)
+		if t.objsSnap == nil {
+			t.objsSnap = map[string]objects.Object{}
+		}
+		t.snapVer = t.objsVer
+	}
+	return t.objsSnap
+}
+
+// OwnConfig returns the own cluster's cluster-config, if it was read and
+// matched this node's cluster ID.
+func (t *Tables) OwnConfig() (records.ClusterConfig, bool) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	if c := t.clusters[t.local.Cluster].config; c != nil {
+		return *c, true
+	}
+	return records.ClusterConfig{}, false
+}
+
+// usable reports whether the state of kind k of cluster c is used: always
+// for the own cluster; for a remote one once its canary exists, its ID is
+// known and it does not conflict with the own cluster.
+func (t *Tables) usable(c *cluster, k records.Kind) bool {
+	return c.name == t.local.Cluster || (c.id != 0 && c.refused == nil && c.synced[k])
+}
+
+// View is the mesh as the datapath should see it: the own cluster's state
+// and every remote cluster's state of the kinds it has synced.
+type View struct {
+	// Ready: every prefix was listed; what is missing here is gone.
+	Ready bool
+	// Nodes of every cluster, this node included.
+	Nodes []records.Node
+	// IPCache holds the endpoints of every cluster.
+	IPCache []records.IPCacheEntry
+	// Identities of every cluster, sorted by ID.
+	Identities []identity.Identity
+	// Services are the service records of remote clusters.
+	RemoteServices []records.ServiceRecord
+}
+
+// View returns a copy of the usable state.
+func (t *Tables) View() View {
+	ready := t.Ready()
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	v := View{Ready: ready}
+	for _, name := range slices.Sorted(maps.Keys(t.clusters)) {
+		c := t.clusters[name]
+		own := name == t.local.Cluster
+		use := func(k records.Kind) bool { return t.usable(c, k) }
+		if use(records.KindNodes) {
+			for _, n := range c.nodes {
+				v.Nodes = append(v.Nodes, n)
+			}
+		}
+		if use(records.KindIP) {
+			for _, e := range c.ips {
+				v.IPCache = append(v.IPCache, e)
+			}
+		}
+		if use(records.KindIdentities) {
+			for id, l := range c.identities {
+				v.Identities = append(v.Identities, identity.Identity{ID: id, Labels: l})
+			}
+		}
+		if !own && use(records.KindServices) {
+			for _, s := range c.services {
+				v.RemoteServices = append(v.RemoteServices, s)
+			}
+		}
+	}
+	slices.SortFunc(v.Identities, func(a, b identity.Identity) int { return cmp.Compare(a.ID, b.ID) })
+	return v
+}
+
+// ClusterStatus is one cluster as this node sees it.
+type ClusterStatus struct {
+	Name   string
+	ID     uint32
+	Local  bool
+	Synced bool // own: listed; remote: every canary present and usable
+	// Reason a remote cluster is not used, if any.
+	Error      string
+	Nodes      int
+	Endpoints  int
+	Identities int
+	Services   int
+	Invalid    uint64
+}
+
+// Status summarises the tables.
+type Status struct {
+	Clusters       []ClusterStatus
+	InvalidRecords uint64
+	LastInvalid    string
+}
+
+// Status returns counts per cluster, the own one first.
+func (t *Tables) Status() Status {
+	ready := t.Ready()
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	st := Status{InvalidRecords: t.invalid, LastInvalid: t.lastInvalid}
+	names := slices.Sorted(maps.Keys(t.clusters))
+	slices.SortStableFunc(names, func(a, b string) int {
+		return cmp.Compare(btoi(a != t.local.Cluster), btoi(b != t.local.Cluster))
+	})
+	for _, name := range names {
+		c := t.clusters[name]
+		cs := ClusterStatus{Name: name, ID: c.id, Local: name == t.local.Cluster,
+			Nodes: len(c.nodes), Endpoints: len(c.ips), Identities: len(c.identities), Services: len(c.services), Invalid: c.invalid}
+		if cs.Local {
+			cs.Synced = ready
+			if c.config == nil {
+				cs.Error = "no valid cluster-config for the own cluster yet"
+			}
+		} else {
+			cs.Synced = true
+			for _, k := range records.Kinds {
+				cs.Synced = cs.Synced && t.usable(c, k)
+			}
+			switch {
+			case c.refused != nil:
+				cs.Error = c.refused.Error()
+			case c.id == 0:
+				cs.Error = "waiting for its cluster-config (" + records.ClusterConfigKey(name) + ")"
+			}
+		}
+		if cs.Local && cs.ID == 0 {
+			cs.ID = t.local.ClusterID
+		}
+		st.Clusters = append(st.Clusters, cs)
+	}
+	return st
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// Identities returns the identities of the own cluster and of every remote
+// cluster whose identities are synced, sorted by ID.
+func (t *Tables) Identities() []identity.Identity {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	var out []identity.Identity
+	for _, c := range t.clusters {
+		if !t.usable(c, records.KindIdentities) {
+			continue
+		}
+		for id, l := range c.identities {
+			out = append(out, identity.Identity{ID: id, Labels: l.Clone()})
+		}
+	}
+	slices.SortFunc(out, func(a, b identity.Identity) int { return cmp.Compare(a.ID, b.ID) })
+	return out
+}
+
+// Identity returns the labels of an identity of any cluster.
+func (t *Tables) Identity(id uint32) (identity.Labels, bool) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	for _, c := range t.clusters {
+		if l, ok := c.identities[id]; ok {
+			return l.Clone(), true
+		}
+	}
+	return nil, false
+}

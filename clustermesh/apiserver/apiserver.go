@@ -1,0 +1,219 @@
+// Package apiserver is the whole isthmus-clustermesh process: the
+// cluster's etcd server (package server), the mirror of remote clusters
+// (package mirror), the service syncer (package servicesync), the garbage
+// collector of unused identities, and an optional health endpoint. The
+// command in cmd/isthmus-clustermesh only parses flags and calls Run; tests
+// start the same thing in-process with Start.
+package apiserver
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/clustermesh/mirror"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+	"github.com/isthmus-mesh/isthmus/clustermesh/server"
+	"github.com/isthmus-mesh/isthmus/clustermesh/servicesync"
+)
+
+// Config configures the process.
+type Config struct {
+	Server server.Config
+	// Mirror tunes the mirror; Local, Client and Logger are filled in.
+	// Mirror.CacheTTL is the --cache-ttl (0 keeps an unreachable remote's
+	// state forever).
+	Mirror mirror.Config
+	// ServiceSync tunes the service syncer; Cluster, ClusterID, Client and
+	// Logger are filled in.
+	ServiceSync servicesync.Config
+	// IdentityGCInterval is how often identities no node references are
+	// deleted; 0 turns the collector off.
+	IdentityGCInterval time.Duration
+	// HealthListen is an address (host:port) for GET /healthz and
+	// GET /status; empty turns it off.
+	HealthListen string
+}
+
+// APIServer is a running isthmus-clustermesh.
+type APIServer struct {
+	Server   *server.Server
+	Mirror   *mirror.Manager
+	Services *servicesync.Syncer
+
+	log        *slog.Logger
+	cancel     context.CancelFunc
+	wg         sync.WaitGroup
+	errc       chan error
+	health     *http.Server
+	healthAddr string
+	once       sync.Once
+}
+
+// Start starts everything and returns once the etcd serves and the
+// background work runs. Close stops it.
+func Start(ctx context.Context, cfg Config) (*APIServer, error) {
+	if cfg.Server.Capabilities == nil {
+		cfg.Server.Capabilities = []string{records.CapSyncCanaries, records.CapMirror}
+	}
+	srv, err := server.Start(ctx, cfg.Server)
+	if err != nil {
+		return nil, err
+	}
+	a := &APIServer{Server: srv, log: srv.Logger(), errc: make(chan error, 4)}
+	ok := false
+	defer func() {
+		if !ok {
+			a.Close()
+		}
+	}()
+	local := srv.ClusterConfig()
+
+	mc := cfg.Mirror
+	mc.Local, mc.Client, mc.Logger = local, srv.Client(), a.log
+	if a.Mirror, err = mirror.New(mc); err != nil {
+		return nil, err
+	}
+	sc := cfg.ServiceSync
+	sc.Cluster, sc.ClusterID, sc.Client, sc.Logger = local.Name, local.ID, srv.Client(), a.log
+	if a.Services, err = servicesync.New(sc); err != nil {
+		return nil, err
+	}
+	var gc *identity.Etcd
+	if cfg.IdentityGCInterval > 0 {
+		gc, err = identity.NewEtcd(srv.Client(), local.Name, local.ID, "isthmus-clustermesh", identity.WithLogger(a.log))
+		if err != nil {
+			return nil, err
+		}
+	}
+	if cfg.HealthListen != "" {
+		ln, err := net.Listen("tcp", cfg.HealthListen)
+		if err != nil {
+			return nil, fmt.Errorf("clustermesh: health endpoint: %w", err)
+		}
+		a.healthAddr = ln.Addr().String()
+		a.health = &http.Server{Handler: a.handler(), ReadHeaderTimeout: 5 * time.Second}
+		a.wg.Go(func() {
+			if err := a.health.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				a.errc <- fmt.Errorf("health endpoint: %w", err)
+			}
+		})
+	}
+
+	bctx, cancel := context.WithCancel(context.Background())
+	a.cancel = cancel
+	a.wg.Go(func() {
+		if err := a.Mirror.Run(bctx); err != nil {
+			a.errc <- fmt.Errorf("mirror: %w", err)
+		}
+	})
+	a.wg.Go(func() {
+		if err := a.Services.Run(bctx); err != nil {
+			a.errc <- fmt.Errorf("service syncer: %w", err)
+		}
+	})
+	if gc != nil {
+		a.wg.Go(func() { a.collectIdentities(bctx, gc, cfg.IdentityGCInterval) })
+	}
+	ok = true
+	a.log.Info("isthmus-clustermesh running", "cacheTTL", mc.CacheTTL, "health", a.healthAddr)
+	return a, nil
+}
+
+// Run starts the process and serves until ctx ends or something fails.
+func Run(ctx context.Context, cfg Config) error {
+	a, err := Start(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	return a.Wait(ctx)
+}
+
+// Wait returns nil when ctx ends, or the error of a failed part (the
+// embedded etcd, the mirror, the syncer, the health endpoint).
+func (a *APIServer) Wait(ctx context.Context) error {
+	select {
+	case <-ctx.Done():
+		return nil
+	case err := <-a.Server.Err():
+		return fmt.Errorf("embedded etcd failed: %w", err)
+	case err := <-a.errc:
+		return err
+	}
+}
+
+// HealthAddr returns the address the health endpoint listens on ("" if
+// off).
+func (a *APIServer) HealthAddr() string { return a.healthAddr }
+
+// Close stops everything (the mirrored caches stay in etcd).
+func (a *APIServer) Close() error {
+	a.once.Do(func() {
+		if a.health != nil {
+			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			a.health.Shutdown(sctx)
+			cancel()
+		}
+		if a.cancel != nil {
+			a.cancel()
+		}
+		a.wg.Wait()
+		a.Server.Close()
+	})
+	return nil
+}
+
+func (a *APIServer) collectIdentities(ctx context.Context, gc *identity.Etcd, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		n, err := gc.GC(ctx)
+		if err != nil && ctx.Err() == nil {
+			a.log.Warn("identity garbage collection failed", "err", err)
+		}
+		if n > 0 {
+			a.log.Info("identity garbage collection", "deleted", n)
+		}
+	}
+}
+
+// StatusReport is what GET /status returns.
+type StatusReport struct {
+	Server   server.Info       `json:"server"`
+	Remotes  []mirror.Status   `json:"remotes"`
+	Services servicesync.Stats `json:"services"`
+}
+
+func (a *APIServer) handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		if _, _, err := a.Server.Client().Get(ctx, server.InfoKey); err != nil {
+			http.Error(w, "etcd: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		rep := StatusReport{Server: a.Server.Info(), Remotes: a.Mirror.Status(), Services: a.Services.Stats()}
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		enc.Encode(rep)
+	})
+	return mux
+}

@@ -1,0 +1,71 @@
+package mirror_test
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/clustermesh/apiserver/apiservertest"
+	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+)
+
+// TestBenchMirror measures the mirror alone (two servers in this process,
+// the mirroring one with fsync on): a full sync of 100,000 ipcache entries
+// and the propagation of single changes. It runs only with ISTHMUS_BENCH=1
+// and prints `bench:` lines.
+func TestBenchMirror(t *testing.T) {
+	if os.Getenv("ISTHMUS_BENCH") == "" {
+		t.Skip("set ISTHMUS_BENCH=1 to run")
+	}
+	const n = 100_000
+	c1 := apiservertest.New(t, "c1", 1, "10.1.0.0/16")
+	c1.Config.Server.UnsafeNoFsync = false
+	c1.Start(t)
+	c2 := apiservertest.Start(t, "c2", 2, "10.2.0.0/16")
+	ctx := context.Background()
+	var ops []kvstore.Op
+	for i := range n {
+		p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 2 + byte(i>>16), byte(i >> 8), byte(i)}), 32)
+		v := marshal(t, records.IPCacheEntry{Prefix: p, Identity: 2<<20 | 1, HostIP: netip.MustParseAddr("192.168.0.2"), Cluster: "c2"})
+		ops = append(ops, kvstore.OpPut(records.IPCacheKey("c2", p), v))
+		if len(ops) == 128 || i == n-1 {
+			if _, err := c2.KV().Txn(ctx, nil, ops); err != nil {
+				t.Fatal(err)
+			}
+			ops = nil
+		}
+	}
+	start := time.Now()
+	apiservertest.Connect(t, c1, c2)
+	apiservertest.Eventually(t, 2*time.Minute, "full sync", func() error {
+		st, err := status(c1, "c2")
+		if err != nil || !st.Synced.Endpoints || st.Endpoints != n {
+			return fmt.Errorf("status %+v %v", st, err)
+		}
+		return nil
+	})
+	fmt.Printf("bench: mirror-full-sync-%d %.2f s\n", n, time.Since(start).Seconds())
+
+	var lat []time.Duration
+	for i := range 200 {
+		p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 9, byte(i >> 8), byte(i)}), 32)
+		key := records.IPCacheKey("c2", p)
+		ck, _ := records.CacheKey(key, "c2")
+		s := time.Now()
+		put(t, c2.KV(), key, marshal(t, records.IPCacheEntry{Prefix: p, Identity: 2<<20 | 1, Cluster: "c2"}))
+		for {
+			if _, found, _ := c1.KV().Get(ctx, ck); found {
+				break
+			}
+		}
+		lat = append(lat, time.Since(s))
+	}
+	slices.Sort(lat)
+	fmt.Printf("bench: mirror-propagation-p50 %.1f ms\n", float64(lat[len(lat)/2])/1e6)
+	fmt.Printf("bench: mirror-propagation-p99 %.1f ms\n", float64(lat[len(lat)*99/100])/1e6)
+}

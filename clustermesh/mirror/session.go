@@ -1,0 +1,620 @@
+package mirror
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+)
+
+// errTransport marks errors of talking to the remote (as opposed to what
+// it answered): they make a remote unreachable, not refused.
+var errTransport = errors.New("remote unreachable")
+
+// errExpired ends a session whose remote was unreachable for longer than
+// the cache TTL.
+var errExpired = errors.New("unreachable for longer than the cache TTL")
+
+// remote mirrors one remote cluster: it (re)connects with backoff, checks
+// the remote's cluster config, and runs a session of one watcher per kind
+// plus a probe until something ends it.
+type remote struct {
+	m     *Manager
+	rec   Remote
+	box   *statusBox
+	log   *slog.Logger
+	since time.Time // when this mirror started, for the TTL of a never-reached remote
+
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	// Owned by the run goroutine.
+	dropped     bool   // the cache was deleted (TTL or refusal) and not refilled since
+	lastRefusal string // to log a repeated refusal once
+}
+
+func newRemote(m *Manager, rec Remote, box *statusBox) *remote {
+	return &remote{m: m, rec: rec, box: box, since: time.Now(), done: make(chan struct{}),
+		log: m.log.With("remote", rec.Name)}
+}
+
+func (r *remote) start(ctx context.Context) {
+	ctx, r.cancel = context.WithCancel(ctx)
+	go r.run(ctx)
+}
+
+// stop ends the mirror and waits for it; the cache stays.
+func (r *remote) stop() {
+	r.cancel()
+	<-r.done
+}
+
+func (r *remote) run(ctx context.Context) {
+	defer close(r.done)
+	b := backoff{min: r.m.cfg.RetryMin, max: r.m.cfg.RetryMax}
+	for {
+		accepted, err := r.session(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		if accepted {
+			b.reset()
+		}
+		r.box.setError(err)
+		if sleep(ctx, b.next()) != nil {
+			return
+		}
+	}
+}
+
+// session connects, checks and mirrors until the first error. accepted
+// reports whether the remote was accepted (the backoff starts over then).
+func (r *remote) session(ctx context.Context) (accepted bool, err error) {
+	name := r.rec.Name
+	kc, err := r.rec.KVConfig(r.m.cfg.Local.Name)
+	if err != nil {
+		return false, r.refuse(ctx, err)
+	}
+	kc.DialTimeout = r.m.cfg.DialTimeout
+	// Lists of big clusters are paged within one attempt: give them time.
+	// Probes bound themselves with DialTimeout.
+	kc.RequestTimeout = max(30*time.Second, r.m.cfg.DialTimeout)
+	kc.MaxRetries = 1
+	kc.BackoffMin, kc.BackoffMax = min(100*time.Millisecond, r.m.cfg.RetryMin), r.m.cfg.RetryMax
+	kc.Logger = r.log
+	cli, err := kvstore.Connect(ctx, kc)
+	if err != nil {
+		err, expired := r.unreachable(fmt.Errorf("%w: %w", errTransport, err))
+		if expired {
+			r.drop(ctx)
+		}
+		return false, err
+	}
+	defer cli.Close()
+
+	cfg, first, rev, err := r.readConfig(ctx, cli)
+	if err != nil {
+		if ctx.Err() != nil {
+			return false, nil
+		}
+		if errors.Is(err, errTransport) {
+			err, expired := r.unreachable(err)
+			if expired {
+				r.drop(ctx)
+			}
+			return false, err
+		}
+		return false, r.refuse(ctx, err)
+	}
+	r.contact()
+	if err := r.m.claim(name, cfg); err != nil {
+		return false, r.refuse(ctx, fmt.Errorf("refusing cluster %q: %w", name, err))
+	}
+	// The mirrored cluster config goes first: agents need it to check
+	// what follows, and its presence marks a cluster that may have cache.
+	if err := r.writeConfig(ctx, first.Value); err != nil {
+		return true, err
+	}
+	r.dropped, r.lastRefusal = false, ""
+	r.box.update(func(s *Status) {
+		s.setState(StateConnected)
+		s.Connected, s.ClusterID, s.CacheExpires = true, cfg.ID, time.Time{}
+	})
+	r.log.Info("mirror: connected to remote cluster", "clusterID", cfg.ID, "podCIDRs", cfg.PodCIDRs)
+
+	sctx, cancel := context.WithCancel(ctx)
+	errc := make(chan error, len(records.Kinds)+1)
+	var wg sync.WaitGroup
+	for _, k := range records.Kinds {
+		km := newKindMirror(r, k, cfg.ID)
+		wg.Go(func() { errc <- km.run(sctx, cli) })
+	}
+	wg.Go(func() { errc <- r.probe(sctx, cli, first, rev) })
+	err = <-errc
+	cancel()
+	wg.Wait()
+	if ctx.Err() != nil {
+		return true, nil
+	}
+	if errors.Is(err, errExpired) {
+		r.drop(ctx)
+	} else {
+		r.log.Warn("mirror: session ended, reconnecting", "err", err)
+	}
+	return true, err
+}
+
+// readConfig reads and checks the remote's cluster config: it must exist
+// and name the cluster and ID of the record.
+// It also returns the key as read and the revision of the remote store
+// at the read.
+func (r *remote) readConfig(ctx context.Context, cli *kvstore.Client) (records.ClusterConfig, kvstore.KeyValue, int64, error) {
+	pctx, cancel := context.WithTimeout(ctx, r.m.cfg.DialTimeout)
+	defer cancel()
+	key := records.ClusterConfigKey(r.rec.Name)
+	// A range read, for the store's revision (a plain get does not report
+	// it); other keys of the range (configs of c2x for c2) are ignored.
+	kvs, rev, err := cli.GetPrefix(pctx, key)
+	if err != nil {
+		return records.ClusterConfig{}, kvstore.KeyValue{}, 0, fmt.Errorf("%w: read %s: %w", errTransport, key, err)
+	}
+	var kv kvstore.KeyValue
+	found := false
+	for _, got := range kvs {
+		if got.Key == key {
+			kv, found = got, true
+		}
+	}
+	if !found {
+		return records.ClusterConfig{}, kvstore.KeyValue{}, 0, fmt.Errorf("%w: cluster %q has no %s: is %v the isthmus-clustermesh server of that cluster?",
+			errNoConfig, r.rec.Name, key, r.rec.Endpoints)
+	}
+	cfg, err := records.ValidateClusterConfig(kv.Key, kv.Value, r.rec.Name, r.rec.ClusterID)
+	if err != nil {
+		return records.ClusterConfig{}, kvstore.KeyValue{}, 0, fmt.Errorf("refusing cluster %q: it is not what its record isthmus/remotes/%s says (ID %d): %w",
+			r.rec.Name, r.rec.Name, r.rec.ClusterID, err)
+	}
+	return cfg, kv, rev, nil
+}
+
+// writeConfig copies the remote's cluster config into the local etcd.
+func (r *remote) writeConfig(ctx context.Context, raw []byte) error {
+	key := records.ClusterConfigKey(r.rec.Name)
+	kv, found, err := r.m.kv.Get(ctx, key)
+	if err != nil {
+		return fmt.Errorf("read local copy of %s: %w", key, err)
+	}
+	if found && bytes.Equal(kv.Value, raw) {
+		return nil
+	}
+	if err := r.m.kv.Put(ctx, key, raw); err != nil {
+		return fmt.Errorf("write local copy of %s: %w", key, err)
+	}
+	return nil
+}
+
+// probe re-reads the remote's cluster config every ProbeInterval. It ends
+// the session when the config changed (to check it again), when the
+// remote is no longer acceptable, when it was unreachable for longer than
+// the cache TTL, or when the remote's etcd was reset: a store revision
+// lower than before, or a config key created anew, means a new keyspace
+// (restored from a backup, or wiped and rebuilt) whose revisions the
+// running watches would misread — they would wait for revisions it has not
+// reached and miss everything meanwhile. A new session lists it afresh.
+func (r *remote) probe(ctx context.Context, cli *kvstore.Client, first kvstore.KeyValue, firstRev int64) error {
+	lastRev := firstRev
+	t := time.NewTicker(r.m.cfg.ProbeInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		_, got, rev, err := r.readConfig(ctx, cli)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if errors.Is(err, errTransport) {
+			if err, expired := r.unreachable(err); expired {
+				return err
+			}
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if r.contact() {
+			r.log.Info("mirror: contact with remote cluster restored")
+		}
+		if rev < lastRev || got.CreateRevision != first.CreateRevision {
+			return fmt.Errorf("the etcd of cluster %q was reset (revision %d, was %d; cluster config created at revision %d, was %d): mirroring it afresh",
+				r.rec.Name, rev, lastRev, got.CreateRevision, first.CreateRevision)
+		}
+		lastRev = rev
+		if !bytes.Equal(got.Value, first.Value) {
+			return fmt.Errorf("the cluster config of %q changed: checking it again", r.rec.Name)
+		}
+	}
+}
+
+// contact records that the remote answered; it reports whether it had
+// been unreachable.
+func (r *remote) contact() (restored bool) {
+	r.box.update(func(s *Status) {
+		s.LastContact = time.Now().UTC()
+		restored = s.State == StateUnreachable
+		if restored {
+			s.setState(StateConnected)
+			s.Connected, s.CacheExpires = true, time.Time{}
+		}
+	})
+	return restored
+}
+
+// unreachable records a failed contact. expired reports that the remote
+// has been unreachable for longer than the cache TTL (its cache is not
+// dropped yet: the caller does that once nothing writes to it).
+func (r *remote) unreachable(err error) (error, bool) {
+	ttl := r.m.cfg.CacheTTL
+	now := time.Now()
+	var was State
+	var last time.Time
+	r.box.update(func(s *Status) {
+		was = s.State
+		last = s.LastContact
+		if last.IsZero() {
+			last = r.since
+		}
+		s.Connected = false
+		if s.State == StateConnected {
+			s.setState(StateUnreachable)
+		}
+		s.CacheExpires = time.Time{}
+		if ttl > 0 && s.State == StateUnreachable {
+			s.CacheExpires = last.Add(ttl).UTC()
+		}
+	})
+	err = fmt.Errorf("cluster %q: %w", r.rec.Name, err)
+	r.box.setError(err)
+	if was == StateConnected {
+		msg := "mirror: lost contact with remote cluster; its cache keeps serving"
+		if ttl > 0 {
+			msg += " until the cache TTL"
+		}
+		r.log.Warn(msg, "cacheTTL", ttl, "err", err)
+	} else {
+		r.log.Debug("mirror: remote cluster unreachable", "err", err)
+	}
+	expired := ttl > 0 && !r.dropped && now.Sub(last) > ttl
+	if expired {
+		return fmt.Errorf("%w: %w (last contact %s)", errExpired, err, last.UTC().Format(time.RFC3339)), true
+	}
+	return err, false
+}
+
+// drop deletes the cache of a remote unreachable for longer than the TTL.
+func (r *remote) drop(ctx context.Context) {
+	if r.dropped {
+		return
+	}
+	r.log.Warn("mirror: remote cluster unreachable for longer than the cache TTL: deleting its cache", "cacheTTL", r.m.cfg.CacheTTL)
+	r.m.dropCache(ctx, r.rec.Name, r.box)
+	r.dropped = true
+	r.box.update(func(s *Status) { s.setState(StateDropped); s.Connected, s.CacheExpires = false, time.Time{} })
+}
+
+// refuse stops mirroring a remote that is not acceptable: it deletes its
+// cache and marks it refused. The caller retries later (the conflict may
+// go away).
+func (r *remote) refuse(ctx context.Context, err error) error {
+	if err.Error() != r.lastRefusal {
+		r.log.Error("mirror: remote cluster refused: nothing of it is mirrored", "err", err)
+		r.lastRefusal = err.Error()
+	}
+	r.m.dropCache(ctx, r.rec.Name, r.box)
+	r.box.update(func(s *Status) { s.setState(StateRefused); s.Connected, s.CacheExpires = false, time.Time{} })
+	return err
+}
+
+// Batching of cache writes: etcd's default limit of operations per
+// transaction, and a bound on the request size well below its 1.5 MiB.
+const (
+	maxBatchOps   = 128
+	maxBatchBytes = 1 << 20
+	flushDelay    = 2 * time.Millisecond
+)
+
+var hashSeed = maphash.MakeSeed()
+
+// kindMirror mirrors one kind of a remote's state into the cache.
+type kindMirror struct {
+	r    *remote
+	kind records.Kind
+	id   uint32 // the remote's cluster ID
+	src  string // prefix in the remote etcd
+	dst  string // cache prefix in the local etcd
+
+	// cached holds a hash of the value of every cache key of this kind
+	// in the local etcd; present the cache keys whose remote record is
+	// there and valid; invalid the remote keys currently skipped.
+	cached  map[string]uint64
+	present map[string]struct{}
+	invalid map[string]struct{}
+	listed  bool // the first list is complete
+
+	ops      []kvstore.Op
+	opIndex  map[string]int
+	opBytes  int
+	inflight chan error // the transaction being written, if any
+	validate func(key string, value []byte) error
+}
+
+func newKindMirror(r *remote, k records.Kind, id uint32) *kindMirror {
+	name := r.rec.Name
+	km := &kindMirror{r: r, kind: k, id: id, dst: records.CachePrefix(k, name),
+		cached: map[string]uint64{}, present: map[string]struct{}{}, invalid: map[string]struct{}{},
+		opIndex: map[string]int{}}
+	switch k {
+	case records.KindNodes:
+		km.src = records.StateClusterPrefix(k, name)
+		km.validate = func(key string, v []byte) error { _, err := records.ValidateNode(key, v, name, id); return err }
+	case records.KindIP:
+		km.src = records.StateClusterPrefix(k, name)
+		km.validate = func(key string, v []byte) error { _, err := records.ValidateIPCacheEntry(key, v, name, id); return err }
+	case records.KindServices:
+		km.src = records.StateClusterPrefix(k, name)
+		km.validate = func(key string, v []byte) error { _, err := records.ValidateService(key, v, name, id); return err }
+	case records.KindIdentities:
+		// Masters of every cluster share one prefix; ValidateIdentity
+		// refuses IDs outside the remote's range.
+		km.src = records.IdentityIDPrefix
+		km.validate = func(key string, v []byte) error { _, err := records.ValidateIdentity(key, v, name, id); return err }
+	}
+	return km
+}
+
+func (k *kindMirror) run(ctx context.Context, cli *kvstore.Client) error {
+	local := k.r.m.kv
+	kvs, _, err := local.GetPrefix(ctx, k.dst)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return fmt.Errorf("read the local cache %s: %w", k.dst, err)
+	}
+	for _, kv := range kvs {
+		k.cached[kv.Key] = maphash.Bytes(hashSeed, kv.Value)
+	}
+	k.r.box.setKind(k.kind, len(k.cached), 0)
+	ch := cli.WatchPrefix(ctx, k.src)
+	// Writes are batched: a batch goes out when it is full, at the end of
+	// a list, or when no further event came within flushDelay (the events
+	// of a list arrive back to back; a live change waits at most that
+	// long).
+	pause := time.NewTimer(time.Hour)
+	pause.Stop()
+	defer pause.Stop()
+	defer k.wait() // nothing writes to the cache once the session ended
+	for {
+		var pauseC <-chan time.Time
+		if len(k.ops) > 0 {
+			pause.Reset(flushDelay)
+			pauseC = pause.C
+		}
+		var ev kvstore.Event
+		var ok bool
+		select {
+		case ev, ok = <-ch:
+			pause.Stop()
+		case <-pauseC:
+			if err := k.flush(ctx); err != nil {
+				return err
+			}
+			continue
+		case err := <-k.inflight: // nil channel while nothing is in flight
+			k.inflight = nil
+			if err != nil {
+				return err
+			}
+			continue
+		}
+		if !ok {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("watch of %s ended", k.src)
+		}
+		if err := k.handle(ctx, ev); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+	}
+}
+
+func (k *kindMirror) handle(ctx context.Context, ev kvstore.Event) error {
+	name := k.r.rec.Name
+	switch ev.Type {
+	case kvstore.EventUpsert:
+		ck, err := records.CacheKey(ev.Key, name)
+		if err == nil {
+			err = k.validate(ev.Key, ev.Value)
+		}
+		if err != nil {
+			k.reject(ev.Key, err)
+			if ck != "" {
+				// The writer's intent is unknown: keep nothing stale.
+				delete(k.present, ck)
+				k.del(ck)
+			}
+			break
+		}
+		delete(k.invalid, ev.Key)
+		k.present[ck] = struct{}{}
+		h := maphash.Bytes(hashSeed, ev.Value)
+		if old, ok := k.cached[ck]; !ok || old != h {
+			if err := k.put(ctx, ck, ev.Value); err != nil {
+				return err
+			}
+			k.cached[ck] = h
+		}
+	case kvstore.EventDelete:
+		delete(k.invalid, ev.Key)
+		if ck, err := records.CacheKey(ev.Key, name); err == nil {
+			delete(k.present, ck)
+			k.del(ck)
+		}
+	case kvstore.EventListDone:
+		// Everything the remote has was reported: what the cache holds
+		// beyond that is stale (deleted while nobody watched, or left
+		// from before a restart of this server).
+		for ck := range k.cached {
+			if _, ok := k.present[ck]; !ok {
+				k.del(ck)
+			}
+		}
+		if err := k.flush(ctx); err != nil {
+			return err
+		}
+		if err := k.wait(); err != nil {
+			return err
+		}
+		if err := k.writeCanary(ctx); err != nil {
+			return err
+		}
+		k.listed = true
+	}
+	// Until the first list is complete the status keeps counting what the
+	// cache held at the start.
+	if k.listed {
+		k.r.box.setKind(k.kind, len(k.present), len(k.invalid))
+	}
+	if len(k.ops) >= maxBatchOps || k.opBytes >= maxBatchBytes {
+		return k.flush(ctx)
+	}
+	return nil
+}
+
+func (k *kindMirror) reject(key string, err error) {
+	k.invalid[key] = struct{}{}
+	reason := "invalid"
+	switch {
+	case errors.Is(err, records.ErrClusterMismatch):
+		reason = "cluster-mismatch"
+	case errors.Is(err, records.ErrMalformed):
+		reason = "malformed"
+	}
+	k.r.box.update(func(s *Status) { s.Skipped++; s.LastInvalid = err.Error() })
+	k.r.log.Warn("mirror: skipping invalid record", "key", key, "reason", reason, "err", err)
+}
+
+// put queues a write of key; a pending operation on the same key is
+// replaced (etcd refuses a transaction that names a key twice).
+func (k *kindMirror) put(ctx context.Context, key string, value []byte) error {
+	if k.opBytes+len(value) > maxBatchBytes && len(k.ops) > 0 {
+		if err := k.flush(ctx); err != nil {
+			return err
+		}
+	}
+	k.queue(key, kvstore.OpPut(key, value), len(key)+len(value))
+	return nil
+}
+
+// del queues a deletion of key if the cache has it.
+func (k *kindMirror) del(key string) {
+	if _, ok := k.cached[key]; !ok {
+		return
+	}
+	delete(k.cached, key)
+	k.queue(key, kvstore.OpDelete(key), len(key))
+}
+
+func (k *kindMirror) queue(key string, op kvstore.Op, size int) {
+	if i, ok := k.opIndex[key]; ok {
+		k.ops[i] = op
+	} else {
+		k.opIndex[key] = len(k.ops)
+		k.ops = append(k.ops, op)
+	}
+	k.opBytes += size
+}
+
+// flush starts writing the queued operations in one transaction, in the
+// background, so the next batch is built while etcd commits this one. At
+// most one transaction is in flight: batches are applied in order. Its
+// error is returned by the next flush or wait.
+func (k *kindMirror) flush(ctx context.Context) error {
+	if err := k.wait(); err != nil {
+		return err
+	}
+	if len(k.ops) == 0 {
+		return nil
+	}
+	ops := k.ops
+	k.ops = make([]kvstore.Op, 0, maxBatchOps)
+	clear(k.opIndex)
+	k.opBytes = 0
+	done := make(chan error, 1)
+	k.inflight = done
+	go func() { done <- k.write(ctx, ops) }()
+	return nil
+}
+
+// wait waits for the transaction in flight, if any.
+func (k *kindMirror) wait() error {
+	if k.inflight == nil {
+		return nil
+	}
+	err := <-k.inflight
+	k.inflight = nil
+	return err
+}
+
+// write applies ops, retrying: they are plain puts and deletes, so
+// repeating them is harmless.
+func (k *kindMirror) write(ctx context.Context, ops []kvstore.Op) error {
+	b := backoff{min: 50 * time.Millisecond, max: 2 * time.Second}
+	for attempt := 0; ; attempt++ {
+		_, err := k.r.m.kv.Txn(ctx, nil, ops)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if attempt >= 4 {
+			return fmt.Errorf("write the cache %s: %w", k.dst, err)
+		}
+		if sleep(ctx, b.next()) != nil {
+			return ctx.Err()
+		}
+	}
+	k.r.box.update(func(s *Status) { s.LastChange = time.Now().UTC() })
+	return nil
+}
+
+func (k *kindMirror) writeCanary(ctx context.Context) error {
+	name := k.r.rec.Name
+	v, err := records.Stamp{Cluster: name, Time: time.Now().UTC()}.Marshal()
+	if err != nil {
+		return err
+	}
+	if err := k.r.m.kv.Put(ctx, records.SyncedKey(name, k.kind), v); err != nil {
+		return fmt.Errorf("write the canary of %s: %w", k.kind, err)
+	}
+	k.r.box.setSynced(k.kind, true)
+	k.r.log.Debug("mirror: kind synced", "kind", k.kind, "records", len(k.present), "invalid", len(k.invalid))
+	return nil
+}
+
+func marshalStatus(s Status) ([]byte, error) { return json.Marshal(s) }

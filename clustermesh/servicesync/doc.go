@@ -1,0 +1,30 @@
+// Package servicesync is the clustermesh server's service syncer: it
+// publishes the cluster's Services for remote clusters.
+//
+// It watches, in the cluster's own etcd, the applied Services
+// (isthmus/config/Service/<ns>/<name>), the cluster's ipcache
+// (isthmus/state/ip/v1/<cluster>/) and identities
+// (isthmus/state/identities/v1/id/, the cluster's ID range), and keeps
+// isthmus/state/services/v1/<cluster>/<ns>/<name> equal to what they say:
+//
+//   - frontends: every VIP x port (protocol, port name);
+//   - backends: for every port, the target port on each address of the
+//     endpoints of the service's namespace whose identity labels contain
+//     the selector (an endpoint's namespace is its identity's
+//     isthmus.io/namespace label), plus the explicit backends; only
+//     addresses of a family the service has a VIP of; sorted, deduplicated,
+//     each carrying the cluster;
+//   - global, shared, affinity from the annotations isthmus.io/global,
+//     isthmus.io/shared (default true when global) and isthmus.io/affinity
+//     (local|remote|none). Annotations that do not parse are logged and the
+//     service is published as not global.
+//
+// Records of services that are gone (or no longer valid) are deleted.
+// Syncs are debounced (Debounce after the last change, at most MaxDelay
+// after the first), start only once every watched prefix has been listed,
+// and write only what differs (idempotent: an unchanged record is never
+// rewritten), in transactions of at most 128 operations.
+//
+// Agents compute their own cluster's backends directly; these records are
+// for the other clusters, which receive them through their mirrors.
+package servicesync

@@ -1,0 +1,43 @@
+package main
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/agent"
+)
+
+func parse(t *testing.T, args ...string) (agent.Config, error) {
+	t.Helper()
+	var got agent.Config
+	cmd := newCommand(func(c agent.Config) error { got = c; return nil })
+	cmd.SetArgs(args)
+	err := cmd.Execute()
+	return got, err
+}
+
+func TestClusterModeFlags(t *testing.T) {
+	cfg, err := parse(t, "--node-name", "n1", "--pod-cidr", "10.1.1.0/24",
+		"--kvstore-endpoints", "https://192.0.2.1:2379, https://192.0.2.2:2379",
+		"--kvstore-bundle", "/pki/agents", "--node-ip", "192.0.2.11", "--node-ip", "2001:db8::11", "--lease-ttl", "30s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cfg.ClusterMode() || !slices.Equal(cfg.KVStoreEndpoints, []string{"https://192.0.2.1:2379", "https://192.0.2.2:2379"}) ||
+		cfg.KVStoreBundle != "/pki/agents" || cfg.LeaseTTL != 30*time.Second ||
+		!slices.Equal(cfg.NodeIPs, []netip.Addr{netip.MustParseAddr("192.0.2.11"), netip.MustParseAddr("2001:db8::11")}) {
+		t.Errorf("config %+v", cfg)
+	}
+
+	cfg, err = parse(t, "--node-name", "n1", "--pod-cidr", "10.1.1.0/24")
+	if err != nil || cfg.ClusterMode() || cfg.LeaseTTL != agent.DefaultLeaseTTL {
+		t.Errorf("standalone: %+v, %v", cfg, err)
+	}
+
+	if _, err := parse(t, "--pod-cidr", "10.1.1.0/24", "--node-ip", "node1"); err == nil || !strings.Contains(err.Error(), `--node-ip "node1"`) {
+		t.Errorf("bad node IP: %v", err)
+	}
+}

@@ -1,0 +1,255 @@
+// Command isthmus-clustermesh runs a cluster's clustermesh API server: the
+// cluster's etcd (embedded, or an external one), its certificates and
+// users, the mirror of connected remote clusters and the service syncer.
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/isthmus-mesh/isthmus/clustermesh/apiserver"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+)
+
+func main() {
+	// SIGTERM and SIGINT stop the server cleanly: background work ends,
+	// the etcd is closed; mirrored caches stay for the next start.
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	err := newCommand(apiserver.Run).ExecuteContext(ctx)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "Error:", err)
+		os.Exit(1)
+	}
+}
+
+// DefaultDataDirRoot is where data dirs go by default: <root>/<cluster>.
+const DefaultDataDirRoot = "/var/lib/isthmus-clustermesh"
+
+type options struct {
+	cluster            string
+	clusterID          uint32
+	podCIDRs           []string
+	dataDir            string
+	listenClient       string
+	listenPeer         string
+	advertiseClient    []string
+	tlsSANs            []string
+	etcdEndpoints      []string
+	etcdCA             string
+	etcdCert           string
+	etcdKey            string
+	cacheTTL           time.Duration
+	identityGCInterval time.Duration
+	healthListen       string
+	logLevel           string
+	logFormat          string
+}
+
+// newCommand parses the flags into an apiserver.Config and hands it to run.
+func newCommand(run func(context.Context, apiserver.Config) error) *cobra.Command {
+	var o options
+	cmd := &cobra.Command{
+		Use:   "isthmus-clustermesh --cluster-name NAME --cluster-id ID --pod-cidr CIDR [flags]",
+		Short: "Run a cluster's clustermesh API server (etcd, mirror of remote clusters, service syncer)",
+		Long: `isthmus-clustermesh runs one per cluster. It owns the cluster's etcd, where
+the cluster's agents publish their nodes, endpoints and identities and read
+everything back:
+
+  - by default an embedded single-member etcd with its data under --data-dir,
+    mutual TLS on both ports and etcd users per client certificate. On first
+    start it creates the cluster's CA and certificates under <data-dir>/pki and
+    writes the bundles agents and the CLI use to <data-dir>/pki/bundles/{agents,root}
+    (` + "`isthmus clustermesh certs`" + ` exports them);
+  - with --etcd-endpoints an external etcd instead (credentials via --etcd-ca,
+    --etcd-cert, --etcd-key; its users are managed by whoever runs it).
+
+It writes isthmus/cluster-config/<cluster> (name, ID, pod CIDRs) and a
+heartbeat, publishes the cluster's Services for other clusters
+(isthmus/state/services/v1/<cluster>/...), and mirrors every connected remote
+cluster (` + "`isthmus clustermesh connect`" + `) into isthmus/cache/... of its own etcd,
+with sync canaries, so agents never talk to a remote etcd. A remote whose
+name or ID does not match, or that duplicates the ID of this or another
+connected cluster, or whose pod CIDRs overlap, is refused with a logged error
+and nothing of it is mirrored.
+
+--cache-ttl: how long the last state of an unreachable remote cluster keeps
+serving. 0 (the default, as in Cilium) keeps it forever, so an outage of a
+remote server never removes its endpoints; with a TTL, a remote unreachable
+for longer than that has its cache and canaries deleted (and is mirrored
+afresh when it returns).
+
+SIGTERM or SIGINT stops it cleanly.`,
+		Example: `  isthmus-clustermesh --cluster-name c1 --cluster-id 1 --pod-cidr 10.1.0.0/16 \
+      --advertise-client https://192.0.2.1:2379
+  isthmus-clustermesh --cluster-name c2 --cluster-id 2 --pod-cidr 10.2.0.0/16 --pod-cidr fd00:2::/48 \
+      --data-dir /srv/mesh/c2 --listen-client 192.0.2.2:2379 --cache-ttl 30m --health-listen 127.0.0.1:9879
+  isthmus-clustermesh --cluster-name c3 --cluster-id 3 --pod-cidr 10.3.0.0/16 \
+      --etcd-endpoints https://e1:2379,https://e2:2379,https://e3:2379 --etcd-ca ca.crt --etcd-cert c.crt --etcd-key c.key`,
+		Args:          cobra.NoArgs,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := o.config()
+			if err != nil {
+				return err
+			}
+			return run(cmd.Context(), cfg)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.cluster, "cluster-name", "", "name of this cluster, unique in the mesh (a DNS label of at most 32 characters)")
+	f.Uint32Var(&o.clusterID, "cluster-id", 0, "numeric cluster ID, 1-4095, unique in the mesh (the high bits of every identity)")
+	f.StringSliceVar(&o.podCIDRs, "pod-cidr", nil, "pod address range of the cluster (every node's pod CIDR lies inside); repeat or comma-separate for several / dual stack")
+	f.StringVar(&o.dataDir, "data-dir", "", "directory for the embedded etcd and the PKI (default "+DefaultDataDirRoot+"/<cluster-name>)")
+	f.StringVar(&o.listenClient, "listen-client", "0.0.0.0:2379", "IP:port the embedded etcd serves clients on (agents, the CLI, remote clusters)")
+	f.StringVar(&o.listenPeer, "listen-peer", "127.0.0.1:2380", "IP:port of the embedded etcd's peer port (single member: nothing connects to it)")
+	f.StringSliceVar(&o.advertiseClient, "advertise-client", nil, "client URL(s) written into exported bundles, e.g. https://192.0.2.1:2379 (default https://<listen-client>, 127.0.0.1 for 0.0.0.0); their hosts go into the server certificate")
+	f.StringSliceVar(&o.tlsSANs, "tls-san", nil, "more DNS names or IPs for the server certificate (e.g. a load balancer's)")
+	f.StringSliceVar(&o.etcdEndpoints, "etcd-endpoints", nil, "use this external etcd instead of the embedded one (client URLs, comma-separated)")
+	f.StringVar(&o.etcdCA, "etcd-ca", "", "external etcd: CA certificate file (PEM)")
+	f.StringVar(&o.etcdCert, "etcd-cert", "", "external etcd: client certificate file (PEM); its common name is the etcd user, which needs write access to isthmus/")
+	f.StringVar(&o.etcdKey, "etcd-key", "", "external etcd: client key file (PEM)")
+	f.DurationVar(&o.cacheTTL, "cache-ttl", 0, "drop the mirrored state of a remote cluster unreachable for longer than this (e.g. 30m); 0 keeps it forever")
+	f.DurationVar(&o.identityGCInterval, "identity-gc-interval", 10*time.Minute, "how often identities that no node references are deleted; 0 turns it off")
+	f.StringVar(&o.healthListen, "health-listen", "", "serve GET /healthz and GET /status (JSON) on this host:port, e.g. 127.0.0.1:9879 (default off)")
+	f.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	f.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	return cmd
+}
+
+// config checks the options and builds the configuration, with errors that
+// name the flag to fix.
+func (o *options) config() (apiserver.Config, error) {
+	var cfg apiserver.Config
+	log, err := o.logger()
+	if err != nil {
+		return cfg, err
+	}
+	slog.SetDefault(log)
+	if o.cluster == "" {
+		return cfg, errors.New("--cluster-name is required (a DNS label, unique in the mesh)")
+	}
+	if err := records.ValidateClusterName(o.cluster); err != nil {
+		return cfg, fmt.Errorf("--cluster-name: %w", err)
+	}
+	if o.clusterID == 0 {
+		return cfg, fmt.Errorf("--cluster-id is required (1-%d, unique in the mesh)", records.MaxClusterID)
+	}
+	if err := records.ValidateClusterID(o.clusterID); err != nil {
+		return cfg, fmt.Errorf("--cluster-id: %w", err)
+	}
+	if o.cacheTTL < 0 {
+		return cfg, fmt.Errorf("--cache-ttl %s: want 0 (keep forever) or a positive duration", o.cacheTTL)
+	}
+	if o.identityGCInterval < 0 {
+		return cfg, fmt.Errorf("--identity-gc-interval %s: want 0 (off) or a positive duration", o.identityGCInterval)
+	}
+	sc := &cfg.Server
+	sc.ClusterName, sc.ClusterID, sc.Logger = o.cluster, o.clusterID, log
+	for _, s := range o.podCIDRs {
+		p, err := netip.ParsePrefix(strings.TrimSpace(s))
+		if err != nil || p != p.Masked() {
+			return cfg, fmt.Errorf("--pod-cidr %q: not a CIDR without host bits (want e.g. 10.1.0.0/16 or fd00:1::/48)", s)
+		}
+		sc.PodCIDRs = append(sc.PodCIDRs, p)
+	}
+	if len(sc.PodCIDRs) == 0 {
+		return cfg, errors.New("--pod-cidr is required: the cluster's pod address range(s); remote clusters are refused if theirs overlap")
+	}
+	sc.ListenClient, sc.ListenPeer = o.listenClient, o.listenPeer
+	sc.AdvertiseClient = trimAll(o.advertiseClient)
+	sc.ExtraSANs = trimAll(o.tlsSANs)
+	if eps := trimAll(o.etcdEndpoints); len(eps) > 0 {
+		sc.EtcdEndpoints = eps
+		if sc.EtcdTLS, err = o.etcdTLS(); err != nil {
+			return cfg, err
+		}
+	} else {
+		if o.etcdCA != "" || o.etcdCert != "" || o.etcdKey != "" {
+			return cfg, errors.New("--etcd-ca, --etcd-cert and --etcd-key are for an external etcd: add --etcd-endpoints, or drop them to use the embedded etcd")
+		}
+		sc.DataDir = o.dataDir
+		if sc.DataDir == "" {
+			sc.DataDir = filepath.Join(DefaultDataDirRoot, o.cluster)
+		}
+		if len(sc.AdvertiseClient) == 0 {
+			if ap, err := netip.ParseAddrPort(sc.ListenClient); err == nil && ap.Addr().IsUnspecified() {
+				log.Warn("bundles will name https://127.0.0.1 as the server's address: set --advertise-client to an address agents and remote clusters can reach",
+					"listenClient", sc.ListenClient)
+			}
+		}
+	}
+	cfg.Mirror.CacheTTL = o.cacheTTL
+	cfg.IdentityGCInterval = o.identityGCInterval
+	cfg.HealthListen = o.healthListen
+	return cfg, nil
+}
+
+func (o *options) logger() (*slog.Logger, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", o.logLevel)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	switch o.logFormat {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", o.logFormat)
+}
+
+// etcdTLS builds the client TLS configuration of an external etcd. Without
+// any file the connection is plain (http:// endpoints).
+func (o *options) etcdTLS() (*tls.Config, error) {
+	if o.etcdCA == "" && o.etcdCert == "" && o.etcdKey == "" {
+		return nil, nil
+	}
+	tc := &tls.Config{MinVersion: tls.VersionTLS12}
+	if o.etcdCA != "" {
+		pem, err := os.ReadFile(o.etcdCA)
+		if err != nil {
+			return nil, fmt.Errorf("--etcd-ca: %w", err)
+		}
+		tc.RootCAs = x509.NewCertPool()
+		if !tc.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--etcd-ca %s: no PEM certificate in it", o.etcdCA)
+		}
+	}
+	if (o.etcdCert == "") != (o.etcdKey == "") {
+		return nil, errors.New("--etcd-cert and --etcd-key go together")
+	}
+	if o.etcdCert != "" {
+		cert, err := tls.LoadX509KeyPair(o.etcdCert, o.etcdKey)
+		if err != nil {
+			return nil, fmt.Errorf("--etcd-cert/--etcd-key: %w", err)
+		}
+		tc.Certificates = []tls.Certificate{cert}
+	}
+	return tc, nil
+}
+
+func trimAll(ss []string) []string {
+	var out []string
+	for _, s := range ss {
+		if s = strings.TrimSpace(s); s != "" {
+			out = append(out, s)
+		}
+	}
+	return out
+}
