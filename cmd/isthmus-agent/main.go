@@ -89,6 +89,11 @@ Needs root.`,
 				if err != nil {
 					return err
 				}
+				for _, q := range cfg.PodCIDRs {
+					if q.Addr().Is4() == p.Addr().Is4() {
+						return fmt.Errorf("--pod-cidr %s and %s are both IPv%d: give at most one IPv4 and one IPv6 CIDR", q, p, map[bool]int{true: 4, false: 6}[p.Addr().Is4()])
+					}
+				}
 				cfg.PodCIDRs = append(cfg.PodCIDRs, p)
 			}
 			for _, e := range endpoints {
