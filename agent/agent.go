@@ -45,6 +45,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/state"
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
 
 // Config is the node's configuration.
@@ -81,8 +82,8 @@ func (c Config) validate() error {
 	if !dnsLabel(c.NodeName) {
 		errs = append(errs, fmt.Errorf("node name %q must be a DNS label (lower-case letters, digits and '-', at most 63)", c.NodeName))
 	}
-	if !dnsLabel(c.ClusterName) {
-		errs = append(errs, fmt.Errorf("cluster name %q must be a DNS label (lower-case letters, digits and '-', at most 63)", c.ClusterName))
+	if !dnsLabel(c.ClusterName) || len(c.ClusterName) > records.MaxClusterNameLen {
+		errs = append(errs, fmt.Errorf("cluster name %q must be a DNS label of at most %d characters (lower-case letters, digits and '-')", c.ClusterName, records.MaxClusterNameLen))
 	}
 	if c.ClusterID < 1 || c.ClusterID > identity.MaxClusterID {
 		errs = append(errs, fmt.Errorf("cluster ID %d out of range 1-%d", c.ClusterID, identity.MaxClusterID))

@@ -123,16 +123,15 @@ const (
 )
 
 var reasonNames = map[Reason]string{
-	ReasonForwardStack:    "forward_stack",
-	ReasonForwardLocal:    "forward_local",
-	ReasonServiceNAT:      "service_nat",
-	ReasonDropPolicyEgr:   "drop_policy_egress",
-	ReasonDropPolicyIngr:  "drop_policy_ingress",
-	ReasonDropNoBackend:   "drop_no_backend",
-	ReasonDropInvalid:     "drop_invalid",
-	ReasonDropSpoofed:     "drop_spoofed_source",
-	ReasonDropUnknownDest: "drop_unknown_destination",
-	ReasonDeliveredToPod:  "delivered_to_pod",
+	ReasonForwardStack:   "forward_stack",
+	ReasonForwardLocal:   "forward_local",
+	ReasonServiceNAT:     "service_nat",
+	ReasonDropPolicyEgr:  "drop_policy_egress",
+	ReasonDropPolicyIngr: "drop_policy_ingress",
+	ReasonDropNoBackend:  "drop_no_backend",
+	ReasonDropInvalid:    "drop_invalid",
+	ReasonDropSpoofed:    "drop_spoofed_source",
+	ReasonDeliveredToPod: "delivered_to_pod",
 }
 
 func (r Reason) String() string {

@@ -65,8 +65,9 @@ the agent is stopped or restarting; a restarted agent picks up where it left.
 
 With --kvstore-endpoints the node joins its cluster (cluster mode): it
 publishes its node and endpoints to the cluster's etcd (leased), allocates
-identities there, and takes nodes, endpoints, identities, services and the
-applied objects of its cluster and of connected clusters from it. apply,
+identities there, and takes from it the nodes, endpoints, identities and
+services of its cluster and of connected clusters, and the objects applied
+in its own cluster. apply,
 get and delete then act on the whole cluster. The datapath starts from
 local state at once; etcd is reached in the background, with retries.
 Needs root.`,

@@ -97,8 +97,40 @@ func (c *cli) statusCommand() *cobra.Command {
 			for _, e := range st.Errors {
 				fmt.Fprintf(t, "Error:\t%s\n", e)
 			}
+			if m := st.ClusterMesh; m != nil {
+				conn := "connected"
+				if !m.Connected {
+					conn = "NOT connected"
+				}
+				if m.LastError != "" {
+					conn += " (last error: " + m.LastError + ")"
+				}
+				fmt.Fprintf(t, "Cluster mesh:\t%s to %s\n", conn, strings.Join(m.KVStoreEndpoints, ","))
+				fmt.Fprintf(t, "Published:\t%v (%d records)\n", m.Published, m.PublishedRecords)
+				if m.RouteError != "" {
+					fmt.Fprintf(t, "Routes:\tFAILING: %s\n", m.RouteError)
+				}
+				if m.InvalidRecords > 0 {
+					fmt.Fprintf(t, "Invalid records:\t%d skipped (last: %s)\n", m.InvalidRecords, m.LastInvalid)
+				}
+			}
 			if err := t.Flush(); err != nil {
 				return err
+			}
+			if m := st.ClusterMesh; m != nil && len(m.Clusters) > 0 {
+				fmt.Fprintln(c.out, "\nClusters:")
+				t = newTable(c.out)
+				fmt.Fprintln(t, "  CLUSTER\tID\tSYNCED\tNODES\tENDPOINTS\tIDENTITIES\tSERVICES\tINVALID\tERROR")
+				for _, cl := range m.Clusters {
+					name := cl.Name
+					if cl.Local {
+						name += " (local)"
+					}
+					fmt.Fprintf(t, "  %s\t%d\t%v\t%d\t%d\t%d\t%d\t%d\t%s\n", name, cl.ID, cl.Synced, cl.Nodes, cl.Endpoints, cl.Identities, cl.Services, cl.InvalidRecords, orNone(cl.Error))
+				}
+				if err := t.Flush(); err != nil {
+					return err
+				}
 			}
 			fmt.Fprintln(c.out, "\nDatapath counters:")
 			t = newTable(c.out)
