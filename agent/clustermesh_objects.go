@@ -13,7 +13,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
-	"github.com/isthmus-mesh/isthmus/agent/service"
+	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 )
 
@@ -29,13 +29,6 @@ func (a *Agent) applyMesh(ctx context.Context, objs []objects.Object) (api.Apply
 	if err != nil {
 		return api.ApplyResult{}, err
 	}
-	for _, key := range order {
-		if s, ok := batch[key].(*objects.Service); ok {
-			if _, err := service.GlobalOf(*s); err != nil {
-				return api.ApplyResult{}, api.Errorf(http.StatusBadRequest, "%s: %w", key, err)
-			}
-		}
-	}
 	c, err := a.mesh.kv()
 	if err != nil {
 		return api.ApplyResult{}, err
@@ -45,7 +38,7 @@ func (a *Agent) applyMesh(ctx context.Context, objs []objects.Object) (api.Apply
 	var res api.ApplyResult
 	put := map[string][]byte{}
 	for attempt := 1; ; attempt++ {
-		cur, err := meshsync.ReadConfig(ctx, c, "")
+		cur, err := readConfig(ctx, c, "")
 		if err != nil {
 			return api.ApplyResult{}, api.WithStatus(http.StatusServiceUnavailable, err)
 		}
@@ -132,7 +125,7 @@ func (a *Agent) listMeshObjects(ctx context.Context, kind string) ([]api.Object,
 	if err != nil {
 		return nil, err
 	}
-	cur, err := meshsync.ReadConfig(ctx, c, kind)
+	cur, err := readConfig(ctx, c, kind)
 	if err != nil {
 		return nil, api.WithStatus(http.StatusServiceUnavailable, err)
 	}
@@ -153,7 +146,7 @@ func (a *Agent) deleteMeshObject(ctx context.Context, key string) error {
 	}
 	ctx = context.WithoutCancel(ctx)
 	for attempt := 1; ; attempt++ {
-		cur, err := meshsync.ReadConfig(ctx, c, kindOfKey(key))
+		cur, err := readConfig(ctx, c, kindOfKey(key))
 		if err != nil {
 			return api.WithStatus(http.StatusServiceUnavailable, err)
 		}
@@ -181,4 +174,20 @@ func (a *Agent) deleteMeshObject(ctx context.Context, key string) error {
 func kindOfKey(key string) string {
 	kind, _, _ := strings.Cut(key, "/")
 	return kind
+}
+
+// kvstoreReadTimeout bounds how long a CLI request waits for an unreachable
+// cluster kvstore before it is told so (the kvstore client retries inside).
+const kvstoreReadTimeout = 10 * time.Second
+
+// readConfig reads the applied objects from etcd, failing within
+// kvstoreReadTimeout with an error that says the kvstore is unreachable.
+func readConfig(ctx context.Context, c *kvstore.Client, kind string) (meshsync.Config, error) {
+	rctx, cancel := context.WithTimeout(ctx, kvstoreReadTimeout)
+	defer cancel()
+	cur, err := meshsync.ReadConfig(rctx, c, kind)
+	if err != nil {
+		return cur, fmt.Errorf("the cluster's kvstore is unreachable (is isthmus-clustermesh running? `isthmus status` shows the connection): %w", err)
+	}
+	return cur, nil
 }

@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/service"
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 )
@@ -153,6 +154,13 @@ func validateBatch(objs []objects.Object) (map[string]objects.Object, []string, 
 		}
 		if _, dup := batch[key]; dup {
 			return nil, nil, api.Errorf(http.StatusBadRequest, "%s appears more than once in the input", key)
+		}
+		// The global-service annotations are checked in every mode, so a
+		// manifest that works on one node also works cluster-wide.
+		if s, ok := o.(*objects.Service); ok {
+			if _, err := service.GlobalOf(*s); err != nil {
+				return nil, nil, api.Errorf(http.StatusBadRequest, "%s: %w", key, err)
+			}
 		}
 		batch[key] = o
 		order = append(order, key)

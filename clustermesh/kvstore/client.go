@@ -127,21 +127,32 @@ func Connect(ctx context.Context, cfg Config) (*Client, error) {
 	return c, nil
 }
 
-// probe asks each endpoint for its status until one answers. Status needs
-// an authenticated user when auth is on but no permission on any key, so
-// it checks TLS, credentials and liveness without assuming a key layout.
+// probe asks every endpoint for its status at once and returns at the first
+// answer, so a dead member (even the first one listed) costs nothing. Status
+// needs an authenticated user when auth is on but no permission on any key,
+// so it checks TLS, credentials and liveness without assuming a key layout.
 func (c *Client) probe(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.DialTimeout)
 	defer cancel()
-	var errs []error
+	results := make(chan error, len(c.cfg.Endpoints))
 	for _, ep := range c.cfg.Endpoints {
-		start := time.Now()
-		_, err := c.cli.Status(ctx, ep)
-		c.stats.observe(opStatus, start, err)
+		go func() {
+			start := time.Now()
+			_, err := c.cli.Status(ctx, ep)
+			c.stats.observe(opStatus, start, err)
+			if err != nil {
+				err = fmt.Errorf("%s: %w", ep, err)
+			}
+			results <- err
+		}()
+	}
+	var errs []error
+	for range c.cfg.Endpoints {
+		err := <-results
 		if err == nil {
 			return nil
 		}
-		errs = append(errs, fmt.Errorf("%s: %w", ep, err))
+		errs = append(errs, err)
 	}
 	return fmt.Errorf("kvstore: no etcd endpoint answered within %s (wrong address, CA or client certificate?): %w",
 		c.cfg.DialTimeout, errors.Join(errs...))

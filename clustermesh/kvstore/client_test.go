@@ -267,3 +267,22 @@ func TestLeaseLossNoticedOnWrite(t *testing.T) {
 		t.Fatalf("PutLeased after regrant: %v", err)
 	}
 }
+
+// A dead member listed first must not keep the client from the live one.
+func TestConnectSkipsDeadFirstEndpoint(t *testing.T) {
+	ctx := context.Background()
+	live := etcdtest.Start(t).Endpoint
+	dead := "http://" + etcdtest.FreeAddr(t)
+	start := time.Now()
+	c, err := Connect(ctx, Config{Endpoints: []string{dead, live}, DialTimeout: 3 * time.Second})
+	if err != nil {
+		t.Fatalf("connect with a dead first endpoint: %v", err)
+	}
+	defer c.Close()
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("connect took %s: the dead endpoint was waited for", d)
+	}
+	if err := c.Put(ctx, "isthmus/probe", []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+}

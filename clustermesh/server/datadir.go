@@ -15,6 +15,10 @@ import (
 // InfoFile is the name of the server's Info in its data dir.
 const InfoFile = "cluster.json"
 
+// DefaultDataDirRoot holds the data dirs of isthmus-clustermesh by
+// default: <root>/<cluster>.
+const DefaultDataDirRoot = "/var/lib/isthmus-clustermesh"
+
 // DataDir is the data directory of an embedded-mode server, opened by
 // another process on the same host (the CLI's `clustermesh certs`) while
 // the server may be running. It reads the PKI and issues certificates but

@@ -22,6 +22,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/apiserver"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+	"github.com/isthmus-mesh/isthmus/clustermesh/server"
 )
 
 func main() {
@@ -35,9 +36,6 @@ func main() {
 		os.Exit(1)
 	}
 }
-
-// DefaultDataDirRoot is where data dirs go by default: <root>/<cluster>.
-const DefaultDataDirRoot = "/var/lib/isthmus-clustermesh"
 
 type options struct {
 	cluster            string
@@ -114,7 +112,7 @@ SIGTERM or SIGINT stops it cleanly.`,
 	f.StringVar(&o.cluster, "cluster-name", "", "name of this cluster, unique in the mesh (a DNS label of at most 32 characters)")
 	f.Uint32Var(&o.clusterID, "cluster-id", 0, "numeric cluster ID, 1-4095, unique in the mesh (the high bits of every identity)")
 	f.StringSliceVar(&o.podCIDRs, "pod-cidr", nil, "pod address range of the cluster (every node's pod CIDR lies inside); repeat or comma-separate for several / dual stack")
-	f.StringVar(&o.dataDir, "data-dir", "", "directory for the embedded etcd and the PKI (default "+DefaultDataDirRoot+"/<cluster-name>)")
+	f.StringVar(&o.dataDir, "data-dir", "", "directory for the embedded etcd and the PKI (default "+server.DefaultDataDirRoot+"/<cluster-name>)")
 	f.StringVar(&o.listenClient, "listen-client", "0.0.0.0:2379", "IP:port the embedded etcd serves clients on (agents, the CLI, remote clusters)")
 	f.StringVar(&o.listenPeer, "listen-peer", "127.0.0.1:2380", "IP:port of the embedded etcd's peer port (single member: nothing connects to it)")
 	f.StringSliceVar(&o.advertiseClient, "advertise-client", nil, "client URL(s) written into exported bundles, e.g. https://192.0.2.1:2379 (default https://<listen-client>, 127.0.0.1 for 0.0.0.0); their hosts go into the server certificate")
@@ -184,7 +182,7 @@ func (o *options) config() (apiserver.Config, error) {
 		}
 		sc.DataDir = o.dataDir
 		if sc.DataDir == "" {
-			sc.DataDir = filepath.Join(DefaultDataDirRoot, o.cluster)
+			sc.DataDir = filepath.Join(server.DefaultDataDirRoot, o.cluster)
 		}
 		if len(sc.AdvertiseClient) == 0 {
 			if ap, err := netip.ParseAddrPort(sc.ListenClient); err == nil && ap.Addr().IsUnspecified() {

@@ -41,8 +41,9 @@ const bundleFileInDir = "bundle.json"
 // cluster's etcd as root.
 type mesh struct {
 	*cli
-	endpoints []string
-	bundle    string
+	endpoints    []string
+	endpointsSet bool // by flag or environment
+	bundle       string
 }
 
 // quietLog drops the kvstore's log lines: its errors come back as returned
@@ -75,7 +76,10 @@ services into its own etcd; isthmus clustermesh status shows the progress.`,
 		defaultEndpoints = []string{defaultKVStoreEndpoint}
 	}
 	pf.StringSliceVar(&m.endpoints, "kvstore-endpoints", defaultEndpoints, "etcd client URLs of this cluster's isthmus-clustermesh (env "+envKVStoreEndpoints+")")
-	pf.StringVar(&m.bundle, "kvstore-bundle", os.Getenv(envKVStoreBundle), "directory with the cluster's root bundle: ca.crt, client.crt, client.key (env "+envKVStoreBundle+"; on the server host <data-dir>/pki/bundles/root)")
+	pf.StringVar(&m.bundle, "kvstore-bundle", os.Getenv(envKVStoreBundle), "directory with the cluster's root bundle: ca.crt, client.crt, client.key (env "+envKVStoreBundle+"; on the server host <data-dir>/pki/bundles/root; default: that of the one server under "+server.DefaultDataDirRoot+", if there is exactly one)")
+	cmd.PersistentPreRun = func(cmd *cobra.Command, _ []string) {
+		m.endpointsSet = cmd.Flags().Changed("kvstore-endpoints") || os.Getenv(envKVStoreEndpoints) != ""
+	}
 	cmd.AddCommand(m.certsCommand(), m.connectCommand(), m.disconnectCommand(), m.statusCommand())
 	return cmd
 }
@@ -90,10 +94,27 @@ func splitList(s string) []string {
 	return out
 }
 
-// local connects to the local cluster's etcd as root.
+// dataDirRoot is where local() looks for a server's data dir when no
+// bundle is given (a variable for tests).
+var dataDirRoot = server.DefaultDataDirRoot
+
+// local connects to the local cluster's etcd as root. Without a bundle, on
+// a host that runs exactly one isthmus-clustermesh with the default data
+// dir root, it uses that server's root bundle and address.
 func (m *mesh) local(ctx context.Context) (*kvstore.Client, error) {
 	if m.bundle == "" {
-		return nil, fmt.Errorf("the clustermesh verbs need the cluster's root bundle: --kvstore-bundle DIR or %s (on the server host: <data-dir>/pki/bundles/root)", envKVStoreBundle)
+		infos, _ := filepath.Glob(filepath.Join(dataDirRoot, "*", server.InfoFile))
+		if len(infos) != 1 {
+			return nil, fmt.Errorf("the clustermesh verbs need the cluster's root bundle: --kvstore-bundle DIR or %s (on the server host: <data-dir>/pki/bundles/root)", envKVStoreBundle)
+		}
+		d, err := server.OpenDataDir(filepath.Dir(infos[0]))
+		if err != nil {
+			return nil, err
+		}
+		m.bundle = filepath.Join(filepath.Dir(infos[0]), "pki", "bundles", server.UserRoot)
+		if !m.endpointsSet && d.Info().LocalURL != "" {
+			m.endpoints = []string{d.Info().LocalURL}
+		}
 	}
 	tc, err := loadBundleDir(m.bundle)
 	if err != nil {
@@ -233,7 +254,7 @@ func (m *mesh) remoteBundle(ctx context.Context, cmd *cobra.Command, d *server.D
 	if err != nil {
 		return server.Bundle{}, err
 	}
-	if cmd.Flags().Changed("kvstore-endpoints") || os.Getenv(envKVStoreEndpoints) != "" {
+	if m.endpointsSet {
 		kc.Endpoints = m.endpoints
 	}
 	kc.DialTimeout, kc.MaxRetries, kc.Logger = 5*time.Second, 2, quietLog

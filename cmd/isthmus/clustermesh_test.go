@@ -125,9 +125,16 @@ func TestClustermeshCommands(t *testing.T) {
 	if _, err := meshRun(t, c1, "connect", "--bundle", bundle, "--endpoints", "https://127.0.0.1:1", "--timeout", "500ms"); err == nil || !strings.Contains(err.Error(), "cannot reach cluster c2") {
 		t.Errorf("connect to nothing: %v", err)
 	}
-	// The CLI needs the root bundle.
+	// The CLI needs the root bundle; on a server host with one server
+	// under the default data dir root it finds it (and the address).
+	dataDirRoot = t.TempDir()
 	if _, err := run(t, "/x.sock", "", "clustermesh", "status", "--kvstore-bundle", ""); err == nil || !strings.Contains(err.Error(), "--kvstore-bundle DIR") {
 		t.Errorf("status without a bundle: %v", err)
+	}
+	dataDirRoot = filepath.Dir(c1.DataDir())
+	t.Cleanup(func() { dataDirRoot = server.DefaultDataDirRoot })
+	if out, err := run(t, "/x.sock", "", "clustermesh", "status"); err != nil || !strings.Contains(out, "c1 (ID 1)") {
+		t.Errorf("status with the server's data dir found: %v\n%s", err, out)
 	}
 
 	// c2 may read c1 (user remote-c2 exists); disconnect removes that too.

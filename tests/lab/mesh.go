@@ -38,6 +38,12 @@ type ClusterOptions struct {
 	// LeaseTTL of the agents' etcd records (default 10s in the lab, so a
 	// killed agent's records vanish quickly).
 	LeaseTTL time.Duration
+	// ExternalEtcd, when > 0, runs an external etcd cluster of that many
+	// members (Debian's /usr/bin/etcd, see etcd.go) on the cluster's bridge
+	// and starts the server against it (--etcd-endpoints and TLS flags)
+	// instead of with its embedded etcd. Cluster.Etcd is then set, and
+	// Bundle, Endpoints and ServerAddr point at that etcd.
+	ExternalEtcd int
 }
 
 // Cluster is one cluster of a lab mesh.
@@ -51,7 +57,10 @@ type Cluster struct {
 	ServerDir string
 	Nodes     []*Node
 	Agents    []*Agent
-	opts      ClusterOptions
+	// Etcd is the external etcd cluster (ClusterOptions.ExternalEtcd), or
+	// nil when the server runs its embedded etcd.
+	Etcd *EtcdCluster
+	opts ClusterOptions
 }
 
 func (c *Cluster) underlay4(host int) netip.Addr {
@@ -78,14 +87,27 @@ func (c *Cluster) NodePodCIDRs(j int) []netip.Prefix {
 	}
 }
 
-// ServerAddr is the address agents and other clusters use for the server.
+// ServerAddr is the address agents and other clusters use for the server
+// (with an external etcd: its members' client URLs, comma-separated).
 func (c *Cluster) ServerAddr() string {
-	return "https://" + c.underlay4(1).String() + ":2379"
+	return strings.Join(c.Endpoints(), ",")
+}
+
+// Endpoints are the client URLs of the cluster's etcd: the server's
+// embedded one, or every member of the external one.
+func (c *Cluster) Endpoints() []string {
+	if c.Etcd != nil {
+		return c.Etcd.Endpoints()
+	}
+	return []string{"https://" + c.underlay4(1).String() + ":2379"}
 }
 
 // Bundle returns the directory of the credentials the server exported for
-// user ("agents", "root").
+// user ("agents", "root"); with an external etcd, those the lab made for it.
 func (c *Cluster) Bundle(user string) string {
+	if c.Etcd != nil {
+		return c.Etcd.BundleDir(user)
+	}
 	return filepath.Join(c.ServerDir, "pki", "bundles", user)
 }
 
@@ -179,6 +201,11 @@ func (l *Lab) AddCluster(ctx context.Context, index int, opts ClusterOptions) (*
 			return nil, err
 		}
 	}
+	if opts.ExternalEtcd > 0 {
+		if c.Etcd, err = c.startEtcd(ctx, opts.ExternalEtcd); err != nil {
+			return nil, err
+		}
+	}
 	if err := c.StartServer(ctx); err != nil {
 		return nil, err
 	}
@@ -209,6 +236,13 @@ func (c *Cluster) StartServer(ctx context.Context) error {
 	}
 	for _, p := range c.PodCIDRs() {
 		args = append(args, "--pod-cidr", p.String())
+	}
+	if c.Etcd != nil {
+		root := c.Etcd.BundleDir("root")
+		args = append(args, "--etcd-endpoints", strings.Join(c.Etcd.Endpoints(), ","),
+			"--etcd-ca", filepath.Join(root, "ca.crt"),
+			"--etcd-cert", filepath.Join(root, "client.crt"),
+			"--etcd-key", filepath.Join(root, "client.key"))
 	}
 	args = append(args, c.opts.ServerArgs...)
 	p, err := c.Router.Start(context.WithoutCancel(ctx), args...)
