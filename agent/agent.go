@@ -160,6 +160,14 @@ type Agent struct {
 	routes router
 
 	rec reconciler
+
+	// ipcShadow is what the reconciler last wrote to the BPF ipcache, so a
+	// reconcile diffs against memory instead of walking a map of up to
+	// hundreds of thousands of entries (two syscalls each). The map itself
+	// is listed again every resyncInterval, and after any write error, to
+	// catch drift. Only the reconciler touches it.
+	ipcShadow   map[netip.Prefix]bpf.IPCacheEntry
+	ipcListedAt time.Time
 }
 
 // New validates cfg and loads the desired state from cfg.StateDir. It

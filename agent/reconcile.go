@@ -179,20 +179,40 @@ func (a *Agent) reconcile(ctx context.Context) error {
 			wantIPC[netip.PrefixFrom(ip, ip.BitLen())] = bpf.IPCacheEntry{Identity: ep.Identity}
 		}
 	}
-	haveIPC, err := a.dp.IPCacheList()
-	if err != nil {
-		return err
+	if a.ipcShadow == nil || time.Since(a.ipcListedAt) >= resyncInterval {
+		have, err := a.dp.IPCacheList()
+		if err != nil {
+			return err
+		}
+		a.ipcShadow, a.ipcListedAt = have, time.Now()
 	}
+	haveIPC := a.ipcShadow
 	var errs []error
+	ipcFailed := false
 	for p, e := range wantIPC {
 		if h, ok := haveIPC[p]; !ok || h != e {
-			errs = appendErr(errs, a.dp.IPCacheUpsert(p, e), &stats.ipcache)
+			if err := a.dp.IPCacheUpsert(p, e); err != nil {
+				ipcFailed = true
+				errs = appendErr(errs, err, &stats.ipcache)
+				continue
+			}
+			haveIPC[p] = e
+			stats.ipcache++
 		}
 	}
 	for p := range haveIPC {
 		if _, ok := wantIPC[p]; !ok && mesh.mayRemove(p) {
-			errs = appendErr(errs, a.dp.IPCacheDelete(p), &stats.ipcache)
+			if err := a.dp.IPCacheDelete(p); err != nil {
+				ipcFailed = true
+				errs = appendErr(errs, err, &stats.ipcache)
+				continue
+			}
+			delete(haveIPC, p)
+			stats.ipcache++
 		}
+	}
+	if ipcFailed {
+		a.ipcShadow = nil // list the map again next time
 	}
 
 	// 2. Policy, compiled for every local endpoint. New entries first.

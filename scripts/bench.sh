@@ -6,8 +6,9 @@
 # Ratios are measured side by side in one run (see tests/bench), because
 # these machines are shared and absolute numbers drift.
 #
-# BENCH_RUN selects sections of tests/bench (regexp: throughput|cps),
-# BENCH_DURATION the length of each measurement.
+# BENCH_RUN selects sections (regexp: throughput|cps|mesh; mesh also runs
+# the identity allocation benchmark), BENCH_DURATION the length of each
+# measurement of throughput and cps.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -27,6 +28,23 @@ go test -run '^$' -bench 'BenchmarkFromPod' -benchtime 200x -count 1 ./bpf/ |
 		printf "bench: from-pod-%s %s ns/pkt (goal info: BPF_PROG_TEST_RUN)\n", name, v
 	}'
 
-# 2. Throughput against a plain veth pair, service scaling against one
-#    service and against iptables (kube-proxy style).
-go run ./tests/bench -run "${BENCH_RUN:-throughput|cps}" -duration "${BENCH_DURATION:-8s}"
+run="${BENCH_RUN:-throughput|cps|mesh}"
+
+# 2. Identity allocations per second, 10 concurrent allocators (each its
+#    own etcd client and node name) against one embedded etcd (no fsync).
+if [[ mesh =~ $run ]]; then
+	go test -run '^$' -bench 'BenchmarkEtcdAllocate' -benchtime 2000x -count 1 ./clustermesh/identity/ |
+		awk '/^BenchmarkEtcdAllocate\// {
+			name = $1; sub(/^BenchmarkEtcdAllocate\//, "", name); sub(/-[0-9]+$/, "", name)
+			for (i = 1; i <= NF; i++) if ($(i+1) == "allocs/s") v = $i
+			what["new"] = "new label sets"
+			what["existing"] = "label sets another node created"
+			what["racing"] = "all 10 allocating the same new label sets"
+			printf "bench: identity-allocs-%s %s allocs/s (goal info: 10 concurrent allocators, %s)\n", name, v, what[name]
+		}'
+fi
+
+# 3. Throughput against a plain veth pair, service scaling against one
+#    service and against iptables (kube-proxy style); the cluster mesh:
+#    propagation, full sync of 100,000 endpoints, agent RSS (tests/bench/mesh.go).
+go run ./tests/bench -run "$run" -duration "${BENCH_DURATION:-8s}"

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"hash/maphash"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -325,13 +326,21 @@ func (r *remote) refuse(ctx context.Context, err error) error {
 	return err
 }
 
-// Batching of cache writes: etcd's default limit of operations per
-// transaction, and a bound on the request size well below its 1.5 MiB.
+// Batching of cache writes. Each transaction costs a raft round and an
+// fsync, so large batches are what makes a full sync fast; the embedded etcd
+// accepts maxBatchOps operations per transaction. An external etcd keeps
+// its default limit (etcdMinTxnOps) unless raised: a batch it refuses is
+// written in chunks of that size instead. The byte bound stays well below
+// etcd's 1.5 MiB request limit.
 const (
-	maxBatchOps   = 128
+	maxBatchOps   = 1024
+	etcdMinTxnOps = 128
 	maxBatchBytes = 1 << 20
 	flushDelay    = 2 * time.Millisecond
 )
+
+// MaxTxnOps is the transaction size the embedded etcd must accept.
+const MaxTxnOps = maxBatchOps
 
 var hashSeed = maphash.MakeSeed()
 
@@ -586,6 +595,9 @@ func (k *kindMirror) write(ctx context.Context, ops []kvstore.Op) error {
 	b := backoff{min: 50 * time.Millisecond, max: 2 * time.Second}
 	for attempt := 0; ; attempt++ {
 		_, err := k.r.m.kv.Txn(ctx, nil, ops)
+		if err != nil && len(ops) > etcdMinTxnOps && strings.Contains(err.Error(), "too many operations") {
+			err = k.writeChunks(ctx, ops)
+		}
 		if err == nil {
 			break
 		}
@@ -600,6 +612,19 @@ func (k *kindMirror) write(ctx context.Context, ops []kvstore.Op) error {
 		}
 	}
 	k.r.box.update(func(s *Status) { s.LastChange = time.Now().UTC() })
+	return nil
+}
+
+// writeChunks writes ops in transactions of etcd's default size, for an
+// etcd that refuses larger ones.
+func (k *kindMirror) writeChunks(ctx context.Context, ops []kvstore.Op) error {
+	for len(ops) > 0 {
+		n := min(len(ops), etcdMinTxnOps)
+		if _, err := k.r.m.kv.Txn(ctx, nil, ops[:n]); err != nil {
+			return err
+		}
+		ops = ops[n:]
+	}
 	return nil
 }
 

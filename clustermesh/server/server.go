@@ -291,6 +291,10 @@ func (s *Server) startEmbedded(ctx context.Context) error {
 	ecfg.AutoCompactionRetention = "1h"
 	ecfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(newEtcdLogger(s.log, &s.stopping))
 	ecfg.UnsafeNoFsync = s.cfg.UnsafeNoFsync
+	// The mirror writes remote clusters in large transactions (one raft
+	// round and fsync each); etcd's default of 128 operations would make a
+	// full sync of 100k endpoints take several times longer.
+	ecfg.MaxTxnOps = MaxTxnOps
 
 	e, err := embed.StartEtcd(ecfg)
 	if err != nil {
@@ -632,3 +636,8 @@ func (s *Server) Close() error {
 	})
 	return nil
 }
+
+// MaxTxnOps is the embedded etcd's limit of operations per transaction; it
+// must be at least mirror.MaxTxnOps (the mirror imports this package, so the
+// value is repeated here and checked by a test).
+const MaxTxnOps = 1024

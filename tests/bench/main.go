@@ -5,7 +5,9 @@
 //
 // Every ratio is measured side by side in the same run (datapath against a
 // plain veth pair, 10,000 services against one, Isthmus against iptables),
-// because the machines are shared and absolute numbers drift.
+// because the machines are shared and absolute numbers drift. The mesh
+// section (mesh.go) measures the cluster mesh: propagation, full sync and
+// agent memory.
 package main
 
 import (
@@ -27,7 +29,7 @@ import (
 )
 
 var (
-	only     = flag.String("run", "throughput|cps", "regexp of the sections to run: throughput, cps")
+	only     = flag.String("run", "throughput|cps|mesh", "regexp of the sections to run: throughput, cps, mesh")
 	duration = flag.Duration("duration", 8*time.Second, "length of each measurement")
 	services = flag.Int("services", 10000, "services installed for the scaling measurement")
 )
@@ -54,7 +56,14 @@ func main() {
 			ok = false
 		}
 	}
+	if re.MatchString("mesh") {
+		if err := meshBench(ctx); err != nil {
+			fmt.Fprintln(os.Stderr, "bench mesh:", err)
+			ok = false
+		}
+	}
 	if !ok {
+		lab.CleanupBinaries() // os.Exit skips the deferred call
 		os.Exit(1)
 	}
 }
