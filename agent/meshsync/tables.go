@@ -138,7 +138,11 @@ func (t *Tables) handle(prefix string, ev kvstore.Event) bool {
 	case prefix == records.SyncedPrefix:
 		err = t.canary(ev.Key, ev.Value, del)
 	case prefix == records.CacheRoot:
-		err = t.cached(ev.Key, ev.Value, del)
+		if err = t.cached(ev.Key, ev.Value, del); err == nil {
+			// A remote's records before its canary change nothing in use:
+			// no reconcile for them (a full sync is many thousands).
+			return t.cachedInUse(ev.Key)
+		}
 	default: // own cluster's state
 		err = t.state(t.clusters[t.local.Cluster], ev.Key, ev.Value, del)
 	}
@@ -646,4 +650,20 @@ func (t *Tables) Identity(id uint32) (identity.Labels, bool) {
 		}
 	}
 	return nil, false
+}
+
+// cachedInUse reports whether a mirrored key belongs to state in use (its
+// cluster known and its kind synced).
+func (t *Tables) cachedInUse(key string) bool {
+	stateKey, name, err := records.StateKey(key)
+	if err != nil {
+		return true
+	}
+	c, ok := t.clusters[name]
+	if !ok {
+		return true
+	}
+	rest, _ := strings.CutPrefix(stateKey, records.StateRoot)
+	kind, _, _ := strings.Cut(rest, "/")
+	return t.usable(c, records.Kind(kind))
 }

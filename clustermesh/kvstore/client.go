@@ -266,7 +266,7 @@ func (c *Client) Get(ctx context.Context, key string) (kv KeyValue, found bool, 
 
 // listPageSize bounds the keys read by one range request; big prefixes are
 // read in pages at one revision, so the result is still one snapshot.
-var listPageSize int64 = 1000
+var listPageSize int64 = 5000
 
 // GetPrefix reads every key under prefix, sorted by key, as one consistent
 // snapshot, and returns the revision of that snapshot.
