@@ -8,10 +8,10 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
-	"github.com/isthmus-mesh/isthmus/agent/internal/etcdtest"
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/clustermesh/server"
+	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 )
 
 // An agent reaches a real clustermesh server with nothing but the flags

@@ -13,10 +13,10 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
-	"github.com/isthmus-mesh/isthmus/agent/internal/etcdtest"
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 )
 
 // fakeRouter records the routes the agent wants.

@@ -5,12 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/isthmus-mesh/isthmus/internal/atomicfile"
 	"io/fs"
 	"maps"
 	"math"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -342,48 +342,8 @@ func (a *IPAM) save() error {
 	if err != nil {
 		return fmt.Errorf("ipam: encode state: %w", err)
 	}
-	if err := writeFileAtomic(a.path, append(data, '\n')); err != nil {
+	if err := atomicfile.Write(a.path, append(data, '\n'), 0o600); err != nil {
 		return fmt.Errorf("ipam: save state: %w", err)
 	}
 	return nil
-}
-
-// writeFileAtomic replaces path with data so that a crash leaves either the
-// old or the new content: write a temp file in the same directory, fsync,
-// rename over path, fsync the directory.
-func writeFileAtomic(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // no-op after a successful rename
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

@@ -11,9 +11,9 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/isthmus-mesh/isthmus/agent/internal/etcdtest"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 )
 
 func TestMain(m *testing.M) {

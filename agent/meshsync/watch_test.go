@@ -9,9 +9,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/agent/internal/etcdtest"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 )
 
 // must returns an encoded record; the encoders only fail on invalid

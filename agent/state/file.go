@@ -5,51 +5,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/isthmus-mesh/isthmus/internal/atomicfile"
 	"os"
-	"path/filepath"
 )
 
 // WriteFileAtomic replaces path with data so that a crash leaves either the
-// old or the new content, never a mix: temporary file in the same directory,
-// fsync, rename, fsync of the directory.
+// old or the new content (see internal/atomicfile).
 func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	ok := false
-	defer func() {
-		if !ok {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	if err := f.Chmod(perm); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("write %s: fsync: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	ok = true
-	if d, err := os.Open(dir); err == nil {
-		err = d.Sync()
-		d.Close()
-		if err != nil {
-			return fmt.Errorf("write %s: fsync directory: %w", path, err)
-		}
-	}
-	return nil
+	return atomicfile.Write(path, data, perm)
 }
 
 // fileVersion is the schema version of the files this package writes.

@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/clustermesh/internal/etcdtest"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
+	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 )
 
 // BenchmarkEtcdAllocate measures identity allocations per second with 10

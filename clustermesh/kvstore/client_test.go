@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/clustermesh/internal/etcdtest"
+	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 )
 
 func connect(t *testing.T, endpoint string) *Client {

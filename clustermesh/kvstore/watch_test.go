@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/clustermesh/internal/etcdtest"
+	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 )
 
 // next reads one event or fails after a timeout.

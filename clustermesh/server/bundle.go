@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/isthmus-mesh/isthmus/internal/atomicfile"
 	"os"
 	"path/filepath"
 
@@ -78,7 +79,7 @@ func (b Bundle) WriteFile(path string) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(path, append(data, '\n'), 0o600)
+	return atomicfile.Write(path, append(data, '\n'), 0o600)
 }
 
 // Files of a bundle directory (docs/internal-contracts.md): what agents
@@ -104,7 +105,7 @@ func (b Bundle) WriteDir(dir string) error {
 		{BundleCertFile, b.Cert, 0o644},
 		{BundleCAFile, b.CACert, 0o644},
 	} {
-		if err := writeFileAtomic(filepath.Join(dir, f.name), f.data, f.perm); err != nil {
+		if err := atomicfile.Write(filepath.Join(dir, f.name), f.data, f.perm); err != nil {
 			return fmt.Errorf("bundle %s: %w", dir, err)
 		}
 	}

@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"github.com/isthmus-mesh/isthmus/internal/atomicfile"
 	"io/fs"
 	"math/big"
 	"net"
@@ -124,10 +125,10 @@ func (p *pki) load(name string) (keyPair, error) {
 
 func (p *pki) save(name string, kp keyPair) error {
 	certPath, keyPath := p.paths(name)
-	if err := writeFileAtomic(keyPath, kp.keyPEM, 0o600); err != nil {
+	if err := atomicfile.Write(keyPath, kp.keyPEM, 0o600); err != nil {
 		return fmt.Errorf("pki: %w", err)
 	}
-	if err := writeFileAtomic(certPath, kp.certPEM, 0o644); err != nil {
+	if err := atomicfile.Write(certPath, kp.certPEM, 0o644); err != nil {
 		return fmt.Errorf("pki: %w", err)
 	}
 	return nil
@@ -275,32 +276,4 @@ func (p *pki) usable(kp keyPair, commonName string, server bool, names sans) boo
 		}
 	}
 	return true
-}
-
-// writeFileAtomic replaces path with data: temp file, fsync, rename, so a
-// crash never leaves half a key.
-func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if err := f.Chmod(perm); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/isthmus-mesh/isthmus/internal/atomicfile"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -492,7 +493,7 @@ func (s *Server) writeInfo(ctx context.Context) error {
 		return fmt.Errorf("clustermesh: write server info: %w", err)
 	}
 	if s.etcd != nil {
-		if err := writeFileAtomic(filepath.Join(s.cfg.DataDir, InfoFile), append(data, '\n'), 0o644); err != nil {
+		if err := atomicfile.Write(filepath.Join(s.cfg.DataDir, InfoFile), append(data, '\n'), 0o644); err != nil {
 			return fmt.Errorf("clustermesh: write server info: %w", err)
 		}
 	}

@@ -14,9 +14,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/clustermesh/internal/etcdtest"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 )
 

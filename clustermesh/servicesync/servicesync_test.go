@@ -11,10 +11,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/clustermesh/internal/etcdtest"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 )
 
 var quiet = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
