@@ -10,7 +10,8 @@ STATICCHECK_VERSION ?= v0.8.2
 # Every Debian package the project needs (build, datapath, tests, benchmarks).
 DEB_PACKAGES := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iperf3 \
 	tcpdump iptables nftables ethtool netcat-openbsd util-linux procps \
-	iputils-ping iputils-arping jq python3 git make etcd-client etcd-server
+	iputils-ping iputils-arping jq python3 git make etcd-client etcd-server \
+	wireguard-tools
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
