@@ -497,8 +497,10 @@ func (m *mesh) disconnectCommand() *cobra.Command {
 		Long: `Disconnect a remote cluster: this cluster's server stops mirroring it and
 deletes everything it mirrored of it (its endpoints leave this cluster's
 datapaths). Unless --keep-access is given, the remote's read access to this
-cluster (etcd user remote-CLUSTER) is removed too, so its mirror of this
-cluster stops as well.`,
+cluster (etcd user remote-CLUSTER) is removed too: its mirror of this
+cluster can no longer read anything, but it keeps serving its last copy
+(state "unreachable") until its --cache-ttl passes or it disconnects this
+cluster as well. Run disconnect on both sides.`,
 		Example: `  isthmus clustermesh disconnect --name c2`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {

@@ -38,8 +38,10 @@ func (c *cli) applyCommand() *cobra.Command {
 		Long: `Apply the YAML documents in FILE (or standard input with -f -). Every
 document must be a valid Service or NetworkPolicy of apiVersion
 isthmus.io/v1alpha1; if one is not, or a Service claims another's VIP and
-port, nothing is applied. The command returns once the datapath enforces the
-new state.`,
+port, nothing is applied. The command returns once this node's datapath
+enforces the new state. In cluster mode the objects are stored cluster-wide
+and every node applies them as it sees them; the command waits for this node
+(at most 30 s, then it returns and the agent logs a warning).`,
 		Example: `  isthmus apply -f web.yaml
   cat policy.yaml | isthmus apply -f -`,
 		Args: cobra.NoArgs,
