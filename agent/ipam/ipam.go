@@ -1,11 +1,11 @@
 package ipam
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"github.com/isthmus-mesh/isthmus/internal/atomicfile"
+	"github.com/isthmus-mesh/isthmus/internal/strictjson"
 	"io/fs"
 	"maps"
 	"math"
@@ -179,13 +179,8 @@ type state struct {
 
 func (a *IPAM) load(data []byte) error {
 	var st state
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&st); err != nil {
+	if err := strictjson.Decode(data, &st); err != nil {
 		return err
-	}
-	if dec.More() {
-		return errors.New("trailing data after the JSON document")
 	}
 	if st.Version != stateVersion {
 		return fmt.Errorf("version %d, want %d", st.Version, stateVersion)

@@ -1,11 +1,11 @@
 package state
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"github.com/isthmus-mesh/isthmus/internal/atomicfile"
+	"github.com/isthmus-mesh/isthmus/internal/strictjson"
 	"os"
 )
 
@@ -37,13 +37,8 @@ func readJSON(path string, v any) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("read state file %s: %w", path, err)
 	}
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
+	if err := strictjson.Decode(data, v); err != nil {
 		return false, fmt.Errorf("state file %s is corrupt (%v): fix or move it away; the agent will not overwrite it", path, err)
-	}
-	if dec.More() {
-		return false, fmt.Errorf("state file %s is corrupt (trailing data after the JSON document): fix or move it away; the agent will not overwrite it", path)
 	}
 	return true, nil
 }

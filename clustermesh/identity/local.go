@@ -1,13 +1,13 @@
 package identity
 
 import (
-	"bytes"
 	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"github.com/isthmus-mesh/isthmus/internal/atomicfile"
+	"github.com/isthmus-mesh/isthmus/internal/strictjson"
 	"io/fs"
 	"os"
 	"slices"
@@ -91,13 +91,8 @@ func NewLocal(stateFile string, clusterID uint32) (*Local, error) {
 
 func (a *Local) load(data []byte) error {
 	var st localState
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&st); err != nil {
+	if err := strictjson.Decode(data, &st); err != nil {
 		return err
-	}
-	if dec.More() {
-		return errors.New("trailing data after the JSON document")
 	}
 	if st.Version != stateVersion {
 		return fmt.Errorf("version %d, want %d", st.Version, stateVersion)

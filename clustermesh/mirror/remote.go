@@ -1,14 +1,13 @@
 package mirror
 
 import (
-	"bytes"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
+	"github.com/isthmus-mesh/isthmus/internal/strictjson"
 	"net"
 	"net/url"
 	"strings"
@@ -176,13 +175,8 @@ func DecodeRemote(key string, value []byte, local string) (Remote, error) {
 		return Remote{}, fmt.Errorf("%s: %d bytes, more than %d", key, len(value), records.MaxRecordSize)
 	}
 	var r Remote
-	dec := json.NewDecoder(bytes.NewReader(value))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&r); err != nil {
+	if err := strictjson.Decode(value, &r); err != nil {
 		return Remote{}, fmt.Errorf("%s: %w", key, err)
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return Remote{}, fmt.Errorf("%s: trailing data after the JSON value", key)
 	}
 	if r.Name != name {
 		return Remote{}, fmt.Errorf("%s: record names cluster %q", key, r.Name)

@@ -1,10 +1,8 @@
 package mirror
 
 import (
-	"bytes"
-	"encoding/json"
 	"fmt"
-	"io"
+	"github.com/isthmus-mesh/isthmus/internal/strictjson"
 	"slices"
 	"sync"
 	"time"
@@ -101,13 +99,8 @@ func (s Status) CurrentError() string {
 // DecodeStatus decodes a status read from isthmus/status/remotes/<c>.
 func DecodeStatus(data []byte) (Status, error) {
 	var s Status
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&s); err != nil {
+	if err := strictjson.Decode(data, &s); err != nil {
 		return Status{}, fmt.Errorf("remote status: %w", err)
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return Status{}, fmt.Errorf("remote status: trailing data")
 	}
 	if err := records.ValidateClusterName(s.Cluster); err != nil {
 		return Status{}, fmt.Errorf("remote status: %w", err)

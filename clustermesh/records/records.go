@@ -1,11 +1,10 @@
 package records
 
 import (
-	"bytes"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"io"
+	"github.com/isthmus-mesh/isthmus/internal/strictjson"
 	"net/netip"
 	"slices"
 	"time"
@@ -438,13 +437,8 @@ func decode[T validator](what string, data []byte) (T, error) {
 	if err := checkVersion(*hdr.Version); err != nil {
 		return zero, fmt.Errorf("%s: %w", what, err)
 	}
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&v); err != nil {
+	if err := strictjson.Decode(data, &v); err != nil {
 		return zero, malformed("%s: %v", what, err)
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return zero, malformed("%s: trailing data after the JSON value", what)
 	}
 	if err := v.Validate(); err != nil {
 		return zero, fmt.Errorf("%s: %w", what, err)

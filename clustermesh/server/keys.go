@@ -1,10 +1,8 @@
 package server
 
 import (
-	"bytes"
-	"encoding/json"
 	"fmt"
-	"io"
+	"github.com/isthmus-mesh/isthmus/internal/strictjson"
 	"net/netip"
 	"time"
 
@@ -71,13 +69,8 @@ type Info struct {
 // DecodeInfo decodes an Info strictly.
 func DecodeInfo(data []byte) (Info, error) {
 	var in Info
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&in); err != nil {
+	if err := strictjson.Decode(data, &in); err != nil {
 		return Info{}, fmt.Errorf("server info: %w", err)
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return Info{}, fmt.Errorf("server info: trailing data")
 	}
 	if in.Version != InfoVersion {
 		return Info{}, fmt.Errorf("server info: version %d not supported (this build reads %d)", in.Version, InfoVersion)
