@@ -107,6 +107,37 @@ type Status struct {
 	Errors []string `json:"errors,omitempty"`
 	// ClusterMesh is set in cluster mode (the agent talks to etcd).
 	ClusterMesh *ClusterMeshStatus `json:"clustermesh,omitempty"`
+	// WireGuard is set when transparent encryption is on.
+	WireGuard *WireGuardStatus `json:"wireguard,omitempty"`
+}
+
+// WireGuardStatus is the node's WireGuard device and its peers.
+type WireGuardStatus struct {
+	Device     string `json:"device"`
+	Mode       string `json:"mode"` // "kernel" or "userspace"
+	PublicKey  string `json:"publicKey"`
+	ListenPort int    `json:"listenPort"`
+	MTU        int    `json:"mtu"`
+	// NodeEncryption: node-to-node traffic is encrypted too, not only pods'.
+	NodeEncryption bool            `json:"nodeEncryption"`
+	Peers          []WireGuardPeer `json:"peers"`
+	// Unencrypted names mesh nodes that publish no WireGuard key: traffic to
+	// their pods is not sent (see docs/encryption.md).
+	Unencrypted []string `json:"unencrypted,omitempty"`
+	// Refused names peers left out, with why (a duplicate key, bad record).
+	Refused   []string `json:"refused,omitempty"`
+	LastError string   `json:"lastError,omitempty"`
+}
+
+// WireGuardPeer is one peer as the device sees it.
+type WireGuardPeer struct {
+	Node          string         `json:"node"` // <cluster>/<node>
+	PublicKey     string         `json:"publicKey"`
+	Endpoint      string         `json:"endpoint,omitempty"`
+	AllowedIPs    []netip.Prefix `json:"allowedIPs"`
+	LastHandshake time.Time      `json:"lastHandshake,omitzero"`
+	RxBytes       int64          `json:"rxBytes"`
+	TxBytes       int64          `json:"txBytes"`
 }
 
 // ClusterMeshStatus is the node's view of its cluster's etcd and of the
