@@ -44,6 +44,12 @@ type ClusterOptions struct {
 	// instead of with its embedded etcd. Cluster.Etcd is then set, and
 	// Bundle, Endpoints and ServerAddr point at that etcd.
 	ExternalEtcd int
+	// Encryption is "wireguard" to run every agent with transparent
+	// encryption (each gets a WireGuard device named <prefix>w<cluster><node>,
+	// so lab cleanup finds its UAPI socket); "" or "none" leaves it off.
+	Encryption string
+	// NodeEncryption also encrypts node-to-node traffic (with Encryption).
+	NodeEncryption bool
 }
 
 // Cluster is one cluster of a lab mesh.
@@ -320,6 +326,13 @@ func (c *Cluster) AddNode(ctx context.Context) (*Node, *Agent, error) {
 		"--kvstore-bundle", c.Bundle("agents"),
 		"--node-ip", ip4.String(), "--node-ip", ip6.String(),
 		"--lease-ttl", c.opts.LeaseTTL.String(),
+	}
+	if c.opts.Encryption != "" && c.opts.Encryption != "none" {
+		args = append(args, "--encryption", c.opts.Encryption,
+			"--wireguard-device", fmt.Sprintf("%sw%dn%d", c.lab.Prefix(), c.Index, j))
+		if c.opts.NodeEncryption {
+			args = append(args, "--node-encryption")
+		}
 	}
 	a, err := n.StartAgent(ctx, AgentOptions{PodCIDRs: pods, ClusterName: c.Name, ClusterID: c.ID, Args: append(args, c.opts.AgentArgs...)})
 	if err != nil {
