@@ -38,6 +38,9 @@ type Config struct {
 	BackoffMin, BackoffMax time.Duration
 	// Logger receives the client's log lines. Default slog.Default().
 	Logger *slog.Logger
+	// Metrics, when set, counts the client's calls for Prometheus (see
+	// NewMetrics); several clients may share one.
+	Metrics *Metrics
 }
 
 func (c *Config) setDefaults() {
@@ -120,6 +123,7 @@ func Connect(ctx context.Context, cfg Config) (*Client, error) {
 	}
 	cctx, cancel := context.WithCancel(context.Background())
 	c := &Client{cli: cli, cfg: cfg, log: cfg.Logger, ctx: cctx, cancel: cancel}
+	c.stats.m = cfg.Metrics
 	if err := c.probe(ctx); err != nil {
 		c.Close()
 		return nil, err
@@ -206,7 +210,7 @@ func (c *Client) do(ctx context.Context, o op, what string, f func(ctx context.C
 		if err == nil || ctx.Err() != nil || !retryable(err) || attempt >= c.cfg.MaxRetries {
 			break
 		}
-		c.stats.retries.Add(1)
+		c.stats.retry()
 		c.log.Debug("kvstore: retrying after transient error", "op", opNames[o], "key", what, "attempt", attempt+1, "err", err)
 		if b.wait(ctx) != nil {
 			break

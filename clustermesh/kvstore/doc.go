@@ -7,5 +7,6 @@
 // any watch failure and synthesises deletions for keys that vanished in
 // between, so that consumers never keep stale state.
 //
-// Counters for later /metrics are read with Client.Stats.
+// Counters are read with Client.Stats; Config.Metrics exports them (with
+// latency histograms) to Prometheus as isthmus_kvstore_*.
 package kvstore

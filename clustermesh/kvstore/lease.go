@@ -175,7 +175,7 @@ func (l *Lease) run() {
 			}
 		}
 		b.reset()
-		l.c.stats.leaseRegrants.Add(1)
+		l.c.stats.leaseRegrant()
 		l.mu.Lock()
 		l.id = newID
 		cbs := append([]func(context.Context, LeaseID){}, l.callbacks...)

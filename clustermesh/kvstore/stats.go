@@ -3,6 +3,8 @@ package kvstore
 import (
 	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // op names one kind of etcd call for the counters.
@@ -77,14 +79,54 @@ type counters struct {
 	watchRelists      atomic.Uint64
 	watchErrors       atomic.Uint64
 	watchStaleDeletes atomic.Uint64
+	// m, when set (Config.Metrics), gets every count too.
+	m *Metrics
 }
 
 func (c *counters) observe(o op, start time.Time, err error) {
+	d := time.Since(start)
 	oc := &c.ops[o]
 	oc.count.Add(1)
-	oc.latency.Add(int64(time.Since(start)))
+	oc.latency.Add(int64(d))
 	if err != nil {
 		oc.errors.Add(1)
+	}
+	if c.m != nil {
+		c.m.observe(o, d, err)
+	}
+}
+
+// add counts one event in n and in its Prometheus twin.
+func (c *counters) add(n *atomic.Uint64, twin func(*Metrics) prometheus.Counter) {
+	n.Add(1)
+	if c.m != nil {
+		twin(c.m).Inc()
+	}
+}
+
+func (c *counters) retry() {
+	c.add(&c.retries, func(m *Metrics) prometheus.Counter { return m.retries })
+}
+func (c *counters) leaseRegrant() {
+	c.add(&c.leaseRegrants, func(m *Metrics) prometheus.Counter { return m.leaseRegrants })
+}
+func (c *counters) watchEvent() {
+	c.add(&c.watchEvents, func(m *Metrics) prometheus.Counter { return m.watchEvents })
+}
+func (c *counters) watchRelist() {
+	c.add(&c.watchRelists, func(m *Metrics) prometheus.Counter { return m.watchRelists })
+}
+func (c *counters) watchError() {
+	c.add(&c.watchErrors, func(m *Metrics) prometheus.Counter { return m.watchErrors })
+}
+func (c *counters) watchStaleDelete() {
+	c.add(&c.watchStaleDeletes, func(m *Metrics) prometheus.Counter { return m.watchStaleDeletes })
+}
+
+// watching counts a running watch (+1 at start, -1 at its end).
+func (c *counters) watching(delta float64) {
+	if c.m != nil {
+		c.m.watches.Add(delta)
 	}
 }
 

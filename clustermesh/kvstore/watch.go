@@ -59,6 +59,8 @@ func (c *Client) WatchPrefix(ctx context.Context, prefix string) <-chan Event {
 	ch := make(chan Event)
 	go func() {
 		defer close(ch)
+		c.stats.watching(1)
+		defer c.stats.watching(-1)
 		ctx, cancel := context.WithCancel(ctx)
 		defer cancel()
 		stop := context.AfterFunc(c.ctx, cancel)
@@ -83,7 +85,7 @@ func (w *watcher) send(ctx context.Context, ev Event) bool {
 	select {
 	case w.out <- ev:
 		if ev.Type != EventListDone {
-			w.c.stats.watchEvents.Add(1)
+			w.c.stats.watchEvent()
 		}
 		return true
 	case <-ctx.Done():
@@ -96,7 +98,7 @@ func (w *watcher) run(ctx context.Context) {
 	b := backoff{min: w.c.cfg.BackoffMin, max: w.c.cfg.BackoffMax}
 	for first := true; ; first = false {
 		if !first {
-			w.c.stats.watchRelists.Add(1)
+			w.c.stats.watchRelist()
 		}
 		rev, err := w.list(ctx)
 		if err != nil {
@@ -117,7 +119,7 @@ func (w *watcher) run(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		w.c.stats.watchErrors.Add(1)
+		w.c.stats.watchError()
 		log.Warn("kvstore: watch failed, re-listing", "err", err)
 		if b.wait(ctx) != nil {
 			return
@@ -150,7 +152,7 @@ func (w *watcher) list(ctx context.Context) (int64, error) {
 			continue
 		}
 		delete(w.known, key)
-		w.c.stats.watchStaleDeletes.Add(1)
+		w.c.stats.watchStaleDelete()
 		if !w.send(ctx, Event{Type: EventDelete, Key: key, Revision: rev}) {
 			return -1, nil
 		}
