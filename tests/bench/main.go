@@ -29,7 +29,7 @@ import (
 )
 
 var (
-	only     = flag.String("run", "throughput|cps|mesh", "regexp of the sections to run: throughput, cps, mesh")
+	only     = flag.String("run", "throughput|cps|mesh|wireguard", "regexp of the sections to run: throughput, cps, mesh, wireguard")
 	duration = flag.Duration("duration", 8*time.Second, "length of each measurement")
 	services = flag.Int("services", 10000, "services installed for the scaling measurement")
 )
@@ -59,6 +59,12 @@ func main() {
 	if re.MatchString("mesh") {
 		if err := meshBench(ctx); err != nil {
 			fmt.Fprintln(os.Stderr, "bench mesh:", err)
+			ok = false
+		}
+	}
+	if re.MatchString("wireguard") {
+		if err := wireguardBench(ctx); err != nil {
+			fmt.Fprintln(os.Stderr, "bench wireguard:", err)
 			ok = false
 		}
 	}
