@@ -61,6 +61,10 @@ type Config struct {
 	// ResetDatapath removes this node's pinned maps and links before loading
 	// the datapath: every flow and every program attachment starts over.
 	ResetDatapath bool
+	// MetricsAddr is host:port for GET /metrics, /healthz and /readyz over
+	// plain HTTP (metrics.go); "" turns that listener off. The API socket
+	// serves the same paths regardless.
+	MetricsAddr string
 
 	// Cluster mode: on when KVStoreEndpoints is set (see clustermesh.go).
 	KVStoreEndpoints []string      // etcd client URLs of the cluster's server
@@ -159,7 +163,8 @@ type Agent struct {
 	mesh   *clusterMesh
 	routes router
 
-	rec reconciler
+	rec     reconciler
+	metrics *agentMetrics // set at the start of Run
 
 	// ipcShadow is what the reconciler last wrote to the BPF ipcache, so a
 	// reconcile diffs against memory instead of walking a map of up to
@@ -243,6 +248,12 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer ln.Close()
+	a.metrics = newAgentMetrics(a)
+	ms, err := a.listenMetrics()
+	if err != nil {
+		return err
+	}
+	defer ms.Close()
 
 	if err := a.plumb.PrepareNode(); err != nil {
 		return err
@@ -277,6 +288,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	wg.Go(func() { a.reconcileLoop(ctx) })
 	wg.Go(func() { a.watchNodeAddrs(ctx) })
+	wg.Go(func() { ms.Serve(ctx, a.log) })
 	if a.mesh != nil {
 		// etcd is one more source of desired state; the datapath already
 		// serves from local state while it connects.
@@ -289,7 +301,7 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	a.log.Info("agent ready", "socket", a.cfg.SocketPath, "cluster", a.cfg.ClusterName, "podCIDRs", a.cfg.PodCIDRs,
 		"endpoints", len(a.store.Endpoints()), "attachMode", dp.AttachMode(), "clusterMode", a.cfg.ClusterMode())
-	err = api.NewServer(a, a.log).Serve(ctx, ln)
+	err = api.NewServer(a, a.log).WithHealth(a.metrics.handler, a.notReady).Serve(ctx, ln)
 	stopErr := context.Cause(ctx)
 	cancel(nil)
 	wg.Wait()

@@ -42,6 +42,13 @@ type reconciler struct {
 	runs        uint64
 	lastSuccess time.Time
 	finished    chan struct{} // closed and replaced after every run
+
+	// For /metrics.
+	errors    uint64        // runs that failed
+	covered   uint64        // highest generation any finished run covered
+	startedAt time.Time     // of the run in progress
+	busy      time.Duration // time spent in runs
+	ipcache   int           // BPF ipcache entries after the last run
 }
 
 func newReconciler() reconciler {
@@ -65,6 +72,7 @@ func (r *reconciler) request() uint64 {
 func (r *reconciler) start() uint64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	r.startedAt = time.Now()
 	return r.want
 }
 
@@ -72,6 +80,8 @@ func (r *reconciler) finish(gen uint64, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.runs++
+	r.covered = max(r.covered, gen)
+	r.busy += time.Since(r.startedAt)
 	if err == nil {
 		r.done = max(r.done, gen)
 		r.lastErr = nil
@@ -79,6 +89,7 @@ func (r *reconciler) finish(gen uint64, err error) {
 	} else {
 		r.failed = max(r.failed, gen)
 		r.lastErr = err
+		r.errors++
 	}
 	close(r.finished)
 	r.finished = make(chan struct{})
@@ -103,6 +114,29 @@ func (r *reconciler) wait(ctx context.Context, gen uint64) error {
 		case <-ch:
 		}
 	}
+}
+
+// reconcilerMetrics is what /metrics shows of the reconciler.
+type reconcilerMetrics struct {
+	runs, errors uint64
+	pending      uint64 // requests no finished run covers yet
+	failing      bool   // the last run failed
+	lastSuccess  time.Time
+	busy         time.Duration
+	ipcache      int
+}
+
+func (r *reconciler) metrics() reconcilerMetrics {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return reconcilerMetrics{runs: r.runs, errors: r.errors, pending: r.want - r.covered,
+		failing: r.lastErr != nil, lastSuccess: r.lastSuccess, busy: r.busy, ipcache: r.ipcache}
+}
+
+func (r *reconciler) setIPCacheEntries(n int) {
+	r.mu.Lock()
+	r.ipcache = n
+	r.mu.Unlock()
 }
 
 func (r *reconciler) status() (runs uint64, lastSuccess time.Time, lastErr error) {
@@ -214,6 +248,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	if ipcFailed {
 		a.ipcShadow = nil // list the map again next time
 	}
+	a.rec.setIPCacheEntries(len(haveIPC)) // for /metrics, without walking the map
 
 	// 2. Policy, compiled for every local endpoint. New entries first.
 	peps := make([]policy.Endpoint, 0, len(eps))

@@ -12,6 +12,8 @@
 //	GET    /v1/identities                         -> []Identity
 //	GET    /v1/status                             -> Status
 //	GET    /healthz                               -> {"status":"ok"}
+//	GET    /readyz                                -> {"status":"ready"}, or 503 naming what is not ready
+//	GET    /metrics                               -> Prometheus text format (docs/metrics.md)
 //
 // Errors are {"error": "..."} with 400 for bad input, 404 for unknown
 // objects, 409 for conflicts, 413 for bodies over 1 MiB and 500 otherwise.

@@ -74,6 +74,29 @@ func (s *Server) route(pattern string, methods map[string]handler) {
 
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
 
+// WithHealth adds GET /metrics, served by metrics (the Prometheus text
+// format), and GET /readyz: 200 {"status":"ready"} when notReady returns
+// nothing, else 503 {"error":"not ready: <reasons>"}. Call it before Serve.
+func (s *Server) WithHealth(metrics http.Handler, notReady func() []string) *Server {
+	s.mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			w.Header().Set("Allow", http.MethodGet)
+			s.write(w, r, 0, nil, Errorf(http.StatusMethodNotAllowed, "method %s not allowed on %s (allowed: GET)", r.Method, r.URL.Path))
+			return
+		}
+		metrics.ServeHTTP(w, r)
+	})
+	s.route("/readyz", map[string]handler{http.MethodGet: func(*http.Request) (int, any, error) {
+		if reasons := notReady(); len(reasons) > 0 {
+			// Written as a body, not returned as an error: probes poll
+			// this while the agent starts, which is not worth a log line.
+			return http.StatusServiceUnavailable, map[string]string{"error": "not ready: " + strings.Join(reasons, "; ")}, nil
+		}
+		return http.StatusOK, map[string]string{"status": "ready"}, nil
+	}})
+	return s
+}
+
 func (s *Server) write(w http.ResponseWriter, r *http.Request, status int, body any, err error) {
 	if err != nil {
 		var mbe *http.MaxBytesError

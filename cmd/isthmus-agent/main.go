@@ -129,6 +129,7 @@ Needs root.`,
 	f.IntVar(&cfg.MTU, "mtu", 1500, "MTU of pod interfaces")
 	f.BoolVar(&cfg.ResetDatapath, "reset-datapath", false, "remove this node's pinned maps and links before starting (drops all tracked flows; for a datapath version whose maps changed layout)")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	f.StringVar(&cfg.MetricsAddr, "metrics-addr", agent.DefaultMetricsAddr, `serve GET /metrics (Prometheus), /healthz and /readyz over plain HTTP on this host:port; "" turns it off (the API socket serves them regardless)`)
 	f.StringSliceVar(&endpoints, "kvstore-endpoints", nil, "cluster mode: etcd client URLs of the cluster's isthmus-clustermesh, comma-separated (https://host:2379); without it the agent runs standalone")
 	f.StringVar(&cfg.KVStoreBundle, "kvstore-bundle", "", "cluster mode: directory with ca.crt, client.crt and client.key for etcd (the etcd user is the certificate's common name)")
 	f.StringSliceVar(&nodeIPs, "node-ip", nil, "cluster mode: underlay address of this node, IPv4 and/or IPv6; repeat for dual stack (default: the addresses of the interface holding the default route)")

@@ -1,0 +1,355 @@
+package agent
+
+// Prometheus metrics and health endpoints of the agent (docs/metrics.md).
+//
+// Each agent has its own registry (tests run several agents in one
+// process). Everything but the kvstore client's counters is read at scrape
+// time from the same sources as `isthmus status`: the datapath's metrics
+// map, the reconciler, the mesh tables, the WireGuard device. So a metric
+// never disagrees with the status, and nothing is counted twice.
+//
+// The same three paths are served on the API socket and, with
+// Config.MetricsAddr, on TCP for Prometheus and kubelet-style probes:
+//
+//	GET /metrics   the registry, text format
+//	GET /healthz   the process serves (200)
+//	GET /readyz    200 once the datapath is loaded and reconciled (and, in
+//	               cluster mode, etcd is connected and the own cluster's
+//	               state listed); 503 naming what is missing otherwise
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
+)
+
+// DefaultMetricsAddr is where isthmus-agent serves /metrics, /healthz and
+// /readyz over TCP unless told otherwise.
+const DefaultMetricsAddr = ":9962"
+
+// agentMetrics is the agent's registry.
+type agentMetrics struct {
+	reg     *prometheus.Registry
+	kv      *kvstore.Metrics // cluster mode only: the etcd client's calls
+	handler http.Handler
+}
+
+func newAgentMetrics(a *Agent) *agentMetrics {
+	m := &agentMetrics{reg: prometheus.NewRegistry()}
+	m.reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		agentCollector{a},
+	)
+	if a.cfg.ClusterMode() {
+		m.kv = kvstore.NewMetrics()
+		m.reg.MustRegister(m.kv)
+	}
+	m.handler = promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{
+		// A map that cannot be read costs its own metrics, not the scrape.
+		ErrorHandling: promhttp.ContinueOnError,
+		ErrorLog:      promLogger{a.log},
+	})
+	return m
+}
+
+// kvMetrics is what the cluster-mode etcd client counts into (nil before
+// Run, and in standalone mode).
+func (a *Agent) kvMetrics() *kvstore.Metrics {
+	if a.metrics == nil {
+		return nil
+	}
+	return a.metrics.kv
+}
+
+type promLogger struct{ log *slog.Logger }
+
+func (l promLogger) Println(v ...any) { l.log.Warn("metrics: " + fmt.Sprint(v...)) }
+
+func desc(name, help string, labels ...string) *prometheus.Desc {
+	return prometheus.NewDesc(name, help, labels, nil)
+}
+
+var (
+	// Datapath: the metrics map, counted since the maps were created.
+	descForwardPackets = desc("isthmus_datapath_forward_packets_total", "Packets the datapath forwarded, by reason (forward_stack, forward_local, service_nat, delivered_to_pod).", "reason")
+	descForwardBytes   = desc("isthmus_datapath_forward_bytes_total", "Bytes the datapath forwarded, by reason.", "reason")
+	descDropPackets    = desc("isthmus_datapath_drop_packets_total", "Packets the datapath dropped, by reason (drop_policy_ingress, drop_policy_egress, drop_no_backend, drop_invalid, drop_spoofed_source, ...).", "reason")
+	descDropBytes      = desc("isthmus_datapath_drop_bytes_total", "Bytes the datapath dropped, by reason.", "reason")
+	descConntrack      = desc("isthmus_datapath_conntrack_entries", "Entries in the conntrack map.")
+	descIPCache        = desc("isthmus_datapath_ipcache_entries", "Entries in the ipcache map after the last reconcile.")
+	descPolicyEntries  = desc("isthmus_datapath_policy_entries", "Entries in the policy map.")
+	descFrontends      = desc("isthmus_datapath_service_frontends", "Service frontends (VIP, port, protocol) in the services map.")
+
+	// Desired state.
+	descInfo       = desc("isthmus_agent_info", "Always 1; the node, its cluster and the mode (standalone or cluster).", "node", "cluster", "cluster_id", "mode")
+	descReady      = desc("isthmus_agent_ready", "1 when GET /readyz answers 200.")
+	descEndpoints  = desc("isthmus_agent_endpoints", "Endpoints (pods) on this node.")
+	descIdentities = desc("isthmus_agent_identities", "Identities known to the node (in cluster mode: of every synced cluster), reserved ones excluded.")
+	descServices   = desc("isthmus_agent_services", "Services applied (on this node, or in cluster mode in the cluster).")
+	descPolicies   = desc("isthmus_agent_network_policies", "NetworkPolicies applied.")
+
+	// The reconciler.
+	descRecRuns        = desc("isthmus_agent_reconcile_runs_total", "Reconcile runs (the maps made equal to the desired state).")
+	descRecErrors      = desc("isthmus_agent_reconcile_errors_total", "Reconcile runs that failed (they are retried with backoff).")
+	descRecFailing     = desc("isthmus_agent_reconcile_failing", "1 while the last reconcile run failed.")
+	descRecLastSuccess = desc("isthmus_agent_reconcile_last_success_timestamp_seconds", "Unix time of the last successful reconcile run (0: none yet).")
+	descRecPending     = desc("isthmus_agent_reconcile_pending", "Changes to the desired state that no finished reconcile run covers yet (the reconcile queue's depth; requests coalesce into one run).")
+	descRecDuration    = desc("isthmus_agent_reconcile_duration_seconds", "Time spent in reconcile runs.")
+
+	// Cluster mode.
+	descKVConnected  = desc("isthmus_agent_kvstore_connected", "1 when the cluster's etcd answered the last probe (every 5 s).")
+	descPublished    = desc("isthmus_agent_kvstore_published", "1 when every record of this node (node, ipcache) is written to etcd.")
+	descPublishedN   = desc("isthmus_agent_kvstore_published_records", "Records this node publishes to etcd.")
+	descRouteError   = desc("isthmus_agent_mesh_route_error", "1 while routes to other nodes' pod CIDRs are not all in place.")
+	descInvalidAll   = desc("isthmus_agent_mesh_invalid_records_total", "Records read from etcd that were skipped as invalid.")
+	descClSynced     = desc("isthmus_agent_mesh_cluster_synced", "1 when the cluster's state is in use: the own cluster's listed, a remote's canaries present and the cluster accepted.", "cluster")
+	descClError      = desc("isthmus_agent_mesh_cluster_error", "1 while the cluster is not used for a reason (see isthmus status).", "cluster")
+	descClNodes      = desc("isthmus_agent_mesh_cluster_nodes", "Nodes of the cluster known to this node.", "cluster")
+	descClEndpoints  = desc("isthmus_agent_mesh_cluster_endpoints", "Endpoint addresses (ipcache records) of the cluster known to this node.", "cluster")
+	descClIdentities = desc("isthmus_agent_mesh_cluster_identities", "Identities of the cluster known to this node.", "cluster")
+	descClServices   = desc("isthmus_agent_mesh_cluster_services", "Service records of the cluster known to this node.", "cluster")
+	descClInvalid    = desc("isthmus_agent_mesh_cluster_invalid_records_total", "Records of the cluster skipped as invalid.", "cluster")
+
+	// WireGuard, when encryption is on.
+	descWGPeers       = desc("isthmus_agent_wireguard_peers", "WireGuard peers configured on the node's device.")
+	descWGUnencrypted = desc("isthmus_agent_wireguard_unencrypted_nodes", "Mesh nodes without a WireGuard key: traffic to their pods is not sent.")
+	descWGRefused     = desc("isthmus_agent_wireguard_refused_peers", "Peers left out (duplicate key, bad record).")
+	descWGHandshake   = desc("isthmus_agent_wireguard_peer_last_handshake_timestamp_seconds", "Unix time of the peer's last handshake (0: none yet).", "node")
+	descWGRx          = desc("isthmus_agent_wireguard_peer_rx_bytes_total", "Bytes received from the peer.", "node")
+	descWGTx          = desc("isthmus_agent_wireguard_peer_tx_bytes_total", "Bytes sent to the peer.", "node")
+
+	allDescs = []*prometheus.Desc{
+		descForwardPackets, descForwardBytes, descDropPackets, descDropBytes, descConntrack, descIPCache, descPolicyEntries, descFrontends,
+		descInfo, descReady, descEndpoints, descIdentities, descServices, descPolicies,
+		descRecRuns, descRecErrors, descRecFailing, descRecLastSuccess, descRecPending, descRecDuration,
+		descKVConnected, descPublished, descPublishedN, descRouteError, descInvalidAll,
+		descClSynced, descClError, descClNodes, descClEndpoints, descClIdentities, descClServices, descClInvalid,
+		descWGPeers, descWGUnencrypted, descWGRefused, descWGHandshake, descWGRx, descWGTx,
+	}
+)
+
+// agentCollector reads the agent's state at scrape time.
+type agentCollector struct{ a *Agent }
+
+func (c agentCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range allDescs {
+		ch <- d
+	}
+}
+
+func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
+	a := c.a
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	counter := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
+	}
+	mode := "standalone"
+	if a.cfg.ClusterMode() {
+		mode = "cluster"
+	}
+	gauge(descInfo, 1, a.cfg.NodeName, a.cfg.ClusterName, strconv.FormatUint(uint64(a.cfg.ClusterID), 10), mode)
+	gauge(descReady, b2f(len(a.notReady()) == 0))
+
+	// Datapath. A read that fails is reported (and logged by the handler)
+	// as an invalid metric; the other metrics are still served.
+	if m, err := a.dp.Metrics(); err != nil {
+		ch <- prometheus.NewInvalidMetric(descDropPackets, err)
+	} else {
+		for r, v := range m {
+			pk, by := descForwardPackets, descForwardBytes
+			if r.IsDrop() {
+				pk, by = descDropPackets, descDropBytes
+			}
+			counter(pk, float64(v.Packets), r.String())
+			counter(by, float64(v.Bytes), r.String())
+		}
+	}
+	if n, err := a.dp.ConntrackCount(); err != nil {
+		ch <- prometheus.NewInvalidMetric(descConntrack, err)
+	} else {
+		gauge(descConntrack, float64(n))
+	}
+	if ps, err := a.dp.PolicyList(); err != nil {
+		ch <- prometheus.NewInvalidMetric(descPolicyEntries, err)
+	} else {
+		gauge(descPolicyEntries, float64(len(ps)))
+	}
+	if fs, err := a.dp.ServiceList(); err != nil {
+		ch <- prometheus.NewInvalidMetric(descFrontends, err)
+	} else {
+		gauge(descFrontends, float64(len(fs)))
+	}
+
+	svcs, pols := a.objects().split()
+	gauge(descEndpoints, float64(len(a.store.Endpoints())))
+	gauge(descIdentities, float64(len(a.ids.List())))
+	gauge(descServices, float64(len(svcs)))
+	gauge(descPolicies, float64(len(pols)))
+
+	rm := a.rec.metrics()
+	gauge(descIPCache, float64(rm.ipcache))
+	counter(descRecRuns, float64(rm.runs))
+	counter(descRecErrors, float64(rm.errors))
+	gauge(descRecFailing, b2f(rm.failing))
+	gauge(descRecLastSuccess, unixSeconds(rm.lastSuccess))
+	gauge(descRecPending, float64(rm.pending))
+	ch <- prometheus.MustNewConstSummary(descRecDuration, rm.runs, rm.busy.Seconds(), nil)
+
+	if st := a.clusterMeshStatus(); st != nil {
+		gauge(descKVConnected, b2f(st.Connected))
+		gauge(descPublished, b2f(st.Published))
+		gauge(descPublishedN, float64(st.PublishedRecords))
+		gauge(descRouteError, b2f(st.RouteError != ""))
+		counter(descInvalidAll, float64(st.InvalidRecords))
+		for _, cl := range st.Clusters {
+			gauge(descClSynced, b2f(cl.Synced), cl.Name)
+			gauge(descClError, b2f(cl.Error != ""), cl.Name)
+			gauge(descClNodes, float64(cl.Nodes), cl.Name)
+			gauge(descClEndpoints, float64(cl.Endpoints), cl.Name)
+			gauge(descClIdentities, float64(cl.Identities), cl.Name)
+			gauge(descClServices, float64(cl.Services), cl.Name)
+			counter(descClInvalid, float64(cl.InvalidRecords), cl.Name)
+		}
+	}
+
+	if wg := a.wireguardStatus(); wg != nil {
+		gauge(descWGPeers, float64(len(wg.Peers)))
+		gauge(descWGUnencrypted, float64(len(wg.Unencrypted)))
+		gauge(descWGRefused, float64(len(wg.Refused)))
+		for _, p := range wg.Peers {
+			gauge(descWGHandshake, unixSeconds(p.LastHandshake), p.Node)
+			counter(descWGRx, float64(p.RxBytes), p.Node)
+			counter(descWGTx, float64(p.TxBytes), p.Node)
+		}
+	}
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// unixSeconds is t as a Prometheus timestamp; the zero time is 0.
+func unixSeconds(t time.Time) float64 {
+	if t.IsZero() {
+		return 0
+	}
+	return float64(t.UnixNano()) / 1e9
+}
+
+// notReady lists why the agent is not ready; empty when it is. Run serves
+// the API only after the datapath is loaded, so that is not checked here.
+func (a *Agent) notReady() []string {
+	var out []string
+	if rm := a.rec.metrics(); rm.lastSuccess.IsZero() {
+		msg := "no successful reconcile of the datapath yet"
+		if _, _, err := a.rec.status(); err != nil {
+			msg += ": " + err.Error()
+		}
+		out = append(out, msg)
+	}
+	if st := a.clusterMeshStatus(); st != nil {
+		if !st.Connected {
+			msg := "not connected to the cluster's kvstore"
+			if st.LastError != "" {
+				msg += ": " + st.LastError
+			}
+			out = append(out, msg)
+		}
+		for _, cl := range st.Clusters {
+			if cl.Local && !cl.Synced {
+				out = append(out, "the own cluster's state is not listed from the kvstore yet")
+			}
+		}
+	}
+	return out
+}
+
+// healthMux serves /metrics, /healthz and /readyz in plain text, for the
+// TCP listener.
+func (a *Agent) healthMux() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", a.metrics.handler)
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if reasons := a.notReady(); len(reasons) > 0 {
+			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintf(w, "not ready:\n%s\n", strings.Join(reasons, "\n"))
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	return mux
+}
+
+// metricsServer is the TCP listener of Config.MetricsAddr; a nil one (no
+// address configured) does nothing.
+type metricsServer struct {
+	ln  net.Listener
+	srv *http.Server
+}
+
+// listenMetrics binds Config.MetricsAddr. It runs at start, so a port in use
+// stops the agent with a clear error instead of going unnoticed.
+func (a *Agent) listenMetrics() (*metricsServer, error) {
+	if a.cfg.MetricsAddr == "" {
+		return nil, nil
+	}
+	ln, err := net.Listen("tcp", a.cfg.MetricsAddr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics address (--metrics-addr %s): %w", a.cfg.MetricsAddr, err)
+	}
+	return &metricsServer{ln: ln, srv: &http.Server{Handler: a.healthMux(), ReadHeaderTimeout: 10 * time.Second}}, nil
+}
+
+// Addr is the bound address ("" when off).
+func (s *metricsServer) Addr() string {
+	if s == nil {
+		return ""
+	}
+	return s.ln.Addr().String()
+}
+
+// Serve answers until ctx ends.
+func (s *metricsServer) Serve(ctx context.Context, log *slog.Logger) {
+	if s == nil {
+		return
+	}
+	stop := context.AfterFunc(ctx, func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = s.srv.Shutdown(sctx)
+	})
+	defer stop()
+	log.Info("serving /metrics, /healthz and /readyz", "addr", s.Addr())
+	if err := s.srv.Serve(s.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		log.Error("metrics endpoint stopped", "addr", s.Addr(), "err", err)
+	}
+}
+
+// Close releases the listener (when Serve never ran).
+func (s *metricsServer) Close() {
+	if s != nil {
+		s.ln.Close()
+	}
+}

@@ -1,0 +1,313 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/bpf"
+	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
+	"github.com/isthmus-mesh/isthmus/internal/promtest"
+)
+
+// droppingDP is the fake datapath with a policy-drop counter that the test
+// raises, like a denied connection does.
+type droppingDP struct {
+	*fakeDatapath
+	drops atomic.Uint64
+}
+
+func (d *droppingDP) Metrics() (map[bpf.Reason]bpf.Counter, error) {
+	m, err := d.fakeDatapath.Metrics()
+	n := d.drops.Load()
+	m[bpf.ReasonDropPolicyIngr] = bpf.Counter{Packets: n, Bytes: 60 * n}
+	return m, err
+}
+
+// runAgent runs an agent on dp (any datapath) until the test ends.
+func runAgent(t *testing.T, cfg Config, dp datapath) *Agent {
+	t.Helper()
+	a, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.plumb = newFakePlumber()
+	a.openDatapath = func(Config) (datapath, error) { return dp, nil }
+	a.nodeAddrs = func() ([]netip.Addr, error) { return []netip.Addr{nodeIP}, nil }
+	a.newRouter = func() (router, error) { return &fakeRouter{routes: map[netip.Prefix]netip.Addr{}}, nil }
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	c := api.NewClient(cfg.SocketPath)
+	deadline := time.Now().Add(10 * time.Second)
+	for c.Health(context.Background()) != nil {
+		if time.Now().After(deadline) {
+			cancel()
+			t.Fatalf("agent did not come up: %v", <-done)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	return a
+}
+
+// socketClient talks HTTP to the agent's API socket.
+func socketClient(path string) *http.Client {
+	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		},
+	}}
+}
+
+func get(t *testing.T, c *http.Client, url string) (int, string) {
+	t.Helper()
+	resp, err := c.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.StatusCode, string(b)
+}
+
+// /metrics on the API socket: the datapath counters by reason, map sizes,
+// desired state and the reconciler, every family with HELP; the drop
+// counter follows the datapath's; /readyz is 200 once reconciled.
+func TestMetricsStandalone(t *testing.T) {
+	dp := &droppingDP{fakeDatapath: newFakeDatapath()}
+	cfg := testConfig(t)
+	runAgent(t, cfg, dp)
+	hc := socketClient(cfg.SocketPath)
+	ctx := context.Background()
+	if _, err := api.NewClient(cfg.SocketPath).AddEndpoint(ctx, api.EndpointRequest{Name: "web", Netns: "/netns/web", Labels: map[string]string{"app": "web"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := api.NewClient(cfg.SocketPath).Apply(ctx, []byte(webService+"---\n"+serverPolicy)); err != nil {
+		t.Fatal(err)
+	}
+
+	fams, err := promtest.Get(hc, "http://agent/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name := range fams {
+		if strings.HasPrefix(name, "isthmus_") && fams.Help(name) == "" {
+			t.Errorf("%s has no HELP text", name)
+		}
+	}
+	ipc, _ := dp.IPCacheList()
+	for _, c := range []struct {
+		name   string
+		labels []string
+		want   float64
+	}{
+		{"isthmus_datapath_forward_packets_total", []string{"reason", "forward_local"}, 5},
+		{"isthmus_datapath_forward_bytes_total", []string{"reason", "forward_local"}, 500},
+		{"isthmus_datapath_drop_packets_total", []string{"reason", "drop_policy_egress"}, 2},
+		{"isthmus_datapath_drop_packets_total", []string{"reason", "drop_policy_ingress"}, 0},
+		{"isthmus_datapath_conntrack_entries", nil, 3},
+		{"isthmus_datapath_ipcache_entries", nil, float64(len(ipc))},
+		{"isthmus_datapath_service_frontends", nil, 2},
+		{"isthmus_agent_info", []string{"node", "node1", "cluster", "c1", "cluster_id", "1", "mode", "standalone"}, 1},
+		{"isthmus_agent_ready", nil, 1},
+		{"isthmus_agent_endpoints", nil, 1},
+		{"isthmus_agent_identities", nil, 1},
+		{"isthmus_agent_services", nil, 1},
+		{"isthmus_agent_network_policies", nil, 1},
+		{"isthmus_agent_reconcile_errors_total", nil, 0},
+		{"isthmus_agent_reconcile_failing", nil, 0},
+		{"isthmus_agent_reconcile_pending", nil, 0},
+	} {
+		if got := fams.Must(t, c.name, c.labels...); got != c.want {
+			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
+		}
+	}
+	if runs := fams.Must(t, "isthmus_agent_reconcile_runs_total"); runs < 3 {
+		t.Errorf("reconcile runs = %v after start, add and apply", runs)
+	}
+	if n := fams.Must(t, "isthmus_agent_reconcile_duration_seconds"); n != fams.Must(t, "isthmus_agent_reconcile_runs_total") {
+		t.Errorf("reconcile duration count %v != runs", n)
+	}
+	if ts := fams.Must(t, "isthmus_agent_reconcile_last_success_timestamp_seconds"); time.Since(time.Unix(int64(ts), 0)) > time.Minute {
+		t.Errorf("last success at %v", ts)
+	}
+	if _, ok := fams.Value("isthmus_datapath_forward_packets_total", "reason", "drop_policy_egress"); ok {
+		t.Error("a drop reason is exported as a forward")
+	}
+	for _, name := range []string{"isthmus_agent_kvstore_connected", "isthmus_kvstore_operations_total", "isthmus_agent_wireguard_peers"} {
+		if _, ok := fams[name]; ok {
+			t.Errorf("standalone agent without encryption exports %s", name)
+		}
+	}
+	if _, ok := fams["go_goroutines"]; !ok {
+		t.Error("no Go runtime metrics")
+	}
+
+	dp.drops.Add(7)
+	fams, err = promtest.Get(hc, "http://agent/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fams.Must(t, "isthmus_datapath_drop_packets_total", "reason", "drop_policy_ingress"); got != 7 {
+		t.Errorf("policy drops after 7 denied packets = %v", got)
+	}
+
+	if code, body := get(t, hc, "http://agent/readyz"); code != http.StatusOK || !strings.Contains(body, `"ready"`) {
+		t.Errorf("GET /readyz = %d %s", code, body)
+	}
+	if code, body := get(t, hc, "http://agent/healthz"); code != http.StatusOK {
+		t.Errorf("GET /healthz = %d %s", code, body)
+	}
+	resp, err := hc.Post("http://agent/metrics", "text/plain", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusMethodNotAllowed {
+		t.Errorf("POST /metrics = %s, want 405", resp.Status)
+	}
+}
+
+// The TCP listener serves the same metrics and plain-text probes; a bound
+// port fails the start with an error naming the flag.
+func TestMetricsTCPListener(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.MetricsAddr = "127.0.0.1:0"
+	a, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.dp = newFakeDatapath()
+	a.metrics = newAgentMetrics(a)
+	ms, err := a.listenMetrics()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { ms.Serve(ctx, a.log); close(done) }()
+	defer func() { cancel(); <-done }()
+	base := "http://" + ms.Addr()
+
+	if code, body := get(t, http.DefaultClient, base+"/readyz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "no successful reconcile") {
+		t.Errorf("GET /readyz before any reconcile = %d %q, want 503 naming the reconcile", code, body)
+	}
+	a.rec.finish(a.rec.start(), nil)
+	if code, body := get(t, http.DefaultClient, base+"/readyz"); code != http.StatusOK || body != "ok\n" {
+		t.Errorf("GET /readyz = %d %q", code, body)
+	}
+	if code, body := get(t, http.DefaultClient, base+"/healthz"); code != http.StatusOK || body != "ok\n" {
+		t.Errorf("GET /healthz = %d %q", code, body)
+	}
+	fams, err := promtest.Get(nil, base+"/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fams.Must(t, "isthmus_agent_reconcile_runs_total"); got != 1 {
+		t.Errorf("runs = %v", got)
+	}
+
+	// The port is taken now: a second agent on it does not start.
+	cfg2 := testConfig(t)
+	cfg2.MetricsAddr = ms.Addr()
+	a2, err := New(cfg2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a2.openDatapath = func(Config) (datapath, error) { return newFakeDatapath(), nil }
+	a2.plumb = newFakePlumber()
+	err = a2.Run(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "--metrics-addr "+ms.Addr()) {
+		t.Errorf("Run with the metrics port taken = %v, want an error naming --metrics-addr", err)
+	}
+}
+
+// Cluster mode adds the kvstore client's metrics and the mesh's per-cluster
+// state; /readyz waits for etcd.
+func TestMetricsClusterMode(t *testing.T) {
+	// First without etcd: not ready, saying why.
+	cfg := testConfig(t)
+	cfg.KVStoreEndpoints = []string{"http://" + etcdtest.FreeAddr(t)}
+	cfg.NodeIPs = []netip.Addr{netip.MustParseAddr("192.0.2.11")}
+	runAgent(t, cfg, newFakeDatapath())
+	hc := socketClient(cfg.SocketPath)
+	code, body := get(t, hc, "http://agent/readyz")
+	var e struct{ Error string }
+	if err := json.Unmarshal([]byte(body), &e); err != nil || code != http.StatusServiceUnavailable ||
+		!strings.Contains(e.Error, "not connected to the cluster's kvstore") {
+		t.Errorf("GET /readyz without etcd = %d %s", code, body)
+	}
+	fams, err := promtest.Get(hc, "http://agent/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fams.Must(t, "isthmus_agent_kvstore_connected") != 0 || fams.Must(t, "isthmus_agent_ready") != 0 {
+		t.Error("connected or ready without etcd")
+	}
+
+	// Then with etcd.
+	e2 := etcdtest.Start(t)
+	kv := kvClient(t, e2)
+	writeClusterConfig(t, kv, "c1", 1, "10.1.0.0/16", "fd00:1::/48")
+	n := startMesh(t, meshConfig(t, e2, "n1", "192.0.2.11", "10.1.1.0/24", "fd00:1:0:1::/64"), newFakeDatapath(), newFakePlumber())
+	n.meshSynced(t)
+	if _, err := n.client.AddEndpoint(context.Background(), api.EndpointRequest{Name: "web", Netns: "/netns/web", Labels: map[string]string{"app": "web"}}); err != nil {
+		t.Fatal(err)
+	}
+	hc = socketClient(n.cfg.SocketPath)
+	waitFor(t, "the endpoint in the mesh metrics", func() (bool, string) {
+		fams, err = promtest.Get(hc, "http://agent/metrics")
+		if err != nil {
+			return false, err.Error()
+		}
+		v, _ := fams.Value("isthmus_agent_mesh_cluster_endpoints", "cluster", "c1")
+		p, _ := fams.Value("isthmus_agent_kvstore_published")
+		return v == 2 && p == 1, ""
+	})
+	for _, c := range []struct {
+		name   string
+		labels []string
+		want   float64
+	}{
+		{"isthmus_agent_kvstore_connected", nil, 1},
+		{"isthmus_agent_ready", nil, 1},
+		{"isthmus_agent_info", []string{"mode", "cluster"}, 1},
+		{"isthmus_agent_mesh_cluster_synced", []string{"cluster", "c1"}, 1},
+		{"isthmus_agent_mesh_cluster_nodes", []string{"cluster", "c1"}, 1},
+		{"isthmus_agent_mesh_cluster_identities", []string{"cluster", "c1"}, 1},
+		{"isthmus_agent_mesh_cluster_invalid_records_total", []string{"cluster", "c1"}, 0},
+		{"isthmus_agent_mesh_route_error", nil, 0},
+		{"isthmus_kvstore_operation_errors_total", []string{"operation", "put"}, 0},
+	} {
+		if got := fams.Must(t, c.name, c.labels...); got != c.want {
+			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
+		}
+	}
+	if got := fams.Must(t, "isthmus_kvstore_operations_total", "operation", "get_prefix"); got < 1 {
+		t.Errorf("the agent's watches' lists were not counted: get_prefix = %v", got)
+	}
+	if got := fams.Must(t, "isthmus_kvstore_watches"); got < 1 {
+		t.Errorf("kvstore watches = %v", got)
+	}
+	if code, body := get(t, hc, "http://agent/readyz"); code != http.StatusOK {
+		t.Errorf("GET /readyz connected and synced = %d %s", code, body)
+	}
+}
