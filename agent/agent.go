@@ -57,7 +57,7 @@ type Config struct {
 	StateDir    string         // endpoints, objects, IPAM and identity state
 	SocketPath  string         // local API
 	BPFFSRoot   string         // maps and links are pinned in <BPFFSRoot>/isthmus/<NodeName>
-	MTU         int            // of pod veths
+	MTU         int            // of pod veths; 0: the underlay's, minus WireGuard's overhead when encrypting
 	// ResetDatapath removes this node's pinned maps and links before loading
 	// the datapath: every flow and every program attachment starts over.
 	ResetDatapath bool
@@ -71,6 +71,12 @@ type Config struct {
 	KVStoreBundle    string        // directory with ca.crt, client.crt, client.key
 	NodeIPs          []netip.Addr  // underlay; default: the default route's interface's
 	LeaseTTL         time.Duration // of the node's records; default 60s
+
+	// Transparent encryption (wireguard.go), cluster mode only.
+	Encryption      string // EncryptionNone ("" too) or EncryptionWireGuard
+	NodeEncryption  bool   // encrypt node-to-node traffic too
+	WireGuardPort   int    // UDP port; 0 means 51871
+	WireGuardDevice string // device name, unique on the host; "" derives one
 }
 
 // ClusterMode reports whether the agent works with its cluster's etcd.
@@ -98,9 +104,10 @@ func (c Config) validate() error {
 	if c.StateDir == "" || c.SocketPath == "" || c.BPFFSRoot == "" {
 		errs = append(errs, errors.New("state dir, socket path and bpffs root are required"))
 	}
-	if c.MTU < 1280 || c.MTU > 65535 {
+	if c.MTU != 0 && (c.MTU < 1280 || c.MTU > 65535) {
 		errs = append(errs, fmt.Errorf("MTU %d out of range 1280-65535 (IPv6 needs at least 1280)", c.MTU))
 	}
+	errs = append(errs, c.validateEncryption()...)
 	if c.ClusterMode() {
 		errs = append(errs, c.validateClusterMode()...)
 	} else if c.KVStoreBundle != "" || len(c.NodeIPs) > 0 {
@@ -162,6 +169,9 @@ type Agent struct {
 	// desired state (clustermesh.go), and the routes to other nodes.
 	mesh   *clusterMesh
 	routes router
+	// enc is the WireGuard device (nil without encryption), set in Run
+	// before the first reconcile.
+	enc *encryption
 
 	rec     reconciler
 	metrics *agentMetrics // set at the start of Run
@@ -273,6 +283,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		a.routes = r
 	}
+	if err := a.setUpEncryption(); err != nil {
+		return err
+	}
+	defer a.enc.close()
 	a.restoreEndpoints(ctx)
 	a.collectGarbage(ctx)
 	gen := a.rec.start()

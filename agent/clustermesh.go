@@ -399,11 +399,14 @@ func (a *Agent) publishLocked() {
 	for _, e := range a.store.Endpoints() {
 		eps = append(eps, meshsync.Endpoint{Name: e.Name, Namespace: e.Namespace, IPs: e.IPs, Identity: e.Identity})
 	}
+	wgKey, wgPort := a.wireguardPublication()
 	recs, err := meshsync.Records(meshsync.NodeInfo{
-		Local:    meshsync.Local{Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, Node: a.cfg.NodeName},
-		IPs:      m.getNodeIPs(),
-		PodCIDRs: a.cfg.PodCIDRs,
-		BootID:   bootID(),
+		Local:              meshsync.Local{Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, Node: a.cfg.NodeName},
+		IPs:                m.getNodeIPs(),
+		PodCIDRs:           a.cfg.PodCIDRs,
+		BootID:             bootID(),
+		WireGuardPublicKey: wgKey,
+		WireGuardPort:      wgPort,
 	}, eps)
 	if err != nil {
 		a.log.Error("clustermesh: cannot build the node's records", "err", err)

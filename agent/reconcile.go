@@ -370,6 +370,17 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		a.mesh.setRouteErr(err)
 	}
 
+	// 7. WireGuard peers and the tunnel routes. Like routes, a failure
+	// concerns traffic to some nodes only: reported in the status and
+	// retried with the next run.
+	if a.enc != nil {
+		n, err := a.syncEncryption(mesh)
+		stats.routes += n
+		if err != nil {
+			a.log.Debug("wireguard sync incomplete", "err", err)
+		}
+	}
+
 	if stats.any() {
 		a.log.Info("datapath reconciled", "ipcacheChanges", stats.ipcache, "endpointChanges", stats.endpoints,
 			"policyChanges", stats.policy, "serviceChanges", stats.services, "routeChanges", stats.routes, "errors", len(errs))

@@ -74,5 +74,6 @@ func (a *Agent) Status(context.Context) (api.Status, error) {
 		st.Errors = append(st.Errors, err.Error())
 	}
 	st.ClusterMesh = a.clusterMeshStatus()
+	st.WireGuard = a.wireguardStatus()
 	return st, nil
 }

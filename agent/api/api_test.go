@@ -78,6 +78,10 @@ func (f *fake) Identities(context.Context) ([]Identity, error) {
 	return []Identity{{ID: 1<<20 | 1, Labels: map[string]string{"app": "web"}, Endpoints: 2}}, f.record("ids")
 }
 
+func (f *fake) RotateWireGuardKey(context.Context) (WireGuardStatus, error) {
+	return WireGuardStatus{}, Errorf(http.StatusConflict, "encryption is off")
+}
+
 func (f *fake) Status(context.Context) (Status, error) {
 	return Status{Node: "n1", Cluster: "c1", ClusterID: 1, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/24")},
 		AttachMode: "tcx", Metrics: []Metric{{Reason: "drop_policy_egress", Drop: true, Packets: 3, Bytes: 180}}}, f.record("status")

@@ -172,3 +172,10 @@ func (c *Client) Status(ctx context.Context) (Status, error) {
 	err := c.doJSON(ctx, http.MethodGet, "/v1/status", nil, &st)
 	return st, err
 }
+
+// RotateWireGuardKey asks the agent for a new WireGuard key.
+func (c *Client) RotateWireGuardKey(ctx context.Context) (WireGuardStatus, error) {
+	var st WireGuardStatus
+	err := c.doJSON(ctx, http.MethodPost, "/v1/wireguard/rotate-key", nil, &st)
+	return st, err
+}

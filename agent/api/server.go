@@ -44,6 +44,7 @@ func NewServer(b Backend, log *slog.Logger) *Server {
 	s.route("/v1/objects/{kind}/{namespace}/{name}", map[string]handler{http.MethodDelete: s.deleteObject})
 	s.route("/v1/identities", map[string]handler{http.MethodGet: s.identities})
 	s.route("/v1/status", map[string]handler{http.MethodGet: s.status})
+	s.route("/v1/wireguard/rotate-key", map[string]handler{http.MethodPost: s.rotateWireGuardKey})
 	s.route("/healthz", map[string]handler{http.MethodGet: func(*http.Request) (int, any, error) {
 		return http.StatusOK, map[string]string{"status": "ok"}, nil
 	}})
@@ -196,6 +197,11 @@ func (s *Server) identities(r *http.Request) (int, any, error) {
 
 func (s *Server) status(r *http.Request) (int, any, error) {
 	st, err := s.backend.Status(r.Context())
+	return http.StatusOK, st, err
+}
+
+func (s *Server) rotateWireGuardKey(r *http.Request) (int, any, error) {
+	st, err := s.backend.RotateWireGuardKey(r.Context())
 	return http.StatusOK, st, err
 }
 

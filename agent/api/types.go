@@ -19,6 +19,9 @@ type Backend interface {
 	DeleteObject(ctx context.Context, kind, namespace, name string) error
 	Identities(ctx context.Context) ([]Identity, error)
 	Status(ctx context.Context) (Status, error)
+	// RotateWireGuardKey replaces the node's WireGuard key and publishes
+	// the new public key; it returns the device's status afterwards.
+	RotateWireGuardKey(ctx context.Context) (WireGuardStatus, error)
 }
 
 // EndpointRequest asks the agent to plumb a pod.

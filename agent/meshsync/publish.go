@@ -21,6 +21,9 @@ type NodeInfo struct {
 	IPs      []netip.Addr // underlay addresses
 	PodCIDRs []netip.Prefix
 	BootID   string
+	// WireGuardPublicKey and WireGuardPort are set when the node encrypts.
+	WireGuardPublicKey string
+	WireGuardPort      int
 }
 
 // Endpoint is a local endpoint as published in the ipcache.
@@ -36,7 +39,8 @@ type Endpoint struct {
 func Records(n NodeInfo, eps []Endpoint) (map[string][]byte, error) {
 	out := map[string][]byte{}
 	node, err := records.Node{Name: n.Node, Cluster: n.Cluster, ClusterID: n.ClusterID,
-		IPs: n.IPs, PodCIDRs: n.PodCIDRs, BootID: n.BootID}.Marshal()
+		IPs: n.IPs, PodCIDRs: n.PodCIDRs, BootID: n.BootID,
+		WireGuardPublicKey: n.WireGuardPublicKey, WireGuardPort: n.WireGuardPort}.Marshal()
 	if err != nil {
 		return nil, fmt.Errorf("node record: %w", err)
 	}

@@ -51,6 +51,9 @@ type Node struct {
 	PodCIDRs []netip.Prefix `json:"podCIDRs,omitempty"`
 	// WireGuardPublicKey is base64 of a 32-byte key (as wg(8) prints it).
 	WireGuardPublicKey string `json:"wireguardPublicKey,omitempty"`
+	// WireGuardPort is the UDP port of the node's WireGuard device; zero
+	// (with a key) means the default, 51871.
+	WireGuardPort int `json:"wireguardPort,omitempty"`
 	// BootID changes when the node reboots: peers reset state tied to it.
 	BootID string            `json:"bootID,omitempty"`
 	Labels map[string]string `json:"labels,omitempty"`
@@ -194,6 +197,9 @@ func (n Node) Validate() error {
 		if err != nil || len(k) != 32 {
 			return malformed("node %s: wireguardPublicKey must be base64 of 32 bytes", n.Name)
 		}
+	}
+	if n.WireGuardPort < 0 || n.WireGuardPort > 65535 {
+		return malformed("node %s: wireguardPort %d out of range 1-65535", n.Name, n.WireGuardPort)
 	}
 	if len(n.BootID) > 64 {
 		return malformed("node %s: bootID longer than 64 characters", n.Name)

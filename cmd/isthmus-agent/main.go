@@ -126,7 +126,7 @@ Needs root.`,
 	f.StringVar(&cfg.StateDir, "state-dir", "", "directory for the agent's state: endpoints, applied objects, IPAM, identities (default /var/lib/isthmus/<node-name>)")
 	f.StringVar(&cfg.SocketPath, "socket", "", "unix socket of the local API (default /var/run/isthmus/<node-name>.sock)")
 	f.StringVar(&cfg.BPFFSRoot, "bpffs", "/sys/fs/bpf", "bpffs mount point; maps and links are pinned under <bpffs>/isthmus/<node-name> (mounted if needed)")
-	f.IntVar(&cfg.MTU, "mtu", 1500, "MTU of pod interfaces")
+	f.IntVar(&cfg.MTU, "mtu", 0, "MTU of pod interfaces (default: the underlay interface's MTU, minus WireGuard's overhead with --encryption=wireguard)")
 	f.BoolVar(&cfg.ResetDatapath, "reset-datapath", false, "remove this node's pinned maps and links before starting (drops all tracked flows; for a datapath version whose maps changed layout)")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", agent.DefaultMetricsAddr, `serve GET /metrics (Prometheus), /healthz and /readyz over plain HTTP on this host:port; "" turns it off (the API socket serves them regardless)`)
@@ -134,6 +134,10 @@ Needs root.`,
 	f.StringVar(&cfg.KVStoreBundle, "kvstore-bundle", "", "cluster mode: directory with ca.crt, client.crt and client.key for etcd (the etcd user is the certificate's common name)")
 	f.StringSliceVar(&nodeIPs, "node-ip", nil, "cluster mode: underlay address of this node, IPv4 and/or IPv6; repeat for dual stack (default: the addresses of the interface holding the default route)")
 	f.DurationVar(&cfg.LeaseTTL, "lease-ttl", agent.DefaultLeaseTTL, "cluster mode: TTL of this node's records in etcd; a node that stops renewing vanishes from the mesh after it")
+	f.StringVar(&cfg.Encryption, "encryption", agent.EncryptionNone, "cluster mode: transparent encryption of pod traffic to other nodes and clusters: none or wireguard")
+	f.BoolVar(&cfg.NodeEncryption, "node-encryption", false, "with --encryption=wireguard: also encrypt traffic between node addresses")
+	f.IntVar(&cfg.WireGuardPort, "wireguard-port", 51871, "UDP port of the node's WireGuard device (peers learn it from the node record)")
+	f.StringVar(&cfg.WireGuardDevice, "wireguard-device", "", "name of the WireGuard device, unique on the host (default isthwg<hash of cluster and node name>)")
 	_ = cmd.MarkFlagRequired("pod-cidr")
 	return cmd
 }

@@ -81,6 +81,9 @@ identities and datapath status.`,
 		c.identityCommand(),
 		c.statusCommand(),
 		c.clustermeshCommand(),
+		c.wireguardCommand(),
+		c.labCommand(),
+		c.connectivityCommand(),
 	)
 	return root
 }

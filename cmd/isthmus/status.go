@@ -132,6 +132,12 @@ func (c *cli) statusCommand() *cobra.Command {
 					return err
 				}
 			}
+			if w := st.WireGuard; w != nil {
+				fmt.Fprintln(c.out)
+				if err := printWireGuard(c.out, w); err != nil {
+					return err
+				}
+			}
 			fmt.Fprintln(c.out, "\nDatapath counters:")
 			t = newTable(c.out)
 			fmt.Fprintln(t, "  REASON\tPACKETS\tBYTES")

@@ -47,6 +47,9 @@ type Config struct {
 	// Mode forces ModeKernel or ModeUserspace; "" picks the kernel when the
 	// module is available and the embedded engine otherwise.
 	Mode string
+	// FirewallMark is set on the device's own UDP packets (SO_MARK), so
+	// policy routing can keep them off the tunnel; 0 leaves them unmarked.
+	FirewallMark int
 }
 
 // Device is one WireGuard interface, kernel or embedded, configured through
@@ -56,6 +59,7 @@ type Device struct {
 	mode    string
 	port    int
 	mtu     int
+	fwmark  int
 	keyFile string
 	log     *slog.Logger
 
@@ -97,7 +101,7 @@ func Open(cfg Config) (*Device, error) {
 		return nil, fmt.Errorf("wireguard %s: get network namespace: %w", cfg.Name, err)
 	}
 	d := &Device{
-		name: cfg.Name, port: cfg.ListenPort, mtu: cfg.MTU, keyFile: cfg.KeyFile,
+		name: cfg.Name, port: cfg.ListenPort, mtu: cfg.MTU, fwmark: cfg.FirewallMark, keyFile: cfg.KeyFile,
 		log: log, ns: ns, key: key,
 	}
 	if err := d.open(cfg.Mode); err != nil {
@@ -187,7 +191,11 @@ func (d *Device) open(mode string) error {
 	if err != nil {
 		return fmt.Errorf("wgctrl: %w", err)
 	}
-	if err := d.wg.ConfigureDevice(d.name, wgtypes.Config{PrivateKey: &d.key, ListenPort: &d.port}); err != nil {
+	cfg := wgtypes.Config{PrivateKey: &d.key, ListenPort: &d.port}
+	if d.fwmark != 0 {
+		cfg.FirewallMark = &d.fwmark
+	}
+	if err := d.wg.ConfigureDevice(d.name, cfg); err != nil {
 		return fmt.Errorf("configure key and port %d: %w", d.port, err)
 	}
 	return d.up()

@@ -1,0 +1,119 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/isthmus-mesh/isthmus/agent/api"
+)
+
+func (c *cli) wireguardCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:     "wireguard",
+		Aliases: []string{"wg"},
+		Short:   "Inspect the node's WireGuard device and rotate its key",
+		Long: `The agent started with --encryption=wireguard owns one WireGuard device; its
+peers are the other nodes of the mesh that publish a key. wg(8) works on the
+device too: wg show <device>.`,
+	}
+	var format string
+	status := &cobra.Command{
+		Use:   "status",
+		Short: "Show the device, its peers, their latest handshake and bytes",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkFormat(format); err != nil {
+				return err
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			st, err := c.client().Status(ctx)
+			if err != nil {
+				return err
+			}
+			if st.WireGuard == nil {
+				return fmt.Errorf("encryption is off on node %s (start isthmus-agent with --encryption=wireguard)", st.Node)
+			}
+			if format != formatTable {
+				return printData(c.out, format, st.WireGuard)
+			}
+			return printWireGuard(c.out, st.WireGuard)
+		},
+	}
+	addOutputFlag(status, &format)
+	var rotFormat string
+	rotate := &cobra.Command{
+		Use:   "rotate-key",
+		Short: "Replace the node's WireGuard key and publish the new public key",
+		Long: `rotate-key generates a new private key, applies it to the device, stores it
+(0600) in the agent's state dir and publishes the public key in the node
+record. Peers switch when the record reaches them; established flows pause
+for about one handshake and carry on.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkFormat(rotFormat); err != nil {
+				return err
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			st, err := c.client().RotateWireGuardKey(ctx)
+			if err != nil {
+				return err
+			}
+			if rotFormat != formatTable {
+				return printData(c.out, rotFormat, st)
+			}
+			fmt.Fprintf(c.out, "New public key of %s: %s\n", st.Device, st.PublicKey)
+			return nil
+		},
+	}
+	addOutputFlag(rotate, &rotFormat)
+	cmd.AddCommand(status, rotate)
+	return cmd
+}
+
+// printWireGuard writes the WireGuard section of the status.
+func printWireGuard(w io.Writer, s *api.WireGuardStatus) error {
+	t := newTable(w)
+	mode := "pod-to-pod"
+	if s.NodeEncryption {
+		mode = "pod-to-pod and node-to-node"
+	}
+	fmt.Fprintf(t, "WireGuard:\t%s (%s engine), port %d, MTU %d, encrypting %s\n", s.Device, s.Mode, s.ListenPort, s.MTU, mode)
+	fmt.Fprintf(t, "Public key:\t%s\n", s.PublicKey)
+	if len(s.Unencrypted) > 0 {
+		fmt.Fprintf(t, "Unencrypted:\t%s (no key published: traffic to their pods is dropped)\n", strings.Join(s.Unencrypted, ", "))
+	}
+	for _, r := range s.Refused {
+		fmt.Fprintf(t, "Refused:\t%s\n", r)
+	}
+	if s.LastError != "" {
+		fmt.Fprintf(t, "Error:\t%s\n", s.LastError)
+	}
+	if err := t.Flush(); err != nil {
+		return err
+	}
+	t = newTable(w)
+	fmt.Fprintln(t, "  PEER\tENDPOINT\tALLOWED IPS\tHANDSHAKE\tRX\tTX")
+	for _, p := range s.Peers {
+		hs := "never"
+		if !p.LastHandshake.IsZero() {
+			hs = time.Since(p.LastHandshake).Round(time.Second).String() + " ago"
+		}
+		fmt.Fprintf(t, "  %s\t%s\t%s\t%s\t%d\t%d\n", orNone(p.Node), orNone(p.Endpoint), prefixes(p.AllowedIPs), hs, p.RxBytes, p.TxBytes)
+	}
+	return t.Flush()
+}
+
+func prefixes(ps []netip.Prefix) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ",")
+}
