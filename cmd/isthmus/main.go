@@ -81,7 +81,6 @@ identities and datapath status.`,
 		c.identityCommand(),
 		c.statusCommand(),
 		c.clustermeshCommand(),
-		c.wireguardCommand(),
 		c.labCommand(),
 		c.connectivityCommand(),
 	)

@@ -1,0 +1,183 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/vishvananda/netns"
+)
+
+// The echo server of the lab's pods and of the connectivity test's own
+// endpoints: every HTTP request gets "pod=<pod> node=<node> cluster=<cluster>",
+// so a client learns which backend of a service answered.
+
+func echoHandler(pod, node, cluster string) http.Handler {
+	reply := fmt.Sprintf("pod=%s node=%s cluster=%s\n", pod, node, cluster)
+	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain")
+		io.WriteString(w, reply)
+	})
+}
+
+// serveEcho serves the echo handler on ln until ctx is done.
+func serveEcho(ctx context.Context, ln net.Listener, pod, node, cluster string) error {
+	srv := &http.Server{Handler: echoHandler(pod, node, cluster), ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// labEchoServerCommand is what tests/lab starts in every echo pod of `lab
+// up` (hidden: users have no use for it).
+func (c *cli) labEchoServerCommand() *cobra.Command {
+	var listen, pod, node, cluster string
+	cmd := &cobra.Command{
+		Use:    "echo-server --pod NAME --node NAME --cluster NAME [--listen :8080]",
+		Short:  "Answer every HTTP request with the pod, node and cluster name",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ln, err := net.Listen("tcp", listen)
+			if err != nil {
+				return err
+			}
+			return serveEcho(cmd.Context(), ln, pod, node, cluster)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&listen, "listen", ":8080", "address to listen on (both families for :PORT)")
+	f.StringVar(&pod, "pod", "", "pod name to answer with")
+	f.StringVar(&node, "node", "", "node name to answer with")
+	f.StringVar(&cluster, "cluster", "", "cluster name to answer with")
+	return cmd
+}
+
+// echoReply is a parsed echo answer.
+type echoReply struct {
+	Pod, Node, Cluster string
+}
+
+func (r echoReply) String() string {
+	return fmt.Sprintf("pod=%s node=%s cluster=%s", r.Pod, r.Node, r.Cluster)
+}
+
+func parseEchoReply(s string) (echoReply, error) {
+	var r echoReply
+	for _, f := range strings.Fields(s) {
+		k, v, _ := strings.Cut(f, "=")
+		switch k {
+		case "pod":
+			r.Pod = v
+		case "node":
+			r.Node = v
+		case "cluster":
+			r.Cluster = v
+		}
+	}
+	if r.Pod == "" || r.Cluster == "" {
+		return r, fmt.Errorf("not an echo reply: %q", s)
+	}
+	return r, nil
+}
+
+// fetchEcho sends one HTTP request from inside the network namespace at
+// nsPath to addr and parses the echo reply. timeout bounds connect and
+// answer each.
+func fetchEcho(ctx context.Context, nsPath string, addr netip.AddrPort, timeout time.Duration) (echoReply, error) {
+	conn, err := dialIn(ctx, nsPath, addr, timeout)
+	if err != nil {
+		return echoReply{}, err
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(timeout))
+	if _, err := fmt.Fprintf(conn, "GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", addr); err != nil {
+		return echoReply{}, err
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		return echoReply{}, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	if err != nil {
+		return echoReply{}, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return echoReply{}, fmt.Errorf("HTTP %s", resp.Status)
+	}
+	return parseEchoReply(string(body))
+}
+
+// dialIn opens a TCP connection from inside the network namespace at
+// nsPath. Only the socket is created there; using it afterwards works from
+// any thread.
+func dialIn(ctx context.Context, nsPath string, addr netip.AddrPort, timeout time.Duration) (net.Conn, error) {
+	var conn net.Conn
+	err := inNetns(nsPath, func() error {
+		// An IP literal: the dialer connects on this (locked) thread
+		// without helper goroutines, so the socket is the namespace's.
+		d := net.Dialer{Timeout: timeout}
+		var err error
+		conn, err = d.DialContext(ctx, "tcp", addr.String())
+		return err
+	})
+	return conn, err
+}
+
+// listenIn opens a TCP listener inside the network namespace at nsPath.
+func listenIn(nsPath, addr string) (net.Listener, error) {
+	var ln net.Listener
+	err := inNetns(nsPath, func() error {
+		var err error
+		ln, err = net.Listen("tcp", addr)
+		return err
+	})
+	return ln, err
+}
+
+// inNetns runs fn on an OS thread switched into the network namespace at
+// path, and switches it back afterwards.
+func inNetns(path string, fn func() error) (err error) {
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("current netns: %w", err)
+	}
+	defer orig.Close()
+	target, err := netns.GetFromPath(path)
+	if err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("open netns %s: %w", path, err)
+	}
+	defer target.Close()
+	if err := netns.Set(target); err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("enter netns %s: %w", path, err)
+	}
+	defer func() {
+		if rerr := netns.Set(orig); rerr != nil {
+			// Leave the thread locked: the runtime ends it when this
+			// goroutine exits instead of reusing it in the wrong netns.
+			err = errors.Join(err, fmt.Errorf("restore netns: %w", rerr))
+			return
+		}
+		runtime.UnlockOSThread()
+	}()
+	return fn()
+}
