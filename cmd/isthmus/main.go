@@ -81,6 +81,7 @@ identities and datapath status.`,
 		c.identityCommand(),
 		c.statusCommand(),
 		c.clustermeshCommand(),
+		c.wireguardCommand(),
 		c.labCommand(),
 		c.connectivityCommand(),
 	)
