@@ -302,3 +302,67 @@ func TestWireGuardMesh(t *testing.T) {
 		}
 	})
 }
+
+func TestWireGuardNodeEncryption(t *testing.T) {
+	lab.SkipUnlessRoot(t)
+	l := lab.NewT(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	t.Cleanup(cancel)
+	step(t, "one cluster of two nodes with --encryption=wireguard --node-encryption")
+	c, err := l.AddCluster(ctx, 1, lab.ClusterOptions{Encryption: "wireguard", NodeEncryption: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := c.Agents[0], c.Agents[1]
+	var peerIP netip.Addr
+	if err := eventually(30*time.Second, func() error {
+		st, err := agentStatus(ctx, a)
+		if err != nil {
+			return err
+		}
+		if st.WireGuard == nil || !st.WireGuard.NodeEncryption || len(st.WireGuard.Peers) != 1 {
+			return fmt.Errorf("wireguard status %+v, want node encryption and one peer", st.WireGuard)
+		}
+		for _, p := range st.WireGuard.Peers[0].AllowedIPs {
+			if p.IsSingleIP() && p.Addr().Is4() {
+				peerIP = p.Addr()
+			}
+		}
+		if !peerIP.IsValid() {
+			return fmt.Errorf("peer AllowedIPs %v lack the node address", st.WireGuard.Peers[0].AllowedIPs)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	cp := startCapture(t, ctx, a.Node)
+	if _, err := a.Node.Exec(ctx, "ping", "-c", "3", "-i", "0.2", "-W", "2", peerIP.String()); err != nil {
+		t.Fatalf("node to node over the tunnel: %v", err)
+	}
+	wg := 0
+	for _, line := range cp.stop(t, ctx) {
+		if strings.Contains(line, "ICMP echo") {
+			t.Errorf("node-to-node ping in plaintext on the underlay: %s", line)
+		}
+		if strings.Contains(line, ".51871") {
+			wg++
+		}
+	}
+	if wg < 6 {
+		t.Errorf("saw %d WireGuard packets for 3 pings, want at least 6", wg)
+	}
+	// The agents still reach their server (not a node: not tunneled), and
+	// a restarted agent comes back.
+	if err := b.Proc.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := eventually(30*time.Second, func() error {
+		_, err := a.Node.Exec(ctx, "ping", "-c", "1", "-W", "1", peerIP.String())
+		return err
+	}); err != nil {
+		t.Fatalf("after a restart of the peer: %v", err)
+	}
+}
