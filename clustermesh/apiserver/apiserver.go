@@ -1,12 +1,14 @@
 // Package apiserver is the whole isthmus-clustermesh process: the
 // cluster's etcd server (package server), the mirror of remote clusters
 // (package mirror), the service syncer (package servicesync), the garbage
-// collector of unused identities, and an optional health endpoint. The
+// collector of unused identities, Prometheus metrics and probes
+// (metrics.go), and an optional health endpoint. The
 // command in cmd/isthmus-clustermesh only parses flags and calls Run; tests
 // start the same thing in-process with Start.
 package apiserver
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -37,9 +39,12 @@ type Config struct {
 	// IdentityGCInterval is how often identities no node references are
 	// deleted; 0 turns the collector off.
 	IdentityGCInterval time.Duration
-	// HealthListen is an address (host:port) for GET /healthz and
-	// GET /status; empty turns it off.
+	// HealthListen is an address (host:port) for GET /status and the
+	// probes of MetricsListen; empty turns it off.
 	HealthListen string
+	// MetricsListen is an address (host:port) for GET /metrics, /healthz
+	// and /readyz; empty turns it off.
+	MetricsListen string
 }
 
 // APIServer is a running isthmus-clustermesh.
@@ -54,6 +59,9 @@ type APIServer struct {
 	errc       chan error
 	health     *http.Server
 	healthAddr string
+	metrics    http.Handler
+	metricsSrv *http.Server
+	metricsLn  net.Listener
 	once       sync.Once
 }
 
@@ -63,11 +71,26 @@ func Start(ctx context.Context, cfg Config) (*APIServer, error) {
 	if cfg.Server.Capabilities == nil {
 		cfg.Server.Capabilities = []string{records.CapSyncCanaries, records.CapMirror}
 	}
+	a := &APIServer{errc: make(chan error, 4)}
+	log := cmp.Or(cfg.Server.Logger, slog.Default())
+	a.metrics, cfg.Server.KVMetrics = newMetrics(a, len(cfg.Server.EtcdEndpoints) == 0, log)
+	// The metrics address is bound before etcd starts: a port in use is a
+	// startup error, not a silently missing endpoint.
+	if cfg.MetricsListen != "" {
+		ln, err := net.Listen("tcp", cfg.MetricsListen)
+		if err != nil {
+			return nil, fmt.Errorf("clustermesh: metrics endpoint (--metrics-addr %s): %w", cfg.MetricsListen, err)
+		}
+		a.metricsLn = ln
+	}
 	srv, err := server.Start(ctx, cfg.Server)
 	if err != nil {
+		if a.metricsLn != nil {
+			a.metricsLn.Close()
+		}
 		return nil, err
 	}
-	a := &APIServer{Server: srv, log: srv.Logger(), errc: make(chan error, 4)}
+	a.Server, a.log = srv, srv.Logger()
 	ok := false
 	defer func() {
 		if !ok {
@@ -106,6 +129,14 @@ func Start(ctx context.Context, cfg Config) (*APIServer, error) {
 			}
 		})
 	}
+	if a.metricsLn != nil {
+		a.metricsSrv = &http.Server{Handler: a.probeMux(), ReadHeaderTimeout: 5 * time.Second}
+		a.wg.Go(func() {
+			if err := a.metricsSrv.Serve(a.metricsLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				a.errc <- fmt.Errorf("metrics endpoint: %w", err)
+			}
+		})
+	}
 
 	bctx, cancel := context.WithCancel(context.Background())
 	a.cancel = cancel
@@ -123,7 +154,7 @@ func Start(ctx context.Context, cfg Config) (*APIServer, error) {
 		a.wg.Go(func() { a.collectIdentities(bctx, gc, cfg.IdentityGCInterval) })
 	}
 	ok = true
-	a.log.Info("isthmus-clustermesh running", "cacheTTL", mc.CacheTTL, "health", a.healthAddr)
+	a.log.Info("isthmus-clustermesh running", "cacheTTL", mc.CacheTTL, "health", a.healthAddr, "metrics", a.MetricsAddr())
 	return a, nil
 }
 
@@ -154,13 +185,27 @@ func (a *APIServer) Wait(ctx context.Context) error {
 // off).
 func (a *APIServer) HealthAddr() string { return a.healthAddr }
 
+// MetricsAddr returns the address the metrics endpoint listens on ("" if
+// off).
+func (a *APIServer) MetricsAddr() string {
+	if a.metricsLn == nil {
+		return ""
+	}
+	return a.metricsLn.Addr().String()
+}
+
 // Close stops everything (the mirrored caches stay in etcd).
 func (a *APIServer) Close() error {
 	a.once.Do(func() {
-		if a.health != nil {
-			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			a.health.Shutdown(sctx)
-			cancel()
+		for _, h := range []*http.Server{a.health, a.metricsSrv} {
+			if h != nil {
+				sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+				h.Shutdown(sctx)
+				cancel()
+			}
+		}
+		if a.metricsSrv == nil && a.metricsLn != nil {
+			a.metricsLn.Close() // bound, never served
 		}
 		if a.cancel != nil {
 			a.cancel()
@@ -197,17 +242,9 @@ type StatusReport struct {
 	Services servicesync.Stats `json:"services"`
 }
 
+// handler serves the health address: the probes and /metrics, and /status.
 func (a *APIServer) handler() http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-		defer cancel()
-		if _, _, err := a.Server.Client().Get(ctx, server.InfoKey); err != nil {
-			http.Error(w, "etcd: "+err.Error(), http.StatusServiceUnavailable)
-			return
-		}
-		fmt.Fprintln(w, "ok")
-	})
+	mux := a.probeMux()
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		rep := StatusReport{Server: a.Server.Info(), Remotes: a.Mirror.Status(), Services: a.Services.Stats()}

@@ -63,6 +63,9 @@ type Config struct {
 	UnsafeNoFsync bool
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
+	// KVMetrics, when set, counts the calls of the server's own etcd
+	// client for Prometheus.
+	KVMetrics *kvstore.Metrics
 }
 
 // Etcd users and roles of the embedded etcd.
@@ -184,6 +187,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 		s.kv, err = kvstore.Connect(ctx, kvstore.Config{
 			Endpoints: cfg.EtcdEndpoints, TLS: cfg.EtcdTLS,
 			Username: cfg.EtcdUsername, Password: cfg.EtcdPassword, Logger: s.log,
+			Metrics: cfg.KVMetrics,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("clustermesh: external etcd: %w", err)
@@ -343,7 +347,8 @@ func (s *Server) startEmbedded(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	s.kv, err = kvstore.Connect(ctx, kvstore.Config{Endpoints: []string{clientURL.String()}, TLS: tc, Logger: s.log})
+	s.kv, err = kvstore.Connect(ctx, kvstore.Config{Endpoints: []string{clientURL.String()}, TLS: tc, Logger: s.log,
+		Metrics: s.cfg.KVMetrics})
 	if err != nil {
 		return fmt.Errorf("clustermesh: connect to the embedded etcd: %w", err)
 	}

@@ -53,6 +53,7 @@ type options struct {
 	cacheTTL           time.Duration
 	identityGCInterval time.Duration
 	healthListen       string
+	metricsAddr        string
 	logLevel           string
 	logFormat          string
 }
@@ -123,7 +124,8 @@ SIGTERM or SIGINT stops it cleanly.`,
 	f.StringVar(&o.etcdKey, "etcd-key", "", "external etcd: client key file (PEM)")
 	f.DurationVar(&o.cacheTTL, "cache-ttl", 0, "drop the mirrored state of a remote cluster unreachable for longer than this (e.g. 30m); 0 keeps it forever")
 	f.DurationVar(&o.identityGCInterval, "identity-gc-interval", 10*time.Minute, "how often identities that no node references are deleted; 0 turns it off")
-	f.StringVar(&o.healthListen, "health-listen", "", "serve GET /healthz and GET /status (JSON) on this host:port, e.g. 127.0.0.1:9879 (default off)")
+	f.StringVar(&o.healthListen, "health-listen", "", "serve GET /status (JSON), /healthz, /readyz and /metrics on this host:port, e.g. 127.0.0.1:9879 (default off)")
+	f.StringVar(&o.metricsAddr, "metrics-addr", apiserver.DefaultMetricsListen, `serve GET /metrics (Prometheus), /healthz and /readyz over plain HTTP on this host:port; "" turns it off`)
 	f.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	return cmd
@@ -194,6 +196,7 @@ func (o *options) config() (apiserver.Config, error) {
 	cfg.Mirror.CacheTTL = o.cacheTTL
 	cfg.IdentityGCInterval = o.identityGCInterval
 	cfg.HealthListen = o.healthListen
+	cfg.MetricsListen = o.metricsAddr
 	return cfg, nil
 }
 

@@ -11,6 +11,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/apiserver"
 	"github.com/isthmus-mesh/isthmus/clustermesh/apiserver/apiservertest"
+	"github.com/isthmus-mesh/isthmus/internal/promtest"
 )
 
 func parse(t *testing.T, args ...string) (apiserver.Config, error) {
@@ -60,15 +61,16 @@ func TestFlags(t *testing.T) {
 }
 
 // TestRunAndStop runs the real server from the command line, checks its
-// health endpoint, and stops it by cancelling (what SIGTERM does).
+// health and metrics endpoints, and stops it by cancelling (what SIGTERM
+// does).
 func TestRunAndStop(t *testing.T) {
-	health := apiservertest.FreeAddr(t)
+	health, metrics := apiservertest.FreeAddr(t), apiservertest.FreeAddr(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	cmd := newCommand(apiserver.Run)
 	cmd.SetArgs([]string{"--cluster-name", "c1", "--cluster-id", "1", "--pod-cidr", "10.1.0.0/16",
 		"--data-dir", t.TempDir(), "--listen-client", apiservertest.FreeAddr(t), "--listen-peer", apiservertest.FreeAddr(t),
-		"--health-listen", health, "--log-level", "error"})
+		"--health-listen", health, "--metrics-addr", metrics, "--log-level", "error"})
 	done := make(chan error, 1)
 	go func() { done <- cmd.ExecuteContext(ctx) }()
 
@@ -92,6 +94,16 @@ func TestRunAndStop(t *testing.T) {
 	resp.Body.Close()
 	if err != nil || rep.Server.Cluster != "c1" || rep.Server.ClusterID != 1 {
 		t.Errorf("status %+v: %v", rep, err)
+	}
+	if resp, err := http.Get("http://" + metrics + "/readyz"); err != nil || resp.StatusCode != http.StatusOK {
+		t.Errorf("GET /readyz on --metrics-addr: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+	if fams, err := promtest.Get(nil, "http://"+metrics+"/metrics"); err != nil {
+		t.Error(err)
+	} else if v, _ := fams.Value("isthmus_clustermesh_info", "cluster", "c1", "etcd", "embedded"); v != 1 {
+		t.Errorf("isthmus_clustermesh_info{cluster=c1,etcd=embedded} = %v", v)
 	}
 	cancel()
 	select {
