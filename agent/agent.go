@@ -173,8 +173,11 @@ type Agent struct {
 	// before the first reconcile.
 	enc *encryption
 
-	rec     reconciler
-	metrics *agentMetrics // set at the start of Run
+	rec reconciler
+	// softFailed: the last reconcile could not finish routes or tunnels
+	// (which fail no API call); the loop retries with backoff.
+	softFailed atomic.Bool
+	metrics    *agentMetrics // set at the start of Run
 
 	// ipcShadow is what the reconciler last wrote to the BPF ipcache, so a
 	// reconcile diffs against memory instead of walking a map of up to

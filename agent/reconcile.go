@@ -176,6 +176,13 @@ func (a *Agent) reconcileLoop(ctx context.Context) {
 			timer.Reset(backoff)
 			continue
 		}
+		if a.softFailed.Swap(false) {
+			// Routes or tunnels are incomplete: retry soon, without
+			// failing the run (API calls it serves succeeded).
+			backoff = min(max(2*backoff, time.Second), maxBackoff)
+			timer.Reset(backoff)
+			continue
+		}
 		backoff = 0
 		timer.Reset(resyncInterval)
 	}
@@ -368,6 +375,9 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		n, err := a.routes.SyncRoutes(mesh.podRoutes(), mesh.ready)
 		stats.routes += n
 		a.mesh.setRouteErr(err)
+		if err != nil {
+			a.softFailed.Store(true)
+		}
 	}
 
 	// 7. WireGuard peers and the tunnel routes. Like routes, a failure
@@ -377,7 +387,8 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		n, err := a.syncEncryption(mesh)
 		stats.routes += n
 		if err != nil {
-			a.log.Debug("wireguard sync incomplete", "err", err)
+			a.softFailed.Store(true)
+			a.log.Warn("wireguard: peers or tunnel routes incomplete; retrying", "err", err)
 		}
 	}
 
