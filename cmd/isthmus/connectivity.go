@@ -777,7 +777,11 @@ func (k *checker) encryption() {
 	for _, v := range k.t.VIPs {
 		watched[v] = true
 	}
-	portList := slices.Sorted(maps.Keys(ports))
+	var portList []string
+	for _, p := range slices.Sorted(maps.Keys(ports)) {
+		portList = append(portList, fmt.Sprint(p))
+	}
+	udp := "udp/" + strings.Join(portList, ",")
 	did := false
 	for _, c := range k.t.clusters() {
 		nodes := k.t.echoNodes(c)
@@ -836,12 +840,12 @@ func (k *checker) encryption() {
 		case res.Plaintext > 0:
 			r.Result, r.Detail = resultFail, fmt.Sprintf("on %s/%s: %d packets with a pod address in the clear (first: %s)", n.Name, res.Interface, res.Plaintext, res.FirstLeak)
 		case res.WireGuard == 0:
-			r.Result, r.Detail = resultFail, fmt.Sprintf("on %s/%s: no WireGuard packet (udp/%v) among %d", n.Name, res.Interface, portList, res.Total)
+			r.Result, r.Detail = resultFail, fmt.Sprintf("on %s/%s: no WireGuard packet (%s) among %d", n.Name, res.Interface, udp, res.Total)
 		case failed > 0:
 			r.Result, r.Detail = resultFail, fmt.Sprintf("%d of %d requests failed during the capture", failed, sent)
 		default:
-			r.Result, r.Detail = resultPass, fmt.Sprintf("on %s/%s during %d requests: %d WireGuard packets (udp/%v), 0 of %d packets with a pod address in the clear",
-				n.Name, res.Interface, sent, res.WireGuard, portList, res.Total)
+			r.Result, r.Detail = resultPass, fmt.Sprintf("on %s/%s during %d requests: %d WireGuard packets (%s), 0 of %d packets with a pod address in the clear",
+				n.Name, res.Interface, sent, res.WireGuard, udp, res.Total)
 		}
 		k.add(r)
 	}
