@@ -29,7 +29,7 @@ import (
 )
 
 var (
-	only     = flag.String("run", "throughput|cps|mesh|wireguard", "regexp of the sections to run: throughput, cps, mesh, wireguard")
+	only     = flag.String("run", "throughput|cps|mesh|wireguard|labup", "regexp of the sections to run: throughput, cps, mesh, wireguard, labup")
 	duration = flag.Duration("duration", 8*time.Second, "length of each measurement")
 	services = flag.Int("services", 10000, "services installed for the scaling measurement")
 )
@@ -65,6 +65,12 @@ func main() {
 	if re.MatchString("wireguard") {
 		if err := wireguardBench(ctx); err != nil {
 			fmt.Fprintln(os.Stderr, "bench wireguard:", err)
+			ok = false
+		}
+	}
+	if re.MatchString("labup") {
+		if err := labupBench(ctx); err != nil {
+			fmt.Fprintln(os.Stderr, "bench labup:", err)
 			ok = false
 		}
 	}
