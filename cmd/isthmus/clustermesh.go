@@ -68,7 +68,13 @@ To connect clusters c1 and c2 both ways:
   on c2:           isthmus clustermesh connect --bundle c1-for-c2.json
 
 Each server then mirrors the other's nodes, endpoints, identities and
-services into its own etcd; isthmus clustermesh status shows the progress.`,
+services into its own etcd; isthmus clustermesh status shows the progress.
+
+On the server host, with exactly one server under ` + server.DefaultDataDirRoot + `,
+--kvstore-bundle and --kvstore-endpoints are found without flags.`,
+		Example: `  isthmus clustermesh status
+  isthmus clustermesh status --kvstore-endpoints https://192.0.2.1:2379 --kvstore-bundle /etc/isthmus/root -o json
+  isthmus clustermesh connect --bundle c2-for-c1.json --wait 1m`,
 	}
 	pf := cmd.PersistentFlags()
 	defaultEndpoints := splitList(os.Getenv(envKVStoreEndpoints))
@@ -77,6 +83,7 @@ services into its own etcd; isthmus clustermesh status shows the progress.`,
 	}
 	pf.StringSliceVar(&m.endpoints, "kvstore-endpoints", defaultEndpoints, "etcd client URLs of this cluster's isthmus-clustermesh (env "+envKVStoreEndpoints+")")
 	pf.StringVar(&m.bundle, "kvstore-bundle", os.Getenv(envKVStoreBundle), "directory with the cluster's root bundle: ca.crt, client.crt, client.key (env "+envKVStoreBundle+"; on the server host <data-dir>/pki/bundles/root; default: that of the one server under "+server.DefaultDataDirRoot+", if there is exactly one)")
+	_ = cmd.MarkPersistentFlagDirname("kvstore-bundle")
 	cmd.PersistentPreRun = func(cmd *cobra.Command, _ []string) {
 		m.endpointsSet = cmd.Flags().Changed("kvstore-endpoints") || os.Getenv(envKVStoreEndpoints) != ""
 	}
@@ -194,7 +201,7 @@ bundle.json into DIR. Bundles hold a private key: they are written readable
 by the owner only.`,
 		Example: `  isthmus clustermesh certs --data-dir /var/lib/isthmus-clustermesh/c1 --out /etc/isthmus/agents/
   isthmus clustermesh certs --data-dir /var/lib/isthmus-clustermesh/c1 --for-remote c2 --out c1-for-c2.json`,
-		Args: cobra.NoArgs,
+		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if dataDir == "" {
 				return errors.New("certs needs --data-dir: the --data-dir of this cluster's isthmus-clustermesh (default /var/lib/isthmus-clustermesh/<cluster>)")
@@ -243,6 +250,7 @@ by the owner only.`,
 	f.StringVar(&dataDir, "data-dir", "", "the --data-dir of this cluster's isthmus-clustermesh")
 	f.StringVar(&forRemote, "for-remote", "", "export a bundle for the server of this remote cluster (read-only etcd user remote-CLUSTER)")
 	f.StringVar(&out, "out", "", "where to write: FILE (JSON) or DIR/ (PEM files and bundle.json)")
+	_ = cmd.MarkFlagDirname("data-dir")
 	return cmd
 }
 
@@ -323,7 +331,7 @@ they were renewed).
 The mirror is one-way: connect the other direction on the remote cluster.`,
 		Example: `  isthmus clustermesh connect --bundle c2-for-c1.json
   isthmus clustermesh connect --name c2 --bundle c2-for-c1.json --endpoints https://198.51.100.2:2379 --wait 1m`,
-		Args: cobra.NoArgs,
+		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if bundle == "" {
 				return errors.New("connect needs --bundle FILE: the bundle the remote cluster exported for this one (on its server: isthmus clustermesh certs --for-remote <this cluster>)")
@@ -501,8 +509,9 @@ cluster (etcd user remote-CLUSTER) is removed too: its mirror of this
 cluster can no longer read anything, but it keeps serving its last copy
 (state "unreachable") until its --cache-ttl passes or it disconnects this
 cluster as well. Run disconnect on both sides.`,
-		Example: `  isthmus clustermesh disconnect --name c2`,
-		Args:    cobra.NoArgs,
+		Example: `  isthmus clustermesh disconnect --name c2
+  isthmus clustermesh disconnect --name c2 --keep-access`,
+		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if name == "" {
 				return errors.New("disconnect needs --name CLUSTER (isthmus clustermesh status lists the connected clusters)")
@@ -539,7 +548,35 @@ cluster as well. Run disconnect on both sides.`,
 	}
 	cmd.Flags().StringVar(&name, "name", "", "the remote cluster to disconnect")
 	cmd.Flags().BoolVar(&keepAccess, "keep-access", false, "keep the remote's read access to this cluster (its etcd user remote-CLUSTER)")
+	_ = cmd.RegisterFlagCompletionFunc("name", m.completeRemotes)
 	return cmd
+}
+
+// completeRemotes completes --name with the connected clusters, read from
+// the local etcd (nothing when it cannot be reached in time).
+func (m *mesh) completeRemotes(cmd *cobra.Command, _ []string, toComplete string) ([]cobra.Completion, cobra.ShellCompDirective) {
+	// PersistentPreRun does not run for completions.
+	m.endpointsSet = cmd.Flags().Changed("kvstore-endpoints") || os.Getenv(envKVStoreEndpoints) != ""
+	ctx, cancel := context.WithTimeout(cmd.Context(), completionTimeout)
+	defer cancel()
+	kv, err := m.local(ctx)
+	if err != nil {
+		cobra.CompDebugln(err.Error(), false)
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	defer kv.Close()
+	recs, _, err := kv.GetPrefix(ctx, server.RemotesPrefix)
+	if err != nil {
+		cobra.CompDebugln(err.Error(), false)
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	var names []cobra.Completion
+	for _, r := range recs {
+		if name, err := mirror.ParseRemoteKey(r.Key); err == nil {
+			names = append(names, name)
+		}
+	}
+	return filterPrefix(names, toComplete), cobra.ShellCompDirectiveNoFileComp
 }
 
 // MeshStatus is what `isthmus clustermesh status` shows.
@@ -566,8 +603,14 @@ func (m *mesh) statusCommand() *cobra.Command {
 its state (connecting, connected, unreachable, dropped after the cache TTL,
 refused, invalid record), whether every kind is synced (its canary written),
 how many nodes, endpoints, identities and services are mirrored, how many of
-its records are skipped as invalid, and the last error.`,
-		Args: cobra.NoArgs,
+its records are skipped as invalid, and the last error. The statuses are
+written by the server: a stale heartbeat means they may be old.
+
+-o json and -o yaml print everything, including the whole last error, the
+last invalid record, the time of last contact and when the cache expires.`,
+		Example: `  isthmus clustermesh status
+  isthmus clustermesh status -o json | jq '.remotes[] | {cluster, state, ready}'`,
+		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkFormat(format); err != nil {
 				return err

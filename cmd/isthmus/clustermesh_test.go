@@ -98,6 +98,11 @@ func TestClustermeshCommands(t *testing.T) {
 	if out, err := meshRun(t, c1, "status", "-o", "yaml"); err != nil || !strings.Contains(out, "state: connected") {
 		t.Errorf("status -o yaml: %v\n%s", err, out)
 	}
+	// Shell completion of disconnect --name reads the connected clusters.
+	if got, directive := complete(t, "/nonexistent.sock", "clustermesh", "--kvstore-endpoints", c1.Endpoint(),
+		"--kvstore-bundle", c1.RootBundleDir(), "disconnect", "--name", ""); strings.Join(got, " ") != "c2" || directive != ":4" {
+		t.Errorf("complete disconnect --name: %q %s", got, directive)
+	}
 
 	// Refusals: the same ID as the connected c2; a bundle made for another
 	// cluster; a bundle named differently; an unreachable address.

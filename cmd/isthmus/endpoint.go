@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -16,6 +17,12 @@ func (c *cli) endpointCommand() *cobra.Command {
 		Use:     "endpoint",
 		Aliases: []string{"endpoints", "ep"},
 		Short:   "Add, delete and list endpoints (pods plumbed into the datapath)",
+		Long: `An endpoint is a pod's network namespace plumbed into this node: a veth pair,
+addresses from the node's pod CIDRs, the datapath programs and the security
+identity of its labels. Endpoints are per node: list shows this node's.`,
+		Example: `  isthmus endpoint add web1 --netns /var/run/netns/web1 --labels app=web
+  isthmus endpoint list -o json
+  isthmus endpoint del web1`,
 	}
 	cmd.AddCommand(c.endpointAddCommand(), c.endpointDelCommand(), c.endpointListCommand())
 	return cmd
@@ -32,8 +39,9 @@ pair (eth0 inside the pod), gives it an IPv4 and/or IPv6 address from the
 node's pod CIDRs, sets the pod's default routes, attaches the datapath and
 allocates the security identity of the pod's labels.`,
 		Example: `  ip netns add web1
-  isthmus endpoint add web1 --netns /var/run/netns/web1 --labels app=web`,
-		Args: cobra.ExactArgs(1),
+  isthmus endpoint add web1 --netns /var/run/netns/web1 --labels app=web
+  isthmus endpoint add db1 -n shop --netns /proc/4242/ns/net --labels app=db,tier=back`,
+		Args: withUsage(cobra.ExactArgs(1)),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			l, err := identity.ParseLabels(labels)
 			if err != nil {
@@ -65,7 +73,13 @@ func (c *cli) endpointDelCommand() *cobra.Command {
 		Use:     "del NAME [--namespace NS]",
 		Aliases: []string{"delete", "rm"},
 		Short:   "Remove an endpoint: datapath entries, veth, address and identity",
-		Args:    cobra.ExactArgs(1),
+		Long: `Remove an endpoint from this node: its datapath entries, the veth pair (the
+pod's eth0 goes with it), its addresses and its reference on the identity.
+The network namespace itself stays.`,
+		Example: `  isthmus endpoint del web1
+  isthmus endpoint rm db1 -n shop`,
+		Args:              withUsage(cobra.ExactArgs(1)),
+		ValidArgsFunction: c.completeEndpoints,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx, cancel := c.ctx(cmd)
 			defer cancel()
@@ -89,7 +103,12 @@ func (c *cli) endpointListCommand() *cobra.Command {
 		Use:     "list",
 		Aliases: []string{"ls"},
 		Short:   "List the endpoints of the node",
-		Args:    cobra.NoArgs,
+		Long: `List this node's endpoints: namespace, name, addresses, identity, labels,
+host-side interface and network namespace. -o json and -o yaml print the
+agent's endpoint objects whole.`,
+		Example: `  isthmus endpoint list
+  isthmus ep ls -o yaml`,
+		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkFormat(format); err != nil {
 				return err
@@ -118,6 +137,29 @@ func (c *cli) endpointListCommand() *cobra.Command {
 	}
 	addOutputFlag(cmd, &format)
 	return cmd
+}
+
+// completeEndpoints completes NAME of `endpoint del` with this node's
+// endpoints in the -n namespace.
+func (c *cli) completeEndpoints(cmd *cobra.Command, args []string, toComplete string) ([]cobra.Completion, cobra.ShellCompDirective) {
+	if len(args) > 0 {
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	ns, _ := cmd.Flags().GetString("namespace")
+	ctx, cancel := context.WithTimeout(cmd.Context(), completionTimeout)
+	defer cancel()
+	eps, err := c.client().ListEndpoints(ctx)
+	if err != nil {
+		cobra.CompDebugln(err.Error(), false)
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	var names []cobra.Completion
+	for _, e := range eps {
+		if e.Namespace == ns {
+			names = append(names, cobra.CompletionWithDesc(e.Name, joinAddrs(e.IPs)))
+		}
+	}
+	return filterPrefix(names, toComplete), cobra.ShellCompDirectiveNoFileComp
 }
 
 func joinAddrs(ips []netip.Addr) string {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -27,7 +28,55 @@ func parseKind(s string) (string, error) {
 	if k, ok := kindNames[strings.ToLower(s)]; ok {
 		return k, nil
 	}
-	return "", fmt.Errorf("unknown kind %q: want services or policies", s)
+	// Endpoints and identities are not applied objects, but users coming
+	// from kubectl try them here: name the verbs that do handle them.
+	switch strings.ToLower(s) {
+	case "endpoint", "endpoints", "ep", "pod", "pods":
+		return "", fmt.Errorf("unknown kind %q: endpoints have their own verbs: isthmus endpoint list|add|del", s)
+	case "identity", "identities", "id":
+		return "", fmt.Errorf("unknown kind %q: identities are listed with isthmus identity list", s)
+	}
+	return "", fmt.Errorf("unknown kind %q: want service (services, svc) or policy (policies, networkpolicy, networkpolicies, netpol)", s)
+}
+
+// kindCompletions are what `get` and `delete` offer for KIND.
+var kindCompletions = []cobra.Completion{
+	cobra.CompletionWithDesc("services", "Service objects"),
+	cobra.CompletionWithDesc("policies", "NetworkPolicy objects"),
+}
+
+// completeObjects completes KIND, then NAME from the agent's objects of
+// that kind in the -n namespace ("default" when not given, as for NAME).
+func (c *cli) completeObjects(cmd *cobra.Command, args []string, toComplete string) ([]cobra.Completion, cobra.ShellCompDirective) {
+	switch len(args) {
+	case 0:
+		return filterPrefix(kindCompletions, toComplete), cobra.ShellCompDirectiveNoFileComp
+	case 1:
+	default:
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	kind, err := parseKind(args[0])
+	if err != nil {
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	ns, _ := cmd.Flags().GetString("namespace")
+	if ns == "" {
+		ns = objects.DefaultNamespace
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), completionTimeout)
+	defer cancel()
+	objs, err := c.client().ListObjects(ctx, kind)
+	if err != nil {
+		cobra.CompDebugln(err.Error(), false)
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	var names []cobra.Completion
+	for _, o := range objs {
+		if o.Namespace == ns {
+			names = append(names, o.Name)
+		}
+	}
+	return filterPrefix(names, toComplete), cobra.ShellCompDirectiveNoFileComp
 }
 
 func (c *cli) applyCommand() *cobra.Command {
@@ -44,7 +93,7 @@ and every node applies them as it sees them; the command waits for this node
 (at most 30 s, then it returns and the agent logs a warning).`,
 		Example: `  isthmus apply -f web.yaml
   cat policy.yaml | isthmus apply -f -`,
-		Args: cobra.NoArgs,
+		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if file == "" {
 				return fmt.Errorf("apply needs -f FILE (or -f - for standard input)")
@@ -75,6 +124,7 @@ and every node applies them as it sees them; the command waits for this node
 		},
 	}
 	cmd.Flags().StringVarP(&file, "filename", "f", "", "file with YAML documents, - for standard input")
+	_ = cmd.MarkFlagFilename("filename", "yaml", "yml")
 	return cmd
 }
 
@@ -83,13 +133,19 @@ func (c *cli) getCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "get services|policies [NAME]",
 		Short: "Show applied Services or NetworkPolicies",
-		Long: `Show applied objects. Without NAME every object of the kind is listed (in
-the namespace given with -n, or in all namespaces). -o yaml prints documents
-that isthmus apply takes back.`,
+		Long: `Show applied objects. KIND is services (service, svc) or policies (policy,
+networkpolicy, networkpolicies, netpol), in any case. Without NAME every
+object of the kind is listed, in the namespace given with -n or in all
+namespaces; with NAME, -n defaults to "default". In cluster mode the objects
+are those stored in the cluster's etcd.
+
+-o yaml prints documents that isthmus apply takes back (separated by ---);
+-o json prints the object for KIND NAME, a list otherwise.`,
 		Example: `  isthmus get services
-  isthmus get policy allow-client -o yaml`,
-		Args:      cobra.RangeArgs(1, 2),
-		ValidArgs: []string{"services", "policies"},
+  isthmus get svc -n shop -o json
+  isthmus get policy allow-client -o yaml > allow-client.yaml`,
+		Args:              withUsage(cobra.RangeArgs(1, 2)),
+		ValidArgsFunction: c.completeObjects,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := checkFormat(format); err != nil {
 				return err
@@ -200,9 +256,16 @@ func (c *cli) deleteCommand() *cobra.Command {
 	var ns string
 	cmd := &cobra.Command{
 		Use:     "delete service|policy NAME [--namespace NS]",
+		Aliases: []string{"del", "rm"},
 		Short:   "Delete an applied Service or NetworkPolicy",
-		Example: `  isthmus delete service web`,
-		Args:    cobra.ExactArgs(2),
+		Long: `Delete an applied object; the command returns once this node's datapath has
+dropped it. KIND is as for get. In cluster mode the object is deleted from
+the cluster's etcd and every node of the cluster drops it (the command waits
+for this node, at most 30 s). Endpoints are removed with isthmus endpoint del.`,
+		Example: `  isthmus delete service web
+  isthmus del netpol allow-client -n shop`,
+		Args:              withUsage(cobra.ExactArgs(2)),
+		ValidArgsFunction: c.completeObjects,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			kind, err := parseKind(args[0])
 			if err != nil {

@@ -15,13 +15,25 @@ func (c *cli) identityCommand() *cobra.Command {
 		Use:     "identity",
 		Aliases: []string{"identities", "id"},
 		Short:   "Inspect security identities",
+		Long: `A security identity is a number for a set of labels; policy is enforced
+between identities. Every endpoint has the identity of its labels (with
+isthmus.io/namespace and isthmus.io/cluster); reserved identities stand for
+the host, the world and other special peers.`,
+		Example: `  isthmus identity list
+  isthmus id ls -o json`,
 	}
 	var format string
 	list := &cobra.Command{
 		Use:     "list",
 		Aliases: []string{"ls"},
 		Short:   "List reserved and allocated identities with their labels",
-		Args:    cobra.NoArgs,
+		Long: `List the reserved identities, then the allocated ones with their labels.
+ENDPOINTS counts this node's endpoints that carry the identity. In cluster
+mode the list holds the identities of this cluster and of every synced
+remote cluster.`,
+		Example: `  isthmus identity list
+  isthmus identity list -o yaml`,
+		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkFormat(format); err != nil {
 				return err
@@ -57,7 +69,15 @@ func (c *cli) statusCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "status",
 		Short: "Show the node, what it runs, and the datapath counters",
-		Args:  cobra.NoArgs,
+		Long: `Show this node's agent: node, cluster, pod CIDRs, attach mode, counts of
+endpoints, identities, services, policies, ipcache and conntrack entries,
+whether the datapath is in sync, and the datapath counters per reason. In
+cluster mode also the connection to the cluster's etcd and a table of the
+clusters of the mesh; with encryption the WireGuard device and its peers.
+-o json and -o yaml print the agent's status object whole.`,
+		Example: `  isthmus status
+  isthmus status -o json | jq .clustermesh`,
+		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkFormat(format); err != nil {
 				return err
