@@ -15,7 +15,7 @@ DEB_PACKAGES := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iperf3 \
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build generate test bench lint deps clean demo
+.PHONY: all build generate test bench lint deps clean demo lab lab-down
 
 all: build
 
@@ -51,6 +51,17 @@ bench:
 # then the status (`make demo DEMO_ARGS=-keep` keeps it running).
 demo:
 	$(GO) run ./tests/demo $(DEMO_ARGS)
+
+# The quick start: `isthmus lab up` builds two clusters of two nodes with
+# WireGuard in network namespaces, checks them with the connectivity test
+# and leaves them running (docs/lab.md); LAB_ARGS passes flags, e.g.
+# LAB_ARGS="--clusters 3 --encryption none". `make lab-down` removes the lab.
+lab:
+	$(GO) build -o $(BIN)/ ./cmd/isthmus ./cmd/isthmus-agent ./cmd/isthmus-clustermesh
+	$(BIN)/isthmus lab up $(LAB_ARGS)
+
+lab-down:
+	@if [ -x $(BIN)/isthmus ]; then $(BIN)/isthmus lab down; else $(GO) run ./cmd/isthmus lab down; fi
 
 lint:
 	$(GO) vet ./...

@@ -75,15 +75,18 @@ type UpOptions struct {
 
 // State is what Up built, as JSON in the state file.
 type State struct {
-	Prefix     string         `json:"prefix"`
-	Dir        string         `json:"dir"`
-	Created    time.Time      `json:"created"`
-	Ready      bool           `json:"ready"` // false while Up is building
-	Encryption string         `json:"encryption"`
-	Service    StateService   `json:"service"`
-	Policy     string         `json:"policy"`
-	Clusters   []StateCluster `json:"clusters"`
-	Pods       []StatePod     `json:"pods"`
+	Prefix     string    `json:"prefix"`
+	Dir        string    `json:"dir"`
+	Created    time.Time `json:"created"`
+	Ready      bool      `json:"ready"` // false while Up is building
+	Encryption string    `json:"encryption"`
+	// BinDir holds binaries Up had to build (a temp dir that the detached
+	// lab's processes run from); `lab down` removes it.
+	BinDir   string         `json:"binDir,omitempty"`
+	Service  StateService   `json:"service"`
+	Policy   string         `json:"policy"`
+	Clusters []StateCluster `json:"clusters"`
+	Pods     []StatePod     `json:"pods"`
 }
 
 // StateService is the global service over the echo pods.
@@ -311,6 +314,9 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 		return nil, nil, err
 	}
 	st = &State{Prefix: l.Prefix(), Dir: l.Dir(), Created: time.Now().UTC(), Encryption: o.Encryption}
+	if o.Detached {
+		st.BinDir = buildDir
+	}
 	defer func() {
 		if err != nil {
 			if cerr := l.Close(); cerr != nil {
@@ -318,6 +324,9 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 			}
 			if o.StateFile != "" {
 				_ = os.Remove(o.StateFile)
+			}
+			if st.BinDir != "" {
+				CleanupBinaries()
 			}
 		}
 	}()
