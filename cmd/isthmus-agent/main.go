@@ -67,10 +67,14 @@ With --kvstore-endpoints the node joins its cluster (cluster mode): it
 publishes its node and endpoints to the cluster's etcd (leased), allocates
 identities there, and takes from it the nodes, endpoints, identities and
 services of its cluster and of connected clusters, and the objects applied
-in its own cluster. apply,
-get and delete then act on the whole cluster. The datapath starts from
-local state at once; etcd is reached in the background, with retries.
-Needs root.`,
+in its own cluster; isthmus apply, get and delete then act on the whole
+cluster. The datapath starts from local state at once; etcd is reached in
+the background, with retries. With --encryption=wireguard, traffic to pods
+on other nodes goes through a WireGuard device whose public key the node
+publishes in its node record.
+
+--metrics-addr serves Prometheus metrics, /healthz and /readyz over HTTP
+(the API socket serves them too). Needs root; runs until SIGTERM or SIGINT.`,
 		Example: `  isthmus-agent --pod-cidr 10.200.0.0/24 --pod-cidr fd00:200::/64
   isthmus-agent --node-name n1 --cluster-name lab --cluster-id 7 --pod-cidr 10.7.1.0/24
   isthmus-agent --node-name n1 --cluster-name c1 --cluster-id 1 --pod-cidr 10.1.1.0/24 \

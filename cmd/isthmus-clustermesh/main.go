@@ -91,6 +91,10 @@ remote server never removes its endpoints; with a TTL, a remote unreachable
 for longer than that has its cache and canaries deleted (and is mirrored
 afresh when it returns).
 
+--metrics-addr (on by default) serves Prometheus metrics, /healthz and
+/readyz; --health-listen serves those and GET /status (JSON). Both are plain
+HTTP without authentication.
+
 SIGTERM or SIGINT stops it cleanly.`,
 		Example: `  isthmus-clustermesh --cluster-name c1 --cluster-id 1 --pod-cidr 10.1.0.0/16 \
       --advertise-client https://192.0.2.1:2379
