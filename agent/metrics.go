@@ -232,9 +232,13 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(descWGUnencrypted, float64(len(wg.Unencrypted)))
 		gauge(descWGRefused, float64(len(wg.Refused)))
 		for _, p := range wg.Peers {
-			gauge(descWGHandshake, unixSeconds(p.LastHandshake), p.Node)
-			counter(descWGRx, float64(p.RxBytes), p.Node)
-			counter(descWGTx, float64(p.TxBytes), p.Node)
+			node := p.Node
+			if node == "" { // a peer the mesh does not name (yet): keep series apart
+				node = "key:" + p.PublicKey
+			}
+			gauge(descWGHandshake, unixSeconds(p.LastHandshake), node)
+			counter(descWGRx, float64(p.RxBytes), node)
+			counter(descWGTx, float64(p.TxBytes), node)
 		}
 	}
 }

@@ -147,16 +147,17 @@ func TestMetricsCountPolicyDrops(t *testing.T) {
 	}
 }
 
-// In a cluster, the agent's metrics show the kvstore and the mesh, and the
-// cluster's isthmus-clustermesh serves its own /metrics on its default
+// In a cluster, the agent's metrics show the kvstore, the mesh and the
+// WireGuard peers (with a handshake after pod traffic across nodes), and
+// the cluster's isthmus-clustermesh serves its own /metrics on its default
 // address inside the router's namespace.
 func TestMetricsCluster(t *testing.T) {
 	lab.SkipUnlessRoot(t)
 	l := lab.NewT(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	step(t, "building cluster c1 with one node and its server")
-	c, err := l.AddCluster(ctx, 1, lab.ClusterOptions{Nodes: 1})
+	step(t, "building cluster c1 with two nodes (WireGuard) and its server")
+	c, err := l.AddCluster(ctx, 1, lab.ClusterOptions{Nodes: 2, Encryption: "wireguard"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -210,7 +211,7 @@ func TestMetricsCluster(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if v := fams.Must(t, "isthmus_agent_mesh_cluster_nodes", "cluster", "c1"); v != 1 {
+	if v := fams.Must(t, "isthmus_agent_mesh_cluster_nodes", "cluster", "c1"); v != 2 {
 		t.Errorf("nodes of c1 = %v", v)
 	}
 	if v := fams.Must(t, "isthmus_kvstore_operations_total", "operation", "get_prefix"); v == 0 {
@@ -219,5 +220,34 @@ func TestMetricsCluster(t *testing.T) {
 	code, body, err := getText(overSocket(a.Socket), "http://agent/readyz")
 	if err != nil || code != http.StatusOK || !strings.Contains(body, "ready") {
 		t.Errorf("agent GET /readyz on the socket: %d %q %v", code, body, err)
+	}
+
+	step(t, "pod traffic to the other node: a WireGuard handshake and bytes, per peer")
+	peer := "c1/" + c.Nodes[1].NodeName()
+	client, err := a.AddPod(ctx, "client", "default", map[string]string{"app": "client"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := c.Agents[1].AddPod(ctx, "server", "default", map[string]string{"app": "server"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	serveTCP(t, server.Netns, 8080, echo)
+	if err := eventually(20*time.Second, func() error { return tcpEcho(client.Netns, netip.AddrPortFrom(server.IPv4, 8080)) }); err != nil {
+		t.Fatalf("client on %s -> server on %s: %v", c.Nodes[0].Name(), c.Nodes[1].Name(), err)
+	}
+	if fams, err = promtest.Get(node, localURL(agent.DefaultMetricsAddr, "/metrics")); err != nil {
+		t.Fatal(err)
+	}
+	if v := fams.Must(t, "isthmus_agent_wireguard_peers"); v != 1 {
+		t.Errorf("WireGuard peers = %v, want 1", v)
+	}
+	if v := fams.Must(t, "isthmus_agent_wireguard_peer_last_handshake_timestamp_seconds", "node", peer); time.Since(time.Unix(int64(v), 0)) > time.Minute {
+		t.Errorf("last handshake with %s at %v", peer, v)
+	}
+	for _, m := range []string{"isthmus_agent_wireguard_peer_tx_bytes_total", "isthmus_agent_wireguard_peer_rx_bytes_total"} {
+		if v := fams.Must(t, m, "node", peer); v < 3000 {
+			t.Errorf("%s{node=%s} = %v after a 3000-byte echo", m, peer, v)
+		}
 	}
 }
