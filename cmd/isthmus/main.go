@@ -135,7 +135,7 @@ func failUnknownSubcommands(cmd *cobra.Command) {
 		return
 	}
 	cmd.Args = cobra.ArbitraryArgs
-	cmd.DisableFlagsInUseLine = true // a group has no flags of its own to show
+	cmd.DisableFlagsInUseLine = true // alone it only prints help: no "[flags]" in that usage line
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
 		if len(args) == 0 {
 			return cmd.Help()
