@@ -99,7 +99,7 @@ func TestClustermeshCommands(t *testing.T) {
 		t.Errorf("status -o yaml: %v\n%s", err, out)
 	}
 	// Shell completion of disconnect --name reads the connected clusters.
-	if got, directive := complete(t, "/nonexistent.sock", "clustermesh", "--kvstore-endpoints", c1.Endpoint(),
+	if got, directive := runComplete(t, "/nonexistent.sock", "clustermesh", "--kvstore-endpoints", c1.Endpoint(),
 		"--kvstore-bundle", c1.RootBundleDir(), "disconnect", "--name", ""); strings.Join(got, " ") != "c2" || directive != ":4" {
 		t.Errorf("complete disconnect --name: %q %s", got, directive)
 	}

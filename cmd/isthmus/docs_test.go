@@ -27,7 +27,7 @@ func TestReferenceDocumentsEveryCommand(t *testing.T) {
 	}
 	sections := cliSections(t, string(data))
 	root := newRootCommand(strings.NewReader(""), &strings.Builder{})
-	walk(root, func(cmd *cobra.Command) {
+	walkCommands(root, func(cmd *cobra.Command) {
 		if cmd.Hidden || cmd.Name() == "help" {
 			return
 		}
@@ -56,10 +56,10 @@ func TestReferenceDocumentsEveryCommand(t *testing.T) {
 	})
 }
 
-func walk(cmd *cobra.Command, fn func(*cobra.Command)) {
+func walkCommands(cmd *cobra.Command, fn func(*cobra.Command)) {
 	fn(cmd)
 	for _, sub := range cmd.Commands() {
-		walk(sub, fn)
+		walkCommands(sub, fn)
 	}
 }
 

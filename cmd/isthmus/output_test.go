@@ -68,7 +68,7 @@ func TestReadOutputs(t *testing.T) {
 		out, err := run(t, sock, "", "endpoint", "ls", "-o", format)
 		var eps []api.Endpoint
 		if err == nil {
-			err = unmarshal(format, out, &eps)
+			err = unmarshalOutput(format, out, &eps)
 		}
 		if err != nil || len(eps) != 2 || eps[0].Interface != "isth0123456789" || eps[1].Namespace != "shop" {
 			t.Errorf("endpoint ls -o %s: %v %+v\n%s", format, err, eps, out)
@@ -83,7 +83,7 @@ func TestReadOutputs(t *testing.T) {
 		out, err := run(t, sock, "", "identity", "list", "-o", format)
 		var ids []api.Identity
 		if err == nil {
-			err = unmarshal(format, out, &ids)
+			err = unmarshalOutput(format, out, &ids)
 		}
 		if err != nil || len(ids) != 2 || ids[1].Labels["app"] != "web" || ids[1].Endpoints != 1 {
 			t.Errorf("identity list -o %s: %v %+v\n%s", format, err, ids, out)
@@ -99,7 +99,7 @@ func TestReadOutputs(t *testing.T) {
 		out, err := run(t, sock, "", "status", "-o", format)
 		var st api.Status
 		if err == nil {
-			err = unmarshal(format, out, &st)
+			err = unmarshalOutput(format, out, &st)
 		}
 		if err != nil || st.Node != "n1" || st.ClusterMesh == nil || len(st.ClusterMesh.Clusters) != 1 || st.Metrics[0].Packets != 7 {
 			t.Errorf("status -o %s: %v %+v\n%s", format, err, st, out)
@@ -139,7 +139,7 @@ func TestReadOutputs(t *testing.T) {
 	}
 }
 
-func unmarshal(format, out string, v any) error {
+func unmarshalOutput(format, out string, v any) error {
 	if format == "yaml" {
 		return yaml.UnmarshalStrict([]byte(out), v)
 	}
@@ -185,9 +185,9 @@ func TestErrorsSayWhatToDo(t *testing.T) {
 	}
 }
 
-// complete runs the shell completion request cobra's scripts make and
+// runComplete runs the shell completion request cobra's scripts make and
 // returns the candidates (descriptions cut) and the directive line.
-func complete(t *testing.T, sock string, args ...string) ([]string, string) {
+func runComplete(t *testing.T, sock string, args ...string) ([]string, string) {
 	t.Helper()
 	out, err := run(t, sock, "", append([]string{"__complete"}, args...)...)
 	if err != nil {
@@ -240,7 +240,7 @@ func TestCompletion(t *testing.T) {
 		{[]string{"endpoint", "list", "--output", "j"}, "json"},
 		{[]string{"endpoint", ""}, "add del list"},
 	} {
-		got, directive := complete(t, sock, tc.args...)
+		got, directive := runComplete(t, sock, tc.args...)
 		if strings.Join(got, " ") != tc.want {
 			t.Errorf("__complete %q: got %q, want %q", tc.args, got, tc.want)
 		}
@@ -249,7 +249,7 @@ func TestCompletion(t *testing.T) {
 		}
 	}
 	// Without an agent there is nothing to offer, and no error.
-	if got, _ := complete(t, "/nonexistent.sock", "endpoint", "del", ""); len(got) != 0 {
+	if got, _ := runComplete(t, "/nonexistent.sock", "endpoint", "del", ""); len(got) != 0 {
 		t.Errorf("endpoint del without an agent: %q", got)
 	}
 }
