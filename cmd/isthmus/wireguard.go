@@ -20,12 +20,21 @@ func (c *cli) wireguardCommand() *cobra.Command {
 		Long: `The agent started with --encryption=wireguard owns one WireGuard device; its
 peers are the other nodes of the mesh that publish a key. wg(8) works on the
 device too: wg show <device>.`,
+		Example: `  isthmus wireguard status
+  isthmus wireguard status -o json
+  isthmus wireguard rotate-key`,
 	}
 	var format string
 	status := &cobra.Command{
 		Use:   "status",
 		Short: "Show the device, its peers, their latest handshake and bytes",
-		Args:  cobra.NoArgs,
+		Long: `status shows the node's WireGuard device (name, engine, public key, port,
+MTU), its peers with their endpoint, AllowedIPs, latest handshake and bytes,
+and the mesh nodes it does not encrypt to (no key published, or refused:
+a duplicate key).`,
+		Example: `  isthmus wireguard status
+  isthmus --socket /var/run/isthmus/n1.sock wireguard status -o yaml`,
+		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkFormat(format); err != nil {
 				return err
@@ -54,7 +63,8 @@ device too: wg show <device>.`,
 (0600) in the agent's state dir and publishes the public key in the node
 record. Peers switch when the record reaches them; established flows pause
 for about one handshake and carry on.`,
-		Args: cobra.NoArgs,
+		Example: `  isthmus wireguard rotate-key`,
+		Args:    withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkFormat(rotFormat); err != nil {
 				return err
