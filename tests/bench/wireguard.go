@@ -61,7 +61,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/tests/lab"
 )
 
-var wgRounds = flag.Int("wireguard-rounds", 3, "wireguard: iperf3 runs of -duration/2 per setup, interleaved (the figure is their median)")
+var wgRounds = flag.Int("wireguard-rounds", 5, "wireguard: iperf3 runs of -duration/2 per setup, interleaved (the figure is their median)")
 
 const (
 	// debianWireGuardGo is what Debian's package wireguard-go installs.
