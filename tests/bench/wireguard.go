@@ -88,7 +88,7 @@ func wireguardBench(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
 	if _, err := os.Stat(debianWireGuardGo); err != nil {
-		return fmt.Errorf("Debian's wireguard-go: %w (run: make deps)", err)
+		return fmt.Errorf("wireguard-go of Debian: %w (run: make deps)", err)
 	}
 	l, err := lab.New(nil, lab.Options{Logf: func(string, ...any) {}})
 	if err != nil {
