@@ -6,7 +6,7 @@
 # Ratios are measured side by side in one run (see tests/bench), because
 # these machines are shared and absolute numbers drift.
 #
-# BENCH_RUN selects sections (regexp: throughput|cps|mesh|labup; mesh also runs
+# BENCH_RUN selects sections (regexp: throughput|cps|mesh|wireguard|labup; mesh also runs
 # the identity allocation benchmark), BENCH_DURATION the length of each
 # measurement of throughput and cps.
 set -euo pipefail
@@ -16,7 +16,7 @@ if [ "$(id -u)" != 0 ]; then
 	echo "bench: needs root (network namespaces, BPF); run it as root" >&2
 	exit 1
 fi
-for tool in ip nsenter iperf3 iptables-restore; do
+for tool in ip nsenter iperf3 iptables-restore wg wireguard-go; do
 	command -v "$tool" >/dev/null || { echo "bench: $tool not found; run: make deps" >&2; exit 1; }
 done
 
@@ -28,7 +28,7 @@ go test -run '^$' -bench 'BenchmarkFromPod' -benchtime 200x -count 1 ./bpf/ |
 		printf "bench: from-pod-%s %s ns/pkt (goal info: BPF_PROG_TEST_RUN)\n", name, v
 	}'
 
-run="${BENCH_RUN:-throughput|cps|mesh|labup}"
+run="${BENCH_RUN:-throughput|cps|mesh|wireguard|labup}"
 
 # 2. Identity allocations per second, 10 concurrent allocators (each its
 #    own etcd client and node name) against one embedded etcd (no fsync).
