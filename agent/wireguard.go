@@ -110,7 +110,13 @@ type encryption struct {
 // openEncryption creates the device; the key file lives in the state dir,
 // so a restarted agent keeps its key.
 func (a *Agent) openEncryption() (*encryption, error) {
-	underlay, v6 := underlayMTU(a.cfg.NodeIPs)
+	ips := a.cfg.NodeIPs
+	if len(ips) == 0 {
+		// The mesh detects them later the same way; the MTU needs them now
+		// (an IPv6-only underlay costs 20 bytes more).
+		ips, _ = a.detectNodeIPs()
+	}
+	underlay, v6 := underlayMTU(ips)
 	mtu := wireguard.MTUFor(underlay, v6)
 	if mtu < 1280 {
 		return nil, fmt.Errorf("underlay MTU %d leaves %d for WireGuard; IPv6 pods need 1280", underlay, mtu)
