@@ -1,15 +1,13 @@
 package main
 
 import (
-	"os"
-	"regexp"
-	"strings"
 	"testing"
 
 	"github.com/spf13/pflag"
 
 	"github.com/isthmus-mesh/isthmus/agent"
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/internal/docref"
 )
 
 // TestReferenceDocumentsEveryFlag keeps the "## isthmus-agent" section of
@@ -17,44 +15,9 @@ import (
 // starts with "| `--name`" and shows a non-zero default as `default`.
 // (cmd/isthmus and cmd/isthmus-clustermesh have the same test.)
 func TestReferenceDocumentsEveryFlag(t *testing.T) {
-	sec := referenceSection(t, "## isthmus-agent")
+	sec := docref.Section(t, "## isthmus-agent")
 	newCommand(func(agent.Config) error { return nil }).Flags().VisitAll(func(f *pflag.Flag) {
-		name := "--" + f.Name
-		if f.Shorthand != "" {
-			name = "-" + f.Shorthand + ", " + name
-		}
-		row := regexp.MustCompile("(?m)^\\| `" + regexp.QuoteMeta(name) + "` \\|.*$").FindString(sec)
-		if row == "" {
-			t.Errorf("docs/reference.md: no row \"| `%s` | default | meaning |\" under \"## isthmus-agent\"", name)
-			return
-		}
-		d := strings.TrimSuffix(strings.TrimPrefix(f.DefValue, "["), "]")
-		switch d {
-		case "", "0", "0s", "false", api.DefaultNodeName(): // zero, or this host's
-			return
-		}
-		if !strings.Contains(row, "`"+d+"`") {
-			t.Errorf("docs/reference.md: the row of %s does not show its default `%s`:\n%s", name, d, row)
-		}
+		// A default that is this host's name differs between machines.
+		docref.CheckFlagRow(t, `"## isthmus-agent"`, sec, f, f.DefValue != api.DefaultNodeName())
 	})
-}
-
-// referenceSection returns the part of docs/reference.md from heading to
-// the next "## " heading.
-func referenceSection(t *testing.T, heading string) string {
-	t.Helper()
-	data, err := os.ReadFile("../../docs/reference.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	doc := string(data)
-	start := strings.Index(doc, "\n"+heading+"\n")
-	if start < 0 {
-		t.Fatalf("docs/reference.md has no %q section", heading)
-	}
-	doc = doc[start+1:]
-	if end := strings.Index(doc, "\n## "); end >= 0 {
-		doc = doc[:end]
-	}
-	return doc
 }

@@ -1,13 +1,14 @@
 package main
 
 import (
-	"os"
 	"regexp"
 	"strings"
 	"testing"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
+
+	"github.com/isthmus-mesh/isthmus/internal/docref"
 )
 
 // TestReferenceDocumentsEveryCommand keeps docs/reference.md in step with
@@ -21,11 +22,7 @@ func TestReferenceDocumentsEveryCommand(t *testing.T) {
 	t.Setenv("ISTHMUS_SOCKET", "")
 	t.Setenv(envKVStoreEndpoints, "")
 	t.Setenv(envKVStoreBundle, "")
-	data, err := os.ReadFile("../../docs/reference.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	sections := cliSections(t, string(data))
+	sections := cliSections(docref.Section(t, "## isthmus (CLI)"))
 	root := newRootCommand(strings.NewReader(""), &strings.Builder{})
 	walkCommands(root, func(cmd *cobra.Command) {
 		if cmd.Hidden || cmd.Name() == "help" {
@@ -51,7 +48,7 @@ func TestReferenceDocumentsEveryCommand(t *testing.T) {
 		}
 		for _, f := range flags {
 			// The default of --socket is the socket named after this host.
-			checkFlagRow(t, cmd.CommandPath(), sec, f, f.Name != "socket")
+			docref.CheckFlagRow(t, cmd.CommandPath(), sec, f, f.Name != "socket")
 		}
 	})
 }
@@ -63,18 +60,9 @@ func walkCommands(cmd *cobra.Command, fn func(*cobra.Command)) {
 	}
 }
 
-// cliSections maps the command paths that the headings of the CLI section
-// of reference.md name to the text under each heading.
-func cliSections(t *testing.T, doc string) map[string]string {
-	t.Helper()
-	start := strings.Index(doc, "\n## isthmus (CLI)\n")
-	if start < 0 {
-		t.Fatal(`docs/reference.md has no "## isthmus (CLI)" section`)
-	}
-	doc = doc[start+1:]
-	if end := strings.Index(doc[1:], "\n## "); end >= 0 {
-		doc = doc[:end+1]
-	}
+// cliSections maps the command paths that the headings of doc, the CLI
+// section of reference.md, name to the text under each heading.
+func cliSections(doc string) map[string]string {
 	heading := regexp.MustCompile(`(?m)^#{2,6} (.*)$`)
 	locs := heading.FindAllStringSubmatchIndex(doc, -1)
 	out := map[string]string{}
@@ -98,36 +86,4 @@ func cliSections(t *testing.T, doc string) map[string]string {
 		}
 	}
 	return out
-}
-
-// checkFlagRow checks the table row of f in sec (and its default, when
-// withDefault).
-func checkFlagRow(t *testing.T, where, sec string, f *pflag.Flag, withDefault bool) {
-	t.Helper()
-	name := "--" + f.Name
-	if f.Shorthand != "" {
-		name = "-" + f.Shorthand + ", " + name
-	}
-	row := regexp.MustCompile("(?m)^\\| `" + regexp.QuoteMeta(name) + "` \\|.*$").FindString(sec)
-	if row == "" {
-		t.Errorf("docs/reference.md: no row \"| `%s` | default | meaning |\" in the section of %s", name, where)
-		return
-	}
-	if def := defaultText(f); withDefault && def != "" && !strings.Contains(row, def) {
-		t.Errorf("docs/reference.md: the row of %s %s does not show its default %s:\n%s", where, name, def, row)
-	}
-}
-
-// defaultText is how the default of f must appear in its row, or "" for a
-// zero default (documented in words: "(none)", "(off)", "`0`").
-func defaultText(f *pflag.Flag) string {
-	d := f.DefValue
-	if strings.HasSuffix(f.Value.Type(), "Slice") {
-		d = strings.TrimSuffix(strings.TrimPrefix(d, "["), "]")
-	}
-	switch d {
-	case "", "0", "0s", "false":
-		return ""
-	}
-	return "`" + d + "`"
 }
