@@ -33,6 +33,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
+	"github.com/isthmus-mesh/isthmus/internal/promutil"
 )
 
 // DefaultMetricsAddr is where isthmus-agent serves /metrics, /healthz and
@@ -60,7 +61,7 @@ func newAgentMetrics(a *Agent) *agentMetrics {
 	m.handler = promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{
 		// A map that cannot be read costs its own metrics, not the scrape.
 		ErrorHandling: promhttp.ContinueOnError,
-		ErrorLog:      promLogger{a.log},
+		ErrorLog:      promutil.ErrorLog(a.log),
 	})
 	return m
 }
@@ -73,10 +74,6 @@ func (a *Agent) kvMetrics() *kvstore.Metrics {
 	}
 	return a.metrics.kv
 }
-
-type promLogger struct{ log *slog.Logger }
-
-func (l promLogger) Println(v ...any) { l.log.Warn("metrics: " + fmt.Sprint(v...)) }
 
 func desc(name, help string, labels ...string) *prometheus.Desc {
 	return prometheus.NewDesc(name, help, labels, nil)
@@ -152,18 +149,13 @@ func (c agentCollector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 	a := c.a
-	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
-	}
-	counter := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
-	}
+	gauge, counter := promutil.Gauge(ch), promutil.Counter(ch)
 	mode := "standalone"
 	if a.cfg.ClusterMode() {
 		mode = "cluster"
 	}
 	gauge(descInfo, 1, a.cfg.NodeName, a.cfg.ClusterName, strconv.FormatUint(uint64(a.cfg.ClusterID), 10), mode)
-	gauge(descReady, b2f(len(a.notReady()) == 0))
+	gauge(descReady, promutil.Bool(len(a.notReady()) == 0))
 
 	// Datapath. A read that fails is reported (and logged by the handler)
 	// as an invalid metric; the other metrics are still served.
@@ -205,20 +197,20 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descIPCache, float64(rm.ipcache))
 	counter(descRecRuns, float64(rm.runs))
 	counter(descRecErrors, float64(rm.errors))
-	gauge(descRecFailing, b2f(rm.failing))
-	gauge(descRecLastSuccess, unixSeconds(rm.lastSuccess))
+	gauge(descRecFailing, promutil.Bool(rm.failing))
+	gauge(descRecLastSuccess, promutil.UnixSeconds(rm.lastSuccess))
 	gauge(descRecPending, float64(rm.pending))
 	ch <- prometheus.MustNewConstSummary(descRecDuration, rm.runs, rm.busy.Seconds(), nil)
 
 	if st := a.clusterMeshStatus(); st != nil {
-		gauge(descKVConnected, b2f(st.Connected))
-		gauge(descPublished, b2f(st.Published))
+		gauge(descKVConnected, promutil.Bool(st.Connected))
+		gauge(descPublished, promutil.Bool(st.Published))
 		gauge(descPublishedN, float64(st.PublishedRecords))
-		gauge(descRouteError, b2f(st.RouteError != ""))
+		gauge(descRouteError, promutil.Bool(st.RouteError != ""))
 		counter(descInvalidAll, float64(st.InvalidRecords))
 		for _, cl := range st.Clusters {
-			gauge(descClSynced, b2f(cl.Synced), cl.Name)
-			gauge(descClError, b2f(cl.Error != ""), cl.Name)
+			gauge(descClSynced, promutil.Bool(cl.Synced), cl.Name)
+			gauge(descClError, promutil.Bool(cl.Error != ""), cl.Name)
 			gauge(descClNodes, float64(cl.Nodes), cl.Name)
 			gauge(descClEndpoints, float64(cl.Endpoints), cl.Name)
 			gauge(descClIdentities, float64(cl.Identities), cl.Name)
@@ -236,26 +228,11 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 			if node == "" { // a peer the mesh does not name (yet): keep series apart
 				node = "key:" + p.PublicKey
 			}
-			gauge(descWGHandshake, unixSeconds(p.LastHandshake), node)
+			gauge(descWGHandshake, promutil.UnixSeconds(p.LastHandshake), node)
 			counter(descWGRx, float64(p.RxBytes), node)
 			counter(descWGTx, float64(p.TxBytes), node)
 		}
 	}
-}
-
-func b2f(b bool) float64 {
-	if b {
-		return 1
-	}
-	return 0
-}
-
-// unixSeconds is t as a Prometheus timestamp; the zero time is 0.
-func unixSeconds(t time.Time) float64 {
-	if t.IsZero() {
-		return 0
-	}
-	return float64(t.UnixNano()) / 1e9
 }
 
 // notReady lists why the agent is not ready; empty when it is. Run serves

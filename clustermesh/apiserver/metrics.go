@@ -25,6 +25,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/mirror"
 	"github.com/isthmus-mesh/isthmus/clustermesh/server"
+	"github.com/isthmus-mesh/isthmus/internal/promutil"
 )
 
 // DefaultMetricsListen is where isthmus-clustermesh serves /metrics,
@@ -85,12 +86,8 @@ func newMetrics(a *APIServer, embedded bool, log *slog.Logger) (http.Handler, *k
 	} else {
 		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	}
-	return promhttp.HandlerFor(g, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError, ErrorLog: promLogger{log}}), kv
+	return promhttp.HandlerFor(g, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError, ErrorLog: promutil.ErrorLog(log)}), kv
 }
-
-type promLogger struct{ log *slog.Logger }
-
-func (l promLogger) Println(v ...any) { l.log.Warn("metrics: " + fmt.Sprint(v...)) }
 
 type serverCollector struct{ a *APIServer }
 
@@ -105,29 +102,24 @@ func (c serverCollector) Collect(ch chan<- prometheus.Metric) {
 	if a.Server == nil || a.Mirror == nil || a.Services == nil {
 		return // still starting
 	}
-	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
-	}
-	counter := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
-	}
+	gauge, counter := promutil.Gauge(ch), promutil.Counter(ch)
 	info := a.Server.Info()
 	etcd := "external"
 	if info.Embedded {
 		etcd = "embedded"
 	}
 	gauge(descInfo, 1, info.Cluster, strconv.FormatUint(uint64(info.ClusterID), 10), etcd)
-	gauge(descEtcdUp, b2f(a.etcdAnswers(context.Background()) == nil))
+	gauge(descEtcdUp, promutil.Bool(a.etcdAnswers(context.Background()) == nil))
 
 	remotes := a.Mirror.Status()
 	gauge(descRemote, float64(len(remotes)))
 	for _, r := range remotes {
 		name := r.Cluster
 		for _, st := range mirrorStates {
-			gauge(descRState, b2f(r.State == st), name, string(st))
+			gauge(descRState, promutil.Bool(r.State == st), name, string(st))
 		}
-		gauge(descRConnected, b2f(r.Connected), name)
-		gauge(descRReady, b2f(r.Ready), name)
+		gauge(descRConnected, promutil.Bool(r.Connected), name)
+		gauge(descRReady, promutil.Bool(r.Ready), name)
 		for kind, v := range map[string]struct {
 			synced bool
 			n      int
@@ -135,14 +127,14 @@ func (c serverCollector) Collect(ch chan<- prometheus.Metric) {
 			"nodes": {r.Synced.Nodes, r.Nodes}, "endpoints": {r.Synced.Endpoints, r.Endpoints},
 			"identities": {r.Synced.Identities, r.Identities}, "services": {r.Synced.Services, r.Services},
 		} {
-			gauge(descRSynced, b2f(v.synced), name, kind)
+			gauge(descRSynced, promutil.Bool(v.synced), name, kind)
 			gauge(descRRecords, float64(v.n), name, kind)
 		}
 		gauge(descRInvalid, float64(r.Invalid), name)
 		counter(descRSkipped, float64(r.Skipped), name)
-		gauge(descRError, b2f(r.CurrentError() != ""), name)
-		gauge(descRErrorTime, unixSeconds(r.LastErrorTime), name)
-		gauge(descRContact, unixSeconds(r.LastContact), name)
+		gauge(descRError, promutil.Bool(r.CurrentError() != ""), name)
+		gauge(descRErrorTime, promutil.UnixSeconds(r.LastErrorTime), name)
+		gauge(descRContact, promutil.UnixSeconds(r.LastContact), name)
 	}
 
 	s := a.Services.Stats()
@@ -151,8 +143,8 @@ func (c serverCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descSvcPuts, float64(s.Puts))
 	counter(descSvcDeletes, float64(s.Deletes))
 	counter(descSvcInvalid, float64(s.Invalid))
-	gauge(descSvcError, b2f(s.LastErr != ""))
-	gauge(descSvcLast, unixSeconds(s.LastSync))
+	gauge(descSvcError, promutil.Bool(s.LastErr != ""))
+	gauge(descSvcLast, promutil.UnixSeconds(s.LastSync))
 }
 
 // etcdAnswers reads the server's info key: etcd is up, serving, and lets
@@ -181,18 +173,4 @@ func (a *APIServer) probeMux() *http.ServeMux {
 		fmt.Fprintln(w, "ok")
 	})
 	return mux
-}
-
-func b2f(b bool) float64 {
-	if b {
-		return 1
-	}
-	return 0
-}
-
-func unixSeconds(t time.Time) float64 {
-	if t.IsZero() {
-		return 0
-	}
-	return float64(t.UnixNano()) / 1e9
 }
