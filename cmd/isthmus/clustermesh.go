@@ -612,24 +612,15 @@ last invalid record, the time of last contact and when the cache expires.`,
   isthmus clustermesh status -o json | jq '.remotes[] | {cluster, state, ready}'`,
 		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkFormat(format); err != nil {
-				return err
+			status := func(ctx context.Context) (MeshStatus, error) {
+				kv, err := m.local(ctx)
+				if err != nil {
+					return MeshStatus{}, err
+				}
+				defer kv.Close()
+				return readMeshStatus(ctx, kv)
 			}
-			ctx, cancel := m.ctx(cmd)
-			defer cancel()
-			kv, err := m.local(ctx)
-			if err != nil {
-				return err
-			}
-			defer kv.Close()
-			st, err := readMeshStatus(ctx, kv)
-			if err != nil {
-				return err
-			}
-			if format != formatTable {
-				return printData(m.out, format, st)
-			}
-			return m.printMeshStatus(st)
+			return show(m.cli, cmd, format, status, m.printMeshStatus)
 		},
 	}
 	addOutputFlag(cmd, &format)

@@ -110,29 +110,19 @@ agent's endpoint objects whole.`,
   isthmus ep ls -o yaml`,
 		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkFormat(format); err != nil {
-				return err
-			}
-			ctx, cancel := c.ctx(cmd)
-			defer cancel()
-			eps, err := c.client().ListEndpoints(ctx)
-			if err != nil {
-				return err
-			}
-			if format != formatTable {
-				return printData(c.out, format, eps)
-			}
-			if len(eps) == 0 {
-				fmt.Fprintln(c.out, "No endpoints. Add one with: isthmus endpoint add NAME --netns PATH")
-				return nil
-			}
-			t := newTable(c.out)
-			fmt.Fprintln(t, "NAMESPACE\tNAME\tIPS\tIDENTITY\tLABELS\tINTERFACE\tNETNS")
-			for _, e := range eps {
-				fmt.Fprintf(t, "%s\t%s\t%s\t%d\t%s\t%s\t%s\n", e.Namespace, e.Name, joinAddrs(e.IPs), e.Identity,
-					orNone(identity.Labels(e.Labels).String()), e.Interface, e.Netns)
-			}
-			return t.Flush()
+			return show(c, cmd, format, c.client().ListEndpoints, func(eps []api.Endpoint) error {
+				if len(eps) == 0 {
+					fmt.Fprintln(c.out, "No endpoints. Add one with: isthmus endpoint add NAME --netns PATH")
+					return nil
+				}
+				t := newTable(c.out)
+				fmt.Fprintln(t, "NAMESPACE\tNAME\tIPS\tIDENTITY\tLABELS\tINTERFACE\tNETNS")
+				for _, e := range eps {
+					fmt.Fprintf(t, "%s\t%s\t%s\t%d\t%s\t%s\t%s\n", e.Namespace, e.Name, joinAddrs(e.IPs), e.Identity,
+						orNone(identity.Labels(e.Labels).String()), e.Interface, e.Netns)
+				}
+				return t.Flush()
+			})
 		},
 	}
 	addOutputFlag(cmd, &format)

@@ -206,6 +206,25 @@ func checkFormat(format string) error {
 	return fmt.Errorf("-o %q: want table, json or yaml", format)
 }
 
+// show runs a verb that fetches one value and prints it: it checks -o,
+// calls fetch within the request timeout and prints the value as JSON or
+// YAML, or with table for -o table.
+func show[T any](c *cli, cmd *cobra.Command, format string, fetch func(context.Context) (T, error), table func(T) error) error {
+	if err := checkFormat(format); err != nil {
+		return err
+	}
+	ctx, cancel := c.ctx(cmd)
+	defer cancel()
+	v, err := fetch(ctx)
+	if err != nil {
+		return err
+	}
+	if format != formatTable {
+		return printData(c.out, format, v)
+	}
+	return table(v)
+}
+
 // printData writes v as JSON or YAML.
 func printData(w io.Writer, format string, v any) error {
 	var data []byte

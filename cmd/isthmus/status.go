@@ -7,6 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 )
 
@@ -35,28 +36,18 @@ remote cluster.`,
   isthmus identity list -o yaml`,
 		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkFormat(format); err != nil {
-				return err
-			}
-			ctx, cancel := c.ctx(cmd)
-			defer cancel()
-			ids, err := c.client().Identities(ctx)
-			if err != nil {
-				return err
-			}
-			if format != formatTable {
-				return printData(c.out, format, ids)
-			}
-			t := newTable(c.out)
-			fmt.Fprintln(t, "ID\tENDPOINTS\tLABELS")
-			for _, id := range ids {
-				eps := fmt.Sprint(id.Endpoints)
-				if _, reserved := identity.ReservedName(id.ID); reserved {
-					eps = "-"
+			return show(c, cmd, format, c.client().Identities, func(ids []api.Identity) error {
+				t := newTable(c.out)
+				fmt.Fprintln(t, "ID\tENDPOINTS\tLABELS")
+				for _, id := range ids {
+					eps := fmt.Sprint(id.Endpoints)
+					if _, reserved := identity.ReservedName(id.ID); reserved {
+						eps = "-"
+					}
+					fmt.Fprintf(t, "%d\t%s\t%s\n", id.ID, eps, identity.Labels(id.Labels).String())
 				}
-				fmt.Fprintf(t, "%d\t%s\t%s\n", id.ID, eps, identity.Labels(id.Labels).String())
-			}
-			return t.Flush()
+				return t.Flush()
+			})
 		},
 	}
 	addOutputFlag(list, &format)
@@ -79,92 +70,82 @@ clusters of the mesh; with encryption the WireGuard device and its peers.
   isthmus status -o json | jq .clustermesh`,
 		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkFormat(format); err != nil {
-				return err
-			}
-			ctx, cancel := c.ctx(cmd)
-			defer cancel()
-			st, err := c.client().Status(ctx)
-			if err != nil {
-				return err
-			}
-			if format != formatTable {
-				return printData(c.out, format, st)
-			}
-			cidrs := make([]string, len(st.PodCIDRs))
-			for i, p := range st.PodCIDRs {
-				cidrs[i] = p.String()
-			}
-			t := newTable(c.out)
-			fmt.Fprintf(t, "Node:\t%s (cluster %s, ID %d)\n", st.Node, st.Cluster, st.ClusterID)
-			fmt.Fprintf(t, "Pod CIDRs:\t%s\n", strings.Join(cidrs, ", "))
-			fmt.Fprintf(t, "Attach mode:\t%s\n", orNone(st.AttachMode))
-			fmt.Fprintf(t, "Up since:\t%s (%s)\n", st.Started.Local().Format(time.RFC3339), time.Since(st.Started).Round(time.Second))
-			fmt.Fprintf(t, "Endpoints:\t%d\n", st.Endpoints)
-			fmt.Fprintf(t, "Identities:\t%d allocated\n", st.Identities)
-			fmt.Fprintf(t, "Services:\t%d (%d frontends in the datapath)\n", st.Services, st.Frontends)
-			fmt.Fprintf(t, "Policies:\t%d (%d policy map entries)\n", st.NetworkPolicies, st.PolicyEntries)
-			fmt.Fprintf(t, "IPCache:\t%d entries\n", st.IPCacheEntries)
-			fmt.Fprintf(t, "Conntrack:\t%d entries\n", st.Conntrack)
-			rec := "never ran"
-			switch {
-			case st.Reconcile.LastError != "":
-				rec = "FAILING, retrying: " + st.Reconcile.LastError
-			case !st.Reconcile.LastSuccess.IsZero():
-				rec = fmt.Sprintf("in sync (%d runs, last %s ago)", st.Reconcile.Runs, time.Since(st.Reconcile.LastSuccess).Round(time.Second))
-			}
-			fmt.Fprintf(t, "Datapath:\t%s\n", rec)
-			for _, e := range st.Errors {
-				fmt.Fprintf(t, "Error:\t%s\n", e)
-			}
-			if m := st.ClusterMesh; m != nil {
-				conn := "connected"
-				if !m.Connected {
-					conn = "NOT connected"
+			return show(c, cmd, format, c.client().Status, func(st api.Status) error {
+				cidrs := make([]string, len(st.PodCIDRs))
+				for i, p := range st.PodCIDRs {
+					cidrs[i] = p.String()
 				}
-				if m.LastError != "" {
-					conn += " (last error: " + m.LastError + ")"
+				t := newTable(c.out)
+				fmt.Fprintf(t, "Node:\t%s (cluster %s, ID %d)\n", st.Node, st.Cluster, st.ClusterID)
+				fmt.Fprintf(t, "Pod CIDRs:\t%s\n", strings.Join(cidrs, ", "))
+				fmt.Fprintf(t, "Attach mode:\t%s\n", orNone(st.AttachMode))
+				fmt.Fprintf(t, "Up since:\t%s (%s)\n", st.Started.Local().Format(time.RFC3339), time.Since(st.Started).Round(time.Second))
+				fmt.Fprintf(t, "Endpoints:\t%d\n", st.Endpoints)
+				fmt.Fprintf(t, "Identities:\t%d allocated\n", st.Identities)
+				fmt.Fprintf(t, "Services:\t%d (%d frontends in the datapath)\n", st.Services, st.Frontends)
+				fmt.Fprintf(t, "Policies:\t%d (%d policy map entries)\n", st.NetworkPolicies, st.PolicyEntries)
+				fmt.Fprintf(t, "IPCache:\t%d entries\n", st.IPCacheEntries)
+				fmt.Fprintf(t, "Conntrack:\t%d entries\n", st.Conntrack)
+				rec := "never ran"
+				switch {
+				case st.Reconcile.LastError != "":
+					rec = "FAILING, retrying: " + st.Reconcile.LastError
+				case !st.Reconcile.LastSuccess.IsZero():
+					rec = fmt.Sprintf("in sync (%d runs, last %s ago)", st.Reconcile.Runs, time.Since(st.Reconcile.LastSuccess).Round(time.Second))
 				}
-				fmt.Fprintf(t, "Cluster mesh:\t%s to %s\n", conn, strings.Join(m.KVStoreEndpoints, ","))
-				fmt.Fprintf(t, "Published:\t%v (%d records)\n", m.Published, m.PublishedRecords)
-				if m.RouteError != "" {
-					fmt.Fprintf(t, "Routes:\tFAILING: %s\n", m.RouteError)
+				fmt.Fprintf(t, "Datapath:\t%s\n", rec)
+				for _, e := range st.Errors {
+					fmt.Fprintf(t, "Error:\t%s\n", e)
 				}
-				if m.InvalidRecords > 0 {
-					fmt.Fprintf(t, "Invalid records:\t%d skipped (last: %s)\n", m.InvalidRecords, m.LastInvalid)
-				}
-			}
-			if err := t.Flush(); err != nil {
-				return err
-			}
-			if m := st.ClusterMesh; m != nil && len(m.Clusters) > 0 {
-				fmt.Fprintln(c.out, "\nClusters:")
-				t = newTable(c.out)
-				fmt.Fprintln(t, "  CLUSTER\tID\tSYNCED\tNODES\tENDPOINTS\tIDENTITIES\tSERVICES\tINVALID\tERROR")
-				for _, cl := range m.Clusters {
-					name := cl.Name
-					if cl.Local {
-						name += " (local)"
+				if m := st.ClusterMesh; m != nil {
+					conn := "connected"
+					if !m.Connected {
+						conn = "NOT connected"
 					}
-					fmt.Fprintf(t, "  %s\t%d\t%v\t%d\t%d\t%d\t%d\t%d\t%s\n", name, cl.ID, cl.Synced, cl.Nodes, cl.Endpoints, cl.Identities, cl.Services, cl.InvalidRecords, orNone(cl.Error))
+					if m.LastError != "" {
+						conn += " (last error: " + m.LastError + ")"
+					}
+					fmt.Fprintf(t, "Cluster mesh:\t%s to %s\n", conn, strings.Join(m.KVStoreEndpoints, ","))
+					fmt.Fprintf(t, "Published:\t%v (%d records)\n", m.Published, m.PublishedRecords)
+					if m.RouteError != "" {
+						fmt.Fprintf(t, "Routes:\tFAILING: %s\n", m.RouteError)
+					}
+					if m.InvalidRecords > 0 {
+						fmt.Fprintf(t, "Invalid records:\t%d skipped (last: %s)\n", m.InvalidRecords, m.LastInvalid)
+					}
 				}
 				if err := t.Flush(); err != nil {
 					return err
 				}
-			}
-			if w := st.WireGuard; w != nil {
-				fmt.Fprintln(c.out)
-				if err := printWireGuard(c.out, w); err != nil {
-					return err
+				if m := st.ClusterMesh; m != nil && len(m.Clusters) > 0 {
+					fmt.Fprintln(c.out, "\nClusters:")
+					t = newTable(c.out)
+					fmt.Fprintln(t, "  CLUSTER\tID\tSYNCED\tNODES\tENDPOINTS\tIDENTITIES\tSERVICES\tINVALID\tERROR")
+					for _, cl := range m.Clusters {
+						name := cl.Name
+						if cl.Local {
+							name += " (local)"
+						}
+						fmt.Fprintf(t, "  %s\t%d\t%v\t%d\t%d\t%d\t%d\t%d\t%s\n", name, cl.ID, cl.Synced, cl.Nodes, cl.Endpoints, cl.Identities, cl.Services, cl.InvalidRecords, orNone(cl.Error))
+					}
+					if err := t.Flush(); err != nil {
+						return err
+					}
 				}
-			}
-			fmt.Fprintln(c.out, "\nDatapath counters:")
-			t = newTable(c.out)
-			fmt.Fprintln(t, "  REASON\tPACKETS\tBYTES")
-			for _, m := range st.Metrics {
-				fmt.Fprintf(t, "  %s\t%d\t%d\n", m.Reason, m.Packets, m.Bytes)
-			}
-			return t.Flush()
+				if w := st.WireGuard; w != nil {
+					fmt.Fprintln(c.out)
+					if err := printWireGuard(c.out, w); err != nil {
+						return err
+					}
+				}
+				fmt.Fprintln(c.out, "\nDatapath counters:")
+				t = newTable(c.out)
+				fmt.Fprintln(t, "  REASON\tPACKETS\tBYTES")
+				for _, m := range st.Metrics {
+					fmt.Fprintf(t, "  %s\t%d\t%d\n", m.Reason, m.Packets, m.Bytes)
+				}
+				return t.Flush()
+			})
 		},
 	}
 	addOutputFlag(cmd, &format)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net/netip"
@@ -36,22 +37,17 @@ a duplicate key).`,
   isthmus --socket /var/run/isthmus/n1.sock wireguard status -o yaml`,
 		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkFormat(format); err != nil {
-				return err
+			wireguard := func(ctx context.Context) (*api.WireGuardStatus, error) {
+				st, err := c.client().Status(ctx)
+				if err != nil {
+					return nil, err
+				}
+				if st.WireGuard == nil {
+					return nil, fmt.Errorf("encryption is off on node %s (start isthmus-agent with --encryption=wireguard)", st.Node)
+				}
+				return st.WireGuard, nil
 			}
-			ctx, cancel := c.ctx(cmd)
-			defer cancel()
-			st, err := c.client().Status(ctx)
-			if err != nil {
-				return err
-			}
-			if st.WireGuard == nil {
-				return fmt.Errorf("encryption is off on node %s (start isthmus-agent with --encryption=wireguard)", st.Node)
-			}
-			if format != formatTable {
-				return printData(c.out, format, st.WireGuard)
-			}
-			return printWireGuard(c.out, st.WireGuard)
+			return show(c, cmd, format, wireguard, func(w *api.WireGuardStatus) error { return printWireGuard(c.out, w) })
 		},
 	}
 	addOutputFlag(status, &format)
@@ -66,20 +62,10 @@ for about one handshake and carry on.`,
 		Example: `  isthmus wireguard rotate-key`,
 		Args:    withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkFormat(rotFormat); err != nil {
-				return err
-			}
-			ctx, cancel := c.ctx(cmd)
-			defer cancel()
-			st, err := c.client().RotateWireGuardKey(ctx)
-			if err != nil {
-				return err
-			}
-			if rotFormat != formatTable {
-				return printData(c.out, rotFormat, st)
-			}
-			fmt.Fprintf(c.out, "New public key of %s: %s\n", st.Device, st.PublicKey)
-			return nil
+			return show(c, cmd, rotFormat, c.client().RotateWireGuardKey, func(st api.WireGuardStatus) error {
+				fmt.Fprintf(c.out, "New public key of %s: %s\n", st.Device, st.PublicKey)
+				return nil
+			})
 		},
 	}
 	addOutputFlag(rotate, &rotFormat)
