@@ -256,11 +256,20 @@ func start(t *testing.T, cfg Config, dp *fakeDatapath, plumb *fakePlumber) *test
 	a.plumb = plumb
 	a.openDatapath = func(Config) (datapath, error) { return dp, nil }
 	a.nodeAddrs = func() ([]netip.Addr, error) { return []netip.Addr{nodeIP}, nil }
+	c, stop := launch(t, a)
+	return &testNode{cfg: cfg, dp: dp, plumb: plumb, client: c, stop: stop}
+}
+
+// launch runs a and returns once its API answers, with a client of the API
+// and stop, which ends Run (once; it also runs when the test ends) and
+// reports an error of Run.
+func launch(t *testing.T, a *Agent) (*api.Client, func()) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx) }()
-	c := api.NewClient(cfg.SocketPath)
-	deadline := time.Now().Add(5 * time.Second)
+	c := api.NewClient(a.cfg.SocketPath)
+	deadline := time.Now().Add(10 * time.Second)
 	for c.Health(context.Background()) != nil {
 		if time.Now().After(deadline) {
 			cancel()
@@ -268,9 +277,8 @@ func start(t *testing.T, cfg Config, dp *fakeDatapath, plumb *fakePlumber) *test
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	n := &testNode{cfg: cfg, dp: dp, plumb: plumb, client: c}
 	stopped := false
-	n.stop = func() {
+	stop := func() {
 		if stopped {
 			return
 		}
@@ -280,8 +288,8 @@ func start(t *testing.T, cfg Config, dp *fakeDatapath, plumb *fakePlumber) *test
 			t.Errorf("Run: %v", err)
 		}
 	}
-	t.Cleanup(n.stop)
-	return n
+	t.Cleanup(stop)
+	return c, stop
 }
 
 const webService = `

@@ -79,32 +79,8 @@ func startMesh(t *testing.T, cfg Config, dp *fakeDatapath, plumb *fakePlumber) *
 	a.openDatapath = func(Config) (datapath, error) { return dp, nil }
 	a.nodeAddrs = func() ([]netip.Addr, error) { return cfg.NodeIPs, nil }
 	a.newRouter = func() (router, error) { return fr, nil }
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx) }()
-	c := api.NewClient(cfg.SocketPath)
-	deadline := time.Now().Add(10 * time.Second)
-	for c.Health(context.Background()) != nil {
-		if time.Now().After(deadline) {
-			cancel()
-			t.Fatalf("agent did not come up: %v", <-done)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	n := &meshNode{testNode: &testNode{cfg: cfg, dp: dp, plumb: plumb, client: c}, router: fr, nodeIP: cfg.NodeIPs[0]}
-	stopped := false
-	n.stop = func() {
-		if stopped {
-			return
-		}
-		stopped = true
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	}
-	t.Cleanup(n.stop)
-	return n
+	c, stop := launch(t, a)
+	return &meshNode{testNode: &testNode{cfg: cfg, dp: dp, plumb: plumb, client: c, stop: stop}, router: fr, nodeIP: cfg.NodeIPs[0]}
 }
 
 // waitFor polls cond (which reports what it saw) until it holds.

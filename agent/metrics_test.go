@@ -43,24 +43,7 @@ func runAgent(t *testing.T, cfg Config, dp datapath) *Agent {
 	a.openDatapath = func(Config) (datapath, error) { return dp, nil }
 	a.nodeAddrs = func() ([]netip.Addr, error) { return []netip.Addr{nodeIP}, nil }
 	a.newRouter = func() (router, error) { return &fakeRouter{routes: map[netip.Prefix]netip.Addr{}}, nil }
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx) }()
-	c := api.NewClient(cfg.SocketPath)
-	deadline := time.Now().Add(10 * time.Second)
-	for c.Health(context.Background()) != nil {
-		if time.Now().After(deadline) {
-			cancel()
-			t.Fatalf("agent did not come up: %v", <-done)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
+	launch(t, a)
 	return a
 }
 
