@@ -27,7 +27,8 @@ type mesh struct {
 	c1, c2 *lab.Cluster
 }
 
-func startMesh(t *testing.T) *mesh {
+// startMesh builds clusters c1 and c2 with opts and connects them.
+func startMesh(t *testing.T, opts lab.ClusterOptions) *mesh {
 	t.Helper()
 	lab.SkipUnlessRoot(t)
 	l := lab.NewT(t)
@@ -35,11 +36,15 @@ func startMesh(t *testing.T) *mesh {
 	t.Cleanup(cancel)
 	m := &mesh{t: t, ctx: ctx, lab: l}
 	var err error
-	step(t, "building cluster c1 (2 nodes) and c2 (2 nodes), each with its own server")
-	if m.c1, err = l.AddCluster(ctx, 1, lab.ClusterOptions{}); err != nil {
+	what := "building cluster c1 (2 nodes) and c2 (2 nodes), each with its own server"
+	if opts.Encryption != "" {
+		what += ", encryption " + opts.Encryption
+	}
+	step(t, what)
+	if m.c1, err = l.AddCluster(ctx, 1, opts); err != nil {
 		t.Fatal(err)
 	}
-	if m.c2, err = l.AddCluster(ctx, 2, lab.ClusterOptions{}); err != nil {
+	if m.c2, err = l.AddCluster(ctx, 2, opts); err != nil {
 		t.Fatal(err)
 	}
 	step(t, "connecting c1 and c2")
@@ -117,6 +122,29 @@ spec:
   selector: {app: web}
 `
 
+// podPath is a connection between pods that the mesh must carry.
+type podPath struct {
+	from, to *lab.Pod
+	what     string
+}
+
+// checkPaths connects over TCP (IPv4 and IPv6, each within 30 s) and pings
+// along every path.
+func (m *mesh) checkPaths(t *testing.T, paths []podPath) {
+	t.Helper()
+	for _, c := range paths {
+		for _, v6 := range []bool{false, true} {
+			dst := netip.AddrPortFrom(c.to.Addr(v6), 8080)
+			if err := eventually(30*time.Second, func() error { return tcpEcho(c.from.Netns, dst) }); err != nil {
+				t.Fatalf("%s over %s: %v", c.what, familyName(v6), err)
+			}
+		}
+		if err := ping(m.ctx, c.from.Netns, c.to.IPv4, 2); err != nil {
+			t.Errorf("ping %s: %v", c.what, err)
+		}
+	}
+}
+
 // answers makes n connections to dst from ns and counts who answered.
 func answers(ns *lab.Netns, dst netip.AddrPort, n int) (map[string]int, error) {
 	got := map[string]int{}
@@ -131,7 +159,7 @@ func answers(ns *lab.Netns, dst netip.AddrPort, n int) (map[string]int, error) {
 }
 
 func TestMesh(t *testing.T) {
-	m := startMesh(t)
+	m := startMesh(t, lab.ClusterOptions{})
 	c1a, c1b := m.c1.Agents[0], m.c1.Agents[1]
 	c2a, c2b := m.c2.Agents[0], m.c2.Agents[1]
 
@@ -148,21 +176,7 @@ func TestMesh(t *testing.T) {
 	serveTCP(t, w2.Netns, 8080, sayName("c2-w2"))
 
 	t.Run("pod to pod across nodes and clusters", func(t *testing.T) {
-		for _, c := range []struct {
-			from *lab.Pod
-			to   *lab.Pod
-			what string
-		}{{k1, s1, "c1 node 2 -> c1 node 1"}, {k1, s2, "c1 -> c2"}, {k2, s1, "c2 -> c1"}, {k2, s2, "c2 node 2 -> c2 node 1"}} {
-			for _, v6 := range []bool{false, true} {
-				dst := netip.AddrPortFrom(c.to.Addr(v6), 8080)
-				if err := eventually(30*time.Second, func() error { return tcpEcho(c.from.Netns, dst) }); err != nil {
-					t.Fatalf("%s over %s: %v", c.what, familyName(v6), err)
-				}
-			}
-			if err := ping(m.ctx, c.from.Netns, c.to.IPv4, 2); err != nil {
-				t.Errorf("ping %s: %v", c.what, err)
-			}
-		}
+		m.checkPaths(t, []podPath{{k1, s1, "c1 node 2 -> c1 node 1"}, {k1, s2, "c1 -> c2"}, {k2, s1, "c2 -> c1"}, {k2, s2, "c2 node 2 -> c2 node 1"}})
 	})
 
 	t.Run("global service reaches both clusters; affinity local fails over", func(t *testing.T) {

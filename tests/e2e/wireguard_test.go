@@ -15,31 +15,8 @@ import (
 	"github.com/isthmus-mesh/isthmus/tests/lab"
 )
 
-// The encryption stories: the mesh of mesh_test.go with
+// The encryption stories: the mesh of mesh_test.go (startMesh) with
 // --encryption=wireguard on every node.
-
-func startEncryptedMesh(t *testing.T) *mesh {
-	t.Helper()
-	lab.SkipUnlessRoot(t)
-	l := lab.NewT(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	t.Cleanup(cancel)
-	m := &mesh{t: t, ctx: ctx, lab: l}
-	var err error
-	opts := lab.ClusterOptions{Encryption: "wireguard"}
-	step(t, "building clusters c1 and c2 (2 nodes each) with WireGuard encryption")
-	if m.c1, err = l.AddCluster(ctx, 1, opts); err != nil {
-		t.Fatal(err)
-	}
-	if m.c2, err = l.AddCluster(ctx, 2, opts); err != nil {
-		t.Fatal(err)
-	}
-	step(t, "connecting c1 and c2")
-	if err := lab.Connect(ctx, m.c1, m.c2); err != nil {
-		t.Fatal(err)
-	}
-	return m
-}
 
 // wgPeers returns the agent's WireGuard public key and its peers' keys by
 // node.
@@ -110,7 +87,7 @@ func (c *capture) stop(t *testing.T, ctx context.Context) []string {
 var podAddr = regexp.MustCompile(`\b10\.[12]\.\d+\.\d+\b|\bfd00:[12]:0:`)
 
 func TestWireGuardMesh(t *testing.T) {
-	m := startEncryptedMesh(t)
+	m := startMesh(t, lab.ClusterOptions{Encryption: "wireguard"})
 	c1a, c1b := m.c1.Agents[0], m.c1.Agents[1]
 	c2a, c2b := m.c2.Agents[0], m.c2.Agents[1]
 	agents := []*lab.Agent{c1a, c1b, c2a, c2b}
@@ -142,20 +119,7 @@ func TestWireGuardMesh(t *testing.T) {
 	t.Run("pod to pod across nodes and clusters, only WireGuard UDP on the underlay", func(t *testing.T) {
 		capC1b := startCapture(t, m.ctx, c1b.Node)
 		capC2a := startCapture(t, m.ctx, c2a.Node)
-		for _, c := range []struct {
-			from, to *lab.Pod
-			what     string
-		}{{k1, s1, "c1 node 2 -> c1 node 1"}, {k1, s2, "c1 -> c2"}, {k2, s1, "c2 -> c1"}, {k2, s2, "c2 node 2 -> c2 node 1"}} {
-			for _, v6 := range []bool{false, true} {
-				dst := netip.AddrPortFrom(c.to.Addr(v6), 8080)
-				if err := eventually(30*time.Second, func() error { return tcpEcho(c.from.Netns, dst) }); err != nil {
-					t.Fatalf("%s over %s: %v", c.what, familyName(v6), err)
-				}
-			}
-			if err := ping(m.ctx, c.from.Netns, c.to.IPv4, 2); err != nil {
-				t.Errorf("ping %s: %v", c.what, err)
-			}
-		}
+		m.checkPaths(t, []podPath{{k1, s1, "c1 node 2 -> c1 node 1"}, {k1, s2, "c1 -> c2"}, {k2, s1, "c2 -> c1"}, {k2, s2, "c2 node 2 -> c2 node 1"}})
 		for name, cp := range map[string]*capture{"c1 node 2": capC1b, "c2 node 1": capC2a} {
 			lines := cp.stop(t, m.ctx)
 			wg := 0
