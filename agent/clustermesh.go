@@ -223,6 +223,13 @@ func (a *Agent) runClusterMesh(ctx context.Context) error {
 	if err != nil {
 		return nil
 	}
+	// A name held by another live node is retried (that node's record
+	// expires with its lease if it is gone) but never overwritten.
+	if _, err := retry(ctx, m, "claim the node name", func() (struct{}, error) {
+		return struct{}{}, meshsync.ClaimNodeName(ctx, client, local, m.getNodeIPs(), lease.ID())
+	}); err != nil {
+		return nil
+	}
 	alloc, err := identity.NewEtcd(client, local.Cluster, local.ClusterID, local.Node,
 		identity.WithLease(lease), identity.WithLogger(a.log))
 	if err != nil {

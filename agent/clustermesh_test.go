@@ -467,3 +467,29 @@ func TestClusterModeConfigValidation(t *testing.T) {
 		}
 	}
 }
+
+// A second node started with a name another live node holds neither
+// publishes nor overwrites that node's record; it says why in its status.
+func TestClusterModeRefusesTakenNodeName(t *testing.T) {
+	e := etcdtest.Start(t)
+	kv := kvClient(t, e)
+	writeClusterConfig(t, kv, "c1", 1, "10.1.0.0/16", "fd00:1::/32")
+	n1 := startMesh(t, meshConfig(t, e, "node1", "192.0.2.11", "10.1.1.0/24", "fd00:1:1::/64"), newFakeDatapath(), newFakePlumber())
+	n1.meshSynced(t)
+	dup := startMesh(t, meshConfig(t, e, "node1", "192.0.2.99", "10.1.9.0/24", "fd00:1:9::/64"), newFakeDatapath(), newFakePlumber())
+	waitFor(t, "the duplicate to report the taken name", func() (bool, string) {
+		st, err := dup.client.Status(context.Background())
+		if err != nil || st.ClusterMesh == nil {
+			return false, fmt.Sprint(err)
+		}
+		return strings.Contains(st.ClusterMesh.LastError, "node name taken") && !st.ClusterMesh.Published, fmt.Sprintf("%+v", st.ClusterMesh)
+	})
+	got, found, err := kv.Get(context.Background(), records.NodeKey("c1", "node1"))
+	if err != nil || !found {
+		t.Fatalf("node1's record: found %v, %v", found, err)
+	}
+	n, err := records.DecodeNode(got.Value)
+	if err != nil || n.IPs[0] != netip.MustParseAddr("192.0.2.11") {
+		t.Fatalf("node1's record was overwritten: %+v %v", n, err)
+	}
+}

@@ -3,6 +3,7 @@ package meshsync
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -160,6 +161,32 @@ func (p *Publisher) AdoptStale(ctx context.Context, cluster string, nodeIPs []ne
 	p.synced = false
 	p.kick()
 	return nil
+}
+
+// ErrNodeNameTaken is ClaimNodeName finding the node's name published by
+// another live node.
+var ErrNodeNameTaken = errors.New("node name taken")
+
+// ClaimNodeName checks, before a node publishes, that no other node holds
+// its name: a node record under the same key, on another lease, with none
+// of this node's underlay addresses. Two nodes sharing a name would
+// overwrite each other's records and endpoints. The record of this node's
+// own earlier run (same addresses) is not a conflict; a record of a node
+// that died goes away with its lease, so callers retry.
+func ClaimNodeName(ctx context.Context, c *kvstore.Client, local Local, nodeIPs []netip.Addr, lease kvstore.LeaseID) error {
+	kv, found, err := c.Get(ctx, records.NodeKey(local.Cluster, local.Node))
+	if err != nil || !found || kv.Lease == lease {
+		return err
+	}
+	n, err := records.DecodeNode(kv.Value)
+	if err != nil {
+		return nil // unreadable: ours to overwrite
+	}
+	if slices.ContainsFunc(n.IPs, func(a netip.Addr) bool { return slices.Contains(nodeIPs, a) }) {
+		return nil
+	}
+	return fmt.Errorf("%w: %s is published by a live node at %v (this node is at %v); give every node of a cluster its own --node-name (if that node is gone, its record expires with its lease)",
+		ErrNodeNameTaken, local.Node, n.IPs, nodeIPs)
 }
 
 // Status reports whether everything wanted is written, the number of

@@ -2,10 +2,12 @@ package meshsync
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net/netip"
 	"os"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -262,5 +264,45 @@ func TestPublisherManyRecords(t *testing.T) {
 	}
 	if synced, n, err := pub.Status(); !synced || n != 11 || err != nil {
 		t.Errorf("status %v %d %v", synced, n, err)
+	}
+}
+
+func TestClaimNodeName(t *testing.T) {
+	ctx := testCtx(t)
+	c := connect(t, etcdtest.Start(t))
+	first, err := c.GrantLease(ctx, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := c.GrantLease(ctx, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Nothing published yet: free.
+	if err := ClaimNodeName(ctx, c, node1.Local, node1.IPs, first.ID()); err != nil {
+		t.Fatalf("free name: %v", err)
+	}
+	recs, _ := Records(node1, nil)
+	for k, v := range recs {
+		if err := c.PutLeased(ctx, k, v, first); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The same node again (a restart: same addresses, new lease): fine.
+	if err := ClaimNodeName(ctx, c, node1.Local, node1.IPs, second.ID()); err != nil {
+		t.Errorf("restart of the same node: %v", err)
+	}
+	// Another host with the same name: refused, saying what to do.
+	other := []netip.Addr{netip.MustParseAddr("192.0.2.99")}
+	err = ClaimNodeName(ctx, c, node1.Local, other, second.ID())
+	if !errors.Is(err, ErrNodeNameTaken) || !strings.Contains(err.Error(), "--node-name") {
+		t.Errorf("duplicate name: got %v, want ErrNodeNameTaken naming --node-name", err)
+	}
+	// Once the first node's lease is gone, its name is free.
+	if err := first.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := ClaimNodeName(ctx, c, node1.Local, other, second.ID()); err != nil {
+		t.Errorf("after the holder's lease ended: %v", err)
 	}
 }
