@@ -22,14 +22,18 @@ package agent
 // through the main table.
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -42,6 +46,8 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/gateway/wireguard"
+	"github.com/isthmus-mesh/isthmus/internal/atomicfile"
+	"github.com/isthmus-mesh/isthmus/internal/strictjson"
 )
 
 const (
@@ -61,7 +67,8 @@ const (
 	unreachableMetric = 4096
 	deviceMetric      = 1
 
-	wireguardKeyFile = "wireguard.key"
+	wireguardKeyFile   = "wireguard.key"
+	wireguardPeersFile = "wireguard-peers.json"
 )
 
 // DefaultWireGuardDevice names the device when --wireguard-device is not
@@ -100,6 +107,13 @@ type encryption struct {
 	nodeEnc bool
 	nl      *netlink.Handle
 
+	// peersFile keeps the last peer plan applied from a listed mesh, so
+	// that an agent restarted while etcd is unreachable brings its tunnels
+	// back at once (the embedded device dies with the process).
+	peersFile string
+	restored  bool   // the saved plan was applied (only the reconciler)
+	saved     []byte // what peersFile holds (only the reconciler)
+
 	mu          sync.Mutex
 	peerNodes   map[string]string // public key -> "<cluster>/<node>"
 	unencrypted []string
@@ -137,7 +151,8 @@ func (a *Agent) openEncryption() (*encryption, error) {
 		dev.Close()
 		return nil, fmt.Errorf("netlink handle for encryption routes: %w", err)
 	}
-	return &encryption{dev: dev, nodeEnc: a.cfg.NodeEncryption, nl: h}, nil
+	return &encryption{dev: dev, nodeEnc: a.cfg.NodeEncryption, nl: h,
+		peersFile: filepath.Join(a.cfg.StateDir, wireguardPeersFile)}, nil
 }
 
 // setUpEncryption opens the WireGuard device when encryption is on, and
@@ -278,10 +293,24 @@ func planEncryption(m meshState, selfKey string, port int, nodeEnc bool) encrypt
 // unreachable etcd keeps the tunnels (of a kernel device) it has.
 func (a *Agent) syncEncryption(m meshState) (int, error) {
 	e := a.enc
-	if e == nil || !m.ready {
+	if e == nil {
 		return 0, nil
 	}
+	if !m.ready {
+		return a.restoreEncryption(m.podCIDRs)
+	}
 	plan := planEncryption(m, e.dev.PublicKey(), e.dev.ListenPort(), e.nodeEnc)
+	n, err := a.applyEncryption(plan, m.podCIDRs)
+	if err == nil {
+		e.savePlan(plan, a.log)
+	}
+	return n, err
+}
+
+// applyEncryption applies a peer plan to the device and the routing, and
+// records what it refused for the status.
+func (a *Agent) applyEncryption(plan encryptionPlan, local []netip.Prefix) (int, error) {
+	e := a.enc
 	var errs []error
 	err := e.dev.SyncPeers(plan.peers)
 	var bad *wireguard.InvalidPeersError
@@ -301,7 +330,7 @@ func (a *Agent) syncEncryption(m meshState) (int, error) {
 	if err != nil {
 		errs = append(errs, err)
 	}
-	changes, err := e.syncRouting(plan, m.podCIDRs)
+	changes, err := e.syncRouting(plan, local)
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -323,6 +352,72 @@ func (a *Agent) syncEncryption(m meshState) (int, error) {
 		a.log.Warn("wireguard: nodes without encryption in the mesh; traffic to their pods is dropped, not sent in plaintext", "nodes", plan.unencrypted)
 	}
 	return changes, err
+}
+
+// savedPlan is the peersFile format.
+type savedPlan struct {
+	Peers []savedPeer `json:"peers"`
+	// Unreachable are the pod CIDRs that fail closed.
+	Unreachable []netip.Prefix `json:"unreachable"`
+}
+
+type savedPeer struct {
+	Node       string         `json:"node"`
+	PublicKey  string         `json:"publicKey"`
+	Endpoint   netip.AddrPort `json:"endpoint"`
+	AllowedIPs []netip.Prefix `json:"allowedIPs"`
+}
+
+func (e *encryption) savePlan(plan encryptionPlan, log *slog.Logger) {
+	sp := savedPlan{Unreachable: plan.unreachable}
+	for _, p := range plan.peers {
+		sp.Peers = append(sp.Peers, savedPeer{Node: plan.peerNodes[p.PublicKey], PublicKey: p.PublicKey, Endpoint: p.Endpoint, AllowedIPs: p.AllowedIPs})
+	}
+	data, err := json.MarshalIndent(sp, "", "  ")
+	if err != nil || bytes.Equal(data, e.saved) {
+		return
+	}
+	if err := atomicfile.Write(e.peersFile, data, 0o600); err != nil {
+		log.Warn("wireguard: cannot save the peers for a restart without etcd", "err", err)
+		return
+	}
+	e.saved = data
+}
+
+// restoreEncryption applies the saved plan once, until the mesh is listed:
+// tunnels to the nodes known at the last sync. A missing or unreadable
+// file leaves only the fail-closed routes of the earlier run.
+func (a *Agent) restoreEncryption(local []netip.Prefix) (int, error) {
+	e := a.enc
+	if e.restored {
+		return 0, nil
+	}
+	data, err := os.ReadFile(e.peersFile)
+	if errors.Is(err, os.ErrNotExist) {
+		e.restored = true
+		return 0, nil
+	}
+	var sp savedPlan
+	if err == nil {
+		err = strictjson.Decode(data, &sp)
+	}
+	if err != nil {
+		e.restored = true
+		a.log.Warn("wireguard: ignoring the saved peers; tunnels come back when etcd is reachable", "file", e.peersFile, "err", err)
+		return 0, nil
+	}
+	plan := encryptionPlan{peerNodes: map[string]string{}, unreachable: sp.Unreachable}
+	for _, p := range sp.Peers {
+		plan.peers = append(plan.peers, wireguard.Peer{PublicKey: p.PublicKey, Endpoint: p.Endpoint, AllowedIPs: p.AllowedIPs})
+		plan.peerNodes[p.PublicKey] = p.Node
+		plan.routes = append(plan.routes, p.AllowedIPs...)
+	}
+	n, err := a.applyEncryption(plan, local)
+	if err == nil {
+		e.restored, e.saved = true, data
+		a.log.Info("wireguard: peers restored from the last sync until etcd is listed", "peers", len(plan.peers))
+	}
+	return n, err
 }
 
 // syncRouting converges the rules and the tunnel table.

@@ -265,6 +265,52 @@ func TestWireGuardMesh(t *testing.T) {
 			}
 		}
 	})
+
+	t.Run("an agent restarted while its cluster's etcd is down brings its tunnels back", func(t *testing.T) {
+		step(t, "stopping c1's server, then restarting c1's node 2 agent")
+		if err := m.c1.Server.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			if m.c1.Server.Exited() {
+				if err := m.c1.StartServer(m.ctx); err != nil {
+					t.Error(err)
+				}
+			}
+		})
+		if err := c1b.Proc.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		if err := c1b.Start(m.ctx); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		for _, dst := range []*lab.Pod{s1, s2} {
+			if err := eventually(15*time.Second, func() error { return tcpEcho(k1.Netns, netip.AddrPortFrom(dst.IPv4, 8080)) }); err != nil {
+				t.Fatalf("with etcd down, after the restart, k1 -> %s: %v", dst.PodName, err)
+			}
+		}
+		t.Logf("tunnels back %v after the restart, without etcd", time.Since(start).Round(10*time.Millisecond))
+		step(t, "restarting c1's server")
+		if err := m.c1.StartServer(m.ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := eventually(45*time.Second, func() error {
+			st, err := agentStatus(m.ctx, c1b)
+			if err != nil {
+				return err
+			}
+			if st.ClusterMesh == nil || !st.ClusterMesh.Connected || !st.ClusterMesh.Published {
+				return fmt.Errorf("c1 node 2 not reconnected yet: %+v", st.ClusterMesh)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if err := tcpEcho(k1.Netns, netip.AddrPortFrom(s2.IPv4, 8080)); err != nil {
+			t.Fatalf("after etcd is back: %v", err)
+		}
+	})
 }
 
 func TestWireGuardNodeEncryption(t *testing.T) {
