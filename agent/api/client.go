@@ -51,7 +51,8 @@ func (e *UnreachableError) Error() string {
 
 func (e *UnreachableError) Unwrap() error { return e.Err }
 
-// do sends a request and decodes a 2xx JSON answer into out (if non-nil).
+// do sends a request and decodes a 2xx JSON answer into out (if non-nil;
+// a *[]byte gets the body as it is).
 func (c *Client) do(ctx context.Context, method, path string, query url.Values, contentType string, body io.Reader, out any) error {
 	// path is already escaped segment by segment (see seg).
 	u := "http://isthmus-agent" + path
@@ -91,6 +92,10 @@ func (c *Client) do(ctx context.Context, method, path string, query url.Values, 
 		return &Error{Status: resp.StatusCode, Err: errors.New(e.Error)}
 	}
 	if out == nil || resp.StatusCode == http.StatusNoContent {
+		return nil
+	}
+	if raw, ok := out.(*[]byte); ok { // not JSON: /metrics
+		*raw = data
 		return nil
 	}
 	if err := json.Unmarshal(data, out); err != nil {
@@ -178,4 +183,11 @@ func (c *Client) RotateWireGuardKey(ctx context.Context) (WireGuardStatus, error
 	var st WireGuardStatus
 	err := c.doJSON(ctx, http.MethodPost, "/v1/wireguard/rotate-key", nil, &st)
 	return st, err
+}
+
+// Metrics returns the agent's Prometheus metrics in the text format.
+func (c *Client) Metrics(ctx context.Context) ([]byte, error) {
+	var raw []byte
+	err := c.do(ctx, http.MethodGet, "/metrics", nil, "", nil, &raw)
+	return raw, err
 }

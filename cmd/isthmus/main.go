@@ -105,6 +105,7 @@ isthmus completion bash|zsh|fish|powershell (see isthmus completion --help).`,
 		c.statusCommand(),
 		c.clustermeshCommand(),
 		c.wireguardCommand(),
+		c.metricsCommand(),
 		c.labCommand(),
 		c.connectivityCommand(),
 	)

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -104,7 +105,15 @@ func TestMetricsCountPolicyDrops(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, fams := range []promtest.Families{before, viaSocket} {
+	cliOut, err := n.agent.CLI(n.ctx, "metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	viaCLI, err := promtest.Parse(bytes.NewReader(cliOut))
+	if err != nil {
+		t.Fatalf("isthmus metrics: %v", err)
+	}
+	for _, fams := range []promtest.Families{before, viaSocket, viaCLI} {
 		for _, c := range []struct {
 			name   string
 			labels []string
