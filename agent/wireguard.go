@@ -238,7 +238,7 @@ type encryptionPlan struct {
 // claimed by two nodes (or by another node and this one) is refused for all
 // of them: WireGuard routes by key, so a copied key would let one node take
 // the other's traffic.
-func planEncryption(m meshState, selfKey string, port int, nodeEnc bool) encryptionPlan {
+func planEncryption(m meshState, selfKey string, nodeEnc bool) encryptionPlan {
 	p := encryptionPlan{peerNodes: map[string]string{}}
 	claims := map[string][]string{}
 	var others []records.Node
@@ -288,9 +288,9 @@ func planEncryption(m meshState, selfKey string, port int, nodeEnc bool) encrypt
 }
 
 // syncEncryption brings the device's peers, the tunnel table and the rules
-// to the mesh's node records; it returns how many things it changed. It
-// waits until the mesh is listed, so an agent restarted against an
-// unreachable etcd keeps the tunnels (of a kernel device) it has.
+// to the mesh's node records; it returns how many things it changed. Until
+// the mesh is listed (an agent restarted while etcd is unreachable) it
+// applies the peers saved at the last sync instead.
 func (a *Agent) syncEncryption(m meshState) (int, error) {
 	e := a.enc
 	if e == nil {
@@ -299,7 +299,7 @@ func (a *Agent) syncEncryption(m meshState) (int, error) {
 	if !m.ready {
 		return a.restoreEncryption(m.podCIDRs)
 	}
-	plan := planEncryption(m, e.dev.PublicKey(), e.dev.ListenPort(), e.nodeEnc)
+	plan := planEncryption(m, e.dev.PublicKey(), e.nodeEnc)
 	n, err := a.applyEncryption(plan, m.podCIDRs)
 	if err == nil {
 		e.savePlan(plan, a.log)

@@ -36,7 +36,7 @@ func TestPlanEncryption(t *testing.T) {
 			node("c2", "n6", keyA+"", "2001:db8::6", "10.2.6.0/24"), // key of c1/n2 too
 		}}}
 	m.view.Nodes[2].WireGuardPort = 5000
-	p := planEncryption(m, keyS, 51871, false)
+	p := planEncryption(m, keyS, false)
 
 	var got []string
 	for _, pe := range p.peers {
@@ -64,7 +64,7 @@ func TestPlanEncryption(t *testing.T) {
 	}
 
 	// Node encryption adds the node addresses to AllowedIPs and routes.
-	p = planEncryption(m, keyS, 51871, true)
+	p = planEncryption(m, keyS, true)
 	if len(p.peers) != 1 || !slices.Contains(p.peers[0].AllowedIPs, netip.MustParsePrefix("198.51.100.1/32")) {
 		t.Errorf("node encryption: peers %+v", p.peers)
 	}
