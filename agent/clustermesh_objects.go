@@ -45,25 +45,12 @@ func (a *Agent) applyMesh(ctx context.Context, objs []objects.Object) (api.Apply
 		if err := checkServiceConflicts(objectSet(cur.Objects), batch, order); err != nil {
 			return api.ApplyResult{}, err
 		}
-		res, put = api.ApplyResult{}, map[string][]byte{}
-		for _, key := range order {
-			o := batch[key]
-			raw, err := json.Marshal(o)
-			if err != nil {
-				return api.ApplyResult{}, fmt.Errorf("encode %s: %w", key, err)
-			}
-			m := o.GetMeta()
-			r := api.ObjectResult{Kind: o.GetKind(), Namespace: m.Namespace, Name: m.Name, Action: api.ActionCreated}
-			if old, ok := cur.Raw[key]; ok {
-				r.Action = api.ActionConfigured
-				if jsonEqual(old, raw) {
-					r.Action = api.ActionUnchanged
-				}
-			}
-			if r.Action != api.ActionUnchanged {
-				put[key] = raw
-			}
-			res.Objects = append(res.Objects, r)
+		res, put, err = planApply(batch, order, func(key string) ([]byte, bool) {
+			raw, ok := cur.Raw[key]
+			return raw, ok
+		})
+		if err != nil {
+			return api.ApplyResult{}, err
 		}
 		if len(put) == 0 {
 			return res, nil

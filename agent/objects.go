@@ -98,26 +98,9 @@ func (a *Agent) Apply(ctx context.Context, data []byte) (api.ApplyResult, error)
 		return api.ApplyResult{}, err
 	}
 
-	var res api.ApplyResult
-	put := map[string][]byte{}
-	for _, key := range order {
-		o := batch[key]
-		raw, err := json.Marshal(o)
-		if err != nil {
-			return api.ApplyResult{}, fmt.Errorf("encode %s: %w", key, err)
-		}
-		m := o.GetMeta()
-		r := api.ObjectResult{Kind: o.GetKind(), Namespace: m.Namespace, Name: m.Name, Action: api.ActionCreated}
-		if old, ok := a.store.Object(key); ok {
-			r.Action = api.ActionConfigured
-			if jsonEqual(old, raw) {
-				r.Action = api.ActionUnchanged
-			}
-		}
-		if r.Action != api.ActionUnchanged {
-			put[key] = raw
-		}
-		res.Objects = append(res.Objects, r)
+	res, put, err := planApply(batch, order, a.store.Object)
+	if err != nil {
+		return api.ApplyResult{}, err
 	}
 	if len(put) == 0 {
 		return res, nil
@@ -144,6 +127,34 @@ func (a *Agent) Apply(ctx context.Context, data []byte) (api.ApplyResult, error)
 
 // validateBatch validates every object of an apply and indexes them by
 // key, in input order.
+// planApply says per object of the batch (in order) whether applying it
+// creates, changes or leaves it unchanged, given what stored returns for a
+// key, and returns the encoded objects to write.
+func planApply(batch map[string]objects.Object, order []string, stored func(key string) ([]byte, bool)) (api.ApplyResult, map[string][]byte, error) {
+	var res api.ApplyResult
+	put := map[string][]byte{}
+	for _, key := range order {
+		o := batch[key]
+		raw, err := json.Marshal(o)
+		if err != nil {
+			return api.ApplyResult{}, nil, fmt.Errorf("encode %s: %w", key, err)
+		}
+		m := o.GetMeta()
+		r := api.ObjectResult{Kind: o.GetKind(), Namespace: m.Namespace, Name: m.Name, Action: api.ActionCreated}
+		if old, ok := stored(key); ok {
+			r.Action = api.ActionConfigured
+			if jsonEqual(old, raw) {
+				r.Action = api.ActionUnchanged
+			}
+		}
+		if r.Action != api.ActionUnchanged {
+			put[key] = raw
+		}
+		res.Objects = append(res.Objects, r)
+	}
+	return res, put, nil
+}
+
 func validateBatch(objs []objects.Object) (map[string]objects.Object, []string, error) {
 	batch := map[string]objects.Object{}
 	var order []string
