@@ -6,6 +6,8 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
 
 // Well-known label keys. Every workload identity carries both.
@@ -24,18 +26,7 @@ type Labels map[string]string
 // String returns the labels as "k=v,k2=v2", sorted by key, so that equal
 // label sets always give the same string (it is used as a map key and in
 // etcd keys).
-func (l Labels) String() string {
-	var b strings.Builder
-	for i, k := range slices.Sorted(maps.Keys(l)) {
-		if i > 0 {
-			b.WriteByte(',')
-		}
-		b.WriteString(k)
-		b.WriteByte('=')
-		b.WriteString(l[k])
-	}
-	return b.String()
-}
+func (l Labels) String() string { return records.LabelsString(l) }
 
 // ParseLabels is the inverse of String. Spaces around the commas and around
 // each pair are ignored; an empty (or all blank) string is an empty set.
