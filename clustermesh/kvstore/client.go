@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/isthmus-mesh/isthmus/internal/backoff"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -201,7 +202,7 @@ func retryable(err error) bool {
 // Put writes the same value again, a retried Delete deletes nothing.
 func (c *Client) do(ctx context.Context, o op, what string, f func(ctx context.Context) error) error {
 	start := time.Now()
-	b := backoff{min: c.cfg.BackoffMin, max: c.cfg.BackoffMax}
+	b := backoff.Backoff{Min: c.cfg.BackoffMin, Max: c.cfg.BackoffMax}
 	var err error
 	for attempt := 0; ; attempt++ {
 		actx, cancel := context.WithTimeout(ctx, c.cfg.RequestTimeout)
@@ -212,7 +213,7 @@ func (c *Client) do(ctx context.Context, o op, what string, f func(ctx context.C
 		}
 		c.stats.retry()
 		c.log.Debug("kvstore: retrying after transient error", "op", opNames[o], "key", what, "attempt", attempt+1, "err", err)
-		if b.wait(ctx) != nil {
+		if b.Wait(ctx) != nil {
 			break
 		}
 	}

@@ -221,21 +221,6 @@ func TestLeaseRegrant(t *testing.T) {
 	}
 }
 
-func TestBackoff(t *testing.T) {
-	b := backoff{min: 10 * time.Millisecond, max: 80 * time.Millisecond}
-	for i, hi := range []time.Duration{10, 20, 40, 80, 80, 80} {
-		hi *= time.Millisecond
-		d := b.next()
-		if d < hi/2 || d > hi {
-			t.Errorf("attempt %d: %s not in [%s, %s]", i, d, hi/2, hi)
-		}
-	}
-	b.attempt = 1000 // no overflow into negative waits
-	if d := b.next(); d < 40*time.Millisecond || d > 80*time.Millisecond {
-		t.Errorf("after many attempts: %s", d)
-	}
-}
-
 // A write that finds the lease gone triggers the re-grant at once, instead
 // of at the next keepalive (TTL/3 away, 20 s here).
 func TestLeaseLossNoticedOnWrite(t *testing.T) {

@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/isthmus-mesh/isthmus/internal/backoff"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
@@ -146,7 +147,7 @@ func (l *Lease) keepAlive(ch <-chan *clientv3.LeaseKeepAliveResponse, id LeaseID
 // run keeps the lease alive and replaces it when it is lost.
 func (l *Lease) run() {
 	defer close(l.done)
-	b := backoff{min: l.c.cfg.BackoffMin, max: l.c.cfg.BackoffMax}
+	b := backoff.Backoff{Min: l.c.cfg.BackoffMin, Max: l.c.cfg.BackoffMax}
 	for {
 		id := l.ID()
 		kctx, kcancel := context.WithCancel(l.ctx)
@@ -170,11 +171,11 @@ func (l *Lease) run() {
 				return
 			}
 			l.c.log.Warn("kvstore: granting a replacement lease failed", "err", err)
-			if b.wait(l.ctx) != nil {
+			if b.Wait(l.ctx) != nil {
 				return
 			}
 		}
-		b.reset()
+		b.Reset()
 		l.c.stats.leaseRegrant()
 		l.mu.Lock()
 		l.id = newID

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 
+	"github.com/isthmus-mesh/isthmus/internal/backoff"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -95,7 +96,7 @@ func (w *watcher) send(ctx context.Context, ev Event) bool {
 
 func (w *watcher) run(ctx context.Context) {
 	log := w.c.log.With("prefix", w.prefix)
-	b := backoff{min: w.c.cfg.BackoffMin, max: w.c.cfg.BackoffMax}
+	b := backoff.Backoff{Min: w.c.cfg.BackoffMin, Max: w.c.cfg.BackoffMax}
 	for first := true; ; first = false {
 		if !first {
 			w.c.stats.watchRelist()
@@ -106,7 +107,7 @@ func (w *watcher) run(ctx context.Context) {
 				return
 			}
 			log.Warn("kvstore: watch list failed, retrying", "err", err)
-			if b.wait(ctx) != nil {
+			if b.Wait(ctx) != nil {
 				return
 			}
 			continue
@@ -114,14 +115,14 @@ func (w *watcher) run(ctx context.Context) {
 		if rev < 0 { // ctx ended while sending
 			return
 		}
-		b.reset()
+		b.Reset()
 		err = w.watch(ctx, rev)
 		if ctx.Err() != nil {
 			return
 		}
 		w.c.stats.watchError()
 		log.Warn("kvstore: watch failed, re-listing", "err", err)
-		if b.wait(ctx) != nil {
+		if b.Wait(ctx) != nil {
 			return
 		}
 	}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
-	"math/rand/v2"
 	"slices"
 	"strings"
 	"sync"
@@ -424,34 +423,5 @@ func (m *Manager) flushStatuses(ctx context.Context) {
 			continue
 		}
 		m.written[name] = data
-	}
-}
-
-// backoff yields jittered exponential waits.
-type backoff struct {
-	min, max time.Duration
-	attempt  int
-}
-
-func (b *backoff) next() time.Duration {
-	d := b.min << min(b.attempt, 30)
-	if d <= 0 || d > b.max {
-		d = b.max
-	}
-	b.attempt++
-	half := d / 2
-	return half + rand.N(half+1)
-}
-
-func (b *backoff) reset() { b.attempt = 0 }
-
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
 	}
 }

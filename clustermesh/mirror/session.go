@@ -14,6 +14,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+	"github.com/isthmus-mesh/isthmus/internal/backoff"
 )
 
 // errTransport marks errors of talking to the remote (as opposed to what
@@ -60,17 +61,17 @@ func (r *remote) stop() {
 
 func (r *remote) run(ctx context.Context) {
 	defer close(r.done)
-	b := backoff{min: r.m.cfg.RetryMin, max: r.m.cfg.RetryMax}
+	b := backoff.Backoff{Min: r.m.cfg.RetryMin, Max: r.m.cfg.RetryMax}
 	for {
 		accepted, err := r.session(ctx)
 		if ctx.Err() != nil {
 			return
 		}
 		if accepted {
-			b.reset()
+			b.Reset()
 		}
 		r.box.setError(err)
-		if sleep(ctx, b.next()) != nil {
+		if b.Wait(ctx) != nil {
 			return
 		}
 	}
@@ -592,7 +593,7 @@ func (k *kindMirror) wait() error {
 // write applies ops, retrying: they are plain puts and deletes, so
 // repeating them is harmless.
 func (k *kindMirror) write(ctx context.Context, ops []kvstore.Op) error {
-	b := backoff{min: 50 * time.Millisecond, max: 2 * time.Second}
+	b := backoff.Backoff{Min: 50 * time.Millisecond, Max: 2 * time.Second}
 	for attempt := 0; ; attempt++ {
 		_, err := k.r.m.kv.Txn(ctx, nil, ops)
 		if err != nil && len(ops) > etcdMinTxnOps && strings.Contains(err.Error(), "too many operations") {
@@ -607,7 +608,7 @@ func (k *kindMirror) write(ctx context.Context, ops []kvstore.Op) error {
 		if attempt >= 4 {
 			return fmt.Errorf("write the cache %s: %w", k.dst, err)
 		}
-		if sleep(ctx, b.next()) != nil {
+		if b.Wait(ctx) != nil {
 			return ctx.Err()
 		}
 	}
