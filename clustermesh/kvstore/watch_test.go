@@ -78,7 +78,7 @@ func TestWatchRelistDeletesStale(t *testing.T) {
 	ctx := testCtx(t)
 	etcd := etcdtest.Start(t)
 	direct := connect(t, etcd.Endpoint)
-	proxy := startProxy(t, etcd.Endpoint[len("http://"):])
+	proxy := etcdtest.StartProxy(t, etcd.Endpoint[len("http://"):])
 	viaProxy := connect(t, "http://"+proxy.Addr)
 
 	for _, k := range []string{"a", "b", "c"} {

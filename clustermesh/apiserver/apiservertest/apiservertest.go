@@ -6,8 +6,6 @@ package apiservertest
 
 import (
 	"context"
-	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -22,6 +20,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/clustermesh/mirror"
 	"github.com/isthmus-mesh/isthmus/clustermesh/server"
 	"github.com/isthmus-mesh/isthmus/clustermesh/servicesync"
+	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 )
 
 // Logger is what test servers log to: errors only, unless
@@ -51,7 +50,7 @@ type Cluster struct {
 	Name   string
 	ID     uint32
 	Config apiserver.Config
-	Proxy  *Proxy
+	Proxy  *etcdtest.Proxy
 
 	mu sync.Mutex
 	a  *apiserver.APIServer
@@ -66,7 +65,7 @@ func New(t testing.TB, name string, id uint32, podCIDRs ...string) *Cluster {
 		cidrs = append(cidrs, netip.MustParsePrefix(c))
 	}
 	listen := FreeAddr(t)
-	proxy := StartProxy(t, listen)
+	proxy := etcdtest.StartProxy(t, listen)
 	return &Cluster{Name: name, ID: id, Proxy: proxy, Config: apiserver.Config{
 		Server: server.Config{
 			ClusterName: name, ClusterID: id, PodCIDRs: cidrs,
@@ -200,86 +199,4 @@ func FreeAddr(t testing.TB) string {
 	}
 	defer l.Close()
 	return l.Addr().String()
-}
-
-// Proxy forwards loopback TCP to a target and can cut the line, to make a
-// server unreachable for its peers while it keeps running.
-type Proxy struct {
-	Addr   string
-	target string
-	l      net.Listener
-
-	mu    sync.Mutex
-	cut   bool
-	conns map[net.Conn]bool
-}
-
-// StartProxy starts a proxy to target (host:port); closed at test end.
-func StartProxy(t testing.TB, target string) *Proxy {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &Proxy{Addr: l.Addr().String(), target: target, l: l, conns: map[net.Conn]bool{}}
-	go p.serve()
-	t.Cleanup(func() {
-		l.Close()
-		p.Cut()
-	})
-	return p
-}
-
-// URL returns https://<proxy address>.
-func (p *Proxy) URL() string { return fmt.Sprintf("https://%s", p.Addr) }
-
-func (p *Proxy) serve() {
-	for {
-		in, err := p.l.Accept()
-		if err != nil {
-			return
-		}
-		p.mu.Lock()
-		cut := p.cut
-		p.mu.Unlock()
-		if cut {
-			in.Close()
-			continue
-		}
-		out, err := net.Dial("tcp", p.target)
-		if err != nil {
-			in.Close()
-			continue
-		}
-		p.mu.Lock()
-		p.conns[in], p.conns[out] = true, true
-		p.mu.Unlock()
-		go func() { io.Copy(out, in); out.Close() }()
-		go func() { io.Copy(in, out); in.Close() }()
-	}
-}
-
-// Cut closes every open connection and refuses new ones until Restore.
-func (p *Proxy) Cut() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.cut = true
-	for c := range p.conns {
-		c.Close()
-	}
-	clear(p.conns)
-}
-
-// IsCut reports whether the proxy is cut.
-func (p *Proxy) IsCut() bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.cut
-}
-
-// Restore accepts connections again.
-func (p *Proxy) Restore() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.cut = false
 }

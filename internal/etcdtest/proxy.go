@@ -1,15 +1,16 @@
-package kvstore
+package etcdtest
 
 import (
+	"fmt"
 	"io"
 	"net"
 	"sync"
 	"testing"
 )
 
-// tcpProxy forwards loopback TCP to target and can cut the line, to test
-// what clients do when their etcd goes away and comes back.
-type tcpProxy struct {
+// Proxy forwards loopback TCP to a target and can cut the line, to make a
+// server unreachable for its peers while it keeps running.
+type Proxy struct {
 	Addr   string
 	target string
 	l      net.Listener
@@ -19,13 +20,14 @@ type tcpProxy struct {
 	conns map[net.Conn]bool
 }
 
-func startProxy(t *testing.T, target string) *tcpProxy {
+// StartProxy starts a proxy to target (host:port); closed at test end.
+func StartProxy(t testing.TB, target string) *Proxy {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &tcpProxy{Addr: l.Addr().String(), target: target, l: l, conns: map[net.Conn]bool{}}
+	p := &Proxy{Addr: l.Addr().String(), target: target, l: l, conns: map[net.Conn]bool{}}
 	go p.serve()
 	t.Cleanup(func() {
 		l.Close()
@@ -34,7 +36,10 @@ func startProxy(t *testing.T, target string) *tcpProxy {
 	return p
 }
 
-func (p *tcpProxy) serve() {
+// URL returns https://<proxy address>.
+func (p *Proxy) URL() string { return fmt.Sprintf("https://%s", p.Addr) }
+
+func (p *Proxy) serve() {
 	for {
 		in, err := p.l.Accept()
 		if err != nil {
@@ -61,7 +66,7 @@ func (p *tcpProxy) serve() {
 }
 
 // Cut closes every open connection and refuses new ones until Restore.
-func (p *tcpProxy) Cut() {
+func (p *Proxy) Cut() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.cut = true
@@ -71,7 +76,15 @@ func (p *tcpProxy) Cut() {
 	clear(p.conns)
 }
 
-func (p *tcpProxy) Restore() {
+// IsCut reports whether the proxy is cut.
+func (p *Proxy) IsCut() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.cut
+}
+
+// Restore accepts connections again.
+func (p *Proxy) Restore() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.cut = false
