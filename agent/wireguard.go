@@ -39,6 +39,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -113,6 +114,10 @@ type encryption struct {
 	peersFile string
 	restored  bool   // the saved plan was applied (only the reconciler)
 	saved     []byte // what peersFile holds (only the reconciler)
+	// applied and appliedAt: the plan last applied without error, and
+	// when (only the reconciler).
+	applied   string
+	appliedAt time.Time
 
 	mu          sync.Mutex
 	peerNodes   map[string]string // public key -> "<cluster>/<node>"
@@ -251,6 +256,11 @@ func planEncryption(m meshState, selfKey string, nodeEnc bool) encryptionPlan {
 			claims[n.WireGuardPublicKey] = append(claims[n.WireGuardPublicKey], n.Cluster+"/"+n.Name)
 		}
 	}
+	// The view's order is not stable (map iteration): sort, so the same
+	// records give the same plan (and the same saved file).
+	slices.SortFunc(others, func(a, b records.Node) int {
+		return cmp.Or(cmp.Compare(a.Cluster, b.Cluster), cmp.Compare(a.Name, b.Name))
+	})
 	for _, n := range others {
 		name := n.Cluster + "/" + n.Name
 		for _, c := range n.PodCIDRs {
@@ -300,8 +310,17 @@ func (a *Agent) syncEncryption(m meshState) (int, error) {
 		return a.restoreEncryption(m.podCIDRs)
 	}
 	plan := planEncryption(m, e.dev.PublicKey(), e.nodeEnc)
+	// Most reconciles change endpoints, not nodes: skip the device and
+	// netlink round trips when the plan is the one applied last, but check
+	// the kernel again every resyncInterval to catch drift.
+	key := fmt.Sprint(plan.peers, plan.unreachable, plan.refused, plan.unencrypted, m.podCIDRs)
+	if key == e.applied && time.Since(e.appliedAt) < resyncInterval {
+		return 0, nil
+	}
 	n, err := a.applyEncryption(plan, m.podCIDRs)
+	e.applied = ""
 	if err == nil {
+		e.applied, e.appliedAt = key, time.Now()
 		e.savePlan(plan, a.log)
 	}
 	return n, err
