@@ -45,34 +45,23 @@ func main() {
 	re := regexp.MustCompile(*only)
 	ctx := context.Background()
 	defer lab.CleanupBinaries()
+	sections := []struct {
+		name string
+		run  func(context.Context) error
+	}{
+		{"throughput", throughput},
+		{"cps", cps},
+		{"mesh", meshBench},
+		{"wireguard", wireguardBench},
+		{"labup", labupBench},
+	}
 	ok := true
-	if re.MatchString("throughput") {
-		if err := throughput(ctx); err != nil {
-			fmt.Fprintln(os.Stderr, "bench throughput:", err)
-			ok = false
+	for _, sec := range sections {
+		if !re.MatchString(sec.name) {
+			continue
 		}
-	}
-	if re.MatchString("cps") {
-		if err := cps(ctx); err != nil {
-			fmt.Fprintln(os.Stderr, "bench cps:", err)
-			ok = false
-		}
-	}
-	if re.MatchString("mesh") {
-		if err := meshBench(ctx); err != nil {
-			fmt.Fprintln(os.Stderr, "bench mesh:", err)
-			ok = false
-		}
-	}
-	if re.MatchString("wireguard") {
-		if err := wireguardBench(ctx); err != nil {
-			fmt.Fprintln(os.Stderr, "bench wireguard:", err)
-			ok = false
-		}
-	}
-	if re.MatchString("labup") {
-		if err := labupBench(ctx); err != nil {
-			fmt.Fprintln(os.Stderr, "bench labup:", err)
+		if err := sec.run(ctx); err != nil {
+			fmt.Fprintf(os.Stderr, "bench %s: %v\n", sec.name, err)
 			ok = false
 		}
 	}
