@@ -41,6 +41,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+	"github.com/isthmus-mesh/isthmus/internal/backoff"
 )
 
 // DefaultLeaseTTL is the default TTL of a node's records in etcd.
@@ -536,7 +537,7 @@ func maskOf(rt netlink.Route) (int, bool) {
 // up when ctx ends (with ctx's error) or when f fails with
 // meshsync.ErrClusterConfig, which retrying cannot fix.
 func retry[T any](ctx context.Context, m *clusterMesh, what string, f func() (T, error)) (T, error) {
-	var wait time.Duration
+	b := backoff.Backoff{Min: 200 * time.Millisecond, Max: 15 * time.Second}
 	for {
 		v, err := f()
 		if err == nil {
@@ -547,14 +548,9 @@ func retry[T any](ctx context.Context, m *clusterMesh, what string, f func() (T,
 		if errors.Is(err, meshsync.ErrClusterConfig) {
 			return v, err
 		}
-		wait = min(max(2*wait, 200*time.Millisecond), 15*time.Second)
-		m.log.Warn("clustermesh: retrying", "in", wait, "err", err)
-		t := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return v, ctx.Err()
-		case <-t.C:
+		m.log.Warn("clustermesh: retrying with backoff", "err", err)
+		if err := b.Wait(ctx); err != nil {
+			return v, err
 		}
 	}
 }
