@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"encoding/json"
 	"io"
 	"net"
@@ -261,9 +262,12 @@ func TestMetricsClusterMode(t *testing.T) {
 		if err != nil {
 			return false, err.Error()
 		}
+		// The node and ipcache records come through separate watches:
+		// wait for both.
 		v, _ := fams.Value("isthmus_agent_mesh_cluster_endpoints", "cluster", "c1")
+		nodes, _ := fams.Value("isthmus_agent_mesh_cluster_nodes", "cluster", "c1")
 		p, _ := fams.Value("isthmus_agent_kvstore_published")
-		return v == 2 && p == 1, ""
+		return v == 2 && nodes == 1 && p == 1, fmt.Sprintf("endpoints %v, nodes %v, published %v", v, nodes, p)
 	})
 	for _, c := range []struct {
 		name   string
