@@ -129,13 +129,9 @@ type encryption struct {
 // openEncryption creates the device; the key file lives in the state dir,
 // so a restarted agent keeps its key.
 func (a *Agent) openEncryption() (*encryption, error) {
-	ips := a.cfg.NodeIPs
-	if len(ips) == 0 {
-		// The mesh detects them later the same way; the MTU needs them now
-		// (an IPv6-only underlay costs 20 bytes more).
-		ips, _ = a.detectNodeIPs()
-	}
-	underlay, v6 := underlayMTU(ips)
+	// The mesh detects the node IPs later the same way; the MTU needs them
+	// now (an IPv6-only underlay costs 20 bytes more).
+	underlay, v6 := underlayMTU(a.underlayIPs())
 	mtu := wireguard.MTUFor(underlay, v6)
 	if mtu < 1280 {
 		return nil, fmt.Errorf("underlay MTU %d leaves %d for WireGuard; IPv6 pods need 1280", underlay, mtu)
@@ -166,7 +162,7 @@ func (a *Agent) openEncryption() (*encryption, error) {
 func (a *Agent) setUpEncryption() error {
 	if !a.cfg.encrypted() {
 		if a.cfg.MTU == 0 {
-			a.cfg.MTU, _ = underlayMTU(a.cfg.NodeIPs)
+			a.cfg.MTU, _ = underlayMTU(a.underlayIPs())
 		}
 		if a.mesh == nil {
 			return nil // standalone agents never route through a tunnel
@@ -200,33 +196,29 @@ func (e *encryption) close() {
 	e.nl.Close()
 }
 
-// underlayMTU is the MTU of the interface holding one of ips (or of the
-// default route's interface), and whether the underlay is IPv6 only.
+// underlayMTU is the MTU of the interface holding one of ips (1500 when
+// none does), and whether the underlay is IPv6 only.
 func underlayMTU(ips []netip.Addr) (int, bool) {
 	v6 := len(ips) > 0 && !slices.ContainsFunc(ips, netip.Addr.Is4)
-	links, err := netlink.LinkList()
-	if err != nil {
-		return 1500, v6
-	}
-	for _, l := range links {
-		addrs, _ := netlink.AddrList(l, netlink.FAMILY_ALL)
-		for _, ad := range addrs {
-			if a, ok := netip.AddrFromSlice(ad.IP); ok && slices.Contains(ips, a.Unmap()) {
+	addrs, _ := netlink.AddrList(nil, netlink.FAMILY_ALL) // every link's
+	for _, ad := range addrs {
+		if a, ok := netip.AddrFromSlice(ad.IP); ok && slices.Contains(ips, a.Unmap()) {
+			if l, err := netlink.LinkByIndex(ad.LinkIndex); err == nil {
 				return l.Attrs().MTU, v6
 			}
 		}
 	}
-	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		routes, _ := netlink.RouteListFiltered(family, &netlink.Route{}, 0)
-		for _, rt := range routes {
-			if rt.Dst == nil || rt.Dst.IP.IsUnspecified() {
-				if l, err := netlink.LinkByIndex(rt.LinkIndex); err == nil {
-					return l.Attrs().MTU, family == netlink.FAMILY_V6 && v6
-				}
-			}
-		}
-	}
 	return 1500, v6
+}
+
+// underlayIPs are the node's underlay addresses: --node-ip, or else those
+// the mesh would detect (the default route's interface's).
+func (a *Agent) underlayIPs() []netip.Addr {
+	if len(a.cfg.NodeIPs) > 0 {
+		return a.cfg.NodeIPs
+	}
+	ips, _ := a.detectNodeIPs()
+	return ips
 }
 
 // encryptionPlan is what the device and the routing should hold.
