@@ -9,8 +9,8 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
+	"github.com/isthmus-mesh/isthmus/clustermesh/etcdserver"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
-	"github.com/isthmus-mesh/isthmus/clustermesh/server"
 	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 )
 
@@ -18,12 +18,12 @@ import (
 // (endpoints, the agents' bundle directory, node IP): mTLS, the etcd user
 // "agents", the server's cluster-config.
 func TestClusterModeAgainstServer(t *testing.T) {
-	if got, want := meshsync.ServerName("c1"), server.ServerName("c1"); got != want {
+	if got, want := meshsync.ServerName("c1"), etcdserver.ServerName("c1"); got != want {
 		t.Fatalf("agent expects server name %q, servers present %q", got, want)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	srv, err := server.Start(ctx, server.Config{
+	srv, err := etcdserver.Start(ctx, etcdserver.Config{
 		ClusterName: "c1", ClusterID: 1,
 		PodCIDRs:     []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16"), netip.MustParsePrefix("fd00:1::/32")},
 		DataDir:      t.TempDir(),
@@ -37,7 +37,7 @@ func TestClusterModeAgainstServer(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("10.1.1.0/24"), netip.MustParsePrefix("fd00:1:1::/64")}
 	cfg.KVStoreEndpoints = srv.Endpoints()
-	cfg.KVStoreBundle = srv.BundleDir(server.UserAgents)
+	cfg.KVStoreBundle = srv.BundleDir(etcdserver.UserAgents)
 	cfg.NodeIPs = []netip.Addr{netip.MustParseAddr("192.0.2.11")}
 	n := startMesh(t, cfg, newFakeDatapath(), newFakePlumber())
 	n.meshSynced(t)

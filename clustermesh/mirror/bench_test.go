@@ -9,9 +9,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/clustermesh/apiserver/apiservertest"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+	"github.com/isthmus-mesh/isthmus/clustermesh/server/servertest"
 )
 
 // TestBenchMirror measures the mirror alone (two servers in this process,
@@ -23,10 +23,10 @@ func TestBenchMirror(t *testing.T) {
 		t.Skip("set ISTHMUS_BENCH=1 to run")
 	}
 	const n = 100_000
-	c1 := apiservertest.New(t, "c1", 1, "10.1.0.0/16")
+	c1 := servertest.New(t, "c1", 1, "10.1.0.0/16")
 	c1.Config.Server.UnsafeNoFsync = false
 	c1.Start(t)
-	c2 := apiservertest.Start(t, "c2", 2, "10.2.0.0/16")
+	c2 := servertest.Start(t, "c2", 2, "10.2.0.0/16")
 	ctx := context.Background()
 	var ops []kvstore.Op
 	for i := range n {
@@ -41,8 +41,8 @@ func TestBenchMirror(t *testing.T) {
 		}
 	}
 	start := time.Now()
-	apiservertest.Connect(t, c1, c2)
-	apiservertest.Eventually(t, 2*time.Minute, "full sync", func() error {
+	servertest.Connect(t, c1, c2)
+	servertest.Eventually(t, 2*time.Minute, "full sync", func() error {
 		st, err := status(c1, "c2")
 		if err != nil || !st.Synced.Endpoints || st.Endpoints != n {
 			return fmt.Errorf("status %+v %v", st, err)

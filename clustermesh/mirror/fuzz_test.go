@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/clustermesh/server"
+	"github.com/isthmus-mesh/isthmus/clustermesh/etcdserver"
 )
 
 // testRemote returns a valid record of remote c2 for local cluster c1,
@@ -35,7 +35,7 @@ func testRemote(t testing.TB) Remote {
 		t.Fatal(err)
 	}
 	caCert, _ := x509.ParseCertificate(caDER)
-	leaf := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: server.RemoteUser("c1")},
+	leaf := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: etcdserver.RemoteUser("c1")},
 		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour), KeyUsage: x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
 	leafDER, err := x509.CreateCertificate(rand.Reader, leaf, caCert, &leafKey.PublicKey, caKey)
@@ -62,7 +62,7 @@ func FuzzDecodeRemote(f *testing.F) {
 	f.Add([]byte(`null`))
 	f.Add([]byte(`{"version":1,"name":"c2"} {}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		r, err := DecodeRemote(server.RemoteKey("c2"), data, "c1")
+		r, err := DecodeRemote(etcdserver.RemoteKey("c2"), data, "c1")
 		if err != nil {
 			return
 		}
@@ -70,7 +70,7 @@ func FuzzDecodeRemote(f *testing.F) {
 		if err != nil {
 			t.Fatalf("accepted record does not marshal: %v", err)
 		}
-		if back, err := DecodeRemote(server.RemoteKey("c2"), again, "c1"); err != nil || !back.equal(r) {
+		if back, err := DecodeRemote(etcdserver.RemoteKey("c2"), again, "c1"); err != nil || !back.equal(r) {
 			t.Fatalf("round trip: %v", err)
 		}
 	})

@@ -11,9 +11,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/isthmus-mesh/isthmus/clustermesh/etcdserver"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
-	"github.com/isthmus-mesh/isthmus/clustermesh/server"
 )
 
 // Config configures a Manager.
@@ -139,7 +139,7 @@ func (m *Manager) Run(ctx context.Context) error {
 		wg.Wait()
 	}()
 	listed := false
-	for ev := range m.kv.WatchPrefix(ctx, server.RemotesPrefix) {
+	for ev := range m.kv.WatchPrefix(ctx, etcdserver.RemotesPrefix) {
 		switch ev.Type {
 		case kvstore.EventUpsert:
 			m.upsert(ctx, ev.Key, ev.Value)
@@ -159,7 +159,7 @@ func (m *Manager) Run(ctx context.Context) error {
 // remotes whose mirrored config is there: after a restart, the clusters
 // that were accepted before win over newcomers that conflict with them.
 func (m *Manager) loadStored(ctx context.Context) error {
-	kvs, _, err := m.kv.GetPrefix(ctx, server.RemoteStatusPrefix)
+	kvs, _, err := m.kv.GetPrefix(ctx, etcdserver.RemoteStatusPrefix)
 	if err != nil {
 		return fmt.Errorf("mirror: read stored status: %w", err)
 	}
@@ -168,7 +168,7 @@ func (m *Manager) loadStored(ctx context.Context) error {
 			m.stored[st.Cluster] = st
 		}
 	}
-	recs, _, err := m.kv.GetPrefix(ctx, server.RemotesPrefix)
+	recs, _, err := m.kv.GetPrefix(ctx, etcdserver.RemotesPrefix)
 	if err != nil {
 		return fmt.Errorf("mirror: read remotes: %w", err)
 	}
@@ -269,7 +269,7 @@ func (m *Manager) remove(ctx context.Context, key string) {
 	m.mu.Unlock()
 	m.statusMu.Lock()
 	delete(m.written, name)
-	if err := m.kv.Delete(ctx, server.RemoteStatusKey(name)); err != nil && ctx.Err() == nil {
+	if err := m.kv.Delete(ctx, etcdserver.RemoteStatusKey(name)); err != nil && ctx.Err() == nil {
 		m.log.Warn("mirror: delete remote status", "cluster", name, "err", err)
 	}
 	m.statusMu.Unlock()
@@ -360,9 +360,9 @@ func (m *Manager) cleanupOrphans(ctx context.Context) {
 			}
 		}
 	}
-	if kvs, _, err := m.kv.GetPrefix(ctx, server.RemoteStatusPrefix); err == nil {
+	if kvs, _, err := m.kv.GetPrefix(ctx, etcdserver.RemoteStatusPrefix); err == nil {
 		for _, kv := range kvs {
-			names[strings.TrimPrefix(kv.Key, server.RemoteStatusPrefix)] = true
+			names[strings.TrimPrefix(kv.Key, etcdserver.RemoteStatusPrefix)] = true
 		}
 	}
 	delete(names, m.cfg.Local.Name)
@@ -380,7 +380,7 @@ func (m *Manager) cleanupOrphans(ctx context.Context) {
 		}
 		m.log.Info("mirror: deleting the cache of a cluster that is no longer connected", "cluster", name)
 		m.dropCache(ctx, name, nil)
-		if err := m.kv.Delete(ctx, server.RemoteStatusKey(name)); err != nil && ctx.Err() == nil {
+		if err := m.kv.Delete(ctx, etcdserver.RemoteStatusKey(name)); err != nil && ctx.Err() == nil {
 			m.log.Warn("mirror: delete remote status", "cluster", name, "err", err)
 		}
 	}
@@ -416,7 +416,7 @@ func (m *Manager) flushStatuses(ctx context.Context) {
 		if err != nil || string(data) == string(m.written[name]) {
 			continue
 		}
-		if err := m.kv.Put(ctx, server.RemoteStatusKey(name), data); err != nil {
+		if err := m.kv.Put(ctx, etcdserver.RemoteStatusKey(name), data); err != nil {
 			if ctx.Err() == nil {
 				m.log.Warn("mirror: write remote status", "cluster", name, "err", err)
 			}

@@ -15,11 +15,11 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/isthmus-mesh/isthmus/clustermesh/apiserver/apiservertest"
+	"github.com/isthmus-mesh/isthmus/clustermesh/etcdserver"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/mirror"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
-	"github.com/isthmus-mesh/isthmus/clustermesh/server"
+	"github.com/isthmus-mesh/isthmus/clustermesh/server/servertest"
 )
 
 const wait = 15 * time.Second
@@ -53,16 +53,16 @@ func del(t *testing.T, kv *kvstore.Client, key string) {
 	}
 }
 
-func node(c *apiservertest.Cluster, name, ip string) records.Node {
+func node(c *servertest.Cluster, name, ip string) records.Node {
 	return records.Node{Name: name, Cluster: c.Name, ClusterID: c.ID, IPs: []netip.Addr{netip.MustParseAddr(ip)}}
 }
 
-func identityOf(c *apiservertest.Cluster, n uint32) uint32 { return c.ID<<20 | n }
+func identityOf(c *servertest.Cluster, n uint32) uint32 { return c.ID<<20 | n }
 
 // seed writes one node, endpoint, identity and global Service into c, as
 // its agents and `isthmus apply` would; the service syncer turns the
 // Service into a service record.
-func seed(t *testing.T, c *apiservertest.Cluster, ip string) (keys []string) {
+func seed(t *testing.T, c *servertest.Cluster, ip string) (keys []string) {
 	t.Helper()
 	kv := c.KV()
 	id := identityOf(c, 7)
@@ -79,8 +79,8 @@ func seed(t *testing.T, c *apiservertest.Cluster, ip string) (keys []string) {
 		records.ServiceKey(c.Name, "default", "web")}
 }
 
-func status(c *apiservertest.Cluster, remote string) (mirror.Status, error) {
-	kv, found, err := c.KV().Get(context.Background(), server.RemoteStatusKey(remote))
+func status(c *servertest.Cluster, remote string) (mirror.Status, error) {
+	kv, found, err := c.KV().Get(context.Background(), etcdserver.RemoteStatusKey(remote))
 	if err != nil || !found {
 		return mirror.Status{}, fmt.Errorf("no status of %s in %s: %v", remote, c.Name, err)
 	}
@@ -89,7 +89,7 @@ func status(c *apiservertest.Cluster, remote string) (mirror.Status, error) {
 
 // mirrored checks that local's cache holds exactly the values of remote's
 // state keys, and that the canaries and the mirrored config exist.
-func mirrored(local, remote *apiservertest.Cluster, keys ...string) error {
+func mirrored(local, remote *servertest.Cluster, keys ...string) error {
 	ctx := context.Background()
 	for _, k := range keys {
 		want, found, err := remote.KV().Get(ctx, k)
@@ -111,7 +111,7 @@ func mirrored(local, remote *apiservertest.Cluster, keys ...string) error {
 	return synced(local, remote.Name)
 }
 
-func synced(local *apiservertest.Cluster, remote string) error {
+func synced(local *servertest.Cluster, remote string) error {
 	ctx := context.Background()
 	for _, k := range records.Kinds {
 		kv, found, err := local.KV().Get(ctx, records.SyncedKey(remote, k))
@@ -129,7 +129,7 @@ func synced(local *apiservertest.Cluster, remote string) error {
 }
 
 // cacheKeys lists the cache keys of kind k of remote in local.
-func cacheKeys(t *testing.T, local *apiservertest.Cluster, k records.Kind, remote string) []string {
+func cacheKeys(t *testing.T, local *servertest.Cluster, k records.Kind, remote string) []string {
 	t.Helper()
 	kvs, _, err := local.KV().GetPrefix(context.Background(), records.CachePrefix(k, remote))
 	if err != nil {
@@ -142,7 +142,7 @@ func cacheKeys(t *testing.T, local *apiservertest.Cluster, k records.Kind, remot
 	return out
 }
 
-func wantKeys(t *testing.T, local *apiservertest.Cluster, k records.Kind, remote string, want ...string) func() error {
+func wantKeys(t *testing.T, local *servertest.Cluster, k records.Kind, remote string, want ...string) func() error {
 	return func() error {
 		if got := cacheKeys(t, local, k, remote); !slices.Equal(got, want) {
 			return fmt.Errorf("cache of %s %s in %s = %v, want %v", remote, k, local.Name, got, want)
@@ -152,15 +152,15 @@ func wantKeys(t *testing.T, local *apiservertest.Cluster, k records.Kind, remote
 }
 
 func TestMirrorBothWays(t *testing.T) {
-	c1 := apiservertest.Start(t, "c1", 1, "10.1.0.0/16")
-	c2 := apiservertest.Start(t, "c2", 2, "10.2.0.0/16")
+	c1 := servertest.Start(t, "c1", 1, "10.1.0.0/16")
+	c2 := servertest.Start(t, "c2", 2, "10.2.0.0/16")
 	keys1 := seed(t, c1, "10.1.0.5")
 	keys2 := seed(t, c2, "10.2.0.5")
-	apiservertest.Connect(t, c1, c2)
-	apiservertest.Connect(t, c2, c1)
+	servertest.Connect(t, c1, c2)
+	servertest.Connect(t, c2, c1)
 
-	apiservertest.Eventually(t, wait, "c1 mirrors c2", func() error { return mirrored(c1, c2, keys2...) })
-	apiservertest.Eventually(t, wait, "c2 mirrors c1", func() error { return mirrored(c2, c1, keys1...) })
+	servertest.Eventually(t, wait, "c1 mirrors c2", func() error { return mirrored(c1, c2, keys2...) })
+	servertest.Eventually(t, wait, "c2 mirrors c1", func() error { return mirrored(c2, c1, keys1...) })
 
 	// The service syncer of c2 published its global service with c2's
 	// endpoint as backend; c1 has it in its cache.
@@ -173,7 +173,7 @@ func TestMirrorBothWays(t *testing.T) {
 		t.Errorf("mirrored service %+v", svc)
 	}
 
-	apiservertest.Eventually(t, wait, "status of c2 in c1", func() error {
+	servertest.Eventually(t, wait, "status of c2 in c1", func() error {
 		st, err := status(c1, "c2")
 		if err != nil {
 			return err
@@ -193,9 +193,9 @@ func TestMirrorBothWays(t *testing.T) {
 	put(t, c2.KV(), records.NodeKey("c2", "n2"), marshal(t, node(c2, "n2", "192.168.0.22")))
 	del(t, c2.KV(), keys2[1])
 	del(t, c2.KV(), "isthmus/config/Service/default/web")
-	apiservertest.Eventually(t, wait, "node n2 mirrored", wantKeys(t, c1, records.KindNodes, "c2", "n1", "n2"))
-	apiservertest.Eventually(t, wait, "endpoint deletion mirrored", wantKeys(t, c1, records.KindIP, "c2"))
-	apiservertest.Eventually(t, wait, "service deletion mirrored", wantKeys(t, c1, records.KindServices, "c2"))
+	servertest.Eventually(t, wait, "node n2 mirrored", wantKeys(t, c1, records.KindNodes, "c2", "n1", "n2"))
+	servertest.Eventually(t, wait, "endpoint deletion mirrored", wantKeys(t, c1, records.KindIP, "c2"))
+	servertest.Eventually(t, wait, "service deletion mirrored", wantKeys(t, c1, records.KindServices, "c2"))
 	// c1's own view of c1 is untouched by all this.
 	if err := mirrored(c2, c1, keys1...); err != nil {
 		t.Error(err)
@@ -204,9 +204,9 @@ func TestMirrorBothWays(t *testing.T) {
 
 // compact compacts c's etcd history up to now, so that a watcher that was
 // away must re-list (and learn about deletions from the re-list).
-func compact(t *testing.T, c *apiservertest.Cluster) {
+func compact(t *testing.T, c *servertest.Cluster) {
 	t.Helper()
-	d, err := server.OpenDataDir(c.DataDir())
+	d, err := etcdserver.OpenDataDir(c.DataDir())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -230,21 +230,21 @@ func compact(t *testing.T, c *apiservertest.Cluster) {
 }
 
 func TestMirrorNothingStaleAfterOutages(t *testing.T) {
-	c1 := apiservertest.Start(t, "c1", 1, "10.1.0.0/16")
-	c2 := apiservertest.Start(t, "c2", 2, "10.2.0.0/16")
+	c1 := servertest.Start(t, "c1", 1, "10.1.0.0/16")
+	c2 := servertest.Start(t, "c2", 2, "10.2.0.0/16")
 	proxy := c2.Proxy
-	apiservertest.Connect(t, c1, c2)
+	servertest.Connect(t, c1, c2)
 	for _, n := range []string{"n1", "n2", "n3"} {
 		put(t, c2.KV(), records.NodeKey("c2", n), marshal(t, node(c2, n, "192.168.0.1")))
 	}
-	apiservertest.Eventually(t, wait, "c1 mirrors c2", wantKeys(t, c1, records.KindNodes, "c2", "n1", "n2", "n3"))
-	apiservertest.Eventually(t, wait, "canaries", func() error { return synced(c1, "c2") })
+	servertest.Eventually(t, wait, "c1 mirrors c2", wantKeys(t, c1, records.KindNodes, "c2", "n1", "n2", "n3"))
+	servertest.Eventually(t, wait, "canaries", func() error { return synced(c1, "c2") })
 
 	// The mirror loses c2; c2's server stops; records change directly in
 	// its etcd and the history is compacted; c2 restarts; then the
 	// mirror gets through again.
 	proxy.Cut()
-	apiservertest.Eventually(t, wait, "c2 unreachable", func() error {
+	servertest.Eventually(t, wait, "c2 unreachable", func() error {
 		if st, err := status(c1, "c2"); err != nil || st.Connected || st.State != mirror.StateUnreachable || st.LastError == "" {
 			return fmt.Errorf("status %+v %v", st, err)
 		}
@@ -262,8 +262,8 @@ func TestMirrorNothingStaleAfterOutages(t *testing.T) {
 		t.Errorf("cache while c2 is unreachable = %v", got)
 	}
 	proxy.Restore()
-	apiservertest.Eventually(t, wait, "after reconnect", wantKeys(t, c1, records.KindNodes, "c2", "n1", "n3", "n4"))
-	apiservertest.Eventually(t, wait, "n3 updated", func() error { return mirrored(c1, c2, records.NodeKey("c2", "n3")) })
+	servertest.Eventually(t, wait, "after reconnect", wantKeys(t, c1, records.KindNodes, "c2", "n1", "n3", "n4"))
+	servertest.Eventually(t, wait, "n3 updated", func() error { return mirrored(c1, c2, records.NodeKey("c2", "n3")) })
 
 	// Now the mirror's own server is down while c2 changes: after its
 	// restart (empty memory) the first list reconciles the cache.
@@ -271,8 +271,8 @@ func TestMirrorNothingStaleAfterOutages(t *testing.T) {
 	del(t, c2.KV(), records.NodeKey("c2", "n1"))
 	compact(t, c2)
 	c1.Start(t)
-	apiservertest.Eventually(t, wait, "after the mirror's restart", wantKeys(t, c1, records.KindNodes, "c2", "n3", "n4"))
-	apiservertest.Eventually(t, wait, "status after restart", func() error {
+	servertest.Eventually(t, wait, "after the mirror's restart", wantKeys(t, c1, records.KindNodes, "c2", "n3", "n4"))
+	servertest.Eventually(t, wait, "status after restart", func() error {
 		if st, err := status(c1, "c2"); err != nil || !st.Ready || st.Nodes != 2 {
 			return fmt.Errorf("status %+v %v", st, err)
 		}
@@ -281,18 +281,18 @@ func TestMirrorNothingStaleAfterOutages(t *testing.T) {
 }
 
 func TestCacheTTLDropsUnreachableRemote(t *testing.T) {
-	c1 := apiservertest.New(t, "c1", 1, "10.1.0.0/16")
+	c1 := servertest.New(t, "c1", 1, "10.1.0.0/16")
 	c1.Config.Mirror.CacheTTL = time.Second
 	c1.Start(t)
-	c2 := apiservertest.Start(t, "c2", 2, "10.2.0.0/16")
+	c2 := servertest.Start(t, "c2", 2, "10.2.0.0/16")
 	keys := seed(t, c2, "10.2.0.5")
 	proxy := c2.Proxy
-	apiservertest.Connect(t, c1, c2)
-	apiservertest.Eventually(t, wait, "c1 mirrors c2", func() error { return mirrored(c1, c2, keys...) })
+	servertest.Connect(t, c1, c2)
+	servertest.Eventually(t, wait, "c1 mirrors c2", func() error { return mirrored(c1, c2, keys...) })
 
 	proxy.Cut()
 	cut := time.Now()
-	apiservertest.Eventually(t, wait, "cache dropped after the TTL", func() error {
+	servertest.Eventually(t, wait, "cache dropped after the TTL", func() error {
 		for _, prefix := range []string{records.CacheRoot, records.SyncedPrefix + "c2/", records.ClusterConfigKey("c2")} {
 			kvs, _, err := c1.KV().GetPrefix(context.Background(), prefix)
 			if err != nil || len(kvs) != 0 {
@@ -309,12 +309,12 @@ func TestCacheTTLDropsUnreachableRemote(t *testing.T) {
 	}
 
 	proxy.Restore()
-	apiservertest.Eventually(t, wait, "mirrored again after the remote came back", func() error { return mirrored(c1, c2, keys...) })
+	servertest.Eventually(t, wait, "mirrored again after the remote came back", func() error { return mirrored(c1, c2, keys...) })
 }
 
 func TestInvalidRecordsSkippedAndCounted(t *testing.T) {
-	c1 := apiservertest.Start(t, "c1", 1, "10.1.0.0/16")
-	c2 := apiservertest.Start(t, "c2", 2, "10.2.0.0/16")
+	c1 := servertest.Start(t, "c1", 1, "10.1.0.0/16")
+	c2 := servertest.Start(t, "c2", 2, "10.2.0.0/16")
 	kv := c2.KV()
 	good := node(c2, "good", "192.168.0.2")
 	put(t, kv, records.NodeKey("c2", "good"), marshal(t, good))
@@ -334,11 +334,11 @@ func TestInvalidRecordsSkippedAndCounted(t *testing.T) {
 	// them and deletes what it did not write.)
 	put(t, kv, records.IPCacheKey("c2", netip.MustParsePrefix("10.2.0.10/32")), []byte(`null`))
 
-	apiservertest.Connect(t, c1, c2)
-	apiservertest.Eventually(t, wait, "valid records mirrored", func() error {
+	servertest.Connect(t, c1, c2)
+	servertest.Eventually(t, wait, "valid records mirrored", func() error {
 		return mirrored(c1, c2, records.NodeKey("c2", "good"), records.IdentityIDKey(2<<20|1))
 	})
-	apiservertest.Eventually(t, wait, "invalid ones counted", func() error {
+	servertest.Eventually(t, wait, "invalid ones counted", func() error {
 		st, err := status(c1, "c2")
 		if err != nil || !st.Ready || st.Nodes != 1 || st.Identities != 1 || st.Endpoints != 0 || st.Services != 0 ||
 			st.Invalid != 6 || st.Skipped < 6 || st.LastInvalid == "" {
@@ -356,8 +356,8 @@ func TestInvalidRecordsSkippedAndCounted(t *testing.T) {
 	// A repaired record comes in; a record that goes bad leaves the cache.
 	put(t, kv, records.NodeKey("c2", "bad"), marshal(t, node(c2, "bad", "192.168.0.5")))
 	put(t, kv, records.NodeKey("c2", "good"), []byte(`{"version":2}`))
-	apiservertest.Eventually(t, wait, "repair and breakage mirrored", wantKeys(t, c1, records.KindNodes, "c2", "bad"))
-	apiservertest.Eventually(t, wait, "counts", func() error {
+	servertest.Eventually(t, wait, "repair and breakage mirrored", wantKeys(t, c1, records.KindNodes, "c2", "bad"))
+	servertest.Eventually(t, wait, "counts", func() error {
 		if st, err := status(c1, "c2"); err != nil || st.Invalid != 6 || st.Nodes != 1 {
 			return fmt.Errorf("status %+v %v", st, err)
 		}
@@ -366,29 +366,29 @@ func TestInvalidRecordsSkippedAndCounted(t *testing.T) {
 }
 
 func TestConflictingClustersRefused(t *testing.T) {
-	c1 := apiservertest.Start(t, "c1", 1, "10.1.0.0/16")
-	c2 := apiservertest.Start(t, "c2", 2, "10.2.0.0/16")
-	dupID := apiservertest.Start(t, "c3", 2, "10.3.0.0/16")
-	overlap := apiservertest.Start(t, "c4", 4, "10.1.128.0/17")
-	sameAsLocal := apiservertest.Start(t, "c5", 1, "10.5.0.0/16")
-	for _, c := range []*apiservertest.Cluster{c2, dupID, overlap, sameAsLocal} {
+	c1 := servertest.Start(t, "c1", 1, "10.1.0.0/16")
+	c2 := servertest.Start(t, "c2", 2, "10.2.0.0/16")
+	dupID := servertest.Start(t, "c3", 2, "10.3.0.0/16")
+	overlap := servertest.Start(t, "c4", 4, "10.1.128.0/17")
+	sameAsLocal := servertest.Start(t, "c5", 1, "10.5.0.0/16")
+	for _, c := range []*servertest.Cluster{c2, dupID, overlap, sameAsLocal} {
 		put(t, c.KV(), records.NodeKey(c.Name, "n1"), marshal(t, node(c, "n1", "192.168.0.1")))
 	}
-	apiservertest.Connect(t, c1, c2)
-	apiservertest.Eventually(t, wait, "c2 mirrored", func() error { return mirrored(c1, c2, records.NodeKey("c2", "n1")) })
-	apiservertest.Connect(t, c1, dupID)
-	apiservertest.Connect(t, c1, overlap)
-	apiservertest.Connect(t, c1, sameAsLocal)
+	servertest.Connect(t, c1, c2)
+	servertest.Eventually(t, wait, "c2 mirrored", func() error { return mirrored(c1, c2, records.NodeKey("c2", "n1")) })
+	servertest.Connect(t, c1, dupID)
+	servertest.Connect(t, c1, overlap)
+	servertest.Connect(t, c1, sameAsLocal)
 	// A record whose ID is not the cluster's.
 
-	liar := apiservertest.Start(t, "c6", 6, "10.6.0.0/16")
+	liar := servertest.Start(t, "c6", 6, "10.6.0.0/16")
 	b := liar.RemoteBundle(t, "c1")
 	b.ClusterID = 7
 	v, err := mirror.RemoteFromBundle(b).Marshal("c1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	put(t, c1.KV(), server.RemoteKey("c6"), v)
+	put(t, c1.KV(), etcdserver.RemoteKey("c6"), v)
 
 	for name, want := range map[string]string{
 		"c3": `conflicts with connected cluster "c2"`,
@@ -396,7 +396,7 @@ func TestConflictingClustersRefused(t *testing.T) {
 		"c5": "conflicts with this cluster",
 		"c6": "ID 6",
 	} {
-		apiservertest.Eventually(t, wait, name+" refused", func() error {
+		servertest.Eventually(t, wait, name+" refused", func() error {
 			st, err := status(c1, name)
 			if err != nil || st.State != mirror.StateRefused || st.Connected || !strings.Contains(st.LastError, want) {
 				return fmt.Errorf("status %+v %v, want refused with %q", st, err, want)
@@ -419,27 +419,27 @@ func TestConflictingClustersRefused(t *testing.T) {
 
 	// Disconnecting c2 deletes all of it, and c3 (same ID as c2) is no
 	// longer in conflict: it is accepted on its next retry.
-	del(t, c1.KV(), server.RemoteKey("c2"))
-	apiservertest.Eventually(t, wait, "c2 gone", func() error {
+	del(t, c1.KV(), etcdserver.RemoteKey("c2"))
+	servertest.Eventually(t, wait, "c2 gone", func() error {
 		for _, prefix := range []string{records.CachePrefix(records.KindNodes, "c2"), records.SyncedPrefix + "c2/",
-			records.ClusterConfigKey("c2"), server.RemoteStatusKey("c2")} {
+			records.ClusterConfigKey("c2"), etcdserver.RemoteStatusKey("c2")} {
 			if kvs, _, _ := c1.KV().GetPrefix(context.Background(), prefix); len(kvs) != 0 {
 				return fmt.Errorf("%d keys under %s", len(kvs), prefix)
 			}
 		}
 		return nil
 	})
-	apiservertest.Eventually(t, wait, "c3 accepted", func() error { return mirrored(c1, dupID, records.NodeKey("c3", "n1")) })
+	servertest.Eventually(t, wait, "c3 accepted", func() error { return mirrored(c1, dupID, records.NodeKey("c3", "n1")) })
 }
 
 func TestRemoteRecordValidation(t *testing.T) {
-	c2 := apiservertest.Start(t, "c2", 2, "10.2.0.0/16")
+	c2 := servertest.Start(t, "c2", 2, "10.2.0.0/16")
 	good := mirror.RemoteFromBundle(c2.RemoteBundle(t, "c1"))
 	v, err := good.Marshal("c1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := mirror.DecodeRemote(server.RemoteKey("c2"), v, "c1"); err != nil {
+	if _, err := mirror.DecodeRemote(etcdserver.RemoteKey("c2"), v, "c1"); err != nil {
 		t.Fatalf("valid record: %v", err)
 	}
 	agents, _ := c2.API().Server.ExportBundle()
@@ -454,17 +454,17 @@ func TestRemoteRecordValidation(t *testing.T) {
 		local string
 		want  string
 	}{
-		"unknown field":     {server.RemoteKey("c2"), extra, "c1", "unknown field"},
-		"trailing":          {server.RemoteKey("c2"), append(slices.Clone(v), []byte(" {}")...), "c1", "trailing"},
-		"key names another": {server.RemoteKey("c9"), v, "c1", `names cluster "c2"`},
-		"this cluster":      {server.RemoteKey("c2"), v, "c2", "is this cluster"},
-		"agents cert":       {server.RemoteKey("c2"), mustJSON(t, mirror.RemoteFromBundle(agents)), "c1", `etcd user "agents"`},
-		"other user":        {server.RemoteKey("c2"), mustJSON(t, forC3), "c1", `"remote-c3", not "remote-c1"`},
-		"http endpoint":     {server.RemoteKey("c2"), mustJSON(t, with(good, func(r *mirror.Remote) { r.Endpoints = []string{"http://127.0.0.1:2379"} })), "c1", "https://"},
-		"no port":           {server.RemoteKey("c2"), mustJSON(t, with(good, func(r *mirror.Remote) { r.Endpoints = []string{"https://a"} })), "c1", "port"},
-		"no CA":             {server.RemoteKey("c2"), mustJSON(t, with(good, func(r *mirror.Remote) { r.CACert = "" })), "c1", "no CA"},
-		"version":           {server.RemoteKey("c2"), mustJSON(t, with(good, func(r *mirror.Remote) { r.Version = 2 })), "c1", "version 2"},
-		"bad key":           {server.RemotesPrefix + "C_2", v, "c1", "cluster name"},
+		"unknown field":     {etcdserver.RemoteKey("c2"), extra, "c1", "unknown field"},
+		"trailing":          {etcdserver.RemoteKey("c2"), append(slices.Clone(v), []byte(" {}")...), "c1", "trailing"},
+		"key names another": {etcdserver.RemoteKey("c9"), v, "c1", `names cluster "c2"`},
+		"this cluster":      {etcdserver.RemoteKey("c2"), v, "c2", "is this cluster"},
+		"agents cert":       {etcdserver.RemoteKey("c2"), mustJSON(t, mirror.RemoteFromBundle(agents)), "c1", `etcd user "agents"`},
+		"other user":        {etcdserver.RemoteKey("c2"), mustJSON(t, forC3), "c1", `"remote-c3", not "remote-c1"`},
+		"http endpoint":     {etcdserver.RemoteKey("c2"), mustJSON(t, with(good, func(r *mirror.Remote) { r.Endpoints = []string{"http://127.0.0.1:2379"} })), "c1", "https://"},
+		"no port":           {etcdserver.RemoteKey("c2"), mustJSON(t, with(good, func(r *mirror.Remote) { r.Endpoints = []string{"https://a"} })), "c1", "port"},
+		"no CA":             {etcdserver.RemoteKey("c2"), mustJSON(t, with(good, func(r *mirror.Remote) { r.CACert = "" })), "c1", "no CA"},
+		"version":           {etcdserver.RemoteKey("c2"), mustJSON(t, with(good, func(r *mirror.Remote) { r.Version = 2 })), "c1", "version 2"},
+		"bad key":           {etcdserver.RemotesPrefix + "C_2", v, "c1", "cluster name"},
 	} {
 		if _, err := mirror.DecodeRemote(tt.key, tt.value, tt.local); err == nil || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("%s: %v, want %q", name, err, tt.want)
@@ -492,13 +492,13 @@ func mustJSON(t *testing.T, v any) []byte {
 // resumed at the old revisions would wait for revisions the new store has
 // not reached; the mirror notices the reset and mirrors it afresh.
 func TestMirrorRemoteEtcdReset(t *testing.T) {
-	c1 := apiservertest.Start(t, "c1", 1, "10.1.0.0/16")
-	c2 := apiservertest.Start(t, "c2", 2, "10.2.0.0/16")
+	c1 := servertest.Start(t, "c1", 1, "10.1.0.0/16")
+	c2 := servertest.Start(t, "c2", 2, "10.2.0.0/16")
 	for i := range 30 {
 		put(t, c2.KV(), records.NodeKey("c2", "old"), marshal(t, node(c2, "old", fmt.Sprintf("192.168.1.%d", i+1))))
 	}
-	apiservertest.Connect(t, c1, c2)
-	apiservertest.Eventually(t, wait, "c1 mirrors c2", wantKeys(t, c1, records.KindNodes, "c2", "old"))
+	servertest.Connect(t, c1, c2)
+	servertest.Eventually(t, wait, "c1 mirrors c2", wantKeys(t, c1, records.KindNodes, "c2", "old"))
 
 	c2.Stop()
 	if err := os.RemoveAll(filepath.Join(c2.DataDir(), "etcd")); err != nil {
@@ -507,5 +507,5 @@ func TestMirrorRemoteEtcdReset(t *testing.T) {
 	c2.Start(t)
 	c2.RemoteBundle(t, "c1") // the users were in the old store too
 	put(t, c2.KV(), records.NodeKey("c2", "new"), marshal(t, node(c2, "new", "192.168.2.1")))
-	apiservertest.Eventually(t, wait, "c1 mirrors the new keyspace", wantKeys(t, c1, records.KindNodes, "c2", "new"))
+	servertest.Eventually(t, wait, "c1 mirrors the new keyspace", wantKeys(t, c1, records.KindNodes, "c2", "new"))
 }

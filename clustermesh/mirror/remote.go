@@ -13,9 +13,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/isthmus-mesh/isthmus/clustermesh/etcdserver"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
-	"github.com/isthmus-mesh/isthmus/clustermesh/server"
 )
 
 // RemoteVersion is the version of Remote records this build writes and
@@ -27,7 +27,7 @@ const maxEndpoints = 16
 
 // Remote is the record isthmus/remotes/<cluster> in the local etcd: how
 // this cluster's server reaches a remote cluster's server. It is a
-// server.Bundle issued by the remote cluster for the etcd user
+// etcdserver.Bundle issued by the remote cluster for the etcd user
 // remote-<local>, plus a version.
 type Remote struct {
 	Version   int    `json:"version"`
@@ -44,7 +44,7 @@ type Remote struct {
 
 // RemoteFromBundle turns a bundle that a remote cluster exported for this
 // one (`isthmus clustermesh certs --for-remote <local>`) into a record.
-func RemoteFromBundle(b server.Bundle) Remote {
+func RemoteFromBundle(b etcdserver.Bundle) Remote {
 	return Remote{
 		Version: RemoteVersion, Name: b.Cluster, ClusterID: b.ClusterID,
 		Endpoints: append([]string(nil), b.Endpoints...),
@@ -52,11 +52,11 @@ func RemoteFromBundle(b server.Bundle) Remote {
 	}
 }
 
-// bundle returns the record as a server.Bundle.
-func (r Remote) bundle(local string) server.Bundle {
-	return server.Bundle{
+// bundle returns the record as a etcdserver.Bundle.
+func (r Remote) bundle(local string) etcdserver.Bundle {
+	return etcdserver.Bundle{
 		Cluster: r.Name, ClusterID: r.ClusterID, Endpoints: r.Endpoints,
-		User: server.RemoteUser(local), CACert: []byte(r.CACert), Cert: []byte(r.Cert), Key: []byte(r.Key),
+		User: etcdserver.RemoteUser(local), CACert: []byte(r.CACert), Cert: []byte(r.Cert), Key: []byte(r.Key),
 	}
 }
 
@@ -143,7 +143,7 @@ func (r Remote) checkCerts(local string, now time.Time) error {
 	if err != nil {
 		return fmt.Errorf("remote record %s: client certificate: %w", r.Name, err)
 	}
-	if want := server.RemoteUser(local); leaf.Subject.CommonName != want {
+	if want := etcdserver.RemoteUser(local); leaf.Subject.CommonName != want {
 		return fmt.Errorf("remote record %s: the client certificate is for etcd user %q, not %q: make the bundle on cluster %s's server with `isthmus clustermesh certs --for-remote %s`",
 			r.Name, leaf.Subject.CommonName, want, r.Name, local)
 	}
@@ -189,9 +189,9 @@ func DecodeRemote(key string, value []byte, local string) (Remote, error) {
 
 // ParseRemoteKey returns the cluster of isthmus/remotes/<cluster>.
 func ParseRemoteKey(key string) (string, error) {
-	name, ok := strings.CutPrefix(key, server.RemotesPrefix)
+	name, ok := strings.CutPrefix(key, etcdserver.RemotesPrefix)
 	if !ok {
-		return "", fmt.Errorf("key %q is not under %s", key, server.RemotesPrefix)
+		return "", fmt.Errorf("key %q is not under %s", key, etcdserver.RemotesPrefix)
 	}
 	if err := records.ValidateClusterName(name); err != nil {
 		return "", fmt.Errorf("key %q: %w", key, err)

@@ -6,7 +6,7 @@ import (
 
 	"github.com/spf13/pflag"
 
-	"github.com/isthmus-mesh/isthmus/clustermesh/apiserver"
+	"github.com/isthmus-mesh/isthmus/clustermesh/server"
 	"github.com/isthmus-mesh/isthmus/internal/docref"
 )
 
@@ -16,7 +16,7 @@ import (
 // `default`. (cmd/isthmus and cmd/isthmus-agent have the same test.)
 func TestReferenceDocumentsEveryFlag(t *testing.T) {
 	sec := docref.Section(t, "## isthmus-clustermesh")
-	newCommand(func(context.Context, apiserver.Config) error { return nil }).Flags().VisitAll(func(f *pflag.Flag) {
+	newCommand(func(context.Context, server.Config) error { return nil }).Flags().VisitAll(func(f *pflag.Flag) {
 		docref.CheckFlagRow(t, `"## isthmus-clustermesh"`, sec, f, true)
 	})
 }

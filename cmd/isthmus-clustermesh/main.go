@@ -20,7 +20,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/isthmus-mesh/isthmus/clustermesh/apiserver"
+	"github.com/isthmus-mesh/isthmus/clustermesh/etcdserver"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/clustermesh/server"
 )
@@ -29,7 +29,7 @@ func main() {
 	// SIGTERM and SIGINT stop the server cleanly: background work ends,
 	// the etcd is closed; mirrored caches stay for the next start.
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	err := newCommand(apiserver.Run).ExecuteContext(ctx)
+	err := newCommand(server.Run).ExecuteContext(ctx)
 	stop()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "Error:", err)
@@ -58,8 +58,8 @@ type options struct {
 	logFormat          string
 }
 
-// newCommand parses the flags into an apiserver.Config and hands it to run.
-func newCommand(run func(context.Context, apiserver.Config) error) *cobra.Command {
+// newCommand parses the flags into an server.Config and hands it to run.
+func newCommand(run func(context.Context, server.Config) error) *cobra.Command {
 	var o options
 	cmd := &cobra.Command{
 		Use:   "isthmus-clustermesh --cluster-name NAME --cluster-id ID --pod-cidr CIDR [flags]",
@@ -117,7 +117,7 @@ SIGTERM or SIGINT stops it cleanly.`,
 	f.StringVar(&o.cluster, "cluster-name", "", "name of this cluster, unique in the mesh (a DNS label of at most 32 characters)")
 	f.Uint32Var(&o.clusterID, "cluster-id", 0, "numeric cluster ID, 1-4095, unique in the mesh (the high bits of every identity)")
 	f.StringSliceVar(&o.podCIDRs, "pod-cidr", nil, "pod address range of the cluster (every node's pod CIDR lies inside); repeat or comma-separate for several / dual stack")
-	f.StringVar(&o.dataDir, "data-dir", "", "directory for the embedded etcd and the PKI (default "+server.DefaultDataDirRoot+"/<cluster-name>)")
+	f.StringVar(&o.dataDir, "data-dir", "", "directory for the embedded etcd and the PKI (default "+etcdserver.DefaultDataDirRoot+"/<cluster-name>)")
 	f.StringVar(&o.listenClient, "listen-client", "0.0.0.0:2379", "IP:port the embedded etcd serves clients on (agents, the CLI, remote clusters)")
 	f.StringVar(&o.listenPeer, "listen-peer", "127.0.0.1:2380", "IP:port of the embedded etcd's peer port (single member: nothing connects to it)")
 	f.StringSliceVar(&o.advertiseClient, "advertise-client", nil, "client URL(s) written into exported bundles, e.g. https://192.0.2.1:2379 (default https://<listen-client>, 127.0.0.1 for 0.0.0.0); their hosts go into the server certificate")
@@ -129,7 +129,7 @@ SIGTERM or SIGINT stops it cleanly.`,
 	f.DurationVar(&o.cacheTTL, "cache-ttl", 0, "drop the mirrored state of a remote cluster unreachable for longer than this (e.g. 30m); 0 keeps it forever")
 	f.DurationVar(&o.identityGCInterval, "identity-gc-interval", 10*time.Minute, "how often identities that no node references are deleted; 0 turns it off")
 	f.StringVar(&o.healthListen, "health-listen", "", "serve GET /status (JSON), /healthz, /readyz and /metrics on this host:port, e.g. 127.0.0.1:9879 (default off)")
-	f.StringVar(&o.metricsAddr, "metrics-addr", apiserver.DefaultMetricsListen, `serve GET /metrics (Prometheus), /healthz and /readyz over plain HTTP on this host:port; "" turns it off`)
+	f.StringVar(&o.metricsAddr, "metrics-addr", server.DefaultMetricsListen, `serve GET /metrics (Prometheus), /healthz and /readyz over plain HTTP on this host:port; "" turns it off`)
 	f.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	return cmd
@@ -137,8 +137,8 @@ SIGTERM or SIGINT stops it cleanly.`,
 
 // config checks the options and builds the configuration, with errors that
 // name the flag to fix.
-func (o *options) config() (apiserver.Config, error) {
-	var cfg apiserver.Config
+func (o *options) config() (server.Config, error) {
+	var cfg server.Config
 	log, err := o.logger()
 	if err != nil {
 		return cfg, err
@@ -188,7 +188,7 @@ func (o *options) config() (apiserver.Config, error) {
 		}
 		sc.DataDir = o.dataDir
 		if sc.DataDir == "" {
-			sc.DataDir = filepath.Join(server.DefaultDataDirRoot, o.cluster)
+			sc.DataDir = filepath.Join(etcdserver.DefaultDataDirRoot, o.cluster)
 		}
 		if len(sc.AdvertiseClient) == 0 {
 			if ap, err := netip.ParseAddrPort(sc.ListenClient); err == nil && ap.Addr().IsUnspecified() {

@@ -9,15 +9,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/clustermesh/apiserver"
-	"github.com/isthmus-mesh/isthmus/clustermesh/apiserver/apiservertest"
+	"github.com/isthmus-mesh/isthmus/clustermesh/server"
+	"github.com/isthmus-mesh/isthmus/clustermesh/server/servertest"
 	"github.com/isthmus-mesh/isthmus/internal/promtest"
 )
 
-func parse(t *testing.T, args ...string) (apiserver.Config, error) {
+func parse(t *testing.T, args ...string) (server.Config, error) {
 	t.Helper()
-	var got apiserver.Config
-	cmd := newCommand(func(_ context.Context, cfg apiserver.Config) error { got = cfg; return nil })
+	var got server.Config
+	cmd := newCommand(func(_ context.Context, cfg server.Config) error { got = cfg; return nil })
 	cmd.SetArgs(args)
 	cmd.SetOut(io.Discard)
 	err := cmd.ExecuteContext(context.Background())
@@ -64,17 +64,17 @@ func TestFlags(t *testing.T) {
 // health and metrics endpoints, and stops it by cancelling (what SIGTERM
 // does).
 func TestRunAndStop(t *testing.T) {
-	health, metrics := apiservertest.FreeAddr(t), apiservertest.FreeAddr(t)
+	health, metrics := servertest.FreeAddr(t), servertest.FreeAddr(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	cmd := newCommand(apiserver.Run)
+	cmd := newCommand(server.Run)
 	cmd.SetArgs([]string{"--cluster-name", "c1", "--cluster-id", "1", "--pod-cidr", "10.1.0.0/16",
-		"--data-dir", t.TempDir(), "--listen-client", apiservertest.FreeAddr(t), "--listen-peer", apiservertest.FreeAddr(t),
+		"--data-dir", t.TempDir(), "--listen-client", servertest.FreeAddr(t), "--listen-peer", servertest.FreeAddr(t),
 		"--health-listen", health, "--metrics-addr", metrics, "--log-level", "error"})
 	done := make(chan error, 1)
 	go func() { done <- cmd.ExecuteContext(ctx) }()
 
-	apiservertest.Eventually(t, 20*time.Second, "healthz", func() error {
+	servertest.Eventually(t, 20*time.Second, "healthz", func() error {
 		resp, err := http.Get("http://" + health + "/healthz")
 		if err != nil {
 			return err
@@ -89,7 +89,7 @@ func TestRunAndStop(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var rep apiserver.StatusReport
+	var rep server.StatusReport
 	err = json.NewDecoder(resp.Body).Decode(&rep)
 	resp.Body.Close()
 	if err != nil || rep.Server.Cluster != "c1" || rep.Server.ClusterID != 1 {

@@ -17,10 +17,10 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/isthmus-mesh/isthmus/clustermesh/etcdserver"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/mirror"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
-	"github.com/isthmus-mesh/isthmus/clustermesh/server"
 )
 
 // Environment variables of the clustermesh verbs.
@@ -70,7 +70,7 @@ To connect clusters c1 and c2 both ways:
 Each server then mirrors the other's nodes, endpoints, identities and
 services into its own etcd; isthmus clustermesh status shows the progress.
 
-On the server host, with exactly one server under ` + server.DefaultDataDirRoot + `,
+On the server host, with exactly one server under ` + etcdserver.DefaultDataDirRoot + `,
 --kvstore-bundle and --kvstore-endpoints are found without flags.`,
 		Example: `  isthmus clustermesh status
   isthmus clustermesh status --kvstore-endpoints https://192.0.2.1:2379 --kvstore-bundle /etc/isthmus/root -o json
@@ -82,7 +82,7 @@ On the server host, with exactly one server under ` + server.DefaultDataDirRoot 
 		defaultEndpoints = []string{defaultKVStoreEndpoint}
 	}
 	pf.StringSliceVar(&m.endpoints, "kvstore-endpoints", defaultEndpoints, "etcd client URLs of this cluster's isthmus-clustermesh (env "+envKVStoreEndpoints+")")
-	pf.StringVar(&m.bundle, "kvstore-bundle", os.Getenv(envKVStoreBundle), "directory with the cluster's root bundle: ca.crt, client.crt, client.key (env "+envKVStoreBundle+"; on the server host <data-dir>/pki/bundles/root; default: that of the one server under "+server.DefaultDataDirRoot+", if there is exactly one)")
+	pf.StringVar(&m.bundle, "kvstore-bundle", os.Getenv(envKVStoreBundle), "directory with the cluster's root bundle: ca.crt, client.crt, client.key (env "+envKVStoreBundle+"; on the server host <data-dir>/pki/bundles/root; default: that of the one server under "+etcdserver.DefaultDataDirRoot+", if there is exactly one)")
 	_ = cmd.MarkPersistentFlagDirname("kvstore-bundle")
 	cmd.PersistentPreRun = func(cmd *cobra.Command, _ []string) {
 		m.endpointsSet = cmd.Flags().Changed("kvstore-endpoints") || os.Getenv(envKVStoreEndpoints) != ""
@@ -103,22 +103,22 @@ func splitList(s string) []string {
 
 // dataDirRoot is where local() looks for a server's data dir when no
 // bundle is given (a variable for tests).
-var dataDirRoot = server.DefaultDataDirRoot
+var dataDirRoot = etcdserver.DefaultDataDirRoot
 
 // local connects to the local cluster's etcd as root. Without a bundle, on
 // a host that runs exactly one isthmus-clustermesh with the default data
 // dir root, it uses that server's root bundle and address.
 func (m *mesh) local(ctx context.Context) (*kvstore.Client, error) {
 	if m.bundle == "" {
-		infos, _ := filepath.Glob(filepath.Join(dataDirRoot, "*", server.InfoFile))
+		infos, _ := filepath.Glob(filepath.Join(dataDirRoot, "*", etcdserver.InfoFile))
 		if len(infos) != 1 {
 			return nil, fmt.Errorf("the clustermesh verbs need the cluster's root bundle: --kvstore-bundle DIR or %s (on the server host: <data-dir>/pki/bundles/root)", envKVStoreBundle)
 		}
-		d, err := server.OpenDataDir(filepath.Dir(infos[0]))
+		d, err := etcdserver.OpenDataDir(filepath.Dir(infos[0]))
 		if err != nil {
 			return nil, err
 		}
-		m.bundle = filepath.Join(filepath.Dir(infos[0]), "pki", "bundles", server.UserRoot)
+		m.bundle = filepath.Join(filepath.Dir(infos[0]), "pki", "bundles", etcdserver.UserRoot)
 		if !m.endpointsSet && d.Info().LocalURL != "" {
 			m.endpoints = []string{d.Info().LocalURL}
 		}
@@ -138,15 +138,15 @@ func (m *mesh) local(ctx context.Context) (*kvstore.Client, error) {
 
 // loadBundleDir reads ca.crt, client.crt and client.key.
 func loadBundleDir(dir string) (*tls.Config, error) {
-	ca, err := os.ReadFile(filepath.Join(dir, server.BundleCAFile))
+	ca, err := os.ReadFile(filepath.Join(dir, etcdserver.BundleCAFile))
 	if err != nil {
 		return nil, fmt.Errorf("--kvstore-bundle: %w", err)
 	}
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(ca) {
-		return nil, fmt.Errorf("--kvstore-bundle: no PEM certificate in %s", filepath.Join(dir, server.BundleCAFile))
+		return nil, fmt.Errorf("--kvstore-bundle: no PEM certificate in %s", filepath.Join(dir, etcdserver.BundleCAFile))
 	}
-	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, server.BundleCertFile), filepath.Join(dir, server.BundleKeyFile))
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, etcdserver.BundleCertFile), filepath.Join(dir, etcdserver.BundleKeyFile))
 	if err != nil {
 		return nil, fmt.Errorf("--kvstore-bundle: %w", err)
 	}
@@ -155,28 +155,28 @@ func loadBundleDir(dir string) (*tls.Config, error) {
 
 // localCluster reads what the local server says about itself, and its
 // cluster config.
-func localCluster(ctx context.Context, kv *kvstore.Client) (server.Info, records.ClusterConfig, error) {
-	got, found, err := kv.Get(ctx, server.InfoKey)
+func localCluster(ctx context.Context, kv *kvstore.Client) (etcdserver.Info, records.ClusterConfig, error) {
+	got, found, err := kv.Get(ctx, etcdserver.InfoKey)
 	if err != nil {
-		return server.Info{}, records.ClusterConfig{}, err
+		return etcdserver.Info{}, records.ClusterConfig{}, err
 	}
 	if !found {
-		return server.Info{}, records.ClusterConfig{}, fmt.Errorf("this etcd has no %s: is it run by isthmus-clustermesh (of this version)?", server.InfoKey)
+		return etcdserver.Info{}, records.ClusterConfig{}, fmt.Errorf("this etcd has no %s: is it run by isthmus-clustermesh (of this version)?", etcdserver.InfoKey)
 	}
-	in, err := server.DecodeInfo(got.Value)
+	in, err := etcdserver.DecodeInfo(got.Value)
 	if err != nil {
-		return server.Info{}, records.ClusterConfig{}, err
+		return etcdserver.Info{}, records.ClusterConfig{}, err
 	}
 	got, found, err = kv.Get(ctx, records.ClusterConfigKey(in.Cluster))
 	if err != nil {
-		return server.Info{}, records.ClusterConfig{}, err
+		return etcdserver.Info{}, records.ClusterConfig{}, err
 	}
 	if !found {
 		return in, in.ClusterConfig(), nil
 	}
 	cfg, err := records.ValidateClusterConfig(got.Key, got.Value, in.Cluster, in.ClusterID)
 	if err != nil {
-		return server.Info{}, records.ClusterConfig{}, err
+		return etcdserver.Info{}, records.ClusterConfig{}, err
 	}
 	return in, cfg, nil
 }
@@ -209,15 +209,15 @@ by the owner only.`,
 			if out == "" {
 				return errors.New("certs needs --out FILE (a JSON bundle) or --out DIR/ (ca.crt, client.crt, client.key and bundle.json)")
 			}
-			d, err := server.OpenDataDir(dataDir)
+			d, err := etcdserver.OpenDataDir(dataDir)
 			if err != nil {
 				return err
 			}
 			ctx, cancel := m.ctx(cmd)
 			defer cancel()
-			var b server.Bundle
+			var b etcdserver.Bundle
 			if forRemote == "" {
-				b, err = d.Bundle(server.UserAgents)
+				b, err = d.Bundle(etcdserver.UserAgents)
 			} else {
 				b, err = m.remoteBundle(ctx, cmd, d, forRemote)
 			}
@@ -257,10 +257,10 @@ by the owner only.`,
 // remoteBundle creates the remote user through the server's root client
 // (at --kvstore-endpoints when given, else the address the server
 // recorded in its data dir).
-func (m *mesh) remoteBundle(ctx context.Context, cmd *cobra.Command, d *server.DataDir, remote string) (server.Bundle, error) {
+func (m *mesh) remoteBundle(ctx context.Context, cmd *cobra.Command, d *etcdserver.DataDir, remote string) (etcdserver.Bundle, error) {
 	kc, err := d.RootKVConfig()
 	if err != nil {
-		return server.Bundle{}, err
+		return etcdserver.Bundle{}, err
 	}
 	if m.endpointsSet {
 		kc.Endpoints = m.endpoints
@@ -268,8 +268,8 @@ func (m *mesh) remoteBundle(ctx context.Context, cmd *cobra.Command, d *server.D
 	kc.DialTimeout, kc.MaxRetries, kc.Logger = 5*time.Second, 2, quietLog
 	root, err := kvstore.Connect(ctx, kc)
 	if err != nil {
-		return server.Bundle{}, fmt.Errorf("cannot reach the etcd of cluster %s at %s to create the user %s: %w (is isthmus-clustermesh running? --kvstore-endpoints)",
-			d.Info().Cluster, strings.Join(kc.Endpoints, ","), server.RemoteUser(remote), err)
+		return etcdserver.Bundle{}, fmt.Errorf("cannot reach the etcd of cluster %s at %s to create the user %s: %w (is isthmus-clustermesh running? --kvstore-endpoints)",
+			d.Info().Cluster, strings.Join(kc.Endpoints, ","), etcdserver.RemoteUser(remote), err)
 	}
 	defer root.Close()
 	return d.RemoteBundle(ctx, root, remote)
@@ -277,7 +277,7 @@ func (m *mesh) remoteBundle(ctx context.Context, cmd *cobra.Command, d *server.D
 
 // writeBundle writes b to out: a directory when out ends with "/" or is
 // one, else a JSON file.
-func writeBundle(b server.Bundle, out string) (dir bool, err error) {
+func writeBundle(b etcdserver.Bundle, out string) (dir bool, err error) {
 	if fi, err := os.Stat(out); (err == nil && fi.IsDir()) || strings.HasSuffix(out, "/") {
 		if err := b.WriteDir(out); err != nil {
 			return true, err
@@ -288,11 +288,11 @@ func writeBundle(b server.Bundle, out string) (dir bool, err error) {
 }
 
 // readBundle reads a JSON bundle, or the bundle.json of a directory.
-func readBundle(path string) (server.Bundle, error) {
+func readBundle(path string) (etcdserver.Bundle, error) {
 	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
 		path = filepath.Join(path, bundleFileInDir)
 	}
-	return server.ReadBundle(path)
+	return etcdserver.ReadBundle(path)
 }
 
 func loopbackOnly(endpoints []string) bool {
@@ -372,11 +372,11 @@ The mirror is one-way: connect the other direction on the remote cluster.`,
 			if err != nil {
 				return err
 			}
-			_, existed, err := kv.Get(ctx, server.RemoteKey(rec.Name))
+			_, existed, err := kv.Get(ctx, etcdserver.RemoteKey(rec.Name))
 			if err != nil {
 				return err
 			}
-			if err := kv.Put(ctx, server.RemoteKey(rec.Name), value); err != nil {
+			if err := kv.Put(ctx, etcdserver.RemoteKey(rec.Name), value); err != nil {
 				return err
 			}
 			verb := "connected"
@@ -437,7 +437,7 @@ func checkConflicts(ctx context.Context, kv *kvstore.Client, local, remote recor
 	if err := records.CheckClusterConflicts(local, remote); err != nil {
 		return fmt.Errorf("it conflicts with this cluster: %w", err)
 	}
-	recs, _, err := kv.GetPrefix(ctx, server.RemotesPrefix)
+	recs, _, err := kv.GetPrefix(ctx, etcdserver.RemotesPrefix)
 	if err != nil {
 		return err
 	}
@@ -465,7 +465,7 @@ func (m *mesh) waitSynced(ctx context.Context, kv *kvstore.Client, name string, 
 	deadline := time.Now().Add(wait)
 	var last mirror.Status
 	for {
-		if got, found, err := kv.Get(ctx, server.RemoteStatusKey(name)); err == nil && found {
+		if got, found, err := kv.Get(ctx, etcdserver.RemoteStatusKey(name)); err == nil && found {
 			if st, err := mirror.DecodeStatus(got.Value); err == nil {
 				last = st
 				switch {
@@ -526,22 +526,22 @@ cluster as well. Run disconnect on both sides.`,
 				return err
 			}
 			defer kv.Close()
-			_, found, err := kv.Get(ctx, server.RemoteKey(name))
+			_, found, err := kv.Get(ctx, etcdserver.RemoteKey(name))
 			if err != nil {
 				return err
 			}
 			if !found {
 				return fmt.Errorf("cluster %s is not connected (isthmus clustermesh status lists the connected clusters)", name)
 			}
-			if err := kv.Delete(ctx, server.RemoteKey(name)); err != nil {
+			if err := kv.Delete(ctx, etcdserver.RemoteKey(name)); err != nil {
 				return err
 			}
 			fmt.Fprintf(m.out, "cluster %s disconnected: the server deletes its mirrored state\n", name)
 			if !keepAccess {
-				if err := kv.DeleteUser(ctx, server.RemoteUser(name)); err != nil {
-					return fmt.Errorf("remove the read access of %s (etcd user %s): %w", name, server.RemoteUser(name), err)
+				if err := kv.DeleteUser(ctx, etcdserver.RemoteUser(name)); err != nil {
+					return fmt.Errorf("remove the read access of %s (etcd user %s): %w", name, etcdserver.RemoteUser(name), err)
 				}
-				fmt.Fprintf(m.out, "cluster %s can no longer read this cluster (etcd user %s removed)\n", name, server.RemoteUser(name))
+				fmt.Fprintf(m.out, "cluster %s can no longer read this cluster (etcd user %s removed)\n", name, etcdserver.RemoteUser(name))
 			}
 			return nil
 		},
@@ -565,7 +565,7 @@ func (m *mesh) completeRemotes(cmd *cobra.Command, _ []string, toComplete string
 		return nil, cobra.ShellCompDirectiveNoFileComp
 	}
 	defer kv.Close()
-	recs, _, err := kv.GetPrefix(ctx, server.RemotesPrefix)
+	recs, _, err := kv.GetPrefix(ctx, etcdserver.RemotesPrefix)
 	if err != nil {
 		cobra.CompDebugln(err.Error(), false)
 		return nil, cobra.ShellCompDirectiveNoFileComp
@@ -638,7 +638,7 @@ func readMeshStatus(ctx context.Context, kv *kvstore.Client) (MeshStatus, error)
 			st.Heartbeat = stamp.Time
 		}
 	}
-	statuses, _, err := kv.GetPrefix(ctx, server.RemoteStatusPrefix)
+	statuses, _, err := kv.GetPrefix(ctx, etcdserver.RemoteStatusPrefix)
 	if err != nil {
 		return MeshStatus{}, err
 	}
@@ -648,7 +648,7 @@ func readMeshStatus(ctx context.Context, kv *kvstore.Client) (MeshStatus, error)
 			byName[rs.Cluster] = rs
 		}
 	}
-	recs, _, err := kv.GetPrefix(ctx, server.RemotesPrefix)
+	recs, _, err := kv.GetPrefix(ctx, etcdserver.RemotesPrefix)
 	if err != nil {
 		return MeshStatus{}, err
 	}

@@ -12,25 +12,25 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/clustermesh/apiserver/apiservertest"
+	"github.com/isthmus-mesh/isthmus/clustermesh/etcdserver"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/mirror"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
-	"github.com/isthmus-mesh/isthmus/clustermesh/server"
+	"github.com/isthmus-mesh/isthmus/clustermesh/server/servertest"
 )
 
 // meshRun runs `isthmus clustermesh ARGS` against the etcd of cluster c
 // with its root bundle.
-func meshRun(t *testing.T, c *apiservertest.Cluster, args ...string) (string, error) {
+func meshRun(t *testing.T, c *servertest.Cluster, args ...string) (string, error) {
 	t.Helper()
 	return run(t, "/nonexistent.sock", "", append([]string{"clustermesh",
 		"--kvstore-endpoints", c.Endpoint(), "--kvstore-bundle", c.RootBundleDir()}, args...)...)
 }
 
 func TestClustermeshCommands(t *testing.T) {
-	c1 := apiservertest.Start(t, "c1", 1, "10.1.0.0/16")
-	c2 := apiservertest.Start(t, "c2", 2, "10.2.0.0/16")
-	c3 := apiservertest.Start(t, "c3", 2, "10.3.0.0/16") // same ID as c2
+	c1 := servertest.Start(t, "c1", 1, "10.1.0.0/16")
+	c2 := servertest.Start(t, "c2", 2, "10.2.0.0/16")
+	c3 := servertest.Start(t, "c3", 2, "10.3.0.0/16") // same ID as c2
 	n := records.Node{Name: "n1", Cluster: "c2", ClusterID: 2, IPs: []netip.Addr{netip.MustParseAddr("192.0.2.2")}}
 	v, _ := n.Marshal()
 	if err := c2.KV().Put(context.Background(), records.NodeKey("c2", "n1"), v); err != nil {
@@ -63,7 +63,7 @@ func TestClustermeshCommands(t *testing.T) {
 	if out, err := meshRun(t, c2, "certs", "--data-dir", c2.DataDir(), "--out", agents); err != nil || !strings.Contains(out, "agents bundle of cluster c2") {
 		t.Fatalf("certs (agents): %q %v", out, err)
 	}
-	for _, f := range []string{server.BundleCAFile, server.BundleCertFile, server.BundleKeyFile, bundleFileInDir} {
+	for _, f := range []string{etcdserver.BundleCAFile, etcdserver.BundleCertFile, etcdserver.BundleKeyFile, bundleFileInDir} {
 		if _, err := os.Stat(filepath.Join(agents, f)); err != nil {
 			t.Error(err)
 		}
@@ -114,7 +114,7 @@ func TestClustermeshCommands(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "refusing to connect cluster c3") || !strings.Contains(err.Error(), "both have cluster ID 2") {
 		t.Errorf("connect with a duplicate ID: %v", err)
 	}
-	if _, found, _ := c1.KV().Get(context.Background(), server.RemoteKey("c3")); found {
+	if _, found, _ := c1.KV().Get(context.Background(), etcdserver.RemoteKey("c3")); found {
 		t.Error("a refused cluster was written")
 	}
 	forC9 := filepath.Join(dir, "c2-for-c9.json")
@@ -137,7 +137,7 @@ func TestClustermeshCommands(t *testing.T) {
 		t.Errorf("status without a bundle: %v", err)
 	}
 	dataDirRoot = filepath.Dir(c1.DataDir())
-	t.Cleanup(func() { dataDirRoot = server.DefaultDataDirRoot })
+	t.Cleanup(func() { dataDirRoot = etcdserver.DefaultDataDirRoot })
 	if out, err := run(t, "/x.sock", "", "clustermesh", "status"); err != nil || !strings.Contains(out, "c1 (ID 1)") {
 		t.Errorf("status with the server's data dir found: %v\n%s", err, out)
 	}
@@ -157,7 +157,7 @@ func TestClustermeshCommands(t *testing.T) {
 	if err := readAs(t, c1bundle); err == nil {
 		t.Error("remote-c2 can still read c1 after disconnect")
 	}
-	apiservertest.Eventually(t, 15*time.Second, "cache of c2 deleted", func() error {
+	servertest.Eventually(t, 15*time.Second, "cache of c2 deleted", func() error {
 		kvs, _, err := c1.KV().GetPrefix(context.Background(), records.CacheRoot)
 		if err != nil || len(kvs) != 0 {
 			return fmt.Errorf("%d cache keys (%v)", len(kvs), err)
@@ -177,7 +177,7 @@ func TestClustermeshCommands(t *testing.T) {
 		t.Errorf("connect c3 after c2 left: %v\n%s", err, out)
 	}
 	var rs mirror.Status
-	apiservertest.Eventually(t, 5*time.Second, "status", func() error {
+	servertest.Eventually(t, 5*time.Second, "status", func() error {
 		st := c1.API().Mirror.Status()
 		if len(st) != 1 || st[0].Cluster != "c3" {
 			return fmt.Errorf("%+v", st)
@@ -193,7 +193,7 @@ func TestClustermeshCommands(t *testing.T) {
 // readAs reads c1's cluster config with the bundle at path.
 func readAs(t *testing.T, path string) error {
 	t.Helper()
-	b, err := server.ReadBundle(path)
+	b, err := etcdserver.ReadBundle(path)
 	if err != nil {
 		t.Fatal(err)
 	}

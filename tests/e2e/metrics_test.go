@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent"
-	"github.com/isthmus-mesh/isthmus/clustermesh/apiserver"
+	"github.com/isthmus-mesh/isthmus/clustermesh/server"
 	"github.com/isthmus-mesh/isthmus/internal/promtest"
 	"github.com/isthmus-mesh/isthmus/tests/lab"
 )
@@ -173,10 +173,10 @@ func TestMetricsCluster(t *testing.T) {
 	srv := inNetns(c.Router.Netns)
 
 	step(t, "the server is ready, and its /metrics parses")
-	if code, body, err := getText(srv, localURL(apiserver.DefaultMetricsListen, "/readyz")); err != nil || code != http.StatusOK {
+	if code, body, err := getText(srv, localURL(server.DefaultMetricsListen, "/readyz")); err != nil || code != http.StatusOK {
 		t.Fatalf("server GET /readyz: %d %q %v", code, body, err)
 	}
-	fams, err := promtest.Get(srv, localURL(apiserver.DefaultMetricsListen, "/metrics"))
+	fams, err := promtest.Get(srv, localURL(server.DefaultMetricsListen, "/metrics"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,6 @@
-// Package server is the etcd side of isthmus-clustermesh: the per-cluster
+// Package etcdserver is the etcd side of isthmus-clustermesh: the per-cluster
 // API server that owns the cluster's etcd. (The whole process, with the
-// mirror and the service syncer, is package apiserver.)
+// mirror and the service syncer, is package clustermesh/server.)
 //
 // By default it runs an embedded single-member etcd (data on disk under
 // DataDir) with mutual TLS on both ports and etcd auth: on first start it
@@ -19,4 +19,4 @@
 // isthmus/status/server (and DataDir/cluster.json). OpenDataDir gives the
 // CLI on the server host the bundles and the power to issue remote bundles
 // while the server runs.
-package server
+package etcdserver

@@ -1,4 +1,4 @@
-package apiserver
+package server
 
 // Prometheus metrics and probes of isthmus-clustermesh (docs/metrics.md).
 //
@@ -22,9 +22,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/isthmus-mesh/isthmus/clustermesh/etcdserver"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/mirror"
-	"github.com/isthmus-mesh/isthmus/clustermesh/server"
 	"github.com/isthmus-mesh/isthmus/internal/promutil"
 )
 
@@ -152,7 +152,7 @@ func (c serverCollector) Collect(ch chan<- prometheus.Metric) {
 func (a *APIServer) etcdAnswers(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, etcdProbeTimeout)
 	defer cancel()
-	_, _, err := a.Server.Client().Get(ctx, server.InfoKey)
+	_, _, err := a.Server.Client().Get(ctx, etcdserver.InfoKey)
 	return err
 }
 

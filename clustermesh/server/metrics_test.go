@@ -1,4 +1,4 @@
-package apiserver_test
+package server_test
 
 import (
 	"context"
@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/clustermesh/apiserver"
-	"github.com/isthmus-mesh/isthmus/clustermesh/apiserver/apiservertest"
+	"github.com/isthmus-mesh/isthmus/clustermesh/server"
+	"github.com/isthmus-mesh/isthmus/clustermesh/server/servertest"
 	"github.com/isthmus-mesh/isthmus/internal/promtest"
 )
 
@@ -17,10 +17,10 @@ import (
 // client's calls and the embedded etcd's own metrics, parsed as
 // Prometheus does; the probes; a taken metrics port fails the start.
 func TestMetrics(t *testing.T) {
-	c1 := apiservertest.New(t, "c1", 1, "10.1.0.0/16")
+	c1 := servertest.New(t, "c1", 1, "10.1.0.0/16")
 	c1.Config.MetricsListen = "127.0.0.1:0"
 	c1.Start(t)
-	c2 := apiservertest.Start(t, "c2", 2, "10.2.0.0/16")
+	c2 := servertest.Start(t, "c2", 2, "10.2.0.0/16")
 	base := "http://" + c1.API().MetricsAddr()
 
 	for _, path := range []string{"/healthz", "/readyz"} {
@@ -34,9 +34,9 @@ func TestMetrics(t *testing.T) {
 		}
 	}
 
-	apiservertest.Connect(t, c1, c2)
+	servertest.Connect(t, c1, c2)
 	var fams promtest.Families
-	apiservertest.Eventually(t, 20*time.Second, "c2 ready in c1's metrics", func() error {
+	servertest.Eventually(t, 20*time.Second, "c2 ready in c1's metrics", func() error {
 		var err error
 		if fams, err = promtest.Get(nil, base+"/metrics"); err != nil {
 			return err
@@ -83,11 +83,11 @@ func TestMetrics(t *testing.T) {
 	}
 
 	// A second server on the same metrics address does not start.
-	c3 := apiservertest.New(t, "c3", 3, "10.3.0.0/16")
+	c3 := servertest.New(t, "c3", 3, "10.3.0.0/16")
 	c3.Config.MetricsListen = c1.API().MetricsAddr()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if a, err := apiserver.Start(ctx, c3.Config); err == nil {
+	if a, err := server.Start(ctx, c3.Config); err == nil {
 		a.Close()
 		t.Error("a server started on a metrics address in use")
 	} else if !strings.Contains(err.Error(), "--metrics-addr "+c3.Config.MetricsListen) {

@@ -1,8 +1,8 @@
-// Package apiservertest starts real isthmus-clustermesh servers
-// (apiserver.Start: embedded etcd with mTLS, mirror, service syncer) on
+// Package servertest starts real isthmus-clustermesh servers
+// (server.Start: embedded etcd with mTLS, mirror, service syncer) on
 // free loopback ports with temp data dirs and fast timings, for tests of
 // this module. Everything is stopped when the test ends, also on failure.
-package apiservertest
+package servertest
 
 import (
 	"context"
@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/clustermesh/apiserver"
+	"github.com/isthmus-mesh/isthmus/clustermesh/etcdserver"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/mirror"
 	"github.com/isthmus-mesh/isthmus/clustermesh/server"
@@ -49,11 +49,11 @@ func Logger() *slog.Logger {
 type Cluster struct {
 	Name   string
 	ID     uint32
-	Config apiserver.Config
+	Config server.Config
 	Proxy  *etcdtest.Proxy
 
 	mu sync.Mutex
-	a  *apiserver.APIServer
+	a  *server.APIServer
 }
 
 // New prepares (does not start) the server of cluster name with ID id and
@@ -66,8 +66,8 @@ func New(t testing.TB, name string, id uint32, podCIDRs ...string) *Cluster {
 	}
 	listen := FreeAddr(t)
 	proxy := etcdtest.StartProxy(t, listen)
-	return &Cluster{Name: name, ID: id, Proxy: proxy, Config: apiserver.Config{
-		Server: server.Config{
+	return &Cluster{Name: name, ID: id, Proxy: proxy, Config: server.Config{
+		Server: etcdserver.Config{
 			ClusterName: name, ClusterID: id, PodCIDRs: cidrs,
 			DataDir:      filepath.Join(t.TempDir(), name),
 			ListenClient: listen, ListenPeer: FreeAddr(t),
@@ -96,7 +96,7 @@ func (c *Cluster) Start(t testing.TB) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	a, err := apiserver.Start(ctx, c.Config)
+	a, err := server.Start(ctx, c.Config)
 	if err != nil {
 		t.Fatalf("start the server of %s: %v", c.Name, err)
 	}
@@ -125,7 +125,7 @@ func (c *Cluster) Stop() {
 }
 
 // API returns the running server (nil while stopped).
-func (c *Cluster) API() *apiserver.APIServer {
+func (c *Cluster) API() *server.APIServer {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.a
@@ -143,11 +143,11 @@ func (c *Cluster) DataDir() string { return c.Config.Server.DataDir }
 // RootBundleDir returns the directory of the root bundle (ca.crt,
 // client.crt, client.key), as the CLI's --kvstore-bundle takes it.
 func (c *Cluster) RootBundleDir() string {
-	return filepath.Join(c.DataDir(), "pki", "bundles", server.UserRoot)
+	return filepath.Join(c.DataDir(), "pki", "bundles", etcdserver.UserRoot)
 }
 
 // RemoteBundle exports the bundle with which cluster `for` reads this one.
-func (c *Cluster) RemoteBundle(t testing.TB, forCluster string) server.Bundle {
+func (c *Cluster) RemoteBundle(t testing.TB, forCluster string) etcdserver.Bundle {
 	t.Helper()
 	b, err := c.API().Server.ExportRemoteBundle(context.Background(), forCluster)
 	if err != nil {
@@ -168,7 +168,7 @@ func Connect(t testing.TB, from, to *Cluster, endpoints ...string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := from.KV().Put(context.Background(), server.RemoteKey(to.Name), v); err != nil {
+	if err := from.KV().Put(context.Background(), etcdserver.RemoteKey(to.Name), v); err != nil {
 		t.Fatal(err)
 	}
 }
