@@ -2,7 +2,9 @@
 # Isthmus benchmarks (`make bench`; needs root and `make deps`).
 #
 # Every benchmark ends with one line:
-#   bench: <name> <value> <unit> (goal <goal>)
+#   bench: <name> <value> <unit> (goal <goal>) [ok|MISSED]
+# Goals (">= X", "<= X") are evaluated in code (tests/bench): a miss prints
+# MISSED and this script exits non-zero; "info" lines are not goals.
 # Ratios are measured side by side in one run (see tests/bench), because
 # these machines are shared and absolute numbers drift.
 #

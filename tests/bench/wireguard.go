@@ -49,7 +49,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -60,6 +59,9 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/tests/lab"
 )
+
+// wantWireGuardMode is the device mode the agents of (b) must report.
+const wantWireGuardMode = "userspace"
 
 var wgRounds = flag.Int("wireguard-rounds", 5, "wireguard: iperf3 runs of -duration/2 per setup, interleaved (the figure is their median)")
 
@@ -77,6 +79,7 @@ type wgSetup struct {
 	client     *lab.Netns
 	server     netip.Addr
 	mtu        int                   // of the WireGuard device; 0 for (a)
+	mode       string                // the agents' WireGuard device mode ("userspace", "kernel"); "" for (a), (c), (d)
 	cpuPids    []int                 // processes doing the WireGuard work; none for (a)
 	prepare    func() error          // before each run (the route switch of (c) and (d))
 	sent       func() (int64, error) // the client side's WireGuard tx bytes so far; nil for (a)
@@ -110,7 +113,12 @@ func wireguardBench(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("(b): %w", err)
 	}
-	b.name, b.goal = "wireguard-b-isthmus", fmt.Sprintf("info: Isthmus WireGuard, embedded wireguard-go, MTU %d", b.mtu)
+	// The comparison with (c) and (d) is between userspace engines: a
+	// kernel device (where the module exists) would measure something else.
+	if b.mode != wantWireGuardMode {
+		return fmt.Errorf("(b): the agents' WireGuard device is %q, this benchmark measures %q", b.mode, wantWireGuardMode)
+	}
+	b.name, b.goal = "wireguard-b-isthmus", fmt.Sprintf("info: Isthmus WireGuard, %s device (embedded wireguard-go), MTU %d", b.mode, b.mtu)
 	if b.mtu < 1280 {
 		return fmt.Errorf("(b): the agents report WireGuard MTU %d", b.mtu)
 	}
@@ -153,13 +161,7 @@ func (s *wgSetup) cpuPerGB() float64 { return s.cpu / (s.bytes / 1e9) }
 
 // median of the runs' Gbit/s: one run hit by a burst of the machine's
 // other work does not move it.
-func (s *wgSetup) median() float64 {
-	g := slices.Sorted(slices.Values(s.gbps))
-	if len(g)%2 == 0 {
-		return (g[len(g)/2-1] + g[len(g)/2]) / 2
-	}
-	return g[len(g)/2]
-}
+func (s *wgSetup) median() float64 { return median(s.gbps) }
 
 // run measures one iperf3 run and adds it to the sums.
 func (s *wgSetup) run(ctx context.Context) error {
@@ -284,6 +286,10 @@ func agentSetup(ctx context.Context, l *lab.Lab, index int, encryption, tag stri
 				return nil, err
 			}
 			s.mtu = wg.MTU
+			if s.mode != "" && s.mode != wg.Mode {
+				return nil, fmt.Errorf("the agents run different WireGuard modes: %s and %s", s.mode, wg.Mode)
+			}
+			s.mode = wg.Mode
 		}
 		s.cpuPids = []int{c.Agents[0].Proc.Pid(), c.Agents[1].Proc.Pid()}
 		s.sent = func() (int64, error) { return agentSent(ctx, c.Agents[0]) }
