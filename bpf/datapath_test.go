@@ -4,11 +4,12 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"testing"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/isthmus-mesh/isthmus/internal/testenv"
 )
 
 const (
@@ -21,9 +22,7 @@ const (
 // is removed at the end of the test.
 func openTest(t testing.TB) *Datapath {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("loading eBPF programs needs root (CI runs as root)")
-	}
+	testenv.Root(t, "loading eBPF programs")
 	b := make([]byte, 4)
 	rand.Read(b)
 	pin := filepath.Join("/sys/fs/bpf/isthmus", "test-"+hex.EncodeToString(b))

@@ -17,6 +17,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/isthmus-mesh/isthmus/internal/testenv"
 )
 
 func TestHostIfName(t *testing.T) {
@@ -68,9 +70,7 @@ type lab struct {
 
 func newLab(t *testing.T) *lab {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (creates network namespaces)")
-	}
+	testenv.Root(t, "creates network namespaces")
 	if _, err := exec.LookPath("ip"); err != nil {
 		t.Fatal("iproute2 'ip' is required: ", err)
 	}

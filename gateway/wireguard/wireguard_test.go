@@ -21,6 +21,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
+
+	"github.com/isthmus-mesh/isthmus/internal/testenv"
 )
 
 // Two namespaces joined by a veth, a WireGuard device in each; traffic
@@ -115,10 +117,7 @@ func testTunnel(t *testing.T, mode string) {
 		if p.PublicKey != peerB.PublicKey || p.Endpoint != peerB.Endpoint || p.LastHandshake.IsZero() || p.RxBytes < 1<<20 || p.TxBytes < 4<<20 {
 			t.Errorf("peer stats: %+v", p)
 		}
-		if _, err := exec.LookPath("wg"); err != nil {
-			t.Log("wg(8) not installed (wireguard-tools); skipping the `wg show` check")
-			return
-		}
+		testenv.Tool(t, "wg", "wireguard-tools")
 		// The embedded engine's UAPI socket is host-wide; a kernel
 		// device is seen from its namespace.
 		out := a.run(t, "wg", "show", devA.Name())
@@ -274,9 +273,7 @@ type testNS struct {
 
 func requireRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (network namespaces)")
-	}
+	testenv.Root(t, "network namespaces")
 }
 
 func randomID(t *testing.T) string {
