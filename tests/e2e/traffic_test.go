@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"strings"
 	"syscall"
 	"testing"
@@ -204,6 +205,37 @@ func connectTimesOut(ns *lab.Netns, dst netip.AddrPort, timeout time.Duration) e
 		return fmt.Errorf("connection from %s to %s was refused (RST), want it dropped silently: %w", ns.Name(), dst, err)
 	default:
 		return fmt.Errorf("connection from %s to %s: want a timeout, got: %w", ns.Name(), dst, err)
+	}
+}
+
+// udpTimesOut reports nil when datagrams from ns to dst get no answer at
+// all, as when the datapath drops them. An answer, an ICMP port-unreachable
+// (ECONNREFUSED) or any other error is an error.
+func udpTimesOut(ns *lab.Netns, dst netip.AddrPort) error {
+	err := udpEcho(ns, dst)
+	switch {
+	case err == nil:
+		return fmt.Errorf("udp from %s to %s was answered, want it dropped", ns.Name(), dst)
+	case isTimeout(err):
+		return nil
+	default:
+		return fmt.Errorf("udp from %s to %s: want no answer (a timeout), got: %w", ns.Name(), dst, err)
+	}
+}
+
+// pingTimesOut reports nil when one echo request from ns to ip gets no
+// reply (ping exits 1). A reply, or ping failing for another reason (exit
+// 2: no route, bad address), is an error.
+func pingTimesOut(ctx context.Context, ns *lab.Netns, ip netip.Addr) error {
+	err := ping(ctx, ns, ip, 1)
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return fmt.Errorf("ping from %s to %s was answered, want it dropped", ns.Name(), ip)
+	case errors.As(err, &ee) && ee.ExitCode() == 1:
+		return nil
+	default:
+		return fmt.Errorf("ping from %s to %s: want no reply, got: %w", ns.Name(), ip, err)
 	}
 }
 
