@@ -64,6 +64,16 @@ type Etcd struct {
 	watching bool // Watch keeps the cache current
 
 	stats etcdCounters
+
+	// gcMu guards unrefSince: when GC first found each master of this
+	// cluster unreferenced (and at which revision of the master).
+	gcMu       sync.Mutex
+	unrefSince map[uint32]unreferenced
+}
+
+type unreferenced struct {
+	since       time.Time
+	modRevision int64
 }
 
 type nodeRef struct {
@@ -559,15 +569,38 @@ func (e *Etcd) Watch(ctx context.Context) error {
 }
 
 // GC deletes the masters (and their claims) of this cluster that no node
-// references, and returns how many it deleted. Each deletion is one
+// has referenced for at least grace, and returns how many it deleted.
+//
+// The grace period is what lets identities survive partitions: a node cut
+// off from etcd past its lease TTL loses its references, and gets them back
+// (same IDs) when it reconnects, unless GC deleted the masters meanwhile.
+// So a master is deleted only when GC found it unreferenced, unchanged, on
+// an earlier pass at least grace ago (or grace is 0). Each deletion is one
 // transaction that requires the master unchanged and no value key under
 // its labels, so a node joining the identity at the same moment either
 // wins (the master stays) or finds it gone and allocates anew.
-func (e *Etcd) GC(ctx context.Context) (int, error) {
+func (e *Etcd) GC(ctx context.Context, grace time.Duration) (int, error) {
 	kvs, _, err := e.kv.GetPrefix(ctx, records.IdentityIDPrefix)
 	if err != nil {
 		return 0, fmt.Errorf("identity GC: %w", err)
 	}
+	refs, _, err := e.kv.GetPrefix(ctx, records.IdentityValuePrefix)
+	if err != nil {
+		return 0, fmt.Errorf("identity GC: %w", err)
+	}
+	referenced := make(map[string]bool, len(refs))
+	for _, kv := range refs {
+		if labels, _, err := records.ParseIdentityValueKey(kv.Key); err == nil {
+			referenced[labels] = true
+		}
+	}
+	now := time.Now()
+	e.gcMu.Lock()
+	defer e.gcMu.Unlock()
+	if e.unrefSince == nil {
+		e.unrefSince = map[uint32]unreferenced{}
+	}
+	seen := map[uint32]bool{}
 	deleted := 0
 	for _, kv := range kvs {
 		id, err := records.ParseIdentityIDKey(kv.Key)
@@ -579,6 +612,19 @@ func (e *Etcd) GC(ctx context.Context) (int, error) {
 			continue // a human should look at it; never delete what we cannot read
 		}
 		key := Labels(rec.Labels).String()
+		if referenced[key] {
+			continue
+		}
+		seen[id] = true
+		u, known := e.unrefSince[id]
+		if !known || u.modRevision != kv.ModRevision {
+			e.unrefSince[id] = unreferenced{since: now, modRevision: kv.ModRevision}
+			if grace > 0 {
+				continue
+			}
+		} else if now.Sub(u.since) < grace {
+			continue
+		}
 		claimKey := records.IdentityLabelsKey(key)
 		claim, found, err := e.kv.Get(ctx, claimKey)
 		if err != nil {
@@ -603,7 +649,15 @@ func (e *Etcd) GC(ctx context.Context) (int, error) {
 			deleted++
 			e.stats.collected.Add(1)
 			e.cacheDelete(id)
-			e.log.Info("identity garbage-collected", "id", id, "labels", key)
+			e.log.Info("identity garbage-collected", "id", id, "labels", key,
+				"unreferencedFor", now.Sub(e.unrefSince[id].since).Round(time.Second))
+			delete(e.unrefSince, id)
+		}
+	}
+	// Forget what is referenced again or gone.
+	for id := range e.unrefSince {
+		if !seen[id] {
+			delete(e.unrefSince, id)
 		}
 	}
 	return deleted, nil

@@ -248,12 +248,12 @@ func TestEtcdGC(t *testing.T) {
 		t.Fatalf("b got %d for shared, a got %d", id, shared)
 	}
 	only, _ := a.Allocate(ctx, meshLabels("only-a"))
-	if n, err := a.GC(ctx); err != nil || n != 0 {
+	if n, err := a.GC(ctx, 0); err != nil || n != 0 {
 		t.Fatalf("GC with everything referenced = %d, %v", n, err)
 	}
 	a.Release(ctx, shared)
 	a.Release(ctx, only)
-	n, err := a.GC(ctx)
+	n, err := a.GC(ctx, 0)
 	if err != nil || n != 1 {
 		t.Fatalf("GC = %d, %v; want 1 (only-a)", n, err)
 	}
@@ -274,7 +274,7 @@ func TestEtcdGC(t *testing.T) {
 	if err := b.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if n, err := a.GC(ctx); err != nil || n != 1 {
+	if n, err := a.GC(ctx, 0); err != nil || n != 1 {
 		t.Fatalf("GC after n2 left = %d, %v", n, err)
 	}
 	if masters, _, _ := kv.GetPrefix(ctx, records.StatePrefix(records.KindIdentities)); len(masters) != 0 {
@@ -320,7 +320,7 @@ func TestEtcdWatch(t *testing.T) {
 	kv.Delete(ctx, records.IdentityIDKey(foreign))
 
 	writer.Release(ctx, after)
-	if n, err := writer.GC(ctx); err != nil || n != 1 {
+	if n, err := writer.GC(ctx, 0); err != nil || n != 1 {
 		t.Fatalf("GC = %d, %v", n, err)
 	}
 	eventually(t, func() bool { _, ok := reader.Get(after); return !ok }, "collected identity leaves the watcher's cache")
@@ -418,5 +418,53 @@ func TestEtcdSharedLeaseClose(t *testing.T) {
 	}
 	if _, found, _ := kv.Get(ctx, "agent/key"); !found {
 		t.Error("Close revoked the shared lease")
+	}
+}
+
+// An unreferenced master survives GC for the grace period: a node cut off
+// past its lease TTL gets its identities back when it reconnects. Only a
+// master found unreferenced and unchanged on a pass at least grace ago is
+// deleted.
+func TestEtcdGCGrace(t *testing.T) {
+	ctx := etcdCtx(t)
+	etcd := etcdtest.Start(t)
+	a := newTestEtcd(t, etcd.Endpoint, "n1")
+	gc := newTestEtcd(t, etcd.Endpoint, "gc")
+	kv := kvClient(t, etcd.Endpoint)
+
+	id, err := a.Allocate(ctx, meshLabels("partitioned"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const grace = 400 * time.Millisecond
+	a.Release(ctx, id) // as if n1's lease had expired
+	for i, wait := range []time.Duration{0, grace / 4} {
+		time.Sleep(wait)
+		if n, err := gc.GC(ctx, grace); err != nil || n != 0 {
+			t.Fatalf("pass %d within the grace period: GC = %d, %v; want 0", i, n, err)
+		}
+	}
+	if _, found, _ := kv.Get(ctx, records.IdentityIDKey(id)); !found {
+		t.Fatal("master deleted within the grace period")
+	}
+	// The node comes back within the grace period: same ID, and the clock
+	// starts over when it lets go again.
+	if again, err := a.Allocate(ctx, meshLabels("partitioned")); err != nil || again != id {
+		t.Fatalf("re-allocation within the grace period = %d, %v; want %d", again, err, id)
+	}
+	time.Sleep(grace)
+	if n, err := gc.GC(ctx, grace); err != nil || n != 0 {
+		t.Fatalf("GC of a referenced master = %d, %v", n, err)
+	}
+	a.Release(ctx, id)
+	if n, err := gc.GC(ctx, grace); err != nil || n != 0 {
+		t.Fatalf("first pass after the release = %d, %v; want 0", n, err)
+	}
+	time.Sleep(grace)
+	if n, err := gc.GC(ctx, grace); err != nil || n != 1 {
+		t.Fatalf("pass after the grace period = %d, %v; want 1", n, err)
+	}
+	if _, found, _ := kv.Get(ctx, records.IdentityIDKey(id)); found {
+		t.Error("master survived a grace period unreferenced")
 	}
 }

@@ -39,6 +39,10 @@ type Config struct {
 	// IdentityGCInterval is how often identities no node references are
 	// deleted; 0 turns the collector off.
 	IdentityGCInterval time.Duration
+	// IdentityGCGrace is how long an identity must stay unreferenced
+	// before the collector deletes it (several agent lease TTLs), so that
+	// nodes cut off from etcd get their identities back when they return.
+	IdentityGCGrace time.Duration
 	// HealthListen is an address (host:port) for GET /status and the
 	// probes of MetricsListen; empty turns it off.
 	HealthListen string
@@ -151,7 +155,7 @@ func Start(ctx context.Context, cfg Config) (*APIServer, error) {
 		}
 	})
 	if gc != nil {
-		a.wg.Go(func() { a.collectIdentities(bctx, gc, cfg.IdentityGCInterval) })
+		a.wg.Go(func() { a.collectIdentities(bctx, gc, cfg.IdentityGCInterval, cfg.IdentityGCGrace) })
 	}
 	ok = true
 	a.log.Info("isthmus-clustermesh running", "cacheTTL", mc.CacheTTL, "health", a.healthAddr, "metrics", a.MetricsAddr())
@@ -216,7 +220,7 @@ func (a *APIServer) Close() error {
 	return nil
 }
 
-func (a *APIServer) collectIdentities(ctx context.Context, gc *identity.Etcd, every time.Duration) {
+func (a *APIServer) collectIdentities(ctx context.Context, gc *identity.Etcd, every, grace time.Duration) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
@@ -225,7 +229,7 @@ func (a *APIServer) collectIdentities(ctx context.Context, gc *identity.Etcd, ev
 			return
 		case <-t.C:
 		}
-		n, err := gc.GC(ctx)
+		n, err := gc.GC(ctx, grace)
 		if err != nil && ctx.Err() == nil {
 			a.log.Warn("identity garbage collection failed", "err", err)
 		}

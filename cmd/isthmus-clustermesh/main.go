@@ -52,6 +52,7 @@ type options struct {
 	etcdKey            string
 	cacheTTL           time.Duration
 	identityGCInterval time.Duration
+	identityGCGrace    time.Duration
 	healthListen       string
 	metricsAddr        string
 	logLevel           string
@@ -128,6 +129,7 @@ SIGTERM or SIGINT stops it cleanly.`,
 	f.StringVar(&o.etcdKey, "etcd-key", "", "external etcd: client key file (PEM)")
 	f.DurationVar(&o.cacheTTL, "cache-ttl", 0, "drop the mirrored state of a remote cluster unreachable for longer than this (e.g. 30m); 0 keeps it forever")
 	f.DurationVar(&o.identityGCInterval, "identity-gc-interval", 10*time.Minute, "how often identities that no node references are deleted; 0 turns it off")
+	f.DurationVar(&o.identityGCGrace, "identity-gc-grace", 5*time.Minute, "how long an identity stays unreferenced before it is deleted (several agent lease TTLs, so nodes cut off from etcd get their identities back); 0 deletes at the first pass")
 	f.StringVar(&o.healthListen, "health-listen", "", "serve GET /status (JSON), /healthz, /readyz and /metrics on this host:port, e.g. 127.0.0.1:9879 (default off)")
 	f.StringVar(&o.metricsAddr, "metrics-addr", server.DefaultMetricsListen, `serve GET /metrics (Prometheus), /healthz and /readyz over plain HTTP on this host:port; "" turns it off`)
 	f.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
@@ -161,6 +163,9 @@ func (o *options) config() (server.Config, error) {
 	}
 	if o.identityGCInterval < 0 {
 		return cfg, fmt.Errorf("--identity-gc-interval %s: want 0 (off) or a positive duration", o.identityGCInterval)
+	}
+	if o.identityGCGrace < 0 {
+		return cfg, fmt.Errorf("--identity-gc-grace %s: want 0 or a positive duration", o.identityGCGrace)
 	}
 	sc := &cfg.Server
 	sc.ClusterName, sc.ClusterID, sc.Logger = o.cluster, o.clusterID, log
@@ -199,6 +204,7 @@ func (o *options) config() (server.Config, error) {
 	}
 	cfg.Mirror.CacheTTL = o.cacheTTL
 	cfg.IdentityGCInterval = o.identityGCInterval
+	cfg.IdentityGCGrace = o.identityGCGrace
 	cfg.HealthListen = o.healthListen
 	cfg.MetricsListen = o.metricsAddr
 	return cfg, nil

@@ -35,7 +35,7 @@ func TestFlags(t *testing.T) {
 		s.ListenClient != "0.0.0.0:2379" || s.ListenPeer != "127.0.0.1:2380" || s.AdvertiseClient[0] != "https://192.0.2.1:2379" {
 		t.Errorf("server config %+v", s)
 	}
-	if cfg.Mirror.CacheTTL != 30*time.Minute || cfg.IdentityGCInterval != 10*time.Minute || cfg.HealthListen != "" {
+	if cfg.Mirror.CacheTTL != 30*time.Minute || cfg.IdentityGCInterval != 10*time.Minute || cfg.IdentityGCGrace != 5*time.Minute || cfg.HealthListen != "" {
 		t.Errorf("config %+v", cfg)
 	}
 
