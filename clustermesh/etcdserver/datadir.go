@@ -82,6 +82,19 @@ func (d *DataDir) RootKVConfig() (kvstore.Config, error) {
 	return b.KVConfig()
 }
 
+// NodeBundle does what Server.ExportNodeBundle does, for a running
+// server: it creates the user node-<node> through root (a root client of
+// this cluster's etcd, e.g. from RootKVConfig) and issues a certificate
+// for it.
+func (d *DataDir) NodeBundle(ctx context.Context, root *kvstore.Client, node string) (Bundle, error) {
+	return exportNodeBundle(ctx, root, d.pki, d.info, node)
+}
+
+// RemoveNode does what Server.RemoveNode does, through root.
+func (d *DataDir) RemoveNode(ctx context.Context, root *kvstore.Client, node string) error {
+	return removeNode(ctx, root, node)
+}
+
 // RemoteBundle does what Server.ExportRemoteBundle does, for a running
 // server: it creates the read-only user remote-<remote> through root (a
 // root client of this cluster's etcd, e.g. from RootKVConfig) and issues

@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -78,6 +79,19 @@ const (
 	// lets one be cut off (RemoveRemote) without touching the others.
 	roleRemote = "remote"
 )
+
+// NodeUser returns the etcd user (and role) of one node of the cluster:
+// "node-<node>". It may write only that node's records (nodePermissions).
+func NodeUser(node string) string { return nodeUserPrefix + node }
+
+const nodeUserPrefix = "node-"
+
+// NodeOfUser returns the node an etcd user name is for, if it is a node
+// user.
+func NodeOfUser(user string) (string, bool) {
+	node, ok := strings.CutPrefix(user, nodeUserPrefix)
+	return node, ok && records.ValidateNodeName(node) == nil
+}
 
 // RemoteUser returns the etcd user of a connected remote cluster.
 func RemoteUser(cluster string) string { return "remote-" + cluster }
@@ -395,11 +409,41 @@ func (s *Server) setupAuth(ctx context.Context) error {
 
 // agentPermissions: read and write under isthmus/, except
 // isthmus/remotes/, whose records hold the private keys this server uses to
-// read remote clusters. Agents never need them.
+// read remote clusters. Agents never need them. This is the shared
+// "agents" credential, only created with Config.SharedAgentCredential:
+// any node holding it can rewrite every other node's records, the mirrored
+// state of remote clusters and the cluster config.
 func agentPermissions() []kvstore.Permission {
 	return []kvstore.Permission{
 		{Prefix: records.Root, End: RemotesPrefix, Write: true},
 		{Prefix: prefixEnd(RemotesPrefix), End: prefixEnd(records.Root), Write: true},
+	}
+}
+
+// nodePermissions are what node's own credential may do: read everything
+// under isthmus/ except isthmus/remotes/ (the mirror's private keys), and
+// write only
+//   - its node record, isthmus/state/nodes/v1/<cluster>/<node>;
+//   - its endpoints' ipcache entries, isthmus/state/ip/v1/<cluster>/<node>/;
+//   - identities, isthmus/state/identities/v1/ (allocation is shared
+//     between the nodes of a cluster: a label set gets one ID whichever
+//     node asks first; readers accept only IDs of the writer's cluster);
+//   - the applied objects, isthmus/config/ and its guard key (`isthmus
+//     apply` goes through any node's agent).
+//
+// Never the cluster config, heartbeats, sync canaries, the mirror's cache
+// of remote clusters, services (the server's service syncer writes them)
+// or another node's records.
+func nodePermissions(cluster, node string) []kvstore.Permission {
+	nodeKey := records.NodeKey(cluster, node)
+	return []kvstore.Permission{
+		{Prefix: records.Root, End: RemotesPrefix},
+		{Prefix: prefixEnd(RemotesPrefix), End: prefixEnd(records.Root)},
+		{Prefix: nodeKey, End: nodeKey + "\x00", Write: true},
+		{Prefix: records.NodeIPCachePrefix(cluster, node), Write: true},
+		{Prefix: records.StatePrefix(records.KindIdentities), Write: true},
+		{Prefix: records.ConfigPrefix, Write: true},
+		{Prefix: records.ConfigGuardKey, End: records.ConfigGuardKey + "\x00", Write: true},
 	}
 }
 
@@ -590,6 +634,52 @@ func (s *Server) ExportRemoteBundle(ctx context.Context, remote string) (Bundle,
 		return Bundle{}, fmt.Errorf("clustermesh: remote cluster %q is this cluster", remote)
 	}
 	return exportRemoteBundle(ctx, s.kv, s.pki, s.Info(), remote)
+}
+
+// ExportNodeBundle creates (or keeps) the etcd user of node, which may
+// write only that node's records, and returns a bundle with a fresh
+// certificate for it: the credential of that node's isthmus-agent.
+func (s *Server) ExportNodeBundle(ctx context.Context, node string) (Bundle, error) {
+	if s.pki == nil {
+		return Bundle{}, errors.New("clustermesh: external etcd: node credentials are managed by whoever runs that etcd (docs/clustermesh.md lists the permissions of a node's user)")
+	}
+	return exportNodeBundle(ctx, s.kv, s.pki, s.Info(), node)
+}
+
+// exportNodeBundle creates the role and user of node (through kv, as
+// root) and issues its certificate.
+func exportNodeBundle(ctx context.Context, kv *kvstore.Client, p *pki, in Info, node string) (Bundle, error) {
+	if err := records.ValidateNodeName(node); err != nil {
+		return Bundle{}, fmt.Errorf("clustermesh: node: %w", err)
+	}
+	user := NodeUser(node)
+	if err := kv.EnsureRole(ctx, user, nodePermissions(in.Cluster, node)...); err != nil {
+		return Bundle{}, fmt.Errorf("clustermesh: create role %s: %w", user, err)
+	}
+	if err := kv.EnsureUser(ctx, user, "", user); err != nil {
+		return Bundle{}, fmt.Errorf("clustermesh: create user %s: %w", user, err)
+	}
+	kp, err := p.issue(user, false, sans{})
+	if err != nil {
+		return Bundle{}, fmt.Errorf("clustermesh: %w", err)
+	}
+	return newBundle(in, p, user, kp), nil
+}
+
+// RemoveNode deletes the etcd user and role of node: its certificates stay
+// valid TLS-wise but no longer map to a user, so every request fails.
+func (s *Server) RemoveNode(ctx context.Context, node string) error {
+	return removeNode(ctx, s.kv, node)
+}
+
+func removeNode(ctx context.Context, kv *kvstore.Client, node string) error {
+	if err := records.ValidateNodeName(node); err != nil {
+		return fmt.Errorf("clustermesh: node: %w", err)
+	}
+	if err := kv.DeleteUser(ctx, NodeUser(node)); err != nil {
+		return err
+	}
+	return kv.DeleteRole(ctx, NodeUser(node))
 }
 
 // exportRemoteBundle creates the user of remote (through kv, as root) and

@@ -91,6 +91,17 @@ func (c *Client) DeleteUser(ctx context.Context, user string) error {
 	})
 }
 
+// DeleteRole deletes role; a missing role is not an error.
+func (c *Client) DeleteRole(ctx context.Context, role string) error {
+	return c.do(ctx, opAuth, "delete role "+role, func(ctx context.Context) error {
+		_, err := c.cli.RoleDelete(ctx, role)
+		if isEtcdError(err, rpctypes.ErrRoleNotFound) {
+			return nil
+		}
+		return err
+	})
+}
+
 // EnableAuth turns on etcd authentication (a no-op if it is on). The root
 // user with the root role must exist.
 func (c *Client) EnableAuth(ctx context.Context) error {

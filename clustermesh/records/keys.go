@@ -75,6 +75,20 @@ func prefixKeyPart(p netip.Prefix) string {
 	return p.String()
 }
 
+// NodeIPCachePrefix returns "isthmus/state/ip/v1/<cluster>/<node>/", the
+// ipcache keys of the endpoints one node hosts: the only ones that node's
+// etcd credential may write.
+func NodeIPCachePrefix(cluster, node string) string {
+	return StateClusterPrefix(KindIP, cluster) + node + "/"
+}
+
+// ConfigPrefix holds the applied objects: isthmus/config/<Kind>/<ns>/<name>.
+const ConfigPrefix = Root + "config/"
+
+// ConfigGuardKey is bumped by every apply of objects; an apply's
+// transaction holds only if it is unchanged since the apply read it.
+const ConfigGuardKey = Root + "config-revision"
+
 // ServiceKey returns "isthmus/state/services/v1/<cluster>/<ns>/<name>".
 func ServiceKey(cluster, namespace, name string) string {
 	return StateClusterPrefix(KindServices, cluster) + namespace + "/" + name
