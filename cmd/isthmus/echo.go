@@ -42,7 +42,7 @@ func serveEcho(ctx context.Context, ln net.Listener, pod, node, cluster string) 
 	return nil
 }
 
-// labEchoServerCommand is what tests/lab starts in every echo pod of `lab
+// labEchoServerCommand is what package lab starts in every echo pod of `lab
 // up` (hidden: users have no use for it).
 func (c *cli) labEchoServerCommand() *cobra.Command {
 	var listen, pod, node, cluster string

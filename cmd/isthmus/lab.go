@@ -17,10 +17,10 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
 )
 
-// `isthmus lab` runs a demo mesh on this machine with the tests/lab library
+// `isthmus lab` runs a demo mesh on this machine with package lab
 // (see docs/lab.md). `lab up` leaves the lab running (a detached lab: its
 // processes outlive the command) and records it in the state file
 // (lab.StateFile), which the other verbs and `isthmus connectivity test`

@@ -14,7 +14,7 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
 )
 
 var labupEncryption = flag.String("labup-encryption", "wireguard", "labup: encryption of the lab (wireguard or none)")

@@ -58,7 +58,7 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
 )
 
 var wgRounds = flag.Int("wireguard-rounds", 5, "wireguard: iperf3 runs of -duration/2 per setup, interleaved (the figure is their median)")

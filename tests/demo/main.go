@@ -18,7 +18,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
 )
 
 var keep = flag.Bool("keep", false, "keep the node running until interrupted")

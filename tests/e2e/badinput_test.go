@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
 )
 
 // service is a Service document named name with the given spec lines

@@ -15,7 +15,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
 )
 
 // One cluster whose isthmus-clustermesh runs against an external 3-member

@@ -14,7 +14,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
 )
 
 // The quick start as a user runs it: `isthmus lab up` (2 clusters x 2

@@ -5,7 +5,7 @@ import (
 	"os"
 	"testing"
 
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
 )
 
 func TestMain(m *testing.M) {

@@ -15,7 +15,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent"
 	"github.com/isthmus-mesh/isthmus/clustermesh/server"
 	"github.com/isthmus-mesh/isthmus/internal/promtest"
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
 )
 
 // inNetns is an HTTP client whose connections are dialled inside ns, as a

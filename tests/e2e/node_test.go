@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
 )
 
 // The node's pod CIDRs. Every test runs its own node namespace, so tests

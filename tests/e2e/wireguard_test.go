@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
 )
 
 // The encryption stories: the mesh of mesh_test.go (startMesh) with
