@@ -69,6 +69,9 @@ type UpOptions struct {
 	StateFile string
 	// Timeout bounds the wait for the mesh to sync (default 3m).
 	Timeout time.Duration
+	// Binaries finds the binaries to run; nil means FindBinaries (next to
+	// the running executable, then $PATH; never a build).
+	Binaries func() (Binaries, error)
 	// Progress receives one line per step; nil discards them.
 	Progress func(format string, args ...any)
 }
@@ -80,9 +83,8 @@ type State struct {
 	Created    time.Time `json:"created"`
 	Ready      bool      `json:"ready"` // false while Up is building
 	Encryption string    `json:"encryption"`
-	// BinDir holds binaries Up had to build (a temp dir that the detached
-	// lab's processes run from); `lab down` removes it.
-	BinDir   string         `json:"binDir,omitempty"`
+	// Binaries are what the lab's processes run.
+	Binaries Binaries       `json:"binaries"`
 	Service  StateService   `json:"service"`
 	Policy   string         `json:"policy"`
 	Clusters []StateCluster `json:"clusters"`
@@ -299,24 +301,24 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 		progress("[%5.1fs] "+format, append([]any{time.Since(start).Seconds()}, args...)...)
 	}
 
-	step("finding the binaries (go build from the source tree unless they sit next to isthmus)")
-	var cli string
-	for _, b := range []string{ServerBinary, AgentBinary, CLIBinary} {
-		if cli, err = Binary(b); err != nil {
-			return nil, nil, err
-		}
+	findBinaries := o.Binaries
+	if findBinaries == nil {
+		findBinaries = FindBinaries
 	}
-	if err := EnsureBPFFS(); err != nil {
-		return nil, nil, err
-	}
-	l, err = New(nil, Options{Detached: o.Detached, Logf: progress})
+	bins, err := findBinaries()
 	if err != nil {
 		return nil, nil, err
 	}
-	st = &State{Prefix: l.Prefix(), Dir: l.Dir(), Created: time.Now().UTC(), Encryption: o.Encryption}
-	if o.Detached {
-		st.BinDir = buildDir
+	step("binaries (%s): %s", bins.From, strings.Join(bins.Paths(), ", "))
+	cli := bins.CLI
+	if err := EnsureBPFFS(); err != nil {
+		return nil, nil, err
 	}
+	l, err = New(Options{Detached: o.Detached, Logf: progress, Binaries: func() (Binaries, error) { return bins, nil }})
+	if err != nil {
+		return nil, nil, err
+	}
+	st = &State{Prefix: l.Prefix(), Dir: l.Dir(), Created: time.Now().UTC(), Encryption: o.Encryption, Binaries: bins}
 	defer func() {
 		if err != nil {
 			if cerr := l.Close(); cerr != nil {
@@ -324,9 +326,6 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 			}
 			if o.StateFile != "" {
 				_ = os.Remove(o.StateFile)
-			}
-			if st.BinDir != "" {
-				CleanupBinaries()
 			}
 		}
 	}()

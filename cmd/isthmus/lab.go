@@ -246,12 +246,6 @@ a state file it removes the leftovers of crashed runs instead: every lab of
 					errs = append(errs, err)
 				}
 			}
-			// Binaries lab up built for this lab (only its own temp dir).
-			if st != nil && st.BinDir != "" && strings.HasPrefix(filepath.Base(st.BinDir), "isthmus-bin-") {
-				if err := os.RemoveAll(st.BinDir); err != nil {
-					errs = append(errs, err)
-				}
-			}
 			if err := lab.CleanupStale(); err != nil {
 				errs = append(errs, err)
 			}

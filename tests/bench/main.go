@@ -28,6 +28,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/lab"
+	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 var (
@@ -44,7 +45,7 @@ func main() {
 	flag.Parse()
 	re := regexp.MustCompile(*only)
 	ctx := context.Background()
-	defer lab.CleanupBinaries()
+	defer labtest.Cleanup()
 	sections := []struct {
 		name string
 		run  func(context.Context) error
@@ -66,7 +67,7 @@ func main() {
 		}
 	}
 	if !ok {
-		lab.CleanupBinaries() // os.Exit skips the deferred call
+		labtest.Cleanup() // os.Exit skips the deferred call
 		os.Exit(1)
 	}
 }
@@ -77,7 +78,7 @@ var (
 )
 
 func newLab() (*lab.Lab, *lab.Agent, error) {
-	l, err := lab.New(nil, lab.Options{Logf: func(string, ...any) {}})
+	l, err := lab.New(lab.Options{Logf: func(string, ...any) {}, Binaries: labtest.Binaries, CloseOnSignal: true})
 	if err != nil {
 		return nil, nil, err
 	}

@@ -59,6 +59,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/lab"
+	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 var wgRounds = flag.Int("wireguard-rounds", 5, "wireguard: iperf3 runs of -duration/2 per setup, interleaved (the figure is their median)")
@@ -90,7 +91,7 @@ func wireguardBench(ctx context.Context) error {
 	if _, err := os.Stat(debianWireGuardGo); err != nil {
 		return fmt.Errorf("wireguard-go of Debian: %w (run: make deps)", err)
 	}
-	l, err := lab.New(nil, lab.Options{Logf: func(string, ...any) {}})
+	l, err := lab.New(lab.Options{Logf: func(string, ...any) {}, Binaries: labtest.Binaries, CloseOnSignal: true})
 	if err != nil {
 		return err
 	}
