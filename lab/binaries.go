@@ -79,8 +79,9 @@ const buildHint = "run 'make build' (it builds isthmus, isthmus-agent and isthmu
 // FindBinaries finds the three binaries without building anything: in
 // $ISTHMUS_BIN_DIR when it is set; else next to the running executable
 // (bin/isthmus finds bin/isthmus-agent and bin/isthmus-clustermesh) when
-// one of them is there, in which case all must be; else in $PATH. A missing
-// binary is an error that says how to build it.
+// one of them is there, in which case all must be; else in $PATH (the CLI:
+// the running executable when it is isthmus). A missing binary is an error
+// that says how to build it.
 func FindBinaries() (Binaries, error) {
 	if dir := os.Getenv(EnvBinDir); dir != "" {
 		b, err := BinariesIn(dir)
@@ -110,6 +111,10 @@ func FindBinaries() (Binaries, error) {
 	var b Binaries
 	var missing []string
 	for _, n := range binaryNames {
+		if n == CLIBinary && exe != "" && filepath.Base(exe) == CLIBinary {
+			b.CLI = exe // the running CLI itself
+			continue
+		}
 		p, err := exec.LookPath(n)
 		if err != nil {
 			missing = append(missing, n)

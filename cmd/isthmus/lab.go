@@ -63,11 +63,17 @@ at a time: remove it with 'isthmus lab down'.`,
 			if os.Geteuid() != 0 {
 				return errors.New("lab up needs root (network namespaces, BPF)")
 			}
+			// The binaries first: a missing one is the user's next step.
+			bins, err := lab.FindBinaries()
+			if err != nil {
+				return err
+			}
 			path := lab.StateFile()
 			if err := reserveStateFile(path); err != nil {
 				return err
 			}
 			o.Detached, o.StateFile = true, path
+			o.Binaries = func() (lab.Binaries, error) { return bins, nil }
 			o.Progress = func(format string, args ...any) { fmt.Fprintf(c.out, "==> "+format+"\n", args...) }
 			start := time.Now()
 			_, st, err := lab.Up(cmd.Context(), o)
