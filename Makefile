@@ -55,6 +55,8 @@ demo:
 # WireGuard in network namespaces, checks them with the connectivity test
 # and leaves them running (docs/lab.md); LAB_ARGS passes flags, e.g.
 # LAB_ARGS="--clusters 3 --encryption none". `make lab-down` removes the lab.
+# bin/isthmus runs the bin/isthmus-agent and bin/isthmus-clustermesh next to
+# it (it never builds them).
 lab:
 	$(GO) build -o $(BIN)/ ./cmd/isthmus ./cmd/isthmus-agent ./cmd/isthmus-clustermesh
 	$(BIN)/isthmus lab up $(LAB_ARGS)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/etcdserver"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
+	"github.com/isthmus-mesh/isthmus/clustermesh/meshctl"
 	"github.com/isthmus-mesh/isthmus/clustermesh/mirror"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/clustermesh/server/servertest"
@@ -63,7 +65,7 @@ func TestClustermeshCommands(t *testing.T) {
 	if out, err := meshRun(t, c2, "certs", "--data-dir", c2.DataDir(), "--out", agents); err != nil || !strings.Contains(out, "agents bundle of cluster c2") {
 		t.Fatalf("certs (agents): %q %v", out, err)
 	}
-	for _, f := range []string{etcdserver.BundleCAFile, etcdserver.BundleCertFile, etcdserver.BundleKeyFile, bundleFileInDir} {
+	for _, f := range []string{etcdserver.BundleCAFile, etcdserver.BundleCertFile, etcdserver.BundleKeyFile, meshctl.BundleFileInDir} {
 		if _, err := os.Stat(filepath.Join(agents, f)); err != nil {
 			t.Error(err)
 		}
@@ -91,7 +93,7 @@ func TestClustermeshCommands(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var st MeshStatus
+	var st meshctl.Status
 	if err := json.Unmarshal([]byte(out), &st); err != nil || st.Cluster != "c1" || len(st.Remotes) != 1 || !st.Remotes[0].Ready || st.Remotes[0].Nodes != 1 {
 		t.Errorf("status -o json: %+v %v\n%s", st, err, out)
 	}
@@ -201,7 +203,7 @@ func readAs(t *testing.T, path string) error {
 	if err != nil {
 		t.Fatal(err)
 	}
-	kc.DialTimeout, kc.MaxRetries, kc.Logger = 2*time.Second, 1, quietLog
+	kc.DialTimeout, kc.MaxRetries, kc.Logger = 2*time.Second, 1, slog.New(slog.DiscardHandler)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	c, err := kvstore.Connect(ctx, kc)

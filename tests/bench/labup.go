@@ -14,20 +14,19 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
+	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 var labupEncryption = flag.String("labup-encryption", "wireguard", "labup: encryption of the lab (wireguard or none)")
 
 func labupBench(ctx context.Context) error {
-	for _, b := range []string{lab.ServerBinary, lab.AgentBinary, lab.CLIBinary} {
-		if _, err := lab.Binary(b); err != nil {
-			return err
-		}
+	if _, err := labtest.Binaries(); err != nil {
+		return err
 	}
 	for _, size := range []struct{ clusters, nodes int }{{2, 2}, {4, 3}} {
 		start := time.Now()
-		l, _, err := lab.Up(ctx, lab.UpOptions{Clusters: size.clusters, Nodes: size.nodes, PodsPerNode: 2, Encryption: *labupEncryption})
+		l, _, err := lab.Up(ctx, lab.UpOptions{Binaries: labtest.Binaries, Clusters: size.clusters, Nodes: size.nodes, PodsPerNode: 2, Encryption: *labupEncryption})
 		d := time.Since(start)
 		if err != nil {
 			return fmt.Errorf("%dx%d: %w", size.clusters, size.nodes, err)

@@ -28,7 +28,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
+	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 var (
@@ -82,7 +83,7 @@ func main() {
 	flag.Parse()
 	re := regexp.MustCompile(*only)
 	ctx := context.Background()
-	defer lab.CleanupBinaries()
+	defer labtest.Cleanup()
 	sections := []struct {
 		name string
 		run  func(context.Context) error
@@ -108,7 +109,7 @@ func main() {
 		ok = false
 	}
 	if !ok {
-		lab.CleanupBinaries() // os.Exit skips the deferred call
+		labtest.Cleanup() // os.Exit skips the deferred call
 		os.Exit(1)
 	}
 }
@@ -119,7 +120,7 @@ var (
 )
 
 func newLab() (*lab.Lab, *lab.Agent, error) {
-	l, err := lab.New(nil, lab.Options{Logf: func(string, ...any) {}})
+	l, err := lab.New(lab.Options{Logf: func(string, ...any) {}, Binaries: labtest.Binaries, CloseOnSignal: true})
 	if err != nil {
 		return nil, nil, err
 	}

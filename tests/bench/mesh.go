@@ -2,7 +2,7 @@ package main
 
 // The cluster-mesh benchmarks (section "mesh"): two clusters of
 // -mesh-nodes nodes, each with its own isthmus-clustermesh server, the
-// agents in cluster mode, all in network namespaces (tests/lab).
+// agents in cluster mode, all in network namespaces (package lab).
 //
 //   - Propagation: one ipcache record at a time written into cluster c1's
 //     etcd (leased, with the agents' credentials: what an agent publishes
@@ -54,7 +54,8 @@ import (
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
+	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 var (
@@ -85,7 +86,7 @@ var quiet = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: 
 func meshBench(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Minute)
 	defer cancel()
-	l, err := lab.New(nil, lab.Options{Logf: func(string, ...any) {}})
+	l, err := lab.New(lab.Options{Logf: func(string, ...any) {}, Binaries: labtest.Binaries, CloseOnSignal: true})
 	if err != nil {
 		return err
 	}
@@ -431,7 +432,7 @@ type writer struct {
 // writes through kv.
 func newWriter(ctx context.Context, idKV, kv *kvstore.Client, c *lab.Cluster, node, perLease int) (*writer, error) {
 	w := &writer{kv: kv, cluster: c.Name, perLease: perLease,
-		// The lab's address plan (tests/lab/mesh.go): node j is .10+j.
+		// The lab's address plan (lab/mesh.go): node j is .10+j.
 		host4: netip.AddrFrom4([4]byte{10, byte(100 + c.Index), 0, byte(10 + node)}),
 		host6: netip.MustParseAddr(fmt.Sprintf("fd10:%x::%x", c.Index, 10+node)),
 	}

@@ -57,7 +57,8 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
+	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 // wantWireGuardMode is the device mode the agents of (b) must report.
@@ -93,7 +94,7 @@ func wireguardBench(ctx context.Context) error {
 	if _, err := os.Stat(debianWireGuardGo); err != nil {
 		return fmt.Errorf("wireguard-go of Debian: %w (run: make deps)", err)
 	}
-	l, err := lab.New(nil, lab.Options{Logf: func(string, ...any) {}})
+	l, err := lab.New(lab.Options{Logf: func(string, ...any) {}, Binaries: labtest.Binaries, CloseOnSignal: true})
 	if err != nil {
 		return err
 	}

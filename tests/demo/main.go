@@ -18,7 +18,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
+	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 var keep = flag.Bool("keep", false, "keep the node running until interrupted")
@@ -58,10 +59,10 @@ func step(format string, args ...any) { fmt.Printf("==> "+format+"\n", args...) 
 func run() error {
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
-	defer lab.CleanupBinaries()
+	defer labtest.Cleanup()
 
 	step("building binaries and creating a node namespace")
-	l, err := lab.New(nil, lab.Options{Logf: func(string, ...any) {}})
+	l, err := lab.New(lab.Options{Logf: func(string, ...any) {}, Binaries: labtest.Binaries, CloseOnSignal: true})
 	if err != nil {
 		return err
 	}

@@ -7,7 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
+	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 // service is a Service document named name with the given spec lines
@@ -164,10 +165,7 @@ func TestBadInputIsRejectedWithoutChange(t *testing.T) {
 	}
 
 	step(t, "an agent started with a bad --pod-cidr exits with an error naming it")
-	bin, err := lab.Binary(lab.AgentBinary)
-	if err != nil {
-		t.Fatal(err)
-	}
+	bin := labtest.Binary(t, lab.AgentBinary)
 	for _, c := range []struct {
 		name  string
 		cidrs []string

@@ -15,7 +15,8 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
+	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 // One cluster whose isthmus-clustermesh runs against an external 3-member
@@ -167,8 +168,7 @@ func (w *ipcacheWatch) finish() (samples int, missing []string) {
 }
 
 func TestExternalEtcdSurvivesMemberLoss(t *testing.T) {
-	lab.SkipUnlessRoot(t)
-	l := lab.NewT(t)
+	l := labtest.New(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	t.Cleanup(cancel)
 	start := time.Now()

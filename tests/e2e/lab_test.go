@@ -14,7 +14,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
+	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 // The quick start as a user runs it: `isthmus lab up` (2 clusters x 2
@@ -23,11 +24,8 @@ import (
 // lab may be left on the host. The lab state file is the test's own, so a
 // developer's `make lab` on the same machine is not disturbed.
 func TestLabUpConnectivityDown(t *testing.T) {
-	lab.SkipUnlessRoot(t)
-	cli, err := lab.Binary(lab.CLIBinary)
-	if err != nil {
-		t.Fatal(err)
-	}
+	labtest.SkipUnlessRoot(t)
+	cli := labtest.Binary(t, lab.CLIBinary)
 	stateFile := filepath.Join(t.TempDir(), "lab.json")
 	isthmus := func(timeout time.Duration, args ...string) (string, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), timeout)

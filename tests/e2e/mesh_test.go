@@ -13,7 +13,8 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/bpf"
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
+	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 // The cluster-mesh stories: two clusters of two nodes, each cluster on its
@@ -30,8 +31,7 @@ type mesh struct {
 // startMesh builds clusters c1 and c2 with opts and connects them.
 func startMesh(t *testing.T, opts lab.ClusterOptions) *mesh {
 	t.Helper()
-	lab.SkipUnlessRoot(t)
-	l := lab.NewT(t)
+	l := labtest.New(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	t.Cleanup(cancel)
 	m := &mesh{t: t, ctx: ctx, lab: l}
@@ -375,8 +375,7 @@ spec:
 // A cluster with the ID of a connected one is refused, with a clear error,
 // and the mesh keeps working.
 func TestMeshRefusesDuplicateClusterID(t *testing.T) {
-	lab.SkipUnlessRoot(t)
-	l := lab.NewT(t)
+	l := labtest.New(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	c1, err := l.AddCluster(ctx, 1, lab.ClusterOptions{Nodes: 1})

@@ -15,7 +15,8 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent"
 	"github.com/isthmus-mesh/isthmus/clustermesh/server"
 	"github.com/isthmus-mesh/isthmus/internal/promtest"
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
+	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 // inNetns is an HTTP client whose connections are dialled inside ns, as a
@@ -161,8 +162,7 @@ func TestMetricsCountPolicyDrops(t *testing.T) {
 // the cluster's isthmus-clustermesh serves its own /metrics on its default
 // address inside the router's namespace.
 func TestMetricsCluster(t *testing.T) {
-	lab.SkipUnlessRoot(t)
-	l := lab.NewT(t)
+	l := labtest.New(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	step(t, "building cluster c1 with two nodes (WireGuard) and its server")

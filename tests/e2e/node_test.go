@@ -15,7 +15,8 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
+	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 // The node's pod CIDRs. Every test runs its own node namespace, so tests
@@ -42,8 +43,7 @@ type node struct {
 // pod CIDR.
 func startNode(t *testing.T) *node {
 	t.Helper()
-	lab.SkipUnlessRoot(t)
-	l := lab.NewT(t)
+	l := labtest.New(t)
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	t.Cleanup(cancel)
 	ln, err := l.AddNode("node")

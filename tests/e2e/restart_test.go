@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
 )
 
 // The agent is killed with SIGKILL and started again while TCP streams run

@@ -12,7 +12,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
+	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 // The encryption stories: the mesh of mesh_test.go (startMesh) with
@@ -314,8 +315,7 @@ func TestWireGuardMesh(t *testing.T) {
 }
 
 func TestWireGuardNodeEncryption(t *testing.T) {
-	lab.SkipUnlessRoot(t)
-	l := lab.NewT(t)
+	l := labtest.New(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	t.Cleanup(cancel)
 	step(t, "one cluster of two nodes with --encryption=wireguard --node-encryption")

@@ -226,7 +226,7 @@ func (l *Lab) AddCluster(ctx context.Context, index int, opts ClusterOptions) (*
 // StartServer (re)starts the cluster's isthmus-clustermesh and waits until
 // it has exported the agents' bundle and answers.
 func (c *Cluster) StartServer(ctx context.Context) error {
-	bin, err := Binary(ServerBinary)
+	bin, err := c.lab.Binary(ServerBinary)
 	if err != nil {
 		return err
 	}
@@ -346,7 +346,7 @@ func (c *Cluster) AddNode(ctx context.Context) (*Node, *Agent, error) {
 // CLI runs the isthmus CLI with the cluster's root credentials (for the
 // `clustermesh` verbs).
 func (c *Cluster) CLI(ctx context.Context, args ...string) ([]byte, error) {
-	cli, err := Binary(CLIBinary)
+	cli, err := c.lab.Binary(CLIBinary)
 	if err != nil {
 		return nil, err
 	}

@@ -1,4 +1,4 @@
-package main
+package connectivity
 
 import (
 	"bufio"
@@ -13,7 +13,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/spf13/cobra"
 	"github.com/vishvananda/netns"
 )
 
@@ -21,7 +20,17 @@ import (
 // endpoints: every HTTP request gets "pod=<pod> node=<node> cluster=<cluster>",
 // so a client learns which backend of a service answered.
 
-func echoHandler(pod, node, cluster string) http.Handler {
+// EchoPort is where the echo servers listen in every echo pod.
+const EchoPort = 8080
+
+// Roles of the pods a connectivity test uses.
+const (
+	RoleEcho   = "echo"   // runs the echo server; the policy admits it
+	RoleDenied = "denied" // no server; the policy admits it nowhere
+)
+
+// EchoHandler answers every request with the pod, node and cluster name.
+func EchoHandler(pod, node, cluster string) http.Handler {
 	reply := fmt.Sprintf("pod=%s node=%s cluster=%s\n", pod, node, cluster)
 	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")
@@ -29,9 +38,10 @@ func echoHandler(pod, node, cluster string) http.Handler {
 	})
 }
 
-// serveEcho serves the echo handler on ln until ctx is done.
-func serveEcho(ctx context.Context, ln net.Listener, pod, node, cluster string) error {
-	srv := &http.Server{Handler: echoHandler(pod, node, cluster), ReadHeaderTimeout: 5 * time.Second}
+// ServeEcho serves EchoHandler on ln until ctx is done (`isthmus lab
+// echo-server` in the lab's pods; the test's own pods with --agent).
+func ServeEcho(ctx context.Context, ln net.Listener, pod, node, cluster string) error {
+	srv := &http.Server{Handler: EchoHandler(pod, node, cluster), ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		<-ctx.Done()
 		srv.Close()
@@ -42,42 +52,18 @@ func serveEcho(ctx context.Context, ln net.Listener, pod, node, cluster string) 
 	return nil
 }
 
-// labEchoServerCommand is what tests/lab starts in every echo pod of `lab
-// up` (hidden: users have no use for it).
-func (c *cli) labEchoServerCommand() *cobra.Command {
-	var listen, pod, node, cluster string
-	cmd := &cobra.Command{
-		Use:    "echo-server --pod NAME --node NAME --cluster NAME [--listen :8080]",
-		Short:  "Answer every HTTP request with the pod, node and cluster name",
-		Hidden: true,
-		Args:   cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			ln, err := net.Listen("tcp", listen)
-			if err != nil {
-				return err
-			}
-			return serveEcho(cmd.Context(), ln, pod, node, cluster)
-		},
-	}
-	f := cmd.Flags()
-	f.StringVar(&listen, "listen", ":8080", "address to listen on (both families for :PORT)")
-	f.StringVar(&pod, "pod", "", "pod name to answer with")
-	f.StringVar(&node, "node", "", "node name to answer with")
-	f.StringVar(&cluster, "cluster", "", "cluster name to answer with")
-	return cmd
-}
-
-// echoReply is a parsed echo answer.
-type echoReply struct {
+// Reply is a parsed echo answer: who answered.
+type Reply struct {
 	Pod, Node, Cluster string
 }
 
-func (r echoReply) String() string {
+func (r Reply) String() string {
 	return fmt.Sprintf("pod=%s node=%s cluster=%s", r.Pod, r.Node, r.Cluster)
 }
 
-func parseEchoReply(s string) (echoReply, error) {
-	var r echoReply
+// ParseReply parses an echo server's answer.
+func ParseReply(s string) (Reply, error) {
+	var r Reply
 	for _, f := range strings.Fields(s) {
 		k, v, _ := strings.Cut(f, "=")
 		switch k {
@@ -95,36 +81,36 @@ func parseEchoReply(s string) (echoReply, error) {
 	return r, nil
 }
 
-// fetchEcho sends one HTTP request from inside the network namespace at
-// nsPath to addr and parses the echo reply. timeout bounds connect and
-// answer each.
-func fetchEcho(ctx context.Context, nsPath string, addr netip.AddrPort, timeout time.Duration) (echoReply, error) {
+// FetchEcho sends one HTTP request from inside the network namespace at
+// nsPath ("" for the current one) to addr and parses the echo reply.
+// timeout bounds connect and answer each.
+func FetchEcho(ctx context.Context, nsPath string, addr netip.AddrPort, timeout time.Duration) (Reply, error) {
 	conn, err := dialIn(ctx, nsPath, addr, timeout)
 	if err != nil {
-		return echoReply{}, err
+		return Reply{}, err
 	}
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(timeout))
 	if _, err := fmt.Fprintf(conn, "GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", addr); err != nil {
-		return echoReply{}, err
+		return Reply{}, err
 	}
 	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
 	if err != nil {
-		return echoReply{}, err
+		return Reply{}, err
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 4096))
 	if err != nil {
-		return echoReply{}, err
+		return Reply{}, err
 	}
 	if resp.StatusCode != http.StatusOK {
-		return echoReply{}, fmt.Errorf("HTTP %s", resp.Status)
+		return Reply{}, fmt.Errorf("HTTP %s", resp.Status)
 	}
-	return parseEchoReply(string(body))
+	return ParseReply(string(body))
 }
 
 // dialIn opens a TCP connection from inside the network namespace at
-// nsPath. Only the socket is created there; using it afterwards works from
+// nsPath ("" for the current one). Only the socket is created there; using it afterwards works from
 // any thread.
 func dialIn(ctx context.Context, nsPath string, addr netip.AddrPort, timeout time.Duration) (net.Conn, error) {
 	var conn net.Conn
@@ -139,8 +125,9 @@ func dialIn(ctx context.Context, nsPath string, addr netip.AddrPort, timeout tim
 	return conn, err
 }
 
-// listenIn opens a TCP listener inside the network namespace at nsPath.
-func listenIn(nsPath, addr string) (net.Listener, error) {
+// ListenIn opens a TCP listener inside the network namespace at nsPath
+// ("" for the current one).
+func ListenIn(nsPath, addr string) (net.Listener, error) {
 	var ln net.Listener
 	err := inNetns(nsPath, func() error {
 		var err error
@@ -151,8 +138,11 @@ func listenIn(nsPath, addr string) (net.Listener, error) {
 }
 
 // inNetns runs fn on an OS thread switched into the network namespace at
-// path, and switches it back afterwards.
+// path, and switches it back afterwards; with path "" it just runs fn.
 func inNetns(path string, fn func() error) (err error) {
+	if path == "" {
+		return fn()
+	}
 	runtime.LockOSThread()
 	orig, err := netns.Get()
 	if err != nil {

@@ -28,9 +28,33 @@ var (
 	bV6 = netip.MustParsePrefix("fd00:1ab::2/64")
 )
 
+// newLab is labtest.New for the package's own tests (labtest imports lab):
+// a lab closed when the test ends; these tests start no project binaries.
 func newLab(t *testing.T) *Lab {
 	t.Helper()
-	return NewT(t)
+	skipUnlessRoot(t)
+	l, err := New(Options{Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := l.Close(); err != nil {
+			t.Errorf("lab: close: %v", err)
+		}
+	})
+	return l
+}
+
+func skipUnlessRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	const msg = "lab tests need root: they create network namespaces and veths"
+	if os.Getenv("CI") == "true" {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
 }
 
 func mustNode(t *testing.T, l *Lab, name string) *Node {
@@ -70,10 +94,10 @@ func TestNamesAndPrefix(t *testing.T) {
 	if _, err := l.AddNode("Bad_Name"); err == nil {
 		t.Fatal("AddNode accepted a bad name")
 	}
-	if _, err := New(nil, Options{Prefix: "nope1234"}); err == nil {
+	if _, err := New(Options{Prefix: "nope1234"}); err == nil {
 		t.Fatal("New accepted a prefix without the marker")
 	}
-	if _, err := New(nil, Options{Prefix: l.Prefix()}); err == nil {
+	if _, err := New(Options{Prefix: l.Prefix()}); err == nil {
 		t.Fatal("New accepted a prefix in use")
 	}
 	if _, err := os.Stat(l.Dir()); err != nil {
@@ -295,11 +319,11 @@ func TestExecAndProcs(t *testing.T) {
 }
 
 func TestCloseRemovesEverything(t *testing.T) {
-	SkipUnlessRoot(t)
+	skipUnlessRoot(t)
 	if err := EnsureBPFFS(); err != nil {
 		t.Fatal(err)
 	}
-	l, err := New(nil, Options{})
+	l, err := New(Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -362,7 +386,7 @@ func TestParallelLabsDoNotCollide(t *testing.T) {
 // TestCleanupPrefixCrashedRun starts a helper process that builds a lab and
 // dies without closing it, then removes the leftovers by prefix.
 func TestCleanupPrefixCrashedRun(t *testing.T) {
-	SkipUnlessRoot(t)
+	skipUnlessRoot(t)
 	if err := EnsureBPFFS(); err != nil {
 		t.Fatal(err)
 	}
@@ -387,10 +411,7 @@ func TestCleanupStale(t *testing.T) {
 	}
 	prefix, pids := runCrashingHelper(t, false)
 	assertPresent(t, prefix)
-	l2, err := New(t, Options{}) // runs CleanupStale
-	if err != nil {
-		t.Fatal(err)
-	}
+	l2 := newLab(t) // runs CleanupStale
 	_ = l2
 	assertGone(t, prefix, pids)
 	ping(t, a.Netns, bV4.Addr())
@@ -429,7 +450,7 @@ func TestMain(m *testing.M) {
 
 func crashedRunHelper(mode string) {
 	fail := func(err error) { fmt.Println("error:", err); os.Exit(2) }
-	l, err := New(nil, Options{Detached: mode == "detached", NoStaleCleanup: true})
+	l, err := New(Options{Detached: mode == "detached", NoStaleCleanup: true})
 	if err != nil {
 		fail(err)
 	}

@@ -2,107 +2,17 @@ package lab
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/vishvananda/netlink"
 )
-
-// Binaries of the project the lab starts. Binary finds them in
-// $ISTHMUS_BIN_DIR, next to the running executable (the `isthmus` CLI), or
-// builds them once per process from the module source.
-const (
-	AgentBinary  = "isthmus-agent"
-	CLIBinary    = "isthmus"
-	ServerBinary = "isthmus-clustermesh"
-	EnvBinDir    = "ISTHMUS_BIN_DIR"
-)
-
-var (
-	buildOnce sync.Once
-	buildDir  string
-	buildErr  error
-)
-
-// Binary returns the path of one of the project's binaries.
-func Binary(name string) (string, error) {
-	if dir := os.Getenv(EnvBinDir); dir != "" {
-		p := filepath.Join(dir, name)
-		if _, err := os.Stat(p); err != nil {
-			return "", fmt.Errorf("lab: %s=%s has no %s: %w", EnvBinDir, dir, name, err)
-		}
-		return p, nil
-	}
-	if exe, err := os.Executable(); err == nil {
-		p := filepath.Join(filepath.Dir(exe), name)
-		if st, err := os.Stat(p); err == nil && !st.IsDir() && filepath.Base(exe) == CLIBinary {
-			return p, nil
-		}
-	}
-	buildOnce.Do(func() { buildDir, buildErr = buildBinaries() })
-	if buildErr != nil {
-		return "", buildErr
-	}
-	return filepath.Join(buildDir, name), nil
-}
-
-// CleanupBinaries removes binaries Binary built (call from TestMain).
-func CleanupBinaries() {
-	if buildDir != "" {
-		os.RemoveAll(buildDir)
-	}
-}
-
-func buildBinaries() (string, error) {
-	root, err := moduleRoot()
-	if err != nil {
-		return "", err
-	}
-	dir, err := os.MkdirTemp("", "isthmus-bin-")
-	if err != nil {
-		return "", err
-	}
-	args := []string{"build", "-o", dir + "/"}
-	for _, b := range []string{AgentBinary, CLIBinary, ServerBinary} {
-		if _, err := os.Stat(filepath.Join(root, "cmd", b)); err == nil {
-			args = append(args, "./cmd/"+b)
-		}
-	}
-	cmd := exec.Command("go", args...)
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		os.RemoveAll(dir)
-		return "", fmt.Errorf("lab: build binaries: %v\n%s", err, out)
-	}
-	return dir, nil
-}
-
-func moduleRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		b, err := os.ReadFile(filepath.Join(dir, "go.mod"))
-		if err == nil && strings.Contains(string(b), "module github.com/isthmus-mesh/isthmus\n") {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("lab: cannot find the isthmus module root to build binaries (set " + EnvBinDir + ")")
-		}
-		dir = parent
-	}
-}
 
 // AgentOptions configure an agent started on a lab node.
 type AgentOptions struct {
@@ -127,11 +37,11 @@ type Agent struct {
 // answers. Its state dir and socket live in the node's directory, its maps
 // under Node.PinDir().
 func (n *Node) StartAgent(ctx context.Context, o AgentOptions) (*Agent, error) {
-	bin, err := Binary(AgentBinary)
+	bin, err := n.lab.Binary(AgentBinary)
 	if err != nil {
 		return nil, err
 	}
-	cli, err := Binary(CLIBinary)
+	cli, err := n.lab.Binary(CLIBinary)
 	if err != nil {
 		return nil, err
 	}

@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/isthmus-mesh/isthmus/connectivity"
 )
 
 func TestStateRoundTripAndLookups(t *testing.T) {
@@ -17,7 +19,7 @@ func TestStateRoundTripAndLookups(t *testing.T) {
 		Clusters: []StateCluster{{Name: "c1", ID: 1, Router: "ilabt3st-c1-rtr",
 			Nodes: []StateNode{{Name: "c1-n1", Netns: "ilabt3st-c1-n1", IPs: []netip.Addr{netip.MustParseAddr("10.101.0.11")}}}}},
 		Pods: []StatePod{{Name: "c1-n1-echo1", Cluster: "c1", Node: "c1-n1", Netns: "ilabt3st-c1-n1-echo1",
-			IPv4: netip.MustParseAddr("10.1.1.2"), Role: RoleEcho}},
+			IPv4: netip.MustParseAddr("10.1.1.2"), Role: connectivity.RoleEcho}},
 	}
 	if err := WriteState(path, st); err != nil {
 		t.Fatal(err)

@@ -1,7 +1,8 @@
 // Package lab builds network topologies on one Linux host out of network
 // namespaces and veth pairs: fabric routers, nodes that run real agents, pod
-// namespaces, VMs and external peers. End-to-end tests use it, and so will
-// `isthmus lab up`.
+// namespaces, VMs and external peers, and the demo mesh of `isthmus lab up`
+// (Up). The CLI, the end-to-end tests and the benchmarks use it; package
+// labtest holds the glue for tests (testing.TB, building the binaries).
 //
 // Every name a lab creates carries its per-run prefix: Marker followed by four
 // random base36 characters (for example "ilab3k9z"). Network namespaces are
@@ -31,7 +32,6 @@ import (
 	"sort"
 	"sync"
 	"syscall"
-	"testing"
 )
 
 const (
@@ -78,18 +78,29 @@ type Options struct {
 	Detached bool
 	// NoStaleCleanup disables the best-effort CleanupStale that New runs.
 	NoStaleCleanup bool
-	// Logf receives progress messages; defaults to tb.Logf, or stderr.
+	// CloseOnSignal closes the lab on SIGINT or SIGTERM before the signal
+	// takes its default action (labs of tests and programs that run to
+	// completion; not for a lab that is meant to outlive its creator).
+	CloseOnSignal bool
+	// Binaries finds the agent, server and CLI binaries, once, when the
+	// lab first starts one of them; nil means FindBinaries (never a build).
+	Binaries func() (Binaries, error)
+	// Logf receives progress messages; defaults to stderr.
 	Logf func(format string, args ...any)
 }
 
 // Lab is one run's set of namespaces, links, processes and files.
 type Lab struct {
-	tb       testing.TB
 	prefix   string
 	dir      string
 	keep     bool
 	detached bool
 	logf     func(format string, args ...any)
+
+	findBinaries func() (Binaries, error)
+	binOnce      sync.Once
+	bins         Binaries
+	binErr       error
 
 	mu        sync.Mutex
 	spaces    map[string]*Netns
@@ -101,13 +112,9 @@ type Lab struct {
 	closeOnce sync.Once
 }
 
-// New creates a lab. With a non-nil tb it registers tb.Cleanup(Close) (which
-// also runs when the test panics), cleans up on SIGINT/SIGTERM, and dumps the
-// logs of started processes when the test failed.
-func New(tb testing.TB, opts Options) (*Lab, error) {
-	if tb != nil {
-		tb.Helper()
-	}
+// New creates a lab: it picks a prefix, records its owner and creates its
+// temp dir. The caller closes it (Close); labtest.New does that for tests.
+func New(opts Options) (*Lab, error) {
 	if os.Geteuid() != 0 {
 		return nil, errors.New("lab: must run as root (network namespaces need CAP_NET_ADMIN and CAP_SYS_ADMIN)")
 	}
@@ -117,18 +124,17 @@ func New(tb testing.TB, opts Options) (*Lab, error) {
 		}
 	}
 	l := &Lab{
-		tb:       tb,
-		keep:     opts.Keep || os.Getenv(EnvKeep) == "1",
-		detached: opts.Detached,
-		logf:     opts.Logf,
-		spaces:   map[string]*Netns{},
+		keep:         opts.Keep || os.Getenv(EnvKeep) == "1",
+		detached:     opts.Detached,
+		logf:         opts.Logf,
+		findBinaries: opts.Binaries,
+		spaces:       map[string]*Netns{},
 	}
 	if l.logf == nil {
-		if tb != nil {
-			l.logf = tb.Logf
-		} else {
-			l.logf = func(format string, args ...any) { fmt.Fprintf(os.Stderr, "lab: "+format+"\n", args...) }
-		}
+		l.logf = func(format string, args ...any) { fmt.Fprintf(os.Stderr, "lab: "+format+"\n", args...) }
+	}
+	if l.findBinaries == nil {
+		l.findBinaries = FindBinaries
 	}
 	if !opts.NoStaleCleanup {
 		if err := CleanupStale(); err != nil {
@@ -178,28 +184,25 @@ func New(tb testing.TB, opts Options) (*Lab, error) {
 		_ = l.Close()
 		return nil, fmt.Errorf("lab: %w", err)
 	}
-	if tb != nil {
-		tb.Cleanup(func() {
-			if err := l.Close(); err != nil {
-				tb.Errorf("lab: close: %v", err)
-			}
-		})
+	if opts.CloseOnSignal {
 		registerLive(l)
 	}
 	return l, nil
 }
 
-// NewT is New for tests: it skips without root (fails under CI=true, see
-// SkipUnlessRoot), fails the test if the lab cannot be created, and closes the
-// lab when the test ends.
-func NewT(tb testing.TB) *Lab {
-	tb.Helper()
-	SkipUnlessRoot(tb)
-	l, err := New(tb, Options{})
+// Binaries returns the binaries the lab runs (Options.Binaries, found once).
+func (l *Lab) Binaries() (Binaries, error) {
+	l.binOnce.Do(func() { l.bins, l.binErr = l.findBinaries() })
+	return l.bins, l.binErr
+}
+
+// Binary returns the path of one of the binaries the lab runs.
+func (l *Lab) Binary(name string) (string, error) {
+	b, err := l.Binaries()
 	if err != nil {
-		tb.Fatal(err)
+		return "", err
 	}
-	return l
+	return b.Path(name)
 }
 
 // Prefix returns the per-run prefix, e.g. "ilab3k9z".
@@ -254,11 +257,6 @@ func (l *Lab) Close() error {
 				errs = append(errs, err)
 			}
 		}
-		if l.tb != nil && l.tb.Failed() {
-			for _, p := range procs {
-				l.logf("--- log of %s (%s) ---\n%s", p.Name(), p.LogPath(), tail(p.Log(), 8192))
-			}
-		}
 		if err := cleanupPrefix(l.prefix, false); err != nil {
 			errs = append(errs, err)
 		}
@@ -283,6 +281,9 @@ func (l *Lab) checkOpen() error {
 	}
 	return nil
 }
+
+// Tail returns the last n bytes of s, marked as cut when it is.
+func Tail(s string, n int) string { return tail(s, n) }
 
 func tail(s string, n int) string {
 	if len(s) <= n {
@@ -347,20 +348,6 @@ func writeOwner(prefix string, detached bool) error {
 	return nil
 }
 
-// SkipUnlessRoot skips the test when not running as root. Under CI (env
-// CI=true) it fails instead, so that lab tests never silently skip there.
-func SkipUnlessRoot(tb testing.TB) {
-	tb.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	const msg = "lab tests need root: they create network namespaces and veths (run with sudo, as CI does)"
-	if os.Getenv("CI") == "true" {
-		tb.Fatal(msg)
-	}
-	tb.Skip(msg)
-}
-
 // EnsureBPFFS mounts bpffs at /sys/fs/bpf unless one is mounted there.
 func EnsureBPFFS() error {
 	const path = "/sys/fs/bpf"
@@ -377,7 +364,7 @@ func EnsureBPFFS() error {
 	return nil
 }
 
-// Labs created with a testing.TB are closed on SIGINT/SIGTERM before the
+// Labs created with CloseOnSignal are closed on SIGINT/SIGTERM before the
 // signal is delivered again with its default action.
 var live = struct {
 	sync.Mutex

@@ -1,11 +1,13 @@
-package main
+package connectivity
 
 import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -63,7 +65,8 @@ func ifaceWith(addrs []netip.Addr) (net.Interface, error) {
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
-// startCapture opens the packet socket inside the namespace at nsPath on the
+// startCapture opens the packet socket inside the namespace at nsPath ("" for
+// the current one) on the
 // interface holding one of nodeIPs and counts until stopCapture.
 func startCapture(nsPath string, nodeIPs []netip.Addr, pods map[netip.Addr]bool, ports map[uint16]bool) (*capture, error) {
 	c := &capture{fd: -1, pods: pods, ports: ports, stop: make(chan struct{}), done: make(chan error, 1)}
@@ -157,23 +160,33 @@ func (c *capture) inspect(p []byte) {
 	}
 }
 
-// captureResult is what a capture saw.
-type captureResult struct {
-	Interface string
-	Total     int
-	WireGuard int
-	Plaintext int
-	FirstLeak string
+// CaptureResult is what a capture saw: the evidence of the encryption
+// check.
+type CaptureResult struct {
+	Node      string   `json:"node,omitempty"`
+	Interface string   `json:"interface"`
+	Ports     []uint16 `json:"wireguardPorts"` // UDP ports counted as WireGuard
+	Watched   int      `json:"watched"`        // pod addresses and VIPs that must not appear
+	Total     int      `json:"total"`          // IP packets seen
+	WireGuard int      `json:"wireguard"`      // UDP from or to one of Ports
+	Plaintext int      `json:"plaintext"`      // with a watched address in the IP header
+	FirstLeak string   `json:"firstLeak,omitempty"`
 }
 
 // stopCapture ends the capture after a short grace period (packets of the
 // last exchange still in flight) and returns the counts.
-func (c *capture) stopCapture() (captureResult, error) {
+func (c *capture) stopCapture() (CaptureResult, error) {
 	time.Sleep(200 * time.Millisecond)
 	close(c.stop)
 	err := <-c.done
 	unix.Close(c.fd)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return captureResult{Interface: c.ifName, Total: c.total, WireGuard: c.wireguard, Plaintext: c.plaintext, FirstLeak: c.firstLeak}, err
+	return c.result(), err
+}
+
+// result is what the capture counted so far (c.mu held).
+func (c *capture) result() CaptureResult {
+	return CaptureResult{Interface: c.ifName, Ports: slices.Sorted(maps.Keys(c.ports)), Watched: len(c.pods),
+		Total: c.total, WireGuard: c.wireguard, Plaintext: c.plaintext, FirstLeak: c.firstLeak}
 }

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/connectivity"
 	"github.com/isthmus-mesh/isthmus/internal/atomicfile"
 )
 
@@ -39,12 +40,6 @@ const (
 	// verbs and `isthmus connectivity test` read it. It sits next to the
 	// owner records, which CleanupStale ignores by name (no prefix).
 	DefaultStateFile = ownerDir + "/up.json"
-
-	// EchoPort is where the echo servers listen in every echo pod.
-	EchoPort = 8080
-	// Roles of the demo pods.
-	RoleEcho   = "echo"   // runs the echo server; the policy admits it
-	RoleDenied = "denied" // no server; the policy admits it nowhere
 )
 
 // StateFile returns the path of the lab state file.
@@ -69,6 +64,9 @@ type UpOptions struct {
 	StateFile string
 	// Timeout bounds the wait for the mesh to sync (default 3m).
 	Timeout time.Duration
+	// Binaries finds the binaries to run; nil means FindBinaries (next to
+	// the running executable, then $PATH; never a build).
+	Binaries func() (Binaries, error)
 	// Progress receives one line per step; nil discards them.
 	Progress func(format string, args ...any)
 }
@@ -80,9 +78,8 @@ type State struct {
 	Created    time.Time `json:"created"`
 	Ready      bool      `json:"ready"` // false while Up is building
 	Encryption string    `json:"encryption"`
-	// BinDir holds binaries Up had to build (a temp dir that the detached
-	// lab's processes run from); `lab down` removes it.
-	BinDir   string         `json:"binDir,omitempty"`
+	// Binaries are what the lab's processes run.
+	Binaries Binaries       `json:"binaries"`
 	Service  StateService   `json:"service"`
 	Policy   string         `json:"policy"`
 	Clusters []StateCluster `json:"clusters"`
@@ -130,7 +127,7 @@ type StatePod struct {
 	IPv4      netip.Addr        `json:"ipv4"`
 	IPv6      netip.Addr        `json:"ipv6"`
 	Labels    map[string]string `json:"labels"`
-	Role      string            `json:"role"` // RoleEcho or RoleDenied
+	Role      string            `json:"role"` // connectivity.RoleEcho or connectivity.RoleDenied
 }
 
 // NetnsPath returns /var/run/netns/<name> for a netns name of the state.
@@ -299,24 +296,24 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 		progress("[%5.1fs] "+format, append([]any{time.Since(start).Seconds()}, args...)...)
 	}
 
-	step("finding the binaries (go build from the source tree unless they sit next to isthmus)")
-	var cli string
-	for _, b := range []string{ServerBinary, AgentBinary, CLIBinary} {
-		if cli, err = Binary(b); err != nil {
-			return nil, nil, err
-		}
+	findBinaries := o.Binaries
+	if findBinaries == nil {
+		findBinaries = FindBinaries
 	}
-	if err := EnsureBPFFS(); err != nil {
-		return nil, nil, err
-	}
-	l, err = New(nil, Options{Detached: o.Detached, Logf: progress})
+	bins, err := findBinaries()
 	if err != nil {
 		return nil, nil, err
 	}
-	st = &State{Prefix: l.Prefix(), Dir: l.Dir(), Created: time.Now().UTC(), Encryption: o.Encryption}
-	if o.Detached {
-		st.BinDir = buildDir
+	step("binaries (%s): %s", bins.From, strings.Join(bins.Paths(), ", "))
+	cli := bins.CLI
+	if err := EnsureBPFFS(); err != nil {
+		return nil, nil, err
 	}
+	l, err = New(Options{Detached: o.Detached, Logf: progress, Binaries: func() (Binaries, error) { return bins, nil }})
+	if err != nil {
+		return nil, nil, err
+	}
+	st = &State{Prefix: l.Prefix(), Dir: l.Dir(), Created: time.Now().UTC(), Encryption: o.Encryption, Binaries: bins}
 	defer func() {
 		if err != nil {
 			if cerr := l.Close(); cerr != nil {
@@ -324,9 +321,6 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 			}
 			if o.StateFile != "" {
 				_ = os.Remove(o.StateFile)
-			}
-			if st.BinDir != "" {
-				CleanupBinaries()
 			}
 		}
 	}()
@@ -365,7 +359,7 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 		}
 	}
 
-	st.Service = StateService{Name: "echo", Namespace: "default", VIPs: DemoVIPs, Port: 80, TargetPort: EchoPort}
+	st.Service = StateService{Name: "echo", Namespace: "default", VIPs: DemoVIPs, Port: 80, TargetPort: connectivity.EchoPort}
 	st.Policy = "default/echo-from-echo"
 	for _, c := range clusters {
 		sc := StateCluster{Name: c.Name, ID: c.ID, Server: c.ServerAddr(), RootBundle: c.Bundle("root"),
@@ -398,10 +392,10 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 		a, node := c.Agents[j], c.Nodes[j]
 		var specs []StatePod
 		for i := 1; i <= o.PodsPerNode; i++ {
-			specs = append(specs, StatePod{Name: fmt.Sprintf("%s-echo%d", node.Name(), i), Role: RoleEcho, Labels: map[string]string{"app": "echo"}})
+			specs = append(specs, StatePod{Name: fmt.Sprintf("%s-echo%d", node.Name(), i), Role: connectivity.RoleEcho, Labels: map[string]string{"app": "echo"}})
 		}
 		if j == 0 {
-			specs = append(specs, StatePod{Name: c.Name + "-denied", Role: RoleDenied, Labels: map[string]string{"app": "denied"}})
+			specs = append(specs, StatePod{Name: c.Name + "-denied", Role: connectivity.RoleDenied, Labels: map[string]string{"app": "denied"}})
 		}
 		for _, sp := range specs {
 			p, err := a.AddPod(ctx, sp.Name, "default", sp.Labels)
@@ -409,13 +403,13 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 				return err
 			}
 			sp.Namespace, sp.Cluster, sp.Node, sp.Netns, sp.IPv4, sp.IPv6 = p.Namespace, c.Name, node.Name(), p.FullName(), p.IPv4, p.IPv6
-			if sp.Role == RoleEcho {
+			if sp.Role == connectivity.RoleEcho {
 				// WithoutCancel: the server outlives this call (and, detached, this process).
 				if _, err := p.Start(context.WithoutCancel(ctx), cli, "lab", "echo-server",
-					"--listen", ":"+strconv.Itoa(EchoPort), "--pod", sp.Name, "--node", node.Name(), "--cluster", c.Name); err != nil {
+					"--listen", ":"+strconv.Itoa(connectivity.EchoPort), "--pod", sp.Name, "--node", node.Name(), "--cluster", c.Name); err != nil {
 					return err
 				}
-				if err := waitListening(ctx, p.Netns, netip.AddrPortFrom(p.IPv4, EchoPort)); err != nil {
+				if err := waitListening(ctx, p.Netns, netip.AddrPortFrom(p.IPv4, connectivity.EchoPort)); err != nil {
 					return err
 				}
 			}
@@ -432,7 +426,7 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 
 	step("applying Service default/echo (global, %s and %s port 80) and NetworkPolicy %s in every cluster", DemoVIPs[0], DemoVIPs[1], st.Policy)
 	f := filepath.Join(l.Dir(), "demo-objects.yaml")
-	if err = os.WriteFile(f, fmt.Appendf(nil, demoObjects, DemoVIPs[0], DemoVIPs[1], EchoPort, EchoPort), 0o644); err != nil {
+	if err = os.WriteFile(f, fmt.Appendf(nil, demoObjects, DemoVIPs[0], DemoVIPs[1], connectivity.EchoPort, connectivity.EchoPort), 0o644); err != nil {
 		return l, nil, err
 	}
 	for _, c := range clusters {

@@ -1,0 +1,166 @@
+package connectivity
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+)
+
+// Evidence is what a verdict rests on: what was sent, what answered, and
+// what a capture saw.
+type Evidence struct {
+	Probes  []Probe        `json:"probes,omitempty"`
+	Capture *CaptureResult `json:"capture,omitempty"`
+}
+
+// Probe is the HTTP requests one pod sent to one address, and what came of
+// them.
+type Probe struct {
+	From string         `json:"from"` // the pod that sent
+	To   netip.AddrPort `json:"to"`
+	Sent int            `json:"sent"`
+	// Answers counts the echo replies by who answered ("pod=… node=…
+	// cluster=…").
+	Answers map[string]int `json:"answers,omitempty"`
+	// Failures counts the requests without an answer by outcome ("timed
+	// out", "refused", "unreachable", "error").
+	Failures  map[string]int `json:"failures,omitempty"`
+	LastError string         `json:"lastError,omitempty"`
+}
+
+func newProbe(from string, to netip.AddrPort) *Probe { return &Probe{From: from, To: to} }
+
+func (p *Probe) record(reply Reply, err error) {
+	p.Sent++
+	if err == nil {
+		if p.Answers == nil {
+			p.Answers = map[string]int{}
+		}
+		p.Answers[reply.String()]++
+		return
+	}
+	if p.Failures == nil {
+		p.Failures = map[string]int{}
+	}
+	p.Failures[Outcome(err)]++
+	p.LastError = err.Error()
+}
+
+// Outcome names why a request got no answer: "refused" (a RST: something
+// is there but nothing listens, or a policy rejects), "timed out" (dropped
+// somewhere), "unreachable" (no route, ICMP unreachable), else "error".
+func Outcome(err error) string {
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "refused"
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
+		return "unreachable"
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		return "timed out"
+	}
+	return "error"
+}
+
+// String is one line: "c1-n1-echo1 -> 10.1.1.3:8080: 3 sent; answered by
+// pod=… node=… cluster=… (1); 2 timed out (last: …)".
+func (p Probe) String() string {
+	var parts []string
+	for _, a := range slices.Sorted(maps.Keys(p.Answers)) {
+		parts = append(parts, fmt.Sprintf("answered by %s (%d)", a, p.Answers[a]))
+	}
+	if len(p.Answers) == 0 {
+		parts = append(parts, "no answer")
+	}
+	for _, f := range slices.Sorted(maps.Keys(p.Failures)) {
+		parts = append(parts, fmt.Sprintf("%d %s", p.Failures[f], f))
+	}
+	s := fmt.Sprintf("%s -> %s: %d sent; %s", p.From, p.To, p.Sent, strings.Join(parts, "; "))
+	if p.LastError != "" {
+		s += " (last error: " + p.LastError + ")"
+	}
+	return s
+}
+
+// String is one line: "captured on c1-n1/eth0: 211 packets, 211 WireGuard
+// (udp/51871), 0 with one of 10 pod addresses or VIPs in the clear".
+func (c CaptureResult) String() string {
+	var ports []string
+	for _, p := range c.Ports {
+		ports = append(ports, fmt.Sprint(p))
+	}
+	where := c.Interface
+	if c.Node != "" {
+		where = c.Node + "/" + c.Interface
+	}
+	s := fmt.Sprintf("captured on %s: %d packets, %d WireGuard (udp/%s), %d with one of %d pod addresses or VIPs in the clear",
+		where, c.Total, c.WireGuard, strings.Join(ports, ","), c.Plaintext, c.Watched)
+	if c.FirstLeak != "" {
+		s += " (first: " + c.FirstLeak + ")"
+	}
+	return s
+}
+
+// Lines lists the evidence, one line per probe and capture.
+func (e Evidence) Lines() []string {
+	var out []string
+	for _, p := range e.Probes {
+		out = append(out, "sent "+p.String())
+	}
+	if e.Capture != nil {
+		out = append(out, e.Capture.String())
+	}
+	return out
+}
+
+// WriteTable writes the results as a table (CHECK FROM TO RESULT DETAIL)
+// and a summary line; verbose adds every result's evidence after the
+// table.
+func (rep Report) WriteTable(w io.Writer, verbose bool) error {
+	t := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(t, "CHECK\tFROM\tTO\tRESULT\tDETAIL")
+	for _, r := range rep.Results {
+		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\n", r.Check, orDash(r.From), orDash(r.To), r.Result, r.Detail)
+	}
+	if err := t.Flush(); err != nil {
+		return err
+	}
+	if verbose {
+		fmt.Fprintln(w, "\nEvidence:")
+		for i, r := range rep.Results {
+			fmt.Fprintf(w, "  [%d] %s %s: %s\n", i+1, r.Check, fromTo(r), r.Result)
+			lines := r.Evidence.Lines()
+			if len(lines) == 0 {
+				lines = []string{"nothing sent: " + r.Detail}
+			}
+			for _, l := range lines {
+				fmt.Fprintf(w, "      %s\n", l)
+			}
+		}
+	}
+	_, err := fmt.Fprintf(w, "\n%s: %d passed, %d failed, %d skipped\n", rep.Target, rep.Passed, rep.Failed, rep.Skipped)
+	return err
+}
+
+func fromTo(r Result) string {
+	if r.From == "" && r.To == "" {
+		return "-"
+	}
+	return orDash(r.From) + " -> " + orDash(r.To)
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
