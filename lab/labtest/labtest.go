@@ -5,9 +5,9 @@
 package labtest
 
 import (
-	"os"
 	"testing"
 
+	"github.com/isthmus-mesh/isthmus/internal/testenv"
 	"github.com/isthmus-mesh/isthmus/lab"
 )
 
@@ -54,14 +54,7 @@ func NewWith(tb testing.TB, o lab.Options) *lab.Lab {
 // CI=true) it fails instead, so that lab tests never silently skip there.
 func SkipUnlessRoot(tb testing.TB) {
 	tb.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	const msg = "lab tests need root: they create network namespaces and veths (run with sudo, as CI does)"
-	if os.Getenv("CI") == "true" {
-		tb.Fatal(msg)
-	}
-	tb.Skip(msg)
+	testenv.Root(tb, "lab tests create network namespaces and veths; run with sudo, as CI does")
 }
 
 // Binary returns the path of one of the project's binaries (lab.AgentBinary,
