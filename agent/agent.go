@@ -41,6 +41,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
 	"github.com/isthmus-mesh/isthmus/agent/state"
 	"github.com/isthmus-mesh/isthmus/bpf"
@@ -89,10 +90,10 @@ func (c Config) PinDir() string {
 
 func (c Config) validate() error {
 	var errs []error
-	if !dnsLabel(c.NodeName) {
+	if !desired.DNSLabel(c.NodeName) {
 		errs = append(errs, fmt.Errorf("node name %q must be a DNS label (lower-case letters, digits and '-', at most 63)", c.NodeName))
 	}
-	if !dnsLabel(c.ClusterName) || len(c.ClusterName) > records.MaxClusterNameLen {
+	if !desired.DNSLabel(c.ClusterName) || len(c.ClusterName) > records.MaxClusterNameLen {
 		errs = append(errs, fmt.Errorf("cluster name %q must be a DNS label of at most %d characters (lower-case letters, digits and '-')", c.ClusterName, records.MaxClusterNameLen))
 	}
 	if c.ClusterID < 1 || c.ClusterID > identity.MaxClusterID {
@@ -154,7 +155,7 @@ type Agent struct {
 	// sees the state the previous one left and waits for the datapath to
 	// take it before the next one starts. The reconciler never takes it.
 	mu     sync.Mutex
-	objSet atomic.Pointer[objectSet] // decoded applied objects, see objects.go
+	objSet desired.ObjectTable // decoded applied objects, see objects.go
 
 	dp datapath // set in Run, before the API serves
 
@@ -230,9 +231,11 @@ func New(cfg Config) (*Agent, error) {
 		}
 		a.ids = ids
 	}
-	if err := a.loadObjects(); err != nil {
+	objs, err := desired.LoadObjects(store)
+	if err != nil {
 		return nil, err
 	}
+	a.objSet.Set(objs)
 	return a, nil
 }
 
@@ -335,19 +338,3 @@ var _ api.Backend = (*Agent)(nil)
 
 // ownerOf is the IPAM owner of an endpoint.
 func ownerOf(namespace, name string) string { return state.EndpointKey(namespace, name) }
-
-func dnsLabel(s string) bool {
-	if len(s) == 0 || len(s) > 63 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case c >= 'a' && c <= 'z', c >= '0' && c <= '9':
-		case c == '-' && i > 0 && i < len(s)-1:
-		default:
-			return false
-		}
-	}
-	return true
-}

@@ -11,13 +11,13 @@ package agent
 //
 // The datapath starts from local state before any of this: the pinned maps
 // keep serving, and until every watched prefix has been listed once the
-// reconciler only adds (see meshState.ready). Losing etcd later changes
+// reconciler only adds (see desired.Mesh.Ready). Losing etcd later changes
 // nothing in the tables; the watchers' re-list after a reconnect converges
 // them.
 
 import (
-	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -33,10 +33,9 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
-	"github.com/isthmus-mesh/isthmus/agent/service"
 	"github.com/isthmus-mesh/isthmus/agent/state"
-	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
@@ -323,7 +322,7 @@ func (a *Agent) referenceIdentities(ctx context.Context) {
 			continue
 		}
 		actx, cancel := context.WithTimeout(ctx, allocateTimeout)
-		id, err := alloc.Allocate(actx, a.identityLabels(e.Namespace, e.Labels))
+		id, err := alloc.Allocate(actx, desired.IdentityLabels(a.cfg.ClusterName, e.Namespace, e.Labels))
 		cancel()
 		if err != nil {
 			a.log.Warn("clustermesh: cannot reference the endpoint's identity; retrying", "endpoint", e.Key(), "err", err)
@@ -441,11 +440,11 @@ func (a *Agent) persistMeshObjects() {
 	stored := a.store.Objects()
 	put := map[string][]byte{}
 	for k, o := range cur {
-		raw, err := jsonOf(o)
+		raw, err := json.Marshal(o)
 		if err != nil {
 			continue
 		}
-		if old, ok := stored[k]; !ok || !jsonEqual(old, raw) {
+		if old, ok := stored[k]; !ok || !desired.JSONEqual(old, raw) {
 			put[k] = raw
 		}
 	}
@@ -652,123 +651,12 @@ func (a *Agent) clusterMeshStatus() *api.ClusterMeshStatus {
 	return st
 }
 
-// meshState is the mesh's part of one reconcile run's desired state. In
-// standalone mode it is empty and ready.
-type meshState struct {
-	// ready: every watched prefix was listed, so what the mesh lacks may
-	// be removed from the datapath. Until then the reconciler removes only
-	// what the node itself is the complete source of: its pods' addresses.
-	ready    bool
-	cluster  string
-	node     string
-	nodeIPs  []netip.Addr
-	podCIDRs []netip.Prefix
-	view     meshsync.View
-}
-
-func (a *Agent) meshState() meshState {
+// meshState is the mesh's part of one reconcile run's desired state.
+func (a *Agent) meshState() desired.Mesh {
 	if a.mesh == nil {
-		return meshState{ready: true}
+		return desired.Mesh{Ready: true}
 	}
 	v := a.mesh.tables.View()
-	return meshState{ready: v.Ready, cluster: a.cfg.ClusterName, node: a.cfg.NodeName,
-		nodeIPs: a.mesh.getNodeIPs(), podCIDRs: a.cfg.PodCIDRs, view: v}
-}
-
-// local reports whether addr is one of this node's pod addresses.
-func (m meshState) local(addr netip.Addr) bool {
-	return slices.ContainsFunc(m.podCIDRs, func(p netip.Prefix) bool { return p.Contains(addr) })
-}
-
-// mayRemove reports whether an ipcache entry that is not desired may go.
-func (m meshState) mayRemove(p netip.Prefix) bool {
-	return m.ready || (p.IsSingleIP() && m.local(p.Addr()))
-}
-
-// keepUnknown returns the backends to write for a frontend that has have
-// and should have want. Until the mesh is listed, backends that did not
-// come from this node (other nodes', other clusters') stay: etcd may just
-// not have told us about them yet.
-func (m meshState) keepUnknown(have, want []bpf.Backend) []bpf.Backend {
-	if m.ready {
-		return want
-	}
-	out := slices.Clone(want)
-	for _, b := range have {
-		if !m.local(b.Addr) && !slices.Contains(out, b) {
-			out = append(out, b)
-		}
-	}
-	if len(out) == len(want) {
-		return want
-	}
-	slices.SortFunc(out, func(a, b bpf.Backend) int {
-		return cmp.Or(a.Addr.Compare(b.Addr), cmp.Compare(a.Port, b.Port), cmp.Compare(a.ClusterID, b.ClusterID))
-	})
-	return out
-}
-
-// addIPCache adds every endpoint of the mesh (with the node that hosts it)
-// and the own cluster's other nodes (remote-node). Other clusters' nodes
-// stay "world": reserved identities mean the local cluster's. This node's
-// own records are left out: its endpoints come from the local store.
-func (m meshState) addIPCache(want map[netip.Prefix]bpf.IPCacheEntry) {
-	for _, e := range m.view.IPCache {
-		if e.Cluster == m.cluster && slices.Contains(m.nodeIPs, e.HostIP) {
-			continue
-		}
-		want[e.Prefix] = bpf.IPCacheEntry{Identity: e.Identity, HostIP: e.HostIP}
-	}
-	for _, n := range m.view.Nodes {
-		if n.Cluster != m.cluster || n.Name == m.node {
-			continue
-		}
-		for _, ip := range n.IPs {
-			want[netip.PrefixFrom(ip, ip.BitLen())] = bpf.IPCacheEntry{Identity: bpf.IdentityRemote}
-		}
-	}
-}
-
-// clusterEndpoints returns the endpoints of the own cluster's other nodes
-// as services select them: by the labels of their identity.
-func (m meshState) clusterEndpoints(ids identity.Allocator) []service.Endpoint {
-	labels := map[uint32]identity.Labels{}
-	var out []service.Endpoint
-	for _, e := range m.view.IPCache {
-		if e.Cluster != m.cluster || slices.Contains(m.nodeIPs, e.HostIP) || !e.Prefix.IsSingleIP() {
-			continue
-		}
-		l, ok := labels[e.Identity]
-		if !ok {
-			l, _ = ids.Get(e.Identity)
-			labels[e.Identity] = l
-		}
-		ns := l[identity.LabelNamespace]
-		if ns == "" || l[identity.LabelCluster] != m.cluster {
-			continue // unknown identity (yet): selectable by nothing
-		}
-		out = append(out, service.Endpoint{Namespace: ns, Labels: l, IPs: []netip.Addr{e.Prefix.Addr()}})
-	}
-	return out
-}
-
-// podRoutes routes every other node's pod CIDRs to its address of the
-// same family.
-func (m meshState) podRoutes() []podRoute {
-	var out []podRoute
-	for _, n := range m.view.Nodes {
-		if n.Cluster == m.cluster && n.Name == m.node {
-			continue
-		}
-		for _, p := range n.PodCIDRs {
-			for _, ip := range n.IPs {
-				if ip.Is4() == p.Addr().Is4() {
-					out = append(out, podRoute{Dst: p, Via: ip})
-					break
-				}
-			}
-		}
-	}
-	sortRoutes(out)
-	return out
+	return desired.Mesh{Ready: v.Ready, Cluster: a.cfg.ClusterName, Node: a.cfg.NodeName,
+		NodeIPs: a.mesh.getNodeIPs(), PodCIDRs: a.cfg.PodCIDRs, View: v}
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
@@ -25,7 +26,7 @@ const configWriteAttempts = 8
 // the objects in etcd, write the batch in one transaction, then wait until
 // this node's watcher brought it into the datapath.
 func (a *Agent) applyMesh(ctx context.Context, objs []objects.Object) (api.ApplyResult, error) {
-	batch, order, err := validateBatch(objs)
+	batch, err := desired.ValidateBatch(objs)
 	if err != nil {
 		return api.ApplyResult{}, err
 	}
@@ -42,10 +43,10 @@ func (a *Agent) applyMesh(ctx context.Context, objs []objects.Object) (api.Apply
 		if err != nil {
 			return api.ApplyResult{}, api.WithStatus(http.StatusServiceUnavailable, err)
 		}
-		if err := checkServiceConflicts(objectSet(cur.Objects), batch, order); err != nil {
+		if err := batch.CheckConflicts(desired.Objects(cur.Objects)); err != nil {
 			return api.ApplyResult{}, err
 		}
-		res, put, err = planApply(batch, order, func(key string) ([]byte, bool) {
+		res, put, err = batch.Plan(func(key string) ([]byte, bool) {
 			raw, ok := cur.Raw[key]
 			return raw, ok
 		})
@@ -69,14 +70,14 @@ func (a *Agent) applyMesh(ctx context.Context, objs []objects.Object) (api.Apply
 	for _, r := range res.Objects {
 		a.log.Info("object applied to the cluster", "kind", r.Kind, "namespace", r.Namespace, "name", r.Name, "action", r.Action)
 	}
-	a.awaitObjects(ctx, func(set objectSet) bool {
+	a.awaitObjects(ctx, func(set desired.Objects) bool {
 		for key, raw := range put {
 			o, ok := set[key]
 			if !ok {
 				return false
 			}
 			have, err := json.Marshal(o)
-			if err != nil || !jsonEqual(have, raw) {
+			if err != nil || !desired.JSONEqual(have, raw) {
 				return false
 			}
 		}
@@ -88,7 +89,7 @@ func (a *Agent) applyMesh(ctx context.Context, objs []objects.Object) (api.Apply
 // awaitObjects waits until the applied objects the reconciler reads satisfy
 // done and the datapath reflects them, at most convergeTimeout. The change
 // is already stored cluster-wide, so running late is logged, not failed.
-func (a *Agent) awaitObjects(ctx context.Context, done func(objectSet) bool) {
+func (a *Agent) awaitObjects(ctx context.Context, done func(desired.Objects) bool) {
 	deadline := time.Now().Add(convergeTimeout)
 	for !done(a.objects()) {
 		if time.Now().After(deadline) {
@@ -150,7 +151,7 @@ func (a *Agent) deleteMeshObject(ctx context.Context, key string) error {
 		break
 	}
 	a.log.Info("object deleted from the cluster", "key", key)
-	a.awaitObjects(ctx, func(set objectSet) bool {
+	a.awaitObjects(ctx, func(set desired.Objects) bool {
 		_, ok := set[key]
 		return !ok
 	})

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
@@ -25,7 +26,7 @@ type fakeRouter struct {
 	routes map[netip.Prefix]netip.Addr
 }
 
-func (r *fakeRouter) SyncRoutes(want []podRoute, prune bool) (int, error) {
+func (r *fakeRouter) SyncRoutes(want []desired.PodRoute, prune bool) (int, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if prune {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/endpoint"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
 	"github.com/isthmus-mesh/isthmus/agent/state"
@@ -47,10 +48,10 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointRequest) (api.E
 	if ns == "" {
 		ns = "default"
 	}
-	if !dnsLabel(name) {
+	if !desired.DNSLabel(name) {
 		return api.Endpoint{}, api.Errorf(http.StatusBadRequest, "endpoint name %q must be a DNS label: lower-case letters, digits and '-', at most 63 characters", name)
 	}
-	if !dnsLabel(ns) {
+	if !desired.DNSLabel(ns) {
 		return api.Endpoint{}, api.Errorf(http.StatusBadRequest, "namespace %q must be a DNS label: lower-case letters, digits and '-', at most 63 characters", ns)
 	}
 	labels := identity.Labels(req.Labels).Clone()
@@ -98,7 +99,7 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointRequest) (api.E
 	}
 	undo = append(undo, func() { a.logErr("release addresses", a.ipam.Release(owner)) })
 
-	id, err := a.ids.Allocate(ctx, a.identityLabels(ns, labels))
+	id, err := a.ids.Allocate(ctx, desired.IdentityLabels(a.cfg.ClusterName, ns, labels))
 	if err != nil {
 		return fail(fmt.Errorf("allocate identity: %w", err))
 	}

@@ -187,7 +187,7 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(descFrontends, float64(len(fs)))
 	}
 
-	svcs, pols := a.objects().split()
+	svcs, pols := a.objects().Split()
 	gauge(descEndpoints, float64(len(a.store.Endpoints())))
 	gauge(descIdentities, float64(len(a.ids.List())))
 	gauge(descServices, float64(len(svcs)))

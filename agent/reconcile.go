@@ -14,10 +14,10 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/policy"
 	"github.com/isthmus-mesh/isthmus/agent/service"
 	"github.com/isthmus-mesh/isthmus/bpf"
-	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 )
 
 const (
@@ -197,7 +197,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		return err
 	}
 	eps := a.store.Endpoints()
-	svcs, pols := a.objects().split()
+	svcs, pols := a.objects().Split()
 	ids := a.ids.List()
 	mesh := a.meshState()
 	var stats reconcileStats
@@ -211,7 +211,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		netip.MustParsePrefix("0.0.0.0/0"): {Identity: bpf.IdentityWorld},
 		netip.MustParsePrefix("::/0"):      {Identity: bpf.IdentityWorld},
 	}
-	mesh.addIPCache(wantIPC) // the rest of the mesh; local facts below override it
+	mesh.AddIPCache(wantIPC) // the rest of the mesh; local facts below override it
 	for _, ip := range hostAddrs {
 		wantIPC[netip.PrefixFrom(ip, ip.BitLen())] = bpf.IPCacheEntry{Identity: bpf.IdentityHost}
 	}
@@ -242,7 +242,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		}
 	}
 	for p := range haveIPC {
-		if _, ok := wantIPC[p]; !ok && mesh.mayRemove(p) {
+		if _, ok := wantIPC[p]; !ok && mesh.MayRemove(p) {
 			if err := a.dp.IPCacheDelete(p); err != nil {
 				ipcFailed = true
 				errs = appendErr(errs, err, &stats.ipcache)
@@ -260,7 +260,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	// 2. Policy, compiled for every local endpoint. New entries first.
 	peps := make([]policy.Endpoint, 0, len(eps))
 	for _, ep := range eps {
-		peps = append(peps, policy.Endpoint{ID: ep.ID, Namespace: ep.Namespace, Identity: ep.Identity, Labels: a.identityLabels(ep.Namespace, ep.Labels)})
+		peps = append(peps, policy.Endpoint{ID: ep.ID, Namespace: ep.Namespace, Identity: ep.Identity, Labels: desired.IdentityLabels(a.cfg.ClusterName, ep.Namespace, ep.Labels)})
 	}
 	compiled := policy.Compile(pols, peps, ids, a.cfg.ClusterName)
 	havePol, err := a.dp.PolicyList()
@@ -330,7 +330,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 			stale++
 		}
 	}
-	if stale > 0 && len(errs) == epErrs && mesh.ready {
+	if stale > 0 && len(errs) == epErrs && mesh.Ready {
 		if err := a.dp.PolicySync(compiled.Keys); err != nil {
 			errs = append(errs, fmt.Errorf("remove policy entries: %w", err))
 		} else {
@@ -341,12 +341,12 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	// 5. Services.
 	seps := make([]service.Endpoint, 0, len(eps))
 	for _, ep := range eps {
-		seps = append(seps, service.Endpoint{Namespace: ep.Namespace, Labels: a.identityLabels(ep.Namespace, ep.Labels), IPs: ep.IPs})
+		seps = append(seps, service.Endpoint{Namespace: ep.Namespace, Labels: desired.IdentityLabels(a.cfg.ClusterName, ep.Namespace, ep.Labels), IPs: ep.IPs})
 	}
-	seps = append(seps, mesh.clusterEndpoints(a.ids)...) // the own cluster's other nodes
+	seps = append(seps, mesh.ClusterEndpoints(a.ids)...) // the own cluster's other nodes
 	wantSvc := service.Resolve(svcs, seps)
 	if a.mesh != nil {
-		wantSvc = service.Merge(wantSvc, svcs, mesh.view.RemoteServices)
+		wantSvc = service.Merge(wantSvc, svcs, mesh.View.RemoteServices)
 	}
 	haveSvc, err := a.dp.ServiceList()
 	if err != nil {
@@ -355,14 +355,14 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	for f, bes := range wantSvc {
 		h, ok := haveSvc[f]
 		if ok {
-			bes = mesh.keepUnknown(h, bes)
+			bes = mesh.KeepUnknown(h, bes)
 		}
 		if !ok || !slices.Equal(h, bes) {
 			errs = appendErr(errs, a.dp.ServiceUpsert(f, bes), &stats.services)
 		}
 	}
 	for f := range haveSvc {
-		if _, ok := wantSvc[f]; !ok && mesh.ready {
+		if _, ok := wantSvc[f]; !ok && mesh.Ready {
 			errs = appendErr(errs, a.dp.ServiceDelete(f), &stats.services)
 		}
 	}
@@ -372,7 +372,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	// status and retried with the next run, and does not fail this one
 	// (which would roll back unrelated API calls).
 	if a.routes != nil {
-		n, err := a.routes.SyncRoutes(mesh.podRoutes(), mesh.ready)
+		n, err := a.routes.SyncRoutes(mesh.PodRoutes(), mesh.Ready)
 		stats.routes += n
 		a.mesh.setRouteErr(err)
 		if err != nil {
@@ -444,18 +444,6 @@ func sameEndpointInfo(a, b bpf.EndpointInfo) bool {
 	return a.ID == b.ID && a.IfIndex == b.IfIndex && a.Identity == b.Identity &&
 		a.PolicyIngress == b.PolicyIngress && a.PolicyEgress == b.PolicyEgress &&
 		bytes.Equal(a.PodMAC, b.PodMAC) && bytes.Equal(a.HostMAC, b.HostMAC)
-}
-
-// identityLabels are the security labels of an endpoint: the user's labels
-// plus its namespace and cluster.
-func (a *Agent) identityLabels(namespace string, user identity.Labels) identity.Labels {
-	l := make(identity.Labels, len(user)+2)
-	for k, v := range user {
-		l[k] = v
-	}
-	l[identity.LabelNamespace] = namespace
-	l[identity.LabelCluster] = a.cfg.ClusterName
-	return l
 }
 
 // nodeAddrs lists the node's own addresses (they map to the host identity).

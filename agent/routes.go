@@ -1,15 +1,15 @@
 package agent
 
 import (
-	"cmp"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
-	"slices"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/isthmus-mesh/isthmus/agent/desired"
 )
 
 // RouteProtocol marks the routes the agent installs (the rtm_protocol field,
@@ -17,19 +17,13 @@ import (
 // own routes and never one a human, DHCP or a routing daemon set.
 const RouteProtocol netlink.RouteProtocol = 73
 
-// podRoute sends a node's pod CIDR to that node's underlay address.
-type podRoute struct {
-	Dst netip.Prefix
-	Via netip.Addr
-}
-
 // router converges the node's routes to other nodes' pod CIDRs; tests
 // substitute a fake.
 type router interface {
 	// SyncRoutes installs want (where the gateway is on a connected
 	// subnet) and, when prune is set, removes the agent's other routes.
 	// It returns how many routes it changed.
-	SyncRoutes(want []podRoute, prune bool) (int, error)
+	SyncRoutes(want []desired.PodRoute, prune bool) (int, error)
 }
 
 // netlinkRouter manages routes in the main table of the netns its handle
@@ -47,7 +41,7 @@ func newNetlinkRouter() (router, error) {
 // SyncRoutes implements router. A route for a destination that already has
 // a route the agent did not make is left alone (with an error saying so):
 // whoever made it knows better.
-func (r netlinkRouter) SyncRoutes(want []podRoute, prune bool) (int, error) {
+func (r netlinkRouter) SyncRoutes(want []desired.PodRoute, prune bool) (int, error) {
 	have, err := r.h.RouteListFiltered(netlink.FAMILY_ALL,
 		&netlink.Route{Protocol: RouteProtocol, Table: unix.RT_TABLE_MAIN},
 		netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
@@ -166,12 +160,4 @@ func prefixToIPNet(p netip.Prefix) *net.IPNet {
 func ipEqual(ip net.IP, a netip.Addr) bool {
 	b, ok := netip.AddrFromSlice(ip)
 	return ok && b.Unmap() == a
-}
-
-// sortRoutes orders routes so that the same input always gives the same
-// winner for a contested destination.
-func sortRoutes(rs []podRoute) {
-	slices.SortFunc(rs, func(a, b podRoute) int {
-		return cmp.Or(a.Dst.Addr().Compare(b.Dst.Addr()), cmp.Compare(a.Dst.Bits(), b.Dst.Bits()), a.Via.Compare(b.Via))
-	})
 }

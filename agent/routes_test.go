@@ -11,6 +11,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/isthmus-mesh/isthmus/agent/desired"
 )
 
 // routeNetns creates a netns with an underlay device (one end of a veth pair) (192.0.2.1/24,
@@ -60,7 +62,7 @@ func TestNetlinkRouter(t *testing.T) {
 	addr := netip.MustParseAddr
 	ip("route", "add", "10.1.9.0/24", "via", "192.0.2.9") // someone else's
 
-	want := []podRoute{
+	want := []desired.PodRoute{
 		{Dst: pfx("10.1.2.0/24"), Via: addr("192.0.2.12")},
 		{Dst: pfx("fd00:1:2::/64"), Via: addr("2001:db8::12")},
 		{Dst: pfx("10.2.1.0/24"), Via: addr("198.51.100.1")}, // not on a connected subnet: the underlay's job

@@ -30,7 +30,7 @@ func (a *Agent) Identities(context.Context) ([]api.Identity, error) {
 
 // Status implements api.Backend.
 func (a *Agent) Status(context.Context) (api.Status, error) {
-	svcs, pols := a.objects().split()
+	svcs, pols := a.objects().Split()
 	st := api.Status{
 		Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID,
 		PodCIDRs: a.ipam.CIDRs(), AttachMode: a.dp.AttachMode(), Started: a.started,

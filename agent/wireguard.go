@@ -45,6 +45,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/gateway/wireguard"
 	"github.com/isthmus-mesh/isthmus/internal/atomicfile"
@@ -235,12 +236,12 @@ type encryptionPlan struct {
 // claimed by two nodes (or by another node and this one) is refused for all
 // of them: WireGuard routes by key, so a copied key would let one node take
 // the other's traffic.
-func planEncryption(m meshState, selfKey string, nodeEnc bool) encryptionPlan {
+func planEncryption(m desired.Mesh, selfKey string, nodeEnc bool) encryptionPlan {
 	p := encryptionPlan{peerNodes: map[string]string{}}
 	claims := map[string][]string{}
 	var others []records.Node
-	for _, n := range m.view.Nodes {
-		if n.Cluster == m.cluster && n.Name == m.node {
+	for _, n := range m.View.Nodes {
+		if n.Cluster == m.Cluster && n.Name == m.Node {
 			continue
 		}
 		others = append(others, n)
@@ -271,7 +272,7 @@ func planEncryption(m meshState, selfKey string, nodeEnc bool) encryptionPlan {
 			continue
 		}
 		nodePort := cmp.Or(n.WireGuardPort, wireguard.DefaultListenPort)
-		ep, ok := wireguard.EndpointFor(m.nodeIPs, n.IPs, nodePort)
+		ep, ok := wireguard.EndpointFor(m.NodeIPs, n.IPs, nodePort)
 		if !ok {
 			p.refused = append(p.refused, name+": no underlay address of a family this node has")
 			continue
@@ -293,23 +294,23 @@ func planEncryption(m meshState, selfKey string, nodeEnc bool) encryptionPlan {
 // to the mesh's node records; it returns how many things it changed. Until
 // the mesh is listed (an agent restarted while etcd is unreachable) it
 // applies the peers saved at the last sync instead.
-func (a *Agent) syncEncryption(m meshState) (int, error) {
+func (a *Agent) syncEncryption(m desired.Mesh) (int, error) {
 	e := a.enc
 	if e == nil {
 		return 0, nil
 	}
-	if !m.ready {
-		return a.restoreEncryption(m.podCIDRs)
+	if !m.Ready {
+		return a.restoreEncryption(m.PodCIDRs)
 	}
 	plan := planEncryption(m, e.dev.PublicKey(), e.nodeEnc)
 	// Most reconciles change endpoints, not nodes: skip the device and
 	// netlink round trips when the plan is the one applied last, but check
 	// the kernel again every resyncInterval to catch drift.
-	key := fmt.Sprint(plan.peers, plan.unreachable, plan.refused, plan.unencrypted, m.podCIDRs)
+	key := fmt.Sprint(plan.peers, plan.unreachable, plan.refused, plan.unencrypted, m.PodCIDRs)
 	if key == e.applied && time.Since(e.appliedAt) < resyncInterval {
 		return 0, nil
 	}
-	n, err := a.applyEncryption(plan, m.podCIDRs)
+	n, err := a.applyEncryption(plan, m.PodCIDRs)
 	e.applied = ""
 	if err == nil {
 		e.applied, e.appliedAt = key, time.Now()
