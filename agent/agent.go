@@ -43,11 +43,17 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
+	"github.com/isthmus-mesh/isthmus/agent/node"
+	"github.com/isthmus-mesh/isthmus/agent/reconcile"
+	"github.com/isthmus-mesh/isthmus/agent/routes"
 	"github.com/isthmus-mesh/isthmus/agent/state"
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
+
+// RouteProtocol marks the routes the agent installs ("proto 73").
+const RouteProtocol = routes.Protocol
 
 // Config is the node's configuration.
 type Config struct {
@@ -163,27 +169,25 @@ type Agent struct {
 	plumb         plumber
 	openDatapath  func(Config) (datapath, error)
 	nodeAddrs     func() ([]netip.Addr, error)
-	newRouter     func() (router, error)
+	newRouter     func() (routes.Router, error)
 	detectNodeIPs func() ([]netip.Addr, error)
 
 	// Cluster mode only (nil in standalone mode): the etcd source of
 	// desired state (clustermesh.go), and the routes to other nodes.
 	mesh   *clusterMesh
-	routes router
+	routes routes.Router
 	// enc is the WireGuard device (nil without encryption), set in Run
 	// before the first reconcile.
 	enc *encryption
 
-	rec reconciler
-	// softFailed: the last reconcile could not finish routes or tunnels
-	// (which fail no API call); the loop retries with backoff.
-	softFailed atomic.Bool
+	rec        *reconcile.Trigger
 	metrics    *agentMetrics // set at the start of Run
+	ipcEntries atomic.Int64  // in the BPF ipcache after the last reconcile
 
 	// ipcShadow is what the reconciler last wrote to the BPF ipcache, so a
 	// reconcile diffs against memory instead of walking a map of up to
 	// hundreds of thousands of entries (two syscalls each). The map itself
-	// is listed again every resyncInterval, and after any write error, to
+	// is listed again every reconcile.ResyncInterval, and after any write error, to
 	// catch drift. Only the reconciler touches it.
 	ipcShadow   map[netip.Prefix]bpf.IPCacheEntry
 	ipcListedAt time.Time
@@ -215,14 +219,14 @@ func New(cfg Config) (*Agent, error) {
 		ipam:          pool,
 		plumb:         netlinkPlumber{},
 		openDatapath:  openBPF,
-		nodeAddrs:     nodeAddrs,
-		newRouter:     newNetlinkRouter,
-		detectNodeIPs: defaultRouteAddrs,
-		rec:           newReconciler(),
+		nodeAddrs:     node.Addrs,
+		newRouter:     routes.NewNetlink,
+		detectNodeIPs: node.DefaultRouteAddrs,
+		rec:           reconcile.New(),
 	}
 	if cfg.ClusterMode() {
 		// Identities are global: allocated in the cluster's etcd.
-		a.mesh = newClusterMesh(cfg, log, func() { a.rec.request() })
+		a.mesh = newClusterMesh(cfg, log, func() { a.rec.Request() })
 		a.ids = meshIdentities{a.mesh}
 	} else {
 		ids, err := identity.NewLocal(filepath.Join(cfg.StateDir, "identities.json"), cfg.ClusterID)
@@ -295,9 +299,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer a.enc.close()
 	a.restoreEndpoints(ctx)
 	a.collectGarbage(ctx)
-	gen := a.rec.start()
+	gen := a.rec.Start()
 	err = a.reconcile(ctx)
-	a.rec.finish(gen, err)
+	a.rec.Finish(gen, err)
 	if err != nil {
 		// Keep going: the loop retries, and the API can still report why.
 		a.log.Error("initial reconcile failed", "err", err)
@@ -306,8 +310,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	var wg sync.WaitGroup
-	wg.Go(func() { a.reconcileLoop(ctx) })
-	wg.Go(func() { a.watchNodeAddrs(ctx) })
+	wg.Go(func() { a.rec.Loop(ctx, a.log, a.reconcile) })
+	wg.Go(func() { node.WatchAddrs(ctx, a.log, func() { a.rec.Request() }) })
 	wg.Go(func() { ms.Serve(ctx, a.log) })
 	if a.mesh != nil {
 		// etcd is one more source of desired state; the datapath already

@@ -24,17 +24,15 @@ import (
 	"maps"
 	"net/http"
 	"net/netip"
-	"os"
 	"slices"
 	"strings"
 	"sync"
 	"time"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
+	"github.com/isthmus-mesh/isthmus/agent/node"
 	"github.com/isthmus-mesh/isthmus/agent/state"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
@@ -350,7 +348,7 @@ func (a *Agent) referenceIdentities(ctx context.Context) {
 		a.mu.Unlock()
 	}
 	if changed {
-		a.rec.request()
+		a.rec.Request()
 	}
 	a.mu.Lock()
 	a.publishLocked()
@@ -411,7 +409,7 @@ func (a *Agent) publishLocked() {
 		Local:              meshsync.Local{Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, Node: a.cfg.NodeName},
 		IPs:                m.getNodeIPs(),
 		PodCIDRs:           a.cfg.PodCIDRs,
-		BootID:             bootID(),
+		BootID:             node.BootID(),
 		WireGuardPublicKey: wgKey,
 		WireGuardPort:      wgPort,
 	}, eps)
@@ -467,68 +465,6 @@ func (a *Agent) persistMeshObjects() {
 	m.mu.Lock()
 	m.persisted = cur
 	m.mu.Unlock()
-}
-
-// bootID identifies this boot of the node; peers reset state tied to it.
-func bootID() string {
-	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
-	if err != nil {
-		return ""
-	}
-	return strings.TrimSpace(string(b))
-}
-
-// defaultRouteAddrs returns the global addresses of the interfaces that
-// hold a default route (IPv4 and IPv6), the node's underlay addresses when
-// none are configured.
-func defaultRouteAddrs() ([]netip.Addr, error) { return defaultRouteAddrsOf(&netlink.Handle{}) }
-
-// defaultRouteAddrsOf is defaultRouteAddrs in the netns of h.
-func defaultRouteAddrsOf(h *netlink.Handle) ([]netip.Addr, error) {
-	var out []netip.Addr
-	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		routes, err := h.RouteListFiltered(family, &netlink.Route{}, 0)
-		if err != nil {
-			return nil, err
-		}
-		links := map[int]bool{}
-		for _, rt := range routes {
-			if ones, _ := maskOf(rt); rt.LinkIndex > 0 && ones == 0 && (rt.Table == 0 || rt.Table == 254) {
-				links[rt.LinkIndex] = true
-			}
-		}
-		for _, idx := range slices.Sorted(maps.Keys(links)) {
-			link, err := h.LinkByIndex(idx)
-			if err != nil {
-				continue
-			}
-			addrs, err := h.AddrList(link, family)
-			if err != nil {
-				continue
-			}
-			for _, ad := range addrs {
-				ip, ok := netip.AddrFromSlice(ad.IP)
-				if !ok {
-					continue
-				}
-				ip = ip.Unmap()
-				if ip.IsGlobalUnicast() && !slices.Contains(out, ip) {
-					out = append(out, ip)
-				}
-			}
-		}
-	}
-	return out, nil
-}
-
-// maskOf returns the prefix length of a route's destination (0 for a
-// default route, which has none).
-func maskOf(rt netlink.Route) (int, bool) {
-	if rt.Dst == nil {
-		return 0, true
-	}
-	ones, _ := rt.Dst.Mask.Size()
-	return ones, true
 }
 
 // retry calls f until it succeeds, waiting longer after each failure (up

@@ -14,6 +14,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
+	"github.com/isthmus-mesh/isthmus/agent/reconcile"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 )
@@ -87,13 +88,13 @@ func (a *Agent) applyMesh(ctx context.Context, objs []objects.Object) (api.Apply
 }
 
 // awaitObjects waits until the applied objects the reconciler reads satisfy
-// done and the datapath reflects them, at most convergeTimeout. The change
+// done and the datapath reflects them, at most reconcile.ConvergeTimeout. The change
 // is already stored cluster-wide, so running late is logged, not failed.
 func (a *Agent) awaitObjects(ctx context.Context, done func(desired.Objects) bool) {
-	deadline := time.Now().Add(convergeTimeout)
+	deadline := time.Now().Add(reconcile.ConvergeTimeout)
 	for !done(a.objects()) {
 		if time.Now().After(deadline) {
-			a.log.Warn("clustermesh: stored in the kvstore, but this node's watcher has not delivered it yet", "waited", convergeTimeout)
+			a.log.Warn("clustermesh: stored in the kvstore, but this node's watcher has not delivered it yet", "waited", reconcile.ConvergeTimeout)
 			return
 		}
 		select {
@@ -102,7 +103,7 @@ func (a *Agent) awaitObjects(ctx context.Context, done func(desired.Objects) boo
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
-	if err := a.converge(ctx); err != nil {
+	if err := a.rec.Converge(ctx); err != nil {
 		a.log.Warn("clustermesh: stored in the kvstore, but the local datapath has not taken it yet", "err", err)
 	}
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
+	"github.com/isthmus-mesh/isthmus/agent/routes"
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
@@ -79,7 +80,7 @@ func startMesh(t *testing.T, cfg Config, dp *fakeDatapath, plumb *fakePlumber) *
 	a.plumb = plumb
 	a.openDatapath = func(Config) (datapath, error) { return dp, nil }
 	a.nodeAddrs = func() ([]netip.Addr, error) { return cfg.NodeIPs, nil }
-	a.newRouter = func() (router, error) { return fr, nil }
+	a.newRouter = func() (routes.Router, error) { return fr, nil }
 	c, stop := launch(t, a)
 	return &meshNode{testNode: &testNode{cfg: cfg, dp: dp, plumb: plumb, client: c, stop: stop}, router: fr, nodeIP: cfg.NodeIPs[0]}
 }
@@ -443,7 +444,7 @@ func TestClusterConfigMismatchStopsAgent(t *testing.T) {
 	dp := newFakeDatapath()
 	a.openDatapath = func(Config) (datapath, error) { return dp, nil }
 	a.nodeAddrs = func() ([]netip.Addr, error) { return cfg.NodeIPs, nil }
-	a.newRouter = func() (router, error) { return &fakeRouter{routes: map[netip.Prefix]netip.Addr{}}, nil }
+	a.newRouter = func() (routes.Router, error) { return &fakeRouter{routes: map[netip.Prefix]netip.Addr{}}, nil }
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	err = a.Run(ctx)

@@ -13,6 +13,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/endpoint"
+	"github.com/isthmus-mesh/isthmus/agent/internal/oneline"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
 	"github.com/isthmus-mesh/isthmus/agent/state"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
@@ -129,10 +130,10 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointRequest) (api.E
 	}
 	undo = append(undo, func() {
 		a.logErr("forget endpoint", a.store.DeleteEndpoint(ns, name))
-		a.rec.request() // take its entries out of the maps again
+		a.rec.Request() // take its entries out of the maps again
 	})
 
-	if err := a.converge(ctx); err != nil {
+	if err := a.rec.Converge(ctx); err != nil {
 		return fail(fmt.Errorf("the datapath did not take endpoint %s/%s, so it was rolled back: %w", ns, name, err))
 	}
 	a.meshEndpointAdded(e)
@@ -156,7 +157,7 @@ func (a *Agent) DeleteEndpoint(ctx context.Context, namespace, name string) erro
 	if err := a.store.DeleteEndpoint(namespace, name); err != nil {
 		return err
 	}
-	if err := a.converge(ctx); err != nil {
+	if err := a.rec.Converge(ctx); err != nil {
 		// The endpoint is gone from the desired state; the loop keeps
 		// retrying to drop its map entries.
 		a.log.Warn("datapath not yet updated after endpoint delete", "namespace", namespace, "name", name, "err", err)
@@ -197,7 +198,7 @@ func (a *Agent) teardown(ctx context.Context, e state.Endpoint) error {
 			errs = append(errs, err)
 		}
 	}
-	return joinErrs(errs...)
+	return oneline.Join(errs...)
 }
 
 // releaseIdentityEventually drops an identity reference in etcd, retrying

@@ -193,14 +193,14 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descServices, float64(len(svcs)))
 	gauge(descPolicies, float64(len(pols)))
 
-	rm := a.rec.metrics()
-	gauge(descIPCache, float64(rm.ipcache))
-	counter(descRecRuns, float64(rm.runs))
-	counter(descRecErrors, float64(rm.errors))
-	gauge(descRecFailing, promutil.Bool(rm.failing))
-	gauge(descRecLastSuccess, promutil.UnixSeconds(rm.lastSuccess))
-	gauge(descRecPending, float64(rm.pending))
-	ch <- prometheus.MustNewConstSummary(descRecDuration, rm.runs, rm.busy.Seconds(), nil)
+	rm := a.rec.Stats()
+	gauge(descIPCache, float64(a.ipcEntries.Load()))
+	counter(descRecRuns, float64(rm.Runs))
+	counter(descRecErrors, float64(rm.Errors))
+	gauge(descRecFailing, promutil.Bool(rm.Failing))
+	gauge(descRecLastSuccess, promutil.UnixSeconds(rm.LastSuccess))
+	gauge(descRecPending, float64(rm.Pending))
+	ch <- prometheus.MustNewConstSummary(descRecDuration, rm.Runs, rm.Busy.Seconds(), nil)
 
 	if st := a.clusterMeshStatus(); st != nil {
 		gauge(descKVConnected, promutil.Bool(st.Connected))
@@ -239,10 +239,10 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 // the API only after the datapath is loaded, so that is not checked here.
 func (a *Agent) notReady() []string {
 	var out []string
-	if rm := a.rec.metrics(); rm.lastSuccess.IsZero() {
+	if rm := a.rec.Stats(); rm.LastSuccess.IsZero() {
 		msg := "no successful reconcile of the datapath yet"
-		if _, _, err := a.rec.status(); err != nil {
-			msg += ": " + err.Error()
+		if rm.LastErr != nil {
+			msg += ": " + rm.LastErr.Error()
 		}
 		out = append(out, msg)
 	}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/routes"
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 	"github.com/isthmus-mesh/isthmus/internal/promtest"
@@ -43,7 +44,7 @@ func runAgent(t *testing.T, cfg Config, dp datapath) *Agent {
 	a.plumb = newFakePlumber()
 	a.openDatapath = func(Config) (datapath, error) { return dp, nil }
 	a.nodeAddrs = func() ([]netip.Addr, error) { return []netip.Addr{nodeIP}, nil }
-	a.newRouter = func() (router, error) { return &fakeRouter{routes: map[netip.Prefix]netip.Addr{}}, nil }
+	a.newRouter = func() (routes.Router, error) { return &fakeRouter{routes: map[netip.Prefix]netip.Addr{}}, nil }
 	launch(t, a)
 	return a
 }
@@ -194,7 +195,7 @@ func TestMetricsTCPListener(t *testing.T) {
 	if code, body := get(t, http.DefaultClient, base+"/readyz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "no successful reconcile") {
 		t.Errorf("GET /readyz before any reconcile = %d %q, want 503 naming the reconcile", code, body)
 	}
-	a.rec.finish(a.rec.start(), nil)
+	a.rec.Finish(a.rec.Start(), nil)
 	if code, body := get(t, http.DefaultClient, base+"/readyz"); code != http.StatusOK || body != "ok\n" {
 		t.Errorf("GET /readyz = %d %q", code, body)
 	}

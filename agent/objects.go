@@ -75,7 +75,7 @@ func (a *Agent) Apply(ctx context.Context, data []byte) (api.ApplyResult, error)
 		next[k] = batch.Objects[k]
 	}
 	a.setObjects(next)
-	if err := a.converge(ctx); err != nil {
+	if err := a.rec.Converge(ctx); err != nil {
 		a.rollbackObjects(cur, undoPut, undoDel)
 		return api.ApplyResult{}, fmt.Errorf("the datapath did not take the change, nothing was applied: %w", err)
 	}
@@ -103,7 +103,7 @@ func (a *Agent) rollbackObjects(prev desired.Objects, put map[string][]byte, del
 		a.log.Error("roll back objects", "err", err)
 	}
 	a.setObjects(prev)
-	a.rec.request()
+	a.rec.Request()
 }
 
 // ListObjects implements api.Backend.
@@ -161,7 +161,7 @@ func (a *Agent) DeleteObject(ctx context.Context, kind, namespace, name string) 
 	next := maps.Clone(cur)
 	delete(next, key)
 	a.setObjects(next)
-	if err := a.converge(ctx); err != nil {
+	if err := a.rec.Converge(ctx); err != nil {
 		a.rollbackObjects(cur, undoPut, nil)
 		return fmt.Errorf("the datapath did not take the change, %s was not deleted: %w", key, err)
 	}

@@ -8,185 +8,15 @@ import (
 	"net"
 	"net/netip"
 	"slices"
-	"strings"
-	"sync"
 	"time"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/isthmus-mesh/isthmus/agent/desired"
+	"github.com/isthmus-mesh/isthmus/agent/internal/oneline"
 	"github.com/isthmus-mesh/isthmus/agent/policy"
+	"github.com/isthmus-mesh/isthmus/agent/reconcile"
 	"github.com/isthmus-mesh/isthmus/agent/service"
 	"github.com/isthmus-mesh/isthmus/bpf"
 )
-
-const (
-	// resyncInterval bounds how long drift (a map entry removed by hand, a
-	// node address that changed without a netlink event) can last.
-	resyncInterval = time.Minute
-	maxBackoff     = 10 * time.Second
-	// convergeTimeout bounds how long an API call waits for the datapath.
-	convergeTimeout = 30 * time.Second
-)
-
-// reconciler coalesces requests for a reconcile and lets callers wait until
-// the datapath reflects the desired state they wrote.
-type reconciler struct {
-	trigger chan struct{} // capacity 1: any number of requests, one pending run
-
-	mu          sync.Mutex
-	want        uint64 // generation of the desired state, bumped per request
-	done        uint64 // highest generation a successful run covered
-	failed      uint64 // highest generation a failed run covered
-	lastErr     error
-	runs        uint64
-	lastSuccess time.Time
-	finished    chan struct{} // closed and replaced after every run
-
-	// For /metrics.
-	errors    uint64        // runs that failed
-	covered   uint64        // highest generation any finished run covered
-	startedAt time.Time     // of the run in progress
-	busy      time.Duration // time spent in runs
-	ipcache   int           // BPF ipcache entries after the last run
-}
-
-func newReconciler() reconciler {
-	return reconciler{trigger: make(chan struct{}, 1), finished: make(chan struct{})}
-}
-
-// request asks for a run and returns the generation it will cover.
-func (r *reconciler) request() uint64 {
-	r.mu.Lock()
-	r.want++
-	gen := r.want
-	r.mu.Unlock()
-	select {
-	case r.trigger <- struct{}{}:
-	default: // a run is already pending and will see this generation
-	}
-	return gen
-}
-
-// start returns the generation a run starting now covers.
-func (r *reconciler) start() uint64 {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.startedAt = time.Now()
-	return r.want
-}
-
-func (r *reconciler) finish(gen uint64, err error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.runs++
-	r.covered = max(r.covered, gen)
-	r.busy += time.Since(r.startedAt)
-	if err == nil {
-		r.done = max(r.done, gen)
-		r.lastErr = nil
-		r.lastSuccess = time.Now()
-	} else {
-		r.failed = max(r.failed, gen)
-		r.lastErr = err
-		r.errors++
-	}
-	close(r.finished)
-	r.finished = make(chan struct{})
-}
-
-// wait returns once a run covering gen succeeded, or with the error of the
-// first run covering gen that failed.
-func (r *reconciler) wait(ctx context.Context, gen uint64) error {
-	for {
-		r.mu.Lock()
-		done, failed, err, ch := r.done, r.failed, r.lastErr, r.finished
-		r.mu.Unlock()
-		switch {
-		case done >= gen:
-			return nil
-		case failed >= gen && err != nil:
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("datapath not updated within %s: %w", convergeTimeout, ctx.Err())
-		case <-ch:
-		}
-	}
-}
-
-// reconcilerMetrics is what /metrics shows of the reconciler.
-type reconcilerMetrics struct {
-	runs, errors uint64
-	pending      uint64 // requests no finished run covers yet
-	failing      bool   // the last run failed
-	lastSuccess  time.Time
-	busy         time.Duration
-	ipcache      int
-}
-
-func (r *reconciler) metrics() reconcilerMetrics {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return reconcilerMetrics{runs: r.runs, errors: r.errors, pending: r.want - r.covered,
-		failing: r.lastErr != nil, lastSuccess: r.lastSuccess, busy: r.busy, ipcache: r.ipcache}
-}
-
-func (r *reconciler) setIPCacheEntries(n int) {
-	r.mu.Lock()
-	r.ipcache = n
-	r.mu.Unlock()
-}
-
-func (r *reconciler) status() (runs uint64, lastSuccess time.Time, lastErr error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.runs, r.lastSuccess, r.lastErr
-}
-
-// converge requests a reconcile and waits for the datapath to reflect the
-// desired state as it is now.
-func (a *Agent) converge(ctx context.Context) error {
-	gen := a.rec.request()
-	ctx, cancel := context.WithTimeout(ctx, convergeTimeout)
-	defer cancel()
-	return a.rec.wait(ctx, gen)
-}
-
-// reconcileLoop is the only caller of reconcile once Run has started: one
-// run at a time, on request, retried with backoff, and periodically.
-func (a *Agent) reconcileLoop(ctx context.Context) {
-	var backoff time.Duration
-	timer := time.NewTimer(resyncInterval)
-	defer timer.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-a.rec.trigger:
-		case <-timer.C:
-		}
-		gen := a.rec.start()
-		err := a.reconcile(ctx)
-		a.rec.finish(gen, err)
-		if err != nil {
-			backoff = min(max(2*backoff, 100*time.Millisecond), maxBackoff)
-			a.log.Error("reconcile failed; retrying", "in", backoff, "err", err)
-			timer.Reset(backoff)
-			continue
-		}
-		if a.softFailed.Swap(false) {
-			// Routes or tunnels are incomplete: retry soon, without
-			// failing the run (API calls it serves succeeded).
-			backoff = min(max(2*backoff, time.Second), maxBackoff)
-			timer.Reset(backoff)
-			continue
-		}
-		backoff = 0
-		timer.Reset(resyncInterval)
-	}
-}
 
 // reconcile makes the datapath maps equal to the desired state, writing only
 // what differs. Additions go before removals, and policy entries exist
@@ -220,7 +50,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 			wantIPC[netip.PrefixFrom(ip, ip.BitLen())] = bpf.IPCacheEntry{Identity: ep.Identity}
 		}
 	}
-	if a.ipcShadow == nil || time.Since(a.ipcListedAt) >= resyncInterval {
+	if a.ipcShadow == nil || time.Since(a.ipcListedAt) >= reconcile.ResyncInterval {
 		have, err := a.dp.IPCacheList()
 		if err != nil {
 			return err
@@ -255,7 +85,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	if ipcFailed {
 		a.ipcShadow = nil // list the map again next time
 	}
-	a.rec.setIPCacheEntries(len(haveIPC)) // for /metrics, without walking the map
+	a.ipcEntries.Store(int64(len(haveIPC))) // for /metrics, without walking the map
 
 	// 2. Policy, compiled for every local endpoint. New entries first.
 	peps := make([]policy.Endpoint, 0, len(eps))
@@ -265,7 +95,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	compiled := policy.Compile(pols, peps, ids, a.cfg.ClusterName)
 	havePol, err := a.dp.PolicyList()
 	if err != nil {
-		return joinErrs(append(errs, err)...)
+		return oneline.Join(append(errs, err)...)
 	}
 	wantPol := make(map[bpf.PolicyKey]bool, len(compiled.Keys))
 	for _, k := range compiled.Keys {
@@ -286,7 +116,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		if err := a.dp.PolicySync(union); err != nil {
 			// Without the new entries, switching enforcement on would drop
 			// allowed traffic: stop here and retry.
-			return joinErrs(append(errs, fmt.Errorf("add policy entries: %w", err))...)
+			return oneline.Join(append(errs, fmt.Errorf("add policy entries: %w", err))...)
 		}
 	}
 
@@ -309,7 +139,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	}
 	haveEP, err := a.dp.EndpointList()
 	if err != nil {
-		return joinErrs(append(errs, err)...)
+		return oneline.Join(append(errs, err)...)
 	}
 	epErrs := len(errs)
 	for ip, e := range wantEP {
@@ -350,7 +180,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	}
 	haveSvc, err := a.dp.ServiceList()
 	if err != nil {
-		return joinErrs(append(errs, err)...)
+		return oneline.Join(append(errs, err)...)
 	}
 	for f, bes := range wantSvc {
 		h, ok := haveSvc[f]
@@ -376,7 +206,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		stats.routes += n
 		a.mesh.setRouteErr(err)
 		if err != nil {
-			a.softFailed.Store(true)
+			a.rec.SoftFail()
 		}
 	}
 
@@ -387,7 +217,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		n, err := a.syncEncryption(mesh)
 		stats.routes += n
 		if err != nil {
-			a.softFailed.Store(true)
+			a.rec.SoftFail()
 			a.log.Warn("wireguard: peers or tunnel routes incomplete; retrying", "err", err)
 		}
 	}
@@ -396,36 +226,8 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		a.log.Info("datapath reconciled", "ipcacheChanges", stats.ipcache, "endpointChanges", stats.endpoints,
 			"policyChanges", stats.policy, "serviceChanges", stats.services, "routeChanges", stats.routes, "errors", len(errs))
 	}
-	return joinErrs(errs...)
+	return oneline.Join(errs...)
 }
-
-// joinErrs joins errors on one line (API error messages are one line).
-func joinErrs(errs ...error) error {
-	var kept []error
-	seen := map[string]bool{}
-	for _, err := range errs {
-		if err != nil && !seen[err.Error()] {
-			seen[err.Error()] = true
-			kept = append(kept, err)
-		}
-	}
-	if len(kept) == 0 {
-		return nil
-	}
-	return multiErr(kept)
-}
-
-type multiErr []error
-
-func (m multiErr) Error() string {
-	s := make([]string, len(m))
-	for i, err := range m {
-		s[i] = err.Error()
-	}
-	return strings.Join(s, "; ")
-}
-
-func (m multiErr) Unwrap() []error { return m }
 
 type reconcileStats struct{ ipcache, endpoints, policy, services, routes int }
 
@@ -444,54 +246,4 @@ func sameEndpointInfo(a, b bpf.EndpointInfo) bool {
 	return a.ID == b.ID && a.IfIndex == b.IfIndex && a.Identity == b.Identity &&
 		a.PolicyIngress == b.PolicyIngress && a.PolicyEgress == b.PolicyEgress &&
 		bytes.Equal(a.PodMAC, b.PodMAC) && bytes.Equal(a.HostMAC, b.HostMAC)
-}
-
-// nodeAddrs lists the node's own addresses (they map to the host identity).
-// Link-local addresses are left out: they are not unique to the node.
-func nodeAddrs() ([]netip.Addr, error) {
-	list, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
-	if err != nil {
-		return nil, err
-	}
-	var out []netip.Addr
-	for _, a := range list {
-		ip, ok := netip.AddrFromSlice(a.IP)
-		if !ok {
-			continue
-		}
-		ip = ip.Unmap()
-		if ip.IsLinkLocalUnicast() || ip.IsMulticast() || ip.IsUnspecified() {
-			continue
-		}
-		out = append(out, ip)
-	}
-	return out, nil
-}
-
-// watchNodeAddrs requests a reconcile whenever a node address comes or goes,
-// so the host identity follows the node's addresses.
-func (a *Agent) watchNodeAddrs(ctx context.Context) {
-	ch := make(chan netlink.AddrUpdate, 64)
-	err := netlink.AddrSubscribeWithOptions(ch, ctx.Done(), netlink.AddrSubscribeOptions{
-		ErrorCallback: func(err error) {
-			if ctx.Err() == nil {
-				a.log.Warn("node address watch", "err", err)
-			}
-		},
-	})
-	if err != nil {
-		a.log.Warn("cannot watch node addresses; relying on periodic resync", "err", err)
-		return
-	}
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case _, ok := <-ch:
-			if !ok {
-				return
-			}
-			a.rec.request()
-		}
-	}
 }

@@ -65,10 +65,10 @@ func (a *Agent) Status(context.Context) (api.Status, error) {
 	for _, r := range slices.Sorted(maps.Keys(m)) {
 		st.Metrics = append(st.Metrics, api.Metric{Reason: r.String(), Drop: r.IsDrop(), Packets: m[r].Packets, Bytes: m[r].Bytes})
 	}
-	runs, last, lerr := a.rec.status()
-	st.Reconcile = api.ReconcileStatus{Runs: runs, LastSuccess: last}
-	if lerr != nil {
-		st.Reconcile.LastError = lerr.Error()
+	rs := a.rec.Stats()
+	st.Reconcile = api.ReconcileStatus{Runs: rs.Runs, LastSuccess: rs.LastSuccess}
+	if rs.LastErr != nil {
+		st.Reconcile.LastError = rs.LastErr.Error()
 	}
 	for _, err := range errs {
 		st.Errors = append(st.Errors, err.Error())

@@ -46,6 +46,9 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
+	"github.com/isthmus-mesh/isthmus/agent/node"
+	"github.com/isthmus-mesh/isthmus/agent/reconcile"
+	"github.com/isthmus-mesh/isthmus/agent/routes"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/gateway/wireguard"
 	"github.com/isthmus-mesh/isthmus/internal/atomicfile"
@@ -132,7 +135,7 @@ type encryption struct {
 func (a *Agent) openEncryption() (*encryption, error) {
 	// The mesh detects the node IPs later the same way; the MTU needs them
 	// now (an IPv6-only underlay costs 20 bytes more).
-	underlay, v6 := underlayMTU(a.underlayIPs())
+	underlay, v6 := node.UnderlayMTU(a.underlayIPs())
 	mtu := wireguard.MTUFor(underlay, v6)
 	if mtu < 1280 {
 		return nil, fmt.Errorf("underlay MTU %d leaves %d for WireGuard; IPv6 pods need 1280", underlay, mtu)
@@ -163,7 +166,7 @@ func (a *Agent) openEncryption() (*encryption, error) {
 func (a *Agent) setUpEncryption() error {
 	if !a.cfg.encrypted() {
 		if a.cfg.MTU == 0 {
-			a.cfg.MTU, _ = underlayMTU(a.underlayIPs())
+			a.cfg.MTU, _ = node.UnderlayMTU(a.underlayIPs())
 		}
 		if a.mesh == nil {
 			return nil // standalone agents never route through a tunnel
@@ -195,21 +198,6 @@ func (e *encryption) close() {
 	// plaintext.
 	e.dev.Close()
 	e.nl.Close()
-}
-
-// underlayMTU is the MTU of the interface holding one of ips (1500 when
-// none does), and whether the underlay is IPv6 only.
-func underlayMTU(ips []netip.Addr) (int, bool) {
-	v6 := len(ips) > 0 && !slices.ContainsFunc(ips, netip.Addr.Is4)
-	addrs, _ := netlink.AddrList(nil, netlink.FAMILY_ALL) // every link's
-	for _, ad := range addrs {
-		if a, ok := netip.AddrFromSlice(ad.IP); ok && slices.Contains(ips, a.Unmap()) {
-			if l, err := netlink.LinkByIndex(ad.LinkIndex); err == nil {
-				return l.Attrs().MTU, v6
-			}
-		}
-	}
-	return 1500, v6
 }
 
 // underlayIPs are the node's underlay addresses: --node-ip, or else those
@@ -305,9 +293,9 @@ func (a *Agent) syncEncryption(m desired.Mesh) (int, error) {
 	plan := planEncryption(m, e.dev.PublicKey(), e.nodeEnc)
 	// Most reconciles change endpoints, not nodes: skip the device and
 	// netlink round trips when the plan is the one applied last, but check
-	// the kernel again every resyncInterval to catch drift.
+	// the kernel again every reconcile.ResyncInterval to catch drift.
 	key := fmt.Sprint(plan.peers, plan.unreachable, plan.refused, plan.unencrypted, m.PodCIDRs)
-	if key == e.applied && time.Since(e.appliedAt) < resyncInterval {
+	if key == e.applied && time.Since(e.appliedAt) < reconcile.ResyncInterval {
 		return 0, nil
 	}
 	n, err := a.applyEncryption(plan, m.PodCIDRs)
@@ -451,16 +439,16 @@ func syncTableAndRules(e *encryption, link netlink.Link, plan encryptionPlan, lo
 		}
 		seen[p] = true
 		// An explicit metric: IPv6 would turn 0 into 1024.
-		want = append(want, netlink.Route{Dst: prefixToIPNet(p), LinkIndex: link.Attrs().Index, Scope: netlink.SCOPE_LINK, Priority: deviceMetric,
-			Table: EncryptionTable, Protocol: RouteProtocol, Type: unix.RTN_UNICAST})
+		want = append(want, netlink.Route{Dst: routes.IPNet(p), LinkIndex: link.Attrs().Index, Scope: netlink.SCOPE_LINK, Priority: deviceMetric,
+			Table: EncryptionTable, Protocol: routes.Protocol, Type: unix.RTN_UNICAST})
 	}
 	for _, p := range plan.unreachable {
 		p = p.Masked()
 		if slices.Contains(local, p) {
 			continue
 		}
-		want = append(want, netlink.Route{Dst: prefixToIPNet(p), Priority: unreachableMetric, Scope: netlink.SCOPE_UNIVERSE,
-			Table: EncryptionTable, Protocol: RouteProtocol, Type: unix.RTN_UNREACHABLE})
+		want = append(want, netlink.Route{Dst: routes.IPNet(p), Priority: unreachableMetric, Scope: netlink.SCOPE_UNIVERSE,
+			Table: EncryptionTable, Protocol: routes.Protocol, Type: unix.RTN_UNREACHABLE})
 	}
 	n, err := syncTable(e.nl, want)
 	r, rerr := syncRules(e.nl, wantRules(local, e.nodeEnc))
@@ -475,14 +463,14 @@ type routeKey struct {
 // syncTable makes the agent's routes in EncryptionTable equal to want.
 func syncTable(h *netlink.Handle, want []netlink.Route) (int, error) {
 	have, err := h.RouteListFiltered(netlink.FAMILY_ALL,
-		&netlink.Route{Table: EncryptionTable, Protocol: RouteProtocol},
+		&netlink.Route{Table: EncryptionTable, Protocol: routes.Protocol},
 		netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
 	if err != nil {
 		return 0, fmt.Errorf("list routes of table %d: %w", EncryptionTable, err)
 	}
 	cur := map[routeKey]netlink.Route{}
 	for _, rt := range have {
-		if p, ok := prefixOf(rt.Dst); ok {
+		if p, ok := routes.Prefix(rt.Dst); ok {
 			cur[routeKey{p, rt.Priority}] = rt
 		}
 	}
@@ -490,7 +478,7 @@ func syncTable(h *netlink.Handle, want []netlink.Route) (int, error) {
 	var errs []error
 	keep := map[routeKey]bool{}
 	for _, w := range want {
-		p, _ := prefixOf(w.Dst)
+		p, _ := routes.Prefix(w.Dst)
 		k := routeKey{p, w.Priority}
 		keep[k] = true
 		// The kernel puts IPv6 unreachable routes on lo: compare the link
@@ -535,7 +523,7 @@ func wantRules(local []netip.Prefix, nodeEnc bool) []*netlink.Rule {
 			family = netlink.FAMILY_V6
 		}
 		r := encryptionRule(family)
-		r.Src = prefixToIPNet(p)
+		r.Src = routes.IPNet(p)
 		out = append(out, r)
 	}
 	return out
@@ -550,7 +538,7 @@ func encryptionRule(family int) *netlink.Rule {
 func ruleID(r netlink.Rule) string {
 	src := ""
 	if r.Src != nil {
-		if p, ok := prefixOf(r.Src); ok {
+		if p, ok := routes.Prefix(r.Src); ok {
 			src = p.String()
 		}
 	}
@@ -642,7 +630,7 @@ func (a *Agent) RotateWireGuardKey(ctx context.Context) (api.WireGuardStatus, er
 	if err != nil {
 		return api.WireGuardStatus{}, err
 	}
-	a.rec.request()
+	a.rec.Request()
 	return *a.wireguardStatus(), nil
 }
 
