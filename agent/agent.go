@@ -37,17 +37,16 @@ import (
 	"net/netip"
 	"path/filepath"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/datapath"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
 	"github.com/isthmus-mesh/isthmus/agent/node"
 	"github.com/isthmus-mesh/isthmus/agent/reconcile"
 	"github.com/isthmus-mesh/isthmus/agent/routes"
 	"github.com/isthmus-mesh/isthmus/agent/state"
-	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
@@ -123,29 +122,6 @@ func (c Config) validate() error {
 	return errors.Join(errs...)
 }
 
-// datapath is what the agent uses of *bpf.Datapath; tests substitute a fake.
-type datapath interface {
-	AttachEndpoint(ifname string, ifindex int) error
-	DetachEndpoint(ifname string) error
-	AttachMode() string
-	IPCacheUpsert(p netip.Prefix, e bpf.IPCacheEntry) error
-	IPCacheDelete(p netip.Prefix) error
-	IPCacheList() (map[netip.Prefix]bpf.IPCacheEntry, error)
-	EndpointUpsert(ip netip.Addr, e bpf.EndpointInfo) error
-	EndpointDelete(ip netip.Addr) error
-	EndpointList() (map[netip.Addr]bpf.EndpointInfo, error)
-	ServiceUpsert(f bpf.Frontend, backends []bpf.Backend) error
-	ServiceDelete(f bpf.Frontend) error
-	ServiceList() (map[bpf.Frontend][]bpf.Backend, error)
-	PolicySync(want []bpf.PolicyKey) error
-	PolicyList() ([]bpf.PolicyKey, error)
-	Metrics() (map[bpf.Reason]bpf.Counter, error)
-	ConntrackCount() (int, error)
-	Close() error
-}
-
-var _ datapath = (*bpf.Datapath)(nil)
-
 // Agent runs one node.
 type Agent struct {
 	cfg     Config
@@ -163,11 +139,12 @@ type Agent struct {
 	mu     sync.Mutex
 	objSet desired.ObjectTable // decoded applied objects, see objects.go
 
-	dp datapath // set in Run, before the API serves
+	dp   datapath.Datapath    // set in Run, before the API serves
+	maps *datapath.Reconciler // of dp's maps
 
 	// Kernel-facing steps, replaceable in tests.
 	plumb         plumber
-	openDatapath  func(Config) (datapath, error)
+	openDatapath  func(Config) (datapath.Datapath, error)
 	nodeAddrs     func() ([]netip.Addr, error)
 	newRouter     func() (routes.Router, error)
 	detectNodeIPs func() ([]netip.Addr, error)
@@ -180,17 +157,8 @@ type Agent struct {
 	// before the first reconcile.
 	enc *encryption
 
-	rec        *reconcile.Trigger
-	metrics    *agentMetrics // set at the start of Run
-	ipcEntries atomic.Int64  // in the BPF ipcache after the last reconcile
-
-	// ipcShadow is what the reconciler last wrote to the BPF ipcache, so a
-	// reconcile diffs against memory instead of walking a map of up to
-	// hundreds of thousands of entries (two syscalls each). The map itself
-	// is listed again every reconcile.ResyncInterval, and after any write error, to
-	// catch drift. Only the reconciler touches it.
-	ipcShadow   map[netip.Prefix]bpf.IPCacheEntry
-	ipcListedAt time.Time
+	rec     *reconcile.Trigger
+	metrics *agentMetrics // set at the start of Run
 }
 
 // New validates cfg and loads the desired state from cfg.StateDir. It
@@ -213,12 +181,14 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{
-		cfg:           cfg,
-		log:           log,
-		store:         store,
-		ipam:          pool,
-		plumb:         netlinkPlumber{},
-		openDatapath:  openBPF,
+		cfg:   cfg,
+		log:   log,
+		store: store,
+		ipam:  pool,
+		plumb: netlinkPlumber{},
+		openDatapath: func(c Config) (datapath.Datapath, error) {
+			return datapath.Open(c.BPFFSRoot, c.PinDir(), c.ResetDatapath)
+		},
 		nodeAddrs:     node.Addrs,
 		newRouter:     routes.NewNetlink,
 		detectNodeIPs: node.DefaultRouteAddrs,
@@ -241,19 +211,6 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a.objSet.Set(objs)
 	return a, nil
-}
-
-func openBPF(cfg Config) (datapath, error) {
-	// The agent owns the bpffs mount its pins live on.
-	if err := bpf.EnsureBPFFS(cfg.BPFFSRoot); err != nil {
-		return nil, err
-	}
-	if cfg.ResetDatapath {
-		if err := bpf.RemovePins(cfg.PinDir()); err != nil {
-			return nil, fmt.Errorf("reset datapath: %w", err)
-		}
-	}
-	return bpf.Open(cfg.PinDir())
 }
 
 // Run brings the node to its desired state and serves the API until ctx
@@ -283,7 +240,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer dp.Close()
-	a.dp = dp
+	a.dp, a.maps = dp, datapath.NewReconciler(dp)
 	a.log.Info("datapath loaded", "pinDir", a.cfg.PinDir())
 
 	if a.mesh != nil {

@@ -194,7 +194,7 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descPolicies, float64(len(pols)))
 
 	rm := a.rec.Stats()
-	gauge(descIPCache, float64(a.ipcEntries.Load()))
+	gauge(descIPCache, float64(a.maps.IPCacheEntries()))
 	counter(descRecRuns, float64(rm.Runs))
 	counter(descRecErrors, float64(rm.Errors))
 	gauge(descRecFailing, promutil.Bool(rm.Failing))

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/datapath"
+	"github.com/isthmus-mesh/isthmus/agent/internal/agenttest"
 	"github.com/isthmus-mesh/isthmus/agent/routes"
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
@@ -23,28 +25,28 @@ import (
 // droppingDP is the fake datapath with a policy-drop counter that the test
 // raises, like a denied connection does.
 type droppingDP struct {
-	*fakeDatapath
+	*agenttest.FakeDatapath
 	drops atomic.Uint64
 }
 
 func (d *droppingDP) Metrics() (map[bpf.Reason]bpf.Counter, error) {
-	m, err := d.fakeDatapath.Metrics()
+	m, err := d.FakeDatapath.Metrics()
 	n := d.drops.Load()
 	m[bpf.ReasonDropPolicyIngr] = bpf.Counter{Packets: n, Bytes: 60 * n}
 	return m, err
 }
 
 // runAgent runs an agent on dp (any datapath) until the test ends.
-func runAgent(t *testing.T, cfg Config, dp datapath) *Agent {
+func runAgent(t *testing.T, cfg Config, dp datapath.Datapath) *Agent {
 	t.Helper()
 	a, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.plumb = newFakePlumber()
-	a.openDatapath = func(Config) (datapath, error) { return dp, nil }
+	a.plumb = agenttest.NewFakePlumber()
+	a.openDatapath = func(Config) (datapath.Datapath, error) { return dp, nil }
 	a.nodeAddrs = func() ([]netip.Addr, error) { return []netip.Addr{nodeIP}, nil }
-	a.newRouter = func() (routes.Router, error) { return &fakeRouter{routes: map[netip.Prefix]netip.Addr{}}, nil }
+	a.newRouter = func() (routes.Router, error) { return agenttest.NewFakeRouter(), nil }
 	launch(t, a)
 	return a
 }
@@ -77,7 +79,7 @@ func get(t *testing.T, c *http.Client, url string) (int, string) {
 // desired state and the reconciler, every family with HELP; the drop
 // counter follows the datapath's; /readyz is 200 once reconciled.
 func TestMetricsStandalone(t *testing.T) {
-	dp := &droppingDP{fakeDatapath: newFakeDatapath()}
+	dp := &droppingDP{FakeDatapath: agenttest.NewFakeDatapath()}
 	cfg := testConfig(t)
 	runAgent(t, cfg, dp)
 	hc := socketClient(cfg.SocketPath)
@@ -180,7 +182,8 @@ func TestMetricsTCPListener(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.dp = newFakeDatapath()
+	a.dp = agenttest.NewFakeDatapath()
+	a.maps = datapath.NewReconciler(a.dp)
 	a.metrics = newAgentMetrics(a)
 	ms, err := a.listenMetrics()
 	if err != nil {
@@ -217,8 +220,8 @@ func TestMetricsTCPListener(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a2.openDatapath = func(Config) (datapath, error) { return newFakeDatapath(), nil }
-	a2.plumb = newFakePlumber()
+	a2.openDatapath = func(Config) (datapath.Datapath, error) { return agenttest.NewFakeDatapath(), nil }
+	a2.plumb = agenttest.NewFakePlumber()
 	err = a2.Run(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "--metrics-addr "+ms.Addr()) {
 		t.Errorf("Run with the metrics port taken = %v, want an error naming --metrics-addr", err)
@@ -232,7 +235,7 @@ func TestMetricsClusterMode(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.KVStoreEndpoints = []string{"http://" + etcdtest.FreeAddr(t)}
 	cfg.NodeIPs = []netip.Addr{netip.MustParseAddr("192.0.2.11")}
-	runAgent(t, cfg, newFakeDatapath())
+	runAgent(t, cfg, agenttest.NewFakeDatapath())
 	hc := socketClient(cfg.SocketPath)
 	code, body := get(t, hc, "http://agent/readyz")
 	var e struct{ Error string }
@@ -252,7 +255,7 @@ func TestMetricsClusterMode(t *testing.T) {
 	e2 := etcdtest.Start(t)
 	kv := kvClient(t, e2)
 	writeClusterConfig(t, kv, "c1", 1, "10.1.0.0/16", "fd00:1::/48")
-	n := startMesh(t, meshConfig(t, e2, "n1", "192.0.2.11", "10.1.1.0/24", "fd00:1:0:1::/64"), newFakeDatapath(), newFakePlumber())
+	n := startMesh(t, meshConfig(t, e2, "n1", "192.0.2.11", "10.1.1.0/24", "fd00:1:0:1::/64"), agenttest.NewFakeDatapath(), agenttest.NewFakePlumber())
 	n.meshSynced(t)
 	if _, err := n.client.AddEndpoint(context.Background(), api.EndpointRequest{Name: "web", Netns: "/netns/web", Labels: map[string]string{"app": "web"}}); err != nil {
 		t.Fatal(err)
