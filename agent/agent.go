@@ -42,6 +42,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/datapath"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
+	"github.com/isthmus-mesh/isthmus/agent/encryption"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
 	"github.com/isthmus-mesh/isthmus/agent/node"
 	"github.com/isthmus-mesh/isthmus/agent/reconcile"
@@ -113,7 +114,7 @@ func (c Config) validate() error {
 	if c.MTU != 0 && (c.MTU < 1280 || c.MTU > 65535) {
 		errs = append(errs, fmt.Errorf("MTU %d out of range 1280-65535 (IPv6 needs at least 1280)", c.MTU))
 	}
-	errs = append(errs, c.validateEncryption()...)
+	errs = append(errs, encryption.Validate(c.Encryption, c.NodeEncryption, c.ClusterMode(), c.WireGuardPort)...)
 	if c.ClusterMode() {
 		errs = append(errs, c.validateClusterMode()...)
 	} else if c.KVStoreBundle != "" || len(c.NodeIPs) > 0 {
@@ -155,7 +156,7 @@ type Agent struct {
 	routes routes.Router
 	// enc is the WireGuard device (nil without encryption), set in Run
 	// before the first reconcile.
-	enc *encryption
+	enc *encryption.WireGuard
 
 	rec     *reconcile.Trigger
 	metrics *agentMetrics // set at the start of Run
@@ -253,7 +254,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := a.setUpEncryption(); err != nil {
 		return err
 	}
-	defer a.enc.close()
+	defer a.enc.Close()
 	a.restoreEndpoints(ctx)
 	a.collectGarbage(ctx)
 	gen := a.rec.Start()

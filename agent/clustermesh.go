@@ -404,7 +404,7 @@ func (a *Agent) publishLocked() {
 	for _, e := range a.store.Endpoints() {
 		eps = append(eps, meshsync.Endpoint{Name: e.Name, Namespace: e.Namespace, IPs: e.IPs, Identity: e.Identity})
 	}
-	wgKey, wgPort := a.wireguardPublication()
+	wgKey, wgPort := a.enc.Publication()
 	recs, err := meshsync.Records(meshsync.NodeInfo{
 		Local:              meshsync.Local{Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, Node: a.cfg.NodeName},
 		IPs:                m.getNodeIPs(),

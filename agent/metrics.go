@@ -219,7 +219,7 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 
-	if wg := a.wireguardStatus(); wg != nil {
+	if wg := a.enc.Status(); wg != nil {
 		gauge(descWGPeers, float64(len(wg.Peers)))
 		gauge(descWGUnencrypted, float64(len(wg.Unencrypted)))
 		gauge(descWGRefused, float64(len(wg.Refused)))

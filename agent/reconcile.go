@@ -35,7 +35,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		}
 	}
 	if a.enc != nil {
-		n, err := a.syncEncryption(want.Mesh)
+		n, err := a.enc.Sync(want.Mesh)
 		routeChanges += n
 		if err != nil {
 			a.rec.SoftFail()

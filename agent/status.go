@@ -74,6 +74,6 @@ func (a *Agent) Status(context.Context) (api.Status, error) {
 		st.Errors = append(st.Errors, err.Error())
 	}
 	st.ClusterMesh = a.clusterMeshStatus()
-	st.WireGuard = a.wireguardStatus()
+	st.WireGuard = a.enc.Status()
 	return st, nil
 }

@@ -1,4 +1,4 @@
-package agent
+package encryption
 
 import (
 	"net/netip"
@@ -19,7 +19,7 @@ const (
 	keyS = "SSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSA="
 )
 
-func nodeRecord(cluster, name, key string, ip string, cidr string) records.Node {
+func node(cluster, name, key string, ip string, cidr string) records.Node {
 	return records.Node{Name: name, Cluster: cluster, IPs: []netip.Addr{netip.MustParseAddr(ip)},
 		PodCIDRs: []netip.Prefix{netip.MustParsePrefix(cidr)}, WireGuardPublicKey: key}
 }
@@ -28,14 +28,14 @@ func TestPlanEncryption(t *testing.T) {
 	m := desired.Mesh{Ready: true, Cluster: "c1", Node: "n1", NodeIPs: []netip.Addr{netip.MustParseAddr("192.0.2.1")},
 		PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.1.1.0/24")},
 		View: meshsync.View{Nodes: []records.Node{
-			nodeRecord("c1", "n1", keyS, "192.0.2.1", "10.1.1.0/24"), // this node
-			nodeRecord("c1", "n2", keyA, "192.0.2.2", "10.1.2.0/24"),
-			nodeRecord("c2", "n1", keyB, "198.51.100.1", "10.2.1.0/24"),
-			nodeRecord("c2", "n2", "", "198.51.100.2", "10.2.2.0/24"),     // no encryption
-			nodeRecord("c2", "n3", keyC, "198.51.100.3", "10.2.3.0/24"),   // copies c2/n4's key
-			nodeRecord("c2", "n4", keyC, "198.51.100.4", "10.2.4.0/24"),   // copies c2/n3's key
-			nodeRecord("c2", "n5", keyS, "198.51.100.5", "10.2.5.0/24"),   // copies this node's key
-			nodeRecord("c2", "n6", keyA+"", "2001:db8::6", "10.2.6.0/24"), // key of c1/n2 too
+			node("c1", "n1", keyS, "192.0.2.1", "10.1.1.0/24"), // this node
+			node("c1", "n2", keyA, "192.0.2.2", "10.1.2.0/24"),
+			node("c2", "n1", keyB, "198.51.100.1", "10.2.1.0/24"),
+			node("c2", "n2", "", "198.51.100.2", "10.2.2.0/24"),     // no encryption
+			node("c2", "n3", keyC, "198.51.100.3", "10.2.3.0/24"),   // copies c2/n4's key
+			node("c2", "n4", keyC, "198.51.100.4", "10.2.4.0/24"),   // copies c2/n3's key
+			node("c2", "n5", keyS, "198.51.100.5", "10.2.5.0/24"),   // copies this node's key
+			node("c2", "n6", keyA+"", "2001:db8::6", "10.2.6.0/24"), // key of c1/n2 too
 		}}}
 	m.View.Nodes[2].WireGuardPort = 5000
 	p := planEncryption(m, keyS, false)
@@ -82,7 +82,7 @@ func TestEncryptionRoutingConverges(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &encryption{nl: h}
+	e := &WireGuard{nl: h}
 	plan := encryptionPlan{
 		routes:      []netip.Prefix{netip.MustParsePrefix("10.2.1.0/24"), netip.MustParsePrefix("fd00:2:0:1::/64")},
 		unreachable: []netip.Prefix{netip.MustParsePrefix("10.2.1.0/24"), netip.MustParsePrefix("fd00:2:0:1::/64"), netip.MustParsePrefix("10.2.2.0/24")},
