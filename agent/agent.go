@@ -44,6 +44,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/encryption"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
+	"github.com/isthmus-mesh/isthmus/agent/metrics"
 	"github.com/isthmus-mesh/isthmus/agent/node"
 	"github.com/isthmus-mesh/isthmus/agent/reconcile"
 	"github.com/isthmus-mesh/isthmus/agent/routes"
@@ -54,6 +55,10 @@ import (
 
 // RouteProtocol marks the routes the agent installs ("proto 73").
 const RouteProtocol = routes.Protocol
+
+// DefaultMetricsAddr is where isthmus-agent serves /metrics, /healthz and
+// /readyz over TCP unless told otherwise.
+const DefaultMetricsAddr = metrics.DefaultAddr
 
 // Config is the node's configuration.
 type Config struct {
@@ -69,7 +74,7 @@ type Config struct {
 	// the datapath: every flow and every program attachment starts over.
 	ResetDatapath bool
 	// MetricsAddr is host:port for GET /metrics, /healthz and /readyz over
-	// plain HTTP (metrics.go); "" turns that listener off. The API socket
+	// plain HTTP (agent/metrics); "" turns that listener off. The API socket
 	// serves the same paths regardless.
 	MetricsAddr string
 
@@ -159,7 +164,7 @@ type Agent struct {
 	enc *encryption.WireGuard
 
 	rec     *reconcile.Trigger
-	metrics *agentMetrics // set at the start of Run
+	metrics *metrics.Registry // set at the start of Run
 }
 
 // New validates cfg and loads the desired state from cfg.StateDir. It
@@ -226,8 +231,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer ln.Close()
-	a.metrics = newAgentMetrics(a)
-	ms, err := a.listenMetrics()
+	a.metrics = metrics.New(a.metricsSources())
+	ms, err := a.metrics.Listen(a.cfg.MetricsAddr)
 	if err != nil {
 		return err
 	}
@@ -283,7 +288,7 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	a.log.Info("agent ready", "socket", a.cfg.SocketPath, "cluster", a.cfg.ClusterName, "podCIDRs", a.cfg.PodCIDRs,
 		"endpoints", len(a.store.Endpoints()), "attachMode", dp.AttachMode(), "clusterMode", a.cfg.ClusterMode())
-	err = api.NewServer(a, a.log).WithHealth(a.metrics.handler, a.notReady).Serve(ctx, ln)
+	err = api.NewServer(a, a.log).WithHealth(a.metrics.Handler(), a.metrics.NotReady).Serve(ctx, ln)
 	stopErr := context.Cause(ctx)
 	cancel(nil)
 	wg.Wait()
@@ -293,6 +298,22 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.log.Info("agent stopped; datapath stays pinned and attached")
 	return err
+}
+
+// metricsSources are what /metrics reads at scrape time.
+func (a *Agent) metricsSources() metrics.Sources {
+	return metrics.Sources{
+		Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, ClusterMode: a.cfg.ClusterMode(), Log: a.log,
+		Datapath: func() datapath.Datapath { return a.dp },
+		Desired: func() metrics.Counts {
+			svcs, pols := a.objects().Split()
+			return metrics.Counts{Endpoints: len(a.store.Endpoints()), Identities: len(a.ids.List()), Services: len(svcs), Policies: len(pols)}
+		},
+		Reconcile:      a.rec.Stats,
+		IPCacheEntries: func() int { return a.maps.IPCacheEntries() },
+		ClusterMesh:    a.clusterMeshStatus,
+		WireGuard:      func() *api.WireGuardStatus { return a.enc.Status() },
+	}
 }
 
 // Ensure the agent serves the whole API.

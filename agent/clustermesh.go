@@ -163,7 +163,7 @@ func (m *clusterMesh) getNodeIPs() []netip.Addr {
 // retrying cannot fix (the cluster-config does not match this node).
 func (a *Agent) runClusterMesh(ctx context.Context) error {
 	m := a.mesh
-	kcfg := kvstore.Config{Endpoints: a.cfg.KVStoreEndpoints, Logger: a.log, Metrics: a.kvMetrics()}
+	kcfg := kvstore.Config{Endpoints: a.cfg.KVStoreEndpoints, Logger: a.log, Metrics: a.metrics.KV()}
 	if a.cfg.KVStoreBundle != "" {
 		tlsCfg, err := meshsync.LoadBundle(a.cfg.KVStoreBundle, a.cfg.ClusterName)
 		if err != nil {
