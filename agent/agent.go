@@ -40,10 +40,12 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/clustermode"
 	"github.com/isthmus-mesh/isthmus/agent/datapath"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/encryption"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
+	"github.com/isthmus-mesh/isthmus/agent/meshsync"
 	"github.com/isthmus-mesh/isthmus/agent/metrics"
 	"github.com/isthmus-mesh/isthmus/agent/node"
 	"github.com/isthmus-mesh/isthmus/agent/reconcile"
@@ -59,6 +61,9 @@ const RouteProtocol = routes.Protocol
 // DefaultMetricsAddr is where isthmus-agent serves /metrics, /healthz and
 // /readyz over TCP unless told otherwise.
 const DefaultMetricsAddr = metrics.DefaultAddr
+
+// DefaultLeaseTTL is the default TTL of a node's records in etcd.
+const DefaultLeaseTTL = clustermode.DefaultLeaseTTL
 
 // Config is the node's configuration.
 type Config struct {
@@ -121,7 +126,7 @@ func (c Config) validate() error {
 	}
 	errs = append(errs, encryption.Validate(c.Encryption, c.NodeEncryption, c.ClusterMode(), c.WireGuardPort)...)
 	if c.ClusterMode() {
-		errs = append(errs, c.validateClusterMode()...)
+		errs = append(errs, clustermode.Validate(c.KVStoreEndpoints, c.KVStoreBundle, c.NodeIPs, c.LeaseTTL)...)
 	} else if c.KVStoreBundle != "" || len(c.NodeIPs) > 0 {
 		errs = append(errs, errors.New("--kvstore-bundle and --node-ip need --kvstore-endpoints (cluster mode)"))
 	}
@@ -157,7 +162,7 @@ type Agent struct {
 
 	// Cluster mode only (nil in standalone mode): the etcd source of
 	// desired state (clustermesh.go), and the routes to other nodes.
-	mesh   *clusterMesh
+	mesh   *clustermode.Mesh
 	routes routes.Router
 	// enc is the WireGuard device (nil without encryption), set in Run
 	// before the first reconcile.
@@ -202,8 +207,17 @@ func New(cfg Config) (*Agent, error) {
 	}
 	if cfg.ClusterMode() {
 		// Identities are global: allocated in the cluster's etcd.
-		a.mesh = newClusterMesh(cfg, log, func() { a.rec.Request() })
-		a.ids = meshIdentities{a.mesh}
+		a.mesh = clustermode.New(clustermode.Config{
+			Local:     meshsync.Local{Cluster: cfg.ClusterName, ClusterID: cfg.ClusterID, Node: cfg.NodeName},
+			Endpoints: cfg.KVStoreEndpoints, Bundle: cfg.KVStoreBundle, NodeIPs: cfg.NodeIPs, PodCIDRs: cfg.PodCIDRs,
+			LeaseTTL: cfg.LeaseTTL, Log: log, Store: store, Lock: &a.mu,
+			Request:       func() { a.rec.Request() },
+			Converge:      func(ctx context.Context) error { return a.rec.Converge(ctx) },
+			Objects:       a.objects,
+			WireGuard:     func() (string, int) { return a.enc.Publication() },
+			DetectNodeIPs: func() ([]netip.Addr, error) { return a.detectNodeIPs() },
+		})
+		a.ids = a.mesh.Identities()
 	} else {
 		ids, err := identity.NewLocal(filepath.Join(cfg.StateDir, "identities.json"), cfg.ClusterID)
 		if err != nil {
@@ -280,7 +294,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		// etcd is one more source of desired state; the datapath already
 		// serves from local state while it connects.
 		wg.Go(func() {
-			if err := a.runClusterMesh(ctx); err != nil {
+			if err := a.mesh.Run(ctx, a.metrics.KV()); err != nil {
 				cancel(fmt.Errorf("cluster mode: %w", err))
 			}
 		})
@@ -311,7 +325,7 @@ func (a *Agent) metricsSources() metrics.Sources {
 		},
 		Reconcile:      a.rec.Stats,
 		IPCacheEntries: func() int { return a.maps.IPCacheEntries() },
-		ClusterMesh:    a.clusterMeshStatus,
+		ClusterMesh:    a.mesh.Status,
 		WireGuard:      func() *api.WireGuardStatus { return a.enc.Status() },
 	}
 }

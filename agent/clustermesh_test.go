@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/clustermode"
 	"github.com/isthmus-mesh/isthmus/agent/datapath"
 	"github.com/isthmus-mesh/isthmus/agent/internal/agenttest"
 	"github.com/isthmus-mesh/isthmus/agent/routes"
@@ -349,7 +350,7 @@ func TestClusterModeRestartWithoutEtcd(t *testing.T) {
 		bs, _ := n1.service(f)
 		return len(bs) == 3, fmt.Sprint(bs)
 	})
-	time.Sleep(2*persistInterval + 100*time.Millisecond) // let node1 persist the applied objects
+	time.Sleep(2*clustermode.PersistInterval + 100*time.Millisecond) // let node1 persist the applied objects
 	before, _ := dp1.IPCacheList()
 	beforeSvc, _ := dp1.ServiceList()
 	beforeEP, _ := dp1.EndpointList()

@@ -136,7 +136,7 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointRequest) (api.E
 	if err := a.rec.Converge(ctx); err != nil {
 		return fail(fmt.Errorf("the datapath did not take endpoint %s/%s, so it was rolled back: %w", ns, name, err))
 	}
-	a.meshEndpointAdded(e)
+	a.mesh.EndpointAddedLocked(e)
 	a.log.Info("endpoint added", "namespace", ns, "name", name, "ips", ips, "identity", id, "interface", hostIf, "id", e.ID)
 	return toAPI(e), nil
 }
@@ -163,7 +163,7 @@ func (a *Agent) DeleteEndpoint(ctx context.Context, namespace, name string) erro
 		a.log.Warn("datapath not yet updated after endpoint delete", "namespace", namespace, "name", name, "err", err)
 	}
 	err := a.teardown(ctx, e)
-	a.meshEndpointDeleted(e.Key())
+	a.mesh.EndpointDeletedLocked(e.Key())
 	if err != nil {
 		return fmt.Errorf("endpoint %s/%s was removed, but cleaning up after it failed (retried when the agent restarts): %w", namespace, name, err)
 	}
@@ -188,7 +188,7 @@ func (a *Agent) teardown(ctx context.Context, e state.Endpoint) error {
 	}
 	// In cluster mode only a reference this process took is released: one
 	// of an earlier run expires with that run's lease.
-	if e.Identity != 0 && (a.mesh == nil || a.mesh.isReferenced(e.Key())) {
+	if e.Identity != 0 && (a.mesh == nil || a.mesh.IsReferenced(e.Key())) {
 		if a.mesh != nil {
 			// The etcd allocator may be unreachable: the endpoint is gone
 			// locally either way, and the reference is dropped once etcd

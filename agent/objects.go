@@ -17,8 +17,8 @@ import (
 func (a *Agent) objects() desired.Objects {
 	// In cluster mode etcd is the source once it was listed; until then
 	// the objects persisted by the last run keep the datapath as it was.
-	if a.mesh != nil && a.mesh.tables.ObjectsListed() {
-		return desired.Objects(a.mesh.tables.Objects())
+	if objs, ok := a.mesh.Objects(); ok {
+		return objs
 	}
 	return a.objSet.Get()
 }
@@ -44,7 +44,7 @@ func (a *Agent) Apply(ctx context.Context, data []byte) (api.ApplyResult, error)
 		return api.ApplyResult{}, api.WithStatus(http.StatusBadRequest, err)
 	}
 	if a.mesh != nil {
-		return a.applyMesh(ctx, objs)
+		return a.mesh.Apply(ctx, objs)
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -116,7 +116,7 @@ func (a *Agent) ListObjects(ctx context.Context, kind string) ([]api.Object, err
 		kind = k
 	}
 	if a.mesh != nil {
-		return a.listMeshObjects(ctx, kind)
+		return a.mesh.ListObjects(ctx, kind)
 	}
 	set := a.objects()
 	var out []api.Object
@@ -146,7 +146,7 @@ func (a *Agent) DeleteObject(ctx context.Context, kind, namespace, name string) 
 	}
 	key := k + "/" + namespace + "/" + name
 	if a.mesh != nil {
-		return a.deleteMeshObject(ctx, key)
+		return a.mesh.DeleteObject(ctx, key)
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()

@@ -29,7 +29,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	if a.routes != nil {
 		n, err := a.routes.SyncRoutes(want.Mesh.PodRoutes(), want.Mesh.Ready)
 		routeChanges += n
-		a.mesh.setRouteErr(err)
+		a.mesh.SetRouteErr(err)
 		if err != nil {
 			a.rec.SoftFail()
 		}
@@ -53,7 +53,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 func (a *Agent) desiredState() (desired.State, error) {
 	svcs, pols := a.objects().Split()
 	s := desired.State{Cluster: a.cfg.ClusterName, Endpoints: a.store.Endpoints(), Services: svcs, Policies: pols,
-		Identities: a.ids, Mesh: a.meshState()}
+		Identities: a.ids, Mesh: a.mesh.Desired()}
 	addrs, err := a.nodeAddrs()
 	if err != nil {
 		return s, fmt.Errorf("list node addresses: %w", err)

@@ -73,7 +73,7 @@ func (a *Agent) Status(context.Context) (api.Status, error) {
 	for _, err := range errs {
 		st.Errors = append(st.Errors, err.Error())
 	}
-	st.ClusterMesh = a.clusterMeshStatus()
+	st.ClusterMesh = a.mesh.Status()
 	st.WireGuard = a.enc.Status()
 	return st, nil
 }

@@ -83,7 +83,7 @@ func (a *Agent) RotateWireGuardKey(ctx context.Context) (api.WireGuardStatus, er
 	a.mu.Lock()
 	err := a.enc.Rotate()
 	if err == nil {
-		a.publishLocked()
+		a.mesh.PublishLocked()
 	}
 	a.mu.Unlock()
 	if err != nil {

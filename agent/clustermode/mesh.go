@@ -1,12 +1,13 @@
-package agent
-
-// Cluster mode (--kvstore-endpoints): the agent works with its cluster's
-// etcd. The etcd side lives in agent/meshsync; this file wires it in:
+// Package clustermode is the agent's cluster mode (--kvstore-endpoints): the
+// cluster's etcd as a source of desired state. The etcd side (publisher,
+// watchers, tables) lives in agent/meshsync; this package runs it for one
+// node:
 //
 //	connect (background, backoff) ─▶ check isthmus/cluster-config/<cluster>
 //	   ─▶ lease ─▶ identity.NewEtcd (global IDs) ─▶ re-reference the local
 //	   endpoints' identities ─▶ Publisher (node + ipcache records, leased)
-//	meshsync.Watch ─▶ meshsync.Tables ─▶ reconcile (ipcache, policy,
+//	meshsync.Watch ─▶ meshsync.Tables ─▶ Desired, Objects, Identities ─▶ the
+//	   reconcilers (ipcache, policy,
 //	   services with remote backends, routes to other nodes' pod CIDRs)
 //
 // The datapath starts from local state before any of this: the pinned maps
@@ -14,6 +15,7 @@ package agent
 // reconciler only adds (see desired.Mesh.Ready). Losing etcd later changes
 // nothing in the tables; the watchers' re-list after a reconnect converges
 // them.
+package clustermode
 
 import (
 	"context"
@@ -47,9 +49,9 @@ const DefaultLeaseTTL = 60 * time.Second
 const (
 	// healthInterval is how often the etcd connection is probed for status.
 	healthInterval = 5 * time.Second
-	// persistInterval bounds how often the applied objects read from etcd
+	// PersistInterval bounds how often the applied objects read from etcd
 	// are written to the state dir (for a restart while etcd is away).
-	persistInterval = 2 * time.Second
+	PersistInterval = 2 * time.Second
 	// retryInterval is how often identity references that could not be
 	// taken are tried again.
 	retryInterval = 5 * time.Second
@@ -58,29 +60,54 @@ const (
 	allocateTimeout = 15 * time.Second
 )
 
-func (c Config) validateClusterMode() []error {
+// Validate checks the cluster-mode flags.
+func Validate(endpoints []string, bundle string, nodeIPs []netip.Addr, leaseTTL time.Duration) []error {
 	var errs []error
-	for _, ep := range c.KVStoreEndpoints {
+	for _, ep := range endpoints {
 		if !strings.HasPrefix(ep, "https://") && !strings.HasPrefix(ep, "http://") {
 			errs = append(errs, fmt.Errorf("kvstore endpoint %q: want https://host:port", ep))
 		}
-		if strings.HasPrefix(ep, "https://") && c.KVStoreBundle == "" {
+		if strings.HasPrefix(ep, "https://") && bundle == "" {
 			errs = append(errs, fmt.Errorf("kvstore endpoint %s uses TLS: --kvstore-bundle is required", ep))
 		}
 	}
-	for _, ip := range c.NodeIPs {
+	for _, ip := range nodeIPs {
 		if !ip.IsValid() || ip.IsUnspecified() || ip.IsMulticast() || ip.IsLoopback() || ip.Is4In6() || ip.Zone() != "" {
 			errs = append(errs, fmt.Errorf("node IP %s: want a unicast underlay address", ip))
 		}
 	}
-	if c.LeaseTTL < 0 || (c.LeaseTTL > 0 && c.LeaseTTL < 2*time.Second) {
-		errs = append(errs, fmt.Errorf("lease TTL %s: at least 2s", c.LeaseTTL))
+	if leaseTTL < 0 || (leaseTTL > 0 && leaseTTL < 2*time.Second) {
+		errs = append(errs, fmt.Errorf("lease TTL %s: at least 2s", leaseTTL))
 	}
 	return errs
 }
 
-// clusterMesh is the agent's cluster-mode state; nil in standalone mode.
-type clusterMesh struct {
+// Config is what cluster mode needs: the node, the flags, and hooks into
+// the rest of the agent.
+type Config struct {
+	Local     meshsync.Local
+	Endpoints []string       // etcd client URLs of the cluster's server
+	Bundle    string         // directory with ca.crt, client.crt, client.key
+	NodeIPs   []netip.Addr   // underlay; none: DetectNodeIPs
+	PodCIDRs  []netip.Prefix // this node's
+	LeaseTTL  time.Duration  // of the node's records; 0: DefaultLeaseTTL
+	Log       *slog.Logger
+
+	Store *state.Store // the local endpoints (and the persisted objects)
+	// Lock is the local API's lock: endpoint changes made here take it,
+	// and callers of the *Locked methods hold it.
+	Lock sync.Locker
+
+	Request       func()                      // ask for a reconcile
+	Converge      func(context.Context) error // request one and wait for it
+	Objects       func() desired.Objects      // the applied objects the reconciler reads
+	WireGuard     func() (key string, port int)
+	DetectNodeIPs func() ([]netip.Addr, error)
+}
+
+// Mesh is the agent's cluster-mode state; nil in standalone mode.
+type Mesh struct {
+	cfg    Config
 	log    *slog.Logger
 	tables *meshsync.Tables
 
@@ -99,18 +126,19 @@ type clusterMesh struct {
 	persisted map[string]objects.Object
 }
 
-func newClusterMesh(cfg Config, log *slog.Logger, onChange func()) *clusterMesh {
-	return &clusterMesh{
-		log: log,
-		tables: meshsync.NewTables(meshsync.Local{Cluster: cfg.ClusterName, ClusterID: cfg.ClusterID, Node: cfg.NodeName},
-			log, onChange),
+// New returns the cluster mode of one node; Run connects it.
+func New(cfg Config) *Mesh {
+	return &Mesh{
+		cfg:        cfg,
+		log:        cfg.Log,
+		tables:     meshsync.NewTables(cfg.Local, cfg.Log, cfg.Request),
 		nodeIPs:    slices.Clone(cfg.NodeIPs),
 		referenced: map[string]bool{},
-		lastErr:    fmt.Errorf("connecting to %s", strings.Join(cfg.KVStoreEndpoints, ",")),
+		lastErr:    fmt.Errorf("connecting to %s", strings.Join(cfg.Endpoints, ",")),
 	}
 }
 
-func (m *clusterMesh) setErr(err error) {
+func (m *Mesh) setErr(err error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.lastErr = err
@@ -119,7 +147,9 @@ func (m *clusterMesh) setErr(err error) {
 	}
 }
 
-func (m *clusterMesh) setRouteErr(err error) {
+// SetRouteErr records the result of the last route sync for the status
+// (nil: the routes are in place).
+func (m *Mesh) SetRouteErr(err error) {
 	msg := ""
 	if err != nil {
 		msg = err.Error()
@@ -133,13 +163,13 @@ func (m *clusterMesh) setRouteErr(err error) {
 	}
 }
 
-func (m *clusterMesh) allocator() *identity.Etcd {
+func (m *Mesh) allocator() *identity.Etcd {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.alloc
 }
 
-func (m *clusterMesh) kv() (*kvstore.Client, error) {
+func (m *Mesh) kv() (*kvstore.Client, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.client == nil {
@@ -152,36 +182,36 @@ func (m *clusterMesh) kv() (*kvstore.Client, error) {
 	return m.client, nil
 }
 
-func (m *clusterMesh) getNodeIPs() []netip.Addr {
+func (m *Mesh) getNodeIPs() []netip.Addr {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return slices.Clone(m.nodeIPs)
 }
 
-// runClusterMesh connects to etcd and runs everything that rides on it
-// until ctx ends. It returns an error only for a configuration that
-// retrying cannot fix (the cluster-config does not match this node).
-func (a *Agent) runClusterMesh(ctx context.Context) error {
-	m := a.mesh
-	kcfg := kvstore.Config{Endpoints: a.cfg.KVStoreEndpoints, Logger: a.log, Metrics: a.metrics.KV()}
-	if a.cfg.KVStoreBundle != "" {
-		tlsCfg, err := meshsync.LoadBundle(a.cfg.KVStoreBundle, a.cfg.ClusterName)
+// Run connects to etcd and runs everything that rides on it until ctx
+// ends, counting the etcd client's calls into kvMetrics (may be nil). It
+// returns an error only for a configuration that retrying cannot fix (the
+// cluster-config does not match this node).
+func (m *Mesh) Run(ctx context.Context, kvMetrics *kvstore.Metrics) error {
+	kcfg := kvstore.Config{Endpoints: m.cfg.Endpoints, Logger: m.log, Metrics: kvMetrics}
+	if m.cfg.Bundle != "" {
+		tlsCfg, err := meshsync.LoadBundle(m.cfg.Bundle, m.cfg.Local.Cluster)
 		if err != nil {
 			return err
 		}
 		kcfg.TLS = tlsCfg
 	}
-	ttl := a.cfg.LeaseTTL
+	ttl := m.cfg.LeaseTTL
 	if ttl == 0 {
 		ttl = DefaultLeaseTTL
 	}
-	local := meshsync.Local{Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, Node: a.cfg.NodeName}
+	local := m.cfg.Local
 
 	// Each step is retried with backoff until it works; only a
 	// cluster-config that contradicts this node's flags is final.
 	if len(m.getNodeIPs()) == 0 {
 		ips, err := retry(ctx, m, "determine the node's underlay address (pass --node-ip)", func() ([]netip.Addr, error) {
-			ips, err := a.detectNodeIPs()
+			ips, err := m.cfg.DetectNodeIPs()
 			if err == nil && len(ips) == 0 {
 				err = errors.New("the interface of the default route has no global address")
 			}
@@ -193,7 +223,7 @@ func (a *Agent) runClusterMesh(ctx context.Context) error {
 		m.mu.Lock()
 		m.nodeIPs = ips
 		m.mu.Unlock()
-		a.log.Info("clustermesh: node IPs from the default route's interface", "ips", ips)
+		m.log.Info("clustermesh: node IPs from the default route's interface", "ips", ips)
 	}
 	client, err := retry(ctx, m, "connect to the kvstore", func() (*kvstore.Client, error) {
 		return kvstore.Connect(ctx, kcfg) // re-dials by itself afterwards
@@ -203,7 +233,7 @@ func (a *Agent) runClusterMesh(ctx context.Context) error {
 	}
 	defer client.Close()
 	cfg, err := retry(ctx, m, "read the cluster-config", func() (records.ClusterConfig, error) {
-		cfg, found, err := meshsync.CheckClusterConfig(ctx, client, local, a.cfg.PodCIDRs)
+		cfg, found, err := meshsync.CheckClusterConfig(ctx, client, local, m.cfg.PodCIDRs)
 		if err == nil && !found {
 			err = fmt.Errorf("%s does not exist yet (is the cluster's isthmus-clustermesh running?)", records.ClusterConfigKey(local.Cluster))
 		}
@@ -214,7 +244,7 @@ func (a *Agent) runClusterMesh(ctx context.Context) error {
 	} else if err != nil {
 		return nil
 	}
-	a.log.Info("clustermesh: cluster-config matches", "cluster", cfg.Name, "id", cfg.ID, "podCIDRs", cfg.PodCIDRs)
+	m.log.Info("clustermesh: cluster-config matches", "cluster", cfg.Name, "id", cfg.ID, "podCIDRs", cfg.PodCIDRs)
 	lease, err := retry(ctx, m, "grant the node's lease", func() (*kvstore.Lease, error) {
 		return client.GrantLease(ctx, ttl)
 	})
@@ -229,35 +259,35 @@ func (a *Agent) runClusterMesh(ctx context.Context) error {
 		return nil
 	}
 	alloc, err := identity.NewEtcd(client, local.Cluster, local.ClusterID, local.Node,
-		identity.WithLease(lease), identity.WithLogger(a.log))
+		identity.WithLease(lease), identity.WithLogger(m.log))
 	if err != nil {
 		return err
 	}
-	pub := meshsync.NewPublisher(client, lease, a.log)
+	pub := meshsync.NewPublisher(client, lease, m.log)
 	if err := pub.AdoptStale(ctx, local.Cluster, m.getNodeIPs()); err != nil {
-		a.log.Warn("clustermesh: cannot look for records of an earlier run; they expire with their lease", "err", err)
+		m.log.Warn("clustermesh: cannot look for records of an earlier run; they expire with their lease", "err", err)
 	}
 	m.mu.Lock()
 	m.client, m.alloc, m.pub = client, alloc, pub
 	m.connected, m.lastErr = true, nil
 	m.mu.Unlock()
-	a.log.Info("clustermesh: connected", "endpoints", a.cfg.KVStoreEndpoints, "leaseTTL", ttl)
+	m.log.Info("clustermesh: connected", "endpoints", m.cfg.Endpoints, "leaseTTL", ttl)
 
 	var wg sync.WaitGroup
 	wg.Go(func() { meshsync.Watch(ctx, client, m.tables) })
 	wg.Go(func() { pub.Run(ctx) })
-	wg.Go(func() { a.meshMaintenance(ctx) })
+	wg.Go(func() { m.maintain(ctx) })
 	wg.Wait()
 	return nil
 }
 
-// meshMaintenance takes identity references that are still missing,
-// publishes, persists the applied objects and probes the connection.
-func (a *Agent) meshMaintenance(ctx context.Context) {
-	a.referenceIdentities(ctx)
+// maintain takes identity references that are still missing, publishes,
+// persists the applied objects and probes the connection.
+func (m *Mesh) maintain(ctx context.Context) {
+	m.referenceIdentities(ctx)
 	health := time.NewTicker(healthInterval)
 	defer health.Stop()
-	persist := time.NewTicker(persistInterval)
+	persist := time.NewTicker(PersistInterval)
 	defer persist.Stop()
 	refs := time.NewTicker(retryInterval)
 	defer refs.Stop()
@@ -266,24 +296,23 @@ func (a *Agent) meshMaintenance(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-health.C:
-			a.probeKVStore(ctx)
+			m.probeKVStore(ctx)
 		case <-persist.C:
-			a.persistMeshObjects()
+			m.persistObjects()
 		case <-refs.C:
-			a.referenceIdentities(ctx)
+			m.referenceIdentities(ctx)
 		}
 	}
 }
 
-func (a *Agent) probeKVStore(ctx context.Context) {
-	m := a.mesh
+func (m *Mesh) probeKVStore(ctx context.Context) {
 	c, err := m.kv()
 	if err != nil {
 		return
 	}
 	pctx, cancel := context.WithTimeout(ctx, healthInterval-time.Second)
 	defer cancel()
-	_, _, err = c.Get(pctx, records.ClusterConfigKey(a.cfg.ClusterName))
+	_, _, err = c.Get(pctx, records.ClusterConfigKey(m.cfg.Local.Cluster))
 	if ctx.Err() != nil {
 		return
 	}
@@ -291,13 +320,13 @@ func (a *Agent) probeKVStore(ctx context.Context) {
 	defer m.mu.Unlock()
 	if err != nil {
 		if m.connected {
-			a.log.Warn("clustermesh: lost the kvstore; the datapath keeps its state", "err", err)
+			m.log.Warn("clustermesh: lost the kvstore; the datapath keeps its state", "err", err)
 		}
 		m.connected, m.lastErr = false, err
 		return
 	}
 	if !m.connected {
-		a.log.Info("clustermesh: kvstore reachable again")
+		m.log.Info("clustermesh: kvstore reachable again")
 	}
 	m.connected, m.lastErr = true, nil
 }
@@ -308,36 +337,36 @@ func (a *Agent) probeKVStore(ctx context.Context) {
 // have another ID (the old one was collected meanwhile), the endpoint
 // moves to it. Then the node's records are published. etcd is called
 // without the API lock, so a slow etcd does not stall the local API.
-func (a *Agent) referenceIdentities(ctx context.Context) {
-	m := a.mesh
+func (m *Mesh) referenceIdentities(ctx context.Context) {
+	store := m.cfg.Store
 	alloc := m.allocator()
 	if alloc == nil {
 		return
 	}
 	changed := false
-	for _, e := range a.store.Endpoints() {
-		if m.isReferenced(e.Key()) {
+	for _, e := range store.Endpoints() {
+		if m.IsReferenced(e.Key()) {
 			continue
 		}
 		actx, cancel := context.WithTimeout(ctx, allocateTimeout)
-		id, err := alloc.Allocate(actx, desired.IdentityLabels(a.cfg.ClusterName, e.Namespace, e.Labels))
+		id, err := alloc.Allocate(actx, desired.IdentityLabels(m.cfg.Local.Cluster, e.Namespace, e.Labels))
 		cancel()
 		if err != nil {
-			a.log.Warn("clustermesh: cannot reference the endpoint's identity; retrying", "endpoint", e.Key(), "err", err)
+			m.log.Warn("clustermesh: cannot reference the endpoint's identity; retrying", "endpoint", e.Key(), "err", err)
 			continue
 		}
-		a.mu.Lock()
-		cur, ok := a.store.Endpoint(e.Namespace, e.Name)
+		m.cfg.Lock.Lock()
+		cur, ok := store.Endpoint(e.Namespace, e.Name)
 		switch {
-		case !ok || cur.ID != e.ID || m.isReferenced(e.Key()):
+		case !ok || cur.ID != e.ID || m.IsReferenced(e.Key()):
 			// Deleted (or replaced) meanwhile: the reference is not needed.
-			a.logErr("release identity", alloc.Release(ctx, id))
+			m.logErr("release identity", alloc.Release(ctx, id))
 		case id != cur.Identity:
-			a.log.Warn("clustermesh: endpoint's identity changed in etcd", "endpoint", e.Key(), "old", cur.Identity, "new", id)
+			m.log.Warn("clustermesh: endpoint's identity changed in etcd", "endpoint", e.Key(), "old", cur.Identity, "new", id)
 			cur.Identity = id
-			if err := a.store.PutEndpoint(cur); err != nil {
-				a.log.Error("clustermesh: update endpoint", "endpoint", e.Key(), "err", err)
-				a.logErr("release identity", alloc.Release(ctx, id))
+			if err := store.PutEndpoint(cur); err != nil {
+				m.log.Error("clustermesh: update endpoint", "endpoint", e.Key(), "err", err)
+				m.logErr("release identity", alloc.Release(ctx, id))
 				break
 			}
 			m.setReferenced(e.Key(), true)
@@ -345,23 +374,25 @@ func (a *Agent) referenceIdentities(ctx context.Context) {
 		default:
 			m.setReferenced(e.Key(), true)
 		}
-		a.mu.Unlock()
+		m.cfg.Lock.Unlock()
 	}
 	if changed {
-		a.rec.Request()
+		m.cfg.Request()
 	}
-	a.mu.Lock()
-	a.publishLocked()
-	a.mu.Unlock()
+	m.cfg.Lock.Lock()
+	m.PublishLocked()
+	m.cfg.Lock.Unlock()
 }
 
-func (m *clusterMesh) isReferenced(key string) bool {
+// IsReferenced reports whether this process holds a reference in etcd on
+// the identity of the endpoint with key.
+func (m *Mesh) IsReferenced(key string) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.referenced[key]
 }
 
-func (m *clusterMesh) setReferenced(key string, on bool) {
+func (m *Mesh) setReferenced(key string, on bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if on {
@@ -371,29 +402,32 @@ func (m *clusterMesh) setReferenced(key string, on bool) {
 	}
 }
 
-// meshEndpointAdded runs after an endpoint was added (its identity was
-// allocated through etcd in this process).
-func (a *Agent) meshEndpointAdded(e state.Endpoint) {
-	if a.mesh == nil {
+// EndpointAddedLocked runs after an endpoint was added (its identity was
+// allocated through etcd in this process); nothing on a nil Mesh.
+func (m *Mesh) EndpointAddedLocked(e state.Endpoint) {
+	if m == nil {
 		return
 	}
-	a.mesh.setReferenced(e.Key(), true)
-	a.publishLocked()
+	m.setReferenced(e.Key(), true)
+	m.PublishLocked()
 }
 
-// meshEndpointDeleted runs after an endpoint was deleted.
-func (a *Agent) meshEndpointDeleted(key string) {
-	if a.mesh == nil {
+// EndpointDeletedLocked runs after an endpoint was deleted; nothing on a
+// nil Mesh.
+func (m *Mesh) EndpointDeletedLocked(key string) {
+	if m == nil {
 		return
 	}
-	a.mesh.setReferenced(key, false)
-	a.publishLocked()
+	m.setReferenced(key, false)
+	m.PublishLocked()
 }
 
-// publishLocked hands the node's records to the publisher; callers hold
-// a.mu, so the endpoints read are the ones the API settled.
-func (a *Agent) publishLocked() {
-	m := a.mesh
+// PublishLocked hands the node's records to the publisher; callers hold
+// the API lock, so the endpoints read are the ones the API settled.
+func (m *Mesh) PublishLocked() {
+	if m == nil {
+		return
+	}
 	m.mu.Lock()
 	pub := m.pub
 	m.mu.Unlock()
@@ -401,30 +435,29 @@ func (a *Agent) publishLocked() {
 		return
 	}
 	var eps []meshsync.Endpoint
-	for _, e := range a.store.Endpoints() {
+	for _, e := range m.cfg.Store.Endpoints() {
 		eps = append(eps, meshsync.Endpoint{Name: e.Name, Namespace: e.Namespace, IPs: e.IPs, Identity: e.Identity})
 	}
-	wgKey, wgPort := a.enc.Publication()
+	wgKey, wgPort := m.cfg.WireGuard()
 	recs, err := meshsync.Records(meshsync.NodeInfo{
-		Local:              meshsync.Local{Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, Node: a.cfg.NodeName},
+		Local:              m.cfg.Local,
 		IPs:                m.getNodeIPs(),
-		PodCIDRs:           a.cfg.PodCIDRs,
+		PodCIDRs:           m.cfg.PodCIDRs,
 		BootID:             node.BootID(),
 		WireGuardPublicKey: wgKey,
 		WireGuardPort:      wgPort,
 	}, eps)
 	if err != nil {
-		a.log.Error("clustermesh: cannot build the node's records", "err", err)
+		m.log.Error("clustermesh: cannot build the node's records", "err", err)
 		return
 	}
 	pub.Set(recs)
 }
 
-// persistMeshObjects writes the applied objects read from etcd to the
-// state dir, so that an agent restarted while etcd is unreachable starts
-// with the same services and policies.
-func (a *Agent) persistMeshObjects() {
-	m := a.mesh
+// persistObjects writes the applied objects read from etcd to the state
+// dir, so that an agent restarted while etcd is unreachable starts with the
+// same services and policies.
+func (m *Mesh) persistObjects() {
 	if !m.tables.ObjectsListed() {
 		return
 	}
@@ -435,7 +468,7 @@ func (a *Agent) persistMeshObjects() {
 	if prev != nil && maps.Equal(prev, cur) {
 		return
 	}
-	stored := a.store.Objects()
+	stored := m.cfg.Store.Objects()
 	put := map[string][]byte{}
 	for k, o := range cur {
 		raw, err := json.Marshal(o)
@@ -454,11 +487,11 @@ func (a *Agent) persistMeshObjects() {
 	}
 	if prev == nil && len(del) > 0 {
 		slices.Sort(del)
-		a.log.Warn("clustermesh: objects applied on this node before are not in the cluster's etcd and no longer apply; apply them again to the cluster", "objects", del)
+		m.log.Warn("clustermesh: objects applied on this node before are not in the cluster's etcd and no longer apply; apply them again to the cluster", "objects", del)
 	}
 	if len(put) > 0 || len(del) > 0 {
-		if err := a.store.UpdateObjects(put, del); err != nil {
-			a.log.Warn("clustermesh: cannot persist the applied objects", "err", err)
+		if err := m.cfg.Store.UpdateObjects(put, del); err != nil {
+			m.log.Warn("clustermesh: cannot persist the applied objects", "err", err)
 			return
 		}
 	}
@@ -471,7 +504,7 @@ func (a *Agent) persistMeshObjects() {
 // to 15 s) and recording the failure as the cluster-mode status. It gives
 // up when ctx ends (with ctx's error) or when f fails with
 // meshsync.ErrClusterConfig, which retrying cannot fix.
-func retry[T any](ctx context.Context, m *clusterMesh, what string, f func() (T, error)) (T, error) {
+func retry[T any](ctx context.Context, m *Mesh, what string, f func() (T, error)) (T, error) {
 	b := backoff.Backoff{Min: 200 * time.Millisecond, Max: 15 * time.Second}
 	for {
 		v, err := f()
@@ -490,11 +523,11 @@ func retry[T any](ctx context.Context, m *clusterMesh, what string, f func() (T,
 	}
 }
 
-// meshIdentities is the identity.Allocator of cluster mode: allocations go
-// to etcd once connected; lookups see every cluster's identities.
-type meshIdentities struct{ m *clusterMesh }
+// Identities is the identity.Allocator of cluster mode: allocations go to
+// etcd once connected; lookups see every cluster's identities.
+func (m *Mesh) Identities() identity.Allocator { return meshIdentities{m} }
 
-var _ identity.Allocator = meshIdentities{}
+type meshIdentities struct{ m *Mesh }
 
 func (i meshIdentities) Allocate(ctx context.Context, l identity.Labels) (uint32, error) {
 	alloc := i.m.allocator()
@@ -550,15 +583,15 @@ func (i meshIdentities) List() []identity.Identity {
 	return ids
 }
 
-// clusterMeshStatus is the "clustermesh" section of the status.
-func (a *Agent) clusterMeshStatus() *api.ClusterMeshStatus {
-	m := a.mesh
+// Status is the "clustermesh" section of the status; nil on a nil Mesh
+// (standalone mode).
+func (m *Mesh) Status() *api.ClusterMeshStatus {
 	if m == nil {
 		return nil
 	}
 	m.mu.Lock()
 	st := &api.ClusterMeshStatus{
-		KVStoreEndpoints: slices.Clone(a.cfg.KVStoreEndpoints),
+		KVStoreEndpoints: slices.Clone(m.cfg.Endpoints),
 		Connected:        m.connected,
 		NodeIPs:          slices.Clone(m.nodeIPs),
 	}
@@ -587,12 +620,29 @@ func (a *Agent) clusterMeshStatus() *api.ClusterMeshStatus {
 	return st
 }
 
-// meshState is the mesh's part of one reconcile run's desired state.
-func (a *Agent) meshState() desired.Mesh {
-	if a.mesh == nil {
+// Desired is the mesh's part of one reconcile run's desired state; empty
+// and ready on a nil Mesh (standalone mode).
+func (m *Mesh) Desired() desired.Mesh {
+	if m == nil {
 		return desired.Mesh{Ready: true}
 	}
-	v := a.mesh.tables.View()
-	return desired.Mesh{Ready: v.Ready, Cluster: a.cfg.ClusterName, Node: a.cfg.NodeName,
-		NodeIPs: a.mesh.getNodeIPs(), PodCIDRs: a.cfg.PodCIDRs, View: v}
+	v := m.tables.View()
+	return desired.Mesh{Ready: v.Ready, Cluster: m.cfg.Local.Cluster, Node: m.cfg.Local.Node,
+		NodeIPs: m.getNodeIPs(), PodCIDRs: m.cfg.PodCIDRs, View: v}
+}
+
+// Objects returns the applied objects read from etcd, once they were
+// listed (ok); until then the objects persisted by the last run keep the
+// datapath as it was.
+func (m *Mesh) Objects() (objs desired.Objects, ok bool) {
+	if m == nil || !m.tables.ObjectsListed() {
+		return nil, false
+	}
+	return desired.Objects(m.tables.Objects()), true
+}
+
+func (m *Mesh) logErr(what string, err error) {
+	if err != nil {
+		m.log.Error(what, "err", err)
+	}
 }
