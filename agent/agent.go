@@ -45,6 +45,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/encryption"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
+	"github.com/isthmus-mesh/isthmus/agent/localapi"
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
 	"github.com/isthmus-mesh/isthmus/agent/metrics"
 	"github.com/isthmus-mesh/isthmus/agent/node"
@@ -154,7 +155,7 @@ type Agent struct {
 	maps *datapath.Reconciler // of dp's maps
 
 	// Kernel-facing steps, replaceable in tests.
-	plumb         plumber
+	plumb         localapi.Plumber
 	openDatapath  func(Config) (datapath.Datapath, error)
 	nodeAddrs     func() ([]netip.Addr, error)
 	newRouter     func() (routes.Router, error)
@@ -196,7 +197,7 @@ func New(cfg Config) (*Agent, error) {
 		log:   log,
 		store: store,
 		ipam:  pool,
-		plumb: netlinkPlumber{},
+		plumb: localapi.NetlinkPlumber{},
 		openDatapath: func(c Config) (datapath.Datapath, error) {
 			return datapath.Open(c.BPFFSRoot, c.PinDir(), c.ResetDatapath)
 		},
@@ -274,8 +275,13 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer a.enc.Close()
-	a.restoreEndpoints(ctx)
-	a.collectGarbage(ctx)
+	local := localapi.New(localapi.Config{
+		Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, MTU: a.cfg.MTU, Started: a.started, Log: a.log,
+		Lock: &a.mu, Store: a.store, IPAM: a.ipam, Identities: a.ids, LocalObjects: &a.objSet, Objects: a.objects,
+		Datapath: dp, Plumb: a.plumb, Reconcile: a.rec, Mesh: a.mesh, WireGuard: a.enc,
+	})
+	local.RestoreEndpoints(ctx)
+	local.CollectGarbage(ctx)
 	gen := a.rec.Start()
 	err = a.reconcile(ctx)
 	a.rec.Finish(gen, err)
@@ -302,7 +308,7 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	a.log.Info("agent ready", "socket", a.cfg.SocketPath, "cluster", a.cfg.ClusterName, "podCIDRs", a.cfg.PodCIDRs,
 		"endpoints", len(a.store.Endpoints()), "attachMode", dp.AttachMode(), "clusterMode", a.cfg.ClusterMode())
-	err = api.NewServer(a, a.log).WithHealth(a.metrics.Handler(), a.metrics.NotReady).Serve(ctx, ln)
+	err = api.NewServer(local, a.log).WithHealth(a.metrics.Handler(), a.metrics.NotReady).Serve(ctx, ln)
 	stopErr := context.Cause(ctx)
 	cancel(nil)
 	wg.Wait()
@@ -329,9 +335,3 @@ func (a *Agent) metricsSources() metrics.Sources {
 		WireGuard:      func() *api.WireGuardStatus { return a.enc.Status() },
 	}
 }
-
-// Ensure the agent serves the whole API.
-var _ api.Backend = (*Agent)(nil)
-
-// ownerOf is the IPAM owner of an endpoint.
-func ownerOf(namespace, name string) string { return state.EndpointKey(namespace, name) }

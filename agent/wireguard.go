@@ -1,12 +1,9 @@
 package agent
 
 import (
-	"context"
 	"fmt"
-	"net/http"
 	"net/netip"
 
-	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/encryption"
 	"github.com/isthmus-mesh/isthmus/agent/node"
 )
@@ -71,24 +68,4 @@ func (a *Agent) underlayIPs() []netip.Addr {
 	}
 	ips, _ := a.detectNodeIPs()
 	return ips
-}
-
-// RotateWireGuardKey implements api.Backend: a new key, applied to the
-// device, written to the key file and published. Peers switch to it when
-// the node record reaches them; flows pause for about one handshake.
-func (a *Agent) RotateWireGuardKey(ctx context.Context) (api.WireGuardStatus, error) {
-	if a.enc == nil {
-		return api.WireGuardStatus{}, api.Errorf(http.StatusConflict, "encryption is off on this node (start the agent with --encryption=wireguard)")
-	}
-	a.mu.Lock()
-	err := a.enc.Rotate()
-	if err == nil {
-		a.mesh.PublishLocked()
-	}
-	a.mu.Unlock()
-	if err != nil {
-		return api.WireGuardStatus{}, err
-	}
-	a.rec.Request()
-	return *a.enc.Status(), nil
 }
