@@ -1,32 +1,31 @@
-// Package agent is the Isthmus node agent: it turns what users ask for on the
-// local API (endpoints, Services, NetworkPolicies) into veths, routes and
-// eBPF map entries on one node.
+// Package agent is the Isthmus node agent: it turns what users ask for on
+// the local API (endpoints, Services, NetworkPolicies), and in cluster mode
+// what the mesh holds in etcd, into veths, eBPF map entries, routes and
+// WireGuard peers on one node. This file is the wiring; every concern is a
+// package of its own.
 //
-// Data flows one way:
+// Data flows one way: sources → desired state → reconcilers → kernel.
 //
-//	local API (agent/api)                      cluster's etcd (cluster mode only)
-//	   │  validate, allocate (ipam,               │  meshsync.Watch: nodes, ipcache,
-//	   │  identity), plumb the pod                │  identities, services, applied
-//	   │  (agent/endpoint)                        │  objects; remote clusters once synced
-//	   ▼                                          ▼
-//	desired state (agent/state, on disk       meshsync.Tables (typed, validated)
-//	before anything else changes)                 │
-//	   │  trigger (coalescing)  ◀─────────────────┘
-//	   ▼
-//	reconciler (reconcile.go), the only writer of the maps:
-//	   identities ─▶ ipcache   every endpoint IP (of the mesh), nodes, the world
-//	   policy.Compile ─▶ endpoints map (enforcement flags) and policy map
-//	   service.Resolve (+ service.Merge) ─▶ services and backends maps
-//	   routes to other nodes' pod CIDRs (cluster mode)
+//	sources                   desired state                reconcilers
+//	───────                   ─────────────                ───────────
+//	local API (localapi):     endpoints (state.Store,      datapath:   BPF maps
+//	  validate, allocate,  ─┐   on disk first)           ┌▶  ipcache, policy,
+//	  plumb (endpoint)      │ applied objects (desired)  │   endpoints, services
+//	cluster's etcd          ├▶ identities (identity,     ├▶ routes:     other nodes'
+//	  (clustermode over     │   local or in etcd)        │   pod CIDRs
+//	  meshsync)            ─┤ the mesh (desired.Mesh)    └▶ encryption: WireGuard
+//	node addresses (node)  ─┘ node addresses               peers, table 73
+//	                                 │
+//	              one desired.State per run (reconcile, below)
 //
-// In cluster mode (clustermesh.go) the node also publishes its node record
-// and endpoints to etcd (meshsync.Publisher), allocates identities there
-// (identity.NewEtcd), and apply/get/delete act on the cluster's etcd.
-//
-// Reconcile compares the desired state with what the pinned maps hold and
-// writes only the difference, so a restarted agent, which finds its maps and
-// program links pinned in bpffs, changes nothing that is already right: no
-// flush, no gap in traffic.
+// Sources write desired state and ask reconcile.Trigger for a run; its
+// loop runs the reconcilers one after the other, on request, with backoff
+// after a failure and every minute. API calls that change desired state
+// return once a run took it (Converge). Reconcilers diff against what the
+// kernel holds and write only the difference, so a restarted agent, which
+// finds its maps and program links pinned in bpffs, changes nothing that is
+// already right: no flush, no gap in traffic. agent/metrics reads all of it
+// at scrape time, like `isthmus status`.
 package agent
 
 import (
@@ -44,6 +43,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/datapath"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/encryption"
+	"github.com/isthmus-mesh/isthmus/agent/internal/oneline"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
 	"github.com/isthmus-mesh/isthmus/agent/localapi"
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
@@ -53,86 +53,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/routes"
 	"github.com/isthmus-mesh/isthmus/agent/state"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
-	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
-
-// RouteProtocol marks the routes the agent installs ("proto 73").
-const RouteProtocol = routes.Protocol
-
-// DefaultMetricsAddr is where isthmus-agent serves /metrics, /healthz and
-// /readyz over TCP unless told otherwise.
-const DefaultMetricsAddr = metrics.DefaultAddr
-
-// DefaultLeaseTTL is the default TTL of a node's records in etcd.
-const DefaultLeaseTTL = clustermode.DefaultLeaseTTL
-
-// Config is the node's configuration.
-type Config struct {
-	NodeName    string
-	ClusterName string
-	ClusterID   uint32
-	PodCIDRs    []netip.Prefix // at most one IPv4 and one IPv6
-	StateDir    string         // endpoints, objects, IPAM and identity state
-	SocketPath  string         // local API
-	BPFFSRoot   string         // maps and links are pinned in <BPFFSRoot>/isthmus/<NodeName>
-	MTU         int            // of pod veths; 0: the underlay's, minus WireGuard's overhead when encrypting
-	// ResetDatapath removes this node's pinned maps and links before loading
-	// the datapath: every flow and every program attachment starts over.
-	ResetDatapath bool
-	// MetricsAddr is host:port for GET /metrics, /healthz and /readyz over
-	// plain HTTP (agent/metrics); "" turns that listener off. The API socket
-	// serves the same paths regardless.
-	MetricsAddr string
-
-	// Cluster mode: on when KVStoreEndpoints is set (see clustermesh.go).
-	KVStoreEndpoints []string      // etcd client URLs of the cluster's server
-	KVStoreBundle    string        // directory with ca.crt, client.crt, client.key
-	NodeIPs          []netip.Addr  // underlay; default: the default route's interface's
-	LeaseTTL         time.Duration // of the node's records; default 60s
-
-	// Transparent encryption (wireguard.go), cluster mode only.
-	Encryption      string // EncryptionNone ("" too) or EncryptionWireGuard
-	NodeEncryption  bool   // encrypt node-to-node traffic too
-	WireGuardPort   int    // UDP port; 0 means 51871
-	WireGuardDevice string // device name, unique on the host; "" derives one
-}
-
-// ClusterMode reports whether the agent works with its cluster's etcd.
-func (c Config) ClusterMode() bool { return len(c.KVStoreEndpoints) > 0 }
-
-// PinDir is where the node's datapath is pinned.
-func (c Config) PinDir() string {
-	return filepath.Join(c.BPFFSRoot, "isthmus", c.NodeName)
-}
-
-func (c Config) validate() error {
-	var errs []error
-	if !desired.DNSLabel(c.NodeName) {
-		errs = append(errs, fmt.Errorf("node name %q must be a DNS label (lower-case letters, digits and '-', at most 63)", c.NodeName))
-	}
-	if !desired.DNSLabel(c.ClusterName) || len(c.ClusterName) > records.MaxClusterNameLen {
-		errs = append(errs, fmt.Errorf("cluster name %q must be a DNS label of at most %d characters (lower-case letters, digits and '-')", c.ClusterName, records.MaxClusterNameLen))
-	}
-	if c.ClusterID < 1 || c.ClusterID > identity.MaxClusterID {
-		errs = append(errs, fmt.Errorf("cluster ID %d out of range 1-%d", c.ClusterID, identity.MaxClusterID))
-	}
-	if len(c.PodCIDRs) == 0 {
-		errs = append(errs, errors.New("no pod CIDR configured (one IPv4 and/or one IPv6 CIDR)"))
-	}
-	if c.StateDir == "" || c.SocketPath == "" || c.BPFFSRoot == "" {
-		errs = append(errs, errors.New("state dir, socket path and bpffs root are required"))
-	}
-	if c.MTU != 0 && (c.MTU < 1280 || c.MTU > 65535) {
-		errs = append(errs, fmt.Errorf("MTU %d out of range 1280-65535 (IPv6 needs at least 1280)", c.MTU))
-	}
-	errs = append(errs, encryption.Validate(c.Encryption, c.NodeEncryption, c.ClusterMode(), c.WireGuardPort)...)
-	if c.ClusterMode() {
-		errs = append(errs, clustermode.Validate(c.KVStoreEndpoints, c.KVStoreBundle, c.NodeIPs, c.LeaseTTL)...)
-	} else if c.KVStoreBundle != "" || len(c.NodeIPs) > 0 {
-		errs = append(errs, errors.New("--kvstore-bundle and --node-ip need --kvstore-endpoints (cluster mode)"))
-	}
-	return errors.Join(errs...)
-}
 
 // Agent runs one node.
 type Agent struct {
@@ -141,18 +62,11 @@ type Agent struct {
 	started time.Time
 
 	// Desired state and the allocators behind it.
-	store *state.Store
-	ipam  *ipam.IPAM
-	ids   identity.Allocator
-
-	// mu serialises API mutations (endpoint add/delete, apply, delete): each
-	// sees the state the previous one left and waits for the datapath to
-	// take it before the next one starts. The reconciler never takes it.
-	mu     sync.Mutex
-	objSet desired.ObjectTable // decoded applied objects, see objects.go
-
-	dp   datapath.Datapath    // set in Run, before the API serves
-	maps *datapath.Reconciler // of dp's maps
+	store  *state.Store
+	ipam   *ipam.IPAM
+	ids    identity.Allocator
+	objSet desired.ObjectTable // objects applied on this node, or persisted from etcd
+	mu     sync.Mutex          // the local API's lock (localapi.Config.Lock)
 
 	// Kernel-facing steps, replaceable in tests.
 	plumb         localapi.Plumber
@@ -161,13 +75,13 @@ type Agent struct {
 	newRouter     func() (routes.Router, error)
 	detectNodeIPs func() ([]netip.Addr, error)
 
-	// Cluster mode only (nil in standalone mode): the etcd source of
-	// desired state (clustermesh.go), and the routes to other nodes.
-	mesh   *clustermode.Mesh
-	routes routes.Router
-	// enc is the WireGuard device (nil without encryption), set in Run
-	// before the first reconcile.
-	enc *encryption.WireGuard
+	mesh *clustermode.Mesh // the etcd source; nil in standalone mode
+
+	// Reconcilers, set in Run before the first reconcile.
+	dp     datapath.Datapath
+	maps   *datapath.Reconciler
+	routes routes.Router         // cluster mode only
+	enc    *encryption.WireGuard // nil without encryption
 
 	rec     *reconcile.Trigger
 	metrics *metrics.Registry // set at the start of Run
@@ -193,10 +107,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{
-		cfg:   cfg,
-		log:   log,
-		store: store,
-		ipam:  pool,
+		cfg: cfg, log: log, store: store, ipam: pool,
 		plumb: localapi.NetlinkPlumber{},
 		openDatapath: func(c Config) (datapath.Datapath, error) {
 			return datapath.Open(c.BPFFSRoot, c.PinDir(), c.ResetDatapath)
@@ -253,6 +164,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	defer ms.Close()
 
+	// The reconcilers.
 	if err := a.plumb.PrepareNode(); err != nil {
 		return err
 	}
@@ -263,18 +175,24 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer dp.Close()
 	a.dp, a.maps = dp, datapath.NewReconciler(dp)
 	a.log.Info("datapath loaded", "pinDir", a.cfg.PinDir())
-
 	if a.mesh != nil {
-		r, err := a.newRouter()
-		if err != nil {
+		if a.routes, err = a.newRouter(); err != nil {
 			return err
 		}
-		a.routes = r
 	}
-	if err := a.setUpEncryption(); err != nil {
+	a.enc, a.cfg.MTU, err = encryption.Setup(encryption.Config{
+		Cluster: a.cfg.ClusterName, Node: a.cfg.NodeName, Device: a.cfg.WireGuardDevice, Port: a.cfg.WireGuardPort,
+		NodeEncryption: a.cfg.NodeEncryption, StateDir: a.cfg.StateDir, Log: a.log,
+		// The mesh detects the node IPs later the same way; the MTU needs
+		// them now (an IPv6-only underlay costs 20 bytes more).
+		Underlay: func() (int, bool) { return node.UnderlayMTU(a.underlayIPs()) },
+	}, a.cfg.encrypted(), a.mesh != nil, a.cfg.MTU)
+	if err != nil {
 		return err
 	}
 	defer a.enc.Close()
+
+	// The local source, which also repairs what a crash left.
 	local := localapi.New(localapi.Config{
 		Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, MTU: a.cfg.MTU, Started: a.started, Log: a.log,
 		Lock: &a.mu, Store: a.store, IPAM: a.ipam, Identities: a.ids, LocalObjects: &a.objSet, Objects: a.objects,
@@ -318,6 +236,80 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.log.Info("agent stopped; datapath stays pinned and attached")
 	return err
+}
+
+// reconcile is one run: the reconcilers in order over one snapshot of the
+// desired state. Routes and tunnels that cannot be made concern traffic to
+// some nodes only: they are reported in the status and retried soon
+// (SoftFail), and do not fail the run, which would roll back unrelated API
+// calls.
+func (a *Agent) reconcile(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	want, err := a.desiredState()
+	if err != nil {
+		return err
+	}
+	res, err := a.maps.Sync(want)
+	if err != nil {
+		return err
+	}
+	routeChanges := 0
+	if a.routes != nil {
+		n, err := a.routes.SyncRoutes(want.Mesh.PodRoutes(), want.Mesh.Ready)
+		routeChanges += n
+		a.mesh.SetRouteErr(err)
+		if err != nil {
+			a.rec.SoftFail()
+		}
+	}
+	if a.enc != nil {
+		n, err := a.enc.Sync(want.Mesh)
+		routeChanges += n
+		if err != nil {
+			a.rec.SoftFail()
+			a.log.Warn("wireguard: peers or tunnel routes incomplete; retrying", "err", err)
+		}
+	}
+	if res.Changes()+routeChanges > 0 {
+		a.log.Info("datapath reconciled", "ipcacheChanges", res.IPCache, "endpointChanges", res.Endpoints,
+			"policyChanges", res.Policy, "serviceChanges", res.Services, "routeChanges", routeChanges, "errors", len(res.Errs))
+	}
+	return oneline.Join(res.Errs...)
+}
+
+// desiredState is what one reconcile run converges to.
+func (a *Agent) desiredState() (desired.State, error) {
+	svcs, pols := a.objects().Split()
+	s := desired.State{Cluster: a.cfg.ClusterName, Endpoints: a.store.Endpoints(), Services: svcs, Policies: pols,
+		Identities: a.ids, Mesh: a.mesh.Desired()}
+	addrs, err := a.nodeAddrs()
+	if err != nil {
+		return s, fmt.Errorf("list node addresses: %w", err)
+	}
+	s.HostAddrs = addrs
+	return s, nil
+}
+
+// objects are the applied objects: in cluster mode etcd's once it was
+// listed; until then the objects persisted by the last run keep the
+// datapath as it was.
+func (a *Agent) objects() desired.Objects {
+	if objs, ok := a.mesh.Objects(); ok {
+		return objs
+	}
+	return a.objSet.Get()
+}
+
+// underlayIPs are the node's underlay addresses: --node-ip, or else those
+// the mesh would detect (the default route's interface's).
+func (a *Agent) underlayIPs() []netip.Addr {
+	if len(a.cfg.NodeIPs) > 0 {
+		return a.cfg.NodeIPs
+	}
+	ips, _ := a.detectNodeIPs()
+	return ips
 }
 
 // metricsSources are what /metrics reads at scrape time.

@@ -105,19 +105,19 @@ type Config struct {
 	Port           int    // 0 means wireguard.DefaultListenPort
 	NodeEncryption bool   // node-to-node traffic too
 	StateDir       string // the key and the saved peers
-	// UnderlayMTU is the MTU of the node's underlay interface, and
-	// UnderlayV6 whether it is IPv6 only (20 bytes more overhead).
-	UnderlayMTU int
-	UnderlayV6  bool
-	Log         *slog.Logger
+	// Underlay returns the MTU of the node's underlay interface, and
+	// whether it is IPv6 only (20 bytes more overhead).
+	Underlay func() (mtu int, v6 bool)
+	Log      *slog.Logger
 }
 
 // Open creates the device; the key file lives in the state dir, so a
 // restarted agent keeps its key.
 func Open(cfg Config) (*WireGuard, error) {
-	mtu := wireguard.MTUFor(cfg.UnderlayMTU, cfg.UnderlayV6)
+	underlay, v6 := cfg.Underlay()
+	mtu := wireguard.MTUFor(underlay, v6)
 	if mtu < 1280 {
-		return nil, fmt.Errorf("underlay MTU %d leaves %d for WireGuard; IPv6 pods need 1280", cfg.UnderlayMTU, mtu)
+		return nil, fmt.Errorf("underlay MTU %d leaves %d for WireGuard; IPv6 pods need 1280", underlay, mtu)
 	}
 	name := cfg.Device
 	if name == "" {
