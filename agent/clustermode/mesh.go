@@ -6,9 +6,9 @@
 //	connect (background, backoff) ─▶ check isthmus/cluster-config/<cluster>
 //	   ─▶ lease ─▶ identity.NewEtcd (global IDs) ─▶ re-reference the local
 //	   endpoints' identities ─▶ Publisher (node + ipcache records, leased)
-//	meshsync.Watch ─▶ meshsync.Tables ─▶ Desired, Objects, Identities ─▶ the
-//	   reconcilers (ipcache, policy,
-//	   services with remote backends, routes to other nodes' pod CIDRs)
+//	meshsync.Watch ─▶ meshsync.Tables ─▶ Desired, Objects, Identities
+//	   ─▶ the reconcilers (ipcache, policy, services with remote
+//	   backends, routes to other nodes' pod CIDRs, WireGuard peers)
 //
 // The datapath starts from local state before any of this: the pinned maps
 // keep serving, and until every watched prefix has been listed once the
