@@ -1,32 +1,31 @@
-// Package agent is the Isthmus node agent: it turns what users ask for on the
-// local API (endpoints, Services, NetworkPolicies) into veths, routes and
-// eBPF map entries on one node.
+// Package agent is the Isthmus node agent: it turns what users ask for on
+// the local API (endpoints, Services, NetworkPolicies), and in cluster mode
+// what the mesh holds in etcd, into veths, eBPF map entries, routes and
+// WireGuard peers on one node. This file is the wiring; every concern is a
+// package of its own.
 //
-// Data flows one way:
+// Data flows one way: sources → desired state → reconcilers → kernel.
 //
-//	local API (agent/api)                      cluster's etcd (cluster mode only)
-//	   │  validate, allocate (ipam,               │  meshsync.Watch: nodes, ipcache,
-//	   │  identity), plumb the pod                │  identities, services, applied
-//	   │  (agent/endpoint)                        │  objects; remote clusters once synced
-//	   ▼                                          ▼
-//	desired state (agent/state, on disk       meshsync.Tables (typed, validated)
-//	before anything else changes)                 │
-//	   │  trigger (coalescing)  ◀─────────────────┘
-//	   ▼
-//	reconciler (reconcile.go), the only writer of the maps:
-//	   identities ─▶ ipcache   every endpoint IP (of the mesh), nodes, the world
-//	   policy.Compile ─▶ endpoints map (enforcement flags) and policy map
-//	   service.Resolve (+ service.Merge) ─▶ services and backends maps
-//	   routes to other nodes' pod CIDRs (cluster mode)
+//	sources                   desired state                reconcilers
+//	───────                   ─────────────                ───────────
+//	local API (localapi):     endpoints (state.Store,      datapath:   BPF maps
+//	  validate, allocate,  ─┐   on disk first)           ┌▶  ipcache, policy,
+//	  plumb (endpoint)      │ applied objects (desired)  │   endpoints, services
+//	cluster's etcd          ├▶ identities (identity,     ├▶ routes:     other nodes'
+//	  (clustermode over     │   local or in etcd)        │   pod CIDRs
+//	  meshsync)            ─┤ the mesh (desired.Mesh)    └▶ encryption: WireGuard
+//	node addresses (node)  ─┘ node addresses               peers, table 73
+//	                                 │
+//	              one desired.State per run (reconcile, below)
 //
-// In cluster mode (clustermesh.go) the node also publishes its node record
-// and endpoints to etcd (meshsync.Publisher), allocates identities there
-// (identity.NewEtcd), and apply/get/delete act on the cluster's etcd.
-//
-// Reconcile compares the desired state with what the pinned maps hold and
-// writes only the difference, so a restarted agent, which finds its maps and
-// program links pinned in bpffs, changes nothing that is already right: no
-// flush, no gap in traffic.
+// Sources write desired state and ask reconcile.Trigger for a run; its
+// loop runs the reconcilers one after the other, on request, with backoff
+// after a failure and every minute. API calls that change desired state
+// return once a run took it (Converge). Reconcilers diff against what the
+// kernel holds and write only the difference, so a restarted agent, which
+// finds its maps and program links pinned in bpffs, changes nothing that is
+// already right: no flush, no gap in traffic. agent/metrics reads all of it
+// at scrape time, like `isthmus status`.
 package agent
 
 import (
@@ -37,107 +36,24 @@ import (
 	"net/netip"
 	"path/filepath"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/clustermode"
+	"github.com/isthmus-mesh/isthmus/agent/datapath"
+	"github.com/isthmus-mesh/isthmus/agent/desired"
+	"github.com/isthmus-mesh/isthmus/agent/encryption"
+	"github.com/isthmus-mesh/isthmus/agent/internal/oneline"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
+	"github.com/isthmus-mesh/isthmus/agent/localapi"
+	"github.com/isthmus-mesh/isthmus/agent/meshsync"
+	"github.com/isthmus-mesh/isthmus/agent/metrics"
+	"github.com/isthmus-mesh/isthmus/agent/node"
+	"github.com/isthmus-mesh/isthmus/agent/reconcile"
+	"github.com/isthmus-mesh/isthmus/agent/routes"
 	"github.com/isthmus-mesh/isthmus/agent/state"
-	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
-	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
-
-// Config is the node's configuration.
-type Config struct {
-	NodeName    string
-	ClusterName string
-	ClusterID   uint32
-	PodCIDRs    []netip.Prefix // at most one IPv4 and one IPv6
-	StateDir    string         // endpoints, objects, IPAM and identity state
-	SocketPath  string         // local API
-	BPFFSRoot   string         // maps and links are pinned in <BPFFSRoot>/isthmus/<NodeName>
-	MTU         int            // of pod veths; 0: the underlay's, minus WireGuard's overhead when encrypting
-	// ResetDatapath removes this node's pinned maps and links before loading
-	// the datapath: every flow and every program attachment starts over.
-	ResetDatapath bool
-	// MetricsAddr is host:port for GET /metrics, /healthz and /readyz over
-	// plain HTTP (metrics.go); "" turns that listener off. The API socket
-	// serves the same paths regardless.
-	MetricsAddr string
-
-	// Cluster mode: on when KVStoreEndpoints is set (see clustermesh.go).
-	KVStoreEndpoints []string      // etcd client URLs of the cluster's server
-	KVStoreBundle    string        // directory with ca.crt, client.crt, client.key
-	NodeIPs          []netip.Addr  // underlay; default: the default route's interface's
-	LeaseTTL         time.Duration // of the node's records; default 60s
-
-	// Transparent encryption (wireguard.go), cluster mode only.
-	Encryption      string // EncryptionNone ("" too) or EncryptionWireGuard
-	NodeEncryption  bool   // encrypt node-to-node traffic too
-	WireGuardPort   int    // UDP port; 0 means 51871
-	WireGuardDevice string // device name, unique on the host; "" derives one
-}
-
-// ClusterMode reports whether the agent works with its cluster's etcd.
-func (c Config) ClusterMode() bool { return len(c.KVStoreEndpoints) > 0 }
-
-// PinDir is where the node's datapath is pinned.
-func (c Config) PinDir() string {
-	return filepath.Join(c.BPFFSRoot, "isthmus", c.NodeName)
-}
-
-func (c Config) validate() error {
-	var errs []error
-	if !dnsLabel(c.NodeName) {
-		errs = append(errs, fmt.Errorf("node name %q must be a DNS label (lower-case letters, digits and '-', at most 63)", c.NodeName))
-	}
-	if !dnsLabel(c.ClusterName) || len(c.ClusterName) > records.MaxClusterNameLen {
-		errs = append(errs, fmt.Errorf("cluster name %q must be a DNS label of at most %d characters (lower-case letters, digits and '-')", c.ClusterName, records.MaxClusterNameLen))
-	}
-	if c.ClusterID < 1 || c.ClusterID > identity.MaxClusterID {
-		errs = append(errs, fmt.Errorf("cluster ID %d out of range 1-%d", c.ClusterID, identity.MaxClusterID))
-	}
-	if len(c.PodCIDRs) == 0 {
-		errs = append(errs, errors.New("no pod CIDR configured (one IPv4 and/or one IPv6 CIDR)"))
-	}
-	if c.StateDir == "" || c.SocketPath == "" || c.BPFFSRoot == "" {
-		errs = append(errs, errors.New("state dir, socket path and bpffs root are required"))
-	}
-	if c.MTU != 0 && (c.MTU < 1280 || c.MTU > 65535) {
-		errs = append(errs, fmt.Errorf("MTU %d out of range 1280-65535 (IPv6 needs at least 1280)", c.MTU))
-	}
-	errs = append(errs, c.validateEncryption()...)
-	if c.ClusterMode() {
-		errs = append(errs, c.validateClusterMode()...)
-	} else if c.KVStoreBundle != "" || len(c.NodeIPs) > 0 {
-		errs = append(errs, errors.New("--kvstore-bundle and --node-ip need --kvstore-endpoints (cluster mode)"))
-	}
-	return errors.Join(errs...)
-}
-
-// datapath is what the agent uses of *bpf.Datapath; tests substitute a fake.
-type datapath interface {
-	AttachEndpoint(ifname string, ifindex int) error
-	DetachEndpoint(ifname string) error
-	AttachMode() string
-	IPCacheUpsert(p netip.Prefix, e bpf.IPCacheEntry) error
-	IPCacheDelete(p netip.Prefix) error
-	IPCacheList() (map[netip.Prefix]bpf.IPCacheEntry, error)
-	EndpointUpsert(ip netip.Addr, e bpf.EndpointInfo) error
-	EndpointDelete(ip netip.Addr) error
-	EndpointList() (map[netip.Addr]bpf.EndpointInfo, error)
-	ServiceUpsert(f bpf.Frontend, backends []bpf.Backend) error
-	ServiceDelete(f bpf.Frontend) error
-	ServiceList() (map[bpf.Frontend][]bpf.Backend, error)
-	PolicySync(want []bpf.PolicyKey) error
-	PolicyList() ([]bpf.PolicyKey, error)
-	Metrics() (map[bpf.Reason]bpf.Counter, error)
-	ConntrackCount() (int, error)
-	Close() error
-}
-
-var _ datapath = (*bpf.Datapath)(nil)
 
 // Agent runs one node.
 type Agent struct {
@@ -146,46 +62,29 @@ type Agent struct {
 	started time.Time
 
 	// Desired state and the allocators behind it.
-	store *state.Store
-	ipam  *ipam.IPAM
-	ids   identity.Allocator
-
-	// mu serialises API mutations (endpoint add/delete, apply, delete): each
-	// sees the state the previous one left and waits for the datapath to
-	// take it before the next one starts. The reconciler never takes it.
-	mu     sync.Mutex
-	objSet atomic.Pointer[objectSet] // decoded applied objects, see objects.go
-
-	dp datapath // set in Run, before the API serves
+	store  *state.Store
+	ipam   *ipam.IPAM
+	ids    identity.Allocator
+	objSet desired.ObjectTable // objects applied on this node, or persisted from etcd
+	mu     sync.Mutex          // the local API's lock (localapi.Config.Lock)
 
 	// Kernel-facing steps, replaceable in tests.
-	plumb         plumber
-	openDatapath  func(Config) (datapath, error)
+	plumb         localapi.Plumber
+	openDatapath  func(Config) (datapath.Datapath, error)
 	nodeAddrs     func() ([]netip.Addr, error)
-	newRouter     func() (router, error)
+	newRouter     func() (routes.Router, error)
 	detectNodeIPs func() ([]netip.Addr, error)
 
-	// Cluster mode only (nil in standalone mode): the etcd source of
-	// desired state (clustermesh.go), and the routes to other nodes.
-	mesh   *clusterMesh
-	routes router
-	// enc is the WireGuard device (nil without encryption), set in Run
-	// before the first reconcile.
-	enc *encryption
+	mesh *clustermode.Mesh // the etcd source; nil in standalone mode
 
-	rec reconciler
-	// softFailed: the last reconcile could not finish routes or tunnels
-	// (which fail no API call); the loop retries with backoff.
-	softFailed atomic.Bool
-	metrics    *agentMetrics // set at the start of Run
+	// Reconcilers, set in Run before the first reconcile.
+	dp     datapath.Datapath
+	maps   *datapath.Reconciler
+	routes routes.Router         // cluster mode only
+	enc    *encryption.WireGuard // nil without encryption
 
-	// ipcShadow is what the reconciler last wrote to the BPF ipcache, so a
-	// reconcile diffs against memory instead of walking a map of up to
-	// hundreds of thousands of entries (two syscalls each). The map itself
-	// is listed again every resyncInterval, and after any write error, to
-	// catch drift. Only the reconciler touches it.
-	ipcShadow   map[netip.Prefix]bpf.IPCacheEntry
-	ipcListedAt time.Time
+	rec     *reconcile.Trigger
+	metrics *metrics.Registry // set at the start of Run
 }
 
 // New validates cfg and loads the desired state from cfg.StateDir. It
@@ -208,21 +107,29 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{
-		cfg:           cfg,
-		log:           log,
-		store:         store,
-		ipam:          pool,
-		plumb:         netlinkPlumber{},
-		openDatapath:  openBPF,
-		nodeAddrs:     nodeAddrs,
-		newRouter:     newNetlinkRouter,
-		detectNodeIPs: defaultRouteAddrs,
-		rec:           newReconciler(),
+		cfg: cfg, log: log, store: store, ipam: pool,
+		plumb: localapi.NetlinkPlumber{},
+		openDatapath: func(c Config) (datapath.Datapath, error) {
+			return datapath.Open(c.BPFFSRoot, c.PinDir(), c.ResetDatapath)
+		},
+		nodeAddrs:     node.Addrs,
+		newRouter:     routes.NewNetlink,
+		detectNodeIPs: node.DefaultRouteAddrs,
+		rec:           reconcile.New(),
 	}
 	if cfg.ClusterMode() {
 		// Identities are global: allocated in the cluster's etcd.
-		a.mesh = newClusterMesh(cfg, log, func() { a.rec.request() })
-		a.ids = meshIdentities{a.mesh}
+		a.mesh = clustermode.New(clustermode.Config{
+			Local:     meshsync.Local{Cluster: cfg.ClusterName, ClusterID: cfg.ClusterID, Node: cfg.NodeName},
+			Endpoints: cfg.KVStoreEndpoints, Bundle: cfg.KVStoreBundle, NodeIPs: cfg.NodeIPs, PodCIDRs: cfg.PodCIDRs,
+			LeaseTTL: cfg.LeaseTTL, Log: log, Store: store, Lock: &a.mu,
+			Request:       func() { a.rec.Request() },
+			Converge:      func(ctx context.Context) error { return a.rec.Converge(ctx) },
+			Objects:       a.objects,
+			WireGuard:     func() (string, int) { return a.enc.Publication() },
+			DetectNodeIPs: func() ([]netip.Addr, error) { return a.detectNodeIPs() },
+		})
+		a.ids = a.mesh.Identities()
 	} else {
 		ids, err := identity.NewLocal(filepath.Join(cfg.StateDir, "identities.json"), cfg.ClusterID)
 		if err != nil {
@@ -230,23 +137,12 @@ func New(cfg Config) (*Agent, error) {
 		}
 		a.ids = ids
 	}
-	if err := a.loadObjects(); err != nil {
+	objs, err := desired.LoadObjects(store)
+	if err != nil {
 		return nil, err
 	}
+	a.objSet.Set(objs)
 	return a, nil
-}
-
-func openBPF(cfg Config) (datapath, error) {
-	// The agent owns the bpffs mount its pins live on.
-	if err := bpf.EnsureBPFFS(cfg.BPFFSRoot); err != nil {
-		return nil, err
-	}
-	if cfg.ResetDatapath {
-		if err := bpf.RemovePins(cfg.PinDir()); err != nil {
-			return nil, fmt.Errorf("reset datapath: %w", err)
-		}
-	}
-	return bpf.Open(cfg.PinDir())
 }
 
 // Run brings the node to its desired state and serves the API until ctx
@@ -261,13 +157,14 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer ln.Close()
-	a.metrics = newAgentMetrics(a)
-	ms, err := a.listenMetrics()
+	a.metrics = metrics.New(a.metricsSources())
+	ms, err := a.metrics.Listen(a.cfg.MetricsAddr)
 	if err != nil {
 		return err
 	}
 	defer ms.Close()
 
+	// The reconcilers.
 	if err := a.plumb.PrepareNode(); err != nil {
 		return err
 	}
@@ -276,25 +173,36 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer dp.Close()
-	a.dp = dp
+	a.dp, a.maps = dp, datapath.NewReconciler(dp)
 	a.log.Info("datapath loaded", "pinDir", a.cfg.PinDir())
-
 	if a.mesh != nil {
-		r, err := a.newRouter()
-		if err != nil {
+		if a.routes, err = a.newRouter(); err != nil {
 			return err
 		}
-		a.routes = r
 	}
-	if err := a.setUpEncryption(); err != nil {
+	a.enc, a.cfg.MTU, err = encryption.Setup(encryption.Config{
+		Cluster: a.cfg.ClusterName, Node: a.cfg.NodeName, Device: a.cfg.WireGuardDevice, Port: a.cfg.WireGuardPort,
+		NodeEncryption: a.cfg.NodeEncryption, StateDir: a.cfg.StateDir, Log: a.log,
+		// The mesh detects the node IPs later the same way; the MTU needs
+		// them now (an IPv6-only underlay costs 20 bytes more).
+		Underlay: func() (int, bool) { return node.UnderlayMTU(a.underlayIPs()) },
+	}, a.cfg.encrypted(), a.mesh != nil, a.cfg.MTU)
+	if err != nil {
 		return err
 	}
-	defer a.enc.close()
-	a.restoreEndpoints(ctx)
-	a.collectGarbage(ctx)
-	gen := a.rec.start()
+	defer a.enc.Close()
+
+	// The local source, which also repairs what a crash left.
+	local := localapi.New(localapi.Config{
+		Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, MTU: a.cfg.MTU, Started: a.started, Log: a.log,
+		Lock: &a.mu, Store: a.store, IPAM: a.ipam, Identities: a.ids, LocalObjects: &a.objSet, Objects: a.objects,
+		Datapath: dp, Plumb: a.plumb, Reconcile: a.rec, Mesh: a.mesh, WireGuard: a.enc,
+	})
+	local.RestoreEndpoints(ctx)
+	local.CollectGarbage(ctx)
+	gen := a.rec.Start()
 	err = a.reconcile(ctx)
-	a.rec.finish(gen, err)
+	a.rec.Finish(gen, err)
 	if err != nil {
 		// Keep going: the loop retries, and the API can still report why.
 		a.log.Error("initial reconcile failed", "err", err)
@@ -303,14 +211,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	var wg sync.WaitGroup
-	wg.Go(func() { a.reconcileLoop(ctx) })
-	wg.Go(func() { a.watchNodeAddrs(ctx) })
+	wg.Go(func() { a.rec.Loop(ctx, a.log, a.reconcile) })
+	wg.Go(func() { node.WatchAddrs(ctx, a.log, func() { a.rec.Request() }) })
 	wg.Go(func() { ms.Serve(ctx, a.log) })
 	if a.mesh != nil {
 		// etcd is one more source of desired state; the datapath already
 		// serves from local state while it connects.
 		wg.Go(func() {
-			if err := a.runClusterMesh(ctx); err != nil {
+			if err := a.mesh.Run(ctx, a.metrics.KV()); err != nil {
 				cancel(fmt.Errorf("cluster mode: %w", err))
 			}
 		})
@@ -318,7 +226,7 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	a.log.Info("agent ready", "socket", a.cfg.SocketPath, "cluster", a.cfg.ClusterName, "podCIDRs", a.cfg.PodCIDRs,
 		"endpoints", len(a.store.Endpoints()), "attachMode", dp.AttachMode(), "clusterMode", a.cfg.ClusterMode())
-	err = api.NewServer(a, a.log).WithHealth(a.metrics.handler, a.notReady).Serve(ctx, ln)
+	err = api.NewServer(local, a.log).WithHealth(a.metrics.Handler(), a.metrics.NotReady).Serve(ctx, ln)
 	stopErr := context.Cause(ctx)
 	cancel(nil)
 	wg.Wait()
@@ -330,24 +238,92 @@ func (a *Agent) Run(ctx context.Context) error {
 	return err
 }
 
-// Ensure the agent serves the whole API.
-var _ api.Backend = (*Agent)(nil)
-
-// ownerOf is the IPAM owner of an endpoint.
-func ownerOf(namespace, name string) string { return state.EndpointKey(namespace, name) }
-
-func dnsLabel(s string) bool {
-	if len(s) == 0 || len(s) > 63 {
-		return false
+// reconcile is one run: the reconcilers in order over one snapshot of the
+// desired state. Routes and tunnels that cannot be made concern traffic to
+// some nodes only: they are reported in the status and retried soon
+// (SoftFail), and do not fail the run, which would roll back unrelated API
+// calls.
+func (a *Agent) reconcile(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
 	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case c >= 'a' && c <= 'z', c >= '0' && c <= '9':
-		case c == '-' && i > 0 && i < len(s)-1:
-		default:
-			return false
+	want, err := a.desiredState()
+	if err != nil {
+		return err
+	}
+	res, err := a.maps.Sync(want)
+	if err != nil {
+		return err
+	}
+	routeChanges := 0
+	if a.routes != nil {
+		n, err := a.routes.SyncRoutes(want.Mesh.PodRoutes(), want.Mesh.Ready)
+		routeChanges += n
+		a.mesh.SetRouteErr(err)
+		if err != nil {
+			a.rec.SoftFail()
 		}
 	}
-	return true
+	if a.enc != nil {
+		n, err := a.enc.Sync(want.Mesh)
+		routeChanges += n
+		if err != nil {
+			a.rec.SoftFail()
+			a.log.Warn("wireguard: peers or tunnel routes incomplete; retrying", "err", err)
+		}
+	}
+	if res.Changes()+routeChanges > 0 {
+		a.log.Info("datapath reconciled", "ipcacheChanges", res.IPCache, "endpointChanges", res.Endpoints,
+			"policyChanges", res.Policy, "serviceChanges", res.Services, "routeChanges", routeChanges, "errors", len(res.Errs))
+	}
+	return oneline.Join(res.Errs...)
+}
+
+// desiredState is what one reconcile run converges to.
+func (a *Agent) desiredState() (desired.State, error) {
+	svcs, pols := a.objects().Split()
+	s := desired.State{Cluster: a.cfg.ClusterName, Endpoints: a.store.Endpoints(), Services: svcs, Policies: pols,
+		Identities: a.ids, Mesh: a.mesh.Desired()}
+	addrs, err := a.nodeAddrs()
+	if err != nil {
+		return s, fmt.Errorf("list node addresses: %w", err)
+	}
+	s.HostAddrs = addrs
+	return s, nil
+}
+
+// objects are the applied objects: in cluster mode etcd's once it was
+// listed; until then the objects persisted by the last run keep the
+// datapath as it was.
+func (a *Agent) objects() desired.Objects {
+	if objs, ok := a.mesh.Objects(); ok {
+		return objs
+	}
+	return a.objSet.Get()
+}
+
+// underlayIPs are the node's underlay addresses: --node-ip, or else those
+// the mesh would detect (the default route's interface's).
+func (a *Agent) underlayIPs() []netip.Addr {
+	if len(a.cfg.NodeIPs) > 0 {
+		return a.cfg.NodeIPs
+	}
+	ips, _ := a.detectNodeIPs()
+	return ips
+}
+
+// metricsSources are what /metrics reads at scrape time.
+func (a *Agent) metricsSources() metrics.Sources {
+	return metrics.Sources{
+		Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, ClusterMode: a.cfg.ClusterMode(), Log: a.log,
+		Datapath: func() datapath.Datapath { return a.dp },
+		Desired: func() metrics.Counts {
+			svcs, pols := a.objects().Split()
+			return metrics.Counts{Endpoints: len(a.store.Endpoints()), Identities: len(a.ids.List()), Services: len(svcs), Policies: len(pols)}
+		},
+		Reconcile:      a.rec.Stats,
+		IPCacheEntries: func() int { return a.maps.IPCacheEntries() },
+		ClusterMesh:    a.mesh.Status,
+		WireGuard:      func() *api.WireGuardStatus { return a.enc.Status() },
+	}
 }

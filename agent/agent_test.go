@@ -5,219 +5,21 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/datapath"
 	"github.com/isthmus-mesh/isthmus/agent/endpoint"
+	"github.com/isthmus-mesh/isthmus/agent/internal/agenttest"
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 )
-
-// fakeDatapath keeps the maps in memory, like pinned maps that outlive an
-// agent, and counts writes.
-type fakeDatapath struct {
-	mu       sync.Mutex
-	ipcache  map[netip.Prefix]bpf.IPCacheEntry
-	eps      map[netip.Addr]bpf.EndpointInfo
-	svcs     map[bpf.Frontend][]bpf.Backend
-	pol      map[bpf.PolicyKey]bool
-	attached map[string]int
-	writes   []string
-	failEP   error // EndpointUpsert fails with it when set
-}
-
-func newFakeDatapath() *fakeDatapath {
-	return &fakeDatapath{
-		ipcache: map[netip.Prefix]bpf.IPCacheEntry{}, eps: map[netip.Addr]bpf.EndpointInfo{},
-		svcs: map[bpf.Frontend][]bpf.Backend{}, pol: map[bpf.PolicyKey]bool{}, attached: map[string]int{},
-	}
-}
-
-func (d *fakeDatapath) write(format string, args ...any) {
-	d.writes = append(d.writes, fmt.Sprintf(format, args...))
-}
-
-func (d *fakeDatapath) takeWrites() []string {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	w := d.writes
-	d.writes = nil
-	return w
-}
-
-func (d *fakeDatapath) AttachEndpoint(ifname string, ifindex int) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.attached[ifname] = ifindex
-	return nil
-}
-
-func (d *fakeDatapath) DetachEndpoint(ifname string) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	delete(d.attached, ifname)
-	return nil
-}
-
-func (d *fakeDatapath) AttachMode() string { return "tcx" }
-
-func (d *fakeDatapath) IPCacheUpsert(p netip.Prefix, e bpf.IPCacheEntry) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.write("ipcache+ %s", p)
-	d.ipcache[p] = e
-	return nil
-}
-
-func (d *fakeDatapath) IPCacheDelete(p netip.Prefix) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.write("ipcache- %s", p)
-	delete(d.ipcache, p)
-	return nil
-}
-
-func (d *fakeDatapath) IPCacheList() (map[netip.Prefix]bpf.IPCacheEntry, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return maps.Clone(d.ipcache), nil
-}
-
-func (d *fakeDatapath) EndpointUpsert(ip netip.Addr, e bpf.EndpointInfo) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.failEP != nil {
-		return d.failEP
-	}
-	d.write("ep+ %s", ip)
-	d.eps[ip] = e
-	return nil
-}
-
-func (d *fakeDatapath) EndpointDelete(ip netip.Addr) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.write("ep- %s", ip)
-	delete(d.eps, ip)
-	return nil
-}
-
-func (d *fakeDatapath) EndpointList() (map[netip.Addr]bpf.EndpointInfo, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return maps.Clone(d.eps), nil
-}
-
-func (d *fakeDatapath) ServiceUpsert(f bpf.Frontend, b []bpf.Backend) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.write("svc+ %s", f)
-	d.svcs[f] = slices.Clone(b)
-	return nil
-}
-
-func (d *fakeDatapath) ServiceDelete(f bpf.Frontend) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.write("svc- %s", f)
-	delete(d.svcs, f)
-	return nil
-}
-
-func (d *fakeDatapath) ServiceList() (map[bpf.Frontend][]bpf.Backend, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return maps.Clone(d.svcs), nil
-}
-
-func (d *fakeDatapath) PolicySync(want []bpf.PolicyKey) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.write("policy sync %d", len(want))
-	d.pol = map[bpf.PolicyKey]bool{}
-	for _, k := range want {
-		d.pol[k] = true
-	}
-	return nil
-}
-
-func (d *fakeDatapath) PolicyList() ([]bpf.PolicyKey, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return slices.Collect(maps.Keys(d.pol)), nil
-}
-
-func (d *fakeDatapath) Metrics() (map[bpf.Reason]bpf.Counter, error) {
-	return map[bpf.Reason]bpf.Counter{bpf.ReasonForwardLocal: {Packets: 5, Bytes: 500}, bpf.ReasonDropPolicyEgr: {Packets: 2, Bytes: 120}}, nil
-}
-
-func (d *fakeDatapath) ConntrackCount() (int, error) { return 3, nil }
-func (d *fakeDatapath) Close() error                 { return nil }
-
-// fakePlumber pretends to create veths; netns paths under /netns/ exist.
-type fakePlumber struct {
-	mu        sync.Mutex
-	links     map[string]endpoint.Result
-	next      int
-	failAfter string // Create fails for this host interface
-	deleted   []string
-}
-
-func newFakePlumber() *fakePlumber {
-	return &fakePlumber{links: map[string]endpoint.Result{}, next: 100}
-}
-
-func (p *fakePlumber) PrepareNode() error { return nil }
-
-func (p *fakePlumber) CheckNetns(path string) error {
-	if !strings.HasPrefix(path, "/netns/") {
-		return fmt.Errorf("netns %s does not exist", path)
-	}
-	return nil
-}
-
-func (p *fakePlumber) Create(s endpoint.Spec) (endpoint.Result, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if s.HostIfName == p.failAfter {
-		return endpoint.Result{}, fmt.Errorf("add address to eth0 in %s: boom", s.NetnsPath)
-	}
-	p.next++
-	r := endpoint.Result{
-		HostIfIndex: p.next,
-		HostMAC:     net.HardwareAddr{2, 0, 0, 0, 0, byte(p.next)},
-		PodMAC:      net.HardwareAddr{2, 0, 0, 0, 1, byte(p.next)},
-	}
-	p.links[s.HostIfName] = r
-	return r, nil
-}
-
-func (p *fakePlumber) Delete(n string) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	delete(p.links, n)
-	p.deleted = append(p.deleted, n)
-	return nil
-}
-
-func (p *fakePlumber) Lookup(n string) (endpoint.Result, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	r, ok := p.links[n]
-	if !ok {
-		return endpoint.Result{}, fmt.Errorf("lookup %s: %w", n, endpoint.ErrNotFound)
-	}
-	return r, nil
-}
 
 var nodeIP = netip.MustParseAddr("192.0.2.10")
 
@@ -229,8 +31,8 @@ func TestMain(m *testing.M) {
 
 type testNode struct {
 	cfg    Config
-	dp     *fakeDatapath
-	plumb  *fakePlumber
+	dp     *agenttest.FakeDatapath
+	plumb  *agenttest.FakePlumber
 	client *api.Client
 	stop   func()
 }
@@ -247,14 +49,14 @@ func testConfig(t *testing.T) Config {
 
 // start runs an agent on cfg with the given fakes (the maps of dp survive
 // a restart, like pinned maps).
-func start(t *testing.T, cfg Config, dp *fakeDatapath, plumb *fakePlumber) *testNode {
+func start(t *testing.T, cfg Config, dp *agenttest.FakeDatapath, plumb *agenttest.FakePlumber) *testNode {
 	t.Helper()
 	a, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	a.plumb = plumb
-	a.openDatapath = func(Config) (datapath, error) { return dp, nil }
+	a.openDatapath = func(Config) (datapath.Datapath, error) { return dp, nil }
 	a.nodeAddrs = func() ([]netip.Addr, error) { return []netip.Addr{nodeIP}, nil }
 	c, stop := launch(t, a)
 	return &testNode{cfg: cfg, dp: dp, plumb: plumb, client: c, stop: stop}
@@ -318,7 +120,7 @@ spec:
 func TestEndpointServicePolicyRestart(t *testing.T) {
 	ctx := context.Background()
 	cfg := testConfig(t)
-	dp, plumb := newFakeDatapath(), newFakePlumber()
+	dp, plumb := agenttest.NewFakeDatapath(), agenttest.NewFakePlumber()
 	n := start(t, cfg, dp, plumb)
 	c := n.client
 
@@ -337,8 +139,8 @@ func TestEndpointServicePolicyRestart(t *testing.T) {
 	if client.Identity == web.Identity || client.ID == web.ID {
 		t.Errorf("endpoints share identity or ID: %+v %+v", web, client)
 	}
-	if dp.attached[web.Interface] != web.IfIndex {
-		t.Errorf("datapath not attached to %s: %v", web.Interface, dp.attached)
+	if dp.Attached[web.Interface] != web.IfIndex {
+		t.Errorf("datapath not attached to %s: %v", web.Interface, dp.Attached)
 	}
 
 	// ipcache: endpoints, the node, the world.
@@ -359,7 +161,7 @@ func TestEndpointServicePolicyRestart(t *testing.T) {
 	if len(ipc) != 7 {
 		t.Errorf("ipcache has %d entries, want 7: %v", len(ipc), ipc)
 	}
-	info := dp.eps[web.IPs[0]]
+	info := dp.EPs[web.IPs[0]]
 	if info.ID != web.ID || info.Identity != web.Identity || int(info.IfIndex) != web.IfIndex || info.HostMAC.String() != web.HostMAC || info.PolicyIngress {
 		t.Errorf("endpoints map entry %+v for %+v", info, web)
 	}
@@ -374,27 +176,27 @@ func TestEndpointServicePolicyRestart(t *testing.T) {
 	}
 	f4 := bpf.Frontend{VIP: netip.MustParseAddr("10.96.0.10"), Port: 80, Proto: bpf.ProtoTCP}
 	f6 := bpf.Frontend{VIP: netip.MustParseAddr("fd00:96::10"), Port: 80, Proto: bpf.ProtoTCP}
-	if got := dp.svcs[f4]; len(got) != 1 || got[0] != (bpf.Backend{Addr: web.IPs[0], Port: 8080}) {
+	if got := dp.Svcs[f4]; len(got) != 1 || got[0] != (bpf.Backend{Addr: web.IPs[0], Port: 8080}) {
 		t.Errorf("service %s backends %v", f4, got)
 	}
-	if got := dp.svcs[f6]; len(got) != 1 || got[0].Addr != web.IPs[1] {
+	if got := dp.Svcs[f6]; len(got) != 1 || got[0].Addr != web.IPs[1] {
 		t.Errorf("service %s backends %v", f6, got)
 	}
-	if !dp.eps[web.IPs[0]].PolicyIngress || dp.eps[client.IPs[0]].PolicyIngress || dp.eps[web.IPs[0]].PolicyEgress {
-		t.Errorf("enforcement flags: web %+v client %+v", dp.eps[web.IPs[0]], dp.eps[client.IPs[0]])
+	if !dp.EPs[web.IPs[0]].PolicyIngress || dp.EPs[client.IPs[0]].PolicyIngress || dp.EPs[web.IPs[0]].PolicyEgress {
+		t.Errorf("enforcement flags: web %+v client %+v", dp.EPs[web.IPs[0]], dp.EPs[client.IPs[0]])
 	}
 	wantKey := bpf.PolicyKey{EndpointID: web.ID, PeerIdentity: client.Identity, Port: 8080, Proto: bpf.ProtoTCP, Direction: bpf.Ingress}
-	if !dp.pol[wantKey] || len(dp.pol) != 1 {
-		t.Errorf("policy map %v, want only %+v", dp.pol, wantKey)
+	if !dp.Pol[wantKey] || len(dp.Pol) != 1 {
+		t.Errorf("policy map %v, want only %+v", dp.Pol, wantKey)
 	}
 
 	// Applying the same again changes nothing.
-	dp.takeWrites()
+	dp.TakeWrites()
 	res, err = c.Apply(ctx, []byte(webService))
 	if err != nil || res.Objects[0].Action != api.ActionUnchanged {
 		t.Errorf("re-apply: %+v, %v", res, err)
 	}
-	if w := dp.takeWrites(); len(w) != 0 {
+	if w := dp.TakeWrites(); len(w) != 0 {
 		t.Errorf("re-apply wrote %v", w)
 	}
 
@@ -422,9 +224,9 @@ func TestEndpointServicePolicyRestart(t *testing.T) {
 
 	// Restart: state comes back, the pinned maps are already right, nothing is written.
 	n.stop()
-	dp.takeWrites()
+	dp.TakeWrites()
 	n = start(t, cfg, dp, plumb)
-	if w := dp.takeWrites(); len(w) != 0 {
+	if w := dp.TakeWrites(); len(w) != 0 {
 		t.Errorf("restart rewrote the datapath: %v", w)
 	}
 	eps, err := n.client.ListEndpoints(ctx)
@@ -449,8 +251,8 @@ func TestEndpointServicePolicyRestart(t *testing.T) {
 	if err := n.client.DeleteObject(ctx, "networkpolicy", "default", "server"); err != nil {
 		t.Fatal(err)
 	}
-	if dp.eps[web.IPs[0]].PolicyIngress || len(dp.pol) != 0 {
-		t.Errorf("after policy delete: flags %+v, policy %v", dp.eps[web.IPs[0]], dp.pol)
+	if dp.EPs[web.IPs[0]].PolicyIngress || len(dp.Pol) != 0 {
+		t.Errorf("after policy delete: flags %+v, policy %v", dp.EPs[web.IPs[0]], dp.Pol)
 	}
 	if err := n.client.DeleteObject(ctx, "NetworkPolicy", "default", "server"); !api.IsNotFound(err) {
 		t.Errorf("second delete: %v", err)
@@ -460,19 +262,19 @@ func TestEndpointServicePolicyRestart(t *testing.T) {
 	if err := n.client.DeleteEndpoint(ctx, "default", "web"); err != nil {
 		t.Fatal(err)
 	}
-	if got, ok := dp.svcs[f4]; !ok || len(got) != 0 {
+	if got, ok := dp.Svcs[f4]; !ok || len(got) != 0 {
 		t.Errorf("service after backend delete: %v, %v", got, ok)
 	}
-	if _, ok := dp.eps[web.IPs[0]]; ok {
+	if _, ok := dp.EPs[web.IPs[0]]; ok {
 		t.Error("endpoints map still has the deleted endpoint")
 	}
-	if _, ok := dp.ipcache[netip.PrefixFrom(web.IPs[0], 32)]; ok {
+	if _, ok := dp.IPCache[netip.PrefixFrom(web.IPs[0], 32)]; ok {
 		t.Error("ipcache still has the deleted endpoint")
 	}
-	if _, ok := plumb.links[web.Interface]; ok {
+	if _, ok := plumb.Links[web.Interface]; ok {
 		t.Error("veth of the deleted endpoint still exists")
 	}
-	if _, ok := dp.attached[web.Interface]; ok {
+	if _, ok := dp.Attached[web.Interface]; ok {
 		t.Error("datapath still attached to the deleted endpoint")
 	}
 	for _, id := range mustIdentities(t, n.client) {
@@ -496,7 +298,7 @@ func mustIdentities(t *testing.T, c *api.Client) []api.Identity {
 
 func TestBadInputChangesNothing(t *testing.T) {
 	ctx := context.Background()
-	dp, plumb := newFakeDatapath(), newFakePlumber()
+	dp, plumb := agenttest.NewFakeDatapath(), agenttest.NewFakePlumber()
 	n := start(t, testConfig(t), dp, plumb)
 	c := n.client
 	if _, err := c.AddEndpoint(ctx, api.EndpointRequest{Name: "web", Netns: "/netns/web", Labels: map[string]string{"app": "web"}}); err != nil {
@@ -505,7 +307,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 	if _, err := c.Apply(ctx, []byte(webService)); err != nil {
 		t.Fatal(err)
 	}
-	dp.takeWrites()
+	dp.TakeWrites()
 	before, _ := c.Status(ctx)
 
 	for _, tt := range []struct {
@@ -579,7 +381,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 		}
 	}
 	after, _ := c.Status(ctx)
-	if w := dp.takeWrites(); len(w) != 0 {
+	if w := dp.TakeWrites(); len(w) != 0 {
 		t.Errorf("bad input wrote to the datapath: %v", w)
 	}
 	if before.Endpoints != after.Endpoints || before.Services != after.Services || before.Identities != after.Identities {
@@ -590,31 +392,31 @@ func TestBadInputChangesNothing(t *testing.T) {
 func TestAddRollsBack(t *testing.T) {
 	ctx := context.Background()
 	cfg := testConfig(t)
-	dp, plumb := newFakeDatapath(), newFakePlumber()
+	dp, plumb := agenttest.NewFakeDatapath(), agenttest.NewFakePlumber()
 	n := start(t, cfg, dp, plumb)
 	c := n.client
 
 	// Plumbing fails: address and identity are given back.
-	plumb.failAfter = endpoint.HostIfName("node1", "default", "a")
+	plumb.FailAfter = endpoint.HostIfName("node1", "default", "a")
 	_, err := c.AddEndpoint(ctx, api.EndpointRequest{Name: "a", Netns: "/netns/a", Labels: map[string]string{"app": "a"}})
 	if err == nil || !strings.Contains(err.Error(), "plumb endpoint default/a: add address to eth0 in /netns/a: boom") {
 		t.Fatalf("got %v", err)
 	}
 	// The datapath refuses the endpoint: everything, veth included, is undone.
-	dp.failEP = errors.New("map full")
+	dp.FailEP = errors.New("map full")
 	_, err = c.AddEndpoint(ctx, api.EndpointRequest{Name: "b", Netns: "/netns/b", Labels: map[string]string{"app": "b"}})
 	if err == nil || !strings.Contains(err.Error(), "rolled back") || !strings.Contains(err.Error(), "map full") {
 		t.Fatalf("got %v", err)
 	}
-	dp.failEP = nil
-	plumb.failAfter = ""
+	dp.FailEP = nil
+	plumb.FailAfter = ""
 	time.Sleep(50 * time.Millisecond) // let the loop's retry after the rollback land
 
 	if eps, _ := c.ListEndpoints(ctx); len(eps) != 0 {
 		t.Errorf("endpoints after failed adds: %+v", eps)
 	}
-	if len(plumb.links) != 0 || len(dp.attached) != 0 {
-		t.Errorf("leftovers: links %v attached %v", plumb.links, dp.attached)
+	if len(plumb.Links) != 0 || len(dp.Attached) != 0 {
+		t.Errorf("leftovers: links %v attached %v", plumb.Links, dp.Attached)
 	}
 	for _, id := range mustIdentities(t, c) {
 		if id.ID > identity.MaxReserved {
@@ -639,7 +441,7 @@ func TestAddRollsBack(t *testing.T) {
 func TestRestartCollectsLeftovers(t *testing.T) {
 	ctx := context.Background()
 	cfg := testConfig(t)
-	dp, plumb := newFakeDatapath(), newFakePlumber()
+	dp, plumb := agenttest.NewFakeDatapath(), agenttest.NewFakePlumber()
 
 	// A crash after IPAM, identity and veth, before the endpoint was persisted.
 	a, err := New(cfg)
@@ -658,7 +460,7 @@ func TestRestartCollectsLeftovers(t *testing.T) {
 	}
 
 	n := start(t, cfg, dp, plumb)
-	if _, ok := plumb.links[ghostIf]; ok {
+	if _, ok := plumb.Links[ghostIf]; ok {
 		t.Error("leftover veth survived the restart")
 	}
 	for _, id := range mustIdentities(t, n.client) {
@@ -679,7 +481,7 @@ func TestRestartCollectsLeftovers(t *testing.T) {
 func TestRestartRecreatesMissingVeth(t *testing.T) {
 	ctx := context.Background()
 	cfg := testConfig(t)
-	dp, plumb := newFakeDatapath(), newFakePlumber()
+	dp, plumb := agenttest.NewFakeDatapath(), agenttest.NewFakePlumber()
 	n := start(t, cfg, dp, plumb)
 	ep, err := n.client.AddEndpoint(ctx, api.EndpointRequest{Name: "a", Netns: "/netns/a"})
 	if err != nil {
@@ -691,15 +493,15 @@ func TestRestartRecreatesMissingVeth(t *testing.T) {
 	}
 	n.stop()
 
-	delete(plumb.links, ep.Interface)   // someone deleted the veth; the pod is still there
-	delete(plumb.links, gone.Interface) // the pod is gone with its netns
-	plumbNetnsGone := &netnsGone{fakePlumber: plumb, gone: "/netns/b"}
+	delete(plumb.Links, ep.Interface)   // someone deleted the veth; the pod is still there
+	delete(plumb.Links, gone.Interface) // the pod is gone with its netns
+	plumbNetnsGone := &netnsGone{FakePlumber: plumb, gone: "/netns/b"}
 	a, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	a.plumb = plumbNetnsGone
-	a.openDatapath = func(Config) (datapath, error) { return dp, nil }
+	a.openDatapath = func(Config) (datapath.Datapath, error) { return dp, nil }
 	a.nodeAddrs = func() ([]netip.Addr, error) { return []netip.Addr{nodeIP}, nil }
 	rctx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
@@ -719,16 +521,16 @@ func TestRestartRecreatesMissingVeth(t *testing.T) {
 	if eps[0].IfIndex == ep.IfIndex || !slices.Equal(eps[0].IPs, ep.IPs) {
 		t.Errorf("recreated endpoint %+v, was %+v: want a new ifindex and the same addresses", eps[0], ep)
 	}
-	if got := dp.eps[ep.IPs[0]]; int(got.IfIndex) != eps[0].IfIndex {
+	if got := dp.EPs[ep.IPs[0]]; int(got.IfIndex) != eps[0].IfIndex {
 		t.Errorf("endpoints map points at ifindex %d, want %d", got.IfIndex, eps[0].IfIndex)
 	}
-	if _, ok := dp.eps[gone.IPs[0]]; ok {
+	if _, ok := dp.EPs[gone.IPs[0]]; ok {
 		t.Error("the endpoint whose netns is gone is still in the map")
 	}
 }
 
 type netnsGone struct {
-	*fakePlumber
+	*agenttest.FakePlumber
 	gone string
 }
 
@@ -736,7 +538,7 @@ func (p *netnsGone) CheckNetns(path string) error {
 	if path == p.gone {
 		return fmt.Errorf("netns %s does not exist", path)
 	}
-	return p.fakePlumber.CheckNetns(path)
+	return p.FakePlumber.CheckNetns(path)
 }
 
 func TestConfigValidation(t *testing.T) {
@@ -754,12 +556,12 @@ func TestConfigValidation(t *testing.T) {
 
 func TestSecondAgentRefused(t *testing.T) {
 	cfg := testConfig(t)
-	start(t, cfg, newFakeDatapath(), newFakePlumber())
+	start(t, cfg, agenttest.NewFakeDatapath(), agenttest.NewFakePlumber())
 	a, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.openDatapath = func(Config) (datapath, error) {
+	a.openDatapath = func(Config) (datapath.Datapath, error) {
 		t.Error("second agent opened the datapath")
 		return nil, errors.New("no")
 	}

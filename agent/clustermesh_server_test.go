@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/internal/agenttest"
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
 	"github.com/isthmus-mesh/isthmus/clustermesh/etcdserver"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
@@ -39,7 +40,7 @@ func TestClusterModeAgainstServer(t *testing.T) {
 	cfg.KVStoreEndpoints = srv.Endpoints()
 	cfg.KVStoreBundle = srv.BundleDir(etcdserver.UserAgents)
 	cfg.NodeIPs = []netip.Addr{netip.MustParseAddr("192.0.2.11")}
-	n := startMesh(t, cfg, newFakeDatapath(), newFakePlumber())
+	n := startMesh(t, cfg, agenttest.NewFakeDatapath(), agenttest.NewFakePlumber())
 	n.meshSynced(t)
 
 	ep, err := n.client.AddEndpoint(ctx, api.EndpointRequest{Name: "web", Netns: "/netns/web", Labels: map[string]string{"app": "web"}})

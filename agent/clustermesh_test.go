@@ -13,44 +13,20 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/clustermode"
+	"github.com/isthmus-mesh/isthmus/agent/datapath"
+	"github.com/isthmus-mesh/isthmus/agent/internal/agenttest"
+	"github.com/isthmus-mesh/isthmus/agent/routes"
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 )
 
-// fakeRouter records the routes the agent wants.
-type fakeRouter struct {
-	mu     sync.Mutex
-	routes map[netip.Prefix]netip.Addr
-}
-
-func (r *fakeRouter) SyncRoutes(want []podRoute, prune bool) (int, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if prune {
-		r.routes = map[netip.Prefix]netip.Addr{}
-	}
-	for _, w := range want {
-		r.routes[w.Dst] = w.Via
-	}
-	return 0, nil
-}
-
-func (r *fakeRouter) get() map[netip.Prefix]netip.Addr {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	out := map[netip.Prefix]netip.Addr{}
-	for k, v := range r.routes {
-		out[k] = v
-	}
-	return out
-}
-
 // meshNode is an agent in cluster mode with fake kernel parts.
 type meshNode struct {
 	*testNode
-	router *fakeRouter
+	router *agenttest.FakeRouter
 	nodeIP netip.Addr
 }
 
@@ -68,17 +44,17 @@ func meshConfig(t *testing.T, e *etcdtest.Etcd, name, nodeIP, cidr4, cidr6 strin
 
 // startMesh runs an agent in cluster mode; the maps of dp survive a
 // restart, like pinned maps.
-func startMesh(t *testing.T, cfg Config, dp *fakeDatapath, plumb *fakePlumber) *meshNode {
+func startMesh(t *testing.T, cfg Config, dp *agenttest.FakeDatapath, plumb *agenttest.FakePlumber) *meshNode {
 	t.Helper()
 	a, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	fr := &fakeRouter{routes: map[netip.Prefix]netip.Addr{}}
+	fr := agenttest.NewFakeRouter()
 	a.plumb = plumb
-	a.openDatapath = func(Config) (datapath, error) { return dp, nil }
+	a.openDatapath = func(Config) (datapath.Datapath, error) { return dp, nil }
 	a.nodeAddrs = func() ([]netip.Addr, error) { return cfg.NodeIPs, nil }
-	a.newRouter = func() (router, error) { return fr, nil }
+	a.newRouter = func() (routes.Router, error) { return fr, nil }
 	c, stop := launch(t, a)
 	return &meshNode{testNode: &testNode{cfg: cfg, dp: dp, plumb: plumb, client: c, stop: stop}, router: fr, nodeIP: cfg.NodeIPs[0]}
 }
@@ -182,8 +158,8 @@ func TestClusterMode(t *testing.T) {
 	kv := kvClient(t, e)
 	writeClusterConfig(t, kv, "c1", 1, "10.1.0.0/16", "fd00:1::/32")
 
-	n1 := startMesh(t, meshConfig(t, e, "node1", "192.0.2.11", "10.1.1.0/24", "fd00:1:1::/64"), newFakeDatapath(), newFakePlumber())
-	n2 := startMesh(t, meshConfig(t, e, "node2", "192.0.2.12", "10.1.2.0/24", "fd00:1:2::/64"), newFakeDatapath(), newFakePlumber())
+	n1 := startMesh(t, meshConfig(t, e, "node1", "192.0.2.11", "10.1.1.0/24", "fd00:1:1::/64"), agenttest.NewFakeDatapath(), agenttest.NewFakePlumber())
+	n2 := startMesh(t, meshConfig(t, e, "node2", "192.0.2.12", "10.1.2.0/24", "fd00:1:2::/64"), agenttest.NewFakeDatapath(), agenttest.NewFakePlumber())
 	n1.meshSynced(t)
 	n2.meshSynced(t)
 
@@ -221,7 +197,7 @@ func TestClusterMode(t *testing.T) {
 		t.Errorf("own endpoint in ipcache: %+v", e)
 	}
 	waitFor(t, "route to node2's pods", func() (bool, string) {
-		r := n1.router.get()
+		r := n1.router.Get()
 		return r[netip.MustParsePrefix("10.1.2.0/24")] == n2.nodeIP && len(r) == 1, fmt.Sprint(r)
 	})
 
@@ -349,9 +325,9 @@ func TestClusterModeRestartWithoutEtcd(t *testing.T) {
 	kv := kvClient(t, e)
 	writeClusterConfig(t, kv, "c1", 1, "10.1.0.0/16", "fd00:1::/32")
 	cfg1 := meshConfig(t, e, "node1", "192.0.2.11", "10.1.1.0/24", "fd00:1:1::/64")
-	dp1, plumb1 := newFakeDatapath(), newFakePlumber()
+	dp1, plumb1 := agenttest.NewFakeDatapath(), agenttest.NewFakePlumber()
 	n1 := startMesh(t, cfg1, dp1, plumb1)
-	n2 := startMesh(t, meshConfig(t, e, "node2", "192.0.2.12", "10.1.2.0/24", "fd00:1:2::/64"), newFakeDatapath(), newFakePlumber())
+	n2 := startMesh(t, meshConfig(t, e, "node2", "192.0.2.12", "10.1.2.0/24", "fd00:1:2::/64"), agenttest.NewFakeDatapath(), agenttest.NewFakePlumber())
 	n1.meshSynced(t)
 	n2.meshSynced(t)
 	web1, err := n1.client.AddEndpoint(ctx, api.EndpointRequest{Name: "web1", Netns: "/netns/web1", Labels: map[string]string{"app": "web"}})
@@ -374,7 +350,7 @@ func TestClusterModeRestartWithoutEtcd(t *testing.T) {
 		bs, _ := n1.service(f)
 		return len(bs) == 3, fmt.Sprint(bs)
 	})
-	time.Sleep(2*persistInterval + 100*time.Millisecond) // let node1 persist the applied objects
+	time.Sleep(2*clustermode.PersistInterval + 100*time.Millisecond) // let node1 persist the applied objects
 	before, _ := dp1.IPCacheList()
 	beforeSvc, _ := dp1.ServiceList()
 	beforeEP, _ := dp1.EndpointList()
@@ -438,11 +414,11 @@ func TestClusterConfigMismatchStopsAgent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.plumb = newFakePlumber()
-	dp := newFakeDatapath()
-	a.openDatapath = func(Config) (datapath, error) { return dp, nil }
+	a.plumb = agenttest.NewFakePlumber()
+	dp := agenttest.NewFakeDatapath()
+	a.openDatapath = func(Config) (datapath.Datapath, error) { return dp, nil }
 	a.nodeAddrs = func() ([]netip.Addr, error) { return cfg.NodeIPs, nil }
-	a.newRouter = func() (router, error) { return &fakeRouter{routes: map[netip.Prefix]netip.Addr{}}, nil }
+	a.newRouter = func() (routes.Router, error) { return agenttest.NewFakeRouter(), nil }
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	err = a.Run(ctx)
@@ -474,9 +450,9 @@ func TestClusterModeRefusesTakenNodeName(t *testing.T) {
 	e := etcdtest.Start(t)
 	kv := kvClient(t, e)
 	writeClusterConfig(t, kv, "c1", 1, "10.1.0.0/16", "fd00:1::/32")
-	n1 := startMesh(t, meshConfig(t, e, "node1", "192.0.2.11", "10.1.1.0/24", "fd00:1:1::/64"), newFakeDatapath(), newFakePlumber())
+	n1 := startMesh(t, meshConfig(t, e, "node1", "192.0.2.11", "10.1.1.0/24", "fd00:1:1::/64"), agenttest.NewFakeDatapath(), agenttest.NewFakePlumber())
 	n1.meshSynced(t)
-	dup := startMesh(t, meshConfig(t, e, "node1", "192.0.2.99", "10.1.9.0/24", "fd00:1:9::/64"), newFakeDatapath(), newFakePlumber())
+	dup := startMesh(t, meshConfig(t, e, "node1", "192.0.2.99", "10.1.9.0/24", "fd00:1:9::/64"), agenttest.NewFakeDatapath(), agenttest.NewFakePlumber())
 	waitFor(t, "the duplicate to report the taken name", func() (bool, string) {
 		st, err := dup.client.Status(context.Background())
 		if err != nil || st.ClusterMesh == nil {

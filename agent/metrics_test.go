@@ -14,6 +14,9 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/datapath"
+	"github.com/isthmus-mesh/isthmus/agent/internal/agenttest"
+	"github.com/isthmus-mesh/isthmus/agent/routes"
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 	"github.com/isthmus-mesh/isthmus/internal/promtest"
@@ -22,28 +25,28 @@ import (
 // droppingDP is the fake datapath with a policy-drop counter that the test
 // raises, like a denied connection does.
 type droppingDP struct {
-	*fakeDatapath
+	*agenttest.FakeDatapath
 	drops atomic.Uint64
 }
 
 func (d *droppingDP) Metrics() (map[bpf.Reason]bpf.Counter, error) {
-	m, err := d.fakeDatapath.Metrics()
+	m, err := d.FakeDatapath.Metrics()
 	n := d.drops.Load()
 	m[bpf.ReasonDropPolicyIngr] = bpf.Counter{Packets: n, Bytes: 60 * n}
 	return m, err
 }
 
 // runAgent runs an agent on dp (any datapath) until the test ends.
-func runAgent(t *testing.T, cfg Config, dp datapath) *Agent {
+func runAgent(t *testing.T, cfg Config, dp datapath.Datapath) *Agent {
 	t.Helper()
 	a, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.plumb = newFakePlumber()
-	a.openDatapath = func(Config) (datapath, error) { return dp, nil }
+	a.plumb = agenttest.NewFakePlumber()
+	a.openDatapath = func(Config) (datapath.Datapath, error) { return dp, nil }
 	a.nodeAddrs = func() ([]netip.Addr, error) { return []netip.Addr{nodeIP}, nil }
-	a.newRouter = func() (router, error) { return &fakeRouter{routes: map[netip.Prefix]netip.Addr{}}, nil }
+	a.newRouter = func() (routes.Router, error) { return agenttest.NewFakeRouter(), nil }
 	launch(t, a)
 	return a
 }
@@ -76,7 +79,7 @@ func get(t *testing.T, c *http.Client, url string) (int, string) {
 // desired state and the reconciler, every family with HELP; the drop
 // counter follows the datapath's; /readyz is 200 once reconciled.
 func TestMetricsStandalone(t *testing.T) {
-	dp := &droppingDP{fakeDatapath: newFakeDatapath()}
+	dp := &droppingDP{FakeDatapath: agenttest.NewFakeDatapath()}
 	cfg := testConfig(t)
 	runAgent(t, cfg, dp)
 	hc := socketClient(cfg.SocketPath)
@@ -170,56 +173,23 @@ func TestMetricsStandalone(t *testing.T) {
 	}
 }
 
-// The TCP listener serves the same metrics and plain-text probes; a bound
-// port fails the start with an error naming the flag.
-func TestMetricsTCPListener(t *testing.T) {
+// A bound metrics port fails the start with an error naming the flag.
+func TestMetricsPortTaken(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
 	cfg := testConfig(t)
-	cfg.MetricsAddr = "127.0.0.1:0"
+	cfg.MetricsAddr = ln.Addr().String()
 	a, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.dp = newFakeDatapath()
-	a.metrics = newAgentMetrics(a)
-	ms, err := a.listenMetrics()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { ms.Serve(ctx, a.log); close(done) }()
-	defer func() { cancel(); <-done }()
-	base := "http://" + ms.Addr()
-
-	if code, body := get(t, http.DefaultClient, base+"/readyz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "no successful reconcile") {
-		t.Errorf("GET /readyz before any reconcile = %d %q, want 503 naming the reconcile", code, body)
-	}
-	a.rec.finish(a.rec.start(), nil)
-	if code, body := get(t, http.DefaultClient, base+"/readyz"); code != http.StatusOK || body != "ok\n" {
-		t.Errorf("GET /readyz = %d %q", code, body)
-	}
-	if code, body := get(t, http.DefaultClient, base+"/healthz"); code != http.StatusOK || body != "ok\n" {
-		t.Errorf("GET /healthz = %d %q", code, body)
-	}
-	fams, err := promtest.Get(nil, base+"/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := fams.Must(t, "isthmus_agent_reconcile_runs_total"); got != 1 {
-		t.Errorf("runs = %v", got)
-	}
-
-	// The port is taken now: a second agent on it does not start.
-	cfg2 := testConfig(t)
-	cfg2.MetricsAddr = ms.Addr()
-	a2, err := New(cfg2)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a2.openDatapath = func(Config) (datapath, error) { return newFakeDatapath(), nil }
-	a2.plumb = newFakePlumber()
-	err = a2.Run(context.Background())
-	if err == nil || !strings.Contains(err.Error(), "--metrics-addr "+ms.Addr()) {
+	a.openDatapath = func(Config) (datapath.Datapath, error) { return agenttest.NewFakeDatapath(), nil }
+	a.plumb = agenttest.NewFakePlumber()
+	err = a.Run(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "--metrics-addr "+cfg.MetricsAddr) {
 		t.Errorf("Run with the metrics port taken = %v, want an error naming --metrics-addr", err)
 	}
 }
@@ -231,7 +201,7 @@ func TestMetricsClusterMode(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.KVStoreEndpoints = []string{"http://" + etcdtest.FreeAddr(t)}
 	cfg.NodeIPs = []netip.Addr{netip.MustParseAddr("192.0.2.11")}
-	runAgent(t, cfg, newFakeDatapath())
+	runAgent(t, cfg, agenttest.NewFakeDatapath())
 	hc := socketClient(cfg.SocketPath)
 	code, body := get(t, hc, "http://agent/readyz")
 	var e struct{ Error string }
@@ -251,7 +221,7 @@ func TestMetricsClusterMode(t *testing.T) {
 	e2 := etcdtest.Start(t)
 	kv := kvClient(t, e2)
 	writeClusterConfig(t, kv, "c1", 1, "10.1.0.0/16", "fd00:1::/48")
-	n := startMesh(t, meshConfig(t, e2, "n1", "192.0.2.11", "10.1.1.0/24", "fd00:1:0:1::/64"), newFakeDatapath(), newFakePlumber())
+	n := startMesh(t, meshConfig(t, e2, "n1", "192.0.2.11", "10.1.1.0/24", "fd00:1:0:1::/64"), agenttest.NewFakeDatapath(), agenttest.NewFakePlumber())
 	n.meshSynced(t)
 	if _, err := n.client.AddEndpoint(context.Background(), api.EndpointRequest{Name: "web", Netns: "/netns/web", Labels: map[string]string{"app": "web"}}); err != nil {
 		t.Fatal(err)

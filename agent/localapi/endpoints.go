@@ -1,4 +1,4 @@
-package agent
+package localapi
 
 import (
 	"context"
@@ -11,14 +11,16 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/endpoint"
+	"github.com/isthmus-mesh/isthmus/agent/internal/oneline"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
 	"github.com/isthmus-mesh/isthmus/agent/state"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 )
 
-// plumber is the pod plumbing of agent/endpoint; tests substitute a fake.
-type plumber interface {
+// Plumber is the pod plumbing of agent/endpoint; tests substitute a fake.
+type Plumber interface {
 	PrepareNode() error
 	CheckNetns(path string) error
 	Create(spec endpoint.Spec) (endpoint.Result, error)
@@ -26,13 +28,14 @@ type plumber interface {
 	Lookup(hostIfName string) (endpoint.Result, error)
 }
 
-type netlinkPlumber struct{}
+// NetlinkPlumber is the Plumber of agent/endpoint.
+type NetlinkPlumber struct{}
 
-func (netlinkPlumber) PrepareNode() error                              { return endpoint.PrepareNode() }
-func (netlinkPlumber) CheckNetns(p string) error                       { return endpoint.CheckNetns(p) }
-func (netlinkPlumber) Create(s endpoint.Spec) (endpoint.Result, error) { return endpoint.Create(s) }
-func (netlinkPlumber) Delete(n string) error                           { return endpoint.Delete(n) }
-func (netlinkPlumber) Lookup(n string) (endpoint.Result, error)        { return endpoint.Lookup(n) }
+func (NetlinkPlumber) PrepareNode() error                              { return endpoint.PrepareNode() }
+func (NetlinkPlumber) CheckNetns(p string) error                       { return endpoint.CheckNetns(p) }
+func (NetlinkPlumber) Create(s endpoint.Spec) (endpoint.Result, error) { return endpoint.Create(s) }
+func (NetlinkPlumber) Delete(n string) error                           { return endpoint.Delete(n) }
+func (NetlinkPlumber) Lookup(n string) (endpoint.Result, error)        { return endpoint.Lookup(n) }
 
 // reservedLabelPrefix marks labels the agent sets itself.
 const reservedLabelPrefix = "isthmus.io/"
@@ -40,17 +43,17 @@ const reservedLabelPrefix = "isthmus.io/"
 // AddEndpoint implements api.Backend: validate, allocate addresses and an
 // identity, plumb the pod, attach the datapath, persist, and wait for the
 // datapath to know the pod. Any failure undoes every step done so far.
-func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointRequest) (api.Endpoint, error) {
+func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (api.Endpoint, error) {
 	// Once accepted, an add completes or rolls back even if the client goes away.
 	ctx = context.WithoutCancel(ctx)
 	ns, name := req.Namespace, req.Name
 	if ns == "" {
 		ns = "default"
 	}
-	if !dnsLabel(name) {
+	if !desired.DNSLabel(name) {
 		return api.Endpoint{}, api.Errorf(http.StatusBadRequest, "endpoint name %q must be a DNS label: lower-case letters, digits and '-', at most 63 characters", name)
 	}
-	if !dnsLabel(ns) {
+	if !desired.DNSLabel(ns) {
 		return api.Endpoint{}, api.Errorf(http.StatusBadRequest, "namespace %q must be a DNS label: lower-case letters, digits and '-', at most 63 characters", ns)
 	}
 	labels := identity.Labels(req.Labels).Clone()
@@ -65,16 +68,16 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointRequest) (api.E
 	if req.Netns == "" {
 		return api.Endpoint{}, api.Errorf(http.StatusBadRequest, "netns path is required (for example /var/run/netns/<name>)")
 	}
-	if err := a.plumb.CheckNetns(req.Netns); err != nil {
+	if err := h.plumb.CheckNetns(req.Netns); err != nil {
 		return api.Endpoint{}, api.WithStatus(http.StatusBadRequest, err)
 	}
 
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if _, ok := a.store.Endpoint(ns, name); ok {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if _, ok := h.store.Endpoint(ns, name); ok {
 		return api.Endpoint{}, api.Errorf(http.StatusConflict, "endpoint %s/%s already exists", ns, name)
 	}
-	for _, other := range a.store.Endpoints() {
+	for _, other := range h.store.Endpoints() {
 		if other.NetnsPath == req.Netns {
 			return api.Endpoint{}, api.Errorf(http.StatusConflict, "netns %s is already used by endpoint %s", req.Netns, other.Key())
 		}
@@ -85,133 +88,133 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointRequest) (api.E
 		for i := len(undo) - 1; i >= 0; i-- {
 			undo[i]()
 		}
-		a.log.Warn("endpoint add failed; rolled back", "namespace", ns, "name", name, "err", err)
+		h.log.Warn("endpoint add failed; rolled back", "namespace", ns, "name", name, "err", err)
 		return api.Endpoint{}, err
 	}
 	owner := ownerOf(ns, name)
-	ips, err := a.ipam.Allocate(owner)
+	ips, err := h.ipam.Allocate(owner)
 	if err != nil {
 		if errors.Is(err, ipam.ErrExhausted) {
 			return fail(api.Errorf(http.StatusServiceUnavailable, "no free pod address: %w", err))
 		}
 		return fail(fmt.Errorf("allocate addresses: %w", err))
 	}
-	undo = append(undo, func() { a.logErr("release addresses", a.ipam.Release(owner)) })
+	undo = append(undo, func() { h.logErr("release addresses", h.ipam.Release(owner)) })
 
-	id, err := a.ids.Allocate(ctx, a.identityLabels(ns, labels))
+	id, err := h.ids.Allocate(ctx, desired.IdentityLabels(h.cluster, ns, labels))
 	if err != nil {
 		return fail(fmt.Errorf("allocate identity: %w", err))
 	}
-	undo = append(undo, func() { a.logErr("release identity", a.ids.Release(ctx, id)) })
+	undo = append(undo, func() { h.logErr("release identity", h.ids.Release(ctx, id)) })
 
-	hostIf := endpoint.HostIfName(a.cfg.NodeName, ns, name)
-	res, err := a.plumb.Create(endpoint.Spec{NetnsPath: req.Netns, HostIfName: hostIf, Addrs: ips, MTU: a.cfg.MTU})
+	hostIf := endpoint.HostIfName(h.node, ns, name)
+	res, err := h.plumb.Create(endpoint.Spec{NetnsPath: req.Netns, HostIfName: hostIf, Addrs: ips, MTU: h.mtu})
 	if err != nil {
 		return fail(fmt.Errorf("plumb endpoint %s/%s: %w", ns, name, err))
 	}
-	undo = append(undo, func() { a.logErr("delete veth", a.plumb.Delete(hostIf)) })
+	undo = append(undo, func() { h.logErr("delete veth", h.plumb.Delete(hostIf)) })
 
-	if err := a.dp.AttachEndpoint(hostIf, res.HostIfIndex); err != nil {
+	if err := h.dp.AttachEndpoint(hostIf, res.HostIfIndex); err != nil {
 		return fail(fmt.Errorf("attach datapath to %s: %w", hostIf, err))
 	}
-	undo = append(undo, func() { a.logErr("detach datapath", a.dp.DetachEndpoint(hostIf)) })
+	undo = append(undo, func() { h.logErr("detach datapath", h.dp.DetachEndpoint(hostIf)) })
 
 	e := state.Endpoint{
 		Name: name, Namespace: ns, Labels: labels,
 		NetnsPath: req.Netns, HostIfName: hostIf, IfIndex: res.HostIfIndex,
-		IPs: ips, Identity: id, ID: a.store.AllocateEndpointID(),
+		IPs: ips, Identity: id, ID: h.store.AllocateEndpointID(),
 		HostMAC: res.HostMAC.String(), PodMAC: res.PodMAC.String(),
 		Created: time.Now().UTC().Truncate(time.Second),
 	}
-	if err := a.store.PutEndpoint(e); err != nil {
+	if err := h.store.PutEndpoint(e); err != nil {
 		return fail(err)
 	}
 	undo = append(undo, func() {
-		a.logErr("forget endpoint", a.store.DeleteEndpoint(ns, name))
-		a.rec.request() // take its entries out of the maps again
+		h.logErr("forget endpoint", h.store.DeleteEndpoint(ns, name))
+		h.rec.Request() // take its entries out of the maps again
 	})
 
-	if err := a.converge(ctx); err != nil {
+	if err := h.rec.Converge(ctx); err != nil {
 		return fail(fmt.Errorf("the datapath did not take endpoint %s/%s, so it was rolled back: %w", ns, name, err))
 	}
-	a.meshEndpointAdded(e)
-	a.log.Info("endpoint added", "namespace", ns, "name", name, "ips", ips, "identity", id, "interface", hostIf, "id", e.ID)
+	h.mesh.EndpointAddedLocked(e)
+	h.log.Info("endpoint added", "namespace", ns, "name", name, "ips", ips, "identity", id, "interface", hostIf, "id", e.ID)
 	return toAPI(e), nil
 }
 
 // DeleteEndpoint implements api.Backend: forget the endpoint, take it out of
 // the maps, then remove its plumbing and free its address and identity.
-func (a *Agent) DeleteEndpoint(ctx context.Context, namespace, name string) error {
+func (h *Handlers) DeleteEndpoint(ctx context.Context, namespace, name string) error {
 	ctx = context.WithoutCancel(ctx)
 	if namespace == "" {
 		namespace = "default"
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	e, ok := a.store.Endpoint(namespace, name)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	e, ok := h.store.Endpoint(namespace, name)
 	if !ok {
 		return api.Errorf(http.StatusNotFound, "endpoint %s/%s not found", namespace, name)
 	}
-	if err := a.store.DeleteEndpoint(namespace, name); err != nil {
+	if err := h.store.DeleteEndpoint(namespace, name); err != nil {
 		return err
 	}
-	if err := a.converge(ctx); err != nil {
+	if err := h.rec.Converge(ctx); err != nil {
 		// The endpoint is gone from the desired state; the loop keeps
 		// retrying to drop its map entries.
-		a.log.Warn("datapath not yet updated after endpoint delete", "namespace", namespace, "name", name, "err", err)
+		h.log.Warn("datapath not yet updated after endpoint delete", "namespace", namespace, "name", name, "err", err)
 	}
-	err := a.teardown(ctx, e)
-	a.meshEndpointDeleted(e.Key())
+	err := h.teardown(ctx, e)
+	h.mesh.EndpointDeletedLocked(e.Key())
 	if err != nil {
 		return fmt.Errorf("endpoint %s/%s was removed, but cleaning up after it failed (retried when the agent restarts): %w", namespace, name, err)
 	}
-	a.log.Info("endpoint deleted", "namespace", namespace, "name", name)
+	h.log.Info("endpoint deleted", "namespace", namespace, "name", name)
 	return nil
 }
 
 // teardown removes the plumbing of an endpoint that is no longer desired and
 // frees its address and identity. The address is freed only once the veth
 // is gone: until then the IPAM owner is how a restarted agent finds the
-// leftover (see collectGarbage).
-func (a *Agent) teardown(ctx context.Context, e state.Endpoint) error {
-	if err := a.dp.DetachEndpoint(e.HostIfName); err != nil {
-		a.log.Warn("detach datapath", "interface", e.HostIfName, "err", err)
+// leftover (see CollectGarbage).
+func (h *Handlers) teardown(ctx context.Context, e state.Endpoint) error {
+	if err := h.dp.DetachEndpoint(e.HostIfName); err != nil {
+		h.log.Warn("detach datapath", "interface", e.HostIfName, "err", err)
 	}
-	if err := a.plumb.Delete(e.HostIfName); err != nil {
+	if err := h.plumb.Delete(e.HostIfName); err != nil {
 		return err
 	}
 	var errs []error
-	if err := a.ipam.Release(ownerOf(e.Namespace, e.Name)); err != nil && !errors.Is(err, ipam.ErrNotFound) {
+	if err := h.ipam.Release(ownerOf(e.Namespace, e.Name)); err != nil && !errors.Is(err, ipam.ErrNotFound) {
 		errs = append(errs, err)
 	}
 	// In cluster mode only a reference this process took is released: one
 	// of an earlier run expires with that run's lease.
-	if e.Identity != 0 && (a.mesh == nil || a.mesh.isReferenced(e.Key())) {
-		if a.mesh != nil {
+	if e.Identity != 0 && (h.mesh == nil || h.mesh.IsReferenced(e.Key())) {
+		if h.mesh != nil {
 			// The etcd allocator may be unreachable: the endpoint is gone
 			// locally either way, and the reference is dropped once etcd
 			// answers (or expires with this node's lease).
-			go a.releaseIdentityEventually(e.Identity)
-		} else if err := a.ids.Release(ctx, e.Identity); err != nil && !errors.Is(err, identity.ErrNotFound) {
+			go h.releaseIdentityEventually(e.Identity)
+		} else if err := h.ids.Release(ctx, e.Identity); err != nil && !errors.Is(err, identity.ErrNotFound) {
 			errs = append(errs, err)
 		}
 	}
-	return joinErrs(errs...)
+	return oneline.Join(errs...)
 }
 
 // releaseIdentityEventually drops an identity reference in etcd, retrying
 // with backoff while the kvstore is unreachable.
-func (a *Agent) releaseIdentityEventually(id uint32) {
+func (h *Handlers) releaseIdentityEventually(id uint32) {
 	wait := time.Second
 	for attempt := 0; ; attempt++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		err := a.ids.Release(ctx, id)
+		err := h.ids.Release(ctx, id)
 		cancel()
 		if err == nil || errors.Is(err, identity.ErrNotFound) {
 			return
 		}
 		if attempt == 0 || attempt%10 == 0 {
-			a.log.Warn("identity release pending: kvstore unreachable, retrying", "identity", id, "err", err)
+			h.log.Warn("identity release pending: kvstore unreachable, retrying", "identity", id, "err", err)
 		}
 		time.Sleep(wait)
 		wait = min(2*wait, 30*time.Second)
@@ -219,9 +222,9 @@ func (a *Agent) releaseIdentityEventually(id uint32) {
 }
 
 // ListEndpoints implements api.Backend.
-func (a *Agent) ListEndpoints(context.Context) ([]api.Endpoint, error) {
+func (h *Handlers) ListEndpoints(context.Context) ([]api.Endpoint, error) {
 	var out []api.Endpoint
-	for _, e := range a.store.Endpoints() {
+	for _, e := range h.store.Endpoints() {
 		out = append(out, toAPI(e))
 	}
 	return out, nil
@@ -235,27 +238,27 @@ func toAPI(e state.Endpoint) api.Endpoint {
 	}
 }
 
-// restoreEndpoints runs at start: every persisted endpoint gets its datapath
+// RestoreEndpoints runs at start: every persisted endpoint gets its datapath
 // programs re-attached (updated in place, no gap). A veth that vanished while
 // its pod's netns still exists is created again with the same addresses; an
 // endpoint whose netns is gone is removed, since its pod is gone.
-func (a *Agent) restoreEndpoints(ctx context.Context) {
-	for _, e := range a.store.Endpoints() {
-		log := a.log.With("namespace", e.Namespace, "name", e.Name, "interface", e.HostIfName)
-		res, err := a.plumb.Lookup(e.HostIfName)
+func (h *Handlers) RestoreEndpoints(ctx context.Context) {
+	for _, e := range h.store.Endpoints() {
+		log := h.log.With("namespace", e.Namespace, "name", e.Name, "interface", e.HostIfName)
+		res, err := h.plumb.Lookup(e.HostIfName)
 		switch {
 		case err == nil:
 		case errors.Is(err, endpoint.ErrNotFound):
-			if nerr := a.plumb.CheckNetns(e.NetnsPath); nerr != nil {
+			if nerr := h.plumb.CheckNetns(e.NetnsPath); nerr != nil {
 				log.Warn("endpoint's pod is gone; removing the endpoint", "reason", nerr)
-				if err := a.store.DeleteEndpoint(e.Namespace, e.Name); err != nil {
+				if err := h.store.DeleteEndpoint(e.Namespace, e.Name); err != nil {
 					log.Error("forget endpoint", "err", err)
 					continue
 				}
-				a.logErr("clean up endpoint "+e.Key(), a.teardown(ctx, e))
+				h.logErr("clean up endpoint "+e.Key(), h.teardown(ctx, e))
 				continue
 			}
-			res, err = a.plumb.Create(endpoint.Spec{NetnsPath: e.NetnsPath, HostIfName: e.HostIfName, Addrs: e.IPs, MTU: a.cfg.MTU})
+			res, err = h.plumb.Create(endpoint.Spec{NetnsPath: e.NetnsPath, HostIfName: e.HostIfName, Addrs: e.IPs, MTU: h.mtu})
 			if err != nil {
 				log.Error("endpoint's veth is missing and cannot be recreated; fix the cause and restart the agent, or delete the endpoint", "err", err)
 				continue
@@ -267,56 +270,56 @@ func (a *Agent) restoreEndpoints(ctx context.Context) {
 		}
 		if res.HostIfIndex != e.IfIndex || res.HostMAC.String() != e.HostMAC || res.PodMAC.String() != e.PodMAC {
 			e.IfIndex, e.HostMAC, e.PodMAC = res.HostIfIndex, res.HostMAC.String(), res.PodMAC.String()
-			if err := a.store.PutEndpoint(e); err != nil {
+			if err := h.store.PutEndpoint(e); err != nil {
 				log.Error("update endpoint", "err", err)
 			}
 		}
-		if err := a.dp.AttachEndpoint(e.HostIfName, res.HostIfIndex); err != nil {
+		if err := h.dp.AttachEndpoint(e.HostIfName, res.HostIfIndex); err != nil {
 			log.Error("re-attach datapath", "err", err)
 		}
 	}
 }
 
-// collectGarbage removes what a crash between two steps of an add or delete
+// CollectGarbage removes what a crash between two steps of an add or delete
 // left behind: addresses (and the veth named after their owner) of endpoints
 // that are not in the desired state, and identities no endpoint uses.
-func (a *Agent) collectGarbage(ctx context.Context) {
-	eps := a.store.Endpoints()
+func (h *Handlers) CollectGarbage(ctx context.Context) {
+	eps := h.store.Endpoints()
 	known := map[string]bool{}
 	refs := map[uint32]int{}
 	for _, e := range eps {
 		known[ownerOf(e.Namespace, e.Name)] = true
 		refs[e.Identity]++
 	}
-	for owner := range a.ipam.Allocations() {
+	for owner := range h.ipam.Allocations() {
 		if known[owner] {
 			continue
 		}
 		ns, name, _ := strings.Cut(owner, "/")
-		hostIf := endpoint.HostIfName(a.cfg.NodeName, ns, name)
-		a.log.Warn("removing leftovers of an endpoint that does not exist", "owner", owner, "interface", hostIf)
-		a.logErr("detach datapath", a.dp.DetachEndpoint(hostIf))
-		if err := a.plumb.Delete(hostIf); err != nil {
-			a.logErr("delete leftover veth", err)
+		hostIf := endpoint.HostIfName(h.node, ns, name)
+		h.log.Warn("removing leftovers of an endpoint that does not exist", "owner", owner, "interface", hostIf)
+		h.logErr("detach datapath", h.dp.DetachEndpoint(hostIf))
+		if err := h.plumb.Delete(hostIf); err != nil {
+			h.logErr("delete leftover veth", err)
 			continue
 		}
-		a.logErr("release leftover addresses", a.ipam.Release(owner))
+		h.logErr("release leftover addresses", h.ipam.Release(owner))
 	}
 	// Valid for the node-local allocator only, where every reference is this
 	// node's: an etcd-backed one lists the whole cluster's identities.
-	if a.mesh != nil {
+	if h.mesh != nil {
 		return
 	}
-	for _, id := range a.ids.List() {
+	for _, id := range h.ids.List() {
 		if refs[id.ID] > 0 {
 			continue
 		}
-		a.log.Warn("releasing identity no endpoint uses", "identity", id.ID, "labels", id.Labels.String())
+		h.log.Warn("releasing identity no endpoint uses", "identity", id.ID, "labels", id.Labels.String())
 		// Each Allocate took one reference; drop all of them.
 		for range 1 << 16 {
-			if err := a.ids.Release(ctx, id.ID); err != nil {
+			if err := h.ids.Release(ctx, id.ID); err != nil {
 				if !errors.Is(err, identity.ErrNotFound) {
-					a.logErr("release identity", err)
+					h.logErr("release identity", err)
 				}
 				break
 			}
@@ -324,8 +327,5 @@ func (a *Agent) collectGarbage(ctx context.Context) {
 	}
 }
 
-func (a *Agent) logErr(what string, err error) {
-	if err != nil {
-		a.log.Error(what, "err", err)
-	}
-}
+// ownerOf is the IPAM owner of an endpoint.
+func ownerOf(namespace, name string) string { return state.EndpointKey(namespace, name) }

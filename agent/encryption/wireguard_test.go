@@ -1,4 +1,4 @@
-package agent
+package encryption
 
 import (
 	"net/netip"
@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/isthmus-mesh/isthmus/agent/desired"
+	"github.com/isthmus-mesh/isthmus/agent/internal/agenttest"
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
@@ -23,9 +25,9 @@ func node(cluster, name, key string, ip string, cidr string) records.Node {
 }
 
 func TestPlanEncryption(t *testing.T) {
-	m := meshState{ready: true, cluster: "c1", node: "n1", nodeIPs: []netip.Addr{netip.MustParseAddr("192.0.2.1")},
-		podCIDRs: []netip.Prefix{netip.MustParsePrefix("10.1.1.0/24")},
-		view: meshsync.View{Nodes: []records.Node{
+	m := desired.Mesh{Ready: true, Cluster: "c1", Node: "n1", NodeIPs: []netip.Addr{netip.MustParseAddr("192.0.2.1")},
+		PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.1.1.0/24")},
+		View: meshsync.View{Nodes: []records.Node{
 			node("c1", "n1", keyS, "192.0.2.1", "10.1.1.0/24"), // this node
 			node("c1", "n2", keyA, "192.0.2.2", "10.1.2.0/24"),
 			node("c2", "n1", keyB, "198.51.100.1", "10.2.1.0/24"),
@@ -35,7 +37,7 @@ func TestPlanEncryption(t *testing.T) {
 			node("c2", "n5", keyS, "198.51.100.5", "10.2.5.0/24"),   // copies this node's key
 			node("c2", "n6", keyA+"", "2001:db8::6", "10.2.6.0/24"), // key of c1/n2 too
 		}}}
-	m.view.Nodes[2].WireGuardPort = 5000
+	m.View.Nodes[2].WireGuardPort = 5000
 	p := planEncryption(m, keyS, false)
 
 	var got []string
@@ -71,8 +73,7 @@ func TestPlanEncryption(t *testing.T) {
 }
 
 func TestEncryptionRoutingConverges(t *testing.T) {
-	r, ip := routeNetns(t)
-	h := r.h
+	h, ip := agenttest.Netns(t)
 	// A veth stands in for the WireGuard device: routes only need a link.
 	ip("link", "add", "wgtest0", "type", "veth", "peer", "name", "wgtest1")
 	ip("link", "set", "wgtest1", "up")
@@ -81,7 +82,7 @@ func TestEncryptionRoutingConverges(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &encryption{nl: h}
+	e := &WireGuard{nl: h}
 	plan := encryptionPlan{
 		routes:      []netip.Prefix{netip.MustParsePrefix("10.2.1.0/24"), netip.MustParsePrefix("fd00:2:0:1::/64")},
 		unreachable: []netip.Prefix{netip.MustParsePrefix("10.2.1.0/24"), netip.MustParsePrefix("fd00:2:0:1::/64"), netip.MustParsePrefix("10.2.2.0/24")},

@@ -1,4 +1,4 @@
-package agent
+package localapi
 
 import (
 	"context"
@@ -11,9 +11,9 @@ import (
 
 // Identities implements api.Backend: the reserved identities, then the
 // allocated ones with the number of local endpoints carrying each.
-func (a *Agent) Identities(context.Context) ([]api.Identity, error) {
+func (h *Handlers) Identities(context.Context) ([]api.Identity, error) {
 	refs := map[uint32]int{}
-	for _, e := range a.store.Endpoints() {
+	for _, e := range h.store.Endpoints() {
 		refs[e.Identity]++
 	}
 	var out []api.Identity
@@ -22,58 +22,58 @@ func (a *Agent) Identities(context.Context) ([]api.Identity, error) {
 			out = append(out, api.Identity{ID: id, Labels: identity.Labels{identity.LabelReserved: name}})
 		}
 	}
-	for _, id := range a.ids.List() {
+	for _, id := range h.ids.List() {
 		out = append(out, api.Identity{ID: id.ID, Labels: id.Labels, Endpoints: refs[id.ID]})
 	}
 	return out, nil
 }
 
 // Status implements api.Backend.
-func (a *Agent) Status(context.Context) (api.Status, error) {
-	svcs, pols := a.objects().split()
+func (h *Handlers) Status(context.Context) (api.Status, error) {
+	svcs, pols := h.objects().Split()
 	st := api.Status{
-		Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID,
-		PodCIDRs: a.ipam.CIDRs(), AttachMode: a.dp.AttachMode(), Started: a.started,
-		Endpoints: len(a.store.Endpoints()), Services: len(svcs), NetworkPolicies: len(pols),
-		Identities: len(a.ids.List()),
+		Node: h.node, Cluster: h.cluster, ClusterID: h.clusterID,
+		PodCIDRs: h.ipam.CIDRs(), AttachMode: h.dp.AttachMode(), Started: h.started,
+		Endpoints: len(h.store.Endpoints()), Services: len(svcs), NetworkPolicies: len(pols),
+		Identities: len(h.ids.List()),
 	}
 	var errs []error
-	if fs, err := a.dp.ServiceList(); err == nil {
+	if fs, err := h.dp.ServiceList(); err == nil {
 		st.Frontends = len(fs)
 	} else {
 		errs = append(errs, err)
 	}
-	if ps, err := a.dp.PolicyList(); err == nil {
+	if ps, err := h.dp.PolicyList(); err == nil {
 		st.PolicyEntries = len(ps)
 	} else {
 		errs = append(errs, err)
 	}
-	if ipc, err := a.dp.IPCacheList(); err == nil {
+	if ipc, err := h.dp.IPCacheList(); err == nil {
 		st.IPCacheEntries = len(ipc)
 	} else {
 		errs = append(errs, err)
 	}
-	if n, err := a.dp.ConntrackCount(); err == nil {
+	if n, err := h.dp.ConntrackCount(); err == nil {
 		st.Conntrack = n
 	} else {
 		errs = append(errs, err)
 	}
-	m, err := a.dp.Metrics()
+	m, err := h.dp.Metrics()
 	if err != nil {
 		errs = append(errs, err)
 	}
 	for _, r := range slices.Sorted(maps.Keys(m)) {
 		st.Metrics = append(st.Metrics, api.Metric{Reason: r.String(), Drop: r.IsDrop(), Packets: m[r].Packets, Bytes: m[r].Bytes})
 	}
-	runs, last, lerr := a.rec.status()
-	st.Reconcile = api.ReconcileStatus{Runs: runs, LastSuccess: last}
-	if lerr != nil {
-		st.Reconcile.LastError = lerr.Error()
+	rs := h.rec.Stats()
+	st.Reconcile = api.ReconcileStatus{Runs: rs.Runs, LastSuccess: rs.LastSuccess}
+	if rs.LastErr != nil {
+		st.Reconcile.LastError = rs.LastErr.Error()
 	}
 	for _, err := range errs {
 		st.Errors = append(st.Errors, err.Error())
 	}
-	st.ClusterMesh = a.clusterMeshStatus()
-	st.WireGuard = a.wireguardStatus()
+	st.ClusterMesh = h.mesh.Status()
+	st.WireGuard = h.enc.Status()
 	return st, nil
 }

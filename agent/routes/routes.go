@@ -1,42 +1,42 @@
-package agent
+// Package routes is the reconciler of the node's routes to other nodes'
+// pod CIDRs (cluster mode): in the main table, via the other node's
+// underlay address when it is on a connected subnet, marked with Protocol
+// so the agent only ever touches its own routes.
+package routes
 
 import (
-	"cmp"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
-	"slices"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/isthmus-mesh/isthmus/agent/desired"
+	"github.com/isthmus-mesh/isthmus/agent/internal/oneline"
 )
 
-// RouteProtocol marks the routes the agent installs (the rtm_protocol field,
+// Protocol marks the routes the agent installs (the rtm_protocol field,
 // "proto 73" in `ip route`), so that it only ever changes or removes its
 // own routes and never one a human, DHCP or a routing daemon set.
-const RouteProtocol netlink.RouteProtocol = 73
+const Protocol netlink.RouteProtocol = 73
 
-// podRoute sends a node's pod CIDR to that node's underlay address.
-type podRoute struct {
-	Dst netip.Prefix
-	Via netip.Addr
-}
-
-// router converges the node's routes to other nodes' pod CIDRs; tests
+// Router converges the node's routes to other nodes' pod CIDRs; tests
 // substitute a fake.
-type router interface {
+type Router interface {
 	// SyncRoutes installs want (where the gateway is on a connected
 	// subnet) and, when prune is set, removes the agent's other routes.
 	// It returns how many routes it changed.
-	SyncRoutes(want []podRoute, prune bool) (int, error)
+	SyncRoutes(want []desired.PodRoute, prune bool) (int, error)
 }
 
 // netlinkRouter manages routes in the main table of the netns its handle
 // is bound to.
 type netlinkRouter struct{ h *netlink.Handle }
 
-func newNetlinkRouter() (router, error) {
+// NewNetlink returns the Router of the current netns.
+func NewNetlink() (Router, error) {
 	h, err := netlink.NewHandle()
 	if err != nil {
 		return nil, fmt.Errorf("netlink handle for routes: %w", err)
@@ -44,19 +44,19 @@ func newNetlinkRouter() (router, error) {
 	return netlinkRouter{h: h}, nil
 }
 
-// SyncRoutes implements router. A route for a destination that already has
+// SyncRoutes implements Router. A route for a destination that already has
 // a route the agent did not make is left alone (with an error saying so):
 // whoever made it knows better.
-func (r netlinkRouter) SyncRoutes(want []podRoute, prune bool) (int, error) {
+func (r netlinkRouter) SyncRoutes(want []desired.PodRoute, prune bool) (int, error) {
 	have, err := r.h.RouteListFiltered(netlink.FAMILY_ALL,
-		&netlink.Route{Protocol: RouteProtocol, Table: unix.RT_TABLE_MAIN},
+		&netlink.Route{Protocol: Protocol, Table: unix.RT_TABLE_MAIN},
 		netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return 0, fmt.Errorf("list routes: %w", err)
 	}
 	mine := map[netip.Prefix]netlink.Route{}
 	for _, rt := range have {
-		if p, ok := prefixOf(rt.Dst); ok {
+		if p, ok := Prefix(rt.Dst); ok {
 			mine[p] = rt
 		}
 	}
@@ -83,8 +83,8 @@ func (r netlinkRouter) SyncRoutes(want []podRoute, prune bool) (int, error) {
 			continue
 		}
 		rt := &netlink.Route{
-			Dst: prefixToIPNet(w.Dst), Gw: net.IP(w.Via.AsSlice()), LinkIndex: link,
-			Protocol: RouteProtocol, Table: unix.RT_TABLE_MAIN, Scope: netlink.SCOPE_UNIVERSE,
+			Dst: IPNet(w.Dst), Gw: net.IP(w.Via.AsSlice()), LinkIndex: link,
+			Protocol: Protocol, Table: unix.RT_TABLE_MAIN, Scope: netlink.SCOPE_UNIVERSE,
 		}
 		if err := r.h.RouteReplace(rt); err != nil {
 			errs = append(errs, fmt.Errorf("route to %s via %s: %w", w.Dst, w.Via, err))
@@ -105,7 +105,7 @@ func (r netlinkRouter) SyncRoutes(want []podRoute, prune bool) (int, error) {
 			changes++
 		}
 	}
-	return changes, joinErrs(errs...)
+	return changes, oneline.Join(errs...)
 }
 
 // connectedVia returns the link through which gw is directly reachable (on
@@ -133,20 +133,21 @@ func (r netlinkRouter) foreignRoute(dst netip.Prefix) (bool, error) {
 		family = netlink.FAMILY_V6
 	}
 	routes, err := r.h.RouteListFiltered(family,
-		&netlink.Route{Dst: prefixToIPNet(dst), Table: unix.RT_TABLE_MAIN},
+		&netlink.Route{Dst: IPNet(dst), Table: unix.RT_TABLE_MAIN},
 		netlink.RT_FILTER_DST|netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return false, fmt.Errorf("list routes to %s: %w", dst, err)
 	}
 	for _, rt := range routes {
-		if p, ok := prefixOf(rt.Dst); ok && p == dst && rt.Protocol != RouteProtocol {
+		if p, ok := Prefix(rt.Dst); ok && p == dst && rt.Protocol != Protocol {
 			return true, nil
 		}
 	}
 	return false, nil
 }
 
-func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
+// Prefix is the prefix of n (IPv4 unmapped, masked).
+func Prefix(n *net.IPNet) (netip.Prefix, bool) {
 	if n == nil {
 		return netip.Prefix{}, false
 	}
@@ -159,19 +160,12 @@ func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
 	return netip.PrefixFrom(a, ones).Masked(), true
 }
 
-func prefixToIPNet(p netip.Prefix) *net.IPNet {
+// IPNet is p as netlink takes it.
+func IPNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
 func ipEqual(ip net.IP, a netip.Addr) bool {
 	b, ok := netip.AddrFromSlice(ip)
 	return ok && b.Unmap() == a
-}
-
-// sortRoutes orders routes so that the same input always gives the same
-// winner for a contested destination.
-func sortRoutes(rs []podRoute) {
-	slices.SortFunc(rs, func(a, b podRoute) int {
-		return cmp.Or(a.Dst.Addr().Compare(b.Dst.Addr()), cmp.Compare(a.Dst.Bits(), b.Dst.Bits()), a.Via.Compare(b.Via))
-	})
 }

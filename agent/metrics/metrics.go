@@ -1,6 +1,5 @@
-package agent
-
-// Prometheus metrics and health endpoints of the agent (docs/metrics.md).
+// Package metrics is the agent's Prometheus metrics and health endpoints
+// (docs/metrics.md).
 //
 // Each agent has its own registry (tests run several agents in one
 // process). Everything but the kvstore client's counters is read at scrape
@@ -8,14 +7,15 @@ package agent
 // map, the reconciler, the mesh tables, the WireGuard device. So a metric
 // never disagrees with the status, and nothing is counted twice.
 //
-// The same three paths are served on the API socket and, with
-// Config.MetricsAddr, on TCP for Prometheus and kubelet-style probes:
+// The same three paths are served on the API socket and, with the agent's
+// --metrics-addr, on TCP (Listen) for Prometheus and kubelet-style probes:
 //
 //	GET /metrics   the registry, text format
 //	GET /healthz   the process serves (200)
 //	GET /readyz    200 once the datapath is loaded and reconciled (and, in
 //	               cluster mode, etcd is connected and the own cluster's
 //	               state listed); 503 naming what is missing otherwise
+package metrics
 
 import (
 	"context"
@@ -32,48 +32,71 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/datapath"
+	"github.com/isthmus-mesh/isthmus/agent/reconcile"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/internal/promutil"
 )
 
-// DefaultMetricsAddr is where isthmus-agent serves /metrics, /healthz and
+// DefaultAddr is where isthmus-agent serves /metrics, /healthz and
 // /readyz over TCP unless told otherwise.
-const DefaultMetricsAddr = ":9962"
+const DefaultAddr = ":9962"
 
-// agentMetrics is the agent's registry.
-type agentMetrics struct {
+// Sources are what the metrics are read from at scrape time: the same
+// sources as `isthmus status`.
+type Sources struct {
+	Node, Cluster string
+	ClusterID     uint32
+	ClusterMode   bool
+	Log           *slog.Logger
+
+	Datapath       func() datapath.Datapath // the loaded datapath's maps
+	Desired        func() Counts
+	Reconcile      func() reconcile.Stats
+	IPCacheEntries func() int                    // after the last reconcile
+	ClusterMesh    func() *api.ClusterMeshStatus // nil in standalone mode
+	WireGuard      func() *api.WireGuardStatus   // nil without encryption
+}
+
+// Counts are the sizes of the desired state.
+type Counts struct{ Endpoints, Identities, Services, Policies int }
+
+// Registry is the agent's registry.
+type Registry struct {
+	src     Sources
 	reg     *prometheus.Registry
 	kv      *kvstore.Metrics // cluster mode only: the etcd client's calls
 	handler http.Handler
 }
 
-func newAgentMetrics(a *Agent) *agentMetrics {
-	m := &agentMetrics{reg: prometheus.NewRegistry()}
+// New returns the registry of one agent (tests run several agents in one
+// process, so none is global).
+func New(src Sources) *Registry {
+	m := &Registry{src: src, reg: prometheus.NewRegistry()}
 	m.reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		agentCollector{a},
+		collector{m},
 	)
-	if a.cfg.ClusterMode() {
+	if src.ClusterMode {
 		m.kv = kvstore.NewMetrics()
 		m.reg.MustRegister(m.kv)
 	}
 	m.handler = promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{
 		// A map that cannot be read costs its own metrics, not the scrape.
 		ErrorHandling: promhttp.ContinueOnError,
-		ErrorLog:      promutil.ErrorLog(a.log),
+		ErrorLog:      promutil.ErrorLog(src.Log),
 	})
 	return m
 }
 
-// kvMetrics is what the cluster-mode etcd client counts into (nil before
-// Run, and in standalone mode).
-func (a *Agent) kvMetrics() *kvstore.Metrics {
-	if a.metrics == nil {
-		return nil
-	}
-	return a.metrics.kv
-}
+// Handler serves the registry, text format.
+func (m *Registry) Handler() http.Handler { return m.handler }
+
+// KV is what the cluster-mode etcd client counts into (nil in standalone
+// mode).
+func (m *Registry) KV() *kvstore.Metrics { return m.kv }
 
 func desc(name, help string, labels ...string) *prometheus.Desc {
 	return prometheus.NewDesc(name, help, labels, nil)
@@ -138,28 +161,29 @@ var (
 	}
 )
 
-// agentCollector reads the agent's state at scrape time.
-type agentCollector struct{ a *Agent }
+// collector reads the agent's state at scrape time.
+type collector struct{ m *Registry }
 
-func (c agentCollector) Describe(ch chan<- *prometheus.Desc) {
+func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range allDescs {
 		ch <- d
 	}
 }
 
-func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
-	a := c.a
+func (c collector) Collect(ch chan<- prometheus.Metric) {
+	src := c.m.src
 	gauge, counter := promutil.Gauge(ch), promutil.Counter(ch)
 	mode := "standalone"
-	if a.cfg.ClusterMode() {
+	if src.ClusterMode {
 		mode = "cluster"
 	}
-	gauge(descInfo, 1, a.cfg.NodeName, a.cfg.ClusterName, strconv.FormatUint(uint64(a.cfg.ClusterID), 10), mode)
-	gauge(descReady, promutil.Bool(len(a.notReady()) == 0))
+	gauge(descInfo, 1, src.Node, src.Cluster, strconv.FormatUint(uint64(src.ClusterID), 10), mode)
+	gauge(descReady, promutil.Bool(len(c.m.NotReady()) == 0))
+	dp := src.Datapath()
 
 	// Datapath. A read that fails is reported (and logged by the handler)
 	// as an invalid metric; the other metrics are still served.
-	if m, err := a.dp.Metrics(); err != nil {
+	if m, err := dp.Metrics(); err != nil {
 		ch <- prometheus.NewInvalidMetric(descDropPackets, err)
 	} else {
 		for r, v := range m {
@@ -171,38 +195,38 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 			counter(by, float64(v.Bytes), r.String())
 		}
 	}
-	if n, err := a.dp.ConntrackCount(); err != nil {
+	if n, err := dp.ConntrackCount(); err != nil {
 		ch <- prometheus.NewInvalidMetric(descConntrack, err)
 	} else {
 		gauge(descConntrack, float64(n))
 	}
-	if ps, err := a.dp.PolicyList(); err != nil {
+	if ps, err := dp.PolicyList(); err != nil {
 		ch <- prometheus.NewInvalidMetric(descPolicyEntries, err)
 	} else {
 		gauge(descPolicyEntries, float64(len(ps)))
 	}
-	if fs, err := a.dp.ServiceList(); err != nil {
+	if fs, err := dp.ServiceList(); err != nil {
 		ch <- prometheus.NewInvalidMetric(descFrontends, err)
 	} else {
 		gauge(descFrontends, float64(len(fs)))
 	}
 
-	svcs, pols := a.objects().split()
-	gauge(descEndpoints, float64(len(a.store.Endpoints())))
-	gauge(descIdentities, float64(len(a.ids.List())))
-	gauge(descServices, float64(len(svcs)))
-	gauge(descPolicies, float64(len(pols)))
+	n := src.Desired()
+	gauge(descEndpoints, float64(n.Endpoints))
+	gauge(descIdentities, float64(n.Identities))
+	gauge(descServices, float64(n.Services))
+	gauge(descPolicies, float64(n.Policies))
 
-	rm := a.rec.metrics()
-	gauge(descIPCache, float64(rm.ipcache))
-	counter(descRecRuns, float64(rm.runs))
-	counter(descRecErrors, float64(rm.errors))
-	gauge(descRecFailing, promutil.Bool(rm.failing))
-	gauge(descRecLastSuccess, promutil.UnixSeconds(rm.lastSuccess))
-	gauge(descRecPending, float64(rm.pending))
-	ch <- prometheus.MustNewConstSummary(descRecDuration, rm.runs, rm.busy.Seconds(), nil)
+	rm := src.Reconcile()
+	gauge(descIPCache, float64(src.IPCacheEntries()))
+	counter(descRecRuns, float64(rm.Runs))
+	counter(descRecErrors, float64(rm.Errors))
+	gauge(descRecFailing, promutil.Bool(rm.Failing))
+	gauge(descRecLastSuccess, promutil.UnixSeconds(rm.LastSuccess))
+	gauge(descRecPending, float64(rm.Pending))
+	ch <- prometheus.MustNewConstSummary(descRecDuration, rm.Runs, rm.Busy.Seconds(), nil)
 
-	if st := a.clusterMeshStatus(); st != nil {
+	if st := src.ClusterMesh(); st != nil {
 		gauge(descKVConnected, promutil.Bool(st.Connected))
 		gauge(descPublished, promutil.Bool(st.Published))
 		gauge(descPublishedN, float64(st.PublishedRecords))
@@ -219,7 +243,7 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 
-	if wg := a.wireguardStatus(); wg != nil {
+	if wg := src.WireGuard(); wg != nil {
 		gauge(descWGPeers, float64(len(wg.Peers)))
 		gauge(descWGUnencrypted, float64(len(wg.Unencrypted)))
 		gauge(descWGRefused, float64(len(wg.Refused)))
@@ -235,18 +259,19 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// notReady lists why the agent is not ready; empty when it is. Run serves
-// the API only after the datapath is loaded, so that is not checked here.
-func (a *Agent) notReady() []string {
+// NotReady lists why the agent is not ready; empty when it is. The agent
+// serves the API only after the datapath is loaded, so that is not checked
+// here.
+func (m *Registry) NotReady() []string {
 	var out []string
-	if rm := a.rec.metrics(); rm.lastSuccess.IsZero() {
+	if rm := m.src.Reconcile(); rm.LastSuccess.IsZero() {
 		msg := "no successful reconcile of the datapath yet"
-		if _, _, err := a.rec.status(); err != nil {
-			msg += ": " + err.Error()
+		if rm.LastErr != nil {
+			msg += ": " + rm.LastErr.Error()
 		}
 		out = append(out, msg)
 	}
-	if st := a.clusterMeshStatus(); st != nil {
+	if st := m.src.ClusterMesh(); st != nil {
 		if !st.Connected {
 			msg := "not connected to the cluster's kvstore"
 			if st.LastError != "" {
@@ -265,14 +290,14 @@ func (a *Agent) notReady() []string {
 
 // healthMux serves /metrics, /healthz and /readyz in plain text, for the
 // TCP listener.
-func (a *Agent) healthMux() http.Handler {
+func (m *Registry) healthMux() http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", a.metrics.handler)
+	mux.Handle("GET /metrics", m.handler)
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if reasons := a.notReady(); len(reasons) > 0 {
+		if reasons := m.NotReady(); len(reasons) > 0 {
 			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 			w.WriteHeader(http.StatusServiceUnavailable)
 			fmt.Fprintf(w, "not ready:\n%s\n", strings.Join(reasons, "\n"))
@@ -283,28 +308,29 @@ func (a *Agent) healthMux() http.Handler {
 	return mux
 }
 
-// metricsServer is the TCP listener of Config.MetricsAddr; a nil one (no
-// address configured) does nothing.
-type metricsServer struct {
+// Server is the TCP listener of --metrics-addr; a nil one (no address
+// configured) does nothing.
+type Server struct {
 	ln  net.Listener
 	srv *http.Server
 }
 
-// listenMetrics binds Config.MetricsAddr. It runs at start, so a port in use
-// stops the agent with a clear error instead of going unnoticed.
-func (a *Agent) listenMetrics() (*metricsServer, error) {
-	if a.cfg.MetricsAddr == "" {
+// Listen binds addr ("" : nothing, a nil Server). The agent calls it at
+// start, so a port in use stops it with a clear error instead of going
+// unnoticed.
+func (m *Registry) Listen(addr string) (*Server, error) {
+	if addr == "" {
 		return nil, nil
 	}
-	ln, err := net.Listen("tcp", a.cfg.MetricsAddr)
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return nil, fmt.Errorf("metrics address (--metrics-addr %s): %w", a.cfg.MetricsAddr, err)
+		return nil, fmt.Errorf("metrics address (--metrics-addr %s): %w", addr, err)
 	}
-	return &metricsServer{ln: ln, srv: &http.Server{Handler: a.healthMux(), ReadHeaderTimeout: 10 * time.Second}}, nil
+	return &Server{ln: ln, srv: &http.Server{Handler: m.healthMux(), ReadHeaderTimeout: 10 * time.Second}}, nil
 }
 
 // Addr is the bound address ("" when off).
-func (s *metricsServer) Addr() string {
+func (s *Server) Addr() string {
 	if s == nil {
 		return ""
 	}
@@ -312,7 +338,7 @@ func (s *metricsServer) Addr() string {
 }
 
 // Serve answers until ctx ends.
-func (s *metricsServer) Serve(ctx context.Context, log *slog.Logger) {
+func (s *Server) Serve(ctx context.Context, log *slog.Logger) {
 	if s == nil {
 		return
 	}
@@ -329,7 +355,7 @@ func (s *metricsServer) Serve(ctx context.Context, log *slog.Logger) {
 }
 
 // Close releases the listener (when Serve never ran).
-func (s *metricsServer) Close() {
+func (s *Server) Close() {
 	if s != nil {
 		s.ln.Close()
 	}

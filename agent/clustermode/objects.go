@@ -1,4 +1,4 @@
-package agent
+package clustermode
 
 import (
 	"context"
@@ -12,7 +12,9 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
+	"github.com/isthmus-mesh/isthmus/agent/reconcile"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 )
@@ -21,15 +23,16 @@ import (
 // the race against a concurrent write of applied objects.
 const configWriteAttempts = 8
 
-// applyMesh is Apply in cluster mode: validate, check VIP conflicts against
-// the objects in etcd, write the batch in one transaction, then wait until
-// this node's watcher brought it into the datapath.
-func (a *Agent) applyMesh(ctx context.Context, objs []objects.Object) (api.ApplyResult, error) {
-	batch, order, err := validateBatch(objs)
+// Apply is the local API's apply in cluster mode: validate, check VIP
+// conflicts against the objects in etcd, write the batch in one
+// transaction, then wait until this node's watcher brought it into the
+// datapath.
+func (m *Mesh) Apply(ctx context.Context, objs []objects.Object) (api.ApplyResult, error) {
+	batch, err := desired.ValidateBatch(objs)
 	if err != nil {
 		return api.ApplyResult{}, err
 	}
-	c, err := a.mesh.kv()
+	c, err := m.kv()
 	if err != nil {
 		return api.ApplyResult{}, err
 	}
@@ -42,10 +45,10 @@ func (a *Agent) applyMesh(ctx context.Context, objs []objects.Object) (api.Apply
 		if err != nil {
 			return api.ApplyResult{}, api.WithStatus(http.StatusServiceUnavailable, err)
 		}
-		if err := checkServiceConflicts(objectSet(cur.Objects), batch, order); err != nil {
+		if err := batch.CheckConflicts(desired.Objects(cur.Objects)); err != nil {
 			return api.ApplyResult{}, err
 		}
-		res, put, err = planApply(batch, order, func(key string) ([]byte, bool) {
+		res, put, err = batch.Plan(func(key string) ([]byte, bool) {
 			raw, ok := cur.Raw[key]
 			return raw, ok
 		})
@@ -55,7 +58,7 @@ func (a *Agent) applyMesh(ctx context.Context, objs []objects.Object) (api.Apply
 		if len(put) == 0 {
 			return res, nil
 		}
-		err = meshsync.WriteConfig(ctx, c, cur, a.cfg.ClusterName, put, nil)
+		err = meshsync.WriteConfig(ctx, c, cur, m.cfg.Local.Cluster, put, nil)
 		if errors.Is(err, meshsync.ErrConcurrentChange) && attempt < configWriteAttempts {
 			continue
 		}
@@ -67,16 +70,16 @@ func (a *Agent) applyMesh(ctx context.Context, objs []objects.Object) (api.Apply
 		break
 	}
 	for _, r := range res.Objects {
-		a.log.Info("object applied to the cluster", "kind", r.Kind, "namespace", r.Namespace, "name", r.Name, "action", r.Action)
+		m.log.Info("object applied to the cluster", "kind", r.Kind, "namespace", r.Namespace, "name", r.Name, "action", r.Action)
 	}
-	a.awaitObjects(ctx, func(set objectSet) bool {
+	m.awaitObjects(ctx, func(set desired.Objects) bool {
 		for key, raw := range put {
 			o, ok := set[key]
 			if !ok {
 				return false
 			}
 			have, err := json.Marshal(o)
-			if err != nil || !jsonEqual(have, raw) {
+			if err != nil || !desired.JSONEqual(have, raw) {
 				return false
 			}
 		}
@@ -86,13 +89,13 @@ func (a *Agent) applyMesh(ctx context.Context, objs []objects.Object) (api.Apply
 }
 
 // awaitObjects waits until the applied objects the reconciler reads satisfy
-// done and the datapath reflects them, at most convergeTimeout. The change
+// done and the datapath reflects them, at most reconcile.ConvergeTimeout. The change
 // is already stored cluster-wide, so running late is logged, not failed.
-func (a *Agent) awaitObjects(ctx context.Context, done func(objectSet) bool) {
-	deadline := time.Now().Add(convergeTimeout)
-	for !done(a.objects()) {
+func (m *Mesh) awaitObjects(ctx context.Context, done func(desired.Objects) bool) {
+	deadline := time.Now().Add(reconcile.ConvergeTimeout)
+	for !done(m.cfg.Objects()) {
 		if time.Now().After(deadline) {
-			a.log.Warn("clustermesh: stored in the kvstore, but this node's watcher has not delivered it yet", "waited", convergeTimeout)
+			m.log.Warn("clustermesh: stored in the kvstore, but this node's watcher has not delivered it yet", "waited", reconcile.ConvergeTimeout)
 			return
 		}
 		select {
@@ -101,14 +104,14 @@ func (a *Agent) awaitObjects(ctx context.Context, done func(objectSet) bool) {
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
-	if err := a.converge(ctx); err != nil {
-		a.log.Warn("clustermesh: stored in the kvstore, but the local datapath has not taken it yet", "err", err)
+	if err := m.cfg.Converge(ctx); err != nil {
+		m.log.Warn("clustermesh: stored in the kvstore, but the local datapath has not taken it yet", "err", err)
 	}
 }
 
-// listMeshObjects is ListObjects in cluster mode: what etcd holds.
-func (a *Agent) listMeshObjects(ctx context.Context, kind string) ([]api.Object, error) {
-	c, err := a.mesh.kv()
+// ListObjects is the local API's get in cluster mode: what etcd holds.
+func (m *Mesh) ListObjects(ctx context.Context, kind string) ([]api.Object, error) {
+	c, err := m.kv()
 	if err != nil {
 		return nil, err
 	}
@@ -119,15 +122,16 @@ func (a *Agent) listMeshObjects(ctx context.Context, kind string) ([]api.Object,
 	var out []api.Object
 	for _, key := range slices.Sorted(maps.Keys(cur.Objects)) {
 		o := cur.Objects[key]
-		m := o.GetMeta()
-		out = append(out, api.Object{Kind: o.GetKind(), Namespace: m.Namespace, Name: m.Name, Object: cur.Raw[key]})
+		meta := o.GetMeta()
+		out = append(out, api.Object{Kind: o.GetKind(), Namespace: meta.Namespace, Name: meta.Name, Object: cur.Raw[key]})
 	}
 	return out, nil
 }
 
-// deleteMeshObject is DeleteObject in cluster mode.
-func (a *Agent) deleteMeshObject(ctx context.Context, key string) error {
-	c, err := a.mesh.kv()
+// DeleteObject is the local API's delete in cluster mode; key is an
+// objects.Key.
+func (m *Mesh) DeleteObject(ctx context.Context, key string) error {
+	c, err := m.kv()
 	if err != nil {
 		return err
 	}
@@ -140,7 +144,7 @@ func (a *Agent) deleteMeshObject(ctx context.Context, key string) error {
 		if _, ok := cur.Raw[key]; !ok {
 			return api.Errorf(http.StatusNotFound, "%s not found", key)
 		}
-		err = meshsync.WriteConfig(ctx, c, cur, a.cfg.ClusterName, nil, []string{key})
+		err = meshsync.WriteConfig(ctx, c, cur, m.cfg.Local.Cluster, nil, []string{key})
 		if errors.Is(err, meshsync.ErrConcurrentChange) && attempt < configWriteAttempts {
 			continue
 		}
@@ -149,8 +153,8 @@ func (a *Agent) deleteMeshObject(ctx context.Context, key string) error {
 		}
 		break
 	}
-	a.log.Info("object deleted from the cluster", "key", key)
-	a.awaitObjects(ctx, func(set objectSet) bool {
+	m.log.Info("object deleted from the cluster", "key", key)
+	m.awaitObjects(ctx, func(set desired.Objects) bool {
 		_, ok := set[key]
 		return !ok
 	})

@@ -1,0 +1,110 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/agent/clustermode"
+	"github.com/isthmus-mesh/isthmus/agent/desired"
+	"github.com/isthmus-mesh/isthmus/agent/encryption"
+	"github.com/isthmus-mesh/isthmus/agent/metrics"
+	"github.com/isthmus-mesh/isthmus/agent/routes"
+	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+)
+
+const (
+	// DefaultMetricsAddr is where isthmus-agent serves /metrics, /healthz
+	// and /readyz over TCP unless told otherwise.
+	DefaultMetricsAddr = metrics.DefaultAddr
+	// DefaultLeaseTTL is the default TTL of a node's records in etcd.
+	DefaultLeaseTTL = clustermode.DefaultLeaseTTL
+
+	// EncryptionNone and EncryptionWireGuard are the values of --encryption.
+	EncryptionNone      = encryption.ModeNone
+	EncryptionWireGuard = encryption.ModeWireGuard
+	// EncryptionTable is the routing table of the tunnel routes.
+	EncryptionTable = encryption.Table
+	// RouteProtocol marks the routes the agent installs ("proto 73").
+	RouteProtocol = routes.Protocol
+)
+
+// DefaultWireGuardDevice names the device when --wireguard-device is not
+// given: "isthwg" plus a short hash of the cluster and node name, so
+// several agents on one host (a lab) get different devices.
+func DefaultWireGuardDevice(cluster, node string) string {
+	return encryption.DefaultDevice(cluster, node)
+}
+
+// Config is the node's configuration.
+type Config struct {
+	NodeName    string
+	ClusterName string
+	ClusterID   uint32
+	PodCIDRs    []netip.Prefix // at most one IPv4 and one IPv6
+	StateDir    string         // endpoints, objects, IPAM and identity state
+	SocketPath  string         // local API
+	BPFFSRoot   string         // maps and links are pinned in <BPFFSRoot>/isthmus/<NodeName>
+	MTU         int            // of pod veths; 0: the underlay's, minus WireGuard's overhead when encrypting
+	// ResetDatapath removes this node's pinned maps and links before loading
+	// the datapath: every flow and every program attachment starts over.
+	ResetDatapath bool
+	// MetricsAddr is host:port for GET /metrics, /healthz and /readyz over
+	// plain HTTP (agent/metrics); "" turns that listener off. The API socket
+	// serves the same paths regardless.
+	MetricsAddr string
+
+	// Cluster mode: on when KVStoreEndpoints is set (see agent/clustermode).
+	KVStoreEndpoints []string      // etcd client URLs of the cluster's server
+	KVStoreBundle    string        // directory with ca.crt, client.crt, client.key
+	NodeIPs          []netip.Addr  // underlay; default: the default route's interface's
+	LeaseTTL         time.Duration // of the node's records; default 60s
+
+	// Transparent encryption (agent/encryption), cluster mode only.
+	Encryption      string // EncryptionNone ("" too) or EncryptionWireGuard
+	NodeEncryption  bool   // encrypt node-to-node traffic too
+	WireGuardPort   int    // UDP port; 0 means 51871
+	WireGuardDevice string // device name, unique on the host; "" derives one
+}
+
+// ClusterMode reports whether the agent works with its cluster's etcd.
+func (c Config) ClusterMode() bool { return len(c.KVStoreEndpoints) > 0 }
+
+// PinDir is where the node's datapath is pinned.
+func (c Config) PinDir() string {
+	return filepath.Join(c.BPFFSRoot, "isthmus", c.NodeName)
+}
+
+func (c Config) encrypted() bool { return c.Encryption == EncryptionWireGuard }
+
+func (c Config) validate() error {
+	var errs []error
+	if !desired.DNSLabel(c.NodeName) {
+		errs = append(errs, fmt.Errorf("node name %q must be a DNS label (lower-case letters, digits and '-', at most 63)", c.NodeName))
+	}
+	if !desired.DNSLabel(c.ClusterName) || len(c.ClusterName) > records.MaxClusterNameLen {
+		errs = append(errs, fmt.Errorf("cluster name %q must be a DNS label of at most %d characters (lower-case letters, digits and '-')", c.ClusterName, records.MaxClusterNameLen))
+	}
+	if c.ClusterID < 1 || c.ClusterID > identity.MaxClusterID {
+		errs = append(errs, fmt.Errorf("cluster ID %d out of range 1-%d", c.ClusterID, identity.MaxClusterID))
+	}
+	if len(c.PodCIDRs) == 0 {
+		errs = append(errs, errors.New("no pod CIDR configured (one IPv4 and/or one IPv6 CIDR)"))
+	}
+	if c.StateDir == "" || c.SocketPath == "" || c.BPFFSRoot == "" {
+		errs = append(errs, errors.New("state dir, socket path and bpffs root are required"))
+	}
+	if c.MTU != 0 && (c.MTU < 1280 || c.MTU > 65535) {
+		errs = append(errs, fmt.Errorf("MTU %d out of range 1280-65535 (IPv6 needs at least 1280)", c.MTU))
+	}
+	errs = append(errs, encryption.Validate(c.Encryption, c.NodeEncryption, c.ClusterMode(), c.WireGuardPort)...)
+	if c.ClusterMode() {
+		errs = append(errs, clustermode.Validate(c.KVStoreEndpoints, c.KVStoreBundle, c.NodeIPs, c.LeaseTTL)...)
+	} else if c.KVStoreBundle != "" || len(c.NodeIPs) > 0 {
+		errs = append(errs, errors.New("--kvstore-bundle and --node-ip need --kvstore-endpoints (cluster mode)"))
+	}
+	return errors.Join(errs...)
+}

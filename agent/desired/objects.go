@@ -1,0 +1,181 @@
+package desired
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"maps"
+	"net/http"
+	"slices"
+	"sync/atomic"
+
+	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/service"
+	"github.com/isthmus-mesh/isthmus/agent/state"
+	"github.com/isthmus-mesh/isthmus/bpf"
+	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
+)
+
+// Objects is an immutable snapshot of the applied objects by objects.Key.
+// Mutations build a new set and swap it in, so the reconciler reads one
+// without taking the API lock.
+type Objects map[string]objects.Object
+
+// Split returns the services and the policies, in key order.
+func (s Objects) Split() (svcs []objects.Service, pols []objects.NetworkPolicy) {
+	for _, k := range slices.Sorted(maps.Keys(s)) {
+		switch o := s[k].(type) {
+		case *objects.Service:
+			svcs = append(svcs, *o)
+		case *objects.NetworkPolicy:
+			pols = append(pols, *o)
+		}
+	}
+	return svcs, pols
+}
+
+// ObjectTable holds the objects applied on this node (standalone mode),
+// or, in cluster mode, the ones persisted by the last run until etcd is
+// listed. The zero value is empty.
+type ObjectTable struct{ p atomic.Pointer[Objects] }
+
+// Get returns the current snapshot.
+func (t *ObjectTable) Get() Objects {
+	if p := t.p.Load(); p != nil {
+		return *p
+	}
+	return Objects{}
+}
+
+// Set swaps in a new snapshot.
+func (t *ObjectTable) Set(s Objects) { t.p.Store(&s) }
+
+// LoadObjects decodes the objects stored in store. They were validated when
+// applied; one that no longer decodes (an older agent wrote it) is an error.
+func LoadObjects(store *state.Store) (Objects, error) {
+	set := Objects{}
+	for key, raw := range store.Objects() {
+		objs, err := objects.Decode(raw)
+		if err != nil {
+			return nil, fmt.Errorf("stored object %s in %s does not decode: %w (delete it from the file or fix it)", key, store.Dir(), err)
+		}
+		if len(objs) != 1 || objects.Key(objs[0]) != key {
+			return nil, fmt.Errorf("stored object %s in %s does not match its key", key, store.Dir())
+		}
+		set[key] = objs[0]
+	}
+	return set, nil
+}
+
+// Batch is a validated apply: the objects by key, and the keys in input
+// order.
+type Batch struct {
+	Objects map[string]objects.Object
+	Order   []string
+}
+
+// ValidateBatch validates every object of an apply and indexes them by
+// key, in input order.
+func ValidateBatch(objs []objects.Object) (Batch, error) {
+	b := Batch{Objects: map[string]objects.Object{}}
+	for _, o := range objs {
+		key := objects.Key(o)
+		if err := o.Validate(); err != nil {
+			return Batch{}, api.Errorf(http.StatusBadRequest, "%s: %w", key, err)
+		}
+		if _, dup := b.Objects[key]; dup {
+			return Batch{}, api.Errorf(http.StatusBadRequest, "%s appears more than once in the input", key)
+		}
+		// The global-service annotations are checked in every mode, so a
+		// manifest that works on one node also works cluster-wide.
+		if s, ok := o.(*objects.Service); ok {
+			if _, err := service.GlobalOf(*s); err != nil {
+				return Batch{}, api.Errorf(http.StatusBadRequest, "%s: %w", key, err)
+			}
+		}
+		b.Objects[key] = o
+		b.Order = append(b.Order, key)
+	}
+	return b, nil
+}
+
+// Plan says per object of the batch (in order) whether applying it
+// creates, changes or leaves it unchanged, given what stored returns for a
+// key, and returns the encoded objects to write.
+func (b Batch) Plan(stored func(key string) ([]byte, bool)) (api.ApplyResult, map[string][]byte, error) {
+	var res api.ApplyResult
+	put := map[string][]byte{}
+	for _, key := range b.Order {
+		o := b.Objects[key]
+		raw, err := json.Marshal(o)
+		if err != nil {
+			return api.ApplyResult{}, nil, fmt.Errorf("encode %s: %w", key, err)
+		}
+		m := o.GetMeta()
+		r := api.ObjectResult{Kind: o.GetKind(), Namespace: m.Namespace, Name: m.Name, Action: api.ActionCreated}
+		if old, ok := stored(key); ok {
+			r.Action = api.ActionConfigured
+			if JSONEqual(old, raw) {
+				r.Action = api.ActionUnchanged
+			}
+		}
+		if r.Action != api.ActionUnchanged {
+			put[key] = raw
+		}
+		res.Objects = append(res.Objects, r)
+	}
+	return res, put, nil
+}
+
+// CheckConflicts refuses a batch in which a Service claims a frontend
+// (VIP, port, protocol) that another Service holds: one already applied
+// (in cur) and not replaced by the batch, or an earlier one of the same
+// batch. An index of frontends keeps this linear in the number of services;
+// the message comes from objects.CheckConflicts.
+func (b Batch) CheckConflicts(cur Objects) error {
+	owner := map[bpf.Frontend]*objects.Service{}
+	index := func(s *objects.Service) {
+		fs, _ := s.Frontends()
+		for _, f := range fs {
+			owner[f] = s
+		}
+	}
+	for key, o := range cur {
+		if s, ok := o.(*objects.Service); ok {
+			if _, replaced := b.Objects[key]; !replaced {
+				index(s)
+			}
+		}
+	}
+	for _, key := range b.Order {
+		s, ok := b.Objects[key].(*objects.Service)
+		if !ok {
+			continue
+		}
+		fs, err := s.Frontends()
+		if err != nil {
+			return api.WithStatus(http.StatusBadRequest, err)
+		}
+		for _, f := range fs {
+			if other, taken := owner[f]; taken && objects.Key(other) != key {
+				err := objects.CheckConflicts([]objects.Service{*other}, *s)
+				if err == nil {
+					err = fmt.Errorf("%s: frontend %s is already used by %s", key, f, objects.Key(other))
+				}
+				return api.WithStatus(http.StatusConflict, err)
+			}
+		}
+		index(s)
+	}
+	return nil
+}
+
+// JSONEqual reports whether two encoded objects are the same, ignoring
+// white space.
+func JSONEqual(a, b []byte) bool {
+	var x, y bytes.Buffer
+	if json.Compact(&x, a) != nil || json.Compact(&y, b) != nil {
+		return false
+	}
+	return bytes.Equal(x.Bytes(), y.Bytes())
+}

@@ -1,0 +1,80 @@
+package encryption
+
+import (
+	"cmp"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/isthmus-mesh/isthmus/agent/desired"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+	"github.com/isthmus-mesh/isthmus/gateway/wireguard"
+)
+
+// encryptionPlan is what the device and the routing should hold.
+type encryptionPlan struct {
+	peers       []wireguard.Peer
+	peerNodes   map[string]string
+	routes      []netip.Prefix // into the device
+	unreachable []netip.Prefix // fail-closed fallback
+	unencrypted []string
+	refused     []string
+}
+
+// planEncryption derives the peers from the mesh's node records. A key
+// claimed by two nodes (or by another node and this one) is refused for all
+// of them: WireGuard routes by key, so a copied key would let one node take
+// the other's traffic.
+func planEncryption(m desired.Mesh, selfKey string, nodeEnc bool) encryptionPlan {
+	p := encryptionPlan{peerNodes: map[string]string{}}
+	claims := map[string][]string{}
+	var others []records.Node
+	for _, n := range m.View.Nodes {
+		if n.Cluster == m.Cluster && n.Name == m.Node {
+			continue
+		}
+		others = append(others, n)
+		if n.WireGuardPublicKey != "" {
+			claims[n.WireGuardPublicKey] = append(claims[n.WireGuardPublicKey], n.Cluster+"/"+n.Name)
+		}
+	}
+	// The view's order is not stable (map iteration): sort, so the same
+	// records give the same plan (and the same saved file).
+	slices.SortFunc(others, func(a, b records.Node) int {
+		return cmp.Or(cmp.Compare(a.Cluster, b.Cluster), cmp.Compare(a.Name, b.Name))
+	})
+	for _, n := range others {
+		name := n.Cluster + "/" + n.Name
+		for _, c := range n.PodCIDRs {
+			p.unreachable = append(p.unreachable, c)
+		}
+		key := n.WireGuardPublicKey
+		switch {
+		case key == "":
+			p.unencrypted = append(p.unencrypted, name)
+			continue
+		case key == selfKey:
+			p.refused = append(p.refused, name+": publishes this node's own WireGuard public key")
+			continue
+		case len(claims[key]) > 1:
+			p.refused = append(p.refused, name+": WireGuard public key also claimed by "+strings.Join(slices.DeleteFunc(slices.Clone(claims[key]), func(s string) bool { return s == name }), ", "))
+			continue
+		}
+		nodePort := cmp.Or(n.WireGuardPort, wireguard.DefaultListenPort)
+		ep, ok := wireguard.EndpointFor(m.NodeIPs, n.IPs, nodePort)
+		if !ok {
+			p.refused = append(p.refused, name+": no underlay address of a family this node has")
+			continue
+		}
+		allowed := slices.Clone(n.PodCIDRs)
+		if nodeEnc {
+			for _, ip := range n.IPs {
+				allowed = append(allowed, netip.PrefixFrom(ip, ip.BitLen()))
+			}
+		}
+		p.peers = append(p.peers, wireguard.Peer{PublicKey: key, Endpoint: ep, AllowedIPs: allowed})
+		p.peerNodes[key] = name
+		p.routes = append(p.routes, allowed...)
+	}
+	return p
+}

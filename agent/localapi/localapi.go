@@ -1,0 +1,99 @@
+// Package localapi is the local API's side of the agent (api.Backend): the
+// source of desired state that users drive with the isthmus CLI.
+//
+// Every request is validated before it touches state, and a failed one
+// changes nothing: an endpoint add rolls back the veth, the addresses and
+// the identity; an apply of several documents is all or nothing. Add,
+// apply and delete return once the reconcilers took the change, so when
+// the CLI returns, the datapath enforces it.
+//
+//	endpoints.go  add and delete (allocate, plumb, attach, persist), and at
+//	              start RestoreEndpoints and CollectGarbage
+//	objects.go    apply, get and delete of Services and NetworkPolicies
+//	              (on this node; in cluster mode in the cluster's etcd)
+//	status.go     status and identities
+//	wireguard.go  key rotation
+package localapi
+
+import (
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/clustermode"
+	"github.com/isthmus-mesh/isthmus/agent/datapath"
+	"github.com/isthmus-mesh/isthmus/agent/desired"
+	"github.com/isthmus-mesh/isthmus/agent/encryption"
+	"github.com/isthmus-mesh/isthmus/agent/ipam"
+	"github.com/isthmus-mesh/isthmus/agent/reconcile"
+	"github.com/isthmus-mesh/isthmus/agent/state"
+	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+)
+
+// Config is what the handlers work with.
+type Config struct {
+	Node, Cluster string
+	ClusterID     uint32
+	MTU           int // of pod veths
+	Started       time.Time
+	Log           *slog.Logger
+
+	// Lock serialises API mutations (endpoint add/delete, apply, delete):
+	// each sees the state the previous one left and waits for the
+	// datapath to take it before the next one starts. The reconcilers
+	// never take it.
+	Lock *sync.Mutex
+
+	// Desired state and the allocators behind it.
+	Store      *state.Store
+	IPAM       *ipam.IPAM
+	Identities identity.Allocator
+	// LocalObjects are the objects applied on this node (standalone mode);
+	// Objects is what the reconcilers read (in cluster mode etcd's).
+	LocalObjects *desired.ObjectTable
+	Objects      func() desired.Objects
+
+	Datapath  datapath.Datapath // attach and detach pods, map sizes
+	Plumb     Plumber
+	Reconcile *reconcile.Trigger
+	Mesh      *clustermode.Mesh     // nil in standalone mode
+	WireGuard *encryption.WireGuard // nil without encryption
+}
+
+// Handlers implement api.Backend.
+type Handlers struct {
+	node, cluster string
+	clusterID     uint32
+	mtu           int
+	started       time.Time
+	log           *slog.Logger
+	mu            *sync.Mutex
+	store         *state.Store
+	ipam          *ipam.IPAM
+	ids           identity.Allocator
+	local         *desired.ObjectTable
+	objects       func() desired.Objects
+	dp            datapath.Datapath
+	plumb         Plumber
+	rec           *reconcile.Trigger
+	mesh          *clustermode.Mesh
+	enc           *encryption.WireGuard
+}
+
+var _ api.Backend = (*Handlers)(nil)
+
+// New returns the handlers.
+func New(cfg Config) *Handlers {
+	return &Handlers{
+		node: cfg.Node, cluster: cfg.Cluster, clusterID: cfg.ClusterID, mtu: cfg.MTU, started: cfg.Started, log: cfg.Log,
+		mu: cfg.Lock, store: cfg.Store, ipam: cfg.IPAM, ids: cfg.Identities, local: cfg.LocalObjects, objects: cfg.Objects,
+		dp: cfg.Datapath, plumb: cfg.Plumb, rec: cfg.Reconcile, mesh: cfg.Mesh, enc: cfg.WireGuard,
+	}
+}
+
+func (h *Handlers) logErr(what string, err error) {
+	if err != nil {
+		h.log.Error(what, "err", err)
+	}
+}

@@ -1,0 +1,144 @@
+// Package node reads what the kernel says about this node: its addresses
+// (which map to the host identity), the underlay addresses the mesh
+// publishes when none are configured, the underlay's MTU, and the boot ID.
+// WatchAddrs makes the node's addresses a source of desired state.
+package node
+
+import (
+	"context"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+)
+
+// Addrs lists the node's own addresses (they map to the host identity).
+// Link-local addresses are left out: they are not unique to the node.
+func Addrs() ([]netip.Addr, error) {
+	list, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, err
+	}
+	var out []netip.Addr
+	for _, a := range list {
+		ip, ok := netip.AddrFromSlice(a.IP)
+		if !ok {
+			continue
+		}
+		ip = ip.Unmap()
+		if ip.IsLinkLocalUnicast() || ip.IsMulticast() || ip.IsUnspecified() {
+			continue
+		}
+		out = append(out, ip)
+	}
+	return out, nil
+}
+
+// WatchAddrs calls changed whenever a node address comes or goes, until
+// ctx ends, so the host identity follows the node's addresses.
+func WatchAddrs(ctx context.Context, log *slog.Logger, changed func()) {
+	ch := make(chan netlink.AddrUpdate, 64)
+	err := netlink.AddrSubscribeWithOptions(ch, ctx.Done(), netlink.AddrSubscribeOptions{
+		ErrorCallback: func(err error) {
+			if ctx.Err() == nil {
+				log.Warn("node address watch", "err", err)
+			}
+		},
+	})
+	if err != nil {
+		log.Warn("cannot watch node addresses; relying on periodic resync", "err", err)
+		return
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case _, ok := <-ch:
+			if !ok {
+				return
+			}
+			changed()
+		}
+	}
+}
+
+// DefaultRouteAddrs returns the global addresses of the interfaces that
+// hold a default route (IPv4 and IPv6), the node's underlay addresses when
+// none are configured.
+func DefaultRouteAddrs() ([]netip.Addr, error) { return defaultRouteAddrsOf(&netlink.Handle{}) }
+
+// defaultRouteAddrsOf is DefaultRouteAddrs in the netns of h.
+func defaultRouteAddrsOf(h *netlink.Handle) ([]netip.Addr, error) {
+	var out []netip.Addr
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		routes, err := h.RouteListFiltered(family, &netlink.Route{}, 0)
+		if err != nil {
+			return nil, err
+		}
+		links := map[int]bool{}
+		for _, rt := range routes {
+			if ones, _ := maskOf(rt); rt.LinkIndex > 0 && ones == 0 && (rt.Table == 0 || rt.Table == 254) {
+				links[rt.LinkIndex] = true
+			}
+		}
+		for _, idx := range slices.Sorted(maps.Keys(links)) {
+			link, err := h.LinkByIndex(idx)
+			if err != nil {
+				continue
+			}
+			addrs, err := h.AddrList(link, family)
+			if err != nil {
+				continue
+			}
+			for _, ad := range addrs {
+				ip, ok := netip.AddrFromSlice(ad.IP)
+				if !ok {
+					continue
+				}
+				ip = ip.Unmap()
+				if ip.IsGlobalUnicast() && !slices.Contains(out, ip) {
+					out = append(out, ip)
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
+// maskOf returns the prefix length of a route's destination (0 for a
+// default route, which has none).
+func maskOf(rt netlink.Route) (int, bool) {
+	if rt.Dst == nil {
+		return 0, true
+	}
+	ones, _ := rt.Dst.Mask.Size()
+	return ones, true
+}
+
+// UnderlayMTU is the MTU of the interface holding one of ips (1500 when
+// none does), and whether the underlay is IPv6 only.
+func UnderlayMTU(ips []netip.Addr) (int, bool) {
+	v6 := len(ips) > 0 && !slices.ContainsFunc(ips, netip.Addr.Is4)
+	addrs, _ := netlink.AddrList(nil, netlink.FAMILY_ALL) // every link's
+	for _, ad := range addrs {
+		if a, ok := netip.AddrFromSlice(ad.IP); ok && slices.Contains(ips, a.Unmap()) {
+			if l, err := netlink.LinkByIndex(ad.LinkIndex); err == nil {
+				return l.Attrs().MTU, v6
+			}
+		}
+	}
+	return 1500, v6
+}
+
+// BootID identifies this boot of the node; peers reset state tied to it.
+func BootID() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
