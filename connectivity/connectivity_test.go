@@ -10,10 +10,11 @@ import (
 	"net"
 	"net/http/httptest"
 	"net/netip"
-	"os"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/isthmus-mesh/isthmus/internal/testenv"
 )
 
 func TestEchoReplyRoundTrip(t *testing.T) {
@@ -159,9 +160,7 @@ func TestCaptureClassifies(t *testing.T) {
 // a "WireGuard" port counts as WireGuard, a packet to a watched address as
 // a leak.
 func TestCaptureOnLoopback(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("AF_PACKET needs root")
-	}
+	testenv.Root(t, "AF_PACKET capture")
 	wg, err := net.ListenPacket("udp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

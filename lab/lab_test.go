@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+
+	"github.com/isthmus-mesh/isthmus/internal/testenv"
 )
 
 var (
@@ -47,14 +49,7 @@ func newLab(t *testing.T) *Lab {
 
 func skipUnlessRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	const msg = "lab tests need root: they create network namespaces and veths"
-	if os.Getenv("CI") == "true" {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
+	testenv.Root(t, "lab tests create network namespaces and veths")
 }
 
 func mustNode(t *testing.T, l *Lab, name string) *Node {

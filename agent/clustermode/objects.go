@@ -39,7 +39,7 @@ func (m *Mesh) Apply(ctx context.Context, objs []objects.Object) (api.ApplyResul
 	ctx = context.WithoutCancel(ctx) // a started write is seen through
 
 	var res api.ApplyResult
-	put := map[string][]byte{}
+	var put map[string][]byte
 	for attempt := 1; ; attempt++ {
 		cur, err := readConfig(ctx, c, "")
 		if err != nil {

@@ -45,9 +45,7 @@ func planEncryption(m desired.Mesh, selfKey string, nodeEnc bool) encryptionPlan
 	})
 	for _, n := range others {
 		name := n.Cluster + "/" + n.Name
-		for _, c := range n.PodCIDRs {
-			p.unreachable = append(p.unreachable, c)
-		}
+		p.unreachable = append(p.unreachable, n.PodCIDRs...)
 		key := n.WireGuardPublicKey
 		switch {
 		case key == "":

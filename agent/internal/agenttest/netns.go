@@ -6,13 +6,14 @@ package agenttest
 import (
 	"crypto/rand"
 	"encoding/hex"
-	"os"
 	"os/exec"
 	"strings"
 	"testing"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/isthmus-mesh/isthmus/internal/testenv"
 )
 
 // Netns creates a netns with an underlay device (one end of a veth pair,
@@ -21,9 +22,7 @@ import (
 // test ends; without root the test is skipped.
 func Netns(t *testing.T) (*netlink.Handle, func(args ...string) string) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (creates a network namespace)")
-	}
+	testenv.Root(t, "creates a network namespace")
 	b := make([]byte, 4)
 	_, _ = rand.Read(b)
 	name := "isthrt-" + hex.EncodeToString(b)
