@@ -199,6 +199,17 @@ func (m *Mesh) Run(ctx context.Context, kvMetrics *kvstore.Metrics) error {
 		if err != nil {
 			return err
 		}
+		user, err := meshsync.BundleUser(tlsCfg)
+		if err != nil {
+			return err
+		}
+		warning, err := meshsync.CheckBundleUser(user, m.cfg.Local.Node)
+		if err != nil {
+			return err
+		}
+		if warning != "" {
+			m.log.Warn(warning)
+		}
 		kcfg.TLS = tlsCfg
 	}
 	ttl := m.cfg.LeaseTTL

@@ -54,6 +54,39 @@ func LoadBundle(dir, cluster string) (*tls.Config, error) {
 	return &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}, ServerName: ServerName(cluster), MinVersion: tls.VersionTLS12}, nil
 }
 
+// BundleUser returns the etcd user of a loaded bundle: the common name of
+// its client certificate.
+func BundleUser(c *tls.Config) (string, error) {
+	if len(c.Certificates) == 0 || len(c.Certificates[0].Certificate) == 0 {
+		return "", errors.New("kvstore bundle: no client certificate")
+	}
+	leaf, err := x509.ParseCertificate(c.Certificates[0].Certificate[0])
+	if err != nil {
+		return "", fmt.Errorf("kvstore bundle: client certificate: %w", err)
+	}
+	return leaf.Subject.CommonName, nil
+}
+
+// CheckBundleUser checks that the etcd user of an agent's bundle may be
+// used by node: its own node user (node-<node>), or one of the broad
+// credentials ("agents", shared by every node; "root") for which it
+// returns a warning. Another node's credential, or a remote cluster's, is
+// an error: publishing would fail on every write, or worse, succeed as
+// someone else.
+func CheckBundleUser(user, node string) (warning string, err error) {
+	own := "node-" + node
+	switch {
+	case user == own:
+		return "", nil
+	case user == "agents" || user == "root":
+		return fmt.Sprintf("the kvstore bundle is for etcd user %q, which may write every node's records: give each node its own (isthmus clustermesh certs --node %s)", user, node), nil
+	case strings.HasPrefix(user, "node-"):
+		return "", fmt.Errorf("the kvstore bundle is for etcd user %q, not this node's %q: run isthmus clustermesh certs --node %s on the server host", user, own, node)
+	default:
+		return "", fmt.Errorf("the kvstore bundle is for etcd user %q, not a node's: run isthmus clustermesh certs --node %s on the server host", user, node)
+	}
+}
+
 // ErrClusterConfig is wrapped by errors about a cluster-config that does
 // not fit this node: retrying does not help, the configuration is wrong.
 var ErrClusterConfig = errors.New("cluster configuration mismatch")

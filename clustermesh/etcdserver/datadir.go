@@ -62,6 +62,13 @@ func (d *DataDir) Bundle(user string) (Bundle, error) {
 	if user != UserAgents && user != UserRoot {
 		return Bundle{}, fmt.Errorf("clustermesh: no stored bundle for user %q (want %s or %s)", user, UserAgents, UserRoot)
 	}
+	if user == UserAgents {
+		// The server writes this directory only while the shared
+		// credential is on; without it the etcd user does not exist.
+		if _, err := os.Stat(filepath.Join(d.dir, "pki", "bundles", UserAgents)); err != nil {
+			return Bundle{}, errors.New("clustermesh: the server runs without --insecure-shared-agent-credential: export each node's own bundle (certs --node NAME)")
+		}
+	}
 	kp, err := d.pki.load(user)
 	if err != nil {
 		return Bundle{}, fmt.Errorf("clustermesh: %w", err)

@@ -10,7 +10,7 @@ import (
 
 func TestAgentsCannotReadRemotes(t *testing.T) {
 	ctx := testCtx(t)
-	s := start(t, testConfig(t))
+	s := start(t, sharedConfig(t))
 	if err := s.Client().Put(ctx, RemoteKey("c2"), []byte("secret")); err != nil {
 		t.Fatal(err)
 	}
@@ -69,7 +69,7 @@ func TestMirroredConfigsAllowRestart(t *testing.T) {
 
 func TestDataDir(t *testing.T) {
 	ctx := testCtx(t)
-	cfg := testConfig(t)
+	cfg := sharedConfig(t)
 	s := start(t, cfg)
 	if _, err := OpenDataDir(t.TempDir()); err == nil || !strings.Contains(err.Error(), InfoFile) {
 		t.Errorf("empty dir: %v", err)

@@ -1,7 +1,13 @@
 package etcdserver
 
 import (
+	"errors"
+	"io/fs"
+	"os"
 	"testing"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
@@ -76,4 +82,50 @@ func TestNodeCredentialWritesOnlyItsOwnRecords(t *testing.T) {
 	if _, err := s.ExportNodeBundle(ctx, "Not_A_Node"); err == nil {
 		t.Error("a bundle for an invalid node name was issued")
 	}
+}
+
+// Without SharedAgentCredential there is no "agents" user and no bundle
+// for it; a server restarted without it removes the user, so a shared
+// bundle handed out before stops working.
+func TestSharedAgentCredentialOffByDefault(t *testing.T) {
+	ctx := testCtx(t)
+	cfg := sharedConfig(t)
+	s := start(t, cfg)
+	shared, err := s.ExportBundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+
+	cfg.SharedAgentCredential = false
+	s = start(t, cfg)
+	if _, err := s.ExportBundle(); err == nil {
+		t.Error("ExportBundle with the shared credential off: want an error")
+	}
+	if _, err := os.Stat(s.BundleDir(UserAgents)); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("bundle dir of the shared credential: %v, want it removed", err)
+	}
+	if d, err := OpenDataDir(cfg.DataDir); err != nil {
+		t.Fatal(err)
+	} else if _, err := d.Bundle(UserAgents); err == nil {
+		t.Error("the data dir still hands out the shared bundle")
+	}
+	c, err := kvstore.Connect(ctx, mustKVConfig(t, shared))
+	if err == nil {
+		err = c.Put(ctx, records.NodeKey("c1", "n1"), []byte("x"))
+		c.Close()
+	}
+	if err == nil {
+		t.Error("the shared agents bundle still writes after a restart without the shared credential")
+	}
+}
+
+func mustKVConfig(t *testing.T, b Bundle) kvstore.Config {
+	t.Helper()
+	kc, err := b.KVConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	kc.Logger, kc.DialTimeout, kc.MaxRetries = quiet, time.Second, 1
+	return kc
 }

@@ -59,6 +59,12 @@ type Config struct {
 	// HeartbeatInterval is how often the heartbeat key is written.
 	// Default 5 s.
 	HeartbeatInterval time.Duration
+	// SharedAgentCredential creates the etcd user "agents", one credential
+	// every agent may share, which writes everything under isthmus/ but
+	// isthmus/remotes/. Insecure: a node holding it can rewrite every
+	// other node's records. Off, the user is removed and each node gets
+	// its own (ExportNodeBundle, `isthmus clustermesh certs --node`).
+	SharedAgentCredential bool
 	// UnsafeNoFsync turns off the embedded etcd's fsync. For tests and
 	// throw-away labs only: a crash can lose or corrupt data.
 	UnsafeNoFsync bool
@@ -344,9 +350,15 @@ func (s *Server) startEmbedded(ctx context.Context) error {
 	}
 	s.localURL = "https://" + lap.String()
 
-	// Bundle directories for the agents and for the CLI (root), rewritten
-	// on every start so they always match the PKI.
-	for _, user := range []string{UserAgents, UserRoot} {
+	// Bundle directories for the CLI (root) and, when shared, the agents,
+	// rewritten on every start so they always match the PKI.
+	users := []string{UserRoot}
+	if s.cfg.SharedAgentCredential {
+		users = append(users, UserAgents)
+	} else if err := os.RemoveAll(s.BundleDir(UserAgents)); err != nil {
+		return fmt.Errorf("clustermesh: remove the shared agents bundle: %w", err)
+	}
+	for _, user := range users {
 		kp, err := s.pki.load(user)
 		if err == nil {
 			err = s.bundle(user, kp).WriteDir(s.BundleDir(user))
@@ -383,9 +395,6 @@ func (s *Server) clientTLS(kp keyPair) (*tls.Config, error) {
 // setupAuth creates the roles and users and turns auth on. Every step is
 // idempotent, so it runs on every start and repairs what is missing.
 func (s *Server) setupAuth(ctx context.Context) error {
-	if err := s.kv.EnsureRole(ctx, roleAgents, agentPermissions()...); err != nil {
-		return fmt.Errorf("clustermesh: etcd auth: %w", err)
-	}
 	var perms []kvstore.Permission
 	for _, p := range remotePrefixes {
 		perms = append(perms, kvstore.Permission{Prefix: p})
@@ -398,8 +407,23 @@ func (s *Server) setupAuth(ctx context.Context) error {
 	if err := s.kv.EnsureUser(ctx, UserRoot, "", "root"); err != nil {
 		return fmt.Errorf("clustermesh: etcd auth: %w", err)
 	}
-	if err := s.kv.EnsureUser(ctx, UserAgents, "", roleAgents); err != nil {
-		return fmt.Errorf("clustermesh: etcd auth: %w", err)
+	if s.cfg.SharedAgentCredential {
+		if err := s.kv.EnsureRole(ctx, roleAgents, agentPermissions()...); err != nil {
+			return fmt.Errorf("clustermesh: etcd auth: %w", err)
+		}
+		if err := s.kv.EnsureUser(ctx, UserAgents, "", roleAgents); err != nil {
+			return fmt.Errorf("clustermesh: etcd auth: %w", err)
+		}
+		s.log.Warn("the shared agents credential is on (--insecure-shared-agent-credential): a node holding it can rewrite every node's records")
+	} else {
+		// A data dir from before, or a server restarted without the
+		// flag: the shared credential stops working.
+		if err := s.kv.DeleteUser(ctx, UserAgents); err != nil {
+			return fmt.Errorf("clustermesh: etcd auth: %w", err)
+		}
+		if err := s.kv.DeleteRole(ctx, roleAgents); err != nil {
+			return fmt.Errorf("clustermesh: etcd auth: %w", err)
+		}
 	}
 	if err := s.kv.EnableAuth(ctx); err != nil {
 		return fmt.Errorf("clustermesh: etcd auth: %w", err)
@@ -612,6 +636,9 @@ func (s *Server) BundleDir(user string) string {
 func (s *Server) ExportBundle() (Bundle, error) {
 	if s.pki == nil {
 		return Bundle{}, errors.New("clustermesh: external etcd: agent credentials are managed by whoever runs that etcd")
+	}
+	if !s.cfg.SharedAgentCredential {
+		return Bundle{}, errors.New("clustermesh: the shared agents credential is off (--insecure-shared-agent-credential); give each node its own with ExportNodeBundle")
 	}
 	kp, err := s.pki.load(UserAgents)
 	if err != nil {

@@ -41,6 +41,14 @@ func testConfig(t *testing.T) Config {
 	}
 }
 
+// sharedConfig is testConfig with the insecure shared "agents" credential,
+// for the tests of that credential.
+func sharedConfig(t *testing.T) Config {
+	cfg := testConfig(t)
+	cfg.SharedAgentCredential = true
+	return cfg
+}
+
 func start(t *testing.T, cfg Config) *Server {
 	t.Helper()
 	s, err := Start(testCtx(t), cfg)
@@ -89,7 +97,7 @@ func isPermissionDenied(err error) bool {
 
 func TestEmbeddedMTLSAndAuth(t *testing.T) {
 	ctx := testCtx(t)
-	cfg := testConfig(t)
+	cfg := sharedConfig(t)
 	s := start(t, cfg)
 
 	b, err := s.ExportBundle()
@@ -226,7 +234,7 @@ func TestEmbeddedMTLSAndAuth(t *testing.T) {
 
 func TestRestartReusesDataAndPKI(t *testing.T) {
 	ctx := testCtx(t)
-	cfg := testConfig(t)
+	cfg := sharedConfig(t)
 	s1 := start(t, cfg)
 	b1, _ := s1.ExportBundle()
 	c1 := connectBundle(t, b1)

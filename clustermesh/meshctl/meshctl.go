@@ -145,9 +145,36 @@ func LocalCluster(ctx context.Context, kv *kvstore.Client) (etcdserver.Info, rec
 // client: at endpoints when given, else the address the server recorded in
 // its data dir.
 func RemoteBundle(ctx context.Context, d *etcdserver.DataDir, remote string, endpoints []string) (etcdserver.Bundle, error) {
-	kc, err := d.RootKVConfig()
+	root, err := dialRoot(ctx, d, endpoints, etcdserver.RemoteUser(remote))
 	if err != nil {
 		return etcdserver.Bundle{}, err
+	}
+	defer root.Close()
+	return d.RemoteBundle(ctx, root, remote)
+}
+
+// NodeBundle creates the etcd user of one node of the cluster (if needed),
+// which may write only that node's records, and returns a bundle with a
+// new certificate for it: that node's isthmus-agent --kvstore-bundle.
+func NodeBundle(ctx context.Context, d *etcdserver.DataDir, node string, endpoints []string) (etcdserver.Bundle, error) {
+	if err := records.ValidateNodeName(node); err != nil {
+		return etcdserver.Bundle{}, fmt.Errorf("--node: %w", err)
+	}
+	root, err := dialRoot(ctx, d, endpoints, etcdserver.NodeUser(node))
+	if err != nil {
+		return etcdserver.Bundle{}, err
+	}
+	defer root.Close()
+	return d.NodeBundle(ctx, root, node)
+}
+
+// dialRoot connects to the cluster's etcd as root, to create user: at
+// endpoints when given, else the address the server recorded in its data
+// dir.
+func dialRoot(ctx context.Context, d *etcdserver.DataDir, endpoints []string, user string) (*kvstore.Client, error) {
+	kc, err := d.RootKVConfig()
+	if err != nil {
+		return nil, err
 	}
 	if len(endpoints) > 0 {
 		kc.Endpoints = endpoints
@@ -155,11 +182,10 @@ func RemoteBundle(ctx context.Context, d *etcdserver.DataDir, remote string, end
 	kc.DialTimeout, kc.MaxRetries, kc.Logger = 5*time.Second, 2, quietLog
 	root, err := kvstore.Connect(ctx, kc)
 	if err != nil {
-		return etcdserver.Bundle{}, fmt.Errorf("cannot reach the etcd of cluster %s at %s to create the user %s: %w (is isthmus-clustermesh running? --kvstore-endpoints)",
-			d.Info().Cluster, strings.Join(kc.Endpoints, ","), etcdserver.RemoteUser(remote), err)
+		return nil, fmt.Errorf("cannot reach the etcd of cluster %s at %s to create the user %s: %w (is isthmus-clustermesh running? --kvstore-endpoints)",
+			d.Info().Cluster, strings.Join(kc.Endpoints, ","), user, err)
 	}
-	defer root.Close()
-	return d.RemoteBundle(ctx, root, remote)
+	return root, nil
 }
 
 // WriteBundle writes b to out: a directory (the PEM files and

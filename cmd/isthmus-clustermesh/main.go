@@ -51,6 +51,7 @@ type options struct {
 	etcdCert           string
 	etcdKey            string
 	cacheTTL           time.Duration
+	sharedAgents       bool
 	identityGCInterval time.Duration
 	identityGCGrace    time.Duration
 	healthListen       string
@@ -127,6 +128,7 @@ SIGTERM or SIGINT stops it cleanly.`,
 	f.StringVar(&o.etcdCA, "etcd-ca", "", "external etcd: CA certificate file (PEM)")
 	f.StringVar(&o.etcdCert, "etcd-cert", "", "external etcd: client certificate file (PEM); its common name is the etcd user, which needs write access to isthmus/")
 	f.StringVar(&o.etcdKey, "etcd-key", "", "external etcd: client key file (PEM)")
+	f.BoolVar(&o.sharedAgents, "insecure-shared-agent-credential", false, "also create the etcd user \"agents\", one credential all agents may share, which writes every node's records (insecure; by default each node gets its own: isthmus clustermesh certs --node NAME)")
 	f.DurationVar(&o.cacheTTL, "cache-ttl", 0, "drop the mirrored state of a remote cluster unreachable for longer than this (e.g. 30m); 0 keeps it forever")
 	f.DurationVar(&o.identityGCInterval, "identity-gc-interval", 10*time.Minute, "how often identities that no node references are deleted; 0 turns it off")
 	f.DurationVar(&o.identityGCGrace, "identity-gc-grace", 5*time.Minute, "how long an identity stays unreferenced before it is deleted (several agent lease TTLs, so nodes cut off from etcd get their identities back); 0 deletes at the first pass")
@@ -180,6 +182,7 @@ func (o *options) config() (server.Config, error) {
 		return cfg, errors.New("--pod-cidr is required: the cluster's pod address range(s); remote clusters are refused if theirs overlap")
 	}
 	sc.ListenClient, sc.ListenPeer = o.listenClient, o.listenPeer
+	sc.SharedAgentCredential = o.sharedAgents
 	sc.AdvertiseClient = trimAll(o.advertiseClient)
 	sc.ExtraSANs = trimAll(o.tlsSANs)
 	if eps := trimAll(o.etcdEndpoints); len(eps) > 0 {

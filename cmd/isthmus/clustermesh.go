@@ -88,24 +88,34 @@ func splitList(s string) []string {
 var dataDirRoot = etcdserver.DefaultDataDirRoot
 
 func (m *mesh) certsCommand() *cobra.Command {
-	var dataDir, forRemote, out string
+	var dataDir, node, forRemote, out string
+	var sharedAgents bool
 	cmd := &cobra.Command{
-		Use:   "certs --data-dir DIR [--for-remote CLUSTER] --out FILE|DIR/",
-		Short: "Export the bundle for this cluster's agents, or for a remote cluster's server",
+		Use:   "certs --data-dir DIR (--node NAME | --for-remote CLUSTER) --out FILE|DIR/",
+		Short: "Export the bundle of one of this cluster's nodes, or for a remote cluster's server",
 		Long: `Export credentials of this cluster's etcd. Run it on the server host: it reads
-the server's --data-dir.
+the server's --data-dir, and the server must be running.
 
-Without --for-remote it exports the bundle of the cluster's agents (etcd user
-"agents"), for isthmus-agent --kvstore-bundle. With --for-remote CLUSTER it
-creates the read-only etcd user remote-CLUSTER (if needed) and exports a
-bundle with a new certificate for it: give that to CLUSTER, whose operator
-runs isthmus clustermesh connect --bundle with it.
+--node NAME creates the etcd user node-NAME (if needed) and exports a bundle
+with a new certificate for it, for that node's isthmus-agent
+--kvstore-bundle. A node's credential writes only that node's records: its
+node record, its endpoints' ipcache entries, identities and applied objects;
+never another node's records, the cluster config, the mirror's cache of
+remote clusters or canaries (docs/clustermesh.md).
+
+--for-remote CLUSTER creates the read-only etcd user remote-CLUSTER (if
+needed) and exports a bundle with a new certificate for it: give that to
+CLUSTER, whose operator runs isthmus clustermesh connect --bundle with it.
+
+--insecure-shared-agents exports the one credential every agent may share
+(etcd user "agents", which may write everything but isthmus/remotes/), only
+on a server started with --insecure-shared-agent-credential.
 
 --out FILE writes one JSON file (what connect takes); --out DIR/ (trailing
 slash, or an existing directory) writes ca.crt, client.crt, client.key and
 bundle.json into DIR. Bundles hold a private key: they are written readable
 by the owner only.`,
-		Example: `  isthmus clustermesh certs --data-dir /var/lib/isthmus-clustermesh/c1 --out /etc/isthmus/agents/
+		Example: `  isthmus clustermesh certs --data-dir /var/lib/isthmus-clustermesh/c1 --node n1 --out /etc/isthmus/n1/
   isthmus clustermesh certs --data-dir /var/lib/isthmus-clustermesh/c1 --for-remote c2 --out c1-for-c2.json`,
 		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -115,21 +125,27 @@ by the owner only.`,
 			if out == "" {
 				return errors.New("certs needs --out FILE (a JSON bundle) or --out DIR/ (ca.crt, client.crt, client.key and bundle.json)")
 			}
+			if n := btoi(node != "") + btoi(forRemote != "") + btoi(sharedAgents); n != 1 {
+				return errors.New("certs needs one of --node NAME (a node's agent), --for-remote CLUSTER (a remote cluster's server) or --insecure-shared-agents")
+			}
 			d, err := etcdserver.OpenDataDir(dataDir)
 			if err != nil {
 				return err
 			}
 			ctx, cancel := m.ctx(cmd)
 			defer cancel()
+			var eps []string
+			if m.conn.EndpointsSet {
+				eps = m.conn.Endpoints
+			}
 			var b etcdserver.Bundle
-			if forRemote == "" {
-				b, err = d.Bundle(etcdserver.UserAgents)
-			} else {
-				var eps []string
-				if m.conn.EndpointsSet {
-					eps = m.conn.Endpoints
-				}
+			switch {
+			case node != "":
+				b, err = meshctl.NodeBundle(ctx, d, node, eps)
+			case forRemote != "":
 				b, err = meshctl.RemoteBundle(ctx, d, forRemote, eps)
+			default:
+				b, err = d.Bundle(etcdserver.UserAgents)
 			}
 			if err != nil {
 				return err
@@ -142,10 +158,14 @@ by the owner only.`,
 			if dir {
 				where = strings.TrimSuffix(out, "/") + "/ (ca.crt, client.crt, client.key, " + meshctl.BundleFileInDir + ")"
 			}
-			if forRemote == "" {
-				fmt.Fprintf(m.out, "wrote the agents bundle of cluster %s to %s\n", b.Cluster, where)
+			switch {
+			case node != "":
+				fmt.Fprintf(m.out, "wrote the bundle of node %s of cluster %s (etcd user %s) to %s\n", node, b.Cluster, b.User, where)
+				fmt.Fprintf(m.out, "on node %s, run: isthmus-agent --node-name %s --kvstore-endpoints %s --kvstore-bundle DIR\n", node, node, strings.Join(b.Endpoints, ","))
+			case sharedAgents:
+				fmt.Fprintf(m.out, "wrote the shared agents bundle of cluster %s to %s (insecure: any node holding it can rewrite every node's records)\n", b.Cluster, where)
 				fmt.Fprintf(m.out, "agents use it with: isthmus-agent --kvstore-endpoints %s --kvstore-bundle DIR\n", strings.Join(b.Endpoints, ","))
-			} else {
+			default:
 				fmt.Fprintf(m.out, "wrote a bundle for cluster %s to read cluster %s (etcd user %s) to %s\n", forRemote, b.Cluster, b.User, where)
 				fmt.Fprintf(m.out, "on cluster %s, run: isthmus clustermesh connect --bundle %s\n", forRemote, out)
 			}
@@ -158,7 +178,9 @@ by the owner only.`,
 	}
 	f := cmd.Flags()
 	f.StringVar(&dataDir, "data-dir", "", "the --data-dir of this cluster's isthmus-clustermesh")
+	f.StringVar(&node, "node", "", "export the bundle of this node's agent (etcd user node-NAME, which writes only that node's records)")
 	f.StringVar(&forRemote, "for-remote", "", "export a bundle for the server of this remote cluster (read-only etcd user remote-CLUSTER)")
+	f.BoolVar(&sharedAgents, "insecure-shared-agents", false, "export the credential all agents share (etcd user agents); only on a server started with --insecure-shared-agent-credential")
 	f.StringVar(&out, "out", "", "where to write: FILE (JSON) or DIR/ (PEM files and bundle.json)")
 	_ = cmd.MarkFlagDirname("data-dir")
 	return cmd
@@ -309,4 +331,11 @@ func (m *mesh) completeRemotes(cmd *cobra.Command, _ []string, toComplete string
 		return nil, cobra.ShellCompDirectiveNoFileComp
 	}
 	return filterPrefix(names, toComplete), cobra.ShellCompDirectiveNoFileComp
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }

@@ -61,16 +61,22 @@ func TestClustermeshCommands(t *testing.T) {
 	if fi, err := os.Stat(bundle); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Errorf("bundle file: %v %v", fi, err)
 	}
-	agents := filepath.Join(dir, "agents") + "/"
-	if out, err := meshRun(t, c2, "certs", "--data-dir", c2.DataDir(), "--out", agents); err != nil || !strings.Contains(out, "agents bundle of cluster c2") {
-		t.Fatalf("certs (agents): %q %v", out, err)
+	nodeDir := filepath.Join(dir, "n1") + "/"
+	if out, err := meshRun(t, c2, "certs", "--data-dir", c2.DataDir(), "--node", "n1", "--out", nodeDir); err != nil || !strings.Contains(out, "node n1 of cluster c2 (etcd user node-n1)") {
+		t.Fatalf("certs --node n1: %q %v", out, err)
 	}
 	for _, f := range []string{etcdserver.BundleCAFile, etcdserver.BundleCertFile, etcdserver.BundleKeyFile, meshctl.BundleFileInDir} {
-		if _, err := os.Stat(filepath.Join(agents, f)); err != nil {
+		if _, err := os.Stat(filepath.Join(nodeDir, f)); err != nil {
 			t.Error(err)
 		}
 	}
-	if _, err := meshRun(t, c2, "certs", "--data-dir", t.TempDir(), "--out", bundle); err == nil || !strings.Contains(err.Error(), "--data-dir of an isthmus-clustermesh") {
+	if _, err := meshRun(t, c2, "certs", "--data-dir", c2.DataDir(), "--out", nodeDir); err == nil || !strings.Contains(err.Error(), "--node NAME") {
+		t.Errorf("certs without --node or --for-remote: %v", err)
+	}
+	if _, err := meshRun(t, c2, "certs", "--data-dir", c2.DataDir(), "--insecure-shared-agents", "--out", nodeDir); err == nil || !strings.Contains(err.Error(), "--insecure-shared-agent-credential") {
+		t.Errorf("certs --insecure-shared-agents on a server without it: %v", err)
+	}
+	if _, err := meshRun(t, c2, "certs", "--data-dir", t.TempDir(), "--node", "n1", "--out", bundle); err == nil || !strings.Contains(err.Error(), "--data-dir of an isthmus-clustermesh") {
 		t.Errorf("certs on an empty dir: %v", err)
 	}
 
