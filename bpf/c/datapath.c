@@ -5,6 +5,11 @@
  * egress policy, service translation, conntrack, and direct delivery to local
  * pods with bpf_redirect_peer. to_pod runs at tcx egress of the host-side veth
  * (packets the kernel routes to a pod): ingress policy and reverse NAT.
+ * Both follow a datagram's later fragments by its first (isth_frag), walk
+ * IPv6 extension headers to the real L4 header, and tail-call
+ * from_pod_icmp_err / to_pod_icmp_err for ICMP errors, which pass only when
+ * they quote a flow of the pod (docs/datapath.md, "Fragments, extension
+ * headers and ICMP errors").
  */
 #include <stddef.h>
 #include <linux/bpf.h>
