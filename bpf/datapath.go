@@ -69,11 +69,38 @@ func Open(pinDir string) (*Datapath, error) {
 		}
 		return nil, fmt.Errorf("load datapath into the kernel: %w", err)
 	}
+	if err := d.fillCalls(); err != nil {
+		d.objs.Close()
+		return nil, err
+	}
 	if err := d.loadServiceIDs(); err != nil {
 		d.objs.Close()
 		return nil, err
 	}
 	return d, nil
+}
+
+// Slots of isth_calls, the programs from_pod and to_pod tail-call into
+// (c/datapath.c, CALL_*).
+const (
+	callFromPodICMPErr uint32 = 0
+	callToPodICMPErr   uint32 = 1
+)
+
+// fillCalls points the tail-call slots at this load's programs. The map is
+// pinned, so programs attached by an earlier run reach the new ones too
+// (their packet layout is the same: both parse the frame from scratch), and
+// the slots stay filled while no agent runs.
+func (d *Datapath) fillCalls() error {
+	for _, c := range []struct {
+		slot uint32
+		prog *ebpf.Program
+	}{{callFromPodICMPErr, d.objs.FromPodIcmpErr}, {callToPodICMPErr, d.objs.ToPodIcmpErr}} {
+		if err := d.objs.IsthCalls.Put(c.slot, c.prog); err != nil {
+			return fmt.Errorf("fill tail-call slot %d: %w", c.slot, err)
+		}
+	}
+	return nil
 }
 
 // PinDir is where the maps and links of this datapath are pinned.

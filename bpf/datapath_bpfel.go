@@ -78,6 +78,38 @@ type datapathEpVal struct {
 	HostMac  [6]uint8
 }
 
+type datapathFragKey struct {
+	_   structs.HostLayout
+	Src struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+	Dst struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+	Id    uint32
+	Proto uint8
+	Hook  uint8
+	Pad   uint16
+}
+
+type datapathFragVal struct {
+	_       structs.HostLayout
+	Created uint64
+	Src     struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+	Dst struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+	Sport   uint16
+	Dport   uint16
+	Verdict uint32
+}
+
 type datapathIpcacheKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -138,15 +170,19 @@ type datapathSvcVal struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	datapathMapIsthBackends  = "isth_backends"
-	datapathMapIsthCt        = "isth_ct"
-	datapathMapIsthEndpoints = "isth_endpoints"
-	datapathMapIsthIpcache   = "isth_ipcache"
-	datapathMapIsthMetrics   = "isth_metrics"
-	datapathMapIsthPolicy    = "isth_policy"
-	datapathMapIsthServices  = "isth_services"
-	datapathProgFromPod      = "from_pod"
-	datapathProgToPod        = "to_pod"
+	datapathMapIsthBackends    = "isth_backends"
+	datapathMapIsthCalls       = "isth_calls"
+	datapathMapIsthCt          = "isth_ct"
+	datapathMapIsthEndpoints   = "isth_endpoints"
+	datapathMapIsthFrag        = "isth_frag"
+	datapathMapIsthIpcache     = "isth_ipcache"
+	datapathMapIsthMetrics     = "isth_metrics"
+	datapathMapIsthPolicy      = "isth_policy"
+	datapathMapIsthServices    = "isth_services"
+	datapathProgFromPod        = "from_pod"
+	datapathProgFromPodIcmpErr = "from_pod_icmp_err"
+	datapathProgToPod          = "to_pod"
+	datapathProgToPodIcmpErr   = "to_pod_icmp_err"
 )
 
 // loadDatapath returns the embedded CollectionSpec for datapath.
@@ -191,8 +227,10 @@ type datapathSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathProgramSpecs struct {
-	FromPod *ebpf.ProgramSpec `ebpf:"from_pod"`
-	ToPod   *ebpf.ProgramSpec `ebpf:"to_pod"`
+	FromPod        *ebpf.ProgramSpec `ebpf:"from_pod"`
+	FromPodIcmpErr *ebpf.ProgramSpec `ebpf:"from_pod_icmp_err"`
+	ToPod          *ebpf.ProgramSpec `ebpf:"to_pod"`
+	ToPodIcmpErr   *ebpf.ProgramSpec `ebpf:"to_pod_icmp_err"`
 }
 
 // datapathMapSpecs contains maps before they are loaded into the kernel.
@@ -200,8 +238,10 @@ type datapathProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathMapSpecs struct {
 	IsthBackends  *ebpf.MapSpec `ebpf:"isth_backends"`
+	IsthCalls     *ebpf.MapSpec `ebpf:"isth_calls"`
 	IsthCt        *ebpf.MapSpec `ebpf:"isth_ct"`
 	IsthEndpoints *ebpf.MapSpec `ebpf:"isth_endpoints"`
+	IsthFrag      *ebpf.MapSpec `ebpf:"isth_frag"`
 	IsthIpcache   *ebpf.MapSpec `ebpf:"isth_ipcache"`
 	IsthMetrics   *ebpf.MapSpec `ebpf:"isth_metrics"`
 	IsthPolicy    *ebpf.MapSpec `ebpf:"isth_policy"`
@@ -235,8 +275,10 @@ func (o *datapathObjects) Close() error {
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathMaps struct {
 	IsthBackends  *ebpf.Map `ebpf:"isth_backends"`
+	IsthCalls     *ebpf.Map `ebpf:"isth_calls"`
 	IsthCt        *ebpf.Map `ebpf:"isth_ct"`
 	IsthEndpoints *ebpf.Map `ebpf:"isth_endpoints"`
+	IsthFrag      *ebpf.Map `ebpf:"isth_frag"`
 	IsthIpcache   *ebpf.Map `ebpf:"isth_ipcache"`
 	IsthMetrics   *ebpf.Map `ebpf:"isth_metrics"`
 	IsthPolicy    *ebpf.Map `ebpf:"isth_policy"`
@@ -246,8 +288,10 @@ type datapathMaps struct {
 func (m *datapathMaps) Close() error {
 	return _DatapathClose(
 		m.IsthBackends,
+		m.IsthCalls,
 		m.IsthCt,
 		m.IsthEndpoints,
+		m.IsthFrag,
 		m.IsthIpcache,
 		m.IsthMetrics,
 		m.IsthPolicy,
@@ -265,14 +309,18 @@ type datapathVariables struct {
 //
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathPrograms struct {
-	FromPod *ebpf.Program `ebpf:"from_pod"`
-	ToPod   *ebpf.Program `ebpf:"to_pod"`
+	FromPod        *ebpf.Program `ebpf:"from_pod"`
+	FromPodIcmpErr *ebpf.Program `ebpf:"from_pod_icmp_err"`
+	ToPod          *ebpf.Program `ebpf:"to_pod"`
+	ToPodIcmpErr   *ebpf.Program `ebpf:"to_pod_icmp_err"`
 }
 
 func (p *datapathPrograms) Close() error {
 	return _DatapathClose(
 		p.FromPod,
+		p.FromPodIcmpErr,
 		p.ToPod,
+		p.ToPodIcmpErr,
 	)
 }
 

@@ -119,19 +119,30 @@ const (
 	ReasonDropSpoofed     Reason = 7 // source address is not the endpoint's
 	ReasonDropUnknownDest Reason = 8
 	ReasonDeliveredToPod  Reason = 9 // passed the to-pod program
-	ReasonCount           Reason = 16
+	// A non-first fragment whose first fragment was not seen (or was seen
+	// too long ago): without it there are no ports to judge or translate.
+	ReasonDropFragUnknown Reason = 10
+	// An IPv6 extension header chain longer than the datapath walks, or
+	// with a header it does not know.
+	ReasonDropExtHeader Reason = 11
+	// An ICMP or ICMPv6 error that quotes no flow of the pod it is about.
+	ReasonDropICMPUnrelated Reason = 12
+	ReasonCount             Reason = 16
 )
 
 var reasonNames = map[Reason]string{
-	ReasonForwardStack:   "forward_stack",
-	ReasonForwardLocal:   "forward_local",
-	ReasonServiceNAT:     "service_nat",
-	ReasonDropPolicyEgr:  "drop_policy_egress",
-	ReasonDropPolicyIngr: "drop_policy_ingress",
-	ReasonDropNoBackend:  "drop_no_backend",
-	ReasonDropInvalid:    "drop_invalid",
-	ReasonDropSpoofed:    "drop_spoofed_source",
-	ReasonDeliveredToPod: "delivered_to_pod",
+	ReasonForwardStack:      "forward_stack",
+	ReasonForwardLocal:      "forward_local",
+	ReasonServiceNAT:        "service_nat",
+	ReasonDropPolicyEgr:     "drop_policy_egress",
+	ReasonDropPolicyIngr:    "drop_policy_ingress",
+	ReasonDropNoBackend:     "drop_no_backend",
+	ReasonDropInvalid:       "drop_invalid",
+	ReasonDropSpoofed:       "drop_spoofed_source",
+	ReasonDeliveredToPod:    "delivered_to_pod",
+	ReasonDropFragUnknown:   "drop_frag_unknown",
+	ReasonDropExtHeader:     "drop_ext_header",
+	ReasonDropICMPUnrelated: "drop_icmp_unrelated",
 }
 
 func (r Reason) String() string {
@@ -144,7 +155,8 @@ func (r Reason) String() string {
 // IsDrop reports whether the reason counts dropped packets.
 func (r Reason) IsDrop() bool {
 	switch r {
-	case ReasonDropPolicyEgr, ReasonDropPolicyIngr, ReasonDropNoBackend, ReasonDropInvalid, ReasonDropSpoofed, ReasonDropUnknownDest:
+	case ReasonDropPolicyEgr, ReasonDropPolicyIngr, ReasonDropNoBackend, ReasonDropInvalid, ReasonDropSpoofed, ReasonDropUnknownDest,
+		ReasonDropFragUnknown, ReasonDropExtHeader, ReasonDropICMPUnrelated:
 		return true
 	}
 	return false

@@ -23,6 +23,8 @@ for tool in ip nsenter iperf3 iptables-restore wg wireguard-go; do
 done
 
 # 1. ns per packet of the from-pod program under BPF_PROG_TEST_RUN.
+#    Beside the plain paths: a first and a later fragment, IPv6 without and
+#    with two extension headers, and a related ICMP error (bpf/bench_test.go).
 go test -run '^$' -bench 'BenchmarkFromPod' -benchtime 200x -count 1 ./bpf/ |
 	awk '/^BenchmarkFromPod\// {
 		name = $1; sub(/^BenchmarkFromPod\//, "", name); sub(/-[0-9]+$/, "", name); gsub(/\//, "-", name)

@@ -43,6 +43,9 @@ enum reason {
 	REASON_DROP_SPOOFED = 7,
 	REASON_DROP_UNKNOWN_DEST = 8,
 	REASON_DELIVERED = 9,
+	REASON_DROP_FRAG_UNKNOWN = 10,   /* a non-first fragment whose first fragment was not seen */
+	REASON_DROP_EXT_HEADER = 11,     /* IPv6 extension header chain unknown or too long */
+	REASON_DROP_ICMP_UNRELATED = 12, /* ICMP error about no flow of the pod it claims */
 	REASON_MAX = 16,
 };
 
@@ -128,4 +131,27 @@ struct ct_val {
 struct metric_val {
 	__u64 packets;
 	__u64 bytes;
+};
+
+#define FRAG_HOOK_FROM_POD 1
+#define FRAG_HOOK_TO_POD 2
+
+/* A fragmented datagram, as its fragments arrive at one hook. */
+struct frag_key {
+	union addr src;
+	union addr dst;
+	__u32 id;    /* IPv4 identification or IPv6 fragment header identification */
+	__u8 proto;  /* IPv4 protocol, or the next header of the IPv6 fragment header */
+	__u8 hook;   /* FRAG_HOOK_* */
+	__u16 pad;
+};
+
+/* What happened to the first fragment: later ones get the same. */
+struct frag_val {
+	__u64 created;   /* bpf_ktime_get_ns of the first fragment */
+	union addr src;  /* the addresses the first fragment left with (after translation) */
+	union addr dst;
+	__u16 sport;     /* its ports as it arrived (host byte order) */
+	__u16 dport;
+	__u32 verdict;   /* 0: forwarded; else the reason it was dropped */
 };
