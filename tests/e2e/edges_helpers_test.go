@@ -14,7 +14,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
 	"golang.org/x/sys/unix"
 )
 

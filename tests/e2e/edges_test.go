@@ -5,7 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/tests/lab"
+	"github.com/isthmus-mesh/isthmus/lab"
 )
 
 // The datapath at its edges (docs/datapath.md, "Fragments, extension
