@@ -51,6 +51,7 @@ type options struct {
 	etcdCert           string
 	etcdKey            string
 	cacheTTL           time.Duration
+	maxRemoteIPCache   int // issue 10: per-remote ipcache cap
 	identityGCInterval time.Duration
 	healthListen       string
 	metricsAddr        string
@@ -126,6 +127,7 @@ SIGTERM or SIGINT stops it cleanly.`,
 	f.StringVar(&o.etcdCA, "etcd-ca", "", "external etcd: CA certificate file (PEM)")
 	f.StringVar(&o.etcdCert, "etcd-cert", "", "external etcd: client certificate file (PEM); its common name is the etcd user, which needs write access to isthmus/")
 	f.StringVar(&o.etcdKey, "etcd-key", "", "external etcd: client key file (PEM)")
+	f.IntVar(&o.maxRemoteIPCache, "max-remote-ipcache", records.DefaultMaxIPCacheEntries, "ipcache entries mirrored per remote cluster at most (past it, those whose keys sort last are refused); -1: no cap")
 	f.DurationVar(&o.cacheTTL, "cache-ttl", 0, "drop the mirrored state of a remote cluster unreachable for longer than this (e.g. 30m); 0 keeps it forever")
 	f.DurationVar(&o.identityGCInterval, "identity-gc-interval", 10*time.Minute, "how often identities that no node references are deleted; 0 turns it off")
 	f.StringVar(&o.healthListen, "health-listen", "", "serve GET /status (JSON), /healthz, /readyz and /metrics on this host:port, e.g. 127.0.0.1:9879 (default off)")
@@ -198,6 +200,7 @@ func (o *options) config() (server.Config, error) {
 		}
 	}
 	cfg.Mirror.CacheTTL = o.cacheTTL
+	cfg.Mirror.MaxIPCachePerRemote = o.maxRemoteIPCache // issue 10
 	cfg.IdentityGCInterval = o.identityGCInterval
 	cfg.HealthListen = o.healthListen
 	cfg.MetricsListen = o.metricsAddr
