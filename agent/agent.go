@@ -71,6 +71,9 @@ type Config struct {
 	KVStoreBundle    string        // directory with ca.crt, client.crt, client.key
 	NodeIPs          []netip.Addr  // underlay; default: the default route's interface's
 	LeaseTTL         time.Duration // of the node's records; default 60s
+	// MaxRemoteIPCache caps the ipcache entries accepted of each remote
+	// cluster (0: 65536, -1: no cap). Issue 10.
+	MaxRemoteIPCache int
 
 	// Transparent encryption (wireguard.go), cluster mode only.
 	Encryption      string // EncryptionNone ("" too) or EncryptionWireGuard

@@ -103,7 +103,7 @@ type clusterMesh struct {
 }
 
 func newClusterMesh(cfg Config, log *slog.Logger, onChange func()) *clusterMesh {
-	return &clusterMesh{
+	m := &clusterMesh{
 		log: log,
 		tables: meshsync.NewTables(meshsync.Local{Cluster: cfg.ClusterName, ClusterID: cfg.ClusterID, Node: cfg.NodeName},
 			log, onChange),
@@ -111,6 +111,8 @@ func newClusterMesh(cfg Config, log *slog.Logger, onChange func()) *clusterMesh 
 		referenced: map[string]bool{},
 		lastErr:    fmt.Errorf("connecting to %s", strings.Join(cfg.KVStoreEndpoints, ",")),
 	}
+	m.tables.SetMaxIPCachePerRemote(cfg.MaxRemoteIPCache) // issue 10
+	return m
 }
 
 func (m *clusterMesh) setErr(err error) {
