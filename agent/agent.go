@@ -122,7 +122,8 @@ func New(cfg Config) (*Agent, error) {
 		a.mesh = clustermode.New(clustermode.Config{
 			Local:     meshsync.Local{Cluster: cfg.ClusterName, ClusterID: cfg.ClusterID, Node: cfg.NodeName},
 			Endpoints: cfg.KVStoreEndpoints, Bundle: cfg.KVStoreBundle, NodeIPs: cfg.NodeIPs, PodCIDRs: cfg.PodCIDRs,
-			LeaseTTL: cfg.LeaseTTL, Log: log, Store: store, Lock: &a.mu,
+			MaxRemoteIPCache: cfg.MaxRemoteIPCache,
+			LeaseTTL:         cfg.LeaseTTL, Log: log, Store: store, Lock: &a.mu,
 			Request:       func() { a.rec.Request() },
 			Converge:      func(ctx context.Context) error { return a.rec.Converge(ctx) },
 			Objects:       a.objects,

@@ -58,8 +58,11 @@ type Config struct {
 	MetricsAddr string
 
 	// Cluster mode: on when KVStoreEndpoints is set (see agent/clustermode).
-	KVStoreEndpoints []string      // etcd client URLs of the cluster's server
-	KVStoreBundle    string        // directory with ca.crt, client.crt, client.key
+	KVStoreEndpoints []string // etcd client URLs of the cluster's server
+	KVStoreBundle    string   // directory with ca.crt, client.crt, client.key
+	// MaxRemoteIPCache caps the ipcache entries accepted of each remote
+	// cluster (0: records.DefaultMaxIPCacheEntries, -1: no cap).
+	MaxRemoteIPCache int
 	NodeIPs          []netip.Addr  // underlay; default: the default route's interface's
 	LeaseTTL         time.Duration // of the node's records; default 60s
 

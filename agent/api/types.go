@@ -176,6 +176,11 @@ type ClusterSummary struct {
 	Identities     int    `json:"identities"`
 	Services       int    `json:"services"`
 	InvalidRecords uint64 `json:"invalidRecords"`
+	// Refused counts the cluster's records refused now as not owned by it
+	// (a reserved identity, a prefix outside its pod CIDRs, ...), by
+	// reason; RefusedTotal the refusals since the agent started.
+	Refused      map[string]int    `json:"refused,omitempty"`
+	RefusedTotal map[string]uint64 `json:"refusedTotal,omitempty"`
 }
 
 // Metric is one datapath counter.

@@ -91,7 +91,10 @@ type Config struct {
 	NodeIPs   []netip.Addr   // underlay; none: DetectNodeIPs
 	PodCIDRs  []netip.Prefix // this node's
 	LeaseTTL  time.Duration  // of the node's records; 0: DefaultLeaseTTL
-	Log       *slog.Logger
+	// MaxRemoteIPCache caps the ipcache entries accepted of each remote
+	// cluster (0: records.DefaultMaxIPCacheEntries, -1: no cap).
+	MaxRemoteIPCache int
+	Log              *slog.Logger
 
 	Store *state.Store // the local endpoints (and the persisted objects)
 	// Lock is the local API's lock: endpoint changes made here take it,
@@ -128,7 +131,7 @@ type Mesh struct {
 
 // New returns the cluster mode of one node; Run connects it.
 func New(cfg Config) *Mesh {
-	return &Mesh{
+	m := &Mesh{
 		cfg:        cfg,
 		log:        cfg.Log,
 		tables:     meshsync.NewTables(cfg.Local, cfg.Log, cfg.Request),
@@ -136,6 +139,8 @@ func New(cfg Config) *Mesh {
 		referenced: map[string]bool{},
 		lastErr:    fmt.Errorf("connecting to %s", strings.Join(cfg.Endpoints, ",")),
 	}
+	m.tables.SetMaxIPCachePerRemote(cfg.MaxRemoteIPCache)
+	return m
 }
 
 func (m *Mesh) setErr(err error) {
@@ -625,7 +630,7 @@ func (m *Mesh) Status() *api.ClusterMeshStatus {
 		st.Clusters = append(st.Clusters, api.ClusterSummary{
 			Name: c.Name, ID: c.ID, Local: c.Local, Synced: c.Synced, Error: c.Error,
 			Nodes: c.Nodes, Endpoints: c.Endpoints, Identities: c.Identities, Services: c.Services,
-			InvalidRecords: c.Invalid,
+			InvalidRecords: c.Invalid, Refused: c.Refused, RefusedTotal: c.RefusedTotal,
 		})
 	}
 	return st

@@ -17,7 +17,12 @@
 // Watchers are sources of desired state only: they never touch the kernel.
 // Every value is decoded with the records (or objects) package and checked
 // against its key and the cluster it belongs to; a bad one is logged,
-// counted and skipped, and the rest keeps flowing. A remote cluster's state
+// counted and skipped, and the rest keeps flowing. Node, ipcache and
+// service records of every cluster, the own one included, then pass the
+// cluster's records.Gate: only what the cluster owns reaches View (so
+// routes and WireGuard AllowedIPs come only from accepted node pod CIDRs);
+// refusals are logged and counted once per key and reason (Refusals), and
+// re-decided when the cluster config or the node set changes. A remote cluster's state
 // of a kind is used only once its canary isthmus/synced/<remote>/<kind>
 // exists and its cluster-config (for the ID to validate against) is known.
 //

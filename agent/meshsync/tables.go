@@ -48,6 +48,10 @@ type Tables struct {
 
 	invalid     uint64
 	lastInvalid string
+	// maxIPCache caps the accepted ipcache entries of each remote cluster.
+	maxIPCache  int
+	refused     uint64
+	lastRefusal string
 }
 
 // cluster is the state of one cluster, own or remote.
@@ -64,6 +68,16 @@ type cluster struct {
 	services   map[string]records.ServiceRecord // "<ns>/<name>"
 	identities map[uint32]identity.Labels
 
+	// gate decides which node, ipcache and service records the cluster
+	// owns; nodes, ips and services above hold only the accepted ones. It
+	// keeps the refused ones, so they come in once they are valid (a node
+	// record arriving after an endpoint on its address, a cluster config
+	// announcing more). nil for a remote cluster while its ID is unknown.
+	gate *records.Gate
+	// refusedTotal counts the refusals by reason (each once per key and
+	// reason, not per re-list).
+	refusedTotal map[string]uint64
+
 	// Remote clusters only: canaries seen, and the raw mirrored values by
 	// state key, so that the typed tables can be rebuilt when the cluster's
 	// ID becomes known or changes.
@@ -76,7 +90,7 @@ func newCluster(name string) *cluster {
 	return &cluster{
 		name: name, nodes: map[string]records.Node{}, ips: map[netip.Prefix]records.IPCacheEntry{},
 		services: map[string]records.ServiceRecord{}, identities: map[uint32]identity.Labels{},
-		synced: map[records.Kind]bool{}, raw: map[string][]byte{},
+		synced: map[records.Kind]bool{}, raw: map[string][]byte{}, refusedTotal: map[string]uint64{},
 	}
 }
 
@@ -91,11 +105,32 @@ func NewTables(local Local, log *slog.Logger, onChange func()) *Tables {
 		onChange = func() {}
 	}
 	t := &Tables{local: local, log: log, onChange: onChange, clusters: map[string]*cluster{},
-		listed: map[string]bool{}, objs: map[string]objects.Object{}}
+		listed: map[string]bool{}, objs: map[string]objects.Object{}, maxIPCache: records.DefaultMaxIPCacheEntries}
 	own := newCluster(local.Cluster)
 	own.id = local.ClusterID
+	// The own cluster's records are checked like a remote's (a node of it
+	// holds the credentials to write any of them), but not capped: the
+	// cluster's own size is its operator's choice. They wait for the own
+	// cluster config, which the agent checks before it starts watching.
+	own.gate = records.NewGate(local.Cluster, records.Limits{})
 	t.clusters[local.Cluster] = own
 	return t
+}
+
+// SetMaxIPCachePerRemote sets how many ipcache entries of one remote
+// cluster are accepted (the first ones by key; 0: the default,
+// records.DefaultMaxIPCacheEntries; negative: no cap). Call it before
+// Watch.
+func (t *Tables) SetMaxIPCachePerRemote(n int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	switch {
+	case n == 0:
+		n = records.DefaultMaxIPCacheEntries
+	case n < 0:
+		n = 0
+	}
+	t.maxIPCache = n
 }
 
 // WatchedPrefixes are the prefixes Watch follows for a node of cluster.
@@ -218,6 +253,10 @@ func (t *Tables) clusterConfig(key string, value []byte, del bool) error {
 			return err
 		}
 		own.config = &cfg
+		// A deleted or broken own config leaves the last valid one in the
+		// gate: the own cluster's state is not dropped for it.
+		own.gate.SetConfig(&cfg)
+		t.syncGate(own)
 		t.recheckRemotes()
 		return nil
 	}
@@ -241,6 +280,9 @@ func (t *Tables) clusterConfig(key string, value []byte, del bool) error {
 	if c.id != cfg.ID {
 		c.id = cfg.ID
 		t.rebuild(c)
+	} else if c.gate != nil {
+		c.gate.SetConfig(&cfg) // the pod CIDRs may have changed
+		t.syncGate(c)
 	}
 	return nil
 }
@@ -325,9 +367,12 @@ func (t *Tables) rebuild(c *cluster) {
 	clear(c.ips)
 	clear(c.services)
 	clear(c.identities)
+	c.gate = nil
 	if c.id == 0 {
 		return
 	}
+	c.gate = records.NewGate(c.name, records.Limits{MaxIPCache: t.maxIPCache})
+	c.gate.SetConfig(c.config)
 	for _, k := range slices.Sorted(maps.Keys(c.raw)) {
 		if err := t.state(c, k, c.raw[k], false); err != nil {
 			t.reject(k, err)
@@ -346,42 +391,60 @@ func (t *Tables) state(c *cluster, key string, value []byte, del bool) error {
 			return err
 		}
 		delete(c.nodes, name)
-		if del {
-			return nil
+		var n records.Node
+		if !del {
+			n, err = records.ValidateNode(key, value, c.name, c.id)
 		}
-		n, err := records.ValidateNode(key, value, c.name, c.id)
-		if err != nil {
-			return err
+		if del || err != nil {
+			c.gate.Delete(key)
+		} else {
+			c.gate.PutNode(key, n, nil)
 		}
-		c.nodes[name] = n
+		t.syncGate(c)
+		if v, ok := c.gate.Get(key); ok && v.Accepted() {
+			c.nodes[name] = *v.Node
+		}
+		return err
 	case strings.HasPrefix(key, records.StatePrefix(records.KindIP)):
 		_, p, err := records.ParseIPCacheKey(key)
 		if err != nil {
 			return err
 		}
 		delete(c.ips, p)
-		if del {
-			return nil
+		var e records.IPCacheEntry
+		if !del {
+			e, err = records.ValidateIPCacheEntry(key, value, c.name, c.id)
 		}
-		e, err := records.ValidateIPCacheEntry(key, value, c.name, c.id)
-		if err != nil {
-			return err
+		if del || err != nil {
+			c.gate.Delete(key)
+		} else {
+			c.gate.PutIP(key, e, nil)
 		}
-		c.ips[p] = e
+		t.syncGate(c)
+		if v, ok := c.gate.Get(key); ok && v.Accepted() {
+			c.ips[p] = *v.IP
+		}
+		return err
 	case strings.HasPrefix(key, records.StatePrefix(records.KindServices)):
 		_, ns, name, err := records.ParseServiceKey(key)
 		if err != nil {
 			return err
 		}
 		delete(c.services, ns+"/"+name)
-		if del {
-			return nil
+		var s records.ServiceRecord
+		if !del {
+			s, err = records.ValidateService(key, value, c.name, c.id)
 		}
-		s, err := records.ValidateService(key, value, c.name, c.id)
-		if err != nil {
-			return err
+		if del || err != nil {
+			c.gate.Delete(key)
+		} else {
+			c.gate.PutService(key, s, nil)
 		}
-		c.services[ns+"/"+name] = s
+		t.syncGate(c)
+		if v, ok := c.gate.Get(key); ok && v.Accepted() {
+			c.services[ns+"/"+name] = *v.Service
+		}
+		return err
 	case strings.HasPrefix(key, records.IdentityIDPrefix):
 		id, err := records.ParseIdentityIDKey(key)
 		if err != nil {
@@ -403,6 +466,38 @@ func (t *Tables) state(c *cluster, key string, value []byte, del bool) error {
 		return fmt.Errorf("%s: not a state key this agent reads: %w", key, records.ErrMalformed)
 	}
 	return nil
+}
+
+// syncGate applies the verdicts of c's gate that changed to the typed
+// tables, and logs and counts each new refusal once.
+func (t *Tables) syncGate(c *cluster) {
+	for _, k := range []records.Kind{records.KindNodes, records.KindIP, records.KindServices} {
+		for _, v := range c.gate.Drain(k) {
+			switch {
+			case v.Node != nil:
+				delete(c.nodes, v.Node.Name)
+				if v.Accepted() {
+					c.nodes[v.Node.Name] = *v.Node
+				}
+			case v.IP != nil:
+				delete(c.ips, v.IP.Prefix)
+				if v.Accepted() {
+					c.ips[v.IP.Prefix] = *v.IP
+				}
+			case v.Service != nil:
+				delete(c.services, v.Service.Namespace+"/"+v.Service.Name)
+				if v.Accepted() {
+					c.services[v.Service.Namespace+"/"+v.Service.Name] = *v.Service
+				}
+			}
+			if reason := records.RefusalReason(v.Err); reason != "" {
+				c.refusedTotal[reason]++
+				t.refused++
+				t.lastRefusal = v.Err.Error()
+				t.log.Warn("clustermesh: refusing a record its cluster does not own", "cluster", c.name, "key", v.Key, "reason", reason, "err", v.Err)
+			}
+		}
+	}
 }
 
 // object handles isthmus/config/<Kind>/<ns>/<name>.
@@ -567,6 +662,11 @@ type ClusterStatus struct {
 	Identities int
 	Services   int
 	Invalid    uint64
+	// Refused counts the cluster's records refused now as not owned by
+	// it, RefusedTotal the refusals since start (each once per key and
+	// reason), by reason (records.Reason*).
+	Refused      map[string]int
+	RefusedTotal map[string]uint64
 }
 
 // Status summarises the tables.
@@ -574,6 +674,10 @@ type Status struct {
 	Clusters       []ClusterStatus
 	InvalidRecords uint64
 	LastInvalid    string
+	// RefusedRecords counts the refusals of records not owned by their
+	// cluster (each once per key and reason); LastRefusal is the last.
+	RefusedRecords uint64
+	LastRefusal    string
 }
 
 // Status returns counts per cluster, the own one first.
@@ -581,7 +685,7 @@ func (t *Tables) Status() Status {
 	ready := t.Ready()
 	t.mu.RLock()
 	defer t.mu.RUnlock()
-	st := Status{InvalidRecords: t.invalid, LastInvalid: t.lastInvalid}
+	st := Status{InvalidRecords: t.invalid, LastInvalid: t.lastInvalid, RefusedRecords: t.refused, LastRefusal: t.lastRefusal}
 	names := slices.Sorted(maps.Keys(t.clusters))
 	slices.SortStableFunc(names, func(a, b string) int {
 		return cmp.Compare(btoi(a != t.local.Cluster), btoi(b != t.local.Cluster))
@@ -589,7 +693,11 @@ func (t *Tables) Status() Status {
 	for _, name := range names {
 		c := t.clusters[name]
 		cs := ClusterStatus{Name: name, ID: c.id, Local: name == t.local.Cluster,
-			Nodes: len(c.nodes), Endpoints: len(c.ips), Identities: len(c.identities), Services: len(c.services), Invalid: c.invalid}
+			Nodes: len(c.nodes), Endpoints: len(c.ips), Identities: len(c.identities), Services: len(c.services), Invalid: c.invalid,
+			RefusedTotal: maps.Clone(c.refusedTotal)}
+		if c.gate != nil {
+			cs.Refused = c.gate.Refused()
+		}
 		if cs.Local {
 			cs.Synced = ready
 			if c.config == nil {
@@ -666,4 +774,35 @@ func (t *Tables) cachedInUse(key string) bool {
 	rest, _ := strings.CutPrefix(stateKey, records.StateRoot)
 	kind, _, _ := strings.Cut(rest, "/")
 	return t.usable(c, records.Kind(kind))
+}
+
+// Refusal is one cluster's count of records refused for one reason.
+type Refusal struct {
+	Cluster, Reason string
+	// Now is how many records are refused for the reason now; Total how
+	// many refusals there were since start (once per key and reason).
+	Now   int
+	Total uint64
+}
+
+// Refusals returns, for every known cluster and every reason of
+// records.Reasons (so every series exists from the start), the records of
+// the cluster refused as not owned by it: for the agent's metrics
+// isthmus_agent_mesh_cluster_refused_records{cluster,reason} (Now) and
+// isthmus_agent_mesh_cluster_refused_records_total{cluster,reason} (Total).
+func (t *Tables) Refusals() []Refusal {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	var out []Refusal
+	for _, name := range slices.Sorted(maps.Keys(t.clusters)) {
+		c := t.clusters[name]
+		var now map[string]int
+		if c.gate != nil {
+			now = c.gate.Refused()
+		}
+		for _, r := range records.Reasons {
+			out = append(out, Refusal{Cluster: name, Reason: r, Now: now[r], Total: c.refusedTotal[r]})
+		}
+	}
+	return out
 }

@@ -36,6 +36,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/datapath"
 	"github.com/isthmus-mesh/isthmus/agent/reconcile"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/internal/promutil"
 )
 
@@ -142,6 +143,8 @@ var (
 	descClIdentities = desc("isthmus_agent_mesh_cluster_identities", "Identities of the cluster known to this node.", "cluster")
 	descClServices   = desc("isthmus_agent_mesh_cluster_services", "Service records of the cluster known to this node.", "cluster")
 	descClInvalid    = desc("isthmus_agent_mesh_cluster_invalid_records_total", "Records of the cluster skipped as invalid.", "cluster")
+	descClRefused    = desc("isthmus_agent_mesh_cluster_refused_records", "Records of the cluster refused now as not owned by it, by reason (reserved-identity, prefix-not-owned, node-cidr-overlap, ...).", "cluster", "reason")
+	descClRefusals   = desc("isthmus_agent_mesh_cluster_refused_records_total", "Refusals of the cluster's records as not owned by it since the agent started (each once per key and reason), by reason.", "cluster", "reason")
 
 	// WireGuard, when encryption is on.
 	descWGPeers       = desc("isthmus_agent_wireguard_peers", "WireGuard peers configured on the node's device.")
@@ -240,6 +243,10 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			gauge(descClIdentities, float64(cl.Identities), cl.Name)
 			gauge(descClServices, float64(cl.Services), cl.Name)
 			counter(descClInvalid, float64(cl.InvalidRecords), cl.Name)
+			for _, r := range records.Reasons {
+				gauge(descClRefused, float64(cl.Refused[r]), cl.Name, r)
+				counter(descClRefusals, float64(cl.RefusedTotal[r]), cl.Name, r)
+			}
 		}
 	}
 

@@ -25,6 +25,7 @@ func TestBenchMirror(t *testing.T) {
 	const n = 100_000
 	c1 := servertest.New(t, "c1", 1, "10.1.0.0/16")
 	c1.Config.Server.UnsafeNoFsync = false
+	c1.Config.Mirror.MaxIPCachePerRemote = -1 // n is past the default cap
 	c1.Start(t)
 	c2 := servertest.Start(t, "c2", 2, "10.2.0.0/16")
 	ctx := context.Background()

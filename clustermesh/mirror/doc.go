@@ -25,7 +25,15 @@
 //     (records.Validate*), writes valid ones to
 //     isthmus/cache/<kind>/v1/<remote>/... (records.CacheKey) in batched
 //     transactions, and skips, counts and logs invalid ones (an invalid
-//     update also deletes the cached old value: nothing stale is kept);
+//     update also deletes the cached old value: nothing stale is kept).
+//     Node, ipcache and service records also pass the session's
+//     records.Gate: what the remote does not own (reserved identities,
+//     prefixes, node pod CIDRs and service backends outside its pod CIDRs
+//     and node addresses, overlapping node CIDRs, ipcache entries past
+//     Config.MaxIPCachePerRemote) is not written, or deleted from the
+//     cache, and logged and counted once per key and reason; it is written
+//     once it becomes valid (a node record deciding an endpoint on its
+//     address). The ipcache and service canaries wait for the nodes' list;
 //  4. after each complete list (kvstore.EventListDone) deletes the cache
 //     keys that did not come back — this reconciles the cache after a
 //     reconnect and after a restart of this server, whose memory is empty

@@ -39,8 +39,25 @@ type Config struct {
 	// StatusInterval is how often changed statuses are written to
 	// isthmus/status/remotes/. Default 1 s.
 	StatusInterval time.Duration
+	// MaxIPCachePerRemote caps the ipcache entries mirrored of each
+	// remote: past it, the entries whose keys sort last are refused
+	// (records.Gate), so one cluster cannot fill the agents' shared BPF
+	// ipcache. 0: records.DefaultMaxIPCacheEntries; negative: no cap.
+	MaxIPCachePerRemote int
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
+}
+
+// limits returns the records.Limits of every remote.
+func (c *Config) limits() records.Limits {
+	switch n := c.MaxIPCachePerRemote; {
+	case n == 0:
+		return records.Limits{MaxIPCache: records.DefaultMaxIPCacheEntries}
+	case n < 0:
+		return records.Limits{}
+	default:
+		return records.Limits{MaxIPCache: n}
+	}
 }
 
 func (c *Config) setDefaults() {

@@ -41,11 +41,95 @@ type remote struct {
 	// Owned by the run goroutine.
 	dropped     bool   // the cache was deleted (TTL or refusal) and not refilled since
 	lastRefusal string // to log a repeated refusal once
+
+	// reported holds the reason each refused record (by state key) was
+	// last logged and counted with, across sessions: a re-list or a
+	// reconnect does not log or count it again.
+	reportedMu sync.Mutex
+	reported   map[string]string
 }
 
 func newRemote(m *Manager, rec Remote, box *statusBox) *remote {
 	return &remote{m: m, rec: rec, box: box, since: time.Now(), done: make(chan struct{}),
-		log: m.log.With("remote", rec.Name)}
+		log: m.log.With("remote", rec.Name), reported: map[string]string{}}
+}
+
+// noteVerdict logs and counts a record that became refused as not owned
+// by the remote, once per key and reason; an accepted one is forgotten.
+func (r *remote) noteVerdict(v records.Verdict) {
+	reason := records.RefusalReason(v.Err)
+	r.reportedMu.Lock()
+	defer r.reportedMu.Unlock()
+	if reason == "" {
+		delete(r.reported, v.Key)
+		return
+	}
+	if r.reported[v.Key] == reason {
+		return
+	}
+	r.reported[v.Key] = reason
+	r.box.refusal(reason, v.Err)
+	r.log.Warn("mirror: refusing a record the remote cluster does not own", "key", v.Key, "reason", reason, "err", v.Err)
+}
+
+// forgetReported forgets the reported refusals of the kind's keys that
+// keep reports no longer.
+func (r *remote) forgetReported(prefix string, keep func(key string) bool) {
+	r.reportedMu.Lock()
+	defer r.reportedMu.Unlock()
+	for k := range r.reported {
+		if strings.HasPrefix(k, prefix) && !keep(k) {
+			delete(r.reported, k)
+		}
+	}
+}
+
+// sessionGate is the records.Gate of one session, shared by the kind
+// mirrors of nodes, ipcache and services: a node record decides what
+// endpoints and backends on its addresses, and which other nodes' pod
+// CIDRs, are accepted. A kind mirror that changes another kind's verdicts
+// wakes that kind's mirror, which writes or deletes the cache keys.
+type sessionGate struct {
+	mu   sync.Mutex
+	g    *records.Gate
+	wake map[records.Kind]chan struct{}
+	// nodesListed is closed once the nodes' first list is applied: the
+	// other kinds write their canaries only after it, so that what
+	// depends on node addresses is decided by then.
+	nodesListed chan struct{}
+}
+
+func newSessionGate(name string, cfg records.ClusterConfig, limits records.Limits) *sessionGate {
+	g := records.NewGate(name, limits)
+	g.SetConfig(&cfg)
+	sg := &sessionGate{g: g, wake: map[records.Kind]chan struct{}{}, nodesListed: make(chan struct{})}
+	for _, k := range gatedKinds {
+		sg.wake[k] = make(chan struct{}, 1)
+	}
+	return sg
+}
+
+// gatedKinds are the kinds whose records go through the Gate.
+var gatedKinds = []records.Kind{records.KindNodes, records.KindIP, records.KindServices}
+
+// do runs f on the gate and wakes the mirrors of other kinds with
+// changed verdicts.
+func (sg *sessionGate) do(self records.Kind, f func(g *records.Gate)) {
+	sg.mu.Lock()
+	f(sg.g)
+	var dirty []records.Kind
+	for _, k := range gatedKinds {
+		if k != self && sg.g.Dirty(k) {
+			dirty = append(dirty, k)
+		}
+	}
+	sg.mu.Unlock()
+	for _, k := range dirty {
+		select {
+		case sg.wake[k] <- struct{}{}:
+		default:
+		}
+	}
 }
 
 func (r *remote) start(ctx context.Context) {
@@ -135,8 +219,10 @@ func (r *remote) session(ctx context.Context) (accepted bool, err error) {
 	sctx, cancel := context.WithCancel(ctx)
 	errc := make(chan error, len(records.Kinds)+1)
 	var wg sync.WaitGroup
+	sg := newSessionGate(name, cfg, r.m.cfg.limits())
+	r.box.setRefused(nil)
 	for _, k := range records.Kinds {
-		km := newKindMirror(r, k, cfg.ID)
+		km := newKindMirror(r, k, cfg.ID, sg)
 		wg.Go(func() { errc <- km.run(sctx, cli) })
 	}
 	wg.Go(func() { errc <- r.probe(sctx, cli, first, rev) })
@@ -365,24 +451,53 @@ type kindMirror struct {
 	opIndex  map[string]int
 	opBytes  int
 	inflight chan error // the transaction being written, if any
+
+	// validate checks a record against its key and the connection and,
+	// for the kinds of the gate, puts it into the gate.
 	validate func(key string, value []byte) error
+	// gate is the session's (nil for identities, which it does not
+	// check); wake is this kind's signal that the gate changed verdicts
+	// of it.
+	gate *sessionGate
+	wake chan struct{}
 }
 
-func newKindMirror(r *remote, k records.Kind, id uint32) *kindMirror {
+func newKindMirror(r *remote, k records.Kind, id uint32, sg *sessionGate) *kindMirror {
 	name := r.rec.Name
 	km := &kindMirror{r: r, kind: k, id: id, dst: records.CachePrefix(k, name),
 		cached: map[string]uint64{}, present: map[string]struct{}{}, invalid: map[string]struct{}{},
 		opIndex: map[string]int{}}
+	if k != records.KindIdentities {
+		km.gate, km.wake = sg, sg.wake[k]
+	}
 	switch k {
 	case records.KindNodes:
 		km.src = records.StateClusterPrefix(k, name)
-		km.validate = func(key string, v []byte) error { _, err := records.ValidateNode(key, v, name, id); return err }
+		km.validate = func(key string, v []byte) error {
+			n, err := records.ValidateNode(key, v, name, id)
+			if err == nil {
+				sg.do(k, func(g *records.Gate) { g.PutNode(key, n, v) })
+			}
+			return err
+		}
 	case records.KindIP:
 		km.src = records.StateClusterPrefix(k, name)
-		km.validate = func(key string, v []byte) error { _, err := records.ValidateIPCacheEntry(key, v, name, id); return err }
+		km.validate = func(key string, v []byte) error {
+			e, err := records.ValidateIPCacheEntry(key, v, name, id)
+			if err == nil {
+				sg.do(k, func(g *records.Gate) { g.PutIP(key, e, v) })
+			}
+			return err
+		}
 	case records.KindServices:
 		km.src = records.StateClusterPrefix(k, name)
-		km.validate = func(key string, v []byte) error { _, err := records.ValidateService(key, v, name, id); return err }
+		km.validate = func(key string, v []byte) error {
+			s, err := records.ValidateService(key, v, name, id)
+			if err == nil {
+				sg.do(k, func(g *records.Gate) { g.PutService(key, s, v) })
+			}
+			return err
+		}
 	case records.KindIdentities:
 		// Masters of every cluster share one prefix; ValidateIdentity
 		// refuses IDs outside the remote's range.
@@ -436,6 +551,16 @@ func (k *kindMirror) run(ctx context.Context, cli *kvstore.Client) error {
 				return err
 			}
 			continue
+		case <-k.wake: // nil channel for identities
+			if err := k.applyGate(ctx); err != nil {
+				return err
+			}
+			if len(k.ops) >= maxBatchOps || k.opBytes >= maxBatchBytes {
+				if err := k.flush(ctx); err != nil {
+					return err
+				}
+			}
+			continue
 		}
 		if !ok {
 			if ctx.Err() != nil {
@@ -462,29 +587,52 @@ func (k *kindMirror) handle(ctx context.Context, ev kvstore.Event) error {
 		}
 		if err != nil {
 			k.reject(ev.Key, err)
+			k.gateDelete(ev.Key)
 			if ck != "" {
 				// The writer's intent is unknown: keep nothing stale.
 				delete(k.present, ck)
 				k.del(ck)
 			}
+			if err := k.applyGate(ctx); err != nil {
+				return err
+			}
 			break
 		}
 		delete(k.invalid, ev.Key)
-		k.present[ck] = struct{}{}
-		h := maphash.Bytes(hashSeed, ev.Value)
-		if old, ok := k.cached[ck]; !ok || old != h {
-			if err := k.put(ctx, ck, ev.Value); err != nil {
+		if k.gate != nil {
+			// The gate has the record: its verdict decides, and may have
+			// changed others' (those of this kind are applied here).
+			if err := k.applyGate(ctx); err != nil {
 				return err
 			}
-			k.cached[ck] = h
+			k.gate.mu.Lock()
+			v, _ := k.gate.g.Get(ev.Key)
+			k.gate.mu.Unlock()
+			if !v.Accepted() {
+				delete(k.present, ck)
+				k.del(ck)
+				break
+			}
+		}
+		if err := k.store(ctx, ck, ev.Value); err != nil {
+			return err
 		}
 	case kvstore.EventDelete:
 		delete(k.invalid, ev.Key)
+		k.gateDelete(ev.Key)
 		if ck, err := records.CacheKey(ev.Key, name); err == nil {
 			delete(k.present, ck)
 			k.del(ck)
 		}
+		if err := k.applyGate(ctx); err != nil {
+			return err
+		}
 	case kvstore.EventListDone:
+		if k.gate != nil {
+			if err := k.gateListDone(ctx); err != nil {
+				return err
+			}
+		}
 		// Everything the remote has was reported: what the cache holds
 		// beyond that is stale (deleted while nobody watched, or left
 		// from before a restart of this server).
@@ -512,6 +660,87 @@ func (k *kindMirror) handle(ctx context.Context, ev kvstore.Event) error {
 	if len(k.ops) >= maxBatchOps || k.opBytes >= maxBatchBytes {
 		return k.flush(ctx)
 	}
+	return nil
+}
+
+// store writes value at cache key ck unless the cache has it already.
+func (k *kindMirror) store(ctx context.Context, ck string, value []byte) error {
+	k.present[ck] = struct{}{}
+	h := maphash.Bytes(hashSeed, value)
+	if old, ok := k.cached[ck]; !ok || old != h {
+		if err := k.put(ctx, ck, value); err != nil {
+			return err
+		}
+		k.cached[ck] = h
+	}
+	return nil
+}
+
+// gateDelete takes key out of the gate, if this kind has one.
+func (k *kindMirror) gateDelete(key string) {
+	if k.gate != nil {
+		k.gate.do(k.kind, func(g *records.Gate) { g.Delete(key) })
+		k.r.noteVerdict(records.Verdict{Key: key})
+	}
+}
+
+// applyGate writes or deletes the cache keys of this kind whose verdict
+// changed in the gate, and logs and counts new refusals.
+func (k *kindMirror) applyGate(ctx context.Context) error {
+	if k.gate == nil {
+		return nil
+	}
+	k.gate.mu.Lock()
+	vs := k.gate.g.Drain(k.kind)
+	refused := k.gate.g.Refused()
+	k.gate.mu.Unlock()
+	k.r.box.setRefused(refused)
+	for _, v := range vs {
+		k.r.noteVerdict(v)
+		ck, err := records.CacheKey(v.Key, k.r.rec.Name)
+		if err != nil {
+			continue // the gate holds only keys that map
+		}
+		if v.Accepted() {
+			if err := k.store(ctx, ck, v.Raw); err != nil {
+				return err
+			}
+		} else {
+			delete(k.present, ck)
+			k.del(ck)
+		}
+	}
+	if k.listed {
+		k.r.box.setKind(k.kind, len(k.present), len(k.invalid))
+	}
+	return nil
+}
+
+// gateListDone runs at the end of a list of a gated kind, before its
+// canary: the nodes mark their list applied; the other kinds wait for
+// that (their verdicts depend on the accepted nodes' addresses) and apply
+// what it changed.
+func (k *kindMirror) gateListDone(ctx context.Context) error {
+	if k.kind == records.KindNodes {
+		select {
+		case <-k.gate.nodesListed:
+		default:
+			close(k.gate.nodesListed)
+		}
+	} else {
+		select {
+		case <-k.gate.nodesListed:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if err := k.applyGate(ctx); err != nil {
+		return err
+	}
+	// Refusals of keys the remote no longer has are forgotten.
+	k.gate.mu.Lock()
+	defer k.gate.mu.Unlock()
+	k.r.forgetReported(k.src, func(key string) bool { _, ok := k.gate.g.Get(key); return ok })
 	return nil
 }
 

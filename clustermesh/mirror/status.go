@@ -3,7 +3,9 @@ package mirror
 import (
 	"fmt"
 	"github.com/isthmus-mesh/isthmus/internal/strictjson"
+	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -68,6 +70,14 @@ type Status struct {
 	Invalid     int    `json:"invalid"`
 	Skipped     uint64 `json:"skipped"`
 	LastInvalid string `json:"lastInvalid,omitempty"`
+	// Refused counts the remote's records refused now because the remote
+	// does not own what they claim (records.Gate), by reason
+	// (records.Reason*); RefusedTotal the refusals since this server
+	// started, each once per key and reason (not on every re-list);
+	// LastRefused is the last one.
+	Refused      map[string]int    `json:"refused,omitempty"`
+	RefusedTotal map[string]uint64 `json:"refusedTotal,omitempty"`
+	LastRefused  string            `json:"lastRefused,omitempty"`
 	// LastError is the most recent error (connection, refusal, write).
 	LastError     string    `json:"lastError,omitempty"`
 	LastErrorTime time.Time `json:"lastErrorTime,omitzero"`
@@ -117,6 +127,7 @@ type statusBox struct {
 	counts  map[records.Kind]int
 	invalid map[records.Kind]int
 	synced  map[records.Kind]bool
+	refused map[string]int
 }
 
 func newStatusBox(name string) *statusBox {
@@ -135,6 +146,11 @@ func (b *statusBox) get() Status {
 	defer b.mu.Unlock()
 	s := b.s
 	s.KVStoreEndpoints = slices.Clone(s.KVStoreEndpoints)
+	s.Refused = nil
+	if len(b.refused) > 0 {
+		s.Refused = maps.Clone(b.refused)
+	}
+	s.RefusedTotal = maps.Clone(s.RefusedTotal)
 	s.Nodes = b.counts[records.KindNodes]
 	s.Endpoints = b.counts[records.KindIP]
 	s.Identities = b.counts[records.KindIdentities]
@@ -164,6 +180,23 @@ func (b *statusBox) setKind(k records.Kind, count, invalid int) {
 	b.mu.Unlock()
 }
 
+func (b *statusBox) setRefused(now map[string]int) {
+	b.mu.Lock()
+	b.refused = now
+	b.mu.Unlock()
+}
+
+// refusal counts one refusal of a record.
+func (b *statusBox) refusal(reason string, err error) {
+	b.update(func(s *Status) {
+		if s.RefusedTotal == nil {
+			s.RefusedTotal = map[string]uint64{}
+		}
+		s.RefusedTotal[reason]++
+		s.LastRefused = err.Error()
+	})
+}
+
 func (b *statusBox) setSynced(k records.Kind, v bool) {
 	b.mu.Lock()
 	b.synced[k] = v
@@ -176,5 +209,24 @@ func (b *statusBox) cleared() {
 	clear(b.counts)
 	clear(b.invalid)
 	clear(b.synced)
+	b.refused = nil
 	b.mu.Unlock()
+}
+
+// RefusedText summarises the records refused now as not owned by the
+// remote, for the REFUSED column of `isthmus clustermesh status`: "0", or
+// the total and the count per reason, e.g. "3 (over-cap 2, prefix-not-owned 1)".
+func (s Status) RefusedText() string {
+	n := 0
+	var parts []string
+	for _, r := range slices.Sorted(maps.Keys(s.Refused)) {
+		if s.Refused[r] > 0 {
+			n += s.Refused[r]
+			parts = append(parts, fmt.Sprintf("%s %d", r, s.Refused[r]))
+		}
+	}
+	if n == 0 {
+		return "0"
+	}
+	return fmt.Sprintf("%d (%s)", n, strings.Join(parts, ", "))
 }

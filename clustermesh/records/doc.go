@@ -8,4 +8,10 @@
 // functions decode and also check the record against its key and against
 // the cluster the connection belongs to: a record of cluster A arriving
 // from cluster B's etcd is refused (ErrClusterMismatch), whatever it says.
+//
+// Owner and Gate check what Validate* cannot: that a record claims only
+// what its cluster owns (identities of its ID, addresses inside the pod
+// CIDRs of its config or of its accepted nodes, node pod CIDRs that
+// overlap no earlier-named node's, at most Limits.MaxIPCache ipcache
+// entries). The mirror and the agent use the same Gate.
 package records

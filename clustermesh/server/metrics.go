@@ -25,6 +25,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/clustermesh/etcdserver"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/mirror"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/internal/promutil"
 )
 
@@ -52,6 +53,8 @@ var (
 	descRRecords   = desc("isthmus_clustermesh_remote_records", "Valid records of the remote mirrored, by kind (nodes, endpoints, identities, services).", "cluster", "kind")
 	descRInvalid   = desc("isthmus_clustermesh_remote_invalid_records", "Records of the remote currently skipped as invalid.", "cluster")
 	descRSkipped   = desc("isthmus_clustermesh_remote_skipped_records_total", "Invalid records of the remote seen since this server started.", "cluster")
+	descRRefused   = desc("isthmus_clustermesh_remote_refused_records", "Records of the remote refused now because the remote does not own what they claim, by reason.", "cluster", "reason")
+	descRRefusals  = desc("isthmus_clustermesh_remote_refused_records_total", "Refusals of records of the remote not owned by it since this server started (once per key and reason), by reason.", "cluster", "reason")
 	descRError     = desc("isthmus_clustermesh_remote_error", "1 while the remote has an error of its current connection (or is not connected and had one).", "cluster")
 	descRErrorTime = desc("isthmus_clustermesh_remote_last_error_timestamp_seconds", "Unix time of the remote's last error (0: none).", "cluster")
 	descRContact   = desc("isthmus_clustermesh_remote_last_contact_timestamp_seconds", "Unix time the remote last answered (0: never).", "cluster")
@@ -65,7 +68,7 @@ var (
 	descSvcLast    = desc("isthmus_clustermesh_service_last_sync_timestamp_seconds", "Unix time of the service syncer's last sync (0: none).")
 
 	serverDescs = []*prometheus.Desc{descInfo, descEtcdUp, descRemote,
-		descRState, descRConnected, descRReady, descRSynced, descRRecords, descRInvalid, descRSkipped, descRError, descRErrorTime, descRContact,
+		descRState, descRConnected, descRReady, descRSynced, descRRecords, descRInvalid, descRSkipped, descRRefused, descRRefusals, descRError, descRErrorTime, descRContact,
 		descSvcRecords, descSvcSyncs, descSvcPuts, descSvcDeletes, descSvcInvalid, descSvcError, descSvcLast}
 
 	mirrorStates = []mirror.State{mirror.StateConnecting, mirror.StateConnected, mirror.StateUnreachable,
@@ -132,6 +135,10 @@ func (c serverCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		gauge(descRInvalid, float64(r.Invalid), name)
 		counter(descRSkipped, float64(r.Skipped), name)
+		for _, reason := range records.Reasons {
+			gauge(descRRefused, float64(r.Refused[reason]), name, reason)
+			counter(descRRefusals, float64(r.RefusedTotal[reason]), name, reason)
+		}
 		gauge(descRError, promutil.Bool(r.CurrentError() != ""), name)
 		gauge(descRErrorTime, promutil.UnixSeconds(r.LastErrorTime), name)
 		gauge(descRContact, promutil.UnixSeconds(r.LastContact), name)

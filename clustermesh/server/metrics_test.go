@@ -60,6 +60,8 @@ func TestMetrics(t *testing.T) {
 		{"isthmus_clustermesh_remote_synced", []string{"cluster", "c2", "kind", "identities"}, 1},
 		{"isthmus_clustermesh_remote_records", []string{"cluster", "c2", "kind", "nodes"}, 0},
 		{"isthmus_clustermesh_remote_invalid_records", []string{"cluster", "c2"}, 0},
+		{"isthmus_clustermesh_remote_refused_records", []string{"cluster", "c2", "reason", "prefix-not-owned"}, 0},
+		{"isthmus_clustermesh_remote_refused_records_total", []string{"cluster", "c2", "reason", "over-cap"}, 0},
 		{"isthmus_clustermesh_remote_error", []string{"cluster", "c2"}, 0},
 		{"isthmus_clustermesh_service_sync_error", nil, 0},
 	} {

@@ -33,8 +33,8 @@ type Config struct {
 	// Mirror.CacheTTL is the --cache-ttl (0 keeps an unreachable remote's
 	// state forever).
 	Mirror mirror.Config
-	// ServiceSync tunes the service syncer; Cluster, ClusterID, Client and
-	// Logger are filled in.
+	// ServiceSync tunes the service syncer; Cluster, ClusterID, PodCIDRs,
+	// Client and Logger are filled in.
 	ServiceSync servicesync.Config
 	// IdentityGCInterval is how often identities no node references are
 	// deleted; 0 turns the collector off.
@@ -110,6 +110,7 @@ func Start(ctx context.Context, cfg Config) (*APIServer, error) {
 	}
 	sc := cfg.ServiceSync
 	sc.Cluster, sc.ClusterID, sc.Client, sc.Logger = local.Name, local.ID, srv.Client(), a.log
+	sc.PodCIDRs = local.PodCIDRs
 	if a.Services, err = servicesync.New(sc); err != nil {
 		return nil, err
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net/netip"
 	"slices"
 	"sync"
 	"time"
@@ -27,6 +28,12 @@ const (
 type Config struct {
 	Cluster   string
 	ClusterID uint32
+	// PodCIDRs are the cluster's (its cluster config's): an ipcache entry
+	// outside them, or with a reserved identity, backs no service
+	// (records.Owner), so one forged endpoint record does not put a
+	// foreign address into a published service — which remote clusters
+	// would refuse whole. Empty: every entry of the cluster's ID counts.
+	PodCIDRs []netip.Prefix
 	// Client reads and writes the cluster's etcd.
 	Client *kvstore.Client
 	// Debounce: a sync runs this long after the last change (default
@@ -243,6 +250,10 @@ func (s *Syncer) apply(e event) bool {
 			return true
 		}
 		ent, err := records.ValidateIPCacheEntry(ev.Key, ev.Value, s.cfg.Cluster, s.cfg.ClusterID)
+		if err == nil && len(s.cfg.PodCIDRs) > 0 {
+			o := records.Owner{Cluster: s.cfg.Cluster, ID: s.cfg.ClusterID, PodCIDRs: s.cfg.PodCIDRs}
+			err = o.CheckIPCacheEntry(ent, nil)
+		}
 		if err != nil {
 			s.invalid(ev.Key, err)
 			return true

@@ -18,6 +18,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent"
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
 
 func main() {
@@ -137,6 +138,7 @@ publishes in its node record.
 	f.StringSliceVar(&endpoints, "kvstore-endpoints", nil, "cluster mode: etcd client URLs of the cluster's isthmus-clustermesh, comma-separated (https://host:2379); without it the agent runs standalone")
 	f.StringVar(&cfg.KVStoreBundle, "kvstore-bundle", "", "cluster mode: directory with ca.crt, client.crt and client.key for etcd (the etcd user is the certificate's common name)")
 	f.StringSliceVar(&nodeIPs, "node-ip", nil, "cluster mode: underlay address of this node, IPv4 and/or IPv6; repeat for dual stack (default: the addresses of the interface holding the default route)")
+	f.IntVar(&cfg.MaxRemoteIPCache, "max-remote-ipcache", records.DefaultMaxIPCacheEntries, "cluster mode: ipcache entries accepted per remote cluster at most (past it, those whose keys sort last are refused); -1: no cap")
 	f.DurationVar(&cfg.LeaseTTL, "lease-ttl", agent.DefaultLeaseTTL, "cluster mode: TTL of this node's records in etcd; a node that stops renewing vanishes from the mesh after it")
 	f.StringVar(&cfg.Encryption, "encryption", agent.EncryptionNone, "cluster mode: transparent encryption of pod traffic to other nodes and clusters: none or wireguard")
 	f.BoolVar(&cfg.NodeEncryption, "node-encryption", false, "with --encryption=wireguard: also encrypt traffic between node addresses")

@@ -52,6 +52,7 @@ type options struct {
 	etcdKey            string
 	cacheTTL           time.Duration
 	sharedAgents       bool
+	maxRemoteIPCache   int // issue 10: per-remote ipcache cap
 	identityGCInterval time.Duration
 	identityGCGrace    time.Duration
 	healthListen       string
@@ -129,6 +130,7 @@ SIGTERM or SIGINT stops it cleanly.`,
 	f.StringVar(&o.etcdCert, "etcd-cert", "", "external etcd: client certificate file (PEM); its common name is the etcd user, which needs write access to isthmus/")
 	f.StringVar(&o.etcdKey, "etcd-key", "", "external etcd: client key file (PEM)")
 	f.BoolVar(&o.sharedAgents, "insecure-shared-agent-credential", false, "also create the etcd user \"agents\", one credential all agents may share, which writes every node's records (insecure; by default each node gets its own: isthmus clustermesh certs --node NAME)")
+	f.IntVar(&o.maxRemoteIPCache, "max-remote-ipcache", records.DefaultMaxIPCacheEntries, "ipcache entries mirrored per remote cluster at most (past it, those whose keys sort last are refused); -1: no cap")
 	f.DurationVar(&o.cacheTTL, "cache-ttl", 0, "drop the mirrored state of a remote cluster unreachable for longer than this (e.g. 30m); 0 keeps it forever")
 	f.DurationVar(&o.identityGCInterval, "identity-gc-interval", 10*time.Minute, "how often identities that no node references are deleted; 0 turns it off")
 	f.DurationVar(&o.identityGCGrace, "identity-gc-grace", 5*time.Minute, "how long an identity stays unreferenced before it is deleted (several agent lease TTLs, so nodes cut off from etcd get their identities back); 0 deletes at the first pass")
@@ -206,6 +208,7 @@ func (o *options) config() (server.Config, error) {
 		}
 	}
 	cfg.Mirror.CacheTTL = o.cacheTTL
+	cfg.Mirror.MaxIPCachePerRemote = o.maxRemoteIPCache // issue 10
 	cfg.IdentityGCInterval = o.identityGCInterval
 	cfg.IdentityGCGrace = o.identityGCGrace
 	cfg.HealthListen = o.healthListen

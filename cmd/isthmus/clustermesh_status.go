@@ -69,10 +69,10 @@ func (m *mesh) printMeshStatus(st meshctl.Status) error {
 		return nil
 	}
 	t = newTable(m.out)
-	fmt.Fprintln(t, "CLUSTER\tID\tSTATE\tCONNECTED\tSYNCED\tNODES\tENDPOINTS\tIDENTITIES\tSERVICES\tINVALID\tLAST ERROR")
+	fmt.Fprintln(t, "CLUSTER\tID\tSTATE\tCONNECTED\tSYNCED\tNODES\tENDPOINTS\tIDENTITIES\tSERVICES\tINVALID\tREFUSED\tLAST ERROR")
 	for _, r := range st.Remotes {
-		fmt.Fprintf(t, "%s\t%d\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%s\n", r.Cluster, r.ClusterID, r.State, yesNo(r.Connected),
-			syncedText(r.Synced), r.Nodes, r.Endpoints, r.Identities, r.Services, r.Invalid, lastError(r))
+		fmt.Fprintf(t, "%s\t%d\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%s\t%s\n", r.Cluster, r.ClusterID, r.State, yesNo(r.Connected),
+			syncedText(r.Synced), r.Nodes, r.Endpoints, r.Identities, r.Services, r.Invalid, r.RefusedText(), lastError(r))
 	}
 	return t.Flush()
 }

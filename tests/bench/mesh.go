@@ -94,6 +94,9 @@ func meshBench(ctx context.Context) error {
 	t0 := time.Now()
 	// Long leases: the benchmark's machine is busy, and no agent is killed.
 	opts := lab.ClusterOptions{Nodes: *meshNodes, LeaseTTL: time.Minute}
+	// The full sync goes past the default per-remote ipcache cap (65536).
+	opts.ServerArgs = []string{"--max-remote-ipcache=-1"}
+	opts.AgentArgs = []string{"--max-remote-ipcache=-1"}
 	c1, err := l.AddCluster(ctx, 1, opts)
 	if err != nil {
 		return err

@@ -1,0 +1,672 @@
+package records
+
+import (
+	"cmp"
+	"container/heap"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+)
+
+// Gate holds the node, ipcache and service records of one cluster, each
+// already checked against its key and source (Validate*), and decides
+// which of them the cluster owns. It re-decides whenever something they
+// depend on changes, so that order of arrival does not matter:
+//
+//   - nothing is accepted while the cluster config is unknown (ErrPending);
+//   - a node is refused if a pod CIDR of it lies outside the cluster's pod
+//     CIDRs, or overlaps a pod CIDR of an accepted node whose name sorts
+//     first (first-come by name order: the same answer in every reader,
+//     whatever order the records arrived in);
+//   - an ipcache entry is refused if its identity is reserved or of
+//     another cluster ID, or its prefix is neither inside the cluster's
+//     pod CIDRs nor an accepted node's address;
+//   - a service is refused if a backend is neither inside the pod CIDRs
+//     nor an accepted node's address;
+//   - of the ipcache entries that pass, only the Limits.MaxIPCache whose
+//     keys sort first are accepted; the others are refused as over-cap
+//     and come in as earlier ones go.
+//
+// A refused record stays in the Gate and is accepted as soon as it is
+// valid (and an accepted one refused as soon as it is not). Drain reports
+// every change of verdict once, so callers log and count each refusal
+// once per key, not on every re-list. A Gate is not safe for concurrent
+// use.
+type Gate struct {
+	cluster string
+	limits  Limits
+	owner   *Owner
+
+	entries map[string]*gateEntry
+	byKind  map[Kind]map[string]*gateEntry
+	// nodeIdx indexes the pod CIDRs of the nodes that are inside the
+	// cluster's (the candidates of the overlap rule).
+	nodeIdx prefixIndex
+	// nodeAddrs counts the accepted nodes per underlay address.
+	nodeAddrs map[netip.Addr]int
+	capped    capSet
+	changed   map[Kind]map[string]struct{}
+	refused   map[string]int
+}
+
+// Limits bound what one cluster may have accepted.
+type Limits struct {
+	// MaxIPCache caps the accepted ipcache entries; 0 or less: no cap.
+	MaxIPCache int
+}
+
+type gateEntry struct {
+	key  string
+	kind Kind
+	node *Node
+	ip   *IPCacheEntry
+	svc  *ServiceRecord
+	raw  []byte
+
+	candidate bool  // node: its pod CIDRs are in nodeIdx
+	owned     error // ipcache: the verdict before the cap
+	verdict   error // nil: accepted
+	reported  error // the verdict Drain last returned
+	hasReport bool
+}
+
+// Verdict is a change of a record's verdict, reported by Drain.
+type Verdict struct {
+	Key  string
+	Kind Kind
+	// Err is nil for an accepted record, ErrPending for one waiting for
+	// the cluster config, else a *RefusalError.
+	Err error
+	// The record (one of Node, IP, Service) and its value as given to Put.
+	Node    *Node
+	IP      *IPCacheEntry
+	Service *ServiceRecord
+	Raw     []byte
+}
+
+// Accepted reports whether the record is accepted.
+func (v Verdict) Accepted() bool { return v.Err == nil }
+
+// NewGate returns an empty Gate for cluster; SetConfig makes it accept.
+func NewGate(cluster string, limits Limits) *Gate {
+	return &Gate{cluster: cluster, limits: limits,
+		entries: map[string]*gateEntry{},
+		byKind:  map[Kind]map[string]*gateEntry{KindNodes: {}, KindIP: {}, KindServices: {}},
+		nodeIdx: newPrefixIndex(), nodeAddrs: map[netip.Addr]int{},
+		capped:  newCapSet(limits.MaxIPCache),
+		changed: map[Kind]map[string]struct{}{KindNodes: {}, KindIP: {}, KindServices: {}},
+		refused: map[string]int{}}
+}
+
+// Cluster returns the cluster the Gate is for.
+func (g *Gate) Cluster() string { return g.cluster }
+
+// Owner returns what the cluster owns, if its config is known.
+func (g *Gate) Owner() (Owner, bool) {
+	if g.owner == nil {
+		return Owner{}, false
+	}
+	return *g.owner, true
+}
+
+// SetConfig sets the cluster's config (nil: unknown) and re-decides every
+// record.
+func (g *Gate) SetConfig(cfg *ClusterConfig) {
+	if cfg == nil {
+		g.owner = nil
+	} else {
+		o := NewOwner(*cfg)
+		g.owner = &o
+	}
+	// Nodes first (they own addresses), then what depends on them.
+	g.nodeIdx = newPrefixIndex()
+	for _, e := range g.byKind[KindNodes] {
+		g.unaccept(e)
+		e.candidate = false
+	}
+	var all []*gateEntry
+	for _, e := range g.byKind[KindNodes] {
+		g.classifyNode(e)
+		all = append(all, e)
+	}
+	g.resolveNodes(all)
+	for _, e := range g.byKind[KindIP] {
+		g.evalIP(e)
+	}
+	for _, e := range g.byKind[KindServices] {
+		g.evalService(e)
+	}
+}
+
+// PutNode adds or replaces the node record at key (a NodeKey of the
+// cluster).
+func (g *Gate) PutNode(key string, n Node, raw []byte) {
+	old := g.entries[key]
+	var seeds []netip.Prefix
+	if old != nil {
+		seeds = g.removeNode(old)
+	}
+	e := g.newEntry(key, KindNodes, old, raw)
+	e.node = &n
+	g.classifyNode(e)
+	g.resolveNodes(g.component(append(seeds, n.PodCIDRs...), e))
+}
+
+// PutIP adds or replaces the ipcache entry at key.
+func (g *Gate) PutIP(key string, ip IPCacheEntry, raw []byte) {
+	old := g.entries[key]
+	e := g.newEntry(key, KindIP, old, raw)
+	if old != nil {
+		e.owned = old.owned
+	} else {
+		e.owned = ErrPending
+	}
+	e.ip = &ip
+	g.evalIP(e)
+}
+
+// PutService adds or replaces the service record at key.
+func (g *Gate) PutService(key string, s ServiceRecord, raw []byte) {
+	e := g.newEntry(key, KindServices, g.entries[key], raw)
+	e.svc = &s
+	g.evalService(e)
+}
+
+// Delete removes the record at key, if the Gate has it.
+func (g *Gate) Delete(key string) {
+	e, ok := g.entries[key]
+	if !ok {
+		return
+	}
+	switch e.kind {
+	case KindNodes:
+		seeds := g.removeNode(e)
+		g.forget(e)
+		g.resolveNodes(g.component(seeds, nil))
+	case KindIP:
+		if e.owned == nil {
+			if promoted := g.capped.remove(key); promoted != "" {
+				g.evalIP(g.entries[promoted])
+			}
+		}
+		g.forget(e)
+	default:
+		g.forget(e)
+	}
+}
+
+// Keys returns the keys of kind the Gate holds, sorted.
+func (g *Gate) Keys(k Kind) []string { return slices.Sorted(maps.Keys(g.byKind[k])) }
+
+// Len returns how many records of kind the Gate holds.
+func (g *Gate) Len(k Kind) int { return len(g.byKind[k]) }
+
+// Get returns the verdict of the record at key.
+func (g *Gate) Get(key string) (Verdict, bool) {
+	e, ok := g.entries[key]
+	if !ok {
+		return Verdict{}, false
+	}
+	return e.verdictOf(), true
+}
+
+// Dirty reports whether Drain(k) has something to report.
+func (g *Gate) Dirty(k Kind) bool { return len(g.changed[k]) > 0 }
+
+// Drain returns, sorted by key, the records of kind k whose verdict
+// changed since the last Drain (or that were never reported): once per
+// change, not once per Put.
+func (g *Gate) Drain(k Kind) []Verdict {
+	var out []Verdict
+	for key := range g.changed[k] {
+		e, ok := g.entries[key]
+		if !ok || (e.hasReport && sameVerdict(e.reported, e.verdict)) {
+			continue
+		}
+		e.reported, e.hasReport = e.verdict, true
+		out = append(out, e.verdictOf())
+	}
+	clear(g.changed[k])
+	slices.SortFunc(out, func(a, b Verdict) int { return strings.Compare(a.Key, b.Key) })
+	return out
+}
+
+// Refused returns how many records are refused now, by reason.
+func (g *Gate) Refused() map[string]int { return maps.Clone(g.refused) }
+
+func sameVerdict(a, b error) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	if a == ErrPending || b == ErrPending {
+		return a == b
+	}
+	return RefusalReason(a) == RefusalReason(b)
+}
+
+func (e *gateEntry) verdictOf() Verdict {
+	return Verdict{Key: e.key, Kind: e.kind, Err: e.verdict, Node: e.node, IP: e.ip, Service: e.svc, Raw: e.raw}
+}
+
+// newEntry replaces old (if any) by a new entry at key; what Drain last
+// reported carries over, so an unchanged verdict is not reported again.
+func (g *Gate) newEntry(key string, k Kind, old *gateEntry, raw []byte) *gateEntry {
+	e := &gateEntry{key: key, kind: k, raw: raw, verdict: ErrPending}
+	if old != nil {
+		e.verdict, e.reported, e.hasReport = old.verdict, old.reported, old.hasReport
+	}
+	g.entries[key] = e
+	g.byKind[k][key] = e
+	return e
+}
+
+func (g *Gate) forget(e *gateEntry) {
+	g.count(e.verdict, -1)
+	delete(g.entries, e.key)
+	delete(g.byKind[e.kind], e.key)
+	delete(g.changed[e.kind], e.key)
+}
+
+// set records a new verdict of e.
+func (g *Gate) set(e *gateEntry, v error) {
+	if e.verdict == v || (e.verdict != nil && v != nil && e.verdict.Error() == v.Error()) {
+		e.verdict = v
+		return
+	}
+	g.count(e.verdict, -1)
+	g.count(v, 1)
+	e.verdict = v
+	g.changed[e.kind][e.key] = struct{}{}
+}
+
+func (g *Gate) count(v error, d int) {
+	if r := RefusalReason(v); r != "" {
+		g.refused[r] += d
+		if g.refused[r] == 0 {
+			delete(g.refused, r)
+		}
+	}
+}
+
+// ---- ipcache and services ----
+
+func (g *Gate) isNode(a netip.Addr) bool { return g.nodeAddrs[a] > 0 }
+
+func (g *Gate) evalIP(e *gateEntry) {
+	was := e.owned
+	now := ErrPending
+	if g.owner != nil {
+		now = g.owner.CheckIPCacheEntry(*e.ip, g.isNode)
+	}
+	e.owned = now
+	switch {
+	case was == nil && now != nil:
+		if promoted := g.capped.remove(e.key); promoted != "" {
+			g.evalIP(g.entries[promoted])
+		}
+	case was != nil && now == nil:
+		if evicted := g.capped.add(e.key); evicted != "" && evicted != e.key {
+			g.evalIP(g.entries[evicted])
+		}
+	}
+	switch {
+	case now != nil:
+		g.set(e, now)
+	case g.capped.isIn(e.key):
+		g.set(e, nil)
+	default:
+		g.set(e, refusal(ReasonOverCap, "cluster %q has more than %d ipcache entries; the first %d by key are accepted", g.cluster, g.limits.MaxIPCache, g.limits.MaxIPCache))
+	}
+}
+
+func (g *Gate) evalService(e *gateEntry) {
+	if g.owner == nil {
+		g.set(e, ErrPending)
+		return
+	}
+	g.set(e, g.owner.CheckService(*e.svc, g.isNode))
+}
+
+// nodeAddrsChanged re-decides what may depend on the node address a.
+func (g *Gate) nodeAddrChanged(a netip.Addr) {
+	if e, ok := g.byKind[KindIP][IPCacheKey(g.cluster, netip.PrefixFrom(a, a.BitLen()))]; ok {
+		g.evalIP(e)
+	}
+	for _, e := range g.byKind[KindServices] {
+		if slices.ContainsFunc(e.svc.Backends, func(b Backend) bool { return b.IP == a }) {
+			g.evalService(e)
+		}
+	}
+}
+
+func (g *Gate) nodeAddrsAdd(n *Node) {
+	for _, a := range n.IPs {
+		g.nodeAddrs[a]++
+		if g.nodeAddrs[a] == 1 {
+			g.nodeAddrChanged(a)
+		}
+	}
+}
+
+func (g *Gate) nodeAddrsDel(n *Node) {
+	for _, a := range n.IPs {
+		g.nodeAddrs[a]--
+		if g.nodeAddrs[a] <= 0 {
+			delete(g.nodeAddrs, a)
+			g.nodeAddrChanged(a)
+		}
+	}
+}
+
+// ---- nodes ----
+
+// classifyNode decides what does not depend on other nodes: pending
+// without a config, refused with a pod CIDR outside the cluster's; else e
+// becomes a candidate (indexed) whose verdict resolveNodes decides.
+func (g *Gate) classifyNode(e *gateEntry) {
+	if g.owner == nil {
+		g.setNode(e, ErrPending)
+		return
+	}
+	if err := g.owner.CheckNodeCIDRs(*e.node); err != nil {
+		g.setNode(e, err)
+		return
+	}
+	e.candidate = true
+	for _, p := range e.node.PodCIDRs {
+		g.nodeIdx.add(p, e.key)
+	}
+}
+
+// removeNode takes e out of the index and the node addresses; it returns
+// its pod CIDRs, whose overlapping nodes must be decided again.
+func (g *Gate) removeNode(e *gateEntry) []netip.Prefix {
+	g.unaccept(e)
+	if e.candidate {
+		for _, p := range e.node.PodCIDRs {
+			g.nodeIdx.remove(p, e.key)
+		}
+		e.candidate = false
+	}
+	return slices.Clone(e.node.PodCIDRs)
+}
+
+// component returns the candidate nodes connected to the prefixes (and to
+// start, if it is a candidate) by overlapping pod CIDRs: the only nodes
+// whose verdict a change there can affect.
+func (g *Gate) component(prefixes []netip.Prefix, start *gateEntry) []*gateEntry {
+	seen := map[string]bool{}
+	var queue []string
+	push := func(keys []string) {
+		for _, k := range keys {
+			if !seen[k] {
+				seen[k] = true
+				queue = append(queue, k)
+			}
+		}
+	}
+	if start != nil && start.candidate {
+		push([]string{start.key})
+	}
+	for _, p := range prefixes {
+		push(g.nodeIdx.overlapping(p))
+	}
+	var out []*gateEntry
+	for len(queue) > 0 {
+		e := g.entries[queue[0]]
+		queue = queue[1:]
+		out = append(out, e)
+		for _, p := range e.node.PodCIDRs {
+			push(g.nodeIdx.overlapping(p))
+		}
+	}
+	return out
+}
+
+// resolveNodes decides the candidates among nodes (a closed component, or
+// all of them) in name order: a node is accepted unless a pod CIDR of it
+// overlaps one of a node accepted before it.
+func (g *Gate) resolveNodes(nodes []*gateEntry) {
+	slices.SortFunc(nodes, func(a, b *gateEntry) int { return cmp.Compare(a.node.Name, b.node.Name) })
+	taken := newPrefixIndex()
+	for _, e := range nodes {
+		if !e.candidate {
+			continue
+		}
+		var err error
+		for _, p := range e.node.PodCIDRs {
+			if o := taken.overlapping(p); len(o) > 0 {
+				other := g.entries[o[0]].node
+				err = refusal(ReasonNodeCIDROverlap, "node %s: pod CIDR %s overlaps a pod CIDR of node %s (%v), whose name sorts first",
+					e.node.Name, p, other.Name, other.PodCIDRs)
+				break
+			}
+		}
+		if err == nil {
+			for _, p := range e.node.PodCIDRs {
+				taken.add(p, e.key)
+			}
+		}
+		g.setNode(e, err)
+	}
+}
+
+// unaccept takes an accepted node's addresses away and marks it pending
+// while it is decided again (neither verdict is counted as a refusal, and
+// Drain compares with what it reported, so an unchanged outcome is not
+// reported).
+func (g *Gate) unaccept(e *gateEntry) {
+	if e.verdict == nil {
+		e.verdict = ErrPending
+		g.changed[KindNodes][e.key] = struct{}{}
+		g.nodeAddrsDel(e.node)
+	}
+}
+
+// setNode sets a node's verdict and keeps the accepted nodes' addresses.
+func (g *Gate) setNode(e *gateEntry, v error) {
+	was := e.verdict == nil
+	g.set(e, v)
+	switch {
+	case was && v != nil:
+		g.nodeAddrsDel(e.node)
+	case !was && v == nil:
+		g.nodeAddrsAdd(e.node)
+	}
+}
+
+// ---- prefix index ----
+
+// prefixIndex finds the keys whose prefixes overlap a prefix, in
+// O(prefix length) map lookups: two prefixes overlap when one contains the
+// other, so it keeps every key under its exact prefix and under each
+// shorter prefix containing it.
+type prefixIndex struct {
+	exact map[netip.Prefix]map[string]struct{}
+	below map[netip.Prefix]map[string]int
+}
+
+func newPrefixIndex() prefixIndex {
+	return prefixIndex{exact: map[netip.Prefix]map[string]struct{}{}, below: map[netip.Prefix]map[string]int{}}
+}
+
+func (x prefixIndex) add(p netip.Prefix, key string) {
+	if x.exact[p] == nil {
+		x.exact[p] = map[string]struct{}{}
+	}
+	x.exact[p][key] = struct{}{}
+	for i := range p.Bits() {
+		a := netip.PrefixFrom(p.Addr(), i).Masked()
+		if x.below[a] == nil {
+			x.below[a] = map[string]int{}
+		}
+		x.below[a][key]++
+	}
+}
+
+func (x prefixIndex) remove(p netip.Prefix, key string) {
+	if m := x.exact[p]; m != nil {
+		delete(m, key)
+		if len(m) == 0 {
+			delete(x.exact, p)
+		}
+	}
+	for i := range p.Bits() {
+		a := netip.PrefixFrom(p.Addr(), i).Masked()
+		if m := x.below[a]; m != nil {
+			if m[key]--; m[key] <= 0 {
+				delete(m, key)
+			}
+			if len(m) == 0 {
+				delete(x.below, a)
+			}
+		}
+	}
+}
+
+// overlapping returns the keys of prefixes overlapping p, sorted.
+func (x prefixIndex) overlapping(p netip.Prefix) []string {
+	set := map[string]struct{}{}
+	for i := 0; i <= p.Bits(); i++ {
+		for k := range x.exact[netip.PrefixFrom(p.Addr(), i).Masked()] {
+			set[k] = struct{}{}
+		}
+	}
+	for k := range x.below[p] {
+		set[k] = struct{}{}
+	}
+	return slices.Sorted(maps.Keys(set))
+}
+
+// ---- cap ----
+
+// capSet keeps, of the keys added, the limit whose keys sort first "in"
+// and the others "out", with O(log n) changes: a max-heap of the keys in
+// (to push out the last one when an earlier key comes) and a min-heap of
+// the keys out (to take in the first one when a key in goes). Heaps are
+// cleaned lazily: an item counts only while where[key] agrees.
+type capSet struct {
+	limit int
+	where map[string]bool // true: in
+	in    strHeap         // max-heap
+	out   strHeap         // min-heap
+	nIn   int
+}
+
+func newCapSet(limit int) capSet {
+	return capSet{limit: limit, where: map[string]bool{}, in: strHeap{max: true}, out: strHeap{}}
+}
+
+func (c *capSet) isIn(k string) bool {
+	in, ok := c.where[k]
+	return ok && in
+}
+
+// add adds k; it returns the key that is out because of it ("" if none),
+// which may be k itself.
+func (c *capSet) add(k string) string {
+	if _, ok := c.where[k]; ok {
+		panic(fmt.Sprintf("capSet: %q added twice", k))
+	}
+	if c.limit <= 0 || c.nIn < c.limit {
+		c.putIn(k)
+		return ""
+	}
+	last := c.top(&c.in, true)
+	if k > last {
+		c.where[k] = false
+		heap.Push(&c.out, k)
+		return k
+	}
+	heap.Pop(&c.in)
+	c.nIn--
+	c.where[last] = false
+	heap.Push(&c.out, last)
+	c.putIn(k)
+	return last
+}
+
+// remove removes k; it returns the key that came in because of it.
+func (c *capSet) remove(k string) string {
+	in, ok := c.where[k]
+	if !ok {
+		return ""
+	}
+	delete(c.where, k)
+	defer c.compact()
+	if !in {
+		return ""
+	}
+	c.nIn--
+	if first := c.top(&c.out, false); first != "" && c.limit > 0 {
+		heap.Pop(&c.out)
+		c.putIn(first)
+		return first
+	}
+	return ""
+}
+
+func (c *capSet) putIn(k string) {
+	c.where[k] = true
+	c.nIn++
+	if c.limit > 0 {
+		heap.Push(&c.in, k)
+	}
+}
+
+// top returns the first live item of h, dropping stale ones ("" if none).
+func (c *capSet) top(h *strHeap, in bool) string {
+	for h.Len() > 0 {
+		k := h.s[0]
+		if w, ok := c.where[k]; ok && w == in {
+			return k
+		}
+		heap.Pop(h)
+	}
+	return ""
+}
+
+// compact rebuilds a heap that holds mostly stale items.
+func (c *capSet) compact() {
+	nOut := len(c.where) - c.nIn
+	if c.in.Len() > 2*c.nIn+64 {
+		c.in.s = c.in.s[:0]
+		for k, in := range c.where {
+			if in {
+				c.in.s = append(c.in.s, k)
+			}
+		}
+		heap.Init(&c.in)
+	}
+	if c.out.Len() > 2*nOut+64 {
+		c.out.s = c.out.s[:0]
+		for k, in := range c.where {
+			if !in {
+				c.out.s = append(c.out.s, k)
+			}
+		}
+		heap.Init(&c.out)
+	}
+}
+
+type strHeap struct {
+	s   []string
+	max bool
+}
+
+func (h strHeap) Len() int { return len(h.s) }
+func (h strHeap) Less(i, j int) bool {
+	if h.max {
+		return h.s[i] > h.s[j]
+	}
+	return h.s[i] < h.s[j]
+}
+func (h strHeap) Swap(i, j int) { h.s[i], h.s[j] = h.s[j], h.s[i] }
+func (h *strHeap) Push(x any)   { h.s = append(h.s, x.(string)) }
+func (h *strHeap) Pop() any {
+	x := h.s[len(h.s)-1]
+	h.s = h.s[:len(h.s)-1]
+	return x
+}
