@@ -72,7 +72,8 @@ func TestEchoServerAndProbe(t *testing.T) {
 		t.Fatalf("after stop: %v (%s)", err, Outcome(err))
 	}
 
-	// A listener that never answers: the request times out.
+	// A listener that accepts and never answers: connected, the answer
+	// times out.
 	silent, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -88,16 +89,16 @@ func TestEchoServerAndProbe(t *testing.T) {
 		}
 	}()
 	_, err = FetchEcho(context.Background(), "", netip.MustParseAddrPort(silent.Addr().String()), 300*time.Millisecond)
-	if err == nil || Outcome(err) != "timed out" {
+	if err == nil || Outcome(err) != "answer timed out" {
 		t.Fatalf("silent server: %v (%s)", err, Outcome(err))
 	}
 	pr.record(Reply{}, err)
 
-	if pr.Sent != 4 || pr.Answers["pod=p1 node=n1 cluster=c1"] != 2 || pr.Failures["refused"] != 1 || pr.Failures["timed out"] != 1 {
+	if pr.Sent != 4 || pr.Answers["pod=p1 node=n1 cluster=c1"] != 2 || pr.Failures["refused"] != 1 || pr.Failures["answer timed out"] != 1 {
 		t.Fatalf("probe %+v", pr)
 	}
 	s := pr.String()
-	for _, want := range []string{"client -> " + addr.String() + ": 4 sent", "answered by pod=p1 node=n1 cluster=c1 (2)", "1 refused", "1 timed out", "last error:"} {
+	for _, want := range []string{"client -> " + addr.String() + ": 4 sent", "answered by pod=p1 node=n1 cluster=c1 (2)", "1 refused", "1 answer timed out", "last error:"} {
 		if !strings.Contains(s, want) {
 			t.Errorf("probe line lacks %q: %s", want, s)
 		}
