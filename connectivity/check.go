@@ -324,6 +324,12 @@ func (k *checker) globalService() {
 			// per cluster a cluster missing after dozens of requests is
 			// not in the service (yet): go on until the timeout.
 			for len(got) < len(want) && time.Now().Before(deadline) && k.ctx.Err() == nil {
+				if pr.Sent >= 50 {
+					// 50 answers from one cluster make another one's
+					// backends unlikely (2^-49 with two clusters): slow
+					// down rather than use up the pod's ports.
+					time.Sleep(20 * time.Millisecond)
+				}
 				reply, err := k.fetch(pr, from, 2*time.Second)
 				if err != nil {
 					lastErr = err
@@ -485,6 +491,7 @@ func (k *checker) deny(check string, d Pod) Result {
 	// Precondition: an admitted pod gets answers from the same targets.
 	for _, tg := range targets {
 		pr := newProbe(admitted.Name, tg.addr)
+		pr.Purpose = PurposeAdmitted
 		err := k.eventually(func() error {
 			reply, err := k.fetch(pr, admitted, 2*time.Second)
 			if err == nil && tg.pod != "" && reply.Pod != tg.pod {
@@ -499,15 +506,22 @@ func (k *checker) deny(check string, d Pod) Result {
 		}
 	}
 	// Precondition: the denied pod's own network works, per family.
-	var proofs []string
+	var proofs []string // "c1-denied reaches c2-denied over IPv4 and IPv6"
+	proven := map[string][]string{}
 	for _, v6 := range families {
-		pr, what, err := k.proveNetwork(d, admitted, v6)
+		pr, who, err := k.proveNetwork(d, admitted, v6)
 		r.Evidence.Probes = append(r.Evidence.Probes, pr)
 		if err != nil {
-			r.Result, r.Detail = Fail, fmt.Sprintf("the network of %s is not proven over %s: %s failed (%v): the denial would prove nothing", d.Name, familyName(v6), what, err)
+			r.Result, r.Detail = Fail, fmt.Sprintf("the network of %s is not proven over %s: %s failed (%v): the denial would prove nothing", d.Name, familyName(v6), who, err)
 			return r
 		}
-		proofs = append(proofs, what)
+		if proven[who] == nil {
+			proofs = append(proofs, who)
+		}
+		proven[who] = append(proven[who], familyName(v6))
+	}
+	for i, who := range proofs {
+		proofs[i] = who + " over " + strings.Join(proven[who], " and ")
 	}
 
 	// All targets at once: each gets the full deny timeout.
@@ -516,6 +530,7 @@ func (k *checker) deny(check string, d Pod) Result {
 	var wg sync.WaitGroup
 	for i, tg := range targets {
 		probes[i] = newProbe(d.Name, tg.addr)
+		probes[i].Purpose = PurposeDeny
 		wg.Go(func() {
 			reply, err := k.fetch(probes[i], d, k.o.DenyTimeout)
 			if denied, why := Denial(reply, err); !denied {
@@ -551,8 +566,8 @@ func (k *checker) deny(check string, d Pod) Result {
 // one family, with the protocol of the denial (TCP): d reaches another
 // denied pod (whose ingress no policy selects), of another cluster where
 // there is one; without one, the admitted pod reaches d's own echo server.
-// what names the proof ("c1-denied reaches c2-denied over IPv4").
-func (k *checker) proveNetwork(d, admitted Pod, v6 bool) (pr Probe, what string, err error) {
+// who names the proof ("c1-denied reaches c2-denied").
+func (k *checker) proveNetwork(d, admitted Pod, v6 bool) (pr Probe, who string, err error) {
 	var peer Pod
 	for _, p := range k.t.Pods {
 		if p.Role == RoleDenied && p.Name != d.Name && p.addr(v6).IsValid() &&
@@ -564,8 +579,9 @@ func (k *checker) proveNetwork(d, admitted Pod, v6 bool) (pr Probe, what string,
 	if peer.Name == "" {
 		from, to = admitted, d
 	}
-	what = fmt.Sprintf("%s reaches %s over %s", from.Name, to.Name, familyName(v6))
+	who = fmt.Sprintf("%s reaches %s", from.Name, to.Name)
 	p := newProbe(from.Name, netip.AddrPortFrom(to.addr(v6), EchoPort))
+	p.Purpose = PurposeOwnNetwork
 	err = k.eventually(func() error {
 		reply, err := k.fetch(p, from, 2*time.Second)
 		if err == nil && reply.Pod != to.Name {
@@ -573,7 +589,7 @@ func (k *checker) proveNetwork(d, admitted Pod, v6 bool) (pr Probe, what string,
 		}
 		return err
 	})
-	return *p, what, err
+	return *p, who, err
 }
 
 // encryption: on the underlay interface of one node per cluster, capture

@@ -36,7 +36,17 @@ type Probe struct {
 	// "error").
 	Failures  map[string]int `json:"failures,omitempty"`
 	LastError string         `json:"lastError,omitempty"`
+	// Purpose says what the probe is for where a check sends for more than
+	// one reason (the deny check: its preconditions and the denial).
+	Purpose string `json:"purpose,omitempty"`
 }
+
+// Purposes of the deny check's probes.
+const (
+	PurposeAdmitted   = "precondition (the target answers an admitted pod)"
+	PurposeOwnNetwork = "precondition (the denied pod's own network)"
+	PurposeDeny       = "must time out (denied)"
+)
 
 func newProbe(from string, to netip.AddrPort) *Probe { return &Probe{From: from, To: to} }
 
@@ -142,7 +152,11 @@ func (c CaptureResult) String() string {
 func (e Evidence) Lines() []string {
 	var out []string
 	for _, p := range e.Probes {
-		out = append(out, "sent "+p.String())
+		l := "sent " + p.String()
+		if p.Purpose != "" {
+			l = p.Purpose + ": " + l
+		}
+		out = append(out, l)
 	}
 	if e.Capture != nil {
 		out = append(out, e.Capture.String())
