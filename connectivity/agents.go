@@ -50,7 +50,7 @@ spec:
 // agents behind o.Sockets, which must run on this host: per node two echo
 // pods (network namespaces isthmus-ct-*, plumbed with the agent API, their
 // echo servers inside this process), on the first node of each cluster a
-// denied pod, and a global Service "echo" and a NetworkPolicy in
+// denied pod (with an echo server too), and a global Service "echo" and a NetworkPolicy in
 // o.Namespace. Every step registers its undo first: call Target.Cleanup
 // also when it returns an error with a non-nil target.
 func NewAgentsTarget(ctx context.Context, o AgentsOptions, logf func(string, ...any)) (*Target, error) {
@@ -134,15 +134,14 @@ func NewAgentsTarget(ctx context.Context, o AgentsOptions, logf func(string, ...
 				}
 				return nil
 			})
-			if role == RoleEcho {
-				// Listening before the pod has an address: the wildcard
-				// socket picks eth0 up when the agent creates it.
-				ln, err := ListenIn(nsPath, fmt.Sprintf(":%d", EchoPort))
-				if err != nil {
-					return t, err
-				}
-				go ServeEcho(serveCtx, ln, name, n.Name, n.Cluster)
+			// Every pod serves, the denied ones too (see RoleDenied).
+			// Listening before the pod has an address: the wildcard socket
+			// picks eth0 up when the agent creates it.
+			ln, err := ListenIn(nsPath, fmt.Sprintf(":%d", EchoPort))
+			if err != nil {
+				return t, err
 			}
+			go ServeEcho(serveCtx, ln, name, n.Name, n.Cluster)
 			client := api.NewClient(n.Socket)
 			t.cleanup = append(t.cleanup, func(ctx context.Context) error {
 				return ignoreNotFound(client.DeleteEndpoint(ctx, o.Namespace, name))

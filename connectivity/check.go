@@ -7,10 +7,8 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
@@ -264,7 +262,8 @@ func (k *checker) reach(check string, from, to Pod) Result {
 		ok = append(ok, familyName(v6))
 	}
 	if len(ok) == 0 {
-		r.Result, r.Detail = Skip, "no address family in common"
+		// Nothing was checked: not a pass.
+		r.Result, r.Detail = Fail, fmt.Sprintf("no address family in common (%s %v, %s %v): nothing to check", from.Name, from.IPs, to.Name, to.IPs)
 		return r
 	}
 	r.Result, r.Detail = Pass, fmt.Sprintf("%s answered over %s", to.Name, strings.Join(ok, " and "))
@@ -304,6 +303,10 @@ func (k *checker) globalService() {
 			want[p.Cluster] = true
 		}
 	}
+	if len(want) == 0 {
+		k.add(Result{Check: check, Result: Fail, Detail: "no echo pod: no backend to expect and no pod to send from"})
+		return
+	}
 	for _, c := range k.t.clusters() {
 		nodes := k.t.echoNodes(c)
 		if len(nodes) == 0 {
@@ -321,6 +324,12 @@ func (k *checker) globalService() {
 			// per cluster a cluster missing after dozens of requests is
 			// not in the service (yet): go on until the timeout.
 			for len(got) < len(want) && time.Now().Before(deadline) && k.ctx.Err() == nil {
+				if pr.Sent >= 50 {
+					// 50 answers from one cluster make another one's
+					// backends unlikely (2^-49 with two clusters): slow
+					// down rather than use up the pod's ports.
+					time.Sleep(20 * time.Millisecond)
+				}
 				reply, err := k.fetch(pr, from, 2*time.Second)
 				if err != nil {
 					lastErr = err
@@ -343,6 +352,8 @@ func (k *checker) globalService() {
 			}
 			r.Detail = fmt.Sprintf("%d requests answered by %s", n, strings.Join(parts, ", "))
 			switch {
+			case n == 0 && lastErr == nil:
+				r.Result, r.Detail = Fail, "no request sent"
 			case n == 0:
 				r.Result, r.Detail = Fail, fmt.Sprintf("no answer: %v", lastErr)
 			case len(missing) > 0:
@@ -356,9 +367,15 @@ func (k *checker) globalService() {
 	}
 }
 
-// denied: every denied pod tries an echo pod of its own cluster, one of
-// another cluster and the service; none may answer. The targets must answer
-// an admitted pod of the same cluster first, or the denial proves nothing.
+// denied: every denied pod tries, over every family it has, an echo pod
+// of its own cluster (on another node where there is one), one of another
+// cluster and the service VIPs: every connection attempt must time out,
+// which is how the datapath denies (it drops). Anything else fails the
+// check: an answer, but also a refusal, an unreachable route or any other
+// error, which the policy does not cause. Two preconditions come first,
+// or the denial would prove nothing: the same targets answer an admitted
+// pod of the same cluster, and the denied pod's own network works over
+// the same family and protocol (proveNetwork).
 func (k *checker) denied() {
 	const check = "policy denies"
 	found := false
@@ -367,104 +384,212 @@ func (k *checker) denied() {
 			continue
 		}
 		found = true
-		nodes := k.t.echoNodes(d.Cluster)
-		if len(nodes) == 0 {
-			continue
-		}
-		admitted := k.t.echoOn(nodes[0].Name)[0]
-		var targets []netip.AddrPort
-		var names []string
-		// An echo pod of the own cluster, on another node where there is one.
-		local := k.t.echoOn(nodes[len(nodes)-1].Name)
-		tgt := local[len(local)-1]
-		targets, names = append(targets, netip.AddrPortFrom(tgt.addr(false), EchoPort)), append(names, tgt.Name)
-		for _, c := range k.t.clusters() {
-			if c != d.Cluster {
-				if rn := k.t.echoNodes(c); len(rn) > 0 {
-					p := k.t.echoOn(rn[0].Name)[0]
-					targets, names = append(targets, netip.AddrPortFrom(p.addr(false), EchoPort)), append(names, p.Name)
-					break
-				}
-			}
-		}
-		for _, v := range k.t.VIPs {
-			if v.Is4() {
-				a := netip.AddrPortFrom(v, uint16(k.t.Port))
-				targets, names = append(targets, a), append(names, "service "+a.String())
-			}
-		}
-		r := Result{Check: check, From: d.Name, To: strings.Join(names, ", ")}
-		// Precondition: an admitted pod gets answers from the same targets.
-		var pre error
-		for _, a := range targets {
-			if !a.Addr().IsValid() {
-				continue
-			}
-			pr := newProbe(admitted.Name, a)
-			err := k.eventually(func() error { _, err := k.fetch(pr, admitted, 2*time.Second); return err })
-			r.Evidence.Probes = append(r.Evidence.Probes, *pr)
-			if err != nil {
-				pre = fmt.Errorf("%s does not answer the admitted pod %s either (%v): the denial would prove nothing", a, admitted.Name, err)
-				break
-			}
-		}
-		if pre != nil {
-			r.Result, r.Detail = Fail, pre.Error()
-			k.add(r)
-			continue
-		}
-		// All targets at once: each gets the full deny timeout.
-		outcomes := make([]string, len(targets))
-		probes := make([]*Probe, len(targets))
-		var answered []string
-		var mu sync.Mutex
-		var wg sync.WaitGroup
-		for i, a := range targets {
-			if !a.Addr().IsValid() {
-				continue
-			}
-			probes[i] = newProbe(d.Name, a)
-			wg.Go(func() {
-				reply, err := k.fetch(probes[i], d, k.o.DenyTimeout)
-				mu.Lock()
-				defer mu.Unlock()
-				switch {
-				case err == nil:
-					answered = append(answered, fmt.Sprintf("%s answered (%s)", a, reply))
-				case errors.Is(err, syscall.ECONNREFUSED):
-					outcomes[i] = "refused"
-				default:
-					outcomes[i] = "timed out"
-				}
-			})
-		}
-		wg.Wait()
-		for _, pr := range probes {
-			if pr != nil {
-				r.Evidence.Probes = append(r.Evidence.Probes, *pr)
-			}
-		}
-		if len(answered) > 0 {
-			sort.Strings(answered)
-			r.Result, r.Detail = Fail, "not denied: "+strings.Join(answered, "; ")
-		} else {
-			counts := map[string]int{}
-			for _, oc := range outcomes {
-				if oc != "" {
-					counts[oc]++
-				}
-			}
-			var parts []string
-			for _, oc := range slices.Sorted(maps.Keys(counts)) {
-				parts = append(parts, fmt.Sprintf("%d %s", counts[oc], oc))
-			}
-			r.Result, r.Detail = Pass, fmt.Sprintf("no answer (%s after %v); %s is admitted", strings.Join(parts, ", "), k.o.DenyTimeout, admitted.Name)
-		}
-		k.add(r)
+		k.add(k.deny(check, d))
 	}
 	if !found {
 		k.add(Result{Check: check, Result: Skip, Detail: "no denied pod"})
 	}
+}
+
+// denyTarget is one address a denied pod must not reach; pod is the echo
+// pod behind it ("" for a VIP).
+type denyTarget struct {
+	addr netip.AddrPort
+	pod  string
+}
+
+// denyTargets returns what d must not reach, over the families d has, and
+// the admitted pod of d's cluster that the targets must answer.
+func (t *Target) denyTargets(d Pod) (admitted Pod, targets []denyTarget, families []bool, err error) {
+	nodes := t.echoNodes(d.Cluster)
+	if len(nodes) == 0 {
+		return Pod{}, nil, nil, fmt.Errorf("no echo pod in cluster %s: nothing to deny and no admitted pod to compare with", d.Cluster)
+	}
+	admitted = t.echoOn(nodes[0].Name)[0]
+	// An echo pod of the own cluster, on another node where there is one,
+	// and one of another cluster.
+	local := t.echoOn(nodes[len(nodes)-1].Name)
+	pods := []Pod{local[len(local)-1]}
+	for _, c := range t.clusters() {
+		if c != d.Cluster {
+			if rn := t.echoNodes(c); len(rn) > 0 {
+				pods = append(pods, t.echoOn(rn[0].Name)[0])
+				break
+			}
+		}
+	}
+	for _, v6 := range []bool{false, true} {
+		if !d.addr(v6).IsValid() {
+			continue
+		}
+		n := len(targets)
+		for _, p := range pods {
+			if a := p.addr(v6); a.IsValid() {
+				targets = append(targets, denyTarget{netip.AddrPortFrom(a, EchoPort), p.Name})
+			}
+		}
+		for _, v := range t.VIPs {
+			if v.Is6() == v6 {
+				targets = append(targets, denyTarget{addr: netip.AddrPortFrom(v, uint16(t.Port))})
+			}
+		}
+		if len(targets) > n {
+			families = append(families, v6)
+		}
+	}
+	if len(targets) == 0 {
+		return admitted, nil, nil, fmt.Errorf("nothing to deny: no echo pod or VIP shares an address family with %s (%v)", d.Name, d.IPs)
+	}
+	return admitted, targets, families, nil
+}
+
+// Denial judges what one request of a denied pod got: only a connection
+// attempt that timed out (OutcomeTimedOut) is a denial by the policy. An
+// answer is no denial; a refusal, an unreachable route, a connection that
+// was established but did not answer, or any other error (e.g. the pod's
+// namespace could not be entered) is not the policy's doing and proves
+// nothing: why says which.
+func Denial(reply Reply, err error) (denied bool, why string) {
+	if err == nil {
+		return false, "answered (" + reply.String() + ")"
+	}
+	oc := Outcome(err)
+	if oc == OutcomeTimedOut {
+		return true, oc
+	}
+	return false, fmt.Sprintf("%s (%v)", oc, err)
+}
+
+func (k *checker) deny(check string, d Pod) Result {
+	r := Result{Check: check, From: d.Name}
+	admitted, targets, families, err := k.t.denyTargets(d)
+	if err != nil {
+		r.Result, r.Detail = Fail, err.Error()
+		return r
+	}
+	var names []string
+	for _, tg := range targets {
+		if tg.pod != "" && !slices.Contains(names, tg.pod) {
+			names = append(names, tg.pod)
+		}
+	}
+	var vips []string
+	for _, tg := range targets {
+		if tg.pod == "" {
+			vips = append(vips, tg.addr.String())
+		}
+	}
+	if len(vips) > 0 {
+		names = append(names, "service "+strings.Join(vips, ", "))
+	}
+	r.To = strings.Join(names, ", ")
+	var fams []string
+	for _, v6 := range families {
+		fams = append(fams, familyName(v6))
+	}
+
+	// Precondition: an admitted pod gets answers from the same targets.
+	for _, tg := range targets {
+		pr := newProbe(admitted.Name, tg.addr)
+		pr.Purpose = PurposeAdmitted
+		err := k.eventually(func() error {
+			reply, err := k.fetch(pr, admitted, 2*time.Second)
+			if err == nil && tg.pod != "" && reply.Pod != tg.pod {
+				err = fmt.Errorf("%s answered, not %s", reply.Pod, tg.pod)
+			}
+			return err
+		})
+		r.Evidence.Probes = append(r.Evidence.Probes, *pr)
+		if err != nil {
+			r.Result, r.Detail = Fail, fmt.Sprintf("%s does not answer the admitted pod %s either (%v): the denial would prove nothing", tg.addr, admitted.Name, err)
+			return r
+		}
+	}
+	// Precondition: the denied pod's own network works, per family.
+	var proofs []string // "c1-denied reaches c2-denied over IPv4 and IPv6"
+	proven := map[string][]string{}
+	for _, v6 := range families {
+		pr, who, err := k.proveNetwork(d, admitted, v6)
+		r.Evidence.Probes = append(r.Evidence.Probes, pr)
+		if err != nil {
+			r.Result, r.Detail = Fail, fmt.Sprintf("the network of %s is not proven over %s: %s failed (%v): the denial would prove nothing", d.Name, familyName(v6), who, err)
+			return r
+		}
+		if proven[who] == nil {
+			proofs = append(proofs, who)
+		}
+		proven[who] = append(proven[who], familyName(v6))
+	}
+	for i, who := range proofs {
+		proofs[i] = who + " over " + strings.Join(proven[who], " and ")
+	}
+
+	// All targets at once: each gets the full deny timeout.
+	probes := make([]*Probe, len(targets))
+	whys := make([]string, len(targets))
+	var wg sync.WaitGroup
+	for i, tg := range targets {
+		probes[i] = newProbe(d.Name, tg.addr)
+		probes[i].Purpose = PurposeDeny
+		wg.Go(func() {
+			reply, err := k.fetch(probes[i], d, k.o.DenyTimeout)
+			if denied, why := Denial(reply, err); !denied {
+				whys[i] = fmt.Sprintf("%s %s", tg.addr, why)
+			}
+		})
+	}
+	wg.Wait()
+	var answered, other []string
+	for i, pr := range probes {
+		r.Evidence.Probes = append(r.Evidence.Probes, *pr)
+		switch {
+		case whys[i] == "":
+		case len(pr.Answers) > 0:
+			answered = append(answered, whys[i])
+		default:
+			other = append(other, whys[i])
+		}
+	}
+	switch {
+	case len(answered) > 0:
+		r.Result, r.Detail = Fail, "not denied: "+strings.Join(slices.Concat(answered, other), "; ")
+	case len(other) > 0:
+		r.Result, r.Detail = Fail, "not a policy drop (only a connection attempt that times out is): "+strings.Join(other, "; ")
+	default:
+		r.Result, r.Detail = Pass, fmt.Sprintf("all %d connection attempts timed out after %v (%s); the targets answer %s; %s",
+			len(targets), k.o.DenyTimeout, strings.Join(fams, " and "), admitted.Name, strings.Join(proofs, ", "))
+	}
+	return r
+}
+
+// proveNetwork proves that the denied pod d has a working network over
+// one family, with the protocol of the denial (TCP): d reaches another
+// denied pod (whose ingress no policy selects), of another cluster where
+// there is one; without one, the admitted pod reaches d's own echo server.
+// who names the proof ("c1-denied reaches c2-denied").
+func (k *checker) proveNetwork(d, admitted Pod, v6 bool) (pr Probe, who string, err error) {
+	var peer Pod
+	for _, p := range k.t.Pods {
+		if p.Role == RoleDenied && p.Name != d.Name && p.addr(v6).IsValid() &&
+			(peer.Name == "" || peer.Cluster == d.Cluster && p.Cluster != d.Cluster) {
+			peer = p
+		}
+	}
+	from, to := d, peer
+	if peer.Name == "" {
+		from, to = admitted, d
+	}
+	who = fmt.Sprintf("%s reaches %s", from.Name, to.Name)
+	p := newProbe(from.Name, netip.AddrPortFrom(to.addr(v6), EchoPort))
+	p.Purpose = PurposeOwnNetwork
+	err = k.eventually(func() error {
+		reply, err := k.fetch(p, from, 2*time.Second)
+		if err == nil && reply.Pod != to.Name {
+			err = fmt.Errorf("%s answered, not %s", reply.Pod, to.Name)
+		}
+		return err
+	})
+	return *p, who, err
 }
 
 // encryption: on the underlay interface of one node per cluster, capture
@@ -566,6 +691,8 @@ func (k *checker) encryption() {
 			r.Result, r.Detail = Fail, fmt.Sprintf("capture on %s: %v", n.Name, err)
 		case res.Plaintext > 0:
 			r.Result, r.Detail = Fail, fmt.Sprintf("on %s/%s: %d packets with a pod address in the clear (first: %s)", n.Name, res.Interface, res.Plaintext, res.FirstLeak)
+		case sent == 0:
+			r.Result, r.Detail = Fail, "no address to send to: nothing crossed the capture"
 		case res.WireGuard == 0:
 			r.Result, r.Detail = Fail, fmt.Sprintf("on %s/%s: no WireGuard packet (%s) among %d", n.Name, res.Interface, udp, res.Total)
 		case failed > 0:

@@ -73,7 +73,8 @@ func TestEchoServerAndProbe(t *testing.T) {
 		t.Fatalf("after stop: %v (%s)", err, Outcome(err))
 	}
 
-	// A listener that never answers: the request times out.
+	// A listener that accepts and never answers: connected, the answer
+	// times out.
 	silent, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -89,16 +90,16 @@ func TestEchoServerAndProbe(t *testing.T) {
 		}
 	}()
 	_, err = FetchEcho(context.Background(), "", netip.MustParseAddrPort(silent.Addr().String()), 300*time.Millisecond)
-	if err == nil || Outcome(err) != "timed out" {
+	if err == nil || Outcome(err) != "answer timed out" {
 		t.Fatalf("silent server: %v (%s)", err, Outcome(err))
 	}
 	pr.record(Reply{}, err)
 
-	if pr.Sent != 4 || pr.Answers["pod=p1 node=n1 cluster=c1"] != 2 || pr.Failures["refused"] != 1 || pr.Failures["timed out"] != 1 {
+	if pr.Sent != 4 || pr.Answers["pod=p1 node=n1 cluster=c1"] != 2 || pr.Failures["refused"] != 1 || pr.Failures["answer timed out"] != 1 {
 		t.Fatalf("probe %+v", pr)
 	}
 	s := pr.String()
-	for _, want := range []string{"client -> " + addr.String() + ": 4 sent", "answered by pod=p1 node=n1 cluster=c1 (2)", "1 refused", "1 timed out", "last error:"} {
+	for _, want := range []string{"client -> " + addr.String() + ": 4 sent", "answered by pod=p1 node=n1 cluster=c1 (2)", "1 refused", "1 answer timed out", "last error:"} {
 		if !strings.Contains(s, want) {
 			t.Errorf("probe line lacks %q: %s", want, s)
 		}
@@ -192,7 +193,7 @@ func TestCaptureOnLoopback(t *testing.T) {
 }
 
 func sampleReport() Report {
-	return Report{Target: "lab ilabtest", Passed: 2, Skipped: 1, Results: []Result{
+	return Report{Target: "lab ilabtest", Passed: 3, Skipped: 1, Results: []Result{
 		{Check: "pod to pod, same node", From: "a", To: "b", Result: Pass, Detail: "b answered over IPv4",
 			Evidence: Evidence{Probes: []Probe{{From: "a", To: netip.MustParseAddrPort("10.1.1.3:8080"), Sent: 1, Answers: map[string]int{"pod=b node=n1 cluster=c1": 1}}}}},
 		{Check: "encryption (WireGuard)", From: "a", To: "c", Result: Pass, Detail: "on n1/eth0 ...",
@@ -200,6 +201,12 @@ func sampleReport() Report {
 				Probes:  []Probe{{From: "a", To: netip.MustParseAddrPort("10.2.1.2:8080"), Sent: 5, Answers: map[string]int{"pod=c node=n2 cluster=c2": 5}}},
 				Capture: &CaptureResult{Node: "n1", Interface: "eth0", Ports: []uint16{51871}, Watched: 8, Total: 40, WireGuard: 40}}},
 		{Check: "policy denies", Result: Skip, Detail: "no denied pod"},
+		{Check: "policy denies", From: "d1", To: "b", Result: Pass, Detail: "all 1 connection attempts timed out after 2s (IPv4) ...",
+			Evidence: Evidence{Probes: []Probe{
+				{From: "a", To: netip.MustParseAddrPort("10.1.1.3:8080"), Sent: 1, Answers: map[string]int{"pod=b node=n1 cluster=c1": 1}, Purpose: PurposeAdmitted},
+				{From: "a", To: netip.MustParseAddrPort("10.1.1.9:8080"), Sent: 1, Answers: map[string]int{"pod=d1 node=n1 cluster=c1": 1}, Purpose: PurposeOwnNetwork},
+				{From: "d1", To: netip.MustParseAddrPort("10.1.1.3:8080"), Sent: 1, Failures: map[string]int{OutcomeTimedOut: 1}, LastError: "dial tcp 10.1.1.3:8080: i/o timeout", Purpose: PurposeDeny},
+			}}},
 	}}
 }
 
@@ -209,7 +216,7 @@ func TestReportTable(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := b.String()
-	for _, want := range []string{"CHECK", "pod to pod, same node", "SKIP", "lab ilabtest: 2 passed, 0 failed, 1 skipped"} {
+	for _, want := range []string{"CHECK", "pod to pod, same node", "SKIP", "lab ilabtest: 3 passed, 0 failed, 1 skipped"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("report lacks %q:\n%s", want, out)
 		}
@@ -231,7 +238,11 @@ func TestReportTable(t *testing.T) {
 		"captured on n1/eth0: 40 packets, 40 WireGuard (udp/51871), 0 with one of 8 pod addresses or VIPs in the clear",
 		"[3] policy denies -: SKIP",
 		"nothing sent: no denied pod",
-		"lab ilabtest: 2 passed, 0 failed, 1 skipped",
+		"[4] policy denies d1 -> b: PASS",
+		"precondition (the target answers an admitted pod): sent a -> 10.1.1.3:8080: 1 sent; answered by pod=b node=n1 cluster=c1 (1)",
+		"precondition (the denied pod's own network): sent a -> 10.1.1.9:8080: 1 sent; answered by pod=d1 node=n1 cluster=c1 (1)",
+		"must time out (denied): sent d1 -> 10.1.1.3:8080: 1 sent; no answer; 1 timed out (last error: dial tcp 10.1.1.3:8080: i/o timeout)",
+		"lab ilabtest: 3 passed, 0 failed, 1 skipped",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("verbose report lacks %q:\n%s", want, out)

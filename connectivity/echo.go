@@ -25,8 +25,11 @@ const EchoPort = 8080
 
 // Roles of the pods a connectivity test uses.
 const (
-	RoleEcho   = "echo"   // runs the echo server; the policy admits it
-	RoleDenied = "denied" // no server; the policy admits it nowhere
+	RoleEcho = "echo" // runs the echo server; the policy admits it
+	// RoleDenied runs the echo server too (no policy selects its
+	// ingress, so other pods prove its network by reaching it); the policy
+	// admits it to no echo pod.
+	RoleDenied = "denied"
 )
 
 // EchoHandler answers every request with the pod, node and cluster name.
@@ -83,11 +86,13 @@ func ParseReply(s string) (Reply, error) {
 
 // FetchEcho sends one HTTP request from inside the network namespace at
 // nsPath ("" for the current one) to addr and parses the echo reply.
-// timeout bounds connect and answer each.
+// timeout bounds connect and answer each. An error of the connection
+// attempt (entering the namespace, connecting) is a *ConnectError;
+// Outcome tells the two phases apart.
 func FetchEcho(ctx context.Context, nsPath string, addr netip.AddrPort, timeout time.Duration) (Reply, error) {
 	conn, err := dialIn(ctx, nsPath, addr, timeout)
 	if err != nil {
-		return Reply{}, err
+		return Reply{}, &ConnectError{Err: err}
 	}
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(timeout))
@@ -108,6 +113,13 @@ func FetchEcho(ctx context.Context, nsPath string, addr netip.AddrPort, timeout 
 	}
 	return ParseReply(string(body))
 }
+
+// ConnectError is an error of FetchEcho before a connection was
+// established: entering the namespace or connecting.
+type ConnectError struct{ Err error }
+
+func (e *ConnectError) Error() string { return e.Err.Error() }
+func (e *ConnectError) Unwrap() error { return e.Err }
 
 // dialIn opens a TCP connection from inside the network namespace at
 // nsPath ("" for the current one). Only the socket is created there; using it afterwards works from

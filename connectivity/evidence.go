@@ -31,11 +31,22 @@ type Probe struct {
 	// Answers counts the echo replies by who answered ("pod=… node=…
 	// cluster=…").
 	Answers map[string]int `json:"answers,omitempty"`
-	// Failures counts the requests without an answer by outcome ("timed
-	// out", "refused", "unreachable", "error").
+	// Failures counts the requests without an answer by Outcome ("timed
+	// out", "answer timed out", "refused", "reset", "unreachable",
+	// "error").
 	Failures  map[string]int `json:"failures,omitempty"`
 	LastError string         `json:"lastError,omitempty"`
+	// Purpose says what the probe is for where a check sends for more than
+	// one reason (the deny check: its preconditions and the denial).
+	Purpose string `json:"purpose,omitempty"`
 }
+
+// Purposes of the deny check's probes.
+const (
+	PurposeAdmitted   = "precondition (the target answers an admitted pod)"
+	PurposeOwnNetwork = "precondition (the denied pod's own network)"
+	PurposeDeny       = "must time out (denied)"
+)
 
 func newProbe(from string, to netip.AddrPort) *Probe { return &Probe{From: from, To: to} }
 
@@ -55,20 +66,47 @@ func (p *Probe) record(reply Reply, err error) {
 	p.LastError = err.Error()
 }
 
-// Outcome names why a request got no answer: "refused" (a RST: something
-// is there but nothing listens, or a policy rejects), "timed out" (dropped
-// somewhere), "unreachable" (no route, ICMP unreachable), else "error".
+// Outcomes of a request without an answer (Outcome).
+const (
+	// OutcomeTimedOut: the connection attempt got no answer at all (the
+	// SYN was dropped somewhere). The only outcome that is a policy's
+	// denial: the datapath drops what a policy does not admit.
+	OutcomeTimedOut = "timed out"
+	// OutcomeAnswerTimedOut: connected, but no answer in time.
+	OutcomeAnswerTimedOut = "answer timed out"
+	// OutcomeRefused: a RST to the SYN (something is there, nothing
+	// listens).
+	OutcomeRefused = "refused"
+	// OutcomeReset: the connection was reset after it was established.
+	OutcomeReset = "reset"
+	// OutcomeUnreachable: no route, or an ICMP unreachable.
+	OutcomeUnreachable = "unreachable"
+	// OutcomeError: anything else (the namespace could not be entered, an
+	// HTTP error, not an echo reply, ...).
+	OutcomeError = "error"
+)
+
+// Outcome names why a request of FetchEcho got no answer: one of the
+// Outcome* constants. A timeout counts as OutcomeTimedOut only when it
+// is the connection attempt's (a *ConnectError); any later one is
+// OutcomeAnswerTimedOut.
 func Outcome(err error) string {
 	var ne net.Error
+	var ce *ConnectError
 	switch {
 	case errors.Is(err, syscall.ECONNREFUSED):
-		return "refused"
+		return OutcomeRefused
+	case errors.Is(err, syscall.ECONNRESET):
+		return OutcomeReset
 	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
-		return "unreachable"
+		return OutcomeUnreachable
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
-		return "timed out"
+		if errors.As(err, &ce) {
+			return OutcomeTimedOut
+		}
+		return OutcomeAnswerTimedOut
 	}
-	return "error"
+	return OutcomeError
 }
 
 // String is one line: "c1-n1-echo1 -> 10.1.1.3:8080: 3 sent; answered by
@@ -114,7 +152,11 @@ func (c CaptureResult) String() string {
 func (e Evidence) Lines() []string {
 	var out []string
 	for _, p := range e.Probes {
-		out = append(out, "sent "+p.String())
+		l := "sent " + p.String()
+		if p.Purpose != "" {
+			l = p.Purpose + ": " + l
+		}
+		out = append(out, l)
 	}
 	if e.Capture != nil {
 		out = append(out, e.Capture.String())

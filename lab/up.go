@@ -24,8 +24,9 @@ import (
 // Up builds the demo mesh of `isthmus lab up`: clusters of nodes on separate
 // subnets behind a fabric router (see mesh.go for the address plan), one
 // clustermesh server per cluster, every pair of clusters connected, echo pods
-// on every node, one denied pod per cluster, a global service over the echo
-// pods of every cluster and a policy that admits only echo pods to them. It
+// on every node, one denied pod per cluster (which runs the echo server as
+// well), a global service over the echo pods of every cluster and a policy
+// that admits only echo pods to them. It
 // returns when every agent sees the whole mesh.
 //
 // The echo servers are the CLI's hidden `isthmus lab echo-server` (so the lab
@@ -403,15 +404,15 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 				return err
 			}
 			sp.Namespace, sp.Cluster, sp.Node, sp.Netns, sp.IPv4, sp.IPv6 = p.Namespace, c.Name, node.Name(), p.FullName(), p.IPv4, p.IPv6
-			if sp.Role == connectivity.RoleEcho {
-				// WithoutCancel: the server outlives this call (and, detached, this process).
-				if _, err := p.Start(context.WithoutCancel(ctx), cli, "lab", "echo-server",
-					"--listen", ":"+strconv.Itoa(connectivity.EchoPort), "--pod", sp.Name, "--node", node.Name(), "--cluster", c.Name); err != nil {
-					return err
-				}
-				if err := waitListening(ctx, p.Netns, netip.AddrPortFrom(p.IPv4, connectivity.EchoPort)); err != nil {
-					return err
-				}
+			// Denied pods serve too: no policy selects their ingress, so
+			// the connectivity test proves their network by reaching them.
+			// WithoutCancel: the server outlives this call (and, detached, this process).
+			if _, err := p.Start(context.WithoutCancel(ctx), cli, "lab", "echo-server",
+				"--listen", ":"+strconv.Itoa(connectivity.EchoPort), "--pod", sp.Name, "--node", node.Name(), "--cluster", c.Name); err != nil {
+				return err
+			}
+			if err := waitListening(ctx, p.Netns, netip.AddrPortFrom(p.IPv4, connectivity.EchoPort)); err != nil {
+				return err
 			}
 			pods[k] = append(pods[k], sp)
 		}

@@ -47,7 +47,12 @@ func (c *cli) connectivityTestCommand() *cobra.Command {
   pod to pod on one node, across nodes, across clusters (IPv4 and IPv6)
   the global service from every cluster: backends of every cluster answer
     (requests until every cluster answered, at most for --timeout)
-  a pod the policy does not admit is denied (the same targets answer an admitted pod)
+  a pod the policy does not admit is denied over IPv4 and IPv6: every
+    connection attempt to echo pods and VIPs times out (an answer, a refusal,
+    an unreachable route or any other error fails the check), after the same
+    targets answered an admitted pod and the denied pod's own network was
+    proven over the same family (it reaches another denied pod, or an
+    admitted pod reaches it)
   with WireGuard: on a node's underlay interface, cross-node traffic shows
     WireGuard UDP and no packet with a pod address in the clear
 

@@ -48,7 +48,8 @@ func (c *cli) labUpCommand() *cobra.Command {
   --nodes nodes, each running isthmus-agent in cluster mode
   every pair of clusters connected ('isthmus clustermesh connect')
   --pods-per-node echo pods per node (app=echo, an HTTP server answering
-  with its pod, node and cluster) and one denied pod per cluster (app=denied)
+  with its pod, node and cluster) and one denied pod per cluster (app=denied,
+  the same server: no policy selects it, so other pods can reach it)
   Service default/echo, global, on 10.96.0.100 and fd00:96::100 port 80
   NetworkPolicy default/echo-from-echo: echo pods admit only echo pods
 
