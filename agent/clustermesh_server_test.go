@@ -16,8 +16,10 @@ import (
 )
 
 // An agent reaches a real clustermesh server with nothing but the flags
-// (endpoints, the agents' bundle directory, node IP): mTLS, the etcd user
-// "agents", the server's cluster-config.
+// (endpoints, its node's bundle directory, node IP): mTLS, the etcd user
+// node-<name> (which writes only that node's records, so the agent's
+// publishing, identity allocation and apply all stay inside it), the
+// server's cluster-config.
 func TestClusterModeAgainstServer(t *testing.T) {
 	if got, want := meshsync.ServerName("c1"), etcdserver.ServerName("c1"); got != want {
 		t.Fatalf("agent expects server name %q, servers present %q", got, want)
@@ -38,7 +40,15 @@ func TestClusterModeAgainstServer(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("10.1.1.0/24"), netip.MustParsePrefix("fd00:1:1::/64")}
 	cfg.KVStoreEndpoints = srv.Endpoints()
-	cfg.KVStoreBundle = srv.BundleDir(etcdserver.UserAgents)
+	// The node's own credential, as `isthmus clustermesh certs --node` makes it.
+	b, err := srv.ExportNodeBundle(ctx, cfg.NodeName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.KVStoreBundle = t.TempDir()
+	if err := b.WriteDir(cfg.KVStoreBundle); err != nil {
+		t.Fatal(err)
+	}
 	cfg.NodeIPs = []netip.Addr{netip.MustParseAddr("192.0.2.11")}
 	n := startMesh(t, cfg, agenttest.NewFakeDatapath(), agenttest.NewFakePlumber())
 	n.meshSynced(t)
@@ -47,7 +57,7 @@ func TestClusterModeAgainstServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	key := records.IPCacheKey("c1", netip.PrefixFrom(ep.IPs[0], 32))
+	key := records.IPCacheKey("c1", cfg.NodeName, netip.PrefixFrom(ep.IPs[0], 32))
 	waitFor(t, "the endpoint in the server's etcd", func() (bool, string) {
 		kv, found, err := srv.Client().Get(ctx, key)
 		return found && err == nil, fmt.Sprint(kv, err)

@@ -252,7 +252,7 @@ func TestClusterMode(t *testing.T) {
 	putRecord(t, kv, key, remoteWeb, err)
 	remoteIP, err := records.IPCacheEntry{Prefix: netip.MustParsePrefix("10.2.1.5/32"), Identity: 2<<20 | 1,
 		HostIP: netip.MustParseAddr("198.51.100.1"), Cluster: "c2"}.Marshal()
-	key, _ = records.CacheKey(records.IPCacheKey("c2", netip.MustParsePrefix("10.2.1.5/32")), "c2")
+	key, _ = records.CacheKey(records.IPCacheKey("c2", "n1", netip.MustParsePrefix("10.2.1.5/32")), "c2")
 	putRecord(t, kv, key, remoteIP, err)
 	remoteID, err := records.IdentityRecord{ID: 2<<20 | 1, Labels: map[string]string{
 		"app": "client", "isthmus.io/cluster": "c2", "isthmus.io/namespace": "default"}}.Marshal()

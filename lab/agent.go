@@ -107,6 +107,7 @@ type Pod struct {
 	*Netns
 	PodName   string
 	Namespace string
+	Node      string // the node name of the agent that hosts it
 	IPv4      netip.Addr
 	IPv6      netip.Addr
 }
@@ -141,7 +142,7 @@ func (a *Agent) AddPod(ctx context.Context, name, namespace string, labels map[s
 	if _, err := a.CLI(ctx, args...); err != nil {
 		return nil, err
 	}
-	pod := &Pod{Netns: ns, PodName: name, Namespace: namespace}
+	pod := &Pod{Netns: ns, PodName: name, Namespace: namespace, Node: a.Node.NodeName()}
 	h, err := ns.Handle()
 	if err != nil {
 		return nil, err

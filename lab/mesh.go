@@ -108,8 +108,25 @@ func (c *Cluster) Endpoints() []string {
 	return []string{"https://" + c.underlay4(1).String() + ":2379"}
 }
 
+// NodeBundle returns the directory of node's own etcd credential, which
+// writes only that node's records: exported with `isthmus clustermesh
+// certs --node` on the server host, as an operator does. With an external
+// etcd it is the one credential the lab made for every agent there
+// ("agents"; the users of an external etcd are its operator's).
+func (c *Cluster) NodeBundle(ctx context.Context, node string) (string, error) {
+	if c.Etcd != nil {
+		return c.Etcd.BundleDir("agents"), nil
+	}
+	dir := filepath.Join(c.ServerDir, "node-bundles", node) + "/"
+	if _, err := c.CLI(ctx, "clustermesh", "certs", "--data-dir", c.ServerDir, "--node", node, "--out", dir); err != nil {
+		return "", err
+	}
+	return dir, nil
+}
+
 // Bundle returns the directory of the credentials the server exported for
-// user ("agents", "root"); with an external etcd, those the lab made for it.
+// user ("root"); with an external etcd, those the lab made for it ("root",
+// "agents").
 func (c *Cluster) Bundle(user string) string {
 	if c.Etcd != nil {
 		return c.Etcd.BundleDir(user)
@@ -224,7 +241,7 @@ func (l *Lab) AddCluster(ctx context.Context, index int, opts ClusterOptions) (*
 }
 
 // StartServer (re)starts the cluster's isthmus-clustermesh and waits until
-// it has exported the agents' bundle and answers.
+// it has exported the root bundle and answers.
 func (c *Cluster) StartServer(ctx context.Context) error {
 	bin, err := c.lab.Binary(ServerBinary)
 	if err != nil {
@@ -321,9 +338,13 @@ func (c *Cluster) AddNode(ctx context.Context) (*Node, *Agent, error) {
 			return nil, nil, err
 		}
 	}
+	bundle, err := c.NodeBundle(ctx, n.NodeName())
+	if err != nil {
+		return nil, nil, err
+	}
 	args := []string{
 		"--kvstore-endpoints", c.ServerAddr(),
-		"--kvstore-bundle", c.Bundle("agents"),
+		"--kvstore-bundle", bundle,
 		"--node-ip", ip4.String(), "--node-ip", ip6.String(),
 		"--lease-ttl", c.opts.LeaseTTL.String(),
 	}

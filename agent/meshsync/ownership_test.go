@@ -29,7 +29,7 @@ func ipPrefixRec(t *testing.T, cluster, prefix string, identity uint32, host str
 }
 
 func remoteIPKey(t *testing.T, cluster, prefix string) string {
-	return cacheKey(t, records.IPCacheKey(cluster, netip.MustParsePrefix(prefix)), cluster)
+	return cacheKey(t, records.IPCacheKey(cluster, "n1", netip.MustParsePrefix(prefix)), cluster)
 }
 
 func clusterStatus(tables *Tables, name string) ClusterStatus {
@@ -135,8 +135,8 @@ func TestForgedRemoteRecordsRefused(t *testing.T) {
 	})
 
 	// The own cluster: a node holding c1's credentials is no better.
-	put(t, c, records.IPCacheKey("c1", netip.MustParsePrefix("0.0.0.0/0")), ipPrefixRec(t, "c1", "0.0.0.0/0", 1, "192.0.2.12"))
-	put(t, c, records.IPCacheKey("c1", netip.MustParsePrefix("10.1.2.5/32")), ipRec(t, "c1", "10.1.2.5", idWeb, "192.0.2.12"))
+	put(t, c, records.IPCacheKey("c1", "n1", netip.MustParsePrefix("0.0.0.0/0")), ipPrefixRec(t, "c1", "0.0.0.0/0", 1, "192.0.2.12"))
+	put(t, c, records.IPCacheKey("c1", "n1", netip.MustParsePrefix("10.1.2.5/32")), ipRec(t, "c1", "10.1.2.5", idWeb, "192.0.2.12"))
 	eventually(t, "own forgery refused", func() bool { return refusal(tables, "c1", records.ReasonReservedIdentity).Total == 1 })
 	eventually(t, "own endpoint", func() bool { return slices.Contains(ipsOf(tables.View()), "c1/10.1.2.5/32") })
 	if slices.Contains(ipsOf(tables.View()), "c1/0.0.0.0/0") {
@@ -180,13 +180,13 @@ func TestRemoteFloodCapped(t *testing.T) {
 	// The accepted ones are the first by key, whatever the arrival order.
 	var keys []string
 	for i := range 25 {
-		keys = append(keys, records.IPCacheKey("c2", netip.MustParsePrefix(fmt.Sprintf("10.2.%d.%d/32", i/200, 1+i%200))))
+		keys = append(keys, records.IPCacheKey("c2", "n1", netip.MustParsePrefix(fmt.Sprintf("10.2.%d.%d/32", i/200, 1+i%200))))
 	}
 	slices.Sort(keys)
 	var got []string
 	for _, e := range tables.View().IPCache {
 		if e.Cluster == "c2" {
-			got = append(got, records.IPCacheKey("c2", e.Prefix))
+			got = append(got, records.IPCacheKey("c2", "n1", e.Prefix))
 		}
 	}
 	slices.Sort(got)
@@ -194,11 +194,11 @@ func TestRemoteFloodCapped(t *testing.T) {
 		t.Errorf("accepted %v, want %v", got, keys[:limit])
 	}
 	// One goes: the next one by key comes in.
-	_, p, _ := records.ParseIPCacheKey(keys[0])
+	_, _, p, _ := records.ParseIPCacheKey(keys[0])
 	del(t, c, remoteIPKey(t, "c2", p.String()))
 	eventually(t, "the next entry in", func() bool {
 		for _, e := range tables.View().IPCache {
-			if records.IPCacheKey("c2", e.Prefix) == keys[limit] {
+			if records.IPCacheKey("c2", "n1", e.Prefix) == keys[limit] {
 				return true
 			}
 		}

@@ -54,7 +54,7 @@ func Records(n NodeInfo, eps []Endpoint) (map[string][]byte, error) {
 			if err != nil {
 				return nil, fmt.Errorf("ipcache record of %s/%s: %w", ep.Namespace, ep.Name, err)
 			}
-			out[records.IPCacheKey(n.Cluster, p)] = v
+			out[records.IPCacheKey(n.Cluster, n.Node, p)] = v
 		}
 	}
 	return out, nil

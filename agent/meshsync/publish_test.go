@@ -102,7 +102,7 @@ func TestRecords(t *testing.T) {
 	}
 	for _, tc := range []struct{ ip, host string }{{"10.1.1.2", "192.0.2.11"}, {"fd00:1:1::2", "2001:db8::11"}} {
 		p := netip.MustParsePrefix(tc.ip + "/" + map[bool]string{true: "32", false: "128"}[netip.MustParseAddr(tc.ip).Is4()])
-		key := records.IPCacheKey("c1", p)
+		key := records.IPCacheKey("c1", "node1", p)
 		e, err := records.ValidateIPCacheEntry(key, recs[key], "c1", 1)
 		if err != nil || e.HostIP.String() != tc.host || e.Identity != 1<<20|7 || e.OwnerName != "web" || e.OwnerNamespace != "default" {
 			t.Errorf("ipcache %s: %+v, %v", key, e, err)
@@ -149,7 +149,7 @@ func TestPublisher(t *testing.T) {
 	// An endpoint deleted: its record goes.
 	want2, _ := Records(node1, []Endpoint{web})
 	pub.Set(want2)
-	dbKey := records.IPCacheKey("c1", netip.MustParsePrefix("10.1.1.3/32"))
+	dbKey := records.IPCacheKey("c1", "node1", netip.MustParsePrefix("10.1.1.3/32"))
 	eventually(t, "db record deleted", func() bool { _, ok := keysUnder(t, c, records.StateRoot)[dbKey]; return !ok })
 
 	// The lease is revoked behind the publisher's back (an etcd restore, an
@@ -195,7 +195,7 @@ func TestPublisherAdoptsStaleRecords(t *testing.T) {
 	// Another node's record is none of this node's business.
 	other, _ := records.IPCacheEntry{Prefix: netip.MustParsePrefix("10.1.2.2/32"), Identity: 1<<20 | 7,
 		HostIP: netip.MustParseAddr("192.0.2.12"), Cluster: "c1"}.Marshal()
-	otherKey := records.IPCacheKey("c1", netip.MustParsePrefix("10.1.2.2/32"))
+	otherKey := records.IPCacheKey("c1", "node1", netip.MustParsePrefix("10.1.2.2/32"))
 	if err := c.Put(ctx, otherKey, other); err != nil {
 		t.Fatal(err)
 	}
@@ -215,7 +215,7 @@ func TestPublisherAdoptsStaleRecords(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := keysUnder(t, c, records.StateRoot)
-	dbKey := records.IPCacheKey("c1", netip.MustParsePrefix("10.1.1.3/32"))
+	dbKey := records.IPCacheKey("c1", "node1", netip.MustParsePrefix("10.1.1.3/32"))
 	if _, ok := got[dbKey]; ok {
 		t.Error("stale record of the earlier run survived")
 	}

@@ -63,8 +63,11 @@ type cluster struct {
 	// with the own cluster).
 	refused error
 
-	nodes      map[string]records.Node
-	ips        map[netip.Prefix]records.IPCacheEntry
+	nodes map[string]records.Node
+	ips   map[netip.Prefix]records.IPCacheEntry
+	// ipKeys is the etcd key each entry of ips came from: another node's
+	// key for the same prefix (refused, or deleted) never removes it.
+	ipKeys     map[netip.Prefix]string
 	services   map[string]records.ServiceRecord // "<ns>/<name>"
 	identities map[uint32]identity.Labels
 
@@ -88,7 +91,7 @@ type cluster struct {
 
 func newCluster(name string) *cluster {
 	return &cluster{
-		name: name, nodes: map[string]records.Node{}, ips: map[netip.Prefix]records.IPCacheEntry{},
+		name: name, nodes: map[string]records.Node{}, ips: map[netip.Prefix]records.IPCacheEntry{}, ipKeys: map[netip.Prefix]string{},
 		services: map[string]records.ServiceRecord{}, identities: map[uint32]identity.Labels{},
 		synced: map[records.Kind]bool{}, raw: map[string][]byte{}, refusedTotal: map[string]uint64{},
 	}
@@ -365,6 +368,7 @@ func (t *Tables) cached(key string, value []byte, del bool) error {
 func (t *Tables) rebuild(c *cluster) {
 	clear(c.nodes)
 	clear(c.ips)
+	clear(c.ipKeys)
 	clear(c.services)
 	clear(c.identities)
 	c.gate = nil
@@ -406,11 +410,11 @@ func (t *Tables) state(c *cluster, key string, value []byte, del bool) error {
 		}
 		return err
 	case strings.HasPrefix(key, records.StatePrefix(records.KindIP)):
-		_, p, err := records.ParseIPCacheKey(key)
+		_, _, p, err := records.ParseIPCacheKey(key)
 		if err != nil {
 			return err
 		}
-		delete(c.ips, p)
+		c.setIP(key, p, nil)
 		var e records.IPCacheEntry
 		if !del {
 			e, err = records.ValidateIPCacheEntry(key, value, c.name, c.id)
@@ -422,7 +426,7 @@ func (t *Tables) state(c *cluster, key string, value []byte, del bool) error {
 		}
 		t.syncGate(c)
 		if v, ok := c.gate.Get(key); ok && v.Accepted() {
-			c.ips[p] = *v.IP
+			c.setIP(key, p, v.IP)
 		}
 		return err
 	case strings.HasPrefix(key, records.StatePrefix(records.KindServices)):
@@ -468,6 +472,19 @@ func (t *Tables) state(c *cluster, key string, value []byte, del bool) error {
 	return nil
 }
 
+// setIP sets the entry of prefix p read at key (e nil: removes it, if it
+// came from key).
+func (c *cluster) setIP(key string, p netip.Prefix, e *records.IPCacheEntry) {
+	if e != nil {
+		c.ips[p], c.ipKeys[p] = *e, key
+		return
+	}
+	if c.ipKeys[p] == key {
+		delete(c.ips, p)
+		delete(c.ipKeys, p)
+	}
+}
+
 // syncGate applies the verdicts of c's gate that changed to the typed
 // tables, and logs and counts each new refusal once.
 func (t *Tables) syncGate(c *cluster) {
@@ -480,9 +497,9 @@ func (t *Tables) syncGate(c *cluster) {
 					c.nodes[v.Node.Name] = *v.Node
 				}
 			case v.IP != nil:
-				delete(c.ips, v.IP.Prefix)
+				c.setIP(v.Key, v.IP.Prefix, nil)
 				if v.Accepted() {
-					c.ips[v.IP.Prefix] = *v.IP
+					c.setIP(v.Key, v.IP.Prefix, v.IP)
 				}
 			case v.Service != nil:
 				delete(c.services, v.Service.Namespace+"/"+v.Service.Name)

@@ -120,7 +120,7 @@ func TestWatchTurnsRecordsIntoDesiredState(t *testing.T) {
 	// The own cluster, as its server and its other node wrote it.
 	put(t, c, records.ClusterConfigKey("c1"), clusterConfig(t, "c1", 1, "10.1.0.0/16"))
 	put(t, c, records.NodeKey("c1", "node2"), nodeRec(t, "c1", 1, "node2", "192.0.2.12", "10.1.2.0/24"))
-	put(t, c, records.IPCacheKey("c1", netip.MustParsePrefix("10.1.2.5/32")), ipRec(t, "c1", "10.1.2.5", idWeb, "192.0.2.12"))
+	put(t, c, records.IPCacheKey("c1", "n1", netip.MustParsePrefix("10.1.2.5/32")), ipRec(t, "c1", "10.1.2.5", idWeb, "192.0.2.12"))
 	put(t, c, records.IdentityIDKey(idWeb), identityRec(t, idWeb, "c1", "web"))
 	put(t, c, records.ServiceKey("c1", "default", "web"), serviceRec(t, "c1", 1, "10.1.2.5"))
 	put(t, c, ConfigKey("Service/default/web"), []byte(webService))
@@ -128,7 +128,7 @@ func TestWatchTurnsRecordsIntoDesiredState(t *testing.T) {
 	// A remote cluster mirrored by the server, with its canaries.
 	put(t, c, records.ClusterConfigKey("c2"), clusterConfig(t, "c2", 2, "10.2.0.0/16"))
 	put(t, c, cacheKey(t, records.NodeKey("c2", "n1"), "c2"), nodeRec(t, "c2", 2, "n1", "198.51.100.1", "10.2.1.0/24"))
-	put(t, c, cacheKey(t, records.IPCacheKey("c2", netip.MustParsePrefix("10.2.1.5/32")), "c2"), ipRec(t, "c2", "10.2.1.5", idRemote, "198.51.100.1"))
+	put(t, c, cacheKey(t, records.IPCacheKey("c2", "n1", netip.MustParsePrefix("10.2.1.5/32")), "c2"), ipRec(t, "c2", "10.2.1.5", idRemote, "198.51.100.1"))
 	put(t, c, cacheKey(t, records.IdentityIDKey(idRemote), "c2"), identityRec(t, idRemote, "c2", "client"))
 	put(t, c, cacheKey(t, records.ServiceKey("c2", "default", "web"), "c2"), serviceRec(t, "c2", 2, "10.2.1.5"))
 	for _, k := range records.Kinds {
@@ -139,11 +139,11 @@ func TestWatchTurnsRecordsIntoDesiredState(t *testing.T) {
 	// and counted, and none stops the rest.
 	bad := map[string][]byte{
 		// malformed JSON
-		records.IPCacheKey("c1", netip.MustParsePrefix("10.1.2.6/32")): []byte(`{"version":1,"prefix":`),
+		records.IPCacheKey("c1", "n1", netip.MustParsePrefix("10.1.2.6/32")): []byte(`{"version":1,"prefix":`),
 		// a record of another cluster under the own cluster's key
 		records.NodeKey("c1", "node3"): nodeRec(t, "c9", 9, "node3", "192.0.2.13", "10.1.3.0/24"),
 		// an identity of cluster 2 in the own cluster's ipcache
-		records.IPCacheKey("c1", netip.MustParsePrefix("10.1.2.7/32")): ipRec(t, "c1", "10.1.2.7", idRemote, "192.0.2.12"),
+		records.IPCacheKey("c1", "n1", netip.MustParsePrefix("10.1.2.7/32")): ipRec(t, "c1", "10.1.2.7", idRemote, "192.0.2.12"),
 		// a remote's mirror holding a record of a third cluster
 		cacheKey(t, records.NodeKey("c2", "n2"), "c2"): nodeRec(t, "c3", 3, "n2", "198.51.100.2", "10.3.1.0/24"),
 		// an applied object that is not one, and one stored under the wrong key
@@ -186,7 +186,7 @@ func TestWatchTurnsRecordsIntoDesiredState(t *testing.T) {
 	}
 
 	// Changes flow; a remote kind without its canary is not used.
-	put(t, c, records.IPCacheKey("c1", netip.MustParsePrefix("10.1.2.8/32")), ipRec(t, "c1", "10.1.2.8", idWeb, "192.0.2.12"))
+	put(t, c, records.IPCacheKey("c1", "n1", netip.MustParsePrefix("10.1.2.8/32")), ipRec(t, "c1", "10.1.2.8", idWeb, "192.0.2.12"))
 	del(t, c, records.SyncedKey("c2", records.KindIP))
 	eventually(t, "new endpoint in, remote endpoints out", func() bool {
 		return slices.Equal(ipsOf(tables.View()), []string{"c1/10.1.2.5/32", "c1/10.1.2.8/32"})
@@ -239,8 +239,8 @@ func TestTablesSurviveEtcdOutage(t *testing.T) {
 	e := etcdtest.Start(t)
 	c := connect(t, e)
 	put(t, c, records.ClusterConfigKey("c1"), clusterConfig(t, "c1", 1, "10.1.0.0/16"))
-	keep := records.IPCacheKey("c1", netip.MustParsePrefix("10.1.2.5/32"))
-	gone := records.IPCacheKey("c1", netip.MustParsePrefix("10.1.2.6/32"))
+	keep := records.IPCacheKey("c1", "n1", netip.MustParsePrefix("10.1.2.5/32"))
+	gone := records.IPCacheKey("c1", "n1", netip.MustParsePrefix("10.1.2.6/32"))
 	put(t, c, keep, ipRec(t, "c1", "10.1.2.5", idWeb, "192.0.2.12"))
 	put(t, c, gone, ipRec(t, "c1", "10.1.2.6", idWeb, "192.0.2.12"))
 

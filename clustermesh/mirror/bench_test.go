@@ -33,7 +33,7 @@ func TestBenchMirror(t *testing.T) {
 	for i := range n {
 		p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 2 + byte(i>>16), byte(i >> 8), byte(i)}), 32)
 		v := marshal(t, records.IPCacheEntry{Prefix: p, Identity: 2<<20 | 1, HostIP: netip.MustParseAddr("192.168.0.2"), Cluster: "c2"})
-		ops = append(ops, kvstore.OpPut(records.IPCacheKey("c2", p), v))
+		ops = append(ops, kvstore.OpPut(records.IPCacheKey("c2", "n1", p), v))
 		if len(ops) == 128 || i == n-1 {
 			if _, err := c2.KV().Txn(ctx, nil, ops); err != nil {
 				t.Fatal(err)
@@ -55,7 +55,7 @@ func TestBenchMirror(t *testing.T) {
 	var lat []time.Duration
 	for i := range 200 {
 		p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 9, byte(i >> 8), byte(i)}), 32)
-		key := records.IPCacheKey("c2", p)
+		key := records.IPCacheKey("c2", "n1", p)
 		ck, _ := records.CacheKey(key, "c2")
 		s := time.Now()
 		put(t, c2.KV(), key, marshal(t, records.IPCacheEntry{Prefix: p, Identity: 2<<20 | 1, Cluster: "c2"}))

@@ -67,15 +67,16 @@ func seed(t *testing.T, c *servertest.Cluster, ip string) (keys []string) {
 	kv := c.KV()
 	id := identityOf(c, 7)
 	n := node(c, "n1", "192.168.0."+fmt.Sprint(c.ID))
-	put(t, kv, records.NodeKey(c.Name, "n1"), marshal(t, n))
 	p := netip.MustParsePrefix(ip + "/32")
-	put(t, kv, records.IPCacheKey(c.Name, p), marshal(t, records.IPCacheEntry{Prefix: p, Identity: id, HostIP: n.IPs[0], Cluster: c.Name}))
+	n.PodCIDRs = []netip.Prefix{netip.PrefixFrom(p.Addr(), 24).Masked()}
+	put(t, kv, records.NodeKey(c.Name, "n1"), marshal(t, n))
+	put(t, kv, records.IPCacheKey(c.Name, "n1", p), marshal(t, records.IPCacheEntry{Prefix: p, Identity: id, HostIP: n.IPs[0], Cluster: c.Name}))
 	put(t, kv, records.IdentityIDKey(id), marshal(t, records.IdentityRecord{ID: id, Labels: map[string]string{
 		"isthmus.io/cluster": c.Name, "isthmus.io/namespace": "default", "app": "web"}}))
 	svc := `{"apiVersion":"isthmus.io/v1alpha1","kind":"Service","metadata":{"name":"web","namespace":"default",` +
 		`"annotations":{"isthmus.io/global":"true"}},"spec":{"vips":["10.96.0.10"],"ports":[{"port":80,"targetPort":8080}],"selector":{"app":"web"}}}`
 	put(t, kv, "isthmus/config/Service/default/web", []byte(svc))
-	return []string{records.NodeKey(c.Name, "n1"), records.IPCacheKey(c.Name, p), records.IdentityIDKey(id),
+	return []string{records.NodeKey(c.Name, "n1"), records.IPCacheKey(c.Name, "n1", p), records.IdentityIDKey(id),
 		records.ServiceKey(c.Name, "default", "web")}
 }
 
@@ -164,14 +165,19 @@ func TestMirrorBothWays(t *testing.T) {
 
 	// The service syncer of c2 published its global service with c2's
 	// endpoint as backend; c1 has it in its cache.
-	kv, _, _ := c1.KV().Get(context.Background(), records.CachePrefix(records.KindServices, "c2")+"default/web")
-	svc, err := records.ValidateService(records.ServiceKey("c2", "default", "web"), kv.Value, "c2", 2)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !svc.Global || !svc.Shared || len(svc.Backends) != 1 || svc.Backends[0].IP != netip.MustParseAddr("10.2.0.5") || svc.Backends[0].Port != 8080 {
-		t.Errorf("mirrored service %+v", svc)
-	}
+	// (The syncer may publish the service before it has seen the
+	// endpoint, then again with it.)
+	servertest.Eventually(t, wait, "c2's service with its backend in c1's cache", func() error {
+		kv, _, _ := c1.KV().Get(context.Background(), records.CachePrefix(records.KindServices, "c2")+"default/web")
+		svc, err := records.ValidateService(records.ServiceKey("c2", "default", "web"), kv.Value, "c2", 2)
+		if err != nil {
+			return err
+		}
+		if !svc.Global || !svc.Shared || len(svc.Backends) != 1 || svc.Backends[0].IP != netip.MustParseAddr("10.2.0.5") || svc.Backends[0].Port != 8080 {
+			return fmt.Errorf("mirrored service %+v", svc)
+		}
+		return nil
+	})
 
 	servertest.Eventually(t, wait, "status of c2 in c1", func() error {
 		st, err := status(c1, "c2")
@@ -327,12 +333,12 @@ func TestInvalidRecordsSkippedAndCounted(t *testing.T) {
 	wrongID.ClusterID = 3
 	put(t, kv, records.NodeKey("c2", "wrongid"), marshal(t, wrongID))
 	p := netip.MustParsePrefix("10.2.0.9/32")
-	put(t, kv, records.IPCacheKey("c2", p), marshal(t, records.IPCacheEntry{Prefix: p, Identity: 3<<20 | 1, Cluster: "c2"}))
+	put(t, kv, records.IPCacheKey("c2", "n1", p), marshal(t, records.IPCacheEntry{Prefix: p, Identity: 3<<20 | 1, Cluster: "c2"}))
 	put(t, kv, records.IdentityIDKey(3<<20|1), marshal(t, records.IdentityRecord{ID: 3<<20 | 1, Labels: map[string]string{"app": "x"}}))
 	put(t, kv, records.IdentityIDKey(2<<20|1), marshal(t, records.IdentityRecord{ID: 2<<20 | 1, Labels: map[string]string{"app": "y"}}))
 	// (Service records are not a place for junk: c2's service syncer owns
 	// them and deletes what it did not write.)
-	put(t, kv, records.IPCacheKey("c2", netip.MustParsePrefix("10.2.0.10/32")), []byte(`null`))
+	put(t, kv, records.IPCacheKey("c2", "n1", netip.MustParsePrefix("10.2.0.10/32")), []byte(`null`))
 
 	servertest.Connect(t, c1, c2)
 	servertest.Eventually(t, wait, "valid records mirrored", func() error {
@@ -442,7 +448,10 @@ func TestRemoteRecordValidation(t *testing.T) {
 	if _, err := mirror.DecodeRemote(etcdserver.RemoteKey("c2"), v, "c1"); err != nil {
 		t.Fatalf("valid record: %v", err)
 	}
-	agents, _ := c2.API().Server.ExportBundle()
+	nodeBundle, err := c2.API().Server.ExportNodeBundle(context.Background(), "n1")
+	if err != nil {
+		t.Fatal(err)
+	}
 	forC3 := mirror.RemoteFromBundle(c2.RemoteBundle(t, "c3"))
 	var obj map[string]any
 	json.Unmarshal(v, &obj)
@@ -458,7 +467,7 @@ func TestRemoteRecordValidation(t *testing.T) {
 		"trailing":          {etcdserver.RemoteKey("c2"), append(slices.Clone(v), []byte(" {}")...), "c1", "trailing"},
 		"key names another": {etcdserver.RemoteKey("c9"), v, "c1", `names cluster "c2"`},
 		"this cluster":      {etcdserver.RemoteKey("c2"), v, "c2", "is this cluster"},
-		"agents cert":       {etcdserver.RemoteKey("c2"), mustJSON(t, mirror.RemoteFromBundle(agents)), "c1", `etcd user "agents"`},
+		"node cert":         {etcdserver.RemoteKey("c2"), mustJSON(t, mirror.RemoteFromBundle(nodeBundle)), "c1", `etcd user "node-n1"`},
 		"other user":        {etcdserver.RemoteKey("c2"), mustJSON(t, forC3), "c1", `"remote-c3", not "remote-c1"`},
 		"http endpoint":     {etcdserver.RemoteKey("c2"), mustJSON(t, with(good, func(r *mirror.Remote) { r.Endpoints = []string{"http://127.0.0.1:2379"} })), "c1", "https://"},
 		"no port":           {etcdserver.RemoteKey("c2"), mustJSON(t, with(good, func(r *mirror.Remote) { r.Endpoints = []string{"https://a"} })), "c1", "port"},

@@ -46,7 +46,7 @@ func TestMirrorRefusesForgedRecords(t *testing.T) {
 	kv := c2.KV()
 	id := identityOf(c2, 7)
 	const host = "192.168.0.2"
-	ipKey := func(p string) string { return records.IPCacheKey("c2", netip.MustParsePrefix(p)) }
+	ipKey := func(p string) string { return records.IPCacheKey("c2", "n1", netip.MustParsePrefix(p)) }
 
 	// Valid: a node, an endpoint, its identity, a global service selecting it.
 	put(t, kv, records.NodeKey("c2", "n1"), marshal(t, nodeWithCIDRs(c2, "n1", host, "10.2.1.0/24")))
@@ -82,7 +82,7 @@ func TestMirrorRefusesForgedRecords(t *testing.T) {
 		if !st.Ready || !maps.Equal(st.Refused, wantRefused) {
 			return fmt.Errorf("status %+v", st)
 		}
-		if err := wantKeys(t, c1, records.KindIP, "c2", "10.2.1.5")(); err != nil {
+		if err := wantKeys(t, c1, records.KindIP, "c2", "n1/10.2.1.5")(); err != nil {
 			return err
 		}
 		if err := wantKeys(t, c1, records.KindNodes, "c2", "n1")(); err != nil {
@@ -113,14 +113,15 @@ func TestMirrorRefusesForgedRecords(t *testing.T) {
 	// again; valid records keep flowing meanwhile.
 	put(t, kv, ipKey("::/0"), forged[ipKey("::/0")])
 	put(t, kv, ipKey("10.2.1.8/32"), ipEntry(t, "c2", "10.2.1.8/32", id, host))
-	servertest.Eventually(t, wait, "a later endpoint", wantKeys(t, c1, records.KindIP, "c2", "10.2.1.5", "10.2.1.8"))
+	servertest.Eventually(t, wait, "a later endpoint", wantKeys(t, c1, records.KindIP, "c2", "n1/10.2.1.5", "n1/10.2.1.8"))
 	if got := memStatus(c1, "c2").RefusedTotal[records.ReasonPrefixNotOwned]; got != 3 {
 		t.Errorf("prefix-not-owned counted %d times, want 3", got)
 	}
 
 	// Ordering: an endpoint on a node address before its node record is
 	// refused, then mirrored once the node is there.
-	put(t, kv, ipKey("192.168.0.9/32"), ipEntry(t, "c2", "192.168.0.9/32", id, "192.168.0.9"))
+	n9Key := records.IPCacheKey("c2", "n9", netip.MustParsePrefix("192.168.0.9/32"))
+	put(t, kv, n9Key, ipEntry(t, "c2", "192.168.0.9/32", id, "192.168.0.9"))
 	servertest.Eventually(t, wait, "node-address endpoint refused", func() error {
 		if n := memStatus(c1, "c2").Refused[records.ReasonPrefixNotOwned]; n != 4 {
 			return fmt.Errorf("prefix-not-owned %d", n)
@@ -129,7 +130,7 @@ func TestMirrorRefusesForgedRecords(t *testing.T) {
 	})
 	put(t, kv, records.NodeKey("c2", "n9"), marshal(t, nodeWithCIDRs(c2, "n9", "192.168.0.9", "10.2.9.0/24")))
 	servertest.Eventually(t, wait, "node-address endpoint mirrored after its node",
-		wantKeys(t, c1, records.KindIP, "c2", "10.2.1.5", "10.2.1.8", "192.168.0.9"))
+		wantKeys(t, c1, records.KindIP, "c2", "n1/10.2.1.5", "n1/10.2.1.8", "n9/192.168.0.9"))
 
 	// n1 goes: n2, refused for overlapping it, is mirrored now.
 	del(t, kv, records.NodeKey("c2", "n1"))
@@ -150,8 +151,8 @@ func TestMirrorCapsRemoteIPCache(t *testing.T) {
 	var keys []string
 	for i := range 50 {
 		p := fmt.Sprintf("10.2.0.%d/32", 1+i)
-		ops = append(ops, kvstore.OpPut(records.IPCacheKey("c2", netip.MustParsePrefix(p)), ipEntry(t, "c2", p, id, "192.168.0.2")))
-		keys = append(keys, netip.MustParsePrefix(p).Addr().String())
+		ops = append(ops, kvstore.OpPut(records.IPCacheKey("c2", "n1", netip.MustParsePrefix(p)), ipEntry(t, "c2", p, id, "192.168.0.2")))
+		keys = append(keys, "n1/"+netip.MustParsePrefix(p).Addr().String())
 	}
 	if _, err := c2.KV().Txn(context.Background(), nil, ops); err != nil {
 		t.Fatal(err)
@@ -169,8 +170,8 @@ func TestMirrorCapsRemoteIPCache(t *testing.T) {
 		t.Errorf("over-cap counted %d", got)
 	}
 	// Other kinds flow; one entry goes and the next by key comes in.
-	put(t, c2.KV(), records.NodeKey("c2", "n1"), marshal(t, node(c2, "n1", "192.168.0.2")))
-	del(t, c2.KV(), records.IPCacheKey("c2", netip.MustParsePrefix(keys[0]+"/32")))
+	put(t, c2.KV(), records.NodeKey("c2", "n1"), marshal(t, nodeWithCIDRs(c2, "n1", "192.168.0.2", "10.2.0.0/24")))
+	del(t, c2.KV(), records.StateClusterPrefix(records.KindIP, "c2")+keys[0])
 	servertest.Eventually(t, wait, "node mirrored", wantKeys(t, c1, records.KindNodes, "c2", "n1"))
 	servertest.Eventually(t, wait, "next entry in", wantKeys(t, c1, records.KindIP, "c2", keys[1:limit+1]...))
 }

@@ -78,10 +78,10 @@ func FuzzDecodeIdentityRef(f *testing.F) {
 // exactly by its builder.
 func FuzzParseKeys(f *testing.F) {
 	for _, s := range []string{
-		NodeKey("c1", "n1"), IPCacheKey("c1", testIP.Prefix), ServiceKey("c1", "ns", "s"),
+		NodeKey("c1", "n1"), IPCacheKey("c1", "n1", testIP.Prefix), ServiceKey("c1", "ns", "s"),
 		IdentityIDKey(1<<20 | 1), IdentityValueKey("a=1,isthmus.io/cluster=c1", "n1"),
 		IdentityLabelsKey("a=1"), SyncedKey("c1", KindIP), ClusterConfigKey("c1"),
-		"isthmus/cache/ip/v1/c1/10.0.0.0/8", "isthmus/state/ip/v1/c1/::1",
+		"isthmus/cache/ip/v1/c1/n1/10.0.0.0/8", "isthmus/state/ip/v1/c1/n1/::1",
 	} {
 		f.Add(s)
 	}
@@ -89,8 +89,8 @@ func FuzzParseKeys(f *testing.F) {
 		if c, n, err := ParseNodeKey(key); err == nil && NodeKey(c, n) != key {
 			t.Fatalf("node key %q rebuilt as %q", key, NodeKey(c, n))
 		}
-		if c, p, err := ParseIPCacheKey(key); err == nil && IPCacheKey(c, p) != key {
-			t.Fatalf("ip key %q rebuilt as %q", key, IPCacheKey(c, p))
+		if c, n, p, err := ParseIPCacheKey(key); err == nil && IPCacheKey(c, n, p) != key {
+			t.Fatalf("ip key %q rebuilt as %q", key, IPCacheKey(c, n, p))
 		}
 		if c, ns, n, err := ParseServiceKey(key); err == nil && ServiceKey(c, ns, n) != key {
 			t.Fatalf("service key %q rebuilt", key)

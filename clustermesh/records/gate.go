@@ -22,7 +22,11 @@ import (
 //     whatever order the records arrived in);
 //   - an ipcache entry is refused if its identity is reserved or of
 //     another cluster ID, or its prefix is neither inside the cluster's
-//     pod CIDRs nor an accepted node's address;
+//     pod CIDRs nor an accepted node's address; and, since the entry sits
+//     under the prefix of the node that published it, if its prefix is
+//     neither inside that node's pod CIDRs nor one of that node's
+//     addresses, or its host IP is not one of them (pending while that
+//     node's record is there but not accepted);
 //   - a service is refused if a backend is neither inside the pod CIDRs
 //     nor an accepted node's address;
 //   - of the ipcache entries that pass, only the Limits.MaxIPCache whose
@@ -46,9 +50,16 @@ type Gate struct {
 	nodeIdx prefixIndex
 	// nodeAddrs counts the accepted nodes per underlay address.
 	nodeAddrs map[netip.Addr]int
-	capped    capSet
-	changed   map[Kind]map[string]struct{}
-	refused   map[string]int
+	// ipByNode indexes the ipcache entries by the node whose key prefix
+	// they sit under, to decide them again when that node's verdict or
+	// record changes.
+	ipByNode map[string]map[string]*gateEntry
+	// ipByAddr indexes the single-address ipcache entries, to decide them
+	// again when a node with that address comes or goes.
+	ipByAddr map[netip.Addr]map[string]*gateEntry
+	capped   capSet
+	changed  map[Kind]map[string]struct{}
+	refused  map[string]int
 }
 
 // Limits bound what one cluster may have accepted.
@@ -65,10 +76,11 @@ type gateEntry struct {
 	svc  *ServiceRecord
 	raw  []byte
 
-	candidate bool  // node: its pod CIDRs are in nodeIdx
-	owned     error // ipcache: the verdict before the cap
-	verdict   error // nil: accepted
-	reported  error // the verdict Drain last returned
+	ipNode    string // ipcache: the node whose key prefix it sits under
+	candidate bool   // node: its pod CIDRs are in nodeIdx
+	owned     error  // ipcache: the verdict before the cap
+	verdict   error  // nil: accepted
+	reported  error  // the verdict Drain last returned
 	hasReport bool
 }
 
@@ -94,7 +106,7 @@ func NewGate(cluster string, limits Limits) *Gate {
 	return &Gate{cluster: cluster, limits: limits,
 		entries: map[string]*gateEntry{},
 		byKind:  map[Kind]map[string]*gateEntry{KindNodes: {}, KindIP: {}, KindServices: {}},
-		nodeIdx: newPrefixIndex(), nodeAddrs: map[netip.Addr]int{},
+		nodeIdx: newPrefixIndex(), nodeAddrs: map[netip.Addr]int{}, ipByNode: map[string]map[string]*gateEntry{}, ipByAddr: map[netip.Addr]map[string]*gateEntry{},
 		capped:  newCapSet(limits.MaxIPCache),
 		changed: map[Kind]map[string]struct{}{KindNodes: {}, KindIP: {}, KindServices: {}},
 		refused: map[string]int{}}
@@ -152,6 +164,7 @@ func (g *Gate) PutNode(key string, n Node, raw []byte) {
 	e.node = &n
 	g.classifyNode(e)
 	g.resolveNodes(g.component(append(seeds, n.PodCIDRs...), e))
+	g.nodeVerdictChanged(n.Name) // its entries are now judged by its record
 }
 
 // PutIP adds or replaces the ipcache entry at key.
@@ -164,6 +177,16 @@ func (g *Gate) PutIP(key string, ip IPCacheEntry, raw []byte) {
 		e.owned = ErrPending
 	}
 	e.ip = &ip
+	if old != nil {
+		g.unindexIP(old)
+	}
+	if _, node, _, err := ParseIPCacheKey(key); err == nil {
+		e.ipNode = node
+	}
+	addIndex(g.ipByNode, e.ipNode, e)
+	if ip.Prefix.IsSingleIP() {
+		addIndex(g.ipByAddr, ip.Prefix.Addr(), e)
+	}
 	g.evalIP(e)
 }
 
@@ -185,12 +208,14 @@ func (g *Gate) Delete(key string) {
 		seeds := g.removeNode(e)
 		g.forget(e)
 		g.resolveNodes(g.component(seeds, nil))
+		g.nodeVerdictChanged(e.node.Name)
 	case KindIP:
 		if e.owned == nil {
 			if promoted := g.capped.remove(key); promoted != "" {
 				g.evalIP(g.entries[promoted])
 			}
 		}
+		g.unindexIP(e)
 		g.forget(e)
 	default:
 		g.forget(e)
@@ -299,6 +324,9 @@ func (g *Gate) evalIP(e *gateEntry) {
 	now := ErrPending
 	if g.owner != nil {
 		now = g.owner.CheckIPCacheEntry(*e.ip, g.isNode)
+		if now == nil {
+			now = g.checkIPNode(e)
+		}
 	}
 	e.owned = now
 	switch {
@@ -329,10 +357,75 @@ func (g *Gate) evalService(e *gateEntry) {
 	g.set(e, g.owner.CheckService(*e.svc, g.isNode))
 }
 
+// checkIPNode checks an ipcache entry against the node whose key prefix
+// it sits under (the node that published it): pending while that node's
+// record is there but not accepted; once it is accepted, the prefix must
+// lie inside the node's pod CIDRs or be one of its addresses, and the host
+// IP (where the datapath sends the endpoint's traffic) one of its
+// addresses. An entry under a node without a record (not yet listed, or a
+// name no node has) is judged by the cluster's ranges alone: a node's own
+// etcd credential writes only under its own prefix, so only a broad
+// credential (the shared "agents" one, root) can write under a name no
+// node publishes.
+func (g *Gate) checkIPNode(e *gateEntry) error {
+	ne, ok := g.entries[NodeKey(g.cluster, e.ipNode)]
+	if !ok {
+		return nil
+	}
+	if ne.verdict != nil {
+		return ErrPending
+	}
+	n := ne.node
+	p := e.ip.Prefix
+	inside := slices.ContainsFunc(n.PodCIDRs, func(c netip.Prefix) bool { return c.Bits() <= p.Bits() && c.Contains(p.Addr()) }) ||
+		(p.IsSingleIP() && slices.Contains(n.IPs, p.Addr()))
+	if !inside {
+		return refusal(ReasonPrefixNotOwned, "prefix %s, published by node %s, is outside that node's pod CIDRs (%v) and not one of its addresses", p, n.Name, n.PodCIDRs)
+	}
+	if h := e.ip.HostIP; h.IsValid() && !slices.Contains(n.IPs, h) {
+		return refusal(ReasonPrefixNotOwned, "prefix %s, published by node %s, names host %s, not one of that node's addresses (%v)", p, n.Name, h, n.IPs)
+	}
+	return nil
+}
+
+func (g *Gate) unindexIP(e *gateEntry) {
+	delIndex(g.ipByNode, e.ipNode, e.key)
+	if e.ip.Prefix.IsSingleIP() {
+		delIndex(g.ipByAddr, e.ip.Prefix.Addr(), e.key)
+	}
+}
+
+func addIndex[K comparable](m map[K]map[string]*gateEntry, k K, e *gateEntry) {
+	if m[k] == nil {
+		m[k] = map[string]*gateEntry{}
+	}
+	m[k][e.key] = e
+}
+
+func delIndex[K comparable](m map[K]map[string]*gateEntry, k K, key string) {
+	if s := m[k]; s != nil {
+		delete(s, key)
+		if len(s) == 0 {
+			delete(m, k)
+		}
+	}
+}
+
+// nodeVerdictChanged decides again the ipcache entries the node published.
+func (g *Gate) nodeVerdictChanged(node string) {
+	for _, key := range slices.Sorted(maps.Keys(g.ipByNode[node])) {
+		if e, ok := g.entries[key]; ok {
+			g.evalIP(e)
+		}
+	}
+}
+
 // nodeAddrsChanged re-decides what may depend on the node address a.
 func (g *Gate) nodeAddrChanged(a netip.Addr) {
-	if e, ok := g.byKind[KindIP][IPCacheKey(g.cluster, netip.PrefixFrom(a, a.BitLen()))]; ok {
-		g.evalIP(e)
+	for _, key := range slices.Sorted(maps.Keys(g.ipByAddr[a])) {
+		if e, ok := g.entries[key]; ok {
+			g.evalIP(e)
+		}
 	}
 	for _, e := range g.byKind[KindServices] {
 		if slices.ContainsFunc(e.svc.Backends, func(b Backend) bool { return b.IP == a }) {
@@ -462,6 +555,7 @@ func (g *Gate) unaccept(e *gateEntry) {
 		e.verdict = ErrPending
 		g.changed[KindNodes][e.key] = struct{}{}
 		g.nodeAddrsDel(e.node)
+		g.nodeVerdictChanged(e.node.Name)
 	}
 }
 
@@ -472,8 +566,10 @@ func (g *Gate) setNode(e *gateEntry, v error) {
 	switch {
 	case was && v != nil:
 		g.nodeAddrsDel(e.node)
+		g.nodeVerdictChanged(e.node.Name)
 	case !was && v == nil:
 		g.nodeAddrsAdd(e.node)
+		g.nodeVerdictChanged(e.node.Name)
 	}
 }
 

@@ -41,8 +41,12 @@ func putNode(g *Gate, n Node) string {
 	return k
 }
 
-func putIP(g *Gate, e IPCacheEntry) string {
-	k := IPCacheKey(e.Cluster, e.Prefix)
+// putIP puts e under node "any", which has no record: judged by the
+// cluster's ranges alone (putIPOf puts it under a node's prefix).
+func putIP(g *Gate, e IPCacheEntry) string { return putIPOf(g, "any", e) }
+
+func putIPOf(g *Gate, node string, e IPCacheEntry) string {
+	k := IPCacheKey(e.Cluster, node, e.Prefix)
 	g.PutIP(k, e, nil)
 	return k
 }
@@ -192,7 +196,7 @@ func TestGateCap(t *testing.T) {
 	}
 	// An entry refused for another reason does not count.
 	putIP(g, gIP("10.2.0.0/31", 1))
-	if reasonOf(t, g, IPCacheKey("c2", netip.MustParsePrefix("10.2.0.0/31"))) != ReasonReservedIdentity || reasonOf(t, g, keys[3]) != "accepted" {
+	if reasonOf(t, g, IPCacheKey("c2", "any", netip.MustParsePrefix("10.2.0.0/31"))) != ReasonReservedIdentity || reasonOf(t, g, keys[3]) != "accepted" {
 		t.Error("a refused entry took a place under the cap")
 	}
 }
@@ -291,7 +295,12 @@ func gateOps(t *testing.T, seed uint64, n int) {
 				p = fmt.Sprintf("10.2.%d.%d/32", r.IntN(3), r.IntN(4))
 			}
 			ids := []uint32{2<<20 | 1, 1, 1<<20 | 1}
-			key = putIP(g, gIP(p, ids[r.IntN(len(ids))]))
+			e := gIP(p, ids[r.IntN(len(ids))])
+			if r.IntN(2) == 0 {
+				e.HostIP = netip.MustParseAddr(addrs[r.IntN(len(addrs))])
+			}
+			// Under a node that may have a record (n0..n4) or never has.
+			key = putIPOf(g, fmt.Sprintf("n%d", r.IntN(6)), e)
 		case op == 7:
 			key = putSvc(g, gSvc(fmt.Sprintf("s%d", r.IntN(3)), addrs[r.IntN(len(addrs))]))
 		default:
@@ -343,4 +352,40 @@ func FuzzOwnsPrefix(f *testing.F) {
 			t.Fatalf("%s owned", p)
 		}
 	})
+}
+
+// An ipcache entry sits under the prefix of the node that published it:
+// once that node's record is accepted, the entry must be inside that
+// node's pod CIDRs (or be one of its addresses) and name one of its
+// addresses as host; while the record is refused, the entry waits.
+func TestGateEntriesBelongToTheirNode(t *testing.T) {
+	g := NewGate("c2", Limits{})
+	g.SetConfig(&gateCfg)
+	const id = 2<<20 | 5
+	host := func(e IPCacheEntry, h string) IPCacheEntry { e.HostIP = netip.MustParseAddr(h); return e }
+	putNode(g, gNode("n1", "192.0.2.1", "10.2.1.0/24"))
+	putNode(g, gNode("n2", "192.0.2.2", "10.2.2.0/24"))
+	own := putIPOf(g, "n1", host(gIP("10.2.1.5/32", id), "192.0.2.1"))
+	other := putIPOf(g, "n1", host(gIP("10.2.2.5/32", id), "192.0.2.1"))
+	wrongHost := putIPOf(g, "n1", host(gIP("10.2.1.6/32", id), "192.0.2.2"))
+	addr := putIPOf(g, "n1", gIP("192.0.2.1/32", id))
+	for key, want := range map[string]string{own: "accepted", other: ReasonPrefixNotOwned, wrongHost: ReasonPrefixNotOwned, addr: "accepted"} {
+		if got := reasonOf(t, g, key); got != want {
+			t.Errorf("%s: %s, want %s", key, got, want)
+		}
+	}
+	// n1's record is refused (its CIDR moves outside the cluster): its
+	// entries wait; it comes back: they are decided again.
+	putNode(g, gNode("n1", "192.0.2.1", "10.9.0.0/24"))
+	if got := reasonOf(t, g, own); got != "pending" {
+		t.Errorf("entry of a refused node: %s, want pending", got)
+	}
+	putNode(g, gNode("n1", "192.0.2.1", "10.2.1.0/24"))
+	if got := reasonOf(t, g, own); got != "accepted" {
+		t.Errorf("entry after its node came back: %s, want accepted", got)
+	}
+	// n2 takes over 10.2.1.5 by publishing it under its own prefix: refused.
+	if got := reasonOf(t, g, putIPOf(g, "n2", host(gIP("10.2.1.5/32", id), "192.0.2.2"))); got != ReasonPrefixNotOwned {
+		t.Errorf("n2 publishing n1's pod: %s, want %s", got, ReasonPrefixNotOwned)
+	}
 }

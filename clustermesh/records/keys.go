@@ -61,11 +61,12 @@ func HeartbeatKey(cluster string) string { return HeartbeatPrefix + cluster }
 // NodeKey returns "isthmus/state/nodes/v1/<cluster>/<node>".
 func NodeKey(cluster, node string) string { return StateClusterPrefix(KindNodes, cluster) + node }
 
-// IPCacheKey returns "isthmus/state/ip/v1/<cluster>/<ip>", where <ip> is the
-// bare address for a single-address prefix (/32, /128) and the CIDR
-// otherwise.
-func IPCacheKey(cluster string, p netip.Prefix) string {
-	return StateClusterPrefix(KindIP, cluster) + prefixKeyPart(p)
+// IPCacheKey returns "isthmus/state/ip/v1/<cluster>/<node>/<ip>": the entry
+// of an endpoint that node hosts, under the node's own prefix (the only
+// one its etcd credential may write). <ip> is the bare address for a
+// single-address prefix (/32, /128) and the CIDR otherwise.
+func IPCacheKey(cluster, node string, p netip.Prefix) string {
+	return NodeIPCachePrefix(cluster, node) + prefixKeyPart(p)
 }
 
 func prefixKeyPart(p netip.Prefix) string {
@@ -182,13 +183,20 @@ func ParseNodeKey(key string) (cluster, node string, err error) {
 	return cluster, node, nil
 }
 
-// ParseIPCacheKey returns the cluster and prefix of an ipcache key. A bare
-// address is a single-address prefix; anything IPCacheKey would spell
+// ParseIPCacheKey returns the cluster, node and prefix of an ipcache key. A
+// bare address is a single-address prefix; anything IPCacheKey would spell
 // differently (non-canonical addresses, host bits set, "/32") is refused.
-func ParseIPCacheKey(key string) (cluster string, p netip.Prefix, err error) {
+func ParseIPCacheKey(key string) (cluster, node string, p netip.Prefix, err error) {
 	cluster, rest, err := parseClustered(key, KindIP)
 	if err != nil {
-		return "", netip.Prefix{}, err
+		return "", "", netip.Prefix{}, err
+	}
+	node, rest, ok := strings.Cut(rest, "/")
+	if !ok {
+		return "", "", netip.Prefix{}, malformed("key %q: want %s<cluster>/<node>/<ip>", key, StatePrefix(KindIP))
+	}
+	if err := ValidateNodeName(node); err != nil {
+		return "", "", netip.Prefix{}, malformed("key %q: %v", key, err)
 	}
 	if strings.Contains(rest, "/") {
 		p, err = netip.ParsePrefix(rest)
@@ -200,15 +208,15 @@ func ParseIPCacheKey(key string) (cluster string, p netip.Prefix, err error) {
 		}
 	}
 	if err != nil {
-		return "", netip.Prefix{}, malformed("key %q: %v", key, err)
+		return "", "", netip.Prefix{}, malformed("key %q: %v", key, err)
 	}
 	if err := validatePrefix("key "+key, p); err != nil {
-		return "", netip.Prefix{}, err
+		return "", "", netip.Prefix{}, err
 	}
 	if prefixKeyPart(p) != rest {
-		return "", netip.Prefix{}, malformed("key %q: not in canonical form (want %s)", key, IPCacheKey(cluster, p))
+		return "", "", netip.Prefix{}, malformed("key %q: not in canonical form (want %s)", key, IPCacheKey(cluster, node, p))
 	}
-	return cluster, p, nil
+	return cluster, node, p, nil
 }
 
 // ParseServiceKey returns the cluster, namespace and name of a service key.

@@ -13,9 +13,9 @@ func TestKeyLayout(t *testing.T) {
 		ClusterConfigKey("c1"):                              "isthmus/cluster-config/c1",
 		HeartbeatKey("c1"):                                  "isthmus/heartbeat/c1",
 		NodeKey("c1", "n1.example"):                         "isthmus/state/nodes/v1/c1/n1.example",
-		IPCacheKey("c1", p("10.0.0.1/32")):                  "isthmus/state/ip/v1/c1/10.0.0.1",
-		IPCacheKey("c1", p("fd00::1/128")):                  "isthmus/state/ip/v1/c1/fd00::1",
-		IPCacheKey("c1", p("10.1.0.0/16")):                  "isthmus/state/ip/v1/c1/10.1.0.0/16",
+		IPCacheKey("c1", "n1", p("10.0.0.1/32")):            "isthmus/state/ip/v1/c1/n1/10.0.0.1",
+		IPCacheKey("c1", "n1", p("fd00::1/128")):            "isthmus/state/ip/v1/c1/n1/fd00::1",
+		IPCacheKey("c1", "n1", p("10.1.0.0/16")):            "isthmus/state/ip/v1/c1/n1/10.1.0.0/16",
 		ServiceKey("c1", "default", "web"):                  "isthmus/state/services/v1/c1/default/web",
 		IdentityIDKey(1<<20 | 5):                            "isthmus/state/identities/v1/id/1048581",
 		IdentityValueKey("a=1,isthmus.io/cluster=c1", "n1"): "isthmus/state/identities/v1/value/a=1,isthmus.io/cluster=c1/n1",
@@ -41,9 +41,9 @@ func TestParseKeysRoundTrip(t *testing.T) {
 	}
 	for _, s := range []string{"10.0.0.1/32", "fd00::1/128", "10.1.0.0/16", "fd00:1::/64", "0.0.0.0/0"} {
 		want := netip.MustParsePrefix(s)
-		c, got, err := ParseIPCacheKey(IPCacheKey("c1", want))
-		if err != nil || c != "c1" || got != want {
-			t.Errorf("ParseIPCacheKey(%s) = %q %v %v", s, c, got, err)
+		c, node, got, err := ParseIPCacheKey(IPCacheKey("c1", "n1", want))
+		if err != nil || c != "c1" || node != "n1" || got != want {
+			t.Errorf("ParseIPCacheKey(%s) = %q %q %v %v", s, c, node, got, err)
 		}
 	}
 	if c, ns, n, err := ParseServiceKey(ServiceKey("c1", "kube-system", "dns")); err != nil || c != "c1" || ns != "kube-system" || n != "dns" {
@@ -76,12 +76,14 @@ func TestParseKeysRejects(t *testing.T) {
 		"isthmus/state/nodes/v1/c1/":                        func(k string) error { _, _, err := ParseNodeKey(k); return err },
 		"isthmus/state/nodes/v1/c1/a/b":                     func(k string) error { _, _, err := ParseNodeKey(k); return err },
 		"isthmus/state/nodes/v2/c1/n":                       func(k string) error { _, _, err := ParseNodeKey(k); return err },
-		"isthmus/state/ip/v1/c1/10.0.0.1/32":                func(k string) error { _, _, err := ParseIPCacheKey(k); return err },
-		"isthmus/state/ip/v1/c1/10.0.0.1/16":                func(k string) error { _, _, err := ParseIPCacheKey(k); return err },
-		"isthmus/state/ip/v1/c1/::ffff:10.0.0.1":            func(k string) error { _, _, err := ParseIPCacheKey(k); return err },
-		"isthmus/state/ip/v1/c1/fe80::1%eth0":               func(k string) error { _, _, err := ParseIPCacheKey(k); return err },
-		"isthmus/state/ip/v1/c1/010.0.0.1":                  func(k string) error { _, _, err := ParseIPCacheKey(k); return err },
-		"isthmus/state/ip/v1/c1/FD00::1":                    func(k string) error { _, _, err := ParseIPCacheKey(k); return err },
+		"isthmus/state/ip/v1/c1/n1/10.0.0.1/32":             func(k string) error { _, _, _, err := ParseIPCacheKey(k); return err },
+		"isthmus/state/ip/v1/c1/n1/10.0.0.1/16":             func(k string) error { _, _, _, err := ParseIPCacheKey(k); return err },
+		"isthmus/state/ip/v1/c1/n1/::ffff:10.0.0.1":         func(k string) error { _, _, _, err := ParseIPCacheKey(k); return err },
+		"isthmus/state/ip/v1/c1/n1/fe80::1%eth0":            func(k string) error { _, _, _, err := ParseIPCacheKey(k); return err },
+		"isthmus/state/ip/v1/c1/n1/010.0.0.1":               func(k string) error { _, _, _, err := ParseIPCacheKey(k); return err },
+		"isthmus/state/ip/v1/c1/n1/FD00::1":                 func(k string) error { _, _, _, err := ParseIPCacheKey(k); return err },
+		"isthmus/state/ip/v1/c1/10.0.0.1":                   func(k string) error { _, _, _, err := ParseIPCacheKey(k); return err },
+		"isthmus/state/ip/v1/c1/N1/10.0.0.1":                func(k string) error { _, _, _, err := ParseIPCacheKey(k); return err },
 		"isthmus/state/services/v1/c1/default":              func(k string) error { _, _, _, err := ParseServiceKey(k); return err },
 		"isthmus/state/services/v1/c1/default/a/b":          func(k string) error { _, _, _, err := ParseServiceKey(k); return err },
 		"isthmus/state/identities/v1/id/0":                  func(k string) error { _, err := ParseIdentityIDKey(k); return err },
@@ -108,9 +110,9 @@ func TestParseKeysRejects(t *testing.T) {
 func TestCacheKeys(t *testing.T) {
 	for state, want := range map[string]string{
 		NodeKey("c2", "n1"): "isthmus/cache/nodes/v1/c2/n1",
-		IPCacheKey("c2", netip.MustParsePrefix("10.0.0.0/8")): "isthmus/cache/ip/v1/c2/10.0.0.0/8",
-		ServiceKey("c2", "ns", "svc"):                         "isthmus/cache/services/v1/c2/ns/svc",
-		IdentityIDKey(2<<20 | 7):                              "isthmus/cache/identities/v1/c2/id/2097159",
+		IPCacheKey("c2", "n1", netip.MustParsePrefix("10.0.0.0/8")): "isthmus/cache/ip/v1/c2/n1/10.0.0.0/8",
+		ServiceKey("c2", "ns", "svc"):                               "isthmus/cache/services/v1/c2/ns/svc",
+		IdentityIDKey(2<<20 | 7):                                    "isthmus/cache/identities/v1/c2/id/2097159",
 	} {
 		got, err := CacheKey(state, "c2")
 		if err != nil || got != want {

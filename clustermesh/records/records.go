@@ -541,7 +541,7 @@ func ValidateNode(key string, value []byte, expectedCluster string, expectedID u
 // expectedCluster and checks that record, key and connection agree; a
 // cluster-scoped identity must belong to expectedID.
 func ValidateIPCacheEntry(key string, value []byte, expectedCluster string, expectedID uint32) (IPCacheEntry, error) {
-	keyCluster, keyPrefix, err := ParseIPCacheKey(key)
+	keyCluster, _, keyPrefix, err := ParseIPCacheKey(key)
 	if err != nil {
 		return IPCacheEntry{}, err
 	}

@@ -172,10 +172,10 @@ func TestValidateAgainstKeyAndSource(t *testing.T) {
 		err     error
 		wantErr error
 	}{
-		{"ip ok", second(ValidateIPCacheEntry(IPCacheKey("c1", testIP.Prefix), ip, "c1", 1)), nil},
-		{"ip wrong prefix", second(ValidateIPCacheEntry(IPCacheKey("c1", netip.MustParsePrefix("10.1.1.6/32")), ip, "c1", 1)), ErrMalformed},
-		{"ip wrong source", second(ValidateIPCacheEntry(IPCacheKey("c1", testIP.Prefix), ip, "c2", 2)), ErrClusterMismatch},
-		{"ip identity of another cluster", second(ValidateIPCacheEntry(IPCacheKey("c1", testIP.Prefix), ip, "c1", 3)), ErrClusterMismatch},
+		{"ip ok", second(ValidateIPCacheEntry(IPCacheKey("c1", "n1", testIP.Prefix), ip, "c1", 1)), nil},
+		{"ip wrong prefix", second(ValidateIPCacheEntry(IPCacheKey("c1", "n1", netip.MustParsePrefix("10.1.1.6/32")), ip, "c1", 1)), ErrMalformed},
+		{"ip wrong source", second(ValidateIPCacheEntry(IPCacheKey("c1", "n1", testIP.Prefix), ip, "c2", 2)), ErrClusterMismatch},
+		{"ip identity of another cluster", second(ValidateIPCacheEntry(IPCacheKey("c1", "n1", testIP.Prefix), ip, "c1", 3)), ErrClusterMismatch},
 		{"service ok", second(ValidateService(ServiceKey("c1", "default", "web"), svc, "c1", 1)), nil},
 		{"service renamed", second(ValidateService(ServiceKey("c1", "default", "api"), svc, "c1", 1)), ErrMalformed},
 		{"service wrong id", second(ValidateService(ServiceKey("c1", "default", "web"), svc, "c1", 2)), ErrClusterMismatch},

@@ -196,7 +196,7 @@ func TestSyncer(t *testing.T) {
 	put(records.IdentityIDKey(id), marshal(records.IdentityRecord{ID: id, Labels: map[string]string{labelCluster: "c1", labelNamespace: "default", "app": "web"}}))
 	addEP := func(ip string) {
 		p := netip.MustParsePrefix(ip + "/32")
-		put(records.IPCacheKey("c1", p), marshal(records.IPCacheEntry{Prefix: p, Identity: id, HostIP: netip.MustParseAddr("192.168.0.1"), Cluster: "c1"}))
+		put(records.IPCacheKey("c1", "n1", p), marshal(records.IPCacheEntry{Prefix: p, Identity: id, HostIP: netip.MustParseAddr("192.168.0.1"), Cluster: "c1"}))
 	}
 	addEP("10.1.0.1")
 	web := `{"apiVersion":"isthmus.io/v1alpha1","kind":"Service","metadata":{"name":"web","namespace":"default","annotations":{"isthmus.io/global":"true"}},` +
@@ -283,7 +283,7 @@ func TestSyncer(t *testing.T) {
 	// Changes that do not change the record do not rewrite it.
 	before := s.Stats()
 	p := netip.MustParsePrefix("10.1.9.9/32")
-	put(records.IPCacheKey("c1", p), marshal(records.IPCacheEntry{Prefix: p, Identity: 2, Cluster: "c1"}))
+	put(records.IPCacheKey("c1", "n1", p), marshal(records.IPCacheEntry{Prefix: p, Identity: 2, Cluster: "c1"}))
 	put(ServiceConfigPrefix+"default/web", web)
 	eventually("syncs ran", func() error {
 		if st := s.Stats(); st.Syncs <= before.Syncs {

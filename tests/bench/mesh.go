@@ -111,18 +111,18 @@ func meshBench(ctx context.Context) error {
 	}
 	progress("mesh: 2 clusters x %d nodes up in %s", *meshNodes, time.Since(t0).Round(time.Second))
 
-	kv1, err := kvConnect(ctx, c1, "agents")
+	kv1, err := kvConnectNode(ctx, c1, benchNode)
 	if err != nil {
 		return err
 	}
 	defer kv1.Close()
-	kv2, err := kvConnect(ctx, c2, "agents")
+	kv2, err := kvConnectNode(ctx, c2, benchNode)
 	if err != nil {
 		return err
 	}
 	defer kv2.Close()
-	// The changes are written as agents write them: with the agents'
-	// credentials, a lease per 100 endpoints (etcd checks a non-admin
+	// The changes are written as an agent writes them: with a node's own
+	// credential, under that node's prefix, a lease per 100 endpoints (etcd checks a non-admin
 	// user's permission on every key of the lease at each leased put, so
 	// the size of a lease matters). The full sync's records are written
 	// with the root credentials: writing them is not what is measured.
@@ -365,7 +365,20 @@ func connect(ctx context.Context, local, remote *lab.Cluster, bundle string) err
 // server listens in its router's namespace; a forwarder on loopback dials
 // it from there.
 func kvConnect(ctx context.Context, c *lab.Cluster, user string) (*kvstore.Client, error) {
-	tc, err := meshsync.LoadBundle(c.Bundle(user), c.Name)
+	return kvConnectDir(ctx, c, c.Bundle(user))
+}
+
+// kvConnectNode connects to a cluster's etcd with node's own credential.
+func kvConnectNode(ctx context.Context, c *lab.Cluster, node string) (*kvstore.Client, error) {
+	dir, err := c.NodeBundle(ctx, node)
+	if err != nil {
+		return nil, err
+	}
+	return kvConnectDir(ctx, c, dir)
+}
+
+func kvConnectDir(ctx context.Context, c *lab.Cluster, dir string) (*kvstore.Client, error) {
+	tc, err := meshsync.LoadBundle(dir, c.Name)
 	if err != nil {
 		return nil, err
 	}
@@ -420,6 +433,7 @@ func forward(ns *lab.Netns, target string) (string, error) {
 type writer struct {
 	kv       *kvstore.Client
 	cluster  string
+	node     string // the records sit under this (virtual) node's prefix
 	id       uint32
 	host4    netip.Addr
 	host6    netip.Addr
@@ -431,10 +445,16 @@ type writer struct {
 	leases []*kvstore.Lease
 }
 
-// newWriter allocates the identity with idKV (the agents' credentials) and
-// writes through kv.
+// benchNode is the virtual node the benchmark's records belong to.
+const benchNode = "bench"
+
+// newWriter publishes the record of the virtual node (unless there is one)
+// and allocates the identity with idKV (that node's own credential), and
+// writes the ipcache records through kv. The node owns the ranges the
+// benchmark writes: 10.<c>.128.0/17 and fd00:<c>:0:ff00::/64, outside
+// every lab node's pod CIDRs.
 func newWriter(ctx context.Context, idKV, kv *kvstore.Client, c *lab.Cluster, node, perLease int) (*writer, error) {
-	w := &writer{kv: kv, cluster: c.Name, perLease: perLease,
+	w := &writer{kv: kv, cluster: c.Name, node: benchNode, perLease: perLease,
 		// The lab's address plan (lab/mesh.go): node j is .10+j.
 		host4: netip.AddrFrom4([4]byte{10, byte(100 + c.Index), 0, byte(10 + node)}),
 		host6: netip.MustParseAddr(fmt.Sprintf("fd10:%x::%x", c.Index, 10+node)),
@@ -443,7 +463,16 @@ func newWriter(ctx context.Context, idKV, kv *kvstore.Client, c *lab.Cluster, no
 	if err != nil {
 		return nil, err
 	}
-	alloc, err := identity.NewEtcd(idKV, c.Name, c.ID, "bench-writer", identity.WithLease(lease), identity.WithLogger(quiet))
+	nodeRec, err := records.Node{Name: benchNode, Cluster: c.Name, ClusterID: c.ID, IPs: []netip.Addr{w.host4, w.host6},
+		PodCIDRs: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(c.Index), 128, 0}), 17),
+			netip.MustParsePrefix(fmt.Sprintf("fd00:%x:0:ff00::/64", c.Index))}}.Marshal()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := idKV.CreateOnlyLeased(ctx, records.NodeKey(c.Name, benchNode), nodeRec, lease); err != nil {
+		return nil, fmt.Errorf("the record of node %s: %w", benchNode, err)
+	}
+	alloc, err := identity.NewEtcd(idKV, c.Name, c.ID, benchNode, identity.WithLease(lease), identity.WithLogger(quiet))
 	if err != nil {
 		return nil, err
 	}
@@ -482,7 +511,7 @@ func (w *writer) record(ctx context.Context, a netip.Addr) (string, []byte, *kvs
 	}
 	v, err := records.IPCacheEntry{Prefix: p, Identity: w.id, HostIP: host, Cluster: w.cluster,
 		OwnerName: "bench-" + strconv.FormatInt(n, 10), OwnerNamespace: "default"}.Marshal()
-	return records.IPCacheKey(w.cluster, p), v, lease, err
+	return records.IPCacheKey(w.cluster, w.node, p), v, lease, err
 }
 
 // propagate writes the record of a and returns the time until ipc maps a

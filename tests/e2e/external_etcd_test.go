@@ -436,7 +436,7 @@ func TestExternalEtcdSurvivesMemberLoss(t *testing.T) {
 			t.Fatal(err)
 		}
 		ipKeys := func(p *lab.Pod) []string {
-			return []string{records.IPCacheKey(c.Name, netip.PrefixFrom(p.IPv4, 32)), records.IPCacheKey(c.Name, netip.PrefixFrom(p.IPv6, 128))}
+			return []string{records.IPCacheKey(c.Name, p.Node, netip.PrefixFrom(p.IPv4, 32)), records.IPCacheKey(c.Name, p.Node, netip.PrefixFrom(p.IPv6, 128))}
 		}
 		identityOf := func(k string, ep api.Endpoint, app string) bool {
 			return k == records.IdentityIDKey(ep.Identity) ||

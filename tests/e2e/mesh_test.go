@@ -324,8 +324,8 @@ spec:
 	t.Run("malformed and wrong-cluster records are rejected and counted", func(t *testing.T) {
 		ctx := m.ctx
 		bad := map[string]string{
-			"isthmus/state/ip/v1/c2/10.2.9.9":       `{"version":1,"prefix":`,
-			"isthmus/state/ip/v1/c2/10.2.9.10":      `{"version":1,"prefix":"10.2.9.10/32","identity":2097153,"cluster":"c1"}`,
+			"isthmus/state/ip/v1/c2/n1/10.2.9.9":    `{"version":1,"prefix":`,
+			"isthmus/state/ip/v1/c2/n1/10.2.9.10":   `{"version":1,"prefix":"10.2.9.10/32","identity":2097153,"cluster":"c1"}`,
 			"isthmus/state/nodes/v1/c2/intruder-x1": `not json`,
 		}
 		for k, v := range bad {
