@@ -119,10 +119,13 @@ func TestPartitionIdentityMoves(t *testing.T) {
 	healed = true
 	heal := time.Now()
 	if err := eventually(60*time.Second, func() error {
+		if err := tcpEcho(client.Netns, dst); err != nil {
+			return fmt.Errorf("client -> server: %w", err)
+		}
 		if id := endpointIdentity(t, m, cut, "client"); id != newID {
 			return fmt.Errorf("client on %s has identity %d, want %d", cut.Node.Name(), id, newID)
 		}
-		return tcpEcho(client.Netns, dst)
+		return nil
 	}); err != nil {
 		t.Fatalf("after the heal: %v\n%s", err, tail(cut.Proc.Log(), 3000))
 	}
