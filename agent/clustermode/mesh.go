@@ -598,7 +598,10 @@ func (i meshIdentities) Get(id uint32) (identity.Labels, bool) {
 	if l, ok := i.m.tables.Identity(id); ok {
 		return l, true
 	}
-	if alloc := i.m.allocator(); alloc != nil {
+	// Only the node's own references: the allocator's cache also holds
+	// masters it listed once, which GC may have deleted since (and whose
+	// ID may since mean other labels).
+	if alloc := i.m.allocator(); alloc != nil && alloc.Holds(id) {
 		return alloc.Get(id)
 	}
 	return nil, false
@@ -614,7 +617,7 @@ func (i meshIdentities) List() []identity.Identity {
 			known[id.ID] = true
 		}
 		for _, id := range alloc.List() {
-			if !known[id.ID] {
+			if !known[id.ID] && alloc.Holds(id.ID) {
 				ids = append(ids, id)
 			}
 		}
