@@ -6,8 +6,8 @@ import "testing"
 // goal without a number cannot pass silently.
 func TestMeetsGoal(t *testing.T) {
 	for _, c := range []struct {
-		value        float64
-		goal         string
+		value         float64
+		goal          string
 		ok, evaluated bool
 	}{
 		{0.95, ">= 0.90", true, true},
