@@ -15,6 +15,15 @@
 // reconciler only adds (see desired.Mesh.Ready). Losing etcd later changes
 // nothing in the tables; the watchers' re-list after a reconnect converges
 // them.
+//
+// Identities survive partitions: a partition shorter than the server's
+// identity GC grace keeps every ID (the allocator restores this node's
+// references under the re-granted lease). After a longer one, an
+// identity may have been collected and its labels allocated anew; the
+// allocator reports the references it could not restore (WithOnLost),
+// and referenceIdentities allocates again for the endpoints that used
+// them and moves them to the labels' current ID: the store, then a
+// reconcile (endpoints map, ipcache, policy) and the published records.
 package clustermode
 
 import (
@@ -127,17 +136,21 @@ type Mesh struct {
 	referenced map[string]bool
 	// persisted is the objects-table version last written to the state dir.
 	persisted map[string]objects.Object
+	// rereference asks maintain to take missing identity references now
+	// (after a lease loss dropped some).
+	rereference chan struct{}
 }
 
 // New returns the cluster mode of one node; Run connects it.
 func New(cfg Config) *Mesh {
 	m := &Mesh{
-		cfg:        cfg,
-		log:        cfg.Log,
-		tables:     meshsync.NewTables(cfg.Local, cfg.Log, cfg.Request),
-		nodeIPs:    slices.Clone(cfg.NodeIPs),
-		referenced: map[string]bool{},
-		lastErr:    fmt.Errorf("connecting to %s", strings.Join(cfg.Endpoints, ",")),
+		cfg:         cfg,
+		log:         cfg.Log,
+		tables:      meshsync.NewTables(cfg.Local, cfg.Log, cfg.Request),
+		nodeIPs:     slices.Clone(cfg.NodeIPs),
+		referenced:  map[string]bool{},
+		rereference: make(chan struct{}, 1),
+		lastErr:     fmt.Errorf("connecting to %s", strings.Join(cfg.Endpoints, ",")),
 	}
 	m.tables.SetMaxIPCachePerRemote(cfg.MaxRemoteIPCache)
 	return m
@@ -275,7 +288,7 @@ func (m *Mesh) Run(ctx context.Context, kvMetrics *kvstore.Metrics) error {
 		return nil
 	}
 	alloc, err := identity.NewEtcd(client, local.Cluster, local.ClusterID, local.Node,
-		identity.WithLease(lease), identity.WithLogger(m.log))
+		identity.WithLease(lease), identity.WithLogger(m.log), identity.WithOnLost(m.identitiesLost))
 	if err != nil {
 		return err
 	}
@@ -317,6 +330,8 @@ func (m *Mesh) maintain(ctx context.Context) {
 			m.persistObjects()
 		case <-refs.C:
 			m.referenceIdentities(ctx)
+		case <-m.rereference:
+			m.referenceIdentities(ctx)
 		}
 	}
 }
@@ -347,12 +362,29 @@ func (m *Mesh) probeKVStore(ctx context.Context) {
 	m.connected, m.lastErr = true, nil
 }
 
+// identitiesLost is the allocator's report (on the lease's goroutine) of
+// references a lease loss dropped: their endpoints allocate again.
+func (m *Mesh) identitiesLost(lost []identity.Identity) {
+	ids := make([]uint32, len(lost))
+	for i, l := range lost {
+		ids[i] = l.ID
+	}
+	m.log.Warn("clustermesh: identities lost while this node was cut off from the kvstore (collected and allocated anew); moving their endpoints", "identities", ids)
+	select {
+	case m.rereference <- struct{}{}:
+	default:
+	}
+}
+
 // referenceIdentities takes this process's etcd reference on the identity
-// of every local endpoint that has none yet (after a restart, the
-// references of the previous run die with its lease). If the labels now
-// have another ID (the old one was collected meanwhile), the endpoint
-// moves to it. Then the node's records are published. etcd is called
-// without the API lock, so a slow etcd does not stall the local API.
+// of every local endpoint that has none: after a restart (the references
+// of the previous run die with its lease), and after a lease loss the
+// allocator could not restore a reference from (identitiesLost, or found
+// here: the allocator no longer holds the endpoint's ID). If the labels
+// now have another ID (the old one was collected meanwhile), the endpoint
+// moves to it: the store, a reconcile, the published records. etcd is
+// called without the API lock, so a slow etcd does not stall the local
+// API; the lock is held only to check and update the store.
 func (m *Mesh) referenceIdentities(ctx context.Context) {
 	store := m.cfg.Store
 	alloc := m.allocator()
@@ -362,7 +394,11 @@ func (m *Mesh) referenceIdentities(ctx context.Context) {
 	changed := false
 	for _, e := range store.Endpoints() {
 		if m.IsReferenced(e.Key()) {
-			continue
+			if alloc.Holds(e.Identity) {
+				continue
+			}
+			m.log.Warn("clustermesh: endpoint's identity reference was lost with the node's lease; allocating again", "endpoint", e.Key(), "identity", e.Identity)
+			m.setReferenced(e.Key(), false)
 		}
 		actx, cancel := context.WithTimeout(ctx, allocateTimeout)
 		id, err := alloc.Allocate(actx, desired.IdentityLabels(m.cfg.Local.Cluster, e.Namespace, e.Labels))
@@ -371,18 +407,19 @@ func (m *Mesh) referenceIdentities(ctx context.Context) {
 			m.log.Warn("clustermesh: cannot reference the endpoint's identity; retrying", "endpoint", e.Key(), "err", err)
 			continue
 		}
+		release := false
 		m.cfg.Lock.Lock()
 		cur, ok := store.Endpoint(e.Namespace, e.Name)
 		switch {
 		case !ok || cur.ID != e.ID || m.IsReferenced(e.Key()):
 			// Deleted (or replaced) meanwhile: the reference is not needed.
-			m.logErr("release identity", alloc.Release(ctx, id))
+			release = true
 		case id != cur.Identity:
-			m.log.Warn("clustermesh: endpoint's identity changed in etcd", "endpoint", e.Key(), "old", cur.Identity, "new", id)
+			m.log.Warn("clustermesh: endpoint moves to its labels' current identity", "endpoint", e.Key(), "old", cur.Identity, "new", id)
 			cur.Identity = id
 			if err := store.PutEndpoint(cur); err != nil {
 				m.log.Error("clustermesh: update endpoint", "endpoint", e.Key(), "err", err)
-				m.logErr("release identity", alloc.Release(ctx, id))
+				release = true
 				break
 			}
 			m.setReferenced(e.Key(), true)
@@ -391,6 +428,9 @@ func (m *Mesh) referenceIdentities(ctx context.Context) {
 			m.setReferenced(e.Key(), true)
 		}
 		m.cfg.Lock.Unlock()
+		if release {
+			m.logErr("release identity", alloc.Release(ctx, id))
+		}
 	}
 	if changed {
 		m.cfg.Request()
@@ -574,7 +614,10 @@ func (i meshIdentities) Get(id uint32) (identity.Labels, bool) {
 	if l, ok := i.m.tables.Identity(id); ok {
 		return l, true
 	}
-	if alloc := i.m.allocator(); alloc != nil {
+	// Only the node's own references: the allocator's cache also holds
+	// masters it listed once, which GC may have deleted since (and whose
+	// ID may since mean other labels).
+	if alloc := i.m.allocator(); alloc != nil && alloc.Holds(id) {
 		return alloc.Get(id)
 	}
 	return nil, false
@@ -590,7 +633,7 @@ func (i meshIdentities) List() []identity.Identity {
 			known[id.ID] = true
 		}
 		for _, id := range alloc.List() {
-			if !known[id.ID] {
+			if !known[id.ID] && alloc.Holds(id.ID) {
 				ids = append(ids, id)
 			}
 		}

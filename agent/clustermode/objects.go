@@ -109,21 +109,25 @@ func (m *Mesh) awaitObjects(ctx context.Context, done func(desired.Objects) bool
 	}
 }
 
-// ListObjects is the local API's get in cluster mode: what etcd holds.
-func (m *Mesh) ListObjects(ctx context.Context, kind string) ([]api.Object, error) {
-	c, err := m.kv()
-	if err != nil {
-		return nil, err
-	}
-	cur, err := readConfig(ctx, c, kind)
-	if err != nil {
-		return nil, api.WithStatus(http.StatusServiceUnavailable, err)
-	}
+// ListObjects is the local API's get in cluster mode. It answers from
+// memory, never from etcd: the applied objects this node's watcher keeps
+// (the same the datapath enforces; until etcd was listed once, the ones
+// the last run persisted). While the kvstore is unreachable that is the
+// last state seen; `isthmus status` says whether it is connected.
+func (m *Mesh) ListObjects(_ context.Context, kind string) ([]api.Object, error) {
+	set := m.cfg.Objects()
 	var out []api.Object
-	for _, key := range slices.Sorted(maps.Keys(cur.Objects)) {
-		o := cur.Objects[key]
+	for _, key := range slices.Sorted(maps.Keys(set)) {
+		o := set[key]
+		if kind != "" && o.GetKind() != kind {
+			continue
+		}
+		raw, err := json.Marshal(o)
+		if err != nil {
+			return nil, fmt.Errorf("encode %s: %w", key, err)
+		}
 		meta := o.GetMeta()
-		out = append(out, api.Object{Kind: o.GetKind(), Namespace: meta.Namespace, Name: meta.Name, Object: cur.Raw[key]})
+		out = append(out, api.Object{Kind: o.GetKind(), Namespace: meta.Namespace, Name: meta.Name, Object: raw})
 	}
 	return out, nil
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strings"
 	"time"
@@ -72,16 +73,11 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		return api.Endpoint{}, api.WithStatus(http.StatusBadRequest, err)
 	}
 
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if _, ok := h.store.Endpoint(ns, name); ok {
-		return api.Endpoint{}, api.Errorf(http.StatusConflict, "endpoint %s/%s already exists", ns, name)
-	}
-	for _, other := range h.store.Endpoints() {
-		if other.NetnsPath == req.Netns {
-			return api.Endpoint{}, api.Errorf(http.StatusConflict, "netns %s is already used by endpoint %s", req.Netns, other.Key())
-		}
-	}
+	// Calls for this endpoint run one after the other; the API lock is
+	// held for the local steps only, not while the identity is allocated
+	// (in etcd in cluster mode), so other pods' adds and the reads go on.
+	key := state.EndpointKey(ns, name)
+	defer h.endpointLocks.lock(key)()
 
 	var undo []func()
 	fail := func(err error) (api.Endpoint, error) {
@@ -92,21 +88,39 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		return api.Endpoint{}, err
 	}
 	owner := ownerOf(ns, name)
-	ips, err := h.ipam.Allocate(owner)
+
+	// Local checks and the addresses, under the API lock. The netns stays
+	// reserved until the endpoint is in the store or rolled back.
+	h.mu.Lock()
+	ips, err := h.reserve(key, req.Netns, owner)
+	h.mu.Unlock()
 	if err != nil {
-		if errors.Is(err, ipam.ErrExhausted) {
-			return fail(api.Errorf(http.StatusServiceUnavailable, "no free pod address: %w", err))
-		}
-		return fail(fmt.Errorf("allocate addresses: %w", err))
+		return api.Endpoint{}, err
 	}
 	undo = append(undo, func() { h.logErr("release addresses", h.ipam.Release(owner)) })
+	unreserved := false // guarded by h.mu
+	unreserve := func() {
+		if !unreserved {
+			delete(h.pendingNetns, key)
+			unreserved = true
+		}
+	}
+	defer func() {
+		h.mu.Lock()
+		unreserve()
+		h.mu.Unlock()
+	}()
 
+	// The identity, without the API lock.
 	id, err := h.ids.Allocate(ctx, desired.IdentityLabels(h.cluster, ns, labels))
 	if err != nil {
 		return fail(fmt.Errorf("allocate identity: %w", err))
 	}
-	undo = append(undo, func() { h.logErr("release identity", h.ids.Release(ctx, id)) })
+	undo = append(undo, func() { h.releaseIdentity(ctx, id) })
 
+	// Plumbing, the store and the datapath, under the API lock again.
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	hostIf := endpoint.HostIfName(h.node, ns, name)
 	res, err := h.plumb.Create(endpoint.Spec{NetnsPath: req.Netns, HostIfName: hostIf, Addrs: ips, MTU: h.mtu})
 	if err != nil {
@@ -129,6 +143,7 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	if err := h.store.PutEndpoint(e); err != nil {
 		return fail(err)
 	}
+	unreserve() // the store holds the netns now
 	undo = append(undo, func() {
 		h.logErr("forget endpoint", h.store.DeleteEndpoint(ns, name))
 		h.rec.Request() // take its entries out of the maps again
@@ -142,6 +157,53 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	return toAPI(e), nil
 }
 
+// reserve checks that endpoint key can be added with netns (no endpoint
+// of that name, no other endpoint or pending add in that netns), allocates
+// its addresses and reserves the netns. Callers hold the API lock.
+func (h *Handlers) reserve(key, netns, owner string) ([]netip.Addr, error) {
+	if _, ok := h.store.Endpoint(splitKey(key)); ok {
+		return nil, api.Errorf(http.StatusConflict, "endpoint %s already exists", key)
+	}
+	for _, other := range h.store.Endpoints() {
+		if other.NetnsPath == netns {
+			return nil, api.Errorf(http.StatusConflict, "netns %s is already used by endpoint %s", netns, other.Key())
+		}
+	}
+	for other, p := range h.pendingNetns {
+		if p == netns {
+			return nil, api.Errorf(http.StatusConflict, "netns %s is already used by endpoint %s (being added)", netns, other)
+		}
+	}
+	ips, err := h.ipam.Allocate(owner)
+	if err != nil {
+		if errors.Is(err, ipam.ErrExhausted) {
+			return nil, api.Errorf(http.StatusServiceUnavailable, "no free pod address: %w", err)
+		}
+		return nil, fmt.Errorf("allocate addresses: %w", err)
+	}
+	h.pendingNetns[key] = netns
+	return ips, nil
+}
+
+func splitKey(key string) (namespace, name string) {
+	namespace, name, _ = strings.Cut(key, "/")
+	return namespace, name
+}
+
+// releaseIdentity drops the reference an endpoint took. In cluster mode
+// that may need etcd, which may be unreachable: it happens in the
+// background, with retries, so no caller waits for etcd (nor holds the API
+// lock while it does).
+func (h *Handlers) releaseIdentity(ctx context.Context, id uint32) {
+	if h.mesh != nil {
+		go h.releaseIdentityEventually(id)
+		return
+	}
+	if err := h.ids.Release(ctx, id); err != nil && !errors.Is(err, identity.ErrNotFound) {
+		h.logErr("release identity", err)
+	}
+}
+
 // DeleteEndpoint implements api.Backend: forget the endpoint, take it out of
 // the maps, then remove its plumbing and free its address and identity.
 func (h *Handlers) DeleteEndpoint(ctx context.Context, namespace, name string) error {
@@ -149,6 +211,7 @@ func (h *Handlers) DeleteEndpoint(ctx context.Context, namespace, name string) e
 	if namespace == "" {
 		namespace = "default"
 	}
+	defer h.endpointLocks.lock(state.EndpointKey(namespace, name))()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	e, ok := h.store.Endpoint(namespace, name)

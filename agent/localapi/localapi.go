@@ -7,6 +7,15 @@
 // apply and delete return once the reconcilers took the change, so when
 // the CLI returns, the datapath enforces it.
 //
+// Locking: calls for one endpoint run one after the other (a per-endpoint
+// lock), so each sees the state the previous one left. The API lock
+// (Config.Lock) is held only for local steps: checks, IPAM, plumbing,
+// the store and waiting for the datapath; never across a call to etcd.
+// An endpoint add allocates its identity (in cluster mode in etcd)
+// without it, so adds of other pods, deletes and applies proceed while
+// etcd is slow or unreachable. Reads (status, endpoint list, get,
+// identities) take no lock that is held across I/O and never call etcd.
+//
 //	endpoints.go  add and delete (allocate, plumb, attach, persist), and at
 //	              start RestoreEndpoints and CollectGarbage
 //	objects.go    apply, get and delete of Services and NetworkPolicies
@@ -39,9 +48,10 @@ type Config struct {
 	Started       time.Time
 	Log           *slog.Logger
 
-	// Lock serialises API mutations (endpoint add/delete, apply, delete):
-	// each sees the state the previous one left and waits for the
-	// datapath to take it before the next one starts. The reconcilers
+	// Lock serialises the local steps of API mutations (endpoint
+	// add/delete, apply, delete): each sees the state the previous one
+	// left and waits for the datapath to take it before the next one
+	// starts. It is never held across a call to etcd; the reconcilers
 	// never take it.
 	Lock *sync.Mutex
 
@@ -69,16 +79,21 @@ type Handlers struct {
 	started       time.Time
 	log           *slog.Logger
 	mu            *sync.Mutex
-	store         *state.Store
-	ipam          *ipam.IPAM
-	ids           identity.Allocator
-	local         *desired.ObjectTable
-	objects       func() desired.Objects
-	dp            datapath.Datapath
-	plumb         Plumber
-	rec           *reconcile.Trigger
-	mesh          *clustermode.Mesh
-	enc           *encryption.WireGuard
+	endpointLocks keyedMutex
+	// pendingNetns holds the netns of adds that passed their checks and
+	// are not in the store yet (allocating an identity), by endpoint key;
+	// guarded by mu.
+	pendingNetns map[string]string
+	store        *state.Store
+	ipam         *ipam.IPAM
+	ids          identity.Allocator
+	local        *desired.ObjectTable
+	objects      func() desired.Objects
+	dp           datapath.Datapath
+	plumb        Plumber
+	rec          *reconcile.Trigger
+	mesh         *clustermode.Mesh
+	enc          *encryption.WireGuard
 }
 
 var _ api.Backend = (*Handlers)(nil)
@@ -87,7 +102,7 @@ var _ api.Backend = (*Handlers)(nil)
 func New(cfg Config) *Handlers {
 	return &Handlers{
 		node: cfg.Node, cluster: cfg.Cluster, clusterID: cfg.ClusterID, mtu: cfg.MTU, started: cfg.Started, log: cfg.Log,
-		mu: cfg.Lock, store: cfg.Store, ipam: cfg.IPAM, ids: cfg.Identities, local: cfg.LocalObjects, objects: cfg.Objects,
+		mu: cfg.Lock, pendingNetns: map[string]string{}, store: cfg.Store, ipam: cfg.IPAM, ids: cfg.Identities, local: cfg.LocalObjects, objects: cfg.Objects,
 		dp: cfg.Datapath, plumb: cfg.Plumb, rec: cfg.Reconcile, mesh: cfg.Mesh, enc: cfg.WireGuard,
 	}
 }
@@ -95,5 +110,41 @@ func New(cfg Config) *Handlers {
 func (h *Handlers) logErr(what string, err error) {
 	if err != nil {
 		h.log.Error(what, "err", err)
+	}
+}
+
+// keyedMutex is one mutex per key, created on demand and dropped when no
+// one holds or waits for it.
+type keyedMutex struct {
+	mu    sync.Mutex
+	locks map[string]*keyedEntry
+}
+
+type keyedEntry struct {
+	sync.Mutex
+	users int
+}
+
+// lock locks key and returns its unlock.
+func (k *keyedMutex) lock(key string) func() {
+	k.mu.Lock()
+	if k.locks == nil {
+		k.locks = map[string]*keyedEntry{}
+	}
+	e := k.locks[key]
+	if e == nil {
+		e = &keyedEntry{}
+		k.locks[key] = e
+	}
+	e.users++
+	k.mu.Unlock()
+	e.Lock()
+	return func() {
+		e.Unlock()
+		k.mu.Lock()
+		if e.users--; e.users == 0 {
+			delete(k.locks, key)
+		}
+		k.mu.Unlock()
 	}
 }

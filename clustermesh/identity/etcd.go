@@ -38,6 +38,17 @@ import (
 // Release deletes this node's value key after its last local reference;
 // the master stays until GC. Get and List answer from a cache that Watch
 // keeps current (and that this allocator's own allocations fill).
+//
+// Labels this node already references are served from memory (refMu, never
+// held across a call to etcd): an Allocate for them does not wait for
+// another one that is talking to an unreachable etcd.
+//
+// When the node's lease is lost (a partition longer than its TTL), its
+// value keys vanish; the re-granted lease puts them back with the same IDs
+// (restore). A reference that cannot come back with the same ID (GC
+// collected the identity and the labels or the ID were allocated anew
+// meanwhile) is dropped and reported to WithOnLost's callback: its users
+// must Allocate again, which gives them the labels' current ID.
 type Etcd struct {
 	kv        *kvstore.Client
 	cluster   string
@@ -49,13 +60,19 @@ type Etcd struct {
 	// exhaustion quickly.
 	maxLocal uint32
 
-	// allocMu serialises this node's writes (Allocate, Release, lease
-	// restore), so its local reference counts and value keys agree.
+	// allocMu serialises this node's writes to etcd (Allocate, Release,
+	// lease restore), so its local reference counts and value keys agree.
 	allocMu   sync.Mutex
 	lease     *kvstore.Lease
 	ownsLease bool
-	refs      map[uint32]*nodeRef
-	refByKey  map[string]uint32 // Labels.String() -> ID, for refs
+	onLost    func([]Identity)
+
+	// refMu guards refs and refByKey; it is never held across I/O. A
+	// reference whose last Release is deleting its value key is in refs
+	// but not in refByKey, so new Allocates of its labels wait on allocMu.
+	refMu    sync.Mutex
+	refs     map[uint32]*nodeRef
+	refByKey map[string]uint32 // Labels.String() -> ID, for refs
 
 	mu       sync.Mutex // guards the cache below
 	byID     map[uint32]Labels
@@ -97,6 +114,15 @@ func WithLease(l *kvstore.Lease) EtcdOption { return func(e *Etcd) { e.lease = l
 
 // WithLeaseTTL sets the TTL of the lease the allocator grants itself.
 func WithLeaseTTL(d time.Duration) EtcdOption { return func(e *Etcd) { e.leaseTTL = d } }
+
+// WithOnLost sets the function told, after a lease loss, which identities
+// this node's references could not be restored for with the same ID: GC
+// deleted them while the node was cut off and the labels (or the ID) were
+// allocated anew meanwhile. The allocator has dropped those references (a
+// later Release of them returns ErrNotFound); whoever used them must
+// Allocate their labels again, which joins or creates the labels' current
+// identity. f runs on the lease's goroutine and must not block.
+func WithOnLost(f func(lost []Identity)) EtcdOption { return func(e *Etcd) { e.onLost = f } }
 
 // WithLogger sets the logger (default slog.Default()).
 func WithLogger(l *slog.Logger) EtcdOption { return func(e *Etcd) { e.log = l } }
@@ -183,12 +209,14 @@ func (e *Etcd) Allocate(ctx context.Context, l Labels) (uint32, error) {
 	}
 	key := l.String()
 
+	// This node already references the labels: one more local reference,
+	// without waiting for an Allocate that is talking to etcd.
+	if id, ok := e.addRef(key); ok {
+		return id, nil
+	}
 	e.allocMu.Lock()
 	defer e.allocMu.Unlock()
-
-	// This node already references the labels: one more local reference.
-	if id, ok := e.refByKey[key]; ok {
-		e.refs[id].count++
+	if id, ok := e.addRef(key); ok { // allocated while we waited
 		return id, nil
 	}
 	if err := e.ensureLease(ctx); err != nil {
@@ -202,8 +230,10 @@ func (e *Etcd) Allocate(ctx context.Context, l Labels) (uint32, error) {
 			id, done, err = e.create(ctx, key, l)
 		}
 		if err == nil && done {
+			e.refMu.Lock()
 			e.refs[id] = &nodeRef{labels: l.Clone(), count: 1}
 			e.refByKey[key] = id
+			e.refMu.Unlock()
 			e.cacheAdd(id, l)
 			return id, nil
 		}
@@ -225,6 +255,27 @@ func (e *Etcd) Allocate(ctx context.Context, l Labels) (uint32, error) {
 		}
 	}
 	return 0, fmt.Errorf("allocate identity for %q: gave up after %d attempts (last error: %v)", key, maxAttempts, lastErr)
+}
+
+// addRef takes one more local reference on the labels with key, if this
+// node references them already.
+func (e *Etcd) addRef(key string) (uint32, bool) {
+	e.refMu.Lock()
+	defer e.refMu.Unlock()
+	id, ok := e.refByKey[key]
+	if ok {
+		e.refs[id].count++
+	}
+	return id, ok
+}
+
+// Holds reports whether this node holds a reference on id: false once the
+// last one was released, or after a lease loss dropped it (WithOnLost).
+func (e *Etcd) Holds(id uint32) bool {
+	e.refMu.Lock()
+	defer e.refMu.Unlock()
+	_, ok := e.refs[id]
+	return ok
 }
 
 var (
@@ -465,22 +516,58 @@ func (e *Etcd) Release(ctx context.Context, id uint32) error {
 	if name, ok := ReservedName(id); ok {
 		return fmt.Errorf("release identity %d: reserved identity %q cannot be released", id, name)
 	}
+	if last, err := e.unref(id); err != nil || !last {
+		return err
+	}
 	e.allocMu.Lock()
 	defer e.allocMu.Unlock()
+	// Check again (another reference may have been taken or lost
+	// meanwhile), and hide the labels from addRef in the same step: new
+	// Allocates of them wait for the delete below.
+	e.refMu.Lock()
+	r, ok := e.refs[id]
+	switch {
+	case !ok:
+		e.refMu.Unlock()
+		return fmt.Errorf("release identity %d: %w", id, ErrNotFound)
+	case r.count > 1:
+		r.count--
+		e.refMu.Unlock()
+		return nil
+	}
+	key := r.labels.String()
+	delete(e.refByKey, key)
+	e.refMu.Unlock()
+	if err := e.kv.Delete(ctx, records.IdentityValueKey(key, e.node)); err != nil {
+		e.refMu.Lock()
+		if e.refs[id] == r {
+			e.refByKey[key] = id
+		}
+		e.refMu.Unlock()
+		return fmt.Errorf("release identity %d: %w", id, err)
+	}
+	e.refMu.Lock()
+	if e.refs[id] == r {
+		delete(e.refs, id)
+	}
+	e.refMu.Unlock()
+	return nil
+}
+
+// unref drops one local reference on id unless it is the last one, for
+// which it reports last (the caller deletes the value key first).
+func (e *Etcd) unref(id uint32) (last bool, err error) {
+	e.refMu.Lock()
+	defer e.refMu.Unlock()
 	r, ok := e.refs[id]
 	if !ok {
-		return fmt.Errorf("release identity %d: %w", id, ErrNotFound)
+		return false, fmt.Errorf("release identity %d: %w", id, ErrNotFound)
 	}
 	if r.count > 1 {
 		r.count--
-		return nil
+		return false, nil
 	}
-	if err := e.kv.Delete(ctx, records.IdentityValueKey(r.labels.String(), e.node)); err != nil {
-		return fmt.Errorf("release identity %d: %w", id, err)
-	}
-	delete(e.refs, id)
-	delete(e.refByKey, r.labels.String())
-	return nil
+	return true, nil
 }
 
 // Get implements Allocator from the cache. Reserved identities have the
@@ -666,21 +753,49 @@ func (e *Etcd) GC(ctx context.Context, grace time.Duration) (int, error) {
 // restore runs after the lease was lost and re-granted: every value key of
 // this node vanished with the old lease, so put them back. If GC removed an
 // identity meanwhile, it is re-created with the same ID when that is still
-// free; if the ID or the labels were taken by another allocation, that is
-// logged as an error: the workloads using the old ID must re-allocate.
+// free. If the ID or the labels were taken by another allocation (or etcd
+// failed), the reference is dropped and reported to the WithOnLost
+// callback: the workloads using the old ID must allocate again.
 func (e *Etcd) restore(ctx context.Context, _ kvstore.LeaseID) {
+	lost := e.restoreLocked(ctx)
+	if len(lost) == 0 {
+		return
+	}
+	slices.SortFunc(lost, func(a, b Identity) int { return cmp.Compare(a.ID, b.ID) })
+	if e.onLost != nil {
+		e.onLost(lost)
+	}
+}
+
+func (e *Etcd) restoreLocked(ctx context.Context) []Identity {
 	e.allocMu.Lock()
 	defer e.allocMu.Unlock()
 	if e.lease == nil {
-		return // closed
+		return nil // closed
 	}
+	e.refMu.Lock()
+	refs := make(map[uint32]Labels, len(e.refs))
 	for id, r := range e.refs {
-		key := r.labels.String()
-		err := e.relink(ctx, id, key, r.labels)
-		if err != nil {
-			e.log.Error("cannot restore identity reference after lease loss", "id", id, "labels", key, "err", err)
-		}
+		refs[id] = r.labels
 	}
+	e.refMu.Unlock()
+	var lost []Identity
+	for id, l := range refs {
+		key := l.String()
+		err := e.relink(ctx, id, key, l)
+		if err == nil {
+			continue
+		}
+		e.log.Warn("identity reference not restored after lease loss; its users allocate again", "id", id, "labels", key, "err", err)
+		e.refMu.Lock()
+		delete(e.refs, id)
+		if e.refByKey[key] == id {
+			delete(e.refByKey, key)
+		}
+		e.refMu.Unlock()
+		lost = append(lost, Identity{ID: id, Labels: l.Clone()})
+	}
+	return lost
 }
 
 func (e *Etcd) relink(ctx context.Context, id uint32, key string, l Labels) error {
@@ -691,6 +806,11 @@ func (e *Etcd) relink(ctx context.Context, id uint32, key string, l Labels) erro
 		}
 		if done {
 			if got != id {
+				// join referenced the new ID; this node holds no reference
+				// on it (yet), so take the value key back.
+				if err := e.kv.Delete(ctx, records.IdentityValueKey(key, e.node)); err != nil {
+					e.log.Warn("cannot drop the value key of a re-allocated identity; it expires with the lease", "labels", key, "err", err)
+				}
 				return fmt.Errorf("labels now have identity %d (re-allocated while this node's lease was lost)", got)
 			}
 			return nil
@@ -732,12 +852,14 @@ func (e *Etcd) Close(ctx context.Context) error {
 	e.allocMu.Lock()
 	lease, owns := e.lease, e.ownsLease
 	var keys []string
+	e.refMu.Lock()
 	for _, r := range e.refs {
 		keys = append(keys, records.IdentityValueKey(r.labels.String(), e.node))
 	}
-	e.lease, e.ownsLease = nil, false
 	clear(e.refs)
 	clear(e.refByKey)
+	e.refMu.Unlock()
+	e.lease, e.ownsLease = nil, false
 	e.allocMu.Unlock()
 	// Outside allocMu: Lease.Close waits for the lease goroutine, which
 	// may be waiting for allocMu in restore.

@@ -468,3 +468,120 @@ func TestEtcdGCGrace(t *testing.T) {
 		t.Error("master survived a grace period unreferenced")
 	}
 }
+
+// TestEtcdLeaseLossReallocated: a node cut off from etcd past its lease TTL
+// while GC collects its identity and another node allocates the labels
+// anew cannot restore its reference with the old ID. It drops the
+// reference, reports it (WithOnLost), leaves no value key behind, and an
+// Allocate of the labels joins their new ID.
+func TestEtcdLeaseLossReallocated(t *testing.T) {
+	ctx := etcdCtx(t)
+	etcd := etcdtest.Start(t)
+	proxy := etcdtest.StartProxy(t, strings.TrimPrefix(etcd.Endpoint, "http://"))
+	kv := kvClient(t, etcd.Endpoint)
+	lost := make(chan []Identity, 4)
+	a, err := NewEtcd(kvClient(t, "http://"+proxy.Addr), "c1", 3, "n1", WithLeaseTTL(2*time.Second),
+		WithOnLost(func(ids []Identity) { lost <- ids }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, err := a.Allocate(ctx, meshLabels("web"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept, err := a.Allocate(ctx, meshLabels("db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Allocate(ctx, meshLabels("web")); err != nil { // a second user of web
+		t.Fatal(err)
+	}
+
+	// The partition: n1's lease expires, GC collects web, n2 gets web anew.
+	proxy.Cut()
+	if err := kv.RevokeLease(ctx, a.lease.ID()); err != nil {
+		t.Fatal(err)
+	}
+	gc := newTestEtcd(t, etcd.Endpoint, "gc")
+	if n, err := gc.GC(ctx, 0); err != nil || n != 2 {
+		t.Fatalf("GC = %d, %v; want web and db collected", n, err)
+	}
+	n2 := newTestEtcd(t, etcd.Endpoint, "n2")
+	moved, err := n2.Allocate(ctx, meshLabels("web"))
+	if err != nil || moved == old {
+		t.Fatalf("n2 allocated web = %d, %v; want a new ID (old %d)", moved, err, old)
+	}
+	proxy.Restore()
+
+	select {
+	case ids := <-lost:
+		if len(ids) != 1 || ids[0].ID != old || ids[0].Labels.String() != meshLabels("web").String() {
+			t.Fatalf("lost %v; want only web's %d", ids, old)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("no lost identities reported after the lease came back")
+	}
+	if a.Holds(old) || !a.Holds(kept) {
+		t.Errorf("after restore: holds web's old ID %v (want false), db's %v (want true)", a.Holds(old), a.Holds(kept))
+	}
+	// db, collected but not taken, came back with its ID.
+	if _, found, _ := kv.Get(ctx, records.IdentityIDKey(kept)); !found {
+		t.Error("db's master was not re-created with its ID")
+	}
+	webValue := records.IdentityValueKey(meshLabels("web").String(), "n1")
+	if _, found, _ := kv.Get(ctx, webValue); found {
+		t.Error("n1 references web's new ID without a local reference")
+	}
+	if err := a.Release(ctx, old); !errors.Is(err, ErrNotFound) {
+		t.Errorf("release of the lost ID: %v; want ErrNotFound", err)
+	}
+	if got, err := a.Allocate(ctx, meshLabels("web")); err != nil || got != moved {
+		t.Fatalf("re-allocation of web = %d, %v; want %d", got, err, moved)
+	}
+	if _, found, _ := kv.Get(ctx, webValue); !found {
+		t.Error("re-allocation did not reference web's new ID")
+	}
+}
+
+// An Allocate of labels the node already references answers from memory,
+// also while another Allocate waits for an unreachable etcd.
+func TestEtcdCachedAllocateDoesNotWait(t *testing.T) {
+	ctx := etcdCtx(t)
+	etcd := etcdtest.Start(t)
+	proxy := etcdtest.StartProxy(t, strings.TrimPrefix(etcd.Endpoint, "http://"))
+	a, err := NewEtcd(kvClient(t, "http://"+proxy.Addr), "c1", 3, "n1", WithLeaseTTL(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := a.Allocate(ctx, meshLabels("web"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy.Cut()
+	slow := make(chan error, 1)
+	sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	go func() {
+		_, err := a.Allocate(sctx, meshLabels("new"))
+		slow <- err
+	}()
+	time.Sleep(200 * time.Millisecond) // let it reach etcd
+	start := time.Now()
+	got, err := a.Allocate(ctx, meshLabels("web"))
+	if err != nil || got != id {
+		t.Fatalf("cached allocate = %d, %v; want %d", got, err, id)
+	}
+	if err := a.Release(ctx, id); err != nil { // not the last reference
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("cached allocate and release took %s behind an allocation waiting for etcd", d)
+	}
+	select {
+	case err := <-slow:
+		t.Fatalf("allocation of new labels returned while etcd is cut: %v", err)
+	default:
+	}
+	cancel()
+	<-slow
+}
