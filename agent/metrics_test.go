@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -61,19 +60,6 @@ func socketClient(path string) *http.Client {
 	}}
 }
 
-func get(t *testing.T, c *http.Client, url string) (int, string) {
-	t.Helper()
-	resp, err := c.Get(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return resp.StatusCode, string(b)
-}
 
 // /metrics on the API socket: the datapath counters by reason, map sizes,
 // desired state and the reconciler, every family with HELP; the drop
@@ -157,10 +143,10 @@ func TestMetricsStandalone(t *testing.T) {
 		t.Errorf("policy drops after 7 denied packets = %v", got)
 	}
 
-	if code, body := get(t, hc, "http://agent/readyz"); code != http.StatusOK || !strings.Contains(body, `"ready"`) {
+	if code, body := agenttest.Get(t, hc, "http://agent/readyz"); code != http.StatusOK || !strings.Contains(body, `"ready"`) {
 		t.Errorf("GET /readyz = %d %s", code, body)
 	}
-	if code, body := get(t, hc, "http://agent/healthz"); code != http.StatusOK {
+	if code, body := agenttest.Get(t, hc, "http://agent/healthz"); code != http.StatusOK {
 		t.Errorf("GET /healthz = %d %s", code, body)
 	}
 	resp, err := hc.Post("http://agent/metrics", "text/plain", nil)
@@ -203,7 +189,7 @@ func TestMetricsClusterMode(t *testing.T) {
 	cfg.NodeIPs = []netip.Addr{netip.MustParseAddr("192.0.2.11")}
 	runAgent(t, cfg, agenttest.NewFakeDatapath())
 	hc := socketClient(cfg.SocketPath)
-	code, body := get(t, hc, "http://agent/readyz")
+	code, body := agenttest.Get(t, hc, "http://agent/readyz")
 	var e struct{ Error string }
 	if err := json.Unmarshal([]byte(body), &e); err != nil || code != http.StatusServiceUnavailable ||
 		!strings.Contains(e.Error, "not connected to the cluster's kvstore") {
@@ -264,7 +250,7 @@ func TestMetricsClusterMode(t *testing.T) {
 	if got := fams.Must(t, "isthmus_kvstore_watches"); got < 1 {
 		t.Errorf("kvstore watches = %v", got)
 	}
-	if code, body := get(t, hc, "http://agent/readyz"); code != http.StatusOK {
+	if code, body := agenttest.Get(t, hc, "http://agent/readyz"); code != http.StatusOK {
 		t.Errorf("GET /readyz connected and synced = %d %s", code, body)
 	}
 }

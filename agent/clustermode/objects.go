@@ -5,9 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
 	"net/http"
-	"slices"
 	"strings"
 	"time"
 
@@ -107,29 +105,6 @@ func (m *Mesh) awaitObjects(ctx context.Context, done func(desired.Objects) bool
 	if err := m.cfg.Converge(ctx); err != nil {
 		m.log.Warn("clustermesh: stored in the kvstore, but the local datapath has not taken it yet", "err", err)
 	}
-}
-
-// ListObjects is the local API's get in cluster mode. It answers from
-// memory, never from etcd: the applied objects this node's watcher keeps
-// (the same the datapath enforces; until etcd was listed once, the ones
-// the last run persisted). While the kvstore is unreachable that is the
-// last state seen; `isthmus status` says whether it is connected.
-func (m *Mesh) ListObjects(_ context.Context, kind string) ([]api.Object, error) {
-	set := m.cfg.Objects()
-	var out []api.Object
-	for _, key := range slices.Sorted(maps.Keys(set)) {
-		o := set[key]
-		if kind != "" && o.GetKind() != kind {
-			continue
-		}
-		raw, err := json.Marshal(o)
-		if err != nil {
-			return nil, fmt.Errorf("encode %s: %w", key, err)
-		}
-		meta := o.GetMeta()
-		out = append(out, api.Object{Kind: o.GetKind(), Namespace: meta.Namespace, Name: meta.Name, Object: raw})
-	}
-	return out, nil
 }
 
 // DeleteObject is the local API's delete in cluster mode; key is an

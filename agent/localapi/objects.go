@@ -104,9 +104,11 @@ func (h *Handlers) ListObjects(ctx context.Context, kind string) ([]api.Object, 
 		}
 		kind = k
 	}
-	if h.mesh != nil {
-		return h.mesh.ListObjects(ctx, kind)
-	}
+	// Both modes answer from memory, never from etcd: the applied objects
+	// the datapath enforces (in cluster mode the ones the watcher keeps,
+	// or, until etcd was listed once, those the last run persisted). While
+	// the kvstore is unreachable that is the last state seen; `isthmus
+	// status` says whether it is connected.
 	set := h.objects()
 	var out []api.Object
 	for _, key := range slices.Sorted(maps.Keys(set)) {

@@ -2,7 +2,6 @@ package metrics
 
 import (
 	"context"
-	"io"
 	"log/slog"
 	"net/http"
 	"strings"
@@ -39,14 +38,14 @@ func TestTCPListener(t *testing.T) {
 	defer func() { cancel(); <-done }()
 	base := "http://" + ms.Addr()
 
-	if code, body := get(t, http.DefaultClient, base+"/readyz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "no successful reconcile") {
+	if code, body := agenttest.Get(t, http.DefaultClient, base+"/readyz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "no successful reconcile") {
 		t.Errorf("GET /readyz before any reconcile = %d %q, want 503 naming the reconcile", code, body)
 	}
 	rec.Finish(rec.Start(), nil)
-	if code, body := get(t, http.DefaultClient, base+"/readyz"); code != http.StatusOK || body != "ok\n" {
+	if code, body := agenttest.Get(t, http.DefaultClient, base+"/readyz"); code != http.StatusOK || body != "ok\n" {
 		t.Errorf("GET /readyz = %d %q", code, body)
 	}
-	if code, body := get(t, http.DefaultClient, base+"/healthz"); code != http.StatusOK || body != "ok\n" {
+	if code, body := agenttest.Get(t, http.DefaultClient, base+"/healthz"); code != http.StatusOK || body != "ok\n" {
 		t.Errorf("GET /healthz = %d %q", code, body)
 	}
 	fams, err := promtest.Get(nil, base+"/metrics")
@@ -58,16 +57,3 @@ func TestTCPListener(t *testing.T) {
 	}
 }
 
-func get(t *testing.T, c *http.Client, url string) (int, string) {
-	t.Helper()
-	resp, err := c.Get(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return resp.StatusCode, string(b)
-}
