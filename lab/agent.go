@@ -91,6 +91,17 @@ func (a *Agent) Start(ctx context.Context) error {
 	}
 }
 
+// KVStoreBundle returns the --kvstore-bundle directory the agent was
+// started with: its node's own etcd credential ("" outside cluster mode).
+func (a *Agent) KVStoreBundle() string {
+	for i, arg := range a.opts.Args {
+		if arg == "--kvstore-bundle" && i+1 < len(a.opts.Args) {
+			return a.opts.Args[i+1]
+		}
+	}
+	return ""
+}
+
 // CLI runs the isthmus CLI against this agent and returns its combined
 // output; a non-zero exit is an error that includes the output.
 func (a *Agent) CLI(ctx context.Context, args ...string) ([]byte, error) {
