@@ -60,7 +60,6 @@ func socketClient(path string) *http.Client {
 	}}
 }
 
-
 // /metrics on the API socket: the datapath counters by reason, map sizes,
 // desired state and the reconciler, every family with HELP; the drop
 // counter follows the datapath's; /readyz is 200 once reconciled.

@@ -56,4 +56,3 @@ func TestTCPListener(t *testing.T) {
 		t.Errorf("runs = %v", got)
 	}
 }
-
