@@ -68,6 +68,9 @@ func TestForgedRemoteRecordsRefused(t *testing.T) {
 	put(t, c, cacheKey(t, records.NodeKey("c2", "n1"), "c2"), nodeRec(t, "c2", 2, "n1", host, "10.2.1.0/24"))
 	put(t, c, remoteIPKey(t, "c2", "10.2.1.5/32"), ipRec(t, "c2", "10.2.1.5", idRemote, host))
 	put(t, c, cacheKey(t, records.ServiceKey("c2", "default", "web"), "c2"), serviceRec(t, "c2", 2, "10.2.1.5"))
+	// n4, whose pod CIDR n2 will claim: both are refused then, so that n2
+	// cannot take n4's pods (and their traffic) by sorting or writing first.
+	put(t, c, cacheKey(t, records.NodeKey("c2", "n4"), "c2"), nodeRec(t, "c2", 2, "n4", "198.51.100.4", "10.2.4.0/24"))
 
 	forged := []struct{ what, key, reason string }{
 		{"0.0.0.0/0 as the host", remoteIPKey(t, "c2", "0.0.0.0/0"), records.ReasonReservedIdentity},
@@ -75,7 +78,7 @@ func TestForgedRemoteRecordsRefused(t *testing.T) {
 		{"0.0.0.0/0 with a c2 identity", remoteIPKey(t, "c2", "0.0.0.0/0"), records.ReasonPrefixNotOwned},
 		{"::/0 with a c2 identity", remoteIPKey(t, "c2", "::/0"), records.ReasonPrefixNotOwned},
 		{"c1's pod CIDR", remoteIPKey(t, "c2", "10.1.1.0/24"), records.ReasonPrefixNotOwned},
-		{"n1's pod CIDR claimed by n2", cacheKey(t, records.NodeKey("c2", "n2"), "c2"), records.ReasonNodeCIDROverlap},
+		{"n4's pod CIDR claimed by n2", cacheKey(t, records.NodeKey("c2", "n2"), "c2"), records.ReasonNodeCIDROverlap},
 		{"a node with c1's pod CIDR", cacheKey(t, records.NodeKey("c2", "n3"), "c2"), records.ReasonNodeCIDRNotOwned},
 		{"a service backend in c1", cacheKey(t, records.ServiceKey("c2", "default", "evil"), "c2"), records.ReasonBackendNotOwned},
 	}
@@ -85,7 +88,7 @@ func TestForgedRemoteRecordsRefused(t *testing.T) {
 		nil, // 0.0.0.0/0 again, below
 		ipPrefixRec(t, "c2", "::/0", idRemote, host),
 		ipPrefixRec(t, "c2", "10.1.1.0/24", idRemote, host),
-		nodeRec(t, "c2", 2, "n2", "198.51.100.2", "10.2.1.0/24"),
+		nodeRec(t, "c2", 2, "n2", "198.51.100.2", "10.2.4.0/24"),
 		nodeRec(t, "c2", 2, "n3", "198.51.100.3", "10.1.1.0/24"),
 		must(records.ServiceRecord{Name: "evil", Namespace: "default", Cluster: "c2", ClusterID: 2,
 			Frontends: []records.Frontend{{IP: netip.MustParseAddr("10.96.0.10"), Port: 80, Protocol: "TCP"}},
@@ -102,6 +105,9 @@ func TestForgedRemoteRecordsRefused(t *testing.T) {
 		}
 		put(t, c, f.key, values[i])
 		want[f.reason]++
+		if f.reason == records.ReasonNodeCIDROverlap {
+			want[f.reason]++ // n4 too
+		}
 		eventually(t, f.what+" refused and counted", func() bool { return refusal(tables, "c2", f.reason).Total == want[f.reason] })
 	}
 	v := tables.View()
@@ -116,7 +122,7 @@ func TestForgedRemoteRecordsRefused(t *testing.T) {
 	}
 	st := clusterStatus(tables, "c2")
 	if st.Refused[records.ReasonPrefixNotOwned] != 3 || st.Refused[records.ReasonReservedIdentity] != 1 ||
-		st.Refused[records.ReasonNodeCIDROverlap] != 1 || st.Refused[records.ReasonBackendNotOwned] != 1 {
+		st.Refused[records.ReasonNodeCIDROverlap] != 2 || st.Refused[records.ReasonBackendNotOwned] != 1 {
 		t.Errorf("refused now %v (total %v)", st.Refused, st.RefusedTotal)
 	}
 	// Written again (as a re-list delivers it): not counted again.
@@ -129,9 +135,9 @@ func TestForgedRemoteRecordsRefused(t *testing.T) {
 
 	// The node that held the pod CIDR goes: n2 (refused for overlapping
 	// it) comes in, its CIDR routed now.
-	del(t, c, cacheKey(t, records.NodeKey("c2", "n1"), "c2"))
-	eventually(t, "n2 accepted once n1 is gone", func() bool {
-		return slices.Equal(nodesOf(tables.View()), []string{"c2/n2"})
+	del(t, c, cacheKey(t, records.NodeKey("c2", "n4"), "c2"))
+	eventually(t, "n2 accepted once n4 is gone", func() bool {
+		return slices.Equal(nodesOf(tables.View()), []string{"c2/n1", "c2/n2"})
 	})
 
 	// The own cluster: a node holding c1's credentials is no better.

@@ -48,8 +48,10 @@ func TestMirrorRefusesForgedRecords(t *testing.T) {
 	const host = "192.168.0.2"
 	ipKey := func(p string) string { return records.IPCacheKey("c2", "n1", netip.MustParsePrefix(p)) }
 
-	// Valid: a node, an endpoint, its identity, a global service selecting it.
+	// Valid: a node, an endpoint, its identity, a global service selecting it;
+	// and n4, whose pod CIDR n2 will claim.
 	put(t, kv, records.NodeKey("c2", "n1"), marshal(t, nodeWithCIDRs(c2, "n1", host, "10.2.1.0/24")))
+	put(t, kv, records.NodeKey("c2", "n4"), marshal(t, nodeWithCIDRs(c2, "n4", "192.168.0.5", "10.2.4.0/24")))
 	put(t, kv, ipKey("10.2.1.5/32"), ipEntry(t, "c2", "10.2.1.5/32", id, host))
 	put(t, kv, records.IdentityIDKey(id), marshal(t, records.IdentityRecord{ID: id, Labels: map[string]string{
 		"isthmus.io/cluster": "c2", "isthmus.io/namespace": "default", "app": "web"}}))
@@ -63,7 +65,7 @@ func TestMirrorRefusesForgedRecords(t *testing.T) {
 		ipKey("::/0"):               ipEntry(t, "c2", "::/0", id, host),                                  // prefix-not-owned
 		ipKey("10.1.1.0/24"):        ipEntry(t, "c2", "10.1.1.0/24", id, host),                           // prefix-not-owned: c1's pod CIDR
 		ipKey("10.1.1.7/32"):        ipEntry(t, "c2", "10.1.1.7/32", id, host),                           // prefix-not-owned: a c1 pod
-		records.NodeKey("c2", "n2"): marshal(t, nodeWithCIDRs(c2, "n2", "192.168.0.3", "10.2.1.128/25")), // node-cidr-overlap with n1
+		records.NodeKey("c2", "n2"): marshal(t, nodeWithCIDRs(c2, "n2", "192.168.0.3", "10.2.4.128/25")), // node-cidr-overlap with n4 (both out)
 		records.NodeKey("c2", "n3"): marshal(t, nodeWithCIDRs(c2, "n3", "192.168.0.4", "10.1.1.0/24")),   // node-cidr-not-owned
 	}
 	for k, v := range forged {
@@ -76,7 +78,7 @@ func TestMirrorRefusesForgedRecords(t *testing.T) {
 
 	servertest.Connect(t, c1, c2)
 	wantRefused := map[string]int{records.ReasonReservedIdentity: 2, records.ReasonPrefixNotOwned: 3,
-		records.ReasonNodeCIDROverlap: 1, records.ReasonNodeCIDRNotOwned: 1, records.ReasonBackendNotOwned: 1}
+		records.ReasonNodeCIDROverlap: 2, records.ReasonNodeCIDRNotOwned: 1, records.ReasonBackendNotOwned: 1}
 	servertest.Eventually(t, wait, "forgeries refused, the rest mirrored", func() error {
 		st := memStatus(c1, "c2")
 		if !st.Ready || !maps.Equal(st.Refused, wantRefused) {
@@ -132,9 +134,9 @@ func TestMirrorRefusesForgedRecords(t *testing.T) {
 	servertest.Eventually(t, wait, "node-address endpoint mirrored after its node",
 		wantKeys(t, c1, records.KindIP, "c2", "n1/10.2.1.5", "n1/10.2.1.8", "n9/192.168.0.9"))
 
-	// n1 goes: n2, refused for overlapping it, is mirrored now.
-	del(t, kv, records.NodeKey("c2", "n1"))
-	servertest.Eventually(t, wait, "n2 after n1 went", wantKeys(t, c1, records.KindNodes, "c2", "n2", "n9"))
+	// n4 goes: n2, refused for overlapping it, is mirrored now.
+	del(t, kv, records.NodeKey("c2", "n4"))
+	servertest.Eventually(t, wait, "n2 after n4 went", wantKeys(t, c1, records.KindNodes, "c2", "n1", "n2", "n9"))
 }
 
 // TestMirrorCapsRemoteIPCache: a flood of valid-looking entries stops at

@@ -17,9 +17,13 @@ import (
 //
 //   - nothing is accepted while the cluster config is unknown (ErrPending);
 //   - a node is refused if a pod CIDR of it lies outside the cluster's pod
-//     CIDRs, or overlaps a pod CIDR of an accepted node whose name sorts
-//     first (first-come by name order: the same answer in every reader,
-//     whatever order the records arrived in);
+//     CIDRs, or overlaps a pod CIDR of another node of the cluster: then
+//     both are refused, since either may be the one lying (a rule of
+//     "first" would let a node whose name sorts first, or that wrote first,
+//     take another node's pods and their traffic; this way a node that
+//     claims another's range only takes both out, and is counted). The
+//     answer is the same in every reader, whatever order the records
+//     arrived in;
 //   - an ipcache entry is refused if its identity is reserved or of
 //     another cluster ID, or its prefix is neither inside the cluster's
 //     pod CIDRs nor an accepted node's address; and, since the entry sits
@@ -519,27 +523,23 @@ func (g *Gate) component(prefixes []netip.Prefix, start *gateEntry) []*gateEntry
 }
 
 // resolveNodes decides the candidates among nodes (a closed component, or
-// all of them) in name order: a node is accepted unless a pod CIDR of it
-// overlaps one of a node accepted before it.
+// all of them): a node is accepted unless a pod CIDR of it overlaps one of
+// another candidate.
 func (g *Gate) resolveNodes(nodes []*gateEntry) {
 	slices.SortFunc(nodes, func(a, b *gateEntry) int { return cmp.Compare(a.node.Name, b.node.Name) })
-	taken := newPrefixIndex()
 	for _, e := range nodes {
 		if !e.candidate {
 			continue
 		}
 		var err error
 		for _, p := range e.node.PodCIDRs {
-			if o := taken.overlapping(p); len(o) > 0 {
-				other := g.entries[o[0]].node
-				err = refusal(ReasonNodeCIDROverlap, "node %s: pod CIDR %s overlaps a pod CIDR of node %s (%v), whose name sorts first",
+			others := slices.DeleteFunc(g.nodeIdx.overlapping(p), func(k string) bool { return k == e.key })
+			if len(others) > 0 {
+				slices.Sort(others)
+				other := g.entries[others[0]].node
+				err = refusal(ReasonNodeCIDROverlap, "node %s: pod CIDR %s overlaps a pod CIDR of node %s (%v); both are left out, since either may be wrong",
 					e.node.Name, p, other.Name, other.PodCIDRs)
 				break
-			}
-		}
-		if err == nil {
-			for _, p := range e.node.PodCIDRs {
-				taken.add(p, e.key)
 			}
 		}
 		g.setNode(e, err)

@@ -88,13 +88,13 @@ func TestGateForgeries(t *testing.T) {
 		{"shorter than the pod CIDR", putIP(g, gIP("10.2.0.0/15", id)), ReasonPrefixNotOwned},
 		{"the pod CIDR itself", putIP(g, gIP("10.2.0.0/16", id)), "accepted"},
 		{"another cluster's pod", putIP(g, gIP("10.1.1.0/24", id)), ReasonPrefixNotOwned},
-		{"a node", putNode(g, gNode("n1", "192.0.2.1", "10.2.1.0/24", "fd00:2:0:1::/64")), "accepted"},
+		{"a node whose CIDR another node claims (both are out)", putNode(g, gNode("n1", "192.0.2.1", "10.2.1.0/24", "fd00:2:0:1::/64")), ReasonNodeCIDROverlap},
 		{"a node outside the cluster", putNode(g, gNode("n2", "192.0.2.2", "10.1.1.0/24")), ReasonNodeCIDRNotOwned},
 		{"a node claiming 0.0.0.0/0", putNode(g, gNode("n3", "192.0.2.3", "0.0.0.0/0")), ReasonNodeCIDRNotOwned},
 		{"another node's CIDR", putNode(g, gNode("n4", "192.0.2.4", "10.2.1.128/25")), ReasonNodeCIDROverlap},
 		{"a node without pod CIDRs", putNode(g, gNode("n5", "192.0.2.5")), "accepted"},
 		{"a service of pods", putSvc(g, gSvc("web", "10.2.1.5", "fd00:2::5")), "accepted"},
-		{"a service with a node backend", putSvc(g, gSvc("host", "192.0.2.1")), "accepted"},
+		{"a service with a node backend", putSvc(g, gSvc("host", "192.0.2.5")), "accepted"},
 		{"a service with a backend elsewhere", putSvc(g, gSvc("evil", "10.2.1.5", "10.1.1.5")), ReasonBackendNotOwned},
 		{"a service with a refused node's address", putSvc(g, gSvc("evil2", "192.0.2.2")), ReasonBackendNotOwned},
 	}
@@ -110,7 +110,7 @@ func TestGateForgeries(t *testing.T) {
 		}
 	}
 	want := map[string]int{ReasonReservedIdentity: 2, ReasonIdentityNotOwned: 1, ReasonPrefixNotOwned: 4,
-		ReasonNodeCIDRNotOwned: 2, ReasonNodeCIDROverlap: 1, ReasonBackendNotOwned: 2}
+		ReasonNodeCIDRNotOwned: 2, ReasonNodeCIDROverlap: 2, ReasonBackendNotOwned: 2}
 	if got := g.Refused(); !maps.Equal(got, want) {
 		t.Errorf("refused %v, want %v", got, want)
 	}
@@ -147,7 +147,7 @@ func TestGateOrdering(t *testing.T) {
 	if d := g.Drain(KindIP); len(d) != 1 || !d[0].Accepted() {
 		t.Errorf("drain %v", d)
 	}
-	// The node loses its CIDR to one that sorts first: what depended on it goes.
+	// Another node claims part of its CIDR: both are out, and what depended on it goes.
 	putNode(g, gNode("n0", "192.0.2.10", "10.2.9.0/25"))
 	if reasonOf(t, g, nk) != ReasonNodeCIDROverlap || reasonOf(t, g, ipKey) != ReasonPrefixNotOwned || reasonOf(t, g, svcKey) != ReasonBackendNotOwned {
 		t.Fatal("refused node still owns its address")

@@ -33,8 +33,8 @@ const (
 	ReasonPrefixNotOwned = "prefix-not-owned"
 	// ReasonNodeCIDRNotOwned: a node's pod CIDR outside its cluster's.
 	ReasonNodeCIDRNotOwned = "node-cidr-not-owned"
-	// ReasonNodeCIDROverlap: a node's pod CIDR overlaps one of a node of
-	// the same cluster whose name sorts first.
+	// ReasonNodeCIDROverlap: a node's pod CIDR overlaps one of another
+	// node of the same cluster (both are refused).
 	ReasonNodeCIDROverlap = "node-cidr-overlap"
 	// ReasonBackendNotOwned: a service backend outside the cluster's pod
 	// CIDRs and not one of its nodes' addresses.

@@ -260,7 +260,7 @@ func unchangedBut(before, after datapathView, ipSkip, skip []netip.Prefix, peerM
 		}
 	}
 	for _, a := range slices.SortedFunc(maps.Keys(before.lookups), netip.Addr.Compare) {
-		if before.lookups[a] != after.lookups[a] {
+		if before.lookups[a] != after.lookups[a] && !inAny(netip.PrefixFrom(a, a.BitLen()), ipSkip) {
 			diffs = append(diffs, fmt.Sprintf("lookup %s: %s, now %s", a, before.lookups[a], after.lookups[a]))
 		}
 	}
@@ -765,13 +765,20 @@ spec:
 	// Last, as it takes the attacker's own node out: its node record,
 	// claiming pod CIDRs it does not own. The node is refused whole: its
 	// CIDRs never become routes or AllowedIPs, and its endpoints (the
-	// flood) leave c1.
+	// flood) leave c1. Claiming another c2 node's CIDR takes that node out
+	// too (both are refused: either may be the liar), so c2-n1's pods
+	// become unreachable from c1 (fail closed), but nothing of theirs ever
+	// goes to the attacker.
+	victimNode := c2.Nodes[0].NodeName()
+	victimCIDRs := c2.NodePodCIDRs(1)
 	for _, claim := range []struct {
 		what, reason string
 		cidr         netip.Prefix
+		refused      int  // node records refused for the reason
+		victimOut    bool // c2-n1 is refused too
 	}{
-		{"c1-n1's pod CIDR", records.ReasonNodeCIDRNotOwned, c1.NodePodCIDRs(1)[0]},
-		{"c2-n1's pod CIDR", records.ReasonNodeCIDROverlap, c2.NodePodCIDRs(1)[0]},
+		{"c1-n1's pod CIDR", records.ReasonNodeCIDRNotOwned, c1.NodePodCIDRs(1)[0], 1, false},
+		{"c2-n1's pod CIDR", records.ReasonNodeCIDROverlap, c2.NodePodCIDRs(1)[0], 2, true},
 	} {
 		t.Run("the attacker's node record claiming "+claim.what, func(t *testing.T) {
 			kvv, found, err := kv.Get(ctx, records.NodeKey(c2.Name, atk))
@@ -792,11 +799,11 @@ spec:
 				if err != nil {
 					return err
 				}
-				if ms.Refused[claim.reason] != 1 || ms.RefusedTotal[claim.reason] != 1 {
-					return fmt.Errorf("c1's mirror refuses %v (since start %v), want one %s", ms.Refused, ms.RefusedTotal, claim.reason)
+				if ms.Refused[claim.reason] != claim.refused || ms.RefusedTotal[claim.reason] != uint64(claim.refused) {
+					return fmt.Errorf("c1's mirror refuses %v (since start %v), want %d %s", ms.Refused, ms.RefusedTotal, claim.refused, claim.reason)
 				}
-				if ms.Nodes != 1 {
-					return fmt.Errorf("c1's mirror has %d nodes of c2, want only c2-n1", ms.Nodes)
+				if wantNodes := 1 - btoi(claim.victimOut); ms.Nodes != wantNodes {
+					return fmt.Errorf("c1's mirror has %d nodes of c2, want %d", ms.Nodes, wantNodes)
 				}
 				after, err := readDatapath(ctx, victim, probes)
 				if err != nil {
@@ -806,8 +813,8 @@ spec:
 					return fmt.Errorf("c1-n1 still has the attacker as WireGuard peer: %v", after.allowed)
 				}
 				for p := range after.ipcache {
-					if inAny(p, atkCIDRs) {
-						return fmt.Errorf("c1-n1 still has %s of the refused node in its ipcache", p)
+					if inAny(p, atkCIDRs) || (claim.victimOut && inAny(p, victimCIDRs)) {
+						return fmt.Errorf("c1-n1 still has %s of a refused node in its ipcache", p)
 					}
 				}
 				return nil
@@ -818,8 +825,14 @@ spec:
 			if err != nil {
 				t.Fatal(err)
 			}
-			attackerPeer := c2.Name + "/" + atk
-			for _, d := range unchangedBut(before, after, atkCIDRs, atkCIDRs, func(p string) bool { return p == attackerPeer }) {
+			attackerPeer, victimPeer := c2.Name+"/"+atk, c2.Name+"/"+victimNode
+			skip := atkCIDRs
+			if claim.victimOut {
+				skip = append(slices.Clone(atkCIDRs), victimCIDRs...)
+			}
+			for _, d := range unchangedBut(before, after, skip, skip, func(p string) bool {
+				return p == attackerPeer || (claim.victimOut && p == victimPeer)
+			}) {
 				t.Error(d)
 			}
 			for peer, ips := range after.allowed {
@@ -829,7 +842,17 @@ spec:
 					}
 				}
 			}
-			if err := policyHolds(); err != nil {
+			if claim.victimOut {
+				// c2-n1's pods: nothing reaches s1 from them now (the
+				// denied one stays denied; the admitted one is cut off,
+				// not redirected).
+				for _, v6 := range []bool{false, true} {
+					dst := netip.AddrPortFrom(s1.Addr(v6), 8080)
+					if err := connectTimesOut(x2.Netns, dst, time.Second); err != nil {
+						t.Errorf("denied c2 pod x2 -> s1 over %s: %v", familyName(v6), err)
+					}
+				}
+			} else if err := policyHolds(); err != nil {
 				t.Error(err)
 			}
 			if err := serviceHolds(); err != nil {
@@ -838,4 +861,11 @@ spec:
 		})
 	}
 	t.Logf("hostile cluster story in %s", time.Since(start).Round(time.Second))
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
