@@ -5,7 +5,6 @@ import (
 	"github.com/isthmus-mesh/isthmus/internal/strictjson"
 	"maps"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -216,17 +215,4 @@ func (b *statusBox) cleared() {
 // RefusedText summarises the records refused now as not owned by the
 // remote, for the REFUSED column of `isthmus clustermesh status`: "0", or
 // the total and the count per reason, e.g. "3 (over-cap 2, prefix-not-owned 1)".
-func (s Status) RefusedText() string {
-	n := 0
-	var parts []string
-	for _, r := range slices.Sorted(maps.Keys(s.Refused)) {
-		if s.Refused[r] > 0 {
-			n += s.Refused[r]
-			parts = append(parts, fmt.Sprintf("%s %d", r, s.Refused[r]))
-		}
-	}
-	if n == 0 {
-		return "0"
-	}
-	return fmt.Sprintf("%d (%s)", n, strings.Join(parts, ", "))
-}
+func (s Status) RefusedText() string { return records.RefusedText(s.Refused) }

@@ -3,8 +3,10 @@ package records
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
+	"strings"
 )
 
 // Ownership. Validate* check a record against its key and the connection
@@ -153,4 +155,21 @@ func (o Owner) CheckService(s ServiceRecord, isNode func(netip.Addr) bool) error
 			s.Namespace, s.Name, b.IP, o.Cluster, o.PodCIDRs)
 	}
 	return nil
+}
+
+// RefusedText is a count of refusals by reason in one line: "0", or
+// "3 (prefix-not-owned 2, reserved-identity 1)".
+func RefusedText(refused map[string]int) string {
+	n := 0
+	var parts []string
+	for _, r := range slices.Sorted(maps.Keys(refused)) {
+		if refused[r] > 0 {
+			n += refused[r]
+			parts = append(parts, fmt.Sprintf("%s %d", r, refused[r]))
+		}
+	}
+	if n == 0 {
+		return "0"
+	}
+	return fmt.Sprintf("%d (%s)", n, strings.Join(parts, ", "))
 }

@@ -9,6 +9,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
 
 func (c *cli) identityCommand() *cobra.Command {
@@ -120,13 +121,14 @@ clusters of the mesh; with encryption the WireGuard device and its peers.
 				if m := st.ClusterMesh; m != nil && len(m.Clusters) > 0 {
 					fmt.Fprintln(c.out, "\nClusters:")
 					t = newTable(c.out)
-					fmt.Fprintln(t, "  CLUSTER\tID\tSYNCED\tNODES\tENDPOINTS\tIDENTITIES\tSERVICES\tINVALID\tERROR")
+					fmt.Fprintln(t, "  CLUSTER\tID\tSYNCED\tNODES\tENDPOINTS\tIDENTITIES\tSERVICES\tINVALID\tREFUSED\tERROR")
 					for _, cl := range m.Clusters {
 						name := cl.Name
 						if cl.Local {
 							name += " (local)"
 						}
-						fmt.Fprintf(t, "  %s\t%d\t%v\t%d\t%d\t%d\t%d\t%d\t%s\n", name, cl.ID, cl.Synced, cl.Nodes, cl.Endpoints, cl.Identities, cl.Services, cl.InvalidRecords, orNone(cl.Error))
+						fmt.Fprintf(t, "  %s\t%d\t%v\t%d\t%d\t%d\t%d\t%d\t%s\t%s\n", name, cl.ID, cl.Synced, cl.Nodes, cl.Endpoints, cl.Identities, cl.Services, cl.InvalidRecords,
+							records.RefusedText(cl.Refused), orNone(cl.Error))
 					}
 					if err := t.Flush(); err != nil {
 						return err
