@@ -48,6 +48,16 @@ if [[ mesh =~ $run ]]; then
 		}'
 fi
 
+# 2b. Heap per remote ipcache entry in the agent's mesh tables (raw value,
+#     ownership Gate record, typed table), at 100,000 entries.
+if [[ mesh =~ $run ]]; then
+	go test -run '^$' -bench 'BenchmarkTablesHeapPerEntry' -benchtime 1x -count 1 ./agent/meshsync/ |
+		awk '/^BenchmarkTablesHeapPerEntry/ {
+			for (i = 1; i <= NF; i++) if ($(i+1) == "B/entry") v = $i
+			printf "bench: mesh-tables-heap-per-entry %s B (goal info: agent tables, 100,000 remote ipcache entries)\n", v
+		}'
+fi
+
 # 3. Throughput against a plain veth pair, service scaling against one
 #    service and against iptables (kube-proxy style); the cluster mesh:
 #    propagation, full sync of 100,000 endpoints, agent RSS (tests/bench/mesh.go);

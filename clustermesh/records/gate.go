@@ -48,7 +48,7 @@ type Gate struct {
 	owner   *Owner
 
 	entries map[string]*gateEntry
-	byKind  map[Kind]map[string]*gateEntry
+	byKind  map[Kind]map[string]*gateEntry // nodes and services; ipcache entries are in ipByNode
 	// nodeIdx indexes the pod CIDRs of the nodes that are inside the
 	// cluster's (the candidates of the overlap rule).
 	nodeIdx prefixIndex
@@ -58,8 +58,12 @@ type Gate struct {
 	// they sit under, to decide them again when that node's verdict or
 	// record changes.
 	ipByNode map[string]map[string]*gateEntry
-	// ipByAddr indexes the single-address ipcache entries, to decide them
-	// again when a node with that address comes or goes.
+	ipCount  int
+	// ipByAddr indexes the single-address ipcache entries outside the
+	// cluster's pod CIDRs (only a node address makes them owned), to decide
+	// them again when a node with that address comes or goes. Entries
+	// inside the pod CIDRs, nearly all of them, do not depend on node
+	// addresses and stay out of it (memory: one map entry less each).
 	ipByAddr map[netip.Addr]map[string]*gateEntry
 	capped   capSet
 	changed  map[Kind]map[string]struct{}
@@ -148,12 +152,23 @@ func (g *Gate) SetConfig(cfg *ClusterConfig) {
 		all = append(all, e)
 	}
 	g.resolveNodes(all)
-	for _, e := range g.byKind[KindIP] {
-		g.evalIP(e)
-	}
+	g.ipByAddr = map[netip.Addr]map[string]*gateEntry{}
+	g.eachIP(func(e *gateEntry) {
+		if g.mayBeNodeAddr(e.ip.Prefix) {
+			addIndex(g.ipByAddr, e.ip.Prefix.Addr(), e)
+		}
+	})
+	g.eachIP(g.evalIP)
 	for _, e := range g.byKind[KindServices] {
 		g.evalService(e)
 	}
+}
+
+// mayBeNodeAddr: whether an entry for p can depend on node addresses (a
+// single address the cluster's pod CIDRs do not cover, or any while the
+// config is unknown).
+func (g *Gate) mayBeNodeAddr(p netip.Prefix) bool {
+	return p.IsSingleIP() && (g.owner == nil || !g.owner.OwnsPrefix(p))
 }
 
 // PutNode adds or replaces the node record at key (a NodeKey of the
@@ -188,8 +203,11 @@ func (g *Gate) PutIP(key string, ip IPCacheEntry, raw []byte) {
 		e.ipNode = node
 	}
 	addIndex(g.ipByNode, e.ipNode, e)
+	g.ipCount++
 	if ip.Prefix.IsSingleIP() {
-		addIndex(g.ipByAddr, ip.Prefix.Addr(), e)
+		if g.mayBeNodeAddr(ip.Prefix) {
+			addIndex(g.ipByAddr, ip.Prefix.Addr(), e)
+		}
 	}
 	g.evalIP(e)
 }
@@ -227,10 +245,33 @@ func (g *Gate) Delete(key string) {
 }
 
 // Keys returns the keys of kind the Gate holds, sorted.
-func (g *Gate) Keys(k Kind) []string { return slices.Sorted(maps.Keys(g.byKind[k])) }
+func (g *Gate) Keys(k Kind) []string {
+	if k == KindIP {
+		var out []string
+		g.eachIP(func(e *gateEntry) { out = append(out, e.key) })
+		slices.Sort(out)
+		return out
+	}
+	return slices.Sorted(maps.Keys(g.byKind[k]))
+}
+
+// eachIP calls f for every ipcache entry (by node, the index they are
+// kept in: one map entry each, not two).
+func (g *Gate) eachIP(f func(*gateEntry)) {
+	for _, node := range slices.Sorted(maps.Keys(g.ipByNode)) {
+		for _, e := range g.ipByNode[node] {
+			f(e)
+		}
+	}
+}
 
 // Len returns how many records of kind the Gate holds.
-func (g *Gate) Len(k Kind) int { return len(g.byKind[k]) }
+func (g *Gate) Len(k Kind) int {
+	if k == KindIP {
+		return g.ipCount
+	}
+	return len(g.byKind[k])
+}
 
 // Get returns the verdict of the record at key.
 func (g *Gate) Get(key string) (Verdict, bool) {
@@ -287,7 +328,9 @@ func (g *Gate) newEntry(key string, k Kind, old *gateEntry, raw []byte) *gateEnt
 		e.verdict, e.reported, e.hasReport = old.verdict, old.reported, old.hasReport
 	}
 	g.entries[key] = e
-	g.byKind[k][key] = e
+	if k != KindIP {
+		g.byKind[k][key] = e
+	}
 	return e
 }
 
@@ -394,6 +437,7 @@ func (g *Gate) checkIPNode(e *gateEntry) error {
 
 func (g *Gate) unindexIP(e *gateEntry) {
 	delIndex(g.ipByNode, e.ipNode, e.key)
+	g.ipCount--
 	if e.ip.Prefix.IsSingleIP() {
 		delIndex(g.ipByAddr, e.ip.Prefix.Addr(), e.key)
 	}
