@@ -64,10 +64,10 @@ type cluster struct {
 	refused error
 
 	nodes map[string]records.Node
-	ips   map[netip.Prefix]records.IPCacheEntry
-	// ipKeys is the etcd key each entry of ips came from: another node's
-	// key for the same prefix (refused, or deleted) never removes it.
-	ipKeys     map[netip.Prefix]string
+	// ips holds the accepted entries with the etcd key each came from:
+	// another node's key for the same prefix (refused, or deleted) never
+	// removes it.
+	ips        map[netip.Prefix]keyedIP
 	services   map[string]records.ServiceRecord // "<ns>/<name>"
 	identities map[uint32]identity.Labels
 
@@ -91,7 +91,7 @@ type cluster struct {
 
 func newCluster(name string) *cluster {
 	return &cluster{
-		name: name, nodes: map[string]records.Node{}, ips: map[netip.Prefix]records.IPCacheEntry{}, ipKeys: map[netip.Prefix]string{},
+		name: name, nodes: map[string]records.Node{}, ips: map[netip.Prefix]keyedIP{},
 		services: map[string]records.ServiceRecord{}, identities: map[uint32]identity.Labels{},
 		synced: map[records.Kind]bool{}, raw: map[string][]byte{}, refusedTotal: map[string]uint64{},
 	}
@@ -368,7 +368,6 @@ func (t *Tables) cached(key string, value []byte, del bool) error {
 func (t *Tables) rebuild(c *cluster) {
 	clear(c.nodes)
 	clear(c.ips)
-	clear(c.ipKeys)
 	clear(c.services)
 	clear(c.identities)
 	c.gate = nil
@@ -472,16 +471,21 @@ func (t *Tables) state(c *cluster, key string, value []byte, del bool) error {
 	return nil
 }
 
+// keyedIP is an accepted ipcache entry and the key it was read at.
+type keyedIP struct {
+	records.IPCacheEntry
+	key string
+}
+
 // setIP sets the entry of prefix p read at key (e nil: removes it, if it
 // came from key).
 func (c *cluster) setIP(key string, p netip.Prefix, e *records.IPCacheEntry) {
 	if e != nil {
-		c.ips[p], c.ipKeys[p] = *e, key
+		c.ips[p] = keyedIP{*e, key}
 		return
 	}
-	if c.ipKeys[p] == key {
+	if c.ips[p].key == key {
 		delete(c.ips, p)
-		delete(c.ipKeys, p)
 	}
 }
 
@@ -648,7 +652,7 @@ func (t *Tables) View() View {
 		}
 		if use(records.KindIP) {
 			for _, e := range c.ips {
-				v.IPCache = append(v.IPCache, e)
+				v.IPCache = append(v.IPCache, e.IPCacheEntry)
 			}
 		}
 		if use(records.KindIdentities) {

@@ -84,11 +84,10 @@ type gateEntry struct {
 	svc  *ServiceRecord
 	raw  []byte
 
-	ipNode    string // ipcache: the node whose key prefix it sits under
-	candidate bool   // node: its pod CIDRs are in nodeIdx
-	owned     error  // ipcache: the verdict before the cap
-	verdict   error  // nil: accepted
-	reported  error  // the verdict Drain last returned
+	candidate bool  // node: its pod CIDRs are in nodeIdx
+	owned     error // ipcache: the verdict before the cap
+	verdict   error // nil: accepted
+	reported  error // the verdict Drain last returned
 	hasReport bool
 }
 
@@ -199,10 +198,7 @@ func (g *Gate) PutIP(key string, ip IPCacheEntry, raw []byte) {
 	if old != nil {
 		g.unindexIP(old)
 	}
-	if _, node, _, err := ParseIPCacheKey(key); err == nil {
-		e.ipNode = node
-	}
-	addIndex(g.ipByNode, e.ipNode, e)
+	addIndex(g.ipByNode, e.ipNode(), e)
 	g.ipCount++
 	if ip.Prefix.IsSingleIP() {
 		if g.mayBeNodeAddr(ip.Prefix) {
@@ -415,7 +411,7 @@ func (g *Gate) evalService(e *gateEntry) {
 // credential (the shared "agents" one, root) can write under a name no
 // node publishes.
 func (g *Gate) checkIPNode(e *gateEntry) error {
-	ne, ok := g.entries[NodeKey(g.cluster, e.ipNode)]
+	ne, ok := g.entries[NodeKey(g.cluster, e.ipNode())]
 	if !ok {
 		return nil
 	}
@@ -435,8 +431,18 @@ func (g *Gate) checkIPNode(e *gateEntry) error {
 	return nil
 }
 
+// ipNode is the node under whose prefix an ipcache entry's key sits ("" for
+// a key that does not parse; not stored, to keep entries small).
+func (e *gateEntry) ipNode() string {
+	_, node, _, err := ParseIPCacheKey(e.key)
+	if err != nil {
+		return ""
+	}
+	return node
+}
+
 func (g *Gate) unindexIP(e *gateEntry) {
-	delIndex(g.ipByNode, e.ipNode, e.key)
+	delIndex(g.ipByNode, e.ipNode(), e.key)
 	g.ipCount--
 	if e.ip.Prefix.IsSingleIP() {
 		delIndex(g.ipByAddr, e.ip.Prefix.Addr(), e.key)
