@@ -43,6 +43,12 @@ func planEncryption(m desired.Mesh, selfKey string, nodeEnc bool) encryptionPlan
 	slices.SortFunc(others, func(a, b records.Node) int {
 		return cmp.Or(cmp.Compare(a.Cluster, b.Cluster), cmp.Compare(a.Name, b.Name))
 	})
+	// Fail closed for every remote cluster's whole pod range too, not only
+	// for its nodes we know: a node that is refused, expired or not listed
+	// yet leaves no route, and its pods' traffic would take the underlay
+	// in the clear. (Remote ranges never overlap this cluster's: the mirror
+	// refuses such a cluster, and a refused one is not in the view.)
+	p.unreachable = append(p.unreachable, m.View.RemotePodCIDRs...)
 	for _, n := range others {
 		name := n.Cluster + "/" + n.Name
 		p.unreachable = append(p.unreachable, n.PodCIDRs...)
@@ -74,5 +80,8 @@ func planEncryption(m desired.Mesh, selfKey string, nodeEnc bool) encryptionPlan
 		p.peerNodes[key] = name
 		p.routes = append(p.routes, allowed...)
 	}
+	// A node's range may equal its cluster's: one route each.
+	slices.SortFunc(p.unreachable, netip.Prefix.Compare)
+	p.unreachable = slices.Compact(p.unreachable)
 	return p
 }

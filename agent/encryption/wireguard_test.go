@@ -61,6 +61,13 @@ func TestPlanEncryption(t *testing.T) {
 	if len(p.unreachable) != 7 {
 		t.Errorf("unreachable %v, want the 7 other nodes' pod CIDRs", p.unreachable)
 	}
+	// And every remote cluster's whole range: a node of it that is
+	// refused, expired or not yet listed leaves no route of its own.
+	m.View.RemotePodCIDRs = []netip.Prefix{netip.MustParsePrefix("10.2.0.0/16"), netip.MustParsePrefix("fd00:2::/48")}
+	if p := planEncryption(m, keyS, false); len(p.unreachable) != 9 || !slices.Contains(p.unreachable, netip.MustParsePrefix("10.2.0.0/16")) {
+		t.Errorf("unreachable %v, want the 7 nodes' and c2's 2 ranges", p.unreachable)
+	}
+	m.View.RemotePodCIDRs = nil
 	if !slices.Equal(p.routes, []netip.Prefix{netip.MustParsePrefix("10.2.1.0/24")}) {
 		t.Errorf("routes %v", p.routes)
 	}

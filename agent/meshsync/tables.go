@@ -633,6 +633,11 @@ type View struct {
 	Identities []identity.Identity
 	// Services are the service records of remote clusters.
 	RemoteServices []records.ServiceRecord
+	// RemotePodCIDRs are the pod CIDRs every accepted remote cluster
+	// announces in its config, known or not whether its nodes are: with
+	// encryption, traffic to them must never leave unencrypted, whatever
+	// becomes of a node (refused, expired, not yet listed).
+	RemotePodCIDRs []netip.Prefix
 }
 
 // View returns a copy of the usable state.
@@ -664,6 +669,9 @@ func (t *Tables) View() View {
 			for _, s := range c.services {
 				v.RemoteServices = append(v.RemoteServices, s)
 			}
+		}
+		if !own && c.config != nil && c.refused == nil {
+			v.RemotePodCIDRs = append(v.RemotePodCIDRs, c.config.PodCIDRs...)
 		}
 	}
 	slices.SortFunc(v.Identities, func(a, b identity.Identity) int { return cmp.Compare(a.ID, b.ID) })
