@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"net"
 	"net/netip"
@@ -476,4 +477,41 @@ func prefixToIPNet(p netip.Prefix) *net.IPNet {
 		bits = 128
 	}
 	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), bits)}
+}
+
+// Forward listens on a loopback port of the calling process's namespace
+// and relays every connection to target (host:port), dialled from inside
+// ns: how a process on the host reaches a server that listens in a lab
+// namespace. It returns the local address and a function that stops
+// listening (open relays end with their connections).
+func (ns *Netns) Forward(target string) (addr string, stop func(), err error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", nil, err
+	}
+	go func() {
+		for {
+			down, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer down.Close()
+				var up net.Conn
+				if err := ns.Do(func() (err error) {
+					up, err = net.DialTimeout("tcp", target, 5*time.Second)
+					return err
+				}); err != nil {
+					return
+				}
+				defer up.Close()
+				done := make(chan struct{}, 2)
+				go func() { io.Copy(up, down); up.(*net.TCPConn).CloseWrite(); done <- struct{}{} }()
+				go func() { io.Copy(down, up); down.(*net.TCPConn).CloseWrite(); done <- struct{}{} }()
+				<-done
+				<-done
+			}()
+		}
+	}()
+	return ln.Addr().String(), func() { ln.Close() }, nil
 }

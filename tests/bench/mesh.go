@@ -35,7 +35,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -382,48 +381,14 @@ func kvConnectDir(ctx context.Context, c *lab.Cluster, dir string) (*kvstore.Cli
 	if err != nil {
 		return nil, err
 	}
-	addr, err := forward(c.Router.NS(), strings.TrimPrefix(c.ServerAddr(), "https://"))
+	// The relay lives as long as the process (the lab's namespaces go
+	// first; then dials fail).
+	addr, _, err := c.Router.NS().Forward(strings.TrimPrefix(c.ServerAddr(), "https://"))
 	if err != nil {
 		return nil, err
 	}
 	return kvstore.Connect(ctx, kvstore.Config{Endpoints: []string{"https://" + addr}, TLS: tc, Logger: quiet,
 		RequestTimeout: 30 * time.Second})
-}
-
-// forward listens on a loopback port of this namespace and relays every
-// connection to target, dialled in ns. It lives as long as the process
-// (the lab's namespaces go first; then dials fail).
-func forward(ns *lab.Netns, target string) (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				var up net.Conn
-				if err := ns.Do(func() error {
-					var err error
-					up, err = net.DialTimeout("tcp", target, 5*time.Second)
-					return err
-				}); err != nil {
-					return
-				}
-				defer up.Close()
-				done := make(chan struct{}, 2)
-				go func() { io.Copy(up, c); up.(*net.TCPConn).CloseWrite(); done <- struct{}{} }()
-				go func() { io.Copy(c, up); c.(*net.TCPConn).CloseWrite(); done <- struct{}{} }()
-				<-done
-				<-done
-			}()
-		}
-	}()
-	return ln.Addr().String(), nil
 }
 
 // writer publishes ipcache records of one cluster the way agents do:

@@ -2,18 +2,13 @@ package e2e
 
 import (
 	"context"
-	"crypto/x509"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"maps"
-	"net"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -70,61 +65,18 @@ func kvFromNode(t *testing.T, ctx context.Context, c *lab.Cluster, ns *lab.Netns
 	if err != nil {
 		t.Fatal(err)
 	}
-	target := strings.TrimPrefix(c.ServerAddr(), "https://")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	addr, stop, err := ns.Forward(strings.TrimPrefix(c.ServerAddr(), "https://"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			down, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer down.Close()
-				var up net.Conn
-				if err := ns.Do(func() (err error) {
-					up, err = net.DialTimeout("tcp", target, 5*time.Second)
-					return err
-				}); err != nil {
-					return
-				}
-				defer up.Close()
-				done := make(chan struct{}, 2)
-				go func() { io.Copy(up, down); up.(*net.TCPConn).CloseWrite(); done <- struct{}{} }()
-				go func() { io.Copy(down, up); down.(*net.TCPConn).CloseWrite(); done <- struct{}{} }()
-				<-done
-				<-done
-			}()
-		}
-	}()
-	kv, err := kvstore.Connect(ctx, kvstore.Config{Endpoints: []string{"https://" + ln.Addr().String()}, TLS: tc,
+	t.Cleanup(stop)
+	kv, err := kvstore.Connect(ctx, kvstore.Config{Endpoints: []string{"https://" + addr}, TLS: tc,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), MaxRetries: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { kv.Close() })
 	return kv
-}
-
-// certUser returns the common name of the client certificate in a bundle
-// directory: the etcd user it authenticates as.
-func certUser(dir string) (string, error) {
-	b, err := os.ReadFile(filepath.Join(dir, meshsync.BundleCert))
-	if err != nil {
-		return "", err
-	}
-	blk, _ := pem.Decode(b)
-	if blk == nil {
-		return "", fmt.Errorf("%s: no PEM block", dir)
-	}
-	cert, err := x509.ParseCertificate(blk.Bytes)
-	if err != nil {
-		return "", err
-	}
-	return cert.Subject.CommonName, nil
 }
 
 // mirrorStatus is c's mirror's status of remote, from `isthmus clustermesh
@@ -458,7 +410,7 @@ spec:
 
 	step(t, "the attacker: c2-n2's own credential, from c2-n2's network")
 	bundle := attacker.KVStoreBundle()
-	if user, err := certUser(bundle); err != nil || user != etcdserver.NodeUser(atk) {
+	if user, err := bundleUser(bundle, c2.Name); err != nil || user != etcdserver.NodeUser(atk) {
 		t.Fatalf("c2-n2's agent bundle %s authenticates as %q (%v), want %q", bundle, user, err, etcdserver.NodeUser(atk))
 	}
 	kv := kvFromNode(t, ctx, c2, attacker.Node.NS(), bundle)
@@ -868,4 +820,14 @@ func btoi(b bool) int {
 		return 1
 	}
 	return 0
+}
+
+// bundleUser is the etcd user of the credential in a bundle directory, as
+// the agent reads it.
+func bundleUser(dir, cluster string) (string, error) {
+	tc, err := meshsync.LoadBundle(dir, cluster)
+	if err != nil {
+		return "", err
+	}
+	return meshsync.BundleUser(tc)
 }
