@@ -431,13 +431,12 @@ func (g *Gate) checkIPNode(e *gateEntry) error {
 	return nil
 }
 
-// ipNode is the node under whose prefix an ipcache entry's key sits ("" for
-// a key that does not parse; not stored, to keep entries small).
+// ipNode is the node under whose prefix an ipcache entry's key sits: the
+// path element after the cluster (not stored, to keep entries small; the
+// key was checked before it came in, so cutting it is enough).
 func (e *gateEntry) ipNode() string {
-	_, node, _, err := ParseIPCacheKey(e.key)
-	if err != nil {
-		return ""
-	}
+	_, rest, _ := strings.Cut(strings.TrimPrefix(e.key, StatePrefix(KindIP)), "/")
+	node, _, _ := strings.Cut(rest, "/")
 	return node
 }
 
