@@ -74,13 +74,14 @@ func BundleUser(c *tls.Config) (string, error) {
 // an error: publishing would fail on every write, or worse, succeed as
 // someone else.
 func CheckBundleUser(user, node string) (warning string, err error) {
-	own := "node-" + node
+	own := records.NodeUser(node)
+	_, isNode := records.NodeOfUser(user)
 	switch {
 	case user == own:
 		return "", nil
 	case user == "agents" || user == "root":
 		return fmt.Sprintf("the kvstore bundle is for etcd user %q, which may write every node's records: give each node its own (isthmus clustermesh certs --node %s)", user, node), nil
-	case strings.HasPrefix(user, "node-"):
+	case isNode:
 		return "", fmt.Errorf("the kvstore bundle is for etcd user %q, not this node's %q: run isthmus clustermesh certs --node %s on the server host", user, own, node)
 	default:
 		return "", fmt.Errorf("the kvstore bundle is for etcd user %q, not a node's: run isthmus clustermesh certs --node %s on the server host", user, node)

@@ -27,7 +27,7 @@ func TestNodeCredentialWritesOnlyItsOwnRecords(t *testing.T) {
 	if b.User != "node-n1" {
 		t.Fatalf("bundle user %q, want node-n1", b.User)
 	}
-	if node, ok := NodeOfUser(b.User); !ok || node != "n1" {
+	if node, ok := records.NodeOfUser(b.User); !ok || node != "n1" {
 		t.Fatalf("NodeOfUser(%q) = %q, %v", b.User, node, ok)
 	}
 	n1 := connectBundle(t, b)

@@ -14,7 +14,6 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -86,18 +85,9 @@ const (
 	roleRemote = "remote"
 )
 
-// NodeUser returns the etcd user (and role) of one node of the cluster:
-// "node-<node>". It may write only that node's records (nodePermissions).
-func NodeUser(node string) string { return nodeUserPrefix + node }
-
-const nodeUserPrefix = "node-"
-
-// NodeOfUser returns the node an etcd user name is for, if it is a node
-// user.
-func NodeOfUser(user string) (string, bool) {
-	node, ok := strings.CutPrefix(user, nodeUserPrefix)
-	return node, ok && records.ValidateNodeName(node) == nil
-}
+// NodeUser returns the etcd user (and role) of one node of the cluster,
+// which may write only that node's records (nodePermissions).
+func NodeUser(node string) string { return records.NodeUser(node) }
 
 // RemoteUser returns the etcd user of a connected remote cluster.
 func RemoteUser(cluster string) string { return "remote-" + cluster }

@@ -364,3 +364,16 @@ func StateKey(cacheKey string) (stateKey, cluster string, err error) {
 	}
 	return StatePrefix(k) + rest, cluster, nil
 }
+
+// NodeUser is the etcd user of one node's own credential: "node-<node>".
+// It may write only that node's records (docs/clustermesh.md).
+func NodeUser(node string) string { return nodeUserPrefix + node }
+
+const nodeUserPrefix = "node-"
+
+// NodeOfUser returns the node an etcd user is the credential of, if it is
+// a node's.
+func NodeOfUser(user string) (string, bool) {
+	node, ok := strings.CutPrefix(user, nodeUserPrefix)
+	return node, ok && ValidateNodeName(node) == nil
+}
