@@ -72,6 +72,7 @@ type Agent struct {
 	plumb         localapi.Plumber
 	openDatapath  func(Config) (datapath.Datapath, error)
 	nodeAddrs     func() ([]netip.Addr, error)
+	hostAddrs     *node.AddrCache // over nodeAddrs
 	newRouter     func() (routes.Router, error)
 	detectNodeIPs func() ([]netip.Addr, error)
 
@@ -117,6 +118,7 @@ func New(cfg Config) (*Agent, error) {
 		detectNodeIPs: node.DefaultRouteAddrs,
 		rec:           reconcile.New(),
 	}
+	a.hostAddrs = node.NewAddrCache(func() ([]netip.Addr, error) { return a.nodeAddrs() }, reconcile.ResyncInterval)
 	if cfg.ClusterMode() {
 		// Identities are global: allocated in the cluster's etcd.
 		a.mesh = clustermode.New(clustermode.Config{
@@ -213,7 +215,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer cancel(nil)
 	var wg sync.WaitGroup
 	wg.Go(func() { a.rec.Loop(ctx, a.log, a.reconcile) })
-	wg.Go(func() { node.WatchAddrs(ctx, a.log, func() { a.rec.Request() }) })
+	wg.Go(func() {
+		node.WatchAddrs(ctx, a.log, func() {
+			a.hostAddrs.Invalidate()
+			a.rec.Request()
+		})
+	})
 	wg.Go(func() { ms.Serve(ctx, a.log) })
 	if a.mesh != nil {
 		// etcd is one more source of desired state; the datapath already
@@ -282,10 +289,12 @@ func (a *Agent) reconcile(ctx context.Context) error {
 
 // desiredState is what one reconcile run converges to.
 func (a *Agent) desiredState() (desired.State, error) {
-	svcs, pols := a.objects().Split()
-	s := desired.State{Cluster: a.cfg.ClusterName, Endpoints: a.store.Endpoints(), Services: svcs, Policies: pols,
-		Identities: a.ids, Mesh: a.mesh.Desired()}
-	addrs, err := a.nodeAddrs()
+	objs, objGen := a.objectsGen()
+	svcs, pols := objs.Split()
+	eps, epGen := a.store.EndpointsGen()
+	s := desired.State{Cluster: a.cfg.ClusterName, Endpoints: eps, Services: svcs, Policies: pols,
+		Identities: a.ids, Mesh: a.mesh.Desired(), EndpointsGen: epGen + 1, ObjectsGen: objGen}
+	addrs, err := a.hostAddrs.Get()
 	if err != nil {
 		return s, fmt.Errorf("list node addresses: %w", err)
 	}
@@ -297,10 +306,18 @@ func (a *Agent) desiredState() (desired.State, error) {
 // listed; until then the objects persisted by the last run keep the
 // datapath as it was.
 func (a *Agent) objects() desired.Objects {
-	if objs, ok := a.mesh.Objects(); ok {
-		return objs
+	objs, _ := a.objectsGen()
+	return objs
+}
+
+// objectsGen is objects with a generation that tells the two sources
+// apart (odd: etcd's, even: the local table's).
+func (a *Agent) objectsGen() (desired.Objects, uint64) {
+	if objs, gen, ok := a.mesh.ObjectsGen(); ok {
+		return objs, 2*gen + 1
 	}
-	return a.objSet.Get()
+	objs, gen := a.objSet.GetGen()
+	return objs, 2*gen + 2
 }
 
 // underlayIPs are the node's underlay addresses: --node-ip, or else those

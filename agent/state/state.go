@@ -70,6 +70,9 @@ type Store struct {
 	mu        sync.Mutex
 	nextID    uint32
 	endpoints map[string]Endpoint
+	// gen counts the changes of endpoints: readers that keep what they
+	// derived from them know when to derive again.
+	gen uint64
 	objects   map[string]json.RawMessage
 }
 
@@ -170,6 +173,7 @@ func (s *Store) PutEndpoint(e Endpoint) error {
 		return err
 	}
 	s.endpoints = next
+	s.gen++
 	return nil
 }
 
@@ -188,7 +192,17 @@ func (s *Store) DeleteEndpoint(namespace, name string) error {
 		return err
 	}
 	s.endpoints = next
+	s.gen++
 	return nil
+}
+
+// EndpointsGen returns the endpoints with the generation they are at
+// (equal generations: same endpoints).
+func (s *Store) EndpointsGen() ([]Endpoint, uint64) {
+	s.mu.Lock()
+	gen := s.gen
+	s.mu.Unlock()
+	return s.Endpoints(), gen
 }
 
 func (s *Store) writeEndpoints(eps map[string]Endpoint) error {

@@ -145,6 +145,24 @@ func (d *FakeDatapath) PolicySync(want []bpf.PolicyKey) error {
 	return nil
 }
 
+func (d *FakeDatapath) PolicyUpdate(add, del []bpf.PolicyKey) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(add) > 0 {
+		d.write("policy+ %d", len(add))
+	}
+	if len(del) > 0 {
+		d.write("policy- %d", len(del))
+	}
+	for _, k := range add {
+		d.Pol[k] = true
+	}
+	for _, k := range del {
+		delete(d.Pol, k)
+	}
+	return nil
+}
+
 func (d *FakeDatapath) PolicyList() ([]bpf.PolicyKey, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
