@@ -127,7 +127,9 @@ func checkIncremental(t *testing.T, seed uint64, steps int) {
 	r := NewReconciler(dp)
 	var eps []state.Endpoint
 	host := []netip.Addr{selfIP}
-	addr := func(third byte) netip.Addr { return netip.AddrFrom4([4]byte{10, third, byte(rng.IntN(3) + 1), byte(rng.IntN(8) + 1)}) }
+	addr := func(third byte) netip.Addr {
+		return netip.AddrFrom4([4]byte{10, third, byte(rng.IntN(3) + 1), byte(rng.IntN(8) + 1)})
+	}
 	for step := range steps {
 		switch rng.IntN(10) {
 		case 0, 1, 2:

@@ -72,8 +72,8 @@ type Store struct {
 	endpoints map[string]Endpoint
 	// gen counts the changes of endpoints: readers that keep what they
 	// derived from them know when to derive again.
-	gen uint64
-	objects   map[string]json.RawMessage
+	gen     uint64
+	objects map[string]json.RawMessage
 }
 
 // Open loads the state in dir, creating the directory (0700) if needed.
