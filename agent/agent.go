@@ -179,9 +179,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.dp, a.maps = dp, datapath.NewReconciler(dp)
 	a.log.Info("datapath loaded", "pinDir", a.cfg.PinDir())
 	if a.mesh != nil {
-		if a.routes, err = a.newRouter(); err != nil {
+		r, err := a.newRouter()
+		if err != nil {
 			return err
 		}
+		a.routes = routes.NewShadowed(r, reconcile.ResyncInterval)
 	}
 	a.enc, a.cfg.MTU, err = encryption.Setup(encryption.Config{
 		Cluster: a.cfg.ClusterName, Node: a.cfg.NodeName, Device: a.cfg.WireGuardDevice, Port: a.cfg.WireGuardPort,
