@@ -71,8 +71,11 @@ type Store struct {
 	nextID    uint32
 	endpoints map[string]Endpoint
 	// gen counts the changes of endpoints: readers that keep what they
-	// derived from them know when to derive again.
+	// derived from them know when to derive again. snap is the sorted
+	// copy EndpointsGen last made, at snapGen.
 	gen     uint64
+	snap    []Endpoint
+	snapGen uint64
 	objects map[string]json.RawMessage
 }
 
@@ -196,13 +199,21 @@ func (s *Store) DeleteEndpoint(namespace, name string) error {
 	return nil
 }
 
-// EndpointsGen returns the endpoints with the generation they are at
-// (equal generations: same endpoints).
+// EndpointsGen returns the endpoints, sorted by key, with the generation
+// they are at (equal generations: same endpoints). The slice is shared
+// until the next change (a reconcile of an unchanged node copies
+// nothing): it must not be modified.
 func (s *Store) EndpointsGen() ([]Endpoint, uint64) {
 	s.mu.Lock()
-	gen := s.gen
-	s.mu.Unlock()
-	return s.Endpoints(), gen
+	defer s.mu.Unlock()
+	if s.snap == nil || s.snapGen != s.gen {
+		s.snap = make([]Endpoint, 0, len(s.endpoints))
+		for _, k := range slices.Sorted(maps.Keys(s.endpoints)) {
+			s.snap = append(s.snap, s.endpoints[k].clone())
+		}
+		s.snapGen = s.gen
+	}
+	return s.snap, s.gen
 }
 
 func (s *Store) writeEndpoints(eps map[string]Endpoint) error {
