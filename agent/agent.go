@@ -52,6 +52,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/reconcile"
 	"github.com/isthmus-mesh/isthmus/agent/routes"
 	"github.com/isthmus-mesh/isthmus/agent/state"
+	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 )
 
@@ -202,6 +203,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, MTU: a.cfg.MTU, Started: a.started, Log: a.log,
 		Lock: &a.mu, Store: a.store, IPAM: a.ipam, Identities: a.ids, LocalObjects: &a.objSet, Objects: a.objects,
 		Datapath: dp, Plumb: a.plumb, Reconcile: a.rec, Mesh: a.mesh, WireGuard: a.enc,
+		IPCache: func() (int, int) { return a.maps.IPCacheEntries(), a.maps.IPCacheOverflow() },
 	})
 	local.RestoreEndpoints(ctx)
 	local.CollectGarbage(ctx)
@@ -282,6 +284,10 @@ func (a *Agent) reconcile(ctx context.Context) error {
 			a.log.Warn("wireguard: peers or tunnel routes incomplete; retrying", "err", err)
 		}
 	}
+	if res.Overflow > 0 {
+		a.log.Error("BPF ipcache full: mesh entries left out (their pods are \"world\" to this node); cap the remote clusters' entries (--max-remote-ipcache)",
+			"leftOut", res.Overflow, "capacity", bpf.IPCacheMaxEntries, "reservedForNode", datapath.IPCacheReserve)
+	}
 	if res.Changes()+routeChanges > 0 {
 		a.log.Info("datapath reconciled", "ipcacheChanges", res.IPCache, "endpointChanges", res.Endpoints,
 			"policyChanges", res.Policy, "serviceChanges", res.Services, "routeChanges", routeChanges, "errors", len(res.Errs))
@@ -341,9 +347,10 @@ func (a *Agent) metricsSources() metrics.Sources {
 			svcs, pols := a.objects().Split()
 			return metrics.Counts{Endpoints: len(a.store.Endpoints()), Identities: len(a.ids.List()), Services: len(svcs), Policies: len(pols)}
 		},
-		Reconcile:      a.rec.Stats,
-		IPCacheEntries: func() int { return a.maps.IPCacheEntries() },
-		ClusterMesh:    a.mesh.Status,
-		WireGuard:      func() *api.WireGuardStatus { return a.enc.Status() },
+		Reconcile:       a.rec.Stats,
+		IPCacheEntries:  func() int { return a.maps.IPCacheEntries() },
+		IPCacheOverflow: func() int { return a.maps.IPCacheOverflow() },
+		ClusterMesh:     a.mesh.Status,
+		WireGuard:       func() *api.WireGuardStatus { return a.enc.Status() },
 	}
 }

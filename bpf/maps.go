@@ -46,6 +46,10 @@ func checkAddr(a netip.Addr) error {
 }
 
 // IPCacheUpsert maps a prefix (a /32 or /128 for a single address) to an identity.
+// IPCacheMaxEntries is the capacity of the BPF ipcache (max_entries of
+// isth_ipcache in bpf/c/datapath.c).
+const IPCacheMaxEntries = 512 * 1024
+
 func (d *Datapath) IPCacheUpsert(p netip.Prefix, e IPCacheEntry) error {
 	if err := checkAddr(p.Addr()); err != nil {
 		return fmt.Errorf("ipcache upsert %s: %w", p, err)

@@ -87,6 +87,12 @@ type Reconciler struct {
 	ipcReady   bool
 	ipcNodeIPs []netip.Addr
 	ipcEntries atomic.Int64 // after the last Sync, for /metrics
+	// ipcMeshLimit caps the map's entries that mesh entries may fill
+	// (the capacity less IPCacheReserve): the node's own entries always
+	// fit. ipcOverflow counts the mesh entries left out for it at the last
+	// Sync; they are tried again at the next full pass.
+	ipcMeshLimit int
+	ipcOverflow  atomic.Int64
 
 	epShadow  map[netip.Addr]bpf.EndpointInfo // nil: list the map
 	polShadow map[bpf.PolicyKey]struct{}      // nil: list the map
@@ -106,18 +112,31 @@ type inputs struct {
 	cluster, nodeIPs   string
 }
 
+// IPCacheReserve is how many BPF ipcache entries mesh entries never take:
+// room for the node's own (its pods, its addresses, its cluster's nodes).
+const IPCacheReserve = 16 * 1024
+
 // NewReconciler returns the reconciler of dp's maps.
-func NewReconciler(dp Datapath) *Reconciler { return &Reconciler{dp: dp} }
+func NewReconciler(dp Datapath) *Reconciler {
+	return &Reconciler{dp: dp, ipcMeshLimit: bpf.IPCacheMaxEntries - IPCacheReserve}
+}
 
 // IPCacheEntries is the number of BPF ipcache entries after the last Sync,
 // known without walking the map.
 func (r *Reconciler) IPCacheEntries() int { return int(r.ipcEntries.Load()) }
+
+// IPCacheOverflow is the number of mesh entries the last Sync left out of
+// the BPF ipcache because it was full (but for IPCacheReserve).
+func (r *Reconciler) IPCacheOverflow() int { return int(r.ipcOverflow.Load()) }
 
 // Result counts what a Sync changed, and keeps the errors of the writes
 // that failed (the others went through).
 type Result struct {
 	IPCache, Endpoints, Policy, Services int
 	Errs                                 []error
+	// Overflow is set (to the count) when mesh entries started to be
+	// left out of a full ipcache in this Sync.
+	Overflow int
 }
 
 // Changes is the number of entries written or removed.

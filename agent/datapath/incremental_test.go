@@ -220,3 +220,63 @@ func TestIncrementalRunTouchesNothing(t *testing.T) {
 	}
 	_ = bpf.IdentityWorld
 }
+
+// A full ipcache leaves out mesh entries, never the node's own: the mesh
+// may fill the map only up to its capacity less the reserve, the count of
+// what is left out is reported, and they come in at the next full pass
+// once there is room.
+func TestIPCacheOverflowKeepsLocalEntries(t *testing.T) {
+	m := newMeshModel(t)
+	for i := range 20 {
+		m.ip("c2", "n1", remoteIP, netip.AddrFrom4([4]byte{10, 2, 1, byte(i + 1)}), 2<<20|1)
+	}
+	dp := agenttest.NewFakeDatapath()
+	r := NewReconciler(dp)
+	r.ipcMeshLimit = 12
+	ep := func(i int) state.Endpoint {
+		return state.Endpoint{Name: fmt.Sprint("ep", i), Namespace: "default", ID: uint32(i + 1), Identity: 1<<20 | 1,
+			IPs: []netip.Addr{netip.AddrFrom4([4]byte{10, 1, 1, byte(i + 1)})}, HostMAC: "02:00:00:00:00:01", PodMAC: "02:00:00:00:01:01"}
+	}
+	s := desired.State{Cluster: "c1", Identities: ids{}, HostAddrs: []netip.Addr{selfIP}, EndpointsGen: 1, ObjectsGen: 1,
+		Endpoints: []state.Endpoint{ep(0), ep(1)},
+		Mesh: desired.Mesh{Ready: true, Cluster: "c1", Node: "node1", NodeIPs: []netip.Addr{selfIP}, View: m.tables.View(), IPs: m.tables}}
+	sync := func() Result {
+		t.Helper()
+		s.Mesh.View = m.tables.View()
+		res, err := r.Sync(s)
+		if err != nil || len(res.Errs) > 0 {
+			t.Fatal(err, res.Errs)
+		}
+		return res
+	}
+	local := func() int {
+		n := 0
+		for p := range dp.IPCache {
+			if !netip.MustParsePrefix("10.2.0.0/16").Contains(p.Addr()) {
+				n++
+			}
+		}
+		return n
+	}
+	res := sync()
+	// world x2, node2 (remote-node), host, 2 pods: 6 of the node's own.
+	if local() != 6 || len(dp.IPCache) != 12 || r.IPCacheOverflow() != 14 || res.Overflow != 14 {
+		t.Fatalf("%d entries (%d own), overflow %d (reported %d): want 12 (6), 14", len(dp.IPCache), local(), r.IPCacheOverflow(), res.Overflow)
+	}
+	// A new pod still fits: the node's own entries are not capped.
+	s.Endpoints, s.EndpointsGen = append(s.Endpoints, ep(2)), 2
+	sync()
+	if _, ok := dp.IPCache[netip.MustParsePrefix("10.1.1.3/32")]; !ok || local() != 7 {
+		t.Fatalf("a new pod left out of a full map (%d own entries)", local())
+	}
+	// Room again: at the next full pass, the left-out entries come in.
+	for i := range 15 {
+		m.ip("c2", "n1", remoteIP, netip.AddrFrom4([4]byte{10, 2, 1, byte(i + 1)}), 0)
+	}
+	sync()
+	r.listedAt = time.Time{} // the resync is due
+	sync()
+	if len(dp.IPCache) != 7+5 || r.IPCacheOverflow() != 0 {
+		t.Errorf("after the resync: %d entries, overflow %d; want 12, 0", len(dp.IPCache), r.IPCacheOverflow())
+	}
+}

@@ -63,8 +63,18 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 	}
 	have := r.ipcShadow
 	failed := false
+	overflow := 0
+	if !full {
+		overflow = int(r.ipcOverflow.Load()) // those left out stay out until a full pass
+	}
 	write := func(p netip.Prefix, e bpf.IPCacheEntry, ok bool) {
 		h, had := have[p]
+		if ok && !had && len(have) >= r.ipcMeshLimit {
+			if _, mine := local[p]; !mine {
+				overflow++ // a mesh entry past the limit: the node's own come first
+				return
+			}
+		}
 		switch {
 		case ok && (!had || h != e):
 			if err := r.dp.IPCacheUpsert(p, e); err != nil {
@@ -86,12 +96,19 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 	}
 	if full {
 		want := wantIPCache(s, local)
-		for p, e := range want {
-			write(p, e, true)
-		}
+		// Removals first, then the node's own entries, then the mesh's:
+		// when the map is full, what is left out is the mesh's.
 		for p := range have {
 			if _, ok := want[p]; !ok {
 				write(p, bpf.IPCacheEntry{}, false)
+			}
+		}
+		for p, e := range local {
+			write(p, e, true)
+		}
+		for p, e := range want {
+			if _, mine := local[p]; !mine {
+				write(p, e, true)
 			}
 		}
 	} else {
@@ -122,5 +139,8 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 		r.ipcShadow = nil // list the map again next time, and a full pass
 	}
 	r.ipcEntries.Store(int64(len(have))) // for /metrics, without walking the map
+	if old := r.ipcOverflow.Swap(int64(overflow)); overflow > 0 && old == 0 {
+		res.Overflow = overflow
+	}
 	return nil
 }
