@@ -56,9 +56,9 @@ type Tables struct {
 	vers     Versions
 	view     *View
 	viewVers Versions
-	// namespaces interns the owner namespaces of ipcache entries (few
-	// distinct values, one string each instead of one per entry).
-	namespaces map[string]string
+	// strs interns the strings that repeat across records: owner
+	// namespaces of ipcache entries, identity label keys and values.
+	strs map[string]string
 
 	invalid     uint64
 	lastInvalid string
@@ -130,7 +130,7 @@ func NewTables(local Local, log *slog.Logger, onChange func()) *Tables {
 	}
 	t := &Tables{local: local, log: log, onChange: onChange, clusters: map[string]*cluster{},
 		listed: map[string]bool{}, objs: map[string]objects.Object{}, maxIPCache: records.DefaultMaxIPCacheEntries,
-		dirty: map[netip.Prefix]struct{}{}, namespaces: map[string]string{}}
+		dirty: map[netip.Prefix]struct{}{}, strs: map[string]string{}}
 	own := newCluster(local.Cluster)
 	own.id = local.ClusterID
 	own.inUse = true
@@ -533,7 +533,13 @@ func (t *Tables) state(c *cluster, key string, value []byte, del bool) error {
 		if err != nil {
 			return err
 		}
-		c.identities[id] = identity.Labels(r.Labels)
+		// Label keys and values repeat across identities (the namespace
+		// and cluster labels are in every one): one string each.
+		l := make(identity.Labels, len(r.Labels))
+		for k, v := range r.Labels {
+			l[t.intern(k)] = t.intern(v)
+		}
+		c.identities[id] = l
 	case strings.HasPrefix(key, records.StatePrefix(records.KindIdentities)):
 		// Reference and claim keys of the allocator: not needed here.
 		return nil
@@ -589,14 +595,14 @@ func (t *Tables) checkInUse() {
 	t.vers.Services++
 }
 
-// intern returns s, or an equal string already held (at most 4096 are:
-// owner namespaces are few; past that, each entry keeps its own).
+// intern returns s, or an equal string already held (at most 16384 are;
+// past that, each record keeps its own).
 func (t *Tables) intern(s string) string {
-	if v, ok := t.namespaces[s]; ok {
+	if v, ok := t.strs[s]; ok {
 		return v
 	}
-	if len(t.namespaces) < 4096 {
-		t.namespaces[s] = s
+	if len(t.strs) < 16384 {
+		t.strs[s] = s
 	}
 	return s
 }
