@@ -115,3 +115,53 @@ func TestViewCachedByVersions(t *testing.T) {
 		t.Fatalf("a new node: %d nodes, versions %+v", len(v4.Nodes), v4.Versions)
 	}
 }
+
+// A remote cluster's entries survive changes of its ID without their raw
+// values being kept: before the ID is known they wait raw; once accepted
+// only the decoded entry is kept, and a change of ID validates them again
+// from it (refused under the new ID, accepted again under the old one).
+func TestRebuildWithoutRawValues(t *testing.T) {
+	tables := NewTables(Local{Cluster: "c1", ClusterID: 1, Node: "node1"}, nil, nil)
+	handle := func(prefix, key string, v []byte) {
+		tables.Handle(prefix, kvstore.Event{Type: kvstore.EventUpsert, Key: key, Value: v})
+	}
+	for _, k := range records.Kinds {
+		handle(records.SyncedPrefix, records.SyncedKey("c2", k), must(records.Stamp{Cluster: "c2", Time: time.Now()}.Marshal()))
+	}
+	nk, _ := records.CacheKey(records.NodeKey("c2", "n1"), "c2")
+	handle(records.CacheRoot, nk, must(records.Node{Name: "n1", Cluster: "c2", ClusterID: 2, IPs: []netip.Addr{netip.MustParseAddr("198.51.100.1")}, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.2.1.0/24")}}.Marshal()))
+	for i := range 3 {
+		k, v := ipRecord("c2", 2<<20|1, "198.51.100.1", netip.AddrFrom4([4]byte{10, 2, 1, byte(i + 1)}).String())
+		ck, _ := records.CacheKey(k, "c2")
+		handle(records.CacheRoot, ck, v)
+	}
+	config := func(id uint32) {
+		handle(records.ClusterConfigPrefix, records.ClusterConfigKey("c2"), must(records.ClusterConfig{Name: "c2", ID: id, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.2.0.0/16")}}.Marshal()))
+	}
+	rawIPs := func() int {
+		tables.mu.RLock()
+		defer tables.mu.RUnlock()
+		n := 0
+		for k := range tables.clusters["c2"].raw {
+			if isIPKey(k) {
+				n++
+			}
+		}
+		return n
+	}
+	if n := len(tables.IPCache()); n != 0 || rawIPs() != 3 {
+		t.Fatalf("before the config: %d entries in use, %d raw", n, rawIPs())
+	}
+	config(2)
+	if n := len(tables.IPCache()); n != 3 || rawIPs() != 0 {
+		t.Fatalf("ID 2: %d entries in use, %d raw values kept; want 3, 0", n, rawIPs())
+	}
+	config(3) // the identities carry ID 2: refused now, kept raw to be judged again
+	if n := len(tables.IPCache()); n != 0 || rawIPs() != 3 {
+		t.Fatalf("ID 3: %d entries in use, %d raw", n, rawIPs())
+	}
+	config(2)
+	if n := len(tables.IPCache()); n != 3 || rawIPs() != 0 {
+		t.Fatalf("ID 2 again: %d entries in use, %d raw", n, rawIPs())
+	}
+}

@@ -11,8 +11,8 @@ import (
 )
 
 // BenchmarkTablesHeapPerEntry: the heap one remote ipcache entry costs in
-// the agent's tables (raw value kept for rebuilds, the ownership Gate's
-// record, the typed table), at 100,000 entries of one remote node. Each
+// the agent's tables (the ownership Gate's decoded record, the index by
+// prefix; no raw value), at 100,000 entries of one remote node. Each
 // iteration builds the tables from scratch.
 func BenchmarkTablesHeapPerEntry(b *testing.B) {
 	for range b.N {
