@@ -82,7 +82,7 @@ type Reconciler struct {
 	// part of the desired ipcache at the last run (its changes are diffed,
 	// not taken from a source); ipcReady and ipcNodeIPs what the mesh part
 	// was read with (a change of either makes a full pass).
-	ipcShadow  map[netip.Prefix]bpf.IPCacheEntry
+	ipcShadow  ipShadow
 	ipcLocal   map[netip.Prefix]bpf.IPCacheEntry
 	ipcReady   bool
 	ipcNodeIPs []netip.Addr

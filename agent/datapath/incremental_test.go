@@ -40,6 +40,7 @@ var (
 
 func newMeshModel(t *testing.T) *meshModel {
 	m := &meshModel{t: t, tables: meshsync.NewTables(meshsync.Local{Cluster: "c1", ClusterID: 1, Node: "node1"}, nil, nil)}
+	m.tables.SetMaxIPCachePerRemote(-1)
 	m.put(records.ClusterConfigPrefix, records.ClusterConfigKey("c1"), records.ClusterConfig{Name: "c1", ID: 1, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}})
 	m.put(records.ClusterConfigPrefix, records.ClusterConfigKey("c2"), records.ClusterConfig{Name: "c2", ID: 2, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.2.0.0/16")}})
 	m.node("c1", "node1", selfIP, "10.1.1.0/24")
@@ -278,5 +279,30 @@ func TestIPCacheOverflowKeepsLocalEntries(t *testing.T) {
 	sync()
 	if len(dp.IPCache) != 7+5 || r.IPCacheOverflow() != 0 {
 		t.Errorf("after the resync: %d entries, overflow %d; want 12, 0", len(dp.IPCache), r.IPCacheOverflow())
+	}
+}
+
+// The compact shadow keeps every prefix and entry as it was given: IPv4
+// and IPv6 (and an IPv4-mapped IPv6 prefix apart from its IPv4 twin),
+// with and without a host.
+func TestShadowRoundTrip(t *testing.T) {
+	s := ipShadow{}
+	cases := map[netip.Prefix]bpf.IPCacheEntry{
+		netip.MustParsePrefix("0.0.0.0/0"):           {Identity: bpf.IdentityWorld},
+		netip.MustParsePrefix("::/0"):                {Identity: bpf.IdentityWorld},
+		netip.MustParsePrefix("10.1.2.3/32"):         {Identity: 1<<20 | 1, HostIP: netip.MustParseAddr("192.0.2.1")},
+		netip.MustParsePrefix("::ffff:10.1.2.3/128"): {Identity: 1<<20 | 2, HostIP: netip.MustParseAddr("fd00::1")},
+		netip.MustParsePrefix("fd00:1::/64"):         {Identity: 7},
+	}
+	for p, e := range cases {
+		s[keyOf(p)] = valOf(e)
+	}
+	if len(s) != len(cases) {
+		t.Fatalf("%d keys for %d prefixes", len(s), len(cases))
+	}
+	for k, v := range s {
+		if want, ok := cases[k.prefix()]; !ok || v.entry() != want {
+			t.Errorf("%s: %+v, want %+v (%v)", k.prefix(), v.entry(), want, ok)
+		}
 	}
 }

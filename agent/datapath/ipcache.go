@@ -55,7 +55,7 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 			r.ipcLocal = nil // the changes taken are lost: a full pass next time
 			return err
 		}
-		r.ipcShadow = have
+		r.ipcShadow = shadowOf(have)
 		full = true
 	}
 	if r.ipcLocal == nil || s.Mesh.Ready != r.ipcReady || !slices.Equal(s.Mesh.NodeIPs, r.ipcNodeIPs) {
@@ -68,7 +68,7 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 		overflow = int(r.ipcOverflow.Load()) // those left out stay out until a full pass
 	}
 	write := func(p netip.Prefix, e bpf.IPCacheEntry, ok bool) {
-		h, had := have[p]
+		h, had := have.get(p)
 		if ok && !had && len(have) >= r.ipcMeshLimit {
 			if _, mine := local[p]; !mine {
 				overflow++ // a mesh entry past the limit: the node's own come first
@@ -82,7 +82,7 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 				res.note(&res.IPCache, err)
 				return
 			}
-			have[p] = e
+			have[keyOf(p)] = valOf(e)
 			res.IPCache++
 		case !ok && had && s.Mesh.MayRemove(p):
 			if err := r.dp.IPCacheDelete(p); err != nil {
@@ -90,7 +90,7 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 				res.note(&res.IPCache, err)
 				return
 			}
-			delete(have, p)
+			delete(have, keyOf(p))
 			res.IPCache++
 		}
 	}
@@ -98,8 +98,8 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 		want := wantIPCache(s, local)
 		// Removals first, then the node's own entries, then the mesh's:
 		// when the map is full, what is left out is the mesh's.
-		for p := range have {
-			if _, ok := want[p]; !ok {
+		for k := range have {
+			if p := k.prefix(); !hasKey(want, p) {
 				write(p, bpf.IPCacheEntry{}, false)
 			}
 		}
@@ -143,4 +143,9 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 		res.Overflow = overflow
 	}
 	return nil
+}
+
+func hasKey[K comparable, V any](m map[K]V, k K) bool {
+	_, ok := m[k]
+	return ok
 }
