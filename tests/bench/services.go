@@ -50,7 +50,9 @@ var (
 var svcPodCIDR = netip.MustParsePrefix("10.64.0.0/16")
 
 // svcVIP is the VIP of the i-th service of the section.
-func svcVIP(i int) netip.Addr { return netip.AddrFrom4([4]byte{10, 98, byte(i / 250), byte(i%250 + 1)}) }
+func svcVIP(i int) netip.Addr {
+	return netip.AddrFrom4([4]byte{10, 98, byte(i / 250), byte(i%250 + 1)})
+}
 
 func serviceBackendBench(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
