@@ -186,7 +186,7 @@ func meshScaleBench(ctx context.Context) error {
 		mirrored <- time.Since(start)
 	}()
 	if before+total > bpfIPCacheMax {
-		return meshOverflow(ctx, c1, agent1, ipc1, before, total)
+		return meshOverflow(ctx, agent1, ipc1, mirrored, before, total)
 	}
 	for _, r := range rs {
 		if err := waitAll(ctx, ipc1, r.addrs, r.w.id, 10*time.Minute); err != nil {
@@ -222,11 +222,16 @@ func meshScaleBench(ctx context.Context) error {
 }
 
 // meshOverflow watches an agent asked to hold more remote entries than its
-// BPF ipcache can: it waits until the map stops growing, then reports the
-// map's count, the agent's reconcile state and whether a pod can still be
-// added on the node.
-func meshOverflow(ctx context.Context, c1 *lab.Cluster, a *lab.Agent, ipc *bpf.PinnedIPCache, before, total int) error {
+// BPF ipcache can: once c1's server has mirrored every remote, it waits
+// until the map stops growing, then reports the map's count, the agent's
+// reconcile state and whether a pod can still be added on the node.
+func meshOverflow(ctx context.Context, a *lab.Agent, ipc *bpf.PinnedIPCache, mirrored <-chan time.Duration, before, total int) error {
 	progress("mesh-scale: %d remote entries and %d of the node's own do not fit in the BPF ipcache (%d): watching the overflow", total, before, bpfIPCacheMax)
+	d, ok := <-mirrored
+	if !ok {
+		return fmt.Errorf("c1's server did not mirror every remote: %w", ctx.Err())
+	}
+	progress("mesh-scale: overflow: c1's server mirrored every remote after %s", d.Round(time.Millisecond))
 	last, since := -1, time.Now()
 	var count int
 	for time.Since(since) < 30*time.Second {
@@ -234,7 +239,7 @@ func meshOverflow(ctx context.Context, c1 *lab.Cluster, a *lab.Agent, ipc *bpf.P
 		if count, err = ipc.Count(); err != nil {
 			return err
 		}
-		if count != last {
+		if count != last || count == before {
 			last, since = count, time.Now()
 		}
 		if err := ctx.Err(); err != nil {
@@ -250,15 +255,25 @@ func meshOverflow(ctx context.Context, c1 *lab.Cluster, a *lab.Agent, ipc *bpf.P
 	if err := json.Unmarshal(out, &st); err != nil {
 		return fmt.Errorf("agent status: %w", err)
 	}
-	msg := st.Reconcile.LastError
-	if len(msg) > 300 {
-		msg = msg[:300] + "..."
-	}
+	msg := clip(st.Reconcile.LastError)
 	progress("mesh-scale: overflow: %d entries in the BPF ipcache (unchanged for 30s), status ipcacheEntries %d, reconcile runs %d, last success %s, last error: %s",
 		count, st.IPCacheEntries, st.Reconcile.Runs, st.Reconcile.LastSuccess.Format(time.RFC3339), msg)
 	_, podErr := a.AddPod(ctx, "overflow-probe", "default", map[string]string{"app": "probe"})
-	progress("mesh-scale: overflow: adding a pod on the full node: %v", podErr)
+	podMsg := "added"
+	if podErr != nil {
+		podMsg = clip(podErr.Error())
+	}
+	progress("mesh-scale: overflow: adding a pod on the full node: %s", podMsg)
 	line("mesh-ipcache-overflow-entries", float64(count), "entries",
 		fmt.Sprintf("info: %d remote entries asked, %d fit (max_entries %d); pod add on the node: %v", total, count, bpfIPCacheMax, podErr == nil))
 	return fmt.Errorf("%d remote ipcache entries do not fit in the BPF ipcache (%d entries): no full-sync figure", total, bpfIPCacheMax)
+}
+
+// clip shortens an error message of the agent (at the ipcache's limit it
+// joins one error per entry that did not fit, megabytes of them).
+func clip(msg string) string {
+	if len(msg) > 400 {
+		return fmt.Sprintf("%s... (%d bytes)", msg[:400], len(msg))
+	}
+	return msg
 }
