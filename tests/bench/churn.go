@@ -13,7 +13,7 @@ package main
 // only seconds later (the changes go through a queue of live addresses),
 // so every change has a state of its own to wait for.
 //
-// Every -mesh-churn-sample-th change is timed from just before its write
+// One change in -mesh-churn-sample (drawn at random) is timed from just before its write
 // until c1's node's BPF ipcache shows it (the new identity and host, or
 // the address gone), by one goroutine that looks each pending change up
 // every churnPoll, or every 1/20 of its age once that is longer (an error
@@ -27,6 +27,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -124,9 +125,13 @@ func meshChurn(ctx context.Context, w *writer, c *lab.Cluster, ipc *bpf.PinnedIP
 	}
 	fresh := prefill
 
-	// The changes, planned in advance: their states in order.
+	// The changes, planned in advance: their states in order, and which
+	// are timed (drawn at random, so that every kind of change is).
 	plan := make([]churnState, total)
+	timed := make([]bool, total)
+	rng := rand.New(rand.NewPCG(11, uint64(total)))
 	for i := range plan {
+		timed[i] = rng.IntN(every) == 0
 		switch {
 		case i%3 == 0 || len(live) == 0: // add
 			plan[i] = churnState{addr: churnAddr(c.Index, fresh), live: true, id: w.id, host: w.host6}
@@ -257,7 +262,7 @@ func meshChurn(ctx context.Context, w *writer, c *lab.Cluster, ipc *bpf.PinnedIP
 					failed.CompareAndSwap(nil, fmt.Errorf("change %d (%s): %w", op.seq, st.addr, err))
 					continue
 				}
-				if op.seq%every == 0 {
+				if timed[op.seq] {
 					samples <- churnSample{state: st, start: start}
 				}
 			}
@@ -325,7 +330,7 @@ func meshChurn(ctx context.Context, w *writer, c *lab.Cluster, ipc *bpf.PinnedIP
 	slices.Sort(lat)
 	achieved := float64(total) / wrote.Seconds()
 	line("mesh-churn-propagation-p50", ms(pct(lat, 50)), "ms",
-		fmt.Sprintf("info: %d changes (adds, identity/host updates, deletes) at %d/s for %s by %d writers into c2's etcd, c1's agent holding %d entries; every %d-th timed (%d) until c1's node's BPF ipcache shows it, polled every %s or 1/20 of its age",
+		fmt.Sprintf("info: %d changes (adds, identity/host updates, deletes) at %d/s for %s by %d writers into c2's etcd, c1's agent holding %d entries; 1 in %d timed (%d) until c1's node's BPF ipcache shows it, polled every %s or 1/20 of its age",
 			total, rate, dur, *meshChurnWriters, held+prefill, every, len(lat), churnPoll))
 	line("mesh-churn-propagation-p99", ms(pct(lat, 99)), "ms", "<= 50")
 	behind := ""
