@@ -598,3 +598,14 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+func TestAddClusterServerOnlyTakesNoNodes(t *testing.T) {
+	l := newLab(t)
+	_, err := l.AddCluster(context.Background(), 1, ClusterOptions{ServerOnly: true, Nodes: 1})
+	if err == nil || !strings.Contains(err.Error(), "ServerOnly with 1 nodes") {
+		t.Fatalf("AddCluster(ServerOnly, Nodes 1) = %v, want an error", err)
+	}
+	if ns := l.Netns("c1-rtr"); ns != nil {
+		t.Fatalf("the refused cluster left its router %s", ns.FullName())
+	}
+}

@@ -30,7 +30,11 @@ import (
 type ClusterOptions struct {
 	Name  string // DNS label, default "c<i>"
 	ID    uint32 // cluster ID, default the index
-	Nodes int    // agents to start, default 2
+	Nodes int    // agents to start, default 2 (see ServerOnly)
+	// ServerOnly starts no node: the cluster is its router and its server,
+	// a remote whose state a test or benchmark writes into its etcd
+	// itself (Nodes must be 0). AddNode still adds nodes later.
+	ServerOnly bool
 	// ServerArgs and AgentArgs are extra flags for isthmus-clustermesh and
 	// every isthmus-agent of the cluster.
 	ServerArgs []string
@@ -144,7 +148,7 @@ func (l *Lab) Fabric() (*Node, error) {
 
 // AddCluster builds cluster number index (1-based, unique in the lab): its
 // router, its server, and opts.Nodes nodes each running an agent in cluster
-// mode.
+// mode (none with opts.ServerOnly).
 func (l *Lab) AddCluster(ctx context.Context, index int, opts ClusterOptions) (*Cluster, error) {
 	if index < 1 || index > 99 {
 		return nil, fmt.Errorf("lab: cluster index %d out of range 1..99", index)
@@ -155,7 +159,10 @@ func (l *Lab) AddCluster(ctx context.Context, index int, opts ClusterOptions) (*
 	if opts.ID == 0 {
 		opts.ID = uint32(index)
 	}
-	if opts.Nodes == 0 {
+	switch {
+	case opts.ServerOnly && opts.Nodes != 0:
+		return nil, fmt.Errorf("lab: cluster %d: ServerOnly with %d nodes", index, opts.Nodes)
+	case opts.Nodes == 0 && !opts.ServerOnly:
 		opts.Nodes = 2
 	}
 	if opts.LeaseTTL == 0 {

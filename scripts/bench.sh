@@ -8,9 +8,12 @@
 # Ratios are measured side by side in one run (see tests/bench), because
 # these machines are shared and absolute numbers drift.
 #
-# BENCH_RUN selects sections (regexp: throughput|cps|mesh|wireguard|labup; mesh also runs
+# BENCH_RUN selects sections (a regexp matched against the whole section name:
+# throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup; mesh also runs
 # the identity allocation benchmark), BENCH_DURATION the length of each
-# measurement of throughput and cps.
+# measurement of throughput and cps, BENCH_ARGS more flags of tests/bench
+# (for a CI-sized run, e.g. "-mesh-endpoints 10000 -mesh-churn-duration 10s
+# -mesh-churn-rate 200 -mesh-scale-endpoints 10000 -svc-services 100").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -32,7 +35,7 @@ go test -run '^$' -bench 'BenchmarkFromPod' -benchtime 200x -count 1 ./bpf/ |
 		printf "bench: from-pod-%s %s ns/pkt (goal info: BPF_PROG_TEST_RUN)\n", name, v
 	}'
 
-run="${BENCH_RUN:-throughput|cps|mesh|wireguard|labup}"
+run="${BENCH_RUN:-throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup}"
 
 # 2. Identity allocations per second, 10 concurrent allocators (each its
 #    own etcd client and node name) against one embedded etcd (no fsync).
@@ -60,6 +63,10 @@ fi
 
 # 3. Throughput against a plain veth pair, service scaling against one
 #    service and against iptables (kube-proxy style); the cluster mesh:
-#    propagation, full sync of 100,000 endpoints, agent RSS (tests/bench/mesh.go);
-#    the time from `isthmus lab up` to a ready mesh, 2x2 and 4x3 (tests/bench/labup.go).
-go run ./tests/bench -run "$run" -duration "${BENCH_DURATION:-8s}"
+#    propagation, full sync of 100,000 endpoints, agent RSS, sustained churn
+#    (tests/bench/mesh.go, churn.go); 4 remote clusters x 100,000 endpoints into
+#    one agent (meshscale.go); endpoint churn under 1,000 services
+#    (services.go); the time from `isthmus lab up` to a ready mesh, 2x2 and 4x3
+#    (tests/bench/labup.go).
+# shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
+go run ./tests/bench -run "$run" -duration "${BENCH_DURATION:-8s}" ${BENCH_ARGS:-}

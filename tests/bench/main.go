@@ -33,7 +33,7 @@ import (
 )
 
 var (
-	only     = flag.String("run", "throughput|cps|mesh|wireguard|labup", "regexp of the sections to run: throughput, cps, mesh, wireguard, labup")
+	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup")
 	duration = flag.Duration("duration", 8*time.Second, "length of each measurement")
 	services = flag.Int("services", 10000, "services installed for the scaling measurement")
 )
@@ -81,7 +81,7 @@ func meetsGoal(value float64, goal string) (ok, isGoal bool) {
 
 func main() {
 	flag.Parse()
-	re := regexp.MustCompile(*only)
+	re := regexp.MustCompile("^(?:" + *only + ")$")
 	ctx := context.Background()
 	defer labtest.Cleanup()
 	sections := []struct {
@@ -91,6 +91,8 @@ func main() {
 		{"throughput", throughput},
 		{"cps", cps},
 		{"mesh", meshBench},
+		{"mesh-scale", meshScaleBench},
+		{"service-backend", serviceBackendBench},
 		{"wireguard", wireguardBench},
 		{"labup", labupBench},
 	}
