@@ -51,13 +51,19 @@ if [[ mesh =~ $run ]]; then
 		}'
 fi
 
-# 2b. Heap per remote ipcache entry in the agent's mesh tables (raw value,
-#     ownership Gate record, typed table), at 100,000 entries.
+# 2b. Heap per remote ipcache entry in the agent: its mesh tables (the
+#     ownership Gate's decoded record, the index by prefix), at 100,000
+#     entries; the datapath reconciler's shadow of the BPF ipcache, at 60,000.
 if [[ mesh =~ $run ]]; then
 	go test -run '^$' -bench 'BenchmarkTablesHeapPerEntry' -benchtime 1x -count 1 ./agent/meshsync/ |
 		awk '/^BenchmarkTablesHeapPerEntry/ {
 			for (i = 1; i <= NF; i++) if ($(i+1) == "B/entry") v = $i
 			printf "bench: mesh-tables-heap-per-entry %s B (goal info: agent tables, 100,000 remote ipcache entries)\n", v
+		}'
+	go test -run '^$' -bench 'BenchmarkReconcilerHeapPerEntry' -benchtime 1x -count 1 ./agent/datapath/ |
+		awk '/^BenchmarkReconcilerHeapPerEntry/ {
+			for (i = 1; i <= NF; i++) if ($(i+1) == "B/entry") v = $i
+			printf "bench: mesh-reconciler-heap-per-entry %s B (goal info: the reconciler'"'"'s shadow of the BPF ipcache, 60,000 remote entries)\n", v
 		}'
 fi
 
