@@ -27,11 +27,12 @@ func TestBenchMirror(t *testing.T) {
 	c1.Config.Server.UnsafeNoFsync = false
 	c1.Config.Mirror.MaxIPCachePerRemote = -1 // n is past the default cap
 	c1.Start(t)
-	c2 := servertest.Start(t, "c2", 2, "10.2.0.0/16")
+	// IPv6 endpoints: c2's IPv4 /16 holds fewer than n.
+	c2 := servertest.Start(t, "c2", 2, "10.2.0.0/16", "fd00:2::/48")
 	ctx := context.Background()
 	var ops []kvstore.Op
 	for i := range n {
-		p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 2 + byte(i>>16), byte(i >> 8), byte(i)}), 32)
+		p := netip.PrefixFrom(netip.AddrFrom16([16]byte{0xfd, 0, 0, 2, 15: byte(i), 14: byte(i >> 8), 13: byte(i >> 16)}), 128)
 		v := marshal(t, records.IPCacheEntry{Prefix: p, Identity: 2<<20 | 1, HostIP: netip.MustParseAddr("192.168.0.2"), Cluster: "c2"})
 		ops = append(ops, kvstore.OpPut(records.IPCacheKey("c2", "n1", p), v))
 		if len(ops) == 128 || i == n-1 {
@@ -43,6 +44,15 @@ func TestBenchMirror(t *testing.T) {
 	}
 	start := time.Now()
 	servertest.Connect(t, c1, c2)
+	// The canary is written after the complete first list (what agents
+	// wait for); the status is checked after it.
+	servertest.Eventually(t, 2*time.Minute, "canary", func() error {
+		if _, found, err := c1.KV().Get(ctx, records.SyncedKey("c2", records.KindIP)); err != nil || !found {
+			return fmt.Errorf("no canary yet (%v)", err)
+		}
+		return nil
+	})
+	took := time.Since(start)
 	servertest.Eventually(t, 2*time.Minute, "full sync", func() error {
 		st, err := status(c1, "c2")
 		if err != nil || !st.Synced.Endpoints || st.Endpoints != n {
@@ -50,11 +60,11 @@ func TestBenchMirror(t *testing.T) {
 		}
 		return nil
 	})
-	fmt.Printf("bench: mirror-full-sync-%d %.2f s\n", n, time.Since(start).Seconds())
+	fmt.Printf("bench: mirror-full-sync-%d %.2f s\n", n, took.Seconds())
 
 	var lat []time.Duration
 	for i := range 200 {
-		p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 9, byte(i >> 8), byte(i)}), 32)
+		p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 2, 9, byte(i)}), 32)
 		key := records.IPCacheKey("c2", "n1", p)
 		ck, _ := records.CacheKey(key, "c2")
 		s := time.Now()
@@ -62,6 +72,9 @@ func TestBenchMirror(t *testing.T) {
 		for {
 			if _, found, _ := c1.KV().Get(ctx, ck); found {
 				break
+			}
+			if time.Since(s) > 10*time.Second {
+				t.Fatalf("change %d: %s not mirrored after 10s", i, ck)
 			}
 		}
 		lat = append(lat, time.Since(s))
