@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"syscall"
 	"testing"
 	"time"
 
@@ -18,6 +19,15 @@ import (
 // the mirroring one with fsync on): a full sync of 100,000 ipcache entries
 // and the propagation of single changes. It runs only with ISTHMUS_BENCH=1
 // and prints `bench:` lines.
+// cpuTime returns the CPU time (user and system) this process used so far.
+func cpuTime(t *testing.T) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		t.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
 func TestBenchMirror(t *testing.T) {
 	if os.Getenv("ISTHMUS_BENCH") == "" {
 		t.Skip("set ISTHMUS_BENCH=1 to run")
@@ -42,6 +52,7 @@ func TestBenchMirror(t *testing.T) {
 			ops = nil
 		}
 	}
+	cpu0 := cpuTime(t)
 	start := time.Now()
 	servertest.Connect(t, c1, c2)
 	// The canary is written after the complete first list (what agents
@@ -53,6 +64,7 @@ func TestBenchMirror(t *testing.T) {
 		return nil
 	})
 	took := time.Since(start)
+	cpu := cpuTime(t) - cpu0
 	servertest.Eventually(t, 2*time.Minute, "full sync", func() error {
 		st, err := status(c1, "c2")
 		if err != nil || !st.Synced.Endpoints || st.Endpoints != n {
@@ -61,6 +73,7 @@ func TestBenchMirror(t *testing.T) {
 		return nil
 	})
 	fmt.Printf("bench: mirror-full-sync-%d %.2f s\n", n, took.Seconds())
+	fmt.Printf("bench: mirror-full-sync-cpu-%d %.2f s (both servers, this process)\n", n, cpu.Seconds())
 
 	var lat []time.Duration
 	for i := range 200 {
