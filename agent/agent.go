@@ -39,6 +39,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
 	"github.com/isthmus-mesh/isthmus/agent/clustermode"
 	"github.com/isthmus-mesh/isthmus/agent/datapath"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
@@ -82,6 +83,7 @@ type Agent struct {
 	maps   *datapath.Reconciler
 	routes routes.Router         // cluster mode only
 	enc    *encryption.WireGuard // nil without encryption
+	bigtcp *bigtcp.Reconciler    // GSO/GRO sizes of the node's devices and pod veths
 
 	rec     *reconcile.Trigger
 	metrics *metrics.Registry // set at the start of Run
@@ -192,12 +194,15 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer a.enc.Close()
+	if a.bigtcp, err = bigtcp.New(a.cfg.BigTCP, a.log); err != nil {
+		return err
+	}
 
 	// The local source, which also repairs what a crash left.
 	local := localapi.New(localapi.Config{
 		Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, MTU: a.cfg.MTU, Started: a.started, Log: a.log,
 		Lock: &a.mu, Store: a.store, IPAM: a.ipam, Identities: a.ids, LocalObjects: &a.objSet, Objects: a.objects,
-		Datapath: dp, Plumb: a.plumb, Reconcile: a.rec, Mesh: a.mesh, WireGuard: a.enc,
+		Datapath: dp, Plumb: a.plumb, Reconcile: a.rec, Mesh: a.mesh, WireGuard: a.enc, BigTCP: a.bigtcp,
 	})
 	local.RestoreEndpoints(ctx)
 	local.CollectGarbage(ctx)
@@ -273,6 +278,12 @@ func (a *Agent) reconcile(ctx context.Context) error {
 			a.log.Warn("wireguard: peers or tunnel routes incomplete; retrying", "err", err)
 		}
 	}
+	// Device sizes: a device that refuses is rolled back and reported,
+	// which fails nothing else.
+	if err := a.bigtcp.Sync(a.bigTCPInput(want)); err != nil {
+		a.rec.SoftFail()
+		a.log.Warn("big tcp: devices not all read; retrying", "err", err)
+	}
 	if res.Changes()+routeChanges > 0 {
 		a.log.Info("datapath reconciled", "ipcacheChanges", res.IPCache, "endpointChanges", res.Endpoints,
 			"policyChanges", res.Policy, "serviceChanges", res.Services, "routeChanges", routeChanges, "errors", len(res.Errs))
@@ -303,6 +314,21 @@ func (a *Agent) objects() desired.Objects {
 	return a.objSet.Get()
 }
 
+// bigTCPInput is what the BIG TCP reconciler converges in one run.
+func (a *Agent) bigTCPInput(want desired.State) bigtcp.Input {
+	in := bigtcp.Input{Endpoints: want.Endpoints}
+	if a.mesh != nil {
+		in.NodeIPs = a.underlayIPs()
+	}
+	if a.enc != nil {
+		in.WireGuard = a.cfg.WireGuardDevice
+		if in.WireGuard == "" {
+			in.WireGuard = DefaultWireGuardDevice(a.cfg.ClusterName, a.cfg.NodeName)
+		}
+	}
+	return in
+}
+
 // underlayIPs are the node's underlay addresses: --node-ip, or else those
 // the mesh would detect (the default route's interface's).
 func (a *Agent) underlayIPs() []netip.Addr {
@@ -326,5 +352,6 @@ func (a *Agent) metricsSources() metrics.Sources {
 		IPCacheEntries: func() int { return a.maps.IPCacheEntries() },
 		ClusterMesh:    a.mesh.Status,
 		WireGuard:      func() *api.WireGuardStatus { return a.enc.Status() },
+		BigTCP:         func() *api.BigTCPStatus { return a.bigtcp.Status() },
 	}
 }
