@@ -196,6 +196,9 @@ func (r *Reconciler) device(h *netlink.Handle, l netlink.Link, role, ep string) 
 		}
 	}
 	d.Reason = strings.Join(why, "; ")
+	if role == RoleWireGuard && d.Reason != "" && err == nil {
+		d.Reason = "a WireGuard TUN device (the embedded wireguard-go's) carries 64 KiB at most: " + d.Reason
+	}
 	key := ep + "/" + d.Name
 	if d.Reason != r.warned[key] {
 		if d.Reason != "" {
