@@ -8,7 +8,7 @@
 # Ratios are measured side by side in one run (see tests/bench), because
 # these machines are shared and absolute numbers drift.
 #
-# BENCH_RUN selects sections (regexp: throughput|cps|mesh|wireguard|labup; mesh also runs
+# BENCH_RUN selects sections (regexp: throughput|cps|mesh|wireguard|labup|bigtcp; mesh also runs
 # the identity allocation benchmark), BENCH_DURATION the length of each
 # measurement of throughput and cps.
 set -euo pipefail
@@ -32,7 +32,7 @@ go test -run '^$' -bench 'BenchmarkFromPod' -benchtime 200x -count 1 ./bpf/ |
 		printf "bench: from-pod-%s %s ns/pkt (goal info: BPF_PROG_TEST_RUN)\n", name, v
 	}'
 
-run="${BENCH_RUN:-throughput|cps|mesh|wireguard|labup}"
+run="${BENCH_RUN:-throughput|cps|mesh|wireguard|labup|bigtcp}"
 
 # 2. Identity allocations per second, 10 concurrent allocators (each its
 #    own etcd client and node name) against one embedded etcd (no fsync).
@@ -61,5 +61,6 @@ fi
 # 3. Throughput against a plain veth pair, service scaling against one
 #    service and against iptables (kube-proxy style); the cluster mesh:
 #    propagation, full sync of 100,000 endpoints, agent RSS (tests/bench/mesh.go);
-#    the time from `isthmus lab up` to a ready mesh, 2x2 and 4x3 (tests/bench/labup.go).
+#    the time from `isthmus lab up` to a ready mesh, 2x2 and 4x3 (tests/bench/labup.go);
+#    BIG TCP on against off across two nodes (tests/bench/bigtcp.go).
 go run ./tests/bench -run "$run" -duration "${BENCH_DURATION:-8s}"
