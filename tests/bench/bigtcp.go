@@ -72,12 +72,34 @@ func bigtcpBench(ctx context.Context) error {
 				}
 			}
 		}
+		// Request/response in slices of 250 ms, on and off alternating, so
+		// that a burst of the machine's other work hits both alike.
+		conns := map[*bigtcpSide]*rrConn{}
 		for _, s := range []*bigtcpSide{on, off} {
-			tps, err := requestResponse(s.client.Netns, netip.AddrPortFrom(s.server.IPv6, rrPort), *duration/2)
+			c, err := dialRR(s.client.Netns, netip.AddrPortFrom(s.server.IPv6, rrPort))
 			if err != nil {
 				return fmt.Errorf("bigtcp %s request/response: %w", s.tag, err)
 			}
-			s.tps = append(s.tps, tps)
+			defer c.Close()
+			conns[s] = c
+		}
+		n, busy := map[*bigtcpSide]int{}, map[*bigtcpSide]time.Duration{}
+		for i := range int(*duration / 2 / rrSlice) {
+			order := []*bigtcpSide{on, off}
+			if i%2 == 1 {
+				order = []*bigtcpSide{off, on}
+			}
+			for _, s := range order {
+				k, d, err := conns[s].run(rrSlice)
+				if err != nil {
+					return fmt.Errorf("bigtcp %s request/response: %w", s.tag, err)
+				}
+				n[s] += k
+				busy[s] += d
+			}
+		}
+		for _, s := range []*bigtcpSide{on, off} {
+			s.tps = append(s.tps, float64(n[s])/busy[s].Seconds())
 		}
 	}
 	for _, s := range []*bigtcpSide{on, off} {
@@ -142,7 +164,11 @@ func bigtcpSetup(ctx context.Context, l *lab.Lab, index int, tag string, agentAr
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		_, err := requestResponse(s.client.Netns, netip.AddrPortFrom(s.server.IPv6, rrPort), 100*time.Millisecond)
+		c, err := dialRR(s.client.Netns, netip.AddrPortFrom(s.server.IPv6, rrPort))
+		if err == nil {
+			_, _, err = c.run(100 * time.Millisecond)
+			c.Close()
+		}
 		if err == nil {
 			break
 		}
@@ -234,32 +260,43 @@ func serveRR(ctx context.Context, ns *lab.Netns, port int) error {
 	return nil
 }
 
-// requestResponse runs transactions one after the other on one connection
-// from ns to dst for d and returns transactions per second.
-func requestResponse(ns *lab.Netns, dst netip.AddrPort, d time.Duration) (float64, error) {
+// rrSlice is how long one side runs transactions before the other's turn.
+const rrSlice = 250 * time.Millisecond
+
+// rrConn is a client connection of the request/response workload.
+type rrConn struct {
+	net.Conn
+	req, resp []byte
+}
+
+func dialRR(ns *lab.Netns, dst netip.AddrPort) (*rrConn, error) {
 	var c net.Conn
 	if err := ns.Do(func() (err error) {
 		c, err = net.DialTimeout("tcp", dst.String(), 2*time.Second)
 		return err
 	}); err != nil {
-		return 0, err
+		return nil, err
 	}
-	defer c.Close()
-	req, resp := make([]byte, rrRequest), make([]byte, rrResponse)
+	return &rrConn{Conn: c, req: make([]byte, rrRequest), resp: make([]byte, rrResponse)}, nil
+}
+
+// run does transactions one after the other for d and returns how many
+// and how long they took.
+func (c *rrConn) run(d time.Duration) (int, time.Duration, error) {
 	start := time.Now()
 	_ = c.SetDeadline(start.Add(d + 5*time.Second))
 	n := 0
 	for time.Since(start) < d {
-		if _, err := c.Write(req); err != nil {
-			return 0, err
+		if _, err := c.Write(c.req); err != nil {
+			return 0, 0, err
 		}
-		if _, err := io.ReadFull(c, resp); err != nil {
-			return 0, err
+		if _, err := io.ReadFull(c, c.resp); err != nil {
+			return 0, 0, err
 		}
 		n++
 	}
 	if n == 0 {
-		return 0, errors.New("no transaction completed")
+		return 0, 0, errors.New("no transaction completed")
 	}
-	return float64(n) / time.Since(start).Seconds(), nil
+	return n, time.Since(start), nil
 }
