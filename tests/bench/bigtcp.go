@@ -375,9 +375,6 @@ func serveRR(ctx context.Context, ns *lab.Netns, port int) error {
 	return nil
 }
 
-// rrSlice is how long one side runs transactions before the other's turn.
-const rrSlice = 250 * time.Millisecond
-
 // rrConn is a client connection of the request/response workload.
 type rrConn struct {
 	net.Conn

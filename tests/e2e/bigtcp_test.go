@@ -24,6 +24,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
+	"github.com/isthmus-mesh/isthmus/internal/promtest"
 	"github.com/isthmus-mesh/isthmus/lab"
 	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
@@ -398,6 +399,25 @@ spec:
 		}
 		if got := sizesIn(t, n1.Node.NS(), "eth0"); got[0] != bigtcp.DefaultSize || got[2] != bigtcp.DefaultSize {
 			t.Errorf("eth0 lost its sizes with bigtun0: %v", got)
+		}
+		fams, err := promtest.Get(overSocket(n1.Socket), "http://agent/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range []struct {
+			name   string
+			labels []string
+			want   float64
+		}{
+			{"isthmus_agent_bigtcp_path_enabled", []string{"path", "outside", "family", "ipv6"}, 0},
+			{"isthmus_agent_bigtcp_path_enabled", []string{"path", "cross-node", "family", "ipv4"}, 1},
+			{"isthmus_agent_bigtcp_devices_at_legacy_size", []string{"role", "outside"}, 1},
+			{"isthmus_agent_bigtcp_device_gso_max_size_bytes", []string{"device", "bigtun0", "family", "ipv6"}, 65536},
+			{"isthmus_agent_bigtcp_device_gso_max_size_bytes", []string{"device", "eth0", "family", "ipv4"}, bigtcp.DefaultSize},
+		} {
+			if got := fams.Must(t, c.name, c.labels...); got != c.want {
+				t.Errorf("metric %s%v = %v, want %v", c.name, c.labels, got, c.want)
+			}
 		}
 		if largest := bigTransfer(t, client, remote, netip.AddrPortFrom(remote.IPv4, bigTCPPort)); largest <= 65535 {
 			t.Errorf("after bigtun0: largest %d", largest)
