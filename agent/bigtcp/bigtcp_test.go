@@ -243,6 +243,51 @@ func TestSyncRealDevices(t *testing.T) {
 	})
 }
 
+// A pod end that cannot take the size (here a TUN device standing in as
+// the pod's eth0) takes its host end back to 65536 with it; the path says
+// which endpoint.
+func TestEndpointPairRollsBackTogether(t *testing.T) {
+	s := newScratch(t)
+	s.in(t, func() {
+		h := &netlink.Handle{}
+		if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "isthbtodd"}, PeerName: "isthbtpeer"}); err != nil {
+			t.Fatal(err)
+		}
+		pns, err := netns.GetFromName(s.pod)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pns.Close()
+		// A TUN device is made in the caller's netns: make it here, move it.
+		tun := &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}, Mode: netlink.TUNTAP_MODE_TUN, Flags: netlink.TUNTAP_NO_PI}
+		if err := h.LinkAdd(tun); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.LinkSetNsFd(mustLink(t, h, "eth0"), int(pns)); err != nil {
+			t.Fatal(err)
+		}
+		ep := state.Endpoint{Namespace: "default", Name: "odd", NetnsPath: "/var/run/netns/" + s.pod, HostIfName: "isthbtodd",
+			IPs: []netip.Addr{netip.MustParseAddr("10.9.0.6")}}
+		r, err := New(Config{IPv6: On, IPv4: Auto}, slog.Default())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Sync(Input{Endpoints: []state.Endpoint{ep}}); err != nil {
+			t.Fatal(err)
+		}
+		if got := sizesOf(mustLink(t, h, "isthbtodd")); got.gso != LegacySize || got.gso4 != LegacySize {
+			t.Errorf("host end holds %+v, want 65536 with its pod end", got)
+		}
+		e := r.Endpoint("default/odd")
+		if e == nil || e.IPv6 != LegacySize || !strings.Contains(e.Reason, "tso_max_size 65536") || !strings.Contains(e.Reason, "rolled back with its pod end") {
+			t.Errorf("endpoint status: %+v", e)
+		}
+		if p := path(r.Status(), api.BigTCPPathSameNode, "ipv6"); p.On || !strings.Contains(p.Reason, "default/odd") {
+			t.Errorf("same node: %+v", p)
+		}
+	})
+}
+
 // A write the kernel refuses rolls the device back to 65536 (not to what
 // it held before) and says why.
 func TestConvergeRollsBack(t *testing.T) {

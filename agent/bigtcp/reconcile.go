@@ -49,7 +49,8 @@ type Reconciler struct {
 	mu     sync.Mutex
 	status api.BigTCPStatus
 	eps    map[string]api.EndpointBigTCP
-	warned map[string]string // device -> last reason logged
+	warned map[string]string // <endpoint>/<device> -> the reason last logged
+	seen   map[string]bool   // keys of warned met in this run
 }
 
 // New checks cfg against the kernel: --ipv4-big-tcp=on on a kernel
@@ -63,7 +64,7 @@ func New(cfg Config, log *slog.Logger) (*Reconciler, error) {
 	if err != nil {
 		return nil, fmt.Errorf("big tcp: probe the kernel on lo: %w", err)
 	}
-	r := &Reconciler{cfg: cfg, log: log, v4ok: sizesOf(lo).v4Supported(), eps: map[string]api.EndpointBigTCP{}, warned: map[string]string{}}
+	r := &Reconciler{cfg: cfg, log: log, v4ok: sizesOf(lo).v4Supported(), eps: map[string]api.EndpointBigTCP{}, warned: map[string]string{}, seen: map[string]bool{}}
 	if cfg.IPv4 == On && !r.v4ok {
 		return nil, errors.New("--ipv4-big-tcp=on: this kernel has no IPv4 BIG TCP (gso_ipv4_max_size needs Linux 6.3 or later); use auto or off")
 	}
@@ -112,6 +113,14 @@ func (r *Reconciler) Endpoint(key string) *api.EndpointBigTCP {
 // status too).
 func (r *Reconciler) Sync(in Input) error {
 	st := r.baseStatus()
+	clear(r.seen)
+	defer func() {
+		for k := range r.warned {
+			if !r.seen[k] {
+				delete(r.warned, k) // a device or endpoint that is gone
+			}
+		}
+	}()
 	var errs []error
 
 	// The node's external devices, each once (with all its roles).
@@ -153,7 +162,8 @@ func (r *Reconciler) Sync(in Input) error {
 			errs = append(errs, fmt.Errorf("device %d: %w", e.idx, err))
 			continue
 		}
-		st.Devices = append(st.Devices, r.device(h, l, strings.Join(e.roles, ","), ""))
+		d, _ := r.device(h, l, strings.Join(e.roles, ","), "")
+		st.Devices = append(st.Devices, d)
 	}
 
 	// Pod veths, both ends; an endpoint that refuses is rolled back alone.
@@ -178,11 +188,12 @@ func (r *Reconciler) Sync(in Input) error {
 	return errors.Join(errs...)
 }
 
-// device converges one device in the handle's netns.
-func (r *Reconciler) device(h *netlink.Handle, l netlink.Link, role, ep string) api.BigTCPDevice {
+// device converges one device in the handle's netns; refused says the
+// kernel refused a write and the device was rolled back.
+func (r *Reconciler) device(h *netlink.Handle, l netlink.Link, role, ep string) (d api.BigTCPDevice, refused bool) {
 	w := plan(r.cfg, sizesOf(l))
 	got, err := converge(h, l, w)
-	d := api.BigTCPDevice{Name: l.Attrs().Name, Role: role, Endpoint: ep,
+	d = api.BigTCPDevice{Name: l.Attrs().Name, Role: role, Endpoint: ep,
 		TSOMax: got.tsoMax, GSO: got.gso, GRO: got.gro, GSOIPv4: got.gso4, GROIPv4: got.gro4}
 	var why []string
 	if err != nil {
@@ -200,20 +211,24 @@ func (r *Reconciler) device(h *netlink.Handle, l netlink.Link, role, ep string) 
 		d.Reason = "a WireGuard TUN device (the embedded wireguard-go's) carries 64 KiB at most: " + d.Reason
 	}
 	key := ep + "/" + d.Name
-	if d.Reason != r.warned[key] {
-		if d.Reason != "" {
+	r.seen[key] = true
+	if last, ok := r.warned[key]; !ok || d.Reason != last {
+		switch {
+		case d.Reason != "":
 			r.log.Warn("big tcp: device left at 65536", "device", d.Name, "role", role, "endpoint", ep, "reason", d.Reason)
-		} else {
-			r.log.Info("big tcp: device sized", "device", d.Name, "role", role, "endpoint", ep, "ipv6", d.GSO, "ipv4", d.GSOIPv4)
+		case ep != "": // one line per pod veth end is too many at info
+			r.log.Debug("big tcp: device sized", "device", d.Name, "role", role, "endpoint", ep, "ipv6", d.GSO, "ipv4", d.GSOIPv4)
+		default:
+			r.log.Info("big tcp: device sized", "device", d.Name, "role", role, "ipv6", d.GSO, "ipv4", d.GSOIPv4)
 		}
 		r.warned[key] = d.Reason
 	}
-	return d
+	return d, err != nil
 }
 
 // endpoint converges both ends of one pod veth and the pod's IPv6 route
-// MTU. When one end refuses, both go back to 65536: a pair that differs
-// would only move the segmentation from one end to the other.
+// MTU. When one end cannot take the size or refuses it, both go back to
+// 65536.
 func (r *Reconciler) endpoint(e state.Endpoint) (api.EndpointBigTCP, []api.BigTCPDevice, error) {
 	eb := api.EndpointBigTCP{Endpoint: e.Key(), IPv6: LegacySize, IPv4: LegacySize}
 	fail := func(err error) (api.EndpointBigTCP, []api.BigTCPDevice, error) {
@@ -238,19 +253,27 @@ func (r *Reconciler) endpoint(e state.Endpoint) (api.EndpointBigTCP, []api.BigTC
 	if err != nil {
 		return fail(fmt.Errorf("pod interface %s in %s: %w", endpoint.DefaultPodIfName, e.NetnsPath, err))
 	}
-	hd := r.device(&netlink.Handle{}, host, RolePodHost, e.Key())
-	pd := r.device(ph, pod, RolePod, e.Key())
-	if strings.Contains(hd.Reason, "refused") || strings.Contains(pd.Reason, "refused") {
-		// Roll the other end back too.
+	hd, _ := r.device(&netlink.Handle{}, host, RolePodHost, e.Key())
+	pd, _ := r.device(ph, pod, RolePod, e.Key())
+	if hostLeft, podLeft := hd.Reason != "", pd.Reason != ""; hostLeft != podLeft {
+		// One end cannot (or refused): the other goes back to 65536 too,
+		// since a pair that differs only moves the segmentation from one
+		// end to the other.
 		cfg := r.cfg
 		cfg.IPv6, cfg.IPv4 = Off, Off
-		off := Reconciler{cfg: cfg, log: r.log, warned: map[string]string{}}
-		if !strings.Contains(hd.Reason, "refused") {
-			hd = off.device(&netlink.Handle{}, host, RolePodHost, e.Key())
+		off := Reconciler{cfg: cfg, log: r.log, warned: map[string]string{}, seen: map[string]bool{}}
+		// From the kernel's sizes now, not those read before the write.
+		if podLeft {
+			if host, err = netlink.LinkByIndex(host.Attrs().Index); err != nil {
+				return fail(fmt.Errorf("host veth %s: %w", e.HostIfName, err))
+			}
+			hd, _ = off.device(&netlink.Handle{}, host, RolePodHost, e.Key())
 			hd.Reason = "rolled back with its pod end"
-		}
-		if !strings.Contains(pd.Reason, "refused") {
-			pd = off.device(ph, pod, RolePod, e.Key())
+		} else {
+			if pod, err = ph.LinkByIndex(pod.Attrs().Index); err != nil {
+				return fail(fmt.Errorf("pod interface in %s: %w", e.NetnsPath, err))
+			}
+			pd, _ = off.device(ph, pod, RolePod, e.Key())
 			pd.Reason = "rolled back with its host end"
 		}
 	}
