@@ -81,7 +81,8 @@ BIG TCP (--ipv6-big-tcp, --ipv4-big-tcp, --big-tcp-size) sets GSO/GRO
 sizes beyond 64 KiB on the node's external devices and on both ends of
 every pod veth, each capped by the device's tso_max_size: auto (the
 default) turns it on where the kernel and the device support it; a device
-that refuses is rolled back to 65536 alone and reported in isthmus status.
+that cannot take the size or refuses it is left at (rolled back to) 65536
+alone, a pod veth with both its ends, and reported in isthmus status.
 Pods are reconciled in place: changing these flags and restarting the
 agent changes running pods without restarting them.
 
