@@ -36,10 +36,14 @@ func printBigTCP(w io.Writer, s *api.BigTCPStatus) error {
 		}
 		fmt.Fprintf(t, "  %s\t%s\t%d\t%d/%d\t%d/%d\t%s\n", d.Name, d.Role, d.TSOMax, d.GSO, d.GRO, d.GSOIPv4, d.GROIPv4, orNone(d.Reason))
 	}
+	if err := t.Flush(); err != nil {
+		return err
+	}
+	t = newTable(w)
 	if len(s.Endpoints) > 0 {
-		fmt.Fprintln(t, "  ENDPOINT\t\t\tIPV6\tIPV4\tNOTE")
+		fmt.Fprintln(t, "  ENDPOINT\tIPV6 GSO/GRO\tIPV4 GSO/GRO\tNOTE")
 		for _, e := range s.Endpoints {
-			fmt.Fprintf(t, "  %s\t\t\t%d\t%d\t%s\n", e.Endpoint, e.IPv6, e.IPv4, orNone(e.Reason))
+			fmt.Fprintf(t, "  %s\t%d\t%d\t%s\n", e.Endpoint, e.IPv6, e.IPv4, orNone(e.Reason))
 		}
 	}
 	if s.LastError != "" {
