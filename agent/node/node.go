@@ -6,6 +6,7 @@ package node
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"maps"
 	"net/netip"
@@ -22,6 +23,12 @@ import (
 // Link-local addresses are left out: they are not unique to the node.
 func Addrs() ([]netip.Addr, error) {
 	list, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	// The kernel interrupts a dump when an address changes during it (a
+	// new pod's veth gets its link-local address): list again, the
+	// answer may be inconsistent.
+	for try := 0; errors.Is(err, netlink.ErrDumpInterrupted) && try < 5; try++ {
+		list, err = netlink.AddrList(nil, netlink.FAMILY_ALL)
+	}
 	if err != nil {
 		return nil, err
 	}
