@@ -184,6 +184,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	defer dp.Close()
 	a.dp, a.maps = dp, datapath.NewReconciler(dp)
+	a.maps.OnBackgroundWork(func() { a.rec.Request() })
 	a.log.Info("datapath loaded", "pinDir", a.cfg.PinDir())
 	if a.mesh != nil {
 		r, err := a.newRouter()
@@ -388,6 +389,7 @@ func (a *Agent) metricsSources() metrics.Sources {
 		Reconcile:       a.rec.Stats,
 		IPCacheEntries:  func() int { return a.maps.IPCacheEntries() },
 		IPCacheOverflow: func() int { return a.maps.IPCacheOverflow() },
+		IPCacheDrift:    func() int { return a.maps.IPCacheDrift() },
 		ClusterMesh:     a.mesh.Status,
 		WireGuard:       func() *api.WireGuardStatus { return a.enc.Status() },
 		BigTCP:          func() *api.BigTCPStatus { return a.bigtcp.Status() },

@@ -94,6 +94,11 @@ type Reconciler struct {
 	// Sync; they are tried again at the next full pass.
 	ipcMeshLimit int
 	ipcOverflow  atomic.Int64
+	// ipcListing delivers the background listing of the drift check (nil:
+	// none in flight); requestRun asks for a run when it is in.
+	ipcListing chan ipcList
+	requestRun func()
+	ipcDrift   atomic.Int64 // entries the drift checks found wrong and fixed
 
 	epShadow  map[netip.Addr]bpf.EndpointInfo // nil: list the map
 	polShadow map[bpf.PolicyKey]struct{}      // nil: list the map
@@ -120,6 +125,14 @@ type inputs struct {
 	ready              bool
 	cluster, nodeIPs   string
 }
+
+// OnBackgroundWork sets what the Reconciler calls when work it did in the
+// background (the ipcache drift check's listing) waits for a run.
+func (r *Reconciler) OnBackgroundWork(request func()) { r.requestRun = request }
+
+// IPCacheDrift is the number of BPF ipcache entries the drift checks found
+// different from what the reconciler had written, and wrote again.
+func (r *Reconciler) IPCacheDrift() int { return int(r.ipcDrift.Load()) }
 
 // IPCacheReserve is how many BPF ipcache entries mesh entries never take:
 // room for the node's own (its pods, its addresses, its cluster's nodes).
@@ -165,9 +178,16 @@ func (r *Result) note(count *int, err error) {
 func (r *Reconciler) Sync(s desired.State) (Result, error) {
 	var res Result
 	if time.Since(r.listedAt) >= reconcile.ResyncInterval {
-		// Drift check: every shadow is listed again, every step runs.
-		r.ipcShadow, r.epShadow, r.polShadow, r.svcShadow = nil, nil, nil, nil
+		// Drift check: the small maps' shadows are listed again and every
+		// step runs; the ipcache (up to 512k entries) is listed in the
+		// background and compared when the listing is in (driftIPCache),
+		// so that no run stalls for it.
+		r.epShadow, r.polShadow, r.svcShadow = nil, nil, nil
 		r.listedAt = time.Now()
+		r.listIPCacheInBackground()
+		if r.ipcOverflow.Load() > 0 {
+			r.ipcLocal = nil // a full pass: the mesh entries left out of a full map try again
+		}
 	}
 	// 1. ipcache: who owns which address.
 	if err := r.syncIPCache(s, &res); err != nil {

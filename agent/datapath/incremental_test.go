@@ -306,3 +306,42 @@ func TestShadowRoundTrip(t *testing.T) {
 		}
 	}
 }
+
+// The drift check lists the BPF ipcache in the background and, in the
+// next run, writes again what differs from what the reconciler wrote: an
+// entry removed by hand, one changed, one added.
+func TestIPCacheDriftRepaired(t *testing.T) {
+	m := newMeshModel(t)
+	for i := range 5 {
+		m.ip("c2", "n1", remoteIP, netip.AddrFrom4([4]byte{10, 2, 1, byte(i + 1)}), 2<<20|1)
+	}
+	dp := agenttest.NewFakeDatapath()
+	r := NewReconciler(dp)
+	listed := make(chan struct{}, 1)
+	r.OnBackgroundWork(func() { listed <- struct{}{} })
+	s := desired.State{Cluster: "c1", Identities: ids{}, HostAddrs: []netip.Addr{selfIP}, EndpointsGen: 1, ObjectsGen: 1,
+		Mesh: desired.Mesh{Ready: true, Cluster: "c1", Node: "node1", NodeIPs: []netip.Addr{selfIP}, View: m.tables.View(), IPs: m.tables}}
+	if _, err := r.Sync(s); err != nil {
+		t.Fatal(err)
+	}
+	want := maps.Clone(dp.IPCache)
+	gone, changed, extra := netip.MustParsePrefix("10.2.1.1/32"), netip.MustParsePrefix("10.2.1.2/32"), netip.MustParsePrefix("10.9.9.9/32")
+	delete(dp.IPCache, gone)
+	dp.IPCache[changed] = bpf.IPCacheEntry{Identity: bpf.IdentityWorld}
+	dp.IPCache[extra] = bpf.IPCacheEntry{Identity: 1<<20 | 9}
+	r.listedAt = time.Time{} // the resync is due
+	if _, err := r.Sync(s); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-listed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no background listing")
+	}
+	if _, err := r.Sync(s); err != nil {
+		t.Fatal(err)
+	}
+	if !maps.Equal(dp.IPCache, want) || r.IPCacheDrift() != 3 {
+		t.Errorf("after the drift check: %v (drift %d), want %v (3)", dp.IPCache, r.IPCacheDrift(), want)
+	}
+}

@@ -47,6 +47,7 @@ func wantIPCache(s desired.State, local map[netip.Prefix]bpf.IPCacheEntry) map[n
 // run, resync, after a failed write), when the mesh asks for it, and when
 // what the mesh part is read with changed (readiness, the node's IPs).
 func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
+	r.driftIPCache(res)
 	changed, full := s.Mesh.TakeIPChanges()
 	local := localIPCache(s)
 	if r.ipcShadow == nil {

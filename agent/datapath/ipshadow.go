@@ -71,3 +71,80 @@ func (s ipShadow) get(p netip.Prefix) (bpf.IPCacheEntry, bool) {
 	v, ok := s[keyOf(p)]
 	return v.entry(), ok
 }
+
+// ipcList is a listing of the BPF ipcache, for the drift check.
+type ipcList struct {
+	entries map[netip.Prefix]bpf.IPCacheEntry
+	err     error
+}
+
+// listIPCacheInBackground lists the BPF ipcache off the reconcile loop: at
+// hundreds of thousands of entries that takes a second or more, during
+// which changes keep flowing. The next run after it compares (driftIPCache).
+func (r *Reconciler) listIPCacheInBackground() {
+	if r.ipcListing != nil || r.ipcShadow == nil {
+		return // one in flight, or the next run lists anyway
+	}
+	ch := make(chan ipcList, 1)
+	r.ipcListing = ch
+	go func() {
+		entries, err := r.dp.IPCacheList()
+		ch <- ipcList{entries, err}
+		if r.requestRun != nil {
+			r.requestRun()
+		}
+	}()
+}
+
+// driftIPCache compares a background listing, if one is in, with the
+// shadow and writes again what differs, as the shadow says. The listing
+// may be older than writes made meanwhile, or have missed entries written
+// while it ran: for such an entry it differs from the shadow, and writing
+// the shadow's value again is harmless, so no difference is mistaken for
+// more than a rewrite. A listing that failed leaves the check to the next
+// interval.
+func (r *Reconciler) driftIPCache(res *Result) {
+	if r.ipcListing == nil {
+		return
+	}
+	var l ipcList
+	select {
+	case l = <-r.ipcListing:
+		r.ipcListing = nil
+	default:
+		return // still listing
+	}
+	if l.err != nil || r.ipcShadow == nil {
+		return
+	}
+	fixed := 0
+	for p, e := range l.entries {
+		want, ok := r.ipcShadow.get(p)
+		switch {
+		case !ok:
+			if err := r.dp.IPCacheDelete(p); err != nil {
+				res.note(&res.IPCache, err)
+				continue
+			}
+			fixed++
+		case want != e:
+			if err := r.dp.IPCacheUpsert(p, want); err != nil {
+				res.note(&res.IPCache, err)
+				continue
+			}
+			fixed++
+		}
+	}
+	for k, v := range r.ipcShadow {
+		p := k.prefix()
+		if _, ok := l.entries[p]; !ok {
+			if err := r.dp.IPCacheUpsert(p, v.entry()); err != nil {
+				res.note(&res.IPCache, err)
+				continue
+			}
+			fixed++
+		}
+	}
+	res.IPCache += fixed
+	r.ipcDrift.Add(int64(fixed))
+}

@@ -59,9 +59,12 @@ type Sources struct {
 	// IPCacheOverflow counts the mesh entries left out of a full ipcache
 	// (nil: not reported).
 	IPCacheOverflow func() int
-	ClusterMesh     func() *api.ClusterMeshStatus // nil in standalone mode
-	WireGuard       func() *api.WireGuardStatus   // nil without encryption
-	BigTCP          func() *api.BigTCPStatus      // nil before the datapath is loaded
+	// IPCacheDrift counts the entries the drift checks rewrote (nil: not
+	// reported).
+	IPCacheDrift func() int
+	ClusterMesh  func() *api.ClusterMeshStatus // nil in standalone mode
+	WireGuard    func() *api.WireGuardStatus   // nil without encryption
+	BigTCP       func() *api.BigTCPStatus      // nil before the datapath is loaded
 }
 
 // Counts are the sizes of the desired state.
@@ -115,6 +118,7 @@ var (
 	descDropBytes      = desc("isthmus_datapath_drop_bytes_total", "Bytes the datapath dropped, by reason.", "reason")
 	descConntrack      = desc("isthmus_datapath_conntrack_entries", "Entries in the conntrack map.")
 	descIPCache        = desc("isthmus_datapath_ipcache_entries", "Entries in the ipcache map after the last reconcile.")
+	descIPCacheDrift   = desc("isthmus_datapath_ipcache_drift_fixed_total", "ipcache entries the periodic drift check found different from what the agent wrote (removed or changed by hand), and wrote again.")
 	descIPCacheOver    = desc("isthmus_datapath_ipcache_overflow_entries", "Mesh entries left out of the ipcache map because it is full (its capacity less the room kept for the node's own entries).")
 	descPolicyEntries  = desc("isthmus_datapath_policy_entries", "Entries in the policy map.")
 	descFrontends      = desc("isthmus_datapath_service_frontends", "Service frontends (VIP, port, protocol) in the services map.")
@@ -165,7 +169,7 @@ var (
 	descBigTCPSize    = desc("isthmus_agent_bigtcp_device_gso_max_size_bytes", "GSO maximum size of an external device (underlay, outside, wireguard), by family.", "device", "role", "family")
 
 	allDescs = []*prometheus.Desc{
-		descForwardPackets, descForwardBytes, descDropPackets, descDropBytes, descConntrack, descIPCache, descIPCacheOver, descPolicyEntries, descFrontends,
+		descForwardPackets, descForwardBytes, descDropPackets, descDropBytes, descConntrack, descIPCache, descIPCacheOver, descIPCacheDrift, descPolicyEntries, descFrontends,
 		descBigTCPPath, descBigTCPRefused, descBigTCPSize,
 		descInfo, descReady, descEndpoints, descIdentities, descServices, descPolicies,
 		descRecRuns, descRecErrors, descRecFailing, descRecLastSuccess, descRecPending, descRecDuration,
@@ -233,6 +237,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 
 	rm := src.Reconcile()
 	gauge(descIPCache, float64(src.IPCacheEntries()))
+	if src.IPCacheDrift != nil {
+		ch <- prometheus.MustNewConstMetric(descIPCacheDrift, prometheus.CounterValue, float64(src.IPCacheDrift()))
+	}
 	if src.IPCacheOverflow != nil {
 		gauge(descIPCacheOver, float64(src.IPCacheOverflow()))
 	}
