@@ -52,6 +52,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/reconcile"
 	"github.com/isthmus-mesh/isthmus/agent/routes"
 	"github.com/isthmus-mesh/isthmus/agent/state"
+	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 )
 
@@ -72,6 +73,7 @@ type Agent struct {
 	plumb         localapi.Plumber
 	openDatapath  func(Config) (datapath.Datapath, error)
 	nodeAddrs     func() ([]netip.Addr, error)
+	hostAddrs     *node.AddrCache // over nodeAddrs
 	newRouter     func() (routes.Router, error)
 	detectNodeIPs func() ([]netip.Addr, error)
 
@@ -117,6 +119,7 @@ func New(cfg Config) (*Agent, error) {
 		detectNodeIPs: node.DefaultRouteAddrs,
 		rec:           reconcile.New(),
 	}
+	a.hostAddrs = node.NewAddrCache(func() ([]netip.Addr, error) { return a.nodeAddrs() }, reconcile.ResyncInterval)
 	if cfg.ClusterMode() {
 		// Identities are global: allocated in the cluster's etcd.
 		a.mesh = clustermode.New(clustermode.Config{
@@ -177,9 +180,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.dp, a.maps = dp, datapath.NewReconciler(dp)
 	a.log.Info("datapath loaded", "pinDir", a.cfg.PinDir())
 	if a.mesh != nil {
-		if a.routes, err = a.newRouter(); err != nil {
+		r, err := a.newRouter()
+		if err != nil {
 			return err
 		}
+		a.routes = routes.NewShadowed(r, reconcile.ResyncInterval)
 	}
 	a.enc, a.cfg.MTU, err = encryption.Setup(encryption.Config{
 		Cluster: a.cfg.ClusterName, Node: a.cfg.NodeName, Device: a.cfg.WireGuardDevice, Port: a.cfg.WireGuardPort,
@@ -198,6 +203,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, MTU: a.cfg.MTU, Started: a.started, Log: a.log,
 		Lock: &a.mu, Store: a.store, IPAM: a.ipam, Identities: a.ids, LocalObjects: &a.objSet, Objects: a.objects,
 		Datapath: dp, Plumb: a.plumb, Reconcile: a.rec, Mesh: a.mesh, WireGuard: a.enc,
+		IPCache: func() (int, int) { return a.maps.IPCacheEntries(), a.maps.IPCacheOverflow() },
 	})
 	local.RestoreEndpoints(ctx)
 	local.CollectGarbage(ctx)
@@ -213,7 +219,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer cancel(nil)
 	var wg sync.WaitGroup
 	wg.Go(func() { a.rec.Loop(ctx, a.log, a.reconcile) })
-	wg.Go(func() { node.WatchAddrs(ctx, a.log, func() { a.rec.Request() }) })
+	wg.Go(func() {
+		node.WatchAddrs(ctx, a.log, func() {
+			a.hostAddrs.Invalidate()
+			a.rec.Request()
+		})
+	})
 	wg.Go(func() { ms.Serve(ctx, a.log) })
 	if a.mesh != nil {
 		// etcd is one more source of desired state; the datapath already
@@ -273,6 +284,10 @@ func (a *Agent) reconcile(ctx context.Context) error {
 			a.log.Warn("wireguard: peers or tunnel routes incomplete; retrying", "err", err)
 		}
 	}
+	if res.Overflow > 0 {
+		a.log.Error("BPF ipcache full: mesh entries left out (their pods are \"world\" to this node); cap the remote clusters' entries (--max-remote-ipcache)",
+			"leftOut", res.Overflow, "capacity", bpf.IPCacheMaxEntries, "reservedForNode", datapath.IPCacheReserve)
+	}
 	if res.Changes()+routeChanges > 0 {
 		a.log.Info("datapath reconciled", "ipcacheChanges", res.IPCache, "endpointChanges", res.Endpoints,
 			"policyChanges", res.Policy, "serviceChanges", res.Services, "routeChanges", routeChanges, "errors", len(res.Errs))
@@ -282,10 +297,12 @@ func (a *Agent) reconcile(ctx context.Context) error {
 
 // desiredState is what one reconcile run converges to.
 func (a *Agent) desiredState() (desired.State, error) {
-	svcs, pols := a.objects().Split()
-	s := desired.State{Cluster: a.cfg.ClusterName, Endpoints: a.store.Endpoints(), Services: svcs, Policies: pols,
-		Identities: a.ids, Mesh: a.mesh.Desired()}
-	addrs, err := a.nodeAddrs()
+	objs, objGen := a.objectsGen()
+	svcs, pols := objs.Split()
+	eps, epGen := a.store.EndpointsGen()
+	s := desired.State{Cluster: a.cfg.ClusterName, Endpoints: eps, Services: svcs, Policies: pols,
+		Identities: a.ids, Mesh: a.mesh.Desired(), EndpointsGen: epGen + 1, ObjectsGen: objGen}
+	addrs, err := a.hostAddrs.Get()
 	if err != nil {
 		return s, fmt.Errorf("list node addresses: %w", err)
 	}
@@ -297,10 +314,18 @@ func (a *Agent) desiredState() (desired.State, error) {
 // listed; until then the objects persisted by the last run keep the
 // datapath as it was.
 func (a *Agent) objects() desired.Objects {
-	if objs, ok := a.mesh.Objects(); ok {
-		return objs
+	objs, _ := a.objectsGen()
+	return objs
+}
+
+// objectsGen is objects with a generation that tells the two sources
+// apart (odd: etcd's, even: the local table's).
+func (a *Agent) objectsGen() (desired.Objects, uint64) {
+	if objs, gen, ok := a.mesh.ObjectsGen(); ok {
+		return objs, 2*gen + 1
 	}
-	return a.objSet.Get()
+	objs, gen := a.objSet.GetGen()
+	return objs, 2*gen + 2
 }
 
 // underlayIPs are the node's underlay addresses: --node-ip, or else those
@@ -322,9 +347,10 @@ func (a *Agent) metricsSources() metrics.Sources {
 			svcs, pols := a.objects().Split()
 			return metrics.Counts{Endpoints: len(a.store.Endpoints()), Identities: len(a.ids.List()), Services: len(svcs), Policies: len(pols)}
 		},
-		Reconcile:      a.rec.Stats,
-		IPCacheEntries: func() int { return a.maps.IPCacheEntries() },
-		ClusterMesh:    a.mesh.Status,
-		WireGuard:      func() *api.WireGuardStatus { return a.enc.Status() },
+		Reconcile:       a.rec.Stats,
+		IPCacheEntries:  func() int { return a.maps.IPCacheEntries() },
+		IPCacheOverflow: func() int { return a.maps.IPCacheOverflow() },
+		ClusterMesh:     a.mesh.Status,
+		WireGuard:       func() *api.WireGuardStatus { return a.enc.Status() },
 	}
 }

@@ -46,6 +46,10 @@ func checkAddr(a netip.Addr) error {
 }
 
 // IPCacheUpsert maps a prefix (a /32 or /128 for a single address) to an identity.
+// IPCacheMaxEntries is the capacity of the BPF ipcache (max_entries of
+// isth_ipcache in bpf/c/datapath.c).
+const IPCacheMaxEntries = 512 * 1024
+
 func (d *Datapath) IPCacheUpsert(p netip.Prefix, e IPCacheEntry) error {
 	if err := checkAddr(p.Addr()); err != nil {
 		return fmt.Errorf("ipcache upsert %s: %w", p, err)
@@ -349,6 +353,34 @@ func lessPolicy(a, b PolicyKey) bool {
 		return a.Proto < b.Proto
 	}
 	return a.Port < b.Port
+}
+
+// PolicyUpdate adds the entries of add, then removes those of del (a
+// missing one is not an error), without listing the map: for a caller
+// that keeps a shadow of it.
+func (d *Datapath) PolicyUpdate(add, del []PolicyKey) error {
+	for _, p := range add {
+		if p.Direction != Ingress && p.Direction != Egress {
+			return fmt.Errorf("policy add: entry %+v has no direction", p)
+		}
+		if p.Proto == ProtoAny && p.Port != 0 {
+			return fmt.Errorf("policy add: entry %+v has a port but no protocol", p)
+		}
+	}
+	v := datapathPolVal{Flags: 1}
+	for _, p := range add {
+		k := polKey(p)
+		if err := d.objs.IsthPolicy.Update(&k, &v, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("policy add %+v: %w", p, err)
+		}
+	}
+	for _, p := range del {
+		k := polKey(p)
+		if err := d.objs.IsthPolicy.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("policy delete %+v: %w", p, err)
+		}
+	}
+	return nil
 }
 
 // PolicySync makes the policy map equal to want: new entries are added

@@ -101,8 +101,10 @@ type Status struct {
 	// What the datapath holds right now.
 	Frontends      int `json:"frontends"`
 	PolicyEntries  int `json:"policyEntries"`
-	IPCacheEntries int `json:"ipcacheEntries"`
-	Conntrack      int `json:"conntrackEntries"`
+	IPCacheEntries int `json:"ipcacheEntries"` // after the last reconcile
+	// IPCacheOverflow counts the mesh entries left out of a full ipcache.
+	IPCacheOverflow int `json:"ipcacheOverflow,omitempty"`
+	Conntrack       int `json:"conntrackEntries"`
 
 	Metrics   []Metric        `json:"metrics"`
 	Reconcile ReconcileStatus `json:"reconcile"`

@@ -628,6 +628,7 @@ func (i meshIdentities) Get(id uint32) (identity.Labels, bool) {
 func (i meshIdentities) List() []identity.Identity {
 	ids := i.m.tables.Identities()
 	if alloc := i.m.allocator(); alloc != nil {
+		ids = slices.Clone(ids) // the tables' is shared
 		known := map[uint32]bool{}
 		for _, id := range ids {
 			known[id.ID] = true
@@ -687,17 +688,25 @@ func (m *Mesh) Desired() desired.Mesh {
 	}
 	v := m.tables.View()
 	return desired.Mesh{Ready: v.Ready, Cluster: m.cfg.Local.Cluster, Node: m.cfg.Local.Node,
-		NodeIPs: m.getNodeIPs(), PodCIDRs: m.cfg.PodCIDRs, View: v}
+		NodeIPs: m.getNodeIPs(), PodCIDRs: m.cfg.PodCIDRs, View: v, IPs: m.tables}
 }
 
 // Objects returns the applied objects read from etcd, once they were
 // listed (ok); until then the objects persisted by the last run keep the
 // datapath as it was.
 func (m *Mesh) Objects() (objs desired.Objects, ok bool) {
+	objs, _, ok = m.ObjectsGen()
+	return objs, ok
+}
+
+// ObjectsGen is Objects with the generation of the snapshot (equal
+// generations, same objects).
+func (m *Mesh) ObjectsGen() (objs desired.Objects, gen uint64, ok bool) {
 	if m == nil || !m.tables.ObjectsListed() {
-		return nil, false
+		return nil, 0, false
 	}
-	return desired.Objects(m.tables.Objects()), true
+	objs, gen = m.tables.ObjectsGen()
+	return desired.Objects(objs), gen, true
 }
 
 func (m *Mesh) logErr(what string, err error) {

@@ -18,7 +18,9 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/internal/oneline"
+	"github.com/isthmus-mesh/isthmus/agent/meshsync"
 	"github.com/isthmus-mesh/isthmus/agent/policy"
+	"github.com/isthmus-mesh/isthmus/agent/reconcile"
 	"github.com/isthmus-mesh/isthmus/bpf"
 )
 
@@ -37,6 +39,7 @@ type Datapath interface {
 	ServiceDelete(f bpf.Frontend) error
 	ServiceList() (map[bpf.Frontend][]bpf.Backend, error)
 	PolicySync(want []bpf.PolicyKey) error
+	PolicyUpdate(add, del []bpf.PolicyKey) error
 	PolicyList() ([]bpf.PolicyKey, error)
 	Metrics() (map[bpf.Reason]bpf.Counter, error)
 	ConntrackCount() (int, error)
@@ -64,31 +67,76 @@ func Open(bpffsRoot, pinDir string, reset bool) (Datapath, error) {
 
 // Reconciler converges the maps of one Datapath. Only one Sync runs at a
 // time (the reconcile loop's).
+//
+// It costs per change, not per mesh: it keeps a shadow of what it last
+// wrote to each map and diffs against it (the maps are listed again every
+// reconcile.ResyncInterval, and after a failed write, to catch drift); the
+// ipcache takes only the prefixes that changed (desired.Mesh.TakeIPChanges
+// and the node's own entries); policy, endpoints and services are derived
+// again only when their inputs' generations moved.
 type Reconciler struct {
 	dp Datapath
 
-	// ipcShadow is what the reconciler last wrote to the BPF ipcache, so a
-	// reconcile diffs against memory instead of walking a map of up to
-	// hundreds of thousands of entries (two syscalls each). The map itself
-	// is listed again every reconcile.ResyncInterval, and after any write
-	// error, to catch drift.
-	ipcShadow   map[netip.Prefix]bpf.IPCacheEntry
-	ipcListedAt time.Time
-	ipcEntries  atomic.Int64 // after the last Sync, for /metrics
+	listedAt time.Time // of the shadows below
+	// ipcShadow is the BPF ipcache as last written; ipcLocal the node's own
+	// part of the desired ipcache at the last run (its changes are diffed,
+	// not taken from a source); ipcReady and ipcNodeIPs what the mesh part
+	// was read with (a change of either makes a full pass).
+	ipcShadow  ipShadow
+	ipcLocal   map[netip.Prefix]bpf.IPCacheEntry
+	ipcReady   bool
+	ipcNodeIPs []netip.Addr
+	ipcEntries atomic.Int64 // after the last Sync, for /metrics
+	// ipcMeshLimit caps the map's entries that mesh entries may fill
+	// (the capacity less IPCacheReserve): the node's own entries always
+	// fit. ipcOverflow counts the mesh entries left out for it at the last
+	// Sync; they are tried again at the next full pass.
+	ipcMeshLimit int
+	ipcOverflow  atomic.Int64
+
+	epShadow  map[netip.Addr]bpf.EndpointInfo // nil: list the map
+	polShadow map[bpf.PolicyKey]struct{}      // nil: list the map
+	svcShadow map[bpf.Frontend][]bpf.Backend  // nil: list the map
+
+	// The inputs the policy (with the endpoints map) and the services were
+	// last applied for; the zero value never matches.
+	polApplied, svcApplied inputs
 }
 
+// inputs identifies what a step derived its entries from.
+type inputs struct {
+	valid              bool
+	endpoints, objects uint64
+	mesh               meshsync.Versions
+	ready              bool
+	cluster, nodeIPs   string
+}
+
+// IPCacheReserve is how many BPF ipcache entries mesh entries never take:
+// room for the node's own (its pods, its addresses, its cluster's nodes).
+const IPCacheReserve = 16 * 1024
+
 // NewReconciler returns the reconciler of dp's maps.
-func NewReconciler(dp Datapath) *Reconciler { return &Reconciler{dp: dp} }
+func NewReconciler(dp Datapath) *Reconciler {
+	return &Reconciler{dp: dp, ipcMeshLimit: bpf.IPCacheMaxEntries - IPCacheReserve}
+}
 
 // IPCacheEntries is the number of BPF ipcache entries after the last Sync,
 // known without walking the map.
 func (r *Reconciler) IPCacheEntries() int { return int(r.ipcEntries.Load()) }
+
+// IPCacheOverflow is the number of mesh entries the last Sync left out of
+// the BPF ipcache because it was full (but for IPCacheReserve).
+func (r *Reconciler) IPCacheOverflow() int { return int(r.ipcOverflow.Load()) }
 
 // Result counts what a Sync changed, and keeps the errors of the writes
 // that failed (the others went through).
 type Result struct {
 	IPCache, Endpoints, Policy, Services int
 	Errs                                 []error
+	// Overflow is set (to the count) when mesh entries started to be
+	// left out of a full ipcache in this Sync.
+	Overflow int
 }
 
 // Changes is the number of entries written or removed.
@@ -107,30 +155,71 @@ func (r *Result) note(count *int, err error) {
 // that failed along a complete run are in Result.Errs instead.
 func (r *Reconciler) Sync(s desired.State) (Result, error) {
 	var res Result
+	if time.Since(r.listedAt) >= reconcile.ResyncInterval {
+		// Drift check: every shadow is listed again, every step runs.
+		r.ipcShadow, r.epShadow, r.polShadow, r.svcShadow = nil, nil, nil, nil
+		r.listedAt = time.Now()
+	}
 	// 1. ipcache: who owns which address.
 	if err := r.syncIPCache(s, &res); err != nil {
 		return res, err
 	}
-	// 2. Policy, compiled for every local endpoint. New entries first.
-	compiled := compilePolicy(s)
-	havePol, err := r.addPolicy(compiled, &res)
-	if err != nil {
-		return res, oneline.Join(append(res.Errs, err)...)
+	in := inputs{valid: true, endpoints: s.EndpointsGen, objects: s.ObjectsGen, ready: s.Mesh.Ready,
+		cluster: s.Cluster, nodeIPs: fmt.Sprint(s.Mesh.NodeIPs)}
+	if s.EndpointsGen == 0 || s.ObjectsGen == 0 {
+		in.valid = false // unknown generations: always apply
 	}
-	// 3. Endpoints map, with the enforcement flags.
-	clean, err := r.syncEndpoints(s, compiled, &res)
-	if err != nil {
-		return res, oneline.Join(append(res.Errs, err)...)
+	// 2.-4. Policy, endpoints: they depend on the objects, the endpoints
+	// and the identities.
+	polIn := in
+	polIn.mesh = meshsync.Versions{Identities: s.Mesh.View.Versions.Identities, Listed: s.Mesh.View.Versions.Listed}
+	if !polIn.valid || polIn != r.polApplied || r.epShadow == nil || r.polShadow == nil {
+		r.polApplied = inputs{}
+		before := len(res.Errs)
+		if err := r.syncPolicy(s, &res); err != nil {
+			return res, oneline.Join(append(res.Errs, err)...)
+		}
+		if len(res.Errs) == before {
+			r.polApplied = polIn
+		}
 	}
-	// 4. Stale policy entries, once no endpoint relies on them.
-	if clean && s.Mesh.Ready {
-		r.prunePolicy(havePol, compiled, &res)
-	}
-	// 5. Services.
-	if err := r.syncServices(s, &res); err != nil {
-		return res, oneline.Join(append(res.Errs, err)...)
+	// 5. Services: the objects, the endpoints (local, the own cluster's,
+	// other clusters' services).
+	svcIn := in
+	svcIn.mesh = s.Mesh.View.Versions
+	if !svcIn.valid || svcIn != r.svcApplied || r.svcShadow == nil {
+		r.svcApplied = inputs{}
+		before := len(res.Errs)
+		if err := r.syncServices(s, &res); err != nil {
+			return res, oneline.Join(append(res.Errs, err)...)
+		}
+		if len(res.Errs) == before {
+			r.svcApplied = svcIn
+		}
 	}
 	return res, nil
+}
+
+// syncPolicy compiles the policy for every local endpoint and writes the
+// policy map and the endpoints map with their enforcement flags, in the
+// order that keeps allowed flows flowing.
+// An error means it stopped early; failed writes are in res.Errs.
+func (r *Reconciler) syncPolicy(s desired.State, res *Result) error {
+	compiled := compilePolicy(s)
+	// New policy entries first.
+	if err := r.addPolicy(compiled, res); err != nil {
+		return err
+	}
+	// Endpoints map, with the enforcement flags.
+	clean, err := r.syncEndpoints(s, compiled, res)
+	if err != nil {
+		return err
+	}
+	// Stale policy entries, once no endpoint relies on them.
+	if clean && s.Mesh.Ready {
+		r.prunePolicy(compiled, res)
+	}
+	return nil
 }
 
 // compilePolicy compiles the policies for every local endpoint.

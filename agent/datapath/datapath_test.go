@@ -81,7 +81,7 @@ spec:
 	// Policy on: entries first, then the endpoint's enforcement.
 	s.Policies = []objects.NetworkPolicy{pol}
 	_, w := sync()
-	if i, j := slices.Index(w, "policy sync 1"), slices.Index(w, "ep+ 10.0.0.2"); i < 0 || j < i {
+	if i, j := slices.Index(w, "policy+ 1"), slices.Index(w, "ep+ 10.0.0.2"); i < 0 || j < i {
 		t.Errorf("policy on wrote %v: want the policy entries before the endpoint", w)
 	}
 	if !dp.EPs[web.IPs[0]].PolicyIngress {
@@ -90,7 +90,7 @@ spec:
 	// Policy off: enforcement first, then the entries go.
 	s.Policies = nil
 	_, w = sync()
-	if i, j := slices.Index(w, "ep+ 10.0.0.2"), slices.Index(w, "policy sync 0"); i < 0 || j < i {
+	if i, j := slices.Index(w, "ep+ 10.0.0.2"), slices.Index(w, "policy- 1"); i < 0 || j < i {
 		t.Errorf("policy off wrote %v: want the endpoint before the entries go", w)
 	}
 }

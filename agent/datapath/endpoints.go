@@ -32,22 +32,38 @@ func (r *Reconciler) syncEndpoints(s desired.State, compiled policy.Result, res 
 			}
 		}
 	}
-	have, err := r.dp.EndpointList()
-	if err != nil {
-		return false, err
+	if r.epShadow == nil {
+		have, err := r.dp.EndpointList()
+		if err != nil {
+			return false, err
+		}
+		r.epShadow = have
 	}
+	have := r.epShadow
 	before := len(res.Errs)
 	for ip, e := range want {
 		if h, ok := have[ip]; !ok || !sameEndpointInfo(h, e) {
-			res.note(&res.Endpoints, r.dp.EndpointUpsert(ip, e))
+			err := r.dp.EndpointUpsert(ip, e)
+			res.note(&res.Endpoints, err)
+			if err == nil {
+				have[ip] = e
+			}
 		}
 	}
 	for ip := range have {
 		if _, ok := want[ip]; !ok {
-			res.note(&res.Endpoints, r.dp.EndpointDelete(ip))
+			err := r.dp.EndpointDelete(ip)
+			res.note(&res.Endpoints, err)
+			if err == nil {
+				delete(have, ip)
+			}
 		}
 	}
-	return len(res.Errs) == before, nil
+	clean = len(res.Errs) == before
+	if !clean {
+		r.epShadow = nil // list again next time
+	}
+	return clean, nil
 }
 
 func sameEndpointInfo(a, b bpf.EndpointInfo) bool {

@@ -1,23 +1,25 @@
 package datapath
 
 import (
+	"maps"
 	"net/netip"
-	"time"
+	"slices"
 
 	"github.com/isthmus-mesh/isthmus/agent/desired"
-	"github.com/isthmus-mesh/isthmus/agent/reconcile"
 	"github.com/isthmus-mesh/isthmus/bpf"
 )
 
-// wantIPCache is who owns which address: the world by default, the rest
-// of the mesh, then the local facts, which override it (the node's
-// addresses are the host, its pods' addresses their identities).
-func wantIPCache(s desired.State) map[netip.Prefix]bpf.IPCacheEntry {
+// localIPCache is the part of the desired ipcache the node decides itself,
+// which overrides the mesh's entries: the world by default, the own
+// cluster's other nodes (remote-node), the node's addresses (host), its
+// pods' addresses (their identities), each overriding the one before.
+// Its size is the node's, not the mesh's.
+func localIPCache(s desired.State) map[netip.Prefix]bpf.IPCacheEntry {
 	want := map[netip.Prefix]bpf.IPCacheEntry{
 		netip.MustParsePrefix("0.0.0.0/0"): {Identity: bpf.IdentityWorld},
 		netip.MustParsePrefix("::/0"):      {Identity: bpf.IdentityWorld},
 	}
-	s.Mesh.AddIPCache(want) // the rest of the mesh; local facts below override it
+	maps.Copy(want, s.Mesh.NodeIPCache())
 	for _, ip := range s.HostAddrs {
 		want[netip.PrefixFrom(ip, ip.BitLen())] = bpf.IPCacheEntry{Identity: bpf.IdentityHost}
 	}
@@ -29,44 +31,121 @@ func wantIPCache(s desired.State) map[netip.Prefix]bpf.IPCacheEntry {
 	return want
 }
 
-// syncIPCache diffs against the shadow of the map (listed again when stale
-// or after a failed write) and writes the difference.
+// wantIPCache is the whole desired ipcache: the mesh's entries under the
+// local ones.
+func wantIPCache(s desired.State, local map[netip.Prefix]bpf.IPCacheEntry) map[netip.Prefix]bpf.IPCacheEntry {
+	want := map[netip.Prefix]bpf.IPCacheEntry{}
+	s.Mesh.AddIPCache(want)
+	maps.Copy(want, local)
+	return want
+}
+
+// syncIPCache writes what differs between the desired ipcache and the
+// shadow of the map. It looks only at the prefixes that changed: those the
+// mesh reports and those whose local entry changed since the last run. A
+// full pass (every entry) happens when the shadow is listed again (first
+// run, resync, after a failed write), when the mesh asks for it, and when
+// what the mesh part is read with changed (readiness, the node's IPs).
 func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
-	want := wantIPCache(s)
-	if r.ipcShadow == nil || time.Since(r.ipcListedAt) >= reconcile.ResyncInterval {
+	changed, full := s.Mesh.TakeIPChanges()
+	local := localIPCache(s)
+	if r.ipcShadow == nil {
 		have, err := r.dp.IPCacheList()
 		if err != nil {
+			r.ipcLocal = nil // the changes taken are lost: a full pass next time
 			return err
 		}
-		r.ipcShadow, r.ipcListedAt = have, time.Now()
+		r.ipcShadow = shadowOf(have)
+		full = true
+	}
+	if r.ipcLocal == nil || s.Mesh.Ready != r.ipcReady || !slices.Equal(s.Mesh.NodeIPs, r.ipcNodeIPs) {
+		full = true
 	}
 	have := r.ipcShadow
 	failed := false
-	for p, e := range want {
-		if h, ok := have[p]; !ok || h != e {
+	overflow := 0
+	if !full {
+		overflow = int(r.ipcOverflow.Load()) // those left out stay out until a full pass
+	}
+	write := func(p netip.Prefix, e bpf.IPCacheEntry, ok bool) {
+		h, had := have.get(p)
+		if ok && !had && len(have) >= r.ipcMeshLimit {
+			if _, mine := local[p]; !mine {
+				overflow++ // a mesh entry past the limit: the node's own come first
+				return
+			}
+		}
+		switch {
+		case ok && (!had || h != e):
 			if err := r.dp.IPCacheUpsert(p, e); err != nil {
 				failed = true
 				res.note(&res.IPCache, err)
-				continue
+				return
 			}
-			have[p] = e
+			have[keyOf(p)] = valOf(e)
 			res.IPCache++
-		}
-	}
-	for p := range have {
-		if _, ok := want[p]; !ok && s.Mesh.MayRemove(p) {
+		case !ok && had && s.Mesh.MayRemove(p):
 			if err := r.dp.IPCacheDelete(p); err != nil {
 				failed = true
 				res.note(&res.IPCache, err)
-				continue
+				return
 			}
-			delete(have, p)
+			delete(have, keyOf(p))
 			res.IPCache++
 		}
 	}
+	if full {
+		want := wantIPCache(s, local)
+		// Removals first, then the node's own entries, then the mesh's:
+		// when the map is full, what is left out is the mesh's.
+		for k := range have {
+			if p := k.prefix(); !hasKey(want, p) {
+				write(p, bpf.IPCacheEntry{}, false)
+			}
+		}
+		for p, e := range local {
+			write(p, e, true)
+		}
+		for p, e := range want {
+			if _, mine := local[p]; !mine {
+				write(p, e, true)
+			}
+		}
+	} else {
+		one := func(p netip.Prefix) {
+			if e, ok := local[p]; ok {
+				write(p, e, true)
+				return
+			}
+			e, ok := s.Mesh.LookupIP(p)
+			write(p, e, ok)
+		}
+		for _, p := range changed {
+			one(p)
+		}
+		for p, e := range local {
+			if old, ok := r.ipcLocal[p]; !ok || old != e {
+				one(p)
+			}
+		}
+		for p := range r.ipcLocal {
+			if _, ok := local[p]; !ok {
+				one(p)
+			}
+		}
+	}
+	r.ipcLocal, r.ipcReady, r.ipcNodeIPs = local, s.Mesh.Ready, slices.Clone(s.Mesh.NodeIPs)
 	if failed {
-		r.ipcShadow = nil // list the map again next time
+		r.ipcShadow = nil // list the map again next time, and a full pass
 	}
 	r.ipcEntries.Store(int64(len(have))) // for /metrics, without walking the map
+	if old := r.ipcOverflow.Swap(int64(overflow)); overflow > 0 && old == 0 {
+		res.Overflow = overflow
+	}
 	return nil
+}
+
+func hasKey[K comparable, V any](m map[K]V, k K) bool {
+	_, ok := m[k]
+	return ok
 }

@@ -18,23 +18,41 @@ func (r *Reconciler) syncServices(s desired.State, res *Result) error {
 	seps = append(seps, s.Mesh.ClusterEndpoints(s.Identities)...) // the own cluster's other nodes
 	want := service.Resolve(s.Services, seps)
 	want = service.Merge(want, s.Services, s.Mesh.View.RemoteServices) // nothing to merge in standalone mode
-	have, err := r.dp.ServiceList()
-	if err != nil {
-		return err
+	if r.svcShadow == nil {
+		have, err := r.dp.ServiceList()
+		if err != nil {
+			return err
+		}
+		r.svcShadow = have
 	}
+	have := r.svcShadow
+	failed := false
 	for f, bes := range want {
 		h, ok := have[f]
 		if ok {
 			bes = s.Mesh.KeepUnknown(h, bes)
 		}
 		if !ok || !slices.Equal(h, bes) {
-			res.note(&res.Services, r.dp.ServiceUpsert(f, bes))
+			err := r.dp.ServiceUpsert(f, bes)
+			res.note(&res.Services, err)
+			failed = failed || err != nil
+			if err == nil {
+				have[f] = bes
+			}
 		}
 	}
 	for f := range have {
 		if _, ok := want[f]; !ok && s.Mesh.Ready {
-			res.note(&res.Services, r.dp.ServiceDelete(f))
+			err := r.dp.ServiceDelete(f)
+			res.note(&res.Services, err)
+			failed = failed || err != nil
+			if err == nil {
+				delete(have, f)
+			}
 		}
+	}
+	if failed {
+		r.svcShadow = nil // list again next time
 	}
 	return nil
 }

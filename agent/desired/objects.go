@@ -37,18 +37,34 @@ func (s Objects) Split() (svcs []objects.Service, pols []objects.NetworkPolicy) 
 // ObjectTable holds the objects applied on this node (standalone mode),
 // or, in cluster mode, the ones persisted by the last run until etcd is
 // listed. The zero value is empty.
-type ObjectTable struct{ p atomic.Pointer[Objects] }
+type ObjectTable struct{ p atomic.Pointer[versioned] }
+
+type versioned struct {
+	objs Objects
+	gen  uint64
+}
 
 // Get returns the current snapshot.
 func (t *ObjectTable) Get() Objects {
-	if p := t.p.Load(); p != nil {
-		return *p
-	}
-	return Objects{}
+	o, _ := t.GetGen()
+	return o
 }
 
-// Set swaps in a new snapshot.
-func (t *ObjectTable) Set(s Objects) { t.p.Store(&s) }
+// GetGen returns the current snapshot and its generation (bumped by every
+// Set).
+func (t *ObjectTable) GetGen() (Objects, uint64) {
+	if p := t.p.Load(); p != nil {
+		return p.objs, p.gen
+	}
+	return Objects{}, 0
+}
+
+// Set swaps in a new snapshot. Sets are serialised by the caller (the
+// local API's lock).
+func (t *ObjectTable) Set(s Objects) {
+	_, gen := t.GetGen()
+	t.p.Store(&versioned{objs: s, gen: gen + 1})
+}
 
 // LoadObjects decodes the objects stored in store. They were validated when
 // applied; one that no longer decodes (an older agent wrote it) is an error.

@@ -17,6 +17,11 @@ type State struct {
 	Identities Identities
 	HostAddrs  []netip.Addr // the node's own addresses: the host identity
 	Mesh       Mesh
+
+	// Generations of Endpoints and of Services and Policies (the applied
+	// objects): equal values, same content. Reconcilers skip what depends
+	// only on inputs they already applied (0: unknown, always apply).
+	EndpointsGen, ObjectsGen uint64
 }
 
 // Identities is what reconcilers read of the identity allocator.

@@ -64,7 +64,11 @@ type Config struct {
 	LocalObjects *desired.ObjectTable
 	Objects      func() desired.Objects
 
-	Datapath  datapath.Datapath // attach and detach pods, map sizes
+	Datapath datapath.Datapath // attach and detach pods, map sizes
+	// IPCache returns the BPF ipcache's entries and the mesh entries left
+	// out of it (full) after the last reconcile, known without walking a
+	// map of up to 512k entries.
+	IPCache   func() (entries, overflow int)
 	Plumb     Plumber
 	Reconcile *reconcile.Trigger
 	Mesh      *clustermode.Mesh     // nil in standalone mode
@@ -90,6 +94,7 @@ type Handlers struct {
 	local        *desired.ObjectTable
 	objects      func() desired.Objects
 	dp           datapath.Datapath
+	ipcache      func() (entries, overflow int)
 	plumb        Plumber
 	rec          *reconcile.Trigger
 	mesh         *clustermode.Mesh
@@ -103,7 +108,7 @@ func New(cfg Config) *Handlers {
 	return &Handlers{
 		node: cfg.Node, cluster: cfg.Cluster, clusterID: cfg.ClusterID, mtu: cfg.MTU, started: cfg.Started, log: cfg.Log,
 		mu: cfg.Lock, pendingNetns: map[string]string{}, store: cfg.Store, ipam: cfg.IPAM, ids: cfg.Identities, local: cfg.LocalObjects, objects: cfg.Objects,
-		dp: cfg.Datapath, plumb: cfg.Plumb, rec: cfg.Reconcile, mesh: cfg.Mesh, enc: cfg.WireGuard,
+		dp: cfg.Datapath, plumb: cfg.Plumb, rec: cfg.Reconcile, mesh: cfg.Mesh, enc: cfg.WireGuard, ipcache: cfg.IPCache,
 	}
 }
 

@@ -48,10 +48,8 @@ func (h *Handlers) Status(context.Context) (api.Status, error) {
 	} else {
 		errs = append(errs, err)
 	}
-	if ipc, err := h.dp.IPCacheList(); err == nil {
-		st.IPCacheEntries = len(ipc)
-	} else {
-		errs = append(errs, err)
+	if h.ipcache != nil {
+		st.IPCacheEntries, st.IPCacheOverflow = h.ipcache()
 	}
 	if n, err := h.dp.ConntrackCount(); err == nil {
 		st.Conntrack = n

@@ -111,7 +111,7 @@ func TestForgedRemoteRecordsRefused(t *testing.T) {
 		eventually(t, f.what+" refused and counted", func() bool { return refusal(tables, "c2", f.reason).Total == want[f.reason] })
 	}
 	v := tables.View()
-	if got, w := ipsOf(v), []string{"c2/10.2.1.5/32"}; !slices.Equal(got, w) {
+	if got, w := ipsOf(tables), []string{"c2/10.2.1.5/32"}; !slices.Equal(got, w) {
 		t.Errorf("ipcache %v, want %v", got, w)
 	}
 	if got, w := nodesOf(v), []string{"c2/n1"}; !slices.Equal(got, w) {
@@ -128,7 +128,7 @@ func TestForgedRemoteRecordsRefused(t *testing.T) {
 	// Written again (as a re-list delivers it): not counted again.
 	put(t, c, forged[3].key, values[3])
 	put(t, c, remoteIPKey(t, "c2", "10.2.1.7/32"), ipRec(t, "c2", "10.2.1.7", idRemote, host))
-	eventually(t, "a later valid record", func() bool { return len(tables.View().IPCache) == 2 })
+	eventually(t, "a later valid record", func() bool { return len(tables.IPCache()) == 2 })
 	if got := refusal(tables, "c2", records.ReasonPrefixNotOwned).Total; got != want[records.ReasonPrefixNotOwned] {
 		t.Errorf("the same refusal counted again: %d", got)
 	}
@@ -144,8 +144,8 @@ func TestForgedRemoteRecordsRefused(t *testing.T) {
 	put(t, c, records.IPCacheKey("c1", "n1", netip.MustParsePrefix("0.0.0.0/0")), ipPrefixRec(t, "c1", "0.0.0.0/0", 1, "192.0.2.12"))
 	put(t, c, records.IPCacheKey("c1", "n1", netip.MustParsePrefix("10.1.2.5/32")), ipRec(t, "c1", "10.1.2.5", idWeb, "192.0.2.12"))
 	eventually(t, "own forgery refused", func() bool { return refusal(tables, "c1", records.ReasonReservedIdentity).Total == 1 })
-	eventually(t, "own endpoint", func() bool { return slices.Contains(ipsOf(tables.View()), "c1/10.1.2.5/32") })
-	if slices.Contains(ipsOf(tables.View()), "c1/0.0.0.0/0") {
+	eventually(t, "own endpoint", func() bool { return slices.Contains(ipsOf(tables), "c1/10.1.2.5/32") })
+	if slices.Contains(ipsOf(tables), "c1/0.0.0.0/0") {
 		t.Error("own cluster's 0.0.0.0/0 as host accepted")
 	}
 }
@@ -190,7 +190,7 @@ func TestRemoteFloodCapped(t *testing.T) {
 	}
 	slices.Sort(keys)
 	var got []string
-	for _, e := range tables.View().IPCache {
+	for _, e := range tables.IPCache() {
 		if e.Cluster == "c2" {
 			got = append(got, records.IPCacheKey("c2", "n1", e.Prefix))
 		}
@@ -203,7 +203,7 @@ func TestRemoteFloodCapped(t *testing.T) {
 	_, _, p, _ := records.ParseIPCacheKey(keys[0])
 	del(t, c, remoteIPKey(t, "c2", p.String()))
 	eventually(t, "the next entry in", func() bool {
-		for _, e := range tables.View().IPCache {
+		for _, e := range tables.IPCache() {
 			if records.IPCacheKey("c2", "n1", e.Prefix) == keys[limit] {
 				return true
 			}
@@ -233,16 +233,16 @@ func TestOwnershipOrdering(t *testing.T) {
 	eventually(t, "refused before its node", func() bool { return refusal(tables, "c2", records.ReasonPrefixNotOwned).Now == 1 })
 	nodeKey := cacheKey(t, records.NodeKey("c2", "n7"), "c2")
 	put(t, c, nodeKey, nodeRec(t, "c2", 2, "n7", nodeIP, "10.2.7.0/24"))
-	eventually(t, "accepted after its node", func() bool { return slices.Equal(ipsOf(tables.View()), []string{"c2/" + nodeIP + "/32"}) })
+	eventually(t, "accepted after its node", func() bool { return slices.Equal(ipsOf(tables), []string{"c2/" + nodeIP + "/32"}) })
 	del(t, c, nodeKey)
-	eventually(t, "refused again without its node", func() bool { return len(tables.View().IPCache) == 0 })
+	eventually(t, "refused again without its node", func() bool { return len(tables.IPCache()) == 0 })
 
 	// A range the cluster config announces later.
 	put(t, c, remoteIPKey(t, "c2", "10.20.0.5/32"), ipRec(t, "c2", "10.20.0.5", idRemote, nodeIP))
 	eventually(t, "outside the pod CIDRs", func() bool { return refusal(tables, "c2", records.ReasonPrefixNotOwned).Now == 2 })
 	put(t, c, records.ClusterConfigKey("c2"), must(records.ClusterConfig{Name: "c2", ID: 2,
 		PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.2.0.0/16"), netip.MustParsePrefix("10.20.0.0/16")}}.Marshal()))
-	eventually(t, "accepted once announced", func() bool { return slices.Equal(ipsOf(tables.View()), []string{"c2/10.20.0.5/32"}) })
+	eventually(t, "accepted once announced", func() bool { return slices.Equal(ipsOf(tables), []string{"c2/10.20.0.5/32"}) })
 	if total := refusal(tables, "c2", records.ReasonPrefixNotOwned).Total; total != 3 {
 		t.Errorf("refusals counted %d, want 3 (one per key and refusal)", total)
 	}

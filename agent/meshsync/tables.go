@@ -46,6 +46,20 @@ type Tables struct {
 	objsSnap map[string]objects.Object // immutable copy of objs at objsSnapVer
 	snapVer  uint64
 
+	// The ipcache deltas (TakeIPChanges): the prefixes whose entry in a
+	// usable cluster changed since the last take, or full when a whole
+	// cluster's entries came into use or went out of it.
+	dirty  map[netip.Prefix]struct{}
+	fullIP bool
+	// vers counts the changes of the small tables (View), view is the
+	// last View built and viewVers the versions it was built at.
+	vers     Versions
+	view     *View
+	viewVers Versions
+	// strs interns the strings that repeat across records: owner
+	// namespaces of ipcache entries, identity label keys and values.
+	strs map[string]string
+
 	invalid     uint64
 	lastInvalid string
 	// maxIPCache caps the accepted ipcache entries of each remote cluster.
@@ -66,8 +80,8 @@ type cluster struct {
 	nodes map[string]records.Node
 	// ips holds the accepted entries with the etcd key each came from:
 	// another node's key for the same prefix (refused, or deleted) never
-	// removes it.
-	ips        map[netip.Prefix]keyedIP
+	// removes it. The entry is the Gate's (stored once).
+	ips        map[netip.Prefix]ipRef
 	services   map[string]records.ServiceRecord // "<ns>/<name>"
 	identities map[uint32]identity.Labels
 
@@ -82,16 +96,23 @@ type cluster struct {
 	refusedTotal map[string]uint64
 
 	// Remote clusters only: canaries seen, and the raw mirrored values by
-	// state key, so that the typed tables can be rebuilt when the cluster's
-	// ID becomes known or changes.
+	// state key that rebuild needs when the cluster's ID becomes known or
+	// changes: every value while the ID is unknown, then those of the
+	// small kinds (nodes, services, identities) and the ipcache values
+	// refused for their cluster ID. An ipcache entry the Gate holds is
+	// kept decoded only (rebuild encodes it again): at 100,000 entries the
+	// raw values were a quarter of the agent's heap.
 	synced  map[records.Kind]bool
 	raw     map[string][]byte
 	invalid uint64
+	// inUse: whether the cluster's ipcache entries were in use (usable)
+	// when last checked; a change of it is a full ipcache change.
+	inUse bool
 }
 
 func newCluster(name string) *cluster {
 	return &cluster{
-		name: name, nodes: map[string]records.Node{}, ips: map[netip.Prefix]keyedIP{},
+		name: name, nodes: map[string]records.Node{}, ips: map[netip.Prefix]ipRef{},
 		services: map[string]records.ServiceRecord{}, identities: map[uint32]identity.Labels{},
 		synced: map[records.Kind]bool{}, raw: map[string][]byte{}, refusedTotal: map[string]uint64{},
 	}
@@ -108,9 +129,11 @@ func NewTables(local Local, log *slog.Logger, onChange func()) *Tables {
 		onChange = func() {}
 	}
 	t := &Tables{local: local, log: log, onChange: onChange, clusters: map[string]*cluster{},
-		listed: map[string]bool{}, objs: map[string]objects.Object{}, maxIPCache: records.DefaultMaxIPCacheEntries}
+		listed: map[string]bool{}, objs: map[string]objects.Object{}, maxIPCache: records.DefaultMaxIPCacheEntries,
+		dirty: map[netip.Prefix]struct{}{}, strs: map[string]string{}}
 	own := newCluster(local.Cluster)
 	own.id = local.ClusterID
+	own.inUse = true
 	// The own cluster's records are checked like a remote's (a node of it
 	// holds the credentials to write any of them), but not capped: the
 	// cluster's own size is its operator's choice. They wait for the own
@@ -164,7 +187,14 @@ func (t *Tables) handle(prefix string, ev kvstore.Event) bool {
 	if ev.Type == kvstore.EventListDone {
 		first := !t.listed[prefix]
 		t.listed[prefix] = true
+		if first {
+			t.vers.Listed++
+		}
 		return first
+	}
+	if prefix == records.ClusterConfigPrefix || prefix == records.SyncedPrefix {
+		// What decides whether a cluster's state is used may change.
+		defer t.checkInUse()
 	}
 	del := ev.Type == kvstore.EventDelete
 	var err error
@@ -173,6 +203,7 @@ func (t *Tables) handle(prefix string, ev kvstore.Event) bool {
 		err = t.clusterConfig(ev.Key, ev.Value, del)
 	case prefix == ConfigPrefix:
 		err = t.object(ev.Key, ev.Value, del)
+		t.vers.Objects++
 	case prefix == records.SyncedPrefix:
 		err = t.canary(ev.Key, ev.Value, del)
 	case prefix == records.CacheRoot:
@@ -244,6 +275,7 @@ func (t *Tables) clusterConfig(key string, value []byte, del bool) error {
 	if err != nil {
 		return err
 	}
+	t.vers.Config++
 	if name == t.local.Cluster {
 		own := t.clusters[name]
 		if del {
@@ -325,6 +357,7 @@ func (t *Tables) canary(key string, value []byte, del bool) error {
 	if name == t.local.Cluster {
 		return nil // own state is read directly, not through canaries
 	}
+	t.vers.Config++
 	c := t.getCluster(name)
 	if del {
 		c.synced[kind] = false
@@ -352,32 +385,66 @@ func (t *Tables) cached(key string, value []byte, del bool) error {
 		return fmt.Errorf("%s: own cluster %q in the remote cache: %w", key, name, records.ErrClusterMismatch)
 	}
 	c := t.getCluster(name)
-	if del {
-		delete(c.raw, stateKey)
-	} else {
+	delete(c.raw, stateKey)
+	if c.id == 0 {
+		if !del {
+			c.raw[stateKey] = value // validated once its cluster-config arrives
+		}
+		return nil
+	}
+	err = t.state(c, stateKey, value, del)
+	if !del && (!isIPKey(stateKey) || errors.Is(err, records.ErrClusterMismatch)) {
 		c.raw[stateKey] = value
 	}
-	if c.id == 0 {
-		return nil // validated once its cluster-config arrives
-	}
-	return t.state(c, stateKey, value, del)
+	return err
 }
+
+// isIPKey reports whether a state key is an ipcache entry's.
+func isIPKey(key string) bool { return strings.HasPrefix(key, records.StatePrefix(records.KindIP)) }
 
 // rebuild re-validates every mirrored value of a remote cluster, after its
 // ID became known or changed.
 func (t *Tables) rebuild(c *cluster) {
+	// The values to validate again: the raw ones kept, and the ipcache
+	// entries the Gate holds, encoded again (their raw value is not kept).
+	values := maps.Clone(c.raw)
+	if c.gate != nil {
+		for _, k := range c.gate.Keys(records.KindIP) {
+			if _, ok := values[k]; ok {
+				continue
+			}
+			if v, ok := c.gate.Get(k); ok && v.IP != nil {
+				if raw, err := v.IP.Marshal(); err == nil {
+					values[k] = raw
+				}
+			}
+		}
+	}
+	for p := range c.ips {
+		t.markIP(c, p)
+	}
 	clear(c.nodes)
 	clear(c.ips)
 	clear(c.services)
 	clear(c.identities)
+	t.vers.Nodes++
+	t.vers.Identities++
+	t.vers.Services++
+	t.vers.OwnIPs++
 	c.gate = nil
+	clear(c.raw)
 	if c.id == 0 {
+		c.raw = values
 		return
 	}
 	c.gate = records.NewGate(c.name, records.Limits{MaxIPCache: t.maxIPCache})
 	c.gate.SetConfig(c.config)
-	for _, k := range slices.Sorted(maps.Keys(c.raw)) {
-		if err := t.state(c, k, c.raw[k], false); err != nil {
+	for _, k := range slices.Sorted(maps.Keys(values)) {
+		err := t.state(c, k, values[k], false)
+		if !isIPKey(k) || errors.Is(err, records.ErrClusterMismatch) {
+			c.raw[k] = values[k]
+		}
+		if err != nil {
 			t.reject(k, err)
 		}
 	}
@@ -407,13 +474,14 @@ func (t *Tables) state(c *cluster, key string, value []byte, del bool) error {
 		if v, ok := c.gate.Get(key); ok && v.Accepted() {
 			c.nodes[name] = *v.Node
 		}
+		t.vers.Nodes++
 		return err
 	case strings.HasPrefix(key, records.StatePrefix(records.KindIP)):
 		_, _, p, err := records.ParseIPCacheKey(key)
 		if err != nil {
 			return err
 		}
-		c.setIP(key, p, nil)
+		t.setIP(c, key, p, nil)
 		var e records.IPCacheEntry
 		if !del {
 			e, err = records.ValidateIPCacheEntry(key, value, c.name, c.id)
@@ -421,11 +489,13 @@ func (t *Tables) state(c *cluster, key string, value []byte, del bool) error {
 		if del || err != nil {
 			c.gate.Delete(key)
 		} else {
+			e.Cluster = c.name // one string for all the cluster's entries
+			e.OwnerNamespace = t.intern(e.OwnerNamespace)
 			c.gate.PutIP(key, e, nil)
 		}
 		t.syncGate(c)
 		if v, ok := c.gate.Get(key); ok && v.Accepted() {
-			c.setIP(key, p, v.IP)
+			t.setIP(c, key, p, v.IP)
 		}
 		return err
 	case strings.HasPrefix(key, records.StatePrefix(records.KindServices)):
@@ -447,6 +517,7 @@ func (t *Tables) state(c *cluster, key string, value []byte, del bool) error {
 		if v, ok := c.gate.Get(key); ok && v.Accepted() {
 			c.services[ns+"/"+name] = *v.Service
 		}
+		t.vers.Services++
 		return err
 	case strings.HasPrefix(key, records.IdentityIDPrefix):
 		id, err := records.ParseIdentityIDKey(key)
@@ -454,6 +525,7 @@ func (t *Tables) state(c *cluster, key string, value []byte, del bool) error {
 			return err
 		}
 		delete(c.identities, id)
+		t.vers.Identities++
 		if del {
 			return nil
 		}
@@ -461,7 +533,13 @@ func (t *Tables) state(c *cluster, key string, value []byte, del bool) error {
 		if err != nil {
 			return err
 		}
-		c.identities[id] = identity.Labels(r.Labels)
+		// Label keys and values repeat across identities (the namespace
+		// and cluster labels are in every one): one string each.
+		l := make(identity.Labels, len(r.Labels))
+		for k, v := range r.Labels {
+			l[t.intern(k)] = t.intern(v)
+		}
+		c.identities[id] = l
 	case strings.HasPrefix(key, records.StatePrefix(records.KindIdentities)):
 		// Reference and claim keys of the allocator: not needed here.
 		return nil
@@ -471,22 +549,62 @@ func (t *Tables) state(c *cluster, key string, value []byte, del bool) error {
 	return nil
 }
 
-// keyedIP is an accepted ipcache entry and the key it was read at.
-type keyedIP struct {
-	records.IPCacheEntry
+// ipRef is an accepted ipcache entry (the Gate's, not a copy) and the key
+// it was read at.
+type ipRef struct {
+	*records.IPCacheEntry
 	key string
 }
 
 // setIP sets the entry of prefix p read at key (e nil: removes it, if it
-// came from key).
-func (c *cluster) setIP(key string, p netip.Prefix, e *records.IPCacheEntry) {
+// came from key), and notes the change for TakeIPChanges.
+func (t *Tables) setIP(c *cluster, key string, p netip.Prefix, e *records.IPCacheEntry) {
 	if e != nil {
-		c.ips[p] = keyedIP{*e, key}
+		c.ips[p] = ipRef{e, key}
+	} else if c.ips[p].key == key {
+		delete(c.ips, p)
+	} else {
 		return
 	}
-	if c.ips[p].key == key {
-		delete(c.ips, p)
+	t.markIP(c, p)
+}
+
+// markIP notes a change of c's entry for p, if c's entries are in use.
+func (t *Tables) markIP(c *cluster, p netip.Prefix) {
+	if c.name == t.local.Cluster {
+		t.vers.OwnIPs++
 	}
+	if c.inUse && !t.fullIP {
+		t.dirty[p] = struct{}{}
+	}
+}
+
+// checkInUse notes the clusters whose ipcache entries came into use or
+// went out of it (a canary, an ID, a refusal): all their prefixes
+// changed. The small tables' versions move too.
+func (t *Tables) checkInUse() {
+	for _, c := range t.clusters {
+		if use := t.usable(c, records.KindIP); use != c.inUse {
+			c.inUse = use
+			t.fullIP = true
+			clear(t.dirty)
+		}
+	}
+	t.vers.Nodes++
+	t.vers.Identities++
+	t.vers.Services++
+}
+
+// intern returns s, or an equal string already held (at most 16384 are;
+// past that, each record keeps its own).
+func (t *Tables) intern(s string) string {
+	if v, ok := t.strs[s]; ok {
+		return v
+	}
+	if len(t.strs) < 16384 {
+		t.strs[s] = s
+	}
+	return s
 }
 
 // syncGate applies the verdicts of c's gate that changed to the typed
@@ -500,16 +618,18 @@ func (t *Tables) syncGate(c *cluster) {
 				if v.Accepted() {
 					c.nodes[v.Node.Name] = *v.Node
 				}
+				t.vers.Nodes++
 			case v.IP != nil:
-				c.setIP(v.Key, v.IP.Prefix, nil)
+				t.setIP(c, v.Key, v.IP.Prefix, nil)
 				if v.Accepted() {
-					c.setIP(v.Key, v.IP.Prefix, v.IP)
+					t.setIP(c, v.Key, v.IP.Prefix, v.IP)
 				}
 			case v.Service != nil:
 				delete(c.services, v.Service.Namespace+"/"+v.Service.Name)
 				if v.Accepted() {
 					c.services[v.Service.Namespace+"/"+v.Service.Name] = *v.Service
 				}
+				t.vers.Services++
 			}
 			if reason := records.RefusalReason(v.Err); reason != "" {
 				c.refusedTotal[reason]++
@@ -565,12 +685,7 @@ func DecodeObject(key string, value []byte) (objects.Object, error) {
 func (t *Tables) Ready() bool {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
-	for _, p := range WatchedPrefixes(t.local.Cluster) {
-		if !t.listed[p] {
-			return false
-		}
-	}
-	return true
+	return t.ready()
 }
 
 // ObjectsListed reports whether the applied objects have been listed.
@@ -583,11 +698,18 @@ func (t *Tables) ObjectsListed() bool {
 // Objects returns the applied objects by objects.Key. The map is shared
 // and must not be modified.
 func (t *Tables) Objects() map[string]objects.Object {
+	objs, _ := t.ObjectsGen()
+	return objs
+}
+
+// ObjectsGen returns Objects and its generation (> 0; equal generations,
+// same objects).
+func (t *Tables) ObjectsGen() (map[string]objects.Object, uint64) {
 	t.mu.RLock()
 	if t.objsSnap != nil && t.snapVer == t.objsVer {
-		s := t.objsSnap
+		s, v := t.objsSnap, t.snapVer
 		t.mu.RUnlock()
-		return s
+		return s, v + 1
 	}
 	t.mu.RUnlock()
 	t.mu.Lock()
@@ -599,7 +721,7 @@ func (t *Tables) Objects() map[string]objects.Object {
 		}
 		t.snapVer = t.objsVer
 	}
-	return t.objsSnap
+	return t.objsSnap, t.snapVer + 1
 }
 
 // OwnConfig returns the own cluster's cluster-config, if it was read and
@@ -620,15 +742,29 @@ func (t *Tables) usable(c *cluster, k records.Kind) bool {
 	return c.name == t.local.Cluster || (c.id != 0 && c.refused == nil && c.synced[k])
 }
 
-// View is the mesh as the datapath should see it: the own cluster's state
-// and every remote cluster's state of the kinds it has synced.
+// Versions count the changes of the tables by what they hold, so that a
+// reader can tell what changed since it last looked: equal versions, same
+// content.
+type Versions struct {
+	Nodes, Identities, Services, Config, Objects uint64
+	// OwnIPs counts changes of the own cluster's ipcache entries (services
+	// select the own cluster's endpoints among them).
+	OwnIPs uint64
+	// Listed counts prefixes listed for the first time.
+	Listed uint64
+}
+
+// View is the mesh as the datapath should see it, but for the ipcache
+// entries, which are read per prefix (LookupIP, TakeIPChanges): the own
+// cluster's state and every remote cluster's state of the kinds it has
+// synced. A View is shared and must not be modified.
 type View struct {
 	// Ready: every prefix was listed; what is missing here is gone.
 	Ready bool
+	// Versions the View was built at.
+	Versions Versions
 	// Nodes of every cluster, this node included.
 	Nodes []records.Node
-	// IPCache holds the endpoints of every cluster.
-	IPCache []records.IPCacheEntry
 	// Identities of every cluster, sorted by ID.
 	Identities []identity.Identity
 	// Services are the service records of remote clusters.
@@ -640,12 +776,37 @@ type View struct {
 	RemotePodCIDRs []netip.Prefix
 }
 
-// View returns a copy of the usable state.
+// View returns the usable state but the ipcache entries. It is built again
+// only when something in it changed.
 func (t *Tables) View() View {
-	ready := t.Ready()
 	t.mu.RLock()
-	defer t.mu.RUnlock()
-	v := View{Ready: ready}
+	if t.view != nil && t.viewVers == t.vers {
+		v := *t.view
+		t.mu.RUnlock()
+		return v
+	}
+	t.mu.RUnlock()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.view == nil || t.viewVers != t.vers {
+		v := t.buildView()
+		t.view, t.viewVers = &v, t.vers
+	}
+	return *t.view
+}
+
+// ready is Ready with t.mu held.
+func (t *Tables) ready() bool {
+	for _, p := range WatchedPrefixes(t.local.Cluster) {
+		if !t.listed[p] {
+			return false
+		}
+	}
+	return true
+}
+
+func (t *Tables) buildView() View {
+	v := View{Ready: t.ready(), Versions: t.vers}
 	for _, name := range slices.Sorted(maps.Keys(t.clusters)) {
 		c := t.clusters[name]
 		own := name == t.local.Cluster
@@ -653,11 +814,6 @@ func (t *Tables) View() View {
 		if use(records.KindNodes) {
 			for _, n := range c.nodes {
 				v.Nodes = append(v.Nodes, n)
-			}
-		}
-		if use(records.KindIP) {
-			for _, e := range c.ips {
-				v.IPCache = append(v.IPCache, e.IPCacheEntry)
 			}
 		}
 		if use(records.KindIdentities) {
@@ -676,6 +832,106 @@ func (t *Tables) View() View {
 	}
 	slices.SortFunc(v.Identities, func(a, b identity.Identity) int { return cmp.Compare(a.ID, b.ID) })
 	return v
+}
+
+// IPEntry is an ipcache entry as the datapath needs it.
+type IPEntry struct {
+	Prefix   netip.Prefix
+	Identity uint32
+	HostIP   netip.Addr
+	Cluster  string
+}
+
+func entryOf(e *records.IPCacheEntry) IPEntry {
+	return IPEntry{Prefix: e.Prefix, Identity: e.Identity, HostIP: e.HostIP, Cluster: e.Cluster}
+}
+
+// TakeIPChanges returns the prefixes whose ipcache entry changed since the
+// last call (LookupIP has the entry now), or full: every entry may have
+// changed (a cluster's entries came into use or went out of it), read them
+// all (RangeIP). It forgets what it returned: the caller must apply it, or
+// go through every entry next time.
+func (t *Tables) TakeIPChanges() (changed []netip.Prefix, full bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	full = t.fullIP
+	t.fullIP = false
+	if !full {
+		changed = make([]netip.Prefix, 0, len(t.dirty))
+		for p := range t.dirty {
+			changed = append(changed, p)
+		}
+	}
+	if len(t.dirty) > 1024 {
+		t.dirty = map[netip.Prefix]struct{}{} // give a burst's memory back
+	} else {
+		clear(t.dirty)
+	}
+	return changed, full
+}
+
+// LookupIP returns the ipcache entry for p of the clusters in use: the own
+// cluster's, else a remote cluster's (pod CIDRs of clusters in use never
+// overlap; of two that claim one node address, the first by name wins).
+func (t *Tables) LookupIP(p netip.Prefix) (IPEntry, bool) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	if r, ok := t.clusters[t.local.Cluster].ips[p]; ok {
+		return entryOf(r.IPCacheEntry), true
+	}
+	found := IPEntry{}
+	for name, c := range t.clusters {
+		if name == t.local.Cluster || !c.inUse {
+			continue
+		}
+		if r, ok := c.ips[p]; ok && (!found.Prefix.IsValid() || name < found.Cluster) {
+			found = entryOf(r.IPCacheEntry)
+		}
+	}
+	return found, found.Prefix.IsValid()
+}
+
+// RangeIP calls f for the ipcache entries of the clusters in use, with the
+// tables read-locked: f must not call the tables. For a prefix two
+// clusters claim, f sees both; LookupIP says which one counts.
+func (t *Tables) RangeIP(f func(IPEntry)) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	for _, c := range t.clusters {
+		if !c.inUse {
+			continue
+		}
+		for _, r := range c.ips {
+			f(entryOf(r.IPCacheEntry))
+		}
+	}
+}
+
+// RangeOwnIP calls f for the own cluster's ipcache entries, read-locked
+// like RangeIP.
+func (t *Tables) RangeOwnIP(f func(IPEntry)) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	for _, r := range t.clusters[t.local.Cluster].ips {
+		f(entryOf(r.IPCacheEntry))
+	}
+}
+
+// IPCache returns a copy of the ipcache entries in use, sorted by prefix
+// (for tests and tools: the datapath reads per prefix).
+func (t *Tables) IPCache() []records.IPCacheEntry {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	var out []records.IPCacheEntry
+	for _, c := range t.clusters {
+		if c.inUse {
+			for _, r := range c.ips {
+				out = append(out, *r.IPCacheEntry)
+			}
+		}
+	}
+	slices.SortFunc(out, func(a, b records.IPCacheEntry) int { return a.Prefix.Compare(b.Prefix) })
+	return out
 }
 
 // ClusterStatus is one cluster as this node sees it.
@@ -761,20 +1017,11 @@ func btoi(b bool) int {
 
 // Identities returns the identities of the own cluster and of every remote
 // cluster whose identities are synced, sorted by ID.
+//
+// The slice and the labels are shared (the View's): they must not be
+// modified.
 func (t *Tables) Identities() []identity.Identity {
-	t.mu.RLock()
-	defer t.mu.RUnlock()
-	var out []identity.Identity
-	for _, c := range t.clusters {
-		if !t.usable(c, records.KindIdentities) {
-			continue
-		}
-		for id, l := range c.identities {
-			out = append(out, identity.Identity{ID: id, Labels: l.Clone()})
-		}
-	}
-	slices.SortFunc(out, func(a, b identity.Identity) int { return cmp.Compare(a.ID, b.ID) })
-	return out
+	return t.View().Identities
 }
 
 // Identity returns the labels of an identity of any cluster.

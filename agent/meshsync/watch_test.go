@@ -95,9 +95,9 @@ func startWatch(t *testing.T, c *kvstore.Client) (*Tables, *atomic.Int64) {
 	return tables, &changes
 }
 
-func ipsOf(v View) []string {
+func ipsOf(t *Tables) []string {
 	var out []string
-	for _, e := range v.IPCache {
+	for _, e := range t.IPCache() {
 		out = append(out, e.Cluster+"/"+e.Prefix.String())
 	}
 	slices.Sort(out)
@@ -162,7 +162,7 @@ func TestWatchTurnsRecordsIntoDesiredState(t *testing.T) {
 	if got, want := nodesOf(v), []string{"c1/node2", "c2/n1"}; !slices.Equal(got, want) {
 		t.Errorf("nodes %v, want %v", got, want)
 	}
-	if got, want := ipsOf(v), []string{"c1/10.1.2.5/32", "c2/10.2.1.5/32"}; !slices.Equal(got, want) {
+	if got, want := ipsOf(tables), []string{"c1/10.1.2.5/32", "c2/10.2.1.5/32"}; !slices.Equal(got, want) {
 		t.Errorf("ipcache %v, want %v", got, want)
 	}
 	if len(v.Identities) != 2 || v.Identities[0].ID != idWeb || v.Identities[1].ID != idRemote || v.Identities[1].Labels["app"] != "client" {
@@ -189,13 +189,13 @@ func TestWatchTurnsRecordsIntoDesiredState(t *testing.T) {
 	put(t, c, records.IPCacheKey("c1", "n1", netip.MustParsePrefix("10.1.2.8/32")), ipRec(t, "c1", "10.1.2.8", idWeb, "192.0.2.12"))
 	del(t, c, records.SyncedKey("c2", records.KindIP))
 	eventually(t, "new endpoint in, remote endpoints out", func() bool {
-		return slices.Equal(ipsOf(tables.View()), []string{"c1/10.1.2.5/32", "c1/10.1.2.8/32"})
+		return slices.Equal(ipsOf(tables), []string{"c1/10.1.2.5/32", "c1/10.1.2.8/32"})
 	})
 	if got := nodesOf(tables.View()); len(got) != 2 {
 		t.Errorf("remote nodes went with the ipcache canary: %v", got)
 	}
 	put(t, c, records.SyncedKey("c2", records.KindIP), canary(t, "c2"))
-	eventually(t, "remote endpoints back", func() bool { return len(tables.View().IPCache) == 3 })
+	eventually(t, "remote endpoints back", func() bool { return len(tables.IPCache()) == 3 })
 
 	// A bad value replacing a good one removes the old one too.
 	put(t, c, records.NodeKey("c1", "node2"), []byte(`not json`))
@@ -245,18 +245,18 @@ func TestTablesSurviveEtcdOutage(t *testing.T) {
 	put(t, c, gone, ipRec(t, "c1", "10.1.2.6", idWeb, "192.0.2.12"))
 
 	tables, _ := startWatch(t, c)
-	eventually(t, "both endpoints", func() bool { return len(tables.View().IPCache) == 2 })
+	eventually(t, "both endpoints", func() bool { return len(tables.IPCache()) == 2 })
 
 	e.Stop()
 	time.Sleep(500 * time.Millisecond)
-	if n := len(tables.View().IPCache); n != 2 {
+	if n := len(tables.IPCache()); n != 2 {
 		t.Fatalf("tables changed while etcd was away: %d entries", n)
 	}
 	e.Restart(t)
 	del(t, c, gone)
 	eventually(t, "the deletion after the outage", func() bool {
-		v := tables.View()
-		return len(v.IPCache) == 1 && v.IPCache[0].Prefix.String() == "10.1.2.5/32"
+		v := tables.IPCache()
+		return len(v) == 1 && v[0].Prefix.String() == "10.1.2.5/32"
 	})
 }
 

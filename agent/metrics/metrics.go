@@ -55,9 +55,12 @@ type Sources struct {
 	Datapath       func() datapath.Datapath // the loaded datapath's maps
 	Desired        func() Counts
 	Reconcile      func() reconcile.Stats
-	IPCacheEntries func() int                    // after the last reconcile
-	ClusterMesh    func() *api.ClusterMeshStatus // nil in standalone mode
-	WireGuard      func() *api.WireGuardStatus   // nil without encryption
+	IPCacheEntries func() int // after the last reconcile
+	// IPCacheOverflow counts the mesh entries left out of a full ipcache
+	// (nil: not reported).
+	IPCacheOverflow func() int
+	ClusterMesh     func() *api.ClusterMeshStatus // nil in standalone mode
+	WireGuard       func() *api.WireGuardStatus   // nil without encryption
 }
 
 // Counts are the sizes of the desired state.
@@ -111,6 +114,7 @@ var (
 	descDropBytes      = desc("isthmus_datapath_drop_bytes_total", "Bytes the datapath dropped, by reason.", "reason")
 	descConntrack      = desc("isthmus_datapath_conntrack_entries", "Entries in the conntrack map.")
 	descIPCache        = desc("isthmus_datapath_ipcache_entries", "Entries in the ipcache map after the last reconcile.")
+	descIPCacheOver    = desc("isthmus_datapath_ipcache_overflow_entries", "Mesh entries left out of the ipcache map because it is full (its capacity less the room kept for the node's own entries).")
 	descPolicyEntries  = desc("isthmus_datapath_policy_entries", "Entries in the policy map.")
 	descFrontends      = desc("isthmus_datapath_service_frontends", "Service frontends (VIP, port, protocol) in the services map.")
 
@@ -155,7 +159,7 @@ var (
 	descWGTx          = desc("isthmus_agent_wireguard_peer_tx_bytes_total", "Bytes sent to the peer.", "node")
 
 	allDescs = []*prometheus.Desc{
-		descForwardPackets, descForwardBytes, descDropPackets, descDropBytes, descConntrack, descIPCache, descPolicyEntries, descFrontends,
+		descForwardPackets, descForwardBytes, descDropPackets, descDropBytes, descConntrack, descIPCache, descIPCacheOver, descPolicyEntries, descFrontends,
 		descInfo, descReady, descEndpoints, descIdentities, descServices, descPolicies,
 		descRecRuns, descRecErrors, descRecFailing, descRecLastSuccess, descRecPending, descRecDuration,
 		descKVConnected, descPublished, descPublishedN, descRouteError, descInvalidAll,
@@ -222,6 +226,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 
 	rm := src.Reconcile()
 	gauge(descIPCache, float64(src.IPCacheEntries()))
+	if src.IPCacheOverflow != nil {
+		gauge(descIPCacheOver, float64(src.IPCacheOverflow()))
+	}
 	counter(descRecRuns, float64(rm.Runs))
 	counter(descRecErrors, float64(rm.Errors))
 	gauge(descRecFailing, promutil.Bool(rm.Failing))

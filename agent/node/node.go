@@ -12,6 +12,8 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 )
@@ -141,4 +143,54 @@ func BootID() string {
 		return ""
 	}
 	return strings.TrimSpace(string(b))
+}
+
+// AddrCache keeps the node's addresses in memory, so that a reconcile does
+// not dump them over netlink: they are listed on first use, again after
+// Invalidate (WatchAddrs saw one come or go), and at least every maxAge
+// (an event lost to a full socket buffer).
+type AddrCache struct {
+	list   func() ([]netip.Addr, error)
+	maxAge time.Duration
+
+	mu    sync.Mutex
+	gen   uint64 // bumped by Invalidate
+	addrs []netip.Addr
+	at    time.Time
+	of    uint64 // the gen addrs were listed at
+	valid bool
+}
+
+// NewAddrCache returns a cache over list.
+func NewAddrCache(list func() ([]netip.Addr, error), maxAge time.Duration) *AddrCache {
+	return &AddrCache{list: list, maxAge: maxAge}
+}
+
+// Invalidate makes the next Get list the addresses again.
+func (c *AddrCache) Invalidate() {
+	c.mu.Lock()
+	c.gen++
+	c.mu.Unlock()
+}
+
+// Get returns the node's addresses. The slice is shared: do not modify it.
+func (c *AddrCache) Get() ([]netip.Addr, error) {
+	c.mu.Lock()
+	if c.valid && c.of == c.gen && time.Since(c.at) < c.maxAge {
+		addrs := c.addrs
+		c.mu.Unlock()
+		return addrs, nil
+	}
+	gen := c.gen
+	c.mu.Unlock()
+	addrs, err := c.list()
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	// After an Invalidate during the listing, the result (which may
+	// predate the change) serves this call only: of != gen.
+	c.addrs, c.at, c.of, c.valid = addrs, time.Now(), gen, true
+	return addrs, nil
 }

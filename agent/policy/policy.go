@@ -2,6 +2,7 @@ package policy
 
 import (
 	"cmp"
+	"maps"
 	"slices"
 	"strings"
 
@@ -47,6 +48,7 @@ func Compile(policies []objects.NetworkPolicy, endpoints []Endpoint, identities 
 		res.Egress[ep.ID] = false
 	}
 	keys := map[bpf.PolicyKey]bool{}
+	idx := indexIdentities(identities)
 
 	for _, pol := range policies {
 		ns := namespaceOrDefault(pol.Metadata.Namespace)
@@ -60,11 +62,11 @@ func Compile(policies []objects.NetworkPolicy, endpoints []Endpoint, identities 
 			continue
 		}
 		for _, r := range pol.Spec.Ingress {
-			peers := rulePeers(r.FromEndpoints, r.FromEntities, ns, identities, localCluster)
+			peers := rulePeers(r.FromEndpoints, r.FromEntities, ns, idx, localCluster)
 			addKeys(keys, selected, bpf.Ingress, peers, rulePorts(r.ToPorts))
 		}
 		for _, r := range pol.Spec.Egress {
-			peers := rulePeers(r.ToEndpoints, r.ToEntities, ns, identities, localCluster)
+			peers := rulePeers(r.ToEndpoints, r.ToEntities, ns, idx, localCluster)
 			addKeys(keys, selected, bpf.Egress, peers, rulePorts(r.ToPorts))
 		}
 		for _, ep := range selected {
@@ -95,16 +97,58 @@ func addKeys(keys map[bpf.PolicyKey]bool, eps []Endpoint, dir bpf.Direction, pee
 	}
 }
 
+// identityIndex finds the identities a selector may match without a scan
+// of them all: by label (key and value), the positions of the identities
+// that carry it. A selector's candidates are the shortest list among its
+// labels' (and, when it does not name a namespace, the policy's
+// namespace's), so a rule costs about what it selects.
+type identityIndex struct {
+	ids     []identity.Identity
+	byLabel map[[2]string][]int
+}
+
+func indexIdentities(ids []identity.Identity) identityIndex {
+	idx := identityIndex{ids: ids, byLabel: map[[2]string][]int{}}
+	for i, id := range ids {
+		for k, v := range id.Labels {
+			idx.byLabel[[2]string{k, v}] = append(idx.byLabel[[2]string{k, v}], i)
+		}
+	}
+	return idx
+}
+
+// candidates returns the positions of the identities that carry every
+// label of sel may be among: those carrying its rarest label.
+func (idx identityIndex) candidates(sel map[string]string) []int {
+	var best []int
+	first := true
+	for k, v := range sel {
+		if l := idx.byLabel[[2]string{k, v}]; first || len(l) < len(best) {
+			best, first = l, false
+		}
+	}
+	return best
+}
+
 // rulePeers returns the peer identities of one rule; duplicates are removed
 // later with the keys.
-func rulePeers(sels []objects.Selector, entities []string, ns string, ids []identity.Identity, localCluster string) []uint32 {
+func rulePeers(sels []objects.Selector, entities []string, ns string, idx identityIndex, localCluster string) []uint32 {
 	if len(sels) == 0 && len(entities) == 0 {
 		return []uint32{bpf.IdentityUnknown} // any peer
 	}
 	var peers []uint32
 	for _, sel := range sels {
-		for _, id := range ids {
-			if selectorMatches(sel.MatchLabels, id.Labels, ns) {
+		// The namespace label narrows the candidates too: a selector
+		// that does not name one matches only the policy's namespace.
+		narrow := maps.Clone(sel.MatchLabels)
+		if narrow == nil {
+			narrow = map[string]string{}
+		}
+		if _, named := narrow[identity.LabelNamespace]; !named {
+			narrow[identity.LabelNamespace] = ns
+		}
+		for _, i := range idx.candidates(narrow) {
+			if id := idx.ids[i]; selectorMatches(sel.MatchLabels, id.Labels, ns) {
 				peers = append(peers, id.ID)
 			}
 		}
@@ -119,10 +163,8 @@ func rulePeers(sels []objects.Selector, entities []string, ns string, ids []iden
 			peers = append(peers, bpf.IdentityUnknown)
 		case objects.EntityCluster:
 			peers = append(peers, bpf.IdentityHost, bpf.IdentityRemote)
-			for _, id := range ids {
-				if id.Labels[identity.LabelCluster] == localCluster {
-					peers = append(peers, id.ID)
-				}
+			for _, i := range idx.candidates(map[string]string{identity.LabelCluster: localCluster}) {
+				peers = append(peers, idx.ids[i].ID)
 			}
 		}
 	}

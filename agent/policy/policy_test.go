@@ -2,6 +2,7 @@ package policy
 
 import (
 	"maps"
+	"math/rand/v2"
 	"slices"
 	"testing"
 
@@ -240,5 +241,54 @@ func TestCompileEmptyInputs(t *testing.T) {
 	res := Compile(nil, nil, nil, "")
 	if len(res.Keys) != 0 || res.Ingress == nil || res.Egress == nil {
 		t.Errorf("Compile(nil...) = %+v, want no keys and empty non-nil maps", res)
+	}
+}
+
+// The identity index finds exactly the peers a scan of every identity
+// finds, for random identities and selectors (with and without a
+// namespace, empty, and the cluster entity).
+func TestRulePeersIndexMatchesScan(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 3))
+	vals := []string{"a", "b", "c"}
+	for round := range 100 {
+		var ids []identity.Identity
+		for i := range 100 {
+			l := identity.Labels{identity.LabelNamespace: []string{"default", "prod"}[rng.IntN(2)], identity.LabelCluster: []string{"c1", "c2"}[rng.IntN(2)]}
+			for _, k := range []string{"app", "tier"} {
+				if rng.IntN(3) > 0 {
+					l[k] = vals[rng.IntN(3)]
+				}
+			}
+			ids = append(ids, identity.Identity{ID: uint32(1000 + i), Labels: l})
+		}
+		sel := map[string]string{}
+		for _, k := range []string{"app", "tier", identity.LabelNamespace} {
+			if rng.IntN(3) == 0 {
+				sel[k] = map[string]string{"app": vals[rng.IntN(3)], "tier": vals[rng.IntN(3)], identity.LabelNamespace: "prod"}[k]
+			}
+		}
+		ns := []string{"default", "prod"}[rng.IntN(2)]
+		entities := []string(nil)
+		if rng.IntN(4) == 0 {
+			entities = []string{objects.EntityCluster}
+		}
+		got := rulePeers([]objects.Selector{{MatchLabels: sel}}, entities, ns, indexIdentities(ids), "c1")
+		var want []uint32
+		for _, id := range ids {
+			if selectorMatches(sel, id.Labels, ns) {
+				want = append(want, id.ID)
+			}
+		}
+		if entities != nil {
+			want = append(want, bpf.IdentityHost, bpf.IdentityRemote)
+			for _, id := range ids {
+				if id.Labels[identity.LabelCluster] == "c1" {
+					want = append(want, id.ID)
+				}
+			}
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("round %d: selector %v in %s: index %v, scan %v", round, sel, ns, got, want)
+		}
 	}
 }

@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -168,4 +170,35 @@ func IPNet(p netip.Prefix) *net.IPNet {
 func ipEqual(ip net.IP, a netip.Addr) bool {
 	b, ok := netip.AddrFromSlice(ip)
 	return ok && b.Unmap() == a
+}
+
+// Shadowed is a Router that remembers the routes it last converged to, so
+// that a reconcile in which the mesh's nodes did not change lists no
+// routes: it passes a SyncRoutes on only when want or prune differ from
+// the last successful one, or when that one is older than maxAge (drift:
+// a route removed by hand).
+type Shadowed struct {
+	r      Router
+	maxAge time.Duration
+
+	last  []desired.PodRoute
+	prune bool
+	at    time.Time
+	valid bool
+}
+
+// NewShadowed wraps r.
+func NewShadowed(r Router, maxAge time.Duration) *Shadowed { return &Shadowed{r: r, maxAge: maxAge} }
+
+// SyncRoutes implements Router.
+func (s *Shadowed) SyncRoutes(want []desired.PodRoute, prune bool) (int, error) {
+	if s.valid && prune == s.prune && slices.Equal(want, s.last) && time.Since(s.at) < s.maxAge {
+		return 0, nil
+	}
+	s.valid = false
+	n, err := s.r.SyncRoutes(want, prune)
+	if err == nil {
+		s.last, s.prune, s.at, s.valid = slices.Clone(want), prune, time.Now(), true
+	}
+	return n, err
 }

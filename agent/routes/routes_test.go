@@ -1,9 +1,12 @@
 package routes
 
 import (
+	"errors"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/internal/agenttest"
@@ -60,5 +63,49 @@ func TestNetlinkRouter(t *testing.T) {
 	}
 	if got := ip("route", "show", "10.1.9.0/24"); !strings.Contains(got, "via 192.0.2.9") {
 		t.Errorf("prune touched a foreign route: %s", got)
+	}
+}
+
+type countingRouter struct {
+	calls int
+	err   error
+}
+
+func (c *countingRouter) SyncRoutes([]desired.PodRoute, bool) (int, error) {
+	c.calls++
+	return 0, c.err
+}
+
+// Shadowed passes a sync on only when the routes changed, the last one
+// failed, or it is older than maxAge.
+func TestShadowed(t *testing.T) {
+	inner := &countingRouter{}
+	s := NewShadowed(inner, time.Hour)
+	a := []desired.PodRoute{{Dst: netip.MustParsePrefix("10.1.2.0/24"), Via: netip.MustParseAddr("192.0.2.12")}}
+	b := append(slices.Clone(a), desired.PodRoute{Dst: netip.MustParsePrefix("10.1.3.0/24"), Via: netip.MustParseAddr("192.0.2.13")})
+	for i, step := range []struct {
+		want  []desired.PodRoute
+		prune bool
+		err   error
+		calls int
+	}{
+		{a, true, nil, 1},
+		{a, true, nil, 1},                   // unchanged: nothing listed
+		{b, true, nil, 2},                   // changed
+		{b, false, nil, 3},                  // prune changed
+		{a, false, errors.New("no way"), 4}, // failed...
+		{a, false, nil, 5},                  // ...so tried again
+		{a, false, nil, 5},
+	} {
+		inner.err = step.err
+		_, _ = s.SyncRoutes(step.want, step.prune)
+		if inner.calls != step.calls {
+			t.Fatalf("step %d: %d syncs passed on, want %d", i, inner.calls, step.calls)
+		}
+	}
+	s.maxAge = 0 // drift check due
+	_, _ = s.SyncRoutes(a, false)
+	if inner.calls != 6 {
+		t.Errorf("an old sync was not repeated: %d calls", inner.calls)
 	}
 }

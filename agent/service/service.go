@@ -28,6 +28,7 @@ func Resolve(svcs []objects.Service, eps []Endpoint) map[bpf.Frontend][]bpf.Back
 		return cmp.Compare(objects.Key(a), objects.Key(b))
 	})
 
+	idx := indexEndpoints(eps)
 	out := map[bpf.Frontend][]bpf.Backend{}
 	for _, svc := range sorted {
 		svc.Metadata.Namespace = namespaceOrDefault(svc.Metadata.Namespace)
@@ -38,7 +39,7 @@ func Resolve(svcs []objects.Service, eps []Endpoint) map[bpf.Frontend][]bpf.Back
 		if err != nil {
 			continue
 		}
-		addrs := serviceAddrs(svc, eps)
+		addrs := serviceAddrs(svc, eps, idx)
 		for _, f := range frontends {
 			if _, taken := out[f]; taken {
 				continue
@@ -49,12 +50,52 @@ func Resolve(svcs []objects.Service, eps []Endpoint) map[bpf.Frontend][]bpf.Back
 	return out
 }
 
+// labelIndex finds the endpoints a selector selects without a scan of
+// them all: by namespace, then by label (key and value), the positions of
+// the endpoints that carry it. A selector's candidates are the shortest
+// list among its labels', so resolving a service costs about what it
+// selects, not the number of endpoints.
+type labelIndex map[string]map[[2]string][]int
+
+func indexEndpoints(eps []Endpoint) labelIndex {
+	idx := labelIndex{}
+	for i, ep := range eps {
+		ns := namespaceOrDefault(ep.Namespace)
+		byLabel := idx[ns]
+		if byLabel == nil {
+			byLabel = map[[2]string][]int{}
+			idx[ns] = byLabel
+		}
+		for k, v := range ep.Labels {
+			byLabel[[2]string{k, v}] = append(byLabel[[2]string{k, v}], i)
+		}
+	}
+	return idx
+}
+
+// candidates returns the positions of the endpoints of ns that may match
+// selector (non-empty): those carrying its rarest label.
+func (idx labelIndex) candidates(ns string, selector map[string]string) []int {
+	var best []int
+	first := true
+	for k, v := range selector {
+		l := idx[ns][[2]string{k, v}]
+		if first || len(l) < len(best) {
+			best, first = l, false
+		}
+		if len(best) == 0 {
+			return nil
+		}
+	}
+	return best
+}
+
 // serviceAddrs returns every candidate address of svc, of both families.
-func serviceAddrs(svc objects.Service, eps []Endpoint) []netip.Addr {
+func serviceAddrs(svc objects.Service, eps []Endpoint, idx labelIndex) []netip.Addr {
 	var addrs []netip.Addr
 	if len(svc.Spec.Selector) > 0 {
-		for _, ep := range eps {
-			if namespaceOrDefault(ep.Namespace) == svc.Metadata.Namespace && ep.Labels.Has(svc.Spec.Selector) {
+		for _, i := range idx.candidates(svc.Metadata.Namespace, svc.Spec.Selector) {
+			if ep := eps[i]; ep.Labels.Has(svc.Spec.Selector) {
 				addrs = append(addrs, ep.IPs...)
 			}
 		}

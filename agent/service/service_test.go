@@ -1,6 +1,8 @@
 package service
 
 import (
+	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"testing"
@@ -140,5 +142,60 @@ func TestResolveDoesNotModifyInput(t *testing.T) {
 	Resolve(svcs, testEndpoints)
 	if svcs[0].Metadata.Name != "b" || svcs[0].Metadata.Namespace != "" {
 		t.Errorf("input changed: %+v", svcs[0].Metadata)
+	}
+}
+
+// The label index selects exactly what a scan of every endpoint selects,
+// over random endpoints, namespaces and selectors.
+func TestResolveIndexMatchesScan(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 7))
+	vals := []string{"a", "b", "c"}
+	for round := range 50 {
+		var eps []Endpoint
+		for i := range 200 {
+			l := identity.Labels{}
+			for _, k := range []string{"app", "tier", "zone"} {
+				if rng.IntN(3) > 0 {
+					l[k] = vals[rng.IntN(len(vals))]
+				}
+			}
+			ns := []string{"", "default", "prod"}[rng.IntN(3)]
+			eps = append(eps, Endpoint{Namespace: ns, Labels: l, IPs: []netip.Addr{netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)})}})
+		}
+		var svcs []objects.Service
+		for i := range 20 {
+			sel := map[string]string{}
+			for _, k := range []string{"app", "tier", "zone"} {
+				if rng.IntN(2) == 0 {
+					sel[k] = vals[rng.IntN(len(vals))]
+				}
+			}
+			if len(sel) == 0 {
+				sel["app"] = "a"
+			}
+			svcs = append(svcs, svc([]string{"", "prod"}[rng.IntN(2)], fmt.Sprint("s", i), []string{fmt.Sprintf("10.96.0.%d", i+1)},
+				[]objects.ServicePort{{Port: 80}}, sel))
+		}
+		got := Resolve(svcs, eps)
+		selected := 0
+		for _, s := range svcs {
+			ns := namespaceOrDefault(s.Metadata.Namespace)
+			var addrs []netip.Addr
+			for _, ep := range eps {
+				if namespaceOrDefault(ep.Namespace) == ns && ep.Labels.Has(s.Spec.Selector) {
+					addrs = append(addrs, ep.IPs...)
+				}
+			}
+			f := fe(s.Spec.VIPs[0], 80, bpf.ProtoTCP)
+			s.Metadata.Namespace = ns
+			want := backendsFor(f, s, addrs)
+			selected += len(want)
+			if !slices.Equal(got[f], want) {
+				t.Fatalf("round %d, service %s %v: index selects %v, a scan %v", round, s.Metadata.Name, s.Spec.Selector, got[f], want)
+			}
+		}
+		if selected == 0 {
+			t.Fatalf("round %d selected nothing: the test checks nothing", round)
+		}
 	}
 }

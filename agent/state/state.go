@@ -70,7 +70,13 @@ type Store struct {
 	mu        sync.Mutex
 	nextID    uint32
 	endpoints map[string]Endpoint
-	objects   map[string]json.RawMessage
+	// gen counts the changes of endpoints: readers that keep what they
+	// derived from them know when to derive again. snap is the sorted
+	// copy EndpointsGen last made, at snapGen.
+	gen     uint64
+	snap    []Endpoint
+	snapGen uint64
+	objects map[string]json.RawMessage
 }
 
 // Open loads the state in dir, creating the directory (0700) if needed.
@@ -170,6 +176,7 @@ func (s *Store) PutEndpoint(e Endpoint) error {
 		return err
 	}
 	s.endpoints = next
+	s.gen++
 	return nil
 }
 
@@ -188,7 +195,25 @@ func (s *Store) DeleteEndpoint(namespace, name string) error {
 		return err
 	}
 	s.endpoints = next
+	s.gen++
 	return nil
+}
+
+// EndpointsGen returns the endpoints, sorted by key, with the generation
+// they are at (equal generations: same endpoints). The slice is shared
+// until the next change (a reconcile of an unchanged node copies
+// nothing): it must not be modified.
+func (s *Store) EndpointsGen() ([]Endpoint, uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.snap == nil || s.snapGen != s.gen {
+		s.snap = make([]Endpoint, 0, len(s.endpoints))
+		for _, k := range slices.Sorted(maps.Keys(s.endpoints)) {
+			s.snap = append(s.snap, s.endpoints[k].clone())
+		}
+		s.snapGen = s.gen
+	}
+	return s.snap, s.gen
 }
 
 func (s *Store) writeEndpoints(eps map[string]Endpoint) error {

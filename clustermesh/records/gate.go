@@ -705,6 +705,9 @@ func newCapSet(limit int) capSet {
 }
 
 func (c *capSet) isIn(k string) bool {
+	if c.limit <= 0 {
+		return true // no cap: nothing to remember per key
+	}
 	in, ok := c.where[k]
 	return ok && in
 }
@@ -712,6 +715,9 @@ func (c *capSet) isIn(k string) bool {
 // add adds k; it returns the key that is out because of it ("" if none),
 // which may be k itself.
 func (c *capSet) add(k string) string {
+	if c.limit <= 0 {
+		return ""
+	}
 	if _, ok := c.where[k]; ok {
 		panic(fmt.Sprintf("capSet: %q added twice", k))
 	}
@@ -735,6 +741,9 @@ func (c *capSet) add(k string) string {
 
 // remove removes k; it returns the key that came in because of it.
 func (c *capSet) remove(k string) string {
+	if c.limit <= 0 {
+		return ""
+	}
 	in, ok := c.where[k]
 	if !ok {
 		return ""

@@ -24,7 +24,15 @@ type FakeDatapath struct {
 	Pol      map[bpf.PolicyKey]bool
 	Attached map[string]int // interface -> ifindex
 	writes   []string
+	lists    int
 	FailEP   error // EndpointUpsert fails with it when set
+}
+
+// Lists returns how many times a map was listed.
+func (d *FakeDatapath) Lists() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.lists
 }
 
 // NewFakeDatapath returns empty maps.
@@ -84,6 +92,7 @@ func (d *FakeDatapath) IPCacheDelete(p netip.Prefix) error {
 func (d *FakeDatapath) IPCacheList() (map[netip.Prefix]bpf.IPCacheEntry, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.lists++
 	return maps.Clone(d.IPCache), nil
 }
 
@@ -109,6 +118,7 @@ func (d *FakeDatapath) EndpointDelete(ip netip.Addr) error {
 func (d *FakeDatapath) EndpointList() (map[netip.Addr]bpf.EndpointInfo, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.lists++
 	return maps.Clone(d.EPs), nil
 }
 
@@ -131,6 +141,7 @@ func (d *FakeDatapath) ServiceDelete(f bpf.Frontend) error {
 func (d *FakeDatapath) ServiceList() (map[bpf.Frontend][]bpf.Backend, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.lists++
 	return maps.Clone(d.Svcs), nil
 }
 
@@ -145,9 +156,28 @@ func (d *FakeDatapath) PolicySync(want []bpf.PolicyKey) error {
 	return nil
 }
 
+func (d *FakeDatapath) PolicyUpdate(add, del []bpf.PolicyKey) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(add) > 0 {
+		d.write("policy+ %d", len(add))
+	}
+	if len(del) > 0 {
+		d.write("policy- %d", len(del))
+	}
+	for _, k := range add {
+		d.Pol[k] = true
+	}
+	for _, k := range del {
+		delete(d.Pol, k)
+	}
+	return nil
+}
+
 func (d *FakeDatapath) PolicyList() ([]bpf.PolicyKey, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.lists++
 	return slices.Collect(maps.Keys(d.Pol)), nil
 }
 
