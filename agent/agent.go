@@ -39,6 +39,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
 	"github.com/isthmus-mesh/isthmus/agent/clustermode"
 	"github.com/isthmus-mesh/isthmus/agent/datapath"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
@@ -84,6 +85,11 @@ type Agent struct {
 	maps   *datapath.Reconciler
 	routes routes.Router         // cluster mode only
 	enc    *encryption.WireGuard // nil without encryption
+	bigtcp *bigtcp.Reconciler    // GSO/GRO sizes of the node's devices and pod veths
+	// bigtcpDone: the inputs the device sizes were last set for, at
+	// bigtcpAt (reconcile loop only).
+	bigtcpDone string
+	bigtcpAt   time.Time
 
 	rec     *reconcile.Trigger
 	metrics *metrics.Registry // set at the start of Run
@@ -197,12 +203,15 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer a.enc.Close()
+	if a.bigtcp, err = bigtcp.New(a.cfg.BigTCP, a.log); err != nil {
+		return err
+	}
 
 	// The local source, which also repairs what a crash left.
 	local := localapi.New(localapi.Config{
 		Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, MTU: a.cfg.MTU, Started: a.started, Log: a.log,
 		Lock: &a.mu, Store: a.store, IPAM: a.ipam, Identities: a.ids, LocalObjects: &a.objSet, Objects: a.objects,
-		Datapath: dp, Plumb: a.plumb, Reconcile: a.rec, Mesh: a.mesh, WireGuard: a.enc,
+		Datapath: dp, Plumb: a.plumb, Reconcile: a.rec, Mesh: a.mesh, WireGuard: a.enc, BigTCP: a.bigtcp,
 		IPCache: func() (int, int) { return a.maps.IPCacheEntries(), a.maps.IPCacheOverflow() },
 	})
 	local.RestoreEndpoints(ctx)
@@ -288,6 +297,20 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		a.log.Error("BPF ipcache full: mesh entries left out (their pods are \"world\" to this node); cap the remote clusters' entries (--max-remote-ipcache)",
 			"leftOut", res.Overflow, "capacity", bpf.IPCacheMaxEntries, "reservedForNode", datapath.IPCacheReserve)
 	}
+	// Device sizes: a device that refuses is rolled back and reported,
+	// which fails nothing else. They depend on the pods and the node's
+	// devices, and setting them visits every pod's network namespace: so
+	// only when the endpoints or the node's addresses changed, after a
+	// failure, and every resync interval, not on every run.
+	if key := fmt.Sprint(want.EndpointsGen, want.HostAddrs); key != a.bigtcpDone || time.Since(a.bigtcpAt) >= reconcile.ResyncInterval {
+		a.bigtcpDone = ""
+		if err := a.bigtcp.Sync(a.bigTCPInput(want)); err != nil {
+			a.rec.SoftFail()
+			a.log.Warn("big tcp: devices not all read; retrying", "err", err)
+		} else {
+			a.bigtcpDone, a.bigtcpAt = key, time.Now()
+		}
+	}
 	if res.Changes()+routeChanges > 0 {
 		a.log.Info("datapath reconciled", "ipcacheChanges", res.IPCache, "endpointChanges", res.Endpoints,
 			"policyChanges", res.Policy, "serviceChanges", res.Services, "routeChanges", routeChanges, "errors", len(res.Errs))
@@ -328,6 +351,21 @@ func (a *Agent) objectsGen() (desired.Objects, uint64) {
 	return objs, 2*gen + 2
 }
 
+// bigTCPInput is what the BIG TCP reconciler converges in one run.
+func (a *Agent) bigTCPInput(want desired.State) bigtcp.Input {
+	in := bigtcp.Input{Endpoints: want.Endpoints}
+	if a.mesh != nil {
+		in.NodeIPs = a.underlayIPs()
+	}
+	if a.enc != nil {
+		in.WireGuard = a.cfg.WireGuardDevice
+		if in.WireGuard == "" {
+			in.WireGuard = DefaultWireGuardDevice(a.cfg.ClusterName, a.cfg.NodeName)
+		}
+	}
+	return in
+}
+
 // underlayIPs are the node's underlay addresses: --node-ip, or else those
 // the mesh would detect (the default route's interface's).
 func (a *Agent) underlayIPs() []netip.Addr {
@@ -352,5 +390,6 @@ func (a *Agent) metricsSources() metrics.Sources {
 		IPCacheOverflow: func() int { return a.maps.IPCacheOverflow() },
 		ClusterMesh:     a.mesh.Status,
 		WireGuard:       func() *api.WireGuardStatus { return a.enc.Status() },
+		BigTCP:          func() *api.BigTCPStatus { return a.bigtcp.Status() },
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
 	"github.com/isthmus-mesh/isthmus/agent/clustermode"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/encryption"
@@ -71,6 +72,10 @@ type Config struct {
 	NodeEncryption  bool   // encrypt node-to-node traffic too
 	WireGuardPort   int    // UDP port; 0 means 51871
 	WireGuardDevice string // device name, unique on the host; "" derives one
+
+	// BigTCP sets GSO/GRO sizes beyond 64 KiB (agent/bigtcp); the zero
+	// value is auto for both families at bigtcp.DefaultSize.
+	BigTCP bigtcp.Config
 }
 
 // ClusterMode reports whether the agent works with its cluster's etcd.
@@ -102,6 +107,9 @@ func (c Config) validate() error {
 	}
 	if c.MTU != 0 && (c.MTU < 1280 || c.MTU > 65535) {
 		errs = append(errs, fmt.Errorf("MTU %d out of range 1280-65535 (IPv6 needs at least 1280)", c.MTU))
+	}
+	if err := c.BigTCP.WithDefaults().Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	errs = append(errs, encryption.Validate(c.Encryption, c.NodeEncryption, c.ClusterMode(), c.WireGuardPort)...)
 	if c.ClusterMode() {

@@ -91,6 +91,11 @@ func (a *Agent) Start(ctx context.Context) error {
 	}
 }
 
+// AddArgs appends flags to those the agent starts with from its next Start
+// on (a repeated flag's last value wins), e.g. to restart it with
+// another setting.
+func (a *Agent) AddArgs(args ...string) { a.opts.Args = append(a.opts.Args, args...) }
+
 // KVStoreBundle returns the --kvstore-bundle directory the agent was
 // started with: its node's own etcd credential ("" outside cluster mode).
 func (a *Agent) KVStoreBundle() string {

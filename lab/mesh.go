@@ -324,6 +324,9 @@ func (c *Cluster) AddNode(ctx context.Context) (*Node, *Agent, error) {
 		if br, err = h.LinkByName("br0"); err == nil {
 			err = h.LinkSetMaster(port, br)
 		}
+		if err == nil {
+			err = fabricGSO(h, port)
+		}
 	}
 	h.Close()
 	if err != nil {
@@ -369,6 +372,24 @@ func (c *Cluster) AddNode(ctx context.Context) (*Node, *Agent, error) {
 	c.Nodes = append(c.Nodes, n)
 	c.Agents = append(c.Agents, a)
 	return n, a, nil
+}
+
+// fabricGSO lets a bridge port pass GSO packets as large as the kernel
+// allows (BIG TCP) instead of segmenting them: the lab's fabric stands in
+// for a network whose NICs segment (TSO) and reassemble (GRO) at the
+// nodes, so what the nodes' agents set on their own devices is what
+// decides, not the lab.
+func fabricGSO(h *netlink.Handle, l netlink.Link) error {
+	size := int(l.Attrs().TSOMaxSize)
+	if size <= 65536 {
+		return nil
+	}
+	for _, set := range []func(netlink.Link, int) error{h.LinkSetGSOMaxSize, h.LinkSetGROMaxSize, h.LinkSetGSOIPv4MaxSize, h.LinkSetGROIPv4MaxSize} {
+		if err := set(l, size); err != nil {
+			return fmt.Errorf("lab: GSO/GRO size %d on %s: %w", size, l.Attrs().Name, err)
+		}
+	}
+	return nil
 }
 
 // CLI runs the isthmus CLI with the cluster's root credentials (for the

@@ -9,7 +9,7 @@
 # these machines are shared and absolute numbers drift.
 #
 # BENCH_RUN selects sections (a regexp matched against the whole section name:
-# throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup; mesh also runs
+# throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp; mesh also runs
 # the identity allocation benchmark), BENCH_DURATION the length of each
 # measurement of throughput and cps, BENCH_ARGS more flags of tests/bench
 # (for a CI-sized run, e.g. "-mesh-endpoints 10000 -mesh-churn-duration 10s
@@ -35,7 +35,7 @@ go test -run '^$' -bench 'BenchmarkFromPod' -benchtime 200x -count 1 ./bpf/ |
 		printf "bench: from-pod-%s %s ns/pkt (goal info: BPF_PROG_TEST_RUN)\n", name, v
 	}'
 
-run="${BENCH_RUN:-throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup}"
+run="${BENCH_RUN:-throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp}"
 
 # 2. Identity allocations per second, 10 concurrent allocators (each its
 #    own etcd client and node name) against one embedded etcd (no fsync).
@@ -51,13 +51,19 @@ if [[ mesh =~ $run ]]; then
 		}'
 fi
 
-# 2b. Heap per remote ipcache entry in the agent's mesh tables (raw value,
-#     ownership Gate record, typed table), at 100,000 entries.
+# 2b. Heap per remote ipcache entry in the agent: its mesh tables (the
+#     ownership Gate's decoded record, the index by prefix), at 100,000
+#     entries; the datapath reconciler's shadow of the BPF ipcache, at 60,000.
 if [[ mesh =~ $run ]]; then
 	go test -run '^$' -bench 'BenchmarkTablesHeapPerEntry' -benchtime 1x -count 1 ./agent/meshsync/ |
 		awk '/^BenchmarkTablesHeapPerEntry/ {
 			for (i = 1; i <= NF; i++) if ($(i+1) == "B/entry") v = $i
 			printf "bench: mesh-tables-heap-per-entry %s B (goal info: agent tables, 100,000 remote ipcache entries)\n", v
+		}'
+	go test -run '^$' -bench 'BenchmarkReconcilerHeapPerEntry' -benchtime 1x -count 1 ./agent/datapath/ |
+		awk '/^BenchmarkReconcilerHeapPerEntry/ {
+			for (i = 1; i <= NF; i++) if ($(i+1) == "B/entry") v = $i
+			printf "bench: mesh-reconciler-heap-per-entry %s B (goal info: the reconciler'"'"'s shadow of the BPF ipcache, 60,000 remote entries)\n", v
 		}'
 fi
 
@@ -70,3 +76,7 @@ fi
 #    (tests/bench/labup.go).
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
 go run ./tests/bench -run "$run" -duration "${BENCH_DURATION:-8s}" ${BENCH_ARGS:-}
+#    propagation, full sync of 100,000 endpoints, agent RSS (tests/bench/mesh.go);
+#    the time from `isthmus lab up` to a ready mesh, 2x2 and 4x3 (tests/bench/labup.go);
+#    BIG TCP on against off across two nodes (tests/bench/bigtcp.go).
+go run ./tests/bench -run "$run" -duration "${BENCH_DURATION:-8s}"

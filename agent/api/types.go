@@ -46,6 +46,8 @@ type Endpoint struct {
 	HostMAC   string            `json:"hostMAC"`
 	PodMAC    string            `json:"podMAC"`
 	Created   time.Time         `json:"created"`
+	// BigTCP is the GSO/GRO size of the endpoint's veth, once reconciled.
+	BigTCP *EndpointBigTCP `json:"bigTCP,omitempty"`
 }
 
 // ApplyResult lists what an apply did, object by object.
@@ -114,6 +116,65 @@ type Status struct {
 	ClusterMesh *ClusterMeshStatus `json:"clustermesh,omitempty"`
 	// WireGuard is set when transparent encryption is on.
 	WireGuard *WireGuardStatus `json:"wireguard,omitempty"`
+	// BigTCP is where packets beyond 64 KiB are on, and why not elsewhere.
+	BigTCP *BigTCPStatus `json:"bigTCP,omitempty"`
+}
+
+// BigTCPStatus is the node's BIG TCP: the settings, every path a pod's
+// traffic takes with whether it carries GSO/GRO packets beyond 64 KiB per
+// family (and why not), and the devices behind that.
+type BigTCPStatus struct {
+	IPv6 string `json:"ipv6"` // off, on or auto, as configured
+	IPv4 string `json:"ipv4"`
+	Size int    `json:"size"` // requested GSO/GRO size
+	// IPv4Supported: the kernel has the IPv4 attributes (Linux >= 6.3).
+	IPv4Supported bool             `json:"ipv4Supported"`
+	Paths         []BigTCPPath     `json:"paths"`
+	Devices       []BigTCPDevice   `json:"devices"`
+	Endpoints     []EndpointBigTCP `json:"endpoints,omitempty"`
+	LastError     string           `json:"lastError,omitempty"`
+}
+
+// Paths of BigTCPPath.Path.
+const (
+	BigTCPPathSameNode  = "same-node"
+	BigTCPPathCrossNode = "cross-node"           // to other nodes in the clear
+	BigTCPPathWireGuard = "cross-node-wireguard" // to other nodes through WireGuard
+	BigTCPPathOutside   = "outside"              // through the default route
+)
+
+// BigTCPPath is one path for one family.
+type BigTCPPath struct {
+	Path   string `json:"path"`
+	Family string `json:"family"` // "ipv6" or "ipv4"
+	On     bool   `json:"on"`
+	// Reason says why the path is off (or which devices on it are not
+	// on); empty when every device on it carries the size.
+	Reason string `json:"reason,omitempty"`
+}
+
+// BigTCPDevice is one device the agent sizes: its limits and the sizes
+// it holds now.
+type BigTCPDevice struct {
+	Name     string `json:"name"`
+	Role     string `json:"role"`               // underlay, outside, wireguard, pod-host, pod
+	Endpoint string `json:"endpoint,omitempty"` // <namespace>/<name> for pod veths
+	TSOMax   uint32 `json:"tsoMaxSize"`
+	GSO      uint32 `json:"gsoMaxSize"`
+	GRO      uint32 `json:"groMaxSize"`
+	GSOIPv4  uint32 `json:"gsoIPv4MaxSize"`
+	GROIPv4  uint32 `json:"groIPv4MaxSize"`
+	// Reason says why the device holds 65536 for a family that is on:
+	// its TSO limit, or the error of a write that was rolled back.
+	Reason string `json:"reason,omitempty"`
+}
+
+// EndpointBigTCP is BIG TCP on one endpoint's veth (both ends).
+type EndpointBigTCP struct {
+	Endpoint string `json:"endpoint"` // <namespace>/<name>
+	IPv6     uint32 `json:"ipv6"`     // GSO/GRO size both ends carry
+	IPv4     uint32 `json:"ipv4"`
+	Reason   string `json:"reason,omitempty"`
 }
 
 // WireGuardStatus is the node's WireGuard device and its peers.

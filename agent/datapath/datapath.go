@@ -21,6 +21,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
 	"github.com/isthmus-mesh/isthmus/agent/policy"
 	"github.com/isthmus-mesh/isthmus/agent/reconcile"
+	"github.com/isthmus-mesh/isthmus/agent/service"
 	"github.com/isthmus-mesh/isthmus/bpf"
 )
 
@@ -101,6 +102,14 @@ type Reconciler struct {
 	// The inputs the policy (with the endpoints map) and the services were
 	// last applied for; the zero value never matches.
 	polApplied, svcApplied inputs
+
+	// The services: resolved incrementally; svcEPIn and svcEPGen identify
+	// the endpoints last given to the resolver; svcReady the mesh's
+	// readiness the shadow was last diffed with.
+	resolver *service.Resolver
+	svcEPIn  svcEndpointInputs
+	svcEPGen uint64
+	svcReady bool
 }
 
 // inputs identifies what a step derived its entries from.

@@ -240,7 +240,7 @@ func TestIPCacheOverflowKeepsLocalEntries(t *testing.T) {
 	}
 	s := desired.State{Cluster: "c1", Identities: ids{}, HostAddrs: []netip.Addr{selfIP}, EndpointsGen: 1, ObjectsGen: 1,
 		Endpoints: []state.Endpoint{ep(0), ep(1)},
-		Mesh: desired.Mesh{Ready: true, Cluster: "c1", Node: "node1", NodeIPs: []netip.Addr{selfIP}, View: m.tables.View(), IPs: m.tables}}
+		Mesh:      desired.Mesh{Ready: true, Cluster: "c1", Node: "node1", NodeIPs: []netip.Addr{selfIP}, View: m.tables.View(), IPs: m.tables}}
 	sync := func() Result {
 		t.Helper()
 		s.Mesh.View = m.tables.View()

@@ -1,48 +1,81 @@
 package datapath
 
 import (
+	"fmt"
 	"slices"
 
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/service"
+	"github.com/isthmus-mesh/isthmus/bpf"
 )
+
+// svcEndpointInputs identifies the endpoints services select from: the
+// local ones, and the own cluster's other nodes' (their ipcache entries,
+// labelled by their identities, not this node's).
+type svcEndpointInputs struct {
+	endpoints, ownIPs, identities uint64
+	nodeIPs                       string
+}
 
 // syncServices resolves the services against the endpoints that may back
 // them (local ones, the own cluster's other nodes', other clusters' shared
-// backends of global services) and writes the frontends that differ.
+// backends of global services) through the incremental service.Resolver,
+// and writes the frontends that differ: those the Resolver says it
+// touched, or all of them when the shadow was just listed or the mesh's
+// readiness changed.
 func (r *Reconciler) syncServices(s desired.State, res *Result) error {
-	seps := make([]service.Endpoint, 0, len(s.Endpoints))
-	for _, ep := range s.Endpoints {
-		seps = append(seps, service.Endpoint{Namespace: ep.Namespace, Labels: desired.IdentityLabels(s.Cluster, ep.Namespace, ep.Labels), IPs: ep.IPs})
+	if r.resolver == nil {
+		r.resolver = service.NewResolver()
 	}
-	seps = append(seps, s.Mesh.ClusterEndpoints(s.Identities)...) // the own cluster's other nodes
-	want := service.Resolve(s.Services, seps)
-	want = service.Merge(want, s.Services, s.Mesh.View.RemoteServices) // nothing to merge in standalone mode
+	in := svcEndpointInputs{endpoints: s.EndpointsGen, ownIPs: s.Mesh.View.Versions.OwnIPs,
+		identities: s.Mesh.View.Versions.Identities, nodeIPs: fmt.Sprint(s.Mesh.NodeIPs)}
+	var seps []service.Endpoint
+	if s.EndpointsGen == 0 || in != r.svcEPIn {
+		r.svcEPIn = in
+		r.svcEPGen++
+		seps = make([]service.Endpoint, 0, len(s.Endpoints))
+		for _, ep := range s.Endpoints {
+			seps = append(seps, service.Endpoint{Key: "local/" + ep.Key(), Namespace: ep.Namespace,
+				Labels: desired.IdentityLabels(s.Cluster, ep.Namespace, ep.Labels), IPs: ep.IPs})
+		}
+		seps = append(seps, s.Mesh.ClusterEndpoints(s.Identities)...) // the own cluster's other nodes
+	}
+	epGen := r.svcEPGen
+	if s.EndpointsGen == 0 {
+		epGen = 0 // unknown: the Resolver looks
+	}
+	want, touched := r.resolver.Update(s.Services, s.ObjectsGen, seps, epGen, s.Mesh.View.RemoteServices, s.Mesh.View.Versions.Services)
+
+	full := false
 	if r.svcShadow == nil {
 		have, err := r.dp.ServiceList()
 		if err != nil {
 			return err
 		}
-		r.svcShadow = have
+		r.svcShadow, full = have, true
+	}
+	if s.Mesh.Ready != r.svcReady {
+		full = true
 	}
 	have := r.svcShadow
 	failed := false
-	for f, bes := range want {
-		h, ok := have[f]
-		if ok {
-			bes = s.Mesh.KeepUnknown(h, bes)
-		}
-		if !ok || !slices.Equal(h, bes) {
-			err := r.dp.ServiceUpsert(f, bes)
-			res.note(&res.Services, err)
-			failed = failed || err != nil
-			if err == nil {
-				have[f] = bes
+	write := func(f bpf.Frontend) {
+		bes, ok := want[f]
+		h, had := have[f]
+		switch {
+		case ok:
+			if had {
+				bes = s.Mesh.KeepUnknown(h, bes)
 			}
-		}
-	}
-	for f := range have {
-		if _, ok := want[f]; !ok && s.Mesh.Ready {
+			if !had || !slices.Equal(h, bes) {
+				err := r.dp.ServiceUpsert(f, bes)
+				res.note(&res.Services, err)
+				failed = failed || err != nil
+				if err == nil {
+					have[f] = bes
+				}
+			}
+		case had && s.Mesh.Ready:
 			err := r.dp.ServiceDelete(f)
 			res.note(&res.Services, err)
 			failed = failed || err != nil
@@ -51,8 +84,23 @@ func (r *Reconciler) syncServices(s desired.State, res *Result) error {
 			}
 		}
 	}
+	if full {
+		for f := range want {
+			write(f)
+		}
+		for f := range have {
+			if _, ok := want[f]; !ok {
+				write(f)
+			}
+		}
+	} else {
+		for _, f := range touched {
+			write(f)
+		}
+	}
+	r.svcReady = s.Mesh.Ready
 	if failed {
-		r.svcShadow = nil // list again next time
+		r.svcShadow = nil // list again next time, and diff everything
 	}
 	return nil
 }

@@ -142,7 +142,7 @@ func (m Mesh) ClusterEndpoints(ids Identities) []service.Endpoint {
 		if ns == "" || l[identity.LabelCluster] != m.Cluster {
 			continue // unknown identity (yet): selectable by nothing
 		}
-		out = append(out, service.Endpoint{Namespace: ns, Labels: l, IPs: []netip.Addr{e.Prefix.Addr()}})
+		out = append(out, service.Endpoint{Key: "mesh/" + e.Prefix.String(), Namespace: ns, Labels: l, IPs: []netip.Addr{e.Prefix.Addr()}})
 	}
 	return out
 }

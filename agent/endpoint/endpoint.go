@@ -343,3 +343,35 @@ func PrepareNode() error {
 	}
 	return nil
 }
+
+// SetIPv6RouteMTU sets the MTU metric of the pod's IPv6 default route (the
+// one through GatewayIPv6 on the pod interface with ifindex); 0 removes
+// it. It reports whether it changed the route. BIG TCP uses it to leave
+// room for the kernel's jumbo hop-by-hop header (agent/bigtcp).
+func SetIPv6RouteMTU(pod *netlink.Handle, ifindex, mtu int) (bool, error) {
+	routes, err := pod.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{LinkIndex: ifindex}, netlink.RT_FILTER_OIF)
+	if err != nil {
+		return false, fmt.Errorf("list IPv6 routes: %w", err)
+	}
+	for _, r := range routes {
+		if ones, _ := maskOfDst(r.Dst); ones != 0 || !r.Gw.Equal(GatewayIPv6.AsSlice()) || (r.Table != 0 && r.Table != unix.RT_TABLE_MAIN) {
+			continue
+		}
+		if r.MTU == mtu {
+			return false, nil
+		}
+		nr := &netlink.Route{LinkIndex: ifindex, Dst: prefixNet(netip.MustParsePrefix("::/0")), Gw: GatewayIPv6.AsSlice(), MTU: mtu}
+		if err := pod.RouteReplace(nr); err != nil {
+			return false, fmt.Errorf("set mtu %d on the IPv6 default route: %w", mtu, err)
+		}
+		return true, nil
+	}
+	return false, errors.New("the pod has no IPv6 default route through " + GatewayIPv6.String())
+}
+
+func maskOfDst(dst *net.IPNet) (int, int) {
+	if dst == nil {
+		return 0, 0
+	}
+	return dst.Mask.Size()
+}

@@ -288,7 +288,9 @@ func (h *Handlers) releaseIdentityEventually(id uint32) {
 func (h *Handlers) ListEndpoints(context.Context) ([]api.Endpoint, error) {
 	var out []api.Endpoint
 	for _, e := range h.store.Endpoints() {
-		out = append(out, toAPI(e))
+		ae := toAPI(e)
+		ae.BigTCP = h.bigtcp.Endpoint(e.Key())
+		out = append(out, ae)
 	}
 	return out, nil
 }

@@ -30,6 +30,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
 	"github.com/isthmus-mesh/isthmus/agent/clustermode"
 	"github.com/isthmus-mesh/isthmus/agent/datapath"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
@@ -73,6 +74,7 @@ type Config struct {
 	Reconcile *reconcile.Trigger
 	Mesh      *clustermode.Mesh     // nil in standalone mode
 	WireGuard *encryption.WireGuard // nil without encryption
+	BigTCP    *bigtcp.Reconciler    // device sizes, for the status
 }
 
 // Handlers implement api.Backend.
@@ -99,6 +101,7 @@ type Handlers struct {
 	rec          *reconcile.Trigger
 	mesh         *clustermode.Mesh
 	enc          *encryption.WireGuard
+	bigtcp       *bigtcp.Reconciler
 }
 
 var _ api.Backend = (*Handlers)(nil)
@@ -109,6 +112,7 @@ func New(cfg Config) *Handlers {
 		node: cfg.Node, cluster: cfg.Cluster, clusterID: cfg.ClusterID, mtu: cfg.MTU, started: cfg.Started, log: cfg.Log,
 		mu: cfg.Lock, pendingNetns: map[string]string{}, store: cfg.Store, ipam: cfg.IPAM, ids: cfg.Identities, local: cfg.LocalObjects, objects: cfg.Objects,
 		dp: cfg.Datapath, plumb: cfg.Plumb, rec: cfg.Reconcile, mesh: cfg.Mesh, enc: cfg.WireGuard, ipcache: cfg.IPCache,
+		bigtcp: cfg.BigTCP,
 	}
 }
 

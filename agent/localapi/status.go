@@ -73,5 +73,6 @@ func (h *Handlers) Status(context.Context) (api.Status, error) {
 	}
 	st.ClusterMesh = h.mesh.Status()
 	st.WireGuard = h.enc.Status()
+	st.BigTCP = h.bigtcp.Status()
 	return st, nil
 }

@@ -61,6 +61,7 @@ type Sources struct {
 	IPCacheOverflow func() int
 	ClusterMesh     func() *api.ClusterMeshStatus // nil in standalone mode
 	WireGuard       func() *api.WireGuardStatus   // nil without encryption
+	BigTCP          func() *api.BigTCPStatus      // nil before the datapath is loaded
 }
 
 // Counts are the sizes of the desired state.
@@ -158,8 +159,14 @@ var (
 	descWGRx          = desc("isthmus_agent_wireguard_peer_rx_bytes_total", "Bytes received from the peer.", "node")
 	descWGTx          = desc("isthmus_agent_wireguard_peer_tx_bytes_total", "Bytes sent to the peer.", "node")
 
+	// BIG TCP (agent/bigtcp).
+	descBigTCPPath    = desc("isthmus_agent_bigtcp_path_enabled", "1 while the path carries GSO/GRO packets beyond 64 KiB for the family (see isthmus status for why not).", "path", "family")
+	descBigTCPRefused = desc("isthmus_agent_bigtcp_devices_at_legacy_size", "Devices left at 65536 while their family is on (a TSO limit, or a refused write rolled back), by role.", "role")
+	descBigTCPSize    = desc("isthmus_agent_bigtcp_device_gso_max_size_bytes", "GSO maximum size of an external device (underlay, outside, wireguard), by family.", "device", "role", "family")
+
 	allDescs = []*prometheus.Desc{
 		descForwardPackets, descForwardBytes, descDropPackets, descDropBytes, descConntrack, descIPCache, descIPCacheOver, descPolicyEntries, descFrontends,
+		descBigTCPPath, descBigTCPRefused, descBigTCPSize,
 		descInfo, descReady, descEndpoints, descIdentities, descServices, descPolicies,
 		descRecRuns, descRecErrors, descRecFailing, descRecLastSuccess, descRecPending, descRecDuration,
 		descKVConnected, descPublished, descPublishedN, descRouteError, descInvalidAll,
@@ -257,6 +264,10 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 
+	if src.BigTCP != nil {
+		collectBigTCP(gauge, src.BigTCP())
+	}
+
 	if wg := src.WireGuard(); wg != nil {
 		gauge(descWGPeers, float64(len(wg.Peers)))
 		gauge(descWGUnencrypted, float64(len(wg.Unencrypted)))
@@ -270,6 +281,35 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			counter(descWGRx, float64(p.RxBytes), node)
 			counter(descWGTx, float64(p.TxBytes), node)
 		}
+	}
+}
+
+// collectBigTCP: the paths per family, the devices left at 65536, and the
+// external devices' sizes (pod veths are too many to be series each).
+func collectBigTCP(gauge func(*prometheus.Desc, float64, ...string), st *api.BigTCPStatus) {
+	if st == nil {
+		return
+	}
+	for _, p := range st.Paths {
+		gauge(descBigTCPPath, promutil.Bool(p.On), p.Path, p.Family)
+	}
+	legacy := map[string]int{}
+	for _, d := range st.Devices {
+		role := d.Role
+		if i := strings.IndexByte(role, ','); i >= 0 {
+			role = role[:i]
+		}
+		legacy[role] += 0
+		if d.Reason != "" {
+			legacy[role]++
+		}
+		if d.Endpoint == "" {
+			gauge(descBigTCPSize, float64(d.GSO), d.Name, d.Role, "ipv6")
+			gauge(descBigTCPSize, float64(d.GSOIPv4), d.Name, d.Role, "ipv4")
+		}
+	}
+	for role, n := range legacy {
+		gauge(descBigTCPRefused, float64(n), role)
 	}
 }
 

@@ -6,6 +6,7 @@ package node
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"maps"
 	"net/netip"
@@ -22,6 +23,12 @@ import (
 // Link-local addresses are left out: they are not unique to the node.
 func Addrs() ([]netip.Addr, error) {
 	list, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	// The kernel interrupts a dump when an address changes during it (a
+	// new pod's veth gets its link-local address): list again, the
+	// answer may be inconsistent.
+	for try := 0; errors.Is(err, netlink.ErrDumpInterrupted) && try < 5; try++ {
+		list, err = netlink.AddrList(nil, netlink.FAMILY_ALL)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -193,4 +200,43 @@ func (c *AddrCache) Get() ([]netip.Addr, error) {
 	// predate the change) serves this call only: of != gen.
 	c.addrs, c.at, c.of, c.valid = addrs, time.Now(), gen, true
 	return addrs, nil
+}
+
+// DefaultRouteLinks returns the indexes of the interfaces that hold a
+// default route (IPv4 or IPv6, main table): the node's way to the outside.
+func DefaultRouteLinks() ([]int, error) {
+	h := &netlink.Handle{}
+	links := map[int]bool{}
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		routes, err := h.RouteListFiltered(family, &netlink.Route{}, 0)
+		if err != nil {
+			return nil, err
+		}
+		for _, rt := range routes {
+			if ones, _ := maskOf(rt); rt.LinkIndex > 0 && ones == 0 && (rt.Table == 0 || rt.Table == 254) {
+				links[rt.LinkIndex] = true
+			}
+			for _, nh := range rt.MultiPath {
+				if ones, _ := maskOf(rt); nh.LinkIndex > 0 && ones == 0 && (rt.Table == 0 || rt.Table == 254) {
+					links[nh.LinkIndex] = true
+				}
+			}
+		}
+	}
+	return slices.Sorted(maps.Keys(links)), nil
+}
+
+// LinksHolding returns the indexes of the interfaces that hold one of ips.
+func LinksHolding(ips []netip.Addr) ([]int, error) {
+	addrs, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, err
+	}
+	links := map[int]bool{}
+	for _, ad := range addrs {
+		if a, ok := netip.AddrFromSlice(ad.IP); ok && slices.Contains(ips, a.Unmap()) {
+			links[ad.LinkIndex] = true
+		}
+	}
+	return slices.Sorted(maps.Keys(links)), nil
 }

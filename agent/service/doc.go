@@ -5,6 +5,7 @@
 //
 //	type Endpoint struct { Namespace string; Labels identity.Labels; IPs []netip.Addr }
 //	func Resolve(svcs []objects.Service, eps []Endpoint) map[bpf.Frontend][]bpf.Backend
+//	func NewResolver() *Resolver  // Resolve + Merge, kept up to date per change
 //
 // Backends of a frontend are the addresses of the endpoints in the
 // service's namespace whose labels contain the selector (only when the

@@ -13,6 +13,8 @@ import (
 
 // Endpoint is a workload that can back services.
 type Endpoint struct {
+	// Key tells endpoints apart for Resolver (unique among them).
+	Key       string
 	Namespace string
 	Labels    identity.Labels
 	IPs       []netip.Addr

@@ -2,20 +2,32 @@ package state
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/internal/atomicfile"
 )
 
 // File names inside the state directory.
 const (
+	// EndpointsDir holds one file per endpoint, <namespace>.<name>.json:
+	// adding or deleting one writes one small file, whatever the number of
+	// endpoints on the node.
+	EndpointsDir = "endpoints"
+	// EndpointIDsFile holds the next endpoint ID.
+	EndpointIDsFile = "endpoint-ids.json"
+	// EndpointsFile is where agents before the per-endpoint files kept
+	// every endpoint in one file (rewritten whole on every change); Open
+	// moves its content into EndpointsDir and removes it.
 	EndpointsFile = "endpoints.json"
 	ObjectsFile   = "objects.json"
 )
@@ -56,6 +68,20 @@ type endpointsFile struct {
 	Endpoints []Endpoint `json:"endpoints"`
 }
 
+// endpointFile is one file of EndpointsDir.
+type endpointFile struct {
+	Version  int      `json:"version"`
+	Endpoint Endpoint `json:"endpoint"`
+}
+
+// idsFile is EndpointIDsFile.
+type idsFile struct {
+	Version int `json:"version"`
+	// NextID is the next endpoint ID to hand out. IDs are never reused, so a
+	// policy entry left behind by a deleted endpoint can never apply to a new one.
+	NextID uint32 `json:"nextID"`
+}
+
 type objectsFile struct {
 	Version int                        `json:"version"`
 	Objects map[string]json.RawMessage `json:"objects"` // by objects.Key: "Kind/namespace/name"
@@ -69,6 +95,7 @@ type Store struct {
 
 	mu        sync.Mutex
 	nextID    uint32
+	savedNext uint32 // the nextID EndpointIDsFile holds
 	endpoints map[string]Endpoint
 	// gen counts the changes of endpoints: readers that keep what they
 	// derived from them know when to derive again. snap is the sorted
@@ -86,28 +113,32 @@ func Open(dir string) (*Store, error) {
 	}
 	s := &Store{dir: dir, nextID: 1, endpoints: map[string]Endpoint{}, objects: map[string]json.RawMessage{}}
 
-	var ef endpointsFile
-	found, err := readJSON(s.path(EndpointsFile), &ef)
+	legacy, err := s.loadLegacyEndpoints()
 	if err != nil {
 		return nil, err
 	}
-	if found {
-		if ef.Version != fileVersion {
-			return nil, fmt.Errorf("state file %s has version %d, this agent reads version %d", s.path(EndpointsFile), ef.Version, fileVersion)
+	if err := s.loadEndpoints(); err != nil {
+		return nil, err
+	}
+	var ids idsFile
+	found, err := readJSON(s.path(EndpointIDsFile), &ids)
+	if err != nil {
+		return nil, err
+	}
+	if found && ids.Version != fileVersion {
+		return nil, fmt.Errorf("state file %s has version %d, this agent reads version %d", s.path(EndpointIDsFile), ids.Version, fileVersion)
+	}
+	s.nextID = max(s.nextID, ids.NextID, 1)
+	s.savedNext = ids.NextID
+	for _, e := range s.endpoints {
+		if e.ID >= s.nextID {
+			s.nextID = e.ID + 1
 		}
-		for _, e := range ef.Endpoints {
-			if e.Name == "" || e.Namespace == "" {
-				return nil, fmt.Errorf("state file %s is corrupt: an endpoint has no name or namespace", s.path(EndpointsFile))
-			}
-			if _, dup := s.endpoints[e.Key()]; dup {
-				return nil, fmt.Errorf("state file %s is corrupt: endpoint %s appears twice", s.path(EndpointsFile), e.Key())
-			}
-			s.endpoints[e.Key()] = e
-			if e.ID >= ef.NextID {
-				ef.NextID = e.ID + 1
-			}
+	}
+	if legacy {
+		if err := s.migrateLegacy(); err != nil {
+			return nil, err
 		}
-		s.nextID = max(ef.NextID, 1)
 	}
 
 	var of objectsFile
@@ -163,19 +194,25 @@ func (s *Store) AllocateEndpointID() uint32 {
 	return id
 }
 
-// PutEndpoint adds or replaces an endpoint and persists it.
+// PutEndpoint adds or replaces an endpoint and persists it (its own file;
+// the next endpoint ID first, if it moved).
 func (s *Store) PutEndpoint(e Endpoint) error {
-	if e.Name == "" || e.Namespace == "" {
-		return fmt.Errorf("endpoint without name or namespace")
+	if err := checkFileName(e.Namespace, e.Name); err != nil {
+		return err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	next := maps.Clone(s.endpoints)
-	next[e.Key()] = e.clone()
-	if err := s.writeEndpoints(next); err != nil {
+	if s.nextID != s.savedNext {
+		next := s.nextID
+		if err := writeJSON(s.path(EndpointIDsFile), idsFile{Version: fileVersion, NextID: next}); err != nil {
+			return err
+		}
+		s.savedNext = next
+	}
+	if err := writeJSON(s.endpointPath(e.Namespace, e.Name), endpointFile{Version: fileVersion, Endpoint: e}); err != nil {
 		return err
 	}
-	s.endpoints = next
+	s.endpoints[e.Key()] = e.clone()
 	s.gen++
 	return nil
 }
@@ -189,14 +226,103 @@ func (s *Store) DeleteEndpoint(namespace, name string) error {
 	if _, ok := s.endpoints[k]; !ok {
 		return nil
 	}
-	next := maps.Clone(s.endpoints)
-	delete(next, k)
-	if err := s.writeEndpoints(next); err != nil {
+	if err := atomicfile.Remove(s.endpointPath(namespace, name)); err != nil {
 		return err
 	}
-	s.endpoints = next
+	delete(s.endpoints, k)
 	s.gen++
 	return nil
+}
+
+// checkFileName refuses names that cannot be a file name of EndpointsDir
+// (the API allows DNS labels only, which always can).
+func checkFileName(namespace, name string) error {
+	for _, x := range []string{namespace, name} {
+		if x == "" || x[0] == '.' || strings.ContainsAny(x, "/.\x00") {
+			return fmt.Errorf("endpoint %q/%q: namespace and name must be non-empty and contain no '/' or '.'", namespace, name)
+		}
+	}
+	return nil
+}
+
+func (s *Store) endpointPath(namespace, name string) string {
+	return filepath.Join(s.dir, EndpointsDir, namespace+"."+name+".json")
+}
+
+// loadEndpoints reads EndpointsDir. A file that does not decode, or whose
+// name does not match its endpoint, is an error: the agent does not guess
+// at the state of a pod.
+func (s *Store) loadEndpoints() error {
+	dir := filepath.Join(s.dir, EndpointsDir)
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read state directory %s: %w", dir, err)
+	}
+	for _, ent := range ents {
+		name := ent.Name()
+		if strings.HasPrefix(name, ".") {
+			continue // a write a crash interrupted (atomicfile's temp file)
+		}
+		p := filepath.Join(dir, name)
+		var f endpointFile
+		if _, err := readJSON(p, &f); err != nil {
+			return err
+		}
+		if f.Version != fileVersion {
+			return fmt.Errorf("state file %s has version %d, this agent reads version %d", p, f.Version, fileVersion)
+		}
+		e := f.Endpoint
+		if e.Name == "" || e.Namespace == "" || p != s.endpointPath(e.Namespace, e.Name) {
+			return fmt.Errorf("state file %s is corrupt: it holds endpoint %q/%q (fix or move it away; the agent will not overwrite it)", p, e.Namespace, e.Name)
+		}
+		s.endpoints[e.Key()] = e // over the legacy file's: written later
+	}
+	return nil
+}
+
+// loadLegacyEndpoints reads EndpointsFile, if an older agent left one.
+func (s *Store) loadLegacyEndpoints() (bool, error) {
+	var ef endpointsFile
+	found, err := readJSON(s.path(EndpointsFile), &ef)
+	if err != nil || !found {
+		return false, err
+	}
+	if ef.Version != fileVersion {
+		return false, fmt.Errorf("state file %s has version %d, this agent reads version %d", s.path(EndpointsFile), ef.Version, fileVersion)
+	}
+	for _, e := range ef.Endpoints {
+		if e.Name == "" || e.Namespace == "" {
+			return false, fmt.Errorf("state file %s is corrupt: an endpoint has no name or namespace", s.path(EndpointsFile))
+		}
+		if _, dup := s.endpoints[e.Key()]; dup {
+			return false, fmt.Errorf("state file %s is corrupt: endpoint %s appears twice", s.path(EndpointsFile), e.Key())
+		}
+		if err := checkFileName(e.Namespace, e.Name); err != nil {
+			return false, fmt.Errorf("state file %s: %w", s.path(EndpointsFile), err)
+		}
+		s.endpoints[e.Key()] = e
+	}
+	s.nextID = max(ef.NextID, 1)
+	return true, nil
+}
+
+// migrateLegacy writes what EndpointsFile held as per-endpoint files, then
+// removes it. A crash in between leaves it: the next Open does it again
+// (the files written are the same).
+func (s *Store) migrateLegacy() error {
+	if err := writeJSON(s.path(EndpointIDsFile), idsFile{Version: fileVersion, NextID: s.nextID}); err != nil {
+		return err
+	}
+	s.savedNext = s.nextID
+	for _, e := range s.endpoints {
+		if err := writeJSON(s.endpointPath(e.Namespace, e.Name), endpointFile{Version: fileVersion, Endpoint: e}); err != nil {
+			return err
+		}
+	}
+	return atomicfile.Remove(s.path(EndpointsFile))
 }
 
 // EndpointsGen returns the endpoints, sorted by key, with the generation
@@ -214,14 +340,6 @@ func (s *Store) EndpointsGen() ([]Endpoint, uint64) {
 		s.snapGen = s.gen
 	}
 	return s.snap, s.gen
-}
-
-func (s *Store) writeEndpoints(eps map[string]Endpoint) error {
-	f := endpointsFile{Version: fileVersion, NextID: s.nextID, Endpoints: make([]Endpoint, 0, len(eps))}
-	for _, k := range slices.Sorted(maps.Keys(eps)) {
-		f.Endpoints = append(f.Endpoints, eps[k])
-	}
-	return writeJSON(s.path(EndpointsFile), f)
 }
 
 // Objects returns the applied objects as JSON documents by key.

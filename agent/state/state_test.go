@@ -52,7 +52,7 @@ func TestRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	for _, f := range []string{EndpointsFile, ObjectsFile} {
+	for _, f := range []string{filepath.Join(EndpointsDir, "default.a.json"), EndpointIDsFile, ObjectsFile} {
 		st, err := os.Stat(filepath.Join(dir, f))
 		if err != nil {
 			t.Fatal(err)
@@ -63,6 +63,9 @@ func TestRoundTrip(t *testing.T) {
 	}
 	if left, _ := filepath.Glob(filepath.Join(dir, ".*tmp*")); len(left) > 0 {
 		t.Errorf("temporary files left behind: %v", left)
+	}
+	if _, err := os.Stat(filepath.Join(dir, EndpointsDir, "default.b.json")); !os.IsNotExist(err) {
+		t.Errorf("the deleted endpoint's file: %v", err)
 	}
 
 	s2, err := Open(dir)
@@ -114,9 +117,17 @@ func TestCorruptFiles(t *testing.T) {
 		{EndpointsFile, `{"version":1,"endpoints":[{"name":"a","namespace":"x"},{"name":"a","namespace":"x"}]}`, "appears twice"},
 		{EndpointsFile, `{"version":1,"endpoints":[{"name":"a","namespace":"x","ips":["not-an-ip"]}]}`, "is corrupt"},
 		{ObjectsFile, `not json`, "is corrupt"},
+		{EndpointIDsFile, `{"version":2,"nextID":3}`, "has version 2"},
+		{filepath.Join(EndpointsDir, "x.a.json"), `{"version":1,"endpoint":{"name":"a"`, "is corrupt"},
+		{filepath.Join(EndpointsDir, "x.a.json"), `{"version":1,"endpoint":{"name":"b","namespace":"x"}}`, `holds endpoint "x"/"b"`},
+		{filepath.Join(EndpointsDir, "x.a.json"), `{"version":3,"endpoint":{"name":"a","namespace":"x"}}`, "has version 3"},
+		{filepath.Join(EndpointsDir, "x.a.json"), `{"version":1,"endpoint":{"name":"a","namespace":"x","extra":1}}`, `unknown field "extra"`},
 	} {
 		dir := t.TempDir()
 		p := filepath.Join(dir, tt.file)
+		if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+			t.Fatal(err)
+		}
 		if err := os.WriteFile(p, []byte(tt.content), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -137,7 +148,7 @@ func TestFailedWriteChangesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A directory where the file should be makes the rename fail.
-	if err := os.Mkdir(filepath.Join(dir, EndpointsFile), 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Join(dir, EndpointsDir, "default.a.json", "x"), 0o700); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.PutEndpoint(testEndpoint("a", 1)); err == nil {
@@ -151,5 +162,62 @@ func TestFailedWriteChangesNothing(t *testing.T) {
 	}
 	if err := s.UpdateObjects(map[string][]byte{"Service/default/x": []byte("{")}, nil); err == nil {
 		t.Error("UpdateObjects accepted invalid JSON")
+	}
+}
+
+// An older agent's single endpoints file is moved into per-endpoint files
+// on Open, IDs included, and removed; a crash after the files were written
+// but before the removal only repeats the move; a later change touches one
+// file only.
+func TestLegacyEndpointsFileMigrated(t *testing.T) {
+	dir := t.TempDir()
+	legacy := `{"version":1,"nextID":9,"endpoints":[` +
+		`{"name":"a","namespace":"default","netnsPath":"/var/run/netns/a","hostIfName":"isth1","ifIndex":4,"ips":["10.0.0.5"],"identity":7,"id":3,"hostMAC":"02:00:00:00:00:01","podMAC":"02:00:00:00:00:02","created":"2025-01-02T03:04:05Z"},` +
+		`{"name":"b","namespace":"prod","netnsPath":"/var/run/netns/b","hostIfName":"isth2","ifIndex":5,"ips":["10.0.0.6"],"identity":7,"id":5,"hostMAC":"02:00:00:00:00:03","podMAC":"02:00:00:00:00:04","created":"2025-01-02T03:04:05Z"}]}`
+	write := func() {
+		if err := os.WriteFile(filepath.Join(dir, EndpointsFile), []byte(legacy), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	check := func(s *Store) {
+		t.Helper()
+		eps := s.Endpoints()
+		if len(eps) != 2 || eps[0].Key() != "default/a" || eps[0].ID != 3 || eps[1].Key() != "prod/b" || eps[1].IPs[0] != netip.MustParseAddr("10.0.0.6") {
+			t.Fatalf("endpoints after the move: %+v", eps)
+		}
+		if _, err := os.Stat(filepath.Join(dir, EndpointsFile)); !os.IsNotExist(err) {
+			t.Errorf("the old file is still there: %v", err)
+		}
+		for _, f := range []string{"default.a.json", "prod.b.json"} {
+			if _, err := os.Stat(filepath.Join(dir, EndpointsDir, f)); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	write()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	check(s)
+	// The move again, as after a crash before the old file was removed,
+	// with one endpoint changed since in its own file: the newer one wins.
+	write()
+	e, _ := s.Endpoint("prod", "b")
+	e.IPs = []netip.Addr{netip.MustParseAddr("10.0.0.6")}
+	e.IfIndex = 77
+	if err := s.PutEndpoint(e); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	check(s2)
+	if b, _ := s2.Endpoint("prod", "b"); b.IfIndex != 77 {
+		t.Errorf("the old file's copy won over the endpoint's own file: ifIndex %d", b.IfIndex)
+	}
+	if id := s2.AllocateEndpointID(); id != 9 {
+		t.Errorf("next ID %d after the move, want 9 (the old file's)", id)
 	}
 }

@@ -273,6 +273,62 @@ func (c *Client) Get(ctx context.Context, key string) (kv KeyValue, found bool, 
 // read in pages at one revision, so the result is still one snapshot.
 var listPageSize int64 = 5000
 
+// listPages reads every key under prefix in pages of listPageSize, all at
+// the revision of the first page (one consistent snapshot), and hands each
+// page to page in key order, while the next page is already being read:
+// a consumer of a big list works on the first keys while the rest is still
+// on the wire. It makes one attempt (each page bounded by RequestTimeout);
+// an error of page stops it and is returned as is.
+func (c *Client) listPages(ctx context.Context, prefix string, page func([]KeyValue) error) (rev int64, err error) {
+	start := time.Now()
+	defer func() { c.stats.observe(opGetPrefix, start, err) }()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel() // ends a prefetch nobody waits for
+	end := clientv3.GetPrefixRangeEnd(prefix)
+	type result struct {
+		resp *clientv3.GetResponse
+		err  error
+	}
+	fetch := func(from string, rev int64) <-chan result {
+		ch := make(chan result, 1)
+		go func() {
+			opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(listPageSize)}
+			if rev != 0 {
+				opts = append(opts, clientv3.WithRev(rev))
+			}
+			actx, cancel := context.WithTimeout(ctx, c.cfg.RequestTimeout)
+			defer cancel()
+			resp, err := c.cli.Get(actx, from, opts...)
+			ch <- result{resp, err}
+		}()
+		return ch
+	}
+	next := fetch(prefix, 0)
+	for {
+		r := <-next
+		if r.err != nil {
+			return 0, fmt.Errorf("kvstore: %s %s: %w", opNames[opGetPrefix], prefix, r.err)
+		}
+		if rev == 0 {
+			rev = r.resp.Header.Revision
+		}
+		more := r.resp.More && len(r.resp.Kvs) > 0
+		if more {
+			next = fetch(string(r.resp.Kvs[len(r.resp.Kvs)-1].Key)+"\x00", rev)
+		}
+		kvs := make([]KeyValue, len(r.resp.Kvs))
+		for i, kv := range r.resp.Kvs {
+			kvs[i] = toKV(kv)
+		}
+		if err := page(kvs); err != nil {
+			return 0, err
+		}
+		if !more {
+			return rev, nil
+		}
+	}
+}
+
 // GetPrefix reads every key under prefix, sorted by key, as one consistent
 // snapshot, and returns the revision of that snapshot.
 func (c *Client) GetPrefix(ctx context.Context, prefix string) (kvs []KeyValue, rev int64, err error) {

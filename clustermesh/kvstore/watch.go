@@ -2,6 +2,7 @@ package kvstore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/isthmus-mesh/isthmus/internal/backoff"
@@ -66,7 +67,7 @@ func (c *Client) WatchPrefix(ctx context.Context, prefix string) <-chan Event {
 		defer cancel()
 		stop := context.AfterFunc(c.ctx, cancel)
 		defer stop()
-		w := &watcher{c: c, prefix: prefix, out: ch, known: map[string]int64{}}
+		w := &watcher{c: c, prefix: prefix, out: ch, known: map[string]knownKey{}}
 		w.run(ctx)
 	}()
 	return ch
@@ -77,9 +78,15 @@ type watcher struct {
 	prefix string
 	out    chan<- Event
 	// known maps every key the consumer was told about to its
-	// ModRevision, so a re-list can skip unchanged keys and find the
-	// vanished ones.
-	known map[string]int64
+	// ModRevision and the last list that found it, so a re-list can skip
+	// unchanged keys and find the vanished ones.
+	known map[string]knownKey
+	lists uint64 // lists started
+}
+
+type knownKey struct {
+	rev  int64
+	list uint64
 }
 
 func (w *watcher) send(ctx context.Context, ev Event) bool {
@@ -128,28 +135,39 @@ func (w *watcher) run(ctx context.Context) {
 	}
 }
 
+// errStopped ends a list whose consumer went away.
+var errStopped = errors.New("watch stopped")
+
 // list delivers a full snapshot and returns its revision (-1 if ctx ended
-// while delivering).
+// while delivering). Each page is delivered as it arrives (Client.listPages);
+// if a later page fails, what was delivered stays known and the next list
+// reports only what changed since, and deletes what vanished.
 func (w *watcher) list(ctx context.Context) (int64, error) {
-	kvs, rev, err := w.c.GetPrefix(ctx, w.prefix)
+	w.lists++
+	gen := w.lists
+	rev, err := w.c.listPages(ctx, w.prefix, func(kvs []KeyValue) error {
+		for _, kv := range kvs {
+			k, ok := w.known[kv.Key]
+			w.known[kv.Key] = knownKey{rev: kv.ModRevision, list: gen}
+			if ok && k.rev == kv.ModRevision {
+				continue // unchanged since the consumer last heard of it
+			}
+			if !w.send(ctx, Event{Type: EventUpsert, Key: kv.Key, Value: kv.Value, Revision: kv.ModRevision}) {
+				return errStopped
+			}
+		}
+		return nil
+	})
+	if errors.Is(err, errStopped) {
+		return -1, nil
+	}
 	if err != nil {
 		return 0, err
 	}
-	seen := make(map[string]bool, len(kvs))
-	for _, kv := range kvs {
-		seen[kv.Key] = true
-		if w.known[kv.Key] == kv.ModRevision {
-			continue // unchanged since the consumer last heard of it
-		}
-		w.known[kv.Key] = kv.ModRevision
-		if !w.send(ctx, Event{Type: EventUpsert, Key: kv.Key, Value: kv.Value, Revision: kv.ModRevision}) {
-			return -1, nil
-		}
-	}
 	// Mark and sweep: whatever the consumer knew that is not in the new
 	// snapshot was deleted while we were not watching.
-	for key := range w.known {
-		if seen[key] {
+	for key, k := range w.known {
+		if k.list == gen {
 			continue
 		}
 		delete(w.known, key)
@@ -184,7 +202,7 @@ func (w *watcher) watch(ctx context.Context, rev int64) error {
 			var out Event
 			switch ev.Type {
 			case clientv3.EventTypePut:
-				w.known[key] = ev.Kv.ModRevision
+				w.known[key] = knownKey{rev: ev.Kv.ModRevision, list: w.lists}
 				out = Event{Type: EventUpsert, Key: key, Value: ev.Kv.Value, Revision: ev.Kv.ModRevision}
 			case clientv3.EventTypeDelete:
 				if _, ok := w.known[key]; !ok {

@@ -112,3 +112,72 @@ func TestWatchRelistDeletesStale(t *testing.T) {
 	direct.Delete(ctx, "s/c")
 	expect(t, ch, "delete s/c")
 }
+
+// TestWatchListPagesFailOver delivers a list page by page and breaks it
+// between pages: the history is compacted while the watcher is cut off,
+// so the rest of that list fails and a new one is made. What the consumer
+// ends up with at the first list-done must be exactly the store's keys:
+// the key deleted after it was delivered is reported deleted, the changed
+// one reported with its new value, none lost or left over.
+func TestWatchListPagesFailOver(t *testing.T) {
+	ctx := testCtx(t)
+	etcd := etcdtest.Start(t)
+	direct := connect(t, etcd.Endpoint)
+	proxy := etcdtest.StartProxy(t, etcd.Endpoint[len("http://"):])
+	viaProxy := connect(t, "http://"+proxy.Addr)
+	defer func(n int64) { listPageSize = n }(listPageSize)
+	listPageSize = 3
+
+	for i := range 10 {
+		direct.Put(ctx, fmt.Sprintf("f/%02d", i), []byte(fmt.Sprint(i)))
+	}
+	ch := viaProxy.WatchPrefix(ctx, "f/")
+	got := map[string]string{}
+	apply := func(ev Event) bool {
+		switch ev.Type {
+		case EventUpsert:
+			got[ev.Key] = string(ev.Value)
+		case EventDelete:
+			delete(got, ev.Key)
+		case EventListDone:
+			return true
+		}
+		return false
+	}
+	// The first page is being delivered (the consumer holds its third
+	// key): cut the watcher off and change the store behind its back.
+	for range 2 {
+		if apply(next(t, ch)) {
+			t.Fatal("list done after two keys")
+		}
+	}
+	proxy.Cut()
+	direct.Delete(ctx, "f/00") // delivered already
+	direct.Delete(ctx, "f/08") // on a later page
+	direct.Put(ctx, "f/05", []byte("five"))
+	direct.Put(ctx, "f/10", []byte("ten"))
+	resp, err := direct.cli.Get(ctx, "f/10")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := direct.cli.Compact(ctx, resp.Header.Revision); err != nil {
+		t.Fatal(err)
+	}
+	proxy.Restore()
+	for !apply(next(t, ch)) {
+	}
+	kvs, _, err := direct.GetPrefix(ctx, "f/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{}
+	for _, kv := range kvs {
+		want[kv.Key] = string(kv.Value)
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("after the list: %v\nthe store has: %v", got, want)
+	}
+	if st := viaProxy.Stats(); st.WatchRelists < 1 || st.WatchStaleDeletes < 1 {
+		t.Errorf("the broken list was not redone: relists=%d stale deletes=%d", st.WatchRelists, st.WatchStaleDeletes)
+	}
+}

@@ -41,6 +41,11 @@
 //  5. re-reads the remote's cluster config every ProbeInterval: a change
 //     is checked again, a failure marks the remote unreachable.
 //
+// Cost of a full sync: the remote's list arrives page by page (kvstore),
+// and each record costs one canonical decode (records.DecodeIPCacheEntry),
+// one gate change and one map entry of bookkeeping before it joins a
+// batch; batches of MaxTxnOps are written while the next one is built.
+//
 // Cache TTL: with CacheTTL 0 (the default, as in Cilium) the last state of
 // an unreachable remote is kept and served forever. With CacheTTL > 0 a
 // remote unreachable for longer than that (counted from its last contact,

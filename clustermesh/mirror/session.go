@@ -93,6 +93,9 @@ type sessionGate struct {
 	mu   sync.Mutex
 	g    *records.Gate
 	wake map[records.Kind]chan struct{}
+	// refusedGen is the g.RefusedGen() of the refusal counts last
+	// published to the status (under mu).
+	refusedGen uint64
 	// nodesListed is closed once the nodes' first list is applied: the
 	// other kinds write their canaries only after it, so that what
 	// depends on node addresses is decided by then.
@@ -112,22 +115,48 @@ func newSessionGate(name string, cfg records.ClusterConfig, limits records.Limit
 // gatedKinds are the kinds whose records go through the Gate.
 var gatedKinds = []records.Kind{records.KindNodes, records.KindIP, records.KindServices}
 
-// do runs f on the gate and wakes the mirrors of other kinds with
-// changed verdicts.
-func (sg *sessionGate) do(self records.Kind, f func(g *records.Gate)) {
+// The gate is changed by one record at a time, 100,000 times in a full
+// sync: each change is a method (no closure to allocate) that takes the
+// lock once and wakes the mirrors of other kinds with changed verdicts.
+
+func (sg *sessionGate) putNode(key string, n records.Node, raw []byte) {
 	sg.mu.Lock()
-	f(sg.g)
-	var dirty []records.Kind
-	for _, k := range gatedKinds {
-		if k != self && sg.g.Dirty(k) {
-			dirty = append(dirty, k)
-		}
+	sg.g.PutNode(key, n, raw)
+	sg.unlockAndWake(records.KindNodes)
+}
+
+func (sg *sessionGate) putIP(key string, e records.IPCacheEntry, raw []byte) {
+	sg.mu.Lock()
+	sg.g.PutIP(key, e, raw)
+	sg.unlockAndWake(records.KindIP)
+}
+
+func (sg *sessionGate) putService(key string, svc records.ServiceRecord, raw []byte) {
+	sg.mu.Lock()
+	sg.g.PutService(key, svc, raw)
+	sg.unlockAndWake(records.KindServices)
+}
+
+func (sg *sessionGate) delete(self records.Kind, key string) {
+	sg.mu.Lock()
+	sg.g.Delete(key)
+	sg.unlockAndWake(self)
+}
+
+// unlockAndWake releases mu and wakes the mirrors of the kinds other than
+// self whose verdicts changed.
+func (sg *sessionGate) unlockAndWake(self records.Kind) {
+	var dirty [3]bool
+	for i, k := range gatedKinds {
+		dirty[i] = k != self && sg.g.Dirty(k)
 	}
 	sg.mu.Unlock()
-	for _, k := range dirty {
-		select {
-		case sg.wake[k] <- struct{}{}:
-		default:
+	for i, k := range gatedKinds {
+		if dirty[i] {
+			select {
+			case sg.wake[k] <- struct{}{}:
+			default:
+			}
 		}
 	}
 }
@@ -439,13 +468,14 @@ type kindMirror struct {
 	src  string // prefix in the remote etcd
 	dst  string // cache prefix in the local etcd
 
-	// cached holds a hash of the value of every cache key of this kind
-	// in the local etcd; present the cache keys whose remote record is
-	// there and valid; invalid the remote keys currently skipped.
-	cached  map[string]uint64
-	present map[string]struct{}
-	invalid map[string]struct{}
-	listed  bool // the first list is complete
+	// keys holds every cache key of this kind that is in the local etcd
+	// (with a hash of its value) or whose remote record is there and
+	// accepted (present), one map entry each; nPresent counts the
+	// latter. invalid holds the remote keys currently skipped.
+	keys     map[string]keyState
+	nPresent int
+	invalid  map[string]struct{}
+	listed   bool // the first list is complete
 
 	ops      []kvstore.Op
 	opIndex  map[string]int
@@ -465,7 +495,7 @@ type kindMirror struct {
 func newKindMirror(r *remote, k records.Kind, id uint32, sg *sessionGate) *kindMirror {
 	name := r.rec.Name
 	km := &kindMirror{r: r, kind: k, id: id, dst: records.CachePrefix(k, name),
-		cached: map[string]uint64{}, present: map[string]struct{}{}, invalid: map[string]struct{}{},
+		keys: map[string]keyState{}, invalid: map[string]struct{}{},
 		opIndex: map[string]int{}}
 	if k != records.KindIdentities {
 		km.gate, km.wake = sg, sg.wake[k]
@@ -476,7 +506,7 @@ func newKindMirror(r *remote, k records.Kind, id uint32, sg *sessionGate) *kindM
 		km.validate = func(key string, v []byte) error {
 			n, err := records.ValidateNode(key, v, name, id)
 			if err == nil {
-				sg.do(k, func(g *records.Gate) { g.PutNode(key, n, v) })
+				sg.putNode(key, n, v)
 			}
 			return err
 		}
@@ -485,7 +515,7 @@ func newKindMirror(r *remote, k records.Kind, id uint32, sg *sessionGate) *kindM
 		km.validate = func(key string, v []byte) error {
 			e, err := records.ValidateIPCacheEntry(key, v, name, id)
 			if err == nil {
-				sg.do(k, func(g *records.Gate) { g.PutIP(key, e, v) })
+				sg.putIP(key, e, v)
 			}
 			return err
 		}
@@ -494,7 +524,7 @@ func newKindMirror(r *remote, k records.Kind, id uint32, sg *sessionGate) *kindM
 		km.validate = func(key string, v []byte) error {
 			s, err := records.ValidateService(key, v, name, id)
 			if err == nil {
-				sg.do(k, func(g *records.Gate) { g.PutService(key, s, v) })
+				sg.putService(key, s, v)
 			}
 			return err
 		}
@@ -517,9 +547,9 @@ func (k *kindMirror) run(ctx context.Context, cli *kvstore.Client) error {
 		return fmt.Errorf("read the local cache %s: %w", k.dst, err)
 	}
 	for _, kv := range kvs {
-		k.cached[kv.Key] = maphash.Bytes(hashSeed, kv.Value)
+		k.keys[kv.Key] = keyState{hash: maphash.Bytes(hashSeed, kv.Value), cached: true}
 	}
-	k.r.box.setKind(k.kind, len(k.cached), 0)
+	k.r.box.setKind(k.kind, len(k.keys), 0)
 	ch := cli.WatchPrefix(ctx, k.src)
 	// Writes are batched: a batch goes out when it is full, at the end of
 	// a list, or when no further event came within flushDelay (the events
@@ -552,7 +582,7 @@ func (k *kindMirror) run(ctx context.Context, cli *kvstore.Client) error {
 			}
 			continue
 		case <-k.wake: // nil channel for identities
-			if err := k.applyGate(ctx); err != nil {
+			if _, err := k.applyGate(ctx, ""); err != nil {
 				return err
 			}
 			if len(k.ops) >= maxBatchOps || k.opBytes >= maxBatchBytes {
@@ -590,27 +620,25 @@ func (k *kindMirror) handle(ctx context.Context, ev kvstore.Event) error {
 			k.gateDelete(ev.Key)
 			if ck != "" {
 				// The writer's intent is unknown: keep nothing stale.
-				delete(k.present, ck)
-				k.del(ck)
+				k.drop(ck)
 			}
-			if err := k.applyGate(ctx); err != nil {
+			if _, err := k.applyGate(ctx, ""); err != nil {
 				return err
 			}
 			break
 		}
-		delete(k.invalid, ev.Key)
+		if len(k.invalid) > 0 {
+			delete(k.invalid, ev.Key)
+		}
 		if k.gate != nil {
 			// The gate has the record: its verdict decides, and may have
 			// changed others' (those of this kind are applied here).
-			if err := k.applyGate(ctx); err != nil {
+			v, err := k.applyGate(ctx, ev.Key)
+			if err != nil {
 				return err
 			}
-			k.gate.mu.Lock()
-			v, _ := k.gate.g.Get(ev.Key)
-			k.gate.mu.Unlock()
 			if !v.Accepted() {
-				delete(k.present, ck)
-				k.del(ck)
+				k.drop(ck)
 				break
 			}
 		}
@@ -621,10 +649,9 @@ func (k *kindMirror) handle(ctx context.Context, ev kvstore.Event) error {
 		delete(k.invalid, ev.Key)
 		k.gateDelete(ev.Key)
 		if ck, err := records.CacheKey(ev.Key, name); err == nil {
-			delete(k.present, ck)
-			k.del(ck)
+			k.drop(ck)
 		}
-		if err := k.applyGate(ctx); err != nil {
+		if _, err := k.applyGate(ctx, ""); err != nil {
 			return err
 		}
 	case kvstore.EventListDone:
@@ -636,9 +663,9 @@ func (k *kindMirror) handle(ctx context.Context, ev kvstore.Event) error {
 		// Everything the remote has was reported: what the cache holds
 		// beyond that is stale (deleted while nobody watched, or left
 		// from before a restart of this server).
-		for ck := range k.cached {
-			if _, ok := k.present[ck]; !ok {
-				k.del(ck)
+		for ck, st := range k.keys {
+			if !st.present {
+				k.drop(ck)
 			}
 		}
 		if err := k.flush(ctx); err != nil {
@@ -655,7 +682,7 @@ func (k *kindMirror) handle(ctx context.Context, ev kvstore.Event) error {
 	// Until the first list is complete the status keeps counting what the
 	// cache held at the start.
 	if k.listed {
-		k.r.box.setKind(k.kind, len(k.present), len(k.invalid))
+		k.r.box.setKind(k.kind, k.nPresent, len(k.invalid))
 	}
 	if len(k.ops) >= maxBatchOps || k.opBytes >= maxBatchBytes {
 		return k.flush(ctx)
@@ -663,57 +690,105 @@ func (k *kindMirror) handle(ctx context.Context, ev kvstore.Event) error {
 	return nil
 }
 
+// keyState is what a kind mirror knows of one cache key.
+type keyState struct {
+	hash    uint64 // of the value in the local etcd, if cached
+	cached  bool   // the local etcd has the key (or will, once the queued write is applied)
+	present bool   // the remote has the record, valid and accepted
+}
+
 // store writes value at cache key ck unless the cache has it already.
 func (k *kindMirror) store(ctx context.Context, ck string, value []byte) error {
-	k.present[ck] = struct{}{}
+	st := k.keys[ck]
+	if !st.present {
+		st.present = true
+		k.nPresent++
+	}
 	h := maphash.Bytes(hashSeed, value)
-	if old, ok := k.cached[ck]; !ok || old != h {
+	if !st.cached || st.hash != h {
 		if err := k.put(ctx, ck, value); err != nil {
 			return err
 		}
-		k.cached[ck] = h
+		st.hash, st.cached = h, true
 	}
+	k.keys[ck] = st
 	return nil
+}
+
+// drop forgets cache key ck: it is no longer present, and deleted from the
+// cache if the cache has it.
+func (k *kindMirror) drop(ck string) {
+	st, ok := k.keys[ck]
+	if !ok {
+		return
+	}
+	if st.present {
+		k.nPresent--
+	}
+	delete(k.keys, ck)
+	if st.cached {
+		k.queue(ck, kvstore.OpDelete(ck), len(ck))
+	}
 }
 
 // gateDelete takes key out of the gate, if this kind has one.
 func (k *kindMirror) gateDelete(key string) {
 	if k.gate != nil {
-		k.gate.do(k.kind, func(g *records.Gate) { g.Delete(key) })
+		k.gate.delete(k.kind, key)
 		k.r.noteVerdict(records.Verdict{Key: key})
 	}
 }
 
 // applyGate writes or deletes the cache keys of this kind whose verdict
-// changed in the gate, and logs and counts new refusals.
-func (k *kindMirror) applyGate(ctx context.Context) error {
+// changed in the gate, logs and counts new refusals, and returns the
+// verdict of key (if not ""), read at the same time, so that no change in
+// between is missed. The caller applies that verdict to key's cache key;
+// applyGate leaves it alone.
+func (k *kindMirror) applyGate(ctx context.Context, key string) (records.Verdict, error) {
 	if k.gate == nil {
-		return nil
+		return records.Verdict{}, nil
 	}
-	k.gate.mu.Lock()
-	vs := k.gate.g.Drain(k.kind)
-	refused := k.gate.g.Refused()
-	k.gate.mu.Unlock()
-	k.r.box.setRefused(refused)
-	for _, v := range vs {
-		k.r.noteVerdict(v)
-		ck, err := records.CacheKey(v.Key, k.r.rec.Name)
+	sg := k.gate
+	var vs []records.Verdict
+	var v records.Verdict
+	var refused map[string]int
+	sg.mu.Lock()
+	if sg.g.Dirty(k.kind) {
+		vs = sg.g.Drain(k.kind)
+	}
+	if key != "" {
+		v, _ = sg.g.Get(key)
+	}
+	gen := sg.g.RefusedGen()
+	changed := gen != sg.refusedGen
+	if changed {
+		refused, sg.refusedGen = sg.g.Refused(), gen
+	}
+	sg.mu.Unlock()
+	if changed {
+		k.r.box.setRefused(refused)
+	}
+	for _, d := range vs {
+		k.r.noteVerdict(d)
+		if d.Key == key {
+			continue
+		}
+		dck, err := records.CacheKey(d.Key, k.r.rec.Name)
 		if err != nil {
 			continue // the gate holds only keys that map
 		}
-		if v.Accepted() {
-			if err := k.store(ctx, ck, v.Raw); err != nil {
-				return err
+		if d.Accepted() {
+			if err := k.store(ctx, dck, d.Raw); err != nil {
+				return v, err
 			}
 		} else {
-			delete(k.present, ck)
-			k.del(ck)
+			k.drop(dck)
 		}
 	}
-	if k.listed {
-		k.r.box.setKind(k.kind, len(k.present), len(k.invalid))
+	if k.listed && len(vs) > 0 {
+		k.r.box.setKind(k.kind, k.nPresent, len(k.invalid))
 	}
-	return nil
+	return v, nil
 }
 
 // gateListDone runs at the end of a list of a gated kind, before its
@@ -734,7 +809,7 @@ func (k *kindMirror) gateListDone(ctx context.Context) error {
 			return ctx.Err()
 		}
 	}
-	if err := k.applyGate(ctx); err != nil {
+	if _, err := k.applyGate(ctx, ""); err != nil {
 		return err
 	}
 	// Refusals of keys the remote no longer has are forgotten.
@@ -767,15 +842,6 @@ func (k *kindMirror) put(ctx context.Context, key string, value []byte) error {
 	}
 	k.queue(key, kvstore.OpPut(key, value), len(key)+len(value))
 	return nil
-}
-
-// del queues a deletion of key if the cache has it.
-func (k *kindMirror) del(key string) {
-	if _, ok := k.cached[key]; !ok {
-		return
-	}
-	delete(k.cached, key)
-	k.queue(key, kvstore.OpDelete(key), len(key))
 }
 
 func (k *kindMirror) queue(key string, op kvstore.Op, size int) {
@@ -868,7 +934,7 @@ func (k *kindMirror) writeCanary(ctx context.Context) error {
 		return fmt.Errorf("write the canary of %s: %w", k.kind, err)
 	}
 	k.r.box.setSynced(k.kind, true)
-	k.r.log.Debug("mirror: kind synced", "kind", k.kind, "records", len(k.present), "invalid", len(k.invalid))
+	k.r.log.Debug("mirror: kind synced", "kind", k.kind, "records", k.nPresent, "invalid", len(k.invalid))
 	return nil
 }
 

@@ -68,6 +68,8 @@ type Gate struct {
 	capped   capSet
 	changed  map[Kind]map[string]struct{}
 	refused  map[string]int
+	// refusedGen counts the changes of refused (RefusedGen).
+	refusedGen uint64
 }
 
 // Limits bound what one cluster may have accepted.
@@ -302,6 +304,10 @@ func (g *Gate) Drain(k Kind) []Verdict {
 // Refused returns how many records are refused now, by reason.
 func (g *Gate) Refused() map[string]int { return maps.Clone(g.refused) }
 
+// RefusedGen changes whenever what Refused returns changes: a caller that
+// publishes Refused after every change compares it to skip the copy.
+func (g *Gate) RefusedGen() uint64 { return g.refusedGen }
+
 func sameVerdict(a, b error) bool {
 	if a == nil || b == nil {
 		return a == b
@@ -351,6 +357,7 @@ func (g *Gate) set(e *gateEntry, v error) {
 
 func (g *Gate) count(v error, d int) {
 	if r := RefusalReason(v); r != "" {
+		g.refusedGen++
 		g.refused[r] += d
 		if g.refused[r] == 0 {
 			delete(g.refused, r)

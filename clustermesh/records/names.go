@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
-	"regexp"
 	"slices"
 	"strings"
 )
@@ -44,16 +43,44 @@ func mismatch(format string, args ...any) error {
 	return fmt.Errorf("%w: %s", ErrClusterMismatch, fmt.Sprintf(format, args...))
 }
 
-var (
-	dnsLabelRe = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
-	// Label names and values: Kubernetes "qualified name" characters.
-	labelNameRe = regexp.MustCompile(`^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$`)
-)
+// isDNSLabel reports whether s matches ^[a-z0-9]([-a-z0-9]*[a-z0-9])?$
+// (length is checked by the callers). Hand-written rather than a regexp:
+// it runs for every name of every record a mirror or an agent decodes.
+func isDNSLabel(s string) bool {
+	if s == "" || s[0] == '-' || s[len(s)-1] == '-' {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// isLabelName reports whether s matches the Kubernetes "qualified name"
+// characters, ^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$, of label names
+// and values.
+func isLabelName(s string) bool {
+	if s == "" || !isAlnum(s[0]) || !isAlnum(s[len(s)-1]) {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !isAlnum(c) && c != '-' && c != '_' && c != '.' {
+			return false
+		}
+	}
+	return true
+}
+
+func isAlnum(c byte) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
+}
 
 // ValidateClusterName checks a cluster name: a DNS-1123 label of at most
 // MaxClusterNameLen characters.
 func ValidateClusterName(name string) error {
-	if len(name) > MaxClusterNameLen || !dnsLabelRe.MatchString(name) {
+	if len(name) > MaxClusterNameLen || !isDNSLabel(name) {
 		return malformed("cluster name %q: must be 1-%d lower-case alphanumerics or '-', starting and ending alphanumeric", name, MaxClusterNameLen)
 	}
 	return nil
@@ -69,7 +96,7 @@ func ValidateClusterID(id uint32) error {
 
 // validateName checks a namespace or service name: a DNS-1123 label.
 func validateName(what, s string) error {
-	if len(s) > 63 || !dnsLabelRe.MatchString(s) {
+	if len(s) > 63 || !isDNSLabel(s) {
 		return malformed("%s %q: must be a DNS-1123 label (1-63 lower-case alphanumerics or '-')", what, s)
 	}
 	return nil
@@ -89,7 +116,7 @@ func validateSubdomain(s string) error {
 		return errors.New("must be 1-253 characters")
 	}
 	for part := range strings.SplitSeq(s, ".") {
-		if len(part) > 63 || !dnsLabelRe.MatchString(part) {
+		if len(part) > 63 || !isDNSLabel(part) {
 			return errors.New("must be a DNS-1123 subdomain (lower-case alphanumerics, '-' and '.')")
 		}
 	}
@@ -106,14 +133,14 @@ func validateLabelKey(k string) error {
 		}
 		name = rest
 	}
-	if len(name) > 63 || !labelNameRe.MatchString(name) {
+	if len(name) > 63 || !isLabelName(name) {
 		return malformed("label key %q: name must be 1-63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric", k)
 	}
 	return nil
 }
 
 func validateLabelValue(v string) error {
-	if v != "" && (len(v) > 63 || !labelNameRe.MatchString(v)) {
+	if v != "" && (len(v) > 63 || !isLabelName(v)) {
 		return malformed("label value %q: must be at most 63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric", v)
 	}
 	return nil

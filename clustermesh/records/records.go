@@ -462,6 +462,17 @@ func DecodeNode(data []byte) (Node, error) { return decode[Node]("node", data) }
 
 // DecodeIPCacheEntry decodes and checks an ipcache value.
 func DecodeIPCacheEntry(data []byte) (IPCacheEntry, error) {
+	// The canonical encoding (what Marshal writes) is read directly; any
+	// other goes through the strict decoder. Both give the same result
+	// (canonical.go).
+	if len(data) <= MaxRecordSize {
+		if e, ok := decodeIPCacheCanonical(data); ok {
+			if err := e.Validate(); err != nil {
+				return IPCacheEntry{}, fmt.Errorf("ipcache entry: %w", err)
+			}
+			return e, nil
+		}
+	}
 	return decode[IPCacheEntry]("ipcache entry", data)
 }
 

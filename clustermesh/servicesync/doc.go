@@ -20,10 +20,20 @@
 //     service is published as not global.
 //
 // Records of services that are gone (or no longer valid) are deleted.
-// Syncs are debounced (Debounce after the last change, at most MaxDelay
-// after the first), start only once every watched prefix has been listed,
-// and write only what differs (idempotent: an unchanged record is never
-// rewritten), in transactions of at most 128 operations.
+//
+// The work is incremental (index.go): label indexes lead from an endpoint
+// to the services that select its identity and from a service to the
+// identities and endpoints it selects, so a changed endpoint or identity
+// rebuilds only the records of the services that select it (before or
+// after), a changed Service only its own, and only the record keys so
+// touched (or written by someone else) are compared with etcd. Writes
+// start only once every watched prefix has been listed (the first one
+// compares every key of the output prefix, deleting records of services
+// that are gone), write only what differs (idempotent: an unchanged record
+// is never rewritten), in transactions of at most 128 operations, and are
+// at least Debounce apart: a change after a quiet spell is written at once,
+// together with the changes already queued; a flood is written in
+// batches, one per Debounce.
 //
 // Agents compute their own cluster's backends directly; these records are
 // for the other clusters, which receive them through their mirrors.

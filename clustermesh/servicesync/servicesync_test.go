@@ -212,7 +212,7 @@ func TestSyncer(t *testing.T) {
 	other.Cluster, other.ClusterID = "c2", 2
 	put(records.ServiceKey("c2", "default", "gone"), marshal(other))
 
-	s, err := New(Config{Cluster: "c1", ClusterID: 1, Client: kv, Debounce: 10 * time.Millisecond, MaxDelay: 100 * time.Millisecond, Logger: quiet})
+	s, err := New(Config{Cluster: "c1", ClusterID: 1, Client: kv, Debounce: 10 * time.Millisecond, Logger: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -291,7 +291,7 @@ func TestSyncer(t *testing.T) {
 		}
 		return nil
 	})
-	time.Sleep(200 * time.Millisecond) // MaxDelay: a pending sync has run
+	time.Sleep(200 * time.Millisecond) // a pending sync has run
 	if _, rev2, _ := backends(); rev2 != rev {
 		t.Errorf("unchanged record rewritten (revision %d -> %d)", rev, rev2)
 	}
@@ -319,4 +319,81 @@ func TestSyncer(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestSyncerBatchesFlood: 50 endpoint changes that arrive together are
+// written in a few syncs, not one each; and one bad ipcache record among
+// them stops nothing.
+func TestSyncerBatchesFlood(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	e := etcdtest.Start(t)
+	kv, err := kvstore.Connect(ctx, kvstore.Config{Endpoints: []string{e.Endpoint}, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kv.Close()
+	id := uint32(1<<20 | 9)
+	lv, err := records.IdentityRecord{ID: id, Labels: map[string]string{labelCluster: "c1", labelNamespace: "default", "app": "flood"}}.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.Put(ctx, records.IdentityIDKey(id), lv); err != nil {
+		t.Fatal(err)
+	}
+	sv := `{"apiVersion":"isthmus.io/v1alpha1","kind":"Service","metadata":{"name":"flood","namespace":"default"},` +
+		`"spec":{"vips":["10.96.0.11"],"ports":[{"port":80}],"selector":{"app":"flood"}}}`
+	if err := kv.Put(ctx, ServiceConfigPrefix+"default/flood", []byte(sv)); err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(Config{Cluster: "c1", ClusterID: 1, Client: kv, Debounce: 300 * time.Millisecond, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- s.Run(sctx) }()
+	defer func() { stop(); <-done }()
+	backends := func() int {
+		got, found, err := kv.Get(ctx, records.ServiceKey("c1", "default", "flood"))
+		if err != nil || !found {
+			return -1
+		}
+		rec, err := records.ValidateService(got.Key, got.Value, "c1", 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(rec.Backends)
+	}
+	for backends() != 0 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	before := s.Stats()
+	var ops []kvstore.Op
+	for i := range 50 {
+		p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 1, 3, byte(i)}), 32)
+		v, err := records.IPCacheEntry{Prefix: p, Identity: id, Cluster: "c1"}.Marshal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ops = append(ops, kvstore.OpPut(records.IPCacheKey("c1", "n1", p), v))
+	}
+	ops = append(ops, kvstore.OpPut(records.IPCacheKey("c1", "n1", netip.MustParsePrefix("10.1.3.200/32")), []byte(`{"version":1,"junk`)))
+	if _, err := kv.Txn(ctx, nil, ops); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for backends() != 50 {
+		if time.Now().After(deadline) {
+			t.Fatalf("record has %d backends, want 50", backends())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	st := s.Stats()
+	if n := st.Syncs - before.Syncs; n > 3 {
+		t.Errorf("50 changes written in %d syncs: not batched", n)
+	}
+	if st.Invalid != before.Invalid+1 {
+		t.Errorf("invalid records counted %d, want %d", st.Invalid, before.Invalid+1)
+	}
 }

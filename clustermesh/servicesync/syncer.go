@@ -36,11 +36,14 @@ type Config struct {
 	PodCIDRs []netip.Prefix
 	// Client reads and writes the cluster's etcd.
 	Client *kvstore.Client
-	// Debounce: a sync runs this long after the last change (default
-	// 200 ms), but no later than MaxDelay after the first unsynced change
-	// (default 2 s), so a steady stream of changes cannot starve it.
-	Debounce, MaxDelay time.Duration
-	Logger             *slog.Logger
+	// Debounce is the shortest time between two writes (default 10 ms):
+	// a change after a quiet spell is written at once (with whatever
+	// changes were already queued), changes within Debounce of the last
+	// write wait until Debounce has passed since it and go together, so a
+	// steady trickle is written within milliseconds and a flood in
+	// batches, at most one per Debounce.
+	Debounce time.Duration
+	Logger   *slog.Logger
 }
 
 // Stats counts what a Syncer did.
@@ -62,11 +65,10 @@ type Syncer struct {
 	log *slog.Logger
 
 	// Owned by Run.
-	svcs   map[string]objects.Service // by config key
-	ips    map[string]records.IPCacheEntry
-	labels map[uint32]map[string]string
+	t      *tables
 	out    map[string][]byte // what the output prefix holds
 	listed map[string]bool
+	synced bool // the first write after the lists was made
 
 	mu    sync.Mutex
 	stats Stats
@@ -84,17 +86,14 @@ func New(cfg Config) (*Syncer, error) {
 		return nil, fmt.Errorf("servicesync: %w", err)
 	}
 	if cfg.Debounce <= 0 {
-		cfg.Debounce = 200 * time.Millisecond
-	}
-	if cfg.MaxDelay < cfg.Debounce {
-		cfg.MaxDelay = max(2*time.Second, cfg.Debounce)
+		cfg.Debounce = 10 * time.Millisecond
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	return &Syncer{cfg: cfg, log: cfg.Logger.With("component", "servicesync"),
-		svcs: map[string]objects.Service{}, ips: map[string]records.IPCacheEntry{},
-		labels: map[uint32]map[string]string{}, out: map[string][]byte{}, listed: map[string]bool{}}, nil
+	log := cfg.Logger.With("component", "servicesync")
+	return &Syncer{cfg: cfg, log: log, t: newTables(cfg.Cluster, cfg.ClusterID, log),
+		out: map[string][]byte{}, listed: map[string]bool{}}, nil
 }
 
 // Stats returns the counters.
@@ -122,6 +121,9 @@ func (s *Syncer) prefixes() []string {
 	}
 }
 
+// maxDrain bounds the queued events applied before a write.
+const maxDrain = 10_000
+
 // Run syncs until ctx ends. Nothing is written before every watched prefix
 // has been listed once, so a partial view never deletes records.
 func (s *Syncer) Run(ctx context.Context) error {
@@ -144,18 +146,19 @@ func (s *Syncer) Run(ctx context.Context) error {
 	defer wg.Wait()
 	defer cancel()
 
+	// A write is due once something changed; it waits until Debounce has
+	// passed since the last one (or the retry delay after a failure).
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
-	var dirtySince time.Time // zero: nothing to sync
-	retry := s.cfg.Debounce
-	schedule := func(d time.Duration) {
-		if dirtySince.IsZero() {
-			dirtySince = time.Now()
+	armed := false
+	var last time.Time // end of the last write
+	retry := time.Duration(0)
+	arm := func() {
+		if armed {
+			return
 		}
-		if deadline := time.Until(dirtySince.Add(s.cfg.MaxDelay)); d > deadline {
-			d = max(deadline, 0)
-		}
-		timer.Reset(d)
+		armed = true
+		timer.Reset(max(time.Until(last.Add(s.cfg.Debounce)), retry))
 	}
 	for {
 		select {
@@ -163,22 +166,37 @@ func (s *Syncer) Run(ctx context.Context) error {
 			return nil
 		case e := <-events:
 			if s.apply(e) && s.ready() {
-				schedule(s.cfg.Debounce)
+				arm()
 			}
 		case <-timer.C:
-			if err := s.sync(ctx); err != nil {
+			armed = false
+			// What is queued already goes into this write (up to a bound:
+			// a flood must not hold the write back).
+		drain:
+			for range maxDrain {
+				select {
+				case e := <-events:
+					s.apply(e)
+				default:
+					break drain
+				}
+			}
+			if !s.ready() {
+				continue
+			}
+			err := s.sync(ctx)
+			last = time.Now()
+			if err != nil {
 				if ctx.Err() != nil {
 					return nil
 				}
+				retry = min(max(2*retry, s.cfg.Debounce), 10*time.Second)
 				s.log.Warn("servicesync: sync failed, retrying", "err", err, "in", retry)
 				s.setErr(err)
-				dirtySince = time.Time{}
-				timer.Reset(retry)
-				retry = min(2*retry, 10*time.Second)
+				arm()
 				continue
 			}
-			retry = s.cfg.Debounce
-			dirtySince = time.Time{}
+			retry = 0
 		}
 	}
 }
@@ -204,16 +222,17 @@ func (s *Syncer) apply(e event) bool {
 	del := ev.Type == kvstore.EventDelete
 	switch e.prefix {
 	case ServiceConfigPrefix:
-		delete(s.svcs, ev.Key)
 		if del {
+			s.t.deleteService(ev.Key)
 			return true
 		}
 		svc, err := decodeService(ev.Key, ev.Value)
 		if err != nil {
+			s.t.deleteService(ev.Key)
 			s.invalid(ev.Key, err)
 			return true
 		}
-		s.svcs[ev.Key] = svc
+		s.t.putService(ev.Key, svc)
 	case records.IdentityIDPrefix:
 		id, err := records.ParseIdentityIDKey(ev.Key)
 		if err != nil {
@@ -223,30 +242,35 @@ func (s *Syncer) apply(e event) bool {
 		if records.ValidateClusterID(id>>20) != nil || id>>20 != s.cfg.ClusterID {
 			return false // another cluster's (or reserved): not ours to sync
 		}
-		delete(s.labels, id)
 		if del {
+			s.t.deleteIdentity(id)
 			return true
 		}
 		r, err := records.ValidateIdentity(ev.Key, ev.Value, s.cfg.Cluster, s.cfg.ClusterID)
 		if err != nil {
+			s.t.deleteIdentity(id)
 			s.invalid(ev.Key, err)
 			return true
 		}
-		s.labels[id] = r.Labels
+		s.t.putIdentity(id, r.Labels)
 	case s.outPrefix():
 		if del {
 			_, had := s.out[ev.Key]
 			delete(s.out, ev.Key)
+			if had {
+				s.t.pending[ev.Key] = struct{}{}
+			}
 			return had
 		}
 		if bytes.Equal(s.out[ev.Key], ev.Value) {
 			return false // our own write coming back
 		}
 		s.out[ev.Key] = ev.Value
+		s.t.pending[ev.Key] = struct{}{} // someone else's write: compare it
 		return true
 	default: // ipcache
-		delete(s.ips, ev.Key)
 		if del {
+			s.t.deleteIP(ev.Key)
 			return true
 		}
 		ent, err := records.ValidateIPCacheEntry(ev.Key, ev.Value, s.cfg.Cluster, s.cfg.ClusterID)
@@ -255,10 +279,11 @@ func (s *Syncer) apply(e event) bool {
 			err = o.CheckIPCacheEntry(ent, nil)
 		}
 		if err != nil {
+			s.t.deleteIP(ev.Key)
 			s.invalid(ev.Key, err)
 			return true
 		}
-		s.ips[ev.Key] = ent
+		s.t.putIP(ev.Key, ent)
 	}
 	return true
 }
@@ -295,47 +320,29 @@ func decodeService(key string, value []byte) (objects.Service, error) {
 	return *svc, nil
 }
 
-// Desired computes the service records the tables call for, by key.
-func (s *Syncer) desired() map[string][]byte {
-	want := map[string][]byte{}
-	if len(s.svcs) == 0 {
-		return want
-	}
-	eps := Endpoints(s.cfg.Cluster, maps.Values(s.ips), s.labels)
-	for _, key := range slices.Sorted(maps.Keys(s.svcs)) {
-		svc := s.svcs[key]
-		rec, annErr, err := Build(s.cfg.Cluster, s.cfg.ClusterID, svc, eps)
-		if annErr != nil {
-			s.log.Warn("servicesync: global-service annotations ignored", "service", key, "err", annErr)
-		}
-		if err != nil {
-			s.log.Warn("servicesync: service not published", "service", key, "err", err)
-			continue
-		}
-		value, err := rec.Marshal()
-		if err != nil {
-			s.log.Warn("servicesync: service not published", "service", key, "err", err)
-			continue
-		}
-		want[records.ServiceKey(s.cfg.Cluster, rec.Namespace, rec.Name)] = value
-	}
-	return want
-}
-
-// sync makes the output prefix equal to desired(), writing only what
-// differs, in transactions of at most 128 operations.
+// sync writes what changed: it rebuilds the records of the services
+// whose inputs changed and makes the output keys they touched (and any
+// someone else wrote) equal to what is desired, in transactions of at most
+// 128 operations. The first sync compares every key of the output prefix,
+// so records of services that are gone are deleted.
 func (s *Syncer) sync(ctx context.Context) error {
-	want := s.desired()
+	t := s.t
+	t.rebuild()
+	if !s.synced {
+		for k := range s.out {
+			t.pending[k] = struct{}{}
+		}
+	}
 	var ops []kvstore.Op
 	var puts, dels uint64
-	for _, k := range slices.Sorted(maps.Keys(want)) {
-		if cur, ok := s.out[k]; !ok || !bytes.Equal(cur, want[k]) {
-			ops = append(ops, kvstore.OpPut(k, want[k]))
+	for _, k := range slices.Sorted(maps.Keys(t.pending)) {
+		want, ok := t.desired[k]
+		cur, has := s.out[k]
+		switch {
+		case ok && (!has || !bytes.Equal(cur, want)):
+			ops = append(ops, kvstore.OpPut(k, want))
 			puts++
-		}
-	}
-	for _, k := range slices.Sorted(maps.Keys(s.out)) {
-		if _, ok := want[k]; !ok {
+		case !ok && has:
 			ops = append(ops, kvstore.OpDelete(k))
 			dels++
 		}
@@ -343,22 +350,23 @@ func (s *Syncer) sync(ctx context.Context) error {
 	for len(ops) > 0 {
 		n := min(len(ops), 128)
 		if _, err := s.cfg.Client.Txn(ctx, nil, ops[:n]); err != nil {
-			return err
+			return err // pending stays: compared again on the retry
 		}
 		ops = ops[n:]
 	}
 	// The watch reports these writes back; knowing them now keeps the echo
 	// from triggering another sync.
-	for k, v := range want {
-		s.out[k] = v
-	}
-	for k := range s.out {
-		if _, ok := want[k]; !ok {
+	for k := range t.pending {
+		if v, ok := t.desired[k]; ok {
+			s.out[k] = v
+		} else {
 			delete(s.out, k)
 		}
 	}
+	clear(t.pending)
+	s.synced = true
 	s.mu.Lock()
-	s.stats.Services = len(want)
+	s.stats.Services = len(t.desired)
 	s.stats.Syncs++
 	s.stats.Puts += puts
 	s.stats.Deletes += dels
@@ -366,7 +374,7 @@ func (s *Syncer) sync(ctx context.Context) error {
 	s.stats.LastErr = ""
 	s.mu.Unlock()
 	if puts+dels > 0 {
-		s.log.Info("servicesync: service records updated", "written", puts, "deleted", dels, "services", len(want))
+		s.log.Info("servicesync: service records updated", "written", puts, "deleted", dels, "services", len(t.desired))
 	}
 	return nil
 }

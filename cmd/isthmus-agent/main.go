@@ -19,6 +19,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent"
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
 
@@ -64,6 +65,8 @@ func newCommand(run func(agent.Config) error) *cobra.Command {
 		logLevel  string
 		endpoints []string
 		nodeIPs   []string
+		bigTCP6   string
+		bigTCP4   string
 	)
 	cmd := &cobra.Command{
 		Use:   "isthmus-agent --pod-cidr CIDR [--pod-cidr CIDR] [flags]",
@@ -85,6 +88,15 @@ cluster. The datapath starts from local state at once; etcd is reached in
 the background, with retries. With --encryption=wireguard, traffic to pods
 on other nodes goes through a WireGuard device whose public key the node
 publishes in its node record.
+
+BIG TCP (--ipv6-big-tcp, --ipv4-big-tcp, --big-tcp-size) sets GSO/GRO
+sizes beyond 64 KiB on the node's external devices and on both ends of
+every pod veth, each capped by the device's tso_max_size: auto (the
+default) turns it on where the kernel and the device support it; a device
+that cannot take the size or refuses it is left at (rolled back to) 65536
+alone, a pod veth with both its ends, and reported in isthmus status.
+Pods are reconciled in place: changing these flags and restarting the
+agent changes running pods without restarting them.
 
 --metrics-addr serves Prometheus metrics, /healthz and /readyz over HTTP
 (the API socket serves them too). Needs root; runs until SIGTERM or SIGINT.`,
@@ -126,6 +138,12 @@ publishes in its node record.
 				}
 				cfg.NodeIPs = append(cfg.NodeIPs, ip)
 			}
+			var err6, err4 error
+			cfg.BigTCP.IPv6, err6 = bigtcp.ParseMode("--ipv6-big-tcp", bigTCP6)
+			cfg.BigTCP.IPv4, err4 = bigtcp.ParseMode("--ipv4-big-tcp", bigTCP4)
+			if err := errors.Join(err6, err4); err != nil {
+				return err
+			}
 			if cfg.StateDir == "" {
 				cfg.StateDir = filepath.Join("/var/lib/isthmus", cfg.NodeName)
 			}
@@ -156,6 +174,9 @@ publishes in its node record.
 	f.BoolVar(&cfg.NodeEncryption, "node-encryption", false, "with --encryption=wireguard: also encrypt traffic between node addresses")
 	f.IntVar(&cfg.WireGuardPort, "wireguard-port", 51871, "UDP port of the node's WireGuard device (peers learn it from the node record)")
 	f.StringVar(&cfg.WireGuardDevice, "wireguard-device", "", "name of the WireGuard device, unique on the host (default isthwg<hash of cluster and node name>)")
+	f.StringVar(&bigTCP6, "ipv6-big-tcp", string(bigtcp.Auto), "IPv6 BIG TCP (GSO/GRO beyond 64 KiB) on the external devices and pod veths: off, on, or auto (on where the kernel and each device support it)")
+	f.StringVar(&bigTCP4, "ipv4-big-tcp", string(bigtcp.Auto), "IPv4 BIG TCP (gso_ipv4_max_size, Linux >= 6.3): off, on (an error on an older kernel), or auto")
+	f.IntVar(&cfg.BigTCP.Size, "big-tcp-size", bigtcp.DefaultSize, "GSO/GRO size in bytes with BIG TCP, 65537-524288; each device gets at most its tso_max_size")
 	_ = cmd.MarkFlagRequired("pod-cidr")
 	return cmd
 }

@@ -41,3 +41,22 @@ func TestClusterModeFlags(t *testing.T) {
 		t.Errorf("bad node IP: %v", err)
 	}
 }
+
+func TestBigTCPFlags(t *testing.T) {
+	cfg, err := parse(t, "--pod-cidr", "10.1.1.0/24")
+	if err != nil || cfg.BigTCP.IPv6 != "auto" || cfg.BigTCP.IPv4 != "auto" || cfg.BigTCP.Size != 196608 {
+		t.Errorf("defaults: %+v, %v", cfg.BigTCP, err)
+	}
+	cfg, err = parse(t, "--pod-cidr", "10.1.1.0/24", "--ipv6-big-tcp", "off", "--ipv4-big-tcp", "on", "--big-tcp-size", "524288")
+	if err != nil || cfg.BigTCP.IPv6 != "off" || cfg.BigTCP.IPv4 != "on" || cfg.BigTCP.Size != 524288 {
+		t.Errorf("set: %+v, %v", cfg.BigTCP, err)
+	}
+	if _, err := parse(t, "--pod-cidr", "10.1.1.0/24", "--ipv6-big-tcp", "yes"); err == nil || !strings.Contains(err.Error(), `--ipv6-big-tcp "yes": want off, on or auto`) {
+		t.Errorf("bad mode: %v", err)
+	}
+	// The size is checked with the rest of the configuration.
+	cfg, _ = parse(t, "--pod-cidr", "10.1.1.0/24", "--big-tcp-size", "65536")
+	if _, err := agent.New(cfg); err == nil || !strings.Contains(err.Error(), "--big-tcp-size 65536 out of range 65537-524288") {
+		t.Errorf("size 65536: %v", err)
+	}
+}

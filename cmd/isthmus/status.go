@@ -65,7 +65,10 @@ func (c *cli) statusCommand() *cobra.Command {
 endpoints, identities, services, policies, ipcache and conntrack entries,
 whether the datapath is in sync, and the datapath counters per reason. In
 cluster mode also the connection to the cluster's etcd and a table of the
-clusters of the mesh; with encryption the WireGuard device and its peers.
+clusters of the mesh; with encryption the WireGuard device and its peers;
+BIG TCP per path (same node, other nodes in the clear or through WireGuard,
+the outside) and family, on or why not, with the external devices' and
+every endpoint's GSO/GRO sizes.
 -o json and -o yaml print the agent's status object whole.`,
 		Example: `  isthmus status
   isthmus status -o json | jq .clustermesh`,
@@ -137,6 +140,12 @@ clusters of the mesh; with encryption the WireGuard device and its peers.
 				if w := st.WireGuard; w != nil {
 					fmt.Fprintln(c.out)
 					if err := printWireGuard(c.out, w); err != nil {
+						return err
+					}
+				}
+				if b := st.BigTCP; b != nil {
+					fmt.Fprintln(c.out)
+					if err := printBigTCP(c.out, b); err != nil {
 						return err
 					}
 				}

@@ -9,7 +9,8 @@
 // section (mesh.go) measures the cluster mesh: propagation, full sync and
 // agent memory. The wireguard section (wireguard.go) measures Isthmus's
 // WireGuard against no encryption, Debian's wireguard-go and a current
-// standalone wireguard-go.
+// standalone wireguard-go. The bigtcp section (bigtcp.go) measures BIG TCP
+// on against off across two nodes.
 package main
 
 import (
@@ -33,7 +34,7 @@ import (
 )
 
 var (
-	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup")
+	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup, bigtcp")
 	duration = flag.Duration("duration", 8*time.Second, "length of each measurement")
 	services = flag.Int("services", 10000, "services installed for the scaling measurement")
 )
@@ -95,6 +96,7 @@ func main() {
 		{"service-backend", serviceBackendBench},
 		{"wireguard", wireguardBench},
 		{"labup", labupBench},
+		{"bigtcp", bigtcpBench},
 	}
 	ok := true
 	for _, sec := range sections {

@@ -166,7 +166,9 @@ func echoOver(c net.Conn, n int, timeout time.Duration) error {
 var mtuRE = regexp.MustCompile(`\bmtu (\d+)\b`)
 
 // routeMTU returns the path MTU the kernel in ns has learned for dst (a
-// route cache exception from a frag-needed or packet-too-big), or 0.
+// route cache exception from a frag-needed or packet-too-big, which
+// expires), or 0. An MTU configured on the route itself (BIG TCP's on a
+// pod's IPv6 default route) is not learned: 0.
 func routeMTU(ctx context.Context, ns *lab.Netns, dst netip.Addr) (int, error) {
 	args := []string{"ip", "-4", "route", "get", dst.String()}
 	if dst.Is6() {
@@ -177,7 +179,7 @@ func routeMTU(ctx context.Context, ns *lab.Netns, dst netip.Addr) (int, error) {
 		return 0, err
 	}
 	m := mtuRE.FindSubmatch(out)
-	if m == nil {
+	if m == nil || !bytes.Contains(out, []byte(" expires ")) {
 		return 0, nil
 	}
 	return strconv.Atoi(string(m[1]))

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/lab"
 	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
@@ -153,6 +154,33 @@ func TestWireGuardMesh(t *testing.T) {
 		}
 		if !strings.Contains(string(out), "latest handshake") {
 			t.Fatalf("wg show %s shows no handshake after traffic:\n%s", st.WireGuard.Device, out)
+		}
+	})
+
+	t.Run("BIG TCP: the embedded WireGuard device carries 64 KiB at most, said in the status; same node stays on", func(t *testing.T) {
+		st, err := agentStatus(m.ctx, c1a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b := st.BigTCP
+		if b == nil {
+			t.Fatal("no BIG TCP in the status")
+		}
+		for _, p := range b.Paths {
+			switch p.Path {
+			case api.BigTCPPathWireGuard:
+				if p.On || !strings.Contains(p.Reason, st.WireGuard.Device) || !strings.Contains(p.Reason, "tso_max_size") {
+					t.Errorf("%s %s: %+v, want off naming %s and its tso_max_size", p.Path, p.Family, p, st.WireGuard.Device)
+				}
+			case api.BigTCPPathSameNode:
+				if !p.On {
+					t.Errorf("%s %s went off with WireGuard: %s", p.Path, p.Family, p.Reason)
+				}
+			case api.BigTCPPathCrossNode:
+				if p.On || !strings.Contains(p.Reason, "through WireGuard") {
+					t.Errorf("%s %s: %+v, want not used", p.Path, p.Family, p)
+				}
+			}
 		}
 	})
 

@@ -79,7 +79,7 @@ func New(t testing.TB, name string, id uint32, podCIDRs ...string) *Cluster {
 			RetryMin: 50 * time.Millisecond, RetryMax: 300 * time.Millisecond,
 			StatusInterval: 50 * time.Millisecond,
 		},
-		ServiceSync: servicesync.Config{Debounce: 20 * time.Millisecond, MaxDelay: 200 * time.Millisecond},
+		ServiceSync: servicesync.Config{Debounce: 5 * time.Millisecond},
 	}}
 }
 

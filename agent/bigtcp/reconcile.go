@@ -1,0 +1,394 @@
+package bigtcp
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/endpoint"
+	"github.com/isthmus-mesh/isthmus/agent/node"
+	"github.com/isthmus-mesh/isthmus/agent/state"
+)
+
+// Device roles in the status.
+const (
+	RoleUnderlay  = "underlay"  // holds a node IP: traffic to other nodes in the clear
+	RoleOutside   = "outside"   // holds a default route
+	RoleWireGuard = "wireguard" // the node's WireGuard device
+	RolePodHost   = "pod-host"  // host end of a pod veth
+	RolePod       = "pod"       // pod end of a pod veth (in the pod's netns)
+)
+
+// Input is what one run converges: the endpoints, and what tells the
+// node's external devices apart.
+type Input struct {
+	Endpoints []state.Endpoint
+	// NodeIPs are the underlay addresses (cluster mode); their devices
+	// carry traffic to other nodes in the clear. Empty: standalone.
+	NodeIPs []netip.Addr
+	// WireGuard is the WireGuard device ("" without encryption); Encrypted
+	// says pod traffic to other nodes goes through it.
+	WireGuard string
+}
+
+// Reconciler converges the BIG TCP sizes of the node's devices and keeps
+// their status.
+type Reconciler struct {
+	cfg  Config
+	log  *slog.Logger
+	v4ok bool
+
+	mu     sync.Mutex
+	status api.BigTCPStatus
+	eps    map[string]api.EndpointBigTCP
+	warned map[string]string // <endpoint>/<device> -> the reason last logged
+	seen   map[string]bool   // keys of warned met in this run
+}
+
+// New checks cfg against the kernel: --ipv4-big-tcp=on on a kernel
+// without the IPv4 attributes is an error; auto then leaves IPv4 off.
+func New(cfg Config, log *slog.Logger) (*Reconciler, error) {
+	cfg = cfg.WithDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return nil, fmt.Errorf("big tcp: probe the kernel on lo: %w", err)
+	}
+	r := &Reconciler{cfg: cfg, log: log, v4ok: sizesOf(lo).v4Supported(), eps: map[string]api.EndpointBigTCP{}, warned: map[string]string{}, seen: map[string]bool{}}
+	if cfg.IPv4 == On && !r.v4ok {
+		return nil, errors.New("--ipv4-big-tcp=on: this kernel has no IPv4 BIG TCP (gso_ipv4_max_size needs Linux 6.3 or later); use auto or off")
+	}
+	r.status = r.baseStatus()
+	return r, nil
+}
+
+// Config returns the setting in force.
+func (r *Reconciler) Config() Config { return r.cfg }
+
+func (r *Reconciler) baseStatus() api.BigTCPStatus {
+	return api.BigTCPStatus{IPv6: string(r.cfg.IPv6), IPv4: string(r.cfg.IPv4), Size: r.cfg.Size, IPv4Supported: r.v4ok}
+}
+
+// Status returns the status of the last run (a copy).
+func (r *Reconciler) Status() *api.BigTCPStatus {
+	if r == nil {
+		return nil
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := r.status
+	st.Paths = slices.Clone(st.Paths)
+	st.Devices = slices.Clone(st.Devices)
+	st.Endpoints = slices.Clone(st.Endpoints)
+	return &st
+}
+
+// Endpoint returns one endpoint's BIG TCP after the last run.
+func (r *Reconciler) Endpoint(key string) *api.EndpointBigTCP {
+	if r == nil {
+		return nil
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.eps[key]
+	if !ok {
+		return nil
+	}
+	return &e
+}
+
+// Sync converges every device of in and records the status. A device
+// that refuses is rolled back and reported; that is not an error of the
+// run. The error is for what could not be read at all (and is in the
+// status too).
+func (r *Reconciler) Sync(in Input) error {
+	st := r.baseStatus()
+	clear(r.seen)
+	defer func() {
+		for k := range r.warned {
+			if !r.seen[k] {
+				delete(r.warned, k) // a device or endpoint that is gone
+			}
+		}
+	}()
+	var errs []error
+
+	// The node's external devices, each once (with all its roles).
+	type ext struct {
+		idx   int
+		roles []string
+	}
+	var exts []*ext
+	add := func(role string, idxs []int, err error) {
+		if err != nil {
+			errs = append(errs, fmt.Errorf("find %s devices: %w", role, err))
+		}
+		for _, i := range idxs {
+			k := slices.IndexFunc(exts, func(e *ext) bool { return e.idx == i })
+			if k < 0 {
+				exts = append(exts, &ext{idx: i})
+				k = len(exts) - 1
+			}
+			exts[k].roles = append(exts[k].roles, role)
+		}
+	}
+	if len(in.NodeIPs) > 0 {
+		idxs, err := node.LinksHolding(in.NodeIPs)
+		add(RoleUnderlay, idxs, err)
+	}
+	idxs, err := node.DefaultRouteLinks()
+	add(RoleOutside, idxs, err)
+	if in.WireGuard != "" {
+		if l, err := netlink.LinkByName(in.WireGuard); err == nil {
+			add(RoleWireGuard, []int{l.Attrs().Index}, nil)
+		} else {
+			add(RoleWireGuard, nil, err)
+		}
+	}
+	h := &netlink.Handle{}
+	for _, e := range exts {
+		l, err := netlink.LinkByIndex(e.idx)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("device %d: %w", e.idx, err))
+			continue
+		}
+		d, _ := r.device(h, l, strings.Join(e.roles, ","), "")
+		st.Devices = append(st.Devices, d)
+	}
+
+	// Pod veths, both ends; an endpoint that refuses is rolled back alone.
+	eps := map[string]api.EndpointBigTCP{}
+	for _, e := range in.Endpoints {
+		eb, devs, err := r.endpoint(e)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		eps[e.Key()] = eb
+		st.Endpoints = append(st.Endpoints, eb)
+		st.Devices = append(st.Devices, devs...)
+	}
+	st.Paths = r.paths(st, in)
+	if err := errors.Join(errs...); err != nil {
+		st.LastError = err.Error()
+	}
+
+	r.mu.Lock()
+	r.status, r.eps = st, eps
+	r.mu.Unlock()
+	return errors.Join(errs...)
+}
+
+// device converges one device in the handle's netns; refused says the
+// kernel refused a write and the device was rolled back.
+func (r *Reconciler) device(h *netlink.Handle, l netlink.Link, role, ep string) (d api.BigTCPDevice, refused bool) {
+	w := plan(r.cfg, sizesOf(l))
+	got, err := converge(h, l, w)
+	d = api.BigTCPDevice{Name: l.Attrs().Name, Role: role, Endpoint: ep,
+		TSOMax: got.tsoMax, GSO: got.gso, GRO: got.gro, GSOIPv4: got.gso4, GROIPv4: got.gro4}
+	var why []string
+	if err != nil {
+		why = append(why, "refused, rolled back to 65536: "+err.Error())
+	} else {
+		if w.why6 != "" {
+			why = append(why, "ipv6: "+w.why6)
+		}
+		if w.why4 != "" {
+			why = append(why, "ipv4: "+w.why4)
+		}
+	}
+	d.Reason = strings.Join(why, "; ")
+	if role == RoleWireGuard && d.Reason != "" && err == nil {
+		d.Reason = "a WireGuard TUN device (the embedded wireguard-go's) carries 64 KiB at most: " + d.Reason
+	}
+	key := ep + "/" + d.Name
+	r.seen[key] = true
+	if last, ok := r.warned[key]; !ok || d.Reason != last {
+		switch {
+		case d.Reason != "":
+			r.log.Warn("big tcp: device left at 65536", "device", d.Name, "role", role, "endpoint", ep, "reason", d.Reason)
+		case ep != "": // one line per pod veth end is too many at info
+			r.log.Debug("big tcp: device sized", "device", d.Name, "role", role, "endpoint", ep, "ipv6", d.GSO, "ipv4", d.GSOIPv4)
+		default:
+			r.log.Info("big tcp: device sized", "device", d.Name, "role", role, "ipv6", d.GSO, "ipv4", d.GSOIPv4)
+		}
+		r.warned[key] = d.Reason
+	}
+	return d, err != nil
+}
+
+// endpoint converges both ends of one pod veth and the pod's IPv6 route
+// MTU. When one end cannot take the size or refuses it, both go back to
+// 65536.
+func (r *Reconciler) endpoint(e state.Endpoint) (api.EndpointBigTCP, []api.BigTCPDevice, error) {
+	eb := api.EndpointBigTCP{Endpoint: e.Key(), IPv6: LegacySize, IPv4: LegacySize}
+	fail := func(err error) (api.EndpointBigTCP, []api.BigTCPDevice, error) {
+		eb.Reason = err.Error()
+		return eb, nil, fmt.Errorf("endpoint %s: %w", e.Key(), err)
+	}
+	host, err := netlink.LinkByName(e.HostIfName)
+	if err != nil {
+		return fail(fmt.Errorf("host veth %s: %w", e.HostIfName, err))
+	}
+	nsh, err := netns.GetFromPath(e.NetnsPath)
+	if err != nil {
+		return fail(fmt.Errorf("open netns %s: %w", e.NetnsPath, err))
+	}
+	defer nsh.Close()
+	ph, err := netlink.NewHandleAt(nsh)
+	if err != nil {
+		return fail(fmt.Errorf("netlink in %s: %w", e.NetnsPath, err))
+	}
+	defer ph.Close()
+	pod, err := ph.LinkByName(endpoint.DefaultPodIfName)
+	if err != nil {
+		return fail(fmt.Errorf("pod interface %s in %s: %w", endpoint.DefaultPodIfName, e.NetnsPath, err))
+	}
+	hd, _ := r.device(&netlink.Handle{}, host, RolePodHost, e.Key())
+	pd, _ := r.device(ph, pod, RolePod, e.Key())
+	if hostLeft, podLeft := hd.Reason != "", pd.Reason != ""; hostLeft != podLeft {
+		// One end cannot (or refused): the other goes back to 65536 too,
+		// since a pair that differs only moves the segmentation from one
+		// end to the other.
+		cfg := r.cfg
+		cfg.IPv6, cfg.IPv4 = Off, Off
+		off := Reconciler{cfg: cfg, log: r.log, warned: map[string]string{}, seen: map[string]bool{}}
+		// From the kernel's sizes now, not those read before the write.
+		if podLeft {
+			if host, err = netlink.LinkByIndex(host.Attrs().Index); err != nil {
+				return fail(fmt.Errorf("host veth %s: %w", e.HostIfName, err))
+			}
+			hd, _ = off.device(&netlink.Handle{}, host, RolePodHost, e.Key())
+			hd.Reason = "rolled back with its pod end"
+		} else {
+			if pod, err = ph.LinkByIndex(pod.Attrs().Index); err != nil {
+				return fail(fmt.Errorf("pod interface in %s: %w", e.NetnsPath, err))
+			}
+			pd, _ = off.device(ph, pod, RolePod, e.Key())
+			pd.Reason = "rolled back with its host end"
+		}
+	}
+	eb.IPv6, eb.IPv4 = min(hd.GSO, pd.GSO), min(hd.GSOIPv4, pd.GSOIPv4)
+	if eb.IPv4 == 0 {
+		eb.IPv4 = LegacySize // a kernel without the IPv4 attribute
+	}
+	var why []string
+	for _, d := range []api.BigTCPDevice{hd, pd} {
+		if d.Reason != "" {
+			why = append(why, d.Name+": "+d.Reason)
+		}
+	}
+	// Room for the jumbo hop-by-hop header on every forwarding hop.
+	mtu := 0
+	if eb.IPv6 > LegacySize {
+		mtu = pod.Attrs().MTU - JumboHeader
+	}
+	if hasV6(e.IPs) {
+		if _, err := endpoint.SetIPv6RouteMTU(ph, pod.Attrs().Index, mtu); err != nil {
+			why = append(why, err.Error())
+		}
+	}
+	eb.Reason = strings.Join(why, "; ")
+	return eb, []api.BigTCPDevice{hd, pd}, nil
+}
+
+func hasV6(ips []netip.Addr) bool { return slices.ContainsFunc(ips, netip.Addr.Is6) }
+
+// paths says, per family, which paths carry BIG TCP: every device on the
+// path (the pod veths included) must.
+func (r *Reconciler) paths(st api.BigTCPStatus, in Input) []api.BigTCPPath {
+	var out []api.BigTCPPath
+	for _, fam := range []struct {
+		name string
+		v6   bool
+		mode Mode
+	}{{"ipv6", true, r.cfg.IPv6}, {"ipv4", false, r.cfg.IPv4}} {
+		size := func(d api.BigTCPDevice) uint32 {
+			if fam.v6 {
+				return d.GSO
+			}
+			return d.GSOIPv4
+		}
+		// The devices of one role; why they do not carry it.
+		check := func(role string) (found bool, off []string) {
+			for _, d := range st.Devices {
+				if !slices.Contains(strings.Split(d.Role, ","), role) {
+					continue
+				}
+				found = true
+				if size(d) <= LegacySize {
+					why := d.Reason
+					if why == "" {
+						why = fmt.Sprintf("holds %d", size(d))
+					}
+					off = append(off, d.Name+" ("+why+")")
+				}
+			}
+			return found, off
+		}
+		pods := func() (bool, string) {
+			var off []string
+			for _, e := range st.Endpoints {
+				s := e.IPv4
+				if fam.v6 {
+					s = e.IPv6
+				}
+				if s <= LegacySize {
+					off = append(off, e.Endpoint)
+				}
+			}
+			if len(off) > 0 {
+				return false, "pod veths at 65536: " + strings.Join(off, ", ")
+			}
+			return true, ""
+		}
+		path := func(name, role, unused string) api.BigTCPPath {
+			p := api.BigTCPPath{Path: name, Family: fam.name}
+			switch {
+			case fam.mode == Off:
+				p.Reason = "off (--" + fam.name + "-big-tcp=off)"
+			case !fam.v6 && !r.v4ok:
+				p.Reason = "the kernel has no IPv4 BIG TCP (Linux >= 6.3)"
+			case unused != "":
+				p.Reason = unused
+			default:
+				ok, why := pods()
+				if role != "" {
+					found, off := check(role)
+					switch {
+					case !found:
+						ok, why = false, "no "+role+" device found"
+					case len(off) > 0:
+						ok, why = false, strings.Join(append(off, why), "; ")
+					}
+				}
+				p.On, p.Reason = ok, strings.TrimSuffix(why, "; ")
+			}
+			return p
+		}
+		clear, wg := "", ""
+		switch {
+		case len(in.NodeIPs) == 0:
+			clear, wg = "not used: standalone node", "not used: standalone node"
+		case in.WireGuard != "":
+			clear = "not used: pod traffic to other nodes goes through WireGuard"
+		default:
+			wg = "not used: encryption is off"
+		}
+		out = append(out,
+			path(api.BigTCPPathSameNode, "", ""),
+			path(api.BigTCPPathCrossNode, RoleUnderlay, clear),
+			path(api.BigTCPPathWireGuard, RoleWireGuard, wg),
+			path(api.BigTCPPathOutside, RoleOutside, ""))
+	}
+	return out
+}

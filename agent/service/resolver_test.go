@@ -1,0 +1,141 @@
+package service
+
+import (
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"testing"
+
+	"github.com/isthmus-mesh/isthmus/bpf"
+	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+)
+
+// The Resolver gives what Resolve and Merge give from scratch, after any
+// sequence of changes: services added, changed (selector, VIP, annotations,
+// explicit backends), removed, two of them contending for a VIP; endpoints
+// coming, relabelled, readdressed, going; remote records of global
+// services changing.
+func TestResolverMatchesResolve(t *testing.T) {
+	for seed := range uint64(30) {
+		t.Run(fmt.Sprint(seed), func(t *testing.T) { checkResolver(t, seed) })
+	}
+}
+
+func checkResolver(t *testing.T, seed uint64) {
+	rng := rand.New(rand.NewPCG(seed, 2))
+	vals := []string{"a", "b", "c"}
+	labels := func() identity.Labels {
+		l := identity.Labels{}
+		for _, k := range []string{"app", "tier"} {
+			if rng.IntN(3) > 0 {
+				l[k] = vals[rng.IntN(3)]
+			}
+		}
+		return l
+	}
+	newSvc := func(i int) objects.Service {
+		sel := map[string]string{}
+		for k, v := range labels() {
+			sel[k] = v
+		}
+		// Few VIPs, so that services contend for them.
+		vip := []string{fmt.Sprintf("10.96.0.%d", rng.IntN(8)+1)}
+		if rng.IntN(2) == 0 {
+			vip = append(vip, fmt.Sprintf("fd00:96::%d", rng.IntN(8)+1))
+		}
+		s := svc([]string{"default", "prod"}[rng.IntN(2)], fmt.Sprint("s", i), vip, []objects.ServicePort{{Name: "http", Port: 80, TargetPort: 8080}}, sel)
+		if rng.IntN(3) == 0 {
+			s.Metadata.Annotations = map[string]string{AnnotationGlobal: "true", AnnotationAffinity: []string{"local", "remote", "none"}[rng.IntN(3)]}
+		}
+		if rng.IntN(4) == 0 {
+			s.Spec.Backends = append(s.Spec.Backends, objects.ExplicitBackend{IP: fmt.Sprintf("192.0.2.%d", rng.IntN(9)+1)})
+		}
+		return s
+	}
+	addr := func() netip.Addr {
+		if rng.IntN(3) == 0 {
+			return netip.AddrFrom16([16]byte{0xfd, 0, 15: byte(rng.IntN(50) + 1)})
+		}
+		return netip.AddrFrom4([4]byte{10, 0, 0, byte(rng.IntN(50) + 1)})
+	}
+	svcs := map[string]objects.Service{}
+	eps := map[string]Endpoint{}
+	var remote []records.ServiceRecord
+	r := NewResolver()
+	var svcGen, epGen, remoteGen uint64 = 1, 1, 1
+	selected := 0
+	for step := range 400 {
+		switch rng.IntN(8) {
+		case 0, 1:
+			i := rng.IntN(12)
+			if _, ok := svcs[fmt.Sprint(i)]; ok && rng.IntN(3) == 0 {
+				delete(svcs, fmt.Sprint(i))
+			} else {
+				svcs[fmt.Sprint(i)] = newSvc(i)
+			}
+			svcGen++
+		case 2, 3, 4:
+			k := fmt.Sprint("ep", rng.IntN(40))
+			if _, ok := eps[k]; ok && rng.IntN(3) == 0 {
+				delete(eps, k)
+			} else {
+				eps[k] = Endpoint{Key: k, Namespace: []string{"default", "prod"}[rng.IntN(2)], Labels: labels(), IPs: []netip.Addr{addr()}}
+			}
+			epGen++
+		case 5:
+			remote = nil
+			for c := range uint32(rng.IntN(3)) {
+				remote = append(remote, rec(fmt.Sprint("c", c+2), c+2, fmt.Sprint("s", rng.IntN(12)), true, rng.IntN(4) > 0,
+					records.Backend{IP: netip.AddrFrom4([4]byte{10, byte(c + 2), 0, byte(rng.IntN(5) + 1)}), Port: 8080, PortName: "http"}))
+			}
+			remoteGen++
+		default:
+			// no change: the generations stay
+		}
+		sl := slices.Collect(maps.Values(svcs))
+		el := slices.Collect(maps.Values(eps))
+		got, touched := r.Update(sl, svcGen, el, epGen, remote, remoteGen)
+		want := Merge(Resolve(sl, el), sl, remote)
+		if !maps.EqualFunc(got, want, func(a, b []bpf.Backend) bool { return slices.Equal(a, b) }) {
+			t.Fatalf("step %d: resolver\n %v\nfrom scratch\n %v", step, got, want)
+		}
+		for _, bs := range want {
+			selected += len(bs)
+		}
+		_ = touched
+	}
+	if selected == 0 {
+		t.Fatal("nothing was ever selected: the test checks nothing")
+	}
+}
+
+// A changed endpoint touches only the services that select it.
+func TestResolverTouchesOnlySelectors(t *testing.T) {
+	var svcs []objects.Service
+	var eps []Endpoint
+	for i := range 100 {
+		svcs = append(svcs, svc("default", fmt.Sprint("s", i), []string{fmt.Sprintf("10.96.0.%d", i+1)}, []objects.ServicePort{{Port: 80}}, map[string]string{"app": fmt.Sprint("g", i%10)}))
+	}
+	for i := range 50 {
+		eps = append(eps, Endpoint{Key: fmt.Sprint("ep", i), Namespace: "default", Labels: identity.Labels{"app": fmt.Sprint("g", i%10)}, IPs: []netip.Addr{netip.AddrFrom4([4]byte{10, 0, 0, byte(i + 1)})}})
+	}
+	r := NewResolver()
+	if _, touched := r.Update(svcs, 1, eps, 1, nil, 1); len(touched) != 100 {
+		t.Fatalf("first update touched %d frontends, want 100", len(touched))
+	}
+	if _, touched := r.Update(svcs, 1, eps, 1, nil, 1); len(touched) != 0 {
+		t.Fatalf("unchanged inputs touched %d frontends", len(touched))
+	}
+	eps[3].IPs = []netip.Addr{netip.MustParseAddr("10.0.1.3")} // app=g3: 10 services
+	out, touched := r.Update(svcs, 1, eps, 2, nil, 1)
+	if len(touched) != 10 {
+		t.Fatalf("one endpoint touched %d frontends, want the 10 of g3's services", len(touched))
+	}
+	if bs := out[fe("10.96.0.4", 80, bpf.ProtoTCP)]; !slices.Contains(bs, bpf.Backend{Addr: netip.MustParseAddr("10.0.1.3"), Port: 80}) {
+		t.Errorf("g3's service: %v", bs)
+	}
+}
