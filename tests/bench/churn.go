@@ -31,12 +31,14 @@ import (
 	"net/netip"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/lab"
 )
@@ -91,7 +93,7 @@ type churnSample struct {
 	next  time.Time // of its next lookup
 }
 
-func meshChurn(ctx context.Context, w *writer, c *lab.Cluster, ipc *bpf.PinnedIPCache, agent *lab.Agent, held int) error {
+func meshChurn(ctx context.Context, w *writer, c *lab.Cluster, kv1 *kvstore.Client, ipc *bpf.PinnedIPCache, agent *lab.Agent, held int) error {
 	rate, dur, every := *meshChurnRate, *meshChurnDuration, *meshChurnSample
 	if rate < 1 || every < 1 || *meshChurnWriters < 1 {
 		return fmt.Errorf("-mesh-churn-rate %d, -mesh-churn-sample %d, -mesh-churn-writers %d: want 1 or more", rate, every, *meshChurnWriters)
@@ -168,6 +170,14 @@ func meshChurn(ctx context.Context, w *writer, c *lab.Cluster, ipc *bpf.PinnedIP
 		return err
 	}
 
+	// The mirror's share: a watch on c1's etcd sees each timed change
+	// arrive in c1's server's copy of c2's state.
+	mirror, err := watchMirror(ctx, kv1, w.cluster, w.node)
+	if err != nil {
+		return err
+	}
+	defer mirror.stop()
+
 	var stopPerf func() error
 	if *meshPerf != "" {
 		if stopPerf, err = perfRecord(agent.Proc.Pid(), filepath.Join(*meshPerf, "c1-agent-churn.perf")); err != nil {
@@ -186,6 +196,8 @@ func meshChurn(ctx context.Context, w *writer, c *lab.Cluster, ipc *bpf.PinnedIP
 	// The poller of the timed changes.
 	samples := make(chan churnSample, 4096)
 	var lat []time.Duration
+	var timeline []churnTimed
+	var t0 time.Time // set before the first change
 	var lost []churnState
 	pollDone := make(chan struct{})
 	go func() {
@@ -211,7 +223,9 @@ func meshChurn(ctx context.Context, w *writer, c *lab.Cluster, ipc *bpf.PinnedIP
 					return false
 				}
 				if s.state.shows(ipc, ids) {
-					lat = append(lat, time.Since(s.start))
+					d := time.Since(s.start)
+					lat = append(lat, d)
+					timeline = append(timeline, churnTimed{at: s.start.Sub(t0), took: d})
 					return true
 				}
 				age := now.Sub(s.start)
@@ -249,6 +263,9 @@ func meshChurn(ctx context.Context, w *writer, c *lab.Cluster, ipc *bpf.PinnedIP
 					}
 				}
 				st := op.state
+				if timed[op.seq] {
+					mirror.expect(st, start)
+				}
 				var err error
 				if st.live {
 					key, v, lease, rerr := w.recordAs(ctx, st.addr, st.id, st.host)
@@ -268,7 +285,7 @@ func meshChurn(ctx context.Context, w *writer, c *lab.Cluster, ipc *bpf.PinnedIP
 			}
 		})
 	}
-	t0 := time.Now()
+	t0 = time.Now()
 	interval := time.Second / time.Duration(rate)
 	for i, st := range plan {
 		due := t0.Add(time.Duration(i) * interval)
@@ -327,12 +344,20 @@ func meshChurn(ctx context.Context, w *writer, c *lab.Cluster, ipc *bpf.PinnedIP
 	if len(lost) > 0 {
 		return fmt.Errorf("churn: %d timed changes not in c1's BPF ipcache after 30s (first: %+v)", len(lost), lost[0])
 	}
+	progress("mesh churn: timed changes by when they were written: %s", churnWindows(timeline, wrote))
+	mirrorLat, mirrorMissed := mirror.result()
+	slices.Sort(mirrorLat)
 	slices.Sort(lat)
 	achieved := float64(total) / wrote.Seconds()
 	line("mesh-churn-propagation-p50", ms(pct(lat, 50)), "ms",
 		fmt.Sprintf("info: %d changes (adds, identity/host updates, deletes) at %d/s for %s by %d writers into c2's etcd, c1's agent holding %d entries; 1 in %d timed (%d) until c1's node's BPF ipcache shows it, polled every %s or 1/20 of its age",
 			total, rate, dur, *meshChurnWriters, held+prefill, every, len(lat), churnPoll))
 	line("mesh-churn-propagation-p99", ms(pct(lat, 99)), "ms", "<= 50")
+	if len(mirrorLat) > 0 {
+		line("mesh-churn-mirror-p50", ms(pct(mirrorLat, 50)), "ms",
+			fmt.Sprintf("info: of which c2's etcd -> c1's etcd (c1's server's mirror), seen by a watch on c1's etcd; p99 %.2f ms; %d of the timed changes not seen there",
+				ms(pct(mirrorLat, 99)), mirrorMissed))
+	}
 	behind := ""
 	if achieved < 0.95*float64(rate) {
 		behind = "; the writers FELL BEHIND"
@@ -346,4 +371,104 @@ func meshChurn(ctx context.Context, w *writer, c *lab.Cluster, ipc *bpf.PinnedIP
 		return fmt.Errorf("churn: the writers achieved %.0f changes/s of the %d/s asked: the churn figures do not hold at that rate", achieved, rate)
 	}
 	return nil
+}
+
+// churnTimed is one timed change: written at `at` after the churn's start,
+// shown after `took`.
+type churnTimed struct{ at, took time.Duration }
+
+// churnWindows summarizes the timed changes in 10 windows of the churn
+// (p50 and max of each), so that a p99 made of a few stalls shows as such.
+func churnWindows(ts []churnTimed, dur time.Duration) string {
+	const n = 10
+	win := make([][]time.Duration, n)
+	for _, t := range ts {
+		i := min(int(t.at*n/max(dur, 1)), n-1)
+		win[i] = append(win[i], t.took)
+	}
+	var b strings.Builder
+	for i, w := range win {
+		if len(w) == 0 {
+			continue
+		}
+		slices.Sort(w)
+		fmt.Fprintf(&b, "[+%s: p50 %.0f max %.0f ms] ", (dur * time.Duration(i) / n).Round(100 * time.Millisecond), ms(pct(w, 50)), ms(w[len(w)-1]))
+	}
+	return strings.TrimSpace(b.String())
+}
+
+// mirrorWatch times changes from their write into c2's etcd until c1's
+// server has mirrored them into c1's etcd (isthmus/cache/ip/v1/c2/...).
+type mirrorWatch struct {
+	cluster, node string // of the records
+	cancel        context.CancelFunc
+	done          chan struct{}
+
+	mu      sync.Mutex
+	pending map[string]churnSample // by cache key
+	lat     []time.Duration
+}
+
+func watchMirror(ctx context.Context, kv *kvstore.Client, cluster, node string) (*mirrorWatch, error) {
+	wctx, cancel := context.WithCancel(ctx)
+	m := &mirrorWatch{cluster: cluster, node: node, cancel: cancel, done: make(chan struct{}), pending: map[string]churnSample{}}
+	prefix := records.CachePrefix(records.KindIP, cluster)
+	events := kv.WatchPrefix(wctx, prefix)
+	listed := make(chan struct{})
+	go func() {
+		defer close(m.done)
+		once := sync.OnceFunc(func() { close(listed) })
+		for ev := range events {
+			now := time.Now()
+			if ev.Type == kvstore.EventListDone {
+				once()
+				continue
+			}
+			m.mu.Lock()
+			if s, ok := m.pending[ev.Key]; ok && now.After(s.start) {
+				seen := !s.state.live && ev.Type == kvstore.EventDelete
+				if s.state.live && ev.Type == kvstore.EventUpsert {
+					e, err := records.DecodeIPCacheEntry(ev.Value)
+					seen = err == nil && e.Identity == s.state.id && e.HostIP == s.state.host
+				}
+				if seen {
+					m.lat = append(m.lat, now.Sub(s.start))
+					delete(m.pending, ev.Key)
+				}
+			}
+			m.mu.Unlock()
+		}
+	}()
+	select {
+	case <-listed:
+		return m, nil
+	case <-time.After(2 * time.Minute):
+	case <-ctx.Done():
+	}
+	m.stop()
+	return nil, fmt.Errorf("the watch of %s in c1's etcd did not list it", prefix)
+}
+
+// expect registers a timed change before it is written.
+func (m *mirrorWatch) expect(st churnState, start time.Time) {
+	stateKey := records.IPCacheKey(m.cluster, m.node, netip.PrefixFrom(st.addr, st.addr.BitLen()))
+	key, err := records.CacheKey(stateKey, m.cluster)
+	if err != nil {
+		return
+	}
+	m.mu.Lock()
+	m.pending[key] = churnSample{state: st, start: start}
+	m.mu.Unlock()
+}
+
+// result returns the latencies seen and how many timed changes were not.
+func (m *mirrorWatch) result() ([]time.Duration, int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return slices.Clone(m.lat), len(m.pending)
+}
+
+func (m *mirrorWatch) stop() {
+	m.cancel()
+	<-m.done
 }

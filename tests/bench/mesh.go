@@ -321,7 +321,7 @@ func meshBench(ctx context.Context) error {
 	}
 	// 4. Sustained churn against c1's agent holding the full sync's entries.
 	if *meshChurnDuration > 0 {
-		if err := meshChurn(ctx, w2, c2, ipc1, agent1, n); err != nil {
+		if err := meshChurn(ctx, w2, c2, kv1, ipc1, agent1, n); err != nil {
 			return err
 		}
 	}

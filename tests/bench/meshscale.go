@@ -10,12 +10,14 @@ package main
 // clock runs until c1's node holds every record in its BPF ipcache; then
 // the agent's RSS.
 //
-// The BPF ipcache holds bpfIPCacheMax entries (isth_ipcache in
+// The BPF ipcache holds bpf.IPCacheMaxEntries entries (isth_ipcache in
 // bpf/c/datapath.c): remote entries, the node's and its pods' addresses
-// and two world prefixes. A run that asks for more remote entries than
-// fit does not wait for a sync that cannot complete: it waits until the
-// map stops growing and reports what the agent does then (its reconcile
-// error, and whether it can still add a pod).
+// and two world prefixes; the agent keeps datapath.IPCacheReserve of them
+// for the node's own and leaves out the mesh's entries past the rest. A
+// run that asks for more remote entries than fit does not wait for a sync
+// that cannot complete: it waits until the map stops growing and reports
+// what the agent does then (the entries it left out, its reconcile state,
+// and whether it can still add a pod).
 
 import (
 	"context"
@@ -27,6 +29,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/datapath"
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
@@ -39,8 +42,8 @@ var (
 	meshScaleEndpoints = flag.Int("mesh-scale-endpoints", 100_000, "mesh-scale: endpoints per remote cluster")
 )
 
-// bpfIPCacheMax is max_entries of isth_ipcache (bpf/c/datapath.c).
-const bpfIPCacheMax = 512 * 1024
+// meshIPCacheLimit is how many entries the agent lets the mesh's fill.
+const meshIPCacheLimit = bpf.IPCacheMaxEntries - datapath.IPCacheReserve
 
 // meshAddrs are the n addresses the benchmark writes for cluster index c:
 // IPv6 from the bench node's range fd00:<c>:0:ff00::/64, outside every lab
@@ -185,7 +188,7 @@ func meshScaleBench(ctx context.Context) error {
 		}
 		mirrored <- time.Since(start)
 	}()
-	if before+total > bpfIPCacheMax {
+	if before+total > meshIPCacheLimit {
 		return meshOverflow(ctx, agent1, ipc1, mirrored, before, total)
 	}
 	for _, r := range rs {
@@ -215,8 +218,9 @@ func meshScaleBench(ctx context.Context) error {
 	line(fmt.Sprintf("mesh-full-sync-reconciles-%d", total), float64(runs1-runs0), "runs", "info: datapath reconciles of c1's agent during the full sync")
 	line(fmt.Sprintf("mesh-agent-rss-%d", total), float64(rss)/(1<<20), "MB", "<= 500")
 	line(fmt.Sprintf("mesh-agent-peak-rss-%d", total), float64(hwm)/(1<<20), "MB", "info: VmHWM of c1's agent")
-	line("mesh-ipcache-limit", bpfIPCacheMax, "entries",
-		fmt.Sprintf("info: max_entries of the BPF ipcache; %d in use after this sync (%d remote); past the limit the agent's upserts fail with ENOSPC and every reconcile fails, see docs/benchmarks.md", count, total))
+	line("mesh-ipcache-limit", bpf.IPCacheMaxEntries, "entries",
+		fmt.Sprintf("info: max_entries of the BPF ipcache, %d of them kept for the node's own; %d in use after this sync (%d remote); past the limit the agent leaves mesh entries out (status ipcacheOverflow), see docs/benchmarks.md",
+			datapath.IPCacheReserve, count, total))
 	progress("mesh-scale: done in %s", time.Since(t0).Round(time.Second))
 	return nil
 }
@@ -226,7 +230,8 @@ func meshScaleBench(ctx context.Context) error {
 // until the map stops growing, then reports the map's count, the agent's
 // reconcile state and whether a pod can still be added on the node.
 func meshOverflow(ctx context.Context, a *lab.Agent, ipc *bpf.PinnedIPCache, mirrored <-chan time.Duration, before, total int) error {
-	progress("mesh-scale: %d remote entries and %d of the node's own do not fit in the BPF ipcache (%d): watching the overflow", total, before, bpfIPCacheMax)
+	progress("mesh-scale: %d remote entries and %d of the node's own do not fit in the BPF ipcache (%d, of which %d for the node's own): watching the overflow",
+		total, before, bpf.IPCacheMaxEntries, datapath.IPCacheReserve)
 	d, ok := <-mirrored
 	if !ok {
 		return fmt.Errorf("c1's server did not mirror every remote: %w", ctx.Err())
@@ -256,8 +261,8 @@ func meshOverflow(ctx context.Context, a *lab.Agent, ipc *bpf.PinnedIPCache, mir
 		return fmt.Errorf("agent status: %w", err)
 	}
 	msg := clip(st.Reconcile.LastError)
-	progress("mesh-scale: overflow: %d entries in the BPF ipcache (unchanged for 30s), status ipcacheEntries %d, reconcile runs %d, last success %s, last error: %s",
-		count, st.IPCacheEntries, st.Reconcile.Runs, st.Reconcile.LastSuccess.Format(time.RFC3339), msg)
+	progress("mesh-scale: overflow: %d entries in the BPF ipcache (unchanged for 30s), status ipcacheEntries %d ipcacheOverflow %d, reconcile runs %d, last success %s, last error: %q",
+		count, st.IPCacheEntries, st.IPCacheOverflow, st.Reconcile.Runs, st.Reconcile.LastSuccess.Format(time.RFC3339), msg)
 	_, podErr := a.AddPod(ctx, "overflow-probe", "default", map[string]string{"app": "probe"})
 	podMsg := "added"
 	if podErr != nil {
@@ -265,8 +270,9 @@ func meshOverflow(ctx context.Context, a *lab.Agent, ipc *bpf.PinnedIPCache, mir
 	}
 	progress("mesh-scale: overflow: adding a pod on the full node: %s", podMsg)
 	line("mesh-ipcache-overflow-entries", float64(count), "entries",
-		fmt.Sprintf("info: %d remote entries asked, %d fit (max_entries %d); pod add on the node: %v", total, count, bpfIPCacheMax, podErr == nil))
-	return fmt.Errorf("%d remote ipcache entries do not fit in the BPF ipcache (%d entries): no full-sync figure", total, bpfIPCacheMax)
+		fmt.Sprintf("info: %d remote entries asked, %d in the map (max_entries %d), %d left out by the agent's count; a pod added on the node: %v",
+			total, count, bpf.IPCacheMaxEntries, st.IPCacheOverflow, podErr == nil))
+	return fmt.Errorf("%d remote ipcache entries do not fit in the BPF ipcache (%d entries): no full-sync figure", total, bpf.IPCacheMaxEntries)
 }
 
 // clip shortens an error message of the agent (at the ipcache's limit it

@@ -6,9 +6,8 @@ package main
 // CNI plugin does) selected by its service's label. -svc-endpoints
 // endpoints back them: in groups of -svc-backends, each group selected by
 // services/groups services (by default 1,000 endpoints, each the backend
-// of 10 services: plumbing 10,000 pods one by one takes today's agent well
-// over 20 minutes, as each add reconciles everything; -svc-endpoints 10000
-// gives every service endpoints of its own).
+// of 10 services: plumbing 10,000 pods one by one takes many minutes;
+// -svc-endpoints 10000 gives every service endpoints of its own).
 //
 // Then endpoints churn: -svc-changes changes, one at a time, alternately
 // deleting an endpoint (DELETE /v1/endpoints/...) and adding it again
@@ -220,7 +219,7 @@ func serviceBackendBench(ctx context.Context) error {
 func groupLabel(g int) string { return fmt.Sprintf("g%d", g) }
 
 // addEndpoint adds an endpoint, trying again (up to 5 times in all) when the
-// agent refuses it: today a reconcile fails when the kernel interrupts the
+// agent refuses it: a reconcile fails when the kernel interrupts the
 // agent's dump of the node's addresses (a pod's veth just got its
 // link-local address), and the agent rolls the add back. retried counts
 // the retries.
