@@ -300,12 +300,16 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	}
 	// Device sizes: a device that refuses is rolled back and reported,
 	// which fails nothing else. They depend on the pods and the node's
-	// devices, and setting them visits every pod's network namespace: so
-	// only when the endpoints or the node's addresses changed, after a
-	// failure, and every resync interval, not on every run.
-	if key := fmt.Sprint(want.EndpointsGen, want.HostAddrs); key != a.bigtcpDone || time.Since(a.bigtcpAt) >= reconcile.ResyncInterval {
+	// devices: set when the endpoints or the node's addresses changed,
+	// after a failure, and every resync interval, not on every run.
+	// A new endpoint's veth is set when it is added; every one is visited
+	// again every resync interval.
+	full := time.Since(a.bigtcpAt) >= reconcile.ResyncInterval
+	if key := fmt.Sprint(want.EndpointsGen, want.HostAddrs); key != a.bigtcpDone || full {
 		a.bigtcpDone = ""
-		if err := a.bigtcp.Sync(a.bigTCPInput(want)); err != nil {
+		in := a.bigTCPInput(want)
+		in.Full = full
+		if err := a.bigtcp.Sync(in); err != nil {
 			a.rec.SoftFail()
 			a.log.Warn("big tcp: devices not all read; retrying", "err", err)
 		} else {

@@ -207,6 +207,26 @@ func TestSyncRealDevices(t *testing.T) {
 			t.Errorf("pod IPv6 default route mtu %d, want %d", mtu, 1500-JumboHeader)
 		}
 
+		// A run visits only new or replumbed endpoints: a veth changed
+		// behind the reconciler's back stays until a full run.
+		if _, err := converge(h, mustLink(t, h, ep.HostIfName), plan(Config{IPv6: Off, IPv4: Off}.WithDefaults(), sizesOf(mustLink(t, h, ep.HostIfName)))); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Sync(in); err != nil {
+			t.Fatal(err)
+		}
+		if got := sizesOf(mustLink(t, h, ep.HostIfName)); got.gso != LegacySize {
+			t.Errorf("an unchanged endpoint was visited again: host veth holds %+v", got)
+		}
+		full := in
+		full.Full = true
+		if err := r.Sync(full); err != nil {
+			t.Fatal(err)
+		}
+		if got := sizesOf(mustLink(t, h, ep.HostIfName)); got.gso != DefaultSize {
+			t.Errorf("a full run left the host veth at %+v", got)
+		}
+
 		// IPv4 only: writing the IPv6 sizes at 65536 must not reset the
 		// IPv4 ones the kernel ties to them (it does when gso_max_size
 		// drops to 65536 after them).
@@ -214,7 +234,7 @@ func TestSyncRealDevices(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := v4.Sync(in); err != nil {
+		if err := v4.Sync(full); err != nil {
 			t.Fatal(err)
 		}
 		if got := sizesOf(mustLink(t, ph, "eth0")); got.gso != LegacySize || got.gso4 != DefaultSize || got.gro4 != DefaultSize {
@@ -225,7 +245,7 @@ func TestSyncRealDevices(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := off.Sync(in); err != nil {
+		if err := off.Sync(full); err != nil {
 			t.Fatal(err)
 		}
 		for _, l := range []netlink.Link{mustLink(t, h, "under0"), mustLink(t, h, ep.HostIfName), mustLink(t, ph, "eth0"), mustLink(t, h, "tun0")} {

@@ -37,6 +37,23 @@ type Input struct {
 	// WireGuard is the WireGuard device ("" without encryption); Encrypted
 	// says pod traffic to other nodes goes through it.
 	WireGuard string
+	// Full: converge every endpoint's veth again (the periodic resync),
+	// not only those that are new or plumbed anew since the last run.
+	// Visiting a pod means entering its network namespace: at a thousand
+	// pods, a run that visits them all takes a quarter of a second.
+	Full bool
+}
+
+// epDone is an endpoint as the last run that visited it left it.
+type epDone struct {
+	plumbing string // what identifies its veth: host name, ifindex, netns
+	eb       api.EndpointBigTCP
+	devs     []api.BigTCPDevice
+	err      error
+}
+
+func plumbingOf(e state.Endpoint) string {
+	return fmt.Sprint(e.HostIfName, "/", e.IfIndex, "/", e.NetnsPath)
 }
 
 // Reconciler converges the BIG TCP sizes of the node's devices and keeps
@@ -49,6 +66,7 @@ type Reconciler struct {
 	mu     sync.Mutex
 	status api.BigTCPStatus
 	eps    map[string]api.EndpointBigTCP
+	done   map[string]epDone // by endpoint key (reconcile loop only)
 	warned map[string]string // <endpoint>/<device> -> the reason last logged
 	seen   map[string]bool   // keys of warned met in this run
 }
@@ -167,9 +185,22 @@ func (r *Reconciler) Sync(in Input) error {
 	}
 
 	// Pod veths, both ends; an endpoint that refuses is rolled back alone.
+	// Only new or replumbed ones, but for a full run; one that failed is
+	// visited again.
 	eps := map[string]api.EndpointBigTCP{}
+	done := make(map[string]epDone, len(in.Endpoints))
 	for _, e := range in.Endpoints {
-		eb, devs, err := r.endpoint(e)
+		d, ok := r.done[e.Key()]
+		if !ok || in.Full || d.err != nil || d.plumbing != plumbingOf(e) {
+			d.plumbing = plumbingOf(e)
+			d.eb, d.devs, d.err = r.endpoint(e)
+		} else {
+			for _, dev := range d.devs { // keep their warnings alive
+				r.seen[dev.Endpoint+"/"+dev.Name] = true
+			}
+		}
+		done[e.Key()] = d
+		eb, devs, err := d.eb, d.devs, d.err
 		if err != nil {
 			errs = append(errs, err)
 		}
@@ -182,6 +213,7 @@ func (r *Reconciler) Sync(in Input) error {
 		st.LastError = err.Error()
 	}
 
+	r.done = done
 	r.mu.Lock()
 	r.status, r.eps = st, eps
 	r.mu.Unlock()
