@@ -38,13 +38,18 @@ func Addrs() ([]netip.Addr, error) {
 		if !ok {
 			continue
 		}
-		ip = ip.Unmap()
-		if ip.IsLinkLocalUnicast() || ip.IsMulticast() || ip.IsUnspecified() {
-			continue
+		if ip = ip.Unmap(); hostAddr(ip) {
+			out = append(out, ip)
 		}
-		out = append(out, ip)
 	}
 	return out, nil
+}
+
+// hostAddr reports whether ip is one of the node's own addresses as the
+// host identity has them: not link-local (not unique to the node),
+// multicast or unspecified.
+func hostAddr(ip netip.Addr) bool {
+	return !ip.IsLinkLocalUnicast() && !ip.IsMulticast() && !ip.IsUnspecified()
 }
 
 // WatchAddrs calls changed whenever a node address comes or goes, until
@@ -66,9 +71,15 @@ func WatchAddrs(ctx context.Context, log *slog.Logger, changed func()) {
 		select {
 		case <-ctx.Done():
 			return
-		case _, ok := <-ch:
+		case u, ok := <-ch:
 			if !ok {
 				return
+			}
+			// A pod's veth coming or going brings link-local addresses,
+			// which Addrs leaves out: no reason to list every address of
+			// the node again (that is a dump over every pod's veth).
+			if ip, ok := netip.AddrFromSlice(u.LinkAddress.IP); ok && !hostAddr(ip.Unmap()) {
+				continue
 			}
 			changed()
 		}
