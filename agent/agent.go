@@ -55,6 +55,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/state"
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 )
 
 // Agent runs one node.
@@ -88,8 +89,15 @@ type Agent struct {
 	bigtcp *bigtcp.Reconciler    // GSO/GRO sizes of the node's devices and pod veths
 	// bigtcpDone: the inputs the device sizes were last set for, at
 	// bigtcpAt (reconcile loop only).
-	bigtcpDone string
-	bigtcpAt   time.Time
+	// The applied objects split by kind, at objects generation splitGen
+	// (reconcile loop only).
+	splitSvcs []objects.Service
+	splitPols []objects.NetworkPolicy
+	splitGen  uint64
+
+	bigtcpDone  string
+	bigtcpAddrs string    // the node addresses the external devices were found with
+	bigtcpAt    time.Time // of the last full run
 
 	rec     *reconcile.Trigger
 	metrics *metrics.Registry // set at the start of Run
@@ -308,12 +316,16 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	if key := fmt.Sprint(want.EndpointsGen, want.HostAddrs); key != a.bigtcpDone || full {
 		a.bigtcpDone = ""
 		in := a.bigTCPInput(want)
-		in.Full = full
+		addrs := fmt.Sprint(want.HostAddrs)
+		in.Full, in.Devices = full, addrs != a.bigtcpAddrs
 		if err := a.bigtcp.Sync(in); err != nil {
 			a.rec.SoftFail()
 			a.log.Warn("big tcp: devices not all read; retrying", "err", err)
 		} else {
-			a.bigtcpDone, a.bigtcpAt = key, time.Now()
+			a.bigtcpDone, a.bigtcpAddrs = key, addrs
+			if full {
+				a.bigtcpAt = time.Now()
+			}
 		}
 	}
 	if res.Changes()+routeChanges > 0 {
@@ -326,7 +338,12 @@ func (a *Agent) reconcile(ctx context.Context) error {
 // desiredState is what one reconcile run converges to.
 func (a *Agent) desiredState() (desired.State, error) {
 	objs, objGen := a.objectsGen()
-	svcs, pols := objs.Split()
+	if objGen != a.splitGen || a.splitGen == 0 {
+		// Split sorts every object: once per generation, not per run.
+		a.splitSvcs, a.splitPols = objs.Split()
+		a.splitGen = objGen
+	}
+	svcs, pols := a.splitSvcs, a.splitPols
 	eps, epGen := a.store.EndpointsGen()
 	s := desired.State{Cluster: a.cfg.ClusterName, Endpoints: eps, Services: svcs, Policies: pols,
 		Identities: a.ids, Mesh: a.mesh.Desired(), EndpointsGen: epGen + 1, ObjectsGen: objGen}

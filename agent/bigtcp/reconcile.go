@@ -37,6 +37,9 @@ type Input struct {
 	// WireGuard is the WireGuard device ("" without encryption); Encrypted
 	// says pod traffic to other nodes goes through it.
 	WireGuard string
+	// Devices: the node's external devices may have changed (its
+	// addresses did): find and converge them again.
+	Devices bool
 	// Full: converge every endpoint's veth again (the periodic resync),
 	// not only those that are new or plumbed anew since the last run.
 	// Visiting a pod means entering its network namespace: at a thousand
@@ -66,7 +69,9 @@ type Reconciler struct {
 	mu     sync.Mutex
 	status api.BigTCPStatus
 	eps    map[string]api.EndpointBigTCP
-	done   map[string]epDone // by endpoint key (reconcile loop only)
+	done   map[string]epDone  // by endpoint key (reconcile loop only)
+	ext    []api.BigTCPDevice // the external devices as last converged
+	extErr error
 	warned map[string]string // <endpoint>/<device> -> the reason last logged
 	seen   map[string]bool   // keys of warned met in this run
 }
@@ -141,47 +146,20 @@ func (r *Reconciler) Sync(in Input) error {
 	}()
 	var errs []error
 
-	// The node's external devices, each once (with all its roles).
-	type ext struct {
-		idx   int
-		roles []string
-	}
-	var exts []*ext
-	add := func(role string, idxs []int, err error) {
-		if err != nil {
-			errs = append(errs, fmt.Errorf("find %s devices: %w", role, err))
-		}
-		for _, i := range idxs {
-			k := slices.IndexFunc(exts, func(e *ext) bool { return e.idx == i })
-			if k < 0 {
-				exts = append(exts, &ext{idx: i})
-				k = len(exts) - 1
-			}
-			exts[k].roles = append(exts[k].roles, role)
+	// The node's external devices, each once (with all its roles): found
+	// again only when they may have changed (Input.Devices, Full, a
+	// failure), since finding them dumps the node's routes, which hold a
+	// route per pod.
+	if in.Full || in.Devices || r.extErr != nil || r.ext == nil {
+		r.ext, r.extErr = r.externalDevices(in)
+	} else {
+		for _, d := range r.ext { // keep their warnings alive
+			r.seen["/"+d.Name] = true
 		}
 	}
-	if len(in.NodeIPs) > 0 {
-		idxs, err := node.LinksHolding(in.NodeIPs)
-		add(RoleUnderlay, idxs, err)
-	}
-	idxs, err := node.DefaultRouteLinks()
-	add(RoleOutside, idxs, err)
-	if in.WireGuard != "" {
-		if l, err := netlink.LinkByName(in.WireGuard); err == nil {
-			add(RoleWireGuard, []int{l.Attrs().Index}, nil)
-		} else {
-			add(RoleWireGuard, nil, err)
-		}
-	}
-	h := &netlink.Handle{}
-	for _, e := range exts {
-		l, err := netlink.LinkByIndex(e.idx)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("device %d: %w", e.idx, err))
-			continue
-		}
-		d, _ := r.device(h, l, strings.Join(e.roles, ","), "")
-		st.Devices = append(st.Devices, d)
+	st.Devices = append(st.Devices, r.ext...)
+	if r.extErr != nil {
+		errs = append(errs, r.extErr)
 	}
 
 	// Pod veths, both ends; an endpoint that refuses is rolled back alone.
@@ -423,4 +401,54 @@ func (r *Reconciler) paths(st api.BigTCPStatus, in Input) []api.BigTCPPath {
 			path(api.BigTCPPathOutside, RoleOutside, ""))
 	}
 	return out
+}
+
+// externalDevices converges the node's external devices: those holding a
+// node IP (underlay), a default route (outside), and the WireGuard device.
+func (r *Reconciler) externalDevices(in Input) ([]api.BigTCPDevice, error) {
+	var errs []error
+	devs := []api.BigTCPDevice{}
+	// The node's external devices, each once (with all its roles).
+	type ext struct {
+		idx   int
+		roles []string
+	}
+	var exts []*ext
+	add := func(role string, idxs []int, err error) {
+		if err != nil {
+			errs = append(errs, fmt.Errorf("find %s devices: %w", role, err))
+		}
+		for _, i := range idxs {
+			k := slices.IndexFunc(exts, func(e *ext) bool { return e.idx == i })
+			if k < 0 {
+				exts = append(exts, &ext{idx: i})
+				k = len(exts) - 1
+			}
+			exts[k].roles = append(exts[k].roles, role)
+		}
+	}
+	if len(in.NodeIPs) > 0 {
+		idxs, err := node.LinksHolding(in.NodeIPs)
+		add(RoleUnderlay, idxs, err)
+	}
+	idxs, err := node.DefaultRouteLinks()
+	add(RoleOutside, idxs, err)
+	if in.WireGuard != "" {
+		if l, err := netlink.LinkByName(in.WireGuard); err == nil {
+			add(RoleWireGuard, []int{l.Attrs().Index}, nil)
+		} else {
+			add(RoleWireGuard, nil, err)
+		}
+	}
+	h := &netlink.Handle{}
+	for _, e := range exts {
+		l, err := netlink.LinkByIndex(e.idx)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("device %d: %w", e.idx, err))
+			continue
+		}
+		d, _ := r.device(h, l, strings.Join(e.roles, ","), "")
+		devs = append(devs, d)
+	}
+	return devs, errors.Join(errs...)
 }
