@@ -37,8 +37,8 @@ func ipRecord(cluster string, id uint32, host, addr string) (string, []byte) {
 
 // The tables hand out what changed: the prefixes of entries that came,
 // changed or went in a cluster in use; nothing for a remote cluster
-// before its canary; everything (full) when its entries come into use or
-// go out of it.
+// before its canary; all of its prefixes (and only its) when its entries
+// come into use or go out of it.
 func TestTakeIPChanges(t *testing.T) {
 	tables, handle := deltaTables(t)
 	tables.TakeIPChanges()
@@ -73,8 +73,8 @@ func TestTakeIPChanges(t *testing.T) {
 		handle(records.SyncedPrefix, records.SyncedKey("c2", records.KindIP), v)
 	}
 	canary(true)
-	if _, full := tables.TakeIPChanges(); !full {
-		t.Fatal("a remote cluster's entries came into use: want a full change")
+	if changed, full := tables.TakeIPChanges(); full || !slices.Equal(changed, []netip.Prefix{netip.MustParsePrefix("10.2.1.5/32")}) {
+		t.Fatalf("a remote cluster's entries came into use: changed %v full %v, want its every prefix", changed, full)
 	}
 	if _, ok := tables.LookupIP(netip.MustParsePrefix("10.2.1.5/32")); !ok {
 		t.Fatal("the remote entry not in use after its canary")
@@ -90,9 +90,16 @@ func TestTakeIPChanges(t *testing.T) {
 	if changed, _ := tables.TakeIPChanges(); len(changed) != 1 {
 		t.Fatalf("remote delete: %v", changed)
 	}
+	rk, rv = ipRecord("c2", 2<<20|2, "198.51.100.1", "10.2.1.6")
+	ck, _ = records.CacheKey(rk, "c2")
+	handle(records.CacheRoot, ck, rv)
+	tables.TakeIPChanges()
 	canary(false)
-	if _, full := tables.TakeIPChanges(); !full {
-		t.Fatal("a remote cluster's entries went out of use: want a full change")
+	if changed, _ := tables.TakeIPChanges(); !slices.Equal(changed, []netip.Prefix{netip.MustParsePrefix("10.2.1.6/32")}) {
+		t.Fatalf("a remote cluster's entries went out of use: changed %v, want its every prefix", changed)
+	}
+	if _, ok := tables.LookupIP(netip.MustParsePrefix("10.2.1.6/32")); ok {
+		t.Fatal("an entry of a cluster out of use is still looked up")
 	}
 }
 

@@ -47,10 +47,11 @@ type Tables struct {
 	snapVer  uint64
 
 	// The ipcache deltas (TakeIPChanges): the prefixes whose entry in a
-	// usable cluster changed since the last take, or full when a whole
-	// cluster's entries came into use or went out of it.
-	dirty  map[netip.Prefix]struct{}
-	fullIP bool
+	// usable cluster changed since the last take, and the clusters whose
+	// entries all came into use or went out of it (each of their prefixes
+	// changed: listed at the take, not here).
+	dirty         map[netip.Prefix]struct{}
+	dirtyClusters map[string]struct{}
 	// vers counts the changes of the small tables (View), view is the
 	// last View built and viewVers the versions it was built at.
 	vers     Versions
@@ -130,7 +131,7 @@ func NewTables(local Local, log *slog.Logger, onChange func()) *Tables {
 	}
 	t := &Tables{local: local, log: log, onChange: onChange, clusters: map[string]*cluster{},
 		listed: map[string]bool{}, objs: map[string]objects.Object{}, maxIPCache: records.DefaultMaxIPCacheEntries,
-		dirty: map[netip.Prefix]struct{}{}, strs: map[string]string{}}
+		dirty: map[netip.Prefix]struct{}{}, dirtyClusters: map[string]struct{}{}, strs: map[string]string{}}
 	own := newCluster(local.Cluster)
 	own.id = local.ClusterID
 	own.inUse = true
@@ -574,7 +575,7 @@ func (t *Tables) markIP(c *cluster, p netip.Prefix) {
 	if c.name == t.local.Cluster {
 		t.vers.OwnIPs++
 	}
-	if c.inUse && !t.fullIP {
+	if c.inUse {
 		t.dirty[p] = struct{}{}
 	}
 }
@@ -586,8 +587,7 @@ func (t *Tables) checkInUse() {
 	for _, c := range t.clusters {
 		if use := t.usable(c, records.KindIP); use != c.inUse {
 			c.inUse = use
-			t.fullIP = true
-			clear(t.dirty)
+			t.dirtyClusters[c.name] = struct{}{}
 		}
 	}
 	t.vers.Nodes++
@@ -847,21 +847,29 @@ func entryOf(e *records.IPCacheEntry) IPEntry {
 }
 
 // TakeIPChanges returns the prefixes whose ipcache entry changed since the
-// last call (LookupIP has the entry now), or full: every entry may have
-// changed (a cluster's entries came into use or went out of it), read them
-// all (RangeIP). It forgets what it returned: the caller must apply it, or
-// go through every entry next time.
+// last call (LookupIP has the entry now): those changed one by one, and
+// every prefix of a cluster whose entries came into use or went out of it
+// (a canary, an ID, a refusal), so that a cluster joining costs its own
+// size, not the mesh's. It forgets what it returned: the caller must apply
+// it, or go through every entry next time. full is never set by the
+// tables (the interface lets a source ask for a pass over everything).
 func (t *Tables) TakeIPChanges() (changed []netip.Prefix, full bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	full = t.fullIP
-	t.fullIP = false
-	if !full {
-		changed = make([]netip.Prefix, 0, len(t.dirty))
-		for p := range t.dirty {
+	n := len(t.dirty)
+	for name := range t.dirtyClusters {
+		n += len(t.clusters[name].ips)
+	}
+	changed = make([]netip.Prefix, 0, n)
+	for p := range t.dirty {
+		changed = append(changed, p)
+	}
+	for name := range t.dirtyClusters {
+		for p := range t.clusters[name].ips {
 			changed = append(changed, p)
 		}
 	}
+	clear(t.dirtyClusters)
 	if len(t.dirty) > 1024 {
 		t.dirty = map[netip.Prefix]struct{}{} // give a burst's memory back
 	} else {
