@@ -20,7 +20,6 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/lab"
-	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 // The bigtcp section: pod to pod across two nodes in the clear, BIG TCP on
@@ -57,7 +56,7 @@ type bigtcpSide struct {
 func bigtcpBench(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
-	l, err := lab.New(lab.Options{Logf: func(string, ...any) {}, Binaries: labtest.Binaries, CloseOnSignal: true})
+	l, err := newLab()
 	if err != nil {
 		return err
 	}

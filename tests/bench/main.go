@@ -123,8 +123,8 @@ var (
 	podCIDR6 = netip.MustParsePrefix("fd00:200::/64")
 )
 
-func newLab() (*lab.Lab, *lab.Agent, error) {
-	l, err := lab.New(lab.Options{Logf: func(string, ...any) {}, Binaries: labtest.Binaries, CloseOnSignal: true})
+func newStandaloneLab() (*lab.Lab, *lab.Agent, error) {
+	l, err := newLab()
 	if err != nil {
 		return nil, nil, err
 	}
@@ -144,7 +144,7 @@ func newLab() (*lab.Lab, *lab.Agent, error) {
 // throughput: single-stream TCP pod to pod through the datapath, against
 // the same through a plain veth pair between two namespaces.
 func throughput(ctx context.Context) error {
-	l, a, err := newLab()
+	l, a, err := newStandaloneLab()
 	if err != nil {
 		return err
 	}
@@ -309,7 +309,7 @@ func fillerVIP(i int) string {
 // drift on the shared machine hits both; the figures are the medians. Then
 // the same with kube-proxy-style iptables DNAT rules for comparison.
 func cps(ctx context.Context) error {
-	l, one, err := newLab()
+	l, one, err := newStandaloneLab()
 	if err != nil {
 		return err
 	}
@@ -491,3 +491,9 @@ func iptablesCPS(ctx context.Context, l *lab.Lab) (float64, float64, error) {
 }
 
 var _ = exec.Command
+
+// newLab starts a quiet lab from the binaries labtest finds (bin/, built
+// by make build), removed on SIGINT/SIGTERM too: every section's.
+func newLab() (*lab.Lab, error) {
+	return lab.New(lab.Options{Logf: func(string, ...any) {}, Binaries: labtest.Binaries, CloseOnSignal: true})
+}

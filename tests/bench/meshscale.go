@@ -34,7 +34,6 @@ import (
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/lab"
-	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 var (
@@ -64,7 +63,7 @@ func meshScaleBench(ctx context.Context) error {
 		return fmt.Errorf("-mesh-scale-clusters %d, -mesh-scale-endpoints %d: want 1..20 clusters of 1..1000000", k, n)
 	}
 	total := k * n
-	l, err := lab.New(lab.Options{Logf: func(string, ...any) {}, Binaries: labtest.Binaries, CloseOnSignal: true})
+	l, err := newLab()
 	if err != nil {
 		return err
 	}

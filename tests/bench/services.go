@@ -35,7 +35,6 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/lab"
-	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 var (
@@ -62,7 +61,7 @@ func serviceBackendBench(ctx context.Context) error {
 			nSvc, nBe, nEP, *svcChanges)
 	}
 	groups := nEP / nBe // service i and endpoint j are of group i%groups, j%groups
-	l, err := lab.New(lab.Options{Logf: func(string, ...any) {}, Binaries: labtest.Binaries, CloseOnSignal: true})
+	l, err := newLab()
 	if err != nil {
 		return err
 	}

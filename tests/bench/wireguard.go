@@ -58,7 +58,6 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/lab"
-	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 // wantWireGuardMode is the device mode the agents of (b) must report.
@@ -94,7 +93,7 @@ func wireguardBench(ctx context.Context) error {
 	if _, err := os.Stat(debianWireGuardGo); err != nil {
 		return fmt.Errorf("wireguard-go of Debian: %w (run: make deps)", err)
 	}
-	l, err := lab.New(lab.Options{Logf: func(string, ...any) {}, Binaries: labtest.Binaries, CloseOnSignal: true})
+	l, err := newLab()
 	if err != nil {
 		return err
 	}
