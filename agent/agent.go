@@ -87,17 +87,11 @@ type Agent struct {
 	routes routes.Router         // cluster mode only
 	enc    *encryption.WireGuard // nil without encryption
 	bigtcp *bigtcp.Reconciler    // GSO/GRO sizes of the node's devices and pod veths
-	// bigtcpDone: the inputs the device sizes were last set for, at
-	// bigtcpAt (reconcile loop only).
 	// The applied objects split by kind, at objects generation splitGen
 	// (reconcile loop only).
 	splitSvcs []objects.Service
 	splitPols []objects.NetworkPolicy
 	splitGen  uint64
-
-	bigtcpDone  string
-	bigtcpAddrs string    // the node addresses the external devices were found with
-	bigtcpAt    time.Time // of the last full run
 
 	rec     *reconcile.Trigger
 	metrics *metrics.Registry // set at the start of Run
@@ -307,26 +301,10 @@ func (a *Agent) reconcile(ctx context.Context) error {
 			"leftOut", res.Overflow, "capacity", bpf.IPCacheMaxEntries, "reservedForNode", datapath.IPCacheReserve)
 	}
 	// Device sizes: a device that refuses is rolled back and reported,
-	// which fails nothing else. They depend on the pods and the node's
-	// devices: set when the endpoints or the node's addresses changed,
-	// after a failure, and every resync interval, not on every run.
-	// A new endpoint's veth is set when it is added; every one is visited
-	// again every resync interval.
-	full := time.Since(a.bigtcpAt) >= reconcile.ResyncInterval
-	if key := fmt.Sprint(want.EndpointsGen, want.HostAddrs); key != a.bigtcpDone || full {
-		a.bigtcpDone = ""
-		in := a.bigTCPInput(want)
-		addrs := fmt.Sprint(want.HostAddrs)
-		in.Full, in.Devices = full, addrs != a.bigtcpAddrs
-		if err := a.bigtcp.Sync(in); err != nil {
-			a.rec.SoftFail()
-			a.log.Warn("big tcp: devices not all read; retrying", "err", err)
-		} else {
-			a.bigtcpDone, a.bigtcpAddrs = key, addrs
-			if full {
-				a.bigtcpAt = time.Now()
-			}
-		}
+	// which fails nothing else. The reconciler does only what changed.
+	if err := a.bigtcp.Sync(a.bigTCPInput(want)); err != nil {
+		a.rec.SoftFail()
+		a.log.Warn("big tcp: devices not all read; retrying", "err", err)
 	}
 	if res.Changes()+routeChanges > 0 {
 		a.log.Info("datapath reconciled", "ipcacheChanges", res.IPCache, "endpointChanges", res.Endpoints,
@@ -375,7 +353,7 @@ func (a *Agent) objectsGen() (desired.Objects, uint64) {
 
 // bigTCPInput is what the BIG TCP reconciler converges in one run.
 func (a *Agent) bigTCPInput(want desired.State) bigtcp.Input {
-	in := bigtcp.Input{Endpoints: want.Endpoints}
+	in := bigtcp.Input{Endpoints: want.Endpoints, EndpointsGen: want.EndpointsGen, NodeAddrs: want.HostAddrs}
 	if a.mesh != nil {
 		in.NodeIPs = a.underlayIPs()
 	}

@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -218,9 +219,8 @@ func TestSyncRealDevices(t *testing.T) {
 		if got := sizesOf(mustLink(t, h, ep.HostIfName)); got.gso != LegacySize {
 			t.Errorf("an unchanged endpoint was visited again: host veth holds %+v", got)
 		}
-		full := in
-		full.Full = true
-		if err := r.Sync(full); err != nil {
+		r.fullAt = time.Time{} // the resync is due
+		if err := r.Sync(in); err != nil {
 			t.Fatal(err)
 		}
 		if got := sizesOf(mustLink(t, h, ep.HostIfName)); got.gso != DefaultSize {
@@ -234,7 +234,7 @@ func TestSyncRealDevices(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := v4.Sync(full); err != nil {
+		if err := v4.Sync(in); err != nil {
 			t.Fatal(err)
 		}
 		if got := sizesOf(mustLink(t, ph, "eth0")); got.gso != LegacySize || got.gso4 != DefaultSize || got.gro4 != DefaultSize {
@@ -245,7 +245,7 @@ func TestSyncRealDevices(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := off.Sync(full); err != nil {
+		if err := off.Sync(in); err != nil {
 			t.Fatal(err)
 		}
 		for _, l := range []netlink.Link{mustLink(t, h, "under0"), mustLink(t, h, ep.HostIfName), mustLink(t, ph, "eth0"), mustLink(t, h, "tun0")} {

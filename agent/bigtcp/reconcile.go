@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -15,6 +16,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/endpoint"
 	"github.com/isthmus-mesh/isthmus/agent/node"
+	"github.com/isthmus-mesh/isthmus/agent/reconcile"
 	"github.com/isthmus-mesh/isthmus/agent/state"
 )
 
@@ -37,14 +39,12 @@ type Input struct {
 	// WireGuard is the WireGuard device ("" without encryption); Encrypted
 	// says pod traffic to other nodes goes through it.
 	WireGuard string
-	// Devices: the node's external devices may have changed (its
-	// addresses did): find and converge them again.
-	Devices bool
-	// Full: converge every endpoint's veth again (the periodic resync),
-	// not only those that are new or plumbed anew since the last run.
-	// Visiting a pod means entering its network namespace: at a thousand
-	// pods, a run that visits them all takes a quarter of a second.
-	Full bool
+	// EndpointsGen is the generation of Endpoints (state.Store): equal to
+	// the last run's, the endpoints did not change (0: unknown).
+	EndpointsGen uint64
+	// NodeAddrs are the node's addresses: when they change, its external
+	// devices may have.
+	NodeAddrs []netip.Addr
 }
 
 // epDone is an endpoint as the last run that visited it left it.
@@ -69,11 +69,21 @@ type Reconciler struct {
 	mu     sync.Mutex
 	status api.BigTCPStatus
 	eps    map[string]api.EndpointBigTCP
-	done   map[string]epDone  // by endpoint key (reconcile loop only)
-	ext    []api.BigTCPDevice // the external devices as last converged
-	extErr error
-	warned map[string]string // <endpoint>/<device> -> the reason last logged
-	seen   map[string]bool   // keys of warned met in this run
+	// What the last runs did (the reconcile loop's only): a run does only
+	// what changed since, and visits everything every
+	// reconcile.ResyncInterval (fullAt). Visiting a pod means entering its
+	// network namespace: at a thousand pods, visiting them all takes a
+	// quarter of a second, and finding the external devices dumps every
+	// route (one per pod).
+	done    map[string]epDone  // by endpoint key
+	ext     []api.BigTCPDevice // the external devices as last converged
+	extErr  error
+	extKey  string // the node's addresses, IPs and WireGuard device ext was found with
+	gen     uint64 // the EndpointsGen of the last run
+	lastErr error
+	fullAt  time.Time
+	warned  map[string]string // <endpoint>/<device> -> the reason last logged
+	seen    map[string]bool   // keys of warned met in this run
 }
 
 // New checks cfg against the kernel: --ipv4-big-tcp=on on a kernel
@@ -135,6 +145,23 @@ func (r *Reconciler) Endpoint(key string) *api.EndpointBigTCP {
 // run. The error is for what could not be read at all (and is in the
 // status too).
 func (r *Reconciler) Sync(in Input) error {
+	full := time.Since(r.fullAt) >= reconcile.ResyncInterval
+	extKey := fmt.Sprint(in.NodeAddrs, in.NodeIPs, in.WireGuard)
+	devices := full || extKey != r.extKey || r.extErr != nil || r.ext == nil
+	if !devices && in.EndpointsGen != 0 && in.EndpointsGen == r.gen && r.lastErr == nil {
+		return nil // nothing changed
+	}
+	err := r.sync(in, full, devices)
+	r.gen, r.extKey, r.lastErr = in.EndpointsGen, extKey, err
+	if full {
+		r.fullAt = time.Now()
+	}
+	return err
+}
+
+// sync is one run: the external devices when devices is set, the pod
+// veths that are new or plumbed anew (all of them when full).
+func (r *Reconciler) sync(in Input, full, devices bool) error {
 	st := r.baseStatus()
 	clear(r.seen)
 	defer func() {
@@ -147,10 +174,8 @@ func (r *Reconciler) Sync(in Input) error {
 	var errs []error
 
 	// The node's external devices, each once (with all its roles): found
-	// again only when they may have changed (Input.Devices, Full, a
-	// failure), since finding them dumps the node's routes, which hold a
-	// route per pod.
-	if in.Full || in.Devices || r.extErr != nil || r.ext == nil {
+	// again only when they may have changed.
+	if devices {
 		r.ext, r.extErr = r.externalDevices(in)
 	} else {
 		for _, d := range r.ext { // keep their warnings alive
@@ -169,7 +194,7 @@ func (r *Reconciler) Sync(in Input) error {
 	done := make(map[string]epDone, len(in.Endpoints))
 	for _, e := range in.Endpoints {
 		d, ok := r.done[e.Key()]
-		if !ok || in.Full || d.err != nil || d.plumbing != plumbingOf(e) {
+		if !ok || full || d.err != nil || d.plumbing != plumbingOf(e) {
 			d.plumbing = plumbingOf(e)
 			d.eb, d.devs, d.err = r.endpoint(e)
 		} else {

@@ -18,7 +18,6 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/internal/oneline"
-	"github.com/isthmus-mesh/isthmus/agent/meshsync"
 	"github.com/isthmus-mesh/isthmus/agent/policy"
 	"github.com/isthmus-mesh/isthmus/agent/reconcile"
 	"github.com/isthmus-mesh/isthmus/agent/service"
@@ -104,9 +103,9 @@ type Reconciler struct {
 	polShadow map[bpf.PolicyKey]struct{}      // nil: list the map
 	svcShadow map[bpf.Frontend][]bpf.Backend  // nil: list the map
 
-	// The inputs the policy (with the endpoints map) and the services were
-	// last applied for; the zero value never matches.
-	polApplied, svcApplied inputs
+	// The inputs the policy (with the endpoints map) was last applied
+	// for; the zero value never matches.
+	polApplied policyInputs
 
 	// The services: resolved incrementally; svcEPIn and svcEPGen identify
 	// the endpoints last given to the resolver; svcReady the mesh's
@@ -117,13 +116,11 @@ type Reconciler struct {
 	svcReady bool
 }
 
-// inputs identifies what a step derived its entries from.
-type inputs struct {
-	valid              bool
-	endpoints, objects uint64
-	mesh               meshsync.Versions
-	ready              bool
-	cluster, nodeIPs   string
+// policyInputs identifies what policy and the endpoints map derive from.
+type policyInputs struct {
+	endpoints, objects, identities, listed uint64
+	ready                                  bool
+	cluster                                string
 }
 
 // OnBackgroundWork sets what the Reconciler calls when work it did in the
@@ -193,17 +190,12 @@ func (r *Reconciler) Sync(s desired.State) (Result, error) {
 	if err := r.syncIPCache(s, &res); err != nil {
 		return res, err
 	}
-	in := inputs{valid: true, endpoints: s.EndpointsGen, objects: s.ObjectsGen, ready: s.Mesh.Ready,
-		cluster: s.Cluster, nodeIPs: fmt.Sprint(s.Mesh.NodeIPs)}
-	if s.EndpointsGen == 0 || s.ObjectsGen == 0 {
-		in.valid = false // unknown generations: always apply
-	}
 	// 2.-4. Policy, endpoints: they depend on the objects, the endpoints
-	// and the identities.
-	polIn := in
-	polIn.mesh = meshsync.Versions{Identities: s.Mesh.View.Versions.Identities, Listed: s.Mesh.View.Versions.Listed}
-	if !polIn.valid || polIn != r.polApplied || r.epShadow == nil || r.polShadow == nil {
-		r.polApplied = inputs{}
+	// and the identities (unknown generations, 0: always applied).
+	polIn := policyInputs{endpoints: s.EndpointsGen, objects: s.ObjectsGen, identities: s.Mesh.View.Versions.Identities,
+		listed: s.Mesh.View.Versions.Listed, ready: s.Mesh.Ready, cluster: s.Cluster}
+	if s.EndpointsGen == 0 || s.ObjectsGen == 0 || polIn != r.polApplied || r.epShadow == nil || r.polShadow == nil {
+		r.polApplied = policyInputs{}
 		before := len(res.Errs)
 		if err := r.syncPolicy(s, &res); err != nil {
 			return res, oneline.Join(append(res.Errs, err)...)
@@ -212,19 +204,10 @@ func (r *Reconciler) Sync(s desired.State) (Result, error) {
 			r.polApplied = polIn
 		}
 	}
-	// 5. Services: the objects, the endpoints (local, the own cluster's,
-	// other clusters' services).
-	svcIn := in
-	svcIn.mesh = s.Mesh.View.Versions
-	if !svcIn.valid || svcIn != r.svcApplied || r.svcShadow == nil {
-		r.svcApplied = inputs{}
-		before := len(res.Errs)
-		if err := r.syncServices(s, &res); err != nil {
-			return res, oneline.Join(append(res.Errs, err)...)
-		}
-		if len(res.Errs) == before {
-			r.svcApplied = svcIn
-		}
+	// 5. Services: the Resolver takes only what changed, and the
+	// frontends it touched are written.
+	if err := r.syncServices(s, &res); err != nil {
+		return res, oneline.Join(append(res.Errs, err)...)
 	}
 	return res, nil
 }

@@ -163,12 +163,19 @@ func TestRebuildWithoutRawValues(t *testing.T) {
 	if n := len(tables.IPCache()); n != 3 || rawIPs() != 0 {
 		t.Fatalf("ID 2: %d entries in use, %d raw values kept; want 3, 0", n, rawIPs())
 	}
+	// One more once the ID is known: not kept raw either.
+	k, v := ipRecord("c2", 2<<20|1, "198.51.100.1", "10.2.1.9")
+	ck, _ := records.CacheKey(k, "c2")
+	handle(records.CacheRoot, ck, v)
+	if n := len(tables.IPCache()); n != 4 || rawIPs() != 0 {
+		t.Fatalf("a fourth entry: %d entries in use, %d raw values kept; want 4, 0", n, rawIPs())
+	}
 	config(3) // the identities carry ID 2: refused now, kept raw to be judged again
-	if n := len(tables.IPCache()); n != 0 || rawIPs() != 3 {
+	if n := len(tables.IPCache()); n != 0 || rawIPs() != 4 {
 		t.Fatalf("ID 3: %d entries in use, %d raw", n, rawIPs())
 	}
 	config(2)
-	if n := len(tables.IPCache()); n != 3 || rawIPs() != 0 {
+	if n := len(tables.IPCache()); n != 4 || rawIPs() != 0 {
 		t.Fatalf("ID 2 again: %d entries in use, %d raw", n, rawIPs())
 	}
 }

@@ -204,7 +204,6 @@ func (t *Tables) handle(prefix string, ev kvstore.Event) bool {
 		err = t.clusterConfig(ev.Key, ev.Value, del)
 	case prefix == ConfigPrefix:
 		err = t.object(ev.Key, ev.Value, del)
-		t.vers.Objects++
 	case prefix == records.SyncedPrefix:
 		err = t.canary(ev.Key, ev.Value, del)
 	case prefix == records.CacheRoot:
@@ -746,7 +745,7 @@ func (t *Tables) usable(c *cluster, k records.Kind) bool {
 // reader can tell what changed since it last looked: equal versions, same
 // content.
 type Versions struct {
-	Nodes, Identities, Services, Config, Objects uint64
+	Nodes, Identities, Services, Config uint64
 	// OwnIPs counts changes of the own cluster's ipcache entries (services
 	// select the own cluster's endpoints among them).
 	OwnIPs uint64

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"reflect"
 	"slices"
+	"strings"
 
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
@@ -178,7 +179,7 @@ func (r *Resolver) diffRemote(remote []records.ServiceRecord, affected map[strin
 		}
 	}
 	for _, recs := range next {
-		slices.SortFunc(recs, func(a, b records.ServiceRecord) int { return compareStrings(a.Cluster, b.Cluster) })
+		slices.SortFunc(recs, func(a, b records.ServiceRecord) int { return strings.Compare(a.Cluster, b.Cluster) })
 	}
 	for _, name := range unionKeys(r.remote, next) {
 		if !reflect.DeepEqual(r.remote[name], next[name]) {
@@ -339,14 +340,4 @@ func unionKeys[V any](a, b map[string]V) []string {
 		}
 	}
 	return out
-}
-
-func compareStrings(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
