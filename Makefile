@@ -15,7 +15,7 @@ DEB_PACKAGES := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iperf3 \
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build generate test bench lint deps clean demo lab lab-down
+.PHONY: all build generate test bench lint deps clean demo lab lab-down kube-binaries
 
 all: build
 
@@ -91,3 +91,8 @@ deps:
 
 clean:
 	rm -rf $(BIN)
+
+# The Kubernetes binaries Kubernetes mode is tested with, built once from the
+# module proxy into bin/kubernetes/<version>/ (scripts/kube-binaries.sh).
+kube-binaries:
+	scripts/kube-binaries.sh
