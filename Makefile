@@ -11,7 +11,7 @@ STATICCHECK_VERSION ?= v0.8.2
 DEB_PACKAGES := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iperf3 \
 	tcpdump iptables nftables ethtool netcat-openbsd util-linux procps \
 	iputils-ping iputils-arping jq python3 git make etcd-client etcd-server \
-	wireguard-tools wireguard-go curl
+	wireguard-tools wireguard-go curl containerd runc containernetworking-plugins
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
