@@ -46,6 +46,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/encryption"
 	"github.com/isthmus-mesh/isthmus/agent/internal/oneline"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
+	"github.com/isthmus-mesh/isthmus/agent/kube"
 	"github.com/isthmus-mesh/isthmus/agent/localapi"
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
 	"github.com/isthmus-mesh/isthmus/agent/metrics"
@@ -80,6 +81,7 @@ type Agent struct {
 	detectNodeIPs func() ([]netip.Addr, error)
 
 	mesh *clustermode.Mesh // the etcd source; nil in standalone mode
+	kube *kube.Source      // the API server's source; nil outside Kubernetes mode
 
 	// Reconcilers, set in Run before the first reconcile.
 	dp     datapath.Datapath
@@ -148,6 +150,13 @@ func New(cfg Config) (*Agent, error) {
 			return nil, err
 		}
 		a.ids = ids
+	}
+	if cfg.Kube != nil {
+		a.kube = cfg.Kube
+		a.kube.OnChange(func() { a.rec.Request() })
+		if err := a.kube.Load(); err != nil {
+			return nil, err
+		}
 	}
 	objs, err := desired.LoadObjects(store)
 	if err != nil {
@@ -238,6 +247,13 @@ func (a *Agent) Run(ctx context.Context) error {
 		})
 	})
 	wg.Go(func() { ms.Serve(ctx, a.log) })
+	if a.kube != nil {
+		wg.Go(func() {
+			if err := a.kube.Run(ctx); err != nil && ctx.Err() == nil {
+				cancel(fmt.Errorf("kubernetes: %w", err))
+			}
+		})
+	}
 	if a.mesh != nil {
 		// etcd is one more source of desired state; the datapath already
 		// serves from local state while it connects.
@@ -344,6 +360,12 @@ func (a *Agent) objects() desired.Objects {
 // objectsGen is objects with a generation that tells the two sources
 // apart (odd: etcd's, even: the local table's).
 func (a *Agent) objectsGen() (desired.Objects, uint64) {
+	if a.kube != nil {
+		// Kubernetes mode: the API server's objects (the last synced
+		// ones, persisted, until the informers have listed).
+		objs, gen := a.kube.Objects()
+		return objs, 2*gen + 1
+	}
 	if objs, gen, ok := a.mesh.ObjectsGen(); ok {
 		return objs, 2*gen + 1
 	}

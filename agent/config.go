@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -11,6 +12,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/clustermode"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/encryption"
+	"github.com/isthmus-mesh/isthmus/agent/kube"
 	"github.com/isthmus-mesh/isthmus/agent/metrics"
 	"github.com/isthmus-mesh/isthmus/agent/routes"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
@@ -76,6 +78,15 @@ type Config struct {
 	// BigTCP sets GSO/GRO sizes beyond 64 KiB (agent/bigtcp); the zero
 	// value is auto for both families at bigtcp.DefaultSize.
 	BigTCP bigtcp.Config
+
+	// Kubernetes mode (agent/kube), which needs cluster mode: pods come
+	// from the CNI plugin, their labels, the Services and the
+	// NetworkPolicies from the API server. Kubeconfig "" means the pod's
+	// service account. PrepareKubernetes connects and fills Kube (and the
+	// pod CIDRs and node IPs the Node object gives, when not set).
+	Kubernetes bool
+	Kubeconfig string
+	Kube       *kube.Source
 }
 
 // ClusterMode reports whether the agent works with its cluster's etcd.
@@ -84,6 +95,37 @@ func (c Config) ClusterMode() bool { return len(c.KVStoreEndpoints) > 0 }
 // PinDir is where the node's datapath is pinned.
 func (c Config) PinDir() string {
 	return filepath.Join(c.BPFFSRoot, "isthmus", c.NodeName)
+}
+
+// KubernetesStateFile is where Kubernetes mode keeps the last synced
+// objects.
+func (c Config) KubernetesStateFile() string {
+	return filepath.Join(c.StateDir, "kubernetes-objects.json")
+}
+
+// PrepareKubernetes connects to the API server and waits until the Node
+// object of NodeName has pod CIDRs; the pod CIDRs and node IPs not given
+// by flags come from it. It sets Kube.
+func (c *Config) PrepareKubernetes(ctx context.Context) error {
+	if !c.Kubernetes {
+		return nil
+	}
+	src, err := kube.New(kube.Config{Kubeconfig: c.Kubeconfig, NodeName: c.NodeName, StateFile: c.KubernetesStateFile()})
+	if err != nil {
+		return err
+	}
+	n, err := src.WaitNode(ctx)
+	if err != nil {
+		return err
+	}
+	if len(c.PodCIDRs) == 0 {
+		c.PodCIDRs = n.PodCIDRs
+	}
+	if len(c.NodeIPs) == 0 {
+		c.NodeIPs = n.IPs
+	}
+	c.Kube = src
+	return nil
 }
 
 func (c Config) encrypted() bool { return c.Encryption == EncryptionWireGuard }
@@ -112,6 +154,12 @@ func (c Config) validate() error {
 		errs = append(errs, err)
 	}
 	errs = append(errs, encryption.Validate(c.Encryption, c.NodeEncryption, c.ClusterMode(), c.WireGuardPort)...)
+	if c.Kubernetes && !c.ClusterMode() {
+		errs = append(errs, errors.New("Kubernetes mode needs cluster mode (--kvstore-endpoints): identities are allocated in the cluster's etcd"))
+	}
+	if c.Kubernetes && c.Kube == nil {
+		errs = append(errs, errors.New("Kubernetes mode: not connected to the API server (call PrepareKubernetes)"))
+	}
 	if c.ClusterMode() {
 		errs = append(errs, clustermode.Validate(c.KVStoreEndpoints, c.KVStoreBundle, c.NodeIPs, c.LeaseTTL)...)
 	} else if c.KVStoreBundle != "" || len(c.NodeIPs) > 0 {

@@ -54,7 +54,29 @@ type ClusterOptions struct {
 	Encryption string
 	// NodeEncryption also encrypts node-to-node traffic (with Encryption).
 	NodeEncryption bool
+	// BeforeServer, when set, runs once the cluster's router is built and
+	// before its server starts, and returns more server flags: it is where
+	// a Kubernetes control plane starts (package lab/kube).
+	BeforeServer func(ctx context.Context, c *Cluster) ([]string, error)
+	// BeforeAgent, when set, runs once node j (from 1) is linked and before
+	// its agent starts, and returns more agent flags: it is where a
+	// Kubernetes node's containerd and kubelet start.
+	BeforeAgent func(ctx context.Context, c *Cluster, n *Node, j int) ([]string, error)
 }
+
+// Options returns the options the cluster was built with (defaults
+// filled in).
+func (c *Cluster) Options() ClusterOptions { return c.opts }
+
+// Lab returns the lab the cluster belongs to.
+func (c *Cluster) Lab() *Lab { return c.lab }
+
+// NodeIPs are node j's underlay addresses (IPv4, IPv6).
+func (c *Cluster) NodeIPs(j int) []netip.Addr { return []netip.Addr{c.underlay4(10 + j), c.underlay6(10 + j)} }
+
+// RouterIPs are the router's addresses on the cluster's bridge (IPv4,
+// IPv6): the nodes' gateway, and where the server listens.
+func (c *Cluster) RouterIPs() []netip.Addr { return []netip.Addr{c.underlay4(1), c.underlay6(1)} }
 
 // Cluster is one cluster of a lab mesh.
 type Cluster struct {
@@ -236,6 +258,13 @@ func (l *Lab) AddCluster(ctx context.Context, index int, opts ClusterOptions) (*
 			return nil, err
 		}
 	}
+	if opts.BeforeServer != nil {
+		args, err := opts.BeforeServer(ctx, c)
+		if err != nil {
+			return nil, err
+		}
+		c.opts.ServerArgs = append(c.opts.ServerArgs, args...)
+	}
 	if err := c.StartServer(ctx); err != nil {
 		return nil, err
 	}
@@ -364,6 +393,13 @@ func (c *Cluster) AddNode(ctx context.Context) (*Node, *Agent, error) {
 		if c.opts.NodeEncryption {
 			args = append(args, "--node-encryption")
 		}
+	}
+	if c.opts.BeforeAgent != nil {
+		more, err := c.opts.BeforeAgent(ctx, c, n, j)
+		if err != nil {
+			return nil, nil, err
+		}
+		args = append(args, more...)
 	}
 	a, err := n.StartAgent(ctx, AgentOptions{PodCIDRs: pods, ClusterName: c.Name, ClusterID: c.ID, Args: append(args, c.opts.AgentArgs...)})
 	if err != nil {

@@ -8,6 +8,10 @@
 package server
 
 import (
+	"k8s.io/client-go/rest"
+
+	"github.com/isthmus-mesh/isthmus/clustermesh/kubesync"
+
 	"cmp"
 	"context"
 	"encoding/json"
@@ -49,6 +53,10 @@ type Config struct {
 	// MetricsListen is an address (host:port) for GET /metrics, /healthz
 	// and /readyz; empty turns it off.
 	MetricsListen string
+	// Kubernetes, when set, is the API server of the cluster: its global
+	// Services (and ServiceExports) are the cluster's global services, and
+	// isthmus.io NetworkPolicies get their status (package kubesync).
+	Kubernetes *rest.Config
 }
 
 // APIServer is a running isthmus-clustermesh.
@@ -157,6 +165,17 @@ func Start(ctx context.Context, cfg Config) (*APIServer, error) {
 	})
 	if gc != nil {
 		a.wg.Go(func() { a.collectIdentities(bctx, gc, cfg.IdentityGCInterval, cfg.IdentityGCGrace) })
+	}
+	if cfg.Kubernetes != nil {
+		ks, err := kubesync.New(kubesync.Config{REST: cfg.Kubernetes, Cluster: local.Name, KV: srv.Client(), Log: a.log})
+		if err != nil {
+			return nil, err
+		}
+		a.wg.Go(func() {
+			if err := ks.Run(bctx); err != nil {
+				a.errc <- fmt.Errorf("kubernetes: %w", err)
+			}
+		})
 	}
 	ok = true
 	a.log.Info("isthmus-clustermesh running", "cacheTTL", mc.CacheTTL, "health", a.healthAddr, "metrics", a.MetricsAddr())

@@ -46,14 +46,18 @@ func runAgent(cfg agent.Config) error {
 		// the collector. GOGC in the environment overrides it.
 		debug.SetGCPercent(gcPercent)
 	}
-	a, err := agent.New(cfg)
-	if err != nil {
-		return err
-	}
 	// SIGTERM and SIGINT stop the agent gracefully; programs stay
 	// attached and maps pinned, so traffic keeps flowing.
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	// Kubernetes mode: the Node object gives the pod CIDRs (waited for).
+	if err := cfg.PrepareKubernetes(ctx); err != nil {
+		return err
+	}
+	a, err := agent.New(cfg)
+	if err != nil {
+		return err
+	}
 	return a.Run(ctx)
 }
 
@@ -78,6 +82,14 @@ the isthmus CLI on a unix socket.
 
 Maps and program links are pinned in bpffs, so pods keep their traffic while
 the agent is stopped or restarting; a restarted agent picks up where it left.
+
+With --kubernetes (or --kubeconfig) the agent is the networking plugin of a
+Kubernetes node: the isthmus-cni plugin asks it for pod interfaces, the
+pod's and its namespace's labels make the identity, and Services (ClusterIP,
+from EndpointSlices, so no kube-proxy is needed), Kubernetes NetworkPolicies
+and isthmus.io NetworkPolicies come from the API server. The node's pod
+CIDRs come from its Node object (spec.podCIDRs). Kubernetes mode runs in
+cluster mode: identities are mesh-wide, in the cluster's etcd.
 
 With --kvstore-endpoints the node joins its cluster (cluster mode): it
 publishes its node and endpoints to the cluster's etcd (leased), allocates
@@ -114,6 +126,12 @@ agent changes running pods without restarting them.
 			}
 			slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})))
 
+			if cfg.Kubeconfig != "" {
+				cfg.Kubernetes = true
+			}
+			if len(podCIDRs) == 0 && !cfg.Kubernetes {
+				return errors.New(`required flag(s) "pod-cidr" not set (in Kubernetes mode, --kubernetes, the Node object gives them)`)
+			}
 			for _, s := range podCIDRs {
 				p, err := parseCIDR(s)
 				if err != nil {
@@ -177,7 +195,8 @@ agent changes running pods without restarting them.
 	f.StringVar(&bigTCP6, "ipv6-big-tcp", string(bigtcp.Auto), "IPv6 BIG TCP (GSO/GRO beyond 64 KiB) on the external devices and pod veths: off, on, or auto (on where the kernel and each device support it)")
 	f.StringVar(&bigTCP4, "ipv4-big-tcp", string(bigtcp.Auto), "IPv4 BIG TCP (gso_ipv4_max_size, Linux >= 6.3): off, on (an error on an older kernel), or auto")
 	f.IntVar(&cfg.BigTCP.Size, "big-tcp-size", bigtcp.DefaultSize, "GSO/GRO size in bytes with BIG TCP, 65537-524288; each device gets at most its tso_max_size")
-	_ = cmd.MarkFlagRequired("pod-cidr")
+	f.BoolVar(&cfg.Kubernetes, "kubernetes", false, "Kubernetes mode (needs --kvstore-endpoints): pods come from the isthmus-cni plugin, their labels, Services, EndpointSlices and NetworkPolicies from the API server, the pod CIDRs and node IPs (unless given) from this node's Node object; with the pod's service account unless --kubeconfig")
+	f.StringVar(&cfg.Kubeconfig, "kubeconfig", "", "Kubernetes mode: kubeconfig file of the API server (implies --kubernetes); default: the in-cluster service account")
 	return cmd
 }
 

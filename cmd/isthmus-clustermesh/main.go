@@ -4,6 +4,8 @@
 package main
 
 import (
+	"github.com/isthmus-mesh/isthmus/k8s/kubeclient"
+
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -38,6 +40,8 @@ func main() {
 }
 
 type options struct {
+	kubernetes         bool
+	kubeconfig         string
 	cluster            string
 	clusterID          uint32
 	podCIDRs           []string
@@ -138,6 +142,8 @@ SIGTERM or SIGINT stops it cleanly.`,
 	f.StringVar(&o.metricsAddr, "metrics-addr", server.DefaultMetricsListen, `serve GET /metrics (Prometheus), /healthz and /readyz over plain HTTP on this host:port; "" turns it off`)
 	f.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	f.BoolVar(&o.kubernetes, "kubernetes", false, "the cluster runs Kubernetes: its global Services (annotated isthmus.io/global, or with a ServiceExport) come from the API server, and isthmus.io NetworkPolicies get their status; with the pod's service account unless --kubeconfig")
+	f.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig of the cluster's API server (implies --kubernetes)")
 	return cmd
 }
 
@@ -170,6 +176,11 @@ func (o *options) config() (server.Config, error) {
 	}
 	if o.identityGCGrace < 0 {
 		return cfg, fmt.Errorf("--identity-gc-grace %s: want 0 or a positive duration", o.identityGCGrace)
+	}
+	if o.kubeconfig != "" || o.kubernetes {
+		if cfg.Kubernetes, err = kubeclient.RESTConfig(o.kubeconfig); err != nil {
+			return cfg, err
+		}
 	}
 	sc := &cfg.Server
 	sc.ClusterName, sc.ClusterID, sc.Logger = o.cluster, o.clusterID, log

@@ -1,0 +1,564 @@
+// Package kube is the agent's Kubernetes source (Kubernetes mode): shared
+// informers on the API server feed the same desired state that the local
+// API feeds in standalone mode.
+//
+//	Node (own, by name)            → the node's pod CIDRs and addresses (at start)
+//	Pod (own node, field selector) → the labels of an endpoint at CNI ADD,
+//	+ Namespace                       and which endpoints lost their pod
+//	Service + EndpointSlice        → Services served by the eBPF datapath
+//	networking.k8s.io NetworkPolicy→ policies with Kubernetes semantics
+//	isthmus.io NetworkPolicy (CRD) → policies with Isthmus semantics
+//
+// Objects are translated by package k8s/translate, one object per event:
+// a change costs the object it touches, and the result is handed to the
+// reconciler as a new snapshot (desired.Objects) with a generation. An
+// object that cannot be translated is left out, logged once per version
+// and counted; everything else keeps working. Its status (a False
+// condition on the CRD, an Event on a Kubernetes NetworkPolicy) is written
+// once per cluster by the clustermesh server, not by every agent.
+package kube
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"reflect"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/dynamic/dynamicinformer"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/isthmus-mesh/isthmus/agent/desired"
+	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
+	"github.com/isthmus-mesh/isthmus/k8s/apis/v1alpha1"
+	"github.com/isthmus-mesh/isthmus/k8s/kubeclient"
+	"github.com/isthmus-mesh/isthmus/k8s/translate"
+)
+
+// Config configures the source.
+type Config struct {
+	// Kubeconfig is the path of a kubeconfig; "" uses the in-cluster
+	// credentials (the pod's service account).
+	Kubeconfig string
+	// NodeName is this node's Kubernetes node name.
+	NodeName string
+	Log      *slog.Logger
+	// StateFile keeps the last synced objects, so a restarted agent serves
+	// them until its informers have listed again ("" keeps nothing).
+	StateFile string
+}
+
+// NetworkPolicyGVR is the Isthmus NetworkPolicy CRD.
+var NetworkPolicyGVR = v1alpha1.GroupVersion.WithResource("networkpolicies")
+
+// Source watches the API server.
+type Source struct {
+	cfg     Config
+	log     *slog.Logger
+	client  kubernetes.Interface
+	dynamic dynamic.Interface
+
+	cluster informers.SharedInformerFactory // namespaces, services, slices, policies
+	pods    informers.SharedInformerFactory // this node's pods
+	crds    dynamicinformer.DynamicSharedInformerFactory
+
+	podLister cache.Indexer
+	nsLister  cache.Indexer
+	svcLister cache.Indexer
+	slices    cache.Indexer // by service
+
+	mu      sync.Mutex // serialises object updates
+	objs    map[string]objects.Object
+	refused map[string]string // key -> resource version logged as refused
+	snap    atomic.Pointer[snapshot]
+	synced  atomic.Bool
+
+	translated, refusals atomic.Uint64
+	changed              atomic.Value // func(): objects changed
+	save                 chan struct{}
+}
+
+// OnChange sets what is called after the objects changed (the agent asks
+// for a reconcile run).
+func (s *Source) OnChange(f func()) { s.changed.Store(f) }
+
+func (s *Source) notify() { s.changed.Load().(func())() }
+
+type snapshot struct {
+	objs desired.Objects
+	gen  uint64
+}
+
+// New connects to the API server (nothing is listed until Run).
+func New(cfg Config) (*Source, error) {
+	rc, err := kubeclient.RESTConfig(cfg.Kubeconfig)
+	if err != nil {
+		return nil, err
+	}
+	rc.UserAgent = "isthmus-agent/" + cfg.NodeName
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes: %w", err)
+	}
+	dyn, err := dynamic.NewForConfig(rc)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes: %w", err)
+	}
+	return NewWithClients(cfg, client, dyn), nil
+}
+
+// NewWithClients is New with given clients.
+func NewWithClients(cfg Config, client kubernetes.Interface, dyn dynamic.Interface) *Source {
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	s := &Source{cfg: cfg, log: cfg.Log.With("source", "kubernetes"), client: client, dynamic: dyn,
+		objs: map[string]objects.Object{}, refused: map[string]string{}}
+	s.snap.Store(&snapshot{objs: desired.Objects{}})
+	s.changed.Store(func() {})
+	s.cluster = informers.NewSharedInformerFactory(client, 0)
+	s.pods = informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", cfg.NodeName).String()
+	}))
+	s.crds = dynamicinformer.NewDynamicSharedInformerFactory(dyn, 0)
+	return s
+}
+
+// Client is the typed client (for callers that write to the API).
+func (s *Source) Client() kubernetes.Interface { return s.client }
+
+// Node is what the API says about this node.
+type Node struct {
+	PodCIDRs []netip.Prefix
+	IPs      []netip.Addr // InternalIP addresses
+}
+
+// WaitNode returns the node's pod CIDRs and addresses once the Node
+// object has pod CIDRs (assigned by kube-controller-manager's node IPAM,
+// or by whatever allocates them), retrying with backoff until ctx ends.
+func (s *Source) WaitNode(ctx context.Context) (Node, error) {
+	delay := 200 * time.Millisecond
+	var last error
+	for {
+		n, err := s.client.CoreV1().Nodes().Get(ctx, s.cfg.NodeName, metav1.GetOptions{})
+		switch {
+		case err == nil:
+			var info Node
+			info, err = nodeInfo(n)
+			if err == nil {
+				return info, nil
+			}
+		case apierrors.IsNotFound(err):
+			err = fmt.Errorf("node %q is not registered yet (is its kubelet running?)", s.cfg.NodeName)
+		}
+		if last == nil || err.Error() != last.Error() {
+			s.log.Info("waiting for the node's pod CIDRs", "node", s.cfg.NodeName, "reason", err)
+		}
+		last = err
+		select {
+		case <-ctx.Done():
+			return Node{}, fmt.Errorf("kubernetes: node %s: %w (last: %v)", s.cfg.NodeName, ctx.Err(), last)
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 5*time.Second)
+	}
+}
+
+func nodeInfo(n *corev1.Node) (Node, error) {
+	var info Node
+	cidrs := n.Spec.PodCIDRs
+	if len(cidrs) == 0 && n.Spec.PodCIDR != "" {
+		cidrs = []string{n.Spec.PodCIDR}
+	}
+	if len(cidrs) == 0 {
+		return info, fmt.Errorf("node %q has no spec.podCIDRs yet (kube-controller-manager --allocate-node-cidrs assigns them)", n.Name)
+	}
+	for _, c := range cidrs {
+		p, err := netip.ParsePrefix(c)
+		if err != nil {
+			return info, fmt.Errorf("node %q: spec.podCIDRs %q: %w", n.Name, c, err)
+		}
+		info.PodCIDRs = append(info.PodCIDRs, p.Masked())
+	}
+	for _, a := range n.Status.Addresses {
+		if a.Type != corev1.NodeInternalIP {
+			continue
+		}
+		if ip, err := netip.ParseAddr(a.Address); err == nil {
+			info.IPs = append(info.IPs, ip)
+		}
+	}
+	return info, nil
+}
+
+// Run starts the informers and keeps the objects current until ctx ends.
+// Synced reports when every informer has listed once.
+func (s *Source) Run(ctx context.Context) error {
+	podInf := s.pods.Core().V1().Pods().Informer()
+	nsInf := s.cluster.Core().V1().Namespaces().Informer()
+	svcInf := s.cluster.Core().V1().Services().Informer()
+	sliceInf := s.cluster.Discovery().V1().EndpointSlices().Informer()
+	npInf := s.cluster.Networking().V1().NetworkPolicies().Informer()
+	if err := sliceInf.AddIndexers(cache.Indexers{byService: sliceService}); err != nil {
+		return err
+	}
+	s.podLister, s.nsLister, s.svcLister, s.slices = podInf.GetIndexer(), nsInf.GetIndexer(), svcInf.GetIndexer(), sliceInf.GetIndexer()
+
+	handle := func(f func(obj any)) cache.ResourceEventHandlerFuncs {
+		return cache.ResourceEventHandlerFuncs{
+			AddFunc:    f,
+			UpdateFunc: func(_, obj any) { f(obj) },
+			DeleteFunc: func(obj any) {
+				if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+					obj = d.Obj
+				}
+				f(obj)
+			},
+		}
+	}
+	for _, reg := range []struct {
+		inf cache.SharedIndexInformer
+		f   func(any)
+	}{
+		{svcInf, func(o any) { s.serviceChanged(metaKey(o)) }},
+		{sliceInf, func(o any) {
+			if sl, ok := o.(*discoveryv1.EndpointSlice); ok {
+				if name := sl.Labels[discoveryv1.LabelServiceName]; name != "" {
+					s.serviceChanged(types.NamespacedName{Namespace: sl.Namespace, Name: name})
+				}
+			}
+		}},
+		{npInf, func(o any) { s.k8sPolicyChanged(metaKey(o)) }},
+	} {
+		if _, err := reg.inf.AddEventHandler(handle(reg.f)); err != nil {
+			return err
+		}
+	}
+	s.pods.Start(ctx.Done())
+	s.cluster.Start(ctx.Done())
+
+	// The CRD: only once the API serves it (it is installed with the
+	// chart; an agent started before it waits for it).
+	crdSynced := s.startCRDInformer(ctx)
+
+	if !cache.WaitForCacheSync(ctx.Done(), podInf.HasSynced, nsInf.HasSynced, svcInf.HasSynced, sliceInf.HasSynced, npInf.HasSynced) {
+		return ctx.Err()
+	}
+	select {
+	case <-crdSynced:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if s.cfg.StateFile != "" {
+		s.save = make(chan struct{}, 1)
+		go s.saveLoop(ctx)
+	}
+	s.mu.Lock()
+	s.synced.Store(true)
+	s.publishLocked()
+	s.mu.Unlock()
+	s.log.Info("kubernetes informers synced", "pods", len(s.podLister.ListKeys()), "services", len(s.svcLister.ListKeys()),
+		"objects", len(s.objs))
+	<-ctx.Done()
+	s.pods.Shutdown()
+	s.cluster.Shutdown()
+	s.crds.Shutdown()
+	return nil
+}
+
+// startCRDInformer waits (in the background) until the API serves the
+// Isthmus NetworkPolicy kind, then starts its informer; the channel is
+// closed once it has listed.
+func (s *Source) startCRDInformer(ctx context.Context) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		closed := false
+		finish := func() {
+			if !closed {
+				closed = true
+				close(done)
+			}
+		}
+		defer finish()
+		delay := 500 * time.Millisecond
+		warned := false
+		for {
+			_, err := s.client.Discovery().ServerResourcesForGroupVersion(v1alpha1.GroupVersion.String())
+			if err == nil {
+				break
+			}
+			if !warned {
+				s.log.Warn("the Isthmus CRDs are not installed yet; isthmus.io NetworkPolicies wait for them (other sources work)", "err", err)
+				warned = true
+				// Not installed: the other kinds need not wait for it.
+				finish()
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(delay):
+			}
+			delay = min(2*delay, 10*time.Second)
+		}
+		inf := s.crds.ForResource(NetworkPolicyGVR).Informer()
+		if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc:    func(o any) { s.crdPolicyChanged(o, false) },
+			UpdateFunc: func(_, o any) { s.crdPolicyChanged(o, false) },
+			DeleteFunc: func(o any) {
+				if d, ok := o.(cache.DeletedFinalStateUnknown); ok {
+					o = d.Obj
+				}
+				s.crdPolicyChanged(o, true)
+			},
+		}); err != nil {
+			s.log.Error("isthmus.io NetworkPolicy informer", "err", err)
+			return
+		}
+		s.crds.Start(ctx.Done())
+		cache.WaitForCacheSync(ctx.Done(), inf.HasSynced)
+	}()
+	return done
+}
+
+// Synced reports whether every informer has listed once.
+func (s *Source) Synced() bool { return s.synced.Load() }
+
+// Objects returns the translated Services and NetworkPolicies and their
+// generation (bumped by every change).
+func (s *Source) Objects() (desired.Objects, uint64) {
+	p := s.snap.Load()
+	return p.objs, p.gen
+}
+
+// Stats counts translations and refusals since start.
+func (s *Source) Stats() (translated, refused uint64) { return s.translated.Load(), s.refusals.Load() }
+
+const byService = "service"
+
+func sliceService(obj any) ([]string, error) {
+	sl, ok := obj.(*discoveryv1.EndpointSlice)
+	if !ok {
+		return nil, nil
+	}
+	name := sl.Labels[discoveryv1.LabelServiceName]
+	if name == "" {
+		return nil, nil
+	}
+	return []string{sl.Namespace + "/" + name}, nil
+}
+
+func metaKey(o any) types.NamespacedName {
+	m, err := metaAccessor(o)
+	if err != nil {
+		return types.NamespacedName{}
+	}
+	return types.NamespacedName{Namespace: m.GetNamespace(), Name: m.GetName()}
+}
+
+func metaAccessor(o any) (metav1.Object, error) {
+	if m, ok := o.(metav1.Object); ok {
+		return m, nil
+	}
+	return nil, errors.New("not an object")
+}
+
+// Keys of the objects map: the two NetworkPolicy kinds share a namespace
+// and names, so their keys say which API they came from.
+func serviceKey(n types.NamespacedName) string { return "Service/" + n.Namespace + "/" + n.Name }
+func k8sPolicyKey(n types.NamespacedName) string {
+	return "NetworkPolicy/k8s/" + n.Namespace + "/" + n.Name
+}
+func crdPolicyKey(n types.NamespacedName) string {
+	return "NetworkPolicy/isthmus/" + n.Namespace + "/" + n.Name
+}
+
+func (s *Source) serviceChanged(n types.NamespacedName) {
+	if n.Name == "" {
+		return
+	}
+	key := serviceKey(n)
+	obj, exists, err := s.svcLister.GetByKey(n.Namespace + "/" + n.Name)
+	if err != nil || !exists {
+		s.set(key, nil, "", nil)
+		return
+	}
+	svc := obj.(*corev1.Service)
+	var slices []*discoveryv1.EndpointSlice
+	items, _ := s.slices.ByIndex(byService, n.Namespace+"/"+n.Name)
+	for _, it := range items {
+		slices = append(slices, it.(*discoveryv1.EndpointSlice))
+	}
+	out, served, err := translate.Service(svc, slices)
+	if err != nil || !served {
+		s.set(key, nil, svc.ResourceVersion, err)
+		return
+	}
+	s.set(key, &out, "", nil)
+}
+
+func (s *Source) k8sPolicyChanged(n types.NamespacedName) {
+	if n.Name == "" {
+		return
+	}
+	key := k8sPolicyKey(n)
+	obj, exists, err := s.cluster.Networking().V1().NetworkPolicies().Informer().GetIndexer().GetByKey(n.Namespace + "/" + n.Name)
+	if err != nil || !exists {
+		s.set(key, nil, "", nil)
+		return
+	}
+	np := obj.(*networkingv1.NetworkPolicy)
+	out, err := translate.NetworkPolicy(np)
+	if err != nil {
+		s.set(key, nil, np.ResourceVersion, err)
+		return
+	}
+	s.set(key, &out, "", nil)
+}
+
+func (s *Source) crdPolicyChanged(o any, deleted bool) {
+	u, ok := o.(*unstructured.Unstructured)
+	if !ok {
+		return
+	}
+	key := crdPolicyKey(types.NamespacedName{Namespace: u.GetNamespace(), Name: u.GetName()})
+	if deleted {
+		s.set(key, nil, "", nil)
+		return
+	}
+	out, err := CRDPolicy(u)
+	if err != nil {
+		s.set(key, nil, u.GetResourceVersion(), err)
+		return
+	}
+	s.set(key, &out, "", nil)
+}
+
+// CRDPolicy converts an isthmus.io NetworkPolicy read through the dynamic
+// client into the Isthmus kind, validated.
+func CRDPolicy(u *unstructured.Unstructured) (objects.NetworkPolicy, error) {
+	var np v1alpha1.NetworkPolicy
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, &np); err != nil {
+		return objects.NetworkPolicy{}, fmt.Errorf("decode: %w", err)
+	}
+	return np.ToObject()
+}
+
+// set replaces (obj != nil) or removes one object and publishes a new
+// snapshot when that changed anything. A refusal (err != nil) removes the
+// object: what cannot be enforced as written is not enforced half.
+func (s *Source) set(key string, obj objects.Object, version string, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err != nil {
+		s.refusals.Add(1)
+		if s.refused[key] != version {
+			s.refused[key] = version
+			s.log.Warn("kubernetes object refused; left out of the datapath", "object", key, "err", err)
+		}
+	} else {
+		delete(s.refused, key)
+	}
+	old, had := s.objs[key]
+	if obj == nil {
+		if !had {
+			return
+		}
+		delete(s.objs, key)
+	} else {
+		if had && reflect.DeepEqual(old, obj) {
+			return
+		}
+		s.objs[key] = obj
+		s.translated.Add(1)
+	}
+	if s.synced.Load() {
+		s.publishLocked()
+	}
+}
+
+// publishLocked hands the objects to the reconciler as a new snapshot.
+// Until the informers have listed everything once, nothing is published:
+// a Service seen before its EndpointSlices would lose its backends for a
+// moment. The snapshot persisted by the previous run serves until then.
+func (s *Source) publishLocked() {
+	prev := s.snap.Load()
+	s.snap.Store(&snapshot{objs: maps.Clone(desired.Objects(s.objs)), gen: prev.gen + 1})
+	s.notify()
+	if s.save != nil {
+		select {
+		case s.save <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Pod is one of this node's pods as the API lists it.
+type Pod struct {
+	Namespace, Name string
+	UID             string
+}
+
+// LabelsFor returns the identity labels of a pod of this node: its labels
+// and its namespace's (under translate.NamespaceLabelKey). A pod the
+// informer has not seen yet is waited for briefly (the kubelet runs CNI
+// ADD right after the pod was bound, so the watch is normally ahead); a
+// pod with another UID than uid (when given) is an error.
+func (s *Source) LabelsFor(ctx context.Context, namespace, name, uid string) (map[string]string, error) {
+	if s.podLister == nil {
+		return nil, errors.New("kubernetes source not started")
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	for {
+		obj, exists, err := s.podLister.GetByKey(namespace + "/" + name)
+		if err == nil && exists {
+			pod := obj.(*corev1.Pod)
+			if uid == "" || string(pod.UID) == uid {
+				var nsLabels map[string]string
+				if nsObj, ok, _ := s.nsLister.GetByKey(namespace); ok {
+					nsLabels = nsObj.(*corev1.Namespace).Labels
+				}
+				l, warnings := translate.PodLabels(pod.Labels, nsLabels)
+				for _, w := range warnings {
+					s.log.Warn("pod label left out of its identity", "pod", namespace+"/"+name, "reason", w)
+				}
+				return l, nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			if uid != "" {
+				return nil, fmt.Errorf("pod %s/%s (uid %s) is not known to this node's agent yet: %w", namespace, name, uid, ctx.Err())
+			}
+			return nil, fmt.Errorf("pod %s/%s is not known to this node's agent yet: %w", namespace, name, ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// Pods lists this node's pods (after Synced).
+func (s *Source) Pods() []Pod {
+	var out []Pod
+	for _, o := range s.podLister.List() {
+		p := o.(*corev1.Pod)
+		out = append(out, Pod{Namespace: p.Namespace, Name: p.Name, UID: string(p.UID)})
+	}
+	return out
+}

@@ -1,0 +1,31 @@
+// Package kubeclient loads the client configuration of the Kubernetes API
+// server for the agent and the clustermesh server alike.
+package kubeclient
+
+import (
+	"fmt"
+	"os"
+
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+)
+
+// RESTConfig loads a kubeconfig file, or the in-cluster service account
+// (the pod's token and CA, KUBERNETES_SERVICE_HOST/PORT) when path is "".
+func RESTConfig(path string) (*rest.Config, error) {
+	if path == "" {
+		c, err := rest.InClusterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("kubernetes: no --kubeconfig given and not running in a pod (%w)", err)
+		}
+		return c, nil
+	}
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("kubernetes: --kubeconfig: %w", err)
+	}
+	c, err := clientcmd.BuildConfigFromFlags("", path)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes: kubeconfig %s: %w", path, err)
+	}
+	return c, nil
+}
