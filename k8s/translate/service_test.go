@@ -197,9 +197,9 @@ func TestService(t *testing.T) {
 			svc: k8sService(func(s *corev1.Service) {
 				s.Spec.Ports[0].TargetPort = intstr.FromString("web")
 			}),
-			served: true,
-			slices: []*discoveryv1.EndpointSlice{slice("web-a", v4, []discoveryv1.EndpointPort{sport("metrics", 9100)}, ep{addrs: []string{"10.0.0.2"}})},
-			want:   base(func(s *objects.Service) { s.Spec.Ports[0].TargetPort = 0 }),
+			served:   true,
+			slices:   []*discoveryv1.EndpointSlice{slice("web-a", v4, []discoveryv1.EndpointPort{sport("metrics", 9100)}, ep{addrs: []string{"10.0.0.2"}})},
+			want:     base(func(s *objects.Service) { s.Spec.Ports[0].TargetPort = 0 }),
 			warnings: []string{`no EndpointSlice lists this port`},
 		},
 		{
