@@ -6,6 +6,7 @@ BIN                 := bin
 CMDS                := isthmus-agent isthmus-clustermesh isthmus
 TEST_TIMEOUT        ?= 20m
 STATICCHECK_VERSION ?= v0.8.2
+CONTROLLER_GEN_VERSION ?= v0.23.0
 
 # Every Debian package the project needs (build, datapath, tests, benchmarks).
 DEB_PACKAGES := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iperf3 \
@@ -15,7 +16,7 @@ DEB_PACKAGES := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iperf3 \
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build generate test bench lint deps clean demo lab lab-down kube-binaries
+.PHONY: all build generate test bench lint deps clean demo lab lab-down kube-binaries crds
 
 all: build
 
@@ -34,6 +35,12 @@ build:
 # Regenerates the bpf2go bindings and objects (needs clang).
 generate:
 	$(GO) generate ./bpf/...
+
+# Regenerates the deepcopy functions of k8s/apis and the CRD manifests in
+# k8s/crds (controller-gen from the module proxy, not in go.mod).
+crds:
+	$(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_GEN_VERSION) \
+		object paths=./k8s/apis/... crd:crdVersions=v1 output:crd:dir=./k8s/crds
 
 test: lint
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...

@@ -10,14 +10,20 @@
 // Semantics:
 //
 //   - A policy selects the local endpoints of its own namespace whose labels
-//     contain endpointSelector.matchLabels (empty selector: all of them).
-//   - An endpoint selected by a policy with a non-empty ingress list has
-//     ingress enforcement (default deny); the same for egress. Result has a
-//     flag for every endpoint given, false where nothing is enforced.
+//     satisfy endpointSelector: contain its matchLabels and meet each of
+//     its matchExpressions (In, NotIn, Exists, DoesNotExist, with the
+//     Kubernetes meaning); an empty selector selects all of them.
+//   - An endpoint selected by a policy gets ingress enforcement (default
+//     deny) when the policy enforces ingress: policyTypes lists Ingress, or,
+//     without policyTypes, the ingress list is non-empty; the same for
+//     egress. Result has a flag for every endpoint given, false where
+//     nothing is enforced.
 //   - Peers of a rule: each fromEndpoints/toEndpoints selector matches the
-//     given identities by label. A selector that does not name
-//     isthmus.io/namespace is limited to the policy's namespace; one that
-//     does not name isthmus.io/cluster matches every cluster. Entities: host
+//     given identities by label (matchLabels and matchExpressions). A
+//     selector that does not name isthmus.io/namespace (as a matchLabels
+//     key or an expression's key) is limited to the policy's namespace, so
+//     {key: isthmus.io/namespace, operator: Exists} is every namespace; one
+//     that does not name isthmus.io/cluster matches every cluster. Entities: host
 //     -> bpf.IdentityHost, world -> bpf.IdentityWorld, all -> 0 (any),
 //     cluster -> every identity labelled with localCluster plus host and
 //     remote-node. A rule without any peer field allows any peer (0).

@@ -54,7 +54,7 @@ func Compile(policies []objects.NetworkPolicy, endpoints []Endpoint, identities 
 		ns := namespaceOrDefault(pol.Metadata.Namespace)
 		var selected []Endpoint
 		for _, ep := range endpoints {
-			if namespaceOrDefault(ep.Namespace) == ns && ep.Labels.Has(pol.Spec.EndpointSelector.MatchLabels) {
+			if namespaceOrDefault(ep.Namespace) == ns && pol.Spec.EndpointSelector.Matches(ep.Labels) {
 				selected = append(selected, ep)
 			}
 		}
@@ -69,11 +69,12 @@ func Compile(policies []objects.NetworkPolicy, endpoints []Endpoint, identities 
 			peers := rulePeers(r.ToEndpoints, r.ToEntities, ns, idx, localCluster)
 			addKeys(keys, selected, bpf.Egress, peers, rulePorts(r.ToPorts))
 		}
+		enforceIn, enforceOut := pol.Spec.Enforces(objects.PolicyTypeIngress), pol.Spec.Enforces(objects.PolicyTypeEgress)
 		for _, ep := range selected {
-			if len(pol.Spec.Ingress) > 0 {
+			if enforceIn {
 				res.Ingress[ep.ID] = true
 			}
-			if len(pol.Spec.Egress) > 0 {
+			if enforceOut {
 				res.Egress[ep.ID] = true
 			}
 		}
@@ -100,8 +101,11 @@ func addKeys(keys map[bpf.PolicyKey]bool, eps []Endpoint, dir bpf.Direction, pee
 // identityIndex finds the identities a selector may match without a scan
 // of them all: by label (key and value), the positions of the identities
 // that carry it. A selector's candidates are the shortest list among its
-// labels' (and, when it does not name a namespace, the policy's
-// namespace's), so a rule costs about what it selects.
+// matchLabels pairs' (and, when it does not name a namespace, the policy's
+// namespace's), so a rule costs about what it selects; matchExpressions
+// are checked on the candidates. Only a selector without any pair to
+// narrow by (one that names the namespace in an expression only) scans
+// every identity.
 type identityIndex struct {
 	ids     []identity.Identity
 	byLabel map[[2]string][]int
@@ -117,9 +121,16 @@ func indexIdentities(ids []identity.Identity) identityIndex {
 	return idx
 }
 
-// candidates returns the positions of the identities that carry every
-// label of sel may be among: those carrying its rarest label.
-func (idx identityIndex) candidates(sel map[string]string) []int {
+// candidates calls fn with the position of every identity that may carry
+// every label of sel: those carrying its rarest label, or every identity
+// when sel is empty.
+func (idx identityIndex) candidates(sel map[string]string, fn func(i int)) {
+	if len(sel) == 0 {
+		for i := range idx.ids {
+			fn(i)
+		}
+		return
+	}
 	var best []int
 	first := true
 	for k, v := range sel {
@@ -127,7 +138,9 @@ func (idx identityIndex) candidates(sel map[string]string) []int {
 			best, first = l, false
 		}
 	}
-	return best
+	for _, i := range best {
+		fn(i)
+	}
 }
 
 // rulePeers returns the peer identities of one rule; duplicates are removed
@@ -144,14 +157,14 @@ func rulePeers(sels []objects.Selector, entities []string, ns string, idx identi
 		if narrow == nil {
 			narrow = map[string]string{}
 		}
-		if _, named := narrow[identity.LabelNamespace]; !named {
+		if !sel.Names(identity.LabelNamespace) {
 			narrow[identity.LabelNamespace] = ns
 		}
-		for _, i := range idx.candidates(narrow) {
-			if id := idx.ids[i]; selectorMatches(sel.MatchLabels, id.Labels, ns) {
+		idx.candidates(narrow, func(i int) {
+			if id := idx.ids[i]; selectorMatches(sel, id.Labels, ns) {
 				peers = append(peers, id.ID)
 			}
-		}
+		})
 	}
 	for _, e := range entities {
 		switch strings.ToLower(e) {
@@ -163,22 +176,22 @@ func rulePeers(sels []objects.Selector, entities []string, ns string, idx identi
 			peers = append(peers, bpf.IdentityUnknown)
 		case objects.EntityCluster:
 			peers = append(peers, bpf.IdentityHost, bpf.IdentityRemote)
-			for _, i := range idx.candidates(map[string]string{identity.LabelCluster: localCluster}) {
+			idx.candidates(map[string]string{identity.LabelCluster: localCluster}, func(i int) {
 				peers = append(peers, idx.ids[i].ID)
-			}
+			})
 		}
 	}
 	return peers
 }
 
-// selectorMatches applies a peer selector: labels must contain it, and an
+// selectorMatches applies a peer selector: labels must satisfy it, and an
 // identity from another namespace matches only when the selector names the
-// namespace itself.
-func selectorMatches(sel map[string]string, l identity.Labels, policyNS string) bool {
-	if !l.Has(sel) {
+// namespace itself (in matchLabels or matchExpressions).
+func selectorMatches(sel objects.Selector, l identity.Labels, policyNS string) bool {
+	if !sel.Matches(l) {
 		return false
 	}
-	if _, named := sel[identity.LabelNamespace]; !named && l[identity.LabelNamespace] != policyNS {
+	if !sel.Names(identity.LabelNamespace) && l[identity.LabelNamespace] != policyNS {
 		return false
 	}
 	return true

@@ -46,6 +46,11 @@ func pol(ns string, sel map[string]string, ingress []objects.IngressRule, egress
 	}
 }
 
+func withSpec(p objects.NetworkPolicy, f func(*objects.PolicySpec)) objects.NetworkPolicy {
+	f(&p.Spec)
+	return p
+}
+
 func in(ep, peer uint32, port uint16, proto bpf.Proto) bpf.PolicyKey {
 	return bpf.PolicyKey{EndpointID: ep, PeerIdentity: peer, Port: port, Proto: proto, Direction: bpf.Ingress}
 }
@@ -188,6 +193,55 @@ func TestCompile(t *testing.T) {
 			egress:  []uint32{10, 11},
 		},
 		{
+			name: "endpoint selector with matchExpressions",
+			policies: []objects.NetworkPolicy{withSpec(pol("default", nil, []objects.IngressRule{{FromEntities: []string{"host"}}}, nil), func(s *objects.PolicySpec) {
+				s.EndpointSelector.MatchExpressions = []objects.LabelSelectorRequirement{{Key: "app", Operator: objects.OpNotIn, Values: []string{"web"}}}
+			})},
+			keys:    []bpf.PolicyKey{in(10, bpf.IdentityHost, 0, bpf.ProtoAny)},
+			ingress: []uint32{10}, // not 11 (app=web)
+		},
+		{
+			name: "peer expression on the namespace: every namespace",
+			policies: []objects.NetworkPolicy{pol("default", db, []objects.IngressRule{{FromEndpoints: []objects.Selector{{
+				MatchLabels:      map[string]string{"app": "web"},
+				MatchExpressions: []objects.LabelSelectorRequirement{{Key: identity.LabelNamespace, Operator: objects.OpExists}},
+			}}}}, nil)},
+			keys:    []bpf.PolicyKey{in(10, webDefault, 0, bpf.ProtoAny), in(10, webProd, 0, bpf.ProtoAny), in(10, webRemote, 0, bpf.ProtoAny)},
+			ingress: []uint32{10},
+		},
+		{
+			name: "peer expression only, no matchLabels: scans every identity",
+			policies: []objects.NetworkPolicy{pol("default", db, []objects.IngressRule{{FromEndpoints: []objects.Selector{{
+				MatchExpressions: []objects.LabelSelectorRequirement{{Key: identity.LabelNamespace, Operator: objects.OpNotIn, Values: []string{"default"}}},
+			}}}}, nil)},
+			keys:    []bpf.PolicyKey{in(10, webProd, 0, bpf.ProtoAny), in(10, dbProd, 0, bpf.ProtoAny)},
+			ingress: []uint32{10},
+		},
+		{
+			name: "peer expression on another key stays in the policy's namespace",
+			policies: []objects.NetworkPolicy{pol("default", db, []objects.IngressRule{{FromEndpoints: []objects.Selector{{
+				MatchExpressions: []objects.LabelSelectorRequirement{{Key: "app", Operator: objects.OpIn, Values: []string{"web"}}},
+			}}}}, nil)},
+			keys:    []bpf.PolicyKey{in(10, webDefault, 0, bpf.ProtoAny), in(10, webRemote, 0, bpf.ProtoAny)},
+			ingress: []uint32{10},
+		},
+		{
+			name: "policyTypes without rules: default deny both ways",
+			policies: []objects.NetworkPolicy{withSpec(pol("default", db, nil, nil), func(s *objects.PolicySpec) {
+				s.PolicyTypes = []string{objects.PolicyTypeIngress, objects.PolicyTypeEgress}
+			})},
+			ingress: []uint32{10},
+			egress:  []uint32{10},
+		},
+		{
+			name: "policyTypes Egress only: ingress not enforced",
+			policies: []objects.NetworkPolicy{withSpec(pol("default", db, nil, []objects.EgressRule{{ToEntities: []string{"world"}}}), func(s *objects.PolicySpec) {
+				s.PolicyTypes = []string{objects.PolicyTypeEgress}
+			})},
+			keys:   []bpf.PolicyKey{out(10, bpf.IdentityWorld, 0, bpf.ProtoAny)},
+			egress: []uint32{10},
+		},
+		{
 			name:     "same rule twice is deduplicated",
 			policies: []objects.NetworkPolicy{pol("default", db, []objects.IngressRule{{}, {}}, nil), pol("default", db, []objects.IngressRule{{}}, nil)},
 			keys:     []bpf.PolicyKey{in(10, 0, 0, bpf.ProtoAny)},
@@ -272,10 +326,21 @@ func TestRulePeersIndexMatchesScan(t *testing.T) {
 		if rng.IntN(4) == 0 {
 			entities = []string{objects.EntityCluster}
 		}
-		got := rulePeers([]objects.Selector{{MatchLabels: sel}}, entities, ns, indexIdentities(ids), "c1")
+		selector := objects.Selector{MatchLabels: sel}
+		ops := []string{objects.OpIn, objects.OpNotIn, objects.OpExists, objects.OpDoesNotExist}
+		for _, k := range []string{"app", "tier", identity.LabelNamespace} {
+			if rng.IntN(4) == 0 {
+				r := objects.LabelSelectorRequirement{Key: k, Operator: ops[rng.IntN(4)]}
+				if r.Operator == objects.OpIn || r.Operator == objects.OpNotIn {
+					r.Values = []string{vals[rng.IntN(3)], "prod"}
+				}
+				selector.MatchExpressions = append(selector.MatchExpressions, r)
+			}
+		}
+		got := rulePeers([]objects.Selector{selector}, entities, ns, indexIdentities(ids), "c1")
 		var want []uint32
 		for _, id := range ids {
-			if selectorMatches(sel, id.Labels, ns) {
+			if selectorMatches(selector, id.Labels, ns) {
 				want = append(want, id.ID)
 			}
 		}
@@ -288,7 +353,7 @@ func TestRulePeersIndexMatchesScan(t *testing.T) {
 			}
 		}
 		if !slices.Equal(got, want) {
-			t.Fatalf("round %d: selector %v in %s: index %v, scan %v", round, sel, ns, got, want)
+			t.Fatalf("round %d: selector %+v in %s: index %v, scan %v", round, selector, ns, got, want)
 		}
 	}
 }

@@ -258,3 +258,36 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+func TestDecodeExpressionsAndPolicyTypes(t *testing.T) {
+	objs, err := Decode([]byte(`apiVersion: isthmus.io/v1alpha1
+kind: NetworkPolicy
+metadata:
+  name: deny
+spec:
+  policyTypes: [Ingress, Egress]
+  endpointSelector:
+    matchExpressions:
+    - {key: app, operator: In, values: [db]}
+  ingress:
+  - fromEndpoints:
+    - matchExpressions:
+      - {key: isthmus.io/namespace, operator: Exists}
+`))
+	if err != nil {
+		t.Fatalf("Decode: %v", err)
+	}
+	spec := objs[0].(*NetworkPolicy).Spec
+	want := PolicySpec{
+		EndpointSelector: Selector{MatchExpressions: []LabelSelectorRequirement{{Key: "app", Operator: OpIn, Values: []string{"db"}}}},
+		Ingress:          []IngressRule{{FromEndpoints: []Selector{{MatchExpressions: []LabelSelectorRequirement{{Key: "isthmus.io/namespace", Operator: OpExists}}}}}},
+		PolicyTypes:      []string{"Ingress", "Egress"},
+	}
+	if !reflect.DeepEqual(spec, want) {
+		t.Errorf("spec:\n got %+v\nwant %+v", spec, want)
+	}
+	_, err = Decode([]byte("apiVersion: isthmus.io/v1alpha1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  policyTypes: [Ingress]\n  endpointSelector:\n    matchExpressions:\n    - {key: app, operator: In, value: [db]}\n"))
+	if err == nil || !strings.Contains(err.Error(), "spec.endpointSelector.matchExpressions[0].value: unknown field") {
+		t.Errorf("unknown field: %v", err)
+	}
+}

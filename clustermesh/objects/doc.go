@@ -25,9 +25,15 @@
 // targetPort stays 0 when omitted; ServicePort.Target gives the effective one.
 //
 // NetworkPolicy semantics: a policy selects the endpoints of its namespace
-// whose labels contain endpointSelector.matchLabels (empty = all of them).
-// An endpoint selected by a policy with a non-empty ingress list is default
-// deny for ingress: only what some rule allows gets in; the same for egress.
-// An empty list (`ingress: []`) is the same as leaving the key out, and a
-// policy needs at least one ingress or egress rule.
+// that endpointSelector matches (matchLabels and matchExpressions with the
+// Kubernetes operators In, NotIn, Exists, DoesNotExist; empty = all of
+// them). An endpoint selected by a policy that enforces ingress (policyTypes
+// lists Ingress, or, without policyTypes, the ingress list is non-empty) is
+// default deny for ingress: only what some rule allows gets in; the same for
+// egress. An empty list (`ingress: []`) is the same as leaving the key out;
+// a policy needs at least one ingress or egress rule, or policyTypes, and
+// rules of a direction that policyTypes leaves out are refused.
+//
+// A Service may have neither selector nor backends: its frontends then
+// exist without backends.
 package objects

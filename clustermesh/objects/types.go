@@ -1,6 +1,9 @@
 package objects
 
-import "strings"
+import (
+	"slices"
+	"strings"
+)
 
 // APIVersion is the only apiVersion the kinds of this package accept.
 const APIVersion = "isthmus.io/v1alpha1"
@@ -60,7 +63,10 @@ type ServiceSpec struct {
 	Ports []ServicePort `json:"ports"`
 	// Selector picks endpoints of the service's namespace by label.
 	Selector map[string]string `json:"selector,omitempty"`
-	// Backends are explicit addresses, added to the selected endpoints.
+	// Backends are explicit addresses, added to the selected endpoints. A
+	// service with neither selector nor backends is valid: its frontends
+	// exist and drop new connections (like a Kubernetes Service without
+	// ready endpoints).
 	Backends []ExplicitBackend `json:"backends,omitempty"`
 }
 
@@ -95,17 +101,109 @@ type NetworkPolicy struct {
 	Spec       PolicySpec `json:"spec"`
 }
 
+// Policy types: the directions a policy enforces (PolicySpec.PolicyTypes).
+const (
+	PolicyTypeIngress = "Ingress"
+	PolicyTypeEgress  = "Egress"
+)
+
 // PolicySpec selects endpoints and lists what they may receive and send.
 type PolicySpec struct {
 	EndpointSelector Selector      `json:"endpointSelector"`
 	Ingress          []IngressRule `json:"ingress,omitempty"`
 	Egress           []EgressRule  `json:"egress,omitempty"`
+	// PolicyTypes, when set, lists exactly the directions ("Ingress",
+	// "Egress") the policy enforces on the endpoints it selects, even
+	// without rules (default deny). Unset: a direction is enforced when it
+	// has rules.
+	PolicyTypes []string `json:"policyTypes,omitempty"`
 }
 
-// Selector matches label sets that contain all of MatchLabels; an empty
-// selector matches everything (within the scope it is used in).
+// Enforces reports whether the policy enforces direction (PolicyTypeIngress
+// or PolicyTypeEgress) on the endpoints it selects.
+func (s PolicySpec) Enforces(direction string) bool {
+	if len(s.PolicyTypes) > 0 {
+		return slices.Contains(s.PolicyTypes, direction)
+	}
+	switch direction {
+	case PolicyTypeIngress:
+		return len(s.Ingress) > 0
+	case PolicyTypeEgress:
+		return len(s.Egress) > 0
+	}
+	return false
+}
+
+// Label selector operators of LabelSelectorRequirement (Kubernetes
+// semantics).
+const (
+	OpIn           = "In"
+	OpNotIn        = "NotIn"
+	OpExists       = "Exists"
+	OpDoesNotExist = "DoesNotExist"
+)
+
+// Selector matches label sets that contain all of MatchLabels and satisfy
+// every MatchExpressions requirement; an empty selector matches everything
+// (within the scope it is used in).
 type Selector struct {
-	MatchLabels map[string]string `json:"matchLabels,omitempty"`
+	MatchLabels      map[string]string          `json:"matchLabels,omitempty"`
+	MatchExpressions []LabelSelectorRequirement `json:"matchExpressions,omitempty"`
+}
+
+// LabelSelectorRequirement is one requirement of a selector, as in
+// Kubernetes: In (the label is present with one of Values), NotIn (absent,
+// or present with none of Values), Exists, DoesNotExist (no Values).
+type LabelSelectorRequirement struct {
+	Key      string   `json:"key"`
+	Operator string   `json:"operator"`
+	Values   []string `json:"values,omitempty"`
+}
+
+// Matches reports whether labels l satisfy the selector. An operator
+// Validate would reject matches nothing.
+func (s Selector) Matches(l map[string]string) bool {
+	for k, v := range s.MatchLabels {
+		if got, ok := l[k]; !ok || got != v {
+			return false
+		}
+	}
+	for _, r := range s.MatchExpressions {
+		if !r.Matches(l) {
+			return false
+		}
+	}
+	return true
+}
+
+// Matches reports whether labels l satisfy the requirement.
+func (r LabelSelectorRequirement) Matches(l map[string]string) bool {
+	v, ok := l[r.Key]
+	switch r.Operator {
+	case OpIn:
+		return ok && slices.Contains(r.Values, v)
+	case OpNotIn:
+		return !ok || !slices.Contains(r.Values, v)
+	case OpExists:
+		return ok
+	case OpDoesNotExist:
+		return !ok
+	}
+	return false
+}
+
+// Names reports whether the selector mentions key, in MatchLabels or in
+// MatchExpressions (with any operator).
+func (s Selector) Names(key string) bool {
+	if _, ok := s.MatchLabels[key]; ok {
+		return true
+	}
+	for _, r := range s.MatchExpressions {
+		if r.Key == key {
+			return true
+		}
+	}
+	return false
 }
 
 // IngressRule allows traffic from the listed peers to the listed ports. A

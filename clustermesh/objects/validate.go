@@ -157,9 +157,8 @@ func (s Service) Validate() error {
 			return fieldError(fmt.Sprintf("spec.backends[%d].ip", i), "%v", err)
 		}
 	}
-	if len(s.Spec.Selector) == 0 && len(s.Spec.Backends) == 0 {
-		return fieldError("spec", "needs a selector or backends")
-	}
+	// Neither selector nor backends is valid: the frontends exist without
+	// backends (a Kubernetes Service without ready endpoints).
 	return nil
 }
 
@@ -180,11 +179,33 @@ func (p NetworkPolicy) Validate() error {
 	if err := validateHeader(p.APIVersion, p.Kind, KindNetworkPolicy, p.Metadata); err != nil {
 		return err
 	}
-	if err := validateLabelMap("spec.endpointSelector.matchLabels", p.Spec.EndpointSelector.MatchLabels); err != nil {
+	if err := validateSelector("spec.endpointSelector", p.Spec.EndpointSelector); err != nil {
 		return err
 	}
-	if len(p.Spec.Ingress) == 0 && len(p.Spec.Egress) == 0 {
-		return fieldError("spec", "needs at least one ingress or egress rule")
+	seenType := map[string]int{}
+	for i, t := range p.Spec.PolicyTypes {
+		path := fmt.Sprintf("spec.policyTypes[%d]", i)
+		if t != PolicyTypeIngress && t != PolicyTypeEgress {
+			return fieldError(path, "must be %s or %s, got %q", PolicyTypeIngress, PolicyTypeEgress, t)
+		}
+		if j, dup := seenType[t]; dup {
+			return fieldError(path, "%q is already listed as spec.policyTypes[%d]", t, j)
+		}
+		seenType[t] = i
+	}
+	if len(p.Spec.PolicyTypes) == 0 {
+		if len(p.Spec.Ingress) == 0 && len(p.Spec.Egress) == 0 {
+			return fieldError("spec", "needs at least one ingress or egress rule, or policyTypes")
+		}
+	} else {
+		// Rules of a direction the policy does not enforce would be
+		// silently ignored: refuse them.
+		if _, ok := seenType[PolicyTypeIngress]; !ok && len(p.Spec.Ingress) > 0 {
+			return fieldError("spec.ingress", "has rules but spec.policyTypes does not list %s", PolicyTypeIngress)
+		}
+		if _, ok := seenType[PolicyTypeEgress]; !ok && len(p.Spec.Egress) > 0 {
+			return fieldError("spec.egress", "has rules but spec.policyTypes does not list %s", PolicyTypeEgress)
+		}
 	}
 	for i, r := range p.Spec.Ingress {
 		path := fmt.Sprintf("spec.ingress[%d]", i)
@@ -203,7 +224,7 @@ func (p NetworkPolicy) Validate() error {
 
 func validateRule(path, endpointsField, entitiesField string, sels []Selector, entities []string, ports []PortRule) error {
 	for j, sel := range sels {
-		if err := validateLabelMap(fmt.Sprintf("%s.%s[%d].matchLabels", path, endpointsField, j), sel.MatchLabels); err != nil {
+		if err := validateSelector(fmt.Sprintf("%s.%s[%d]", path, endpointsField, j), sel); err != nil {
 			return err
 		}
 	}
@@ -224,6 +245,38 @@ func validateRule(path, endpointsField, entitiesField string, sels []Selector, e
 			}
 		default:
 			return fieldError(ppath+".protocol", "must be TCP, UDP, ICMP or ANY, got %q", pr.Protocol)
+		}
+	}
+	return nil
+}
+
+// validateSelector checks matchLabels and matchExpressions of a selector at
+// path.
+func validateSelector(path string, sel Selector) error {
+	if err := validateLabelMap(path+".matchLabels", sel.MatchLabels); err != nil {
+		return err
+	}
+	for i, r := range sel.MatchExpressions {
+		rpath := fmt.Sprintf("%s.matchExpressions[%d]", path, i)
+		if err := identity.ValidateLabelKey(r.Key); err != nil {
+			return fieldError(rpath+".key", "%v", err)
+		}
+		switch r.Operator {
+		case OpIn, OpNotIn:
+			if len(r.Values) == 0 {
+				return fieldError(rpath+".values", "must not be empty for operator %s", r.Operator)
+			}
+			for j, v := range r.Values {
+				if err := identity.ValidateLabelValue(v); err != nil {
+					return fieldError(fmt.Sprintf("%s.values[%d]", rpath, j), "%v", err)
+				}
+			}
+		case OpExists, OpDoesNotExist:
+			if len(r.Values) > 0 {
+				return fieldError(rpath+".values", "must be empty for operator %s", r.Operator)
+			}
+		default:
+			return fieldError(rpath+".operator", "must be In, NotIn, Exists or DoesNotExist, got %q", r.Operator)
 		}
 	}
 	return nil

@@ -69,7 +69,7 @@ func TestServiceValidate(t *testing.T) {
 		}, `spec.ports[1].name: "a" is already used by spec.ports[0]`},
 		{"bad selector", func(s *Service) { s.Spec.Selector = map[string]string{"app/": "x"} }, `spec.selector: label key "app/"`},
 		{"bad backend", func(s *Service) { s.Spec.Backends = []ExplicitBackend{{IP: "10.1.0.1"}, {IP: "nope"}} }, `spec.backends[1].ip: invalid IP address "nope"`},
-		{"no selector no backends", func(s *Service) { s.Spec.Selector = map[string]string{} }, "spec: needs a selector or backends"},
+		{"no selector no backends", func(s *Service) { s.Spec.Selector = map[string]string{} }, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -113,7 +113,7 @@ func TestNetworkPolicyValidate(t *testing.T) {
 			p.Spec.Ingress[0].ToPorts = []PortRule{{Port: 80}, {Port: 53, Protocol: "udp"}, {Protocol: "icmp"}, {Port: 1, Protocol: "any"}, {}}
 		}, ""},
 		{"wrong kind", func(p *NetworkPolicy) { p.Kind = "Service" }, `kind: must be "NetworkPolicy"`},
-		{"no rules", func(p *NetworkPolicy) { p.Spec.Ingress = []IngressRule{} }, "spec: needs at least one ingress or egress rule"},
+		{"no rules", func(p *NetworkPolicy) { p.Spec.Ingress = []IngressRule{} }, "spec: needs at least one ingress or egress rule, or policyTypes"},
 		{"bad endpoint selector", func(p *NetworkPolicy) {
 			p.Spec.EndpointSelector.MatchLabels = map[string]string{"a": "-"}
 		}, `spec.endpointSelector.matchLabels["a"]: label value "-"`},
@@ -124,6 +124,34 @@ func TestNetworkPolicyValidate(t *testing.T) {
 		{"bad egress entity", func(p *NetworkPolicy) { p.Spec.Egress = []EgressRule{{ToEntities: []string{""}}} }, `spec.egress[0].toEntities[0]`},
 		{"bad protocol", func(p *NetworkPolicy) { p.Spec.Ingress[0].ToPorts = []PortRule{{Protocol: "gre"}} }, `spec.ingress[0].toPorts[0].protocol: must be TCP, UDP, ICMP or ANY, got "gre"`},
 		{"icmp with port", func(p *NetworkPolicy) { p.Spec.Ingress[0].ToPorts = []PortRule{{Port: 8, Protocol: "ICMP"}} }, "spec.ingress[0].toPorts[0].port: must be 0 or absent for ICMP, got 8"},
+		{"policyTypes without rules", func(p *NetworkPolicy) { p.Spec.Ingress = nil; p.Spec.PolicyTypes = []string{"Ingress", "Egress"} }, ""},
+		{"policyTypes with its rules", func(p *NetworkPolicy) { p.Spec.PolicyTypes = []string{"Ingress"} }, ""},
+		{"policyTypes bad", func(p *NetworkPolicy) { p.Spec.PolicyTypes = []string{"ingress"} }, `spec.policyTypes[0]: must be Ingress or Egress, got "ingress"`},
+		{"policyTypes duplicate", func(p *NetworkPolicy) { p.Spec.PolicyTypes = []string{"Ingress", "Ingress"} }, `spec.policyTypes[1]: "Ingress" is already listed as spec.policyTypes[0]`},
+		{"policyTypes excludes ingress rules", func(p *NetworkPolicy) { p.Spec.PolicyTypes = []string{"Egress"} }, "spec.ingress: has rules but spec.policyTypes does not list Ingress"},
+		{"policyTypes excludes egress rules", func(p *NetworkPolicy) {
+			p.Spec.Egress = []EgressRule{{}}
+			p.Spec.PolicyTypes = []string{"Ingress"}
+		}, "spec.egress: has rules but spec.policyTypes does not list Egress"},
+		{"expressions", func(p *NetworkPolicy) {
+			p.Spec.EndpointSelector.MatchExpressions = []LabelSelectorRequirement{{Key: "app", Operator: "In", Values: []string{"a", "b"}}, {Key: "x", Operator: "DoesNotExist"}}
+			p.Spec.Ingress[0].FromEndpoints = []Selector{{MatchExpressions: []LabelSelectorRequirement{{Key: "isthmus.io/namespace", Operator: "Exists"}, {Key: "t", Operator: "NotIn", Values: []string{"x"}}}}}
+		}, ""},
+		{"expression bad operator", func(p *NetworkPolicy) {
+			p.Spec.EndpointSelector.MatchExpressions = []LabelSelectorRequirement{{Key: "app", Operator: "in", Values: []string{"a"}}}
+		}, `spec.endpointSelector.matchExpressions[0].operator: must be In, NotIn, Exists or DoesNotExist, got "in"`},
+		{"expression bad key", func(p *NetworkPolicy) {
+			p.Spec.Ingress[0].FromEndpoints = []Selector{{MatchExpressions: []LabelSelectorRequirement{{Key: "a b", Operator: "Exists"}}}}
+		}, `spec.ingress[0].fromEndpoints[0].matchExpressions[0].key: label key "a b"`},
+		{"expression In without values", func(p *NetworkPolicy) {
+			p.Spec.EndpointSelector.MatchExpressions = []LabelSelectorRequirement{{Key: "app", Operator: "In"}}
+		}, "spec.endpointSelector.matchExpressions[0].values: must not be empty for operator In"},
+		{"expression Exists with values", func(p *NetworkPolicy) {
+			p.Spec.EndpointSelector.MatchExpressions = []LabelSelectorRequirement{{Key: "app", Operator: "Exists", Values: []string{"a"}}}
+		}, "spec.endpointSelector.matchExpressions[0].values: must be empty for operator Exists"},
+		{"expression bad value", func(p *NetworkPolicy) {
+			p.Spec.EndpointSelector.MatchExpressions = []LabelSelectorRequirement{{Key: "app", Operator: "NotIn", Values: []string{"ok", "-"}}}
+		}, `spec.endpointSelector.matchExpressions[0].values[1]: label value "-"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -260,5 +288,49 @@ func TestCheckConflicts(t *testing.T) {
 				t.Fatalf("CheckConflicts = %v, want containing %q", err, tt.want)
 			}
 		})
+	}
+}
+
+func TestSelectorMatches(t *testing.T) {
+	l := map[string]string{"app": "web", "tier": "front"}
+	tests := []struct {
+		name string
+		sel  Selector
+		want bool
+	}{
+		{"empty", Selector{}, true},
+		{"labels", Selector{MatchLabels: map[string]string{"app": "web"}}, true},
+		{"labels miss", Selector{MatchLabels: map[string]string{"app": "db"}}, false},
+		{"In", Selector{MatchExpressions: []LabelSelectorRequirement{{Key: "app", Operator: OpIn, Values: []string{"db", "web"}}}}, true},
+		{"In miss", Selector{MatchExpressions: []LabelSelectorRequirement{{Key: "app", Operator: OpIn, Values: []string{"db"}}}}, false},
+		{"In absent key", Selector{MatchExpressions: []LabelSelectorRequirement{{Key: "zone", Operator: OpIn, Values: []string{""}}}}, false},
+		{"NotIn", Selector{MatchExpressions: []LabelSelectorRequirement{{Key: "app", Operator: OpNotIn, Values: []string{"db"}}}}, true},
+		{"NotIn miss", Selector{MatchExpressions: []LabelSelectorRequirement{{Key: "app", Operator: OpNotIn, Values: []string{"web"}}}}, false},
+		{"NotIn absent key", Selector{MatchExpressions: []LabelSelectorRequirement{{Key: "zone", Operator: OpNotIn, Values: []string{"a"}}}}, true},
+		{"Exists", Selector{MatchExpressions: []LabelSelectorRequirement{{Key: "tier", Operator: OpExists}}}, true},
+		{"Exists miss", Selector{MatchExpressions: []LabelSelectorRequirement{{Key: "zone", Operator: OpExists}}}, false},
+		{"DoesNotExist", Selector{MatchExpressions: []LabelSelectorRequirement{{Key: "zone", Operator: OpDoesNotExist}}}, true},
+		{"DoesNotExist miss", Selector{MatchExpressions: []LabelSelectorRequirement{{Key: "app", Operator: OpDoesNotExist}}}, false},
+		{"labels and expression both needed", Selector{MatchLabels: map[string]string{"app": "web"}, MatchExpressions: []LabelSelectorRequirement{{Key: "tier", Operator: OpIn, Values: []string{"back"}}}}, false},
+		{"unknown operator matches nothing", Selector{MatchExpressions: []LabelSelectorRequirement{{Key: "app", Operator: "Gt"}}}, false},
+	}
+	for _, tt := range tests {
+		if got := tt.sel.Matches(l); got != tt.want {
+			t.Errorf("%s: Matches = %v, want %v", tt.name, got, tt.want)
+		}
+	}
+	if !(Selector{MatchExpressions: []LabelSelectorRequirement{{Key: "k", Operator: OpExists}}}).Names("k") || (Selector{MatchLabels: map[string]string{"a": "b"}}).Names("k") {
+		t.Error("Names")
+	}
+}
+
+func TestPolicySpecEnforces(t *testing.T) {
+	rules := PolicySpec{Ingress: []IngressRule{{}}}
+	if !rules.Enforces(PolicyTypeIngress) || rules.Enforces(PolicyTypeEgress) {
+		t.Error("without policyTypes: a direction is enforced when it has rules")
+	}
+	types := PolicySpec{PolicyTypes: []string{PolicyTypeEgress}}
+	if types.Enforces(PolicyTypeIngress) || !types.Enforces(PolicyTypeEgress) {
+		t.Error("with policyTypes: exactly the listed directions")
 	}
 }

@@ -1,0 +1,228 @@
+package translate
+
+import (
+	"cmp"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
+	"github.com/isthmus-mesh/isthmus/clustermesh/servicesync"
+)
+
+// keptAnnotations are the Service annotations carried into the Isthmus
+// Service (the global-service ones).
+var keptAnnotations = []string{servicesync.AnnotationGlobal, servicesync.AnnotationShared, servicesync.AnnotationAffinity}
+
+// Service translates a Kubernetes Service and its EndpointSlices (slices
+// of other services are ignored) into an Isthmus Service. served is false,
+// with no error, for Services that have no cluster IP to serve: headless
+// (clusterIP None), ExternalName, or not yet allocated. See the package
+// documentation for the rules; ServiceWithWarnings also returns what was
+// approximated.
+func Service(svc *corev1.Service, slices []*discoveryv1.EndpointSlice) (objects.Service, bool, error) {
+	out, served, _, err := ServiceWithWarnings(svc, slices)
+	return out, served, err
+}
+
+// ServiceWithWarnings is Service, also returning warnings about what the
+// Isthmus Service cannot express and was approximated: a named targetPort
+// that resolves to different ports in different slices (the most common
+// port wins; the backends of the slices that disagree are left out, so no
+// traffic reaches a wrong port), and a named targetPort no slice lists.
+func ServiceWithWarnings(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) (objects.Service, bool, []string, error) {
+	if svc == nil {
+		return objects.Service{}, false, nil, fmt.Errorf("service: nil")
+	}
+	where := svc.Namespace + "/" + svc.Name
+	if svc.Spec.Type == corev1.ServiceTypeExternalName {
+		return objects.Service{}, false, nil, nil
+	}
+	ips := svc.Spec.ClusterIPs
+	if len(ips) == 0 && svc.Spec.ClusterIP != "" {
+		ips = []string{svc.Spec.ClusterIP}
+	}
+	if len(ips) == 0 || ips[0] == corev1.ClusterIPNone {
+		return objects.Service{}, false, nil, nil
+	}
+
+	out := objects.Service{
+		APIVersion: objects.APIVersion,
+		Kind:       objects.KindService,
+		Metadata:   objects.Meta{Name: svc.Name, Namespace: svc.Namespace},
+		Spec:       objects.ServiceSpec{VIPs: slices.Clone(ips)},
+	}
+	for _, k := range keptAnnotations {
+		if v, ok := svc.Annotations[k]; ok {
+			if out.Metadata.Annotations == nil {
+				out.Metadata.Annotations = map[string]string{}
+			}
+			out.Metadata.Annotations[k] = v
+		}
+	}
+	families := map[discoveryv1.AddressType]bool{}
+	for _, ip := range ips {
+		if a, err := netip.ParseAddr(ip); err == nil && a.Unmap().Is4() {
+			families[discoveryv1.AddressTypeIPv4] = true
+		} else if err == nil {
+			families[discoveryv1.AddressTypeIPv6] = true
+		}
+	}
+
+	// The service's slices, in a stable order.
+	var own []*discoveryv1.EndpointSlice
+	for _, s := range eps {
+		if s != nil && s.Namespace == svc.Namespace && s.Labels[discoveryv1.LabelServiceName] == svc.Name && families[s.AddressType] {
+			own = append(own, s)
+		}
+	}
+	slices.SortFunc(own, func(a, b *discoveryv1.EndpointSlice) int { return cmp.Compare(a.Name, b.Name) })
+
+	var warnings []string
+	excluded := map[*discoveryv1.EndpointSlice]bool{}
+	for i, p := range svc.Spec.Ports {
+		path := fmt.Sprintf("service %s: spec.ports[%d]", where, i)
+		proto, err := serviceProtocol(p.Protocol)
+		if err != nil {
+			return objects.Service{}, false, nil, fmt.Errorf("%s.protocol: %w", path, err)
+		}
+		if p.Port < 1 || p.Port > 65535 {
+			return objects.Service{}, false, nil, fmt.Errorf("%s.port: must be 1-65535, got %d", path, p.Port)
+		}
+		sp := objects.ServicePort{Name: p.Name, Port: uint16(p.Port), Protocol: proto}
+		switch {
+		case p.TargetPort.Type == intstr.Int && p.TargetPort.IntVal != 0:
+			if p.TargetPort.IntVal < 1 || p.TargetPort.IntVal > 65535 {
+				return objects.Service{}, false, nil, fmt.Errorf("%s.targetPort: must be 1-65535, got %d", path, p.TargetPort.IntVal)
+			}
+			sp.TargetPort = uint16(p.TargetPort.IntVal)
+		case p.TargetPort.Type == intstr.String && p.TargetPort.StrVal != "":
+			port, w := namedTargetPort(own, p, excluded)
+			if w != "" {
+				warnings = append(warnings, fmt.Sprintf("%s.targetPort %q: %s", path, p.TargetPort.StrVal, w))
+			}
+			sp.TargetPort = port
+		}
+		out.Spec.Ports = append(out.Spec.Ports, sp)
+	}
+
+	// Backends: ready addresses of the slices not left out.
+	seen := map[netip.Addr]bool{}
+	var addrs []netip.Addr
+	for _, s := range own {
+		if excluded[s] {
+			continue
+		}
+		for _, ep := range s.Endpoints {
+			if !ready(ep.Conditions) {
+				continue
+			}
+			for _, a := range ep.Addresses {
+				ip, err := netip.ParseAddr(a)
+				if err != nil {
+					warnings = append(warnings, fmt.Sprintf("EndpointSlice %s/%s: address %q: not an IP address, skipped", s.Namespace, s.Name, a))
+					continue
+				}
+				ip = ip.Unmap()
+				if !seen[ip] {
+					seen[ip] = true
+					addrs = append(addrs, ip)
+				}
+			}
+		}
+	}
+	slices.SortFunc(addrs, netip.Addr.Compare)
+	for _, a := range addrs {
+		out.Spec.Backends = append(out.Spec.Backends, objects.ExplicitBackend{IP: a.String()})
+	}
+
+	if err := out.Validate(); err != nil {
+		return objects.Service{}, false, nil, fmt.Errorf("service %s: %w", where, err)
+	}
+	return out, true, warnings, nil
+}
+
+// serviceProtocol maps a Kubernetes protocol (empty = TCP) to the Isthmus
+// one.
+func serviceProtocol(p corev1.Protocol) (string, error) {
+	switch p {
+	case "", corev1.ProtocolTCP:
+		return objects.ProtocolTCP, nil
+	case corev1.ProtocolUDP:
+		return objects.ProtocolUDP, nil
+	case corev1.ProtocolSCTP:
+		return "", fmt.Errorf("unsupported: SCTP")
+	}
+	return "", fmt.Errorf("unsupported: %q", p)
+}
+
+func ready(c discoveryv1.EndpointConditions) bool {
+	return (c.Ready == nil || *c.Ready) && (c.Terminating == nil || !*c.Terminating)
+}
+
+// namedTargetPort resolves a Service port's named target port from the
+// slices' port of the same name and protocol: the port of most ready
+// endpoints (ties: the lowest). Slices that resolve it differently, or do
+// not list it, are added to excluded.
+func namedTargetPort(own []*discoveryv1.EndpointSlice, p corev1.ServicePort, excluded map[*discoveryv1.EndpointSlice]bool) (uint16, string) {
+	proto := p.Protocol
+	if proto == "" {
+		proto = corev1.ProtocolTCP
+	}
+	portOf := map[*discoveryv1.EndpointSlice]int32{}
+	votes := map[int32]int{}
+	for _, s := range own {
+		for _, sp := range s.Ports {
+			name, sproto := "", corev1.ProtocolTCP
+			if sp.Name != nil {
+				name = *sp.Name
+			}
+			if sp.Protocol != nil {
+				sproto = *sp.Protocol
+			}
+			if name != p.Name || sproto != proto || sp.Port == nil || *sp.Port < 1 || *sp.Port > 65535 {
+				continue
+			}
+			portOf[s] = *sp.Port
+			n := 0
+			for _, ep := range s.Endpoints {
+				if ready(ep.Conditions) {
+					n++
+				}
+			}
+			votes[*sp.Port] += n
+			break
+		}
+	}
+	if len(votes) == 0 {
+		if len(own) == 0 {
+			return 0, ""
+		}
+		for _, s := range own {
+			excluded[s] = true
+		}
+		return 0, "no EndpointSlice lists this port: the service has no backends"
+	}
+	ports := slices.Sorted(maps.Keys(votes))
+	best := ports[0]
+	for _, port := range ports {
+		if votes[port] > votes[best] {
+			best = port
+		}
+	}
+	var w string
+	for _, s := range own {
+		if port, ok := portOf[s]; !ok || port != best {
+			excluded[s] = true
+			if w == "" {
+				w = fmt.Sprintf("backends resolve it to different ports (%v); using %d and leaving out the backends of slices that do not", ports, best)
+			}
+		}
+	}
+	return uint16(best), w
+}
