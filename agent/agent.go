@@ -41,6 +41,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
 	"github.com/isthmus-mesh/isthmus/agent/clustermode"
+	"github.com/isthmus-mesh/isthmus/agent/cniinstall"
 	"github.com/isthmus-mesh/isthmus/agent/datapath"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/encryption"
@@ -215,7 +216,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, MTU: a.cfg.MTU, Started: a.started, Log: a.log,
 		Lock: &a.mu, Store: a.store, IPAM: a.ipam, Identities: a.ids, LocalObjects: &a.objSet, Objects: a.objects,
 		Datapath: dp, Plumb: a.plumb, Reconcile: a.rec, Mesh: a.mesh, WireGuard: a.enc, BigTCP: a.bigtcp,
-		IPCache: func() (int, int) { return a.maps.IPCacheEntries(), a.maps.IPCacheOverflow() },
+		IPCache:   func() (int, int) { return a.maps.IPCacheEntries(), a.maps.IPCacheOverflow() },
+		LabelsFor: a.cfg.LabelsFor,
 	})
 	local.RestoreEndpoints(ctx)
 	local.CollectGarbage(ctx)
@@ -227,6 +229,21 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.log.Error("initial reconcile failed", "err", err)
 	}
 
+	if a.cfg.CNI.Enabled() {
+		// Once the node is restored and its datapath loaded: a runtime
+		// that finds the conflist sends ADDs right away (they wait in the
+		// socket's backlog for the server, which starts next).
+		c := a.cfg.CNI
+		c.MTU = a.cfg.MTU
+		if c.Socket, err = filepath.Abs(a.cfg.SocketPath); err != nil { // the plugin runs elsewhere
+			return err
+		}
+		wrote, err := cniinstall.Install(c)
+		if err != nil {
+			return err
+		}
+		a.log.Info("CNI plugin installed", "files", wrote)
+	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	var wg sync.WaitGroup

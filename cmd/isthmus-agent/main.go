@@ -20,6 +20,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent"
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
+	"github.com/isthmus-mesh/isthmus/agent/cniinstall"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
 
@@ -150,6 +151,13 @@ agent changes running pods without restarting them.
 			if cfg.SocketPath == "" {
 				cfg.SocketPath = api.DefaultSocketPath(cfg.NodeName)
 			}
+			if cfg.CNI.BinDir != "" && cfg.CNI.PluginPath == "" {
+				exe, err := os.Executable()
+				if err != nil {
+					return fmt.Errorf("--cni-plugin-path: find the agent's own binary: %w", err)
+				}
+				cfg.CNI.PluginPath = filepath.Join(filepath.Dir(exe), cniinstall.PluginType)
+			}
 			return run(cfg)
 		},
 	}
@@ -177,6 +185,10 @@ agent changes running pods without restarting them.
 	f.StringVar(&bigTCP6, "ipv6-big-tcp", string(bigtcp.Auto), "IPv6 BIG TCP (GSO/GRO beyond 64 KiB) on the external devices and pod veths: off, on, or auto (on where the kernel and each device support it)")
 	f.StringVar(&bigTCP4, "ipv4-big-tcp", string(bigtcp.Auto), "IPv4 BIG TCP (gso_ipv4_max_size, Linux >= 6.3): off, on (an error on an older kernel), or auto")
 	f.IntVar(&cfg.BigTCP.Size, "big-tcp-size", bigtcp.DefaultSize, "GSO/GRO size in bytes with BIG TCP, 65537-524288; each device gets at most its tso_max_size")
+	f.StringVar(&cfg.CNI.BinDir, "cni-bin-dir", "", "Kubernetes mode: copy the CNI plugin (isthmus-cni) into this directory at start, e.g. /opt/cni/bin; \"\" (the default): do not")
+	f.StringVar(&cfg.CNI.ConfDir, "cni-conf-dir", "", "Kubernetes mode: write "+cniinstall.ConfListName+" (the plugin, pointed at --socket) into this directory at start, e.g. /etc/cni/net.d; \"\" (the default): do not")
+	f.StringVar(&cfg.CNI.PluginPath, "cni-plugin-path", "", "the isthmus-cni binary that --cni-bin-dir gets (default: isthmus-cni next to the agent's binary)")
+	f.StringVar(&cfg.CNI.CNIVersion, "cni-version", cniinstall.DefaultCNIVersion, "cniVersion of the written conflist: 1.0.0 works with containerd 1.6 and later; 1.1.0 (STATUS, GC) needs a runtime with libcni >= 1.2 (containerd 2)")
 	_ = cmd.MarkFlagRequired("pod-cidr")
 	return cmd
 }
