@@ -3,7 +3,7 @@
 
 GO                  ?= go
 BIN                 := bin
-CMDS                := isthmus-agent isthmus-clustermesh isthmus
+CMDS                := isthmus-agent isthmus-clustermesh isthmus isthmus-cni
 TEST_TIMEOUT        ?= 20m
 STATICCHECK_VERSION ?= v0.8.2
 CONTROLLER_GEN_VERSION ?= v0.23.0

@@ -41,6 +41,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
 	"github.com/isthmus-mesh/isthmus/agent/clustermode"
+	"github.com/isthmus-mesh/isthmus/agent/cniinstall"
 	"github.com/isthmus-mesh/isthmus/agent/datapath"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/encryption"
@@ -153,6 +154,9 @@ func New(cfg Config) (*Agent, error) {
 	}
 	if cfg.Kube != nil {
 		a.kube = cfg.Kube
+		if a.cfg.LabelsFor == nil {
+			a.cfg.LabelsFor = a.kube.LabelsFor
+		}
 		a.kube.OnChange(func() { a.rec.Request() })
 		if err := a.kube.Load(); err != nil {
 			return nil, err
@@ -224,7 +228,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, MTU: a.cfg.MTU, Started: a.started, Log: a.log,
 		Lock: &a.mu, Store: a.store, IPAM: a.ipam, Identities: a.ids, LocalObjects: &a.objSet, Objects: a.objects,
 		Datapath: dp, Plumb: a.plumb, Reconcile: a.rec, Mesh: a.mesh, WireGuard: a.enc, BigTCP: a.bigtcp,
-		IPCache: func() (int, int) { return a.maps.IPCacheEntries(), a.maps.IPCacheOverflow() },
+		IPCache:   func() (int, int) { return a.maps.IPCacheEntries(), a.maps.IPCacheOverflow() },
+		LabelsFor: a.cfg.LabelsFor,
 	})
 	local.RestoreEndpoints(ctx)
 	local.CollectGarbage(ctx)
@@ -236,6 +241,21 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.log.Error("initial reconcile failed", "err", err)
 	}
 
+	if a.cfg.CNI.Enabled() {
+		// Once the node is restored and its datapath loaded: a runtime
+		// that finds the conflist sends ADDs right away (they wait in the
+		// socket's backlog for the server, which starts next).
+		c := a.cfg.CNI
+		c.MTU = a.cfg.MTU
+		if c.Socket, err = filepath.Abs(a.cfg.SocketPath); err != nil { // the plugin runs elsewhere
+			return err
+		}
+		wrote, err := cniinstall.Install(c)
+		if err != nil {
+			return err
+		}
+		a.log.Info("CNI plugin installed", "files", wrote)
+	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	var wg sync.WaitGroup
@@ -253,6 +273,7 @@ func (a *Agent) Run(ctx context.Context) error {
 				cancel(fmt.Errorf("kubernetes: %w", err))
 			}
 		})
+		wg.Go(func() { a.collectGonePods(ctx, local) })
 	}
 	if a.mesh != nil {
 		// etcd is one more source of desired state; the datapath already
@@ -276,6 +297,46 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.log.Info("agent stopped; datapath stays pinned and attached")
 	return err
+}
+
+// collectGonePods removes the endpoints of pods that no longer exist on
+// this node once the pod informer has listed, and then every resync
+// interval: a pod deleted while the agent was down got no CNI DEL. Only
+// endpoints made through CNI (with a container ID) are candidates; a pod
+// that exists under the same name with another UID was recreated, so its
+// old endpoint goes too (the CNI ADD of the new one replaces it anyway).
+func (a *Agent) collectGonePods(ctx context.Context, local *localapi.Handlers) {
+	for !a.kube.Synced() {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	for {
+		pods := map[string]string{}
+		for _, p := range a.kube.Pods() {
+			pods[p.Namespace+"/"+p.Name] = p.UID
+		}
+		for _, e := range a.store.Endpoints() {
+			if e.ContainerID == "" {
+				continue
+			}
+			uid, ok := pods[e.Key()]
+			if ok && (e.PodUID == "" || e.PodUID == uid) {
+				continue
+			}
+			a.log.Info("removing the endpoint of a pod that is gone", "endpoint", e.Key(), "containerID", e.ContainerID)
+			if err := local.DeleteEndpointOf(ctx, e.Namespace, e.Name, e.ContainerID); err != nil {
+				a.log.Warn("cannot remove the endpoint of a gone pod; retrying later", "endpoint", e.Key(), "err", err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(reconcile.ResyncInterval):
+		}
+	}
 }
 
 // reconcile is one run: the reconcilers in order over one snapshot of the

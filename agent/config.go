@@ -10,6 +10,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
 	"github.com/isthmus-mesh/isthmus/agent/clustermode"
+	"github.com/isthmus-mesh/isthmus/agent/cniinstall"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/encryption"
 	"github.com/isthmus-mesh/isthmus/agent/kube"
@@ -87,6 +88,13 @@ type Config struct {
 	Kubernetes bool
 	Kubeconfig string
 	Kube       *kube.Source
+	// CNI, when its BinDir or ConfDir is set, makes the agent install the
+	// CNI plugin and a conflist pointing at its socket once it serves
+	// (Kubernetes mode); Socket and MTU are filled in by the agent.
+	CNI cniinstall.Config
+	// LabelsFor gives the labels of endpoints added without any (the
+	// Kubernetes pod's); see localapi.Config.LabelsFor. nil: none.
+	LabelsFor func(ctx context.Context, namespace, name, podUID string) (map[string]string, error)
 }
 
 // ClusterMode reports whether the agent works with its cluster's etcd.

@@ -14,6 +14,9 @@ const (
 	AgentBinary  = "isthmus-agent"
 	CLIBinary    = "isthmus"
 	ServerBinary = "isthmus-clustermesh"
+	// CNIBinary is the CNI plugin: optional (a lab runs it only in tests
+	// of Kubernetes mode), found next to the others when it is there.
+	CNIBinary = "isthmus-cni"
 	// EnvBinDir names a directory that holds all three; it takes precedence
 	// over the lookup of FindBinaries.
 	EnvBinDir = "ISTHMUS_BIN_DIR"
@@ -27,6 +30,8 @@ type Binaries struct {
 	Agent  string `json:"agent"`
 	Server string `json:"server"`
 	CLI    string `json:"cli"`
+	// CNI is the CNI plugin, "" when it was not found (it is optional).
+	CNI string `json:"cni,omitempty"`
 	// From says where they were found, for the user: "$ISTHMUS_BIN_DIR",
 	// "next to /path/to/isthmus", "$PATH", or what the caller set.
 	From string `json:"from,omitempty"`
@@ -43,8 +48,13 @@ func (b Binaries) Path(name string) (string, error) {
 		p = b.Server
 	case CLIBinary:
 		p = b.CLI
+	case CNIBinary:
+		p = b.CNI
+		if p == "" {
+			return "", fmt.Errorf("lab: no %s (%s): run 'make build', which builds it into bin/", name, b.From)
+		}
 	default:
-		return "", fmt.Errorf("lab: no binary %q (want %s)", name, strings.Join(binaryNames, ", "))
+		return "", fmt.Errorf("lab: no binary %q (want %s or %s)", name, strings.Join(binaryNames, ", "), CNIBinary)
 	}
 	if p == "" {
 		return "", fmt.Errorf("lab: no path for %s (%s)", name, b.From)
@@ -66,12 +76,16 @@ func BinariesIn(dir string) (Binaries, error) {
 	if len(missing) > 0 {
 		return Binaries{}, fmt.Errorf("lab: %s has no %s: %s", dir, strings.Join(missing, ", "), buildHint)
 	}
-	return Binaries{
+	b := Binaries{
 		Agent:  filepath.Join(dir, AgentBinary),
 		Server: filepath.Join(dir, ServerBinary),
 		CLI:    filepath.Join(dir, CLIBinary),
 		From:   dir,
-	}, nil
+	}
+	if p := filepath.Join(dir, CNIBinary); isExecutable(p) {
+		b.CNI = p
+	}
+	return b, nil
 }
 
 const buildHint = "run 'make build' (it builds isthmus, isthmus-agent and isthmus-clustermesh into bin/) and use bin/isthmus, put the three binaries in $PATH, or set " + EnvBinDir
@@ -130,6 +144,11 @@ func FindBinaries() (Binaries, error) {
 			b.Server = p
 		case CLIBinary:
 			b.CLI = p
+		}
+	}
+	if p, err := exec.LookPath(CNIBinary); err == nil {
+		if p, err = filepath.Abs(p); err == nil {
+			b.CNI = p
 		}
 	}
 	if len(missing) > 0 {

@@ -32,6 +32,13 @@ func TestFindBinaries(t *testing.T) {
 	if p, err := b.Path(AgentBinary); err != nil || p != b.Agent {
 		t.Errorf("Path(agent) = %q, %v", p, err)
 	}
+	if _, err := b.Path(CNIBinary); err == nil || b.CNI != "" {
+		t.Errorf("Path(cni) without the plugin = %q, %v", b.CNI, err)
+	}
+	fakeBinaries(t, dir, CNIBinary)
+	if b, err := FindBinaries(); err != nil || b.CNI != filepath.Join(dir, CNIBinary) {
+		t.Errorf("with the plugin: %+v, %v", b, err)
+	}
 	if _, err := b.Path("gcc"); err == nil {
 		t.Error("Path accepted a foreign name")
 	}

@@ -55,6 +55,14 @@ func (f *fake) DeleteEndpoint(_ context.Context, ns, name string) error {
 	return nil
 }
 
+func (f *fake) DeleteEndpointOf(_ context.Context, ns, name, id string) error {
+	return f.record("delof %s/%s %s", ns, name, id)
+}
+
+func (f *fake) CollectEndpoints(_ context.Context, req GCRequest) (GCResult, error) {
+	return GCResult{Removed: []Endpoint{{Name: "old", Namespace: "default", ContainerID: "c0"}}}, f.record("gc %v", req.Valid)
+}
+
 func (f *fake) ListEndpoints(context.Context) ([]Endpoint, error) {
 	return f.eps, f.record("list")
 }
@@ -139,6 +147,12 @@ func TestClientServer(t *testing.T) {
 	if err := c.DeleteEndpoint(ctx, "default", "missing"); !IsNotFound(err) {
 		t.Errorf("delete missing: %v", err)
 	}
+	if err := c.DeleteEndpointOf(ctx, "default", "web", "c1"); err != nil {
+		t.Fatal(err)
+	}
+	if gc, err := c.CollectEndpoints(ctx, GCRequest{Valid: []string{"c1", "c2"}}); err != nil || len(gc.Removed) != 1 || gc.Removed[0].ContainerID != "c0" {
+		t.Errorf("CollectEndpoints = %+v, %v", gc, err)
+	}
 	if eps, err := c.ListEndpoints(ctx); err != nil || len(eps) != 1 || eps[0].Name != "a" {
 		t.Errorf("ListEndpoints = %+v, %v", eps, err)
 	}
@@ -167,6 +181,8 @@ func TestClientServer(t *testing.T) {
 		"add default/dup /x map[]",
 		"del default/web",
 		"del default/missing",
+		"delof default/web c1",
+		"gc [c1 c2]",
 		"list",
 		`apply "kind: Service\n"`,
 		`objects "Service"`,

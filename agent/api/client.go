@@ -140,6 +140,24 @@ func (c *Client) DeleteEndpoint(ctx context.Context, namespace, name string) err
 	return c.doJSON(ctx, http.MethodDelete, "/v1/endpoints"+seg(namespace, name), nil, nil)
 }
 
+// DeleteEndpointOf deletes the endpoint if it was added for containerID.
+func (c *Client) DeleteEndpointOf(ctx context.Context, namespace, name, containerID string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/endpoints"+seg(namespace, name), url.Values{"containerID": {containerID}}, "", nil, nil)
+}
+
+// CollectEndpoints deletes the CNI endpoints whose container is not valid.
+func (c *Client) CollectEndpoints(ctx context.Context, req GCRequest) (GCResult, error) {
+	var res GCResult
+	err := c.doJSON(ctx, http.MethodPost, "/v1/endpoints/gc", req, &res)
+	return res, err
+}
+
+// Ready returns nil when the agent answers /readyz with 200, else the
+// reasons it gives (or why it could not be asked).
+func (c *Client) Ready(ctx context.Context) error {
+	return c.doJSON(ctx, http.MethodGet, "/readyz", nil, nil)
+}
+
 func (c *Client) ListEndpoints(ctx context.Context) ([]Endpoint, error) {
 	var eps []Endpoint
 	err := c.doJSON(ctx, http.MethodGet, "/v1/endpoints", nil, &eps)

@@ -38,6 +38,7 @@ func NewServer(b Backend, log *slog.Logger) *Server {
 	}
 	s := &Server{backend: b, log: log, mux: http.NewServeMux()}
 	s.route("/v1/endpoints", map[string]handler{http.MethodGet: s.listEndpoints, http.MethodPost: s.addEndpoint})
+	s.route("/v1/endpoints/gc", map[string]handler{http.MethodPost: s.collectEndpoints})
 	s.route("/v1/endpoints/{namespace}/{name}", map[string]handler{http.MethodDelete: s.deleteEndpoint})
 	s.route("/v1/apply", map[string]handler{http.MethodPost: s.apply})
 	s.route("/v1/objects", map[string]handler{http.MethodGet: s.listObjects})
@@ -155,9 +156,29 @@ func (s *Server) addEndpoint(r *http.Request) (int, any, error) {
 	return http.StatusCreated, ep, err
 }
 
+// deleteEndpoint deletes an endpoint; with ?containerID=<id> only when it
+// was added for that container.
 func (s *Server) deleteEndpoint(r *http.Request) (int, any, error) {
-	err := s.backend.DeleteEndpoint(r.Context(), r.PathValue("namespace"), r.PathValue("name"))
-	return http.StatusNoContent, nil, err
+	ns, name := r.PathValue("namespace"), r.PathValue("name")
+	q := r.URL.Query()
+	if q.Has("containerID") {
+		id := q.Get("containerID")
+		if id == "" {
+			return 0, nil, Errorf(http.StatusBadRequest, "containerID must not be empty")
+		}
+		return http.StatusNoContent, nil, s.backend.DeleteEndpointOf(r.Context(), ns, name, id)
+	}
+	return http.StatusNoContent, nil, s.backend.DeleteEndpoint(r.Context(), ns, name)
+}
+
+func (s *Server) collectEndpoints(r *http.Request) (int, any, error) {
+	var req GCRequest
+	if err := decode(r, &req); err != nil {
+		return 0, nil, err
+	}
+	res, err := s.backend.CollectEndpoints(r.Context(), req)
+	res.Removed = nonNil(res.Removed)
+	return http.StatusOK, res, err
 }
 
 func (s *Server) listEndpoints(r *http.Request) (int, any, error) {

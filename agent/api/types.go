@@ -13,6 +13,14 @@ import (
 type Backend interface {
 	AddEndpoint(ctx context.Context, req EndpointRequest) (Endpoint, error)
 	DeleteEndpoint(ctx context.Context, namespace, name string) error
+	// DeleteEndpointOf deletes the endpoint only when it was added for
+	// containerID (the CNI plugin's DEL): an endpoint of another container
+	// (a newer sandbox of the pod) is left alone, and that is no error.
+	// A missing endpoint is a not-found error, as for DeleteEndpoint.
+	DeleteEndpointOf(ctx context.Context, namespace, name, containerID string) error
+	// CollectEndpoints deletes the endpoints added through CNI (with a
+	// container ID) whose container ID is not in req.Valid (the CNI GC).
+	CollectEndpoints(ctx context.Context, req GCRequest) (GCResult, error)
 	ListEndpoints(ctx context.Context) ([]Endpoint, error)
 	Apply(ctx context.Context, yaml []byte) (ApplyResult, error)
 	ListObjects(ctx context.Context, kind string) ([]Object, error)
@@ -30,6 +38,30 @@ type EndpointRequest struct {
 	Namespace string            `json:"namespace,omitempty"` // "default" when empty
 	Netns     string            `json:"netns"`               // path of the pod's network namespace
 	Labels    map[string]string `json:"labels,omitempty"`
+
+	// Set by the CNI plugin (Kubernetes mode); empty for the CLI.
+	//
+	// ContainerID is the pod sandbox's: an add for an existing endpoint
+	// with the same container ID returns it unchanged (a repeated ADD);
+	// with another one it replaces it (the sandbox was recreated).
+	ContainerID string `json:"containerID,omitempty"`
+	// IfName is the interface name inside the pod (default eth0).
+	IfName string `json:"ifName,omitempty"`
+	// PodUID is the Kubernetes pod's UID, when known.
+	PodUID string `json:"podUID,omitempty"`
+}
+
+// GCRequest lists the CNI attachments that are still valid.
+type GCRequest struct {
+	// Valid holds the container IDs of the attachments to keep.
+	Valid []string `json:"valid"`
+}
+
+// GCResult lists the endpoints a CNI GC removed.
+type GCResult struct {
+	Removed []Endpoint `json:"removed"`
+	// Errors lists the endpoints that could not be removed, with why.
+	Errors []string `json:"errors,omitempty"`
 }
 
 // Endpoint is a plumbed pod.
@@ -46,6 +78,10 @@ type Endpoint struct {
 	HostMAC   string            `json:"hostMAC"`
 	PodMAC    string            `json:"podMAC"`
 	Created   time.Time         `json:"created"`
+	// Set for endpoints added through CNI (see EndpointRequest).
+	ContainerID string `json:"containerID,omitempty"`
+	IfName      string `json:"ifName,omitempty"` // inside the pod; "" is eth0
+	PodUID      string `json:"podUID,omitempty"`
 	// BigTCP is the GSO/GRO size of the endpoint's veth, once reconciled.
 	BigTCP *EndpointBigTCP `json:"bigTCP,omitempty"`
 }

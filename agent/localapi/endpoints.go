@@ -44,6 +44,12 @@ const reservedLabelPrefix = "isthmus.io/"
 // AddEndpoint implements api.Backend: validate, allocate addresses and an
 // identity, plumb the pod, attach the datapath, persist, and wait for the
 // datapath to know the pod. Any failure undoes every step done so far.
+//
+// An add with a container ID (the CNI plugin's) for an endpoint that
+// exists with the same container ID returns it as it is (a repeated ADD);
+// one that exists with another container ID is removed first (the pod's
+// sandbox was recreated). Without a container ID (the CLI), an existing
+// endpoint is a conflict.
 func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (api.Endpoint, error) {
 	// Once accepted, an add completes or rolls back even if the client goes away.
 	ctx = context.WithoutCancel(ctx)
@@ -57,18 +63,20 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	if !desired.DNSLabel(ns) {
 		return api.Endpoint{}, api.Errorf(http.StatusBadRequest, "namespace %q must be a DNS label: lower-case letters, digits and '-', at most 63 characters", ns)
 	}
-	labels := identity.Labels(req.Labels).Clone()
-	if err := labels.Validate(); err != nil {
-		return api.Endpoint{}, api.WithStatus(http.StatusBadRequest, err)
+	if err := validateContainerID(req.ContainerID); err != nil {
+		return api.Endpoint{}, err
 	}
-	for _, k := range slices.Sorted(maps.Keys(labels)) {
-		if strings.HasPrefix(k, reservedLabelPrefix) {
-			return api.Endpoint{}, api.Errorf(http.StatusBadRequest, "label %q: keys under %s are set by the agent", k, reservedLabelPrefix)
-		}
+	podIf := req.IfName
+	if podIf == endpoint.DefaultPodIfName {
+		podIf = "" // stored as the default
+	}
+	if err := validateIfName(podIf); err != nil {
+		return api.Endpoint{}, err
 	}
 	if req.Netns == "" {
 		return api.Endpoint{}, api.Errorf(http.StatusBadRequest, "netns path is required (for example /var/run/netns/<name>)")
 	}
+
 	if err := h.plumb.CheckNetns(req.Netns); err != nil {
 		return api.Endpoint{}, api.WithStatus(http.StatusBadRequest, err)
 	}
@@ -78,6 +86,51 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	// (in etcd in cluster mode), so other pods' adds and the reads go on.
 	key := state.EndpointKey(ns, name)
 	defer h.endpointLocks.lock(key)()
+
+	// A repeated ADD; the endpoint of an older sandbox of the pod.
+	var replaced *state.Endpoint
+	h.mu.Lock()
+	old, ok := h.store.Endpoint(ns, name)
+	h.mu.Unlock()
+	switch {
+	case !ok:
+	case req.ContainerID == "" || old.ContainerID == "":
+		return api.Endpoint{}, api.Errorf(http.StatusConflict, "endpoint %s already exists", key)
+	case old.ContainerID == req.ContainerID:
+		if old.PodIfName != podIf {
+			return api.Endpoint{}, api.Errorf(http.StatusConflict, "endpoint %s is attached to container %s as %s already; a pod has one interface", key, req.ContainerID, ifNameOrDefault(old.PodIfName))
+		}
+		return toAPI(old), nil
+	default:
+		replaced = &old
+	}
+
+	labels := identity.Labels(req.Labels).Clone()
+	if len(labels) == 0 && h.labelsFor != nil {
+		l, err := h.labelsFor(ctx, ns, name, req.PodUID)
+		if err != nil {
+			// Most likely the pod is not known here yet: the runtime retries.
+			return api.Endpoint{}, api.Errorf(http.StatusServiceUnavailable, "labels of pod %s: %v", key, err)
+		}
+		labels = identity.Labels(l).Clone()
+	}
+	if err := labels.Validate(); err != nil {
+		return api.Endpoint{}, api.WithStatus(http.StatusBadRequest, err)
+	}
+	for _, k := range slices.Sorted(maps.Keys(labels)) {
+		if strings.HasPrefix(k, reservedLabelPrefix) {
+			return api.Endpoint{}, api.Errorf(http.StatusBadRequest, "label %q: keys under %s are set by the agent", k, reservedLabelPrefix)
+		}
+	}
+	if replaced != nil {
+		h.log.Info("endpoint's pod sandbox was recreated; replacing the endpoint", "namespace", ns, "name", name, "oldContainerID", replaced.ContainerID, "containerID", req.ContainerID)
+		h.mu.Lock()
+		err := h.removeLocked(ctx, *replaced)
+		h.mu.Unlock()
+		if err != nil {
+			return api.Endpoint{}, fmt.Errorf("replace endpoint %s of container %s: %w", key, replaced.ContainerID, err)
+		}
+	}
 
 	var undo []func()
 	fail := func(err error) (api.Endpoint, error) {
@@ -122,7 +175,7 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	hostIf := endpoint.HostIfName(h.node, ns, name)
-	res, err := h.plumb.Create(endpoint.Spec{NetnsPath: req.Netns, HostIfName: hostIf, Addrs: ips, MTU: h.mtu})
+	res, err := h.plumb.Create(endpoint.Spec{NetnsPath: req.Netns, HostIfName: hostIf, PodIfName: podIf, Addrs: ips, MTU: h.mtu})
 	if err != nil {
 		return fail(fmt.Errorf("plumb endpoint %s/%s: %w", ns, name, err))
 	}
@@ -138,7 +191,8 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		NetnsPath: req.Netns, HostIfName: hostIf, IfIndex: res.HostIfIndex,
 		IPs: ips, Identity: id, ID: h.store.AllocateEndpointID(),
 		HostMAC: res.HostMAC.String(), PodMAC: res.PodMAC.String(),
-		Created: time.Now().UTC().Truncate(time.Second),
+		Created:     time.Now().UTC().Truncate(time.Second),
+		ContainerID: req.ContainerID, PodIfName: podIf, PodUID: req.PodUID,
 	}
 	if err := h.store.PutEndpoint(e); err != nil {
 		return fail(err)
@@ -153,7 +207,7 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		return fail(fmt.Errorf("the datapath did not take endpoint %s/%s, so it was rolled back: %w", ns, name, err))
 	}
 	h.mesh.EndpointAddedLocked(e)
-	h.log.Info("endpoint added", "namespace", ns, "name", name, "ips", ips, "identity", id, "interface", hostIf, "id", e.ID)
+	h.log.Info("endpoint added", "namespace", ns, "name", name, "ips", ips, "identity", id, "interface", hostIf, "id", e.ID, "containerID", e.ContainerID)
 	return toAPI(e), nil
 }
 
@@ -207,6 +261,19 @@ func (h *Handlers) releaseIdentity(ctx context.Context, id uint32) {
 // DeleteEndpoint implements api.Backend: forget the endpoint, take it out of
 // the maps, then remove its plumbing and free its address and identity.
 func (h *Handlers) DeleteEndpoint(ctx context.Context, namespace, name string) error {
+	return h.deleteEndpoint(ctx, namespace, name, "")
+}
+
+// DeleteEndpointOf implements api.Backend: DeleteEndpoint, only when the
+// endpoint was added for containerID; otherwise nothing happens.
+func (h *Handlers) DeleteEndpointOf(ctx context.Context, namespace, name, containerID string) error {
+	if containerID == "" {
+		return api.Errorf(http.StatusBadRequest, "container ID is empty")
+	}
+	return h.deleteEndpoint(ctx, namespace, name, containerID)
+}
+
+func (h *Handlers) deleteEndpoint(ctx context.Context, namespace, name, containerID string) error {
 	ctx = context.WithoutCancel(ctx)
 	if namespace == "" {
 		namespace = "default"
@@ -218,21 +285,68 @@ func (h *Handlers) DeleteEndpoint(ctx context.Context, namespace, name string) e
 	if !ok {
 		return api.Errorf(http.StatusNotFound, "endpoint %s/%s not found", namespace, name)
 	}
-	if err := h.store.DeleteEndpoint(namespace, name); err != nil {
+	if containerID != "" && e.ContainerID != containerID {
+		h.log.Info("endpoint delete skipped: the endpoint belongs to another container", "namespace", namespace, "name", name,
+			"containerID", containerID, "endpointContainerID", e.ContainerID)
+		return nil
+	}
+	if err := h.removeLocked(ctx, e); err != nil {
+		return err
+	}
+	h.log.Info("endpoint deleted", "namespace", namespace, "name", name, "containerID", e.ContainerID)
+	return nil
+}
+
+// removeLocked forgets endpoint e, takes it out of the datapath and tears
+// its plumbing down. Callers hold e's endpoint lock and the API lock.
+func (h *Handlers) removeLocked(ctx context.Context, e state.Endpoint) error {
+	if err := h.store.DeleteEndpoint(e.Namespace, e.Name); err != nil {
 		return err
 	}
 	if err := h.rec.Converge(ctx); err != nil {
 		// The endpoint is gone from the desired state; the loop keeps
 		// retrying to drop its map entries.
-		h.log.Warn("datapath not yet updated after endpoint delete", "namespace", namespace, "name", name, "err", err)
+		h.log.Warn("datapath not yet updated after endpoint delete", "namespace", e.Namespace, "name", e.Name, "err", err)
 	}
 	err := h.teardown(ctx, e)
 	h.mesh.EndpointDeletedLocked(e.Key())
 	if err != nil {
-		return fmt.Errorf("endpoint %s/%s was removed, but cleaning up after it failed (retried when the agent restarts): %w", namespace, name, err)
+		return fmt.Errorf("endpoint %s was removed, but cleaning up after it failed (retried when the agent restarts): %w", e.Key(), err)
 	}
-	h.log.Info("endpoint deleted", "namespace", namespace, "name", name)
 	return nil
+}
+
+// CollectEndpoints implements api.Backend: the CNI GC. Endpoints without a
+// container ID (added by the CLI) are never collected; an endpoint that
+// changed since the call started (re-added for a new container) is kept.
+func (h *Handlers) CollectEndpoints(ctx context.Context, req api.GCRequest) (api.GCResult, error) {
+	ctx = context.WithoutCancel(ctx)
+	valid := map[string]bool{}
+	for _, id := range req.Valid {
+		valid[id] = true
+	}
+	var res api.GCResult
+	for _, cand := range h.store.Endpoints() {
+		if cand.ContainerID == "" || valid[cand.ContainerID] {
+			continue
+		}
+		func() {
+			defer h.endpointLocks.lock(cand.Key())()
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			e, ok := h.store.Endpoint(cand.Namespace, cand.Name)
+			if !ok || e.ID != cand.ID || e.ContainerID != cand.ContainerID {
+				return // deleted or replaced meanwhile
+			}
+			h.log.Info("CNI garbage collection: removing endpoint of a container the runtime no longer has", "namespace", e.Namespace, "name", e.Name, "containerID", e.ContainerID)
+			if err := h.removeLocked(ctx, e); err != nil {
+				res.Errors = append(res.Errors, err.Error())
+				return
+			}
+			res.Removed = append(res.Removed, toAPI(e))
+		}()
+	}
+	return res, nil
 }
 
 // teardown removes the plumbing of an endpoint that is no longer desired and
@@ -300,7 +414,44 @@ func toAPI(e state.Endpoint) api.Endpoint {
 		Name: e.Name, Namespace: e.Namespace, Labels: e.Labels, Netns: e.NetnsPath,
 		Interface: e.HostIfName, IfIndex: e.IfIndex, IPs: e.IPs, Identity: e.Identity, ID: e.ID,
 		HostMAC: e.HostMAC, PodMAC: e.PodMAC, Created: e.Created,
+		ContainerID: e.ContainerID, IfName: e.PodIfName, PodUID: e.PodUID,
 	}
+}
+
+// validateContainerID accepts what CNI allows: letters, digits, '_', '.'
+// and '-', starting with a letter or digit; empty is the CLI's.
+func validateContainerID(id string) error {
+	if id == "" {
+		return nil
+	}
+	if len(id) > 256 {
+		return api.Errorf(http.StatusBadRequest, "container ID is %d bytes, at most 256", len(id))
+	}
+	for i, c := range id {
+		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || i > 0 && (c == '_' || c == '.' || c == '-')
+		if !ok {
+			return api.Errorf(http.StatusBadRequest, "container ID %q: only letters, digits, '_', '.' and '-' (not first)", id)
+		}
+	}
+	return nil
+}
+
+// validateIfName checks a pod interface name as the kernel takes it.
+func validateIfName(n string) error {
+	if n == "" {
+		return nil
+	}
+	if len(n) > 15 || n == "." || n == ".." || strings.ContainsAny(n, "/: \t\n\x00") {
+		return api.Errorf(http.StatusBadRequest, "pod interface name %q: 1 to 15 bytes, no '/', ':' or whitespace, not . or ..", n)
+	}
+	return nil
+}
+
+func ifNameOrDefault(n string) string {
+	if n == "" {
+		return endpoint.DefaultPodIfName
+	}
+	return n
 }
 
 // RestoreEndpoints runs at start: every persisted endpoint gets its datapath
@@ -323,7 +474,7 @@ func (h *Handlers) RestoreEndpoints(ctx context.Context) {
 				h.logErr("clean up endpoint "+e.Key(), h.teardown(ctx, e))
 				continue
 			}
-			res, err = h.plumb.Create(endpoint.Spec{NetnsPath: e.NetnsPath, HostIfName: e.HostIfName, Addrs: e.IPs, MTU: h.mtu})
+			res, err = h.plumb.Create(endpoint.Spec{NetnsPath: e.NetnsPath, HostIfName: e.HostIfName, PodIfName: e.PodIfName, Addrs: e.IPs, MTU: h.mtu})
 			if err != nil {
 				log.Error("endpoint's veth is missing and cannot be recreated; fix the cause and restart the agent, or delete the endpoint", "err", err)
 				continue

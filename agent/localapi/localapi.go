@@ -25,6 +25,7 @@
 package localapi
 
 import (
+	"context"
 	"log/slog"
 	"sync"
 	"time"
@@ -75,6 +76,12 @@ type Config struct {
 	Mesh      *clustermode.Mesh     // nil in standalone mode
 	WireGuard *encryption.WireGuard // nil without encryption
 	BigTCP    *bigtcp.Reconciler    // device sizes, for the status
+
+	// LabelsFor, when set, gives the labels of an endpoint whose add
+	// carries none (Kubernetes mode: the pod's labels and its namespace's).
+	// podUID may be empty. An error fails the add with 503, which the CNI
+	// plugin reports as "try again later" (the pod may not be known yet).
+	LabelsFor func(ctx context.Context, namespace, name, podUID string) (map[string]string, error)
 }
 
 // Handlers implement api.Backend.
@@ -102,6 +109,7 @@ type Handlers struct {
 	mesh         *clustermode.Mesh
 	enc          *encryption.WireGuard
 	bigtcp       *bigtcp.Reconciler
+	labelsFor    func(ctx context.Context, namespace, name, podUID string) (map[string]string, error)
 }
 
 var _ api.Backend = (*Handlers)(nil)
@@ -112,7 +120,7 @@ func New(cfg Config) *Handlers {
 		node: cfg.Node, cluster: cfg.Cluster, clusterID: cfg.ClusterID, mtu: cfg.MTU, started: cfg.Started, log: cfg.Log,
 		mu: cfg.Lock, pendingNetns: map[string]string{}, store: cfg.Store, ipam: cfg.IPAM, ids: cfg.Identities, local: cfg.LocalObjects, objects: cfg.Objects,
 		dp: cfg.Datapath, plumb: cfg.Plumb, rec: cfg.Reconcile, mesh: cfg.Mesh, enc: cfg.WireGuard, ipcache: cfg.IPCache,
-		bigtcp: cfg.BigTCP,
+		bigtcp: cfg.BigTCP, labelsFor: cfg.LabelsFor,
 	}
 }
 

@@ -46,6 +46,11 @@ type Endpoint struct {
 	HostMAC    string          `json:"hostMAC"`
 	PodMAC     string          `json:"podMAC"`
 	Created    time.Time       `json:"created"`
+	// Set for endpoints added through the CNI plugin; absent in files of
+	// older agents and for CLI endpoints.
+	ContainerID string `json:"containerID,omitempty"` // the pod sandbox's
+	PodIfName   string `json:"podIfName,omitempty"`   // "" is eth0
+	PodUID      string `json:"podUID,omitempty"`
 }
 
 // Key is "namespace/name", unique per node.

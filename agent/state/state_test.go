@@ -221,3 +221,44 @@ func TestLegacyEndpointsFileMigrated(t *testing.T) {
 		t.Errorf("next ID %d after the move, want 9 (the old file's)", id)
 	}
 }
+
+// The CNI fields survive a reopen, and a file written before they existed
+// (no containerID, podIfName, podUID) still loads, with them empty.
+func TestCNIFieldsAndOlderFiles(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cni := testEndpoint("cni", s.AllocateEndpointID())
+	cni.ContainerID, cni.PodIfName, cni.PodUID = "0123abcd", "net1", "9f1c-uid"
+	if err := s.PutEndpoint(cni); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(filepath.Join(dir, EndpointsDir, "default.cni.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`"containerID": "0123abcd"`, `"podIfName": "net1"`, `"podUID": "9f1c-uid"`} {
+		if !strings.Contains(string(data), want) {
+			t.Errorf("endpoint file lacks %s:\n%s", want, data)
+		}
+	}
+	old := `{"version":1,"endpoint":{"name":"old","namespace":"default","netnsPath":"/var/run/netns/old",` +
+		`"hostIfName":"isthaaaaaaaaaa","ifIndex":7,"ips":["10.0.0.9"],"identity":1048583,"id":5,` +
+		`"hostMAC":"02:00:00:00:00:03","podMAC":"02:00:00:00:00:04","created":"2025-01-02T03:04:05Z"}}`
+	if err := os.WriteFile(filepath.Join(dir, EndpointsDir, "default.old.json"), []byte(old), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, ok := s2.Endpoint("default", "cni"); !ok || !reflect.DeepEqual(got, cni) {
+		t.Errorf("CNI endpoint after reopen:\n got %+v\nwant %+v", got, cni)
+	}
+	got, ok := s2.Endpoint("default", "old")
+	if !ok || got.ContainerID != "" || got.PodIfName != "" || got.PodUID != "" || got.HostIfName != "isthaaaaaaaaaa" {
+		t.Errorf("endpoint of an older agent: %+v, %v", got, ok)
+	}
+}

@@ -20,6 +20,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent"
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
+	"github.com/isthmus-mesh/isthmus/agent/cniinstall"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
 
@@ -168,6 +169,13 @@ agent changes running pods without restarting them.
 			if cfg.SocketPath == "" {
 				cfg.SocketPath = api.DefaultSocketPath(cfg.NodeName)
 			}
+			if cfg.CNI.BinDir != "" && cfg.CNI.PluginPath == "" {
+				exe, err := os.Executable()
+				if err != nil {
+					return fmt.Errorf("--cni-plugin-path: find the agent's own binary: %w", err)
+				}
+				cfg.CNI.PluginPath = filepath.Join(filepath.Dir(exe), cniinstall.PluginType)
+			}
 			return run(cfg)
 		},
 	}
@@ -197,6 +205,10 @@ agent changes running pods without restarting them.
 	f.IntVar(&cfg.BigTCP.Size, "big-tcp-size", bigtcp.DefaultSize, "GSO/GRO size in bytes with BIG TCP, 65537-524288; each device gets at most its tso_max_size")
 	f.BoolVar(&cfg.Kubernetes, "kubernetes", false, "Kubernetes mode (needs --kvstore-endpoints): pods come from the isthmus-cni plugin, their labels, Services, EndpointSlices and NetworkPolicies from the API server, the pod CIDRs and node IPs (unless given) from this node's Node object; with the pod's service account unless --kubeconfig")
 	f.StringVar(&cfg.Kubeconfig, "kubeconfig", "", "Kubernetes mode: kubeconfig file of the API server (implies --kubernetes); default: the in-cluster service account")
+	f.StringVar(&cfg.CNI.BinDir, "cni-bin-dir", "", "Kubernetes mode: copy the CNI plugin (isthmus-cni) into this directory at start, e.g. /opt/cni/bin; \"\" (the default): do not")
+	f.StringVar(&cfg.CNI.ConfDir, "cni-conf-dir", "", "Kubernetes mode: write "+cniinstall.ConfListName+" (the plugin, pointed at --socket) into this directory at start, e.g. /etc/cni/net.d; \"\" (the default): do not")
+	f.StringVar(&cfg.CNI.PluginPath, "cni-plugin-path", "", "the isthmus-cni binary that --cni-bin-dir gets (default: isthmus-cni next to the agent's binary)")
+	f.StringVar(&cfg.CNI.CNIVersion, "cni-version", cniinstall.DefaultCNIVersion, "cniVersion of the written conflist: 1.0.0 works with containerd 1.6 and later; 1.1.0 (STATUS, GC) needs a runtime with libcni >= 1.2 (containerd 2)")
 	return cmd
 }
 

@@ -60,3 +60,18 @@ func TestBigTCPFlags(t *testing.T) {
 		t.Errorf("size 65536: %v", err)
 	}
 }
+
+func TestCNIFlags(t *testing.T) {
+	cfg, err := parse(t, "--pod-cidr", "10.1.1.0/24")
+	if err != nil || cfg.CNI.Enabled() || cfg.CNI.CNIVersion != "1.0.0" {
+		t.Errorf("defaults: %+v, %v", cfg.CNI, err)
+	}
+	cfg, err = parse(t, "--pod-cidr", "10.1.1.0/24", "--cni-bin-dir", "/opt/cni/bin", "--cni-conf-dir", "/etc/cni/net.d")
+	if err != nil || !cfg.CNI.Enabled() || !strings.HasSuffix(cfg.CNI.PluginPath, "/isthmus-cni") {
+		t.Errorf("set: %+v, %v", cfg.CNI, err)
+	}
+	cfg, err = parse(t, "--pod-cidr", "10.1.1.0/24", "--cni-bin-dir", "/b", "--cni-plugin-path", "/x/isthmus-cni", "--cni-version", "1.1.0")
+	if err != nil || cfg.CNI.PluginPath != "/x/isthmus-cni" || cfg.CNI.CNIVersion != "1.1.0" {
+		t.Errorf("plugin path: %+v, %v", cfg.CNI, err)
+	}
+}

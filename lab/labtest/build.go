@@ -59,7 +59,7 @@ func build() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/"+lab.AgentBinary, "./cmd/"+lab.CLIBinary, "./cmd/"+lab.ServerBinary)
+	cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/"+lab.AgentBinary, "./cmd/"+lab.CLIBinary, "./cmd/"+lab.ServerBinary, "./cmd/"+lab.CNIBinary)
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
 		os.RemoveAll(dir)
