@@ -72,7 +72,9 @@ func (c *Cluster) Options() ClusterOptions { return c.opts }
 func (c *Cluster) Lab() *Lab { return c.lab }
 
 // NodeIPs are node j's underlay addresses (IPv4, IPv6).
-func (c *Cluster) NodeIPs(j int) []netip.Addr { return []netip.Addr{c.underlay4(10 + j), c.underlay6(10 + j)} }
+func (c *Cluster) NodeIPs(j int) []netip.Addr {
+	return []netip.Addr{c.underlay4(10 + j), c.underlay6(10 + j)}
+}
 
 // RouterIPs are the router's addresses on the cluster's bridge (IPv4,
 // IPv6): the nodes' gateway, and where the server listens.
