@@ -42,7 +42,7 @@ crds:
 	$(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_GEN_VERSION) \
 		object paths=./k8s/apis/... crd:crdVersions=v1 output:crd:dir=./k8s/crds
 
-test: lint
+test: lint kube-binaries
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 	@if command -v clang >/dev/null 2>&1; then \
 		scripts/check-generated.sh; \

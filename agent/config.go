@@ -163,10 +163,10 @@ func (c Config) validate() error {
 	}
 	errs = append(errs, encryption.Validate(c.Encryption, c.NodeEncryption, c.ClusterMode(), c.WireGuardPort)...)
 	if c.Kubernetes && !c.ClusterMode() {
-		errs = append(errs, errors.New("Kubernetes mode needs cluster mode (--kvstore-endpoints): identities are allocated in the cluster's etcd"))
+		errs = append(errs, errors.New("kubernetes mode needs cluster mode (--kvstore-endpoints): identities are allocated in the cluster's etcd"))
 	}
 	if c.Kubernetes && c.Kube == nil {
-		errs = append(errs, errors.New("Kubernetes mode: not connected to the API server (call PrepareKubernetes)"))
+		errs = append(errs, errors.New("kubernetes mode: not connected to the API server (call PrepareKubernetes)"))
 	}
 	if c.ClusterMode() {
 		errs = append(errs, clustermode.Validate(c.KVStoreEndpoints, c.KVStoreBundle, c.NodeIPs, c.LeaseTTL)...)
