@@ -137,6 +137,13 @@ func dialIn(ctx context.Context, nsPath string, addr netip.AddrPort, timeout tim
 	return conn, err
 }
 
+// DialIn opens a TCP connection from inside the network namespace at
+// nsPath ("" for the current one), e.g. a pod's, for a stream the caller
+// keeps using.
+func DialIn(ctx context.Context, nsPath string, addr netip.AddrPort, timeout time.Duration) (net.Conn, error) {
+	return dialIn(ctx, nsPath, addr, timeout)
+}
+
 // ListenIn opens a TCP listener inside the network namespace at nsPath
 // ("" for the current one).
 func ListenIn(nsPath, addr string) (net.Listener, error) {
