@@ -22,7 +22,10 @@ import (
 // in their command line (killed with their process groups), network
 // namespaces /var/run/netns/<prefix>*, host links <prefix>*, bpffs pin dirs
 // /sys/fs/bpf/isthmus/<prefix>*, WireGuard sockets
-// /var/run/wireguard/<prefix>*.sock, temp dirs <tmp>/<prefix>-* (kept when
+// /var/run/wireguard/<prefix>*.sock, the leftovers of Kubernetes nodes
+// (processes in the cgroups <hierarchy>/<prefix>* and those cgroups, mounts
+// under the temp dirs, the pods' /run/netns/cni-* namespaces; see
+// kubeclean.go), temp dirs <tmp>/<prefix>-* (kept when
 // ISTHMUS_LAB_KEEP=1) and the owner record. The calling process and its
 // ancestors are never killed. It tries every step and joins the errors.
 func CleanupPrefix(prefix string) error {
@@ -56,6 +59,9 @@ func CleanupStale() error {
 		for _, lk := range links {
 			add(lk.Attrs().Name)
 		}
+	}
+	for _, d := range kubeCgroupDirs(Marker) {
+		add(filepath.Base(d))
 	}
 	ents, _ := os.ReadDir(ownerDir)
 	for _, e := range ents {
@@ -106,6 +112,9 @@ func cleanupPrefix(prefix string, removeDirs bool) error {
 		}
 	}
 	if err := killMatching(prefix, nsInodes); err != nil {
+		errs = append(errs, err)
+	}
+	if err := cleanupKube(prefix); err != nil {
 		errs = append(errs, err)
 	}
 	for _, f := range nsFiles {
