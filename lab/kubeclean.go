@@ -224,10 +224,28 @@ func UnmountUnder(dirs []string, nets map[[2]uint64]bool) error {
 	return errors.Join(errs...)
 }
 
+// removeShimSockets removes the sockets of the containerd shims of every
+// kube node below dir: a killed shim leaves /run/containerd/s/<hash>,
+// whose address the shim recorded in its bundle (<containerd state>/
+// io.containerd.runtime.v2.task/<namespace>/<id>/address).
+func removeShimSockets(dir string) {
+	files, _ := filepath.Glob(filepath.Join(dir, "*", "kube", "containerd-state", "io.containerd.runtime.v2.task", "*", "*", "address"))
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		sock := strings.TrimPrefix(strings.TrimSpace(string(b)), "unix://")
+		if strings.HasPrefix(sock, "/run/containerd/s/") && !strings.Contains(sock, "..") {
+			_ = os.Remove(sock)
+		}
+	}
+}
+
 // cleanupKube removes the Kubernetes leftovers of prefix: the processes
 // in its cgroups (pods), the cgroups, the mounts under its temp dirs, the
 // sandbox namespaces of its pods, and the kubelet's log symlinks into its
-// temp dirs.
+// temp dirs, and the sockets of its killed containerd shims.
 func cleanupKube(prefix string) error {
 	var errs []error
 	nets, err := KillCgroups(kubeCgroupDirs(prefix))
@@ -235,6 +253,9 @@ func cleanupKube(prefix string) error {
 		errs = append(errs, err)
 	}
 	tmpDirs, _ := filepath.Glob(filepath.Join(os.TempDir(), prefix+"*-*"))
+	for _, d := range tmpDirs {
+		removeShimSockets(d)
+	}
 	if err := UnmountUnder(tmpDirs, nets); err != nil {
 		errs = append(errs, err)
 	}

@@ -66,6 +66,7 @@ func TestClusterInNamespaces(t *testing.T) {
 	var l *lab.Lab
 	var prefix, dir string
 	cniBefore := cniNetns()
+	shimsBefore := shimSockets()
 	t.Run("cluster", func(t *testing.T) {
 		var closing time.Time
 		t.Cleanup(func() { t.Logf("teardown (lab close) took %v", time.Since(closing).Round(time.Millisecond)) })
@@ -247,6 +248,11 @@ func TestClusterInNamespaces(t *testing.T) {
 			t.Errorf("pod sandbox netns %s left", f)
 		}
 	}
+	for f := range shimSockets() {
+		if !shimsBefore[f] {
+			t.Errorf("containerd shim socket %s left", f)
+		}
+	}
 	if p := procsOf(prefix, dir); len(p) > 0 {
 		t.Errorf("processes left: %v", p)
 	}
@@ -281,6 +287,15 @@ func httpGet(ns *lab.Node, addr string) (string, error) {
 func cniNetns() map[string]bool {
 	m := map[string]bool{}
 	g, _ := filepath.Glob("/run/netns/cni-*")
+	for _, f := range g {
+		m[f] = true
+	}
+	return m
+}
+
+func shimSockets() map[string]bool {
+	m := map[string]bool{}
+	g, _ := filepath.Glob("/run/containerd/s/*")
 	for _, f := range g {
 		m[f] = true
 	}
