@@ -92,8 +92,9 @@ func ownerAlive(prefix string) bool {
 	if o.Detached {
 		return true
 	}
+	// A killed owner can linger as a zombie until its parent reaps it.
 	st, err := procStartTime(o.Pid)
-	return err == nil && st == o.StartTime
+	return err == nil && st == o.StartTime && procRunning(o.Pid)
 }
 
 func cleanupPrefix(prefix string, removeDirs bool) error {
