@@ -22,7 +22,10 @@ import (
 // in their command line (killed with their process groups), network
 // namespaces /var/run/netns/<prefix>*, host links <prefix>*, bpffs pin dirs
 // /sys/fs/bpf/isthmus/<prefix>*, WireGuard sockets
-// /var/run/wireguard/<prefix>*.sock, temp dirs <tmp>/<prefix>-* (kept when
+// /var/run/wireguard/<prefix>*.sock, the leftovers of Kubernetes nodes
+// (processes in the cgroups <hierarchy>/<prefix>* and those cgroups, mounts
+// under the temp dirs, the pods' /run/netns/cni-* namespaces; see
+// kubeclean.go), temp dirs <tmp>/<prefix>-* (kept when
 // ISTHMUS_LAB_KEEP=1) and the owner record. The calling process and its
 // ancestors are never killed. It tries every step and joins the errors.
 func CleanupPrefix(prefix string) error {
@@ -57,6 +60,9 @@ func CleanupStale() error {
 			add(lk.Attrs().Name)
 		}
 	}
+	for _, d := range kubeCgroupDirs(Marker) {
+		add(filepath.Base(d))
+	}
 	ents, _ := os.ReadDir(ownerDir)
 	for _, e := range ents {
 		add(strings.TrimSuffix(e.Name(), ".json"))
@@ -86,8 +92,9 @@ func ownerAlive(prefix string) bool {
 	if o.Detached {
 		return true
 	}
+	// A killed owner can linger as a zombie until its parent reaps it.
 	st, err := procStartTime(o.Pid)
-	return err == nil && st == o.StartTime
+	return err == nil && st == o.StartTime && procRunning(o.Pid)
 }
 
 func cleanupPrefix(prefix string, removeDirs bool) error {
@@ -106,6 +113,9 @@ func cleanupPrefix(prefix string, removeDirs bool) error {
 		}
 	}
 	if err := killMatching(prefix, nsInodes); err != nil {
+		errs = append(errs, err)
+	}
+	if err := cleanupKube(prefix); err != nil {
 		errs = append(errs, err)
 	}
 	for _, f := range nsFiles {

@@ -105,6 +105,7 @@ type Lab struct {
 	mu        sync.Mutex
 	spaces    map[string]*Netns
 	procs     []*Proc
+	onClose   []func() error
 	procSeq   int
 	hostSeq   int
 	closed    bool
@@ -239,8 +240,9 @@ func (l *Lab) Procs() []*Proc {
 	return append([]*Proc(nil), l.procs...)
 }
 
-// Close kills every started process with its process group, deletes the
-// lab's namespaces, host links, bpffs pin dirs and WireGuard sockets, and
+// Close runs the OnClose hooks, kills every started process with its process
+// group, removes what CleanupPrefix removes (namespaces, host links, bpffs pin
+// dirs, WireGuard sockets, and the leftovers of Kubernetes nodes), and
 // removes Dir (unless kept). It is idempotent, safe after a partial failure,
 // and always tries every step; the returned error joins what failed.
 func (l *Lab) Close() error {
@@ -248,10 +250,16 @@ func (l *Lab) Close() error {
 		l.mu.Lock()
 		l.closed = true
 		procs := append([]*Proc(nil), l.procs...)
+		hooks := l.onClose
 		l.mu.Unlock()
 		unregisterLive(l)
 
 		var errs []error
+		for i := len(hooks) - 1; i >= 0; i-- {
+			if err := hooks[i](); err != nil {
+				errs = append(errs, err)
+			}
+		}
 		for _, p := range procs {
 			if err := p.Kill(); err != nil {
 				errs = append(errs, err)
@@ -273,6 +281,20 @@ func (l *Lab) Close() error {
 		l.closeErr = errors.Join(errs...)
 	})
 	return l.closeErr
+}
+
+// OnClose registers fn to run at the start of Close, before the lab's
+// processes are killed; hooks run last registered first. Packages that
+// build on the lab (lab/kube) use it for what the generic cleanup by prefix
+// cannot know about. It returns an error when the lab is already closed.
+func (l *Lab) OnClose(fn func() error) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if err := l.checkOpen(); err != nil {
+		return err
+	}
+	l.onClose = append(l.onClose, fn)
+	return nil
 }
 
 func (l *Lab) checkOpen() error {

@@ -33,7 +33,7 @@ func (c *cli) connectivityCommand() *cobra.Command {
 		Use:   "connectivity",
 		Short: "Check pod, service, policy and encryption connectivity end to end",
 	}
-	cmd.AddCommand(c.connectivityTestCommand())
+	cmd.AddCommand(c.connectivityTestCommand(), c.connectivityPauseCommand(), c.connectivityKubeAPICommand())
 	return cmd
 }
 
