@@ -38,6 +38,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
@@ -47,6 +48,8 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
+	"github.com/isthmus-mesh/isthmus/clustermesh/servicesync"
+	"github.com/isthmus-mesh/isthmus/k8s/apis/mcs"
 	"github.com/isthmus-mesh/isthmus/k8s/apis/v1alpha1"
 	"github.com/isthmus-mesh/isthmus/k8s/kubeclient"
 	"github.com/isthmus-mesh/isthmus/k8s/translate"
@@ -65,9 +68,6 @@ type Config struct {
 	StateFile string
 }
 
-// NetworkPolicyGVR is the Isthmus NetworkPolicy CRD.
-var NetworkPolicyGVR = v1alpha1.GroupVersion.WithResource("networkpolicies")
-
 // Source watches the API server.
 type Source struct {
 	cfg     Config
@@ -83,6 +83,7 @@ type Source struct {
 	nsLister  cache.Indexer
 	svcLister cache.Indexer
 	slices    cache.Indexer // by service
+	exports   atomic.Pointer[cache.Indexer]
 
 	mu      sync.Mutex // serialises object updates
 	objs    map[string]objects.Object
@@ -256,15 +257,20 @@ func (s *Source) Run(ctx context.Context) error {
 
 	// The CRD: only once the API serves it (it is installed with the
 	// chart; an agent started before it waits for it).
-	crdSynced := s.startCRDInformer(ctx)
+	crdSynced := s.startDynamic(ctx, v1alpha1.NetworkPolicyResource, "isthmus.io NetworkPolicy", s.crdPolicyChanged, nil)
+	exportsSynced := s.startDynamic(ctx, mcs.ServiceExports, "multicluster.x-k8s.io ServiceExport", func(o any, _ bool) {
+		s.serviceChanged(metaKey(o))
+	}, func(idx cache.Indexer) { s.exports.Store(&idx) })
 
 	if !cache.WaitForCacheSync(ctx.Done(), podInf.HasSynced, nsInf.HasSynced, svcInf.HasSynced, sliceInf.HasSynced, npInf.HasSynced) {
 		return ctx.Err()
 	}
-	select {
-	case <-crdSynced:
-	case <-ctx.Done():
-		return ctx.Err()
+	for _, ch := range []<-chan struct{}{crdSynced, exportsSynced} {
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
 	if s.cfg.StateFile != "" {
 		s.save = make(chan struct{}, 1)
@@ -283,10 +289,12 @@ func (s *Source) Run(ctx context.Context) error {
 	return nil
 }
 
-// startCRDInformer waits (in the background) until the API serves the
-// Isthmus NetworkPolicy kind, then starts its informer; the channel is
-// closed once it has listed.
-func (s *Source) startCRDInformer(ctx context.Context) <-chan struct{} {
+// startDynamic waits (in the background) until the API serves gvr (a
+// CRD: installed with the chart, maybe after the agent started), then
+// starts its informer with handler f; the channel is closed once it has
+// listed, or at once when the kind is not served yet (the other kinds
+// need not wait for it).
+func (s *Source) startDynamic(ctx context.Context, gvr schema.GroupVersionResource, what string, f func(obj any, deleted bool), started func(cache.Indexer)) <-chan struct{} {
 	done := make(chan struct{})
 	go func() {
 		closed := false
@@ -299,15 +307,10 @@ func (s *Source) startCRDInformer(ctx context.Context) <-chan struct{} {
 		defer finish()
 		delay := 500 * time.Millisecond
 		warned := false
-		for {
-			_, err := s.client.Discovery().ServerResourcesForGroupVersion(v1alpha1.GroupVersion.String())
-			if err == nil {
-				break
-			}
+		for !s.served(gvr) {
 			if !warned {
-				s.log.Warn("the Isthmus CRDs are not installed yet; isthmus.io NetworkPolicies wait for them (other sources work)", "err", err)
+				s.log.Warn("kind not served by the API server yet; waiting for its CRD (other sources work)", "kind", what)
 				warned = true
-				// Not installed: the other kinds need not wait for it.
 				finish()
 			}
 			select {
@@ -317,24 +320,40 @@ func (s *Source) startCRDInformer(ctx context.Context) <-chan struct{} {
 			}
 			delay = min(2*delay, 10*time.Second)
 		}
-		inf := s.crds.ForResource(NetworkPolicyGVR).Informer()
+		inf := s.crds.ForResource(gvr).Informer()
 		if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-			AddFunc:    func(o any) { s.crdPolicyChanged(o, false) },
-			UpdateFunc: func(_, o any) { s.crdPolicyChanged(o, false) },
+			AddFunc:    func(o any) { f(o, false) },
+			UpdateFunc: func(_, o any) { f(o, false) },
 			DeleteFunc: func(o any) {
 				if d, ok := o.(cache.DeletedFinalStateUnknown); ok {
 					o = d.Obj
 				}
-				s.crdPolicyChanged(o, true)
+				f(o, true)
 			},
 		}); err != nil {
-			s.log.Error("isthmus.io NetworkPolicy informer", "err", err)
+			s.log.Error("informer", "kind", what, "err", err)
 			return
+		}
+		if started != nil {
+			started(inf.GetIndexer())
 		}
 		s.crds.Start(ctx.Done())
 		cache.WaitForCacheSync(ctx.Done(), inf.HasSynced)
 	}()
 	return done
+}
+
+func (s *Source) served(gvr schema.GroupVersionResource) bool {
+	res, err := s.client.Discovery().ServerResourcesForGroupVersion(gvr.GroupVersion().String())
+	if err != nil {
+		return false
+	}
+	for _, r := range res.APIResources {
+		if r.Name == gvr.Resource {
+			return true
+		}
+	}
+	return false
 }
 
 // Synced reports whether every informer has listed once.
@@ -409,6 +428,14 @@ func (s *Source) serviceChanged(n types.NamespacedName) {
 	if err != nil || !served {
 		s.set(key, nil, svc.ResourceVersion, err)
 		return
+	}
+	if ex := s.exports.Load(); ex != nil {
+		if _, exported, _ := (*ex).GetByKey(n.Namespace + "/" + n.Name); exported {
+			if out.Metadata.Annotations == nil {
+				out.Metadata.Annotations = map[string]string{}
+			}
+			out.Metadata.Annotations[servicesync.AnnotationGlobal] = "true"
+		}
 	}
 	s.set(key, &out, "", nil)
 }

@@ -44,6 +44,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 	"github.com/isthmus-mesh/isthmus/clustermesh/servicesync"
+	"github.com/isthmus-mesh/isthmus/k8s/apis/mcs"
 	"github.com/isthmus-mesh/isthmus/k8s/apis/v1alpha1"
 	"github.com/isthmus-mesh/isthmus/k8s/translate"
 )
@@ -53,12 +54,6 @@ const (
 	AnnotationSource = "isthmus.io/source"
 	SourceKubernetes = "kubernetes"
 )
-
-// ServiceExportGVR is the Multi-Cluster Services API's ServiceExport.
-var ServiceExportGVR = schema.GroupVersionResource{Group: "multicluster.x-k8s.io", Version: "v1alpha1", Resource: "serviceexports"}
-
-// NetworkPolicyGVR is the Isthmus NetworkPolicy CRD.
-var NetworkPolicyGVR = v1alpha1.GroupVersion.WithResource("networkpolicies")
 
 // Config configures the sync.
 type Config struct {
@@ -166,8 +161,8 @@ func (s *Syncer) Run(ctx context.Context) error {
 	df := dynamicinformer.NewDynamicSharedInformerFactory(s.dyn, 0)
 	defer df.Shutdown()
 	synced := []cache.InformerSynced{svcInf.HasSynced, sliceInf.HasSynced, npInf.HasSynced}
-	if s.served(ServiceExportGVR) {
-		inf := df.ForResource(ServiceExportGVR).Informer()
+	if s.served(mcs.ServiceExports) {
+		inf := df.ForResource(mcs.ServiceExports).Informer()
 		if _, err := inf.AddEventHandler(onKey(objKey)); err != nil {
 			return err
 		}
@@ -176,8 +171,8 @@ func (s *Syncer) Run(ctx context.Context) error {
 	} else {
 		s.log.Info("the Multi-Cluster Services API (ServiceExport) is not installed; global services come from the isthmus.io/global annotation only")
 	}
-	if s.served(NetworkPolicyGVR) {
-		inf := df.ForResource(NetworkPolicyGVR).Informer()
+	if s.served(v1alpha1.NetworkPolicyResource) {
+		inf := df.ForResource(v1alpha1.NetworkPolicyResource).Informer()
 		if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 			AddFunc:    func(o any) { s.checkCRDPolicy(ctx, o) },
 			UpdateFunc: func(_, o any) { s.checkCRDPolicy(ctx, o) },
@@ -409,7 +404,7 @@ func (s *Syncer) checkCRDPolicy(ctx context.Context, o any) {
 	}
 	u = u.DeepCopy()
 	u.Object["status"] = st
-	if _, err := s.dyn.Resource(NetworkPolicyGVR).Namespace(u.GetNamespace()).UpdateStatus(ctx, u, metav1.UpdateOptions{}); err != nil {
+	if _, err := s.dyn.Resource(v1alpha1.NetworkPolicyResource).Namespace(u.GetNamespace()).UpdateStatus(ctx, u, metav1.UpdateOptions{}); err != nil {
 		s.log.Warn("kubernetes: cannot set the status of an isthmus.io NetworkPolicy", "object", u.GetNamespace()+"/"+u.GetName(), "err", err)
 	}
 }

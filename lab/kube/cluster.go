@@ -53,6 +53,10 @@ type ClusterOptions struct {
 	NodeMaskV4, NodeMaskV6 int
 	// ServiceCIDRs default to 10.96.0.0/16 and fd00:10:96::/112.
 	ServiceCIDRs []netip.Prefix
+	// NodeCIDRsFromCaller turns the controller manager's node IPAM off:
+	// the caller sets each Node's spec.podCIDRs (a lab mesh gives every
+	// node the pod CIDRs its routers route to it).
+	NodeCIDRsFromCaller bool
 	// Binaries default to FindBinaries.
 	Binaries *Binaries
 }
@@ -287,7 +291,7 @@ func Start(ctx context.Context, l *lab.Lab, o ClusterOptions) (*Cluster, error) 
 		"--cluster-signing-cert-file="+c.CACert,
 		"--cluster-signing-key-file="+filepath.Join(c.pkiDir, "ca.key"),
 		"--service-cluster-ip-range="+joinPrefixes(o.ServiceCIDRs),
-		"--allocate-node-cidrs=true",
+		"--allocate-node-cidrs="+strconv.FormatBool(!o.NodeCIDRsFromCaller),
 		"--cluster-cidr="+joinPrefixes(o.ClusterCIDRs),
 		"--node-cidr-mask-size-ipv4="+strconv.Itoa(o.NodeMaskV4),
 		"--node-cidr-mask-size-ipv6="+strconv.Itoa(o.NodeMaskV6),

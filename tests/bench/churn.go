@@ -392,7 +392,7 @@ func churnWindows(ts []churnTimed, dur time.Duration) string {
 			continue
 		}
 		slices.Sort(w)
-		fmt.Fprintf(&b, "[+%s: p50 %.0f max %.0f ms] ", (dur * time.Duration(i) / n).Round(100 * time.Millisecond), ms(pct(w, 50)), ms(w[len(w)-1]))
+		fmt.Fprintf(&b, "[+%s: p50 %.0f max %.0f ms] ", (dur * time.Duration(i) / n).Round(100*time.Millisecond), ms(pct(w, 50)), ms(w[len(w)-1]))
 	}
 	return strings.TrimSpace(b.String())
 }

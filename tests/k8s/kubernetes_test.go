@@ -8,7 +8,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -29,9 +28,10 @@ import (
 	"k8s.io/client-go/dynamic"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
-	"github.com/isthmus-mesh/isthmus/clustermesh/kubesync"
+	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/connectivity"
 	"github.com/isthmus-mesh/isthmus/internal/testenv"
+	"github.com/isthmus-mesh/isthmus/k8s/apis/mcs"
 	"github.com/isthmus-mesh/isthmus/k8s/apis/v1alpha1"
 	"github.com/isthmus-mesh/isthmus/lab"
 	"github.com/isthmus-mesh/isthmus/lab/kube"
@@ -136,7 +136,7 @@ func echoDeployment(cluster, name string, replicas int32, labels map[string]stri
 						WhenUnsatisfiable: corev1.DoNotSchedule, LabelSelector: &metav1.LabelSelector{MatchLabels: labels}}},
 					Containers: []corev1.Container{{
 						Name: "echo", Image: kube.ToolsImage, ImagePullPolicy: corev1.PullNever,
-						Args: []string{"connectivity", "echo-server", "--pod", "$(POD)", "--node", "$(NODE)", "--cluster", cluster, "--listen", fmt.Sprintf(":%d", connectivity.EchoPort)},
+						Args: []string{"lab", "echo-server", "--pod", "$(POD)", "--node", "$(NODE)", "--cluster", cluster, "--listen", fmt.Sprintf(":%d", connectivity.EchoPort)},
 						Env:  env,
 					}},
 				},
@@ -539,7 +539,7 @@ func TestKubernetesMode(t *testing.T) {
 			}
 			ex := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
 				"metadata": map[string]any{"name": "echo-exported", "namespace": "default"}}}
-			if _, err := dyn.Resource(kubesync.ServiceExportGVR).Namespace("default").Create(ctx, ex, metav1.CreateOptions{}); err != nil {
+			if _, err := dyn.Resource(mcs.ServiceExports).Namespace("default").Create(ctx, ex, metav1.CreateOptions{}); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -579,7 +579,7 @@ func TestKubernetesMode(t *testing.T) {
 				}},
 			},
 		}}
-		gvr := v1alpha1.GroupVersion.WithResource("networkpolicies")
+		gvr := v1alpha1.NetworkPolicyResource
 		if _, err := dyn.Resource(gvr).Namespace("default").Create(ctx, pol, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
@@ -625,11 +625,7 @@ func TestKubernetesMode(t *testing.T) {
 		victim := echo2[1]
 		addr := podAddr(victim, false)
 		watch := e.c1.Agents[0]
-		inCache := func() bool {
-			out, err := watch.CLI(ctx, "status", "-o", "json")
-			_ = out
-			return err == nil && ipcacheHas(ctx, watch, addr)
-		}
+		inCache := func() bool { return ipcacheHas(watch, addr) }
 		if !inCache() {
 			t.Fatalf("%s not in c1's ipcache before the delete", addr)
 		}
@@ -655,7 +651,7 @@ func TestKubernetesMode(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		gvr := v1alpha1.GroupVersion.WithResource("networkpolicies")
+		gvr := v1alpha1.NetworkPolicyResource
 		bad := &unstructured.Unstructured{Object: map[string]any{
 			"apiVersion": v1alpha1.GroupVersion.String(), "kind": "NetworkPolicy",
 			"metadata": map[string]any{"name": "bad-protocol", "namespace": "default"},
@@ -700,14 +696,13 @@ func TestKubernetesMode(t *testing.T) {
 	})
 }
 
-// ipcacheHas reports whether the agent's BPF ipcache maps addr.
-func ipcacheHas(ctx context.Context, a *lab.Agent, addr netip.Addr) bool {
-	out, err := a.CLI(ctx, "status", "-o", "json")
+// ipcacheHas reports whether the agent's BPF ipcache holds addr itself
+// (its /32 or /128, not a covering prefix).
+func ipcacheHas(a *lab.Agent, addr netip.Addr) bool {
+	m, err := bpf.ReadIPCache(a.Node.PinDir())
 	if err != nil {
 		return false
 	}
-	_ = out
-	return false
+	_, ok := m[netip.PrefixFrom(addr, addr.BitLen())]
+	return ok
 }
-
-var _ = io.EOF
