@@ -89,9 +89,11 @@ type Cluster struct {
 	ControllerManager          *lab.Proc
 	Scheduler                  *lab.Proc
 
-	lab    *lab.Lab
-	ca     *ca
-	pkiDir string
+	lab           *lab.Lab
+	cpCtx         context.Context // the control plane's processes live as long as it
+	apiServerArgs []string
+	ca            *ca
+	pkiDir        string
 
 	mu    sync.Mutex
 	nodes map[string]*Node
@@ -253,25 +255,27 @@ func Start(ctx context.Context, l *lab.Lab, o ClusterOptions) (*Cluster, error) 
 	if err != nil {
 		return nil, err
 	}
-	c.APIServer, err = o.ControlPlane.Start(cp, c.Binaries.APIServer,
-		"--etcd-servers="+etcdClientURL,
+	c.apiServerArgs = []string{c.Binaries.APIServer,
+		"--etcd-servers=" + etcdClientURL,
 		"--bind-address=0.0.0.0",
-		"--secure-port="+strconv.Itoa(APIServerPort),
-		"--advertise-address="+o.AdvertiseAddr.String(),
-		"--tls-cert-file="+apiCrt, "--tls-private-key-file="+apiKey,
-		"--client-ca-file="+c.CACert,
-		"--service-account-key-file="+saPub,
-		"--service-account-signing-key-file="+saKey,
+		"--secure-port=" + strconv.Itoa(APIServerPort),
+		"--advertise-address=" + o.AdvertiseAddr.String(),
+		"--tls-cert-file=" + apiCrt, "--tls-private-key-file=" + apiKey,
+		"--client-ca-file=" + c.CACert,
+		"--service-account-key-file=" + saPub,
+		"--service-account-signing-key-file=" + saKey,
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-		"--service-cluster-ip-range="+joinPrefixes(o.ServiceCIDRs),
+		"--service-cluster-ip-range=" + joinPrefixes(o.ServiceCIDRs),
 		"--authorization-mode=Node,RBAC",
 		"--enable-admission-plugins=NodeRestriction",
-		"--kubelet-client-certificate="+kcCrt, "--kubelet-client-key="+kcKey,
-		"--kubelet-certificate-authority="+c.CACert,
+		"--kubelet-client-certificate=" + kcCrt, "--kubelet-client-key=" + kcKey,
+		"--kubelet-certificate-authority=" + c.CACert,
 		"--kubelet-preferred-address-types=InternalIP",
 		"--allow-privileged=true",
 		"--profiling=false",
-		"--v=1")
+		"--v=1"}
+	c.cpCtx = cp
+	c.APIServer, err = o.ControlPlane.Start(cp, c.apiServerArgs...)
 	if err != nil {
 		return nil, err
 	}
@@ -312,6 +316,21 @@ func Start(ctx context.Context, l *lab.Lab, o ClusterOptions) (*Cluster, error) 
 		return nil, err
 	}
 	return c, nil
+}
+
+// StopAPIServer kills kube-apiserver (an API-server outage: everything
+// else keeps running); StartAPIServer starts it again.
+func (c *Cluster) StopAPIServer() error { return c.APIServer.Kill() }
+
+// StartAPIServer starts kube-apiserver again after StopAPIServer, with the
+// same flags, and waits until it is ready.
+func (c *Cluster) StartAPIServer(ctx context.Context) error {
+	p, err := c.ControlPlane.Start(c.cpCtx, c.apiServerArgs...)
+	if err != nil {
+		return err
+	}
+	c.APIServer = p
+	return c.waitReady(ctx)
 }
 
 // waitReady polls the apiserver's /readyz until it answers ok.
