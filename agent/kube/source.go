@@ -307,7 +307,7 @@ func (s *Source) startDynamic(ctx context.Context, gvr schema.GroupVersionResour
 		defer finish()
 		delay := 500 * time.Millisecond
 		warned := false
-		for !s.served(gvr) {
+		for !kubeclient.Served(s.client.Discovery(), gvr) {
 			if !warned {
 				s.log.Warn("kind not served by the API server yet; waiting for its CRD (other sources work)", "kind", what)
 				warned = true
@@ -341,19 +341,6 @@ func (s *Source) startDynamic(ctx context.Context, gvr schema.GroupVersionResour
 		cache.WaitForCacheSync(ctx.Done(), inf.HasSynced)
 	}()
 	return done
-}
-
-func (s *Source) served(gvr schema.GroupVersionResource) bool {
-	res, err := s.client.Discovery().ServerResourcesForGroupVersion(gvr.GroupVersion().String())
-	if err != nil {
-		return false
-	}
-	for _, r := range res.APIResources {
-		if r.Name == gvr.Resource {
-			return true
-		}
-	}
-	return false
 }
 
 // Synced reports whether every informer has listed once.

@@ -33,7 +33,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/informers"
@@ -46,6 +45,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/clustermesh/servicesync"
 	"github.com/isthmus-mesh/isthmus/k8s/apis/mcs"
 	"github.com/isthmus-mesh/isthmus/k8s/apis/v1alpha1"
+	"github.com/isthmus-mesh/isthmus/k8s/kubeclient"
 	"github.com/isthmus-mesh/isthmus/k8s/translate"
 )
 
@@ -161,7 +161,7 @@ func (s *Syncer) Run(ctx context.Context) error {
 	df := dynamicinformer.NewDynamicSharedInformerFactory(s.dyn, 0)
 	defer df.Shutdown()
 	synced := []cache.InformerSynced{svcInf.HasSynced, sliceInf.HasSynced, npInf.HasSynced}
-	if s.served(mcs.ServiceExports) {
+	if kubeclient.Served(s.client.Discovery(), mcs.ServiceExports) {
 		inf := df.ForResource(mcs.ServiceExports).Informer()
 		if _, err := inf.AddEventHandler(onKey(objKey)); err != nil {
 			return err
@@ -171,7 +171,7 @@ func (s *Syncer) Run(ctx context.Context) error {
 	} else {
 		s.log.Info("the Multi-Cluster Services API (ServiceExport) is not installed; global services come from the isthmus.io/global annotation only")
 	}
-	if s.served(v1alpha1.NetworkPolicyResource) {
+	if kubeclient.Served(s.client.Discovery(), v1alpha1.NetworkPolicyResource) {
 		inf := df.ForResource(v1alpha1.NetworkPolicyResource).Informer()
 		if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 			AddFunc:    func(o any) { s.checkCRDPolicy(ctx, o) },
@@ -219,19 +219,6 @@ func (s *Syncer) Run(ctx context.Context) error {
 		case <-s.kick:
 		}
 	}
-}
-
-func (s *Syncer) served(gvr schema.GroupVersionResource) bool {
-	res, err := s.client.Discovery().ServerResourcesForGroupVersion(gvr.GroupVersion().String())
-	if err != nil {
-		return false
-	}
-	for _, r := range res.APIResources {
-		if r.Name == gvr.Resource {
-			return true
-		}
-	}
-	return false
 }
 
 func configKey(nsname string) string {

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/discovery"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 )
@@ -28,4 +30,19 @@ func RESTConfig(path string) (*rest.Config, error) {
 		return nil, fmt.Errorf("kubernetes: kubeconfig %s: %w", path, err)
 	}
 	return c, nil
+}
+
+// Served reports whether the API server serves resource gvr (a CRD may be
+// installed after its reader started).
+func Served(d discovery.DiscoveryInterface, gvr schema.GroupVersionResource) bool {
+	res, err := d.ServerResourcesForGroupVersion(gvr.GroupVersion().String())
+	if err != nil {
+		return false
+	}
+	for _, r := range res.APIResources {
+		if r.Name == gvr.Resource {
+			return true
+		}
+	}
+	return false
 }

@@ -32,18 +32,6 @@ func TestFindBinariesNamesMakeTarget(t *testing.T) {
 	}
 }
 
-// staticIsthmus builds the isthmus CLI without cgo, for the pod images.
-func staticIsthmus(t *testing.T) string {
-	out := filepath.Join(t.TempDir(), "isthmus")
-	cmd := exec.Command("go", "build", "-o", out, "./cmd/isthmus")
-	cmd.Dir = "../.."
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build static isthmus: %v\n%s", err, b)
-	}
-	return out
-}
-
 // A cluster with its control plane in a router namespace and two nodes,
 // a Deployment spread over both, and nothing left after the lab closes.
 func TestClusterInNamespaces(t *testing.T) {
@@ -60,7 +48,7 @@ func TestClusterInNamespaces(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	t0 := time.Now()
-	img := staticIsthmus(t)
+	img := labtest.StaticCLI(t)
 	t.Logf("static isthmus built in %v", time.Since(t0).Round(time.Millisecond))
 
 	var l *lab.Lab

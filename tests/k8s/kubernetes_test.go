@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -53,18 +52,6 @@ func step(t *testing.T, format string, args ...any) {
 	t.Logf("[%s] %s", time.Now().Format("15:04:05.000"), fmt.Sprintf(format, args...))
 }
 
-// staticIsthmus builds the isthmus CLI without cgo, for the pod images.
-func staticIsthmus(t *testing.T) string {
-	out := filepath.Join(t.TempDir(), "isthmus")
-	cmd := exec.Command("go", "build", "-o", out, "./cmd/isthmus")
-	cmd.Dir = "../.."
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build static isthmus: %v\n%s", err, b)
-	}
-	return out
-}
-
 func startEnv(t *testing.T) *env {
 	labtest.SkipUnlessRoot(t)
 	if _, err := kube.FindBinaries(); err != nil {
@@ -79,7 +66,7 @@ func startEnv(t *testing.T) *env {
 	t.Cleanup(cancel)
 	l := labtest.New(t)
 	images := filepath.Join(l.Dir(), "images.tar")
-	if err := kube.WriteImages(staticIsthmus(t), images); err != nil {
+	if err := kube.WriteImages(labtest.StaticCLI(t), images); err != nil {
 		t.Fatal(err)
 	}
 	m := kube.NewMesh(kube.MeshOptions{Images: images})
