@@ -420,14 +420,23 @@ func TestKubernetesMode(t *testing.T) {
 		if ep.ContainerID == oldEP.ContainerID {
 			t.Fatalf("replacement %s reuses container %s", fresh.Name, ep.ContainerID)
 		}
-		// The old pod's endpoint is gone from its agent.
-		for _, a := range e.c1.Agents {
-			eps, _ := api.NewClient(a.Socket).ListEndpoints(ctx)
-			for _, x := range eps {
-				if x.Name == old.Name {
-					t.Errorf("endpoint of deleted pod %s still on %s", old.Name, a.Node.NodeName())
+		// The old pod's endpoint goes from its agent (the kubelet's CNI
+		// DEL may come after the replacement is ready).
+		if err := eventually(30*time.Second, func() error {
+			for _, a := range e.c1.Agents {
+				eps, err := api.NewClient(a.Socket).ListEndpoints(ctx)
+				if err != nil {
+					return err
+				}
+				for _, x := range eps {
+					if x.Name == old.Name {
+						return fmt.Errorf("endpoint of deleted pod %s still on %s", old.Name, a.Node.NodeName())
+					}
 				}
 			}
+			return nil
+		}); err != nil {
+			t.Error(err)
 		}
 		if r, err := e.fetch(clEP.Netns, netip.AddrPortFrom(podAddr(fresh, false), connectivity.EchoPort)); err != nil || r.Pod != fresh.Name {
 			t.Fatalf("client -> replacement %s: %v %v", fresh.Name, r, err)
