@@ -66,7 +66,23 @@ type Node struct {
 	// created in every cgroup hierarchy.
 	CgroupRoot string
 
-	cluster *Cluster
+	cluster     *Cluster
+	kubeletArgs []string
+	cpCtx       context.Context
+}
+
+// StopKubelet stops the node's kubelet (its pods keep running, as on a
+// real node); StartKubelet starts it again with the same flags.
+func (n *Node) StopKubelet() error { return n.Kubelet.Stop() }
+
+// StartKubelet starts the kubelet again after StopKubelet.
+func (n *Node) StartKubelet() error {
+	p, err := n.LabNode.Start(n.cpCtx, n.kubeletArgs...)
+	if err != nil {
+		return err
+	}
+	n.Kubelet = p
+	return nil
 }
 
 // AddNode starts containerd and a kubelet in n's namespace, joined to the
@@ -174,6 +190,7 @@ func (c *Cluster) AddNode(ctx context.Context, n *lab.Node, o NodeOptions) (*Nod
 		"--v=1",
 	}
 	args = append(args, o.KubeletArgs...)
+	node.kubeletArgs, node.cpCtx = args, cp
 	if node.Kubelet, err = n.Start(cp, args...); err != nil {
 		return nil, err
 	}
