@@ -13,6 +13,8 @@
 //     agents enforce them (they run the same translation), once per
 //     cluster rather than once per node; a Kubernetes NetworkPolicy that
 //     uses what Isthmus cannot enforce gets a Warning Event.
+//   - Every service some cluster of the mesh exports gets a
+//     multicluster.x-k8s.io ServiceImport (serviceimport.go).
 package kubesync
 
 import (
@@ -188,6 +190,14 @@ func (s *Syncer) Run(ctx context.Context) error {
 		return ctx.Err()
 	}
 	s.log.Info("kubernetes informers synced", "services", len(s.svcs.ListKeys()))
+	ictx, stopImports := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() { stopImports(); wg.Wait() }()
+	if s.served(mcs.ServiceImports) {
+		wg.Go(func() { s.runImports(ictx, svcInf) })
+	} else {
+		s.log.Info("the Multi-Cluster Services API (ServiceImport) is not installed; no ServiceImports are kept")
+	}
 
 	// First pass: every owned key, so what was deleted while the server was
 	// down goes too.

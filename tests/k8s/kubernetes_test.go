@@ -656,6 +656,7 @@ func TestKubernetesMode(t *testing.T) {
 				t.Errorf("service %s (%s) from c1: %v", s.Name, vip, err)
 			}
 		}
+		checkServiceImports(t, e, "echo-exported")
 	})
 
 	t.Run("an Isthmus NetworkPolicy admits only one cluster's clients", func(t *testing.T) {
