@@ -228,8 +228,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, MTU: a.cfg.MTU, Started: a.started, Log: a.log,
 		Lock: &a.mu, Store: a.store, IPAM: a.ipam, Identities: a.ids, LocalObjects: &a.objSet, Objects: a.objects,
 		Datapath: dp, Plumb: a.plumb, Reconcile: a.rec, Mesh: a.mesh, WireGuard: a.enc, BigTCP: a.bigtcp,
-		IPCache:   func() (int, int) { return a.maps.IPCacheEntries(), a.maps.IPCacheOverflow() },
-		LabelsFor: a.cfg.LabelsFor,
+		IPCache:    func() (int, int) { return a.maps.IPCacheEntries(), a.maps.IPCacheOverflow() },
+		LabelsFor:  a.cfg.LabelsFor,
+		ObserveAdd: a.metrics.ObserveEndpointAdd,
 	})
 	local.RestoreEndpoints(ctx)
 	local.CollectGarbage(ctx)

@@ -70,6 +70,14 @@ func TestCNIEndpoints(t *testing.T) {
 	if eps, _ := c.ListEndpoints(ctx); len(eps) != 1 || eps[0].ContainerID != "c2" {
 		t.Errorf("after the old container's delete: %+v", eps)
 	}
+	// Each add's duration as the API handled it, in the list too (the
+	// replaced endpoint's is forgotten).
+	if first.AddDuration <= 0 || second.AddDuration <= 0 || again.AddDuration != 0 {
+		t.Errorf("add durations: first %v, second %v, repeated %v", first.AddDuration, second.AddDuration, again.AddDuration)
+	}
+	if eps, _ := c.ListEndpoints(ctx); len(eps) != 1 || eps[0].AddDuration != second.AddDuration {
+		t.Errorf("listed add duration %+v, want %v", eps, second.AddDuration)
+	}
 
 	// The hook's error fails the add with 503 (the plugin: try again later).
 	_, err = c.AddEndpoint(ctx, api.EndpointRequest{Name: "new", Netns: "/netns/new", ContainerID: "c3", PodUID: "uid-3"})

@@ -107,6 +107,7 @@ func TestMetricsStandalone(t *testing.T) {
 		{"isthmus_agent_reconcile_errors_total", nil, 0},
 		{"isthmus_agent_reconcile_failing", nil, 0},
 		{"isthmus_agent_reconcile_pending", nil, 0},
+		{"isthmus_endpoint_add_seconds", nil, 1}, // the count of adds
 	} {
 		if got := fams.Must(t, c.name, c.labels...); got != c.want {
 			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)

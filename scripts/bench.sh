@@ -9,7 +9,7 @@
 # these machines are shared and absolute numbers drift.
 #
 # BENCH_RUN selects sections (a regexp matched against the whole section name:
-# throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp; mesh also runs
+# throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s; mesh also runs
 # the identity allocation benchmark), BENCH_DURATION the length of each
 # measurement of throughput and cps, BENCH_ARGS more flags of tests/bench
 # (for a CI-sized run, e.g. "-mesh-endpoints 10000 -mesh-churn-duration 10s
@@ -35,7 +35,7 @@ go test -run '^$' -bench 'BenchmarkFromPod' -benchtime 200x -count 1 ./bpf/ |
 		printf "bench: from-pod-%s %s ns/pkt (goal info: BPF_PROG_TEST_RUN)\n", name, v
 	}'
 
-run="${BENCH_RUN:-throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp}"
+run="${BENCH_RUN:-throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s}"
 
 # 2. Identity allocations per second, 10 concurrent allocators (each its
 #    own etcd client and node name) against one embedded etcd (no fsync).
@@ -73,10 +73,9 @@ fi
 #    (tests/bench/mesh.go, churn.go); 4 remote clusters x 100,000 endpoints into
 #    one agent (meshscale.go); endpoint churn under 1,000 services
 #    (services.go); the time from `isthmus lab up` to a ready mesh, 2x2 and 4x3
-#    (tests/bench/labup.go).
+#    (tests/bench/labup.go); Kubernetes mode: the CNI ADD of 50 pods, a new
+#    pod reached from the other cluster, a deleted pod gone from it
+#    (tests/bench/k8s.go; it relinks the Kubernetes binaries with
+#    scripts/kube-binaries.sh and needs containerd, runc and etcd).
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
 go run ./tests/bench -run "$run" -duration "${BENCH_DURATION:-8s}" ${BENCH_ARGS:-}
-#    propagation, full sync of 100,000 endpoints, agent RSS (tests/bench/mesh.go);
-#    the time from `isthmus lab up` to a ready mesh, 2x2 and 4x3 (tests/bench/labup.go);
-#    BIG TCP on against off across two nodes (tests/bench/bigtcp.go).
-go run ./tests/bench -run "$run" -duration "${BENCH_DURATION:-8s}"

@@ -84,6 +84,12 @@ type Endpoint struct {
 	PodUID      string `json:"podUID,omitempty"`
 	// BigTCP is the GSO/GRO size of the endpoint's veth, once reconciled.
 	BigTCP *EndpointBigTCP `json:"bigTCP,omitempty"`
+	// AddDuration is how long the add that created the endpoint took in
+	// the local API, from the request's arrival to the response (waiting
+	// for the pod's labels and the reconcile run that enforces the
+	// endpoint included). Kept in memory only: zero (left out) for an
+	// endpoint restored by a restarted agent.
+	AddDuration time.Duration `json:"addDuration,omitempty"`
 }
 
 // ApplyResult lists what an apply did, object by object.

@@ -51,6 +51,7 @@ const reservedLabelPrefix = "isthmus.io/"
 // sandbox was recreated). Without a container ID (the CLI), an existing
 // endpoint is a conflict.
 func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (api.Endpoint, error) {
+	arrived := time.Now()
 	// Once accepted, an add completes or rolls back even if the client goes away.
 	ctx = context.WithoutCancel(ctx)
 	ns, name := req.Namespace, req.Name
@@ -191,7 +192,7 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		NetnsPath: req.Netns, HostIfName: hostIf, IfIndex: res.HostIfIndex,
 		IPs: ips, Identity: id, ID: h.store.AllocateEndpointID(),
 		HostMAC: res.HostMAC.String(), PodMAC: res.PodMAC.String(),
-		Created:     time.Now().UTC().Truncate(time.Second),
+		Created:     time.Now().UTC().Truncate(time.Microsecond),
 		ContainerID: req.ContainerID, PodIfName: podIf, PodUID: req.PodUID,
 	}
 	if err := h.store.PutEndpoint(e); err != nil {
@@ -207,8 +208,41 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		return fail(fmt.Errorf("the datapath did not take endpoint %s/%s, so it was rolled back: %w", ns, name, err))
 	}
 	h.mesh.EndpointAddedLocked(e)
-	h.log.Info("endpoint added", "namespace", ns, "name", name, "ips", ips, "identity", id, "interface", hostIf, "id", e.ID, "containerID", e.ContainerID)
-	return toAPI(e), nil
+	took := time.Since(arrived)
+	h.setAddDuration(e, took)
+	if h.observeAdd != nil {
+		h.observeAdd(took)
+	}
+	h.log.Info("endpoint added", "namespace", ns, "name", name, "ips", ips, "identity", id, "interface", hostIf, "id", e.ID, "containerID", e.ContainerID, "took", took)
+	ae := toAPI(e)
+	ae.AddDuration = took
+	return ae, nil
+}
+
+// setAddDuration keeps how long the add of e took, for ListEndpoints.
+func (h *Handlers) setAddDuration(e state.Endpoint, d time.Duration) {
+	h.addDurMu.Lock()
+	defer h.addDurMu.Unlock()
+	h.addDurations[e.Key()] = addDuration{id: e.ID, d: d}
+}
+
+// addDurationOf is how long the add of e took (0: not known, e.g. an
+// endpoint restored after a restart).
+func (h *Handlers) addDurationOf(e state.Endpoint) time.Duration {
+	h.addDurMu.Lock()
+	defer h.addDurMu.Unlock()
+	if a, ok := h.addDurations[e.Key()]; ok && a.id == e.ID {
+		return a.d
+	}
+	return 0
+}
+
+func (h *Handlers) forgetAddDuration(e state.Endpoint) {
+	h.addDurMu.Lock()
+	defer h.addDurMu.Unlock()
+	if a, ok := h.addDurations[e.Key()]; ok && a.id == e.ID {
+		delete(h.addDurations, e.Key())
+	}
 }
 
 // reserve checks that endpoint key can be added with netns (no endpoint
@@ -303,6 +337,7 @@ func (h *Handlers) removeLocked(ctx context.Context, e state.Endpoint) error {
 	if err := h.store.DeleteEndpoint(e.Namespace, e.Name); err != nil {
 		return err
 	}
+	h.forgetAddDuration(e)
 	if err := h.rec.Converge(ctx); err != nil {
 		// The endpoint is gone from the desired state; the loop keeps
 		// retrying to drop its map entries.
@@ -404,6 +439,7 @@ func (h *Handlers) ListEndpoints(context.Context) ([]api.Endpoint, error) {
 	for _, e := range h.store.Endpoints() {
 		ae := toAPI(e)
 		ae.BigTCP = h.bigtcp.Endpoint(e.Key())
+		ae.AddDuration = h.addDurationOf(e)
 		out = append(out, ae)
 	}
 	return out, nil

@@ -10,7 +10,9 @@
 // agent memory. The wireguard section (wireguard.go) measures Isthmus's
 // WireGuard against no encryption, Debian's wireguard-go and a current
 // standalone wireguard-go. The bigtcp section (bigtcp.go) measures BIG TCP
-// on against off across two nodes.
+// on against off across two nodes. The k8s section (k8s.go) measures
+// Kubernetes mode: the CNI ADD, a new pod reached from another cluster, a
+// deleted pod gone from it.
 package main
 
 import (
@@ -34,7 +36,7 @@ import (
 )
 
 var (
-	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup, bigtcp")
+	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup, bigtcp, k8s")
 	duration = flag.Duration("duration", 8*time.Second, "length of each measurement")
 	services = flag.Int("services", 10000, "services installed for the scaling measurement")
 )
@@ -97,6 +99,7 @@ func main() {
 		{"wireguard", wireguardBench},
 		{"labup", labupBench},
 		{"bigtcp", bigtcpBench},
+		{"k8s", k8sBench},
 	}
 	ok := true
 	for _, sec := range sections {
