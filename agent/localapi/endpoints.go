@@ -172,9 +172,9 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	}
 	undo = append(undo, func() { h.releaseIdentity(ctx, id) })
 
-	// Plumbing, the store and the datapath, under the API lock again.
-	h.mu.Lock()
-	defer h.mu.Unlock()
+	// Plumbing, without the API lock too: the veth and its program belong
+	// to this endpoint alone (its lock is held, its addresses and netns
+	// reserved), and pods created together plumb side by side.
 	hostIf := endpoint.HostIfName(h.node, ns, name)
 	res, err := h.plumb.Create(endpoint.Spec{NetnsPath: req.Netns, HostIfName: hostIf, PodIfName: podIf, Addrs: ips, MTU: h.mtu})
 	if err != nil {
@@ -186,6 +186,10 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		return fail(fmt.Errorf("attach datapath to %s: %w", hostIf, err))
 	}
 	undo = append(undo, func() { h.logErr("detach datapath", h.dp.DetachEndpoint(hostIf)) })
+
+	// The store, under the API lock again.
+	h.mu.Lock()
+	defer h.mu.Unlock()
 
 	e := state.Endpoint{
 		Name: name, Namespace: ns, Labels: labels,
@@ -204,7 +208,14 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		h.rec.Request() // take its entries out of the maps again
 	})
 
-	if err := h.rec.Converge(ctx); err != nil {
+	// Wait for a reconcile run without the API lock: adds that arrive
+	// together (a Deployment scaled up) share runs instead of queueing one
+	// run each behind the lock. This endpoint's own lock still keeps its
+	// other calls out.
+	h.mu.Unlock()
+	err = h.rec.Converge(ctx)
+	h.mu.Lock()
+	if err != nil {
 		return fail(fmt.Errorf("the datapath did not take endpoint %s/%s, so it was rolled back: %w", ns, name, err))
 	}
 	h.mesh.EndpointAddedLocked(e)

@@ -193,7 +193,7 @@ func (s *Syncer) Run(ctx context.Context) error {
 	ictx, stopImports := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	defer func() { stopImports(); wg.Wait() }()
-	if s.served(mcs.ServiceImports) {
+	if kubeclient.Served(s.client.Discovery(), mcs.ServiceImports) {
 		wg.Go(func() { s.runImports(ictx, svcInf) })
 	} else {
 		s.log.Info("the Multi-Cluster Services API (ServiceImport) is not installed; no ServiceImports are kept")
