@@ -115,6 +115,8 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		}
 		labels = identity.Labels(l).Clone()
 	}
+	phases := phaseTimer{last: arrived}
+	phases.mark("labels")
 	if err := labels.Validate(); err != nil {
 		return api.Endpoint{}, api.WithStatus(http.StatusBadRequest, err)
 	}
@@ -148,6 +150,7 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	h.mu.Lock()
 	ips, err := h.reserve(key, req.Netns, owner)
 	h.mu.Unlock()
+	phases.mark("addresses")
 	if err != nil {
 		return api.Endpoint{}, err
 	}
@@ -171,6 +174,7 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		return fail(fmt.Errorf("allocate identity: %w", err))
 	}
 	undo = append(undo, func() { h.releaseIdentity(ctx, id) })
+	phases.mark("identity")
 
 	// Plumbing, without the API lock too: the veth and its program belong
 	// to this endpoint alone (its lock is held, its addresses and netns
@@ -186,10 +190,12 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		return fail(fmt.Errorf("attach datapath to %s: %w", hostIf, err))
 	}
 	undo = append(undo, func() { h.logErr("detach datapath", h.dp.DetachEndpoint(hostIf)) })
+	phases.mark("plumb")
 
 	// The store, under the API lock again.
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	phases.mark("lock")
 
 	e := state.Endpoint{
 		Name: name, Namespace: ns, Labels: labels,
@@ -208,6 +214,7 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		h.rec.Request() // take its entries out of the maps again
 	})
 
+	phases.mark("store")
 	// Wait for a reconcile run without the API lock: adds that arrive
 	// together (a Deployment scaled up) share runs instead of queueing one
 	// run each behind the lock. This endpoint's own lock still keeps its
@@ -218,13 +225,15 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	if err != nil {
 		return fail(fmt.Errorf("the datapath did not take endpoint %s/%s, so it was rolled back: %w", ns, name, err))
 	}
+	phases.mark("datapath")
 	h.mesh.EndpointAddedLocked(e)
+	phases.mark("mesh")
 	took := time.Since(arrived)
 	h.setAddDuration(e, took)
 	if h.observeAdd != nil {
 		h.observeAdd(took)
 	}
-	h.log.Info("endpoint added", "namespace", ns, "name", name, "ips", ips, "identity", id, "interface", hostIf, "id", e.ID, "containerID", e.ContainerID, "took", took)
+	h.log.Info("endpoint added", "namespace", ns, "name", name, "ips", ips, "identity", id, "interface", hostIf, "id", e.ID, "containerID", e.ContainerID, "took", took, "phases", phases.String())
 	ae := toAPI(e)
 	ae.AddDuration = took
 	return ae, nil
@@ -592,3 +601,18 @@ func (h *Handlers) CollectGarbage(ctx context.Context) {
 
 // ownerOf is the IPAM owner of an endpoint.
 func ownerOf(namespace, name string) string { return state.EndpointKey(namespace, name) }
+
+// phaseTimer records how long each step of an endpoint add took, for the
+// log: where a slow add spent its time.
+type phaseTimer struct {
+	last  time.Time
+	steps []string
+}
+
+func (p *phaseTimer) mark(step string) {
+	now := time.Now()
+	p.steps = append(p.steps, fmt.Sprintf("%s=%s", step, now.Sub(p.last).Round(100*time.Microsecond)))
+	p.last = now
+}
+
+func (p *phaseTimer) String() string { return strings.Join(p.steps, " ") }
