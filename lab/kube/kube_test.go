@@ -210,7 +210,15 @@ func TestClusterInNamespaces(t *testing.T) {
 				if !a.Is4() {
 					continue
 				}
-				body, err := httpGet(rtr, netip.AddrPortFrom(a, 8080).String())
+				// Running is not listening yet: the pods have no
+				// readiness probe, so try for a while.
+				var body string
+				var err error
+				for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+					if body, err = httpGet(rtr, netip.AddrPortFrom(a, 8080).String()); err == nil || time.Now().After(deadline) {
+						break
+					}
+				}
 				if err != nil {
 					t.Fatalf("GET %s:8080 from the router: %v", a, err)
 				}
