@@ -197,6 +197,17 @@ func (n *node) snapshot() snapshot {
 	for i, args := range snapshotCommands {
 		s[strings.Join(args, " ")] = string(outs[i])
 	}
+	// How long an endpoint's add took is known to the agent that added
+	// it only (not persisted): a restarted agent does not report it.
+	const epJSON = "endpoint list -o json"
+	var eps []map[string]any
+	if err := json.Unmarshal([]byte(s[epJSON]), &eps); err == nil {
+		for _, e := range eps {
+			delete(e, "addDuration")
+		}
+		b, _ := json.MarshalIndent(eps, "", "  ")
+		s[epJSON] = string(b)
+	}
 	st := n.status()
 	s[datapathKey] = fmt.Sprintf("endpoints %d, services %d, policies %d, identities %d; in the datapath: %d frontends, %d policy entries, %d ipcache entries\n",
 		st.Endpoints, st.Services, st.NetworkPolicies, st.Identities, st.Frontends, st.PolicyEntries, st.IPCacheEntries)
