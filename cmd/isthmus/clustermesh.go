@@ -203,6 +203,7 @@ by the owner only.`,
 	f.StringVar(&ks.cluster, "cluster-name", "", "with --kubernetes-secrets: the cluster's name (its CA's)")
 	f.StringVar(&ks.caSecret, "ca-secret", "isthmus-clustermesh-ca", "with --kubernetes-secrets: the CA Secret (ca.crt, ca.key)")
 	f.StringVar(&ks.agentsSecret, "agents-secret", "isthmus-agents", "with --kubernetes-secrets: the agents Secret (ca.crt, client.crt, client.key)")
+	f.StringVar(&ks.rootSecret, "root-secret", "", "with --kubernetes-secrets: also keep the cluster's root credential (etcd user root, for isthmus clustermesh connect) in this Secret")
 	f.StringVar(&ks.kubeconfig, "kubeconfig", "", "with --kubernetes-secrets: kubeconfig of the cluster (default: the pod's service account)")
 	_ = cmd.MarkFlagDirname("data-dir")
 	return cmd

@@ -15,7 +15,7 @@ import (
 
 // kubeSecrets is `isthmus clustermesh certs --kubernetes-secrets`.
 type kubeSecrets struct {
-	namespace, cluster, caSecret, agentsSecret, kubeconfig string
+	namespace, cluster, caSecret, agentsSecret, rootSecret, kubeconfig string
 }
 
 func (k kubeSecrets) run(ctx context.Context, out io.Writer) error {
@@ -37,7 +37,7 @@ func (k kubeSecrets) run(ctx context.Context, out io.Writer) error {
 		return err
 	}
 	res, err := pkisecrets.Ensure(ctx, cs, pkisecrets.Options{Namespace: k.namespace, Cluster: k.cluster,
-		CASecret: k.caSecret, AgentsSecret: k.agentsSecret,
+		CASecret: k.caSecret, AgentsSecret: k.agentsSecret, RootSecret: k.rootSecret,
 		Labels: map[string]string{"app.kubernetes.io/part-of": "isthmus", "isthmus.io/cluster": k.cluster}})
 	if err != nil {
 		return err
@@ -51,6 +51,9 @@ func (k kubeSecrets) run(ctx context.Context, out io.Writer) error {
 		fmt.Fprintf(out, "issued the agents' credential (etcd user agents): Secret %s/%s\n", k.namespace, k.agentsSecret)
 	} else {
 		fmt.Fprintf(out, "kept the agents' credential: Secret %s/%s\n", k.namespace, k.agentsSecret)
+	}
+	if res.RootIssued {
+		fmt.Fprintf(out, "issued the root credential (etcd user root): Secret %s/%s\n", k.namespace, k.rootSecret)
 	}
 	return nil
 }

@@ -18,6 +18,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/etcdserver"
 )
@@ -37,6 +38,9 @@ type Options struct {
 	Cluster      string
 	CASecret     string
 	AgentsSecret string
+	// RootSecret, when set, gets the cluster's root credential (etcd user
+	// root: everything, e.g. isthmus clustermesh connect) the same way.
+	RootSecret string
 	// Labels are put on Secrets this package creates.
 	Labels map[string]string
 }
@@ -46,6 +50,7 @@ type Result struct {
 	CACreated     bool
 	AgentsIssued  bool // a new agents certificate was written
 	AgentsCurrent bool // the existing one was kept
+	RootIssued    bool // a new root certificate was written (RootSecret)
 }
 
 // Ensure creates the CA Secret if it is missing and makes sure the agents
@@ -74,33 +79,47 @@ func Ensure(ctx context.Context, cs kubernetes.Interface, o Options) (Result, er
 		}
 	}
 
-	agents, err := secrets.Get(ctx, o.AgentsSecret, metav1.GetOptions{})
-	if err != nil && !apierrors.IsNotFound(err) {
-		return res, fmt.Errorf("get Secret %s/%s: %w", o.Namespace, o.AgentsSecret, err)
-	}
-	exists := err == nil
-	if exists && string(agents.Data[KeyCACert]) == string(ca.Cert) &&
-		ca.ClientUsable(o.Cluster, etcdserver.UserAgents, agents.Data[KeyClientCert], agents.Data[KeyClientKey]) {
-		res.AgentsCurrent = true
-		return res, nil
-	}
-	cert, key, err := ca.IssueClient(o.Cluster, etcdserver.UserAgents)
+	issued, err := o.ensureClient(ctx, secrets, ca, o.AgentsSecret, etcdserver.UserAgents)
 	if err != nil {
 		return res, err
 	}
+	res.AgentsIssued, res.AgentsCurrent = issued, !issued
+	if o.RootSecret != "" {
+		if res.RootIssued, err = o.ensureClient(ctx, secrets, ca, o.RootSecret, etcdserver.UserRoot); err != nil {
+			return res, err
+		}
+	}
+	return res, nil
+}
+
+// ensureClient makes sure Secret name holds a usable credential of user
+// issued by ca, and reports whether it wrote a new one.
+func (o Options) ensureClient(ctx context.Context, secrets typedcorev1.SecretInterface, ca etcdserver.CA, name, user string) (bool, error) {
+	cur, err := secrets.Get(ctx, name, metav1.GetOptions{})
+	if err != nil && !apierrors.IsNotFound(err) {
+		return false, fmt.Errorf("get Secret %s/%s: %w", o.Namespace, name, err)
+	}
+	exists := err == nil
+	if exists && string(cur.Data[KeyCACert]) == string(ca.Cert) &&
+		ca.ClientUsable(o.Cluster, user, cur.Data[KeyClientCert], cur.Data[KeyClientKey]) {
+		return false, nil
+	}
+	cert, key, err := ca.IssueClient(o.Cluster, user)
+	if err != nil {
+		return false, err
+	}
 	data := map[string][]byte{KeyCACert: ca.Cert, KeyClientCert: cert, KeyClientKey: key}
 	if exists {
-		agents = agents.DeepCopy()
-		agents.Data = data
-		_, err = secrets.Update(ctx, agents, metav1.UpdateOptions{})
+		cur = cur.DeepCopy()
+		cur.Data = data
+		_, err = secrets.Update(ctx, cur, metav1.UpdateOptions{})
 	} else {
-		_, err = secrets.Create(ctx, o.secret(o.AgentsSecret, data), metav1.CreateOptions{})
+		_, err = secrets.Create(ctx, o.secret(name, data), metav1.CreateOptions{})
 	}
 	if err != nil {
-		return res, fmt.Errorf("write Secret %s/%s: %w", o.Namespace, o.AgentsSecret, err)
+		return false, fmt.Errorf("write Secret %s/%s: %w", o.Namespace, name, err)
 	}
-	res.AgentsIssued = true
-	return res, nil
+	return true, nil
 }
 
 func (o Options) secret(name string, data map[string][]byte) *corev1.Secret {

@@ -13,7 +13,7 @@ import (
 func TestEnsure(t *testing.T) {
 	ctx := context.Background()
 	cs := fake.NewClientset()
-	o := Options{Namespace: "kube-system", Cluster: "c1", CASecret: "isthmus-clustermesh-ca", AgentsSecret: "isthmus-agents",
+	o := Options{Namespace: "kube-system", Cluster: "c1", CASecret: "isthmus-clustermesh-ca", AgentsSecret: "isthmus-agents", RootSecret: "isthmus-root",
 		Labels: map[string]string{"app.kubernetes.io/name": "isthmus"}}
 	get := func(name string) map[string][]byte {
 		s, err := cs.CoreV1().Secrets("kube-system").Get(ctx, name, metav1.GetOptions{})
@@ -24,7 +24,7 @@ func TestEnsure(t *testing.T) {
 	}
 
 	res, err := Ensure(ctx, cs, o)
-	if err != nil || !res.CACreated || !res.AgentsIssued {
+	if err != nil || !res.CACreated || !res.AgentsIssued || !res.RootIssued {
 		t.Fatalf("first run: %+v %v", res, err)
 	}
 	ca, agents := get(o.CASecret), get(o.AgentsSecret)
@@ -32,13 +32,17 @@ func TestEnsure(t *testing.T) {
 	if !c.ClientUsable("c1", etcdserver.UserAgents, agents[KeyClientCert], agents[KeyClientKey]) {
 		t.Fatal("the agents Secret holds no usable agents credential of the CA")
 	}
+	root := get(o.RootSecret)
+	if !c.ClientUsable("c1", etcdserver.UserRoot, root[KeyClientCert], root[KeyClientKey]) {
+		t.Fatal("the root Secret holds no usable root credential of the CA")
+	}
 	if _, ok := agents[KeyCAKey]; ok {
 		t.Fatal("the agents Secret holds the CA key")
 	}
 
 	// Again (an upgrade): nothing changes.
 	res, err = Ensure(ctx, cs, o)
-	if err != nil || res.CACreated || res.AgentsIssued || !res.AgentsCurrent {
+	if err != nil || res.CACreated || res.AgentsIssued || !res.AgentsCurrent || res.RootIssued {
 		t.Fatalf("second run: %+v %v", res, err)
 	}
 	if string(get(o.CASecret)[KeyCAKey]) != string(ca[KeyCAKey]) || string(get(o.AgentsSecret)[KeyClientCert]) != string(agents[KeyClientCert]) {
