@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -121,6 +122,7 @@ re-issued when missing, invalid or close to expiry), for a server started
 with --insecure-shared-agent-credential. With the pod's service account
 unless --kubeconfig.
 
+--out - prints the JSON bundle (nothing else) on stdout.
 --out FILE writes one JSON file (what connect takes); --out DIR/ (trailing
 slash, or an existing directory) writes ca.crt, client.crt, client.key and
 bundle.json into DIR. Bundles hold a private key: they are written readable
@@ -167,6 +169,16 @@ by the owner only.`,
 			if err != nil {
 				return err
 			}
+			if out == "-" {
+				// The JSON bundle alone on stdout (e.g. through kubectl exec
+				// into an image without a shell).
+				data, err := json.MarshalIndent(b, "", "  ")
+				if err != nil {
+					return err
+				}
+				_, err = fmt.Fprintf(m.out, "%s\n", data)
+				return err
+			}
 			dir, err := meshctl.WriteBundle(b, out)
 			if err != nil {
 				return err
@@ -198,7 +210,7 @@ by the owner only.`,
 	f.StringVar(&node, "node", "", "export the bundle of this node's agent (etcd user node-NAME, which writes only that node's records)")
 	f.StringVar(&forRemote, "for-remote", "", "export a bundle for the server of this remote cluster (read-only etcd user remote-CLUSTER)")
 	f.BoolVar(&sharedAgents, "insecure-shared-agents", false, "export the credential all agents share (etcd user agents); only on a server started with --insecure-shared-agent-credential")
-	f.StringVar(&out, "out", "", "where to write: FILE (JSON) or DIR/ (PEM files and bundle.json)")
+	f.StringVar(&out, "out", "", "where to write: FILE (JSON), DIR/ (PEM files and bundle.json) or - (the JSON on stdout)")
 	f.StringVar(&ks.namespace, "kubernetes-secrets", "", "keep the cluster's CA and the agents' shared credential in Secrets of this namespace (the Helm chart's PKI job)")
 	f.StringVar(&ks.cluster, "cluster-name", "", "with --kubernetes-secrets: the cluster's name (its CA's)")
 	f.StringVar(&ks.caSecret, "ca-secret", "isthmus-clustermesh-ca", "with --kubernetes-secrets: the CA Secret (ca.crt, ca.key)")
