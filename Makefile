@@ -7,6 +7,10 @@ CMDS                := isthmus-agent isthmus-clustermesh isthmus isthmus-cni
 TEST_TIMEOUT        ?= 20m
 STATICCHECK_VERSION ?= v0.8.2
 CONTROLLER_GEN_VERSION ?= v0.23.0
+HELM_VERSION        ?= v4.3.2
+# make images: IMAGE_TAG defaults to the chart's appVersion (scripts/images).
+IMAGE_REPOSITORY    ?= localhost/isthmus
+IMAGE_TAG           ?=
 
 # Every Debian package the project needs (build, datapath, tests, benchmarks).
 DEB_PACKAGES := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iperf3 \
@@ -16,7 +20,7 @@ DEB_PACKAGES := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iperf3 \
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build generate test bench lint deps clean demo lab lab-down kube-binaries crds
+.PHONY: all build generate test bench lint deps clean demo lab lab-down kube-binaries crds images helm
 
 all: build
 
@@ -42,7 +46,7 @@ crds:
 	$(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_GEN_VERSION) \
 		object paths=./k8s/apis/... crd:crdVersions=v1 output:crd:dir=./k8s/crds
 
-test: lint kube-binaries
+test: lint kube-binaries helm
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 	@if command -v clang >/dev/null 2>&1; then \
 		scripts/check-generated.sh; \
@@ -103,3 +107,19 @@ clean:
 # module proxy into bin/kubernetes/<version>/ (scripts/kube-binaries.sh).
 kube-binaries:
 	scripts/kube-binaries.sh
+
+# The agent and clustermesh server images of the Helm chart
+# (deploy/helm/isthmus), as tarballs in bin/images/ that
+# `ctr -n k8s.io images import` takes: static binaries in bin/static/,
+# packaged without a registry or docker (scripts/images, internal/ociimage).
+images:
+	@mkdir -p $(BIN)/static
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/static/ ./cmd/isthmus-agent ./cmd/isthmus-cni ./cmd/isthmus-clustermesh ./cmd/isthmus
+	$(GO) run ./scripts/images --bin $(BIN)/static --out $(BIN)/images --repository $(IMAGE_REPOSITORY) $(if $(IMAGE_TAG),--tag $(IMAGE_TAG))
+
+# Helm (v4, for the chart's tests in deploy/helm), built from the module
+# proxy into bin/ once per version, like staticcheck.
+helm:
+	@[ -x $(BIN)/helm-$(HELM_VERSION) ] || { \
+		mkdir -p $(BIN) && GOBIN=$(CURDIR)/$(BIN) $(GO) install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION) && \
+		mv $(BIN)/helm $(BIN)/helm-$(HELM_VERSION); }

@@ -159,6 +159,14 @@ func encodeKey(key *ecdsa.PrivateKey) ([]byte, error) {
 }
 
 func (p *pki) createCA(cluster string) (keyPair, error) {
+	kp, err := newCAKeyPair(cluster)
+	if err != nil {
+		return keyPair{}, err
+	}
+	return kp, p.save("ca", kp)
+}
+
+func newCAKeyPair(cluster string) (keyPair, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return keyPair{}, fmt.Errorf("pki: %w", err)
@@ -187,8 +195,7 @@ func (p *pki) createCA(cluster string) (keyPair, error) {
 		return keyPair{}, fmt.Errorf("pki: %w", err)
 	}
 	cert, _ := x509.ParseCertificate(der)
-	kp := keyPair{cert: cert, certPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), keyPEM: keyPEM}
-	return kp, p.save("ca", kp)
+	return keyPair{cert: cert, certPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), keyPEM: keyPEM}, nil
 }
 
 // sans are the names a server certificate must carry.

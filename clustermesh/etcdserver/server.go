@@ -41,6 +41,10 @@ type Config struct {
 	AdvertiseClient []string
 	// ExtraSANs are more DNS names or IPs for the server certificate.
 	ExtraSANs []string
+	// CADir, in embedded mode, holds the cluster's CA (ca.crt, ca.key; see
+	// CA) to use instead of creating one in DataDir/pki on first start: it
+	// is copied there. A data dir with another CA is refused.
+	CADir string
 
 	// EtcdEndpoints selects external mode: use this etcd instead of an
 	// embedded one. Its users and certificates are managed by whoever
@@ -267,6 +271,11 @@ func (s *Server) startEmbedded(ctx context.Context) error {
 	names, err := s.sans()
 	if err != nil {
 		return err
+	}
+	if s.cfg.CADir != "" {
+		if err := seedCA(s.cfg.CADir, filepath.Join(s.cfg.DataDir, "pki"), s.cfg.ClusterName); err != nil {
+			return err
+		}
 	}
 	s.pki, err = openPKI(filepath.Join(s.cfg.DataDir, "pki"), s.cfg.ClusterName)
 	if err != nil {

@@ -46,6 +46,7 @@ type options struct {
 	clusterID          uint32
 	podCIDRs           []string
 	dataDir            string
+	caDir              string
 	listenClient       string
 	listenPeer         string
 	advertiseClient    []string
@@ -125,6 +126,7 @@ SIGTERM or SIGINT stops it cleanly.`,
 	f.Uint32Var(&o.clusterID, "cluster-id", 0, "numeric cluster ID, 1-4095, unique in the mesh (the high bits of every identity)")
 	f.StringSliceVar(&o.podCIDRs, "pod-cidr", nil, "pod address range of the cluster (every node's pod CIDR lies inside); repeat or comma-separate for several / dual stack")
 	f.StringVar(&o.dataDir, "data-dir", "", "directory for the embedded etcd and the PKI (default "+etcdserver.DefaultDataDirRoot+"/<cluster-name>)")
+	f.StringVar(&o.caDir, "ca-dir", "", "embedded etcd: take the cluster's CA (ca.crt, ca.key) from this directory instead of creating one in <data-dir>/pki (e.g. a mounted Secret of the Helm chart, so a lost data dir keeps the credentials issued from it)")
 	f.StringVar(&o.listenClient, "listen-client", "0.0.0.0:2379", "IP:port the embedded etcd serves clients on (agents, the CLI, remote clusters)")
 	f.StringVar(&o.listenPeer, "listen-peer", "127.0.0.1:2380", "IP:port of the embedded etcd's peer port (single member: nothing connects to it)")
 	f.StringSliceVar(&o.advertiseClient, "advertise-client", nil, "client URL(s) written into exported bundles, e.g. https://192.0.2.1:2379 (default https://<listen-client>, 127.0.0.1 for 0.0.0.0); their hosts go into the server certificate")
@@ -203,11 +205,15 @@ func (o *options) config() (server.Config, error) {
 		if sc.EtcdTLS, err = o.etcdTLS(); err != nil {
 			return cfg, err
 		}
+		if o.caDir != "" {
+			return cfg, errors.New("--ca-dir is for the embedded etcd: an external etcd's certificates are managed by whoever runs it")
+		}
 	} else {
 		if o.etcdCA != "" || o.etcdCert != "" || o.etcdKey != "" {
 			return cfg, errors.New("--etcd-ca, --etcd-cert and --etcd-key are for an external etcd: add --etcd-endpoints, or drop them to use the embedded etcd")
 		}
 		sc.DataDir = o.dataDir
+		sc.CADir = o.caDir
 		if sc.DataDir == "" {
 			sc.DataDir = filepath.Join(etcdserver.DefaultDataDirRoot, o.cluster)
 		}

@@ -51,6 +51,7 @@ func TestFlags(t *testing.T) {
 		{[]string{"--cluster-name", "c1", "--cluster-id", "1", "--pod-cidr", "10.1.0.1/16"}, "without host bits"},
 		{[]string{"--cluster-name", "c1", "--cluster-id", "1", "--pod-cidr", "10.1.0.0/16", "--etcd-ca", "x"}, "add --etcd-endpoints"},
 		{[]string{"--cluster-name", "c1", "--cluster-id", "1", "--pod-cidr", "10.1.0.0/16", "--etcd-endpoints", "https://e:2379", "--etcd-cert", "x"}, "go together"},
+		{[]string{"--cluster-name", "c1", "--cluster-id", "1", "--pod-cidr", "10.1.0.0/16", "--etcd-endpoints", "https://e:2379", "--ca-dir", "/x"}, "--ca-dir is for the embedded etcd"},
 		{[]string{"--cluster-name", "c1", "--cluster-id", "1", "--pod-cidr", "10.1.0.0/16", "--log-level", "loud"}, "--log-level"},
 		{[]string{"--cluster-name", "c1", "--cluster-id", "1", "--pod-cidr", "10.1.0.0/16", "--cache-ttl", "-1s"}, "--cache-ttl"},
 	} {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -90,6 +91,7 @@ var dataDirRoot = etcdserver.DefaultDataDirRoot
 func (m *mesh) certsCommand() *cobra.Command {
 	var dataDir, node, forRemote, out string
 	var sharedAgents bool
+	var ks kubeSecrets
 	cmd := &cobra.Command{
 		Use:   "certs --data-dir DIR (--node NAME | --for-remote CLUSTER) --out FILE|DIR/",
 		Short: "Export the bundle of one of this cluster's nodes, or for a remote cluster's server",
@@ -111,14 +113,31 @@ CLUSTER, whose operator runs isthmus clustermesh connect --bundle with it.
 (etcd user "agents", which may write everything but isthmus/remotes/), only
 on a server started with --insecure-shared-agent-credential.
 
+--kubernetes-secrets NAMESPACE (no --data-dir, no --out; before the server
+first starts) keeps the cluster's PKI in Kubernetes Secrets, as the Helm
+chart's hook job does: the CA Secret (--ca-secret, created if missing, never
+replaced) that isthmus-clustermesh --ca-dir is seeded from, and the agents
+Secret (--agents-secret: ca.crt, client.crt, client.key, etcd user "agents",
+re-issued when missing, invalid or close to expiry), for a server started
+with --insecure-shared-agent-credential. With the pod's service account
+unless --kubeconfig.
+
+--out - prints the JSON bundle (nothing else) on stdout.
 --out FILE writes one JSON file (what connect takes); --out DIR/ (trailing
 slash, or an existing directory) writes ca.crt, client.crt, client.key and
 bundle.json into DIR. Bundles hold a private key: they are written readable
 by the owner only.`,
 		Example: `  isthmus clustermesh certs --data-dir /var/lib/isthmus-clustermesh/c1 --node n1 --out /etc/isthmus/n1/
-  isthmus clustermesh certs --data-dir /var/lib/isthmus-clustermesh/c1 --for-remote c2 --out c1-for-c2.json`,
+  isthmus clustermesh certs --data-dir /var/lib/isthmus-clustermesh/c1 --for-remote c2 --out c1-for-c2.json
+  isthmus clustermesh certs --kubernetes-secrets kube-system --cluster-name c1`,
 		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if ks.namespace != "" {
+				if dataDir != "" || out != "" || node != "" || forRemote != "" || sharedAgents {
+					return errors.New("--kubernetes-secrets writes the CA and agents Secrets: drop --data-dir, --out, --node, --for-remote and --insecure-shared-agents")
+				}
+				return ks.run(cmd.Context(), m.out)
+			}
 			if dataDir == "" {
 				return errors.New("certs needs --data-dir: the --data-dir of this cluster's isthmus-clustermesh (default /var/lib/isthmus-clustermesh/<cluster>)")
 			}
@@ -148,6 +167,16 @@ by the owner only.`,
 				b, err = d.Bundle(etcdserver.UserAgents)
 			}
 			if err != nil {
+				return err
+			}
+			if out == "-" {
+				// The JSON bundle alone on stdout (e.g. through kubectl exec
+				// into an image without a shell).
+				data, err := json.MarshalIndent(b, "", "  ")
+				if err != nil {
+					return err
+				}
+				_, err = fmt.Fprintf(m.out, "%s\n", data)
 				return err
 			}
 			dir, err := meshctl.WriteBundle(b, out)
@@ -181,7 +210,13 @@ by the owner only.`,
 	f.StringVar(&node, "node", "", "export the bundle of this node's agent (etcd user node-NAME, which writes only that node's records)")
 	f.StringVar(&forRemote, "for-remote", "", "export a bundle for the server of this remote cluster (read-only etcd user remote-CLUSTER)")
 	f.BoolVar(&sharedAgents, "insecure-shared-agents", false, "export the credential all agents share (etcd user agents); only on a server started with --insecure-shared-agent-credential")
-	f.StringVar(&out, "out", "", "where to write: FILE (JSON) or DIR/ (PEM files and bundle.json)")
+	f.StringVar(&out, "out", "", "where to write: FILE (JSON), DIR/ (PEM files and bundle.json) or - (the JSON on stdout)")
+	f.StringVar(&ks.namespace, "kubernetes-secrets", "", "keep the cluster's CA and the agents' shared credential in Secrets of this namespace (the Helm chart's PKI job)")
+	f.StringVar(&ks.cluster, "cluster-name", "", "with --kubernetes-secrets: the cluster's name (its CA's)")
+	f.StringVar(&ks.caSecret, "ca-secret", "isthmus-clustermesh-ca", "with --kubernetes-secrets: the CA Secret (ca.crt, ca.key)")
+	f.StringVar(&ks.agentsSecret, "agents-secret", "isthmus-agents", "with --kubernetes-secrets: the agents Secret (ca.crt, client.crt, client.key)")
+	f.StringVar(&ks.rootSecret, "root-secret", "", "with --kubernetes-secrets: also keep the cluster's root credential (etcd user root, for isthmus clustermesh connect) in this Secret")
+	f.StringVar(&ks.kubeconfig, "kubeconfig", "", "with --kubernetes-secrets: kubeconfig of the cluster (default: the pod's service account)")
 	_ = cmd.MarkFlagDirname("data-dir")
 	return cmd
 }
