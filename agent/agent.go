@@ -33,8 +33,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -274,6 +277,36 @@ func (a *Agent) Run(ctx context.Context) error {
 				cancel(fmt.Errorf("kubernetes: %w", err))
 			}
 		})
+		relabel := make(chan struct{}, 1)
+		var pendingMu sync.Mutex
+		pending := map[string]bool{}
+		a.kube.OnPodLabels(func(namespace, name string) {
+			pendingMu.Lock()
+			pending[namespace+"/"+name] = true
+			pendingMu.Unlock()
+			select {
+			case relabel <- struct{}{}:
+			default:
+			}
+		})
+		wg.Go(func() {
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-relabel:
+				}
+				pendingMu.Lock()
+				keys := slices.Sorted(maps.Keys(pending))
+				clear(pending)
+				pendingMu.Unlock()
+				for _, k := range keys {
+					if e, ok := a.store.Endpoint(splitKey(k)); ok {
+						a.relabelFromPod(ctx, local, e)
+					}
+				}
+			}
+		})
 		wg.Go(func() { a.collectGonePods(ctx, local) })
 	}
 	if a.mesh != nil {
@@ -325,6 +358,9 @@ func (a *Agent) collectGonePods(ctx context.Context, local *localapi.Handlers) {
 			}
 			uid, ok := pods[e.Key()]
 			if ok && (e.PodUID == "" || e.PodUID == uid) {
+				// Labels changed while the agent was down, or an update
+				// was missed: the resync catches them.
+				a.relabelFromPod(ctx, local, e)
 				continue
 			}
 			a.log.Info("removing the endpoint of a pod that is gone", "endpoint", e.Key(), "containerID", e.ContainerID)
@@ -338,6 +374,28 @@ func (a *Agent) collectGonePods(ctx context.Context, local *localapi.Handlers) {
 		case <-time.After(reconcile.ResyncInterval):
 		}
 	}
+}
+
+// relabelFromPod gives a CNI endpoint the current identity labels of its
+// pod (pod and namespace labels changed while it runs).
+func (a *Agent) relabelFromPod(ctx context.Context, local *localapi.Handlers, e state.Endpoint) {
+	if e.ContainerID == "" {
+		return
+	}
+	lctx, cancel := context.WithTimeout(ctx, time.Second)
+	labels, err := a.kube.LabelsFor(lctx, e.Namespace, e.Name, e.PodUID)
+	cancel()
+	if err != nil {
+		return // gone: collectGonePods removes it
+	}
+	if err := local.RelabelEndpoint(ctx, e.Namespace, e.Name, labels); err != nil {
+		a.log.Warn("cannot give an endpoint its pod's new labels; retrying at the next resync", "endpoint", e.Key(), "err", err)
+	}
+}
+
+func splitKey(k string) (namespace, name string) {
+	namespace, name, _ = strings.Cut(k, "/")
+	return namespace, name
 }
 
 // reconcile is one run: the reconcilers in order over one snapshot of the

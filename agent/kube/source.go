@@ -93,6 +93,7 @@ type Source struct {
 
 	translated, refusals atomic.Uint64
 	changed              atomic.Value // func(): objects changed
+	podLabels            atomic.Value // func(namespace, name string): a pod's identity labels may have changed
 	save                 chan struct{}
 }
 
@@ -101,6 +102,16 @@ type Source struct {
 func (s *Source) OnChange(f func()) { s.changed.Store(f) }
 
 func (s *Source) notify() { s.changed.Load().(func())() }
+
+// OnPodLabels sets what is called when the identity labels of one of this
+// node's pods may have changed: its own labels, or its namespace's.
+func (s *Source) OnPodLabels(f func(namespace, name string)) { s.podLabels.Store(f) }
+
+func (s *Source) podLabelsChanged(namespace, name string) {
+	if f, ok := s.podLabels.Load().(func(string, string)); ok && f != nil {
+		f(namespace, name)
+	}
+}
 
 type snapshot struct {
 	objs desired.Objects
@@ -251,6 +262,29 @@ func (s *Source) Run(ctx context.Context) error {
 		if _, err := reg.inf.AddEventHandler(handle(reg.f)); err != nil {
 			return err
 		}
+	}
+	if _, err := podInf.AddEventHandler(cache.ResourceEventHandlerFuncs{UpdateFunc: func(oldObj, newObj any) {
+		o, ok1 := oldObj.(*corev1.Pod)
+		n, ok2 := newObj.(*corev1.Pod)
+		if ok1 && ok2 && !maps.Equal(o.Labels, n.Labels) {
+			s.podLabelsChanged(n.Namespace, n.Name)
+		}
+	}}); err != nil {
+		return err
+	}
+	if _, err := nsInf.AddEventHandler(cache.ResourceEventHandlerFuncs{UpdateFunc: func(oldObj, newObj any) {
+		o, ok1 := oldObj.(*corev1.Namespace)
+		n, ok2 := newObj.(*corev1.Namespace)
+		if !ok1 || !ok2 || maps.Equal(o.Labels, n.Labels) {
+			return
+		}
+		for _, p := range s.podLister.List() {
+			if pod := p.(*corev1.Pod); pod.Namespace == n.Name {
+				s.podLabelsChanged(pod.Namespace, pod.Name)
+			}
+		}
+	}}); err != nil {
+		return err
 	}
 	s.pods.Start(ctx.Done())
 	s.cluster.Start(ctx.Done())

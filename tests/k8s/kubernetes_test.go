@@ -23,6 +23,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/dynamic"
 
@@ -349,7 +350,7 @@ func TestKubernetesMode(t *testing.T) {
 		t.Logf("in-cluster client: %s", strings.TrimSpace(string(logs)))
 	})
 
-	t.Run("a Kubernetes NetworkPolicy admits and denies", func(t *testing.T) {
+	t.Run("a Kubernetes NetworkPolicy admits and denies, also after a pod is relabelled", func(t *testing.T) {
 		// Only pods labelled role=frontend may reach echo, on 8080.
 		np := &networkingv1.NetworkPolicy{
 			ObjectMeta: metav1.ObjectMeta{Name: "echo-from-frontend"},
@@ -387,6 +388,33 @@ func TestKubernetesMode(t *testing.T) {
 			return err
 		}); err != nil {
 			t.Fatalf("frontend -> echo: %v", err)
+		}
+		// A label set on the running client pod moves it to the identity
+		// the policy admits: same endpoint, same addresses.
+		patch := []byte(`{"metadata":{"labels":{"role":"frontend"}}}`)
+		if _, err := e.k1.Client.CoreV1().Pods("default").Patch(ctx, cl.Name, types.StrategicMergePatchType, patch, metav1.PatchOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := eventually(20*time.Second, func() error {
+			_, err := e.fetch(clEP.Netns, dst)
+			return err
+		}); err != nil {
+			t.Fatalf("client relabelled role=frontend -> echo: %v", err)
+		}
+		if ep := e.endpointOf(e.c1, cl); ep.ContainerID != clEP.ContainerID || !slices.Equal(ep.IPs, clEP.IPs) || ep.Identity == clEP.Identity {
+			t.Errorf("relabelled client endpoint %+v, before %+v: want the same endpoint with another identity", ep, clEP)
+		}
+		patch = []byte(`{"metadata":{"labels":{"role":null}}}`)
+		if _, err := e.k1.Client.CoreV1().Pods("default").Patch(ctx, cl.Name, types.StrategicMergePatchType, patch, metav1.PatchOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := eventually(20*time.Second, func() error {
+			if _, err := e.fetch(clEP.Netns, dst); err == nil {
+				return errors.New("still admitted")
+			}
+			return nil
+		}); err != nil {
+			t.Fatalf("client without role=frontend again -> echo: %v", err)
 		}
 		if err := e.k1.Client.NetworkingV1().NetworkPolicies("default").Delete(ctx, np.Name, metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
