@@ -136,6 +136,8 @@ func startHelmEnv(t *testing.T) *helmEnv {
 			"cni":              map[string]any{"binDir": bin, "confDir": conf, "nodeSubPath": true},
 			"runDir":           h.runDir,
 			"stateDir":         filepath.Join(l.Dir(), "helm-state"),
+			// The host's /sys/fs/bpf is a private mount.
+			"bpffsMountPropagation": "None",
 		},
 		"clustermesh": map[string]any{
 			"nodeSelector": map[string]string{"kubernetes.io/hostname": server.NodeName()},
@@ -438,4 +440,3 @@ func (s *podStream) stop() {
 	s.ln.Close()
 	s.wg.Wait()
 }
-
