@@ -141,6 +141,7 @@ func startHelmEnv(t *testing.T) *helmEnv {
 		},
 		"clustermesh": map[string]any{
 			"nodeSelector": map[string]string{"kubernetes.io/hostname": server.NodeName()},
+			"tlsSANs":      []string{h.c.NodeIPs(1)[0].String()},
 		},
 	}
 	b, err := yaml.Marshal(values)
