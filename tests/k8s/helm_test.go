@@ -358,6 +358,7 @@ type podStream struct {
 	wg     sync.WaitGroup
 	mu     sync.Mutex
 	stall  time.Duration
+	last   time.Time // the latest round trip
 	echoed int
 	err    error
 }
@@ -368,7 +369,7 @@ func startPodStream(ctx context.Context, srcNetns, dstNetns string, dst netip.Ad
 	if err != nil {
 		return nil, err
 	}
-	s := &podStream{ln: ln, done: make(chan struct{})}
+	s := &podStream{ln: ln, done: make(chan struct{}), last: time.Now()}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -393,7 +394,6 @@ func (s *podStream) run() {
 	defer s.wg.Done()
 	msg := []byte("isthmus-rollout-stream-0123456789\n")
 	buf := make([]byte, len(msg))
-	last := time.Now()
 	for {
 		select {
 		case <-s.done:
@@ -416,18 +416,23 @@ func (s *podStream) run() {
 			s.mu.Unlock()
 			return
 		}
-		if gap := now.Sub(last); gap > s.stall {
+		if gap := now.Sub(s.last); gap > s.stall {
 			s.stall = gap
 		}
 		s.echoed++
+		s.last = now
 		s.mu.Unlock()
-		last = now
 	}
 }
 
+// result returns the longest time without a round trip so far (one still
+// going on included), the round trips and the stream's error.
 func (s *podStream) result() (time.Duration, int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if gap := time.Since(s.last); gap > s.stall {
+		s.stall = gap
+	}
 	err := s.err
 	if err == nil && s.echoed == 0 {
 		err = errors.New("no round trip")
