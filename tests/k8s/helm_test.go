@@ -141,7 +141,9 @@ func startHelmEnv(t *testing.T) *helmEnv {
 		},
 		"clustermesh": map[string]any{
 			"nodeSelector": map[string]string{"kubernetes.io/hostname": server.NodeName()},
-			"tlsSANs":      []string{h.c.NodeIPs(1)[0].String()},
+			// The agents' etcd client verifies the address it dials (not
+			// only <cluster>.mesh.isthmus.io): the certificate must name it.
+			"tlsSANs": []string{h.c.NodeIPs(1)[0].String()},
 		},
 	}
 	b, err := yaml.Marshal(values)
@@ -212,6 +214,23 @@ func (h *helmEnv) waitRollout(d time.Duration) error {
 		}
 		return nil
 	})
+}
+
+// agentPods returns the names of the agent DaemonSet's pods.
+func (h *helmEnv) agentPods(t *testing.T) map[string]bool {
+	t.Helper()
+	list, err := h.k.Client.CoreV1().Pods(helmNamespace).List(h.ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=agent"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := map[string]bool{}
+	for _, p := range list.Items {
+		names[p.Name] = true
+	}
+	if len(names) == 0 {
+		t.Fatal("no agent pods")
+	}
+	return names
 }
 
 // endpoint finds a pod's endpoint through the agent socket of its node.
@@ -311,6 +330,7 @@ func TestHelmInstall(t *testing.T) {
 			t.Fatal(err)
 		}
 		before := ds.Spec.Template.Spec.Containers[0].Args
+		oldPods := h.agentPods(t)
 		t0 := time.Now()
 		step(t, "helm upgrade --set agent.logLevel=debug")
 		if err := h.helmCmd("upgrade", "isthmus", filepath.Join(h.root, "deploy", "helm", "isthmus"), "-f", h.values, "--set", "agent.logLevel=debug", "--timeout", "5m"); err != nil {
@@ -326,6 +346,11 @@ func TestHelmInstall(t *testing.T) {
 		ds, err = h.k.Client.AppsV1().DaemonSets(helmNamespace).Get(ctx, h.dsName, metav1.GetOptions{})
 		if err != nil {
 			t.Fatal(err)
+		}
+		for name := range h.agentPods(t) {
+			if oldPods[name] {
+				t.Errorf("agent pod %s was not replaced", name)
+			}
 		}
 		if after := ds.Spec.Template.Spec.Containers[0].Args; strings.Join(after, " ") == strings.Join(before, " ") || !strings.Contains(strings.Join(after, " "), "--log-level=debug") {
 			t.Errorf("the upgrade did not change the agent's args: %v", after)
