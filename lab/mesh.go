@@ -62,6 +62,12 @@ type ClusterOptions struct {
 	// its agent starts, and returns more agent flags: it is where a
 	// Kubernetes node's containerd and kubelet start.
 	BeforeAgent func(ctx context.Context, c *Cluster, n *Node, j int) ([]string, error)
+	// NoServer and NoAgents start no isthmus-clustermesh in the router and
+	// no isthmus-agent on the nodes (the nodes are still built and linked,
+	// and BeforeAgent still runs): something else runs them, e.g. a Helm
+	// install into the cluster's Kubernetes (package lab/kube). Cluster.Agents
+	// stays empty.
+	NoServer, NoAgents bool
 }
 
 // Options returns the options the cluster was built with (defaults
@@ -267,8 +273,10 @@ func (l *Lab) AddCluster(ctx context.Context, index int, opts ClusterOptions) (*
 		}
 		c.opts.ServerArgs = append(c.opts.ServerArgs, args...)
 	}
-	if err := c.StartServer(ctx); err != nil {
-		return nil, err
+	if !opts.NoServer {
+		if err := c.StartServer(ctx); err != nil {
+			return nil, err
+		}
 	}
 	for j := 1; j <= opts.Nodes; j++ {
 		if _, _, err := c.AddNode(ctx); err != nil {
@@ -332,7 +340,7 @@ func (c *Cluster) StartServer(ctx context.Context) error {
 }
 
 // AddNode adds a node to the cluster's subnet and starts its agent in
-// cluster mode.
+// cluster mode (no agent, and a nil *Agent, with ClusterOptions.NoAgents).
 func (c *Cluster) AddNode(ctx context.Context) (*Node, *Agent, error) {
 	j := len(c.Nodes) + 1
 	n, err := c.lab.AddNode(fmt.Sprintf("%s-n%d", c.Name, j))
@@ -378,6 +386,15 @@ func (c *Cluster) AddNode(ctx context.Context) (*Node, *Agent, error) {
 		if err := c.Router.AddRoute(p, via); err != nil {
 			return nil, nil, err
 		}
+	}
+	if c.opts.NoAgents {
+		if c.opts.BeforeAgent != nil {
+			if _, err := c.opts.BeforeAgent(ctx, c, n, j); err != nil {
+				return nil, nil, err
+			}
+		}
+		c.Nodes = append(c.Nodes, n)
+		return n, nil, nil
 	}
 	bundle, err := c.NodeBundle(ctx, n.NodeName())
 	if err != nil {

@@ -367,12 +367,15 @@ func (s *Server) startEmbedded(ctx context.Context) error {
 		}
 	}
 
-	// The server's own client is root, by certificate.
+	// The server's own client is root, by certificate. It dials localURL:
+	// with --listen-client 0.0.0.0 (the default, the chart's) the etcd
+	// client would verify the address 0.0.0.0, which the certificate does
+	// not name (it names 127.0.0.1).
 	tc, err := s.clientTLS(root)
 	if err != nil {
 		return err
 	}
-	s.kv, err = kvstore.Connect(ctx, kvstore.Config{Endpoints: []string{clientURL.String()}, TLS: tc, Logger: s.log,
+	s.kv, err = kvstore.Connect(ctx, kvstore.Config{Endpoints: []string{s.localURL}, TLS: tc, Logger: s.log,
 		Metrics: s.cfg.KVMetrics})
 	if err != nil {
 		return fmt.Errorf("clustermesh: connect to the embedded etcd: %w", err)

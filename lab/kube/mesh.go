@@ -22,8 +22,26 @@ import (
 type MeshOptions struct {
 	// Images is a tarball every node imports (WriteImages).
 	Images string
+	// ExtraImages are more tarballs every node imports, e.g. the chart's
+	// agent and clustermesh images (ociimage.WriteIsthmus).
+	ExtraImages []string
 	// Binaries default to FindBinaries.
 	Binaries *Binaries
+	// InstallWithHelm builds the clusters for a Helm install of Isthmus
+	// (deploy/helm/isthmus): Enable sets NoServer and NoAgents, since the
+	// chart runs the server and the agents; the CRDs are left to the chart;
+	// and each node's containerd takes its CNI plugins and config from
+	// <bin>/<node name> and <conf>/<node name> of HelmCNIDirs, where the
+	// chart's agent (agent.cni.nodeSubPath) installs them (the lab's nodes
+	// share one filesystem). The bin dir starts with links to Debian's
+	// plugins (loopback).
+	InstallWithHelm bool
+}
+
+// HelmCNIDirs returns the base CNI bin and conf dirs of a lab built with
+// MeshOptions.InstallWithHelm: the chart's agent.cni.binDir and confDir.
+func HelmCNIDirs(l *lab.Lab) (bin, conf string) {
+	return filepath.Join(l.Dir(), "helm-cni", "bin"), filepath.Join(l.Dir(), "helm-cni", "net.d")
 }
 
 // Mesh keeps the Kubernetes side of a lab mesh's clusters.
@@ -44,6 +62,9 @@ func NewMesh(o MeshOptions) *Mesh {
 func (m *Mesh) Enable(o *lab.ClusterOptions) {
 	o.BeforeServer = m.beforeServer
 	o.BeforeAgent = m.beforeAgent
+	if m.opts.InstallWithHelm {
+		o.NoServer, o.NoAgents = true, true
+	}
 }
 
 // Cluster returns the Kubernetes cluster of the lab cluster named name.
@@ -63,8 +84,10 @@ func (m *Mesh) beforeServer(ctx context.Context, c *lab.Cluster) ([]string, erro
 	if err != nil {
 		return nil, err
 	}
-	if err := crds.Install(ctx, kc.Config); err != nil {
-		return nil, err
+	if !m.opts.InstallWithHelm {
+		if err := crds.Install(ctx, kc.Config); err != nil {
+			return nil, err
+		}
 	}
 	m.mu.Lock()
 	m.clusters[c.Name] = kc
@@ -90,7 +113,17 @@ func (m *Mesh) beforeAgent(ctx context.Context, c *lab.Cluster, n *lab.Node, j i
 	if m.opts.Images != "" {
 		images = []string{m.opts.Images}
 	}
-	kn, err := kc.AddNode(ctx, n, NodeOptions{Name: n.NodeName(), IP: c.NodeIPs(j)[0], CNIBinDirs: []string{extra, "/usr/lib/cni"}, Images: images})
+	images = append(images, m.opts.ExtraImages...)
+	no := NodeOptions{Name: n.NodeName(), IP: c.NodeIPs(j)[0], CNIBinDirs: []string{extra, "/usr/lib/cni"}, Images: images}
+	if m.opts.InstallWithHelm {
+		bin, conf := HelmCNIDirs(c.Lab())
+		no.CNIBinDirs = []string{filepath.Join(bin, n.NodeName())}
+		no.CNIConfDir = filepath.Join(conf, n.NodeName())
+		if err := linkPlugins(no.CNIBinDirs[0], []string{"/usr/lib/cni"}); err != nil {
+			return nil, err
+		}
+	}
+	kn, err := kc.AddNode(ctx, n, no)
 	if err != nil {
 		return nil, err
 	}
@@ -101,6 +134,9 @@ func (m *Mesh) beforeAgent(ctx context.Context, c *lab.Cluster, n *lab.Node, j i
 	patch := fmt.Sprintf(`{"spec":{"podCIDR":%q,"podCIDRs":[%q,%q]}}`, cidrs[0], cidrs[0], cidrs[1])
 	if _, err := kc.Client.CoreV1().Nodes().Patch(ctx, kn.Name, types.StrategicMergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
 		return nil, fmt.Errorf("kube: pod CIDRs of node %s: %w", kn.Name, err)
+	}
+	if m.opts.InstallWithHelm {
+		return nil, nil
 	}
 	return []string{"--kubeconfig", kc.AdminKubeconfig, "--cni-bin-dir", kn.CNIBinDir, "--cni-conf-dir", kn.CNIConfDir}, nil
 }

@@ -246,21 +246,27 @@ func mergeBinDirs(merged string, dirs []string) (string, error) {
 	if len(dirs) == 1 {
 		return dirs[0], nil
 	}
-	if err := os.MkdirAll(merged, 0o755); err != nil {
-		return "", err
+	return merged, linkPlugins(merged, dirs)
+}
+
+// linkPlugins makes dst hold a symlink to every plugin of dirs (first one
+// wins).
+func linkPlugins(dst string, dirs []string) error {
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		return err
 	}
 	for _, d := range dirs {
 		ents, err := os.ReadDir(d)
 		if err != nil {
-			return "", fmt.Errorf("kube: CNI bin dir: %w", err)
+			return fmt.Errorf("kube: CNI bin dir: %w", err)
 		}
 		for _, e := range ents {
-			if err := os.Symlink(filepath.Join(d, e.Name()), filepath.Join(merged, e.Name())); err != nil && !errors.Is(err, os.ErrExist) {
-				return "", err
+			if err := os.Symlink(filepath.Join(d, e.Name()), filepath.Join(dst, e.Name())); err != nil && !errors.Is(err, os.ErrExist) {
+				return err
 			}
 		}
 	}
-	return merged, nil
+	return nil
 }
 
 // makeCgroups creates the kubelet's cgroupRoot in every cgroup hierarchy
