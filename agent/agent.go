@@ -231,8 +231,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, ClusterID: a.cfg.ClusterID, MTU: a.cfg.MTU, Started: a.started, Log: a.log,
 		Lock: &a.mu, Store: a.store, IPAM: a.ipam, Identities: a.ids, LocalObjects: &a.objSet, Objects: a.objects,
 		Datapath: dp, Plumb: a.plumb, Reconcile: a.rec, Mesh: a.mesh, WireGuard: a.enc, BigTCP: a.bigtcp,
-		IPCache:    func() (int, int) { return a.maps.IPCacheEntries(), a.maps.IPCacheOverflow() },
-		LabelsFor:  a.cfg.LabelsFor,
+		IPCache:   func() (int, int) { return a.maps.IPCacheEntries(), a.maps.IPCacheOverflow() },
+		LabelsFor: a.cfg.LabelsFor, Kubernetes: a.kubeStatus(),
 		ObserveAdd: a.metrics.ObserveEndpointAdd,
 	})
 	local.RestoreEndpoints(ctx)
@@ -374,6 +374,15 @@ func (a *Agent) collectGonePods(ctx context.Context, local *localapi.Handlers) {
 		case <-time.After(reconcile.ResyncInterval):
 		}
 	}
+}
+
+// kubeStatus is the Kubernetes source's status function, nil outside
+// Kubernetes mode.
+func (a *Agent) kubeStatus() func() *api.KubernetesStatus {
+	if a.kube == nil {
+		return nil
+	}
+	return a.kube.Status
 }
 
 // relabelFromPod gives a CNI endpoint the current identity labels of its
@@ -534,5 +543,6 @@ func (a *Agent) metricsSources() metrics.Sources {
 		ClusterMesh:     a.mesh.Status,
 		WireGuard:       func() *api.WireGuardStatus { return a.enc.Status() },
 		BigTCP:          func() *api.BigTCPStatus { return a.bigtcp.Status() },
+		Kubernetes:      a.kubeStatus(),
 	}
 }

@@ -160,6 +160,24 @@ type Status struct {
 	WireGuard *WireGuardStatus `json:"wireguard,omitempty"`
 	// BigTCP is where packets beyond 64 KiB are on, and why not elsewhere.
 	BigTCP *BigTCPStatus `json:"bigTCP,omitempty"`
+	// Kubernetes is set in Kubernetes mode.
+	Kubernetes *KubernetesStatus `json:"kubernetes,omitempty"`
+}
+
+// KubernetesStatus is the agent's view of the API server (Kubernetes
+// mode).
+type KubernetesStatus struct {
+	// Synced: every informer has listed once; until then the objects the
+	// previous run persisted are served.
+	Synced bool `json:"synced"`
+	// Objects are the Services and NetworkPolicies translated for the
+	// datapath; Refused those left out because they cannot be enforced as
+	// written (each logged once), now.
+	Objects int `json:"objects"`
+	Refused int `json:"refused"`
+	// Translations and Refusals count since the agent started.
+	Translations uint64 `json:"translations"`
+	Refusals     uint64 `json:"refusals"`
 }
 
 // BigTCPStatus is the node's BIG TCP: the settings, every path a pod's

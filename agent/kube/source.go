@@ -46,6 +46,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 	"github.com/isthmus-mesh/isthmus/clustermesh/servicesync"
@@ -385,6 +386,16 @@ func (s *Source) Synced() bool { return s.synced.Load() }
 func (s *Source) Objects() (desired.Objects, uint64) {
 	p := s.snap.Load()
 	return p.objs, p.gen
+}
+
+// Status is the source's state for `isthmus status` and /metrics.
+func (s *Source) Status() *api.KubernetesStatus {
+	objs, _ := s.Objects()
+	s.mu.Lock()
+	refused := len(s.refused)
+	s.mu.Unlock()
+	return &api.KubernetesStatus{Synced: s.Synced(), Objects: len(objs), Refused: refused,
+		Translations: s.translated.Load(), Refusals: s.refusals.Load()}
 }
 
 // Stats counts translations and refusals since start.

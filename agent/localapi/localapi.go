@@ -76,6 +76,9 @@ type Config struct {
 	Mesh      *clustermode.Mesh     // nil in standalone mode
 	WireGuard *encryption.WireGuard // nil without encryption
 	BigTCP    *bigtcp.Reconciler    // device sizes, for the status
+	// Kubernetes is the Kubernetes source's status (nil outside
+	// Kubernetes mode).
+	Kubernetes func() *api.KubernetesStatus
 
 	// LabelsFor, when set, gives the labels of an endpoint whose add
 	// carries none (Kubernetes mode: the pod's labels and its namespace's).
@@ -112,6 +115,7 @@ type Handlers struct {
 	mesh         *clustermode.Mesh
 	enc          *encryption.WireGuard
 	bigtcp       *bigtcp.Reconciler
+	kubernetes   func() *api.KubernetesStatus
 	labelsFor    func(ctx context.Context, namespace, name, podUID string) (map[string]string, error)
 	observeAdd   func(time.Duration)
 	// addDurations holds how long the add of each endpoint took, by
@@ -133,7 +137,7 @@ func New(cfg Config) *Handlers {
 		node: cfg.Node, cluster: cfg.Cluster, clusterID: cfg.ClusterID, mtu: cfg.MTU, started: cfg.Started, log: cfg.Log,
 		mu: cfg.Lock, pendingNetns: map[string]string{}, store: cfg.Store, ipam: cfg.IPAM, ids: cfg.Identities, local: cfg.LocalObjects, objects: cfg.Objects,
 		dp: cfg.Datapath, plumb: cfg.Plumb, rec: cfg.Reconcile, mesh: cfg.Mesh, enc: cfg.WireGuard, ipcache: cfg.IPCache,
-		bigtcp: cfg.BigTCP, labelsFor: cfg.LabelsFor, observeAdd: cfg.ObserveAdd, addDurations: map[string]addDuration{},
+		bigtcp: cfg.BigTCP, kubernetes: cfg.Kubernetes, labelsFor: cfg.LabelsFor, observeAdd: cfg.ObserveAdd, addDurations: map[string]addDuration{},
 	}
 }
 

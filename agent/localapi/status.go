@@ -74,5 +74,8 @@ func (h *Handlers) Status(context.Context) (api.Status, error) {
 	st.ClusterMesh = h.mesh.Status()
 	st.WireGuard = h.enc.Status()
 	st.BigTCP = h.bigtcp.Status()
+	if h.kubernetes != nil {
+		st.Kubernetes = h.kubernetes()
+	}
 	return st, nil
 }

@@ -65,6 +65,7 @@ type Sources struct {
 	ClusterMesh  func() *api.ClusterMeshStatus // nil in standalone mode
 	WireGuard    func() *api.WireGuardStatus   // nil without encryption
 	BigTCP       func() *api.BigTCPStatus      // nil before the datapath is loaded
+	Kubernetes   func() *api.KubernetesStatus  // nil outside Kubernetes mode
 }
 
 // Counts are the sizes of the desired state.
@@ -129,6 +130,10 @@ var (
 	descForwardBytes   = desc("isthmus_datapath_forward_bytes_total", "Bytes the datapath forwarded, by reason.", "reason")
 	descDropPackets    = desc("isthmus_datapath_drop_packets_total", "Packets the datapath dropped, by reason (drop_policy_ingress, drop_policy_egress, drop_no_backend, drop_invalid, drop_spoofed_source, ...).", "reason")
 	descDropBytes      = desc("isthmus_datapath_drop_bytes_total", "Bytes the datapath dropped, by reason.", "reason")
+	descK8sSynced      = desc("isthmus_kubernetes_synced", "1 once every informer on the API server has listed (Kubernetes mode); until then the agent serves the objects its previous run persisted.")
+	descK8sObjects     = desc("isthmus_kubernetes_objects", "Services and NetworkPolicies from the API server translated for the datapath.")
+	descK8sRefused     = desc("isthmus_kubernetes_refused_objects", "Objects from the API server left out of the datapath now because they cannot be enforced as written (logged once each).")
+	descK8sRefusals    = desc("isthmus_kubernetes_refusals_total", "Translations of API server objects that were refused, since the agent started.")
 	descConntrack      = desc("isthmus_datapath_conntrack_entries", "Entries in the conntrack map.")
 	descIPCache        = desc("isthmus_datapath_ipcache_entries", "Entries in the ipcache map after the last reconcile.")
 	descIPCacheDrift   = desc("isthmus_datapath_ipcache_drift_fixed_total", "ipcache entries the periodic drift check found different from what the agent wrote (removed or changed by hand), and wrote again.")
@@ -286,6 +291,19 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 
 	if src.BigTCP != nil {
 		collectBigTCP(gauge, src.BigTCP())
+	}
+
+	if src.Kubernetes != nil {
+		if k := src.Kubernetes(); k != nil {
+			synced := 0.0
+			if k.Synced {
+				synced = 1
+			}
+			gauge(descK8sSynced, synced)
+			gauge(descK8sObjects, float64(k.Objects))
+			gauge(descK8sRefused, float64(k.Refused))
+			counter(descK8sRefusals, float64(k.Refusals))
+		}
 	}
 
 	if wg := src.WireGuard(); wg != nil {

@@ -143,6 +143,14 @@ every endpoint's GSO/GRO sizes.
 						return err
 					}
 				}
+				if k := st.Kubernetes; k != nil {
+					synced := "yes"
+					if !k.Synced {
+						synced = "no (serving the objects persisted by the previous run)"
+					}
+					fmt.Fprintf(c.out, "\nKubernetes: informers synced: %s; objects: %d; refused now: %d (refusals since start: %d)\n",
+						synced, k.Objects, k.Refused, k.Refusals)
+				}
 				if b := st.BigTCP; b != nil {
 					fmt.Fprintln(c.out)
 					if err := printBigTCP(c.out, b); err != nil {

@@ -813,8 +813,37 @@ func TestKubernetesMode(t *testing.T) {
 		}); err != nil {
 			t.Error(err)
 		}
+		// A Kubernetes NetworkPolicy Isthmus cannot enforce (an ipBlock):
+		// the agents leave it out and say so, the server records an Event.
+		cidr := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: "from-cidr"},
+			Spec: networkingv1.NetworkPolicySpec{PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "nothing"}},
+				Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{IPBlock: &networkingv1.IPBlock{CIDR: "192.0.2.0/24"}}}}}}}
+		if _, err := e.k1.Client.NetworkingV1().NetworkPolicies("default").Create(ctx, cidr, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := eventually(20*time.Second, func() error {
+			st, err := api.NewClient(e.c1.Agents[0].Socket).Status(ctx)
+			if err != nil {
+				return err
+			}
+			if k := st.Kubernetes; k == nil || !k.Synced || k.Objects == 0 || k.Refused == 0 {
+				return fmt.Errorf("agent's Kubernetes status %+v: want synced, objects, one refused", k)
+			}
+			evs, err := e.k1.Client.CoreV1().Events("default").List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=from-cidr"})
+			if err != nil {
+				return err
+			}
+			for _, ev := range evs.Items {
+				if ev.Type == corev1.EventTypeWarning && strings.Contains(ev.Message, "ipBlock") {
+					return nil
+				}
+			}
+			return fmt.Errorf("no Warning event naming ipBlock for from-cidr (%d events)", len(evs.Items))
+		}); err != nil {
+			t.Error(err)
+		}
 		if _, err := e.fetch(clEP.Netns, netip.AddrPortFrom(clusterIP(svc, false), 80)); err != nil {
-			t.Errorf("service after a refused policy: %v", err)
+			t.Errorf("service after refused policies: %v", err)
 		}
 	})
 }
