@@ -34,6 +34,7 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	apimeta "k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/fields"
@@ -416,18 +417,11 @@ func sliceService(obj any) ([]string, error) {
 }
 
 func metaKey(o any) types.NamespacedName {
-	m, err := metaAccessor(o)
+	m, err := apimeta.Accessor(o)
 	if err != nil {
 		return types.NamespacedName{}
 	}
 	return types.NamespacedName{Namespace: m.GetNamespace(), Name: m.GetName()}
-}
-
-func metaAccessor(o any) (metav1.Object, error) {
-	if m, ok := o.(metav1.Object); ok {
-		return m, nil
-	}
-	return nil, errors.New("not an object")
 }
 
 // Keys of the objects map: the two NetworkPolicy kinds share a namespace

@@ -207,3 +207,25 @@ func TestLabelsForJoinsPodAndNamespaceLabels(t *testing.T) {
 		t.Fatal("an unknown pod got labels")
 	}
 }
+
+// Until every informer has listed, a translated object is kept but not
+// handed to the reconciler: the snapshot persisted by the previous run
+// stays what the datapath serves.
+func TestNothingIsPublishedBeforeTheInformersListed(t *testing.T) {
+	s, _ := newSource(t, "")
+	before, gen := s.Objects()
+	changed := 0
+	s.OnChange(func() { changed++ })
+	svc := &objects.Service{Metadata: objects.Meta{Name: "web", Namespace: "default"}}
+	s.set("Service/default/web", svc, "", nil)
+	if objs, g := s.Objects(); g != gen || len(objs) != len(before) || changed != 0 {
+		t.Fatalf("published before sync: gen %d -> %d, %d objects, %d change calls", gen, g, len(objs), changed)
+	}
+	s.mu.Lock()
+	s.synced.Store(true)
+	s.publishLocked()
+	s.mu.Unlock()
+	if objs, g := s.Objects(); g == gen || objs["Service/default/web"] == nil || changed != 1 {
+		t.Fatalf("not published once synced: gen %d, objects %v, %d change calls", g, objs, changed)
+	}
+}

@@ -244,14 +244,20 @@ func (s *Syncer) loadWritten(ctx context.Context) error {
 		return err
 	}
 	for _, kv := range kvs {
-		var m struct {
-			Metadata objects.Meta `json:"metadata"`
-		}
-		if json.Unmarshal(kv.Value, &m) == nil && m.Metadata.Annotations[AnnotationSource] == SourceKubernetes {
+		if ownedValue(kv.Value) {
 			s.written[kv.Key] = kv.Value
 		}
 	}
 	return nil
+}
+
+// ownedValue reports whether a config value is a Service this package
+// wrote (annotated isthmus.io/source: kubernetes).
+func ownedValue(v []byte) bool {
+	var m struct {
+		Metadata objects.Meta `json:"metadata"`
+	}
+	return json.Unmarshal(v, &m) == nil && m.Metadata.Annotations[AnnotationSource] == SourceKubernetes
 }
 
 // flush writes the dirty services: a global one is put, anything else
@@ -298,7 +304,7 @@ func (s *Syncer) syncOne(ctx context.Context, nsname string) error {
 			// A key someone applied by hand is not ours to replace.
 			if kv, found, err := s.cfg.KV.Get(ctx, key); err != nil {
 				return err
-			} else if found && !strings.Contains(string(kv.Value), `"`+AnnotationSource+`":"`+SourceKubernetes+`"`) {
+			} else if found && !ownedValue(kv.Value) {
 				return fmt.Errorf("%s holds a Service applied by hand; delete it to export the Kubernetes one", key)
 			}
 		}

@@ -3,7 +3,6 @@ package kube
 import (
 	"context"
 	"fmt"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"sync"
@@ -139,21 +138,4 @@ func (m *Mesh) beforeAgent(ctx context.Context, c *lab.Cluster, n *lab.Node, j i
 		return nil, nil
 	}
 	return []string{"--kubeconfig", kc.AdminKubeconfig, "--cni-bin-dir", kn.CNIBinDir, "--cni-conf-dir", kn.CNIConfDir}, nil
-}
-
-// NodePodCIDRs reads the pod CIDRs of a Node (for tests).
-func NodePodCIDRs(ctx context.Context, c *Cluster, node string) ([]netip.Prefix, error) {
-	n, err := c.Client.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
-	if err != nil {
-		return nil, err
-	}
-	var out []netip.Prefix
-	for _, s := range n.Spec.PodCIDRs {
-		p, err := netip.ParsePrefix(s)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, p)
-	}
-	return out, nil
 }

@@ -288,7 +288,7 @@ func TestHelmInstall(t *testing.T) {
 		if ep.ContainerID == "" {
 			t.Fatalf("endpoint %+v was not made through CNI (no container ID)", ep)
 		}
-		cidrs, err := kube.NodePodCIDRs(ctx, h.k, p.Spec.NodeName)
+		cidrs, err := h.k.Nodes()[p.Spec.NodeName].PodCIDRs(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -272,7 +272,7 @@ func TestKubernetesMode(t *testing.T) {
 	t.Run("pod addresses come from the node's pod CIDRs through isthmus-cni", func(t *testing.T) {
 		for _, p := range append(slices.Clone(echo), clients...) {
 			ep := e.endpointOf(e.c1, p)
-			cidrs, err := kube.NodePodCIDRs(ctx, e.k1, p.Spec.NodeName)
+			cidrs, err := e.k1.Nodes()[p.Spec.NodeName].PodCIDRs(ctx)
 			if err != nil {
 				t.Fatal(err)
 			}
