@@ -278,10 +278,21 @@ func TestSyncer(t *testing.T) {
 
 	addEP("10.1.0.2")
 	eventually("endpoint added", wantBackends("10.1.0.1:8080", "10.1.0.2:8080"))
-	_, rev, _ := backends()
 
-	// Changes that do not change the record do not rewrite it.
-	before := s.Stats()
+	// Changes that do not change the record do not rewrite it. First let
+	// the work of the step above finish (its own watch events), on a
+	// loaded machine it can still be in flight.
+	var before Stats
+	eventually("syncer idle", func() error {
+		a := s.Stats()
+		time.Sleep(150 * time.Millisecond)
+		if b := s.Stats(); b.Syncs != a.Syncs || b.Puts != a.Puts || b.Deletes != a.Deletes {
+			return fmt.Errorf("still syncing: %+v then %+v", a, b)
+		}
+		before = s.Stats()
+		return nil
+	})
+	_, rev, _ := backends()
 	p := netip.MustParsePrefix("10.1.9.9/32")
 	put(records.IPCacheKey("c1", "n1", p), marshal(records.IPCacheEntry{Prefix: p, Identity: 2, Cluster: "c1"}))
 	put(ServiceConfigPrefix+"default/web", web)
