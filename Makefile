@@ -16,7 +16,8 @@ IMAGE_TAG           ?=
 DEB_PACKAGES := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iperf3 \
 	tcpdump iptables nftables ethtool netcat-openbsd util-linux procps \
 	iputils-ping iputils-arping jq python3 git make etcd-client etcd-server \
-	wireguard-tools wireguard-go curl containerd runc containernetworking-plugins
+	wireguard-tools wireguard-go curl containerd runc containernetworking-plugins \
+	bird2 ndisc6
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

@@ -318,6 +318,7 @@ func (p *NetworkPolicy) defaultNamespace() {
 
 // normalize applies the remaining defaults documented on the types.
 func (s *Service) normalize() {
+	s.Status = ServiceStatus{} // written by Isthmus only
 	for i := range s.Spec.Ports {
 		p := &s.Spec.Ports[i]
 		p.Protocol = strings.ToUpper(p.Protocol)

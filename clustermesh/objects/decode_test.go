@@ -156,7 +156,13 @@ func TestDecodeErrors(t *testing.T) {
 		{"missing kind", "apiVersion: isthmus.io/v1alpha1\n", "kind: required"},
 		{"unknown kind", "apiVersion: isthmus.io/v1alpha1\nkind: Pod\nmetadata: {name: x, namespace: ns}\n", `document 1 (Pod ns/x): kind: unknown kind "Pod"`},
 		{"lower-case kind", "apiVersion: isthmus.io/v1alpha1\nkind: service\n", `unknown kind "service"`},
-		{"unknown top field", svc("  vips: [10.0.0.1]\n"+okPorts+okSel) + "status: {}\n", "document 1 (Service default/web): status: unknown field"},
+		{"unknown top field", svc("  vips: [10.0.0.1]\n"+okPorts+okSel) + "state: {}\n", "document 1 (Service default/web): state: unknown field"},
+		{"unknown status field", svc("  vips: [10.0.0.1]\n"+okPorts+okSel) + "status: {lb: 1}\n", "status.lb: unknown field"},
+		{"bad type", svc("  vips: [10.0.0.1]\n"+okPorts+okSel+"  type: NodePort\n"), `spec.type: must be ClusterIP or LoadBalancer, got "NodePort"`},
+		{"lb ips without type", svc("  vips: [10.0.0.1]\n"+okPorts+okSel+"  loadBalancerIPs: [192.0.2.1]\n"), "spec.loadBalancerIPs: needs spec.type LoadBalancer"},
+		{"two lb ips of a family", svc("  vips: [10.0.0.1]\n"+okPorts+okSel+"  type: LoadBalancer\n  loadBalancerIPs: [192.0.2.1, 192.0.2.2]\n"), `spec.loadBalancerIPs[1]: at most one IPv4 address allowed`},
+		{"external ip equals vip", svc("  vips: [10.0.0.1]\n"+okPorts+okSel+"  externalIPs: [10.0.0.1]\n"), "spec.externalIPs[0]: 10.0.0.1 is already listed in spec.vips"},
+		{"bad traffic policy", svc("  vips: [10.0.0.1]\n"+okPorts+okSel+"  externalTrafficPolicy: local\n"), `spec.externalTrafficPolicy: must be Cluster or Local, got "local"`},
 		{"unknown nested field", svc("  vips: [10.0.0.1]\n  ports: [{port: 80, nodePort: 3}]\n" + okSel), "spec.ports[0].nodePort: unknown field"},
 		{"wrong case field", svc("  VIPs: [10.0.0.1]\n" + okPorts + okSel), "spec.VIPs: unknown field"},
 		{"port too large", svc("  vips: [10.0.0.1]\n  ports: [{port: 70000}]\n" + okSel), "spec.ports[0].port: must be an integer 0-65535, got 70000"},
@@ -289,5 +295,23 @@ spec:
 	_, err = Decode([]byte("apiVersion: isthmus.io/v1alpha1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  policyTypes: [Ingress]\n  endpointSelector:\n    matchExpressions:\n    - {key: app, operator: In, value: [db]}\n"))
 	if err == nil || !strings.Contains(err.Error(), "spec.endpointSelector.matchExpressions[0].value: unknown field") {
 		t.Errorf("unknown field: %v", err)
+	}
+}
+
+// TestDecodeDropsStatus: status is Isthmus's to write; a document's status
+// (from `get -o yaml`, say) is accepted and dropped, never trusted.
+func TestDecodeDropsStatus(t *testing.T) {
+	in := "apiVersion: isthmus.io/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec:\n  vips: [10.0.0.1]\n  ports: [{port: 80}]\n  type: LoadBalancer\n" +
+		"status:\n  loadBalancer:\n    ingress: [{ip: 192.0.2.9}]\n"
+	objs, err := Decode([]byte(in))
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := objs[0].(*Service)
+	if len(svc.Status.LoadBalancer.Ingress) != 0 {
+		t.Fatalf("status survived Decode: %+v", svc.Status)
+	}
+	if !svc.Spec.IsLoadBalancer() || svc.Spec.ExternalTraffic() != TrafficPolicyCluster {
+		t.Fatalf("spec = %+v", svc.Spec)
 	}
 }

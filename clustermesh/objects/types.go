@@ -54,7 +54,27 @@ type Service struct {
 	Kind       string      `json:"kind"`
 	Metadata   Meta        `json:"metadata"`
 	Spec       ServiceSpec `json:"spec"`
+	// Status is written by Isthmus, never by the user: Decode drops what
+	// a document holds here, and the agent fills it in (the addresses
+	// LB-IPAM assigned) before the service reaches desired state.
+	Status ServiceStatus `json:"status,omitzero"`
 }
+
+// Service types (ServiceSpec.Type).
+const (
+	ServiceTypeClusterIP    = "ClusterIP"    // reachable at its VIPs inside the mesh (the default)
+	ServiceTypeLoadBalancer = "LoadBalancer" // also at load-balancer addresses, from outside
+)
+
+// External traffic policies (ServiceSpec.ExternalTrafficPolicy).
+const (
+	// TrafficPolicyCluster (the default): any node takes external traffic
+	// and balances it over every backend, SNATing it to its own address.
+	TrafficPolicyCluster = "Cluster"
+	// TrafficPolicyLocal: a node sends external traffic only to its own
+	// backends and keeps the client's address.
+	TrafficPolicyLocal = "Local"
+)
 
 // ServiceSpec says where a service listens and where it sends traffic.
 type ServiceSpec struct {
@@ -68,6 +88,53 @@ type ServiceSpec struct {
 	// exist and drop new connections (like a Kubernetes Service without
 	// ready endpoints).
 	Backends []ExplicitBackend `json:"backends,omitempty"`
+
+	// Type is ServiceTypeClusterIP (default) or ServiceTypeLoadBalancer.
+	Type string `json:"type,omitempty"`
+	// LoadBalancerIPs requests load-balancer addresses (type LoadBalancer
+	// only, at most one per family); LB-IPAM honours them or refuses the
+	// service with the reason in its status. Without them LB-IPAM
+	// allocates from a LoadBalancerIPPool that selects the service.
+	LoadBalancerIPs []string `json:"loadBalancerIPs,omitempty"`
+	// ExternalIPs are addresses the network routes to the nodes (not
+	// allocated); traffic from outside to them reaches the service as for
+	// a load-balancer address.
+	ExternalIPs []string `json:"externalIPs,omitempty"`
+	// ExternalTrafficPolicy is TrafficPolicyCluster (default) or
+	// TrafficPolicyLocal; it applies to traffic from outside the mesh to
+	// load-balancer and external addresses.
+	ExternalTrafficPolicy string `json:"externalTrafficPolicy,omitempty"`
+}
+
+// ExternalTraffic returns the effective external traffic policy.
+func (s ServiceSpec) ExternalTraffic() string {
+	if s.ExternalTrafficPolicy == "" {
+		return TrafficPolicyCluster
+	}
+	return s.ExternalTrafficPolicy
+}
+
+// IsLoadBalancer reports whether the service asks for load-balancer
+// addresses.
+func (s ServiceSpec) IsLoadBalancer() bool { return s.Type == ServiceTypeLoadBalancer }
+
+// ServiceStatus is what Isthmus did with a service.
+type ServiceStatus struct {
+	LoadBalancer LoadBalancerStatus `json:"loadBalancer,omitzero"`
+}
+
+// LoadBalancerStatus lists the load-balancer addresses assigned to the
+// service, or why none could be.
+type LoadBalancerStatus struct {
+	Ingress []LoadBalancerIngress `json:"ingress,omitempty"`
+	// Refused is LB-IPAM's reason when a requested address could not be
+	// honoured or no pool had room (empty when all is well).
+	Refused string `json:"refused,omitempty"`
+}
+
+// LoadBalancerIngress is one assigned address.
+type LoadBalancerIngress struct {
+	IP string `json:"ip"`
 }
 
 // ServicePort is one port of a service.

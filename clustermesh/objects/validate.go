@@ -159,7 +159,56 @@ func (s Service) Validate() error {
 	}
 	// Neither selector nor backends is valid: the frontends exist without
 	// backends (a Kubernetes Service without ready endpoints).
-	return nil
+	return s.validateExternal()
+}
+
+// validateExternal checks type, loadBalancerIPs, externalIPs and
+// externalTrafficPolicy.
+func (s Service) validateExternal() error {
+	switch s.Spec.Type {
+	case "", ServiceTypeClusterIP, ServiceTypeLoadBalancer:
+	default:
+		return fieldError("spec.type", "must be %s or %s, got %q", ServiceTypeClusterIP, ServiceTypeLoadBalancer, s.Spec.Type)
+	}
+	switch s.Spec.ExternalTrafficPolicy {
+	case "", TrafficPolicyCluster, TrafficPolicyLocal:
+	default:
+		return fieldError("spec.externalTrafficPolicy", "must be %s or %s, got %q", TrafficPolicyCluster, TrafficPolicyLocal, s.Spec.ExternalTrafficPolicy)
+	}
+	if len(s.Spec.LoadBalancerIPs) > 0 && !s.Spec.IsLoadBalancer() {
+		return fieldError("spec.loadBalancerIPs", "needs spec.type %s", ServiceTypeLoadBalancer)
+	}
+	seen := map[netip.Addr]string{}
+	for _, v := range s.Spec.VIPs {
+		if a, err := parseUnicast(v); err == nil {
+			seen[a] = "spec.vips"
+		}
+	}
+	perFamily := map[string]string{}
+	check := func(field string, list []string, onePerFamily bool) error {
+		for i, v := range list {
+			path := fmt.Sprintf("%s[%d]", field, i)
+			a, err := parseUnicast(v)
+			if err != nil {
+				return fieldError(path, "%v", err)
+			}
+			if where, dup := seen[a]; dup {
+				return fieldError(path, "%s is already listed in %s", a, where)
+			}
+			seen[a] = field
+			if onePerFamily {
+				if prev, dup := perFamily[family(a)]; dup {
+					return fieldError(path, "at most one %s address allowed, already have %q", family(a), prev)
+				}
+				perFamily[family(a)] = v
+			}
+		}
+		return nil
+	}
+	if err := check("spec.loadBalancerIPs", s.Spec.LoadBalancerIPs, true); err != nil {
+		return err
+	}
+	return check("spec.externalIPs", s.Spec.ExternalIPs, false)
 }
 
 // serviceProtocol returns the upper-cased service protocol, TCP by default.
