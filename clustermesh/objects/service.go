@@ -2,6 +2,7 @@ package objects
 
 import (
 	"fmt"
+	"net/netip"
 
 	"github.com/isthmus-mesh/isthmus/bpf"
 )
@@ -85,4 +86,29 @@ func CheckConflicts(existing []Service, s Service) error {
 		}
 	}
 	return nil
+}
+
+// ExternalAddrs returns the addresses the service answers on from outside
+// the mesh: its external IPs and the load-balancer addresses in its status
+// (those LB-IPAM assigned), each once, in that order. Addresses that do not
+// parse are left out (Validate refuses them in the spec; the status is
+// Isthmus's own).
+func (s Service) ExternalAddrs() []netip.Addr {
+	var out []netip.Addr
+	seen := map[netip.Addr]bool{}
+	add := func(v string) {
+		a, err := parseUnicast(v)
+		if err != nil || seen[a] {
+			return
+		}
+		seen[a] = true
+		out = append(out, a)
+	}
+	for _, v := range s.Spec.ExternalIPs {
+		add(v)
+	}
+	for _, in := range s.Status.LoadBalancer.Ingress {
+		add(in.IP)
+	}
+	return out
 }

@@ -1,6 +1,7 @@
 package objects
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -332,5 +333,14 @@ func TestPolicySpecEnforces(t *testing.T) {
 	types := PolicySpec{PolicyTypes: []string{PolicyTypeEgress}}
 	if types.Enforces(PolicyTypeIngress) || !types.Enforces(PolicyTypeEgress) {
 		t.Error("with policyTypes: exactly the listed directions")
+	}
+}
+
+func TestServiceExternalAddrs(t *testing.T) {
+	s := Service{Spec: ServiceSpec{ExternalIPs: []string{"192.0.2.1", "2001:db8::1", "192.0.2.1"}},
+		Status: ServiceStatus{LoadBalancer: LoadBalancerStatus{Ingress: []LoadBalancerIngress{{IP: "198.51.100.7"}, {IP: "bogus"}, {IP: "2001:db8::1"}}}}}
+	got := fmt.Sprint(s.ExternalAddrs())
+	if want := "[192.0.2.1 2001:db8::1 198.51.100.7]"; got != want {
+		t.Fatalf("ExternalAddrs = %s, want %s", got, want)
 	}
 }
