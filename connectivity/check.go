@@ -53,6 +53,9 @@ type Target struct {
 	VIPs       []netip.Addr
 	Port       int    // service port
 	Encryption string // "wireguard": required; "" or "none": checked where agents report WireGuard
+	// Outside are hosts outside the mesh that dial the service's external
+	// addresses (none: the north-south check is left out).
+	Outside []OutsideClient
 	cleanup    []func(context.Context) error
 }
 
@@ -126,8 +129,9 @@ func (k *checker) add(r Result) {
 }
 
 // Run runs every check against t: pod to pod (same node, across nodes,
-// across clusters), the global service from every cluster, policy denials
-// and encryption.
+// across clusters), the global service from every cluster, the service
+// from outside the mesh (when the target has outside clients), policy
+// denials and encryption.
 func Run(ctx context.Context, t *Target, o Options) Report {
 	if o.Timeout == 0 {
 		o.Timeout = 30 * time.Second
@@ -138,6 +142,7 @@ func Run(ctx context.Context, t *Target, o Options) Report {
 	k := &checker{ctx: ctx, t: t, o: o, rep: Report{Target: t.Name, Results: []Result{}}}
 	k.podToPod()
 	k.globalService()
+	k.northSouth()
 	k.denied()
 	k.encryption()
 	return k.rep
@@ -314,57 +319,64 @@ func (k *checker) globalService() {
 		}
 		from := k.t.echoOn(nodes[0].Name)[0]
 		for _, vip := range k.t.VIPs {
-			pr := newProbe(from.Name, netip.AddrPortFrom(vip, uint16(k.t.Port)))
-			r := Result{Check: check, From: from.Name, To: pr.To.String()}
-			got := map[string]int{}
-			n := 0
-			var lastErr error
-			deadline := time.Now().Add(k.o.Timeout)
-			// The backends are picked at random, so with a few backends
-			// per cluster a cluster missing after dozens of requests is
-			// not in the service (yet): go on until the timeout.
-			for len(got) < len(want) && time.Now().Before(deadline) && k.ctx.Err() == nil {
-				if pr.Sent >= 50 {
-					// 50 answers from one cluster make another one's
-					// backends unlikely (2^-49 with two clusters): slow
-					// down rather than use up the pod's ports.
-					time.Sleep(20 * time.Millisecond)
-				}
-				reply, err := k.fetch(pr, from, 2*time.Second)
-				if err != nil {
-					lastErr = err
-					time.Sleep(200 * time.Millisecond)
-					continue
-				}
-				n++
-				got[reply.Cluster]++
-			}
-			r.Evidence.Probes = []Probe{*pr}
-			var parts []string
-			for _, cl := range slices.Sorted(maps.Keys(got)) {
-				parts = append(parts, fmt.Sprintf("%s (%d)", cl, got[cl]))
-			}
-			var missing []string
-			for _, cl := range slices.Sorted(maps.Keys(want)) {
-				if got[cl] == 0 {
-					missing = append(missing, cl)
-				}
-			}
-			r.Detail = fmt.Sprintf("%d requests answered by %s", n, strings.Join(parts, ", "))
-			switch {
-			case n == 0 && lastErr == nil:
-				r.Result, r.Detail = Fail, "no request sent"
-			case n == 0:
-				r.Result, r.Detail = Fail, fmt.Sprintf("no answer: %v", lastErr)
-			case len(missing) > 0:
-				r.Result = Fail
-				r.Detail += "; no answer from " + strings.Join(missing, ", ")
-			default:
-				r.Result = Pass
-			}
-			k.add(r)
+			k.add(k.spread(check, from.Name, from.Netns, netip.AddrPortFrom(vip, uint16(k.t.Port)), want))
 		}
 	}
+}
+
+// spread sends requests from the namespace at nsPath (named from) to addr
+// until backends of every cluster in want have answered, or the timeout.
+func (k *checker) spread(check, from, nsPath string, addr netip.AddrPort, want map[string]bool) Result {
+	pr := newProbe(from, addr)
+	r := Result{Check: check, From: from, To: pr.To.String()}
+	got := map[string]int{}
+	n := 0
+	var lastErr error
+	deadline := time.Now().Add(k.o.Timeout)
+	// The backends are picked at random, so with a few backends per
+	// cluster a cluster missing after dozens of requests is not in the
+	// service (yet): go on until the timeout.
+	for len(got) < len(want) && time.Now().Before(deadline) && k.ctx.Err() == nil {
+		if pr.Sent >= 50 {
+			// 50 answers from one cluster make another one's backends
+			// unlikely (2^-49 with two clusters): slow down rather than
+			// use up the client's ports.
+			time.Sleep(20 * time.Millisecond)
+		}
+		reply, err := FetchEcho(k.ctx, nsPath, addr, 2*time.Second)
+		pr.record(reply, err)
+		if err != nil {
+			lastErr = err
+			time.Sleep(200 * time.Millisecond)
+			continue
+		}
+		n++
+		got[reply.Cluster]++
+	}
+	r.Evidence.Probes = []Probe{*pr}
+	var parts []string
+	for _, cl := range slices.Sorted(maps.Keys(got)) {
+		parts = append(parts, fmt.Sprintf("%s (%d)", cl, got[cl]))
+	}
+	var missing []string
+	for _, cl := range slices.Sorted(maps.Keys(want)) {
+		if got[cl] == 0 {
+			missing = append(missing, cl)
+		}
+	}
+	r.Detail = fmt.Sprintf("%d requests answered by %s", n, strings.Join(parts, ", "))
+	switch {
+	case n == 0 && lastErr == nil:
+		r.Result, r.Detail = Fail, "no request sent"
+	case n == 0:
+		r.Result, r.Detail = Fail, fmt.Sprintf("no answer: %v", lastErr)
+	case len(missing) > 0:
+		r.Result = Fail
+		r.Detail += "; no answer from " + strings.Join(missing, ", ")
+	default:
+		r.Result = Pass
+	}
+	return r
 }
 
 // denied: every denied pod tries, over every family it has, an echo pod
