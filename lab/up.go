@@ -85,6 +85,19 @@ type State struct {
 	Policy   string         `json:"policy"`
 	Clusters []StateCluster `json:"clusters"`
 	Pods     []StatePod     `json:"pods"`
+	// Outside are the hosts outside the mesh (--bgp, --l2).
+	Outside []StateOutside `json:"outside,omitempty"`
+}
+
+// StateOutside is a host outside the mesh and the service addresses it
+// dials.
+type StateOutside struct {
+	Name    string           `json:"name"`
+	Cluster string           `json:"cluster"`
+	Netns   string           `json:"netns"`
+	IPs     []netip.Addr     `json:"ips"`
+	Addrs   []netip.AddrPort `json:"addrs"` // the service's addresses from outside in Cluster
+	Via     string           `json:"via"`   // "BGP" (behind the router) or "L2" (on the node segment)
 }
 
 // StateService is the global service over the echo pods.
