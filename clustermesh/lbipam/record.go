@@ -1,6 +1,9 @@
 package lbipam
 
 import (
+	"maps"
+	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
@@ -39,4 +42,51 @@ func Inputs(objs map[string]objects.Object) (svcs []objects.Service, pools []obj
 		}
 	}
 	return svcs, pools
+}
+
+// FromRecords indexes stored records by ServiceKey.
+func FromRecords(rs []records.LBAssignment) map[string]Assignment {
+	out := make(map[string]Assignment, len(rs))
+	for _, r := range rs {
+		out[r.Namespace+"/"+r.Name] = FromRecord(r)
+	}
+	return out
+}
+
+// ToRecords returns the records of assignments, sorted by service.
+func ToRecords(m map[string]Assignment) []records.LBAssignment {
+	out := make([]records.LBAssignment, 0, len(m))
+	for _, key := range slices.Sorted(maps.Keys(m)) {
+		out = append(out, m[key].Record(key))
+	}
+	return out
+}
+
+// FromObjects returns the assignments the LoadBalancer services among objs
+// carry in their status (as ApplyStatus put them there).
+func FromObjects(objs map[string]objects.Object) map[string]Assignment {
+	out := map[string]Assignment{}
+	for _, o := range objs {
+		s, ok := o.(*objects.Service)
+		if !ok || !s.Spec.IsLoadBalancer() {
+			continue
+		}
+		st := s.Status.LoadBalancer
+		if len(st.Ingress) == 0 && st.Refused == "" {
+			continue
+		}
+		a := Assignment{Refused: st.Refused}
+		for _, in := range st.Ingress {
+			if ip, err := netip.ParseAddr(in.IP); err == nil {
+				a.Addrs = append(a.Addrs, Addr{IP: ip, Pool: in.Pool, Kept: in.Kept})
+			}
+		}
+		out[ServiceKey(*s)] = a
+	}
+	return out
+}
+
+// Equal reports whether two sets of assignments are the same.
+func Equal(a, b map[string]Assignment) bool {
+	return maps.EqualFunc(a, b, Assignment.Equal)
 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"reflect"
 	"slices"
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
@@ -20,6 +21,14 @@ func ApplyStatus(objs map[string]objects.Object, asg map[string]Assignment) (out
 	out = maps.Clone(objs)
 	if out == nil {
 		out = map[string]objects.Object{}
+	}
+	// Start from no status: what objs carried may be stale.
+	for k, o := range objs {
+		if s, ok := o.(*objects.Service); ok && !reflect.ValueOf(s.Status).IsZero() {
+			c := *s
+			c.Status = objects.ServiceStatus{}
+			out[k] = &c
+		}
 	}
 	byPool := map[string][]netip.Addr{}
 	for _, key := range slices.Sorted(maps.Keys(asg)) {
