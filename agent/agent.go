@@ -47,7 +47,6 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/cniinstall"
 	"github.com/isthmus-mesh/isthmus/agent/datapath"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
-	"github.com/isthmus-mesh/isthmus/clustermesh/lbipam"
 	"github.com/isthmus-mesh/isthmus/agent/encryption"
 	"github.com/isthmus-mesh/isthmus/agent/internal/oneline"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
@@ -61,6 +60,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/state"
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/clustermesh/lbipam"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 )
 

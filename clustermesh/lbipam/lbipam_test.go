@@ -190,7 +190,7 @@ func TestRequestedAddresses(t *testing.T) {
 		selecting(mkPool("web", "203.0.113.0/28"), map[string]string{"tier": "web"}),
 	}
 	svcs := []objects.Service{
-		mkSvc("a-first", v4),                                // takes .0
+		mkSvc("a-first", v4), // takes .0
 		mkSvc("honoured", dual, "192.0.2.9", "2001:db8::9"), // both honoured
 		mkSvc("taken", v4, "192.0.2.9"),                     // same as honoured
 		mkSvc("outside", v4, "192.0.2.200"),                 // in no pool

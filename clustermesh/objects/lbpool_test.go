@@ -10,7 +10,7 @@ func pool(spec string) string {
 }
 
 func TestDecodePool(t *testing.T) {
-	in := pool("  blocks:\n  - cidr: 192.0.2.0/28\n  - start: 2001:db8::10\n    stop: 2001:db8::1f\n" +
+	in := pool("  blocks:\n  - cidr: 192.0.2.0/28\n  - start: 2001:db8::10\n    stop: 2001:db8::1f\n"+
 		"  serviceSelector:\n    matchLabels: {tier: web}\n  disabled: true\n") +
 		"status: {used: 3, total: \"99\"}\n"
 	objs, err := Decode([]byte(in))
