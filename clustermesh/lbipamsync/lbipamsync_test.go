@@ -18,7 +18,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/internal/promtest"
 )
 
-const waitFor = 15 * time.Second
+const waitFor = 30 * time.Second
 
 func testCtx(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -163,23 +163,27 @@ func TestServerLBIPAM(t *testing.T) {
 	expect(t, kv, "c", "192.0.2.64@blue!", "")
 	_, bRev, _ := record(kv, "b")
 
-	// Metrics: used and total per pool, refused services.
-	fams, err := promtest.Get(nil, "http://"+c.API().MetricsAddr()+"/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for name, want := range map[string]float64{
-		"isthmus_clustermesh_lbipam_pool_used_addresses":  4, // b (2), req, c (kept)
-		"isthmus_clustermesh_lbipam_pool_total_addresses": 32,
-		"isthmus_clustermesh_lbipam_pool_kept_addresses":  1,
-	} {
-		if got := fams.Must(t, name, "pool", "blue"); got != want {
-			t.Errorf("%s = %v, want %v", name, got, want)
+	// Metrics: used and total per pool, refused services (the counts are
+	// taken just after the write the records show, so poll).
+	servertest.Eventually(t, waitFor, "LB-IPAM metrics", func() error {
+		fams, err := promtest.Get(nil, "http://"+c.API().MetricsAddr()+"/metrics")
+		if err != nil {
+			return err
 		}
-	}
-	if got := fams.Must(t, "isthmus_clustermesh_lbipam_refused_services"); got != 2 {
-		t.Errorf("refused services %v, want 2", got)
-	}
+		for name, want := range map[string]float64{
+			"isthmus_clustermesh_lbipam_pool_used_addresses":  4, // b (2), req, c (kept)
+			"isthmus_clustermesh_lbipam_pool_total_addresses": 32,
+			"isthmus_clustermesh_lbipam_pool_kept_addresses":  1,
+		} {
+			if got, _ := fams.Value(name, "pool", "blue"); got != want {
+				return fmt.Errorf("%s = %v, want %v", name, got, want)
+			}
+		}
+		if got, _ := fams.Value("isthmus_clustermesh_lbipam_refused_services"); got != 2 {
+			return fmt.Errorf("refused services %v, want 2", got)
+		}
+		return nil
+	})
 
 	// A restart reads the stored assignments: b keeps 192.0.2.1 although
 	// 192.0.2.0 is lower and free, and its record is not even rewritten.
