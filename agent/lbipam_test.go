@@ -14,6 +14,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/datapath"
 	"github.com/isthmus-mesh/isthmus/agent/internal/agenttest"
+	"github.com/isthmus-mesh/isthmus/agent/reconcile"
 	"github.com/isthmus-mesh/isthmus/agent/routes"
 	"github.com/isthmus-mesh/isthmus/agent/state"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
@@ -130,8 +131,15 @@ func TestClusterModeLBIPAM(t *testing.T) {
 	a, c, stop := newAgent(t, cfg, dp)
 	(&meshNode{testNode: &testNode{cfg: cfg, client: c}}).meshSynced(t)
 
+	// Apply waits until this node's watcher delivered the objects as
+	// applied; the status LB-IPAM adds must not make it wait for nothing
+	// (until reconcile.ConvergeTimeout).
+	began := time.Now()
 	if _, err := c.Apply(ctx, []byte(lbPool+lbService("web", `10.96.0.10, "fd00:96::10"`))); err != nil {
 		t.Fatal(err)
+	}
+	if took := time.Since(began); took > reconcile.ConvergeTimeout/2 {
+		t.Errorf("apply took %s: it waited for objects that carry a status", took)
 	}
 	gen := waitLB(t, a, "web", "192.0.2.0@blue,2001:db8::@blue", "")
 	// A requested address another service holds: the refusal reaches
