@@ -4,6 +4,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -324,6 +325,24 @@ func TestApplyStatus(t *testing.T) {
 	for i, w := range want {
 		if !strings.Contains(problems[i], w) {
 			t.Errorf("problem %q does not contain %q", problems[i], w)
+		}
+	}
+}
+
+// BenchmarkAllocate10000: a full run over 10,000 dual-stack LoadBalancer
+// services, half of them already assigned (what the server does per
+// change).
+func BenchmarkAllocate10000(b *testing.B) {
+	pools := []objects.LoadBalancerIPPool{mkPool("a", "10.200.0.0/16", "2001:db8::/112")}
+	var svcs []objects.Service
+	for i := range 10000 {
+		svcs = append(svcs, mkSvc("s"+strconv.Itoa(i), dual))
+	}
+	half := Allocate(pools, svcs[:5000], nil).Assignments
+	b.ResetTimer()
+	for range b.N {
+		if r := Allocate(pools, svcs, half); len(r.Assignments) != 10000 || r.Refused() != 0 {
+			b.Fatal("not all assigned")
 		}
 	}
 }
