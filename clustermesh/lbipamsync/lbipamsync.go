@@ -46,6 +46,9 @@ const (
 // maxTxnOps is etcd's default limit of operations per transaction.
 const maxTxnOps = 128
 
+// maxDrain bounds the queued events applied before a write.
+const maxDrain = 10_000
+
 // Config configures a Syncer.
 type Config struct {
 	Client *kvstore.Client
@@ -170,8 +173,10 @@ func (s *Syncer) Run(ctx context.Context) error {
 			}
 		case <-timer.C:
 			armed = false
+			// What is queued already goes into this write (up to a bound:
+			// a flood must not hold the write back).
 		drain:
-			for {
+			for range maxDrain {
 				select {
 				case e := <-events:
 					s.apply(e)
