@@ -60,6 +60,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/state"
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/clustermesh/lbipam"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 )
 
@@ -169,8 +170,34 @@ func New(cfg Config) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	if objs, err = a.loadLBIPAM(objs); err != nil {
+		return nil, err
+	}
 	a.objSet.Set(objs)
 	return a, nil
+}
+
+// loadLBIPAM fills LB-IPAM's stored assignments into the loaded objects.
+// Standalone, the agent is LB-IPAM: it allocates again from what it
+// stored (the same addresses; new ones only for what the file lacks) and
+// stores the result. In cluster mode the file is the copy of the last
+// assignments read from etcd, used until etcd is read again.
+func (a *Agent) loadLBIPAM(objs desired.Objects) (desired.Objects, error) {
+	recs, err := a.store.LBAssignments()
+	if err != nil {
+		return nil, err
+	}
+	prev := lbipam.FromRecords(recs)
+	if a.mesh != nil || a.kube != nil {
+		return desired.WithLBStatus(objs, prev), nil
+	}
+	objs, next := desired.AllocateLB(objs, prev)
+	if !lbipam.Equal(prev, next) {
+		if err := a.store.SaveLBAssignments(lbipam.ToRecords(next)); err != nil {
+			return nil, err
+		}
+	}
+	return objs, nil
 }
 
 // Run brings the node to its desired state and serves the API until ctx

@@ -47,6 +47,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/state"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
+	"github.com/isthmus-mesh/isthmus/clustermesh/lbipam"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/internal/backoff"
@@ -524,10 +525,16 @@ func (m *Mesh) persistObjects() {
 	if prev != nil && maps.Equal(prev, cur) {
 		return
 	}
+	// LB-IPAM's assignments go to their own file (objects.json keeps
+	// objects as applied): a restart without etcd keeps the addresses.
+	if err := m.persistLBAssignments(); err != nil {
+		m.log.Warn("clustermesh: cannot persist LB-IPAM's assignments", "err", err)
+		return
+	}
 	stored := m.cfg.Store.Objects()
 	put := map[string][]byte{}
 	for k, o := range cur {
-		raw, err := json.Marshal(o)
+		raw, err := json.Marshal(objects.WithoutStatus(o))
 		if err != nil {
 			continue
 		}
@@ -554,6 +561,17 @@ func (m *Mesh) persistObjects() {
 	m.mu.Lock()
 	m.persisted = cur
 	m.mu.Unlock()
+}
+
+// persistLBAssignments writes the assignments read from etcd to the state
+// dir when they differ from what is there.
+func (m *Mesh) persistLBAssignments() error {
+	cur := lbipam.FromRecords(m.tables.LBAssignments())
+	stored, err := m.cfg.Store.LBAssignments()
+	if err == nil && lbipam.Equal(cur, lbipam.FromRecords(stored)) {
+		return nil
+	}
+	return m.cfg.Store.SaveLBAssignments(lbipam.ToRecords(cur))
 }
 
 // retry calls f until it succeeds, waiting longer after each failure (up

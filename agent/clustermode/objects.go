@@ -76,7 +76,9 @@ func (m *Mesh) Apply(ctx context.Context, objs []objects.Object) (api.ApplyResul
 			if !ok {
 				return false
 			}
-			have, err := json.Marshal(o)
+			// The set carries what Isthmus fills in (LB-IPAM's status);
+			// what was applied is the object without it.
+			have, err := json.Marshal(objects.WithoutStatus(o))
 			if err != nil || !desired.JSONEqual(have, raw) {
 				return false
 			}

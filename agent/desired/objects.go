@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net/http"
 	"slices"
+	"strings"
 	"sync/atomic"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
@@ -144,9 +145,10 @@ func (b Batch) Plan(stored func(key string) ([]byte, bool)) (api.ApplyResult, ma
 }
 
 // CheckConflicts refuses a batch in which a Service claims a frontend
-// (VIP, port, protocol) that another Service holds: one already applied
-// (in cur) and not replaced by the batch, or an earlier one of the same
-// batch. An index of frontends keeps this linear in the number of services;
+// (VIP, port, protocol) that another Service holds, or a
+// LoadBalancerIPPool shares addresses with another pool: one already
+// applied (in cur) and not replaced by the batch, or an earlier one of the
+// same batch. An index of frontends keeps this linear in the number of services;
 // the message comes from objects.CheckConflicts.
 func (b Batch) CheckConflicts(cur Objects) error {
 	owner := map[bpf.Frontend]*objects.Service{}
@@ -182,6 +184,33 @@ func (b Batch) CheckConflicts(cur Objects) error {
 			}
 		}
 		index(s)
+	}
+	return b.checkPools(cur)
+}
+
+// checkPools refuses a batch in which a LoadBalancerIPPool shares an
+// address with another pool: one applied (in cur) and not replaced by the
+// batch, or an earlier one of the batch. An address in two pools would
+// have two owners, so overlaps are refused at the door.
+func (b Batch) checkPools(cur Objects) error {
+	var pools []objects.LoadBalancerIPPool
+	for key, o := range cur {
+		if p, ok := o.(*objects.LoadBalancerIPPool); ok {
+			if _, replaced := b.Objects[key]; !replaced {
+				pools = append(pools, *p)
+			}
+		}
+	}
+	slices.SortFunc(pools, func(x, y objects.LoadBalancerIPPool) int { return strings.Compare(x.Metadata.Name, y.Metadata.Name) })
+	for _, key := range b.Order {
+		p, ok := b.Objects[key].(*objects.LoadBalancerIPPool)
+		if !ok {
+			continue
+		}
+		if err := objects.CheckPoolOverlap(pools, *p); err != nil {
+			return api.WithStatus(http.StatusConflict, err)
+		}
+		pools = append(pools, *p)
 	}
 	return nil
 }

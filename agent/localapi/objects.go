@@ -11,17 +11,18 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
+	"github.com/isthmus-mesh/isthmus/clustermesh/lbipam"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 )
 
 // kindOf maps an API kind argument to the canonical kind.
 func kindOf(s string) (string, error) {
-	for _, k := range []string{objects.KindService, objects.KindNetworkPolicy} {
+	for _, k := range []string{objects.KindService, objects.KindNetworkPolicy, objects.KindLoadBalancerIPPool} {
 		if strings.EqualFold(s, k) {
 			return k, nil
 		}
 	}
-	return "", api.Errorf(http.StatusBadRequest, "unknown kind %q: want %s or %s", s, objects.KindService, objects.KindNetworkPolicy)
+	return "", api.Errorf(http.StatusBadRequest, "unknown kind %q: want %s, %s or %s", s, objects.KindService, objects.KindNetworkPolicy, objects.KindLoadBalancerIPPool)
 }
 
 // Apply implements api.Backend: decode, validate and conflict-check the whole
@@ -56,12 +57,17 @@ func (h *Handlers) Apply(ctx context.Context, data []byte) (api.ApplyResult, err
 	}
 
 	undoPut, undoDel := h.undoFor(slices.Collect(maps.Keys(put)))
-	if err := h.store.UpdateObjects(put, nil); err != nil {
-		return api.ApplyResult{}, err
-	}
 	next := maps.Clone(cur)
 	for k := range put {
 		next[k] = batch.Objects[k]
+	}
+	next, err = h.allocateLB(cur, next)
+	if err != nil {
+		return api.ApplyResult{}, err
+	}
+	if err := h.store.UpdateObjects(put, nil); err != nil {
+		h.restoreLB(cur)
+		return api.ApplyResult{}, err
 	}
 	h.local.Set(next)
 	if err := h.rec.Converge(ctx); err != nil {
@@ -87,10 +93,35 @@ func (h *Handlers) undoFor(keys []string) (put map[string][]byte, del []string) 
 	return put, del
 }
 
+// allocateLB runs LB-IPAM (standalone mode) for the objects next will
+// be, starting from the assignments cur's services hold, and stores the
+// assignments when they change, before anything else is stored: a crash
+// in between leaves addresses reserved for objects not applied, which the
+// next start frees, never an address handed out twice.
+func (h *Handlers) allocateLB(cur, next desired.Objects) (desired.Objects, error) {
+	prev := lbipam.FromObjects(cur)
+	next, asg := desired.AllocateLB(next, prev)
+	if lbipam.Equal(prev, asg) {
+		return next, nil
+	}
+	if err := h.store.SaveLBAssignments(lbipam.ToRecords(asg)); err != nil {
+		return nil, fmt.Errorf("store LB-IPAM's assignments, nothing was applied: %w", err)
+	}
+	return next, nil
+}
+
+// restoreLB stores the assignments of cur again (a rollback).
+func (h *Handlers) restoreLB(cur desired.Objects) {
+	if err := h.store.SaveLBAssignments(lbipam.ToRecords(lbipam.FromObjects(cur))); err != nil {
+		h.log.Error("roll back LB-IPAM's assignments", "err", err)
+	}
+}
+
 func (h *Handlers) rollbackObjects(prev desired.Objects, put map[string][]byte, del []string) {
 	if err := h.store.UpdateObjects(put, del); err != nil {
 		h.log.Error("roll back objects", "err", err)
 	}
+	h.restoreLB(prev)
 	h.local.Set(prev)
 	h.rec.Request()
 }
@@ -146,11 +177,16 @@ func (h *Handlers) DeleteObject(ctx context.Context, kind, namespace, name strin
 		return api.Errorf(http.StatusNotFound, "%s %s/%s not found", k, namespace, name)
 	}
 	undoPut, _ := h.undoFor([]string{key})
-	if err := h.store.UpdateObjects(nil, []string{key}); err != nil {
-		return err
-	}
 	next := maps.Clone(cur)
 	delete(next, key)
+	next, err = h.allocateLB(cur, next)
+	if err != nil {
+		return err
+	}
+	if err := h.store.UpdateObjects(nil, []string{key}); err != nil {
+		h.restoreLB(cur)
+		return err
+	}
 	h.local.Set(next)
 	if err := h.rec.Converge(ctx); err != nil {
 		h.rollbackObjects(cur, undoPut, nil)

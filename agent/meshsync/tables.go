@@ -13,6 +13,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
+	"github.com/isthmus-mesh/isthmus/clustermesh/lbipam"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
@@ -45,6 +46,11 @@ type Tables struct {
 	objsVer  uint64
 	objsSnap map[string]objects.Object // immutable copy of objs at objsSnapVer
 	snapVer  uint64
+	// lbRecs are LB-IPAM's assignments (by "<ns>/<name>"), filled into
+	// the services of objsSnap; lbLogged holds the problems with them
+	// already logged, so a problem is logged once, not per snapshot.
+	lbRecs   map[string]records.LBAssignment
+	lbLogged map[string]bool
 
 	// The ipcache deltas (TakeIPChanges): the prefixes whose entry in a
 	// usable cluster changed since the last take, and the clusters whose
@@ -130,7 +136,7 @@ func NewTables(local Local, log *slog.Logger, onChange func()) *Tables {
 		onChange = func() {}
 	}
 	t := &Tables{local: local, log: log, onChange: onChange, clusters: map[string]*cluster{},
-		listed: map[string]bool{}, objs: map[string]objects.Object{}, maxIPCache: records.DefaultMaxIPCacheEntries,
+		listed: map[string]bool{}, objs: map[string]objects.Object{}, lbRecs: map[string]records.LBAssignment{}, lbLogged: map[string]bool{}, maxIPCache: records.DefaultMaxIPCacheEntries,
 		dirty: map[netip.Prefix]struct{}{}, dirtyClusters: map[string]struct{}{}, strs: map[string]string{}}
 	own := newCluster(local.Cluster)
 	own.id = local.ClusterID
@@ -171,6 +177,7 @@ func WatchedPrefixes(cluster string) []string {
 		records.IdentityIDPrefix,
 		records.SyncedPrefix,
 		records.CacheRoot,
+		records.LBIPAMPrefix,
 	}
 }
 
@@ -204,6 +211,8 @@ func (t *Tables) handle(prefix string, ev kvstore.Event) bool {
 		err = t.clusterConfig(ev.Key, ev.Value, del)
 	case prefix == ConfigPrefix:
 		err = t.object(ev.Key, ev.Value, del)
+	case prefix == records.LBIPAMPrefix:
+		err = t.lbAssignment(ev.Key, ev.Value, del)
 	case prefix == records.SyncedPrefix:
 		err = t.canary(ev.Key, ev.Value, del)
 	case prefix == records.CacheRoot:
@@ -659,6 +668,39 @@ func (t *Tables) object(key string, value []byte, del bool) error {
 	return nil
 }
 
+// lbAssignment handles isthmus/state/lbipam/v1/<ns>/<name>: the
+// addresses go into the service's status when the objects snapshot is
+// built. An invalid record is dropped (the service shows no addresses
+// until the server rewrites it).
+func (t *Tables) lbAssignment(key string, value []byte, del bool) error {
+	ns, name, err := records.ParseLBIPAMKey(key)
+	if err != nil {
+		return err
+	}
+	svc := ns + "/" + name
+	if _, had := t.lbRecs[svc]; had {
+		delete(t.lbRecs, svc)
+		t.objsVer++
+	}
+	if del {
+		return nil
+	}
+	r, err := records.ValidateLBAssignment(key, value)
+	if err != nil {
+		return err
+	}
+	t.lbRecs[svc] = r
+	t.objsVer++
+	return nil
+}
+
+// LBAssignments returns LB-IPAM's assignments as read from etcd.
+func (t *Tables) LBAssignments() []records.LBAssignment {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return slices.Collect(maps.Values(t.lbRecs))
+}
+
 // DecodeObject decodes and validates an applied object read at key.
 func DecodeObject(key string, value []byte) (objects.Object, error) {
 	objs, err := objects.Decode(value)
@@ -687,11 +729,13 @@ func (t *Tables) Ready() bool {
 	return t.ready()
 }
 
-// ObjectsListed reports whether the applied objects have been listed.
+// ObjectsListed reports whether the applied objects and LB-IPAM's
+// assignments have been listed (before that, a LoadBalancer service would
+// lose its addresses for a moment).
 func (t *Tables) ObjectsListed() bool {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
-	return t.listed[ConfigPrefix]
+	return t.listed[ConfigPrefix] && t.listed[records.LBIPAMPrefix]
 }
 
 // Objects returns the applied objects by objects.Key. The map is shared
@@ -714,10 +758,20 @@ func (t *Tables) ObjectsGen() (map[string]objects.Object, uint64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.objsSnap == nil || t.snapVer != t.objsVer {
-		t.objsSnap = maps.Clone(t.objs)
-		if t.objsSnap == nil {
-			t.objsSnap = map[string]objects.Object{}
+		asg := map[string]lbipam.Assignment{}
+		for k, r := range t.lbRecs {
+			asg[k] = lbipam.FromRecord(r)
 		}
+		snap, problems := lbipam.ApplyStatus(t.objs, asg)
+		logged := map[string]bool{}
+		for _, p := range problems {
+			if !t.lbLogged[p] {
+				t.log.Warn("clustermesh: LB-IPAM assignment ignored", "problem", p)
+			}
+			logged[p] = true
+		}
+		t.lbLogged = logged
+		t.objsSnap = snap
 		t.snapVer = t.objsVer
 	}
 	return t.objsSnap, t.snapVer + 1

@@ -57,6 +57,7 @@ func TestNodeCredentialWritesOnlyItsOwnRecords(t *testing.T) {
 		records.SyncedKey("c2", records.KindIP),
 		records.CachePrefix(records.KindIP, "c2") + "n1/10.2.0.5",
 		records.ServiceKey("c1", "default", "web"),
+		records.LBIPAMKey("default", "web"), // LB-IPAM's assignments: the server's alone
 		RemoteKey("c2"),
 		InfoKey,
 		"elsewhere",

@@ -1,14 +1,17 @@
 // Package objects owns the user-facing YAML kinds of apiVersion
 // isthmus.io/v1alpha1 that are applied in standalone mode (`isthmus apply`)
-// and stored under isthmus/config/<kind>/<ns>/<name>: Service and
-// NetworkPolicy. It decodes them strictly, defaults and validates them, and
+// and stored under isthmus/config/<kind>/<ns>/<name>: Service,
+// NetworkPolicy and LoadBalancerIPPool (cluster-scoped: its namespace is
+// always "default"; see docs/lbipam.md). It decodes them strictly, defaults and validates them, and
 // turns a Service into datapath frontends.
 //
 // Contract:
 //
 //	const APIVersion = "isthmus.io/v1alpha1"
 //	type Object interface { GetKind() string; GetMeta() Meta; Validate() error }
-//	func Decode(data []byte) ([]Object, error) // *Service and *NetworkPolicy values
+//	func Decode(data []byte) ([]Object, error) // *Service, *NetworkPolicy, *LoadBalancerIPPool
+//	func CheckPoolOverlap(existing []LoadBalancerIPPool, p LoadBalancerIPPool) error
+//	func WithoutStatus(o Object) Object         // as applied, without what Isthmus fills in
 //	func Key(o Object) string                   // "<Kind>/<namespace>/<name>"
 //	func (s Service) Frontends() ([]bpf.Frontend, error)
 //	func CheckConflicts(existing []Service, s Service) error

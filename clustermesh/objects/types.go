@@ -135,6 +135,12 @@ type LoadBalancerStatus struct {
 // LoadBalancerIngress is one assigned address.
 type LoadBalancerIngress struct {
 	IP string `json:"ip"`
+	// Pool is the LoadBalancerIPPool the address was allocated from.
+	Pool string `json:"pool,omitempty"`
+	// Kept says why the service keeps an address its pool no longer
+	// offers it (the pool was edited or deleted, or no longer selects
+	// the service): an address in use never moves.
+	Kept string `json:"kept,omitempty"`
 }
 
 // ServicePort is one port of a service.
@@ -305,6 +311,22 @@ func (r PortRule) EffectiveProtocol() string {
 		return ProtocolANY
 	}
 	return strings.ToUpper(r.Protocol)
+}
+
+// WithoutStatus returns o without what Isthmus fills in (Status), as it
+// was applied.
+func WithoutStatus(o Object) Object {
+	switch v := o.(type) {
+	case *Service:
+		c := *v
+		c.Status = ServiceStatus{}
+		return &c
+	case *LoadBalancerIPPool:
+		c := *v
+		c.Status = LoadBalancerIPPoolStatus{}
+		return &c
+	}
+	return o
 }
 
 // GetKind implements Object.

@@ -179,9 +179,11 @@ func (s Service) validateExternal() error {
 		return fieldError("spec.loadBalancerIPs", "needs spec.type %s", ServiceTypeLoadBalancer)
 	}
 	seen := map[netip.Addr]string{}
+	vipFamilies := map[string]bool{}
 	for _, v := range s.Spec.VIPs {
 		if a, err := parseUnicast(v); err == nil {
 			seen[a] = "spec.vips"
+			vipFamilies[family(a)] = true
 		}
 	}
 	perFamily := map[string]string{}
@@ -207,6 +209,14 @@ func (s Service) validateExternal() error {
 	}
 	if err := check("spec.loadBalancerIPs", s.Spec.LoadBalancerIPs, true); err != nil {
 		return err
+	}
+	// LB-IPAM gives a service one address per family of its VIPs; a
+	// requested address of another family could never be honoured.
+	for i, v := range s.Spec.LoadBalancerIPs {
+		a, _ := parseUnicast(v)
+		if _, ok := vipFamilies[family(a)]; !ok {
+			return fieldError(fmt.Sprintf("spec.loadBalancerIPs[%d]", i), "%s is %s but spec.vips has no %s address", a, family(a), family(a))
+		}
 	}
 	return check("spec.externalIPs", s.Spec.ExternalIPs, false)
 }

@@ -67,7 +67,16 @@ var (
 	descSvcError   = desc("isthmus_clustermesh_service_sync_error", "1 while the last sync of the service syncer failed.")
 	descSvcLast    = desc("isthmus_clustermesh_service_last_sync_timestamp_seconds", "Unix time of the service syncer's last sync (0: none).")
 
-	serverDescs = []*prometheus.Desc{descInfo, descEtcdUp, descRemote,
+	descLBUsed     = desc("isthmus_clustermesh_lbipam_pool_used_addresses", "Addresses LB-IPAM assigned from the pool (kept ones included).", "pool")
+	descLBTotal    = desc("isthmus_clustermesh_lbipam_pool_total_addresses", "Addresses in the pool's blocks.", "pool")
+	descLBKept     = desc("isthmus_clustermesh_lbipam_pool_kept_addresses", "Assigned addresses the pool no longer covers (kept: an address in use never moves).", "pool")
+	descLBServices = desc("isthmus_clustermesh_lbipam_services", "LoadBalancer services with an assignment record.")
+	descLBRefused  = desc("isthmus_clustermesh_lbipam_refused_services", "LoadBalancer services LB-IPAM refused (a requested address not honoured, or no room).")
+	descLBInvalid  = desc("isthmus_clustermesh_lbipam_invalid_total", "Objects and assignment records LB-IPAM skipped as invalid (records are rewritten).")
+	descLBError    = desc("isthmus_clustermesh_lbipam_sync_error", "1 while LB-IPAM's last write failed.")
+
+	serverDescs = []*prometheus.Desc{descLBUsed, descLBTotal, descLBKept, descLBServices, descLBRefused, descLBInvalid, descLBError,
+		descInfo, descEtcdUp, descRemote,
 		descRState, descRConnected, descRReady, descRSynced, descRRecords, descRInvalid, descRSkipped, descRRefused, descRRefusals, descRError, descRErrorTime, descRContact,
 		descSvcRecords, descSvcSyncs, descSvcPuts, descSvcDeletes, descSvcInvalid, descSvcError, descSvcLast}
 
@@ -102,7 +111,7 @@ func (c serverCollector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c serverCollector) Collect(ch chan<- prometheus.Metric) {
 	a := c.a
-	if a.Server == nil || a.Mirror == nil || a.Services == nil {
+	if a.Server == nil || a.Mirror == nil || a.Services == nil || a.LBIPAM == nil {
 		return // still starting
 	}
 	gauge, counter := promutil.Gauge(ch), promutil.Counter(ch)
@@ -152,6 +161,17 @@ func (c serverCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descSvcInvalid, float64(s.Invalid))
 	gauge(descSvcError, promutil.Bool(s.LastErr != ""))
 	gauge(descSvcLast, promutil.UnixSeconds(s.LastSync))
+
+	lb := a.LBIPAM.Stats()
+	for _, p := range lb.Pools {
+		gauge(descLBUsed, float64(p.Used), p.Name)
+		gauge(descLBTotal, p.Total, p.Name)
+		gauge(descLBKept, float64(p.Kept), p.Name)
+	}
+	gauge(descLBServices, float64(lb.Services))
+	gauge(descLBRefused, float64(lb.Refused))
+	counter(descLBInvalid, float64(lb.Invalid))
+	gauge(descLBError, promutil.Bool(lb.LastErr != ""))
 }
 
 // etcdAnswers reads the server's info key: etcd is up, serving, and lets

@@ -1,6 +1,7 @@
 // Package server is the whole isthmus-clustermesh process: the
 // cluster's etcd server (package etcdserver), the mirror of remote clusters
-// (package mirror), the service syncer (package servicesync), the garbage
+// (package mirror), the service syncer (package servicesync), LB-IPAM
+// (package lbipamsync), the garbage
 // collector of unused identities, Prometheus metrics and probes
 // (metrics.go), and an optional health endpoint. The
 // command in cmd/isthmus-clustermesh only parses flags and calls Run; tests
@@ -25,6 +26,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/etcdserver"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/clustermesh/lbipamsync"
 	"github.com/isthmus-mesh/isthmus/clustermesh/mirror"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/clustermesh/servicesync"
@@ -64,6 +66,7 @@ type APIServer struct {
 	Server   *etcdserver.Server
 	Mirror   *mirror.Manager
 	Services *servicesync.Syncer
+	LBIPAM   *lbipamsync.Syncer
 
 	log        *slog.Logger
 	cancel     context.CancelFunc
@@ -122,6 +125,9 @@ func Start(ctx context.Context, cfg Config) (*APIServer, error) {
 	if a.Services, err = servicesync.New(sc); err != nil {
 		return nil, err
 	}
+	if a.LBIPAM, err = lbipamsync.New(lbipamsync.Config{Client: srv.Client(), Logger: a.log}); err != nil {
+		return nil, err
+	}
 	var gc *identity.Etcd
 	if cfg.IdentityGCInterval > 0 {
 		gc, err = identity.NewEtcd(srv.Client(), local.Name, local.ID, "isthmus-clustermesh", identity.WithLogger(a.log))
@@ -161,6 +167,11 @@ func Start(ctx context.Context, cfg Config) (*APIServer, error) {
 	a.wg.Go(func() {
 		if err := a.Services.Run(bctx); err != nil {
 			a.errc <- fmt.Errorf("service syncer: %w", err)
+		}
+	})
+	a.wg.Go(func() {
+		if err := a.LBIPAM.Run(bctx); err != nil {
+			a.errc <- fmt.Errorf("lbipam: %w", err)
 		}
 	})
 	if gc != nil {
@@ -264,6 +275,7 @@ type StatusReport struct {
 	Server   etcdserver.Info   `json:"server"`
 	Remotes  []mirror.Status   `json:"remotes"`
 	Services servicesync.Stats `json:"services"`
+	LBIPAM   lbipamsync.Stats  `json:"lbipam"`
 }
 
 // handler serves the health address: the probes and /metrics, and /status.
@@ -271,7 +283,7 @@ func (a *APIServer) handler() http.Handler {
 	mux := a.probeMux()
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
-		rep := StatusReport{Server: a.Server.Info(), Remotes: a.Mirror.Status(), Services: a.Services.Stats()}
+		rep := StatusReport{Server: a.Server.Info(), Remotes: a.Mirror.Status(), Services: a.Services.Stats(), LBIPAM: a.LBIPAM.Stats()}
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
 		enc.Encode(rep)

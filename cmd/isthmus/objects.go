@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -22,6 +23,9 @@ var kindNames = map[string]string{
 	"service": objects.KindService, "services": objects.KindService, "svc": objects.KindService,
 	"policy": objects.KindNetworkPolicy, "policies": objects.KindNetworkPolicy,
 	"networkpolicy": objects.KindNetworkPolicy, "networkpolicies": objects.KindNetworkPolicy, "netpol": objects.KindNetworkPolicy,
+	"pool": objects.KindLoadBalancerIPPool, "pools": objects.KindLoadBalancerIPPool,
+	"ippool": objects.KindLoadBalancerIPPool, "ippools": objects.KindLoadBalancerIPPool,
+	"loadbalancerippool": objects.KindLoadBalancerIPPool, "loadbalancerippools": objects.KindLoadBalancerIPPool,
 }
 
 func parseKind(s string) (string, error) {
@@ -36,13 +40,14 @@ func parseKind(s string) (string, error) {
 	case "identity", "identities", "id":
 		return "", fmt.Errorf("unknown kind %q: identities are listed with isthmus identity list", s)
 	}
-	return "", fmt.Errorf("unknown kind %q: want service (services, svc) or policy (policies, networkpolicy, networkpolicies, netpol)", s)
+	return "", fmt.Errorf("unknown kind %q: want service (services, svc), policy (policies, networkpolicy, networkpolicies, netpol) or pool (pools, ippool, ippools, loadbalancerippool, loadbalancerippools)", s)
 }
 
 // kindCompletions are what `get` and `delete` offer for KIND.
 var kindCompletions = []cobra.Completion{
 	cobra.CompletionWithDesc("services", "Service objects"),
 	cobra.CompletionWithDesc("policies", "NetworkPolicy objects"),
+	cobra.CompletionWithDesc("pools", "LoadBalancerIPPool objects"),
 }
 
 // completeObjects completes KIND, then NAME from the agent's objects of
@@ -83,11 +88,11 @@ func (c *cli) applyCommand() *cobra.Command {
 	var file string
 	cmd := &cobra.Command{
 		Use:   "apply -f FILE|-",
-		Short: "Create or update Services and NetworkPolicies from YAML (all or nothing)",
+		Short: "Create or update Services, NetworkPolicies and LoadBalancerIPPools from YAML (all or nothing)",
 		Long: `Apply the YAML documents in FILE (or standard input with -f -). Every
-document must be a valid Service or NetworkPolicy of apiVersion
-isthmus.io/v1alpha1; if one is not, or a Service claims another's VIP and
-port, nothing is applied. The command returns once this node's datapath
+document must be a valid Service, NetworkPolicy or LoadBalancerIPPool of
+apiVersion isthmus.io/v1alpha1; if one is not, a Service claims another's
+VIP and port, or a pool shares addresses with another, nothing is applied. The command returns once this node's datapath
 enforces the new state. In cluster mode the objects are stored cluster-wide
 and every node applies them as it sees them; the command waits for this node
 (at most 30 s, then it returns and the agent logs a warning).`,
@@ -131,10 +136,15 @@ and every node applies them as it sees them; the command waits for this node
 func (c *cli) getCommand() *cobra.Command {
 	var format, ns string
 	cmd := &cobra.Command{
-		Use:   "get services|policies [NAME]",
-		Short: "Show applied Services or NetworkPolicies",
-		Long: `Show applied objects. KIND is services (service, svc) or policies (policy,
-networkpolicy, networkpolicies, netpol), in any case. Without NAME every
+		Use:   "get services|policies|pools [NAME]",
+		Short: "Show applied Services, NetworkPolicies or LoadBalancerIPPools",
+		Long: `Show applied objects. KIND is services (service, svc), policies (policy,
+networkpolicy, networkpolicies, netpol) or pools (pool, ippool, ippools,
+loadbalancerippool, loadbalancerippools), in any case. A Service of type
+LoadBalancer shows the addresses LB-IPAM assigned (EXTERNAL-IP; -o yaml
+shows status.loadBalancer, with the reason when it was refused); a pool
+shows its addresses used and total. Pools are cluster-scoped (namespace
+"default"). Without NAME every
 object of the kind is listed, in the namespace given with -n or in all
 namespaces; with NAME, -n defaults to "default". In cluster mode the objects
 are those stored in the cluster's etcd.
@@ -143,6 +153,8 @@ are those stored in the cluster's etcd.
 -o json prints the object for KIND NAME, a list otherwise.`,
 		Example: `  isthmus get services
   isthmus get svc -n shop -o json
+  isthmus get service web -o yaml
+  isthmus get pools
   isthmus get policy allow-client -o yaml > allow-client.yaml`,
 		Args:              withUsage(cobra.RangeArgs(1, 2)),
 		ValidArgsFunction: c.completeObjects,
@@ -209,15 +221,46 @@ func (c *cli) printObjects(kind, format string, objs []api.Object, single bool) 
 		return nil
 	}
 	t := newTable(c.out)
-	if kind == objects.KindService {
-		fmt.Fprintln(t, "NAMESPACE\tNAME\tVIPS\tPORTS\tSELECTOR\tBACKENDS")
-	} else {
+	switch kind {
+	case objects.KindService:
+		fmt.Fprintln(t, "NAMESPACE\tNAME\tVIPS\tPORTS\tSELECTOR\tBACKENDS\tEXTERNAL-IP")
+	case objects.KindLoadBalancerIPPool:
+		fmt.Fprintln(t, "NAME\tBLOCKS\tSERVICE SELECTOR\tDISABLED\tUSED\tTOTAL")
+	default:
 		fmt.Fprintln(t, "NAMESPACE\tNAME\tENDPOINTS\tINGRESS RULES\tEGRESS RULES")
 	}
 	for _, o := range objs {
 		decoded, err := objects.Decode(o.Object)
 		if err != nil || len(decoded) != 1 {
 			return fmt.Errorf("the agent returned %s %s/%s in a form this CLI does not understand (version mismatch?): %v", o.Kind, o.Namespace, o.Name, err)
+		}
+		// Decode drops the status (Isthmus's, not the user's): read it apart.
+		var status struct {
+			Status struct {
+				objects.ServiceStatus
+				objects.LoadBalancerIPPoolStatus
+			} `json:"status"`
+		}
+		_ = json.Unmarshal(o.Object, &status)
+		switch v := decoded[0].(type) {
+		case *objects.LoadBalancerIPPool:
+			var blocks []string
+			for _, r := range v.Ranges() {
+				blocks = append(blocks, r.String())
+			}
+			sel := identity.Labels(v.Spec.ServiceSelector.MatchLabels).String()
+			if sel == "" && len(v.Spec.ServiceSelector.MatchExpressions) == 0 {
+				sel = "<all>"
+			} else if len(v.Spec.ServiceSelector.MatchExpressions) > 0 {
+				sel = strings.TrimPrefix(sel+",<expressions>", ",")
+			}
+			st := status.Status.LoadBalancerIPPoolStatus
+			used := strconv.Itoa(st.Used)
+			if len(st.Kept) > 0 {
+				used += fmt.Sprintf(" (%d kept outside)", len(st.Kept))
+			}
+			fmt.Fprintf(t, "%s\t%s\t%s\t%t\t%s\t%s\n", o.Name, strings.Join(blocks, ","), sel, v.Spec.Disabled, used, orNone(st.Total))
+			continue
 		}
 		switch v := decoded[0].(type) {
 		case *objects.Service:
@@ -232,8 +275,9 @@ func (c *cli) printObjects(kind, format string, objs []api.Object, single bool) 
 			for _, b := range v.Spec.Backends {
 				backends = append(backends, b.IP)
 			}
-			fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%s\n", o.Namespace, o.Name, strings.Join(v.Spec.VIPs, ","), strings.Join(ports, ","),
-				orNone(identity.Labels(v.Spec.Selector).String()), orNone(strings.Join(backends, ",")))
+			fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", o.Namespace, o.Name, strings.Join(v.Spec.VIPs, ","), strings.Join(ports, ","),
+				orNone(identity.Labels(v.Spec.Selector).String()), orNone(strings.Join(backends, ",")),
+				externalIPs(*v, status.Status.LoadBalancer))
 		case *objects.NetworkPolicy:
 			sel := identity.Labels(v.Spec.EndpointSelector.MatchLabels).String()
 			if sel == "" {
@@ -246,18 +290,39 @@ func (c *cli) printObjects(kind, format string, objs []api.Object, single bool) 
 }
 
 func plural(kind string) string {
-	if kind == objects.KindService {
+	switch kind {
+	case objects.KindService:
 		return "services"
+	case objects.KindLoadBalancerIPPool:
+		return "pools"
 	}
 	return "policies"
+}
+
+// externalIPs is the EXTERNAL-IP column of a service: its external IPs and
+// the load-balancer addresses LB-IPAM assigned, <pending> for a
+// LoadBalancer service without any yet, <refused> when LB-IPAM refused it
+// (-o yaml shows why).
+func externalIPs(s objects.Service, lb objects.LoadBalancerStatus) string {
+	ips := slices.Clone(s.Spec.ExternalIPs)
+	for _, in := range lb.Ingress {
+		ips = append(ips, in.IP)
+	}
+	switch {
+	case lb.Refused != "":
+		ips = append(ips, "<refused>")
+	case s.Spec.IsLoadBalancer() && len(lb.Ingress) == 0:
+		ips = append(ips, "<pending>")
+	}
+	return orNone(strings.Join(ips, ","))
 }
 
 func (c *cli) deleteCommand() *cobra.Command {
 	var ns string
 	cmd := &cobra.Command{
-		Use:     "delete service|policy NAME [--namespace NS]",
+		Use:     "delete service|policy|pool NAME [--namespace NS]",
 		Aliases: []string{"del", "rm"},
-		Short:   "Delete an applied Service or NetworkPolicy",
+		Short:   "Delete an applied Service, NetworkPolicy or LoadBalancerIPPool",
 		Long: `Delete an applied object; the command returns once this node's datapath has
 dropped it. KIND is as for get. In cluster mode the object is deleted from
 the cluster's etcd and every node of the cluster drops it (the command waits

@@ -155,10 +155,10 @@ func TestErrorsSayWhatToDo(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"get", "gadgets"}, "want service (services, svc) or policy (policies, networkpolicy, networkpolicies, netpol)"},
+		{[]string{"get", "gadgets"}, "want service (services, svc), policy (policies, networkpolicy, networkpolicies, netpol) or pool (pools, ippool"},
 		{[]string{"get", "endpoints"}, "isthmus endpoint list"},
 		{[]string{"delete", "identity", "x"}, "isthmus identity list"},
-		{[]string{"get"}, "usage: isthmus get services|policies [NAME]"},
+		{[]string{"get"}, "usage: isthmus get services|policies|pools [NAME]"},
 		{[]string{"endpoint", "add", "--netns", "/x"}, "usage: isthmus endpoint add NAME"},
 		{[]string{"endpoint", "lst"}, `unknown command "lst" for "isthmus endpoint": want add, del, list (did you mean list?)`},
 		{[]string{"clustermesh", "stat"}, "did you mean status?"},
@@ -227,9 +227,9 @@ func TestCompletion(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"get", ""}, "services policies"},
-		{[]string{"get", "p"}, "policies"},
-		{[]string{"delete", ""}, "services policies"},
+		{[]string{"get", ""}, "services policies pools"},
+		{[]string{"get", "po"}, "policies pools"},
+		{[]string{"delete", ""}, "services policies pools"},
 		{[]string{"get", "svc", ""}, "web"}, // the default namespace only
 		{[]string{"delete", "service", "-n", "prod", ""}, "web"},
 		{[]string{"get", "policies", ""}, ""},

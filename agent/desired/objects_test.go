@@ -1,0 +1,53 @@
+package desired
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
+)
+
+func decodeBatch(t *testing.T, yaml string) Batch {
+	t.Helper()
+	objs, err := objects.Decode([]byte(yaml))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := ValidateBatch(objs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func poolYAML(name, cidr string) string {
+	return "---\napiVersion: isthmus.io/v1alpha1\nkind: LoadBalancerIPPool\nmetadata: {name: " + name + "}\nspec:\n  blocks: [{cidr: " + cidr + "}]\n"
+}
+
+// Overlapping pools are refused with both names, against applied pools
+// and within one batch; a pool replacing itself is no overlap.
+func TestCheckConflictsPools(t *testing.T) {
+	cur := Objects(decodeBatch(t, poolYAML("blue", "192.0.2.0/24")).Objects)
+	for name, tc := range map[string]struct{ yaml, want string }{
+		"against applied": {poolYAML("green", "192.0.2.128/25"), "LoadBalancerIPPool green: block 192.0.2.128-192.0.2.255 overlaps block 192.0.2.0-192.0.2.255 of LoadBalancerIPPool blue"},
+		"within batch":    {poolYAML("red", "198.51.100.0/24") + poolYAML("yellow", "198.51.100.7/32"), "LoadBalancerIPPool yellow: block 198.51.100.7 overlaps block 198.51.100.0-198.51.100.255 of LoadBalancerIPPool red"},
+	} {
+		err := decodeBatch(t, tc.yaml).CheckConflicts(cur)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want an error containing %q", name, err, tc.want)
+		} else if api.StatusOf(err) != http.StatusConflict {
+			t.Errorf("%s: status %d, want 409", name, api.StatusOf(err))
+		}
+	}
+	for name, yaml := range map[string]string{
+		"replace itself":  poolYAML("blue", "192.0.2.0/25"),
+		"disjoint":        poolYAML("green", "198.51.100.0/24"),
+		"swap in a batch": poolYAML("blue", "198.51.100.0/24") + poolYAML("green", "192.0.2.0/24"),
+	} {
+		if err := decodeBatch(t, yaml).CheckConflicts(cur); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}

@@ -1,0 +1,65 @@
+package state
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+)
+
+// LBIPAMFile holds LB-IPAM's assignments: in standalone mode the ones the
+// agent's allocator made (so addresses stick across restarts), in cluster
+// mode a copy of the cluster's (so an agent restarted while etcd is away
+// keeps serving its load-balancer addresses).
+const LBIPAMFile = "lbipam.json"
+
+type lbipamFile struct {
+	Version     int                    `json:"version"`
+	Assignments []records.LBAssignment `json:"assignments"`
+}
+
+// LBAssignments reads the stored assignments (none without the file).
+// Each is validated as an etcd record would be; a file that does not
+// parse or holds an invalid one is an error naming the file.
+func (s *Store) LBAssignments() ([]records.LBAssignment, error) {
+	var f lbipamFile
+	path := s.path(LBIPAMFile)
+	found, err := readJSON(path, &f)
+	if err != nil || !found {
+		return nil, err
+	}
+	if f.Version != fileVersion {
+		return nil, fmt.Errorf("state file %s: version %d not supported (this build reads %d)", path, f.Version, fileVersion)
+	}
+	seen := map[string]bool{}
+	for _, a := range f.Assignments {
+		if err := a.Validate(); err != nil {
+			return nil, fmt.Errorf("state file %s is corrupt (%v): fix or move it away; the agent will not overwrite it", path, err)
+		}
+		key := a.Namespace + "/" + a.Name
+		if seen[key] {
+			return nil, fmt.Errorf("state file %s is corrupt (two assignments of %s): fix or move it away; the agent will not overwrite it", path, key)
+		}
+		seen[key] = true
+	}
+	return f.Assignments, nil
+}
+
+// SaveLBAssignments replaces the stored assignments (sorted by service).
+func (s *Store) SaveLBAssignments(as []records.LBAssignment) error {
+	as = slices.Clone(as)
+	slices.SortFunc(as, func(a, b records.LBAssignment) int {
+		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
+	})
+	for i := range as {
+		as[i].Version = records.CurrentVersion
+		if err := as[i].Validate(); err != nil {
+			return fmt.Errorf("store LB-IPAM assignments: %w", err)
+		}
+	}
+	if as == nil {
+		as = []records.LBAssignment{}
+	}
+	return writeJSON(s.path(LBIPAMFile), lbipamFile{Version: fileVersion, Assignments: as})
+}
