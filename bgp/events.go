@@ -158,7 +158,10 @@ func (e *events) Fatal(msg string, f log.Fields) { e.forward(slog.LevelError, ms
 func (e *events) Error(msg string, f log.Fields) { e.record(msg, f); e.forward(slog.LevelWarn, msg, f) }
 func (e *events) Warn(msg string, f log.Fields)  { e.record(msg, f); e.forward(slog.LevelInfo, msg, f) }
 func (e *events) Info(msg string, f log.Fields)  { e.record(msg, f); e.forward(slog.LevelInfo, msg, f) }
-func (e *events) Debug(msg string, f log.Fields) { e.record(msg, f); e.forward(slog.LevelDebug, msg, f) }
+func (e *events) Debug(msg string, f log.Fields) {
+	e.record(msg, f)
+	e.forward(slog.LevelDebug, msg, f)
+}
 
 // SetLevel is ignored: record needs GoBGP's debug messages (connect
 // errors are logged at debug level only), slog filters what is shown.

@@ -22,6 +22,7 @@ var kindNames = map[string]string{
 	"service": objects.KindService, "services": objects.KindService, "svc": objects.KindService,
 	"policy": objects.KindNetworkPolicy, "policies": objects.KindNetworkPolicy,
 	"networkpolicy": objects.KindNetworkPolicy, "networkpolicies": objects.KindNetworkPolicy, "netpol": objects.KindNetworkPolicy,
+	"bgppeeringpolicy": objects.KindBGPPeeringPolicy, "bgppeeringpolicies": objects.KindBGPPeeringPolicy, "bgpp": objects.KindBGPPeeringPolicy,
 }
 
 func parseKind(s string) (string, error) {
@@ -209,9 +210,12 @@ func (c *cli) printObjects(kind, format string, objs []api.Object, single bool) 
 		return nil
 	}
 	t := newTable(c.out)
-	if kind == objects.KindService {
+	switch kind {
+	case objects.KindService:
 		fmt.Fprintln(t, "NAMESPACE\tNAME\tVIPS\tPORTS\tSELECTOR\tBACKENDS")
-	} else {
+	case objects.KindBGPPeeringPolicy:
+		fmt.Fprintln(t, "NAME\tNODES\tLOCAL AS\tNEIGHBORS\tADVERTISEMENTS")
+	default:
 		fmt.Fprintln(t, "NAMESPACE\tNAME\tENDPOINTS\tINGRESS RULES\tEGRESS RULES")
 	}
 	for _, o := range objs {
@@ -240,14 +244,30 @@ func (c *cli) printObjects(kind, format string, objs []api.Object, single bool) 
 				sel = "<all>"
 			}
 			fmt.Fprintf(t, "%s\t%s\t%s\t%d\t%d\n", o.Namespace, o.Name, sel, len(v.Spec.Ingress), len(v.Spec.Egress))
+		case *objects.BGPPeeringPolicy:
+			sel := identity.Labels(v.Spec.NodeSelector.MatchLabels).String()
+			if sel == "" && len(v.Spec.NodeSelector.MatchExpressions) == 0 {
+				sel = "<all>"
+			}
+			var ns, ads []string
+			for _, n := range v.Spec.Neighbors {
+				ns = append(ns, fmt.Sprintf("%s (AS %d)", n.Address, n.PeerASN))
+			}
+			for _, a := range v.Spec.Advertisements {
+				ads = append(ads, a.Type)
+			}
+			fmt.Fprintf(t, "%s\t%s\t%d\t%s\t%s\n", o.Name, sel, v.Spec.LocalASN, strings.Join(ns, ", "), orNone(strings.Join(ads, ",")))
 		}
 	}
 	return t.Flush()
 }
 
 func plural(kind string) string {
-	if kind == objects.KindService {
+	switch kind {
+	case objects.KindService:
 		return "services"
+	case objects.KindBGPPeeringPolicy:
+		return "BGP peering policies"
 	}
 	return "policies"
 }
