@@ -51,12 +51,12 @@ type Config struct {
 	// nodeSelector matches (--node-labels; in Kubernetes mode the Node
 	// object's, read at start, when the flag is not given).
 	NodeLabels map[string]string
-	ClusterID   uint32
-	PodCIDRs    []netip.Prefix // at most one IPv4 and one IPv6
-	StateDir    string         // endpoints, objects, IPAM and identity state
-	SocketPath  string         // local API
-	BPFFSRoot   string         // maps and links are pinned in <BPFFSRoot>/isthmus/<NodeName>
-	MTU         int            // of pod veths; 0: the underlay's, minus WireGuard's overhead when encrypting
+	ClusterID  uint32
+	PodCIDRs   []netip.Prefix // at most one IPv4 and one IPv6
+	StateDir   string         // endpoints, objects, IPAM and identity state
+	SocketPath string         // local API
+	BPFFSRoot  string         // maps and links are pinned in <BPFFSRoot>/isthmus/<NodeName>
+	MTU        int            // of pod veths; 0: the underlay's, minus WireGuard's overhead when encrypting
 	// ResetDatapath removes this node's pinned maps and links before loading
 	// the datapath: every flow and every program attachment starts over.
 	ResetDatapath bool
