@@ -337,6 +337,16 @@ func TestGracefulRestart(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
+	// The new session said "restarted, forwarding preserved" (R and F
+	// bits), so BIRD kept the stale routes until End-of-RIB rather than
+	// flushing them at session start.
+	d, err := r.bird.ProtocolDetails(t.Context(), r.local4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(d, "Restart recovery") || !strings.Contains(d, "AF preserved: ipv4") {
+		t.Errorf("BIRD did not see the restart and forwarding bits:\n%s", d)
+	}
 
 	// A deliberate withdrawal: the routes go at once.
 	if err := s2.Withdraw(t.Context()); err != nil {
