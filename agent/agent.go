@@ -42,6 +42,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/agent/bgp"
 	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
 	"github.com/isthmus-mesh/isthmus/agent/clustermode"
 	"github.com/isthmus-mesh/isthmus/agent/cniinstall"
@@ -94,6 +95,7 @@ type Agent struct {
 	routes routes.Router         // cluster mode only
 	enc    *encryption.WireGuard // nil without encryption
 	bigtcp *bigtcp.Reconciler    // GSO/GRO sizes of the node's devices and pod veths
+	bgp    *bgp.Reconciler       // the BGP speaker, from the BGPPeeringPolicy selecting the node
 	// The applied objects split by kind, at objects generation splitGen
 	// (reconcile loop only).
 	splitSvcs []objects.Service
@@ -133,6 +135,7 @@ func New(cfg Config) (*Agent, error) {
 		newRouter:     routes.NewNetlink,
 		detectNodeIPs: node.DefaultRouteAddrs,
 		rec:           reconcile.New(),
+		bgp:           bgp.New(log),
 	}
 	a.hostAddrs = node.NewAddrCache(func() ([]netip.Addr, error) { return a.nodeAddrs() }, reconcile.ResyncInterval)
 	if cfg.ClusterMode() {
@@ -259,7 +262,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		Lock: &a.mu, Store: a.store, IPAM: a.ipam, Identities: a.ids, LocalObjects: &a.objSet, Objects: a.objects,
 		Datapath: dp, Plumb: a.plumb, Reconcile: a.rec, Mesh: a.mesh, WireGuard: a.enc, BigTCP: a.bigtcp,
 		IPCache:   func() (int, int) { return a.maps.IPCacheEntries(), a.maps.IPCacheOverflow() },
-		LabelsFor: a.cfg.LabelsFor, Kubernetes: a.kubeStatus(),
+		LabelsFor: a.cfg.LabelsFor, Kubernetes: a.kubeStatus(), BGP: a.bgp.Status,
 		ObserveAdd: a.metrics.ObserveEndpointAdd,
 	})
 	local.RestoreEndpoints(ctx)
@@ -352,6 +355,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	stopErr := context.Cause(ctx)
 	cancel(nil)
 	wg.Wait()
+	// Leaving is not withdrawing: the peers keep the node's routes for
+	// their graceful restart time, as the datapath keeps forwarding.
+	a.bgp.Detach(context.Background())
 	if stopErr != nil && !errors.Is(stopErr, context.Canceled) {
 		// A failure, not a stop: the datapath stays, the agent does not.
 		return stopErr
@@ -478,6 +484,12 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		a.rec.SoftFail()
 		a.log.Warn("big tcp: devices not all read; retrying", "err", err)
 	}
+	// BGP announces what the datapath now serves; a peer or path that
+	// cannot be set up concerns BGP only.
+	if err := a.bgp.Sync(ctx, a.bgpInput(want), want.ObjectsGen, want.EndpointsGen); err != nil {
+		a.rec.SoftFail()
+		a.log.Warn("bgp: speaker not converged; retrying", "err", err)
+	}
 	if res.Changes()+routeChanges > 0 {
 		a.log.Info("datapath reconciled", "ipcacheChanges", res.IPCache, "endpointChanges", res.Endpoints,
 			"policyChanges", res.Policy, "serviceChanges", res.Services, "routeChanges", routeChanges, "errors", len(res.Errs))
@@ -544,6 +556,16 @@ func (a *Agent) bigTCPInput(want desired.State) bigtcp.Input {
 	return in
 }
 
+// bgpInput is what the BGP speaker's configuration is derived from.
+func (a *Agent) bgpInput(want desired.State) bgp.Input {
+	ips := a.underlayIPs()
+	if len(ips) == 0 {
+		ips = want.HostAddrs
+	}
+	return bgp.Input{Objects: a.objects(), Endpoints: want.Endpoints, NodeLabels: a.cfg.NodeLabels,
+		PodCIDRs: a.cfg.PodCIDRs, NodeIPs: ips}
+}
+
 // underlayIPs are the node's underlay addresses: --node-ip, or else those
 // the mesh would detect (the default route's interface's).
 func (a *Agent) underlayIPs() []netip.Addr {
@@ -571,5 +593,6 @@ func (a *Agent) metricsSources() metrics.Sources {
 		WireGuard:       func() *api.WireGuardStatus { return a.enc.Status() },
 		BigTCP:          func() *api.BigTCPStatus { return a.bigtcp.Status() },
 		Kubernetes:      a.kubeStatus(),
+		BGP:             func() *api.BGPStatus { return a.bgp.Status(context.Background(), false) },
 	}
 }

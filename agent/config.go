@@ -47,12 +47,16 @@ func DefaultWireGuardDevice(cluster, node string) string {
 type Config struct {
 	NodeName    string
 	ClusterName string
-	ClusterID   uint32
-	PodCIDRs    []netip.Prefix // at most one IPv4 and one IPv6
-	StateDir    string         // endpoints, objects, IPAM and identity state
-	SocketPath  string         // local API
-	BPFFSRoot   string         // maps and links are pinned in <BPFFSRoot>/isthmus/<NodeName>
-	MTU         int            // of pod veths; 0: the underlay's, minus WireGuard's overhead when encrypting
+	// NodeLabels are the node's labels, which a BGPPeeringPolicy's
+	// nodeSelector matches (--node-labels; in Kubernetes mode the Node
+	// object's, read at start, when the flag is not given).
+	NodeLabels map[string]string
+	ClusterID  uint32
+	PodCIDRs   []netip.Prefix // at most one IPv4 and one IPv6
+	StateDir   string         // endpoints, objects, IPAM and identity state
+	SocketPath string         // local API
+	BPFFSRoot  string         // maps and links are pinned in <BPFFSRoot>/isthmus/<NodeName>
+	MTU        int            // of pod veths; 0: the underlay's, minus WireGuard's overhead when encrypting
 	// ResetDatapath removes this node's pinned maps and links before loading
 	// the datapath: every flow and every program attachment starts over.
 	ResetDatapath bool
@@ -132,6 +136,9 @@ func (c *Config) PrepareKubernetes(ctx context.Context) error {
 	if len(c.NodeIPs) == 0 {
 		c.NodeIPs = n.IPs
 	}
+	if len(c.NodeLabels) == 0 {
+		c.NodeLabels = n.Labels
+	}
 	c.Kube = src
 	return nil
 }
@@ -151,6 +158,13 @@ func (c Config) validate() error {
 	}
 	if len(c.PodCIDRs) == 0 {
 		errs = append(errs, errors.New("no pod CIDR configured (one IPv4 and/or one IPv6 CIDR)"))
+	}
+	for k, v := range c.NodeLabels {
+		if err := identity.ValidateLabelKey(k); err != nil {
+			errs = append(errs, fmt.Errorf("node label: %w", err))
+		} else if err := identity.ValidateLabelValue(v); err != nil {
+			errs = append(errs, fmt.Errorf("node label %s: %w", k, err))
+		}
 	}
 	if c.StateDir == "" || c.SocketPath == "" || c.BPFFSRoot == "" {
 		errs = append(errs, errors.New("state dir, socket path and bpffs root are required"))

@@ -24,7 +24,8 @@ import (
 //	pod CIDRs       cluster 10.i.0.0/16 + fd00:i::/48; node 10.i.j.0/24 + fd00:i:0:j::/64
 //
 // The routers hold static routes for the pod CIDRs (standing in for what BGP
-// will announce), so native routing works across clusters.
+// announces; ClusterOptions.NoStaticPodRoutes leaves them to BGP), so
+// native routing works across clusters.
 
 // ClusterOptions describe one cluster of the mesh.
 type ClusterOptions struct {
@@ -62,6 +63,10 @@ type ClusterOptions struct {
 	// its agent starts, and returns more agent flags: it is where a
 	// Kubernetes node's containerd and kubelet start.
 	BeforeAgent func(ctx context.Context, c *Cluster, n *Node, j int) ([]string, error)
+	// NoStaticPodRoutes leaves the router without the static routes to
+	// the nodes' pod CIDRs: BGP supplies them (a BIRD router peered with
+	// the agents, see bird.go).
+	NoStaticPodRoutes bool
 	// NoServer and NoAgents start no isthmus-clustermesh in the router and
 	// no isthmus-agent on the nodes (the nodes are still built and linked,
 	// and BeforeAgent still runs): something else runs them, e.g. a Helm
@@ -379,6 +384,9 @@ func (c *Cluster) AddNode(ctx context.Context) (*Node, *Agent, error) {
 	}
 	pods := c.NodePodCIDRs(j)
 	for i, p := range pods {
+		if c.opts.NoStaticPodRoutes {
+			break
+		}
 		via := ip4
 		if i == 1 {
 			via = ip6

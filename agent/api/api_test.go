@@ -55,6 +55,10 @@ func (f *fake) DeleteEndpoint(_ context.Context, ns, name string) error {
 	return nil
 }
 
+func (f *fake) BGP(_ context.Context, routes bool) (BGPStatus, error) {
+	return BGPStatus{}, f.record("bgp %v", routes)
+}
+
 func (f *fake) DeleteEndpointOf(_ context.Context, ns, name, id string) error {
 	return f.record("delof %s/%s %s", ns, name, id)
 }

@@ -46,6 +46,7 @@ func NewServer(b Backend, log *slog.Logger) *Server {
 	s.route("/v1/identities", map[string]handler{http.MethodGet: s.identities})
 	s.route("/v1/status", map[string]handler{http.MethodGet: s.status})
 	s.route("/v1/wireguard/rotate-key", map[string]handler{http.MethodPost: s.rotateWireGuardKey})
+	s.route("/v1/bgp", map[string]handler{http.MethodGet: s.bgp})
 	s.route("/healthz", map[string]handler{http.MethodGet: func(*http.Request) (int, any, error) {
 		return http.StatusOK, map[string]string{"status": "ok"}, nil
 	}})

@@ -30,6 +30,9 @@ type Backend interface {
 	// RotateWireGuardKey replaces the node's WireGuard key and publishes
 	// the new public key; it returns the device's status afterwards.
 	RotateWireGuardKey(ctx context.Context) (WireGuardStatus, error)
+	// BGP returns the BGP speaker's status (the announced routes too when
+	// routes is set); without a BGPPeeringPolicy for the node it is empty.
+	BGP(ctx context.Context, routes bool) (BGPStatus, error)
 }
 
 // EndpointRequest asks the agent to plumb a pod.
@@ -162,6 +165,8 @@ type Status struct {
 	BigTCP *BigTCPStatus `json:"bigTCP,omitempty"`
 	// Kubernetes is set in Kubernetes mode.
 	Kubernetes *KubernetesStatus `json:"kubernetes,omitempty"`
+	// BGP is set when a BGPPeeringPolicy selects the node.
+	BGP *BGPStatus `json:"bgp,omitempty"`
 }
 
 // KubernetesStatus is the agent's view of the API server (Kubernetes

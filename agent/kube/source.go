@@ -162,6 +162,9 @@ func (s *Source) Client() kubernetes.Interface { return s.client }
 type Node struct {
 	PodCIDRs []netip.Prefix
 	IPs      []netip.Addr // InternalIP addresses
+	// Labels are the Node object's labels when the agent started (a
+	// BGPPeeringPolicy's nodeSelector matches them).
+	Labels map[string]string
 }
 
 // WaitNode returns the node's pod CIDRs and addresses once the Node
@@ -196,7 +199,7 @@ func (s *Source) WaitNode(ctx context.Context) (Node, error) {
 }
 
 func nodeInfo(n *corev1.Node) (Node, error) {
-	var info Node
+	info := Node{Labels: n.Labels}
 	cidrs := n.Spec.PodCIDRs
 	if len(cidrs) == 0 && n.Spec.PodCIDR != "" {
 		cidrs = []string{n.Spec.PodCIDR}

@@ -17,12 +17,13 @@ import (
 
 // kindOf maps an API kind argument to the canonical kind.
 func kindOf(s string) (string, error) {
-	for _, k := range []string{objects.KindService, objects.KindNetworkPolicy, objects.KindLoadBalancerIPPool} {
+	kinds := []string{objects.KindService, objects.KindNetworkPolicy, objects.KindLoadBalancerIPPool, objects.KindBGPPeeringPolicy}
+	for _, k := range kinds {
 		if strings.EqualFold(s, k) {
 			return k, nil
 		}
 	}
-	return "", api.Errorf(http.StatusBadRequest, "unknown kind %q: want %s, %s or %s", s, objects.KindService, objects.KindNetworkPolicy, objects.KindLoadBalancerIPPool)
+	return "", api.Errorf(http.StatusBadRequest, "unknown kind %q: want one of %s", s, strings.Join(kinds, ", "))
 }
 
 // Apply implements api.Backend: decode, validate and conflict-check the whole

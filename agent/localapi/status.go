@@ -29,7 +29,7 @@ func (h *Handlers) Identities(context.Context) ([]api.Identity, error) {
 }
 
 // Status implements api.Backend.
-func (h *Handlers) Status(context.Context) (api.Status, error) {
+func (h *Handlers) Status(ctx context.Context) (api.Status, error) {
 	svcs, pols := h.objects().Split()
 	st := api.Status{
 		Node: h.node, Cluster: h.cluster, ClusterID: h.clusterID,
@@ -77,5 +77,19 @@ func (h *Handlers) Status(context.Context) (api.Status, error) {
 	if h.kubernetes != nil {
 		st.Kubernetes = h.kubernetes()
 	}
+	if h.bgp != nil {
+		st.BGP = h.bgp(ctx, false)
+	}
 	return st, nil
+}
+
+// BGP implements api.Backend.
+func (h *Handlers) BGP(ctx context.Context, routes bool) (api.BGPStatus, error) {
+	if h.bgp == nil {
+		return api.BGPStatus{}, nil
+	}
+	if st := h.bgp(ctx, routes); st != nil {
+		return *st, nil
+	}
+	return api.BGPStatus{}, nil
 }

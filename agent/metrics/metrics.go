@@ -66,6 +66,9 @@ type Sources struct {
 	WireGuard    func() *api.WireGuardStatus   // nil without encryption
 	BigTCP       func() *api.BigTCPStatus      // nil before the datapath is loaded
 	Kubernetes   func() *api.KubernetesStatus  // nil outside Kubernetes mode
+	// BGP is the speaker's status (nil: not reported; it returns nil
+	// while no BGPPeeringPolicy selects the node).
+	BGP func() *api.BGPStatus
 }
 
 // Counts are the sizes of the desired state.
@@ -186,7 +189,15 @@ var (
 	descBigTCPRefused = desc("isthmus_agent_bigtcp_devices_at_legacy_size", "Devices left at 65536 while their family is on (a TSO limit, or a refused write rolled back), by role.", "role")
 	descBigTCPSize    = desc("isthmus_agent_bigtcp_device_gso_max_size_bytes", "GSO maximum size of an external device (underlay, outside, wireguard), by family.", "device", "role", "family")
 
+	// BGP (agent/bgp).
+	descBGPUp         = desc("isthmus_agent_bgp_session_established", "1 while the BGP session with the neighbour is established.", "peer")
+	descBGPAdvertised = desc("isthmus_agent_bgp_advertised_prefixes", "Prefixes announced to the neighbour (0 while its session is down).", "peer")
+	descBGPReceived   = desc("isthmus_agent_bgp_received_prefixes", "Prefixes the neighbour sent (all rejected: export only).", "peer")
+	descBGPFlaps      = desc("isthmus_agent_bgp_session_flaps_total", "Times the session went down after being established.", "peer")
+	descBGPPaths      = desc("isthmus_agent_bgp_announced_prefixes", "Prefixes the node's speaker announces.")
+
 	allDescs = []*prometheus.Desc{
+		descBGPUp, descBGPAdvertised, descBGPReceived, descBGPFlaps, descBGPPaths,
 		descForwardPackets, descForwardBytes, descDropPackets, descDropBytes, descConntrack, descIPCache, descIPCacheOver, descIPCacheDrift, descPolicyEntries, descFrontends,
 		descBigTCPPath, descBigTCPRefused, descBigTCPSize,
 		descInfo, descReady, descEndpoints, descIdentities, descServices, descPolicies,
@@ -291,6 +302,18 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 
 	if src.BigTCP != nil {
 		collectBigTCP(gauge, src.BigTCP())
+	}
+	if src.BGP != nil {
+		if b := src.BGP(); b != nil {
+			gauge(descBGPPaths, float64(b.Advertised))
+			for _, p := range b.Peers {
+				peer := p.Address.String()
+				gauge(descBGPUp, promutil.Bool(p.State == "established"), peer)
+				gauge(descBGPAdvertised, float64(p.Advertised), peer)
+				gauge(descBGPReceived, float64(p.Received), peer)
+				counter(descBGPFlaps, float64(p.Flaps), peer)
+			}
+		}
 	}
 
 	if src.Kubernetes != nil {

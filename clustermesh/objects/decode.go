@@ -16,7 +16,8 @@ import (
 
 // Decode parses a multi-document YAML stream (documents separated by lines
 // that are "---", optionally followed by blanks, a comment or content) into
-// *Service, *NetworkPolicy and *LoadBalancerIPPool values, defaulted and
+// *Service, *NetworkPolicy, *LoadBalancerIPPool and *BGPPeeringPolicy
+// values, defaulted and
 // validated.
 //
 // It is strict: unknown fields, duplicate keys, values of the wrong type
@@ -137,8 +138,8 @@ func describe(raw any) string {
 	return " (" + strings.Join(parts, " ") + ")"
 }
 
-// kindList names the kinds Decode knows, for messages.
-const kindList = KindService + ", " + KindNetworkPolicy + " or " + KindLoadBalancerIPPool
+// kindList names the kinds Decode knows, for error messages.
+var kindList = strings.Join([]string{KindService, KindNetworkPolicy, KindLoadBalancerIPPool, KindBGPPeeringPolicy}, ", ")
 
 func decodeObject(raw any) (Object, error) {
 	m, ok := raw.(map[string]any)
@@ -172,6 +173,8 @@ func decodeObject(raw any) (Object, error) {
 			obj = &NetworkPolicy{}
 		case KindLoadBalancerIPPool:
 			obj = &LoadBalancerIPPool{}
+		case KindBGPPeeringPolicy:
+			obj = &BGPPeeringPolicy{}
 		default:
 			return nil, fieldError("kind", "unknown kind %q, must be %s", kind, kindList)
 		}
@@ -255,13 +258,15 @@ func checkShape(v any, t reflect.Type, path string) error {
 				return err
 			}
 		}
-	case reflect.String:
-		if _, ok := v.(string); !ok {
-			return fieldError(at(path), "must be a string, got %s (quote it)", describeValue(v))
-		}
+	case reflect.Pointer:
+		return checkShape(v, t.Elem(), path)
 	case reflect.Bool:
 		if _, ok := v.(bool); !ok {
 			return fieldError(at(path), "must be true or false, got %s", describeValue(v))
+		}
+	case reflect.String:
+		if _, ok := v.(string); !ok {
+			return fieldError(at(path), "must be a string, got %s (quote it)", describeValue(v))
 		}
 	case reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
 		num, ok := v.(json.Number)

@@ -1,17 +1,19 @@
 // Package objects owns the user-facing YAML kinds of apiVersion
 // isthmus.io/v1alpha1 that are applied in standalone mode (`isthmus apply`)
 // and stored under isthmus/config/<kind>/<ns>/<name>: Service,
-// NetworkPolicy and LoadBalancerIPPool (cluster-scoped: its namespace is
-// always "default"; see docs/lbipam.md). It decodes them strictly, defaults and validates them, and
+// NetworkPolicy, LoadBalancerIPPool (cluster-scoped: its namespace is
+// always "default"; see docs/lbipam.md) and BGPPeeringPolicy (cluster-wide,
+// namespace "default"; see docs/bgp.md). It decodes them strictly, defaults and validates them, and
 // turns a Service into datapath frontends.
 //
 // Contract:
 //
 //	const APIVersion = "isthmus.io/v1alpha1"
 //	type Object interface { GetKind() string; GetMeta() Meta; Validate() error }
-//	func Decode(data []byte) ([]Object, error) // *Service, *NetworkPolicy, *LoadBalancerIPPool
+//	func Decode(data []byte) ([]Object, error) // *Service, *NetworkPolicy, *LoadBalancerIPPool, *BGPPeeringPolicy
 //	func CheckPoolOverlap(existing []LoadBalancerIPPool, p LoadBalancerIPPool) error
 //	func WithoutStatus(o Object) Object         // as applied, without what Isthmus fills in
+//	func ParseCommunity(s string) (std *uint32, large *[3]uint32, err error)
 //	func Key(o Object) string                   // "<Kind>/<namespace>/<name>"
 //	func (s Service) Frontends() ([]bpf.Frontend, error)
 //	func CheckConflicts(existing []Service, s Service) error

@@ -65,7 +65,7 @@ func TestDecodePoolErrors(t *testing.T) {
 			"spec.serviceSelector.matchExpressions[0].operator"},
 		{"unknown field", pool("  blocks: [{cidr: 192.0.2.0/24}]\n  allowFirstLastIPs: true\n"), "spec.allowFirstLastIPs: unknown field"},
 		{"unknown block field", pool("  blocks: [{prefix: 192.0.2.0/24}]\n"), "spec.blocks[0].prefix: unknown field"},
-		{"unknown kind lists pool", "apiVersion: isthmus.io/v1alpha1\nkind: IPPool\n", "must be Service, NetworkPolicy or LoadBalancerIPPool"},
+		{"unknown kind lists pool", "apiVersion: isthmus.io/v1alpha1\nkind: IPPool\n", "must be Service, NetworkPolicy, LoadBalancerIPPool"},
 		{"lb ip of a family without vip", "apiVersion: isthmus.io/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec:\n  vips: [10.0.0.1]\n  ports: [{port: 80}]\n  type: LoadBalancer\n  loadBalancerIPs: [2001:db8::1]\n",
 			"spec.loadBalancerIPs[0]: 2001:db8::1 is IPv6 but spec.vips has no IPv6 address"},
 	}

@@ -72,6 +72,7 @@ func newCommand(run func(agent.Config) error) *cobra.Command {
 		nodeIPs   []string
 		bigTCP6   string
 		bigTCP4   string
+		labels    []string
 	)
 	cmd := &cobra.Command{
 		Use:   "isthmus-agent --pod-cidr CIDR [--pod-cidr CIDR] [flags]",
@@ -110,6 +111,12 @@ that cannot take the size or refuses it is left at (rolled back to) 65536
 alone, a pod veth with both its ends, and reported in isthmus status.
 Pods are reconciled in place: changing these flags and restarting the
 agent changes running pods without restarting them.
+
+A BGPPeeringPolicy whose nodeSelector matches --node-labels makes the
+agent peer with the policy's routers over BGP (embedded GoBGP, export only)
+and announce the node's pod CIDRs and the selected services' external and
+load-balancer addresses. A restarted agent keeps its routes at the peers
+through graceful restart; see docs/bgp.md.
 
 --metrics-addr serves Prometheus metrics, /healthz and /readyz over HTTP
 (the API socket serves them too). Needs root; runs until SIGTERM or SIGINT.`,
@@ -157,6 +164,19 @@ agent changes running pods without restarting them.
 				}
 				cfg.NodeIPs = append(cfg.NodeIPs, ip)
 			}
+			for _, kv := range labels {
+				k, v, ok := strings.Cut(strings.TrimSpace(kv), "=")
+				if !ok || k == "" {
+					return fmt.Errorf("--node-labels %q: want key=value", kv)
+				}
+				if cfg.NodeLabels == nil {
+					cfg.NodeLabels = map[string]string{}
+				}
+				if _, dup := cfg.NodeLabels[k]; dup {
+					return fmt.Errorf("--node-labels: %s given twice", k)
+				}
+				cfg.NodeLabels[k] = v
+			}
 			var err6, err4 error
 			cfg.BigTCP.IPv6, err6 = bigtcp.ParseMode("--ipv6-big-tcp", bigTCP6)
 			cfg.BigTCP.IPv4, err4 = bigtcp.ParseMode("--ipv4-big-tcp", bigTCP4)
@@ -181,6 +201,7 @@ agent changes running pods without restarting them.
 	}
 	f := cmd.Flags()
 	f.StringVar(&cfg.NodeName, "node-name", api.DefaultNodeName(), "name of this node, unique in the cluster (a DNS label)")
+	f.StringSliceVar(&labels, "node-labels", nil, "labels of this node, key=value, comma-separated: a BGPPeeringPolicy's nodeSelector matches them (in Kubernetes mode the Node object's labels when not given)")
 	f.StringVar(&cfg.ClusterName, "cluster-name", "default", "name of the cluster this node belongs to (a DNS label); part of every identity")
 	f.Uint32Var(&cfg.ClusterID, "cluster-id", 1, "numeric cluster ID, 1-4095, unique in the mesh; the high bits of every identity")
 	f.StringSliceVar(&podCIDRs, "pod-cidr", nil, "pod address range of this node; repeat for dual stack (one IPv4 and one IPv6 CIDR)")

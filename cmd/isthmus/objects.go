@@ -26,6 +26,7 @@ var kindNames = map[string]string{
 	"pool": objects.KindLoadBalancerIPPool, "pools": objects.KindLoadBalancerIPPool,
 	"ippool": objects.KindLoadBalancerIPPool, "ippools": objects.KindLoadBalancerIPPool,
 	"loadbalancerippool": objects.KindLoadBalancerIPPool, "loadbalancerippools": objects.KindLoadBalancerIPPool,
+	"bgppeeringpolicy": objects.KindBGPPeeringPolicy, "bgppeeringpolicies": objects.KindBGPPeeringPolicy, "bgpp": objects.KindBGPPeeringPolicy,
 }
 
 func parseKind(s string) (string, error) {
@@ -226,6 +227,8 @@ func (c *cli) printObjects(kind, format string, objs []api.Object, single bool) 
 		fmt.Fprintln(t, "NAMESPACE\tNAME\tVIPS\tPORTS\tSELECTOR\tBACKENDS\tEXTERNAL-IP")
 	case objects.KindLoadBalancerIPPool:
 		fmt.Fprintln(t, "NAME\tBLOCKS\tSERVICE SELECTOR\tDISABLED\tUSED\tTOTAL")
+	case objects.KindBGPPeeringPolicy:
+		fmt.Fprintln(t, "NAME\tNODES\tLOCAL AS\tNEIGHBORS\tADVERTISEMENTS")
 	default:
 		fmt.Fprintln(t, "NAMESPACE\tNAME\tENDPOINTS\tINGRESS RULES\tEGRESS RULES")
 	}
@@ -284,6 +287,19 @@ func (c *cli) printObjects(kind, format string, objs []api.Object, single bool) 
 				sel = "<all>"
 			}
 			fmt.Fprintf(t, "%s\t%s\t%s\t%d\t%d\n", o.Namespace, o.Name, sel, len(v.Spec.Ingress), len(v.Spec.Egress))
+		case *objects.BGPPeeringPolicy:
+			sel := identity.Labels(v.Spec.NodeSelector.MatchLabels).String()
+			if sel == "" && len(v.Spec.NodeSelector.MatchExpressions) == 0 {
+				sel = "<all>"
+			}
+			var ns, ads []string
+			for _, n := range v.Spec.Neighbors {
+				ns = append(ns, fmt.Sprintf("%s (AS %d)", n.Address, n.PeerASN))
+			}
+			for _, a := range v.Spec.Advertisements {
+				ads = append(ads, a.Type)
+			}
+			fmt.Fprintf(t, "%s\t%s\t%d\t%s\t%s\n", o.Name, sel, v.Spec.LocalASN, strings.Join(ns, ", "), orNone(strings.Join(ads, ",")))
 		}
 	}
 	return t.Flush()
@@ -295,6 +311,8 @@ func plural(kind string) string {
 		return "services"
 	case objects.KindLoadBalancerIPPool:
 		return "pools"
+	case objects.KindBGPPeeringPolicy:
+		return "BGP peering policies"
 	}
 	return "policies"
 }

@@ -143,6 +143,12 @@ every endpoint's GSO/GRO sizes.
 						return err
 					}
 				}
+				if b := st.BGP; b != nil {
+					fmt.Fprintln(c.out)
+					if err := printBGP(c.out, b); err != nil {
+						return err
+					}
+				}
 				if k := st.Kubernetes; k != nil {
 					synced := "yes"
 					if !k.Synced {
