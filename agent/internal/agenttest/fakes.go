@@ -21,6 +21,7 @@ type FakeDatapath struct {
 	IPCache  map[netip.Prefix]bpf.IPCacheEntry
 	EPs      map[netip.Addr]bpf.EndpointInfo
 	Svcs     map[bpf.Frontend][]bpf.Backend
+	Ext      map[bpf.Frontend]bpf.External
 	Pol      map[bpf.PolicyKey]bool
 	Attached map[string]int // interface -> ifindex
 	writes   []string
@@ -39,7 +40,7 @@ func (d *FakeDatapath) Lists() int {
 func NewFakeDatapath() *FakeDatapath {
 	return &FakeDatapath{
 		IPCache: map[netip.Prefix]bpf.IPCacheEntry{}, EPs: map[netip.Addr]bpf.EndpointInfo{},
-		Svcs: map[bpf.Frontend][]bpf.Backend{}, Pol: map[bpf.PolicyKey]bool{}, Attached: map[string]int{},
+		Svcs: map[bpf.Frontend][]bpf.Backend{}, Ext: map[bpf.Frontend]bpf.External{}, Pol: map[bpf.PolicyKey]bool{}, Attached: map[string]int{},
 	}
 }
 
@@ -143,6 +144,30 @@ func (d *FakeDatapath) ServiceList() (map[bpf.Frontend][]bpf.Backend, error) {
 	defer d.mu.Unlock()
 	d.lists++
 	return maps.Clone(d.Svcs), nil
+}
+
+func (d *FakeDatapath) ExternalUpsert(f bpf.Frontend, e bpf.External) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.write("ext+ %s", f)
+	e.Backends = slices.Clone(e.Backends)
+	d.Ext[f] = e
+	return nil
+}
+
+func (d *FakeDatapath) ExternalDelete(f bpf.Frontend) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.write("ext- %s", f)
+	delete(d.Ext, f)
+	return nil
+}
+
+func (d *FakeDatapath) ExternalList() (map[bpf.Frontend]bpf.External, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.lists++
+	return maps.Clone(d.Ext), nil
 }
 
 func (d *FakeDatapath) PolicySync(want []bpf.PolicyKey) error {
