@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
@@ -56,6 +57,10 @@ type Config struct {
 	// ResetDatapath removes this node's pinned maps and links before loading
 	// the datapath: every flow and every program attachment starts over.
 	ResetDatapath bool
+	// ExternalDevices name the devices traffic from outside the mesh
+	// arrives on (gateway/northsouth); empty: those holding a node IP or
+	// a default route.
+	ExternalDevices []string
 	// MetricsAddr is host:port for GET /metrics, /healthz and /readyz over
 	// plain HTTP (agent/metrics); "" turns that listener off. The API socket
 	// serves the same paths regardless.
@@ -151,6 +156,11 @@ func (c Config) validate() error {
 	}
 	if len(c.PodCIDRs) == 0 {
 		errs = append(errs, errors.New("no pod CIDR configured (one IPv4 and/or one IPv6 CIDR)"))
+	}
+	for _, d := range c.ExternalDevices {
+		if d == "" || len(d) > 15 || strings.ContainsAny(d, "/ \t") {
+			errs = append(errs, fmt.Errorf("external device %q is not a device name (1-15 characters, no '/' or space)", d))
+		}
 	}
 	if c.StateDir == "" || c.SocketPath == "" || c.BPFFSRoot == "" {
 		errs = append(errs, errors.New("state dir, socket path and bpffs root are required"))

@@ -41,6 +41,9 @@ type Datapath interface {
 	ExternalUpsert(f bpf.Frontend, e bpf.External) error
 	ExternalDelete(f bpf.Frontend) error
 	ExternalList() (map[bpf.Frontend]bpf.External, error)
+	AttachExternal(ifname string, ifindex int) error
+	DetachExternal(ifname string) error
+	ExternalAttached() ([]string, error)
 	PolicySync(want []bpf.PolicyKey) error
 	PolicyUpdate(add, del []bpf.PolicyKey) error
 	PolicyList() ([]bpf.PolicyKey, error)
@@ -108,6 +111,7 @@ type Reconciler struct {
 	lbShadow  map[bpf.Frontend]bpf.External   // isth_lb as last written; nil: list the map
 	lbWant    map[bpf.Frontend]bpf.External   // the external frontends wanted at the last run
 	lbEPGen   uint64                          // the EndpointsGen lbWant was computed with
+	lbCounts  atomic.Value                    // ExternalCounts after the last Sync
 
 	// The inputs the policy (with the endpoints map) was last applied
 	// for; the zero value never matches.

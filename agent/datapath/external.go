@@ -84,6 +84,14 @@ func (r *Reconciler) syncExternal(s desired.State, want map[bpf.Frontend][]bpf.B
 	if !changed {
 		return nil
 	}
+	var counts ExternalCounts
+	for _, e := range r.lbWant {
+		if e.Policy == bpf.ExternalLocal {
+			counts.Local++
+		} else {
+			counts.Cluster++
+		}
+	}
 
 	// The frontends, then the known addresses: added before, removed after.
 	failed := false
@@ -129,7 +137,22 @@ func (r *Reconciler) syncExternal(s desired.State, want map[bpf.Frontend][]bpf.B
 	if failed {
 		r.lbShadow = nil // list again next time
 	}
+	counts.Addresses = len(addrs)
+	r.lbCounts.Store(counts)
 	return nil
+}
+
+// ExternalCounts counts what isth_lb should hold.
+type ExternalCounts struct {
+	Cluster, Local int // frontends by externalTrafficPolicy
+	Addresses      int // known external addresses
+}
+
+// ExternalCounts is what the last Sync wanted in isth_lb: Cluster > 0
+// means the node's SNAT is needed (gateway/northsouth).
+func (r *Reconciler) ExternalCounts() ExternalCounts {
+	c, _ := r.lbCounts.Load().(ExternalCounts)
+	return c
 }
 
 func sameExternal(a, b bpf.External) bool {

@@ -77,5 +77,8 @@ func (h *Handlers) Status(context.Context) (api.Status, error) {
 	if h.kubernetes != nil {
 		st.Kubernetes = h.kubernetes()
 	}
+	if h.northSouth != nil {
+		st.NorthSouth = h.northSouth()
+	}
 	return st, nil
 }

@@ -66,6 +66,7 @@ type Sources struct {
 	WireGuard    func() *api.WireGuardStatus   // nil without encryption
 	BigTCP       func() *api.BigTCPStatus      // nil before the datapath is loaded
 	Kubernetes   func() *api.KubernetesStatus  // nil outside Kubernetes mode
+	NorthSouth   func() *api.NorthSouthStatus  // nil before the datapath is loaded
 }
 
 // Counts are the sizes of the desired state.
@@ -186,7 +187,13 @@ var (
 	descBigTCPRefused = desc("isthmus_agent_bigtcp_devices_at_legacy_size", "Devices left at 65536 while their family is on (a TSO limit, or a refused write rolled back), by role.", "role")
 	descBigTCPSize    = desc("isthmus_agent_bigtcp_device_gso_max_size_bytes", "GSO maximum size of an external device (underlay, outside, wireguard), by family.", "device", "role", "family")
 
+	// The way in from outside (gateway/northsouth).
+	descNSAttached  = desc("isthmus_agent_northsouth_device_attached", "1 while from_external and to_external are attached to the external device.", "device")
+	descNSSNAT      = desc("isthmus_agent_northsouth_snat_table_present", "1 while the nftables table that masquerades flows under externalTrafficPolicy Cluster is in place (it exists only while such a frontend does).")
+	descNSFrontends = desc("isthmus_agent_northsouth_frontends", "Frontends at load-balancer and external addresses in the datapath, by externalTrafficPolicy.", "policy")
+
 	allDescs = []*prometheus.Desc{
+		descNSAttached, descNSSNAT, descNSFrontends,
 		descForwardPackets, descForwardBytes, descDropPackets, descDropBytes, descConntrack, descIPCache, descIPCacheOver, descIPCacheDrift, descPolicyEntries, descFrontends,
 		descBigTCPPath, descBigTCPRefused, descBigTCPSize,
 		descInfo, descReady, descEndpoints, descIdentities, descServices, descPolicies,
@@ -291,6 +298,16 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 
 	if src.BigTCP != nil {
 		collectBigTCP(gauge, src.BigTCP())
+	}
+	if src.NorthSouth != nil {
+		if ns := src.NorthSouth(); ns != nil {
+			for _, d := range ns.Devices {
+				gauge(descNSAttached, promutil.Bool(d.Attached), d.Name)
+			}
+			gauge(descNSSNAT, promutil.Bool(ns.SNATPresent))
+			gauge(descNSFrontends, float64(ns.FrontendsCluster), "Cluster")
+			gauge(descNSFrontends, float64(ns.FrontendsLocal), "Local")
+		}
 	}
 
 	if src.Kubernetes != nil {

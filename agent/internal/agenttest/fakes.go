@@ -24,9 +24,11 @@ type FakeDatapath struct {
 	Ext      map[bpf.Frontend]bpf.External
 	Pol      map[bpf.PolicyKey]bool
 	Attached map[string]int // interface -> ifindex
-	writes   []string
-	lists    int
-	FailEP   error // EndpointUpsert fails with it when set
+	// ExtAttached are the external devices (north-south) -> ifindex.
+	ExtAttached map[string]int
+	writes      []string
+	lists       int
+	FailEP      error // EndpointUpsert fails with it when set
 }
 
 // Lists returns how many times a map was listed.
@@ -40,7 +42,7 @@ func (d *FakeDatapath) Lists() int {
 func NewFakeDatapath() *FakeDatapath {
 	return &FakeDatapath{
 		IPCache: map[netip.Prefix]bpf.IPCacheEntry{}, EPs: map[netip.Addr]bpf.EndpointInfo{},
-		Svcs: map[bpf.Frontend][]bpf.Backend{}, Ext: map[bpf.Frontend]bpf.External{}, Pol: map[bpf.PolicyKey]bool{}, Attached: map[string]int{},
+		Svcs: map[bpf.Frontend][]bpf.Backend{}, Ext: map[bpf.Frontend]bpf.External{}, Pol: map[bpf.PolicyKey]bool{}, Attached: map[string]int{}, ExtAttached: map[string]int{},
 	}
 }
 
@@ -168,6 +170,26 @@ func (d *FakeDatapath) ExternalList() (map[bpf.Frontend]bpf.External, error) {
 	defer d.mu.Unlock()
 	d.lists++
 	return maps.Clone(d.Ext), nil
+}
+
+func (d *FakeDatapath) AttachExternal(ifname string, ifindex int) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.ExtAttached[ifname] = ifindex
+	return nil
+}
+
+func (d *FakeDatapath) DetachExternal(ifname string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.ExtAttached, ifname)
+	return nil
+}
+
+func (d *FakeDatapath) ExternalAttached() ([]string, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return slices.Collect(maps.Keys(d.ExtAttached)), nil
 }
 
 func (d *FakeDatapath) PolicySync(want []bpf.PolicyKey) error {
