@@ -52,15 +52,13 @@ spec:
 func (m *mesh) echoPod(a *lab.Agent, name string, labels map[string]string) *lab.Pod {
 	m.t.Helper()
 	p := m.pod(a, name, labels)
-	for _, network := range []string{"0.0.0.0:8080", "[::]:8080"} {
-		ln, err := connectivity.ListenIn(p.Path(), network)
-		if err != nil {
-			m.t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		m.t.Cleanup(cancel)
-		go func() { _ = connectivity.ServeEcho(ctx, ln, name, a.Node.Name(), "") }()
+	ln, err := connectivity.ListenIn(p.Path(), ":8080") // both families
+	if err != nil {
+		m.t.Fatal(err)
 	}
+	ctx, cancel := context.WithCancel(context.Background())
+	m.t.Cleanup(cancel)
+	go func() { _ = connectivity.ServeEcho(ctx, ln, name, a.Node.Name(), a.Node.Name()) }()
 	return p
 }
 
