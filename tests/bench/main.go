@@ -12,7 +12,9 @@
 // standalone wireguard-go. The bigtcp section (bigtcp.go) measures BIG TCP
 // on against off across two nodes. The k8s section (k8s.go) measures
 // Kubernetes mode: the CNI ADD, a new pod reached from another cluster, a
-// deleted pod gone from it.
+// deleted pod gone from it. The northsouth section (northsouth.go) measures
+// new connections from outside the mesh through an external IP against
+// the same client dialling the backend directly.
 package main
 
 import (
@@ -36,7 +38,7 @@ import (
 )
 
 var (
-	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup, bigtcp, k8s")
+	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s|northsouth", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup, bigtcp, k8s, northsouth")
 	duration = flag.Duration("duration", 8*time.Second, "length of each measurement")
 	services = flag.Int("services", 10000, "services installed for the scaling measurement")
 )
@@ -100,6 +102,7 @@ func main() {
 		{"labup", labupBench},
 		{"bigtcp", bigtcpBench},
 		{"k8s", k8sBench},
+		{"northsouth", northSouthBench},
 	}
 	ok := true
 	for _, sec := range sections {
