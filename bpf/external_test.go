@@ -320,3 +320,33 @@ func TestExternalMapRoundTrip(t *testing.T) {
 		t.Fatalf("after delete: %+v", got)
 	}
 }
+
+// A client that dials a backend directly, from the port of an external
+// flow to that backend that closed, gets the backend's answers untouched:
+// the closed flow's reply entry does not capture the new connection.
+func TestExternalStaleReplyEntryDoesNotCaptureADirectFlow(t *testing.T) {
+	d := openTest(t)
+	setup(t, d, [2]bool{}, [2]bool{})
+	for _, f := range extFamilies {
+		externalSetup(t, d, f, ExternalCluster, Backend{Addr: f.remote, Port: 8080})
+		syn := testPkt{src: f.client, dst: f.ext, proto: ProtoTCP, sport: 43000, dport: 80}
+		if ret, _, _ := runMark(t, d.FromExternal(), syn.bytes(), 0); ret != tcActOK {
+			t.Fatalf("%s SYN: %d", f.name, ret)
+		}
+		rst := syn
+		rst.tcpFlags = 0x04
+		if ret, _, _ := runMark(t, d.FromExternal(), rst.bytes(), 0); ret != tcActOK {
+			t.Fatalf("%s RST: %d", f.name, ret)
+		}
+		// The same client port, straight to the backend.
+		for _, flags := range []uint8{0x12, 0x10} {
+			reply := testPkt{src: f.remote, dst: f.client, proto: ProtoTCP, sport: 8080, dport: 43000, tcpFlags: flags}
+			in := reply.bytes()
+			ret, out, _ := runMark(t, d.ToExternal(), in, 0)
+			if ret != tcActOK || !bytes.Equal(in, out) {
+				p := parsePkt(t, out, ProtoTCP)
+				t.Fatalf("%s direct flow's answer (flags %#x) changed to %s:%d", f.name, flags, p.src, p.sport)
+			}
+		}
+	}
+}

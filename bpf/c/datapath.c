@@ -1382,6 +1382,18 @@ int from_external(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
+/* Whether a backend's SYN-ACK (p) answers the external flow its reply
+ * entry was made for: the client's entry (front:fport, the frontend) must
+ * be open and lead to this backend. A new flow through from_external
+ * rewrites that entry before its SYN reaches the backend. */
+static __noinline int external_flow_opening(const struct pkt *p, const union addr *front, __u16 fport)
+{
+	struct ct_key k;
+	ct_key_set(&k, &p->dst, front, p->dport, fport, p->proto, CT_SCOPE_EXTERNAL);
+	struct ct_val *v = bpf_map_lookup_elem(&isth_ct, &k);
+	return v && !(v->flags & CT_F_CLOSING) && addr_eq(&v->nat_addr, &p->src) && v->nat_port == p->sport;
+}
+
 /* Replies of flows from outside, on their way out: the backend's address
  * and port become the frontend's again. Anything else passes untouched,
  * including later fragments whose first this program did not translate. */
@@ -1406,6 +1418,14 @@ int to_external(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	union addr na = v->nat_addr;
 	__u16 np = v->nat_port;
+	if (p.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == (TCP_FLAG_SYN | TCP_FLAG_ACK) &&
+	    !external_flow_opening(&p, &na, np)) {
+		/* The backend answers a connection that did not come through
+		 * from_external (the client dialled it directly) on the tuple of
+		 * an external flow that closed: the entry is stale. */
+		bpf_map_delete_elem(&isth_ct, &k);
+		return TC_ACT_OK;
+	}
 	struct frag_val *fv = NULL;
 	if (p.frag == FRAG_FIRST)
 		fv = frag_first(&p, FRAG_HOOK_TO_EXT);
