@@ -1,8 +1,12 @@
 package e2e
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"net/netip"
 	"testing"
 	"time"
@@ -96,10 +100,12 @@ func northSouth(t *testing.T, ctx context.Context, a *lab.Agent) *api.NorthSouth
 	return st.NorthSouth
 }
 
-func TestNorthSouth(t *testing.T) {
-	m := startMesh(t, lab.ClusterOptions{})
+// northSouthSetup builds the mesh, an echo pod per c1 node and one in c2,
+// the outside client with routes to both c1 nodes, and applies extweb
+// (Cluster, global).
+func northSouthSetup(t *testing.T, opts lab.ClusterOptions) (*mesh, *lab.Outside) {
+	m := startMesh(t, opts)
 	c1a, c1b, c2a := m.c1.Agents[0], m.c1.Agents[1], m.c2.Agents[0]
-
 	m.echoPod(c1a, "ext-c1n1", map[string]string{"app": "extweb"})
 	m.echoPod(c1b, "ext-c1n2", map[string]string{"app": "extweb"})
 	m.echoPod(c2a, "ext-c2n1", map[string]string{"app": "extweb"})
@@ -112,42 +118,90 @@ func TestNorthSouth(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-
 	step(t, "apply Service extweb (Cluster, global) in c1 and c2")
 	m.apply(c1a, fmt.Sprintf(extWebService, "Cluster"))
 	m.apply(c2a, extWebC2)
+	return m, out
+}
+
+// checkCluster: from outside, both families reach the backends on both c1
+// nodes and in c2, and no backend sees the client's address (SNAT).
+func checkCluster(t *testing.T, m *mesh, out *lab.Outside) {
+	t.Helper()
+	for _, v6 := range []bool{false, true} {
+		dst := netip.AddrPortFrom(extWeb4, 80)
+		if v6 {
+			dst = netip.AddrPortFrom(extWeb6, 80)
+		}
+		var rs []connectivity.Reply
+		if err := eventually(30*time.Second, func() error {
+			var err error
+			rs, err = outsideAnswers(out, dst, 60)
+			if err != nil {
+				return err
+			}
+			if got := byPod(rs); got["ext-c1n1"] == 0 || got["ext-c1n2"] == 0 || got["ext-c2n1"] == 0 {
+				return fmt.Errorf("60 requests to %s reached %v; want the backends on both c1 nodes and in c2", dst, got)
+			}
+			return nil
+		}); err != nil {
+			t.Fatalf("outside -> %s over %s: %v", dst, familyName(v6), err)
+		}
+		t.Logf("outside -> %s: %v", dst, byPod(rs))
+		for _, r := range rs {
+			if r.Peer == out.Addr(v6) {
+				t.Fatalf("under Cluster, backend %s saw the client's own address %s: no SNAT", r.Pod, r.Peer)
+			}
+		}
+	}
+	for _, a := range m.c1.Agents {
+		ns := northSouth(t, m.ctx, a)
+		if !ns.SNATPresent || len(ns.Devices) == 0 || !ns.Devices[0].Attached || ns.FrontendsCluster != 2 {
+			t.Fatalf("%s north-south status: %+v", a.Node.Name(), ns)
+		}
+	}
+}
+
+func TestNorthSouth(t *testing.T) {
+	m, out := northSouthSetup(t, lab.ClusterOptions{})
+	c1a, c1b := m.c1.Agents[0], m.c1.Agents[1]
 
 	t.Run("Cluster: both families, spread over both nodes and c2, SNAT", func(t *testing.T) {
+		checkCluster(t, m, out)
+	})
+
+	t.Run("a connection from outside survives its nodes' agents restarting", func(t *testing.T) {
 		for _, v6 := range []bool{false, true} {
 			dst := netip.AddrPortFrom(extWeb4, 80)
 			if v6 {
 				dst = netip.AddrPortFrom(extWeb6, 80)
 			}
-			var rs []connectivity.Reply
-			if err := eventually(30*time.Second, func() error {
-				var err error
-				rs, err = outsideAnswers(out, dst, 60)
-				if err != nil {
-					return err
-				}
-				if got := byPod(rs); got["ext-c1n1"] == 0 || got["ext-c1n2"] == 0 || got["ext-c2n1"] == 0 {
-					return fmt.Errorf("60 requests to %s reached %v; want the backends on both c1 nodes and in c2", dst, got)
-				}
-				return nil
-			}); err != nil {
-				t.Fatalf("outside -> %s over %s: %v", dst, familyName(v6), err)
+			c, err := dialTCP(out.Netns, dst, 2*time.Second)
+			if err != nil {
+				t.Fatal(err)
 			}
-			t.Logf("outside -> %s: %v", dst, byPod(rs))
-			for _, r := range rs {
-				if r.Peer == out.Addr(v6) {
-					t.Fatalf("under Cluster, backend %s saw the client's own address %s: no SNAT", r.Pod, r.Peer)
+			defer c.Close()
+			br := bufio.NewReader(c)
+			first, err := requestOn(c, br)
+			if err != nil {
+				t.Fatal(err)
+			}
+			step(t, "SIGKILL both c1 agents, keep the connection to %s (answered by %s)", dst, first.Pod)
+			for _, a := range m.c1.Agents {
+				if err := a.Proc.Kill(); err != nil {
+					t.Fatal(err)
 				}
 			}
-		}
-		for _, a := range []*lab.Agent{c1a, c1b} {
-			ns := northSouth(t, m.ctx, a)
-			if !ns.SNATPresent || len(ns.Devices) == 0 || !ns.Devices[0].Attached || ns.FrontendsCluster != 2 {
-				t.Fatalf("%s north-south status: %+v", a.Node.Name(), ns)
+			if r, err := requestOn(c, br); err != nil || r.Pod != first.Pod {
+				t.Fatalf("while no agent runs: %+v, %v (want %s)", r, err, first.Pod)
+			}
+			for _, a := range m.c1.Agents {
+				if err := a.Start(m.ctx); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if r, err := requestOn(c, br); err != nil || r.Pod != first.Pod {
+				t.Fatalf("after the restart: %+v, %v (want %s)", r, err, first.Pod)
 			}
 		}
 	})
@@ -209,4 +263,30 @@ func counterOf(t *testing.T, ctx context.Context, a *lab.Agent, reason string) u
 		}
 	}
 	return 0
+}
+
+// requestOn sends one HTTP request to an echo server on an open
+// connection and parses the answer.
+func requestOn(c net.Conn, br *bufio.Reader) (connectivity.Reply, error) {
+	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: extweb\r\n\r\n"); err != nil {
+		return connectivity.Reply{}, err
+	}
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		return connectivity.Reply{}, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return connectivity.Reply{}, err
+	}
+	return connectivity.ParseReply(string(body))
+}
+
+// With WireGuard between the nodes, the way in works the same: the node's
+// SNAT brings the replies of other nodes' and clusters' backends back.
+func TestNorthSouthWireGuard(t *testing.T) {
+	m, out := northSouthSetup(t, lab.ClusterOptions{Encryption: "wireguard"})
+	checkCluster(t, m, out)
 }
