@@ -3,9 +3,9 @@ package lab
 import (
 	"errors"
 	"fmt"
-	"os"
 	"net"
 	"net/netip"
+	"os"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
