@@ -63,6 +63,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 	"github.com/isthmus-mesh/isthmus/clustermesh/lbipam"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
+	"github.com/isthmus-mesh/isthmus/gateway/northsouth"
 )
 
 // Agent runs one node.
@@ -92,10 +93,11 @@ type Agent struct {
 	// Reconcilers, set in Run before the first reconcile.
 	dp     datapath.Datapath
 	maps   *datapath.Reconciler
-	routes routes.Router         // cluster mode only
-	enc    *encryption.WireGuard // nil without encryption
-	bigtcp *bigtcp.Reconciler    // GSO/GRO sizes of the node's devices and pod veths
-	bgp    *bgp.Reconciler       // the BGP speaker, from the BGPPeeringPolicy selecting the node
+	routes routes.Router          // cluster mode only
+	enc    *encryption.WireGuard  // nil without encryption
+	bigtcp *bigtcp.Reconciler     // GSO/GRO sizes of the node's devices and pod veths
+	bgp    *bgp.Reconciler        // the BGP speaker, from the BGPPeeringPolicy selecting the node
+	ns     *northsouth.Reconciler // the way in from outside: external devices, SNAT
 	// The applied objects split by kind, at objects generation splitGen
 	// (reconcile loop only).
 	splitSvcs []objects.Service
@@ -226,12 +228,19 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := a.plumb.PrepareNode(); err != nil {
 		return err
 	}
+	if a.cfg.ResetDatapath {
+		// A deliberate start over: the SNAT table goes with the pins.
+		if err := northsouth.RemoveTable(a.cfg.NodeName); err != nil {
+			return err
+		}
+	}
 	dp, err := a.openDatapath(a.cfg)
 	if err != nil {
 		return err
 	}
 	defer dp.Close()
 	a.dp, a.maps = dp, datapath.NewReconciler(dp)
+	a.ns = northsouth.New(northsouth.Config{Node: a.cfg.NodeName, Devices: a.cfg.ExternalDevices, Log: a.log}, dp)
 	a.maps.OnBackgroundWork(func() { a.rec.Request() })
 	a.log.Info("datapath loaded", "pinDir", a.cfg.PinDir())
 	if a.mesh != nil {
@@ -262,7 +271,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		Lock: &a.mu, Store: a.store, IPAM: a.ipam, Identities: a.ids, LocalObjects: &a.objSet, Objects: a.objects,
 		Datapath: dp, Plumb: a.plumb, Reconcile: a.rec, Mesh: a.mesh, WireGuard: a.enc, BigTCP: a.bigtcp,
 		IPCache:   func() (int, int) { return a.maps.IPCacheEntries(), a.maps.IPCacheOverflow() },
-		LabelsFor: a.cfg.LabelsFor, Kubernetes: a.kubeStatus(), BGP: a.bgp.Status,
+		LabelsFor: a.cfg.LabelsFor, Kubernetes: a.kubeStatus(), BGP: a.bgp.Status, NorthSouth: a.northSouthStatus,
 		ObserveAdd: a.metrics.ObserveEndpointAdd,
 	})
 	local.RestoreEndpoints(ctx)
@@ -490,6 +499,13 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		a.rec.SoftFail()
 		a.log.Warn("bgp: speaker not converged; retrying", "err", err)
 	}
+	// The way in from outside: programs on the external devices, and the
+	// SNAT table while a frontend under Cluster needs it. A device that
+	// refuses concerns traffic from outside only.
+	if err := a.ns.Sync(a.northSouthInput(want)); err != nil {
+		a.rec.SoftFail()
+		a.log.Warn("north-south: external devices or SNAT table incomplete; retrying", "err", err)
+	}
 	if res.Changes()+routeChanges > 0 {
 		a.log.Info("datapath reconciled", "ipcacheChanges", res.IPCache, "endpointChanges", res.Endpoints,
 			"policyChanges", res.Policy, "serviceChanges", res.Services, "routeChanges", routeChanges, "errors", len(res.Errs))
@@ -566,6 +582,26 @@ func (a *Agent) bgpInput(want desired.State) bgp.Input {
 		PodCIDRs: a.cfg.PodCIDRs, NodeIPs: ips}
 }
 
+// northSouthInput is what the north-south reconciler converges in one run.
+func (a *Agent) northSouthInput(want desired.State) northsouth.Input {
+	in := northsouth.Input{NodeAddrs: want.HostAddrs, SNAT: a.maps.ExternalCounts().Cluster > 0}
+	if a.mesh != nil {
+		in.NodeIPs = a.underlayIPs()
+	}
+	return in
+}
+
+// northSouthStatus is the north-south status with the datapath's counts.
+func (a *Agent) northSouthStatus() *api.NorthSouthStatus {
+	st := a.ns.Status()
+	if st == nil {
+		return nil
+	}
+	c := a.maps.ExternalCounts()
+	st.FrontendsCluster, st.FrontendsLocal, st.Addresses = c.Cluster, c.Local, c.Addresses
+	return st
+}
+
 // underlayIPs are the node's underlay addresses: --node-ip, or else those
 // the mesh would detect (the default route's interface's).
 func (a *Agent) underlayIPs() []netip.Addr {
@@ -592,6 +628,7 @@ func (a *Agent) metricsSources() metrics.Sources {
 		ClusterMesh:     a.mesh.Status,
 		WireGuard:       func() *api.WireGuardStatus { return a.enc.Status() },
 		BigTCP:          func() *api.BigTCPStatus { return a.bigtcp.Status() },
+		NorthSouth:      func() *api.NorthSouthStatus { return a.northSouthStatus() },
 		Kubernetes:      a.kubeStatus(),
 		BGP:             func() *api.BGPStatus { return a.bgp.Status(context.Background(), false) },
 	}

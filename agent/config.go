@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
@@ -60,6 +61,10 @@ type Config struct {
 	// ResetDatapath removes this node's pinned maps and links before loading
 	// the datapath: every flow and every program attachment starts over.
 	ResetDatapath bool
+	// ExternalDevices name the devices traffic from outside the mesh
+	// arrives on (gateway/northsouth); empty: those holding a node IP or
+	// a default route.
+	ExternalDevices []string
 	// MetricsAddr is host:port for GET /metrics, /healthz and /readyz over
 	// plain HTTP (agent/metrics); "" turns that listener off. The API socket
 	// serves the same paths regardless.
@@ -164,6 +169,11 @@ func (c Config) validate() error {
 			errs = append(errs, fmt.Errorf("node label: %w", err))
 		} else if err := identity.ValidateLabelValue(v); err != nil {
 			errs = append(errs, fmt.Errorf("node label %s: %w", k, err))
+		}
+	}
+	for _, d := range c.ExternalDevices {
+		if d == "" || len(d) > 15 || strings.ContainsAny(d, "/ \t") {
+			errs = append(errs, fmt.Errorf("external device %q is not a device name (1-15 characters, no '/' or space)", d))
 		}
 	}
 	if c.StateDir == "" || c.SocketPath == "" || c.BPFFSRoot == "" {

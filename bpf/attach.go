@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -83,15 +84,26 @@ func (d *Datapath) attachTCX(ifname string, ifindex int, dir string, at ebpf.Att
 // DetachEndpoint removes the programs from a pod's host-side veth. Deleting
 // the veth detaches them too; this also drops the pins.
 func (d *Datapath) DetachEndpoint(ifname string) error {
+	err := d.detachPinned(ifname)
+	if nl, lerr := netlink.LinkByName(ifname); lerr == nil {
+		// clsact fallback: the qdisc takes its filters with it.
+		_ = netlink.QdiscDel(&netlink.GenericQdisc{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: nl.Attrs().Index, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT}, QdiscType: "clsact"})
+	}
+	return err
+}
+
+// detachPinned detaches and unpins the ingress and egress links pinned
+// under name.
+func (d *Datapath) detachPinned(name string) error {
 	var errs []error
 	for _, dir := range []string{"ingress", "egress"} {
-		pin := d.linkPin(ifname, dir)
+		pin := d.linkPin(name, dir)
 		l, err := link.LoadPinnedLink(pin, nil)
 		if errors.Is(err, os.ErrNotExist) {
 			continue
 		}
 		if err != nil {
-			errs = append(errs, fmt.Errorf("load %s link of %s: %w", dir, ifname, err))
+			errs = append(errs, fmt.Errorf("load %s link of %s: %w", dir, name, err))
 			_ = os.Remove(pin)
 			continue
 		}
@@ -101,11 +113,24 @@ func (d *Datapath) DetachEndpoint(ifname string) error {
 		}
 		l.Close()
 	}
-	if nl, err := netlink.LinkByName(ifname); err == nil {
-		// clsact fallback: the qdisc takes its filters with it.
-		_ = netlink.QdiscDel(&netlink.GenericQdisc{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: nl.Attrs().Index, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT}, QdiscType: "clsact"})
-	}
 	return errors.Join(errs...)
+}
+
+// pinnedLinks returns the names (without prefix) that have an ingress link
+// pinned under prefix+name.
+func (d *Datapath) pinnedLinks(prefix string) ([]string, error) {
+	ents, err := os.ReadDir(filepath.Join(d.pinDir, "links"))
+	if err != nil {
+		return nil, fmt.Errorf("list pinned links: %w", err)
+	}
+	var out []string
+	for _, e := range ents {
+		n := e.Name()
+		if strings.HasPrefix(n, prefix) && strings.HasSuffix(n, "-ingress") {
+			out = append(out, strings.TrimSuffix(strings.TrimPrefix(n, prefix), "-ingress"))
+		}
+	}
+	return out, nil
 }
 
 // attachClsact is the fallback for kernels without tcx (< 6.6).

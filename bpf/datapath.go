@@ -19,6 +19,7 @@ type Datapath struct {
 
 	mu       sync.Mutex
 	svcIDs   map[Frontend]uint32 // stable backend-map ID per frontend
+	lbIDs    map[Frontend]uint32 // the same for isth_lb's frontends (one ID space)
 	usedIDs  map[uint32]bool
 	nextID   uint32
 	attachFn string // "tcx" or "tc" (clsact), whichever the kernel took
@@ -57,7 +58,7 @@ func Open(pinDir string) (*Datapath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load datapath spec: %w", err)
 	}
-	d := &Datapath{pinDir: pinDir, svcIDs: map[Frontend]uint32{}, usedIDs: map[uint32]bool{}, nextID: 1}
+	d := &Datapath{pinDir: pinDir, svcIDs: map[Frontend]uint32{}, lbIDs: map[Frontend]uint32{}, usedIDs: map[uint32]bool{}, nextID: 1}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}}
 	if err := spec.LoadAndAssign(&d.objs, opts); err != nil {
 		var verr *ebpf.VerifierError
@@ -74,6 +75,10 @@ func Open(pinDir string) (*Datapath, error) {
 		return nil, err
 	}
 	if err := d.loadServiceIDs(); err != nil {
+		d.objs.Close()
+		return nil, err
+	}
+	if err := d.loadExternalIDs(); err != nil {
 		d.objs.Close()
 		return nil, err
 	}

@@ -129,6 +129,14 @@ type datapathIpcacheVal struct {
 	}
 }
 
+type datapathLbVal struct {
+	_     structs.HostLayout
+	Id    uint32
+	Count uint32
+	Flags uint32
+	Pad   uint32
+}
+
 type datapathMetricVal struct {
 	_       structs.HostLayout
 	Packets uint64
@@ -176,11 +184,14 @@ const (
 	datapathMapIsthEndpoints   = "isth_endpoints"
 	datapathMapIsthFrag        = "isth_frag"
 	datapathMapIsthIpcache     = "isth_ipcache"
+	datapathMapIsthLb          = "isth_lb"
 	datapathMapIsthMetrics     = "isth_metrics"
 	datapathMapIsthPolicy      = "isth_policy"
 	datapathMapIsthServices    = "isth_services"
+	datapathProgFromExternal   = "from_external"
 	datapathProgFromPod        = "from_pod"
 	datapathProgFromPodIcmpErr = "from_pod_icmp_err"
+	datapathProgToExternal     = "to_external"
 	datapathProgToPod          = "to_pod"
 	datapathProgToPodIcmpErr   = "to_pod_icmp_err"
 )
@@ -227,8 +238,10 @@ type datapathSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathProgramSpecs struct {
+	FromExternal   *ebpf.ProgramSpec `ebpf:"from_external"`
 	FromPod        *ebpf.ProgramSpec `ebpf:"from_pod"`
 	FromPodIcmpErr *ebpf.ProgramSpec `ebpf:"from_pod_icmp_err"`
+	ToExternal     *ebpf.ProgramSpec `ebpf:"to_external"`
 	ToPod          *ebpf.ProgramSpec `ebpf:"to_pod"`
 	ToPodIcmpErr   *ebpf.ProgramSpec `ebpf:"to_pod_icmp_err"`
 }
@@ -243,6 +256,7 @@ type datapathMapSpecs struct {
 	IsthEndpoints *ebpf.MapSpec `ebpf:"isth_endpoints"`
 	IsthFrag      *ebpf.MapSpec `ebpf:"isth_frag"`
 	IsthIpcache   *ebpf.MapSpec `ebpf:"isth_ipcache"`
+	IsthLb        *ebpf.MapSpec `ebpf:"isth_lb"`
 	IsthMetrics   *ebpf.MapSpec `ebpf:"isth_metrics"`
 	IsthPolicy    *ebpf.MapSpec `ebpf:"isth_policy"`
 	IsthServices  *ebpf.MapSpec `ebpf:"isth_services"`
@@ -280,6 +294,7 @@ type datapathMaps struct {
 	IsthEndpoints *ebpf.Map `ebpf:"isth_endpoints"`
 	IsthFrag      *ebpf.Map `ebpf:"isth_frag"`
 	IsthIpcache   *ebpf.Map `ebpf:"isth_ipcache"`
+	IsthLb        *ebpf.Map `ebpf:"isth_lb"`
 	IsthMetrics   *ebpf.Map `ebpf:"isth_metrics"`
 	IsthPolicy    *ebpf.Map `ebpf:"isth_policy"`
 	IsthServices  *ebpf.Map `ebpf:"isth_services"`
@@ -293,6 +308,7 @@ func (m *datapathMaps) Close() error {
 		m.IsthEndpoints,
 		m.IsthFrag,
 		m.IsthIpcache,
+		m.IsthLb,
 		m.IsthMetrics,
 		m.IsthPolicy,
 		m.IsthServices,
@@ -309,16 +325,20 @@ type datapathVariables struct {
 //
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathPrograms struct {
+	FromExternal   *ebpf.Program `ebpf:"from_external"`
 	FromPod        *ebpf.Program `ebpf:"from_pod"`
 	FromPodIcmpErr *ebpf.Program `ebpf:"from_pod_icmp_err"`
+	ToExternal     *ebpf.Program `ebpf:"to_external"`
 	ToPod          *ebpf.Program `ebpf:"to_pod"`
 	ToPodIcmpErr   *ebpf.Program `ebpf:"to_pod_icmp_err"`
 }
 
 func (p *datapathPrograms) Close() error {
 	return _DatapathClose(
+		p.FromExternal,
 		p.FromPod,
 		p.FromPodIcmpErr,
+		p.ToExternal,
 		p.ToPod,
 		p.ToPodIcmpErr,
 	)

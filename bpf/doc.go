@@ -7,4 +7,4 @@
 // place while traffic keeps flowing.
 package bpf
 
-//go:generate go tool bpf2go -tags linux -cc clang -no-strip -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -type ipcache_key -type ipcache_val -type ep_key -type ep_val -type svc_key -type svc_val -type be_key -type be_val -type pol_key -type pol_val -type ct_key -type ct_val -type frag_key -type frag_val -type metric_val -target bpfel datapath c/datapath.c
+//go:generate go tool bpf2go -tags linux -cc clang -no-strip -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -type ipcache_key -type ipcache_val -type ep_key -type ep_val -type svc_key -type svc_val -type lb_val -type be_key -type be_val -type pol_key -type pol_val -type ct_key -type ct_val -type frag_key -type frag_val -type metric_val -target bpfel datapath c/datapath.c

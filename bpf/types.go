@@ -127,7 +127,15 @@ const (
 	ReasonDropExtHeader Reason = 11
 	// An ICMP or ICMPv6 error that quotes no flow of the pod it is about.
 	ReasonDropICMPUnrelated Reason = 12
-	ReasonCount             Reason = 16
+	// From outside the mesh to a known load-balancer or external address,
+	// on a port (or protocol) no frontend takes.
+	ReasonDropNoFrontend Reason = 13
+	// From outside the mesh to a frontend: translated to its backend
+	// (every packet; new flows count service_nat too).
+	ReasonExternalIn Reason = 14
+	// Replies of flows from outside, translated back to the frontend.
+	ReasonExternalOut Reason = 15
+	ReasonCount       Reason = 16
 )
 
 var reasonNames = map[Reason]string{
@@ -143,6 +151,9 @@ var reasonNames = map[Reason]string{
 	ReasonDropFragUnknown:   "drop_frag_unknown",
 	ReasonDropExtHeader:     "drop_ext_header",
 	ReasonDropICMPUnrelated: "drop_icmp_unrelated",
+	ReasonDropNoFrontend:    "drop_no_frontend",
+	ReasonExternalIn:        "external_in",
+	ReasonExternalOut:       "external_out",
 }
 
 func (r Reason) String() string {
@@ -156,7 +167,7 @@ func (r Reason) String() string {
 func (r Reason) IsDrop() bool {
 	switch r {
 	case ReasonDropPolicyEgr, ReasonDropPolicyIngr, ReasonDropNoBackend, ReasonDropInvalid, ReasonDropSpoofed, ReasonDropUnknownDest,
-		ReasonDropFragUnknown, ReasonDropExtHeader, ReasonDropICMPUnrelated:
+		ReasonDropFragUnknown, ReasonDropExtHeader, ReasonDropICMPUnrelated, ReasonDropNoFrontend:
 		return true
 	}
 	return false

@@ -25,7 +25,7 @@ func TestEchoReplyRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r != (Reply{Pod: "c1-n1-echo1", Node: "c1-n1", Cluster: "c1"}) {
+	if r != (Reply{Pod: "c1-n1-echo1", Node: "c1-n1", Cluster: "c1", Peer: netip.MustParseAddr("192.0.2.1")}) {
 		t.Fatalf("got %+v from %q", r, body)
 	}
 	for _, bad := range []string{"", "hello", "node=n1 cluster=c1", "pod=p1"} {
@@ -52,7 +52,7 @@ func TestEchoServerAndProbe(t *testing.T) {
 	for range 2 {
 		reply, err := FetchEcho(context.Background(), "", addr, 2*time.Second)
 		pr.record(reply, err)
-		if err != nil || reply != (Reply{Pod: "p1", Node: "n1", Cluster: "c1"}) {
+		if err != nil || reply != (Reply{Pod: "p1", Node: "n1", Cluster: "c1", Peer: netip.MustParseAddr("127.0.0.1")}) {
 			t.Fatalf("FetchEcho = %+v, %v", reply, err)
 		}
 	}

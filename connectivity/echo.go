@@ -32,12 +32,19 @@ const (
 	RoleDenied = "denied"
 )
 
-// EchoHandler answers every request with the pod, node and cluster name.
+// EchoHandler answers every request with the pod, node and cluster name,
+// and the address the request came from as the pod sees it (peer=): a
+// client learns whether its own address arrived (externalTrafficPolicy
+// Local) or a node's (SNAT).
 func EchoHandler(pod, node, cluster string) http.Handler {
-	reply := fmt.Sprintf("pod=%s node=%s cluster=%s\n", pod, node, cluster)
-	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+	reply := fmt.Sprintf("pod=%s node=%s cluster=%s", pod, node, cluster)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")
-		io.WriteString(w, reply)
+		peer := ""
+		if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
+			peer = " peer=" + ap.Addr().Unmap().String()
+		}
+		io.WriteString(w, reply+peer+"\n")
 	})
 }
 
@@ -58,6 +65,9 @@ func ServeEcho(ctx context.Context, ln net.Listener, pod, node, cluster string) 
 // Reply is a parsed echo answer: who answered.
 type Reply struct {
 	Pod, Node, Cluster string
+	// Peer is the client address the pod saw (invalid when the reply has
+	// none: an older echo server).
+	Peer netip.Addr
 }
 
 func (r Reply) String() string {
@@ -76,6 +86,8 @@ func ParseReply(s string) (Reply, error) {
 			r.Node = v
 		case "cluster":
 			r.Cluster = v
+		case "peer":
+			r.Peer, _ = netip.ParseAddr(v)
 		}
 	}
 	if r.Pod == "" || r.Cluster == "" {

@@ -9,7 +9,7 @@
 # these machines are shared and absolute numbers drift.
 #
 # BENCH_RUN selects sections (a regexp matched against the whole section name:
-# throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s; mesh also runs
+# throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s|northsouth; mesh also runs
 # the identity allocation benchmark), BENCH_DURATION the length of each
 # measurement of throughput and cps, BENCH_ARGS more flags of tests/bench
 # (for a CI-sized run, e.g. "-mesh-endpoints 10000 -mesh-churn-duration 10s
@@ -35,7 +35,7 @@ go test -run '^$' -bench 'BenchmarkFromPod' -benchtime 200x -count 1 ./bpf/ |
 		printf "bench: from-pod-%s %s ns/pkt (goal info: BPF_PROG_TEST_RUN)\n", name, v
 	}'
 
-run="${BENCH_RUN:-throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s}"
+run="${BENCH_RUN:-throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s|northsouth}"
 
 # 2. Identity allocations per second, 10 concurrent allocators (each its
 #    own etcd client and node name) against one embedded etcd (no fsync).

@@ -167,6 +167,8 @@ type Status struct {
 	Kubernetes *KubernetesStatus `json:"kubernetes,omitempty"`
 	// BGP is set when a BGPPeeringPolicy selects the node.
 	BGP *BGPStatus `json:"bgp,omitempty"`
+	// NorthSouth is the way in from outside the mesh.
+	NorthSouth *NorthSouthStatus `json:"northSouth,omitempty"`
 }
 
 // KubernetesStatus is the agent's view of the API server (Kubernetes
@@ -324,4 +326,36 @@ type ReconcileStatus struct {
 	Runs        uint64    `json:"runs"`
 	LastSuccess time.Time `json:"lastSuccess,omitzero"`
 	LastError   string    `json:"lastError,omitempty"` // empty when the last run succeeded
+}
+
+// NorthSouthStatus is the way into the mesh from outside
+// (gateway/northsouth): the external devices the programs are attached
+// to, and the SNAT table of externalTrafficPolicy Cluster.
+type NorthSouthStatus struct {
+	// Configured are the devices named by --external-devices (empty:
+	// found from the node IPs and the default routes).
+	Configured []string           `json:"configured,omitempty"`
+	Devices    []NorthSouthDevice `json:"devices"`
+	// Table is the nftables table (family inet) that masquerades flows
+	// under Cluster; it exists while SNATWanted.
+	Table       string `json:"table"`
+	SNATWanted  bool   `json:"snatWanted"`
+	SNATPresent bool   `json:"snatPresent"`
+	SNATError   string `json:"snatError,omitempty"`
+	// Frontends counts the isth_lb frontends by policy after the last
+	// reconcile, Addresses the known external addresses.
+	FrontendsCluster int    `json:"frontendsCluster"`
+	FrontendsLocal   int    `json:"frontendsLocal"`
+	Addresses        int    `json:"addresses"`
+	Error            string `json:"error,omitempty"`
+}
+
+// NorthSouthDevice is one external device.
+type NorthSouthDevice struct {
+	Name     string   `json:"name"`
+	Index    int      `json:"index"`
+	Roles    []string `json:"roles"` // underlay, outside, configured
+	Attached bool     `json:"attached"`
+	// Reason says why the programs are not attached.
+	Reason string `json:"reason,omitempty"`
 }

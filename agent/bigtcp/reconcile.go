@@ -22,11 +22,11 @@ import (
 
 // Device roles in the status.
 const (
-	RoleUnderlay  = "underlay"  // holds a node IP: traffic to other nodes in the clear
-	RoleOutside   = "outside"   // holds a default route
-	RoleWireGuard = "wireguard" // the node's WireGuard device
-	RolePodHost   = "pod-host"  // host end of a pod veth
-	RolePod       = "pod"       // pod end of a pod veth (in the pod's netns)
+	RoleUnderlay  = node.RoleUnderlay // holds a node IP: traffic to other nodes in the clear
+	RoleOutside   = node.RoleOutside  // holds a default route
+	RoleWireGuard = "wireguard"       // the node's WireGuard device
+	RolePodHost   = "pod-host"        // host end of a pod veth
+	RolePod       = "pod"             // pod end of a pod veth (in the pod's netns)
 )
 
 // Input is what one run converges: the endpoints, and what tells the
@@ -431,38 +431,29 @@ func (r *Reconciler) paths(st api.BigTCPStatus, in Input) []api.BigTCPPath {
 // externalDevices converges the node's external devices: those holding a
 // node IP (underlay), a default route (outside), and the WireGuard device.
 func (r *Reconciler) externalDevices(in Input) ([]api.BigTCPDevice, error) {
-	var errs []error
 	devs := []api.BigTCPDevice{}
-	// The node's external devices, each once (with all its roles).
+	// The node's external devices, each once (with all its roles): the
+	// same ones the north-south entry attaches to, plus WireGuard's.
 	type ext struct {
 		idx   int
 		roles []string
 	}
 	var exts []*ext
-	add := func(role string, idxs []int, err error) {
-		if err != nil {
-			errs = append(errs, fmt.Errorf("find %s devices: %w", role, err))
-		}
-		for _, i := range idxs {
-			k := slices.IndexFunc(exts, func(e *ext) bool { return e.idx == i })
-			if k < 0 {
-				exts = append(exts, &ext{idx: i})
-				k = len(exts) - 1
-			}
-			exts[k].roles = append(exts[k].roles, role)
-		}
+	links, err := node.ExternalLinks(in.NodeIPs)
+	var errs []error
+	if err != nil {
+		errs = append(errs, err)
 	}
-	if len(in.NodeIPs) > 0 {
-		idxs, err := node.LinksHolding(in.NodeIPs)
-		add(RoleUnderlay, idxs, err)
+	for _, l := range links {
+		exts = append(exts, &ext{idx: l.Index, roles: l.Roles})
 	}
-	idxs, err := node.DefaultRouteLinks()
-	add(RoleOutside, idxs, err)
 	if in.WireGuard != "" {
-		if l, err := netlink.LinkByName(in.WireGuard); err == nil {
-			add(RoleWireGuard, []int{l.Attrs().Index}, nil)
+		if l, err := netlink.LinkByName(in.WireGuard); err != nil {
+			errs = append(errs, fmt.Errorf("find %s devices: %w", RoleWireGuard, err))
+		} else if k := slices.IndexFunc(exts, func(e *ext) bool { return e.idx == l.Attrs().Index }); k >= 0 {
+			exts[k].roles = append(exts[k].roles, RoleWireGuard)
 		} else {
-			add(RoleWireGuard, nil, err)
+			exts = append(exts, &ext{idx: l.Attrs().Index, roles: []string{RoleWireGuard}})
 		}
 	}
 	h := &netlink.Handle{}

@@ -38,6 +38,12 @@ type Datapath interface {
 	ServiceUpsert(f bpf.Frontend, backends []bpf.Backend) error
 	ServiceDelete(f bpf.Frontend) error
 	ServiceList() (map[bpf.Frontend][]bpf.Backend, error)
+	ExternalUpsert(f bpf.Frontend, e bpf.External) error
+	ExternalDelete(f bpf.Frontend) error
+	ExternalList() (map[bpf.Frontend]bpf.External, error)
+	AttachExternal(ifname string, ifindex int) error
+	DetachExternal(ifname string) error
+	ExternalAttached() ([]string, error)
 	PolicySync(want []bpf.PolicyKey) error
 	PolicyUpdate(add, del []bpf.PolicyKey) error
 	PolicyList() ([]bpf.PolicyKey, error)
@@ -102,6 +108,10 @@ type Reconciler struct {
 	epShadow  map[netip.Addr]bpf.EndpointInfo // nil: list the map
 	polShadow map[bpf.PolicyKey]struct{}      // nil: list the map
 	svcShadow map[bpf.Frontend][]bpf.Backend  // nil: list the map
+	lbShadow  map[bpf.Frontend]bpf.External   // isth_lb as last written; nil: list the map
+	lbWant    map[bpf.Frontend]bpf.External   // the external frontends wanted at the last run
+	lbEPGen   uint64                          // the EndpointsGen lbWant was computed with
+	lbCounts  atomic.Value                    // ExternalCounts after the last Sync
 
 	// The inputs the policy (with the endpoints map) was last applied
 	// for; the zero value never matches.
@@ -152,6 +162,7 @@ func (r *Reconciler) IPCacheOverflow() int { return int(r.ipcOverflow.Load()) }
 // that failed (the others went through).
 type Result struct {
 	IPCache, Endpoints, Policy, Services int
+	External                             int // isth_lb entries
 	Errs                                 []error
 	// Overflow is set (to the count) when mesh entries started to be
 	// left out of a full ipcache in this Sync.
@@ -159,7 +170,7 @@ type Result struct {
 }
 
 // Changes is the number of entries written or removed.
-func (r Result) Changes() int { return r.IPCache + r.Endpoints + r.Policy + r.Services }
+func (r Result) Changes() int { return r.IPCache + r.Endpoints + r.Policy + r.Services + r.External }
 
 // note counts a change and keeps its error, if any.
 func (r *Result) note(count *int, err error) {
@@ -179,7 +190,7 @@ func (r *Reconciler) Sync(s desired.State) (Result, error) {
 		// step runs; the ipcache (up to 512k entries) is listed in the
 		// background and compared when the listing is in (driftIPCache),
 		// so that no run stalls for it.
-		r.epShadow, r.polShadow, r.svcShadow = nil, nil, nil
+		r.epShadow, r.polShadow, r.svcShadow, r.lbShadow, r.lbWant = nil, nil, nil, nil, nil
 		r.listedAt = time.Now()
 		r.listIPCacheInBackground()
 		if r.ipcOverflow.Load() > 0 {

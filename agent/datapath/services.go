@@ -99,6 +99,23 @@ func (r *Reconciler) syncServices(s desired.State, res *Result) error {
 		}
 	}
 	r.svcReady = s.Mesh.Ready
+	// The frontends at load-balancer and external addresses, for traffic
+	// from outside the mesh: from what was just written. A change of this
+	// node's endpoints may change a Local frontend's backends without
+	// touching the frontend (an address that moved here from another
+	// node): the Local ones are checked again then.
+	check := touched
+	if s.EndpointsGen == 0 || s.EndpointsGen != r.lbEPGen {
+		for f, e := range r.lbWant {
+			if e.Policy == bpf.ExternalLocal {
+				check = append(check, f)
+			}
+		}
+	}
+	r.lbEPGen = s.EndpointsGen
+	if err := r.syncExternal(s, want, check, full, res); err != nil {
+		return err
+	}
 	if failed {
 		r.svcShadow = nil // list again next time, and diff everything
 	}

@@ -82,6 +82,8 @@ type Config struct {
 	// BGP is the BGP speaker's status (nil when no policy selects the
 	// node), with its routes when asked.
 	BGP func(ctx context.Context, routes bool) *api.BGPStatus
+	// NorthSouth is the way in from outside (nil: not set up).
+	NorthSouth func() *api.NorthSouthStatus
 
 	// LabelsFor, when set, gives the labels of an endpoint whose add
 	// carries none (Kubernetes mode: the pod's labels and its namespace's).
@@ -120,6 +122,7 @@ type Handlers struct {
 	bigtcp       *bigtcp.Reconciler
 	kubernetes   func() *api.KubernetesStatus
 	bgp          func(ctx context.Context, routes bool) *api.BGPStatus
+	northSouth   func() *api.NorthSouthStatus
 	labelsFor    func(ctx context.Context, namespace, name, podUID string) (map[string]string, error)
 	observeAdd   func(time.Duration)
 	// addDurations holds how long the add of each endpoint took, by
@@ -141,7 +144,7 @@ func New(cfg Config) *Handlers {
 		node: cfg.Node, cluster: cfg.Cluster, clusterID: cfg.ClusterID, mtu: cfg.MTU, started: cfg.Started, log: cfg.Log,
 		mu: cfg.Lock, pendingNetns: map[string]string{}, store: cfg.Store, ipam: cfg.IPAM, ids: cfg.Identities, local: cfg.LocalObjects, objects: cfg.Objects,
 		dp: cfg.Datapath, plumb: cfg.Plumb, rec: cfg.Reconcile, mesh: cfg.Mesh, enc: cfg.WireGuard, ipcache: cfg.IPCache,
-		bigtcp: cfg.BigTCP, kubernetes: cfg.Kubernetes, bgp: cfg.BGP, labelsFor: cfg.LabelsFor, observeAdd: cfg.ObserveAdd, addDurations: map[string]addDuration{},
+		bigtcp: cfg.BigTCP, kubernetes: cfg.Kubernetes, bgp: cfg.BGP, northSouth: cfg.NorthSouth, labelsFor: cfg.LabelsFor, observeAdd: cfg.ObserveAdd, addDurations: map[string]addDuration{},
 	}
 }
 

@@ -80,6 +80,9 @@ func (h *Handlers) Status(ctx context.Context) (api.Status, error) {
 	if h.bgp != nil {
 		st.BGP = h.bgp(ctx, false)
 	}
+	if h.northSouth != nil {
+		st.NorthSouth = h.northSouth()
+	}
 	return st, nil
 }
 

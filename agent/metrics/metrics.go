@@ -68,7 +68,8 @@ type Sources struct {
 	Kubernetes   func() *api.KubernetesStatus  // nil outside Kubernetes mode
 	// BGP is the speaker's status (nil: not reported; it returns nil
 	// while no BGPPeeringPolicy selects the node).
-	BGP func() *api.BGPStatus
+	BGP        func() *api.BGPStatus
+	NorthSouth func() *api.NorthSouthStatus // nil before the datapath is loaded
 }
 
 // Counts are the sizes of the desired state.
@@ -196,8 +197,14 @@ var (
 	descBGPFlaps      = desc("isthmus_agent_bgp_session_flaps_total", "Times the session went down after being established.", "peer")
 	descBGPPaths      = desc("isthmus_agent_bgp_announced_prefixes", "Prefixes the node's speaker announces.")
 
+	// The way in from outside (gateway/northsouth).
+	descNSAttached  = desc("isthmus_agent_northsouth_device_attached", "1 while from_external and to_external are attached to the external device.", "device")
+	descNSSNAT      = desc("isthmus_agent_northsouth_snat_table_present", "1 while the nftables table that masquerades flows under externalTrafficPolicy Cluster is in place (it exists only while such a frontend does).")
+	descNSFrontends = desc("isthmus_agent_northsouth_frontends", "Frontends at load-balancer and external addresses in the datapath, by externalTrafficPolicy.", "policy")
+
 	allDescs = []*prometheus.Desc{
 		descBGPUp, descBGPAdvertised, descBGPReceived, descBGPFlaps, descBGPPaths,
+		descNSAttached, descNSSNAT, descNSFrontends,
 		descForwardPackets, descForwardBytes, descDropPackets, descDropBytes, descConntrack, descIPCache, descIPCacheOver, descIPCacheDrift, descPolicyEntries, descFrontends,
 		descBigTCPPath, descBigTCPRefused, descBigTCPSize,
 		descInfo, descReady, descEndpoints, descIdentities, descServices, descPolicies,
@@ -313,6 +320,16 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 				gauge(descBGPReceived, float64(p.Received), peer)
 				counter(descBGPFlaps, float64(p.Flaps), peer)
 			}
+		}
+	}
+	if src.NorthSouth != nil {
+		if ns := src.NorthSouth(); ns != nil {
+			for _, d := range ns.Devices {
+				gauge(descNSAttached, promutil.Bool(d.Attached), d.Name)
+			}
+			gauge(descNSSNAT, promutil.Bool(ns.SNATPresent))
+			gauge(descNSFrontends, float64(ns.FrontendsCluster), "Cluster")
+			gauge(descNSFrontends, float64(ns.FrontendsLocal), "Local")
 		}
 	}
 

@@ -7,6 +7,7 @@ package node
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"maps"
 	"net/netip"
@@ -250,4 +251,45 @@ func LinksHolding(ips []netip.Addr) ([]int, error) {
 		}
 	}
 	return slices.Sorted(maps.Keys(links)), nil
+}
+
+// Roles of an external device (ExternalLinks).
+const (
+	RoleUnderlay = "underlay" // holds a node IP: traffic to other nodes in the clear
+	RoleOutside  = "outside"  // holds a default route: the way to the outside
+)
+
+// ExternalLink is one of the node's external devices, with why it is one.
+type ExternalLink struct {
+	Index int
+	Roles []string // RoleUnderlay, RoleOutside
+}
+
+// ExternalLinks returns the node's external devices, each once: those that
+// hold one of nodeIPs (underlay; none when nodeIPs is empty) and those that
+// hold a default route (outside), in that order. What could not be read is
+// in the error, with the devices that could.
+func ExternalLinks(nodeIPs []netip.Addr) ([]ExternalLink, error) {
+	var out []ExternalLink
+	var errs []error
+	add := func(role string, idxs []int, err error) {
+		if err != nil {
+			errs = append(errs, fmt.Errorf("find %s devices: %w", role, err))
+		}
+		for _, i := range idxs {
+			k := slices.IndexFunc(out, func(e ExternalLink) bool { return e.Index == i })
+			if k < 0 {
+				out = append(out, ExternalLink{Index: i})
+				k = len(out) - 1
+			}
+			out[k].Roles = append(out[k].Roles, role)
+		}
+	}
+	if len(nodeIPs) > 0 {
+		idxs, err := LinksHolding(nodeIPs)
+		add(RoleUnderlay, idxs, err)
+	}
+	idxs, err := DefaultRouteLinks()
+	add(RoleOutside, idxs, err)
+	return out, errors.Join(errs...)
 }

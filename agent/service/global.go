@@ -74,7 +74,7 @@ func Merge(local map[bpf.Frontend][]bpf.Backend, svcs []objects.Service, remote 
 		if svc.Validate() != nil {
 			continue
 		}
-		frontends, err := svc.Frontends()
+		frontends, err := allFrontends(svc)
 		if err != nil {
 			continue
 		}

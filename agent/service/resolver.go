@@ -48,6 +48,7 @@ type resolved struct {
 	frontends []bpf.Frontend  // nil when the service is invalid
 	selKey    [2]string       // its entry in selIdx (if it has a selector)
 	backends  map[bpf.Frontend][]bpf.Backend
+	external  []bpf.Frontend // those of frontends at load-balancer and external addresses
 }
 
 // NewResolver returns an empty Resolver.
@@ -103,6 +104,22 @@ func (r *Resolver) Update(svcs []objects.Service, svcGen uint64, eps []Endpoint,
 		r.out[f] = r.svcs[claim[0]].backends[f]
 	}
 	return r.out, out
+}
+
+// External reports whether f, in the result of the last Update, is a
+// frontend at a load-balancer or external address of the service that
+// holds it, and that service's external traffic policy
+// (objects.TrafficPolicyCluster or objects.TrafficPolicyLocal).
+func (r *Resolver) External(f bpf.Frontend) (policy string, ok bool) {
+	claim := r.claims[f]
+	if len(claim) == 0 {
+		return "", false
+	}
+	rs := r.svcs[claim[0]]
+	if !slices.Contains(rs.external, f) {
+		return "", false
+	}
+	return rs.svc.Spec.ExternalTraffic(), true
 }
 
 // diffServices applies a new list of services: removed ones give up their
@@ -196,15 +213,16 @@ func (r *Resolver) diffRemote(remote []records.ServiceRecord, affected map[strin
 func (r *Resolver) resolve(rs *resolved) {
 	key := objects.Key(rs.svc)
 	r.unclaim(key, rs)
-	rs.frontends, rs.backends = nil, nil
+	rs.frontends, rs.backends, rs.external = nil, nil, nil
 	if rs.svc.Validate() != nil {
 		return
 	}
-	fs, err := rs.svc.Frontends()
+	fs, err := allFrontends(rs.svc)
 	if err != nil {
 		return
 	}
 	rs.frontends = fs
+	rs.external = rs.svc.ExternalFrontends()
 	rs.backends = make(map[bpf.Frontend][]bpf.Backend, len(fs))
 	addrs := r.addrs(rs.svc)
 	g, gerr := GlobalOf(rs.svc)

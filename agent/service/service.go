@@ -37,7 +37,7 @@ func Resolve(svcs []objects.Service, eps []Endpoint) map[bpf.Frontend][]bpf.Back
 		if svc.Validate() != nil {
 			continue
 		}
-		frontends, err := svc.Frontends()
+		frontends, err := allFrontends(svc)
 		if err != nil {
 			continue
 		}
@@ -140,6 +140,17 @@ func targetPort(svc objects.Service, f bpf.Frontend) uint16 {
 		}
 	}
 	return f.Port
+}
+
+// allFrontends returns the service's frontends at its VIPs and then at its
+// load-balancer and external addresses (objects.Service.ExternalFrontends):
+// inside the mesh, pods reach a service at either kind alike.
+func allFrontends(svc objects.Service) ([]bpf.Frontend, error) {
+	fs, err := svc.Frontends()
+	if err != nil {
+		return nil, err
+	}
+	return append(fs, svc.ExternalFrontends()...), nil
 }
 
 func namespaceOrDefault(ns string) string {

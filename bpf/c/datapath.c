@@ -10,6 +10,12 @@
  * from_pod_icmp_err / to_pod_icmp_err for ICMP errors, which pass only when
  * they quote a flow of the pod (docs/datapath.md, "Fragments, extension
  * headers and ICMP errors").
+ *
+ * from_external and to_external run at tcx ingress and egress of the node's
+ * external devices: traffic from outside the mesh to a load-balancer or
+ * external address is translated to a backend (isth_lb), and its replies
+ * back (docs/datapath.md, "Traffic from outside the mesh"). Everything else
+ * passes untouched.
  */
 #include <stddef.h>
 #include <linux/bpf.h>
@@ -101,6 +107,17 @@ struct {
 	__uint(max_entries, 262144);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } isth_backends SEC(".maps");
+
+/* Frontends at load-balancer and external addresses, for traffic from
+ * outside the mesh (from_external); their backends are in isth_backends
+ * under IDs of their own. Port 0 and protocol 0: the address itself. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct svc_key);
+	__type(value, struct lb_val);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} isth_lb SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -1245,5 +1262,177 @@ int to_pod_icmp_err(struct __sk_buff *skb)
 	if (r != REASON_DELIVERED)
 		return drop(r, len);
 	count(REASON_DELIVERED, len);
+	return TC_ACT_OK;
+}
+
+/* ---- Traffic from outside the mesh (north-south) ----
+ *
+ * from_external runs at tcx ingress of the node's external devices, where
+ * all of the node's traffic arrives: only packets to a known external
+ * address (isth_lb, port 0) are its business, everything else passes
+ * untouched at the cost of one lookup. A new flow to a frontend is
+ * translated to a backend (DNAT) and tracked in scope CT_SCOPE_EXTERNAL
+ * twice: the client's tuple (the backend it picked) and the backend's reply
+ * tuple (the frontend to restore), which to_external, at tcx egress of the
+ * same devices, finds on the replies. Under externalTrafficPolicy Cluster
+ * the packets carry SNAT_MARK: the node's nftables table masquerades them,
+ * so the replies of remote backends come back through this node, whose
+ * kernel conntrack undoes the SNAT before to_external undoes the DNAT. A
+ * packet to a known address that no frontend takes is dropped, never
+ * routed back out (the address is not the node's: the kernel would forward
+ * it along the default route, towards where it came from). */
+
+static __always_inline void snat_mark(struct __sk_buff *skb)
+{
+	__u32 m = (skb->mark & ~SNAT_MARK_MASK) | SNAT_MARK;
+	/* A whole-word store: clang would otherwise write only the upper half,
+	 * which the verifier refuses for skb->mark. */
+	asm volatile("" : "+r"(m));
+	skb->mark = m;
+}
+
+/* A packet of a flow from outside to a known external address. Returns
+ * REASON_EXTERNAL_IN (forward) or the drop. Not inlined: its stack would
+ * add to the pass-through path's. */
+static __noinline int from_external_flow(struct __sk_buff *skb, struct pkt *p)
+{
+	struct ct_key k;
+	struct ct_val *v;
+
+	ct_key_fwd(&k, p, CT_SCOPE_EXTERNAL);
+	v = ct_lookup(&k, p);
+	if (v) {
+		union addr na = v->nat_addr;
+		__u16 np = v->nat_port;
+		__u16 flags = v->flags;
+		if ((flags & CT_F_DNAT) && rewrite(skb, p, 0, &na, np) < 0)
+			return REASON_DROP_INVALID;
+		if (flags & CT_F_SNAT)
+			snat_mark(skb);
+		return REASON_EXTERNAL_IN;
+	}
+
+	if (!p->has_ports)
+		return REASON_DROP_NO_FRONTEND; /* echo and other protocols have no frontend */
+	struct svc_key fk = { .vip = p->dst, .port = p->dport, .proto = p->proto };
+	struct lb_val *lv = bpf_map_lookup_elem(&isth_lb, &fk);
+	if (!lv)
+		return REASON_DROP_NO_FRONTEND;
+	if (lv->count == 0)
+		return REASON_DROP_NO_BACKEND; /* under Local: no backend on this node */
+	__u32 lbflags = lv->flags;
+	struct be_key bk = { .svc_id = lv->id, .slot = bpf_get_prandom_u32() % lv->count + 1 };
+	struct be_val *bv = bpf_map_lookup_elem(&isth_backends, &bk);
+	if (!bv)
+		return REASON_DROP_NO_BACKEND;
+	struct be_val be = *bv;
+	union addr front = p->dst;
+	__u16 front_port = p->dport;
+	__u16 snat = (lbflags & LB_F_SNAT) ? CT_F_SNAT : 0;
+
+	ct_create(&k, CT_F_DNAT | snat, &be.addr, be.port);
+	if (rewrite(skb, p, 0, &be.addr, be.port) < 0)
+		return REASON_DROP_INVALID;
+	/* The backend's replies, backend:port -> client:port, get the
+	 * frontend back in to_external. */
+	ct_key_rev(&k, p, CT_SCOPE_EXTERNAL);
+	ct_create(&k, CT_F_REVNAT, &front, front_port);
+	if (snat)
+		snat_mark(skb);
+	count(REASON_SERVICE_NAT, skb->len);
+	return REASON_EXTERNAL_IN;
+}
+
+SEC("tc")
+int from_external(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	__u32 len = skb->len;
+	int r = parse(skb, &p);
+
+	if (r == PARSE_PASS)
+		return TC_ACT_OK;
+	/* Not to a known external address: the node's own traffic. */
+	struct svc_key ak = { .vip = p.dst };
+	if (!bpf_map_lookup_elem(&isth_lb, &ak))
+		return TC_ACT_OK;
+
+	if (r == PARSE_INVALID)
+		return drop(REASON_DROP_INVALID, len);
+	if (r == PARSE_EXT)
+		return drop(REASON_DROP_EXT_HEADER, len);
+	if (r == PARSE_ICMP_ERR)
+		return drop(REASON_DROP_ICMP_UNRELATED, len);
+	if (p.frag == FRAG_LATER) {
+		r = frag_later(skb, &p, FRAG_HOOK_FROM_EXT);
+		if (r != REASON_DELIVERED)
+			return drop(r, len);
+		count(REASON_EXTERNAL_IN, len);
+		return TC_ACT_OK;
+	}
+	struct frag_val *fv = NULL;
+	if (p.frag == FRAG_FIRST)
+		fv = frag_first(&p, FRAG_HOOK_FROM_EXT);
+	r = from_external_flow(skb, &p);
+	if (fv)
+		frag_done(fv, &p, r == REASON_EXTERNAL_IN ? REASON_FORWARD_STACK : r);
+	if (r != REASON_EXTERNAL_IN)
+		return drop(r, len);
+	count(REASON_EXTERNAL_IN, len);
+	return TC_ACT_OK;
+}
+
+/* Whether a backend's SYN-ACK (p) answers the external flow its reply
+ * entry was made for: the client's entry (front:fport, the frontend) must
+ * be open and lead to this backend. A new flow through from_external
+ * rewrites that entry before its SYN reaches the backend. */
+static __noinline int external_flow_opening(const struct pkt *p, const union addr *front, __u16 fport)
+{
+	struct ct_key k;
+	ct_key_set(&k, &p->dst, front, p->dport, fport, p->proto, CT_SCOPE_EXTERNAL);
+	struct ct_val *v = bpf_map_lookup_elem(&isth_ct, &k);
+	return v && !(v->flags & CT_F_CLOSING) && addr_eq(&v->nat_addr, &p->src) && v->nat_port == p->sport;
+}
+
+/* Replies of flows from outside, on their way out: the backend's address
+ * and port become the frontend's again. Anything else passes untouched,
+ * including later fragments whose first this program did not translate. */
+SEC("tc")
+int to_external(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct ct_key k;
+	struct ct_val *v;
+	__u32 len = skb->len;
+
+	if (parse(skb, &p) != PARSE_OK)
+		return TC_ACT_OK;
+	if (p.frag == FRAG_LATER) {
+		if (frag_later(skb, &p, FRAG_HOOK_TO_EXT) == REASON_DELIVERED)
+			count(REASON_EXTERNAL_OUT, len);
+		return TC_ACT_OK;
+	}
+	ct_key_fwd(&k, &p, CT_SCOPE_EXTERNAL);
+	v = ct_lookup(&k, &p);
+	if (!v || !(v->flags & CT_F_REVNAT))
+		return TC_ACT_OK;
+	union addr na = v->nat_addr;
+	__u16 np = v->nat_port;
+	if (p.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == (TCP_FLAG_SYN | TCP_FLAG_ACK) &&
+	    !external_flow_opening(&p, &na, np)) {
+		/* The backend answers a connection that did not come through
+		 * from_external (the client dialled it directly) on the tuple of
+		 * an external flow that closed: the entry is stale. */
+		bpf_map_delete_elem(&isth_ct, &k);
+		return TC_ACT_OK;
+	}
+	struct frag_val *fv = NULL;
+	if (p.frag == FRAG_FIRST)
+		fv = frag_first(&p, FRAG_HOOK_TO_EXT);
+	if (rewrite(skb, &p, 1, &na, np) < 0)
+		return drop(REASON_DROP_INVALID, len);
+	if (fv)
+		frag_done(fv, &p, REASON_FORWARD_STACK);
+	count(REASON_EXTERNAL_OUT, len);
 	return TC_ACT_OK;
 }

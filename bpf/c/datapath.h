@@ -16,6 +16,10 @@ union addr {
 
 #define CT_SCOPE_EGRESS 1  /* created where the flow left a local pod */
 #define CT_SCOPE_INGRESS 2 /* created where the flow entered a local pod */
+#define CT_SCOPE_EXTERNAL 3 /* created where a flow from outside the mesh entered
+			     * the node (from_external): the client's tuple
+			     * (DNAT) and the backend's reply tuple (reverse
+			     * NAT in to_external) */
 
 #define CT_F_DNAT 0x1    /* forward: rewrite destination to nat_addr:nat_port */
 #define CT_F_REVNAT 0x2  /* reply: rewrite source to nat_addr:nat_port */
@@ -23,6 +27,20 @@ union addr {
 #define CT_F_HAIRPIN 0x8 /* a pod reaching itself through a service: the source
 			  * is translated to the VIP too, and replies are
 			  * translated back in from_pod */
+#define CT_F_SNAT 0x10   /* an external flow under externalTrafficPolicy
+			  * Cluster: its packets carry SNAT_MARK so the node's
+			  * nftables masquerade SNATs them */
+
+/* The mark from_external gives packets of Cluster flows (skb->mark, in the
+ * bits of SNAT_MARK_MASK): the agent's nftables table masquerades them in
+ * postrouting, so replies come back to this node (gateway/northsouth). */
+#define SNAT_MARK 0x1e740000
+#define SNAT_MARK_MASK 0xffff0000
+
+/* isth_lb values (struct lb_val.flags). */
+#define LB_F_SNAT 0x1  /* externalTrafficPolicy Cluster: the node SNATs */
+#define LB_F_LOCAL 0x2 /* externalTrafficPolicy Local: only this node's backends, the client's address kept */
+#define LB_F_ADDR 0x4  /* port 0, protocol 0: a known external address (no frontend) */
 
 #define EP_F_POLICY_INGRESS 0x1
 #define EP_F_POLICY_EGRESS 0x2
@@ -46,6 +64,9 @@ enum reason {
 	REASON_DROP_FRAG_UNKNOWN = 10,   /* a non-first fragment whose first fragment was not seen */
 	REASON_DROP_EXT_HEADER = 11,     /* IPv6 extension header chain unknown or too long */
 	REASON_DROP_ICMP_UNRELATED = 12, /* ICMP error about no flow of the pod it claims */
+	REASON_DROP_NO_FRONTEND = 13,    /* from outside to a known external address, on a port without a frontend */
+	REASON_EXTERNAL_IN = 14,         /* from outside to a frontend, translated to its backend */
+	REASON_EXTERNAL_OUT = 15,        /* a reply of a flow from outside, translated back */
 	REASON_MAX = 16,
 };
 
@@ -83,6 +104,15 @@ struct svc_key {
 struct svc_val {
 	__u32 id;    /* keys the backends map */
 	__u32 count; /* backends in slots 1..count */
+};
+
+/* isth_lb: a frontend at a load-balancer or external address (the key is
+ * svc_key; port 0 and protocol 0 mark the address itself as known). */
+struct lb_val {
+	__u32 id;    /* keys the backends map (IDs shared with isth_services) */
+	__u32 count; /* backends in slots 1..count */
+	__u32 flags; /* LB_F_* */
+	__u32 pad;
 };
 
 struct be_key {
@@ -135,6 +165,8 @@ struct metric_val {
 
 #define FRAG_HOOK_FROM_POD 1
 #define FRAG_HOOK_TO_POD 2
+#define FRAG_HOOK_FROM_EXT 3
+#define FRAG_HOOK_TO_EXT 4
 
 /* A fragmented datagram, as its fragments arrive at one hook. */
 struct frag_key {

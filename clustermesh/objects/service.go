@@ -57,7 +57,8 @@ func protoNumber(p string) bpf.Proto {
 	return bpf.ProtoTCP
 }
 
-// CheckConflicts returns an error when a frontend (VIP, port, protocol) of s
+// CheckConflicts returns an error when a frontend (VIP, port, protocol) of s,
+// at a VIP or an external address,
 // is already used by a service in existing with a different Key. A service
 // with the same Key is the one being updated and never conflicts. Invalid
 // frontends of existing services are ignored; invalid ones of s are an
@@ -67,12 +68,14 @@ func CheckConflicts(existing []Service, s Service) error {
 	if err != nil {
 		return err
 	}
+	mine = append(mine, s.ExternalFrontends()...)
 	key := Key(s)
 	for _, e := range existing {
 		if Key(e) == key {
 			continue
 		}
 		theirs, _ := e.frontends()
+		theirs = append(theirs, e.ExternalFrontends()...)
 		used := make(map[bpf.Frontend]bool, len(theirs))
 		for _, f := range theirs {
 			used[f] = true
@@ -109,6 +112,24 @@ func (s Service) ExternalAddrs() []netip.Addr {
 	}
 	for _, in := range s.Status.LoadBalancer.Ingress {
 		add(in.IP)
+	}
+	return out
+}
+
+// ExternalFrontends returns every external address (ExternalAddrs) x port
+// of the service, in that order: the frontends traffic from outside the
+// mesh reaches it on. Ports that are not valid are left out (Frontends
+// reports them).
+func (s Service) ExternalFrontends() []bpf.Frontend {
+	var out []bpf.Frontend
+	for _, a := range s.ExternalAddrs() {
+		for _, p := range s.Spec.Ports {
+			proto, err := serviceProtocol(p.Protocol)
+			if err != nil || p.Port == 0 {
+				continue
+			}
+			out = append(out, bpf.Frontend{VIP: a, Port: p.Port, Proto: protoNumber(proto)})
+		}
 	}
 	return out
 }

@@ -256,6 +256,15 @@ func TestCheckConflicts(t *testing.T) {
 		mk("default", "web", []string{"10.0.0.1", "fd00::1"}, ServicePort{Port: 80}),
 		mk("other", "dns", []string{"10.0.0.53"}, ServicePort{Port: 53, Protocol: "UDP"}),
 		{Metadata: Meta{Name: "broken", Namespace: "default"}, Spec: ServiceSpec{VIPs: []string{"nope", "10.0.0.9"}, Ports: []ServicePort{{Port: 9}}}},
+		func() Service {
+			s := mk("default", "ext", []string{"10.0.0.70"}, ServicePort{Port: 80})
+			s.Spec.ExternalIPs = []string{"203.0.113.10"}
+			return s
+		}(),
+	}
+	withExternal := func(s Service, ips ...string) Service {
+		s.Spec.ExternalIPs = ips
+		return s
 	}
 	tests := []struct {
 		name string
@@ -275,6 +284,11 @@ func TestCheckConflicts(t *testing.T) {
 		{"clash with the valid part of a broken service", mk("default", "x", []string{"10.0.0.9"}, ServicePort{Port: 9}),
 			"already used by service default/broken"},
 		{"invalid new service", mk("default", "x", []string{"bad"}, ServicePort{Port: 9}), `invalid IP address "bad"`},
+		{"external IP clash", withExternal(mk("default", "x", []string{"10.0.0.71"}, ServicePort{Port: 80}), "203.0.113.10"),
+			"frontend 203.0.113.10:80/tcp is already used by service default/ext"},
+		{"external IP on another port", withExternal(mk("default", "x", []string{"10.0.0.71"}, ServicePort{Port: 443}), "203.0.113.10"), ""},
+		{"a VIP that is another service's external IP", mk("default", "x", []string{"203.0.113.10"}, ServicePort{Port: 80}),
+			"already used by service default/ext"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -210,6 +210,7 @@ through graceful restart; see docs/bgp.md.
 	f.StringVar(&cfg.BPFFSRoot, "bpffs", "/sys/fs/bpf", "bpffs mount point; maps and links are pinned under <bpffs>/isthmus/<node-name> (mounted if needed)")
 	f.IntVar(&cfg.MTU, "mtu", 0, "MTU of pod interfaces (default: the underlay interface's MTU, minus WireGuard's overhead with --encryption=wireguard)")
 	f.BoolVar(&cfg.ResetDatapath, "reset-datapath", false, "remove this node's pinned maps and links before starting (drops all tracked flows; for a datapath version whose maps changed layout)")
+	f.StringSliceVar(&cfg.ExternalDevices, "external-devices", nil, "devices traffic from outside the mesh arrives on, comma-separated (from_external/to_external are attached to them); default: the devices holding a node IP or a default route")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", agent.DefaultMetricsAddr, `serve GET /metrics (Prometheus), /healthz and /readyz over plain HTTP on this host:port; "" turns it off (the API socket serves them regardless)`)
 	f.StringSliceVar(&endpoints, "kvstore-endpoints", nil, "cluster mode: etcd client URLs of the cluster's isthmus-clustermesh, comma-separated (https://host:2379); without it the agent runs standalone")

@@ -163,6 +163,12 @@ every endpoint's GSO/GRO sizes.
 						return err
 					}
 				}
+				if ns := st.NorthSouth; ns != nil {
+					fmt.Fprintln(c.out)
+					if err := printNorthSouth(c.out, ns); err != nil {
+						return err
+					}
+				}
 				fmt.Fprintln(c.out, "\nDatapath counters:")
 				t = newTable(c.out)
 				fmt.Fprintln(t, "  REASON\tPACKETS\tBYTES")

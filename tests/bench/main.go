@@ -14,6 +14,9 @@
 // Kubernetes mode: the CNI ADD, a new pod reached from another cluster, a
 // deleted pod gone from it. The bgp section (bgp.go) measures how fast a
 // service's address reaches a BIRD top-of-rack router's kernel table.
+// deleted pod gone from it. The northsouth section (northsouth.go) measures
+// new connections from outside the mesh through an external IP against
+// the same client dialling the backend directly.
 package main
 
 import (
@@ -37,7 +40,7 @@ import (
 )
 
 var (
-	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s|bgp", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup, bigtcp, k8s, bgp")
+	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s|bgp|northsouth", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup, bigtcp, k8s, bgp, northsouth")
 	duration = flag.Duration("duration", 8*time.Second, "length of each measurement")
 	services = flag.Int("services", 10000, "services installed for the scaling measurement")
 )
@@ -102,6 +105,7 @@ func main() {
 		{"bigtcp", bigtcpBench},
 		{"k8s", k8sBench},
 		{"bgp", bgpBench},
+		{"northsouth", northSouthBench},
 	}
 	ok := true
 	for _, sec := range sections {

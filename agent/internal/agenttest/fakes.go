@@ -21,11 +21,14 @@ type FakeDatapath struct {
 	IPCache  map[netip.Prefix]bpf.IPCacheEntry
 	EPs      map[netip.Addr]bpf.EndpointInfo
 	Svcs     map[bpf.Frontend][]bpf.Backend
+	Ext      map[bpf.Frontend]bpf.External
 	Pol      map[bpf.PolicyKey]bool
 	Attached map[string]int // interface -> ifindex
-	writes   []string
-	lists    int
-	FailEP   error // EndpointUpsert fails with it when set
+	// ExtAttached are the external devices (north-south) -> ifindex.
+	ExtAttached map[string]int
+	writes      []string
+	lists       int
+	FailEP      error // EndpointUpsert fails with it when set
 }
 
 // Lists returns how many times a map was listed.
@@ -39,7 +42,7 @@ func (d *FakeDatapath) Lists() int {
 func NewFakeDatapath() *FakeDatapath {
 	return &FakeDatapath{
 		IPCache: map[netip.Prefix]bpf.IPCacheEntry{}, EPs: map[netip.Addr]bpf.EndpointInfo{},
-		Svcs: map[bpf.Frontend][]bpf.Backend{}, Pol: map[bpf.PolicyKey]bool{}, Attached: map[string]int{},
+		Svcs: map[bpf.Frontend][]bpf.Backend{}, Ext: map[bpf.Frontend]bpf.External{}, Pol: map[bpf.PolicyKey]bool{}, Attached: map[string]int{}, ExtAttached: map[string]int{},
 	}
 }
 
@@ -143,6 +146,50 @@ func (d *FakeDatapath) ServiceList() (map[bpf.Frontend][]bpf.Backend, error) {
 	defer d.mu.Unlock()
 	d.lists++
 	return maps.Clone(d.Svcs), nil
+}
+
+func (d *FakeDatapath) ExternalUpsert(f bpf.Frontend, e bpf.External) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.write("ext+ %s", f)
+	e.Backends = slices.Clone(e.Backends)
+	d.Ext[f] = e
+	return nil
+}
+
+func (d *FakeDatapath) ExternalDelete(f bpf.Frontend) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.write("ext- %s", f)
+	delete(d.Ext, f)
+	return nil
+}
+
+func (d *FakeDatapath) ExternalList() (map[bpf.Frontend]bpf.External, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.lists++
+	return maps.Clone(d.Ext), nil
+}
+
+func (d *FakeDatapath) AttachExternal(ifname string, ifindex int) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.ExtAttached[ifname] = ifindex
+	return nil
+}
+
+func (d *FakeDatapath) DetachExternal(ifname string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.ExtAttached, ifname)
+	return nil
+}
+
+func (d *FakeDatapath) ExternalAttached() ([]string, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return slices.Collect(maps.Keys(d.ExtAttached)), nil
 }
 
 func (d *FakeDatapath) PolicySync(want []bpf.PolicyKey) error {
