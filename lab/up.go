@@ -57,6 +57,12 @@ type UpOptions struct {
 	Nodes       int    // per cluster, default 2
 	PodsPerNode int    // echo pods per node, default 2
 	Encryption  string // "wireguard" or "none" (default)
+	// BGP makes each cluster's router a BIRD top-of-rack router peered
+	// with every node (pod CIDRs and load-balancer addresses come from
+	// BGP, no static pod routes), makes the echo service a LoadBalancer
+	// service with an address from a per-cluster pool, and puts a client
+	// outside the mesh behind each router.
+	BGP bool
 	// Detached lets the lab outlive the calling process (`isthmus lab up`).
 	Detached bool
 	// StateFile, when set, receives the State: first with only the prefix
@@ -80,11 +86,14 @@ type State struct {
 	Ready      bool      `json:"ready"` // false while Up is building
 	Encryption string    `json:"encryption"`
 	// Binaries are what the lab's processes run.
-	Binaries Binaries       `json:"binaries"`
-	Service  StateService   `json:"service"`
-	Policy   string         `json:"policy"`
-	Clusters []StateCluster `json:"clusters"`
-	Pods     []StatePod     `json:"pods"`
+	Binaries Binaries     `json:"binaries"`
+	Service  StateService `json:"service"`
+	Policy   string       `json:"policy"`
+	// PolicyAdmitsOutside: the policy also admits traffic from outside
+	// the mesh (--bgp).
+	PolicyAdmitsOutside bool           `json:"policyAdmitsOutside,omitempty"`
+	Clusters            []StateCluster `json:"clusters"`
+	Pods                []StatePod     `json:"pods"`
 	// Outside are the hosts outside the mesh (--bgp, --l2).
 	Outside []StateOutside `json:"outside,omitempty"`
 }
@@ -175,8 +184,9 @@ type NodeOf struct {
 	StateNode
 }
 
-// FindNetns resolves a pod, node or router name of the lab ("c1-n1-echo1",
-// "c1-n1", "c1-rtr", "fabric", or the full netns name) to its netns name.
+// FindNetns resolves a pod, node, outside host or router name of the lab
+// ("c1-n1-echo1", "c1-n1", "c1-out", "c1-rtr", "fabric", or the full netns
+// name) to its netns name.
 func (s *State) FindNetns(name string) (string, bool) {
 	for _, p := range s.Pods {
 		if p.Name == name || p.Netns == name {
@@ -186,6 +196,11 @@ func (s *State) FindNetns(name string) (string, bool) {
 	for _, n := range s.Nodes() {
 		if n.Name == name || n.Netns == name {
 			return n.Netns, true
+		}
+	}
+	for _, o := range s.Outside {
+		if o.Name == name || o.Netns == name {
+			return o.Netns, true
 		}
 	}
 	for _, c := range s.Clusters {
@@ -259,7 +274,7 @@ metadata:
 spec:
   vips: [%s, "%s"]
   ports: [{name: http, port: 80, targetPort: %d, protocol: TCP}]
-  selector: {app: echo}
+  selector: {app: echo}%s
 ---
 apiVersion: isthmus.io/v1alpha1
 kind: NetworkPolicy
@@ -270,7 +285,7 @@ spec:
   endpointSelector: {matchLabels: {app: echo}}
   ingress:
     - fromEndpoints: [{matchLabels: {app: echo}}]
-      toPorts: [{port: %d, protocol: TCP}]
+      toPorts: [{port: %d, protocol: TCP}]%s
 `
 
 // Up builds the demo mesh (see the comment at the top of this file). On
@@ -353,7 +368,7 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 	clusters := make([]*Cluster, o.Clusters)
 	err = parallel(o.Clusters, func(i int) error {
 		t0 := time.Now()
-		c, err := l.AddCluster(ctx, i+1, ClusterOptions{Nodes: o.Nodes, Encryption: o.Encryption})
+		c, err := l.AddCluster(ctx, i+1, ClusterOptions{Nodes: o.Nodes, Encryption: o.Encryption, NoStaticPodRoutes: o.BGP})
 		if err != nil {
 			return fmt.Errorf("cluster c%d: %w", i+1, err)
 		}
@@ -440,10 +455,27 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 
 	step("applying Service default/echo (global, %s and %s port 80) and NetworkPolicy %s in every cluster", DemoVIPs[0], DemoVIPs[1], st.Policy)
 	f := filepath.Join(l.Dir(), "demo-objects.yaml")
-	if err = os.WriteFile(f, fmt.Appendf(nil, demoObjects, DemoVIPs[0], DemoVIPs[1], connectivity.EchoPort, connectivity.EchoPort), 0o644); err != nil {
+	svcType, fromNodes := "", ""
+	if o.BGP {
+		// Traffic from outside reaches the echo pods SNATed to the node
+		// that took it (externalTrafficPolicy Cluster): from this node
+		// (host), another node of the cluster (remote-node) or, for
+		// backends in another cluster, a node the mesh does not vouch
+		// for (world). The policy admits the outside on the echo port.
+		svcType = "\n  type: LoadBalancer"
+		fromNodes = fmt.Sprintf("\n    - fromEntities: [host, remote-node, world]\n      toPorts: [{port: %d, protocol: TCP}]", connectivity.EchoPort)
+		st.PolicyAdmitsOutside = true
+	}
+	if err = os.WriteFile(f, fmt.Appendf(nil, demoObjects, DemoVIPs[0], DemoVIPs[1], connectivity.EchoPort, svcType, connectivity.EchoPort, fromNodes), 0o644); err != nil {
 		return l, nil, err
 	}
 	for _, c := range clusters {
+		if o.BGP {
+			// The pool first, so the service gets its addresses at once.
+			if err = applyNorthSouth(ctx, c); err != nil {
+				return l, nil, err
+			}
+		}
 		if _, err = c.Agents[0].CLI(ctx, "apply", "-f", f); err != nil {
 			return l, nil, err
 		}
@@ -454,9 +486,35 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 		}
 	}
 
+	if o.BGP {
+		step("BGP: BIRD in every cluster's router as top-of-rack, peered with every node; a client outside the mesh behind it")
+		for _, c := range clusters {
+			if err = startToR(ctx, c); err != nil {
+				return l, nil, err
+			}
+		}
+	}
 	step("waiting until every agent sees the whole mesh")
 	if err = st.WaitReady(ctx, o.Timeout); err != nil {
 		return l, nil, err
+	}
+	if o.BGP {
+		step("waiting for the load-balancer addresses and their routes in every top-of-rack router")
+		for _, c := range clusters {
+			out, err := c.AddOutside(c.Name + "-out")
+			if err != nil {
+				return l, nil, err
+			}
+			addrs, err := waitAnnounced(ctx, c, o.Timeout)
+			if err != nil {
+				return l, nil, err
+			}
+			so := StateOutside{Name: out.Name(), Cluster: c.Name, Netns: out.FullName(), IPs: []netip.Addr{out.IPv4, out.IPv6}, Via: "BGP"}
+			for _, a := range addrs {
+				so.Addrs = append(so.Addrs, netip.AddrPortFrom(a, 80))
+			}
+			st.Outside = append(st.Outside, so)
+		}
 	}
 	st.Ready = true
 	if o.StateFile != "" {

@@ -170,6 +170,8 @@ func rulePeers(sels []objects.Selector, entities []string, ns string, idx identi
 		switch strings.ToLower(e) {
 		case objects.EntityHost:
 			peers = append(peers, bpf.IdentityHost)
+		case objects.EntityRemoteNode:
+			peers = append(peers, bpf.IdentityRemote)
 		case objects.EntityWorld:
 			peers = append(peers, bpf.IdentityWorld)
 		case objects.EntityAll:

@@ -357,3 +357,22 @@ func TestRulePeersIndexMatchesScan(t *testing.T) {
 		}
 	}
 }
+
+// The node entities name exactly the node identities: host the local
+// node, remote-node every other node (where traffic from outside that
+// another node SNATed comes from), never a workload.
+func TestNodeEntities(t *testing.T) {
+	ids := []identity.Identity{{ID: 1000, Labels: identity.Labels{identity.LabelNamespace: "default", identity.LabelCluster: "c1", "app": "a"}}}
+	for _, c := range []struct {
+		entity string
+		want   []uint32
+	}{
+		{objects.EntityHost, []uint32{bpf.IdentityHost}},
+		{objects.EntityRemoteNode, []uint32{bpf.IdentityRemote}},
+	} {
+		got := rulePeers(nil, []string{c.entity}, "default", indexIdentities(ids), "c1")
+		if !slices.Equal(got, c.want) {
+			t.Errorf("%s: peers %v, want %v", c.entity, got, c.want)
+		}
+	}
+}

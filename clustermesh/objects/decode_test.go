@@ -176,7 +176,7 @@ func TestDecodeErrors(t *testing.T) {
 		{"second document bad", "---\n" + svc("  vips: [10.0.0.1]\n"+okPorts+okSel) + "---\n" + svc("  vips: [10.0.0.1]\n  ports: [{port: 0}]\n"+okSel),
 			"document 2 (Service default/web): spec.ports[0].port: must be 1-65535"},
 		{"policy without rules", pol("  endpointSelector: {}\n"), "document 1 (NetworkPolicy prod/p): spec: needs at least one ingress or egress rule"},
-		{"policy bad entity", pol("  ingress: [{fromEntities: [everyone]}]\n"), `spec.ingress[0].fromEntities[0]: must be one of host, world, all, cluster, got "everyone"`},
+		{"policy bad entity", pol("  ingress: [{fromEntities: [everyone]}]\n"), `spec.ingress[0].fromEntities[0]: must be one of host, remote-node, world, all, cluster, got "everyone"`},
 		{"policy bad protocol", pol("  egress: [{toPorts: [{port: 1, protocol: sctp}]}]\n"), `spec.egress[0].toPorts[0].protocol: must be TCP, UDP, ICMP or ANY, got "sctp"`},
 		{"policy icmp port", pol("  egress: [{toPorts: [{port: 8, protocol: ICMP}]}]\n"), `spec.egress[0].toPorts[0].port: must be 0 or absent for ICMP, got 8`},
 		{"policy unknown rule field", pol("  ingress: [{from: []}]\n"), `spec.ingress[0].from: unknown field`},

@@ -28,6 +28,10 @@ const (
 	EntityWorld   = "world"   // anything outside the mesh
 	EntityAll     = "all"     // any peer at all
 	EntityCluster = "cluster" // every workload of the local cluster, its nodes and remote nodes
+	// EntityRemoteNode is every other node of the mesh (this cluster's and
+	// other clusters'): the source of traffic from outside that another
+	// node SNATed to its own address (externalTrafficPolicy Cluster).
+	EntityRemoteNode = "remote-node"
 )
 
 // DefaultNamespace is the namespace of objects that name none.

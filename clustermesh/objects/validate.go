@@ -289,9 +289,9 @@ func validateRule(path, endpointsField, entitiesField string, sels []Selector, e
 	}
 	for j, e := range entities {
 		switch strings.ToLower(e) {
-		case EntityHost, EntityWorld, EntityAll, EntityCluster:
+		case EntityHost, EntityWorld, EntityAll, EntityCluster, EntityRemoteNode:
 		default:
-			return fieldError(fmt.Sprintf("%s.%s[%d]", path, entitiesField, j), "must be one of host, world, all, cluster, got %q", e)
+			return fieldError(fmt.Sprintf("%s.%s[%d]", path, entitiesField, j), "must be one of host, remote-node, world, all, cluster, got %q", e)
 		}
 	}
 	for j, pr := range ports {

@@ -121,7 +121,7 @@ func TestNetworkPolicyValidate(t *testing.T) {
 		{"bad peer selector", func(p *NetworkPolicy) {
 			p.Spec.Egress = []EgressRule{{}, {ToEndpoints: []Selector{{}, {MatchLabels: map[string]string{"": "x"}}}}}
 		}, `spec.egress[1].toEndpoints[1].matchLabels: label key ""`},
-		{"bad entity", func(p *NetworkPolicy) { p.Spec.Ingress[0].FromEntities = []string{"host", "nodes"} }, `spec.ingress[0].fromEntities[1]: must be one of host, world, all, cluster, got "nodes"`},
+		{"bad entity", func(p *NetworkPolicy) { p.Spec.Ingress[0].FromEntities = []string{"host", "nodes"} }, `spec.ingress[0].fromEntities[1]: must be one of host, remote-node, world, all, cluster, got "nodes"`},
 		{"bad egress entity", func(p *NetworkPolicy) { p.Spec.Egress = []EgressRule{{ToEntities: []string{""}}} }, `spec.egress[0].toEntities[0]`},
 		{"bad protocol", func(p *NetworkPolicy) { p.Spec.Ingress[0].ToPorts = []PortRule{{Protocol: "gre"}} }, `spec.ingress[0].toPorts[0].protocol: must be TCP, UDP, ICMP or ANY, got "gre"`},
 		{"icmp with port", func(p *NetworkPolicy) { p.Spec.Ingress[0].ToPorts = []PortRule{{Port: 8, Protocol: "ICMP"}} }, "spec.ingress[0].toPorts[0].port: must be 0 or absent for ICMP, got 8"},

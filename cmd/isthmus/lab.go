@@ -39,7 +39,7 @@ func (c *cli) labUpCommand() *cobra.Command {
 	o := lab.UpOptions{}
 	var skipTest bool
 	cmd := &cobra.Command{
-		Use:   "up [--clusters 2] [--nodes 2] [--pods-per-node 2] [--encryption wireguard|none]",
+		Use:   "up [--clusters 2] [--nodes 2] [--pods-per-node 2] [--encryption wireguard|none] [--bgp]",
 		Short: "Build the lab, connect the clusters, wait until synced, run the connectivity test",
 		Long: `Build a mesh in network namespaces and leave it running:
 
@@ -53,11 +53,21 @@ func (c *cli) labUpCommand() *cobra.Command {
   Service default/echo, global, on 10.96.0.100 and fd00:96::100 port 80
   NetworkPolicy default/echo-from-echo: echo pods admit only echo pods
 
+With --bgp, each cluster's router runs BIRD as its top-of-rack router
+(AS 65000), peered over IPv4 and IPv6 with every node (AS 65100+i, a
+BGPPeeringPolicy announcing pod CIDRs and load-balancer addresses, no
+static pod routes); the echo service is of type LoadBalancer with one
+address per family from the cluster's LoadBalancerIPPool
+(10.(100+i).0.240/28, fd10:i::f0/124); and a client outside the mesh sits
+behind each router (c<i>-out): the connectivity test's north-south check
+sends it through the address to the backends of every cluster.
+
 Then it waits until every agent sees the whole mesh, runs 'isthmus
 connectivity test' and prints a summary. Exits non-zero when the build or a
 check fails (a lab whose checks failed stays up for debugging). Only one lab
 at a time: remove it with 'isthmus lab down'.`,
 		Example: `  isthmus lab up
+  isthmus lab up --bgp
   isthmus lab up --clusters 3 --nodes 1 --encryption none`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -110,6 +120,7 @@ at a time: remove it with 'isthmus lab down'.`,
 	f.IntVar(&o.Nodes, "nodes", 2, "nodes per cluster (1-20)")
 	f.IntVar(&o.PodsPerNode, "pods-per-node", 2, "echo pods per node (1-20)")
 	f.StringVar(&o.Encryption, "encryption", "wireguard", "transparent encryption between nodes: wireguard or none")
+	f.BoolVar(&o.BGP, "bgp", false, "north-south over BGP: BIRD as every cluster's top-of-rack router peered with every node, the echo service of type LoadBalancer, and a client outside the mesh behind each router (checked by the connectivity test)")
 	f.DurationVar(&o.Timeout, "timeout", 3*time.Minute, "how long to wait for the mesh to sync")
 	f.BoolVar(&skipTest, "skip-test", false, "do not run the connectivity test")
 	return cmd

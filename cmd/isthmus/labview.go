@@ -89,7 +89,18 @@ func printLabView(w io.Writer, v lab.View, state string) error {
 		vips = append(vips, netip.AddrPortFrom(a, uint16(st.Service.Port)).String())
 	}
 	fmt.Fprintf(w, "\nService %s/%s (global, in every cluster): %s -> app=echo port %d\n", st.Service.Namespace, st.Service.Name, strings.Join(vips, ", "), st.Service.TargetPort)
-	fmt.Fprintf(w, "NetworkPolicy %s: app=echo pods admit tcp/%d only from app=echo pods (of any cluster)\n", st.Policy, connectivity.EchoPort)
+	if st.PolicyAdmitsOutside {
+		fmt.Fprintf(w, "NetworkPolicy %s: app=echo pods admit tcp/%d from app=echo pods (of any cluster) and from outside the mesh (world, and the nodes that SNAT it)\n", st.Policy, connectivity.EchoPort)
+	} else {
+		fmt.Fprintf(w, "NetworkPolicy %s: app=echo pods admit tcp/%d only from app=echo pods (of any cluster)\n", st.Policy, connectivity.EchoPort)
+	}
+	for _, o := range st.Outside {
+		var addrs []string
+		for _, a := range o.Addrs {
+			addrs = append(addrs, a.String())
+		}
+		fmt.Fprintf(w, "Outside %s (%s, via %s): the service of %s at %s\n", o.Name, joinAddrs(o.IPs), o.Via, o.Cluster, strings.Join(addrs, ", "))
+	}
 
 	if len(v.Problems) > 0 {
 		fmt.Fprintln(w, "\nNot ready:")
@@ -130,11 +141,25 @@ Explore:
   isthmus lab exec %[6]s -- ip route
   isthmus --socket %[7]s status
   isthmus connectivity test
-  isthmus lab status
+  isthmus lab status%[8]s
   isthmus lab down
-`, first.Name, vip, remote.IPv4, connectivity.EchoPort, st.Clusters[0].Name, st.Clusters[0].Nodes[0].Name, sock)
+`, first.Name, vip, remote.IPv4, connectivity.EchoPort, st.Clusters[0].Name, st.Clusters[0].Nodes[0].Name, sock, outsideHints(st))
 	}
 	return nil
+}
+
+// outsideHints are the explore lines of the outside hosts (--bgp).
+func outsideHints(st *lab.State) string {
+	if len(st.Outside) == 0 || len(st.Outside[0].Addrs) == 0 {
+		return ""
+	}
+	o := st.Outside[0]
+	a := o.Addrs[0]
+	return fmt.Sprintf(`
+  # from outside the mesh through the load-balancer address; the routes BGP gave the top-of-rack router
+  isthmus lab exec %s -- curl -s http://%s/
+  isthmus lab exec %s-rtr -- ip route show proto bird
+  isthmus --socket %s bgp peers`, o.Name, a, o.Cluster, st.Clusters[0].Nodes[0].Socket)
 }
 
 func wireguardSummary(wg *api.WireGuardStatus) string {

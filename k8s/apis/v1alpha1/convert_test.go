@@ -119,7 +119,7 @@ func TestToObjectErrors(t *testing.T) {
 		{"nil", nil, "networkpolicy: nil"},
 		{"no rules, no policyTypes", base(func(p *NetworkPolicy) { p.Spec.PolicyTypes = nil }), "spec: needs at least one ingress or egress rule, or policyTypes"},
 		{"port out of range", base(func(p *NetworkPolicy) { p.Spec.Ingress = []IngressRule{{ToPorts: []PortRule{{Port: 70000}}}} }), "spec.ingress[0].toPorts[0].port: must be 0-65535, got 70000"},
-		{"bad entity", base(func(p *NetworkPolicy) { p.Spec.Ingress = []IngressRule{{FromEntities: []Entity{"nodes"}}} }), `spec.ingress[0].fromEntities[0]: must be one of host, world, all, cluster, got "nodes"`},
+		{"bad entity", base(func(p *NetworkPolicy) { p.Spec.Ingress = []IngressRule{{FromEntities: []Entity{"nodes"}}} }), `spec.ingress[0].fromEntities[0]: must be one of host, remote-node, world, all, cluster, got "nodes"`},
 		{"bad operator", base(func(p *NetworkPolicy) {
 			p.Spec.EndpointSelector.MatchExpressions = []LabelSelectorRequirement{{Key: "a", Operator: "Gt"}}
 		}), `spec.endpointSelector.matchExpressions[0].operator`},

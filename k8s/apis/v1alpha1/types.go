@@ -116,10 +116,10 @@ type EgressRule struct {
 	ToPorts []PortRule `json:"toPorts,omitempty"`
 }
 
-// Entity is a peer by role: host (the local node), world (anything outside
-// the mesh), all (any peer), cluster (the local cluster's workloads and
-// nodes).
-// +kubebuilder:validation:Enum=host;world;all;cluster
+// Entity is a peer by role: host (the local node), remote-node (every
+// other node of the mesh), world (anything outside the mesh), all (any
+// peer), cluster (the local cluster's workloads and nodes).
+// +kubebuilder:validation:Enum=host;remote-node;world;all;cluster
 type Entity string
 
 // PortRule is one port (0 or absent = any) and protocol.
