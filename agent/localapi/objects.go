@@ -16,12 +16,12 @@ import (
 
 // kindOf maps an API kind argument to the canonical kind.
 func kindOf(s string) (string, error) {
-	for _, k := range []string{objects.KindService, objects.KindNetworkPolicy} {
+	for _, k := range []string{objects.KindService, objects.KindNetworkPolicy, objects.KindL2AnnouncementPolicy} {
 		if strings.EqualFold(s, k) {
 			return k, nil
 		}
 	}
-	return "", api.Errorf(http.StatusBadRequest, "unknown kind %q: want %s or %s", s, objects.KindService, objects.KindNetworkPolicy)
+	return "", api.Errorf(http.StatusBadRequest, "unknown kind %q: want %s, %s or %s", s, objects.KindService, objects.KindNetworkPolicy, objects.KindL2AnnouncementPolicy)
 }
 
 // Apply implements api.Backend: decode, validate and conflict-check the whole

@@ -16,7 +16,8 @@ import (
 
 // Decode parses a multi-document YAML stream (documents separated by lines
 // that are "---", optionally followed by blanks, a comment or content) into
-// *Service and *NetworkPolicy values, defaulted and validated.
+// *Service, *NetworkPolicy and *L2AnnouncementPolicy values, defaulted and
+// validated.
 //
 // It is strict: unknown fields, duplicate keys, values of the wrong type
 // (label values must be strings: quote `1.0` or `true`), an unknown kind or
@@ -136,6 +137,9 @@ func describe(raw any) string {
 	return " (" + strings.Join(parts, " ") + ")"
 }
 
+// kindList names the kinds Decode accepts, for error messages.
+const kindList = KindService + ", " + KindNetworkPolicy + " or " + KindL2AnnouncementPolicy
+
 func decodeObject(raw any) (Object, error) {
 	m, ok := raw.(map[string]any)
 	if !ok {
@@ -159,18 +163,20 @@ func decodeObject(raw any) (Object, error) {
 	}
 	switch kind := m["kind"].(type) {
 	case nil:
-		return nil, fieldError("kind", "required, must be %s or %s", KindService, KindNetworkPolicy)
+		return nil, fieldError("kind", "required, must be %s", kindList)
 	case string:
 		switch kind {
 		case KindService:
 			obj = &Service{}
 		case KindNetworkPolicy:
 			obj = &NetworkPolicy{}
+		case KindL2AnnouncementPolicy:
+			obj = &L2AnnouncementPolicy{}
 		default:
-			return nil, fieldError("kind", "unknown kind %q, must be %s or %s", kind, KindService, KindNetworkPolicy)
+			return nil, fieldError("kind", "unknown kind %q, must be %s", kind, kindList)
 		}
 	default:
-		return nil, fieldError("kind", "must be %s or %s, got %s", KindService, KindNetworkPolicy, describeValue(kind))
+		return nil, fieldError("kind", "must be %s, got %s", kindList, describeValue(kind))
 	}
 
 	// checkShape gives errors with the full field path; encoding/json's own
@@ -213,6 +219,12 @@ func checkShape(v any, t reflect.Type, path string) error {
 		return p
 	}
 	switch t.Kind() {
+	case reflect.Pointer:
+		return checkShape(v, t.Elem(), path)
+	case reflect.Bool:
+		if _, ok := v.(bool); !ok {
+			return fieldError(at(path), "must be true or false, got %s", describeValue(v))
+		}
 	case reflect.Struct:
 		m, ok := v.(map[string]any)
 		if !ok {

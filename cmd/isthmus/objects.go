@@ -22,6 +22,8 @@ var kindNames = map[string]string{
 	"service": objects.KindService, "services": objects.KindService, "svc": objects.KindService,
 	"policy": objects.KindNetworkPolicy, "policies": objects.KindNetworkPolicy,
 	"networkpolicy": objects.KindNetworkPolicy, "networkpolicies": objects.KindNetworkPolicy, "netpol": objects.KindNetworkPolicy,
+	"l2announcementpolicy": objects.KindL2AnnouncementPolicy, "l2announcementpolicies": objects.KindL2AnnouncementPolicy,
+	"l2policy": objects.KindL2AnnouncementPolicy, "l2policies": objects.KindL2AnnouncementPolicy,
 }
 
 func parseKind(s string) (string, error) {
@@ -36,13 +38,14 @@ func parseKind(s string) (string, error) {
 	case "identity", "identities", "id":
 		return "", fmt.Errorf("unknown kind %q: identities are listed with isthmus identity list", s)
 	}
-	return "", fmt.Errorf("unknown kind %q: want service (services, svc) or policy (policies, networkpolicy, networkpolicies, netpol)", s)
+	return "", fmt.Errorf("unknown kind %q: want service (services, svc), policy (policies, networkpolicy, networkpolicies, netpol) or l2policy (l2policies, l2announcementpolicy, l2announcementpolicies)", s)
 }
 
 // kindCompletions are what `get` and `delete` offer for KIND.
 var kindCompletions = []cobra.Completion{
 	cobra.CompletionWithDesc("services", "Service objects"),
 	cobra.CompletionWithDesc("policies", "NetworkPolicy objects"),
+	cobra.CompletionWithDesc("l2policies", "L2AnnouncementPolicy objects"),
 }
 
 // completeObjects completes KIND, then NAME from the agent's objects of
@@ -209,9 +212,12 @@ func (c *cli) printObjects(kind, format string, objs []api.Object, single bool) 
 		return nil
 	}
 	t := newTable(c.out)
-	if kind == objects.KindService {
+	switch kind {
+	case objects.KindService:
 		fmt.Fprintln(t, "NAMESPACE\tNAME\tVIPS\tPORTS\tSELECTOR\tBACKENDS")
-	} else {
+	case objects.KindL2AnnouncementPolicy:
+		fmt.Fprintln(t, "NAMESPACE\tNAME\tSERVICES\tNODES\tINTERFACES\tLB IPS\tEXTERNAL IPS")
+	default:
 		fmt.Fprintln(t, "NAMESPACE\tNAME\tENDPOINTS\tINGRESS RULES\tEGRESS RULES")
 	}
 	for _, o := range objs {
@@ -240,14 +246,30 @@ func (c *cli) printObjects(kind, format string, objs []api.Object, single bool) 
 				sel = "<all>"
 			}
 			fmt.Fprintf(t, "%s\t%s\t%s\t%d\t%d\n", o.Namespace, o.Name, sel, len(v.Spec.Ingress), len(v.Spec.Egress))
+		case *objects.L2AnnouncementPolicy:
+			ifaces := strings.Join(v.Spec.Interfaces, ",")
+			if v.Spec.InterfaceRegex != "" {
+				ifaces = "/" + v.Spec.InterfaceRegex + "/"
+			}
+			all := func(s objects.Selector) string {
+				if l := identity.Labels(s.MatchLabels).String(); l != "" || len(s.MatchExpressions) > 0 {
+					return orNone(l) + strings.Repeat("+expr", min(len(s.MatchExpressions), 1))
+				}
+				return "<all>"
+			}
+			fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%v\t%v\n", o.Namespace, o.Name, all(v.Spec.ServiceSelector), all(v.Spec.NodeSelector),
+				ifaces, v.Spec.CoversLoadBalancerIPs(), v.Spec.CoversExternalIPs())
 		}
 	}
 	return t.Flush()
 }
 
 func plural(kind string) string {
-	if kind == objects.KindService {
+	switch kind {
+	case objects.KindService:
 		return "services"
+	case objects.KindL2AnnouncementPolicy:
+		return "l2policies"
 	}
 	return "policies"
 }
