@@ -51,6 +51,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/internal/oneline"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
 	"github.com/isthmus-mesh/isthmus/agent/kube"
+	"github.com/isthmus-mesh/isthmus/agent/l2"
 	"github.com/isthmus-mesh/isthmus/agent/localapi"
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
 	"github.com/isthmus-mesh/isthmus/agent/metrics"
@@ -93,10 +94,12 @@ type Agent struct {
 	routes routes.Router         // cluster mode only
 	enc    *encryption.WireGuard // nil without encryption
 	bigtcp *bigtcp.Reconciler    // GSO/GRO sizes of the node's devices and pod veths
+	l2     *l2.Manager           // ARP/NDP answers for the service addresses this node leads
 	// The applied objects split by kind, at objects generation splitGen
 	// (reconcile loop only).
 	splitSvcs []objects.Service
 	splitPols []objects.NetworkPolicy
+	splitL2   []objects.L2AnnouncementPolicy
 	splitGen  uint64
 
 	rec     *reconcile.Trigger
@@ -225,6 +228,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.bigtcp, err = bigtcp.New(a.cfg.BigTCP, a.log); err != nil {
 		return err
 	}
+	a.l2 = l2.New(a.l2Config())
 
 	// The local source, which also repairs what a crash left.
 	local := localapi.New(localapi.Config{
@@ -232,7 +236,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		Lock: &a.mu, Store: a.store, IPAM: a.ipam, Identities: a.ids, LocalObjects: &a.objSet, Objects: a.objects,
 		Datapath: dp, Plumb: a.plumb, Reconcile: a.rec, Mesh: a.mesh, WireGuard: a.enc, BigTCP: a.bigtcp,
 		IPCache:   func() (int, int) { return a.maps.IPCacheEntries(), a.maps.IPCacheOverflow() },
-		LabelsFor: a.cfg.LabelsFor, Kubernetes: a.kubeStatus(),
+		LabelsFor: a.cfg.LabelsFor, Kubernetes: a.kubeStatus(), L2: a.l2.Status,
 		ObserveAdd: a.metrics.ObserveEndpointAdd,
 	})
 	local.RestoreEndpoints(ctx)
@@ -271,6 +275,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		})
 	})
 	wg.Go(func() { ms.Serve(ctx, a.log) })
+	wg.Go(func() { a.l2.Run(ctx) })
 	if a.kube != nil {
 		wg.Go(func() {
 			if err := a.kube.Run(ctx); err != nil && ctx.Err() == nil {
@@ -445,6 +450,10 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		a.log.Error("BPF ipcache full: mesh entries left out (their pods are \"world\" to this node); cap the remote clusters' entries (--max-remote-ipcache)",
 			"leftOut", res.Overflow, "capacity", bpf.IPCacheMaxEntries, "reservedForNode", datapath.IPCacheReserve)
 	}
+	// L2 announcements elect and answer on their own clock (a dead peer
+	// must be noticed within a second, not at the next run); a run only
+	// hands them the policies, services and local backends.
+	a.l2.SetInput(l2.Input{Policies: a.splitL2, Services: want.Services, HasLocalBackend: localBackend(want.Endpoints)})
 	// Device sizes: a device that refuses is rolled back and reported,
 	// which fails nothing else. The reconciler does only what changed.
 	if err := a.bigtcp.Sync(a.bigTCPInput(want)); err != nil {
@@ -464,6 +473,7 @@ func (a *Agent) desiredState() (desired.State, error) {
 	if objGen != a.splitGen || a.splitGen == 0 {
 		// Split sorts every object: once per generation, not per run.
 		a.splitSvcs, a.splitPols = objs.Split()
+		a.splitL2 = objs.L2Policies()
 		a.splitGen = objGen
 	}
 	svcs, pols := a.splitSvcs, a.splitPols
@@ -500,6 +510,43 @@ func (a *Agent) objectsGen() (desired.Objects, uint64) {
 	}
 	objs, gen := a.objSet.GetGen()
 	return objs, 2*gen + 2
+}
+
+// l2Config configures L2 announcements: in cluster mode leadership comes
+// from the cluster's etcd (a lease per node) and heartbeats between the
+// nodes; standalone, this node leads what its policies select.
+func (a *Agent) l2Config() l2.Config {
+	c := l2.Config{Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, NodeLabels: a.cfg.NodeLabels, Log: a.log,
+		HeartbeatPort: a.cfg.L2.HeartbeatPort, LeaseTTL: a.cfg.L2.LeaseTTL}
+	c.Announce.Refresh = a.cfg.L2.Refresh
+	if a.mesh != nil {
+		c.KV = a.mesh.KV
+		c.NodeIPs = a.mesh.NodeIPs
+	}
+	return c
+}
+
+// localBackend reports whether a service has a ready backend among this
+// node's endpoints: one its selector picks in its namespace, or one whose
+// address is an explicit backend (Kubernetes mode lists ready pods so).
+func localBackend(eps []state.Endpoint) func(objects.Service) bool {
+	return func(svc objects.Service) bool {
+		explicit := map[string]bool{}
+		for _, b := range svc.Spec.Backends {
+			explicit[b.IP] = true
+		}
+		for _, e := range eps {
+			if len(svc.Spec.Selector) > 0 && e.Namespace == svc.Metadata.Namespace && e.Labels.Has(svc.Spec.Selector) {
+				return true
+			}
+			for _, ip := range e.IPs {
+				if explicit[ip.String()] {
+					return true
+				}
+			}
+		}
+		return false
+	}
 }
 
 // bigTCPInput is what the BIG TCP reconciler converges in one run.
@@ -544,5 +591,6 @@ func (a *Agent) metricsSources() metrics.Sources {
 		WireGuard:       func() *api.WireGuardStatus { return a.enc.Status() },
 		BigTCP:          func() *api.BigTCPStatus { return a.bigtcp.Status() },
 		Kubernetes:      a.kubeStatus(),
+		L2:              func() *api.L2Status { return a.l2.Status() },
 	}
 }

@@ -79,6 +79,8 @@ type Config struct {
 	// Kubernetes is the Kubernetes source's status (nil outside
 	// Kubernetes mode).
 	Kubernetes func() *api.KubernetesStatus
+	// L2 is the L2 announcements' status (nil: not reported).
+	L2 func() *api.L2Status
 
 	// LabelsFor, when set, gives the labels of an endpoint whose add
 	// carries none (Kubernetes mode: the pod's labels and its namespace's).
@@ -116,6 +118,7 @@ type Handlers struct {
 	enc          *encryption.WireGuard
 	bigtcp       *bigtcp.Reconciler
 	kubernetes   func() *api.KubernetesStatus
+	l2           func() *api.L2Status
 	labelsFor    func(ctx context.Context, namespace, name, podUID string) (map[string]string, error)
 	observeAdd   func(time.Duration)
 	// addDurations holds how long the add of each endpoint took, by
@@ -137,7 +140,7 @@ func New(cfg Config) *Handlers {
 		node: cfg.Node, cluster: cfg.Cluster, clusterID: cfg.ClusterID, mtu: cfg.MTU, started: cfg.Started, log: cfg.Log,
 		mu: cfg.Lock, pendingNetns: map[string]string{}, store: cfg.Store, ipam: cfg.IPAM, ids: cfg.Identities, local: cfg.LocalObjects, objects: cfg.Objects,
 		dp: cfg.Datapath, plumb: cfg.Plumb, rec: cfg.Reconcile, mesh: cfg.Mesh, enc: cfg.WireGuard, ipcache: cfg.IPCache,
-		bigtcp: cfg.BigTCP, kubernetes: cfg.Kubernetes, labelsFor: cfg.LabelsFor, observeAdd: cfg.ObserveAdd, addDurations: map[string]addDuration{},
+		bigtcp: cfg.BigTCP, kubernetes: cfg.Kubernetes, l2: cfg.L2, labelsFor: cfg.LabelsFor, observeAdd: cfg.ObserveAdd, addDurations: map[string]addDuration{},
 	}
 }
 

@@ -77,5 +77,8 @@ func (h *Handlers) Status(context.Context) (api.Status, error) {
 	if h.kubernetes != nil {
 		st.Kubernetes = h.kubernetes()
 	}
+	if h.l2 != nil {
+		st.L2 = h.l2()
+	}
 	return st, nil
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
 	"github.com/isthmus-mesh/isthmus/agent/cniinstall"
+	"github.com/isthmus-mesh/isthmus/agent/l2"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
 
@@ -65,13 +66,14 @@ func runAgent(cfg agent.Config) error {
 // newCommand parses the flags into an agent.Config and hands it to run.
 func newCommand(run func(agent.Config) error) *cobra.Command {
 	var (
-		cfg       agent.Config
-		podCIDRs  []string
-		logLevel  string
-		endpoints []string
-		nodeIPs   []string
-		bigTCP6   string
-		bigTCP4   string
+		cfg        agent.Config
+		podCIDRs   []string
+		logLevel   string
+		endpoints  []string
+		nodeIPs    []string
+		bigTCP6    string
+		bigTCP4    string
+		nodeLabels []string
 	)
 	cmd := &cobra.Command{
 		Use:   "isthmus-agent --pod-cidr CIDR [--pod-cidr CIDR] [flags]",
@@ -163,6 +165,16 @@ agent changes running pods without restarting them.
 			if err := errors.Join(err6, err4); err != nil {
 				return err
 			}
+			if len(nodeLabels) > 0 {
+				cfg.NodeLabels = map[string]string{}
+				for _, kv := range nodeLabels {
+					k, v, ok := strings.Cut(strings.TrimSpace(kv), "=")
+					if !ok || k == "" {
+						return fmt.Errorf("--node-labels %q: want key=value", kv)
+					}
+					cfg.NodeLabels[k] = v
+				}
+			}
 			if cfg.StateDir == "" {
 				cfg.StateDir = filepath.Join("/var/lib/isthmus", cfg.NodeName)
 			}
@@ -208,6 +220,10 @@ agent changes running pods without restarting them.
 	f.StringVar(&cfg.CNI.BinDir, "cni-bin-dir", "", "Kubernetes mode: copy the CNI plugin (isthmus-cni) into this directory at start, e.g. /opt/cni/bin; \"\" (the default): do not")
 	f.StringVar(&cfg.CNI.ConfDir, "cni-conf-dir", "", "Kubernetes mode: write "+cniinstall.ConfListName+" (the plugin, pointed at --socket) into this directory at start, e.g. /etc/cni/net.d; \"\" (the default): do not")
 	f.StringVar(&cfg.CNI.PluginPath, "cni-plugin-path", "", "the isthmus-cni binary that --cni-bin-dir gets (default: isthmus-cni next to the agent's binary)")
+	f.StringSliceVar(&nodeLabels, "node-labels", nil, "labels of this node, key=value, comma-separated: what the nodeSelector of an L2AnnouncementPolicy matches")
+	f.IntVar(&cfg.L2.HeartbeatPort, "l2-heartbeat-port", l2.DefaultHeartbeatPort, "cluster mode, L2 announcements: UDP port of the heartbeats between the nodes (every 100ms; a node unheard for 350ms is dead to the others)")
+	f.DurationVar(&cfg.L2.LeaseTTL, "l2-lease-ttl", l2.DefaultLeaseTTL, "cluster mode, L2 announcements: TTL of the node's L2 lease in etcd (whole seconds, >= 2s); a node that cannot renew it stops answering 700ms before it could expire")
+	f.DurationVar(&cfg.L2.Refresh, "l2-refresh", 0, "L2 announcements: re-send gratuitous ARPs / unsolicited NAs for the led addresses this often (0: only on takeover)")
 	f.StringVar(&cfg.CNI.CNIVersion, "cni-version", cniinstall.DefaultCNIVersion, "cniVersion of the written conflist: 1.0.0 works with containerd 1.6 and later; 1.1.0 (STATUS, GC) needs a runtime with libcni >= 1.2 (containerd 2)")
 	return cmd
 }
