@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -493,8 +494,8 @@ func (m *Manager) setLeaseErr(err error) {
 func (m *Manager) watchPeers(ctx context.Context, c *kvstore.Client) {
 	prefix := records.L2ClusterPrefix(m.cfg.Cluster)
 	for ev := range c.WatchPrefix(ctx, prefix) {
-		node := ev.Key[len(prefix):]
-		if node == m.cfg.Node || ev.Type == kvstore.EventListDone {
+		node, ok := strings.CutPrefix(ev.Key, prefix)
+		if !ok || node == m.cfg.Node || ev.Type == kvstore.EventListDone {
 			continue
 		}
 		m.mu.Lock()
