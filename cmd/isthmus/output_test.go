@@ -155,7 +155,7 @@ func TestErrorsSayWhatToDo(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"get", "gadgets"}, "want service (services, svc) or policy (policies, networkpolicy, networkpolicies, netpol)"},
+		{[]string{"get", "gadgets"}, "want service (services, svc), policy (policies, networkpolicy, networkpolicies, netpol) or l2policy"},
 		{[]string{"get", "endpoints"}, "isthmus endpoint list"},
 		{[]string{"delete", "identity", "x"}, "isthmus identity list"},
 		{[]string{"get"}, "usage: isthmus get services|policies [NAME]"},
@@ -227,9 +227,9 @@ func TestCompletion(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"get", ""}, "services policies"},
+		{[]string{"get", ""}, "services policies l2policies"},
 		{[]string{"get", "p"}, "policies"},
-		{[]string{"delete", ""}, "services policies"},
+		{[]string{"delete", ""}, "services policies l2policies"},
 		{[]string{"get", "svc", ""}, "web"}, // the default namespace only
 		{[]string{"delete", "service", "-n", "prod", ""}, "web"},
 		{[]string{"get", "policies", ""}, ""},
