@@ -30,6 +30,10 @@ const (
 	// could expire in etcd, so it is silent before others may see its
 	// record gone.
 	leaseMargin = 700 * time.Millisecond
+	// reannounceAfter: when a member appears, a leader announces its
+	// addresses again this much later, after any burst the newcomer sent
+	// before it heard us (it stops within a heartbeat interval).
+	reannounceAfter = 200 * time.Millisecond
 	// electEvery bounds how late a dead peer is noticed after DeadAfter.
 	electEvery = 25 * time.Millisecond
 )
@@ -241,7 +245,6 @@ func (m *Manager) elect() {
 	}
 	slices.Sort(names)
 	grew := gained(m.members, names)
-	prevMembers := m.members
 	m.members = names
 	var taken []netip.Addr
 	for a := range leads {
@@ -266,10 +269,12 @@ func (m *Manager) elect() {
 	if len(taken) > 0 {
 		m.log.Info("l2: leading", "addresses", taken, "members", names)
 	}
-	if grew && len(leads) > 0 && len(prevMembers) > 0 && len(taken) == 0 {
-		// A node came back that may have announced our addresses while
-		// it could not hear us: announce them again.
-		m.ann.Announce()
+	if grew && len(leads) > 0 {
+		// A node came back (or we just started and hear the others) that
+		// may have announced our addresses while it could not hear us,
+		// and may still be sending its burst until it hears us: announce
+		// them again once that burst is over.
+		time.AfterFunc(reannounceAfter, m.ann.Announce)
 	}
 	m.mu.Lock()
 	for _, ifc := range slices.Sorted(maps.Keys(errs)) {

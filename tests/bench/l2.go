@@ -16,10 +16,12 @@ package main
 //   - l2-garp: how soon after the kill the new leader's first gratuitous
 //     ARP is on the wire, and how long its burst lasts (captured with
 //     tcpdump on the client).
+//
+// L2_AGENT_ARGS in the environment adds agent flags (e.g. "--l2-refresh 1s").
 
 import (
 	"context"
-	"errors"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"net"
@@ -33,6 +35,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+
+	"github.com/isthmus-mesh/isthmus/agent/api"
 
 	"github.com/isthmus-mesh/isthmus/lab"
 )
@@ -49,7 +53,7 @@ func l2Bench(ctx context.Context) error {
 		return err
 	}
 	defer l.Close()
-	c, err := l.AddCluster(ctx, 1, lab.ClusterOptions{Nodes: 3, AgentArgs: []string{"--node-labels", "l2=yes"}})
+	c, err := l.AddCluster(ctx, 1, lab.ClusterOptions{Nodes: 3, AgentArgs: append([]string{"--node-labels", "l2=yes"}, strings.Fields(os.Getenv("L2_AGENT_ARGS"))...)})
 	if err != nil {
 		return err
 	}
@@ -119,7 +123,12 @@ spec:
 			}
 			time.Sleep(200 * time.Millisecond)
 		}
-		return "", errors.New("l2: no stable leader within 30s")
+		var sts []string
+		for _, a := range c.Agents {
+			out, _ := a.CLI(ctx, "l2", "status")
+			sts = append(sts, a.Node.NodeName()+":\n"+string(out))
+		}
+		return "", fmt.Errorf("l2: no stable leader within 30s (client's entry %q, nodes by MAC %v):\n%s", neigh(), macs, strings.Join(sts, "\n"))
 	}
 	agentOf := func(mac string) *lab.Agent {
 		for _, a := range c.Agents {
@@ -245,13 +254,11 @@ func allMembers(ctx context.Context, c *lab.Cluster, node string) bool {
 
 // membersIn counts the members of an l2 status document.
 func membersIn(doc []byte) int {
-	s := string(doc)
-	i := strings.Index(s, `"members": [`)
-	if i < 0 {
-		return 0
+	var st api.L2Status
+	if json.Unmarshal(doc, &st) != nil {
+		return -1
 	}
-	j := strings.Index(s[i:], "]")
-	return strings.Count(s[i:i+j], `"`) / 2
+	return len(st.Members)
 }
 
 // captureGARP runs fn with tcpdump on the client and returns how long
