@@ -7,8 +7,8 @@ import (
 	"slices"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
-	gl2 "github.com/isthmus-mesh/isthmus/gateway/l2"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
+	gl2 "github.com/isthmus-mesh/isthmus/gateway/l2"
 )
 
 // Input is what the agent's reconcile gives the announcements: the

@@ -66,7 +66,7 @@ func TestLeaderSpreadsAndMovesOnlyTheDeadNodes(t *testing.T) {
 func TestEligibility(t *testing.T) {
 	a := Address{Addr: netip.MustParseAddr("fd00::1"), Policy: "p", Service: "Service/default/web", Local: true}
 	ms := []Member{
-		{Node: "n1", Policies: []string{"p"}},                                         // no local backend
+		{Node: "n1", Policies: []string{"p"}},                                             // no local backend
 		{Node: "n2", Policies: []string{"other"}, Local: []string{"Service/default/web"}}, // not selected
 		{Node: "n3", Policies: []string{"a", "p"}, Local: []string{"Service/default/web"}},
 	}
