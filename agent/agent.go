@@ -52,6 +52,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/internal/oneline"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
 	"github.com/isthmus-mesh/isthmus/agent/kube"
+	"github.com/isthmus-mesh/isthmus/agent/l2"
 	"github.com/isthmus-mesh/isthmus/agent/localapi"
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
 	"github.com/isthmus-mesh/isthmus/agent/metrics"
@@ -98,10 +99,12 @@ type Agent struct {
 	bigtcp *bigtcp.Reconciler     // GSO/GRO sizes of the node's devices and pod veths
 	bgp    *bgp.Reconciler        // the BGP speaker, from the BGPPeeringPolicy selecting the node
 	ns     *northsouth.Reconciler // the way in from outside: external devices, SNAT
+	l2     *l2.Manager            // ARP/NDP answers for the service addresses this node leads
 	// The applied objects split by kind, at objects generation splitGen
 	// (reconcile loop only).
 	splitSvcs []objects.Service
 	splitPols []objects.NetworkPolicy
+	splitL2   []objects.L2AnnouncementPolicy
 	splitGen  uint64
 
 	rec     *reconcile.Trigger
@@ -264,6 +267,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.bigtcp, err = bigtcp.New(a.cfg.BigTCP, a.log); err != nil {
 		return err
 	}
+	a.l2 = l2.New(a.l2Config())
 
 	// The local source, which also repairs what a crash left.
 	local := localapi.New(localapi.Config{
@@ -271,7 +275,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		Lock: &a.mu, Store: a.store, IPAM: a.ipam, Identities: a.ids, LocalObjects: &a.objSet, Objects: a.objects,
 		Datapath: dp, Plumb: a.plumb, Reconcile: a.rec, Mesh: a.mesh, WireGuard: a.enc, BigTCP: a.bigtcp,
 		IPCache:   func() (int, int) { return a.maps.IPCacheEntries(), a.maps.IPCacheOverflow() },
-		LabelsFor: a.cfg.LabelsFor, Kubernetes: a.kubeStatus(), BGP: a.bgp.Status, NorthSouth: a.northSouthStatus,
+		LabelsFor: a.cfg.LabelsFor, Kubernetes: a.kubeStatus(), BGP: a.bgp.Status, NorthSouth: a.northSouthStatus, L2: a.l2.Status,
 		ObserveAdd: a.metrics.ObserveEndpointAdd,
 	})
 	local.RestoreEndpoints(ctx)
@@ -310,6 +314,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		})
 	})
 	wg.Go(func() { ms.Serve(ctx, a.log) })
+	wg.Go(func() { a.l2.Run(ctx) })
 	if a.kube != nil {
 		wg.Go(func() {
 			if err := a.kube.Run(ctx); err != nil && ctx.Err() == nil {
@@ -487,6 +492,10 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		a.log.Error("BPF ipcache full: mesh entries left out (their pods are \"world\" to this node); cap the remote clusters' entries (--max-remote-ipcache)",
 			"leftOut", res.Overflow, "capacity", bpf.IPCacheMaxEntries, "reservedForNode", datapath.IPCacheReserve)
 	}
+	// L2 announcements elect and answer on their own clock (a dead peer
+	// must be noticed within a second, not at the next run); a run only
+	// hands them the policies, services and local backends.
+	a.l2.SetInput(l2.Input{Policies: a.splitL2, Services: want.Services, HasLocalBackend: localBackend(want.Endpoints)})
 	// Device sizes: a device that refuses is rolled back and reported,
 	// which fails nothing else. The reconciler does only what changed.
 	if err := a.bigtcp.Sync(a.bigTCPInput(want)); err != nil {
@@ -519,6 +528,7 @@ func (a *Agent) desiredState() (desired.State, error) {
 	if objGen != a.splitGen || a.splitGen == 0 {
 		// Split sorts every object: once per generation, not per run.
 		a.splitSvcs, a.splitPols = objs.Split()
+		a.splitL2 = objs.L2Policies()
 		a.splitGen = objGen
 	}
 	svcs, pols := a.splitSvcs, a.splitPols
@@ -555,6 +565,43 @@ func (a *Agent) objectsGen() (desired.Objects, uint64) {
 	}
 	objs, gen := a.objSet.GetGen()
 	return objs, 2*gen + 2
+}
+
+// l2Config configures L2 announcements: in cluster mode leadership comes
+// from the cluster's etcd (a lease per node) and heartbeats between the
+// nodes; standalone, this node leads what its policies select.
+func (a *Agent) l2Config() l2.Config {
+	c := l2.Config{Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, NodeLabels: a.cfg.NodeLabels, Log: a.log,
+		HeartbeatPort: a.cfg.L2.HeartbeatPort, LeaseTTL: a.cfg.L2.LeaseTTL}
+	c.Announce.Refresh = a.cfg.L2.Refresh
+	if a.mesh != nil {
+		c.KV = a.mesh.KV
+		c.NodeIPs = a.mesh.NodeIPs
+	}
+	return c
+}
+
+// localBackend reports whether a service has a ready backend among this
+// node's endpoints: one its selector picks in its namespace, or one whose
+// address is an explicit backend (Kubernetes mode lists ready pods so).
+func localBackend(eps []state.Endpoint) func(objects.Service) bool {
+	return func(svc objects.Service) bool {
+		explicit := map[string]bool{}
+		for _, b := range svc.Spec.Backends {
+			explicit[b.IP] = true
+		}
+		for _, e := range eps {
+			if len(svc.Spec.Selector) > 0 && e.Namespace == svc.Metadata.Namespace && e.Labels.Has(svc.Spec.Selector) {
+				return true
+			}
+			for _, ip := range e.IPs {
+				if explicit[ip.String()] {
+					return true
+				}
+			}
+		}
+		return false
+	}
 }
 
 // bigTCPInput is what the BIG TCP reconciler converges in one run.
@@ -631,5 +678,6 @@ func (a *Agent) metricsSources() metrics.Sources {
 		NorthSouth:      func() *api.NorthSouthStatus { return a.northSouthStatus() },
 		Kubernetes:      a.kubeStatus(),
 		BGP:             func() *api.BGPStatus { return a.bgp.Status(context.Background(), false) },
+		L2:              func() *api.L2Status { return a.l2.Status() },
 	}
 }

@@ -48,8 +48,8 @@ func DefaultWireGuardDevice(cluster, node string) string {
 type Config struct {
 	NodeName    string
 	ClusterName string
-	// NodeLabels are the node's labels, which a BGPPeeringPolicy's
-	// nodeSelector matches (--node-labels; in Kubernetes mode the Node
+	// NodeLabels are the node's labels, which the nodeSelector of a
+	// BGPPeeringPolicy or an L2AnnouncementPolicy matches (--node-labels; in Kubernetes mode the Node
 	// object's, read at start, when the flag is not given).
 	NodeLabels map[string]string
 	ClusterID  uint32
@@ -101,9 +101,20 @@ type Config struct {
 	// CNI plugin and a conflist pointing at its socket once it serves
 	// (Kubernetes mode); Socket and MTU are filled in by the agent.
 	CNI cniinstall.Config
+	// L2 tunes L2 announcements (agent/l2); the zero value is the
+	// defaults.
+	L2 L2Config
+
 	// LabelsFor gives the labels of endpoints added without any (the
 	// Kubernetes pod's); see localapi.Config.LabelsFor. nil: none.
 	LabelsFor func(ctx context.Context, namespace, name, podUID string) (map[string]string, error)
+}
+
+// L2Config tunes L2 announcements.
+type L2Config struct {
+	HeartbeatPort int           // UDP; 0: l2.DefaultHeartbeatPort
+	LeaseTTL      time.Duration // of the node's L2 lease; 0: l2.DefaultLeaseTTL
+	Refresh       time.Duration // re-announce led addresses this often; 0: only on takeover
 }
 
 // ClusterMode reports whether the agent works with its cluster's etcd.
@@ -191,6 +202,22 @@ func (c Config) validate() error {
 	}
 	if c.Kubernetes && c.Kube == nil {
 		errs = append(errs, errors.New("kubernetes mode: not connected to the API server (call PrepareKubernetes)"))
+	}
+	for k, v := range c.NodeLabels {
+		if err := identity.ValidateLabelKey(k); err != nil {
+			errs = append(errs, fmt.Errorf("--node-labels: %w", err))
+		} else if err := identity.ValidateLabelValue(v); err != nil {
+			errs = append(errs, fmt.Errorf("--node-labels %s: %w", k, err))
+		}
+	}
+	if c.L2.HeartbeatPort < 0 || c.L2.HeartbeatPort > 65535 {
+		errs = append(errs, fmt.Errorf("--l2-heartbeat-port %d out of range 1-65535", c.L2.HeartbeatPort))
+	}
+	if c.L2.LeaseTTL != 0 && (c.L2.LeaseTTL < 2*time.Second || c.L2.LeaseTTL%time.Second != 0) {
+		errs = append(errs, fmt.Errorf("--l2-lease-ttl %v: whole seconds, at least 2s (etcd grants leases in seconds; a leader stops answering %v before its lease could expire)", c.L2.LeaseTTL, 700*time.Millisecond))
+	}
+	if c.L2.Refresh < 0 {
+		errs = append(errs, fmt.Errorf("--l2-refresh %v must not be negative", c.L2.Refresh))
 	}
 	if c.ClusterMode() {
 		errs = append(errs, clustermode.Validate(c.KVStoreEndpoints, c.KVStoreBundle, c.NodeIPs, c.LeaseTTL)...)

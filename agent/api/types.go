@@ -169,6 +169,59 @@ type Status struct {
 	BGP *BGPStatus `json:"bgp,omitempty"`
 	// NorthSouth is the way in from outside the mesh.
 	NorthSouth *NorthSouthStatus `json:"northSouth,omitempty"`
+	// L2 is the node's L2 announcements (ARP/NDP for service addresses).
+	L2 *L2Status `json:"l2,omitempty"`
+}
+
+// L2Status is what the node knows about L2 announcements: the addresses
+// its policies select, who leads each, and what this node answered.
+type L2Status struct {
+	// Mode is "cluster" (leadership from an etcd lease and heartbeats
+	// among the candidates) or "standalone" (this node leads everything
+	// its policies select).
+	Mode string `json:"mode"`
+	// LeaseHeld: cluster mode, this node holds its L2 lease and its record
+	// is written; without it the node answers nothing.
+	LeaseHeld bool   `json:"leaseHeld"`
+	LeaseErr  string `json:"leaseError,omitempty"`
+	// Members are the nodes this node counts as alive candidates, itself
+	// included when it may lead.
+	Members     []string         `json:"members"`
+	Addresses   []L2Address      `json:"addresses"`
+	Policies    []L2PolicyStatus `json:"policies"`
+	Leaderships int              `json:"leaderships"` // addresses this node leads now
+	Takeovers   uint64           `json:"takeovers"`   // addresses this node started to lead
+	ARPReplies  uint64           `json:"arpReplies"`
+	NAReplies   uint64           `json:"naReplies"`
+	Gratuitous  uint64           `json:"gratuitous"` // gratuitous ARPs and unsolicited NAs
+	Heartbeat   string           `json:"heartbeat,omitempty"`
+	Errors      []string         `json:"errors,omitempty"`
+}
+
+// L2Address is one announced address.
+type L2Address struct {
+	Address string `json:"address"`
+	Service string `json:"service"`
+	Policy  string `json:"policy"`
+	// Leader is the node that answers ("" when no node is eligible).
+	Leader     string `json:"leader"`
+	Candidates int    `json:"candidates"`
+	// Interfaces and Since are set when this node leads.
+	Interfaces []string   `json:"interfaces,omitempty"`
+	Since      *time.Time `json:"since,omitempty"`
+}
+
+// L2PolicyStatus is one policy on this node.
+type L2PolicyStatus struct {
+	Name       string   `json:"name"`
+	Selected   bool     `json:"nodeSelected"` // the node selector matches this node
+	Interfaces []string `json:"interfaces,omitempty"`
+	Services   int      `json:"services"`
+	Addresses  int      `json:"addresses"`
+	// Problem says why the policy announces nothing from this node (an
+	// interface pattern matching no interface, a selector matching no
+	// service); it changes nothing else.
+	Problem string `json:"problem,omitempty"`
 }
 
 // KubernetesStatus is the agent's view of the API server (Kubernetes

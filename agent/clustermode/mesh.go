@@ -201,6 +201,13 @@ func (m *Mesh) kv() (*kvstore.Client, error) {
 	return m.client, nil
 }
 
+// KV returns the etcd client once connected (for agent/l2's lease and
+// records), else an error saying why not.
+func (m *Mesh) KV() (*kvstore.Client, error) { return m.kv() }
+
+// NodeIPs returns the node's underlay addresses as published.
+func (m *Mesh) NodeIPs() []netip.Addr { return m.getNodeIPs() }
+
 func (m *Mesh) getNodeIPs() []netip.Addr {
 	m.mu.Lock()
 	defer m.mu.Unlock()

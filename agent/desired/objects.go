@@ -35,6 +35,17 @@ func (s Objects) Split() (svcs []objects.Service, pols []objects.NetworkPolicy) 
 	return svcs, pols
 }
 
+// L2Policies returns the L2 announcement policies, in key order.
+func (s Objects) L2Policies() []objects.L2AnnouncementPolicy {
+	var out []objects.L2AnnouncementPolicy
+	for _, k := range slices.Sorted(maps.Keys(s)) {
+		if p, ok := s[k].(*objects.L2AnnouncementPolicy); ok {
+			out = append(out, *p)
+		}
+	}
+	return out
+}
+
 // ObjectTable holds the objects applied on this node (standalone mode),
 // or, in cluster mode, the ones persisted by the last run until etcd is
 // listed. The zero value is empty.

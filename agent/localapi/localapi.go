@@ -84,6 +84,8 @@ type Config struct {
 	BGP func(ctx context.Context, routes bool) *api.BGPStatus
 	// NorthSouth is the way in from outside (nil: not set up).
 	NorthSouth func() *api.NorthSouthStatus
+	// L2 is the L2 announcements' status (nil: not reported).
+	L2 func() *api.L2Status
 
 	// LabelsFor, when set, gives the labels of an endpoint whose add
 	// carries none (Kubernetes mode: the pod's labels and its namespace's).
@@ -123,6 +125,7 @@ type Handlers struct {
 	kubernetes   func() *api.KubernetesStatus
 	bgp          func(ctx context.Context, routes bool) *api.BGPStatus
 	northSouth   func() *api.NorthSouthStatus
+	l2           func() *api.L2Status
 	labelsFor    func(ctx context.Context, namespace, name, podUID string) (map[string]string, error)
 	observeAdd   func(time.Duration)
 	// addDurations holds how long the add of each endpoint took, by
@@ -144,7 +147,7 @@ func New(cfg Config) *Handlers {
 		node: cfg.Node, cluster: cfg.Cluster, clusterID: cfg.ClusterID, mtu: cfg.MTU, started: cfg.Started, log: cfg.Log,
 		mu: cfg.Lock, pendingNetns: map[string]string{}, store: cfg.Store, ipam: cfg.IPAM, ids: cfg.Identities, local: cfg.LocalObjects, objects: cfg.Objects,
 		dp: cfg.Datapath, plumb: cfg.Plumb, rec: cfg.Reconcile, mesh: cfg.Mesh, enc: cfg.WireGuard, ipcache: cfg.IPCache,
-		bigtcp: cfg.BigTCP, kubernetes: cfg.Kubernetes, bgp: cfg.BGP, northSouth: cfg.NorthSouth, labelsFor: cfg.LabelsFor, observeAdd: cfg.ObserveAdd, addDurations: map[string]addDuration{},
+		bigtcp: cfg.BigTCP, kubernetes: cfg.Kubernetes, bgp: cfg.BGP, northSouth: cfg.NorthSouth, l2: cfg.L2, labelsFor: cfg.LabelsFor, observeAdd: cfg.ObserveAdd, addDurations: map[string]addDuration{},
 	}
 }
 

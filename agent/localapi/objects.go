@@ -17,7 +17,7 @@ import (
 
 // kindOf maps an API kind argument to the canonical kind.
 func kindOf(s string) (string, error) {
-	kinds := []string{objects.KindService, objects.KindNetworkPolicy, objects.KindLoadBalancerIPPool, objects.KindBGPPeeringPolicy}
+	kinds := []string{objects.KindService, objects.KindNetworkPolicy, objects.KindLoadBalancerIPPool, objects.KindBGPPeeringPolicy, objects.KindL2AnnouncementPolicy}
 	for _, k := range kinds {
 		if strings.EqualFold(s, k) {
 			return k, nil

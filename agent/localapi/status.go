@@ -83,6 +83,9 @@ func (h *Handlers) Status(ctx context.Context) (api.Status, error) {
 	if h.northSouth != nil {
 		st.NorthSouth = h.northSouth()
 	}
+	if h.l2 != nil {
+		st.L2 = h.l2()
+	}
 	return st, nil
 }
 

@@ -70,6 +70,7 @@ type Sources struct {
 	// while no BGPPeeringPolicy selects the node).
 	BGP        func() *api.BGPStatus
 	NorthSouth func() *api.NorthSouthStatus // nil before the datapath is loaded
+	L2         func() *api.L2Status         // nil: not reported
 }
 
 // Counts are the sizes of the desired state.
@@ -202,9 +203,19 @@ var (
 	descNSSNAT      = desc("isthmus_agent_northsouth_snat_table_present", "1 while the nftables table that masquerades flows under externalTrafficPolicy Cluster is in place (it exists only while such a frontend does).")
 	descNSFrontends = desc("isthmus_agent_northsouth_frontends", "Frontends at load-balancer and external addresses in the datapath, by externalTrafficPolicy.", "policy")
 
+	// L2 announcements (agent/l2, gateway/l2).
+	descL2Leaderships = desc("isthmus_agent_l2_leaderships", "Service addresses this node leads (answers ARP/NDP for) now.")
+	descL2Addresses   = desc("isthmus_agent_l2_addresses", "Service addresses the L2 announcement policies select.")
+	descL2Members     = desc("isthmus_agent_l2_members", "Nodes this node counts as alive L2 candidates (itself included when it may lead).")
+	descL2Lease       = desc("isthmus_agent_l2_lease_held", "1 while this node holds its L2 lease (cluster mode; always 1 standalone).")
+	descL2Takeovers   = desc("isthmus_agent_l2_takeovers_total", "Addresses this node started to lead.")
+	descL2Answers     = desc("isthmus_agent_l2_answers_sent_total", "ARP replies and neighbour advertisements sent in answer to requests.", "protocol")
+	descL2Gratuitous  = desc("isthmus_agent_l2_announcements_sent_total", "Gratuitous ARPs and unsolicited neighbour advertisements sent (takeover bursts, refreshes).")
+
 	allDescs = []*prometheus.Desc{
 		descBGPUp, descBGPAdvertised, descBGPReceived, descBGPFlaps, descBGPPaths,
 		descNSAttached, descNSSNAT, descNSFrontends,
+		descL2Leaderships, descL2Addresses, descL2Members, descL2Lease, descL2Takeovers, descL2Answers, descL2Gratuitous,
 		descForwardPackets, descForwardBytes, descDropPackets, descDropBytes, descConntrack, descIPCache, descIPCacheOver, descIPCacheDrift, descPolicyEntries, descFrontends,
 		descBigTCPPath, descBigTCPRefused, descBigTCPSize,
 		descInfo, descReady, descEndpoints, descIdentities, descServices, descPolicies,
@@ -330,6 +341,18 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			gauge(descNSSNAT, promutil.Bool(ns.SNATPresent))
 			gauge(descNSFrontends, float64(ns.FrontendsCluster), "Cluster")
 			gauge(descNSFrontends, float64(ns.FrontendsLocal), "Local")
+		}
+	}
+	if src.L2 != nil {
+		if st := src.L2(); st != nil {
+			gauge(descL2Leaderships, float64(st.Leaderships))
+			gauge(descL2Addresses, float64(len(st.Addresses)))
+			gauge(descL2Members, float64(len(st.Members)))
+			gauge(descL2Lease, promutil.Bool(st.LeaseHeld))
+			counter(descL2Takeovers, float64(st.Takeovers))
+			counter(descL2Answers, float64(st.ARPReplies), "arp")
+			counter(descL2Answers, float64(st.NAReplies), "ndp")
+			counter(descL2Gratuitous, float64(st.Gratuitous))
 		}
 	}
 

@@ -455,7 +455,9 @@ func agentPermissions() []kvstore.Permission {
 //     between the nodes of a cluster: a label set gets one ID whichever
 //     node asks first; readers accept only IDs of the writer's cluster);
 //   - the applied objects, isthmus/config/ and its guard key (`isthmus
-//     apply` goes through any node's agent).
+//     apply` goes through any node's agent);
+//   - its L2 announcement record, isthmus/l2/<cluster>/<node> (agent/l2:
+//     its liveness lease and what it leads; another node's it only reads).
 //
 // Never the cluster config, heartbeats, sync canaries, the mirror's cache
 // of remote clusters, services (the server's service syncer writes them)
@@ -470,6 +472,7 @@ func nodePermissions(cluster, node string) []kvstore.Permission {
 		{Prefix: records.StatePrefix(records.KindIdentities), Write: true},
 		{Prefix: records.ConfigPrefix, Write: true},
 		{Prefix: records.ConfigGuardKey, End: records.ConfigGuardKey + "\x00", Write: true},
+		{Prefix: records.L2Key(cluster, node), End: records.L2Key(cluster, node) + "\x00", Write: true},
 	}
 }
 

@@ -49,6 +49,9 @@ type Lease struct {
 	mu        sync.Mutex
 	id        LeaseID
 	callbacks []func(ctx context.Context, id LeaseID)
+	// expires is when etcd drops the lease at the latest, as of the last
+	// grant or keepalive answer (estimated late by the answer's latency).
+	expires time.Time
 
 	// kick carries IDs that etcd reported as not found on a write, so the
 	// loss is acted on at once and not only at the next keepalive (which,
@@ -79,7 +82,8 @@ func (c *Client) GrantLease(ctx context.Context, ttl time.Duration) (*Lease, err
 		return nil, err
 	}
 	lctx, cancel := context.WithCancel(c.ctx)
-	l := &Lease{c: c, ttl: ttl, id: id, kick: make(chan LeaseID, 1), ctx: lctx, cancel: cancel, done: make(chan struct{})}
+	l := &Lease{c: c, ttl: ttl, id: id, kick: make(chan LeaseID, 1), ctx: lctx, cancel: cancel, done: make(chan struct{}),
+		expires: time.Now().Add(ttl)}
 	go l.run()
 	return l, nil
 }
@@ -103,6 +107,16 @@ func (l *Lease) ID() LeaseID {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.id
+}
+
+// Expires returns when etcd drops the lease unless it hears from this
+// client again, as of the last keepalive answer: a holder that must stop
+// acting before others may take over (an L2 leader) stops some margin
+// before it.
+func (l *Lease) Expires() time.Time {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.expires
 }
 
 // TTL returns the lease's time to live as granted.
@@ -132,9 +146,14 @@ func (l *Lease) Close(ctx context.Context) error {
 func (l *Lease) keepAlive(ch <-chan *clientv3.LeaseKeepAliveResponse, id LeaseID) {
 	for {
 		select {
-		case _, ok := <-ch:
+		case resp, ok := <-ch:
 			if !ok {
 				return
+			}
+			if resp.TTL > 0 {
+				l.mu.Lock()
+				l.expires = time.Now().Add(time.Duration(resp.TTL) * time.Second)
+				l.mu.Unlock()
 			}
 		case lost := <-l.kick:
 			if lost == id {
@@ -179,6 +198,7 @@ func (l *Lease) run() {
 		l.c.stats.leaseRegrant()
 		l.mu.Lock()
 		l.id = newID
+		l.expires = time.Now().Add(l.ttl)
 		cbs := append([]func(context.Context, LeaseID){}, l.callbacks...)
 		l.mu.Unlock()
 		l.c.log.Info("kvstore: lease re-granted", "old", id, "new", newID)

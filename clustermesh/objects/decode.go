@@ -16,8 +16,8 @@ import (
 
 // Decode parses a multi-document YAML stream (documents separated by lines
 // that are "---", optionally followed by blanks, a comment or content) into
-// *Service, *NetworkPolicy, *LoadBalancerIPPool and *BGPPeeringPolicy
-// values, defaulted and
+// *Service, *NetworkPolicy, *LoadBalancerIPPool, *BGPPeeringPolicy and
+// *L2AnnouncementPolicy values, defaulted and
 // validated.
 //
 // It is strict: unknown fields, duplicate keys, values of the wrong type
@@ -139,7 +139,7 @@ func describe(raw any) string {
 }
 
 // kindList names the kinds Decode knows, for error messages.
-var kindList = strings.Join([]string{KindService, KindNetworkPolicy, KindLoadBalancerIPPool, KindBGPPeeringPolicy}, ", ")
+var kindList = strings.Join([]string{KindService, KindNetworkPolicy, KindLoadBalancerIPPool, KindBGPPeeringPolicy, KindL2AnnouncementPolicy}, ", ")
 
 func decodeObject(raw any) (Object, error) {
 	m, ok := raw.(map[string]any)
@@ -175,6 +175,8 @@ func decodeObject(raw any) (Object, error) {
 			obj = &LoadBalancerIPPool{}
 		case KindBGPPeeringPolicy:
 			obj = &BGPPeeringPolicy{}
+		case KindL2AnnouncementPolicy:
+			obj = &L2AnnouncementPolicy{}
 		default:
 			return nil, fieldError("kind", "unknown kind %q, must be %s", kind, kindList)
 		}

@@ -83,6 +83,18 @@ func NodeIPCachePrefix(cluster, node string) string {
 	return StateClusterPrefix(KindIP, cluster) + node + "/"
 }
 
+// L2Prefix holds the L2 announcement records: one per node,
+// isthmus/l2/<cluster>/<node>, written by that node under its own short
+// lease (agent/l2). Outside isthmus/state/: they are not mirrored to other
+// clusters, whose nodes never share an L2 segment with this one's.
+const L2Prefix = Root + "l2/"
+
+// L2ClusterPrefix returns "isthmus/l2/<cluster>/".
+func L2ClusterPrefix(cluster string) string { return L2Prefix + cluster + "/" }
+
+// L2Key returns "isthmus/l2/<cluster>/<node>".
+func L2Key(cluster, node string) string { return L2ClusterPrefix(cluster) + node }
+
 // ConfigPrefix holds the applied objects: isthmus/config/<Kind>/<ns>/<name>.
 const ConfigPrefix = Root + "config/"
 

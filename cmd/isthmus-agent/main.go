@@ -21,6 +21,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
 	"github.com/isthmus-mesh/isthmus/agent/cniinstall"
+	"github.com/isthmus-mesh/isthmus/agent/l2"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
 
@@ -201,7 +202,7 @@ through graceful restart; see docs/bgp.md.
 	}
 	f := cmd.Flags()
 	f.StringVar(&cfg.NodeName, "node-name", api.DefaultNodeName(), "name of this node, unique in the cluster (a DNS label)")
-	f.StringSliceVar(&labels, "node-labels", nil, "labels of this node, key=value, comma-separated: a BGPPeeringPolicy's nodeSelector matches them (in Kubernetes mode the Node object's labels when not given)")
+	f.StringSliceVar(&labels, "node-labels", nil, "labels of this node, key=value, comma-separated: the nodeSelector of a BGPPeeringPolicy or an L2AnnouncementPolicy matches them (in Kubernetes mode the Node object's labels when not given)")
 	f.StringVar(&cfg.ClusterName, "cluster-name", "default", "name of the cluster this node belongs to (a DNS label); part of every identity")
 	f.Uint32Var(&cfg.ClusterID, "cluster-id", 1, "numeric cluster ID, 1-4095, unique in the mesh; the high bits of every identity")
 	f.StringSliceVar(&podCIDRs, "pod-cidr", nil, "pod address range of this node; repeat for dual stack (one IPv4 and one IPv6 CIDR)")
@@ -230,6 +231,9 @@ through graceful restart; see docs/bgp.md.
 	f.StringVar(&cfg.CNI.BinDir, "cni-bin-dir", "", "Kubernetes mode: copy the CNI plugin (isthmus-cni) into this directory at start, e.g. /opt/cni/bin; \"\" (the default): do not")
 	f.StringVar(&cfg.CNI.ConfDir, "cni-conf-dir", "", "Kubernetes mode: write "+cniinstall.ConfListName+" (the plugin, pointed at --socket) into this directory at start, e.g. /etc/cni/net.d; \"\" (the default): do not")
 	f.StringVar(&cfg.CNI.PluginPath, "cni-plugin-path", "", "the isthmus-cni binary that --cni-bin-dir gets (default: isthmus-cni next to the agent's binary)")
+	f.IntVar(&cfg.L2.HeartbeatPort, "l2-heartbeat-port", l2.DefaultHeartbeatPort, "cluster mode, L2 announcements: UDP port of the heartbeats between the nodes (every 100ms; a node unheard for 350ms is dead to the others)")
+	f.DurationVar(&cfg.L2.LeaseTTL, "l2-lease-ttl", l2.DefaultLeaseTTL, "cluster mode, L2 announcements: TTL of the node's L2 lease in etcd (whole seconds, >= 2s); a node that cannot renew it stops answering 700ms before it could expire")
+	f.DurationVar(&cfg.L2.Refresh, "l2-refresh", 0, "L2 announcements: re-send gratuitous ARPs / unsolicited NAs for the led addresses this often (0: only on takeover)")
 	f.StringVar(&cfg.CNI.CNIVersion, "cni-version", cniinstall.DefaultCNIVersion, "cniVersion of the written conflist: 1.0.0 works with containerd 1.6 and later; 1.1.0 (STATUS, GC) needs a runtime with libcni >= 1.2 (containerd 2)")
 	return cmd
 }

@@ -27,6 +27,8 @@ var kindNames = map[string]string{
 	"ippool": objects.KindLoadBalancerIPPool, "ippools": objects.KindLoadBalancerIPPool,
 	"loadbalancerippool": objects.KindLoadBalancerIPPool, "loadbalancerippools": objects.KindLoadBalancerIPPool,
 	"bgppeeringpolicy": objects.KindBGPPeeringPolicy, "bgppeeringpolicies": objects.KindBGPPeeringPolicy, "bgpp": objects.KindBGPPeeringPolicy,
+	"l2announcementpolicy": objects.KindL2AnnouncementPolicy, "l2announcementpolicies": objects.KindL2AnnouncementPolicy,
+	"l2policy": objects.KindL2AnnouncementPolicy, "l2policies": objects.KindL2AnnouncementPolicy,
 }
 
 func parseKind(s string) (string, error) {
@@ -41,7 +43,7 @@ func parseKind(s string) (string, error) {
 	case "identity", "identities", "id":
 		return "", fmt.Errorf("unknown kind %q: identities are listed with isthmus identity list", s)
 	}
-	return "", fmt.Errorf("unknown kind %q: want service (services, svc), policy (policies, networkpolicy, networkpolicies, netpol) or pool (pools, ippool, ippools, loadbalancerippool, loadbalancerippools)", s)
+	return "", fmt.Errorf("unknown kind %q: want service (services, svc), policy (policies, networkpolicy, networkpolicies, netpol), pool (pools, ippool, ippools, loadbalancerippool, loadbalancerippools), bgppeeringpolicy (bgppeeringpolicies, bgpp) or l2policy (l2policies, l2announcementpolicy, l2announcementpolicies)", s)
 }
 
 // kindCompletions are what `get` and `delete` offer for KIND.
@@ -49,6 +51,7 @@ var kindCompletions = []cobra.Completion{
 	cobra.CompletionWithDesc("services", "Service objects"),
 	cobra.CompletionWithDesc("policies", "NetworkPolicy objects"),
 	cobra.CompletionWithDesc("pools", "LoadBalancerIPPool objects"),
+	cobra.CompletionWithDesc("l2policies", "L2AnnouncementPolicy objects"),
 }
 
 // completeObjects completes KIND, then NAME from the agent's objects of
@@ -229,6 +232,8 @@ func (c *cli) printObjects(kind, format string, objs []api.Object, single bool) 
 		fmt.Fprintln(t, "NAME\tBLOCKS\tSERVICE SELECTOR\tDISABLED\tUSED\tTOTAL")
 	case objects.KindBGPPeeringPolicy:
 		fmt.Fprintln(t, "NAME\tNODES\tLOCAL AS\tNEIGHBORS\tADVERTISEMENTS")
+	case objects.KindL2AnnouncementPolicy:
+		fmt.Fprintln(t, "NAMESPACE\tNAME\tSERVICES\tNODES\tINTERFACES\tLB IPS\tEXTERNAL IPS")
 	default:
 		fmt.Fprintln(t, "NAMESPACE\tNAME\tENDPOINTS\tINGRESS RULES\tEGRESS RULES")
 	}
@@ -300,6 +305,19 @@ func (c *cli) printObjects(kind, format string, objs []api.Object, single bool) 
 				ads = append(ads, a.Type)
 			}
 			fmt.Fprintf(t, "%s\t%s\t%d\t%s\t%s\n", o.Name, sel, v.Spec.LocalASN, strings.Join(ns, ", "), orNone(strings.Join(ads, ",")))
+		case *objects.L2AnnouncementPolicy:
+			ifaces := strings.Join(v.Spec.Interfaces, ",")
+			if v.Spec.InterfaceRegex != "" {
+				ifaces = "/" + v.Spec.InterfaceRegex + "/"
+			}
+			all := func(s objects.Selector) string {
+				if l := identity.Labels(s.MatchLabels).String(); l != "" || len(s.MatchExpressions) > 0 {
+					return orNone(l) + strings.Repeat("+expr", min(len(s.MatchExpressions), 1))
+				}
+				return "<all>"
+			}
+			fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%v\t%v\n", o.Namespace, o.Name, all(v.Spec.ServiceSelector), all(v.Spec.NodeSelector),
+				ifaces, v.Spec.CoversLoadBalancerIPs(), v.Spec.CoversExternalIPs())
 		}
 	}
 	return t.Flush()
@@ -313,6 +331,8 @@ func plural(kind string) string {
 		return "pools"
 	case objects.KindBGPPeeringPolicy:
 		return "BGP peering policies"
+	case objects.KindL2AnnouncementPolicy:
+		return "l2policies"
 	}
 	return "policies"
 }

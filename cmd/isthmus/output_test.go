@@ -155,7 +155,7 @@ func TestErrorsSayWhatToDo(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"get", "gadgets"}, "want service (services, svc), policy (policies, networkpolicy, networkpolicies, netpol) or pool (pools, ippool"},
+		{[]string{"get", "gadgets"}, "want service (services, svc), policy (policies, networkpolicy, networkpolicies, netpol), pool (pools, ippool"},
 		{[]string{"get", "endpoints"}, "isthmus endpoint list"},
 		{[]string{"delete", "identity", "x"}, "isthmus identity list"},
 		{[]string{"get"}, "usage: isthmus get services|policies|pools [NAME]"},
@@ -227,9 +227,9 @@ func TestCompletion(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"get", ""}, "services policies pools"},
+		{[]string{"get", ""}, "services policies pools l2policies"},
 		{[]string{"get", "po"}, "policies pools"},
-		{[]string{"delete", ""}, "services policies pools"},
+		{[]string{"delete", ""}, "services policies pools l2policies"},
 		{[]string{"get", "svc", ""}, "web"}, // the default namespace only
 		{[]string{"delete", "service", "-n", "prod", ""}, "web"},
 		{[]string{"get", "policies", ""}, ""},

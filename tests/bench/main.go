@@ -40,7 +40,7 @@ import (
 )
 
 var (
-	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s|bgp|northsouth", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup, bigtcp, k8s, bgp, northsouth")
+	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s|bgp|northsouth|l2", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup, bigtcp, k8s, bgp, northsouth, l2")
 	duration = flag.Duration("duration", 8*time.Second, "length of each measurement")
 	services = flag.Int("services", 10000, "services installed for the scaling measurement")
 )
@@ -106,6 +106,7 @@ func main() {
 		{"k8s", k8sBench},
 		{"bgp", bgpBench},
 		{"northsouth", northSouthBench},
+		{"l2", l2Bench},
 	}
 	ok := true
 	for _, sec := range sections {

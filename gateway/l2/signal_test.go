@@ -1,0 +1,5 @@
+package l2_test
+
+import "syscall"
+
+const interruptSignal = syscall.SIGINT
