@@ -115,6 +115,8 @@ type Config struct {
 	Objects       func() desired.Objects      // the applied objects the reconciler reads
 	WireGuard     func() (key string, port int)
 	DetectNodeIPs func() ([]netip.Addr, error)
+	// Workload is set on an external workload's agent (workload.go).
+	Workload *Workload
 }
 
 // Mesh is the agent's cluster-mode state; nil in standalone mode.
@@ -139,6 +141,8 @@ type Mesh struct {
 	// rereference asks maintain to take missing identity references now
 	// (after a lease loss dropped some).
 	rereference chan struct{}
+	// workloadID is the identity of Config.Workload (0: none yet).
+	workloadID uint32
 }
 
 // New returns the cluster mode of one node; Run connects it.
@@ -432,6 +436,9 @@ func (m *Mesh) referenceIdentities(ctx context.Context) {
 			m.logErr("release identity", alloc.Release(ctx, id))
 		}
 	}
+	if m.referenceWorkload(ctx, alloc) {
+		changed = true
+	}
 	if changed {
 		m.cfg.Request()
 	}
@@ -494,6 +501,7 @@ func (m *Mesh) PublishLocked() {
 	for _, e := range m.cfg.Store.Endpoints() {
 		eps = append(eps, meshsync.Endpoint{Name: e.Name, Namespace: e.Namespace, IPs: e.IPs, Identity: e.Identity})
 	}
+	eps = append(eps, m.workloadEndpoint()...)
 	wgKey, wgPort := m.cfg.WireGuard()
 	recs, err := meshsync.Records(meshsync.NodeInfo{
 		Local:              m.cfg.Local,

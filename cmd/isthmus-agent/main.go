@@ -72,6 +72,7 @@ func newCommand(run func(agent.Config) error) *cobra.Command {
 		nodeIPs   []string
 		bigTCP6   string
 		bigTCP4   string
+		join      joinFlags // issue 16: external workloads
 	)
 	cmd := &cobra.Command{
 		Use:   "isthmus-agent --pod-cidr CIDR [--pod-cidr CIDR] [flags]",
@@ -130,7 +131,10 @@ agent changes running pods without restarting them.
 			if cfg.Kubeconfig != "" {
 				cfg.Kubernetes = true
 			}
-			if len(podCIDRs) == 0 && !cfg.Kubernetes {
+			if join.server != "" && len(podCIDRs) > 0 {
+				return errors.New("--pod-cidr is not for --join: an external workload's address comes from its enrollment")
+			}
+			if len(podCIDRs) == 0 && !cfg.Kubernetes && join.server == "" {
 				return errors.New(`required flag(s) "pod-cidr" not set (in Kubernetes mode, --kubernetes, the Node object gives them)`)
 			}
 			for _, s := range podCIDRs {
@@ -162,6 +166,11 @@ agent changes running pods without restarting them.
 			cfg.BigTCP.IPv4, err4 = bigtcp.ParseMode("--ipv4-big-tcp", bigTCP4)
 			if err := errors.Join(err6, err4); err != nil {
 				return err
+			}
+			if join.server != "" {
+				if err := join.configure(&cfg); err != nil {
+					return err
+				}
 			}
 			if cfg.StateDir == "" {
 				cfg.StateDir = filepath.Join("/var/lib/isthmus", cfg.NodeName)
@@ -209,6 +218,9 @@ agent changes running pods without restarting them.
 	f.StringVar(&cfg.CNI.ConfDir, "cni-conf-dir", "", "Kubernetes mode: write "+cniinstall.ConfListName+" (the plugin, pointed at --socket) into this directory at start, e.g. /etc/cni/net.d; \"\" (the default): do not")
 	f.StringVar(&cfg.CNI.PluginPath, "cni-plugin-path", "", "the isthmus-cni binary that --cni-bin-dir gets (default: isthmus-cni next to the agent's binary)")
 	f.StringVar(&cfg.CNI.CNIVersion, "cni-version", cniinstall.DefaultCNIVersion, "cniVersion of the written conflist: 1.0.0 works with containerd 1.6 and later; 1.1.0 (STATUS, GC) needs a runtime with libcni >= 1.2 (containerd 2)")
+	f.StringVar(&join.server, "join", "", "run as an external workload (a VM or bare-metal host): enroll at this enrollment server, https://host:port (isthmus vm token create prints it), once; later starts reuse the stored credential")
+	f.StringVar(&join.token, "token", "", "with --join: the one-time enrollment token (only needed the first time)")
+	f.StringVar(&join.fingerprint, "ca-fingerprint", "", "with --join: SHA-256 of the cluster's CA certificate to pin (hex, as isthmus vm token create prints it)")
 	return cmd
 }
 
