@@ -40,11 +40,11 @@ func main() {
 }
 
 type options struct {
-	enrollListen    string   // issue 16: external workloads
-	enrollAdvertise string   // issue 16
-	vmCIDRs         []string // issue 16
-	trustDomain     string   // issue 16
-	vmCertValidity  time.Duration
+	enrollListen       string   // issue 16: external workloads
+	enrollAdvertise    string   // issue 16
+	vmCIDRs            []string // issue 16
+	trustDomain        string   // issue 16
+	vmCertValidity     time.Duration
 	kubernetes         bool
 	kubeconfig         string
 	cluster            string
