@@ -36,7 +36,7 @@ import (
 )
 
 var (
-	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup, bigtcp, k8s")
+	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s|vm", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup, bigtcp, k8s, vm")
 	duration = flag.Duration("duration", 8*time.Second, "length of each measurement")
 	services = flag.Int("services", 10000, "services installed for the scaling measurement")
 )
@@ -100,6 +100,7 @@ func main() {
 		{"labup", labupBench},
 		{"bigtcp", bigtcpBench},
 		{"k8s", k8sBench},
+		{"vm", vmBench},
 	}
 	ok := true
 	for _, sec := range sections {
