@@ -111,11 +111,13 @@ func (s *Server) IssueVMCredential(ctx context.Context, node string, csrPEM []by
 	tmpl := &x509.Certificate{
 		SerialNumber: serial,
 		Subject:      pkix.Name{CommonName: user, Organization: []string{"isthmus"}},
-		NotBefore:    now.Add(-5 * time.Minute),
-		NotAfter:     now.Add(validity),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-		URIs:         []*url.URL{spiffe},
+		// Backdated for clock skew, but by little of a short validity:
+		// the host renews at two thirds of NotAfter-NotBefore.
+		NotBefore:   now.Add(-min(5*time.Minute, validity/4)),
+		NotAfter:    now.Add(validity),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		URIs:        []*url.URL{spiffe},
 	}
 	if tmpl.NotAfter.After(s.pki.caCert.NotAfter) {
 		tmpl.NotAfter = s.pki.caCert.NotAfter
