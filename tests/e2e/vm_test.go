@@ -274,6 +274,8 @@ func TestVMJoinsTheMesh(t *testing.T) {
 				wg++
 			case strings.Contains(l, server+".2379") || strings.Contains(l, server+".8443"):
 				control++ // the host's etcd connection (TLS), not mesh traffic
+			case strings.Contains(l, "ICMP6, neighbor") || strings.Contains(l, "ICMP6, router"):
+				control++ // neighbour discovery with the fabric router
 			default:
 				t.Errorf("the host's uplink carried something else than WireGuard: %s", l)
 			}
