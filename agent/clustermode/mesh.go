@@ -510,6 +510,7 @@ func (m *Mesh) PublishLocked() {
 		BootID:             node.BootID(),
 		WireGuardPublicKey: wgKey,
 		WireGuardPort:      wgPort,
+		Labels:             m.workloadLabels(),
 	}, eps)
 	if err != nil {
 		m.log.Error("clustermesh: cannot build the node's records", "err", err)

@@ -7,6 +7,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/meshsync"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
 
 // Workload is the host's own endpoint on an external workload's agent
@@ -54,6 +55,15 @@ func (m *Mesh) referenceWorkload(ctx context.Context, alloc *identity.Etcd) bool
 	m.mu.Unlock()
 	m.log.Info("clustermesh: external workload identity", "identity", id, "addresses", w.IPs)
 	return id != cur
+}
+
+// workloadLabels are the labels of the node record: the external
+// workload's mark, nil on a node.
+func (m *Mesh) workloadLabels() map[string]string {
+	if m.cfg.Workload == nil {
+		return nil
+	}
+	return map[string]string{records.LabelExternalWorkload: "true"}
 }
 
 // workloadEndpoint is the host's endpoint as published (none until its

@@ -99,7 +99,16 @@ func vmBench(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		time.Sleep(500 * time.Millisecond)
+		// Revoke while the stream flows: a fresh tunnel can stall a
+		// segment for one retransmission while the handshakes settle.
+		flowing := time.Now().Add(10 * time.Second)
+		for time.Since(last()) > 3*vmProbe {
+			if time.Now().After(flowing) {
+				stop()
+				return fmt.Errorf("vm: the echo stream does not flow (last echo %s ago)", time.Since(last()))
+			}
+			time.Sleep(vmProbe / 2)
+		}
 		t1 := time.Now()
 		if _, err := c1.CLI(ctx, "vm", "revoke", vm.Name); err != nil {
 			stop()
