@@ -165,11 +165,17 @@ func TestEnrollIssuesAnIdentityThatWritesOnlyItsOwnRecords(t *testing.T) {
 	}
 
 	vm := f.client(t, e, key)
-	for _, k := range []string{records.NodeKey("c1", "vm-db1"), records.NodeIPCachePrefix("c1", "vm-db1") + "10.1.200.50",
-		records.IdentityIDKey(1<<20 | 400)} {
-		if err := vm.Put(ctx, k, []byte("x")); err != nil {
-			t.Errorf("the host writing its own %s: %v", k, err)
-		}
+	// Valid records (the server's guard cuts off a host whose records do
+	// not match its enrollment, see below).
+	own := uint32(1<<20 | 500)
+	v, _ := records.IdentityRecord{ID: own, Labels: map[string]string{"app": "db", "isthmus.io/namespace": "default", "isthmus.io/cluster": "c1"}}.Marshal()
+	if err := f.c.KV().Put(ctx, records.IdentityIDKey(own), v); err != nil {
+		t.Fatal(err)
+	}
+	putNode(t, vm, e, netip.PrefixFrom(e.Addresses[0], 32), netip.PrefixFrom(e.Addresses[1], 128))
+	putIP(t, vm, e, e.Addresses[0], own)
+	if err := vm.Put(ctx, records.IdentityIDKey(1<<20|400), []byte("x")); err != nil {
+		t.Errorf("the host writing an identity: %v", err)
 	}
 	for _, k := range []string{records.NodeKey("c1", "c1-n1"), records.NodeIPCachePrefix("c1", "c1-n1") + "10.1.1.5",
 		records.ConfigPrefix + "NetworkPolicy/default/x", records.ClusterConfigKey("c1"), enroll.WorkloadKey("db1"),
@@ -305,5 +311,85 @@ func TestTokenIsSingleUseUnderConcurrency(t *testing.T) {
 		if strings.Contains(kv.Key+string(kv.Value), strings.Split(second, ".")[3]) {
 			t.Fatalf("%s holds a token's secret in clear", kv.Key)
 		}
+	}
+}
+
+// A host that publishes what it was not enrolled with (another address,
+// another identity) is cut off by the server's guard; records that match
+// its enrollment are left alone.
+func TestGuardCutsOffAHostThatClaimsTooMuch(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		write func(t *testing.T, vm *kvstore.Client, e *enroll.Enrollment, own, other uint32)
+	}{
+		{"another address in the node record", func(t *testing.T, vm *kvstore.Client, e *enroll.Enrollment, own, other uint32) {
+			putNode(t, vm, e, netip.MustParsePrefix("10.1.200.99/32"), netip.MustParsePrefix("fd00:1:0:c8::2/128"))
+		}},
+		{"an ipcache entry under another identity", func(t *testing.T, vm *kvstore.Client, e *enroll.Enrollment, own, other uint32) {
+			putIP(t, vm, e, e.Addresses[0], other)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := setup(t)
+			ctx := ctxT(t)
+			f.apply(t, "db1", "")
+			e, key, err := f.join(t, f.token(t, "db1", time.Minute), f.fp)
+			if err != nil {
+				t.Fatal(err)
+			}
+			own, other := uint32(1<<20|500), uint32(1<<20|501)
+			for id, l := range map[uint32]map[string]string{
+				own:   {"app": "db", "isthmus.io/namespace": "default", "isthmus.io/cluster": "c1"},
+				other: {"app": "payments", "isthmus.io/namespace": "default", "isthmus.io/cluster": "c1"},
+			} {
+				v, _ := records.IdentityRecord{ID: id, Labels: l}.Marshal()
+				if err := f.c.KV().Put(ctx, records.IdentityIDKey(id), v); err != nil {
+					t.Fatal(err)
+				}
+			}
+			vm := f.client(t, e, key)
+			// What the agent publishes: accepted.
+			putNode(t, vm, e, netip.PrefixFrom(e.Addresses[0], 32), netip.PrefixFrom(e.Addresses[1], 128))
+			putIP(t, vm, e, e.Addresses[0], own)
+			time.Sleep(500 * time.Millisecond)
+			if w, _, _ := enroll.Get(ctx, f.c.KV(), "db1"); !w.Status.Enrolled {
+				t.Fatalf("records that match the enrollment got the host cut off: %+v", w.Status)
+			}
+			tc.write(t, vm, e, own, other)
+			servertest.Eventually(t, 2*time.Second, "the host cut off", func() error {
+				w, _, err := enroll.Get(ctx, f.c.KV(), "db1")
+				if err != nil || w.Status.Enrolled || !w.Status.Revoked {
+					return fmt.Errorf("status %+v, %v", w.Status, err)
+				}
+				if _, found, _ := f.c.KV().Get(ctx, records.NodeKey("c1", e.Node)); found {
+					return errors.New("its node record is still there")
+				}
+				return nil
+			})
+		})
+	}
+}
+
+func putNode(t *testing.T, vm *kvstore.Client, e *enroll.Enrollment, cidrs ...netip.Prefix) {
+	t.Helper()
+	v, err := records.Node{Name: e.Node, Cluster: "c1", ClusterID: 1, IPs: []netip.Addr{netip.MustParseAddr("203.0.113.9")},
+		PodCIDRs: cidrs}.Marshal()
+	if err == nil {
+		err = vm.Put(context.Background(), records.NodeKey("c1", e.Node), v)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func putIP(t *testing.T, vm *kvstore.Client, e *enroll.Enrollment, a netip.Addr, id uint32) {
+	t.Helper()
+	p := netip.PrefixFrom(a, a.BitLen())
+	v, err := records.IPCacheEntry{Prefix: p, Identity: id, HostIP: netip.MustParseAddr("203.0.113.9"), Cluster: "c1"}.Marshal()
+	if err == nil {
+		err = vm.Put(context.Background(), records.IPCacheKey("c1", e.Node, p), v)
+	}
+	if err != nil {
+		t.Fatal(err)
 	}
 }

@@ -66,6 +66,10 @@ func (a *APIServer) startEnroll(ctx context.Context, cfg EnrollConfig, local rec
 		ln.Close()
 		return fmt.Errorf("clustermesh: enrollment: %w", err)
 	}
+	// The guard needs the server's lifetime, not Start's context.
+	gctx, cancel := context.WithCancel(context.Background())
+	a.stopGuard = cancel
+	a.wg.Go(func() { enroll.Guard(gctx, a.Server.Client(), local.Name, a.log) })
 	a.enrollSrv = &http.Server{Handler: svc.Handler(), ReadHeaderTimeout: 5 * time.Second}
 	tln := tls.NewListener(ln, tc)
 	a.wg.Go(func() {

@@ -79,6 +79,7 @@ type APIServer struct {
 	metricsLn  net.Listener
 	enrollSrv  *http.Server
 	enrollAddr string
+	stopGuard  context.CancelFunc // of enroll.Guard
 	once       sync.Once
 }
 
@@ -241,6 +242,9 @@ func (a *APIServer) Close() error {
 		}
 		if a.cancel != nil {
 			a.cancel()
+		}
+		if a.stopGuard != nil {
+			a.stopGuard()
 		}
 		a.wg.Wait()
 		a.Server.Close()
