@@ -101,7 +101,7 @@ func CheckBundleUser(user, node string) (warning string, err error) {
 	own := records.NodeUser(node)
 	_, isNode := records.NodeOfUser(user)
 	switch {
-	case user == own:
+	case user == own, records.IsEnrollmentUser(user, node):
 		return "", nil
 	case user == "agents" || user == "root":
 		return fmt.Sprintf("the kvstore bundle is for etcd user %q, which may write every node's records: give each node its own (isthmus clustermesh certs --node %s)", user, node), nil

@@ -87,7 +87,7 @@ func TestJoinStoresAndRenews(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if user, err := meshsync.BundleUser(tc); err != nil || user != "node-vm-db1" {
+	if user, err := meshsync.BundleUser(tc); err != nil || user != "node-vm-db1.1" {
 		t.Errorf("renewed bundle user %q, %v", user, err)
 	}
 }

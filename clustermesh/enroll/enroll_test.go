@@ -144,7 +144,7 @@ func TestEnrollIssuesAnIdentityThatWritesOnlyItsOwnRecords(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if e.Node != "vm-db1" || e.User != "node-vm-db1" || e.Cluster != "c1" || e.ClusterID != 1 {
+	if e.Node != "vm-db1" || e.User != "node-vm-db1.1" || e.Cluster != "c1" || e.ClusterID != 1 {
 		t.Errorf("enrollment %+v", e)
 	}
 	want := []netip.Addr{netip.MustParseAddr("10.1.200.50"), netip.MustParseAddr("fd00:1:0:c8::2")}
@@ -218,6 +218,40 @@ func TestEnrollIssuesAnIdentityThatWritesOnlyItsOwnRecords(t *testing.T) {
 	}
 	if _, err := enroll.Renew(ctx, f.url, "c1", f.fp, tc, csr); err == nil || !strings.Contains(err.Error(), "not enrolled") {
 		t.Errorf("renewal after revocation = %v, want refused", err)
+	}
+
+	// Enrolled again under the same name (and deleted and created again):
+	// the revoked enrollment's certificate stays dead, since each
+	// enrollment has an etcd user of its own.
+	for round, again := range []func(){
+		func() {},
+		func() {
+			if err := enroll.Delete(ctx, f.c.KV(), "c1", "db1"); err != nil {
+				t.Fatal(err)
+			}
+			f.apply(t, "db1", "spec: {ipv4: 10.1.200.50}")
+		},
+	} {
+		again()
+		e2, key2, err := f.join(t, f.token(t, "db1", time.Minute), f.fp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := fmt.Sprintf("node-vm-db1.%d", round+2); e2.User != want {
+			t.Errorf("user of enrollment %d: %s, want %s", round+2, e2.User, want)
+		}
+		vm2 := f.client(t, e2, key2)
+		putNode(t, vm2, e2, netip.PrefixFrom(e2.Addresses[0], 32), netip.PrefixFrom(e2.Addresses[1], 128))
+		if err := vm.Put(ctx, records.NodeKey("c1", "vm-db1"), []byte("y")); !denied(err) {
+			t.Errorf("round %d: the revoked enrollment's credential writing = %v, want refused", round, err)
+		}
+		if _, err := enroll.Renew(ctx, f.url, "c1", f.fp, tc, csr); err == nil || !strings.Contains(err.Error(), "earlier enrollment") {
+			t.Errorf("round %d: renewal with the revoked enrollment's certificate = %v, want refused", round, err)
+		}
+		if err := enroll.Revoke(ctx, f.c.KV(), "c1", "db1"); err != nil {
+			t.Fatal(err)
+		}
+		vm = vm2
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -30,7 +31,7 @@ const DefaultCertValidity = 24 * time.Hour
 // Issuer signs hosts' certificates and makes their etcd users: the
 // cluster's etcdserver.Server.
 type Issuer interface {
-	IssueVMCredential(ctx context.Context, node string, csrPEM []byte, spiffe *url.URL, validity time.Duration) (etcdserver.Bundle, *x509.Certificate, error)
+	IssueVMCredential(ctx context.Context, node, user string, csrPEM []byte, spiffe *url.URL, validity time.Duration) (etcdserver.Bundle, *x509.Certificate, error)
 }
 
 // Config configures the enrollment service of a cluster's server.
@@ -235,12 +236,18 @@ func (s *Service) enrollOnce(ctx context.Context, name string, req EnrollRequest
 	if err != nil {
 		return nil, http.StatusConflict, err, false
 	}
+	gen, grev, err := generation(ctx, s.cfg.KV, name)
+	if err != nil {
+		return nil, http.StatusServiceUnavailable, err, false
+	}
 	now := time.Now().UTC()
 	t.Used = now
 	tdata, _ := json.Marshal(t)
-	w.Status = objects.ExternalWorkloadStatus{Enrolled: true, Addresses: addrs, NodeAddresses: req.NodeIPs, EnrolledAt: now, LastSeen: now}
+	w.Status = objects.ExternalWorkloadStatus{Enrolled: true, Addresses: addrs, NodeAddresses: req.NodeIPs, EnrolledAt: now, LastSeen: now,
+		Generation: gen + 1}
 	conds := []kvstore.Cond{kvstore.KeyModRevision(tkey, tr.ModRevision), kvstore.KeyModRevision(WorkloadKey(name), wrev)}
-	ops := []kvstore.Op{kvstore.OpPut(tkey, tdata)}
+	conds = append(conds, kvstore.KeyModRevision(GenerationKey(name), grev))
+	ops := []kvstore.Op{kvstore.OpPut(tkey, tdata), kvstore.OpPut(GenerationKey(name), []byte(strconv.Itoa(gen+1)))}
 	for _, a := range claims {
 		conds = append(conds, kvstore.KeyMissing(AddressKey(a)))
 		ops = append(ops, kvstore.OpPut(AddressKey(a), []byte(name)))
@@ -258,7 +265,7 @@ func (s *Service) enrollOnce(ctx context.Context, name string, req EnrollRequest
 	}
 	node := NodeName(name)
 	id := SPIFFEID(s.cfg.TrustDomain, s.cfg.Cluster, name)
-	b, cert, err := s.cfg.Issuer.IssueVMCredential(ctx, node, []byte(req.CSR), id, s.cfg.CertValidity)
+	b, cert, err := s.cfg.Issuer.IssueVMCredential(ctx, node, records.EnrollmentUser(node, w.Status.Generation), []byte(req.CSR), id, s.cfg.CertValidity)
 	if err != nil {
 		// Undo the enrollment (the token stays used: it was spent on a
 		// request that could not be served, e.g. a bad CSR).
@@ -361,11 +368,16 @@ func (s *Service) Renew(ctx context.Context, cert *x509.Certificate, req RenewRe
 	if err != nil {
 		return nil, http.StatusServiceUnavailable, err
 	}
+	user := records.EnrollmentUser(NodeName(name), w.Status.Generation)
 	if rev == 0 || !w.Status.Enrolled {
 		return nil, http.StatusForbidden, fmt.Errorf("workload %s is not enrolled (revoked or deleted)", name)
 	}
+	if cert.Subject.CommonName != user {
+		// A certificate of an earlier, revoked enrollment of the name.
+		return nil, http.StatusForbidden, fmt.Errorf("the certificate is of an earlier enrollment of %s (revoked)", name)
+	}
 	id := SPIFFEID(s.cfg.TrustDomain, s.cfg.Cluster, name)
-	b, nc, err := s.cfg.Issuer.IssueVMCredential(ctx, NodeName(name), []byte(req.CSR), id, s.cfg.CertValidity)
+	b, nc, err := s.cfg.Issuer.IssueVMCredential(ctx, NodeName(name), user, []byte(req.CSR), id, s.cfg.CertValidity)
 	if err != nil {
 		return nil, http.StatusBadRequest, err
 	}
@@ -387,7 +399,7 @@ func (s *Service) workloadOf(cert *x509.Certificate) (string, error) {
 			continue
 		}
 		rest, ok := strings.CutPrefix(u.Path, "/cluster/"+s.cfg.Cluster+"/vm/")
-		if ok && records.ValidateNodeName(NodeName(rest)) == nil && cert.Subject.CommonName == records.NodeUser(NodeName(rest)) {
+		if ok && records.ValidateNodeName(NodeName(rest)) == nil && records.IsEnrollmentUser(cert.Subject.CommonName, NodeName(rest)) {
 			return rest, nil
 		}
 	}

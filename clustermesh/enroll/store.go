@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strconv"
 	"strings"
 	"time"
 
@@ -33,6 +34,10 @@ const (
 	WorkloadsPrefix = Prefix + "workloads/"
 	TokensPrefix    = Prefix + "tokens/"
 	AddressesPrefix = Prefix + "addresses/"
+	// GenerationsPrefix holds the last enrollment generation of every name
+	// ever enrolled (records.EnrollmentUser); it outlives the workload, so
+	// a name deleted and created again never gets an old user back.
+	GenerationsPrefix = Prefix + "generations/"
 	// ServerKey holds the enrollment endpoint's Endpoint (written by the
 	// server at start, read by `isthmus vm token create`).
 	ServerKey = Prefix + "server"
@@ -48,6 +53,23 @@ func NodeName(name string) string { return NodePrefix + name }
 
 // WorkloadKey returns the key of workload name.
 func WorkloadKey(name string) string { return WorkloadsPrefix + name }
+
+// GenerationKey returns the key of name's last enrollment generation.
+func GenerationKey(name string) string { return GenerationsPrefix + name }
+
+// generation returns name's last enrollment generation (0: never) and
+// the revision of its key.
+func generation(ctx context.Context, kv *kvstore.Client, name string) (int, int64, error) {
+	r, found, err := kv.Get(ctx, GenerationKey(name))
+	if err != nil || !found {
+		return 0, 0, err
+	}
+	n, err := strconv.Atoi(string(r.Value))
+	if err != nil || n < 0 {
+		return 0, 0, fmt.Errorf("%s: not a generation: %q", GenerationKey(name), r.Value)
+	}
+	return n, r.ModRevision, nil
+}
 
 // AddressKey returns the claim of addr.
 func AddressKey(addr netip.Addr) string { return AddressesPrefix + addr.String() }
@@ -285,14 +307,26 @@ func releaseAddresses(ctx context.Context, kv *kvstore.Client, name string) erro
 	return nil
 }
 
-// cut is the part of Revoke that touches the mesh. The credential goes
-// first, so the host cannot write its records back after they are gone.
+// cut is the part of Revoke that touches the mesh: the tokens, then the
+// credential and the records (cutRecords).
 func cut(ctx context.Context, kv *kvstore.Client, cluster, name string) error {
-	node := NodeName(name)
 	if err := deleteTokens(ctx, kv, name); err != nil {
 		return fmt.Errorf("revoke %s: tokens: %w", name, err)
 	}
-	user := records.NodeUser(node)
+	return cutRecords(ctx, kv, cluster, name)
+}
+
+// cutRecords deletes the credential of name's last enrollment and then its
+// records: the credential first, so the host cannot write them back.
+func cutRecords(ctx context.Context, kv *kvstore.Client, cluster, name string) error {
+	node := NodeName(name)
+	// The user of the last enrollment: those before it went with their
+	// own revocations (generations only grow).
+	gen, _, err := generation(ctx, kv, name)
+	if err != nil {
+		return fmt.Errorf("revoke %s: %w", name, err)
+	}
+	user := records.EnrollmentUser(node, gen)
 	if err := kv.DeleteUser(ctx, user); err != nil {
 		return fmt.Errorf("revoke %s: etcd user: %w", name, err)
 	}

@@ -73,12 +73,12 @@ func (s *Server) VerifyClient(cert *x509.Certificate) error {
 	return err
 }
 
-// IssueVMCredential makes (or keeps) the etcd user and role of the
-// external workload whose node name is node, which may write only that
-// node's records (VMPermissions), and signs csrPEM for it: common name the
-// etcd user, spiffe the URI SAN, valid for validity. It returns the bundle
-// without a key (the host has it).
-func (s *Server) IssueVMCredential(ctx context.Context, node string, csrPEM []byte, spiffe *url.URL, validity time.Duration) (Bundle, *x509.Certificate, error) {
+// IssueVMCredential makes (or keeps) the etcd user and role user of the
+// external workload whose node name is node (records.EnrollmentUser), which
+// may write only that node's records (VMPermissions), and signs csrPEM for
+// it: common name the etcd user, spiffe the URI SAN, valid for validity. It
+// returns the bundle without a key (the host has it).
+func (s *Server) IssueVMCredential(ctx context.Context, node, user string, csrPEM []byte, spiffe *url.URL, validity time.Duration) (Bundle, *x509.Certificate, error) {
 	if s.pki == nil {
 		return Bundle{}, nil, errors.New("clustermesh: external etcd: enrollment needs the server's own CA (embedded mode)")
 	}
@@ -96,7 +96,9 @@ func (s *Server) IssueVMCredential(ctx context.Context, node string, csrPEM []by
 	if err := csr.CheckSignature(); err != nil {
 		return Bundle{}, nil, fmt.Errorf("certificate request: %w", err)
 	}
-	user := NodeUser(node)
+	if !records.IsEnrollmentUser(user, node) {
+		return Bundle{}, nil, fmt.Errorf("clustermesh: %q is not an enrollment user of node %s", user, node)
+	}
 	if err := s.kv.EnsureRole(ctx, user, VMPermissions(s.cfg.ClusterName, node)...); err != nil {
 		return Bundle{}, nil, fmt.Errorf("clustermesh: create role %s: %w", user, err)
 	}
@@ -129,12 +131,6 @@ func (s *Server) IssueVMCredential(ctx context.Context, node string, csrPEM []by
 	cert, _ := x509.ParseCertificate(der)
 	b := newBundle(s.Info(), s.pki, user, keyPair{cert: cert, certPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})})
 	return b, cert, nil
-}
-
-// RemoveVMCredential deletes the etcd user and role of an external
-// workload: its certificate no longer maps to a user, every request fails.
-func (s *Server) RemoveVMCredential(ctx context.Context, node string) error {
-	return removeNode(ctx, s.kv, node)
 }
 
 // VMPermissions are what an external workload's own credential may do:

@@ -49,6 +49,9 @@ type ExternalWorkloadStatus struct {
 	LastSeen time.Time `json:"lastSeen,omitzero"`
 	// CertificateExpiry is the NotAfter of the host's current certificate.
 	CertificateExpiry time.Time `json:"certificateExpiry,omitzero"`
+	// Generation counts the enrollments: the etcd user of the current one
+	// is node-vm-<name>.<generation> (records.EnrollmentUser).
+	Generation int `json:"generation,omitempty"`
 }
 
 // Requested returns the requested addresses (parsed by Validate).
