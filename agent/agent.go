@@ -155,6 +155,7 @@ func New(cfg Config) (*Agent, error) {
 			Objects:       a.objects,
 			WireGuard:     func() (string, int) { return a.enc.Publication() },
 			DetectNodeIPs: func() ([]netip.Addr, error) { return a.detectNodeIPs() },
+			Workload:      cfg.workload(),
 		})
 		a.ids = a.mesh.Identities()
 	} else {
@@ -264,6 +265,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer a.enc.Close()
+	if err := a.plumbWorkload(); err != nil {
+		return err
+	}
 	if a.bigtcp, err = bigtcp.New(a.cfg.BigTCP, a.log); err != nil {
 		return err
 	}
@@ -352,6 +356,9 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 		})
 		wg.Go(func() { a.collectGonePods(ctx, local) })
+	}
+	if w := a.cfg.ExternalWorkload; w != nil && w.Background != nil {
+		wg.Go(func() { w.Background(ctx) })
 	}
 	if a.mesh != nil {
 		// etcd is one more source of desired state; the datapath already

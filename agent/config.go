@@ -108,6 +108,22 @@ type Config struct {
 	// LabelsFor gives the labels of endpoints added without any (the
 	// Kubernetes pod's); see localapi.Config.LabelsFor. nil: none.
 	LabelsFor func(ctx context.Context, namespace, name, podUID string) (map[string]string, error)
+
+	// ExternalWorkload makes this agent a VM's or bare-metal host's
+	// (isthmus-agent --join, docs/vms.md); nil on a node.
+	ExternalWorkload *ExternalWorkload
+}
+
+// ExternalWorkload is what an enrolled host runs with: its addresses (its
+// node's whole pod CIDRs, /32 and /128, put on the WireGuard device) and
+// its identity's labels. The agent publishes them as one endpoint, so
+// every node's ipcache maps the addresses to the host's identity.
+type ExternalWorkload struct {
+	Name, Namespace string
+	Labels          map[string]string
+	Addresses       []netip.Addr
+	// Background runs for the agent's lifetime (certificate renewal).
+	Background func(ctx context.Context)
 }
 
 // L2Config tunes L2 announcements.
@@ -197,6 +213,14 @@ func (c Config) validate() error {
 		errs = append(errs, err)
 	}
 	errs = append(errs, encryption.Validate(c.Encryption, c.NodeEncryption, c.ClusterMode(), c.WireGuardPort)...)
+	if w := c.ExternalWorkload; w != nil {
+		if !c.ClusterMode() || !c.encrypted() || !c.NodeEncryption || c.Kubernetes {
+			errs = append(errs, errors.New("an external workload runs in cluster mode with --encryption=wireguard and --node-encryption, not in Kubernetes mode"))
+		}
+		if len(w.Addresses) == 0 {
+			errs = append(errs, errors.New("an external workload needs its addresses"))
+		}
+	}
 	if c.Kubernetes && !c.ClusterMode() {
 		errs = append(errs, errors.New("kubernetes mode needs cluster mode (--kvstore-endpoints): identities are allocated in the cluster's etcd"))
 	}

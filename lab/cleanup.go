@@ -150,6 +150,7 @@ func cleanupPrefix(prefix string, removeDirs bool) error {
 	// Files.
 	globs := []string{
 		filepath.Join(PinRoot, prefix+"*"),
+		filepath.Join(PinRoot, "vm-"+prefix+"*"), // external workloads' (vm.go)
 		filepath.Join(WireGuardSockDir, prefix+"*.sock"),
 		filepath.Join(ownerDir, prefix+"*.json"),
 	}

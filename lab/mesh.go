@@ -318,6 +318,9 @@ func (c *Cluster) StartServer(ctx context.Context) error {
 			"--etcd-cert", filepath.Join(root, "client.crt"),
 			"--etcd-key", filepath.Join(root, "client.key"))
 	}
+	if c.Etcd == nil {
+		args = append(args, c.enrollArgs()...) // external workloads (vm.go)
+	}
 	args = append(args, c.opts.ServerArgs...)
 	p, err := c.Router.Start(context.WithoutCancel(ctx), args...)
 	if err != nil {

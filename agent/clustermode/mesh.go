@@ -116,6 +116,8 @@ type Config struct {
 	Objects       func() desired.Objects      // the applied objects the reconciler reads
 	WireGuard     func() (key string, port int)
 	DetectNodeIPs func() ([]netip.Addr, error)
+	// Workload is set on an external workload's agent (workload.go).
+	Workload *Workload
 }
 
 // Mesh is the agent's cluster-mode state; nil in standalone mode.
@@ -140,6 +142,8 @@ type Mesh struct {
 	// rereference asks maintain to take missing identity references now
 	// (after a lease loss dropped some).
 	rereference chan struct{}
+	// workloadID is the identity of Config.Workload (0: none yet).
+	workloadID uint32
 }
 
 // New returns the cluster mode of one node; Run connects it.
@@ -440,6 +444,9 @@ func (m *Mesh) referenceIdentities(ctx context.Context) {
 			m.logErr("release identity", alloc.Release(ctx, id))
 		}
 	}
+	if m.referenceWorkload(ctx, alloc) {
+		changed = true
+	}
 	if changed {
 		m.cfg.Request()
 	}
@@ -502,6 +509,7 @@ func (m *Mesh) PublishLocked() {
 	for _, e := range m.cfg.Store.Endpoints() {
 		eps = append(eps, meshsync.Endpoint{Name: e.Name, Namespace: e.Namespace, IPs: e.IPs, Identity: e.Identity})
 	}
+	eps = append(eps, m.workloadEndpoint()...)
 	wgKey, wgPort := m.cfg.WireGuard()
 	recs, err := meshsync.Records(meshsync.NodeInfo{
 		Local:              m.cfg.Local,
@@ -510,6 +518,7 @@ func (m *Mesh) PublishLocked() {
 		BootID:             node.BootID(),
 		WireGuardPublicKey: wgKey,
 		WireGuardPort:      wgPort,
+		Labels:             m.workloadLabels(),
 	}, eps)
 	if err != nil {
 		m.log.Error("clustermesh: cannot build the node's records", "err", err)

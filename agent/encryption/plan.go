@@ -5,11 +5,18 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/gateway/wireguard"
 )
+
+// WorkloadKeepalive is the persistent keepalive between an external
+// workload and its peers.
+const WorkloadKeepalive = 25 * time.Second
+
+func isWorkload(n records.Node) bool { return n.Labels[records.LabelExternalWorkload] == "true" }
 
 // encryptionPlan is what the device and the routing should hold.
 type encryptionPlan struct {
@@ -49,6 +56,12 @@ func planEncryption(m desired.Mesh, selfKey string, nodeEnc bool) encryptionPlan
 	// in the clear. (Remote ranges never overlap this cluster's: the mirror
 	// refuses such a cluster, and a refused one is not in the view.)
 	p.unreachable = append(p.unreachable, m.View.RemotePodCIDRs...)
+	selfWorkload := false
+	for _, n := range m.View.Nodes {
+		if n.Cluster == m.Cluster && n.Name == m.Node {
+			selfWorkload = isWorkload(n)
+		}
+	}
 	for _, n := range others {
 		name := n.Cluster + "/" + n.Name
 		p.unreachable = append(p.unreachable, n.PodCIDRs...)
@@ -76,7 +89,16 @@ func planEncryption(m desired.Mesh, selfKey string, nodeEnc bool) encryptionPlan
 				allowed = append(allowed, netip.PrefixFrom(ip, ip.BitLen()))
 			}
 		}
-		p.peers = append(p.peers, wireguard.Peer{PublicKey: key, Endpoint: ep, AllowedIPs: allowed})
+		peer := wireguard.Peer{PublicKey: key, Endpoint: ep, AllowedIPs: allowed}
+		if selfWorkload || isWorkload(n) {
+			// Between an external workload and its peers: a host behind
+			// NAT stays reachable, and each side starts a handshake as
+			// soon as it adds the other (a keepalive turned on is sent at
+			// once), so whichever side learns of the other last completes
+			// it, instead of waiting out WireGuard's 5 s handshake retry.
+			peer.PersistentKeepalive = WorkloadKeepalive
+		}
+		p.peers = append(p.peers, peer)
 		p.peerNodes[key] = name
 		p.routes = append(p.routes, allowed...)
 	}

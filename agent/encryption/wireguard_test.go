@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/internal/agenttest"
@@ -143,5 +144,29 @@ func TestEncryptionRoutingConverges(t *testing.T) {
 	}
 	if rules := ip("rule"); strings.Contains(rules, "lookup 73") {
 		t.Errorf("rules after cleanup:\n%s", rules)
+	}
+}
+
+// Peers of an external workload get a persistent keepalive, on both ends:
+// a node keeps it for the workload only, the workload for every peer.
+func TestPlanKeepaliveWithExternalWorkloads(t *testing.T) {
+	vm := node("c1", "vm-db", keyB, "203.0.113.9", "10.1.200.2/32")
+	vm.Labels = map[string]string{records.LabelExternalWorkload: "true"}
+	nodes := []records.Node{node("c1", "n1", keyS, "192.0.2.1", "10.1.1.0/24"), node("c1", "n2", keyA, "192.0.2.2", "10.1.2.0/24"), vm}
+	keepalive := func(self, selfKey string) map[string]time.Duration {
+		m := desired.Mesh{Ready: true, Cluster: "c1", Node: self, NodeIPs: []netip.Addr{netip.MustParseAddr("192.0.2.1")},
+			View: meshsync.View{Nodes: nodes}}
+		out := map[string]time.Duration{}
+		p := planEncryption(m, selfKey, false)
+		for _, pe := range p.peers {
+			out[p.peerNodes[pe.PublicKey]] = pe.PersistentKeepalive
+		}
+		return out
+	}
+	if got := keepalive("n1", keyS); got["c1/vm-db"] != WorkloadKeepalive || got["c1/n2"] != 0 {
+		t.Errorf("a node's keepalives %v: want %s for the workload only", got, WorkloadKeepalive)
+	}
+	if got := keepalive("vm-db", keyB); got["c1/n1"] != WorkloadKeepalive || got["c1/n2"] != WorkloadKeepalive {
+		t.Errorf("the workload's keepalives %v: want %s for every peer", got, WorkloadKeepalive)
 	}
 }

@@ -57,6 +57,12 @@ func newPool(p netip.Prefix) (*pool, error) {
 	case p.Masked() != p:
 		return nil, fmt.Errorf("CIDR %s has host bits set, use %s", p, p.Masked())
 	}
+	if p.IsSingleIP() {
+		// An external workload's own address (agent --join): a pool
+		// with nothing to hand out, so adding a pod there fails with
+		// ErrExhausted instead of the agent refusing to start.
+		return &pool{prefix: p, first: p.Addr(), last: p.Addr(), size: 0}, nil
+	}
 	hostBits := p.Addr().BitLen() - p.Bits()
 	// Reserved: the network address and the node's first host address,
 	// plus the broadcast address for IPv4.

@@ -35,6 +35,15 @@ func newTestIPAM(t *testing.T, cidrs ...netip.Prefix) (*IPAM, string) {
 	return a, path
 }
 
+// A host prefix is an external workload's own address: the agent starts,
+// and no pod gets an address from it.
+func TestHostPrefixHandsOutNothing(t *testing.T) {
+	a, _ := newTestIPAM(t, netip.MustParsePrefix("10.0.0.7/32"), netip.MustParsePrefix("fd00::7/128"))
+	if _, err := a.Allocate("default/p"); !errors.Is(err, ErrExhausted) {
+		t.Fatalf("Allocate from a host prefix = %v, want ErrExhausted", err)
+	}
+}
+
 func TestNewValidation(t *testing.T) {
 	p := netip.MustParsePrefix
 	tests := []struct {
@@ -48,7 +57,6 @@ func TestNewValidation(t *testing.T) {
 		{"two v4", []netip.Prefix{p("10.0.0.0/24"), p("10.1.0.0/24")}, "same family"},
 		{"two v6", []netip.Prefix{p("fd00::/64"), p("10.0.0.0/24"), p("fd01::/64")}, "same family"},
 		{"v4 /31", []netip.Prefix{p("10.0.0.0/31")}, "too small"},
-		{"v4 /32", []netip.Prefix{p("10.0.0.0/32")}, "too small"},
 		{"v6 /127", []netip.Prefix{p("fd00::/127")}, "too small"},
 		{"mapped", []netip.Prefix{p("::ffff:10.0.0.0/120")}, "IPv4-mapped"},
 	}

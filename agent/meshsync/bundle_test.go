@@ -16,6 +16,11 @@ func TestCheckBundleUser(t *testing.T) {
 		{"node-n10", false, true},
 		{"remote-c2", false, true},
 		{"", false, true},
+		{"node-n1.3", false, false}, // an external workload's enrollment user
+		{"node-n1.0", false, true},
+		{"node-n1.03", false, true},
+		{"node-n1.x", false, true},
+		{"node-n10.1", false, true},
 	} {
 		warning, err := CheckBundleUser(c.user, "n1")
 		if (warning != "") != c.warn || (err != nil) != c.refused {

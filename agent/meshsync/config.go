@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
@@ -51,7 +52,30 @@ func LoadBundle(dir, cluster string) (*tls.Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kvstore bundle %s: %w", dir, err)
 	}
-	return &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}, ServerName: ServerName(cluster), MinVersion: tls.VersionTLS12}, nil
+	return &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}, ServerName: ServerName(cluster), MinVersion: tls.VersionTLS12,
+		GetClientCertificate: reloading(dir, cert)}, nil
+}
+
+// reloading returns the bundle's client certificate as the files hold it
+// at each handshake: a renewed certificate (an external workload renews
+// its own, agent --join) is used from the next connection on without a
+// restart. Files that do not load (half written, removed) keep the last
+// good pair.
+func reloading(dir string, cert tls.Certificate) func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+	var mu sync.Mutex
+	cur := cert
+	var stamp time.Time
+	return func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if st, err := os.Stat(filepath.Join(dir, BundleCert)); err == nil && !st.ModTime().Equal(stamp) {
+			if c, err := tls.LoadX509KeyPair(filepath.Join(dir, BundleCert), filepath.Join(dir, BundleKey)); err == nil {
+				cur, stamp = c, st.ModTime()
+			}
+		}
+		c := cur
+		return &c, nil
+	}
 }
 
 // BundleUser returns the etcd user of a loaded bundle: the common name of
@@ -77,7 +101,7 @@ func CheckBundleUser(user, node string) (warning string, err error) {
 	own := records.NodeUser(node)
 	_, isNode := records.NodeOfUser(user)
 	switch {
-	case user == own:
+	case user == own, records.IsEnrollmentUser(user, node):
 		return "", nil
 	case user == "agents" || user == "root":
 		return fmt.Sprintf("the kvstore bundle is for etcd user %q, which may write every node's records: give each node its own (isthmus clustermesh certs --node %s)", user, node), nil

@@ -25,6 +25,9 @@ type NodeInfo struct {
 	// WireGuardPublicKey and WireGuardPort are set when the node encrypts.
 	WireGuardPublicKey string
 	WireGuardPort      int
+	// Labels of the node record (records.LabelExternalWorkload on an
+	// external workload's).
+	Labels map[string]string
 }
 
 // Endpoint is a local endpoint as published in the ipcache.
@@ -41,7 +44,7 @@ func Records(n NodeInfo, eps []Endpoint) (map[string][]byte, error) {
 	out := map[string][]byte{}
 	node, err := records.Node{Name: n.Node, Cluster: n.Cluster, ClusterID: n.ClusterID,
 		IPs: n.IPs, PodCIDRs: n.PodCIDRs, BootID: n.BootID,
-		WireGuardPublicKey: n.WireGuardPublicKey, WireGuardPort: n.WireGuardPort}.Marshal()
+		WireGuardPublicKey: n.WireGuardPublicKey, WireGuardPort: n.WireGuardPort, Labels: n.Labels}.Marshal()
 	if err != nil {
 		return nil, fmt.Errorf("node record: %w", err)
 	}

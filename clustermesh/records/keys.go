@@ -383,6 +383,23 @@ func NodeUser(node string) string { return nodeUserPrefix + node }
 
 const nodeUserPrefix = "node-"
 
+// EnrollmentUser is the etcd user of one enrollment (generation gen, from
+// 1) of the external workload whose node is node: "node-<node>.<gen>". etcd
+// maps a certificate to a user by its common name alone, so each
+// enrollment gets a user of its own: after a revocation and a new
+// enrollment of the same name, a certificate of the revoked enrollment maps
+// to a user that no longer exists.
+func EnrollmentUser(node string, gen int) string {
+	return NodeUser(node) + "." + strconv.Itoa(gen)
+}
+
+// IsEnrollmentUser reports whether user is one of node's EnrollmentUsers.
+func IsEnrollmentUser(user, node string) bool {
+	rest, ok := strings.CutPrefix(user, NodeUser(node)+".")
+	n, err := strconv.Atoi(rest)
+	return ok && err == nil && n > 0 && strconv.Itoa(n) == rest
+}
+
 // NodeOfUser returns the node an etcd user is the credential of, if it is
 // a node's.
 func NodeOfUser(user string) (string, bool) {

@@ -40,6 +40,11 @@ type ClusterConfig struct {
 	Capabilities []string       `json:"capabilities,omitempty"`
 }
 
+// LabelExternalWorkload marks the node record of an external workload (a
+// VM or bare-metal host, isthmus-agent --join): its peers keep its
+// WireGuard tunnel alive, since such hosts often sit behind NAT.
+const LabelExternalWorkload = "isthmus.io/external-workload"
+
 // Node is stored at isthmus/state/nodes/v1/<cluster>/<node>.
 type Node struct {
 	Version   int    `json:"version"`

@@ -59,6 +59,9 @@ type Config struct {
 	// Services (and ServiceExports) are the cluster's global services, and
 	// isthmus.io NetworkPolicies get their status (package kubesync).
 	Kubernetes *rest.Config
+	// Enroll, when its Listen is set, serves the enrollment of external
+	// workloads (VMs, bare-metal hosts) over HTTPS (package enroll).
+	Enroll EnrollConfig
 }
 
 // APIServer is a running isthmus-clustermesh.
@@ -77,6 +80,9 @@ type APIServer struct {
 	metrics    http.Handler
 	metricsSrv *http.Server
 	metricsLn  net.Listener
+	enrollSrv  *http.Server
+	enrollAddr string
+	stopGuard  context.CancelFunc // of enroll.Guard
 	once       sync.Once
 }
 
@@ -188,6 +194,9 @@ func Start(ctx context.Context, cfg Config) (*APIServer, error) {
 			}
 		})
 	}
+	if err := a.startEnroll(ctx, cfg.Enroll, local); err != nil {
+		return nil, err
+	}
 	ok = true
 	a.log.Info("isthmus-clustermesh running", "cacheTTL", mc.CacheTTL, "health", a.healthAddr, "metrics", a.MetricsAddr())
 	return a, nil
@@ -232,7 +241,7 @@ func (a *APIServer) MetricsAddr() string {
 // Close stops everything (the mirrored caches stay in etcd).
 func (a *APIServer) Close() error {
 	a.once.Do(func() {
-		for _, h := range []*http.Server{a.health, a.metricsSrv} {
+		for _, h := range []*http.Server{a.health, a.metricsSrv, a.enrollSrv} {
 			if h != nil {
 				sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 				h.Shutdown(sctx)
@@ -244,6 +253,9 @@ func (a *APIServer) Close() error {
 		}
 		if a.cancel != nil {
 			a.cancel()
+		}
+		if a.stopGuard != nil {
+			a.stopGuard()
 		}
 		a.wg.Wait()
 		a.Server.Close()

@@ -74,6 +74,7 @@ func newCommand(run func(agent.Config) error) *cobra.Command {
 		bigTCP6   string
 		bigTCP4   string
 		labels    []string
+		join      joinFlags // issue 16: external workloads
 	)
 	cmd := &cobra.Command{
 		Use:   "isthmus-agent --pod-cidr CIDR [--pod-cidr CIDR] [flags]",
@@ -138,7 +139,10 @@ through graceful restart; see docs/bgp.md.
 			if cfg.Kubeconfig != "" {
 				cfg.Kubernetes = true
 			}
-			if len(podCIDRs) == 0 && !cfg.Kubernetes {
+			if join.server != "" && len(podCIDRs) > 0 {
+				return errors.New("--pod-cidr is not for --join: an external workload's address comes from its enrollment")
+			}
+			if len(podCIDRs) == 0 && !cfg.Kubernetes && join.server == "" {
 				return errors.New(`required flag(s) "pod-cidr" not set (in Kubernetes mode, --kubernetes, the Node object gives them)`)
 			}
 			for _, s := range podCIDRs {
@@ -183,6 +187,11 @@ through graceful restart; see docs/bgp.md.
 			cfg.BigTCP.IPv4, err4 = bigtcp.ParseMode("--ipv4-big-tcp", bigTCP4)
 			if err := errors.Join(err6, err4); err != nil {
 				return err
+			}
+			if join.server != "" {
+				if err := join.configure(&cfg); err != nil {
+					return err
+				}
 			}
 			if cfg.StateDir == "" {
 				cfg.StateDir = filepath.Join("/var/lib/isthmus", cfg.NodeName)
@@ -235,6 +244,9 @@ through graceful restart; see docs/bgp.md.
 	f.DurationVar(&cfg.L2.LeaseTTL, "l2-lease-ttl", l2.DefaultLeaseTTL, "cluster mode, L2 announcements: TTL of the node's L2 lease in etcd (whole seconds, >= 2s); a node that cannot renew it stops answering 700ms before it could expire")
 	f.DurationVar(&cfg.L2.Refresh, "l2-refresh", 0, "L2 announcements: re-send gratuitous ARPs / unsolicited NAs for the led addresses this often (0: only on takeover)")
 	f.StringVar(&cfg.CNI.CNIVersion, "cni-version", cniinstall.DefaultCNIVersion, "cniVersion of the written conflist: 1.0.0 works with containerd 1.6 and later; 1.1.0 (STATUS, GC) needs a runtime with libcni >= 1.2 (containerd 2)")
+	f.StringVar(&join.server, "join", "", "run as an external workload (a VM or bare-metal host): enroll at this enrollment server, https://host:port (isthmus vm token create prints it), once; later starts reuse the stored credential")
+	f.StringVar(&join.token, "token", "", "with --join: the one-time enrollment token (only needed the first time)")
+	f.StringVar(&join.fingerprint, "ca-fingerprint", "", "with --join: SHA-256 of the cluster's CA certificate to pin (hex, as isthmus vm token create prints it)")
 	return cmd
 }
 

@@ -40,6 +40,11 @@ func main() {
 }
 
 type options struct {
+	enrollListen       string   // issue 16: external workloads
+	enrollAdvertise    string   // issue 16
+	vmCIDRs            []string // issue 16
+	trustDomain        string   // issue 16
+	vmCertValidity     time.Duration
 	kubernetes         bool
 	kubeconfig         string
 	cluster            string
@@ -146,6 +151,11 @@ SIGTERM or SIGINT stops it cleanly.`,
 	f.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	f.BoolVar(&o.kubernetes, "kubernetes", false, "the cluster runs Kubernetes: its global Services (annotated isthmus.io/global, or with a ServiceExport) come from the API server, and isthmus.io NetworkPolicies get their status; with the pod's service account unless --kubeconfig")
 	f.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig of the cluster's API server (implies --kubernetes)")
+	f.StringVar(&o.enrollListen, "enroll-listen", "", "serve the enrollment of external workloads (VMs, bare-metal hosts: isthmus-agent --join) over HTTPS on this host:port, e.g. 0.0.0.0:8443 (default off; embedded etcd only)")
+	f.StringVar(&o.enrollAdvertise, "enroll-advertise", "", "URL of the enrollment endpoint printed with tokens (default https://<enroll-listen>)")
+	f.StringSliceVar(&o.vmCIDRs, "vm-cidr", nil, "address range(s) of external workloads, one IPv4 and/or one IPv6, inside the cluster's --pod-cidr and outside every node's pod CIDR")
+	f.StringVar(&o.trustDomain, "trust-domain", "isthmus.io", "SPIFFE trust domain of external workloads' certificates (spiffe://<trust-domain>/cluster/<cluster>/vm/<name>)")
+	f.DurationVar(&o.vmCertValidity, "vm-cert-validity", 24*time.Hour, "validity of an external workload's certificate; the host renews it at two thirds")
 	return cmd
 }
 
@@ -230,6 +240,14 @@ func (o *options) config() (server.Config, error) {
 	cfg.IdentityGCGrace = o.identityGCGrace
 	cfg.HealthListen = o.healthListen
 	cfg.MetricsListen = o.metricsAddr
+	cfg.Enroll = server.EnrollConfig{Listen: o.enrollListen, Advertise: o.enrollAdvertise, TrustDomain: o.trustDomain, CertValidity: o.vmCertValidity}
+	for _, s := range trimAll(o.vmCIDRs) {
+		p, err := netip.ParsePrefix(s)
+		if err != nil || p != p.Masked() {
+			return cfg, fmt.Errorf("--vm-cidr %q: not a CIDR without host bits", s)
+		}
+		cfg.Enroll.VMCIDRs = append(cfg.Enroll.VMCIDRs, p)
+	}
 	return cfg, nil
 }
 

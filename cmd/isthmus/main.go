@@ -110,6 +110,7 @@ isthmus completion bash|zsh|fish|powershell (see isthmus completion --help).`,
 		c.metricsCommand(),
 		c.labCommand(),
 		c.connectivityCommand(),
+		c.vmCommand(),
 	)
 	// Added here rather than by Execute, so that it is in the tree the
 	// docs test walks and gets the unknown-subcommand check below.

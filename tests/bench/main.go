@@ -40,7 +40,7 @@ import (
 )
 
 var (
-	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s|bgp|northsouth|l2", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup, bigtcp, k8s, bgp, northsouth, l2")
+	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s|bgp|northsouth|l2|vm", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup, bigtcp, k8s, bgp, northsouth, l2, vm")
 	duration = flag.Duration("duration", 8*time.Second, "length of each measurement")
 	services = flag.Int("services", 10000, "services installed for the scaling measurement")
 )
@@ -107,6 +107,7 @@ func main() {
 		{"bgp", bgpBench},
 		{"northsouth", northSouthBench},
 		{"l2", l2Bench},
+		{"vm", vmBench},
 	}
 	ok := true
 	for _, sec := range sections {

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -97,6 +98,14 @@ func (c *Cluster) Start(t testing.TB) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	a, err := server.Start(ctx, c.Config)
+	// FreeAddr's ports were free a moment ago; an outgoing connection of
+	// another test process may hold one as its local port for a while.
+	// The proxy points at these ports, so wait for them rather than pick
+	// others.
+	for i := 0; err != nil && strings.Contains(err.Error(), "address already in use") && i < 20; i++ {
+		time.Sleep(250 * time.Millisecond)
+		a, err = server.Start(ctx, c.Config)
+	}
 	if err != nil {
 		t.Fatalf("start the server of %s: %v", c.Name, err)
 	}
