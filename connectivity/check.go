@@ -56,7 +56,10 @@ type Target struct {
 	// Outside are hosts outside the mesh that dial the service's external
 	// addresses (none: the north-south check is left out).
 	Outside []OutsideClient
-	cleanup    []func(context.Context) error
+	// Hosts are external workloads running the echo server (none: the
+	// pod <-> host checks are left out).
+	Hosts   []Host
+	cleanup []func(context.Context) error
 }
 
 // Cleanup removes what the target created for the test (pods, echo
@@ -143,6 +146,7 @@ func Run(ctx context.Context, t *Target, o Options) Report {
 	k.podToPod()
 	k.globalService()
 	k.northSouth()
+	k.hosts()
 	k.denied()
 	k.encryption()
 	return k.rep

@@ -44,14 +44,23 @@ func (c *Cluster) LBPool() []netip.Prefix {
 // NodeASN is the ASN of the nodes of cluster c.
 func (c *Cluster) NodeASN() uint32 { return nodeASN + uint32(c.Index) }
 
-const northSouthObjects = `apiVersion: isthmus.io/v1alpha1
+const poolObject = `apiVersion: isthmus.io/v1alpha1
 kind: LoadBalancerIPPool
 metadata:
   name: lab
 spec:
   blocks: [{cidr: %s}, {cidr: "%s"}]
----
-apiVersion: isthmus.io/v1alpha1
+`
+
+const l2Object = `apiVersion: isthmus.io/v1alpha1
+kind: L2AnnouncementPolicy
+metadata:
+  name: lab
+spec:
+  interfaces: [eth0]
+`
+
+const bgpObject = `apiVersion: isthmus.io/v1alpha1
 kind: BGPPeeringPolicy
 metadata:
   name: tor
@@ -69,11 +78,19 @@ spec:
     - type: LoadBalancerIP
 `
 
-// applyNorthSouth applies the cluster's pool and its BGPPeeringPolicy.
-func applyNorthSouth(ctx context.Context, c *Cluster) error {
+// applyNorthSouth applies the cluster's pool and, with bgp, its
+// BGPPeeringPolicy, with l2 its L2AnnouncementPolicy (every node answers
+// on eth0, its segment interface).
+func applyNorthSouth(ctx context.Context, c *Cluster, bgp, l2 bool) error {
 	pool, rtr := c.LBPool(), c.RouterIPs()
 	f := filepath.Join(c.lab.dir, c.Name+"-northsouth.yaml")
-	doc := fmt.Sprintf(northSouthObjects, pool[0], pool[1], c.NodeASN(), rtr[0], ToRASN, rtr[1], ToRASN)
+	doc := fmt.Sprintf(poolObject, pool[0], pool[1])
+	if bgp {
+		doc += "---\n" + fmt.Sprintf(bgpObject, c.NodeASN(), rtr[0], ToRASN, rtr[1], ToRASN)
+	}
+	if l2 {
+		doc += "---\n" + l2Object
+	}
 	if err := os.WriteFile(f, []byte(doc), 0o644); err != nil {
 		return fmt.Errorf("lab: %w", err)
 	}
@@ -123,6 +140,28 @@ func (c *Cluster) LoadBalancerAddrs(ctx context.Context, namespace, name string)
 		return out, nil
 	}
 	return nil, fmt.Errorf("lab: no service %s/%s in cluster %s", namespace, name, c.Name)
+}
+
+// waitLBAddrs waits until the echo service has an address of each family.
+func waitLBAddrs(ctx context.Context, c *Cluster, timeout time.Duration) ([]netip.Addr, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		addrs, err := c.LoadBalancerAddrs(ctx, "default", "echo")
+		if err == nil && len(addrs) != 2 {
+			err = fmt.Errorf("service default/echo has addresses %v, want one per family", addrs)
+		}
+		if err == nil {
+			return addrs, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("lab: cluster %s: no load-balancer addresses within %v: %w", c.Name, timeout, err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }
 
 // waitAnnounced waits until the echo service has an address of each

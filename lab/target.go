@@ -29,6 +29,9 @@ func (s *State) ConnectivityTarget(ctx context.Context) (*connectivity.Target, e
 	for _, p := range s.Pods {
 		t.Pods = append(t.Pods, connectivity.Pod{Name: p.Name, Cluster: p.Cluster, Node: p.Node, Netns: NetnsPath(p.Netns), IPs: p.Addrs(), Role: p.Role})
 	}
+	for _, v := range s.VMs {
+		t.Hosts = append(t.Hosts, connectivity.Host{Name: v.Name, Cluster: v.Cluster, Netns: NetnsPath(v.Netns), IPs: v.IPs})
+	}
 	for _, o := range s.Outside {
 		t.Outside = append(t.Outside, connectivity.OutsideClient{Name: o.Name, Cluster: o.Cluster, Netns: NetnsPath(o.Netns), Addrs: o.Addrs, Via: o.Via})
 	}

@@ -63,6 +63,15 @@ type UpOptions struct {
 	// service with an address from a per-cluster pool, and puts a client
 	// outside the mesh behind each router.
 	BGP bool
+	// L2 puts a client outside the mesh on each cluster's node segment
+	// and answers the echo service's load-balancer addresses there with
+	// ARP and NDP (an L2AnnouncementPolicy); the service is of type
+	// LoadBalancer as with BGP.
+	L2 bool
+	// VMs enrolls that many external workloads (hosts behind the fabric,
+	// spread over the clusters) with one-time tokens, each running the
+	// echo server on its mesh addresses.
+	VMs int
 	// Detached lets the lab outlive the calling process (`isthmus lab up`).
 	Detached bool
 	// StateFile, when set, receives the State: first with only the prefix
@@ -91,11 +100,26 @@ type State struct {
 	Policy   string       `json:"policy"`
 	// PolicyAdmitsOutside: the policy also admits traffic from outside
 	// the mesh (--bgp).
-	PolicyAdmitsOutside bool           `json:"policyAdmitsOutside,omitempty"`
-	Clusters            []StateCluster `json:"clusters"`
-	Pods                []StatePod     `json:"pods"`
+	PolicyAdmitsOutside bool `json:"policyAdmitsOutside,omitempty"`
+	// PolicyAdmitsVMs: the policy also admits the external workloads
+	// (app=vm; --vms).
+	PolicyAdmitsVMs bool           `json:"policyAdmitsVMs,omitempty"`
+	Clusters        []StateCluster `json:"clusters"`
+	Pods            []StatePod     `json:"pods"`
 	// Outside are the hosts outside the mesh (--bgp, --l2).
 	Outside []StateOutside `json:"outside,omitempty"`
+	// VMs are the enrolled external workloads (--vms).
+	VMs []StateVM `json:"vms,omitempty"`
+}
+
+// StateVM is an external workload of the lab.
+type StateVM struct {
+	Name     string       `json:"name"`     // its netns's short name, e.g. "vm1"
+	Workload string       `json:"workload"` // its ExternalWorkload (`isthmus vm list`)
+	Cluster  string       `json:"cluster"`  // the cluster it joined
+	Netns    string       `json:"netns"`
+	Socket   string       `json:"socket"` // its agent's
+	IPs      []netip.Addr `json:"ips"`    // its mesh addresses
 }
 
 // StateOutside is a host outside the mesh and the service addresses it
@@ -201,6 +225,11 @@ func (s *State) FindNetns(name string) (string, bool) {
 	for _, o := range s.Outside {
 		if o.Name == name || o.Netns == name {
 			return o.Netns, true
+		}
+	}
+	for _, v := range s.VMs {
+		if v.Name == name || v.Netns == name {
+			return v.Netns, true
 		}
 	}
 	for _, c := range s.Clusters {
@@ -313,6 +342,8 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 		return nil, nil, fmt.Errorf("lab: %d nodes per cluster: want 1..20", o.Nodes)
 	case o.PodsPerNode < 1 || o.PodsPerNode > 20:
 		return nil, nil, fmt.Errorf("lab: %d pods per node: want 1..20", o.PodsPerNode)
+	case o.VMs < 0 || o.VMs > 20:
+		return nil, nil, fmt.Errorf("lab: %d VMs: want 0..20", o.VMs)
 	case o.Encryption != "none" && o.Encryption != "wireguard":
 		return nil, nil, fmt.Errorf("lab: encryption %q: want wireguard or none", o.Encryption)
 	}
@@ -456,7 +487,7 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 	step("applying Service default/echo (global, %s and %s port 80) and NetworkPolicy %s in every cluster", DemoVIPs[0], DemoVIPs[1], st.Policy)
 	f := filepath.Join(l.Dir(), "demo-objects.yaml")
 	svcType, fromNodes := "", ""
-	if o.BGP {
+	if o.BGP || o.L2 {
 		// Traffic from outside reaches the echo pods SNATed to the node
 		// that took it (externalTrafficPolicy Cluster): from this node
 		// (host), another node of the cluster (remote-node) or, for
@@ -466,13 +497,20 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 		fromNodes = fmt.Sprintf("\n    - fromEntities: [host, remote-node, world]\n      toPorts: [{port: %d, protocol: TCP}]", connectivity.EchoPort)
 		st.PolicyAdmitsOutside = true
 	}
-	if err = os.WriteFile(f, fmt.Appendf(nil, demoObjects, DemoVIPs[0], DemoVIPs[1], connectivity.EchoPort, svcType, connectivity.EchoPort, fromNodes), 0o644); err != nil {
+	demo := fmt.Sprintf(demoObjects, DemoVIPs[0], DemoVIPs[1], connectivity.EchoPort, svcType, connectivity.EchoPort, fromNodes)
+	if o.VMs > 0 {
+		// The external workloads (app=vm, not backends of the service)
+		// reach the echo pods too.
+		demo = strings.Replace(demo, "- fromEndpoints: [{matchLabels: {app: echo}}]", "- fromEndpoints: [{matchLabels: {app: echo}}, {matchLabels: {app: vm}}]", 1)
+		st.PolicyAdmitsVMs = true
+	}
+	if err = os.WriteFile(f, []byte(demo), 0o644); err != nil {
 		return l, nil, err
 	}
 	for _, c := range clusters {
-		if o.BGP {
+		if o.BGP || o.L2 {
 			// The pool first, so the service gets its addresses at once.
-			if err = applyNorthSouth(ctx, c); err != nil {
+			if err = applyNorthSouth(ctx, c, o.BGP, o.L2); err != nil {
 				return l, nil, err
 			}
 		}
@@ -497,6 +535,47 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 	step("waiting until every agent sees the whole mesh")
 	if err = st.WaitReady(ctx, o.Timeout); err != nil {
 		return l, nil, err
+	}
+	if o.L2 {
+		step("L2: a client outside the mesh on every cluster's node segment; the service's addresses answered with ARP and NDP")
+		for _, c := range clusters {
+			sc, err := c.AddSegmentClient(c.Name+"-seg", 200)
+			if err != nil {
+				return l, nil, err
+			}
+			addrs, err := waitLBAddrs(ctx, c, o.Timeout)
+			if err != nil {
+				return l, nil, err
+			}
+			so := StateOutside{Name: c.Name + "-seg", Cluster: c.Name, Netns: sc.FullName(), IPs: []netip.Addr{sc.IPv4, sc.IPv6}, Via: "L2"}
+			for _, a := range addrs {
+				so.Addrs = append(so.Addrs, netip.AddrPortFrom(a, 80))
+			}
+			st.Outside = append(st.Outside, so)
+		}
+	}
+	if o.VMs > 0 {
+		step("VMs: %d external workloads behind the fabric, enrolled with one-time tokens, each serving the echo server", o.VMs)
+		for k := 1; k <= o.VMs; k++ {
+			c := clusters[(k-1)%len(clusters)]
+			name := fmt.Sprintf("vm%d", k)
+			v, err := l.AddVM(ctx, c, k, name, map[string]string{"app": "vm"})
+			if err != nil {
+				return l, nil, err
+			}
+			ips, err := v.Addresses(ctx)
+			if err != nil {
+				return l, nil, err
+			}
+			if _, err := v.Start(context.WithoutCancel(ctx), cli, "lab", "echo-server",
+				"--listen", ":"+strconv.Itoa(connectivity.EchoPort), "--pod", name, "--node", name, "--cluster", c.Name); err != nil {
+				return l, nil, err
+			}
+			if err := waitListening(ctx, v.Netns, netip.AddrPortFrom(ips[0], connectivity.EchoPort)); err != nil {
+				return l, nil, err
+			}
+			st.VMs = append(st.VMs, StateVM{Name: name, Workload: v.Name, Cluster: c.Name, Netns: v.FullName(), Socket: v.Agent.Socket, IPs: ips})
+		}
 	}
 	if o.BGP {
 		step("waiting for the load-balancer addresses and their routes in every top-of-rack router")

@@ -39,7 +39,7 @@ func (c *cli) labUpCommand() *cobra.Command {
 	o := lab.UpOptions{}
 	var skipTest bool
 	cmd := &cobra.Command{
-		Use:   "up [--clusters 2] [--nodes 2] [--pods-per-node 2] [--encryption wireguard|none] [--bgp]",
+		Use:   "up [--clusters 2] [--nodes 2] [--pods-per-node 2] [--encryption wireguard|none] [--bgp] [--l2] [--vms N]",
 		Short: "Build the lab, connect the clusters, wait until synced, run the connectivity test",
 		Long: `Build a mesh in network namespaces and leave it running:
 
@@ -62,12 +62,23 @@ address per family from the cluster's LoadBalancerIPPool
 behind each router (c<i>-out): the connectivity test's north-south check
 sends it through the address to the backends of every cluster.
 
+With --l2, the same addresses are answered with ARP and NDP on each
+cluster's node segment by one node at a time (an L2AnnouncementPolicy),
+and a client outside the mesh sits on that segment (c<i>-seg).
+
+With --vms N, N hosts behind the fabric (vm1..vmN, spread over the
+clusters) join with one-time tokens ('isthmus vm token create', then
+'isthmus-agent --join'), labelled app=vm (the policy admits them to the
+echo pods), each running the echo server on its mesh addresses: the
+connectivity test checks pod <-> host both ways.
+
 Then it waits until every agent sees the whole mesh, runs 'isthmus
 connectivity test' and prints a summary. Exits non-zero when the build or a
 check fails (a lab whose checks failed stays up for debugging). Only one lab
 at a time: remove it with 'isthmus lab down'.`,
 		Example: `  isthmus lab up
   isthmus lab up --bgp
+  isthmus lab up --l2 --vms 2
   isthmus lab up --clusters 3 --nodes 1 --encryption none`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -121,6 +132,8 @@ at a time: remove it with 'isthmus lab down'.`,
 	f.IntVar(&o.PodsPerNode, "pods-per-node", 2, "echo pods per node (1-20)")
 	f.StringVar(&o.Encryption, "encryption", "wireguard", "transparent encryption between nodes: wireguard or none")
 	f.BoolVar(&o.BGP, "bgp", false, "north-south over BGP: BIRD as every cluster's top-of-rack router peered with every node, the echo service of type LoadBalancer, and a client outside the mesh behind each router (checked by the connectivity test)")
+	f.BoolVar(&o.L2, "l2", false, "north-south over L2: a client outside the mesh on every cluster's node segment (c<i>-seg), the echo service of type LoadBalancer answered there with ARP and NDP (an L2AnnouncementPolicy), checked by the connectivity test")
+	f.IntVar(&o.VMs, "vms", 0, "external workloads (0-20): hosts behind the fabric enrolled with one-time tokens (isthmus-agent --join), spread over the clusters, labelled app=vm, each running the echo server; the connectivity test checks pod <-> host")
 	f.DurationVar(&o.Timeout, "timeout", 3*time.Minute, "how long to wait for the mesh to sync")
 	f.BoolVar(&skipTest, "skip-test", false, "do not run the connectivity test")
 	return cmd

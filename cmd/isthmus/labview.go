@@ -94,6 +94,9 @@ func printLabView(w io.Writer, v lab.View, state string) error {
 	} else {
 		fmt.Fprintf(w, "NetworkPolicy %s: app=echo pods admit tcp/%d only from app=echo pods (of any cluster)\n", st.Policy, connectivity.EchoPort)
 	}
+	for _, v := range st.VMs {
+		fmt.Fprintf(w, "External workload %s (%s, joined %s, label app=vm, admitted by the policy): %s, echo server on port %d\n", v.Name, v.Workload, v.Cluster, joinAddrs(v.IPs), connectivity.EchoPort)
+	}
 	for _, o := range st.Outside {
 		var addrs []string
 		for _, a := range o.Addrs {

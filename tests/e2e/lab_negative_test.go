@@ -119,6 +119,7 @@ spec:
 type labReport struct {
 	Results []struct {
 		Check  string `json:"check"`
+		From   string `json:"from"`
 		Result string `json:"result"`
 		Detail string `json:"detail"`
 	} `json:"results"`
