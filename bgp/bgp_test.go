@@ -286,8 +286,16 @@ func TestGracefulRestart(t *testing.T) {
 	r := newRig(t, (*rig).birdNeighbors)
 	keep := Path{Prefix: netip.MustParsePrefix("10.77.3.0/24")}
 	gone := Path{Prefix: netip.MustParsePrefix("10.77.4.0/24")}
+	// One neighbour: with two, GoBGP ends "restarting" for both at the
+	// first End-of-RIB, and the second session may open without the bits
+	// (the limitation noted in peers.go).
+	config := func(paths ...Path) Config {
+		c := r.config(paths...)
+		c.Peers = c.Peers[:1]
+		return c
+	}
 	s1 := New(nil)
-	if err := s1.Reconcile(t.Context(), r.config(keep, gone)); err != nil {
+	if err := s1.Reconcile(t.Context(), config(keep, gone)); err != nil {
 		t.Fatal(err)
 	}
 	r.established(t, s1, r.remote4)
@@ -316,7 +324,7 @@ func TestGracefulRestart(t *testing.T) {
 
 	s2 := newSpeaker(t)
 	done := make(chan error, 1)
-	go func() { done <- s2.Reconcile(t.Context(), r.config(keep)) }()
+	go func() { done <- s2.Reconcile(t.Context(), config(keep)) }()
 	// Throughout the re-establishment the kept route never leaves.
 	deadline := time.Now().Add(20 * time.Second)
 	for {

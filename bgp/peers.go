@@ -56,6 +56,15 @@ func apiPeer(p Peer, restarting bool) *api.Peer {
 			// After a restart GoBGP holds its updates back until every
 			// peer sent End-of-RIB, at most this long; we import nothing,
 			// so there is nothing worth waiting for.
+			//
+			// Known GoBGP v3 limitation: the first End-of-RIB a restarted
+			// speaker receives ends "restarting" for every neighbour,
+			// also one whose session is not up yet (it counts as having
+			// sent all its End-of-RIBs). That neighbour's OPEN then lacks
+			// the Restart State and Forwarding bits, so it drops our stale
+			// routes at session start and takes them again right after:
+			// a short withdrawal, only with several neighbours and only
+			// when one comes up after another's End-of-RIB (docs/bgp.md).
 			DeferralTime: 1,
 		}
 		ap.AfiSafis[0].MpGracefulRestart = &api.MpGracefulRestart{Config: &api.MpGracefulRestartConfig{Enabled: true}}
