@@ -101,10 +101,12 @@ spec:
 		docs = append(docs, b.String())
 	}
 	start := time.Now()
-	for _, d := range docs {
+	for k, d := range docs {
+		t := time.Now()
 		if err := apply(ctx, a, d); err != nil {
 			return err
 		}
+		progress("bgp: apply %d of %d took %v", k+1, len(docs), time.Since(t).Round(time.Millisecond))
 	}
 	applied := time.Since(start)
 	if _, err := waitKernelRoutes(c.Router, 60*time.Second, all...); err != nil {
