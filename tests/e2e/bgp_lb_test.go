@@ -3,6 +3,7 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/netip"
 	"strings"
 	"testing"
@@ -113,7 +114,10 @@ func TestBGPLoadBalancer(t *testing.T) {
 	m.apply(c2a, lbPool("lb-c2", `{cidr: 203.0.113.128/28}`, `{cidr: "2001:db8:e2::/120"}`))
 	for name, a := range map[string]*lab.Agent{"lb-c1n1": c1a, "lb-c1n2": c1b, "lb-c2n1": c2a} {
 		p := m.echoPod(a, name, map[string]string{"app": "lbweb"})
-		serveTCP(t, p.Netns, 9000, echo)
+		serveTCP(t, p.Netns, 9000, func(c net.Conn) {
+			t.Logf("TCP echo in %s: connection from %s", name, c.RemoteAddr())
+			echo(c)
+		})
 	}
 	out, err := m.c1.AddOutside("outside")
 	if err != nil {
