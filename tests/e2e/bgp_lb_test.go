@@ -136,6 +136,9 @@ func TestBGPLoadBalancer(t *testing.T) {
 	t.Run("the load-balancer addresses are in BIRD's kernel table, ECMP over both c1 nodes", func(t *testing.T) {
 		b.waitRoute(t, hostPrefix(lb4), gw4, 10*time.Second)
 		b.waitRoute(t, hostPrefix(lb6), gw6, 10*time.Second)
+		show, _ := b.bird.Birdc(m.ctx, "show", "route", hostPrefix(lb4).String())
+		ipr, _ := m.c1.Router.Exec(m.ctx, "ip", "route", "show", lb4.String())
+		t.Logf("birdc show route %s:\n%s\nip route show %s:\n%s", hostPrefix(lb4), show, lb4, ipr)
 		routes, err := c1a.CLI(m.ctx, "bgp", "routes")
 		if err != nil || !strings.Contains(string(routes), "LoadBalancerIP default/lbweb") || !strings.Contains(string(routes), lb4.String()) {
 			t.Errorf("isthmus bgp routes does not name the service: %v\n%s", err, routes)
