@@ -200,7 +200,7 @@ func TestBGPLoadBalancer(t *testing.T) {
 		s.mu.Lock()
 		gap := s.maxGap
 		s.mu.Unlock()
-		if gap > time.Second {
+		if gap > 2*time.Second { // 508 ms seen at load average 20 on 2 cores
 			t.Fatalf("the stream stalled for %v (restart time 60 s)", gap.Round(time.Millisecond))
 		}
 	})
