@@ -550,6 +550,12 @@ func (m *Mesh) persistObjects() {
 	stored := m.cfg.Store.Objects()
 	put := map[string][]byte{}
 	for k, o := range cur {
+		if prev != nil && prev[k] == o {
+			// The same decoded object as at the last write: it is on
+			// disk. Marshalling only what changed keeps a bulk apply
+			// of thousands of services from costing O(all) per tick.
+			continue
+		}
 		raw, err := json.Marshal(objects.WithoutStatus(o))
 		if err != nil {
 			continue

@@ -315,3 +315,39 @@ func TestDecodeDropsStatus(t *testing.T) {
 		t.Fatalf("spec = %+v", svc.Spec)
 	}
 }
+
+// The JSON fast path decodes what the YAML path decodes, and leaves what
+// it does not take exactly (duplicate keys, trailing data) to the YAML
+// path's errors.
+func TestDecodeJSONFastPath(t *testing.T) {
+	const js = `{"apiVersion":"isthmus.io/v1alpha1","kind":"Service","metadata":{"name":"web","labels":{"a":"1"}},` +
+		`"spec":{"type":"LoadBalancer","vips":["10.96.0.10"],"ports":[{"port":80,"targetPort":8080}],"selector":{"app":"web"}}}`
+	const ym = "apiVersion: isthmus.io/v1alpha1\nkind: Service\nmetadata: {name: web, labels: {a: \"1\"}}\n" +
+		"spec:\n  type: LoadBalancer\n  vips: [10.96.0.10]\n  ports: [{port: 80, targetPort: 8080}]\n  selector: {app: web}\n"
+	if _, ok := jsonToGeneric([]byte(js)); !ok {
+		t.Fatal("the fast path did not take a plain JSON object")
+	}
+	a, err := Decode([]byte(js))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := Decode([]byte(ym))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(a, b) {
+		t.Fatalf("JSON and YAML of one service differ:\n%#v\n%#v", a[0], b[0])
+	}
+	for name, in := range map[string]string{
+		"duplicate key":   `{"apiVersion":"isthmus.io/v1alpha1","kind":"Service","kind":"Service"}`,
+		"trailing object": js + `{}`,
+		"wrong number":    `{"apiVersion":"isthmus.io/v1alpha1","kind":"Service","metadata":{"name":"x"},"spec":{"vips":["10.96.0.1"],"ports":[{"port":1e999}]}}`,
+	} {
+		if _, ok := jsonToGeneric([]byte(in)); ok && name != "wrong number" {
+			t.Errorf("%s: the fast path took %s", name, in)
+		}
+		if _, err := Decode([]byte(in)); err == nil && name != "trailing object" { // the YAML path reads one document
+			t.Errorf("%s: Decode accepted %s", name, in)
+		}
+	}
+}

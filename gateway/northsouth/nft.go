@@ -106,6 +106,16 @@ func EnsureTable(node string) (bool, error) {
 	return true, nil
 }
 
+// TablePresent reports whether the node's table holds exactly the
+// masquerade EnsureTable makes.
+func TablePresent(node string) (bool, error) {
+	c, err := nftables.New()
+	if err != nil {
+		return false, fmt.Errorf("nftables: %w", err)
+	}
+	return tablePresent(c, node)
+}
+
 // RemoveTable removes the node's table; a missing table is not an error.
 func RemoveTable(node string) error {
 	c, err := nftables.New()

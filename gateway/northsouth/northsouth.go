@@ -53,10 +53,13 @@ type Reconciler struct {
 	cfg Config
 	dp  Datapath
 
-	key    string // the inputs the devices were last converged for
-	snat   *bool  // the SNAT state last converged (nil: never)
-	fullAt time.Time
-	failed bool
+	key  string // the inputs the devices were last converged for
+	snat *bool  // the SNAT state last converged (nil: never)
+	// unwanted is since when no frontend under Cluster wanted the SNAT
+	// table (zero while one does); see snatHold.
+	unwanted time.Time
+	fullAt   time.Time
+	failed   bool
 
 	mu     sync.Mutex
 	status api.NorthSouthStatus
@@ -69,6 +72,17 @@ func New(cfg Config, dp Datapath) *Reconciler {
 	}
 	return &Reconciler{cfg: cfg, dp: dp, status: api.NorthSouthStatus{Table: TableName(cfg.Node), Configured: slices.Clone(cfg.Devices)}}
 }
+
+// snatHold is how long no frontend under Cluster must want the SNAT table
+// before a full pass removes it. Removing it at once would cut the
+// established flows from outside whenever the wish flickers: an agent
+// that starts (SIGKILLed and restarted) runs its first passes before
+// every frontend is back, and without a NAT chain in the namespace the
+// kernel stops applying the NAT of existing connections, so the replies
+// of remote backends no longer find their way back (the flow is reset).
+// A table kept longer costs nothing: it masquerades only packets that
+// from_external marked for a frontend under Cluster.
+const snatHold = 30 * time.Second
 
 // Sync attaches the programs to the external devices (and detaches them
 // from devices that are no longer external), and creates or removes the
@@ -108,10 +122,23 @@ func (r *Reconciler) Sync(in Input) error {
 			if changed {
 				r.cfg.Log.Info("north-south: SNAT table written", "table", TableName(r.cfg.Node))
 			}
+			st.SNATPresent = err == nil
+			r.unwanted = time.Time{}
 		} else {
-			err = RemoveTable(r.cfg.Node)
+			if r.unwanted.IsZero() {
+				r.unwanted = time.Now()
+			}
+			if time.Since(r.unwanted) >= snatHold {
+				err = RemoveTable(r.cfg.Node)
+				st.SNATPresent = false
+			} else {
+				// Kept for now (a later full pass removes it): see
+				// snatHold.
+				var present bool
+				present, err = TablePresent(r.cfg.Node)
+				st.SNATPresent = present
+			}
 		}
-		st.SNATPresent = in.SNAT && err == nil
 		st.SNATError = ""
 		if err != nil {
 			st.SNATError = err.Error()

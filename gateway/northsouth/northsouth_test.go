@@ -76,9 +76,21 @@ func TestSyncAttachesAndKeepsTheSNATTable(t *testing.T) {
 		if err := r.Sync(Input{NodeIPs: nodeIP, SNAT: true}); err != nil || !present(t, node) {
 			t.Errorf("after the table was removed by hand: %v, present %v", err, present(t, node))
 		}
-		// No Cluster frontend any more: the table goes.
+		// No Cluster frontend any more: the table stays for snatHold
+		// (established flows keep their NAT through a flicker)...
+		if err := r.Sync(Input{NodeIPs: nodeIP, SNAT: false}); err != nil || !present(t, node) || !r.Status().SNATPresent {
+			t.Errorf("SNAT just unwanted: %v, table present %v, status %+v", err, present(t, node), r.Status())
+		}
+		// ... and a restarted agent whose first pass has no Cluster
+		// frontend yet leaves it alone.
+		if err := New(Config{Node: node}, dp).Sync(Input{NodeIPs: nodeIP, SNAT: false}); err != nil || !present(t, node) {
+			t.Errorf("first pass of a new reconciler without SNAT: %v, table present %v", err, present(t, node))
+		}
+		// ... then the next full pass removes it.
+		r.unwanted = r.unwanted.Add(-snatHold)
+		r.fullAt = r.fullAt.AddDate(0, 0, -1)
 		if err := r.Sync(Input{NodeIPs: nodeIP, SNAT: false}); err != nil || present(t, node) || r.Status().SNATPresent {
-			t.Errorf("SNAT not wanted: %v, table present %v", err, present(t, node))
+			t.Errorf("SNAT not wanted for snatHold: %v, table present %v", err, present(t, node))
 		}
 		// The device is no longer external (its address and route move):
 		// the programs leave it.

@@ -42,9 +42,17 @@ func newBGPLab(t *testing.T) *bgpLab {
 	if err != nil {
 		t.Fatal(err)
 	}
-	step(t, "starting BIRD in the cluster router, peered with both nodes over IPv4 and IPv6")
+	return &bgpLab{ctx: ctx, c: c, bird: startTOR(t, ctx, c)}
+}
+
+// startTOR starts BIRD in c's router as its top-of-rack router, peered
+// with every node of c over IPv4 and IPv6 (AS nodeASN); on failure the
+// test logs BIRD's protocols, routes and log.
+func startTOR(t *testing.T, ctx context.Context, c *lab.Cluster) *lab.BIRD {
+	t.Helper()
+	step(t, "starting BIRD in the router of %s, peered with its %d nodes over IPv4 and IPv6", c.Name, len(c.Agents))
 	var ns []lab.BIRDNeighbor
-	for j := 1; j <= 2; j++ {
+	for j := 1; j <= len(c.Agents); j++ {
 		for _, a := range c.NodeIPs(j) {
 			ns = append(ns, lab.BIRDNeighbor{Address: a, ASN: nodeASN})
 		}
@@ -60,10 +68,22 @@ func newBGPLab(t *testing.T) *bgpLab {
 			t.Logf("bird protocols:\n%s\nbird routes:\n%s\nbird log:\n%s", out, lab.Tail(routes, 4000), lab.Tail(b.Log(), 4000))
 		}
 	})
-	return &bgpLab{ctx: ctx, c: c, bird: b}
+	return b
 }
 
 func (b *bgpLab) policy(passwordFile string) string {
+	return b.policyWith(passwordFile, `    - type: PodCIDR
+    - type: ExternalIP
+      selector: {matchLabels: {bgp: announce}}
+      communities: ["65010:100"]
+`)
+}
+
+// policyWith is the BGPPeeringPolicy "tor" of the nodes labelled rack=r1:
+// both of the router's addresses as neighbours (graceful restart, 60 s),
+// the IPv4 one with the password file if any, and the given
+// advertisements (YAML list items indented by four spaces).
+func (b *bgpLab) policyWith(passwordFile, advertisements string) string {
 	r4, r6 := b.c.RouterIPs()[0], b.c.RouterIPs()[1]
 	pw := ""
 	if passwordFile != "" {
@@ -86,11 +106,7 @@ spec:
       timers: {holdTimeSeconds: 9, keepaliveTimeSeconds: 3, connectRetryTimeSeconds: 1}
       gracefulRestart: {enabled: true, restartTimeSeconds: 60}
   advertisements:
-    - type: PodCIDR
-    - type: ExternalIP
-      selector: {matchLabels: {bgp: announce}}
-      communities: ["65010:100"]
-`, nodeASN, r4, torASN, pw, r6, torASN)
+%s`, nodeASN, r4, torASN, pw, r6, torASN, advertisements)
 }
 
 func (b *bgpLab) apply(t *testing.T, a *lab.Agent, yaml string) {
@@ -139,6 +155,96 @@ func (b *bgpLab) waitRoute(t *testing.T, dst netip.Prefix, gws []netip.Addr, wit
 	}
 }
 
+// watchRoute polls the router's kernel table every 10 ms until the
+// returned stop is called; stop returns "" when dst was routed through
+// exactly gws at every look, or the first moment it was not.
+func (b *bgpLab) watchRoute(dst netip.Prefix, gws []netip.Addr) (stop func() string) {
+	done := make(chan struct{})
+	broken := make(chan string, 1)
+	go func() {
+		defer close(broken)
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			r, ok, err := b.c.Router.KernelRoute(dst)
+			if err != nil || !ok || !slices.Equal(r.Gateways, gws) {
+				broken <- fmt.Sprintf("at %s: %s via %v, present %v, err %v", time.Now().Format(time.StampMilli), dst, r.Gateways, ok, err)
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}()
+	return func() string {
+		close(done)
+		return <-broken // "" once closed without a message
+	}
+}
+
+// killAndRestart SIGKILLs the agent of node j (from 1), starts it again,
+// waits until BIRD has its IPv4 session with the node established again
+// and then two more seconds: past the End-of-RIB, when BIRD would drop
+// the routes the restarted speaker did not send again.
+func (b *bgpLab) killAndRestart(t *testing.T, a *lab.Agent, j int) {
+	t.Helper()
+	if err := a.Proc.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-a.Proc.Done()
+	if err := a.Start(b.ctx); err != nil {
+		t.Fatal(err)
+	}
+	nb := b.c.NodeIPs(j)[0]
+	if err := eventually(30*time.Second, func() error {
+		p, err := b.bird.Protocol(b.ctx, nb)
+		if err != nil || p.Info != "Established" {
+			return fmt.Errorf("%+v %v", p, err)
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("the restarted agent of %s did not re-establish: %v", a.Node.Name(), err)
+	}
+	time.Sleep(2 * time.Second)
+}
+
+// waitSessions waits until every node's speaker has both sessions
+// established (its own view and BIRD's) and each node's pod CIDRs are in
+// the router's kernel table via the node.
+func (b *bgpLab) waitSessions(t *testing.T) {
+	t.Helper()
+	c := b.c
+	for _, a := range c.Agents {
+		if err := eventually(30*time.Second, func() error {
+			st := b.peers(t, a)
+			if len(st.Peers) != 2 {
+				return fmt.Errorf("peers: %+v", st)
+			}
+			for _, p := range st.Peers {
+				if p.State != "established" {
+					return fmt.Errorf("%s: %s (%s)", p.Address, p.State, p.LastError)
+				}
+			}
+			return nil
+		}); err != nil {
+			t.Fatalf("%s: sessions not established: %v", a.Node.Name(), err)
+		}
+	}
+	for _, nb := range b.bird.Options().Neighbors {
+		p, err := b.bird.Protocol(b.ctx, nb.Address)
+		if err != nil || p.Info != "Established" {
+			t.Fatalf("BIRD's session with %s: %+v %v", nb.Address, p, err)
+		}
+	}
+
+	for j := 1; j <= len(c.Agents); j++ {
+		for i, pfx := range c.NodePodCIDRs(j) {
+			b.waitRoute(t, pfx, []netip.Addr{c.NodeIPs(j)[i]}, 10*time.Second)
+		}
+	}
+}
+
 func bgpService(name, policy string, labels map[string]string, externalIPs ...string) string {
 	var l []string
 	for k, v := range labels {
@@ -170,35 +276,7 @@ func TestBGPTopOfRack(t *testing.T) {
 
 	step(t, "apply a BGPPeeringPolicy: both nodes peer with BIRD over IPv4 and IPv6")
 	b.apply(t, n1, b.policy(""))
-	for _, a := range []*lab.Agent{n1, n2} {
-		if err := eventually(30*time.Second, func() error {
-			st := b.peers(t, a)
-			if len(st.Peers) != 2 {
-				return fmt.Errorf("peers: %+v", st)
-			}
-			for _, p := range st.Peers {
-				if p.State != "established" {
-					return fmt.Errorf("%s: %s (%s)", p.Address, p.State, p.LastError)
-				}
-			}
-			return nil
-		}); err != nil {
-			t.Fatalf("%s: sessions not established: %v", a.Node.Name(), err)
-		}
-	}
-	for _, nb := range b.bird.Options().Neighbors {
-		p, err := b.bird.Protocol(b.ctx, nb.Address)
-		if err != nil || p.Info != "Established" {
-			t.Fatalf("BIRD's session with %s: %+v %v", nb.Address, p, err)
-		}
-	}
-
-	step(t, "pod CIDRs of both nodes are in the router's kernel table, each via its node")
-	for j := 1; j <= 2; j++ {
-		for i, pfx := range c.NodePodCIDRs(j) {
-			b.waitRoute(t, pfx, []netip.Addr{c.NodeIPs(j)[i]}, 10*time.Second)
-		}
-	}
+	b.waitSessions(t)
 
 	ext4, ext6 := netip.MustParsePrefix("192.0.2.10/32"), netip.MustParsePrefix("2001:db8::10/128")
 	step(t, "apply a service with externalIPs %s and %s: ECMP across both nodes", ext4.Addr(), ext6.Addr())
@@ -234,47 +312,12 @@ func TestBGPTopOfRack(t *testing.T) {
 	step(t, "re-apply, SIGKILL the agent of node 1 and restart it: the route never leaves the router")
 	b.apply(t, n1, web)
 	b.waitRoute(t, ext4, gw4, 5*time.Second)
-	if err := n1.Proc.Signal(syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	<-n1.Proc.Done()
-	stop := make(chan struct{})
-	broken := make(chan string, 1)
-	go func() {
-		for {
-			select {
-			case <-stop:
-				close(broken)
-				return
-			default:
-			}
-			r, ok, err := c.Router.KernelRoute(ext4)
-			if err != nil || !ok || !slices.Equal(r.Gateways, gw4) {
-				broken <- fmt.Sprintf("at %s: route %v present %v err %v", time.Now().Format(time.StampMilli), r.Gateways, ok, err)
-				close(broken)
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	}()
-	if err := n1.Start(b.ctx); err != nil {
-		t.Fatal(err)
-	}
-	nb1 := c.NodeIPs(1)[0]
-	if err := eventually(30*time.Second, func() error {
-		p, err := b.bird.Protocol(b.ctx, nb1)
-		if err != nil || p.Info != "Established" {
-			return fmt.Errorf("%+v %v", p, err)
-		}
-		return nil
-	}); err != nil {
-		t.Fatalf("the restarted agent did not re-establish: %v", err)
-	}
-	time.Sleep(2 * time.Second) // past the End-of-RIB, when stale routes would go
-	close(stop)
-	if msg, ok := <-broken; ok {
+	stop := b.watchRoute(ext4, gw4)
+	b.killAndRestart(t, n1, 1)
+	if msg := stop(); msg != "" {
 		t.Fatalf("the route changed while the agent restarted: %s", msg)
 	}
+	nb1 := c.NodeIPs(1)[0]
 	if d, _ := b.bird.ProtocolDetails(b.ctx, nb1); !strings.Contains(d, "Established") {
 		t.Fatalf("BIRD's session with node 1:\n%s", d)
 	}

@@ -31,6 +31,12 @@ type mesh struct {
 // startMesh builds clusters c1 and c2 with opts and connects them.
 func startMesh(t *testing.T, opts lab.ClusterOptions) *mesh {
 	t.Helper()
+	return startMeshWith(t, opts, opts)
+}
+
+// startMeshWith builds c1 with opts and c2 with opts2 and connects them.
+func startMeshWith(t *testing.T, opts, opts2 lab.ClusterOptions) *mesh {
+	t.Helper()
 	l := labtest.New(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	t.Cleanup(cancel)
@@ -44,7 +50,7 @@ func startMesh(t *testing.T, opts lab.ClusterOptions) *mesh {
 	if m.c1, err = l.AddCluster(ctx, 1, opts); err != nil {
 		t.Fatal(err)
 	}
-	if m.c2, err = l.AddCluster(ctx, 2, opts); err != nil {
+	if m.c2, err = l.AddCluster(ctx, 2, opts2); err != nil {
 		t.Fatal(err)
 	}
 	step(t, "connecting c1 and c2")
