@@ -154,8 +154,11 @@ func (m *Manager) Run(ctx context.Context) {
 			m.mu.Unlock()
 			m.log.Error("l2: cannot open the heartbeat socket: this node will not lead", "err", err)
 		} else {
-			stop := context.AfterFunc(ctx, func() { conn.Close() })
-			defer stop()
+			// Closed when Run returns (before wg.Wait, defers run last
+			// in first out), which ends receive's blocking read. Not with
+			// context.AfterFunc: its stop, deferred, could win the race
+			// with the cancellation and leave the read blocked forever.
+			defer conn.Close()
 			wg.Go(func() { m.receive(conn) })
 			wg.Go(func() { m.send(ctx, conn) })
 		}
