@@ -198,3 +198,44 @@ func TestHostNodeTrafficUntouchedOnL3(t *testing.T) {
 		t.Fatal("node traffic was judged or translated")
 	}
 }
+
+func TestHostEgressPolicyOnL3(t *testing.T) {
+	d := openTest(t)
+	hostSetup(t, d, false)
+	for _, ip := range []netip.Addr{podA, podA6} {
+		if err := d.EndpointUpsert(ip, EndpointInfo{ID: 7, IfIndex: 42, Identity: idA, PolicyEgress: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The host may reach the remote identity on tcp/8080, through a VIP
+	// too: policy judges the backend.
+	if err := d.PolicySync([]PolicyKey{{EndpointID: 7, PeerIdentity: idRemote, Port: 8080, Proto: ProtoTCP, Direction: Egress}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if err := d.ServiceUpsert(Frontend{VIP: f.vip, Port: 80, Proto: ProtoTCP}, []Backend{{Addr: f.remote, Port: 8080}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.ServiceUpsert(Frontend{VIP: f.vip, Port: 81, Proto: ProtoTCP}, []Backend{{Addr: f.remote, Port: 9090}}); err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range []struct {
+			name string
+			pkt  testPkt
+			want uint32
+		}{
+			{"to the allowed port", testPkt{src: f.a, dst: f.remote, proto: ProtoTCP, sport: 30000, dport: 8080}, tcActOK},
+			{"through a VIP to the allowed port", testPkt{src: f.a, dst: f.vip, proto: ProtoTCP, sport: 30001, dport: 80}, tcActOK},
+			{"to another port", testPkt{src: f.a, dst: f.remote, proto: ProtoTCP, sport: 30002, dport: 9090}, tcActShot},
+			{"through a VIP to another port", testPkt{src: f.a, dst: f.vip, proto: ProtoTCP, sport: 30003, dport: 81}, tcActShot},
+		} {
+			before := metric(t, d, ReasonDropPolicyEgr)
+			if ret, _ := run(t, d.FromHost(), l3(c.pkt.bytes())); ret != c.want {
+				t.Errorf("%s host %s: ret %d, want %d", f.name, c.name, ret, c.want)
+			}
+			if c.want == tcActShot && metric(t, d, ReasonDropPolicyEgr) != before+1 {
+				t.Errorf("%s host %s: not counted as drop_policy_egress", f.name, c.name)
+			}
+		}
+	}
+}
