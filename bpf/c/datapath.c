@@ -11,6 +11,10 @@
  * they quote a flow of the pod (docs/datapath.md, "Fragments, extension
  * headers and ICMP errors").
  *
+ * from_host and to_host do the same on the L3 WireGuard device of an
+ * external workload, whose own address is its endpoint (docs/datapath.md,
+ * "The host of an external workload").
+ *
  * from_external and to_external run at tcx ingress and egress of the node's
  * external devices: traffic from outside the mesh to a load-balancer or
  * external address is translated to a backend (isth_lb), and its replies
@@ -1273,7 +1277,8 @@ int to_pod(struct __sk_buff *skb)
 
 /* An ICMP error leaving a pod (tail call from from_pod, which checked the
  * source): related to a flow of the sender, then delivered like from_pod
- * delivers, with the destination's side checked too. */
+ * delivers, with the destination's side checked too. From from_host
+ * (cb[0] CB_L3): related to a flow of the host, then on to WireGuard. */
 SEC("tc")
 int from_pod_icmp_err(struct __sk_buff *skb)
 {
