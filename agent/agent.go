@@ -81,12 +81,16 @@ type Agent struct {
 	mu     sync.Mutex          // the local API's lock (localapi.Config.Lock)
 
 	// Kernel-facing steps, replaceable in tests.
-	plumb         localapi.Plumber
-	openDatapath  func(Config) (datapath.Datapath, error)
-	nodeAddrs     func() ([]netip.Addr, error)
-	hostAddrs     *node.AddrCache // over nodeAddrs
-	newRouter     func() (routes.Router, error)
-	detectNodeIPs func() ([]netip.Addr, error)
+	plumb        localapi.Plumber
+	openDatapath func(Config) (datapath.Datapath, error)
+	nodeAddrs    func() ([]netip.Addr, error)
+	hostAddrs    *node.AddrCache // over nodeAddrs
+	// workloadDev and workloadIfIndex: an external workload's WireGuard
+	// device, its datapath (set by plumbWorkload; 0 on a node).
+	workloadDev     string
+	workloadIfIndex int
+	newRouter       func() (routes.Router, error)
+	detectNodeIPs   func() ([]netip.Addr, error)
 
 	mesh *clustermode.Mesh // the etcd source; nil in standalone mode
 	kube *kube.Source      // the API server's source; nil outside Kubernetes mode
@@ -488,6 +492,9 @@ func (a *Agent) reconcile(ctx context.Context) error {
 		}
 	}
 	if a.enc != nil {
+		if a.cfg.ExternalWorkload != nil {
+			a.enc.SetServiceRoutes(serviceVIPs(want.Services))
+		}
 		n, err := a.enc.Sync(want.Mesh)
 		routeChanges += n
 		if err != nil {
@@ -547,6 +554,7 @@ func (a *Agent) desiredState() (desired.State, error) {
 		return s, fmt.Errorf("list node addresses: %w", err)
 	}
 	s.HostAddrs = addrs
+	s.Workload = a.workloadEndpoint()
 	return s, nil
 }
 

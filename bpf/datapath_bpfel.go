@@ -189,9 +189,11 @@ const (
 	datapathMapIsthPolicy      = "isth_policy"
 	datapathMapIsthServices    = "isth_services"
 	datapathProgFromExternal   = "from_external"
+	datapathProgFromHost       = "from_host"
 	datapathProgFromPod        = "from_pod"
 	datapathProgFromPodIcmpErr = "from_pod_icmp_err"
 	datapathProgToExternal     = "to_external"
+	datapathProgToHost         = "to_host"
 	datapathProgToPod          = "to_pod"
 	datapathProgToPodIcmpErr   = "to_pod_icmp_err"
 )
@@ -239,9 +241,11 @@ type datapathSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathProgramSpecs struct {
 	FromExternal   *ebpf.ProgramSpec `ebpf:"from_external"`
+	FromHost       *ebpf.ProgramSpec `ebpf:"from_host"`
 	FromPod        *ebpf.ProgramSpec `ebpf:"from_pod"`
 	FromPodIcmpErr *ebpf.ProgramSpec `ebpf:"from_pod_icmp_err"`
 	ToExternal     *ebpf.ProgramSpec `ebpf:"to_external"`
+	ToHost         *ebpf.ProgramSpec `ebpf:"to_host"`
 	ToPod          *ebpf.ProgramSpec `ebpf:"to_pod"`
 	ToPodIcmpErr   *ebpf.ProgramSpec `ebpf:"to_pod_icmp_err"`
 }
@@ -326,9 +330,11 @@ type datapathVariables struct {
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathPrograms struct {
 	FromExternal   *ebpf.Program `ebpf:"from_external"`
+	FromHost       *ebpf.Program `ebpf:"from_host"`
 	FromPod        *ebpf.Program `ebpf:"from_pod"`
 	FromPodIcmpErr *ebpf.Program `ebpf:"from_pod_icmp_err"`
 	ToExternal     *ebpf.Program `ebpf:"to_external"`
+	ToHost         *ebpf.Program `ebpf:"to_host"`
 	ToPod          *ebpf.Program `ebpf:"to_pod"`
 	ToPodIcmpErr   *ebpf.Program `ebpf:"to_pod_icmp_err"`
 }
@@ -336,9 +342,11 @@ type datapathPrograms struct {
 func (p *datapathPrograms) Close() error {
 	return _DatapathClose(
 		p.FromExternal,
+		p.FromHost,
 		p.FromPod,
 		p.FromPodIcmpErr,
 		p.ToExternal,
+		p.ToHost,
 		p.ToPod,
 		p.ToPodIcmpErr,
 	)

@@ -44,6 +44,7 @@ type Datapath interface {
 	AttachExternal(ifname string, ifindex int) error
 	DetachExternal(ifname string) error
 	ExternalAttached() ([]string, error)
+	AttachHost(ifname string, ifindex int) error
 	PolicySync(want []bpf.PolicyKey) error
 	PolicyUpdate(add, del []bpf.PolicyKey) error
 	PolicyList() ([]bpf.PolicyKey, error)
@@ -131,6 +132,7 @@ type policyInputs struct {
 	endpoints, objects, identities, listed uint64
 	ready                                  bool
 	cluster                                string
+	workload                               uint32 // the external workload's identity (0: none)
 }
 
 // OnBackgroundWork sets what the Reconciler calls when work it did in the
@@ -205,6 +207,9 @@ func (r *Reconciler) Sync(s desired.State) (Result, error) {
 	// and the identities (unknown generations, 0: always applied).
 	polIn := policyInputs{endpoints: s.EndpointsGen, objects: s.ObjectsGen, identities: s.Mesh.View.Versions.Identities,
 		listed: s.Mesh.View.Versions.Listed, ready: s.Mesh.Ready, cluster: s.Cluster}
+	if s.Workload != nil {
+		polIn.workload = s.Workload.Identity
+	}
 	if s.EndpointsGen == 0 || s.ObjectsGen == 0 || polIn != r.polApplied || r.epShadow == nil || r.polShadow == nil {
 		r.polApplied = policyInputs{}
 		before := len(res.Errs)
@@ -247,9 +252,14 @@ func (r *Reconciler) syncPolicy(s desired.State, res *Result) error {
 
 // compilePolicy compiles the policies for every local endpoint.
 func compilePolicy(s desired.State) policy.Result {
-	peps := make([]policy.Endpoint, 0, len(s.Endpoints))
+	peps := make([]policy.Endpoint, 0, len(s.Endpoints)+1)
 	for _, ep := range s.Endpoints {
 		peps = append(peps, policy.Endpoint{ID: ep.ID, Namespace: ep.Namespace, Identity: ep.Identity, Labels: desired.IdentityLabels(s.Cluster, ep.Namespace, ep.Labels)})
+	}
+	if w := s.Workload; w != nil {
+		// An external workload's host: policies select it by its labels
+		// like a pod (to_host enforces its ingress rules).
+		peps = append(peps, policy.Endpoint{ID: w.ID, Namespace: w.Namespace, Identity: w.Identity, Labels: desired.IdentityLabels(s.Cluster, w.Namespace, w.Labels)})
 	}
 	return policy.Compile(s.Policies, peps, s.Identities.List(), s.Cluster)
 }

@@ -123,3 +123,57 @@ func TestSyncKeepsMeshEntriesUntilReady(t *testing.T) {
 		t.Errorf("ready mesh: writes %s, want %s removed", w, remote)
 	}
 }
+
+// An external workload's host is an endpoint of its own datapath: the
+// policies that select it by its labels are compiled for it, its entry
+// enforces them (no MACs: its device is L3), and its identity arriving
+// later applies them without any other input changing.
+func TestSyncWorkloadEndpoint(t *testing.T) {
+	host := netip.MustParseAddr("10.1.200.10")
+	w := &state.Endpoint{Name: "db", Namespace: "default", Labels: identity.Labels{"app": "db"}, ID: desired.WorkloadEndpointID,
+		Identity: 1<<20 | 5, IPs: []netip.Addr{host}, HostIfName: "wg-c1", IfIndex: 9}
+	clientID := uint32(1<<20 | 6)
+	all := ids{
+		{ID: w.Identity, Labels: desired.IdentityLabels("c1", "default", w.Labels)},
+		{ID: clientID, Labels: desired.IdentityLabels("c1", "default", identity.Labels{"app": "client"})},
+	}
+	pol := decode[objects.NetworkPolicy](t, `
+apiVersion: isthmus.io/v1alpha1
+kind: NetworkPolicy
+metadata: {name: db}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{port: 5432}]
+`)
+	s := desired.State{Cluster: "c1", Identities: all, Policies: []objects.NetworkPolicy{pol},
+		Mesh: desired.Mesh{Ready: true}, EndpointsGen: 1, ObjectsGen: 1}
+	dp := agenttest.NewFakeDatapath()
+	r := NewReconciler(dp)
+	if _, err := r.Sync(s); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := dp.EPs[host]; ok {
+		t.Fatal("the host has an entry before its identity is known")
+	}
+	s.Workload = w // the identity is allocated: nothing else changed
+	if res, err := r.Sync(s); err != nil || len(res.Errs) > 0 {
+		t.Fatalf("Sync: %v %v", err, res.Errs)
+	}
+	e, ok := dp.EPs[host]
+	if !ok || !e.PolicyIngress || e.PolicyEgress || e.ID != desired.WorkloadEndpointID || e.Identity != w.Identity || e.IfIndex != 9 {
+		t.Fatalf("the host's entry: %+v (present %v)", e, ok)
+	}
+	want := bpf.PolicyKey{EndpointID: desired.WorkloadEndpointID, PeerIdentity: clientID, Port: 5432, Proto: bpf.ProtoTCP, Direction: bpf.Ingress}
+	if !dp.Pol[want] {
+		t.Fatalf("policy entries %v, want %+v", dp.Pol, want)
+	}
+	s.Workload = nil
+	if _, err := r.Sync(s); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := dp.EPs[host]; ok {
+		t.Fatal("the host's entry stayed after the workload went")
+	}
+}

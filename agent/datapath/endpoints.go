@@ -32,6 +32,15 @@ func (r *Reconciler) syncEndpoints(s desired.State, compiled policy.Result, res 
 			}
 		}
 	}
+	if w := s.Workload; w != nil {
+		// The host of an external workload, enforced on its WireGuard
+		// device (from_host, to_host) like a pod on its veth; the device
+		// is L3: no MACs.
+		for _, ip := range w.IPs {
+			want[ip] = bpf.EndpointInfo{ID: w.ID, IfIndex: uint32(w.IfIndex), Identity: w.Identity,
+				PolicyIngress: compiled.Ingress[w.ID], PolicyEgress: compiled.Egress[w.ID]}
+		}
+	}
 	if r.epShadow == nil {
 		have, err := r.dp.EndpointList()
 		if err != nil {

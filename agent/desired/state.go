@@ -1,6 +1,7 @@
 package desired
 
 import (
+	"math"
 	"net/netip"
 
 	"github.com/isthmus-mesh/isthmus/agent/state"
@@ -17,12 +18,23 @@ type State struct {
 	Identities Identities
 	HostAddrs  []netip.Addr // the node's own addresses: the host identity
 	Mesh       Mesh
+	// Workload is an external workload's own endpoint (isthmus-agent
+	// --join, docs/vms.md): the host's addresses under its identity, whose
+	// datapath is its WireGuard device (from_host, to_host). nil on a node
+	// and until the identity is allocated. It is not among Endpoints: it
+	// is no pod, so no service selects it and nothing is plumbed for it.
+	Workload *state.Endpoint
 
 	// Generations of Endpoints and of Services and Policies (the applied
 	// objects): equal values, same content. Reconcilers skip what depends
 	// only on inputs they already applied (0: unknown, always apply).
 	EndpointsGen, ObjectsGen uint64
 }
+
+// WorkloadEndpointID is the endpoint ID of an external workload's own
+// endpoint (State.Workload) in the policy and endpoints maps. Pods' IDs
+// count up from 1 and are never reused, so they never reach it.
+const WorkloadEndpointID uint32 = math.MaxUint32
 
 // Identities is what reconcilers read of the identity allocator.
 type Identities interface {

@@ -23,6 +23,7 @@ type encryptionPlan struct {
 	peers       []wireguard.Peer
 	peerNodes   map[string]string
 	routes      []netip.Prefix // into the device
+	vips        []netip.Prefix // service addresses into the device (an external workload's)
 	unreachable []netip.Prefix // fail-closed fallback
 	unencrypted []string
 	refused     []string

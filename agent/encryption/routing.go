@@ -24,7 +24,7 @@ func (e *WireGuard) syncRouting(plan encryptionPlan, local []netip.Prefix) (int,
 func syncTableAndRules(e *WireGuard, link netlink.Link, plan encryptionPlan, local []netip.Prefix) (int, error) {
 	var want []netlink.Route
 	seen := map[netip.Prefix]bool{}
-	for _, p := range plan.routes {
+	for _, p := range slices.Concat(plan.routes, plan.vips) {
 		p = p.Masked()
 		if seen[p] || slices.Contains(local, p) {
 			continue

@@ -90,6 +90,9 @@ type WireGuard struct {
 	// when (only the reconciler).
 	applied   string
 	appliedAt time.Time
+	// vips are the service addresses an external workload routes into
+	// the device (SetServiceRoutes; only the reconciler).
+	vips []netip.Prefix
 
 	mu          sync.Mutex
 	peerNodes   map[string]string // public key -> "<cluster>/<node>"
@@ -166,10 +169,11 @@ func (e *WireGuard) Sync(m desired.Mesh) (int, error) {
 		return e.restore(m.PodCIDRs)
 	}
 	plan := planEncryption(m, e.dev.PublicKey(), e.nodeEnc)
+	plan.vips = e.vips
 	// Most reconciles change endpoints, not nodes: skip the device and
 	// netlink round trips when the plan is the one applied last, but check
 	// the kernel again every reconcile.ResyncInterval to catch drift.
-	key := fmt.Sprint(plan.peers, plan.unreachable, plan.refused, plan.unencrypted, m.PodCIDRs)
+	key := fmt.Sprint(plan.peers, plan.unreachable, plan.refused, plan.unencrypted, m.PodCIDRs, plan.vips)
 	if key == e.applied && time.Since(e.appliedAt) < reconcile.ResyncInterval {
 		return 0, nil
 	}
@@ -180,6 +184,23 @@ func (e *WireGuard) Sync(m desired.Mesh) (int, error) {
 		e.savePlan(plan)
 	}
 	return n, err
+}
+
+// SetServiceRoutes sets the service addresses (VIPs) an external
+// workload routes into the device, applied at the next Sync. The host has
+// no pod veth: its traffic to a VIP must reach the device, where from_host
+// translates it to a backend anywhere in the mesh (docs/vms.md). A node
+// never calls it: its pods' service traffic is translated on their veths.
+func (e *WireGuard) SetServiceRoutes(vips []netip.Addr) {
+	if e == nil {
+		return
+	}
+	out := make([]netip.Prefix, 0, len(vips))
+	for _, a := range vips {
+		out = append(out, netip.PrefixFrom(a, a.BitLen()))
+	}
+	slices.SortFunc(out, netip.Prefix.Compare)
+	e.vips = slices.Compact(out)
 }
 
 // apply applies a peer plan to the device and the routing, and

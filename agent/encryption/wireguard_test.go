@@ -170,3 +170,37 @@ func TestPlanKeepaliveWithExternalWorkloads(t *testing.T) {
 		t.Errorf("the workload's keepalives %v: want %s for every peer", got, WorkloadKeepalive)
 	}
 }
+
+// An external workload routes the service addresses into its device
+// (SetServiceRoutes), next to its peers' ranges; a service that goes takes
+// its route with it.
+func TestServiceRoutesIntoTheDevice(t *testing.T) {
+	h, ip := agenttest.Netns(t)
+	ip("link", "add", "wgtest0", "type", "veth", "peer", "name", "wgtest1")
+	ip("link", "set", "wgtest1", "up")
+	ip("link", "set", "wgtest0", "up")
+	link, err := h.LinkByName("wgtest0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &WireGuard{nl: h, nodeEnc: true}
+	e.SetServiceRoutes([]netip.Addr{netip.MustParseAddr("10.96.0.50"), netip.MustParseAddr("fd00:96::50"), netip.MustParseAddr("10.96.0.50")})
+	plan := encryptionPlan{routes: []netip.Prefix{netip.MustParsePrefix("10.2.1.0/24")}, vips: e.vips}
+	if _, err := syncTableAndRules(e, link, plan, nil); err != nil {
+		t.Fatal(err)
+	}
+	table := ip("route", "show", "table", "73") + ip("-6", "route", "show", "table", "73")
+	for _, want := range []string{"10.96.0.50 dev wgtest0", "fd00:96::50 dev wgtest0", "10.2.1.0/24 dev wgtest0"} {
+		if !strings.Contains(table, want) {
+			t.Errorf("table 73 lacks %q:\n%s", want, table)
+		}
+	}
+	e.SetServiceRoutes([]netip.Addr{netip.MustParseAddr("fd00:96::50")})
+	plan.vips = e.vips
+	if _, err := syncTableAndRules(e, link, plan, nil); err != nil {
+		t.Fatal(err)
+	}
+	if table := ip("route", "show", "table", "73"); strings.Contains(table, "10.96.0.50") {
+		t.Errorf("the route of a gone service stayed:\n%s", table)
+	}
+}

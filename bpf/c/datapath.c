@@ -11,6 +11,10 @@
  * they quote a flow of the pod (docs/datapath.md, "Fragments, extension
  * headers and ICMP errors").
  *
+ * from_host and to_host do the same on the L3 WireGuard device of an
+ * external workload, whose own address is its endpoint (docs/datapath.md,
+ * "The host of an external workload").
+ *
  * from_external and to_external run at tcx ingress and egress of the node's
  * external devices: traffic from outside the mesh to a load-balancer or
  * external address is translated to a backend (isth_lb), and its replies
@@ -149,6 +153,11 @@ struct {
 #define CALL_FROM_POD_ICMP_ERR 0
 #define CALL_TO_POD_ICMP_ERR 1
 
+/* skb->cb[0] of a packet tail-called into the ICMP error programs: CB_L3
+ * when it comes from from_host or to_host (no Ethernet header), anything
+ * else from the pod programs, which write 0. */
+#define CB_L3 0x15e30003
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
 	__uint(max_entries, 2);
@@ -179,7 +188,8 @@ struct pkt {
 	__u32 frag_id;   /* fragment identification (FRAG_FIRST, FRAG_LATER) */
 	__u8 frag;       /* FRAG_NONE, FRAG_FIRST or FRAG_LATER */
 	__u8 frag_proto; /* the protocol that keys the fragment map */
-	__u16 pad;
+	__u8 l3_off;     /* where the IP header starts: ETH_HLEN, or 0 on an L3 device */
+	__u8 pad;
 };
 
 #define FRAG_NONE 0
@@ -327,18 +337,41 @@ static __noinline int ipv6_walk(struct __sk_buff *skb, __u32 off, __u8 nh, struc
 	return PARSE_EXT;
 }
 
-static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+/* Parses a packet whose IP header starts after an Ethernet header (l3 0:
+ * the veths, the external devices) or at the start of the data (l3 1: an L3
+ * device, the WireGuard tun device of an external workload, which carries
+ * only IP). On an L3 device the version nibble says the family: it agrees
+ * with skb->protocol there, and unlike skb->protocol it is what
+ * BPF_PROG_TEST_RUN (which derives skb->protocol from an Ethernet header
+ * it assumes) runs the tests with too. l3 is a constant in every caller. */
+static __always_inline int parse_at(struct __sk_buff *skb, struct pkt *p, int l3)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
+	__u32 l3_off = l3 ? 0 : ETH_HLEN;
+	__be16 proto;
 
-	if ((void *)(eth + 1) > data_end)
-		return PARSE_INVALID;
+	if (l3) {
+		__u8 *v = data;
+		if ((void *)(v + 1) > data_end)
+			return PARSE_INVALID;
+		if ((*v >> 4) == 4)
+			proto = bpf_htons(ETH_P_IP);
+		else if ((*v >> 4) == 6)
+			proto = bpf_htons(ETH_P_IPV6);
+		else
+			return PARSE_PASS;
+	} else {
+		struct ethhdr *eth = data;
+		if ((void *)(eth + 1) > data_end)
+			return PARSE_INVALID;
+		proto = eth->h_proto;
+	}
 
 	p->frag = FRAG_NONE;
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = (void *)(eth + 1);
+	p->l3_off = l3_off;
+	if (proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = data + l3_off;
 		if ((void *)(ip + 1) > data_end)
 			return PARSE_INVALID;
 		if (ip->ihl < 5 || ip->version != 4)
@@ -347,7 +380,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		p->proto = ip->protocol;
 		addr_from_v4(&p->src, ip->saddr);
 		addr_from_v4(&p->dst, ip->daddr);
-		p->l4_off = ETH_HLEN + ip->ihl * 4;
+		p->l4_off = l3_off + ip->ihl * 4;
 		/* Multicast and broadcast stay on the link. */
 		if ((bpf_ntohl(ip->daddr) >> 28) == 0xe || ip->daddr == 0xffffffff)
 			return PARSE_PASS;
@@ -357,15 +390,15 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 			p->frag_id = bpf_ntohs(ip->id);
 			p->frag_proto = ip->protocol;
 		}
-	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = (void *)(eth + 1);
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = data + l3_off;
 		if ((void *)(ip6 + 1) > data_end)
 			return PARSE_INVALID;
 		p->family = 6;
 		p->proto = ip6->nexthdr;
 		__builtin_memcpy(p->src.b, ip6->saddr.in6_u.u6_addr8, 16);
 		__builtin_memcpy(p->dst.b, ip6->daddr.in6_u.u6_addr8, 16);
-		p->l4_off = ETH_HLEN + sizeof(struct ipv6hdr);
+		p->l4_off = l3_off + sizeof(struct ipv6hdr);
 		/* Link-local sources and multicast destinations (MLD reports behind
 		 * a hop-by-hop header, router solicitations) stay on the link. */
 		if ((p->src.b[0] == 0xfe && (p->src.b[1] & 0xc0) == 0x80) || p->dst.b[0] == 0xff)
@@ -466,6 +499,11 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	}
 	}
 	return PARSE_OK;
+}
+
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	return parse_at(skb, p, 0);
 }
 
 /* Parses the packet an ICMP error quotes (right after the 8-byte ICMP
@@ -653,15 +691,15 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct pkt *p, int is_
 
 	if (p->family == 4) {
 		__be32 oldip = old->w[3], newip = na->w[3];
-		__u32 off = ETH_HLEN + (is_src ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));
+		__u32 off = p->l3_off + (is_src ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));
 		if (csum_off && bpf_l4_csum_replace(skb, csum_off, oldip, newip, BPF_F_PSEUDO_HDR | mangle0 | 4) < 0)
 			return -1;
-		if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), oldip, newip, 4) < 0)
+		if (bpf_l3_csum_replace(skb, p->l3_off + offsetof(struct iphdr, check), oldip, newip, 4) < 0)
 			return -1;
 		if (bpf_skb_store_bytes(skb, off, &newip, 4, 0) < 0)
 			return -1;
 	} else {
-		__u32 off = ETH_HLEN + (is_src ? offsetof(struct ipv6hdr, saddr) : offsetof(struct ipv6hdr, daddr));
+		__u32 off = p->l3_off + (is_src ? offsetof(struct ipv6hdr, saddr) : offsetof(struct ipv6hdr, daddr));
 		if (csum_off) {
 			__s64 diff = bpf_csum_diff(old->w, 16, (void *)na->w, 16, 0);
 			if (bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangle0) < 0)
@@ -801,8 +839,8 @@ static __always_inline int icmp_err_xlate(struct __sk_buff *skb, struct pkt *p, 
 		    bpf_skb_store_bytes(skb, coff, &nc, 2, BPF_F_RECOMPUTE_CSUM) < 0)
 			return -1;
 		if (outer_too) {
-			__u32 ooff = ETH_HLEN + (inner_src ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
-			if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old->w[3], na->w[3], 4) < 0 ||
+			__u32 ooff = p->l3_off + (inner_src ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
+			if (bpf_l3_csum_replace(skb, p->l3_off + offsetof(struct iphdr, check), old->w[3], na->w[3], 4) < 0 ||
 			    bpf_skb_store_bytes(skb, ooff, &na->w[3], 4, BPF_F_RECOMPUTE_CSUM) < 0)
 				return -1;
 		}
@@ -816,7 +854,7 @@ static __always_inline int icmp_err_xlate(struct __sk_buff *skb, struct pkt *p, 
 		if (bpf_skb_store_bytes(skb, aoff, na->b, 16, BPF_F_RECOMPUTE_CSUM) < 0)
 			return -1;
 		if (outer_too) {
-			__u32 ooff = ETH_HLEN + (inner_src ? offsetof(struct ipv6hdr, daddr) : offsetof(struct ipv6hdr, saddr));
+			__u32 ooff = p->l3_off + (inner_src ? offsetof(struct ipv6hdr, daddr) : offsetof(struct ipv6hdr, saddr));
 			if (bpf_skb_store_bytes(skb, ooff, na->b, 16, BPF_F_RECOMPUTE_CSUM) < 0)
 				return -1;
 			icmp_delta += addr_delta; /* the ICMPv6 pseudo header */
@@ -1051,7 +1089,7 @@ static __noinline int from_pod_new_flow(struct __sk_buff *skb, struct pkt *p, __
 /* from_pod for a packet of a flow (not an ICMP error, not a later
  * fragment). Returns REASON_FORWARD_STACK, REASON_FORWARD_LOCAL (redirect
  * to *ifindex) or the reason to drop. */
-static __always_inline int from_pod_flow(struct __sk_buff *skb, struct pkt *p, __u32 src_identity, __u32 src_ep_id, __u32 src_flags, __u32 *ifindex)
+static __always_inline int from_pod_flow(struct __sk_buff *skb, struct pkt *p, __u32 src_identity, __u32 src_ep_id, __u32 src_flags, __u32 *ifindex, int l3)
 {
 	struct ct_key k;
 	struct ct_val *v;
@@ -1089,7 +1127,11 @@ static __always_inline int from_pod_flow(struct __sk_buff *skb, struct pkt *p, _
 	if (r != REASON_FORWARD_STACK)
 		return r;
 
-deliver:;
+deliver:
+	/* The host's own traffic (from_host) always goes on to WireGuard: the
+	 * host has no local pods. */
+	if (l3)
+		return REASON_FORWARD_STACK;
 	struct ep_key dk = { .addr = p->dst };
 	struct ep_val *dep = bpf_map_lookup_elem(&isth_endpoints, &dk);
 	if (!dep)
@@ -1164,6 +1206,7 @@ int from_pod(struct __sk_buff *skb)
 		return drop(REASON_DROP_SPOOFED, len);
 
 	if (r == PARSE_ICMP_ERR) {
+		skb->cb[0] = 0;
 		bpf_tail_call(skb, &isth_calls, CALL_FROM_POD_ICMP_ERR);
 		return drop(REASON_DROP_ICMP_UNRELATED, len); /* slot empty: unjudged */
 	}
@@ -1179,18 +1222,18 @@ int from_pod(struct __sk_buff *skb)
 	struct frag_val *fv = NULL;
 	if (p.frag == FRAG_FIRST)
 		fv = frag_first(&p, FRAG_HOOK_FROM_POD);
-	r = from_pod_flow(skb, &p, sep->identity, sep->id, sep->flags, &ifindex);
+	r = from_pod_flow(skb, &p, sep->identity, sep->id, sep->flags, &ifindex, 0);
 	if (fv)
 		frag_done(fv, &p, r);
 	return from_pod_done(r, ifindex, len);
 }
 
-SEC("tc")
-int to_pod(struct __sk_buff *skb)
+/* to_pod, and to_host on an L3 device (l3 1). */
+static __always_inline int to_pod_at(struct __sk_buff *skb, int l3)
 {
 	struct pkt p = {};
 	__u32 len = skb->len;
-	int r = parse(skb, &p);
+	int r = parse_at(skb, &p, l3);
 
 	if (r == PARSE_PASS)
 		return TC_ACT_OK;
@@ -1202,9 +1245,10 @@ int to_pod(struct __sk_buff *skb)
 	struct ep_key dk = { .addr = p.dst };
 	struct ep_val *dep = bpf_map_lookup_elem(&isth_endpoints, &dk);
 	if (!dep)
-		return TC_ACT_OK; /* link-local and multicast to the pod */
+		return TC_ACT_OK; /* link-local and multicast to the pod; on a host, its node traffic */
 
 	if (r == PARSE_ICMP_ERR) {
+		skb->cb[0] = l3 ? CB_L3 : 0;
 		bpf_tail_call(skb, &isth_calls, CALL_TO_POD_ICMP_ERR);
 		return drop(REASON_DROP_ICMP_UNRELATED, len); /* slot empty: unjudged */
 	}
@@ -1225,9 +1269,16 @@ int to_pod(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
+SEC("tc")
+int to_pod(struct __sk_buff *skb)
+{
+	return to_pod_at(skb, 0);
+}
+
 /* An ICMP error leaving a pod (tail call from from_pod, which checked the
  * source): related to a flow of the sender, then delivered like from_pod
- * delivers, with the destination's side checked too. */
+ * delivers, with the destination's side checked too. From from_host
+ * (cb[0] CB_L3): related to a flow of the host, then on to WireGuard. */
 SEC("tc")
 int from_pod_icmp_err(struct __sk_buff *skb)
 {
@@ -1235,26 +1286,29 @@ int from_pod_icmp_err(struct __sk_buff *skb)
 	struct inner in;
 	__u32 len = skb->len;
 	__u32 ifindex = 0;
+	int l3 = skb->cb[0] == CB_L3;
 
-	if (parse(skb, &p) != PARSE_ICMP_ERR)
+	if ((l3 ? parse_at(skb, &p, 1) : parse_at(skb, &p, 0)) != PARSE_ICMP_ERR)
 		return drop(REASON_DROP_INVALID, len);
 	if (parse_inner(skb, &p, &in) < 0)
 		return drop(REASON_DROP_ICMP_UNRELATED, len);
 	int r = icmp_err_from_pod(skb, &p, &in);
-	if (r == REASON_FORWARD_STACK)
+	if (r == REASON_FORWARD_STACK && !l3)
 		r = from_pod_deliver(skb, &p, &in, &ifindex);
 	return from_pod_done(r, ifindex, len);
 }
 
-/* An ICMP error on its way into a pod (tail call from to_pod). */
+/* An ICMP error on its way into a pod (tail call from to_pod), or into
+ * the host (from to_host). */
 SEC("tc")
 int to_pod_icmp_err(struct __sk_buff *skb)
 {
 	struct pkt p = {};
 	struct inner in;
 	__u32 len = skb->len;
+	int l3 = skb->cb[0] == CB_L3;
 
-	if (parse(skb, &p) != PARSE_ICMP_ERR)
+	if ((l3 ? parse_at(skb, &p, 1) : parse_at(skb, &p, 0)) != PARSE_ICMP_ERR)
 		return drop(REASON_DROP_INVALID, len);
 	if (parse_inner(skb, &p, &in) < 0)
 		return drop(REASON_DROP_ICMP_UNRELATED, len);
@@ -1263,6 +1317,67 @@ int to_pod_icmp_err(struct __sk_buff *skb)
 		return drop(r, len);
 	count(REASON_DELIVERED, len);
 	return TC_ACT_OK;
+}
+
+/* ---- The host's own datapath (an external workload, docs/vms.md) ----
+ *
+ * An enrolled host's address lives on its WireGuard device, an L3 (tun)
+ * device: everything the host exchanges with the mesh leaves and arrives
+ * there, unencrypted on this side. The device plays the part of a pod's
+ * host-side veth, the host the part of the pod: from_host at tcx egress
+ * (what the host sends) does what from_pod does (conntrack, service
+ * translation to a backend anywhere in the mesh, egress policy when the
+ * endpoint's flag asks for it), to_host at tcx ingress (what arrives for
+ * the host) what to_pod does (reverse NAT of service replies, ingress
+ * policy). The packets have no Ethernet header (parse_at l3), nothing is
+ * redirected: the host has no local pods. Packets from or to an address
+ * that is not the host's endpoint (the host's node traffic to its peers'
+ * node addresses) pass untouched. */
+
+SEC("tc")
+int from_host(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	__u32 len = skb->len;
+	__u32 ifindex = 0;
+	int r = parse_at(skb, &p, 1);
+
+	if (r == PARSE_PASS) {
+		count(REASON_FORWARD_STACK, len);
+		return TC_ACT_OK;
+	}
+	struct ep_key sk = { .addr = p.src };
+	struct ep_val *sep = bpf_map_lookup_elem(&isth_endpoints, &sk);
+	if (!sep)
+		return TC_ACT_OK;
+	if (r == PARSE_INVALID)
+		return drop(REASON_DROP_INVALID, len);
+	if (r == PARSE_EXT)
+		return drop(REASON_DROP_EXT_HEADER, len);
+	if (r == PARSE_ICMP_ERR) {
+		skb->cb[0] = CB_L3;
+		bpf_tail_call(skb, &isth_calls, CALL_FROM_POD_ICMP_ERR);
+		return drop(REASON_DROP_ICMP_UNRELATED, len); /* slot empty: unjudged */
+	}
+	if (p.frag == FRAG_LATER) {
+		r = frag_later(skb, &p, FRAG_HOOK_FROM_POD);
+		if (r == REASON_DELIVERED)
+			r = REASON_FORWARD_STACK;
+		return from_pod_done(r, 0, len);
+	}
+	struct frag_val *fv = NULL;
+	if (p.frag == FRAG_FIRST)
+		fv = frag_first(&p, FRAG_HOOK_FROM_POD);
+	r = from_pod_flow(skb, &p, sep->identity, sep->id, sep->flags, &ifindex, 1);
+	if (fv)
+		frag_done(fv, &p, r);
+	return from_pod_done(r, 0, len);
+}
+
+SEC("tc")
+int to_host(struct __sk_buff *skb)
+{
+	return to_pod_at(skb, 1);
 }
 
 /* ---- Traffic from outside the mesh (north-south) ----

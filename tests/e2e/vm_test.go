@@ -340,6 +340,81 @@ spec:
 		}
 	})
 
+	t.Run("the host reaches a global service by its VIP, answered by both clusters' backends", func(t *testing.T) {
+		w1 := m.pod(m.c1.Agents[0], "w1", map[string]string{"app": "web"})
+		w2 := m.pod(m.c2.Agents[1], "w2", map[string]string{"app": "web"})
+		serveTCP(t, w1.Netns, 8080, sayName("c1-w1"))
+		serveTCP(t, w2.Netns, 8080, sayName("c2-w2"))
+		m.apply(m.c1.Agents[0], fmt.Sprintf(globalWeb, "none"))
+		m.apply(m.c2.Agents[0], fmt.Sprintf(globalWeb, "none"))
+		t.Cleanup(func() {
+			m.cli(m.c1.Agents[0], "delete", "service", "web")
+			m.cli(m.c2.Agents[0], "delete", "service", "web")
+		})
+		nat := vmCounter(t, m, vm.Agent, "service_nat")
+		for _, vip := range []netip.AddrPort{netip.MustParseAddrPort("10.96.0.50:80"), netip.MustParseAddrPort("[fd00:96::50]:80")} {
+			if err := eventually(30*time.Second, func() error {
+				got, err := answers(vm.NS(), vip, 40)
+				if err != nil {
+					return err
+				}
+				if got["c1-w1"] == 0 || got["c2-w2"] == 0 {
+					return fmt.Errorf("40 connections from the host reached %v; want both clusters' backends", got)
+				}
+				return nil
+			}); err != nil {
+				t.Errorf("host -> %s: %v", vip, err)
+			}
+		}
+		// The host's own datapath translated them (no node's did: the
+		// packets leave the host with a backend's address).
+		if got := vmCounter(t, m, vm.Agent, "service_nat") - nat; got < 80 {
+			t.Errorf("the host's service_nat rose by %d, want at least 80", got)
+		} else {
+			t.Logf("the host's datapath translated %d new flows to the VIPs", got)
+		}
+	})
+
+	t.Run("a policy selecting the host admits one pod and denies another, at the host", func(t *testing.T) {
+		m.apply(m.c1.Agents[0], `apiVersion: isthmus.io/v1alpha1
+kind: NetworkPolicy
+metadata: {name: db-from-clients}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: client}}]
+      toPorts: [{port: 5432, protocol: TCP}]
+`)
+		t.Cleanup(func() { m.cli(m.c1.Agents[0], "delete", "networkpolicy", "db-from-clients") })
+		// No policy selects kx, k1 or their nodes' pods: only the host can
+		// drop kx's connections.
+		kxNode := m.c1.Agents[0]
+		for _, v6 := range []bool{false, true} {
+			db := netip.AddrPortFrom(pick(addrs, v6), 5432)
+			hostDrops := vmCounter(t, m, vm.Agent, "drop_policy_ingress")
+			nodeDrops := vmCounter(t, m, kxNode, "drop_policy_egress") + vmCounter(t, m, kxNode, "drop_policy_ingress")
+			if err := eventually(enforceWithin, func() error { return connectTimesOut(kx.Netns, db, deniedDial) }); err != nil {
+				t.Errorf("kx (app=intruder) -> host %s: %v", db, err)
+			}
+			if got := vmCounter(t, m, vm.Agent, "drop_policy_ingress") - hostDrops; got == 0 {
+				t.Errorf("kx -> host %s: the host's drop_policy_ingress did not rise", db)
+			} else {
+				t.Logf("kx -> host %s denied: the host's drop_policy_ingress +%d", db, got)
+			}
+			if got := vmCounter(t, m, kxNode, "drop_policy_egress") + vmCounter(t, m, kxNode, "drop_policy_ingress") - nodeDrops; got != 0 {
+				t.Errorf("kx's node dropped %d packets by policy: the denial must be the host's", got)
+			}
+			if err := eventually(enforceWithin, func() error { return tcpEcho(k1.Netns, db) }); err != nil {
+				t.Errorf("k1 (app=client) -> host %s: %v", db, err)
+			}
+			// The host's own connections get their answers: conntrack,
+			// not the policy, admits replies.
+			if err := tcpEcho(vm.NS(), netip.AddrPortFrom(s1.Addr(v6), 8080)); err != nil {
+				t.Errorf("host -> s1 under the host's ingress policy: %v", err)
+			}
+		}
+	})
+
 	t.Run("a restarted host agent keeps its key and its tunnels, without a new token", func(t *testing.T) {
 		before, err := vmPeers(m, m.c1.Agents[0])
 		if err != nil {
@@ -410,6 +485,22 @@ spec:
 			t.Errorf("after the revocation: %+v, %v", st, err)
 		}
 	})
+}
+
+// vmCounter is a datapath counter (packets) of an agent: a node's or the
+// host's.
+func vmCounter(t *testing.T, m *mesh, a *lab.Agent, reason string) uint64 {
+	t.Helper()
+	st, err := agentStatus(m.ctx, a)
+	if err != nil {
+		t.Fatalf("status of %s: %v", a.Node.Name(), err)
+	}
+	for _, c := range st.Metrics {
+		if c.Reason == reason {
+			return c.Packets
+		}
+	}
+	return 0
 }
 
 func lastLine(s string) string {

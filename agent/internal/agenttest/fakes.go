@@ -186,6 +186,8 @@ func (d *FakeDatapath) DetachExternal(ifname string) error {
 	return nil
 }
 
+func (d *FakeDatapath) AttachHost(ifname string, ifindex int) error { return nil }
+
 func (d *FakeDatapath) ExternalAttached() ([]string, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
