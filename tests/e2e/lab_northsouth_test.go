@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/lab"
-	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
 // `isthmus lab up --bgp --l2 --vms 1`: the way in from outside over BGP
@@ -20,38 +19,15 @@ import (
 // when what they check is broken: the host revoked, the BGPPeeringPolicy
 // of c1 and the L2AnnouncementPolicy of c2 deleted.
 func TestLabUpNorthSouthAndVMs(t *testing.T) {
-	labtest.SkipUnlessRoot(t)
-	cli := labtest.Binary(t, lab.CLIBinary)
-	stateFile := filepath.Join(t.TempDir(), "lab.json")
-	isthmus := func(timeout time.Duration, args ...string) (string, error) {
-		ctx, cancel := context.WithTimeout(context.Background(), timeout)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, cli, args...)
-		cmd.Env = append(os.Environ(), lab.EnvStateFile+"="+stateFile)
-		start := time.Now()
-		out, err := cmd.CombinedOutput()
-		t.Logf("isthmus %s (%.1fs):\n%s", strings.Join(args, " "), time.Since(start).Seconds(), out)
-		return string(out), err
-	}
+	cli, stateFile, isthmus, setPrefix := labCLI(t)
 	var prefix string
-	t.Cleanup(func() {
-		if _, err := os.Stat(stateFile); err == nil {
-			if _, err := isthmus(time.Minute, "lab", "down"); err != nil {
-				t.Errorf("lab down in cleanup: %v", err)
-			}
-		}
-		if prefix != "" {
-			if err := lab.CleanupPrefix(prefix); err != nil {
-				t.Errorf("cleanup of %s: %v", prefix, err)
-			}
-		}
-	})
 
 	step(t, "isthmus lab up --bgp --l2 --vms 1")
 	out, upErr := isthmus(5*time.Minute, "lab", "up", "--clusters", "2", "--nodes", "2", "--bgp", "--l2", "--vms", "1")
 	st, err := lab.ReadState(stateFile)
 	if err == nil {
 		prefix = st.Prefix
+		setPrefix(prefix)
 	}
 	if upErr != nil {
 		t.Fatalf("lab up: %v", upErr)

@@ -24,35 +24,8 @@ import (
 // may be left on the host. The lab state file is the test's own, so a
 // developer's `make lab` on the same machine is not disturbed.
 func TestLabUpConnectivityDown(t *testing.T) {
-	labtest.SkipUnlessRoot(t)
-	cli := labtest.Binary(t, lab.CLIBinary)
-	stateFile := filepath.Join(t.TempDir(), "lab.json")
-	isthmus := func(timeout time.Duration, args ...string) (string, error) {
-		ctx, cancel := context.WithTimeout(context.Background(), timeout)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, cli, args...)
-		cmd.Env = append(os.Environ(), lab.EnvStateFile+"="+stateFile)
-		start := time.Now()
-		out, err := cmd.CombinedOutput()
-		t.Logf("isthmus %s (%.1fs):\n%s", strings.Join(args, " "), time.Since(start).Seconds(), out)
-		return string(out), err
-	}
-
+	cli, stateFile, isthmus, prefixOf := labCLI(t)
 	var prefix string
-	t.Cleanup(func() {
-		// Also after a failure: lab down, then by prefix in case the
-		// state file is gone or lab down itself failed.
-		if _, err := os.Stat(stateFile); err == nil {
-			if _, err := isthmus(time.Minute, "lab", "down"); err != nil {
-				t.Errorf("lab down in cleanup: %v", err)
-			}
-		}
-		if prefix != "" {
-			if err := lab.CleanupPrefix(prefix); err != nil {
-				t.Errorf("cleanup of %s: %v", prefix, err)
-			}
-		}
-	})
 
 	step(t, "isthmus lab up --clusters 2 --nodes 2 --encryption wireguard")
 	start := time.Now()
@@ -60,6 +33,7 @@ func TestLabUpConnectivityDown(t *testing.T) {
 	st, err := lab.ReadState(stateFile)
 	if err == nil {
 		prefix = st.Prefix
+		prefixOf(prefix)
 	}
 	if upErr != nil {
 		t.Fatalf("lab up: %v", upErr)
@@ -165,6 +139,41 @@ func checkReport(t *testing.T, out string) {
 			t.Errorf("%q passed %d times, want %d", check, passed[check], want)
 		}
 	}
+}
+
+// labCLI runs the isthmus CLI (built for the test) with a lab state file
+// of the test's own; the lab it records is removed when the test ends, also
+// after a failure: lab down, then by prefix (tell it with setPrefix) in
+// case the state file is gone or lab down itself failed.
+func labCLI(t *testing.T) (cli, stateFile string, isthmus func(time.Duration, ...string) (string, error), setPrefix func(string)) {
+	t.Helper()
+	labtest.SkipUnlessRoot(t)
+	cli = labtest.Binary(t, lab.CLIBinary)
+	stateFile = filepath.Join(t.TempDir(), "lab.json")
+	isthmus = func(timeout time.Duration, args ...string) (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, cli, args...)
+		cmd.Env = append(os.Environ(), lab.EnvStateFile+"="+stateFile)
+		start := time.Now()
+		out, err := cmd.CombinedOutput()
+		t.Logf("isthmus %s (%.1fs):\n%s", strings.Join(args, " "), time.Since(start).Seconds(), out)
+		return string(out), err
+	}
+	var prefix string
+	t.Cleanup(func() {
+		if _, err := os.Stat(stateFile); err == nil {
+			if _, err := isthmus(time.Minute, "lab", "down"); err != nil {
+				t.Errorf("lab down in cleanup: %v", err)
+			}
+		}
+		if prefix != "" {
+			if err := lab.CleanupPrefix(prefix); err != nil {
+				t.Errorf("cleanup of %s: %v", prefix, err)
+			}
+		}
+	})
+	return cli, stateFile, isthmus, func(p string) { prefix = p }
 }
 
 // labLeftovers lists what carries the prefix: namespaces, host links,
