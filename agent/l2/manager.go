@@ -107,6 +107,12 @@ type Manager struct {
 	leaseID   kvstore.LeaseID // the lease the record was last written under
 	leaseErr  error
 	written   []byte // the record's value as last written
+	// listed: the peers' records were listed; wroteAt: this node's record
+	// was first written under its lease. A node leads only DeadAfter after
+	// both, once every live peer had the time to be heard: else a
+	// restarted agent counts itself alone, leads every address and
+	// announces them, taking them from their leaders for a moment.
+	listed, wroteAt time.Time
 	leading   map[netip.Addr]time.Time
 	takeovers uint64
 	members   []string
@@ -185,6 +191,9 @@ func (m *Manager) leaseHeldLocked(now time.Time) bool {
 		return true
 	}
 	if m.lease == nil || m.hbErr != nil || m.leaseID != m.lease.ID() {
+		return false
+	}
+	if m.listed.IsZero() || now.Sub(m.listed) < m.cfg.DeadAfter || now.Sub(m.wroteAt) < m.cfg.DeadAfter {
 		return false
 	}
 	return m.lease.Expires().Sub(now) > leaseMargin
@@ -485,6 +494,10 @@ func (m *Manager) publish(ctx context.Context, c *kvstore.Client, lease *kvstore
 	}
 	m.mu.Lock()
 	first := m.leaseID != id
+	if first {
+		m.wroteAt = time.Now()
+		time.AfterFunc(m.cfg.DeadAfter, m.kick)
+	}
 	m.leaseID, m.written = id, b
 	m.mu.Unlock()
 	if first {
@@ -502,8 +515,17 @@ func (m *Manager) setLeaseErr(err error) {
 func (m *Manager) watchPeers(ctx context.Context, c *kvstore.Client) {
 	prefix := records.L2ClusterPrefix(m.cfg.Cluster)
 	for ev := range c.WatchPrefix(ctx, prefix) {
+		if ev.Type == kvstore.EventListDone {
+			m.mu.Lock()
+			if m.listed.IsZero() {
+				m.listed = time.Now()
+				time.AfterFunc(m.cfg.DeadAfter, m.kick)
+			}
+			m.mu.Unlock()
+			continue
+		}
 		node, ok := strings.CutPrefix(ev.Key, prefix)
-		if !ok || node == m.cfg.Node || ev.Type == kvstore.EventListDone {
+		if !ok || node == m.cfg.Node {
 			continue
 		}
 		m.mu.Lock()

@@ -61,6 +61,9 @@ func (a *Announcer) Sync(want map[string][]netip.Addr) map[string]error {
 			}
 			a.resp[name] = r
 		}
+		if r.Err6 != nil && slices.ContainsFunc(addrs, netip.Addr.Is6) {
+			r.RetryNDP()
+		}
 		r.SetAddrs(addrs)
 		for _, ad := range addrs {
 			if ad.Is4() && r.Err4 != nil {

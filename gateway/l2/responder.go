@@ -65,8 +65,9 @@ type Responder struct {
 	addrs   atomic.Pointer[map[netip.Addr]bool]
 	enabled atomic.Bool
 
-	mu     sync.Mutex // SetAddrs, joined, stats
+	mu     sync.Mutex // SetAddrs, joined, stats, nd and grp once opened
 	joined map[netip.Addr]bool
+	tried6 time.Time // the last attempt to open nd and grp
 	stats  Counters
 
 	done chan struct{}
@@ -94,18 +95,7 @@ func Open(name string, o Options, log *slog.Logger) (*Responder, error) {
 		r.Err4 = fmt.Errorf("ARP on %s: %w", name, err)
 		r.arp = nil
 	}
-	if r.nd, err = packet.Listen(ifi, packet.Raw, etherTypeIPv6, &packet.Config{Filter: nsFilter}); err != nil {
-		r.Err6 = fmt.Errorf("NDP on %s: %w", name, err)
-	} else if r.grp, _, err = ndp.Listen(ifi, ndp.LinkLocal); err != nil {
-		r.Err6 = fmt.Errorf("NDP on %s: join groups: %w", name, err)
-		r.nd.Close()
-		r.nd = nil
-	} else {
-		// The group socket only holds memberships; it reads nothing.
-		var f ipv6.ICMPFilter
-		f.SetAll(true)
-		_ = r.grp.SetICMPFilter(&f)
-	}
+	r.Err6 = r.openNDP()
 	if r.arp == nil && r.nd == nil {
 		return nil, errors.Join(r.Err4, r.Err6)
 	}
@@ -113,13 +103,61 @@ func Open(name string, o Options, log *slog.Logger) (*Responder, error) {
 		r.wg.Go(r.serveARP)
 	}
 	if r.nd != nil {
-		ignoreOutgoing(r.nd)
-		r.wg.Go(r.serveNDP)
+		nd := r.nd
+		r.wg.Go(func() { r.serveNDP(nd) })
 	}
 	if r.opts.Refresh > 0 {
 		r.wg.Go(r.refresh)
 	}
 	return r, nil
+}
+
+// openNDP opens the solicitation socket and the group socket. The group
+// socket binds to the interface's link-local address, which does not
+// exist or is still tentative (duplicate address detection) for a second
+// or two after the interface comes up: RetryNDP opens it later.
+func (r *Responder) openNDP() error {
+	r.tried6 = time.Now()
+	nd, err := packet.Listen(r.ifi, packet.Raw, etherTypeIPv6, &packet.Config{Filter: nsFilter})
+	if err != nil {
+		return fmt.Errorf("NDP on %s: %w", r.ifi.Name, err)
+	}
+	grp, _, err := ndp.Listen(r.ifi, ndp.LinkLocal)
+	if err != nil {
+		nd.Close()
+		return fmt.Errorf("NDP on %s: join groups: %w", r.ifi.Name, err)
+	}
+	// The group socket only holds memberships; it reads nothing.
+	var f ipv6.ICMPFilter
+	f.SetAll(true)
+	_ = grp.SetICMPFilter(&f)
+	ignoreOutgoing(nd)
+	r.nd, r.grp = nd, grp
+	return nil
+}
+
+// ndpRetryEvery bounds how often RetryNDP opens the sockets again.
+const ndpRetryEvery = 100 * time.Millisecond
+
+// RetryNDP opens the IPv6 side of a responder whose Open could not (see
+// openNDP), at most every ndpRetryEvery. It reports whether IPv6 is
+// answered now; the next SetAddrs announces the IPv6 addresses as new.
+func (r *Responder) RetryNDP() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.nd != nil {
+		return true
+	}
+	if r.closed() || time.Since(r.tried6) < ndpRetryEvery {
+		return false
+	}
+	if r.Err6 = r.openNDP(); r.Err6 != nil {
+		return false
+	}
+	r.log.Info("l2: NDP answers on the interface now")
+	nd := r.nd
+	r.wg.Go(func() { r.serveNDP(nd) })
+	return true
 }
 
 // ignoreOutgoing keeps our own advertisements out of the socket (Linux
@@ -338,10 +376,10 @@ func (r *Responder) serveARP() {
 	}
 }
 
-func (r *Responder) serveNDP() {
+func (r *Responder) serveNDP(nd *packet.Conn) {
 	buf := make([]byte, 1600)
 	for {
-		n, _, err := r.nd.ReadFrom(buf)
+		n, _, err := nd.ReadFrom(buf)
 		if err != nil {
 			if r.closed() {
 				return
@@ -361,7 +399,7 @@ func (r *Responder) serveNDP() {
 		dst, dstMAC, solicited := s.answerTo()
 		f, err := advertisement(r.ifi.HardwareAddr, s.target, dst, dstMAC, solicited)
 		if err == nil {
-			_, err = r.nd.WriteTo(f, &packet.Addr{HardwareAddr: dstMAC})
+			_, err = nd.WriteTo(f, &packet.Addr{HardwareAddr: dstMAC})
 		}
 		r.count(func(c *Counters) {
 			if err != nil {
@@ -400,6 +438,7 @@ func (r *Responder) closed() bool {
 // groups).
 func (r *Responder) Close() error {
 	r.enabled.Store(false)
+	r.mu.Lock()
 	close(r.done)
 	var errs []error
 	if r.arp != nil {
@@ -408,6 +447,7 @@ func (r *Responder) Close() error {
 	if r.nd != nil {
 		errs = append(errs, r.nd.Close(), r.grp.Close())
 	}
+	r.mu.Unlock()
 	r.wg.Wait()
 	return errors.Join(errs...)
 }

@@ -328,3 +328,37 @@ func waitFor(t *testing.T, d time.Duration, cond func() bool, what string) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// After an interface comes up its link-local address is tentative for a
+// while (or absent), so the NDP group socket cannot open when the
+// responder does; a later Sync must open it (an agent whose interface
+// flapped otherwise never answered NDP again).
+func TestNDPOpensOnceLinkLocalIsUsable(t *testing.T) {
+	s := newSegment(t)
+	ctx := context.Background()
+	if _, err := s.node.Exec(ctx, "ip", "-6", "addr", "flush", "dev", "eth0", "scope", "link"); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][]netip.Addr{"eth0": {led4, led6}}
+	a, errs := s.announcer(t, l2.Options{}, want)
+	if errs["eth0"] == nil {
+		t.Fatal("sync without a link-local address reported no NDP error")
+	}
+	if got := s.arping(t, "eth0", led4); got != s.link.AMAC.String() {
+		t.Errorf("IPv4 while IPv6 cannot open: answered by %q", got)
+	}
+	if got := s.ndisc6(t, "eth0", led6); got != "" {
+		t.Fatalf("ndisc6 answered by %s without a link-local address", got)
+	}
+	if _, err := s.node.Exec(ctx, "ip", "-6", "addr", "add", "fe80::77:1/64", "dev", "eth0", "nodad"); err != nil {
+		t.Fatal(err)
+	}
+	// The agent's election syncs every 25ms.
+	waitFor(t, 2*time.Second, func() bool {
+		_ = s.node.Do(func() error { errs = a.Sync(want); return nil })
+		return errs["eth0"] == nil
+	}, "NDP to open once the link-local address is usable")
+	if got := s.ndisc6(t, "eth0", led6); got != s.link.AMAC.String() {
+		t.Errorf("ndisc6 %s after the link-local address came: answered by %q", led6, got)
+	}
+}

@@ -8,12 +8,14 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/connectivity"
 	"github.com/isthmus-mesh/isthmus/lab"
 	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
@@ -23,8 +25,12 @@ import (
 type l2Lab struct {
 	c      *lab.Cluster
 	client *lab.SegmentClient
-	v4, v6 netip.Addr // the service's external IPs, in the segment's subnets
-	macs   map[string]string
+	v4, v6 netip.Addr // service web's external IPs, in the segment's subnets
+	// lb4, lb6: service lbweb's (type LoadBalancer, Cluster) addresses,
+	// from the LoadBalancerIPPool inside the segment; local4: service
+	// lblocal's (LoadBalancer, Local, its only backend on n2).
+	lb4, lb6, local4 netip.Addr
+	macs             map[string]string
 }
 
 func newL2Lab(t *testing.T, ctx context.Context) *l2Lab {
@@ -52,7 +58,9 @@ func newL2Lab(t *testing.T, ctx context.Context) *l2Lab {
 	if err != nil {
 		t.Fatal(err)
 	}
-	x := &l2Lab{c: c, client: client, v4: c.SegmentAddr(100, false), v6: c.SegmentAddr(0x100, true), macs: map[string]string{}}
+	x := &l2Lab{c: c, client: client, v4: c.SegmentAddr(100, false), v6: c.SegmentAddr(0x100, true),
+		lb4: c.SegmentAddr(120, false), lb6: c.SegmentAddr(0x120, true), local4: c.SegmentAddr(121, false),
+		macs: map[string]string{}}
 	for j, n := range c.Nodes {
 		mac, err := c.NodeMAC(j + 1)
 		if err != nil {
@@ -60,6 +68,15 @@ func newL2Lab(t *testing.T, ctx context.Context) *l2Lab {
 		}
 		x.macs[n.NodeName()] = mac.String()
 	}
+	// The echo backends: one per node for web and lbweb (app l2web), and
+	// lblocal's only one on n2 (app l2local).
+	for j, a := range c.Agents {
+		l2EchoPod(t, ctx, a, fmt.Sprintf("l2web%d", j+1), "l2web")
+	}
+	l2EchoPod(t, ctx, c.Agents[1], "l2local", "l2local")
+	// The pool holds exactly lbweb's and lblocal's addresses (the lowest
+	// free address goes first, lbweb before lblocal by name), inside the
+	// node segment so that L2 announcements make them reachable.
 	manifest := fmt.Sprintf(`apiVersion: isthmus.io/v1alpha1
 kind: L2AnnouncementPolicy
 metadata: {name: lan}
@@ -69,13 +86,40 @@ spec:
   interfaces: [eth0]
 ---
 apiVersion: isthmus.io/v1alpha1
+kind: LoadBalancerIPPool
+metadata: {name: segment}
+spec:
+  blocks: [{start: %s, stop: %s}, {cidr: "%s/128"}]
+---
+apiVersion: isthmus.io/v1alpha1
 kind: Service
 metadata: {name: web, labels: {expose: lan}}
 spec:
-  vips: ["10.96.0.50"]
-  ports: [{port: 80}]
+  vips: ["10.96.0.50", "fd00:96::50"]
+  ports: [{port: 80, targetPort: 8080, protocol: TCP}]
+  selector: {app: l2web}
   externalIPs: ["%s", "%s"]
-`, x.v4, x.v6)
+---
+apiVersion: isthmus.io/v1alpha1
+kind: Service
+metadata: {name: lbweb, labels: {expose: lan}}
+spec:
+  type: LoadBalancer
+  vips: ["10.96.0.51", "fd00:96::51"]
+  ports: [{port: 80, targetPort: 8080, protocol: TCP}]
+  selector: {app: l2web}
+---
+apiVersion: isthmus.io/v1alpha1
+kind: Service
+metadata: {name: lblocal, labels: {expose: lan}}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  loadBalancerIPs: ["%s"]
+  vips: ["10.96.0.52"]
+  ports: [{port: 80, targetPort: 8080, protocol: TCP}]
+  selector: {app: l2local}
+`, x.lb4, x.local4, x.lb6, x.v4, x.v6, x.local4)
 	f := filepath.Join(t.TempDir(), "l2.yaml")
 	if err := os.WriteFile(f, []byte(manifest), 0o600); err != nil {
 		t.Fatal(err)
@@ -83,7 +127,99 @@ spec:
 	if out, err := c.Agents[0].CLI(ctx, "apply", "-f", f); err != nil {
 		t.Fatalf("apply: %v\n%s", err, out)
 	}
+	// LB-IPAM gives lbweb the pool's only other addresses.
+	for svc, want := range map[string][]netip.Addr{"lbweb": {x.lb4, x.lb6}, "lblocal": {x.local4}} {
+		if err := eventually(20*time.Second, func() error {
+			got, err := lbIngress(ctx, c.Agents[0], svc)
+			if err != nil {
+				return err
+			}
+			if !slices.Equal(got, want) {
+				return fmt.Errorf("service %s: load-balancer addresses %v, want %v", svc, got, want)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	return x
+}
+
+// l2EchoPod starts an echo server (it reports the peer address it sees)
+// on port 8080 in a new pod labelled app=app.
+func l2EchoPod(t *testing.T, ctx context.Context, a *lab.Agent, name, app string) *lab.Pod {
+	t.Helper()
+	p, err := a.AddPod(ctx, name, "default", map[string]string{"app": app})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := connectivity.ListenIn(p.Path(), ":8080")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go func() { _ = connectivity.ServeEcho(sctx, ln, name, a.Node.NodeName(), a.Node.NodeName()) }()
+	return p
+}
+
+// lbIngress returns the load-balancer addresses of service svc (default
+// namespace) as its status shows them.
+func lbIngress(ctx context.Context, a *lab.Agent, svc string) ([]netip.Addr, error) {
+	out, err := a.CLI(ctx, "get", "service", svc, "-o", "json")
+	if err != nil {
+		return nil, fmt.Errorf("get service %s: %w: %s", svc, err, out)
+	}
+	var doc struct {
+		Status struct {
+			LoadBalancer struct {
+				Ingress []struct {
+					IP netip.Addr `json:"ip"`
+				} `json:"ingress"`
+			} `json:"loadBalancer"`
+		} `json:"status"`
+	}
+	if err := json.Unmarshal(out, &doc); err != nil {
+		return nil, fmt.Errorf("get service %s: %w: %s", svc, err, out)
+	}
+	var ips []netip.Addr
+	for _, in := range doc.Status.LoadBalancer.Ingress {
+		ips = append(ips, in.IP)
+	}
+	return ips, nil
+}
+
+// fetch makes one request from the client to addr:80 through the
+// announced address.
+func (x *l2Lab) fetch(ctx context.Context, addr netip.Addr, timeout time.Duration) (connectivity.Reply, error) {
+	return connectivity.FetchEcho(ctx, x.client.Path(), netip.AddrPortFrom(addr, 80), timeout)
+}
+
+// reconnects measures, from start, until the client's neighbour entry
+// for addr points away from the old leader's MAC and a new TCP
+// connection through addr, opened after that, is answered by a backend.
+// It returns the MAC and the time.
+func (x *l2Lab) reconnects(t *testing.T, ctx context.Context, addr netip.Addr, from string, start time.Time, limit time.Duration) (string, time.Duration, error) {
+	var lastErr error
+	var moved time.Duration
+	fails := 0
+	for time.Since(start) < limit {
+		m := x.neighMAC(ctx, addr)
+		if m == "" || m == from {
+			time.Sleep(5 * time.Millisecond)
+			continue
+		}
+		if moved == 0 {
+			moved = time.Since(start)
+		}
+		if _, lastErr = x.fetch(ctx, addr, 200*time.Millisecond); lastErr == nil {
+			t.Logf("%s: the client's entry moved to %s after %v; a new connection was answered after %v (%d failed before)", addr, m, moved, time.Since(start), fails)
+			return m, time.Since(start), nil
+		}
+		fails++
+		time.Sleep(5 * time.Millisecond)
+	}
+	return "", time.Since(start), fmt.Errorf("no TCP connection through %s answered within %v of the event (client's entry %q after %v, was %s; %d attempts failed, the last: %v)", addr, limit, x.neighMAC(ctx, addr), moved, from, fails, lastErr)
 }
 
 func l2Status(ctx context.Context, a *lab.Agent) (*api.L2Status, error) {
@@ -192,18 +328,65 @@ func (x *l2Lab) primeNeigh(t *testing.T, ctx context.Context, addr netip.Addr, w
 	}
 }
 
-// waitNeighMoves waits until the client's entry for addr points at
-// another MAC than from, and returns that MAC and the time it took from
-// start.
-func (x *l2Lab) waitNeighMoves(ctx context.Context, addr netip.Addr, from string, start time.Time, limit time.Duration) (string, time.Duration, error) {
-	for {
-		if m := x.neighMAC(ctx, addr); m != "" && m != from {
-			return m, time.Since(start), nil
+// captureGratuitous counts, per IPv4 address and sender MAC, the
+// gratuitous ARPs seen on the client's interface while fn runs.
+func (x *l2Lab) captureGratuitous(t *testing.T, ctx context.Context, fn func()) map[netip.Addr]map[string]int {
+	t.Helper()
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	cmd := x.client.Command(cctx, "tcpdump", "-l", "-nn", "-e", "-i", x.client.Dev, "arp")
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(out.String(), "listening on") && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	fn()
+	time.Sleep(300 * time.Millisecond)
+	_ = cmd.Process.Signal(syscall.SIGINT)
+	_ = cmd.Wait()
+	// "12:00:00.1 aa:bb:.. > ff:ff:ff:ff:ff:ff, ethertype ARP (0x0806), length 42: Request who-has A tell A, length 28"
+	garp := regexp.MustCompile(`who-has (\S+) tell (\S+),`)
+	counts := map[netip.Addr]map[string]int{}
+	for _, line := range strings.Split(out.String(), "\n") {
+		m := garp.FindStringSubmatch(line)
+		f := strings.Fields(line)
+		if m == nil || m[1] != m[2] || len(f) < 2 {
+			continue
 		}
-		if time.Since(start) > limit {
-			return "", time.Since(start), fmt.Errorf("the client's entry for %s still points at %s after %v", addr, from, limit)
+		a, err := netip.ParseAddr(m[1])
+		if err != nil {
+			continue
 		}
-		time.Sleep(5 * time.Millisecond)
+		if counts[a] == nil {
+			counts[a] = map[string]int{}
+		}
+		counts[a][strings.ToLower(f[1])]++
+	}
+	return counts
+}
+
+// leaderIncluding waits until every agent agrees on addr's leader and
+// counts node among the members.
+func (x *l2Lab) leaderIncluding(t *testing.T, ctx context.Context, addr netip.Addr, node string) {
+	t.Helper()
+	if err := eventually(20*time.Second, func() error {
+		_ = x.leader(t, ctx, addr)
+		for _, a := range x.c.Agents {
+			st, err := l2Status(ctx, a)
+			if err != nil {
+				return err
+			}
+			if !slices.Contains(st.Members, node) {
+				return fmt.Errorf("%s: members %v without %s", a.Node.NodeName(), st.Members, node)
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -251,7 +434,7 @@ func TestL2Announcements(t *testing.T) {
 	unselected := x.c.Nodes[2].NodeName()
 
 	step(t, "arping and ndisc6 from the client resolve each address to its leader's MAC; only the leader answers")
-	for _, addr := range []netip.Addr{x.v4, x.v6} {
+	for _, addr := range []netip.Addr{x.v4, x.v6, x.lb4, x.lb6} {
 		leader := x.leader(t, ctx, addr)
 		if leader == unselected {
 			t.Fatalf("%s led by the unselected node %s", addr, leader)
@@ -268,6 +451,42 @@ func TestL2Announcements(t *testing.T) {
 		}
 		if counts[x.macs[unselected]] > 0 {
 			t.Errorf("the unselected node %s answered for %s", unselected, addr)
+		}
+	}
+
+	step(t, "a request from the client through each announced address reaches the service (external IPs and LB-IPAM addresses, both families)")
+	for _, addr := range []netip.Addr{x.v4, x.v6, x.lb4, x.lb6} {
+		var r connectivity.Reply
+		if err := eventually(10*time.Second, func() (err error) {
+			r, err = x.fetch(ctx, addr, 2*time.Second)
+			return err
+		}); err != nil {
+			t.Fatalf("client -> %s:80 (led by %s): %v", addr, x.leader(t, ctx, addr), err)
+		}
+		if !strings.HasPrefix(r.Pod, "l2web") {
+			t.Errorf("client -> %s:80 answered by %q, want a backend of the service", addr, r.Pod)
+		}
+		t.Logf("client -> %s:80 (led by %s): %s, peer %s", addr, x.leader(t, ctx, addr), r, r.Peer)
+	}
+
+	step(t, "Local: the address of a service whose only backend is on n2 is led by n2, and the backend sees the client's address")
+	{
+		n2 := x.c.Nodes[1].NodeName()
+		if got := x.leader(t, ctx, x.local4); got != n2 {
+			t.Errorf("%s (Local, backend only on %s) led by %s", x.local4, n2, got)
+		}
+		if got := x.resolve(ctx, x.local4); got != x.macs[n2] {
+			t.Errorf("%s resolved to %q, want %s's %s", x.local4, got, n2, x.macs[n2])
+		}
+		var r connectivity.Reply
+		if err := eventually(10*time.Second, func() (err error) {
+			r, err = x.fetch(ctx, x.local4, 2*time.Second)
+			return err
+		}); err != nil {
+			t.Fatalf("client -> %s:80 (Local): %v", x.local4, err)
+		}
+		if r.Pod != "l2local" || r.Peer != x.client.IPv4 {
+			t.Errorf("client -> %s:80 (Local): %s peer %s, want l2local seeing the client's %s", x.local4, r, r.Peer, x.client.IPv4)
 		}
 	}
 
@@ -292,20 +511,23 @@ func TestL2Announcements(t *testing.T) {
 		t.Errorf("unicast solicitation not answered: %v", err)
 	}
 
-	step(t, "the leader is SIGKILLed: the client's neighbour entry points at the new leader within a second")
-	for _, addr := range []netip.Addr{x.v4, x.v6} {
+	step(t, "the leader is SIGKILLed: the client's neighbour entry points at the new leader and a new TCP connection through the address is answered within a second")
+	for _, addr := range []netip.Addr{x.lb4, x.lb6} {
 		old := x.leader(t, ctx, addr)
 		x.primeNeigh(t, ctx, addr, x.macs[old])
+		if _, err := x.fetch(ctx, addr, 2*time.Second); err != nil {
+			t.Fatalf("client -> %s:80 before the kill: %v", addr, err)
+		}
 		a := x.agent(old)
 		start := time.Now()
 		if err := a.Proc.Kill(); err != nil {
 			t.Fatal(err)
 		}
-		mac, took, err := x.waitNeighMoves(ctx, addr, x.macs[old], start, 3*time.Second)
+		mac, took, err := x.reconnects(t, ctx, addr, x.macs[old], start, 3*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("%s: %s -> %s in %v after SIGKILL", addr, x.macs[old], mac, took)
+		t.Logf("%s: %s -> %s, TCP through it answered %v after SIGKILL", addr, x.macs[old], mac, took)
 		if took > time.Second {
 			t.Errorf("%s: failover took %v (goal: within a second)", addr, took)
 		}
@@ -315,14 +537,26 @@ func TestL2Announcements(t *testing.T) {
 		if got := x.resolve(ctx, addr); got != mac {
 			t.Errorf("%s after the kill resolves to %q, want %s", addr, got, mac)
 		}
-		if err := a.Start(ctx); err != nil {
-			t.Fatal(err)
+		// The restarted agent must not announce, even for a moment,
+		// addresses another node leads (it used to count itself alone
+		// until it heard the others, and took every address).
+		garps := x.captureGratuitous(t, ctx, func() {
+			if err := a.Start(ctx); err != nil {
+				t.Fatal(err)
+			}
+			for _, v4 := range []netip.Addr{x.v4, x.lb4, x.local4} {
+				x.leaderIncluding(t, ctx, v4, old)
+			}
+		})
+		for _, v4 := range []netip.Addr{x.v4, x.lb4, x.local4} {
+			if l := x.leader(t, ctx, v4); l != old && garps[v4][x.macs[old]] > 0 {
+				t.Errorf("the restarted %s announced %s (led by %s) %d times", old, v4, l, garps[v4][x.macs[old]])
+			}
 		}
 	}
 
 	step(t, "the leader's interface goes down: the same within a second")
-	{
-		addr := x.v4
+	for _, addr := range []netip.Addr{x.lb4, x.lb6} {
 		old := x.leader(t, ctx, addr)
 		x.primeNeigh(t, ctx, addr, x.macs[old])
 		n := x.agent(old).Node
@@ -335,11 +569,11 @@ func TestL2Announcements(t *testing.T) {
 		if _, err := n.Exec(ctx, "ip", "link", "set", "eth0", "down"); err != nil {
 			t.Fatal(err)
 		}
-		mac, took, err := x.waitNeighMoves(ctx, addr, x.macs[old], start, 3*time.Second)
+		mac, took, err := x.reconnects(t, ctx, addr, x.macs[old], start, 3*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("%s: %s -> %s in %v after the leader's eth0 went down", addr, x.macs[old], mac, took)
+		t.Logf("%s: %s -> %s, TCP through it answered %v after the leader's eth0 went down", addr, x.macs[old], mac, took)
 		if took > time.Second {
 			t.Errorf("interface-down failover took %v", took)
 		}
