@@ -46,9 +46,6 @@ const (
 // maxTxnOps is etcd's default limit of operations per transaction.
 const maxTxnOps = 128
 
-// maxDrain bounds the queued events applied before a write.
-const maxDrain = 10_000
-
 // Config configures a Syncer.
 type Config struct {
 	Client *kvstore.Client
@@ -126,84 +123,18 @@ func (s *Syncer) Stats() Stats {
 
 func prefixes() []string { return []string{ServicePrefix, PoolPrefix, records.LBIPAMPrefix} }
 
-type event struct {
-	prefix string
-	ev     kvstore.Event
-}
-
 // Run syncs until ctx ends.
 func (s *Syncer) Run(ctx context.Context) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	events := make(chan event)
-	var wg sync.WaitGroup
-	for _, p := range prefixes() {
-		ch := s.cfg.Client.WatchPrefix(ctx, p)
-		wg.Go(func() {
-			for ev := range ch {
-				select {
-				case events <- event{p, ev}:
-				case <-ctx.Done():
-					return
-				}
-			}
-		})
-	}
-	defer wg.Wait()
-	defer cancel()
-
-	timer := time.NewTimer(time.Hour)
-	timer.Stop()
-	armed := false
-	var last time.Time
-	retry := time.Duration(0)
-	arm := func() {
-		if !armed {
-			armed = true
-			timer.Reset(max(time.Until(last.Add(s.cfg.Debounce)), retry))
-		}
-	}
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case e := <-events:
-			if s.apply(e) && s.ready() {
-				arm()
-			}
-		case <-timer.C:
-			armed = false
-			// What is queued already goes into this write (up to a bound:
-			// a flood must not hold the write back).
-		drain:
-			for range maxDrain {
-				select {
-				case e := <-events:
-					s.apply(e)
-				default:
-					break drain
-				}
-			}
-			if !s.ready() {
-				continue
-			}
-			err := s.sync(ctx)
-			last = time.Now()
-			if err != nil {
-				if ctx.Err() != nil {
-					return nil
-				}
-				retry = min(max(2*retry, s.cfg.Debounce), 10*time.Second)
-				s.log.Warn("lbipam: writing assignments failed, retrying", "err", err, "in", retry)
-				s.mu.Lock()
-				s.stats.LastErr = err.Error()
-				s.mu.Unlock()
-				arm()
-				continue
-			}
-			retry = 0
-		}
-	}
+	return s.cfg.Client.RunSyncLoop(ctx, kvstore.SyncLoop{
+		Prefixes: prefixes(), Debounce: s.cfg.Debounce,
+		Apply: s.apply, Ready: s.ready, Write: s.sync,
+		Failed: func(err error, retry time.Duration) {
+			s.log.Warn("lbipam: writing assignments failed, retrying", "err", err, "in", retry)
+			s.mu.Lock()
+			s.stats.LastErr = err.Error()
+			s.mu.Unlock()
+		},
+	})
 }
 
 func (s *Syncer) ready() bool {
@@ -217,14 +148,13 @@ func (s *Syncer) ready() bool {
 
 // apply takes one event into the inputs and reports whether a sync may be
 // needed.
-func (s *Syncer) apply(e event) bool {
-	ev := e.ev
+func (s *Syncer) apply(prefix string, ev kvstore.Event) bool {
 	if ev.Type == kvstore.EventListDone {
-		s.listed[e.prefix] = true
+		s.listed[prefix] = true
 		return true
 	}
 	del := ev.Type == kvstore.EventDelete
-	switch e.prefix {
+	switch prefix {
 	case ServicePrefix, PoolPrefix:
 		delete(s.svcs, ev.Key)
 		delete(s.pools, ev.Key)

@@ -103,11 +103,6 @@ func (s *Syncer) Stats() Stats {
 	return s.stats
 }
 
-type event struct {
-	prefix string
-	ev     kvstore.Event
-}
-
 func (s *Syncer) outPrefix() string {
 	return records.StateClusterPrefix(records.KindServices, s.cfg.Cluster)
 }
@@ -121,84 +116,17 @@ func (s *Syncer) prefixes() []string {
 	}
 }
 
-// maxDrain bounds the queued events applied before a write.
-const maxDrain = 10_000
-
 // Run syncs until ctx ends. Nothing is written before every watched prefix
 // has been listed once, so a partial view never deletes records.
 func (s *Syncer) Run(ctx context.Context) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	events := make(chan event)
-	var wg sync.WaitGroup
-	for _, p := range s.prefixes() {
-		ch := s.cfg.Client.WatchPrefix(ctx, p)
-		wg.Go(func() {
-			for ev := range ch {
-				select {
-				case events <- event{p, ev}:
-				case <-ctx.Done():
-					return
-				}
-			}
-		})
-	}
-	defer wg.Wait()
-	defer cancel()
-
-	// A write is due once something changed; it waits until Debounce has
-	// passed since the last one (or the retry delay after a failure).
-	timer := time.NewTimer(time.Hour)
-	timer.Stop()
-	armed := false
-	var last time.Time // end of the last write
-	retry := time.Duration(0)
-	arm := func() {
-		if armed {
-			return
-		}
-		armed = true
-		timer.Reset(max(time.Until(last.Add(s.cfg.Debounce)), retry))
-	}
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case e := <-events:
-			if s.apply(e) && s.ready() {
-				arm()
-			}
-		case <-timer.C:
-			armed = false
-			// What is queued already goes into this write (up to a bound:
-			// a flood must not hold the write back).
-		drain:
-			for range maxDrain {
-				select {
-				case e := <-events:
-					s.apply(e)
-				default:
-					break drain
-				}
-			}
-			if !s.ready() {
-				continue
-			}
-			err := s.sync(ctx)
-			last = time.Now()
-			if err != nil {
-				if ctx.Err() != nil {
-					return nil
-				}
-				retry = min(max(2*retry, s.cfg.Debounce), 10*time.Second)
-				s.log.Warn("servicesync: sync failed, retrying", "err", err, "in", retry)
-				s.setErr(err)
-				arm()
-				continue
-			}
-			retry = 0
-		}
-	}
+	return s.cfg.Client.RunSyncLoop(ctx, kvstore.SyncLoop{
+		Prefixes: s.prefixes(), Debounce: s.cfg.Debounce,
+		Apply: s.apply, Ready: s.ready, Write: s.sync,
+		Failed: func(err error, retry time.Duration) {
+			s.log.Warn("servicesync: sync failed, retrying", "err", err, "in", retry)
+			s.setErr(err)
+		},
+	})
 }
 
 func (s *Syncer) ready() bool {
@@ -212,15 +140,14 @@ func (s *Syncer) ready() bool {
 
 // apply updates the tables with one event and reports whether a sync may
 // be needed.
-func (s *Syncer) apply(e event) bool {
-	ev := e.ev
+func (s *Syncer) apply(prefix string, ev kvstore.Event) bool {
 	if ev.Type == kvstore.EventListDone {
-		first := !s.listed[e.prefix]
-		s.listed[e.prefix] = true
+		first := !s.listed[prefix]
+		s.listed[prefix] = true
 		return first || s.ready()
 	}
 	del := ev.Type == kvstore.EventDelete
-	switch e.prefix {
+	switch prefix {
 	case ServiceConfigPrefix:
 		if del {
 			s.t.deleteService(ev.Key)
