@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
-	"github.com/isthmus-mesh/isthmus/connectivity"
 	"github.com/isthmus-mesh/isthmus/lab"
 	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
@@ -146,32 +145,7 @@ func TestBGPLoadBalancer(t *testing.T) {
 	})
 
 	t.Run("the outside client reaches the address; answers spread over both c1 nodes and c2; SNAT", func(t *testing.T) {
-		for _, v6 := range []bool{false, true} {
-			dst := netip.AddrPortFrom(lb4, 80)
-			if v6 {
-				dst = netip.AddrPortFrom(lb6, 80)
-			}
-			var rs []connectivity.Reply
-			if err := eventually(30*time.Second, func() error {
-				var err error
-				rs, err = outsideAnswers(out, dst, 60)
-				if err != nil {
-					return err
-				}
-				if got := byPod(rs); got["lb-c1n1"] == 0 || got["lb-c1n2"] == 0 || got["lb-c2n1"] == 0 {
-					return fmt.Errorf("60 requests to %s reached %v; want the backends on both c1 nodes and in c2", dst, got)
-				}
-				return nil
-			}); err != nil {
-				t.Fatalf("outside -> %s over %s: %v", dst, familyName(v6), err)
-			}
-			t.Logf("outside -> %s: %v", dst, byPod(rs))
-			for _, r := range rs {
-				if r.Peer == out.Addr(v6) {
-					t.Fatalf("under Cluster, backend %s saw the client's own address %s: no SNAT", r.Pod, r.Peer)
-				}
-			}
-		}
+		checkSpreadSNAT(t, out, lb4, lb6, "lb-c1n1", "lb-c1n2", "lb-c2n1")
 	})
 
 	t.Run("a running stream through the address survives SIGKILL and restart of each c1 agent", func(t *testing.T) {

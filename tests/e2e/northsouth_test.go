@@ -128,32 +128,7 @@ func northSouthSetup(t *testing.T, opts lab.ClusterOptions) (*mesh, *lab.Outside
 // nodes and in c2, and no backend sees the client's address (SNAT).
 func checkCluster(t *testing.T, m *mesh, out *lab.Outside) {
 	t.Helper()
-	for _, v6 := range []bool{false, true} {
-		dst := netip.AddrPortFrom(extWeb4, 80)
-		if v6 {
-			dst = netip.AddrPortFrom(extWeb6, 80)
-		}
-		var rs []connectivity.Reply
-		if err := eventually(30*time.Second, func() error {
-			var err error
-			rs, err = outsideAnswers(out, dst, 60)
-			if err != nil {
-				return err
-			}
-			if got := byPod(rs); got["ext-c1n1"] == 0 || got["ext-c1n2"] == 0 || got["ext-c2n1"] == 0 {
-				return fmt.Errorf("60 requests to %s reached %v; want the backends on both c1 nodes and in c2", dst, got)
-			}
-			return nil
-		}); err != nil {
-			t.Fatalf("outside -> %s over %s: %v", dst, familyName(v6), err)
-		}
-		t.Logf("outside -> %s: %v", dst, byPod(rs))
-		for _, r := range rs {
-			if r.Peer == out.Addr(v6) {
-				t.Fatalf("under Cluster, backend %s saw the client's own address %s: no SNAT", r.Pod, r.Peer)
-			}
-		}
-	}
+	checkSpreadSNAT(t, out, extWeb4, extWeb6, "ext-c1n1", "ext-c1n2", "ext-c2n1")
 	for _, a := range m.c1.Agents {
 		ns := northSouth(t, m.ctx, a)
 		if !ns.SNATPresent || len(ns.Devices) == 0 || !ns.Devices[0].Attached || ns.FrontendsCluster != 2 {
@@ -289,4 +264,41 @@ func requestOn(c net.Conn, br *bufio.Reader) (connectivity.Reply, error) {
 func TestNorthSouthWireGuard(t *testing.T) {
 	m, out := northSouthSetup(t, lab.ClusterOptions{Encryption: "wireguard"})
 	checkCluster(t, m, out)
+}
+
+// checkSpreadSNAT: from outside, both families of the service address
+// (addr4, addr6 port 80) reach every backend pod named, and none of them
+// sees the client's own address (the node SNATed: externalTrafficPolicy
+// Cluster).
+func checkSpreadSNAT(t *testing.T, out *lab.Outside, addr4, addr6 netip.Addr, pods ...string) {
+	t.Helper()
+	for _, v6 := range []bool{false, true} {
+		dst := netip.AddrPortFrom(addr4, 80)
+		if v6 {
+			dst = netip.AddrPortFrom(addr6, 80)
+		}
+		var rs []connectivity.Reply
+		if err := eventually(30*time.Second, func() error {
+			var err error
+			rs, err = outsideAnswers(out, dst, 60)
+			if err != nil {
+				return err
+			}
+			got := byPod(rs)
+			for _, p := range pods {
+				if got[p] == 0 {
+					return fmt.Errorf("60 requests to %s reached %v; want every one of %v", dst, got, pods)
+				}
+			}
+			return nil
+		}); err != nil {
+			t.Fatalf("outside -> %s over %s: %v", dst, familyName(v6), err)
+		}
+		t.Logf("outside -> %s: %v", dst, byPod(rs))
+		for _, r := range rs {
+			if r.Peer == out.Addr(v6) {
+				t.Fatalf("under Cluster, backend %s saw the client's own address %s: no SNAT", r.Pod, r.Peer)
+			}
+		}
+	}
 }
