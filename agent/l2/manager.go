@@ -118,6 +118,41 @@ type Manager struct {
 	members   []string
 	status    api.L2Status
 	hbErr     error
+
+	// The node's interfaces as last listed (see links).
+	linkMu    sync.Mutex
+	linkCache []gl2.Link
+	linksAt   time.Time // zero: list again
+}
+
+// linkCacheMaxAge bounds how long a listing of the interfaces is used
+// when the link watch said nothing (it may have been resubscribing).
+const linkCacheMaxAge = time.Second
+
+// links returns the node's interfaces from a cache the link watch
+// invalidates (and at most linkCacheMaxAge old): the election runs every
+// 25 ms and the heartbeats every 100 ms, which must not dump every link
+// of the node from the kernel each time.
+func (m *Manager) links() ([]gl2.Link, error) {
+	m.linkMu.Lock()
+	defer m.linkMu.Unlock()
+	if !m.linksAt.IsZero() && time.Since(m.linksAt) < linkCacheMaxAge {
+		return m.linkCache, nil
+	}
+	ls, err := gl2.Links()
+	if err != nil {
+		return nil, err // not cached: the next call tries again
+	}
+	m.linkCache, m.linksAt = ls, time.Now()
+	return ls, nil
+}
+
+// linksChanged is the link watch's callback: list again, elect again.
+func (m *Manager) linksChanged() {
+	m.linkMu.Lock()
+	m.linksAt = time.Time{}
+	m.linkMu.Unlock()
+	m.kick()
 }
 
 // New returns a manager; Run starts it.
@@ -151,7 +186,7 @@ func (m *Manager) Run(ctx context.Context) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer m.ann.Close()
-	wg.Go(func() { m.ann.Run(ctx, m.kick) })
+	wg.Go(func() { m.ann.Run(ctx, m.linksChanged) })
 	if m.clusterMode() {
 		conn, err := listenHeartbeats(m.cfg.HeartbeatPort)
 		if err != nil {
@@ -230,7 +265,7 @@ func (m *Manager) aliveLocked(now time.Time) []Member {
 // elect computes the leaders and makes the responders answer for what
 // this node leads, on the interfaces of the policy that covers each.
 func (m *Manager) elect() {
-	links, linkErr := gl2.Links()
+	links, linkErr := m.links()
 	m.mu.Lock()
 	now := time.Now()
 	p := makePlan(m.in, m.cfg.Node, m.cfg.NodeLabels, links)
@@ -352,7 +387,7 @@ func (m *Manager) send(ctx context.Context, conn *net.UDPConn) {
 			return
 		case <-t.C:
 		}
-		links, _ := gl2.Links()
+		links, _ := m.links()
 		m.mu.Lock()
 		held := m.leaseHeldLocked(time.Now())
 		self := makePlan(m.in, m.cfg.Node, m.cfg.NodeLabels, links).self
@@ -467,7 +502,7 @@ func (m *Manager) runKV(ctx context.Context) {
 // publish writes the node's record when it changed or the lease was
 // re-granted.
 func (m *Manager) publish(ctx context.Context, c *kvstore.Client, lease *kvstore.Lease) {
-	links, _ := gl2.Links()
+	links, _ := m.links()
 	m.mu.Lock()
 	rec := record{V: 1, Port: m.cfg.HeartbeatPort, TTLms: lease.TTL().Milliseconds(),
 		Member: makePlan(m.in, m.cfg.Node, m.cfg.NodeLabels, links).self, Leads: slices.SortedFunc(maps.Keys(m.leading), netip.Addr.Compare)}
