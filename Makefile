@@ -69,8 +69,11 @@ demo:
 # LAB_ARGS="--clusters 3 --encryption none". `make lab-down` removes the lab.
 # bin/isthmus runs the bin/isthmus-agent and bin/isthmus-clustermesh next to
 # it (it never builds them).
-lab:
-	$(GO) build -o $(BIN)/ ./cmd/isthmus ./cmd/isthmus-agent ./cmd/isthmus-clustermesh
+# With LAB_ARGS=--kubernetes it also builds the Kubernetes binaries (once)
+# and Helm; the binaries are static (CGO_ENABLED=0) so that the Kubernetes
+# lab can package them into the chart's images.
+lab: $(if $(findstring --kubernetes,$(LAB_ARGS)),kube-binaries helm)
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/isthmus ./cmd/isthmus-agent ./cmd/isthmus-clustermesh ./cmd/isthmus-cni
 	$(BIN)/isthmus lab up $(LAB_ARGS)
 
 lab-down:

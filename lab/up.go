@@ -110,6 +110,20 @@ type State struct {
 	Outside []StateOutside `json:"outside,omitempty"`
 	// VMs are the enrolled external workloads (--vms).
 	VMs []StateVM `json:"vms,omitempty"`
+	// Kubernetes is set for a lab of Kubernetes clusters (--kubernetes,
+	// package lab/kube).
+	Kubernetes *StateKubernetes `json:"kubernetes,omitempty"`
+}
+
+// StateKubernetes is what a Kubernetes lab runs: each cluster's API server
+// and admin kubeconfig are in its StateCluster.
+type StateKubernetes struct {
+	Version   string `json:"version"`
+	Kubectl   string `json:"kubectl"`
+	Helm      string `json:"helm"`
+	Chart     string `json:"chart"`
+	Namespace string `json:"namespace"` // of the Isthmus release
+	Release   string `json:"release"`
 }
 
 // StateVM is an external workload of the lab.
@@ -151,6 +165,11 @@ type StateCluster struct {
 	Router     string         `json:"router"`     // netns of the router, which runs the server
 	PodCIDRs   []netip.Prefix `json:"podCIDRs"`
 	Nodes      []StateNode    `json:"nodes"`
+	// Kubeconfig (admin) and APIServer of a Kubernetes cluster; the API
+	// server is reachable from the lab's namespaces (the router's, the
+	// fabric's), not from the host's.
+	Kubeconfig string `json:"kubeconfig,omitempty"`
+	APIServer  string `json:"apiServer,omitempty"`
 }
 
 // StateNode is one node running an agent.

@@ -118,12 +118,18 @@ func ReadBundle(path string) (Bundle, error) {
 	if err != nil {
 		return Bundle{}, err
 	}
+	return ParseBundle(path, data)
+}
+
+// ParseBundle decodes and validates a JSON bundle; name says where it came
+// from, for the error.
+func ParseBundle(name string, data []byte) (Bundle, error) {
 	var b Bundle
 	if err := json.Unmarshal(data, &b); err != nil {
-		return Bundle{}, fmt.Errorf("bundle %s: %w", path, err)
+		return Bundle{}, fmt.Errorf("bundle %s: %w", name, err)
 	}
 	if err := b.Validate(); err != nil {
-		return Bundle{}, fmt.Errorf("bundle %s: %w", path, err)
+		return Bundle{}, fmt.Errorf("bundle %s: %w", name, err)
 	}
 	return b, nil
 }

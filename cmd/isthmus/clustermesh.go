@@ -223,10 +223,11 @@ by the owner only.`,
 
 func (m *mesh) connectCommand() *cobra.Command {
 	var name, bundle string
+	var ko kubeConnect
 	var endpoints []string
 	var timeout, wait time.Duration
 	cmd := &cobra.Command{
-		Use:   "connect --bundle FILE [--name CLUSTER] [--endpoints https://HOST:PORT]",
+		Use:   "connect (--bundle FILE [--name CLUSTER] [--endpoints https://HOST:PORT] | --kubeconfig FILE --remote-kubeconfig FILE)",
 		Short: "Make this cluster's server mirror a remote cluster",
 		Long: `Connect a remote cluster: this cluster's server will mirror the remote's
 nodes, endpoints, identities and services into this cluster's etcd, where
@@ -240,15 +241,36 @@ is this cluster's or another connected cluster's, or whose pod CIDRs overlap,
 is refused. Connecting a cluster again replaces its credentials (e.g. after
 they were renewed).
 
-The mirror is one-way: connect the other direction on the remote cluster.`,
+The mirror is one-way: connect the other direction on the remote cluster.
+
+Clusters installed with the Helm chart are connected both ways by one
+command, with --kubeconfig and --remote-kubeconfig (admin credentials of
+each): through the Kubernetes API it runs 'certs --for-remote' in each
+cluster's server pod, keeps each bundle as the Secret isthmus-peer-<cluster>
+(key bundle.json, the shape of the chart's mesh.peers) in the other
+cluster's release namespace, and runs 'connect' with it in that cluster's
+server pod, then waits (--wait, default 1m) until both mirrors are synced.
+The servers must reach each other's advertised client URLs
+(clustermesh.advertiseClient). Running it again renews the credentials.`,
 		Example: `  isthmus clustermesh connect --bundle c2-for-c1.json
+  isthmus clustermesh connect --kubeconfig c1.kubeconfig --remote-kubeconfig c2.kubeconfig
   isthmus clustermesh connect --name c2 --bundle c2-for-c1.json --endpoints https://198.51.100.2:2379 --wait 1m`,
 		Args: withUsage(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if bundle == "" {
-				return errors.New("connect needs --bundle FILE: the bundle the remote cluster exported for this one (on its server: isthmus clustermesh certs --for-remote <this cluster>)")
+			if ko.kubeconfig != "" || ko.remoteKubeconfig != "" {
+				if bundle != "" || len(endpoints) > 0 {
+					return errors.New("with --kubeconfig the bundles come from the clusters' servers: drop --bundle and --endpoints")
+				}
+				ko.Timeout, ko.Wait = timeout, wait
+				if ko.Wait == 0 {
+					ko.Wait = time.Minute
+				}
+				return ko.run(cmd.Context(), m.out, name)
 			}
-			b, err := meshctl.ReadBundle(bundle)
+			if bundle == "" {
+				return errors.New("connect needs --bundle FILE: the bundle the remote cluster exported for this one (on its server: isthmus clustermesh certs --for-remote <this cluster>); or, for clusters installed with the Helm chart, --kubeconfig and --remote-kubeconfig")
+			}
+			b, err := readBundleArg(bundle, m.in)
 			if err != nil {
 				return fmt.Errorf("--bundle: %w", err)
 			}
@@ -289,7 +311,11 @@ The mirror is one-way: connect the other direction on the remote cluster.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&bundle, "bundle", "", "bundle exported by the remote cluster for this one: a JSON file, or a directory with bundle.json")
+	f.StringVar(&bundle, "bundle", "", "bundle exported by the remote cluster for this one: a JSON file, a directory with bundle.json, or - (the JSON on stdin)")
+	f.StringVar(&ko.kubeconfig, "kubeconfig", "", "Kubernetes: kubeconfig of this cluster (Isthmus installed with the Helm chart); connects it and --remote-kubeconfig's cluster both ways")
+	f.StringVar(&ko.remoteKubeconfig, "remote-kubeconfig", "", "Kubernetes: kubeconfig of the remote cluster")
+	f.StringVar(&ko.namespace, "namespace", "kube-system", "Kubernetes: namespace of this cluster's Isthmus release")
+	f.StringVar(&ko.remoteNamespace, "remote-namespace", "", "Kubernetes: namespace of the remote cluster's release (default: --namespace)")
 	f.StringVar(&name, "name", "", "name of the remote cluster (default: the bundle's; must match it)")
 	f.StringSliceVar(&endpoints, "endpoints", nil, "the remote server's client URLs, if not those in the bundle (https://host:port, comma-separated)")
 	f.DurationVar(&timeout, "timeout", 10*time.Second, "how long to try to reach the remote before giving up")

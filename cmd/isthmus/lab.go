@@ -14,6 +14,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/connectivity"
 	"github.com/isthmus-mesh/isthmus/lab"
+	"github.com/isthmus-mesh/isthmus/lab/kube"
 )
 
 // `isthmus lab` runs a demo mesh on this machine with package lab
@@ -31,13 +32,14 @@ a fabric router, clusters on separate subnets, an agent on every node, one
 isthmus-clustermesh server per cluster, echo pods, a global service and a
 policy. Needs root. See docs/lab.md.`,
 	}
-	cmd.AddCommand(c.labUpCommand(), c.labStatusCommand(), c.labExecCommand(), c.labDownCommand(), c.labEchoServerCommand())
+	cmd.AddCommand(c.labUpCommand(), c.labStatusCommand(), c.labExecCommand(), c.labKubectlCommand(), c.labDownCommand(), c.labEchoServerCommand())
 	return cmd
 }
 
 func (c *cli) labUpCommand() *cobra.Command {
 	o := lab.UpOptions{}
-	var skipTest bool
+	var skipTest, kubernetes bool
+	var chart string
 	cmd := &cobra.Command{
 		Use:   "up [--clusters 2] [--nodes 2] [--pods-per-node 2] [--encryption wireguard|none] [--bgp] [--l2] [--vms N]",
 		Short: "Build the lab, connect the clusters, wait until synced, run the connectivity test",
@@ -72,6 +74,20 @@ clusters) join with one-time tokens ('isthmus vm token create', then
 echo pods), each running the echo server on its mesh addresses: the
 connectivity test checks pod <-> host both ways.
 
+With --kubernetes, every cluster is a real Kubernetes cluster
+(kube-apiserver, kube-controller-manager and kube-scheduler in its router;
+containerd and a kubelet on every node) with Isthmus installed by its own
+Helm chart (deploy/helm/isthmus, --chart) from images packaged from the
+static binaries next to this one; the clusters are connected with
+'isthmus clustermesh connect --kubeconfig ... --remote-kubeconfig ...';
+the echo and denied pods are Kubernetes pods (real containers), the
+service a global Kubernetes Service (ClusterIPs 10.96.0.100 and
+fd00:10:96::100) and the policy a networking.k8s.io NetworkPolicy. It needs
+'make lab LAB_ARGS=--kubernetes', which builds the static binaries, the
+Kubernetes binaries (once, about ten minutes on two cores) and Helm; 'isthmus
+lab kubectl CLUSTER -- ARGS' runs kubectl against a cluster. --bgp, --l2
+and --vms are not available with it yet.
+
 Then it waits until every agent sees the whole mesh, runs 'isthmus
 connectivity test' and prints a summary. Exits non-zero when the build or a
 check fails (a lab whose checks failed stays up for debugging). Only one lab
@@ -79,11 +95,18 @@ at a time: remove it with 'isthmus lab down'.`,
 		Example: `  isthmus lab up
   isthmus lab up --bgp
   isthmus lab up --l2 --vms 2
-  isthmus lab up --clusters 3 --nodes 1 --encryption none`,
+  isthmus lab up --clusters 3 --nodes 1 --encryption none
+  isthmus lab up --kubernetes`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if os.Geteuid() != 0 {
 				return errors.New("lab up needs root (network namespaces, BPF)")
+			}
+			if kubernetes && (o.BGP || o.L2 || o.VMs > 0) {
+				return errors.New("--kubernetes does not take --bgp, --l2 or --vms yet: drop them, or drop --kubernetes")
+			}
+			if chart != "" && !kubernetes {
+				return errors.New("--chart is the Helm chart of --kubernetes: add --kubernetes or drop --chart")
 			}
 			// The binaries first: a missing one is the user's next step.
 			bins, err := lab.FindBinaries()
@@ -98,7 +121,17 @@ at a time: remove it with 'isthmus lab down'.`,
 			o.Binaries = func() (lab.Binaries, error) { return bins, nil }
 			o.Progress = func(format string, args ...any) { fmt.Fprintf(c.out, "==> "+format+"\n", args...) }
 			start := time.Now()
-			_, st, err := lab.Up(cmd.Context(), o)
+			var st *lab.State
+			if kubernetes {
+				ko := kube.UpOptions{Clusters: o.Clusters, Nodes: o.Nodes, PodsPerNode: o.PodsPerNode, Encryption: o.Encryption,
+					Chart: chart, Detached: true, StateFile: path, Binaries: o.Binaries, Progress: o.Progress}
+				if cmd.Flags().Changed("timeout") {
+					ko.Timeout = o.Timeout
+				}
+				_, st, err = kube.Up(cmd.Context(), ko)
+			} else {
+				_, st, err = lab.Up(cmd.Context(), o)
+			}
 			if err != nil {
 				os.Remove(path) // Up removes it, but not when it failed before creating the lab
 				return fmt.Errorf("lab up failed; what it built was removed: %w", err)
@@ -134,7 +167,9 @@ at a time: remove it with 'isthmus lab down'.`,
 	f.BoolVar(&o.BGP, "bgp", false, "north-south over BGP: BIRD as every cluster's top-of-rack router peered with every node, the echo service of type LoadBalancer, and a client outside the mesh behind each router (checked by the connectivity test)")
 	f.BoolVar(&o.L2, "l2", false, "north-south over L2: a client outside the mesh on every cluster's node segment (c<i>-seg), the echo service of type LoadBalancer answered there with ARP and NDP (an L2AnnouncementPolicy), checked by the connectivity test")
 	f.IntVar(&o.VMs, "vms", 0, "external workloads (0-20): hosts behind the fabric enrolled with one-time tokens (isthmus-agent --join), spread over the clusters, labelled app=vm, each running the echo server; the connectivity test checks pod <-> host")
-	f.DurationVar(&o.Timeout, "timeout", 3*time.Minute, "how long to wait for the mesh to sync")
+	f.BoolVar(&kubernetes, "kubernetes", false, "real Kubernetes clusters (control plane in each router, containerd and kubelet on each node) with Isthmus installed by its Helm chart (needs 'make lab LAB_ARGS=--kubernetes'); at most 4 clusters of 4 nodes")
+	f.StringVar(&chart, "chart", "", "with --kubernetes: the Helm chart's directory (default: deploy/helm/isthmus of the source tree)")
+	f.DurationVar(&o.Timeout, "timeout", 3*time.Minute, "how long to wait for the mesh to sync (with --kubernetes default 5m, also for each install)")
 	f.BoolVar(&skipTest, "skip-test", false, "do not run the connectivity test")
 	return cmd
 }
@@ -233,6 +268,47 @@ func (c *cli) labExecCommand() *cobra.Command {
 			// the command leaves running.
 			argv := append([]string{"nsenter", "--net=" + lab.NetnsPath(ns), "--"}, args[1:]...)
 			return syscall.Exec(nsenter, argv, append(os.Environ(), lab.EnvPrefix+"="+st.Prefix))
+		},
+	}
+}
+
+func (c *cli) labKubectlCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:   "kubectl CLUSTER -- [KUBECTL ARG...]",
+		Short: "Run kubectl against a cluster of a Kubernetes lab (lab up --kubernetes)",
+		Long: `Run kubectl as the cluster's admin, in the cluster's router namespace, where
+its API server listens (the host's namespace does not reach it).`,
+		Example: `  isthmus lab kubectl c1 -- get pods -A -o wide
+  isthmus lab kubectl c2 -- -n kube-system logs ds/isthmus-agent
+  isthmus lab kubectl c1 -- exec c1-n1-echo1 -- /isthmus version`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) < 1 || (cmd.ArgsLenAtDash() != -1 && cmd.ArgsLenAtDash() != 1) {
+				return errors.New("usage: isthmus lab kubectl CLUSTER -- [KUBECTL ARG...]")
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			st, err := readLabState()
+			if err != nil {
+				return err
+			}
+			if st.Kubernetes == nil {
+				return fmt.Errorf("lab %s has no Kubernetes clusters ('isthmus lab up --kubernetes' builds them)", st.Prefix)
+			}
+			var names []string
+			for _, cl := range st.Clusters {
+				names = append(names, cl.Name)
+				if cl.Name != args[0] {
+					continue
+				}
+				nsenter, err := exec.LookPath("nsenter")
+				if err != nil {
+					return err
+				}
+				argv := append([]string{"nsenter", "--net=" + lab.NetnsPath(cl.Router), "--", st.Kubernetes.Kubectl, "--kubeconfig", cl.Kubeconfig}, args[1:]...)
+				return syscall.Exec(nsenter, argv, append(os.Environ(), lab.EnvPrefix+"="+st.Prefix))
+			}
+			return fmt.Errorf("lab %s has no cluster %q (clusters: %s)", st.Prefix, args[0], strings.Join(names, ", "))
 		},
 	}
 }

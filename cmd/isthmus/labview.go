@@ -144,11 +144,35 @@ Explore:
   isthmus lab exec %[6]s -- ip route
   isthmus --socket %[7]s status
   isthmus connectivity test
-  isthmus lab status%[8]s
+  isthmus lab status%[8]s%[9]s
   isthmus lab down
-`, first.Name, vip, remote.IPv4, connectivity.EchoPort, st.Clusters[0].Name, st.Clusters[0].Nodes[0].Name, sock, outsideHints(st))
+`, first.Name, vip, remote.IPv4, connectivity.EchoPort, st.Clusters[0].Name, st.Clusters[0].Nodes[0].Name, sock, outsideHints(st), kubeHints(st))
 	}
 	return nil
+}
+
+// kubeHints are the explore lines of a Kubernetes lab (--kubernetes).
+func kubeHints(st *lab.State) string {
+	k := st.Kubernetes
+	if k == nil {
+		return ""
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "\n  # Kubernetes %s: Isthmus is the Helm release %s/%s (chart %s)", k.Version, k.Namespace, k.Release, k.Chart)
+	for _, c := range st.Clusters {
+		fmt.Fprintf(&b, "\n  #   %s: API server %s, admin kubeconfig %s (reachable from the lab's namespaces, e.g. isthmus lab exec %s-rtr -- %s --kubeconfig %s get nodes)",
+			c.Name, c.APIServer, c.Kubeconfig, c.Name, k.Kubectl, c.Kubeconfig)
+	}
+	c := st.Clusters[0]
+	fmt.Fprintf(&b, `
+  isthmus lab kubectl %[1]s -- get pods -A -o wide
+  isthmus lab kubectl %[1]s -- -n %[2]s logs ds/%[3]s-agent
+  isthmus lab kubectl %[1]s -- get networkpolicies,services -n default`, c.Name, k.Namespace, k.Release)
+	if len(st.Clusters) > 1 {
+		fmt.Fprintf(&b, "\n  isthmus lab exec fabric -- %s clustermesh connect --kubeconfig %s --remote-kubeconfig %s   # again: renews the credentials",
+			st.Binaries.CLI, c.Kubeconfig, st.Clusters[1].Kubeconfig)
+	}
+	return b.String()
 }
 
 // outsideHints are the explore lines of the outside hosts (--bgp).
