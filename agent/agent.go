@@ -548,7 +548,8 @@ func (a *Agent) desiredState() (desired.State, error) {
 	svcs, pols := a.splitSvcs, a.splitPols
 	eps, epGen := a.store.EndpointsGen()
 	s := desired.State{Cluster: a.cfg.ClusterName, Endpoints: eps, Services: svcs, Policies: pols,
-		Identities: a.ids, Mesh: a.mesh.Desired(), EndpointsGen: epGen + 1, ObjectsGen: objGen}
+		Identities: a.ids, Mesh: a.mesh.Desired(), EndpointsGen: epGen + 1, ObjectsGen: objGen,
+		AllowLocalHostIngress: a.cfg.Kubernetes}
 	addrs, err := a.hostAddrs.Get()
 	if err != nil {
 		return s, fmt.Errorf("list node addresses: %w", err)

@@ -261,5 +261,9 @@ func compilePolicy(s desired.State) policy.Result {
 		// like a pod (to_host enforces its ingress rules).
 		peps = append(peps, policy.Endpoint{ID: w.ID, Namespace: w.Namespace, Identity: w.Identity, Labels: desired.IdentityLabels(s.Cluster, w.Namespace, w.Labels)})
 	}
-	return policy.Compile(s.Policies, peps, s.Identities.List(), s.Cluster)
+	res := policy.Compile(s.Policies, peps, s.Identities.List(), s.Cluster)
+	if s.AllowLocalHostIngress {
+		res.AllowHostIngress()
+	}
+	return res
 }

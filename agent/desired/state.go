@@ -24,6 +24,11 @@ type State struct {
 	// and until the identity is allocated. It is not among Endpoints: it
 	// is no pod, so no service selects it and nothing is plumbed for it.
 	Workload *state.Endpoint
+	// AllowLocalHostIngress admits the node's own host identity into every
+	// local endpoint whose ingress a policy enforces, on every port: in
+	// Kubernetes mode the kubelet's probes come from the host, and
+	// Kubernetes expects them to pass whatever the NetworkPolicies say.
+	AllowLocalHostIngress bool
 
 	// Generations of Endpoints and of Services and Policies (the applied
 	// objects): equal values, same content. Reconcilers skip what depends

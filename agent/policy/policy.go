@@ -88,6 +88,19 @@ func Compile(policies []objects.NetworkPolicy, endpoints []Endpoint, identities 
 	return res
 }
 
+// AllowHostIngress adds, for every endpoint whose ingress is enforced, an
+// entry that admits the local host identity on every port and protocol
+// (Kubernetes mode: kubelet probes), keeping the keys sorted.
+func (r *Result) AllowHostIngress() {
+	for id, enforced := range r.Ingress {
+		if enforced {
+			r.Keys = append(r.Keys, bpf.PolicyKey{EndpointID: id, PeerIdentity: bpf.IdentityHost, Port: 0, Proto: bpf.ProtoAny, Direction: bpf.Ingress})
+		}
+	}
+	slices.SortFunc(r.Keys, compareKeys)
+	r.Keys = slices.Compact(r.Keys)
+}
+
 func addKeys(keys map[bpf.PolicyKey]bool, eps []Endpoint, dir bpf.Direction, peers []uint32, ports []portProto) {
 	for _, ep := range eps {
 		for _, peer := range peers {

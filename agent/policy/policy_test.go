@@ -376,3 +376,31 @@ func TestNodeEntities(t *testing.T) {
 		}
 	}
 }
+
+func TestAllowHostIngress(t *testing.T) {
+	r := Result{
+		Keys:    []bpf.PolicyKey{{EndpointID: 1, PeerIdentity: 300, Port: 80, Proto: bpf.ProtoTCP, Direction: bpf.Ingress}},
+		Ingress: map[uint32]bool{1: true, 2: false, 3: true},
+		Egress:  map[uint32]bool{1: false, 2: true, 3: false},
+	}
+	r.AllowHostIngress()
+	r.AllowHostIngress() // idempotent
+	want := []bpf.PolicyKey{
+		{EndpointID: 1, PeerIdentity: bpf.IdentityHost, Port: 0, Proto: bpf.ProtoAny, Direction: bpf.Ingress},
+		{EndpointID: 1, PeerIdentity: 300, Port: 80, Proto: bpf.ProtoTCP, Direction: bpf.Ingress},
+		{EndpointID: 3, PeerIdentity: bpf.IdentityHost, Port: 0, Proto: bpf.ProtoAny, Direction: bpf.Ingress},
+	}
+	// Endpoint 2 enforces no ingress (everything is admitted already):
+	// no entry for it.
+	if len(r.Keys) != len(want) {
+		t.Fatalf("keys %v, want %v", r.Keys, want)
+	}
+	for _, k := range want {
+		if !slices.Contains(r.Keys, k) {
+			t.Errorf("missing %+v in %v", k, r.Keys)
+		}
+	}
+	if !slices.IsSortedFunc(r.Keys, compareKeys) {
+		t.Errorf("keys not sorted: %v", r.Keys)
+	}
+}
