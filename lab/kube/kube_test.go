@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -236,7 +235,7 @@ func TestClusterInNamespaces(t *testing.T) {
 	if _, err := os.Stat(dir); !os.IsNotExist(err) {
 		t.Errorf("lab dir %s still there: %v", dir, err)
 	}
-	if m := mountsUnder(dir); len(m) > 0 {
+	if m := kube.MountsUnder(dir); len(m) > 0 {
 		t.Errorf("mounts left under %s: %v", dir, m)
 	}
 	for f := range cniNetns() {
@@ -249,7 +248,7 @@ func TestClusterInNamespaces(t *testing.T) {
 			t.Errorf("containerd shim socket %s left", f)
 		}
 	}
-	if p := procsOf(prefix, dir); len(p) > 0 {
+	if p := kube.ProcessesOf(prefix, dir); len(p) > 0 {
 		t.Errorf("processes left: %v", p)
 	}
 	mounts, _ := lab.CgroupMounts()
@@ -296,39 +295,4 @@ func shimSockets() map[string]bool {
 		m[f] = true
 	}
 	return m
-}
-
-func mountsUnder(dir string) []string {
-	b, _ := os.ReadFile("/proc/self/mountinfo")
-	var out []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) > 4 && strings.HasPrefix(f[4], dir) {
-			out = append(out, f[4])
-		}
-	}
-	return out
-}
-
-// procsOf lists processes that carry the lab prefix in their environment
-// or the lab dir in their command line.
-func procsOf(prefix, dir string) []string {
-	ents, _ := os.ReadDir("/proc")
-	var out []string
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		if i := strings.LastIndexByte(string(st), ')'); i > 0 && strings.HasPrefix(strings.TrimSpace(string(st[i+1:])), "Z") {
-			continue
-		}
-		env, _ := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
-		cl, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if strings.Contains(string(env), lab.EnvPrefix+"="+prefix) || strings.Contains(string(cl), dir) {
-			out = append(out, fmt.Sprintf("%d %s", pid, strings.ReplaceAll(string(cl), "\x00", " ")))
-		}
-	}
-	return out
 }

@@ -62,6 +62,9 @@ func build() (string, error) {
 	}
 	cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/"+lab.AgentBinary, "./cmd/"+lab.CLIBinary, "./cmd/"+lab.ServerBinary, "./cmd/"+lab.CNIBinary)
 	cmd.Dir = root
+	// Static, as `make lab` builds them: the Kubernetes lab (lab/kube.Up)
+	// packages them into images that hold no C library.
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		os.RemoveAll(dir)
 		return "", fmt.Errorf("labtest: build binaries: %v\n%s", err, out)

@@ -40,7 +40,7 @@ import (
 )
 
 var (
-	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s|bgp|northsouth|l2|vm", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup, bigtcp, k8s, bgp, northsouth, l2, vm")
+	only     = flag.String("run", "throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s|k8s-lab|bgp|northsouth|l2|vm", "regexp of the sections to run, matched against the whole name: throughput, cps, mesh, mesh-scale, service-backend, wireguard, labup, bigtcp, k8s, k8s-lab, bgp, northsouth, l2, vm")
 	duration = flag.Duration("duration", 8*time.Second, "length of each measurement")
 	services = flag.Int("services", 10000, "services installed for the scaling measurement")
 )
@@ -104,6 +104,7 @@ func main() {
 		{"labup", labupBench},
 		{"bigtcp", bigtcpBench},
 		{"k8s", k8sBench},
+		{"k8s-lab", k8sLabBench},
 		{"bgp", bgpBench},
 		{"northsouth", northSouthBench},
 		{"l2", l2Bench},
