@@ -260,7 +260,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.enc, a.cfg.MTU, err = encryption.Setup(encryption.Config{
 		Cluster: a.cfg.ClusterName, Node: a.cfg.NodeName, Device: a.cfg.WireGuardDevice, Port: a.cfg.WireGuardPort,
-		NodeEncryption: a.cfg.NodeEncryption, StateDir: a.cfg.StateDir, Log: a.log,
+		NodeEncryption: a.cfg.NodeEncryption, StateDir: a.cfg.StateDir, Log: a.log, Daemon: a.cfg.WireGuardDaemon,
 		// The mesh detects the node IPs later the same way; the MTU needs
 		// them now (an IPv6-only underlay costs 20 bytes more).
 		Underlay: func() (int, bool) { return node.UnderlayMTU(a.underlayIPs()) },

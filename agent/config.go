@@ -84,6 +84,10 @@ type Config struct {
 	NodeEncryption  bool   // encrypt node-to-node traffic too
 	WireGuardPort   int    // UDP port; 0 means 51871
 	WireGuardDevice string // device name, unique on the host; "" derives one
+	// WireGuardDaemon: without kernel WireGuard, adopt the device of
+	// `isthmus-agent wireguard-daemon` instead of embedding the engine, so
+	// the tunnels outlive the agent's restarts (--wireguard-daemon).
+	WireGuardDaemon bool
 
 	// BigTCP sets GSO/GRO sizes beyond 64 KiB (agent/bigtcp); the zero
 	// value is auto for both families at bigtcp.DefaultSize.

@@ -300,7 +300,7 @@ type EndpointBigTCP struct {
 // WireGuardStatus is the node's WireGuard device and its peers.
 type WireGuardStatus struct {
 	Device     string `json:"device"`
-	Mode       string `json:"mode"` // "kernel" or "userspace"
+	Mode       string `json:"mode"` // "kernel", "userspace" (embedded) or "userspace-daemon" (isthmus-agent wireguard-daemon's)
 	PublicKey  string `json:"publicKey"`
 	ListenPort int    `json:"listenPort"`
 	MTU        int    `json:"mtu"`

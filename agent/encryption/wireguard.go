@@ -107,6 +107,9 @@ type Config struct {
 	Device         string // "" derives one (DefaultDevice)
 	Port           int    // 0 means wireguard.DefaultListenPort
 	NodeEncryption bool   // node-to-node traffic too
+	// Daemon adopts the device of `isthmus-agent wireguard-daemon` when
+	// the kernel has no WireGuard (wireguard.ModeUserspaceDaemon).
+	Daemon bool
 	StateDir       string // the key and the saved peers
 	// Underlay returns the MTU of the node's underlay interface, and
 	// whether it is IPv6 only (20 bytes more overhead).
@@ -126,9 +129,13 @@ func Open(cfg Config) (*WireGuard, error) {
 	if name == "" {
 		name = DefaultDevice(cfg.Cluster, cfg.Node)
 	}
+	mode := ""
+	if cfg.Daemon {
+		mode = wireguard.ModeUserspaceDaemon
+	}
 	dev, err := wireguard.Open(wireguard.Config{
 		Name: name, ListenPort: cfg.Port, MTU: mtu, FirewallMark: encryptionMark,
-		KeyFile: filepath.Join(cfg.StateDir, wireguardKeyFile), Logger: cfg.Log,
+		KeyFile: filepath.Join(cfg.StateDir, wireguardKeyFile), Logger: cfg.Log, Mode: mode,
 	})
 	if err != nil {
 		return nil, err
@@ -272,7 +279,11 @@ func (e *WireGuard) Status() *api.WireGuardStatus {
 	if e == nil {
 		return nil
 	}
-	st := &api.WireGuardStatus{Device: e.dev.Name(), Mode: e.dev.Mode(), PublicKey: e.dev.PublicKey(),
+	mode := e.dev.Mode()
+	if e.dev.External() {
+		mode = wireguard.ModeUserspaceDaemon
+	}
+	st := &api.WireGuardStatus{Device: e.dev.Name(), Mode: mode, PublicKey: e.dev.PublicKey(),
 		ListenPort: e.dev.ListenPort(), MTU: e.dev.MTU(), NodeEncryption: e.nodeEnc, Peers: []api.WireGuardPeer{}}
 	e.mu.Lock()
 	names := e.peerNodes

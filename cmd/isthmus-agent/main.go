@@ -232,6 +232,7 @@ through graceful restart; see docs/bgp.md.
 	f.BoolVar(&cfg.NodeEncryption, "node-encryption", false, "with --encryption=wireguard: also encrypt traffic between node addresses")
 	f.IntVar(&cfg.WireGuardPort, "wireguard-port", 51871, "UDP port of the node's WireGuard device (peers learn it from the node record)")
 	f.StringVar(&cfg.WireGuardDevice, "wireguard-device", "", "name of the WireGuard device, unique on the host (default isthwg<hash of cluster and node name>)")
+	f.BoolVar(&cfg.WireGuardDaemon, "wireguard-daemon", false, "with --encryption=wireguard and no kernel WireGuard: use the device that 'isthmus-agent wireguard-daemon' serves on this node (waiting up to a minute for it) instead of embedding the engine, so the tunnels and their sessions outlive the agent's restarts")
 	f.StringVar(&bigTCP6, "ipv6-big-tcp", string(bigtcp.Auto), "IPv6 BIG TCP (GSO/GRO beyond 64 KiB) on the external devices and pod veths: off, on, or auto (on where the kernel and each device support it)")
 	f.StringVar(&bigTCP4, "ipv4-big-tcp", string(bigtcp.Auto), "IPv4 BIG TCP (gso_ipv4_max_size, Linux >= 6.3): off, on (an error on an older kernel), or auto")
 	f.IntVar(&cfg.BigTCP.Size, "big-tcp-size", bigtcp.DefaultSize, "GSO/GRO size in bytes with BIG TCP, 65537-524288; each device gets at most its tso_max_size")
@@ -247,6 +248,7 @@ through graceful restart; see docs/bgp.md.
 	f.StringVar(&join.server, "join", "", "run as an external workload (a VM or bare-metal host): enroll at this enrollment server, https://host:port (isthmus vm token create prints it), once; later starts reuse the stored credential")
 	f.StringVar(&join.token, "token", "", "with --join: the one-time enrollment token (only needed the first time)")
 	f.StringVar(&join.fingerprint, "ca-fingerprint", "", "with --join: SHA-256 of the cluster's CA certificate to pin (hex, as isthmus vm token create prints it)")
+	cmd.AddCommand(wireguardDaemonCommand())
 	return cmd
 }
 

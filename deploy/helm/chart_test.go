@@ -349,10 +349,38 @@ func TestTemplateWireGuard(t *testing.T) {
 	if cm["ENCRYPTION"] != "wireguard" || cm["NODE_ENCRYPTION"] != "true" || cm["WIREGUARD_PORT"] != "51999" || cm["POD_CIDRS"] != "10.1.0.0/16,fd00:1::/48" {
 		t.Errorf("ConfigMap: %v", cm)
 	}
+	// The userspace engine runs in its own DaemonSet, whose device the
+	// agent adopts; replaced only when its pods are deleted.
+	if !hasArg(c, "--wireguard-daemon") {
+		t.Error("agent: no --wireguard-daemon")
+	}
+	var wg appsv1.DaemonSet
+	r.get(t, "DaemonSet/rel-isthmus-wireguard", &wg)
+	wc := container(t, wg.Spec.Template.Spec, "wireguard")
+	if wg.Spec.UpdateStrategy.Type != appsv1.OnDeleteDaemonSetStrategyType || !wg.Spec.Template.Spec.HostNetwork ||
+		wc.Image != "localhost/isthmus/agent:0.1.0-dev" || !slices.Equal(wc.Command, []string{"/usr/local/bin/isthmus-agent"}) ||
+		!hasArg(wc, "wireguard-daemon") || !hasArg(wc, "--cluster-name=c1") || !hasArg(wc, "--node-name=$(NODE_NAME)") {
+		t.Errorf("wireguard DaemonSet: strategy %s, hostNetwork %v, container %s %v %v", wg.Spec.UpdateStrategy.Type, wg.Spec.Template.Spec.HostNetwork, wc.Image, wc.Command, wc.Args)
+	}
+	if _, ok := wg.Spec.Template.Annotations["checksum/config"]; ok {
+		t.Error("wireguard DaemonSet: a settings change would restart it")
+	}
+	// A fixed device name goes to both, and the daemon can be turned off.
+	n := render(t, "testdata/wireguard.yaml", "encryption.wireguardDevice=$(NODE_NAME)", "encryption.userspaceDaemon.enabled=false")
+	nc := container(t, checkAgent(t, n, "localhost/isthmus/agent:0.1.0-dev").Spec.Template.Spec, "agent")
+	if !hasArg(nc, "--wireguard-device=$(NODE_NAME)") || hasArg(nc, "--wireguard-daemon") {
+		t.Errorf("agent without the daemon: %v", nc.Args)
+	}
+	if _, ok := n["DaemonSet/rel-isthmus-wireguard"]; ok {
+		t.Error("a wireguard DaemonSet with userspaceDaemon.enabled=false")
+	}
 	// The default values do not pass the WireGuard flags.
 	d := render(t, "")
 	if hasArg(container(t, checkAgent(t, d, "localhost/isthmus/agent:0.1.0-dev").Spec.Template.Spec, "agent"), "--wireguard-port=$(WIREGUARD_PORT)") {
 		t.Error("WireGuard flags without encryption")
+	}
+	if _, ok := d["DaemonSet/rel-isthmus-wireguard"]; ok {
+		t.Error("a wireguard DaemonSet without encryption")
 	}
 }
 
@@ -432,11 +460,12 @@ func TestTemplateRegistryExistingPKI(t *testing.T) {
 // Values that cannot work are refused at template time, naming the value.
 func TestTemplateRefusesBadValues(t *testing.T) {
 	for set, want := range map[string]string{
-		"cluster.id=0":                          "cluster.id",
-		"cluster.name=Not_A_Label":              "cluster.name",
-		"encryption.type=ipsec":                 "encryption.type",
-		"clustermesh.service.type=ExternalName": "clustermesh.service.type",
-		"pki.existingCASecret=x":                "go together",
+		"cluster.id=0":                                     "cluster.id",
+		"cluster.name=Not_A_Label":                         "cluster.name",
+		"encryption.type=ipsec":                            "encryption.type",
+		"encryption.userspaceDaemon.updateStrategy=Always": "encryption.userspaceDaemon.updateStrategy",
+		"clustermesh.service.type=ExternalName":            "clustermesh.service.type",
+		"pki.existingCASecret=x":                           "go together",
 	} {
 		out, err := helm(t, "template", "rel", chart, "--set", set)
 		if err == nil || !strings.Contains(out, want) {

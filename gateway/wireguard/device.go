@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/netip"
+	"os"
 	"sync"
 	"time"
 
@@ -25,6 +26,14 @@ const (
 	// ModeKernel and ModeUserspace are what Mode reports.
 	ModeKernel    = "kernel"
 	ModeUserspace = "userspace"
+	// ModeUserspaceDaemon (a Config.Mode) prefers the kernel like "", and
+	// otherwise adopts the userspace device that another process serves
+	// (ServeUserspace: `isthmus-agent wireguard-daemon`) instead of
+	// embedding the engine, waiting up to Config.AdoptWait for it. The
+	// device, its peers and their sessions then outlive this process: an
+	// agent restart does not interrupt the tunnels. Mode() reports
+	// ModeUserspace, External() true.
+	ModeUserspaceDaemon = "userspace-daemon"
 
 	maxNameLen = 15 // IFNAMSIZ - 1
 )
@@ -50,6 +59,9 @@ type Config struct {
 	// FirewallMark is set on the device's own UDP packets (SO_MARK), so
 	// policy routing can keep them off the tunnel; 0 leaves them unmarked.
 	FirewallMark int
+	// AdoptWait bounds the wait for the daemon's device in
+	// ModeUserspaceDaemon; 0 means 60s.
+	AdoptWait time.Duration
 }
 
 // Device is one WireGuard interface, kernel or embedded, configured through
@@ -66,7 +78,10 @@ type Device struct {
 	ns netns.NsHandle   // the namespace Open was called in
 	nl *netlink.Handle  // netlink bound to ns
 	wg *wgctrl.Client   // created inside ns, so its genetlink socket is there
-	us *userspaceEngine // nil in kernel mode
+	us *userspaceEngine // nil in kernel mode and for an adopted device
+	// external: the device is another process's (ModeUserspaceDaemon);
+	// Close leaves it, with its peers, running.
+	external bool
 
 	mu     sync.Mutex // serializes configuration (key, peers) and Close
 	key    wgtypes.Key
@@ -104,11 +119,14 @@ func Open(cfg Config) (*Device, error) {
 		name: cfg.Name, port: cfg.ListenPort, mtu: cfg.MTU, fwmark: cfg.FirewallMark, keyFile: cfg.KeyFile,
 		log: log, ns: ns, key: key,
 	}
-	if err := d.open(cfg.Mode); err != nil {
+	if cfg.AdoptWait == 0 {
+		cfg.AdoptWait = time.Minute
+	}
+	if err := d.open(cfg.Mode, cfg.AdoptWait); err != nil {
 		d.teardown()
 		return nil, fmt.Errorf("wireguard %s: %w", cfg.Name, err)
 	}
-	log.Info("WireGuard device up", "mode", d.mode, "port", d.port, "mtu", d.mtu, "publicKey", d.PublicKey())
+	log.Info("WireGuard device up", "mode", d.mode, "external", d.external, "port", d.port, "mtu", d.mtu, "publicKey", d.PublicKey())
 	return d, nil
 }
 
@@ -126,9 +144,9 @@ func (c Config) check() error {
 		return fmt.Errorf("wireguard %s: no key file given", c.Name)
 	}
 	switch c.Mode {
-	case "", ModeKernel, ModeUserspace:
+	case "", ModeKernel, ModeUserspace, ModeUserspaceDaemon:
 	default:
-		return fmt.Errorf("wireguard %s: unknown mode %q (want %q or %q)", c.Name, c.Mode, ModeKernel, ModeUserspace)
+		return fmt.Errorf("wireguard %s: unknown mode %q (want %q, %q or %q)", c.Name, c.Mode, ModeKernel, ModeUserspace, ModeUserspaceDaemon)
 	}
 	return nil
 }
@@ -146,19 +164,28 @@ func checkName(name string) error {
 	return nil
 }
 
-func (d *Device) open(mode string) error {
+func (d *Device) open(mode string, adoptWait time.Duration) error {
 	var err error
 	if d.nl, err = netlink.NewHandleAt(d.ns); err != nil {
 		return fmt.Errorf("netlink: %w", err)
 	}
 	if l, err := d.nl.LinkByName(d.name); err == nil {
-		// A kernel device of ours outlives a crashed agent; adopt it so
-		// its tunnels keep running. Anything else is someone else's.
-		if l.Type() != "wireguard" || mode == ModeUserspace {
+		switch {
+		case l.Type() == "wireguard" && mode != ModeUserspace:
+			// A kernel device of ours outlives a crashed agent; adopt it
+			// so its tunnels keep running.
+			d.mode = ModeKernel
+			d.log.Info("adopting existing kernel WireGuard device")
+		case l.Type() == "tuntap" && mode == ModeUserspaceDaemon:
+			// The daemon creates the TUN, then its socket.
+			if err := d.waitDaemon(adoptWait); err != nil {
+				return err
+			}
+			d.mode, d.external = ModeUserspace, true
+		default:
+			// Anything else is someone else's.
 			return fmt.Errorf("interface %s already exists (type %s)", d.name, l.Type())
 		}
-		d.mode = ModeKernel
-		d.log.Info("adopting existing kernel WireGuard device")
 	} else if !errors.As(err, &netlink.LinkNotFoundError{}) {
 		return fmt.Errorf("look up interface: %w", err)
 	}
@@ -170,6 +197,12 @@ func (d *Device) open(mode string) error {
 			d.mode = ModeKernel
 		case mode == ModeKernel:
 			return fmt.Errorf("create kernel WireGuard device: %w", kerr)
+		case mode == ModeUserspaceDaemon:
+			d.log.Info("kernel WireGuard unavailable; waiting for the WireGuard daemon's device", "reason", kerr, "socket", sockPath(d.name), "wait", adoptWait)
+			if err := d.waitDaemon(adoptWait); err != nil {
+				return err
+			}
+			d.mode, d.external = ModeUserspace, true
 		default:
 			d.log.Info("kernel WireGuard unavailable; using the embedded engine", "reason", kerr)
 		}
@@ -179,6 +212,9 @@ func (d *Device) open(mode string) error {
 		if d.us, err = openUserspace(d.name, d.mtu, d.ns, d.log); err != nil {
 			return err
 		}
+	}
+	if d.external {
+		return d.adopt()
 	}
 
 	// After the link exists: creating a kernel link may have loaded the
@@ -198,6 +234,72 @@ func (d *Device) open(mode string) error {
 	if err := d.wg.ConfigureDevice(d.name, cfg); err != nil {
 		return fmt.Errorf("configure key and port %d: %w", d.port, err)
 	}
+	return d.up()
+}
+
+// waitDaemon waits until a TUN named d.name exists and its UAPI socket
+// is there (ServeUserspace opens the socket after the TUN).
+func (d *Device) waitDaemon(wait time.Duration) error {
+	deadline := time.Now().Add(wait)
+	for {
+		l, err := d.nl.LinkByName(d.name)
+		if err == nil && l.Type() != "tuntap" {
+			return fmt.Errorf("interface %s already exists (type %s), not the WireGuard daemon's TUN", d.name, l.Type())
+		}
+		if err == nil {
+			if _, serr := os.Stat(sockPath(d.name)); serr == nil {
+				return nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no WireGuard daemon serves %s within %v (no TUN %s with the socket %s): is 'isthmus-agent wireguard-daemon' running on this node?",
+				d.name, wait, d.name, sockPath(d.name))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// adopt configures the daemon's device: the key, port and mark only where
+// they differ (setting the port rebinds the UDP socket), then the MTU and
+// link up. Its peers, and their sessions, stay as they are: the agent's
+// SyncPeers changes only what its plan changes.
+func (d *Device) adopt() error {
+	err := inNetns(d.ns, func() error {
+		var err error
+		d.wg, err = wgctrl.New()
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("wgctrl: %w", err)
+	}
+	// The daemon binds the socket a moment before it listens on it.
+	var have *wgtypes.Device
+	for try := 0; ; try++ {
+		if have, err = d.wg.Device(d.name); err == nil {
+			break
+		}
+		if try == 20 {
+			return fmt.Errorf("the WireGuard daemon's device: %w (socket %s)", err, sockPath(d.name))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	var cfg wgtypes.Config
+	changed := false
+	if have.PrivateKey != d.key {
+		cfg.PrivateKey, changed = &d.key, true
+	}
+	if have.ListenPort != d.port {
+		cfg.ListenPort, changed = &d.port, true
+	}
+	if d.fwmark != 0 && have.FirewallMark != d.fwmark {
+		cfg.FirewallMark, changed = &d.fwmark, true
+	}
+	if changed {
+		if err := d.wg.ConfigureDevice(d.name, cfg); err != nil {
+			return fmt.Errorf("configure key and port %d: %w", d.port, err)
+		}
+	}
+	d.log.Info("adopted the WireGuard daemon's device", "peers", len(have.Peers), "reconfigured", changed)
 	return d.up()
 }
 
@@ -256,7 +358,7 @@ func (d *Device) teardown() error {
 	if d.us != nil {
 		errs = append(errs, d.us.close())
 	}
-	if d.mode == ModeKernel && d.nl != nil {
+	if d.mode == ModeKernel && !d.external && d.nl != nil {
 		if l, err := d.nl.LinkByName(d.name); err == nil {
 			if err := d.nl.LinkDel(l); err != nil {
 				errs = append(errs, fmt.Errorf("delete link: %w", err))
@@ -272,6 +374,10 @@ func (d *Device) teardown() error {
 	}
 	return nil
 }
+
+// External reports whether the device is another process's
+// (ModeUserspaceDaemon): Close leaves it running.
+func (d *Device) External() bool { return d.external }
 
 // Name is the interface name.
 func (d *Device) Name() string { return d.name }

@@ -88,6 +88,72 @@ func openUserspace(name string, mtu int, ns netns.NsHandle, log *slog.Logger) (*
 
 func sockPath(name string) string { return filepath.Join(uapiDir, name+".sock") }
 
+// ServeUserspace runs the embedded engine for a device named name in the
+// calling thread's network namespace until ctx is done, then removes it:
+// the WireGuard daemon (`isthmus-agent wireguard-daemon`) of an agent that
+// runs with ModeUserspaceDaemon, so the device, its peers and their
+// sessions outlive the agent's restarts. It configures nothing: the agent
+// sets the key, port, mark, MTU and peers through the UAPI socket and
+// netlink, as it does for a kernel device. When the kernel can create
+// WireGuard devices, the agent uses one and the daemon only waits.
+func ServeUserspace(ctx context.Context, name string, log *slog.Logger) error {
+	if err := checkName(name); err != nil {
+		return err
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	log = log.With("device", name)
+	ns, err := netns.Get()
+	if err != nil {
+		return fmt.Errorf("wireguard %s: get network namespace: %w", name, err)
+	}
+	defer ns.Close()
+	if kernelAvailable(ns) {
+		log.Info("kernel WireGuard is available: the agent creates a kernel device, this daemon has nothing to serve")
+		<-ctx.Done()
+		return nil
+	}
+	if _, err := os.Stat(sockPath(name)); err == nil {
+		// A live daemon would be serving it; a dead one's socket is stale.
+		if c, derr := net.Dial("unix", sockPath(name)); derr == nil {
+			c.Close()
+			return fmt.Errorf("wireguard %s: another process serves %s", name, sockPath(name))
+		}
+		os.Remove(sockPath(name))
+	}
+	e, err := openUserspace(name, DefaultMTU, ns, log)
+	if err != nil {
+		return fmt.Errorf("wireguard %s: %w", name, err)
+	}
+	if err := e.up(); err != nil {
+		e.close()
+		return fmt.Errorf("wireguard %s: up: %w", name, err)
+	}
+	log.Info("serving the userspace WireGuard device", "socket", sockPath(name))
+	<-ctx.Done()
+	log.Info("removing the userspace WireGuard device: encrypted traffic of this node stops until it is back")
+	return e.close()
+}
+
+// kernelAvailable probes whether the kernel creates WireGuard links in ns.
+func kernelAvailable(ns netns.NsHandle) bool {
+	nl, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return false
+	}
+	defer nl.Close()
+	la := netlink.NewLinkAttrs()
+	la.Name = fmt.Sprintf("isthwgprobe%d", os.Getpid()%10000)
+	if err := nl.LinkAdd(&netlink.Wireguard{LinkAttrs: la}); err != nil {
+		return false
+	}
+	if l, err := nl.LinkByName(la.Name); err == nil {
+		_ = nl.LinkDel(l)
+	}
+	return true
+}
+
 func (e *userspaceEngine) serve() {
 	defer close(e.done)
 	for {

@@ -317,7 +317,7 @@ func (kl *Lab) WaitRollout(ctx context.Context, i int, timeout time.Duration) er
 		}
 		s := d.Status
 		if s.ObservedGeneration < d.Generation || s.DesiredNumberScheduled != nodes || s.UpdatedNumberScheduled != nodes || s.NumberReady != nodes || s.NumberAvailable != nodes {
-			last = fmt.Errorf("DaemonSet %s: %d desired, %d updated, %d ready, %d available", ds, s.DesiredNumberScheduled, s.UpdatedNumberScheduled, s.NumberReady, s.NumberAvailable)
+			last = fmt.Errorf("daemonset %s: %d desired, %d updated, %d ready, %d available", ds, s.DesiredNumberScheduled, s.UpdatedNumberScheduled, s.NumberReady, s.NumberAvailable)
 			return false, nil
 		}
 		dp, err := k.Client.AppsV1().Deployments(HelmNamespace).Get(ctx, dep, metav1.GetOptions{})
@@ -326,7 +326,7 @@ func (kl *Lab) WaitRollout(ctx context.Context, i int, timeout time.Duration) er
 			return false, nil
 		}
 		if dp.Status.ObservedGeneration < dp.Generation || dp.Status.ReadyReplicas != 1 || dp.Status.UpdatedReplicas != 1 {
-			last = fmt.Errorf("Deployment %s: %d ready, %d updated", dep, dp.Status.ReadyReplicas, dp.Status.UpdatedReplicas)
+			last = fmt.Errorf("deployment %s: %d ready, %d updated", dep, dp.Status.ReadyReplicas, dp.Status.UpdatedReplicas)
 			return false, nil
 		}
 		return true, nil
@@ -411,8 +411,8 @@ func writeLabImages(dir string, b lab.Binaries) ([]string, error) {
 func runDir(l *lab.Lab) string { return filepath.Join(l.Dir(), "helm-run") }
 
 // wireguardDevice is the device name the lab gives node n's agent
-// (--wireguard-device=$(NODE_NAME)): the node name, which carries the lab
-// prefix, so lab cleanup finds its UAPI socket.
+// (encryption.wireguardDevice=$(NODE_NAME)): the node name, which carries
+// the lab prefix, so lab cleanup finds its UAPI socket.
 func wireguardDevice(n *lab.Node) string { return n.NodeName() }
 
 func serverURL(c *lab.Cluster) string {
@@ -435,7 +435,9 @@ func writeValues(l *lab.Lab, c *lab.Cluster, k *Cluster, encryption string) (str
 		"cluster":    map[string]any{"name": c.Name, "id": c.ID, "podCIDRs": cidrs},
 		"image":      map[string]any{"tag": ImageTag, "pullPolicy": "Never"},
 		"k8sService": map[string]any{"host": k.AdvertiseAddr.String(), "port": strconv.Itoa(APIServerPort)},
-		"encryption": map[string]any{"type": encryption},
+		// Device names are per host: the node name carries the lab prefix,
+		// so lab cleanup finds the UAPI sockets.
+		"encryption": map[string]any{"type": encryption, "wireguardDevice": "$(NODE_NAME)"},
 		"agent": map[string]any{
 			"kvstoreEndpoints": []string{serverURL(c)},
 			"cni":              map[string]any{"binDir": bin, "confDir": conf, "nodeSubPath": true},
@@ -443,7 +445,6 @@ func writeValues(l *lab.Lab, c *lab.Cluster, k *Cluster, encryption string) (str
 			"stateDir":         filepath.Join(l.Dir(), "helm-state"),
 			// The host's /sys/fs/bpf is a private mount.
 			"bpffsMountPropagation": "None",
-			"extraArgs":             []string{"--wireguard-device=$(NODE_NAME)"},
 		},
 		"clustermesh": map[string]any{
 			"nodeSelector":    map[string]string{"kubernetes.io/hostname": c.Nodes[0].NodeName()},

@@ -75,6 +75,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- if not (has .Values.encryption.type (list "none" "wireguard")) -}}
 {{- fail "encryption.type must be none or wireguard" -}}
 {{- end -}}
+{{- if not (has .Values.encryption.userspaceDaemon.updateStrategy (list "OnDelete" "RollingUpdate")) -}}
+{{- fail "encryption.userspaceDaemon.updateStrategy must be OnDelete or RollingUpdate" -}}
+{{- end -}}
 {{- if not (has .Values.clustermesh.service.type (list "ClusterIP" "NodePort" "LoadBalancer")) -}}
 {{- fail "clustermesh.service.type must be ClusterIP, NodePort or LoadBalancer" -}}
 {{- end -}}
