@@ -9,7 +9,7 @@
 # these machines are shared and absolute numbers drift.
 #
 # BENCH_RUN selects sections (a regexp matched against the whole section name:
-# throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s|northsouth; mesh also runs
+# throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s|k8s-lab|bgp|northsouth|l2|vm; mesh also runs
 # the identity allocation benchmark), BENCH_DURATION the length of each
 # measurement of throughput and cps, BENCH_ARGS more flags of tests/bench
 # (for a CI-sized run, e.g. "-mesh-endpoints 10000 -mesh-churn-duration 10s
@@ -35,7 +35,7 @@ go test -run '^$' -bench 'BenchmarkFromPod' -benchtime 200x -count 1 ./bpf/ |
 		printf "bench: from-pod-%s %s ns/pkt (goal info: BPF_PROG_TEST_RUN)\n", name, v
 	}'
 
-run="${BENCH_RUN:-throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s|northsouth}"
+run="${BENCH_RUN:-throughput|cps|mesh|mesh-scale|service-backend|wireguard|labup|bigtcp|k8s|k8s-lab|bgp|northsouth|l2|vm}"
 
 # 2. Identity allocations per second, 10 concurrent allocators (each its
 #    own etcd client and node name) against one embedded etcd (no fsync).
@@ -76,6 +76,10 @@ fi
 #    (tests/bench/labup.go); Kubernetes mode: the CNI ADD of 50 pods, a new
 #    pod reached from the other cluster, a deleted pod gone from it
 #    (tests/bench/k8s.go; it relinks the Kubernetes binaries with
-#    scripts/kube-binaries.sh and needs containerd, runc and etcd).
+#    scripts/kube-binaries.sh and needs containerd, runc and etcd); `lab up
+#    --kubernetes` to ready and the longest stall of a cross-cluster stream
+#    while helm upgrade rolls both clusters' agents (tests/bench/k8slab.go,
+#    needs make helm); BGP, north-south, L2 failover and VM enrollment
+#    (bgp.go, northsouth.go, l2.go, vm.go).
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
 go run ./tests/bench -run "$run" -duration "${BENCH_DURATION:-8s}" ${BENCH_ARGS:-}

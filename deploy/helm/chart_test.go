@@ -28,7 +28,7 @@ const HelmVersion = "v4.3.2"
 
 const chart = "isthmus"
 
-var valuesFiles = []string{"testdata/wireguard.yaml", "testdata/mesh-peer.yaml", "testdata/registry-existing-pki.yaml"}
+var valuesFiles = []string{"testdata/wireguard.yaml", "testdata/mesh-peer.yaml", "testdata/registry-existing-pki.yaml", "testdata/external-etcd.yaml"}
 
 func helmBin(t *testing.T) string {
 	t.Helper()
@@ -420,6 +420,45 @@ func TestTemplateMeshPeer(t *testing.T) {
 	}
 }
 
+func TestTemplateExternalEtcd(t *testing.T) {
+	r := render(t, "testdata/external-etcd.yaml")
+	var dep appsv1.Deployment
+	r.get(t, "Deployment/rel-isthmus-clustermesh", &dep)
+	c := container(t, dep.Spec.Template.Spec, "clustermesh")
+	for _, a := range []string{"--etcd-endpoints=https://192.0.2.21:2379,https://192.0.2.22:2379", "--etcd-ca=/etc/isthmus/etcd/ca.crt",
+		"--etcd-cert=/etc/isthmus/etcd/client.crt", "--etcd-key=/etc/isthmus/etcd/client.key"} {
+		if !hasArg(c, a) {
+			t.Errorf("clustermesh: no arg %s in %q", a, c.Args)
+		}
+	}
+	// The server refuses the embedded etcd's flags with an external one.
+	for _, a := range c.Args {
+		for _, bad := range []string{"--data-dir", "--ca-dir", "--insecure-shared-agent-credential", "--listen-client"} {
+			if strings.HasPrefix(a, bad) {
+				t.Errorf("clustermesh: %s with an external etcd", a)
+			}
+		}
+	}
+	secrets := map[string]bool{}
+	for _, v := range dep.Spec.Template.Spec.Volumes {
+		if v.Secret != nil {
+			secrets[v.Secret.SecretName] = true
+		}
+	}
+	if !secrets["etcd-isthmus-server"] || secrets["etcd-ca"] {
+		t.Errorf("clustermesh Secrets %v: want the etcd credential, not the CA", secrets)
+	}
+	if cm := configMap(t, r); cm["KVSTORE_ENDPOINTS"] != "https://192.0.2.21:2379,https://192.0.2.22:2379" {
+		t.Errorf("the agents' endpoints: %q", cm["KVSTORE_ENDPOINTS"])
+	}
+	if _, ok := r["Service/rel-isthmus-clustermesh"]; ok {
+		t.Error("a Service for an etcd the server does not run")
+	}
+	if _, ok := r["Job/rel-isthmus-pki"]; ok {
+		t.Error("a PKI job with an external etcd")
+	}
+}
+
 func TestTemplateRegistryExistingPKI(t *testing.T) {
 	r := render(t, "testdata/registry-existing-pki.yaml")
 	ds := checkAgent(t, r, "registry.example.com/isthmus/agent:v9.9.9")
@@ -460,12 +499,14 @@ func TestTemplateRegistryExistingPKI(t *testing.T) {
 // Values that cannot work are refused at template time, naming the value.
 func TestTemplateRefusesBadValues(t *testing.T) {
 	for set, want := range map[string]string{
-		"cluster.id=0":                                     "cluster.id",
-		"cluster.name=Not_A_Label":                         "cluster.name",
-		"encryption.type=ipsec":                            "encryption.type",
-		"encryption.userspaceDaemon.updateStrategy=Always": "encryption.userspaceDaemon.updateStrategy",
-		"clustermesh.service.type=ExternalName":            "clustermesh.service.type",
-		"pki.existingCASecret=x":                           "go together",
+		"cluster.id=0":                                                 "cluster.id",
+		"cluster.name=Not_A_Label":                                     "cluster.name",
+		"encryption.type=ipsec":                                        "encryption.type",
+		"encryption.userspaceDaemon.updateStrategy=Always":             "encryption.userspaceDaemon.updateStrategy",
+		"clustermesh.externalEtcd.endpoints={https://192.0.2.21:2379}": "clustermesh.externalEtcd.secretName",
+		"clustermesh.externalEtcd.endpoints={https://192.0.2.21:2379},clustermesh.externalEtcd.secretName=s": "needs pki.existingCASecret and pki.existingAgentsSecret",
+		"clustermesh.service.type=ExternalName": "clustermesh.service.type",
+		"pki.existingCASecret=x":                "go together",
 	} {
 		out, err := helm(t, "template", "rel", chart, "--set", set)
 		if err == nil || !strings.Contains(out, want) {

@@ -44,6 +44,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "isthmus.kvstoreEndpoints" -}}
 {{- if .Values.agent.kvstoreEndpoints -}}
 {{- join "," .Values.agent.kvstoreEndpoints -}}
+{{- else if .Values.clustermesh.externalEtcd.endpoints -}}
+{{- join "," .Values.clustermesh.externalEtcd.endpoints -}}
 {{- else -}}
 {{- printf "https://%s.%s.svc:%d" (include "isthmus.clustermesh" .) .Release.Namespace (int .Values.clustermesh.port) -}}
 {{- end -}}
@@ -74,6 +76,17 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- if not (has .Values.encryption.type (list "none" "wireguard")) -}}
 {{- fail "encryption.type must be none or wireguard" -}}
+{{- end -}}
+{{- if .Values.clustermesh.externalEtcd.endpoints -}}
+{{- if not .Values.clustermesh.externalEtcd.secretName -}}
+{{- fail "clustermesh.externalEtcd.secretName: the Secret with the server's credential (ca.crt, client.crt, client.key) for the external etcd" -}}
+{{- end -}}
+{{- if not .Values.pki.existingAgentsSecret -}}
+{{- fail "clustermesh.externalEtcd needs pki.existingCASecret and pki.existingAgentsSecret: the agents' credential must be a user of the external etcd, which the chart cannot create" -}}
+{{- end -}}
+{{- if .Values.mesh.peers -}}
+{{- fail "mesh.peers needs the embedded etcd (the job connects with its root credential): connect from the external etcd's side with isthmus clustermesh connect --bundle" -}}
+{{- end -}}
 {{- end -}}
 {{- if not (has .Values.encryption.userspaceDaemon.updateStrategy (list "OnDelete" "RollingUpdate")) -}}
 {{- fail "encryption.userspaceDaemon.updateStrategy must be OnDelete or RollingUpdate" -}}
