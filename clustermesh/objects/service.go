@@ -69,6 +69,7 @@ func CheckConflicts(existing []Service, s Service) error {
 		return err
 	}
 	mine = append(mine, s.ExternalFrontends()...)
+	mine = append(mine, s.NodePortFrontends()...)
 	key := Key(s)
 	for _, e := range existing {
 		if Key(e) == key {
@@ -76,11 +77,17 @@ func CheckConflicts(existing []Service, s Service) error {
 		}
 		theirs, _ := e.frontends()
 		theirs = append(theirs, e.ExternalFrontends()...)
+		theirs = append(theirs, e.NodePortFrontends()...)
 		used := make(map[bpf.Frontend]bool, len(theirs))
 		for _, f := range theirs {
 			used[f] = true
 		}
 		for _, f := range mine {
+			if used[f] && f.IsNodePort() {
+				return fmt.Errorf("service %s/%s: node port %d/%s is already used by service %s/%s",
+					namespaceOrDefault(s.Metadata.Namespace), s.Metadata.Name, f.Port, f.Proto,
+					namespaceOrDefault(e.Metadata.Namespace), e.Metadata.Name)
+			}
 			if used[f] {
 				return fmt.Errorf("service %s/%s: frontend %s is already used by service %s/%s",
 					namespaceOrDefault(s.Metadata.Namespace), s.Metadata.Name, f,
@@ -132,4 +139,46 @@ func (s Service) ExternalFrontends() []bpf.Frontend {
 		}
 	}
 	return out
+}
+
+// NodePortFrontends returns the services-map frontends of the service's
+// node ports (bpf.NodePort: any node address), one per family of its VIPs
+// and port with a nodePort, VIPs outer and ports inner. Ports that are not
+// valid are left out (Validate reports them).
+func (s Service) NodePortFrontends() []bpf.Frontend {
+	if !s.Spec.HasNodePorts() {
+		return nil
+	}
+	var out []bpf.Frontend
+	seen := map[bool]bool{}
+	for _, v := range s.Spec.VIPs {
+		a, err := parseUnicast(v)
+		if err != nil || seen[a.Is6()] {
+			continue
+		}
+		seen[a.Is6()] = true
+		for _, p := range s.Spec.Ports {
+			proto, err := serviceProtocol(p.Protocol)
+			if err != nil || p.NodePort == 0 {
+				continue
+			}
+			out = append(out, bpf.NodePort(a.Is6(), p.NodePort, protoNumber(proto)))
+		}
+	}
+	return out
+}
+
+// PortFor returns the port of the service that frontend f (one of its
+// frontends: at a VIP or an external address, or a node port) stands for.
+func (s Service) PortFor(f bpf.Frontend) (ServicePort, bool) {
+	for _, p := range s.Spec.Ports {
+		proto, err := serviceProtocol(p.Protocol)
+		if err != nil || protoNumber(proto) != f.Proto {
+			continue
+		}
+		if (f.IsNodePort() && p.NodePort == f.Port) || (!f.IsNodePort() && p.Port == f.Port) {
+			return p, true
+		}
+	}
+	return ServicePort{}, false
 }
