@@ -64,20 +64,16 @@ func protoNumber(p string) bpf.Proto {
 // frontends of existing services are ignored; invalid ones of s are an
 // error.
 func CheckConflicts(existing []Service, s Service) error {
-	mine, err := s.Frontends()
+	mine, err := s.AllFrontends()
 	if err != nil {
 		return err
 	}
-	mine = append(mine, s.ExternalFrontends()...)
-	mine = append(mine, s.NodePortFrontends()...)
 	key := Key(s)
 	for _, e := range existing {
 		if Key(e) == key {
 			continue
 		}
-		theirs, _ := e.frontends()
-		theirs = append(theirs, e.ExternalFrontends()...)
-		theirs = append(theirs, e.NodePortFrontends()...)
+		theirs, _ := e.AllFrontends()
 		used := make(map[bpf.Frontend]bool, len(theirs))
 		for _, f := range theirs {
 			used[f] = true
@@ -96,6 +92,21 @@ func CheckConflicts(existing []Service, s Service) error {
 		}
 	}
 	return nil
+}
+
+// AllFrontends returns every frontend a service claims: at its VIPs
+// (Frontends), at its external addresses (ExternalFrontends) and its node
+// ports (NodePortFrontends). Like frontends, it returns those that parse
+// with the first error, so that a stored service that went bad can still
+// be compared.
+func (s Service) AllFrontends() ([]bpf.Frontend, error) {
+	fs, err := s.frontends()
+	fs = append(fs, s.ExternalFrontends()...)
+	fs = append(fs, s.NodePortFrontends()...)
+	if err != nil {
+		return fs, fmt.Errorf("service %s/%s: %w", namespaceOrDefault(s.Metadata.Namespace), s.Metadata.Name, err)
+	}
+	return fs, nil
 }
 
 // ExternalAddrs returns the addresses the service answers on from outside
