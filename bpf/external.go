@@ -13,7 +13,9 @@ import (
 // addresses with backends of their own in isth_backends, and one entry per
 // such address (port 0, protocol 0) that marks it as known: traffic to a
 // known address on a port without a frontend is dropped
-// (ReasonDropNoFrontend), never routed back out.
+// (ReasonDropNoFrontend), never routed back out. A node's own address is
+// known the same way, for its node ports, with External.Node set: there
+// traffic no node-port frontend takes is the node's own and passes.
 
 // SNATMark and SNATMarkMask are the packet mark from_external gives
 // packets of flows under externalTrafficPolicy Cluster (c/datapath.h,
@@ -28,6 +30,7 @@ const (
 	lbFlagSNAT  = 0x1
 	lbFlagLocal = 0x2
 	lbFlagAddr  = 0x4
+	lbFlagNode  = 0x8
 )
 
 // ExternalPolicy is a frontend's externalTrafficPolicy in the datapath.
@@ -55,6 +58,9 @@ func (p ExternalPolicy) String() string {
 type External struct {
 	Policy   ExternalPolicy
 	Backends []Backend
+	// Node is for an ExternalAddr key only: the address is one of the
+	// node's own, known for its node ports (c/datapath.h, LB_F_NODE).
+	Node bool
 }
 
 // ExternalAddr is the isth_lb key that marks addr as a known external
@@ -73,6 +79,9 @@ func (d *Datapath) checkExternal(f Frontend, e External) error {
 			return errors.New("an external address entry has no backends")
 		}
 		return nil
+	}
+	if e.Node {
+		return errors.New("only an external address entry is a node address")
 	}
 	if f.Proto != ProtoTCP && f.Proto != ProtoUDP {
 		return errors.New("protocol must be tcp or udp")
@@ -107,6 +116,9 @@ func (d *Datapath) ExternalUpsert(f Frontend, e External) error {
 	k := svcKey(f)
 	if f.IsAddr() {
 		v := datapathLbVal{Flags: lbFlagAddr}
+		if e.Node {
+			v.Flags |= lbFlagNode
+		}
 		if err := d.objs.IsthLb.Update(&k, &v, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("external upsert %s: %w", f, err)
 		}
@@ -184,7 +196,7 @@ func (d *Datapath) ExternalDelete(f Frontend) error {
 
 // ExternalList returns every entry of isth_lb: frontends with their
 // backends in slot order, and the known addresses (ExternalAddr keys,
-// with a zero External).
+// with a zero External but for Node).
 func (d *Datapath) ExternalList() (map[Frontend]External, error) {
 	out := map[Frontend]External{}
 	var k datapathSvcKey
@@ -193,7 +205,7 @@ func (d *Datapath) ExternalList() (map[Frontend]External, error) {
 	for it.Next(&k, &v) {
 		f := Frontend{VIP: addrFrom16(k.Vip.B), Port: k.Port, Proto: Proto(k.Proto)}
 		if v.Flags&lbFlagAddr != 0 {
-			out[f] = External{}
+			out[f] = External{Node: v.Flags&lbFlagNode != 0}
 			continue
 		}
 		e := External{Policy: ExternalCluster, Backends: make([]Backend, 0, v.Count)}

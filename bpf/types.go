@@ -88,6 +88,22 @@ func (f Frontend) String() string {
 	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(f.VIP, f.Port), f.Proto)
 }
 
+// NodePort returns the services-map frontend of a node port: the
+// unspecified address of the family (0.0.0.0 or ::) stands for every
+// node's addresses of that family. from_pod takes it for a new flow to
+// an address the ipcache says is a node's (host or remote-node) when no
+// frontend at that address matches (c/datapath.c, nodeport_lookup).
+func NodePort(ipv6 bool, port uint16, proto Proto) Frontend {
+	vip := netip.IPv4Unspecified()
+	if ipv6 {
+		vip = netip.IPv6Unspecified()
+	}
+	return Frontend{VIP: vip, Port: port, Proto: proto}
+}
+
+// IsNodePort reports whether f is a NodePort frontend (any node address).
+func (f Frontend) IsNodePort() bool { return f.VIP.IsUnspecified() && f.Port != 0 }
+
 // Backend is one destination of a service frontend.
 type Backend struct {
 	Addr      netip.Addr

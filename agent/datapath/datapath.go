@@ -112,6 +112,14 @@ type Reconciler struct {
 	lbShadow  map[bpf.Frontend]bpf.External   // isth_lb as last written; nil: list the map
 	lbWant    map[bpf.Frontend]bpf.External   // the external frontends wanted at the last run
 	lbEPGen   uint64                          // the EndpointsGen lbWant was computed with
+	// The node ports: each services-map node-port frontend (at the
+	// unspecified address) becomes one isth_lb frontend per node address
+	// of its family. lbNode holds what each became at the last run,
+	// lbNodeOf the reverse, lbNodeAddrs the node addresses they were
+	// made for.
+	lbNode      map[bpf.Frontend][]bpf.Frontend
+	lbNodeOf    map[bpf.Frontend]bpf.Frontend
+	lbNodeAddrs []netip.Addr
 	lbCounts  atomic.Value                    // ExternalCounts after the last Sync
 
 	// The inputs the policy (with the endpoints map) was last applied

@@ -10,14 +10,16 @@ import (
 )
 
 // syncExternal writes isth_lb: the frontends at load-balancer and
-// external addresses (the Resolver tells them apart), each with the
-// backends traffic from outside the mesh may take, and one entry per such
-// address that marks it as known. Under externalTrafficPolicy Cluster a
-// frontend takes every backend the services map has for it (this node's,
-// other nodes', other clusters' for a global service); under Local only
-// this node's endpoints. Like the services map, it writes only the
-// frontends in check (the touched ones, or all of them when full) and
-// diffs against a shadow of what it wrote.
+// external addresses and the node ports at the node's addresses (the
+// Resolver tells them apart), each with the backends traffic from outside
+// the mesh may take, and one entry per such address that marks it as
+// known (a node address with External.Node: there a miss is the node's
+// own traffic). Under externalTrafficPolicy Cluster a frontend takes every
+// backend the services map has for it (this node's, other nodes', other
+// clusters' for a global service); under Local only this node's
+// endpoints. Like the services map, it writes only the frontends in check
+// (the touched ones, or all of them when full) and diffs against a shadow
+// of what it wrote.
 func (r *Reconciler) syncExternal(s desired.State, want map[bpf.Frontend][]bpf.Backend, check []bpf.Frontend, full bool, res *Result) error {
 	if r.lbShadow == nil {
 		have, err := r.dp.ExternalList()
@@ -28,7 +30,13 @@ func (r *Reconciler) syncExternal(s desired.State, want map[bpf.Frontend][]bpf.B
 	}
 	if r.lbWant == nil {
 		r.lbWant = map[bpf.Frontend]bpf.External{}
+		r.lbNode, r.lbNodeOf = map[bpf.Frontend][]bpf.Frontend{}, map[bpf.Frontend]bpf.Frontend{}
 		full = true
+	}
+	nodeAddrs := nodePortAddrs(s.HostAddrs)
+	if !slices.Equal(nodeAddrs, r.lbNodeAddrs) {
+		r.lbNodeAddrs = nodeAddrs
+		full = true // every node port, at the new addresses
 	}
 	if full {
 		check = slices.Collect(func(yield func(bpf.Frontend) bool) {
@@ -42,11 +50,47 @@ func (r *Reconciler) syncExternal(s desired.State, want map[bpf.Frontend][]bpf.B
 					return
 				}
 			}
+			for f := range r.lbNode {
+				if _, ok := want[f]; !ok && !yield(f) {
+					return
+				}
+			}
 		})
 	}
 	var local map[netip.Addr]bool // this node's endpoint addresses, when needed
+	external := func(f bpf.Frontend, policy string) bpf.External {
+		bes := want[f]
+		if h, ok := r.svcShadow[f]; ok {
+			bes = h // as written to the services map (unknown backends kept)
+		}
+		if policy != objects.TrafficPolicyLocal {
+			return bpf.External{Policy: bpf.ExternalCluster, Backends: bes}
+		}
+		if local == nil {
+			local = map[netip.Addr]bool{}
+			for _, ep := range s.Endpoints {
+				for _, ip := range ep.IPs {
+					local[ip.Unmap()] = true
+				}
+			}
+		}
+		e := bpf.External{Policy: bpf.ExternalLocal, Backends: []bpf.Backend{}}
+		for _, b := range bes {
+			if b.ClusterID == 0 && local[b.Addr] {
+				e.Backends = append(e.Backends, b)
+			}
+		}
+		return e
+	}
 	changed := full
 	for _, f := range check {
+		if f.IsNodePort() {
+			changed = r.wantNodePort(f, nodeAddrs, external) || changed
+			continue
+		}
+		if _, ok := r.lbNodeOf[f]; ok {
+			continue // a node port's, done with it
+		}
 		policy, ext := r.resolver.External(f)
 		if !ext {
 			if _, had := r.lbWant[f]; had {
@@ -55,27 +99,7 @@ func (r *Reconciler) syncExternal(s desired.State, want map[bpf.Frontend][]bpf.B
 			}
 			continue
 		}
-		bes := want[f]
-		if h, ok := r.svcShadow[f]; ok {
-			bes = h // as written to the services map (unknown backends kept)
-		}
-		e := bpf.External{Policy: bpf.ExternalCluster, Backends: bes}
-		if policy == objects.TrafficPolicyLocal {
-			if local == nil {
-				local = map[netip.Addr]bool{}
-				for _, ep := range s.Endpoints {
-					for _, ip := range ep.IPs {
-						local[ip.Unmap()] = true
-					}
-				}
-			}
-			e = bpf.External{Policy: bpf.ExternalLocal, Backends: []bpf.Backend{}}
-			for _, b := range bes {
-				if b.ClusterID == 0 && local[b.Addr] {
-					e.Backends = append(e.Backends, b)
-				}
-			}
-		}
+		e := external(f, policy)
 		if old, had := r.lbWant[f]; !had || !sameExternal(old, e) {
 			r.lbWant[f] = e
 			changed = true
@@ -99,9 +123,13 @@ func (r *Reconciler) syncExternal(s desired.State, want map[bpf.Frontend][]bpf.B
 		res.note(&res.External, err)
 		failed = failed || err != nil
 	}
-	addrs := map[bpf.Frontend]bool{}
+	isNode := map[netip.Addr]bool{}
+	for _, a := range nodeAddrs {
+		isNode[a] = true
+	}
+	addrs := map[bpf.Frontend]bpf.External{}
 	for f := range r.lbWant {
-		addrs[bpf.ExternalAddr(f.VIP)] = true
+		addrs[bpf.ExternalAddr(f.VIP)] = bpf.External{Node: isNode[f.VIP]}
 	}
 	for f, e := range r.lbWant {
 		if h, had := r.lbShadow[f]; !had || !sameExternal(h, e) {
@@ -112,19 +140,19 @@ func (r *Reconciler) syncExternal(s desired.State, want map[bpf.Frontend][]bpf.B
 			}
 		}
 	}
-	for a := range addrs {
-		if _, had := r.lbShadow[a]; !had {
-			err := r.dp.ExternalUpsert(a, bpf.External{})
+	for a, e := range addrs {
+		if h, had := r.lbShadow[a]; !had || h.Node != e.Node {
+			err := r.dp.ExternalUpsert(a, e)
 			note(err)
 			if err == nil {
-				r.lbShadow[a] = bpf.External{}
+				r.lbShadow[a] = e
 			}
 		}
 	}
 	if s.Mesh.Ready {
 		for f := range r.lbShadow {
 			_, frontend := r.lbWant[f]
-			if frontend || addrs[f] {
+			if _, addr := addrs[f]; frontend || addr {
 				continue
 			}
 			err := r.dp.ExternalDelete(f)
@@ -140,6 +168,59 @@ func (r *Reconciler) syncExternal(s desired.State, want map[bpf.Frontend][]bpf.B
 	counts.Addresses = len(addrs)
 	r.lbCounts.Store(counts)
 	return nil
+}
+
+// wantNodePort puts into lbWant the isth_lb frontends node port f (at the
+// unspecified address) becomes: one per node address of its family, all
+// alike, and takes out those it no longer does. It reports whether lbWant
+// changed.
+func (r *Reconciler) wantNodePort(f bpf.Frontend, nodeAddrs []netip.Addr, external func(bpf.Frontend, string) bpf.External) bool {
+	old := r.lbNode[f]
+	var e bpf.External
+	policy, ext := r.resolver.External(f)
+	var now []bpf.Frontend
+	if ext {
+		e = external(f, policy)
+		for _, a := range nodeAddrs {
+			if a.Is4() == f.VIP.Is4() {
+				now = append(now, bpf.Frontend{VIP: a, Port: f.Port, Proto: f.Proto})
+			}
+		}
+	}
+	changed := !slices.Equal(old, now)
+	for _, c := range old {
+		if !slices.Contains(now, c) {
+			delete(r.lbWant, c)
+			delete(r.lbNodeOf, c)
+		}
+	}
+	for _, c := range now {
+		if h, had := r.lbWant[c]; !had || !sameExternal(h, e) {
+			r.lbWant[c] = e
+			changed = true
+		}
+		r.lbNodeOf[c] = f
+	}
+	if len(now) == 0 {
+		delete(r.lbNode, f)
+	} else {
+		r.lbNode[f] = now
+	}
+	return changed
+}
+
+// nodePortAddrs are the node addresses its node ports answer on: its own
+// addresses but loopback (traffic from outside never carries those),
+// sorted.
+func nodePortAddrs(host []netip.Addr) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range host {
+		if a = a.Unmap(); a.IsValid() && !a.IsLoopback() {
+			out = append(out, a)
+		}
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return slices.Compact(out)
 }
 
 // ExternalCounts counts what isth_lb should hold.

@@ -92,3 +92,99 @@ spec:
 		t.Fatalf("after the service went, isth_lb holds %v", dp.Ext)
 	}
 }
+
+// Node ports: the services map holds each at the unspecified address of
+// each family (pods reach any node's address), and isth_lb at each of the
+// node's addresses but loopback, with those addresses known as the node's;
+// the frontends follow the node's addresses, Local keeps this node's
+// backends, and a removed service leaves nothing behind.
+func TestSyncNodePorts(t *testing.T) {
+	web := state.Endpoint{Name: "web", Namespace: "default", Labels: identity.Labels{"app": "web"}, ID: 1, Identity: 1<<20 | 1,
+		IPs: []netip.Addr{netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("fd00::2")}, HostMAC: "02:00:00:00:00:01", PodMAC: "02:00:00:00:01:01", IfIndex: 7}
+	svc := decode[objects.Service](t, `
+apiVersion: isthmus.io/v1alpha1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  vips: [10.96.0.1, fd96::1]
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}, {port: 53, protocol: UDP, nodePort: 30053}]
+  selector: {app: web}
+  backends: [{ip: 10.9.9.9}]
+`)
+	n4, n6, lo := netip.MustParseAddr("192.168.1.1"), netip.MustParseAddr("fd10::1"), netip.MustParseAddr("127.0.0.1")
+	s := desired.State{Cluster: "c1", Endpoints: []state.Endpoint{web}, Services: []objects.Service{svc}, Identities: ids{},
+		HostAddrs: []netip.Addr{n6, lo, n4}, Mesh: desired.Mesh{Ready: true}, EndpointsGen: 1, ObjectsGen: 1}
+	dp := agenttest.NewFakeDatapath()
+	r := NewReconciler(dp)
+	sync := func() []string {
+		t.Helper()
+		res, err := r.Sync(s)
+		if err != nil || len(res.Errs) != 0 {
+			t.Fatalf("Sync: %v %v", err, res.Errs)
+		}
+		return dp.TakeWrites()
+	}
+	sync()
+	all4 := []bpf.Backend{{Addr: netip.MustParseAddr("10.0.0.2"), Port: 8080}, {Addr: netip.MustParseAddr("10.9.9.9"), Port: 8080}}
+	if got := dp.Svcs[bpf.NodePort(false, 30080, bpf.ProtoTCP)]; !slices.Equal(got, all4) {
+		t.Fatalf("services map at 0.0.0.0:30080: %v, want %v", got, all4)
+	}
+	if got := dp.Svcs[bpf.NodePort(true, 30053, bpf.ProtoUDP)]; len(got) != 1 || got[0].Addr != netip.MustParseAddr("fd00::2") || got[0].Port != 53 {
+		t.Fatalf("services map at [::]:30053: %v", got)
+	}
+	f4 := bpf.Frontend{VIP: n4, Port: 30080, Proto: bpf.ProtoTCP}
+	if e := dp.Ext[f4]; e.Policy != bpf.ExternalCluster || !slices.Equal(e.Backends, all4) {
+		t.Fatalf("%s: %+v, want Cluster with %v", f4, e, all4)
+	}
+	for _, a := range []netip.Addr{n4, n6} {
+		if e, ok := dp.Ext[bpf.ExternalAddr(a)]; !ok || !e.Node {
+			t.Fatalf("%s is not known as a node address: %+v %v", a, e, ok)
+		}
+	}
+	// 2 node ports x 2 addresses (one per family each), 2 addresses; no loopback.
+	if len(dp.Ext) != 6 {
+		t.Fatalf("isth_lb holds %d entries, want 6: %v", len(dp.Ext), dp.Ext)
+	}
+	if r.ExternalCounts().Cluster != 4 {
+		t.Fatalf("counts %+v: the SNAT is needed", r.ExternalCounts())
+	}
+	if w := sync(); len(w) != 0 {
+		t.Fatalf("a run without a change wrote %v", w)
+	}
+
+	// A new node address gets the node ports, one that goes loses them.
+	n4b := netip.MustParseAddr("192.168.2.1")
+	s.HostAddrs = []netip.Addr{n6, n4b}
+	sync()
+	if _, ok := dp.Ext[f4]; ok {
+		t.Fatalf("the node port stayed at a gone address: %v", dp.Ext)
+	}
+	if _, ok := dp.Ext[bpf.ExternalAddr(n4)]; ok {
+		t.Fatalf("a gone address stayed known: %v", dp.Ext)
+	}
+	if e := dp.Ext[bpf.Frontend{VIP: n4b, Port: 30080, Proto: bpf.ProtoTCP}]; !slices.Equal(e.Backends, all4) {
+		t.Fatalf("the new address has not the node port: %v", dp.Ext)
+	}
+
+	// Local: this node's backends; then none when the endpoint goes.
+	svc.Spec.ExternalTrafficPolicy = objects.TrafficPolicyLocal
+	s.Services, s.ObjectsGen = []objects.Service{svc}, 2
+	sync()
+	f4 = bpf.Frontend{VIP: n4b, Port: 30080, Proto: bpf.ProtoTCP}
+	if e := dp.Ext[f4]; e.Policy != bpf.ExternalLocal || !slices.Equal(e.Backends, all4[:1]) {
+		t.Fatalf("Local: %+v, want only %v", e, all4[:1])
+	}
+	s.Endpoints, s.EndpointsGen = nil, 2
+	sync()
+	if e, ok := dp.Ext[f4]; !ok || len(e.Backends) != 0 {
+		t.Fatalf("Local without local endpoints: %+v %v", e, ok)
+	}
+
+	// The service goes: nothing of it stays.
+	s.Services, s.ObjectsGen = nil, 3
+	sync()
+	if len(dp.Ext) != 0 || len(dp.Svcs) != 0 {
+		t.Fatalf("after the service went: isth_lb %v, services %v", dp.Ext, dp.Svcs)
+	}
+}

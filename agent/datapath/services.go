@@ -108,6 +108,9 @@ func (r *Reconciler) syncServices(s desired.State, res *Result) error {
 	if s.EndpointsGen == 0 || s.EndpointsGen != r.lbEPGen {
 		for f, e := range r.lbWant {
 			if e.Policy == bpf.ExternalLocal {
+				if np, ok := r.lbNodeOf[f]; ok {
+					f = np // a node port is checked as a whole
+				}
 				check = append(check, f)
 			}
 		}

@@ -156,7 +156,8 @@ func (b Batch) Plan(stored func(key string) ([]byte, bool)) (api.ApplyResult, ma
 }
 
 // CheckConflicts refuses a batch in which a Service claims a frontend
-// (VIP, port, protocol) that another Service holds, or a
+// (VIP, external address or node port; port, protocol) that another
+// Service holds, or a
 // LoadBalancerIPPool shares addresses with another pool: one already
 // applied (in cur) and not replaced by the batch, or an earlier one of the
 // same batch. An index of frontends keeps this linear in the number of services;
@@ -164,7 +165,7 @@ func (b Batch) Plan(stored func(key string) ([]byte, bool)) (api.ApplyResult, ma
 func (b Batch) CheckConflicts(cur Objects) error {
 	owner := map[bpf.Frontend]*objects.Service{}
 	index := func(s *objects.Service) {
-		fs, _ := s.Frontends()
+		fs, _ := s.AllFrontends()
 		for _, f := range fs {
 			owner[f] = s
 		}
@@ -181,7 +182,7 @@ func (b Batch) CheckConflicts(cur Objects) error {
 		if !ok {
 			continue
 		}
-		fs, err := s.Frontends()
+		fs, err := s.AllFrontends()
 		if err != nil {
 			return api.WithStatus(http.StatusBadRequest, err)
 		}

@@ -51,3 +51,40 @@ func TestCheckConflictsPools(t *testing.T) {
 		}
 	}
 }
+
+func svcYAML(name, vip, extra string) string {
+	return "---\napiVersion: isthmus.io/v1alpha1\nkind: Service\nmetadata: {name: " + name + "}\nspec:\n  vips: [" + vip + "]\n" + extra
+}
+
+// A Service claiming another's external address and port or node port is
+// refused (409), against applied Services and within one batch; the same
+// numbers on another protocol, or a Service replacing itself, are not.
+func TestCheckConflictsServices(t *testing.T) {
+	np := func(port, proto string) string {
+		return "  type: NodePort\n  ports: [{port: 80, nodePort: " + port + ", protocol: " + proto + "}]\n"
+	}
+	ext := "  externalIPs: [203.0.113.10]\n  ports: [{port: 80}]\n"
+	cur := Objects(decodeBatch(t, svcYAML("a", "10.96.0.1", np("30080", "TCP"))+svcYAML("e", "10.96.0.5", ext)).Objects)
+	for name, tc := range map[string]struct{ yaml, want string }{
+		"node port against applied": {svcYAML("b", "10.96.0.2", np("30080", "TCP")), "service default/b: node port 30080/tcp is already used by service default/a"},
+		"node port within batch":    {svcYAML("c", "10.96.0.3", np("30081", "UDP")) + svcYAML("d", "10.96.0.4", np("30081", "UDP")), "service default/d: node port 30081/udp is already used by service default/c"},
+		"external address":          {svcYAML("f", "10.96.0.6", ext), "service default/f: frontend 203.0.113.10:80/tcp is already used by service default/e"},
+	} {
+		err := decodeBatch(t, tc.yaml).CheckConflicts(cur)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want an error containing %q", name, err, tc.want)
+		} else if api.StatusOf(err) != http.StatusConflict {
+			t.Errorf("%s: status %d, want 409", name, api.StatusOf(err))
+		}
+	}
+	for name, yaml := range map[string]string{
+		"replace itself":      svcYAML("a", "10.96.0.1", np("30080", "TCP")),
+		"other protocol":      svcYAML("b", "10.96.0.2", np("30080", "UDP")),
+		"move in a batch":     svcYAML("a", "10.96.0.1", np("30090", "TCP")) + svcYAML("b", "10.96.0.2", np("30080", "TCP")),
+		"node port as a port": svcYAML("b", "10.96.0.2", "  ports: [{port: 30080}]\n"),
+	} {
+		if err := decodeBatch(t, yaml).CheckConflicts(cur); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}

@@ -93,6 +93,10 @@ type Source struct {
 	snap    atomic.Pointer[snapshot]
 	synced  atomic.Bool
 
+	// warned: Service key -> the translation warnings last logged for it
+	// (logged when they change, not on every slice event).
+	warned sync.Map
+
 	translated, refusals atomic.Uint64
 	changed              atomic.Value // func(): objects changed
 	podLabels            atomic.Value // func(namespace, name string): a pod's identity labels may have changed
@@ -453,7 +457,8 @@ func (s *Source) serviceChanged(n types.NamespacedName) {
 	for _, it := range items {
 		slices = append(slices, it.(*discoveryv1.EndpointSlice))
 	}
-	out, served, err := translate.Service(svc, slices)
+	out, served, warnings, err := translate.ServiceWithWarnings(svc, slices)
+	s.warnService(key, warnings)
 	if err != nil || !served {
 		s.set(key, nil, svc.ResourceVersion, err)
 		return
@@ -467,6 +472,20 @@ func (s *Source) serviceChanged(n types.NamespacedName) {
 		}
 	}
 	s.set(key, &out, "", nil)
+}
+
+// warnService logs what the translation of a Service approximated or
+// left out (a named targetPort, node ports it cannot serve), once per
+// change of the warnings.
+func (s *Source) warnService(key string, warnings []string) {
+	joined := fmt.Sprint(warnings)
+	if prev, ok := s.warned.Load(key); (ok && prev == joined) || (!ok && len(warnings) == 0) {
+		return
+	}
+	s.warned.Store(key, joined)
+	for _, w := range warnings {
+		s.log.Warn("kubernetes service translated with a warning", "object", key, "warning", w)
+	}
 }
 
 func (s *Source) k8sPolicyChanged(n types.NamespacedName) {

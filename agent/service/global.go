@@ -3,7 +3,6 @@ package service
 import (
 	"cmp"
 	"slices"
-	"strings"
 
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
@@ -104,11 +103,8 @@ func remoteBackends(f bpf.Frontend, svc objects.Service, recs []records.ServiceR
 	if f.Proto == bpf.ProtoUDP {
 		proto = records.ProtocolUDP
 	}
-	for _, p := range svc.Spec.Ports {
-		if p.Port == f.Port && strings.EqualFold(orTCP(p.Protocol), proto) {
-			portName = p.Name
-			break
-		}
+	if p, ok := svc.PortFor(f); ok {
+		portName = p.Name
 	}
 	var out []bpf.Backend
 	for _, r := range recs {
@@ -124,13 +120,6 @@ func remoteBackends(f bpf.Frontend, svc objects.Service, recs []records.ServiceR
 		}
 	}
 	return out
-}
-
-func orTCP(p string) string {
-	if p == "" {
-		return objects.ProtocolTCP
-	}
-	return p
 }
 
 // pickBackends applies affinity to the local and remote candidates.

@@ -107,8 +107,8 @@ func (r *Resolver) Update(svcs []objects.Service, svcGen uint64, eps []Endpoint,
 }
 
 // External reports whether f, in the result of the last Update, is a
-// frontend at a load-balancer or external address of the service that
-// holds it, and that service's external traffic policy
+// frontend at a load-balancer or external address, or a node port
+// (bpf.Frontend.IsNodePort), of the service that holds it, and that service's external traffic policy
 // (objects.TrafficPolicyCluster or objects.TrafficPolicyLocal).
 func (r *Resolver) External(f bpf.Frontend) (policy string, ok bool) {
 	claim := r.claims[f]
@@ -222,7 +222,7 @@ func (r *Resolver) resolve(rs *resolved) {
 		return
 	}
 	rs.frontends = fs
-	rs.external = rs.svc.ExternalFrontends()
+	rs.external = append(rs.svc.ExternalFrontends(), rs.svc.NodePortFrontends()...)
 	rs.backends = make(map[bpf.Frontend][]bpf.Backend, len(fs))
 	addrs := r.addrs(rs.svc)
 	g, gerr := GlobalOf(rs.svc)

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"net/netip"
 	"slices"
-	"strings"
 
 	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
@@ -130,27 +129,23 @@ func backendsFor(f bpf.Frontend, svc objects.Service, addrs []netip.Addr) []bpf.
 
 // targetPort finds the service port behind f.
 func targetPort(svc objects.Service, f bpf.Frontend) uint16 {
-	for _, p := range svc.Spec.Ports {
-		proto := bpf.ProtoTCP
-		if strings.EqualFold(p.Protocol, objects.ProtocolUDP) {
-			proto = bpf.ProtoUDP
-		}
-		if p.Port == f.Port && proto == f.Proto {
-			return p.Target()
-		}
+	if p, ok := svc.PortFor(f); ok {
+		return p.Target()
 	}
 	return f.Port
 }
 
 // allFrontends returns the service's frontends at its VIPs and then at its
-// load-balancer and external addresses (objects.Service.ExternalFrontends):
-// inside the mesh, pods reach a service at either kind alike.
+// load-balancer and external addresses (objects.Service.ExternalFrontends),
+// and its node ports (objects.Service.NodePortFrontends): inside the mesh,
+// pods reach a service at any of them alike.
 func allFrontends(svc objects.Service) ([]bpf.Frontend, error) {
 	fs, err := svc.Frontends()
 	if err != nil {
 		return nil, err
 	}
-	return append(fs, svc.ExternalFrontends()...), nil
+	fs = append(fs, svc.ExternalFrontends()...)
+	return append(fs, svc.NodePortFrontends()...), nil
 }
 
 func namespaceOrDefault(ns string) string {

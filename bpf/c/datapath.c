@@ -1017,6 +1017,27 @@ static __always_inline int set_macs(struct __sk_buff *skb, const struct ep_val *
 	return bpf_skb_store_bytes(skb, 0, macs, 12, 0);
 }
 
+/* A node port reached from a pod: the services map holds it at the
+ * unspecified address of the family (0.0.0.0 or ::), which stands for
+ * every node's addresses, so a pod reaches <any node's address>:<node port>
+ * without an entry per node. Only a destination the ipcache knows as a
+ * node's (this node's: host; the own cluster's others: remote-node) takes
+ * it; the cheap hash lookup comes first, the ipcache only on a hit. sk is
+ * the caller's key, reused. */
+static __always_inline struct svc_val *nodeport_lookup(const struct pkt *p, struct svc_key *sk)
+{
+	__builtin_memset(&sk->vip, 0, sizeof(sk->vip));
+	if (p->family == 4)
+		sk->vip.w[2] = bpf_htonl(0xffff);
+	struct svc_val *sv = bpf_map_lookup_elem(&isth_services, sk);
+	if (!sv)
+		return NULL;
+	__u32 id = lookup_identity(&p->dst);
+	if (id != IDENTITY_HOST && id != IDENTITY_REMOTE_NODE)
+		return NULL;
+	return sv;
+}
+
 /* A new flow leaving a pod: service translation first, so that policy
  * judges the backend actually reached, then egress policy and conntrack.
  * Returns REASON_FORWARD_STACK to go on to delivery, or the drop. Not
@@ -1033,6 +1054,8 @@ static __noinline int from_pod_new_flow(struct __sk_buff *skb, struct pkt *p, __
 	if (p->has_ports) {
 		struct svc_key sk2 = { .vip = p->dst, .port = p->dport, .proto = p->proto };
 		struct svc_val *sv = bpf_map_lookup_elem(&isth_services, &sk2);
+		if (!sv)
+			sv = nodeport_lookup(p, &sk2);
 		if (sv) {
 			if (sv->count == 0)
 				return REASON_DROP_NO_BACKEND;
@@ -1406,10 +1429,12 @@ static __always_inline void snat_mark(struct __sk_buff *skb)
 	skb->mark = m;
 }
 
-/* A packet of a flow from outside to a known external address. Returns
- * REASON_EXTERNAL_IN (forward) or the drop. Not inlined: its stack would
- * add to the pass-through path's. */
-static __noinline int from_external_flow(struct __sk_buff *skb, struct pkt *p)
+/* A packet of a flow from outside to a known external address, or to a
+ * node port at one of the node's addresses (node). Returns
+ * REASON_EXTERNAL_IN (forward), REASON_FORWARD_STACK (node: the node's own
+ * traffic, untouched) or the drop. Not inlined: its stack would add to the
+ * pass-through path's. */
+static __noinline int from_external_flow(struct __sk_buff *skb, struct pkt *p, int node)
 {
 	struct ct_key k;
 	struct ct_val *v;
@@ -1432,7 +1457,12 @@ static __noinline int from_external_flow(struct __sk_buff *skb, struct pkt *p)
 	struct svc_key fk = { .vip = p->dst, .port = p->dport, .proto = p->proto };
 	struct lb_val *lv = bpf_map_lookup_elem(&isth_lb, &fk);
 	if (!lv)
-		return REASON_DROP_NO_FRONTEND;
+		return node ? REASON_FORWARD_STACK : REASON_DROP_NO_FRONTEND;
+	/* At a node address only a SYN opens a TCP flow: any other segment
+	 * without a flow belongs to the node's own connections (a reply to a
+	 * port that happens to be a node port), which the kernel judges. */
+	if (node && p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+		return REASON_FORWARD_STACK;
 	if (lv->count == 0)
 		return REASON_DROP_NO_BACKEND; /* under Local: no backend on this node */
 	__u32 lbflags = lv->flags;
@@ -1469,8 +1499,33 @@ int from_external(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	/* Not to a known external address: the node's own traffic. */
 	struct svc_key ak = { .vip = p.dst };
-	if (!bpf_map_lookup_elem(&isth_lb, &ak))
+	struct lb_val *av = bpf_map_lookup_elem(&isth_lb, &ak);
+	if (!av)
 		return TC_ACT_OK;
+	/* One of the node's own addresses, known for its node ports: only
+	 * what a node-port frontend takes is this program's business;
+	 * everything else (malformed, ICMP errors, fragments of no node-port
+	 * datagram, other ports) is the node's own traffic, for the kernel. */
+	int node = av->flags & LB_F_NODE;
+	if (node) {
+		if (r != PARSE_OK)
+			return TC_ACT_OK;
+		if (p.frag == FRAG_LATER) {
+			r = frag_later(skb, &p, FRAG_HOOK_FROM_EXT);
+			if (r == REASON_DROP_FRAG_UNKNOWN)
+				return TC_ACT_OK;
+			if (r != REASON_DELIVERED)
+				return drop(r, len);
+			count(REASON_EXTERNAL_IN, len);
+			return TC_ACT_OK;
+		}
+		if (!p.has_ports)
+			return TC_ACT_OK;
+		ak.port = p.dport;
+		ak.proto = p.proto;
+		if (!bpf_map_lookup_elem(&isth_lb, &ak))
+			return TC_ACT_OK;
+	}
 
 	if (r == PARSE_INVALID)
 		return drop(REASON_DROP_INVALID, len);
@@ -1488,9 +1543,11 @@ int from_external(struct __sk_buff *skb)
 	struct frag_val *fv = NULL;
 	if (p.frag == FRAG_FIRST)
 		fv = frag_first(&p, FRAG_HOOK_FROM_EXT);
-	r = from_external_flow(skb, &p);
+	r = from_external_flow(skb, &p, node);
 	if (fv)
-		frag_done(fv, &p, r == REASON_EXTERNAL_IN ? REASON_FORWARD_STACK : r);
+		frag_done(fv, &p, (r == REASON_EXTERNAL_IN || r == REASON_FORWARD_STACK) ? REASON_FORWARD_STACK : r);
+	if (r == REASON_FORWARD_STACK)
+		return TC_ACT_OK; /* the node's own traffic */
 	if (r != REASON_EXTERNAL_IN)
 		return drop(r, len);
 	count(REASON_EXTERNAL_IN, len);

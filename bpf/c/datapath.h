@@ -41,6 +41,9 @@ union addr {
 #define LB_F_SNAT 0x1  /* externalTrafficPolicy Cluster: the node SNATs */
 #define LB_F_LOCAL 0x2 /* externalTrafficPolicy Local: only this node's backends, the client's address kept */
 #define LB_F_ADDR 0x4  /* port 0, protocol 0: a known external address (no frontend) */
+#define LB_F_NODE 0x8  /* with LB_F_ADDR: one of the node's own addresses, known for
+			* its node ports; traffic no node-port frontend takes is
+			* the node's own and passes untouched */
 
 #define EP_F_POLICY_INGRESS 0x1
 #define EP_F_POLICY_EGRESS 0x2
@@ -48,7 +51,9 @@ union addr {
 #define DIR_INGRESS 1
 #define DIR_EGRESS 2
 
+#define IDENTITY_HOST 1
 #define IDENTITY_WORLD 2
+#define IDENTITY_REMOTE_NODE 6 /* another node of the own cluster */
 
 enum reason {
 	REASON_FORWARD_STACK = 0,
@@ -106,8 +111,9 @@ struct svc_val {
 	__u32 count; /* backends in slots 1..count */
 };
 
-/* isth_lb: a frontend at a load-balancer or external address (the key is
- * svc_key; port 0 and protocol 0 mark the address itself as known). */
+/* isth_lb: a frontend at a load-balancer or external address, or a node port
+ * at one of the node's addresses (the key is svc_key; port 0 and protocol 0
+ * mark the address itself as known). */
 struct lb_val {
 	__u32 id;    /* keys the backends map (IDs shared with isth_services) */
 	__u32 count; /* backends in slots 1..count */

@@ -64,23 +64,26 @@ func protoNumber(p string) bpf.Proto {
 // frontends of existing services are ignored; invalid ones of s are an
 // error.
 func CheckConflicts(existing []Service, s Service) error {
-	mine, err := s.Frontends()
+	mine, err := s.AllFrontends()
 	if err != nil {
 		return err
 	}
-	mine = append(mine, s.ExternalFrontends()...)
 	key := Key(s)
 	for _, e := range existing {
 		if Key(e) == key {
 			continue
 		}
-		theirs, _ := e.frontends()
-		theirs = append(theirs, e.ExternalFrontends()...)
+		theirs, _ := e.AllFrontends()
 		used := make(map[bpf.Frontend]bool, len(theirs))
 		for _, f := range theirs {
 			used[f] = true
 		}
 		for _, f := range mine {
+			if used[f] && f.IsNodePort() {
+				return fmt.Errorf("service %s/%s: node port %d/%s is already used by service %s/%s",
+					namespaceOrDefault(s.Metadata.Namespace), s.Metadata.Name, f.Port, f.Proto,
+					namespaceOrDefault(e.Metadata.Namespace), e.Metadata.Name)
+			}
 			if used[f] {
 				return fmt.Errorf("service %s/%s: frontend %s is already used by service %s/%s",
 					namespaceOrDefault(s.Metadata.Namespace), s.Metadata.Name, f,
@@ -89,6 +92,21 @@ func CheckConflicts(existing []Service, s Service) error {
 		}
 	}
 	return nil
+}
+
+// AllFrontends returns every frontend a service claims: at its VIPs
+// (Frontends), at its external addresses (ExternalFrontends) and its node
+// ports (NodePortFrontends). Like frontends, it returns those that parse
+// with the first error, so that a stored service that went bad can still
+// be compared.
+func (s Service) AllFrontends() ([]bpf.Frontend, error) {
+	fs, err := s.frontends()
+	fs = append(fs, s.ExternalFrontends()...)
+	fs = append(fs, s.NodePortFrontends()...)
+	if err != nil {
+		return fs, fmt.Errorf("service %s/%s: %w", namespaceOrDefault(s.Metadata.Namespace), s.Metadata.Name, err)
+	}
+	return fs, nil
 }
 
 // ExternalAddrs returns the addresses the service answers on from outside
@@ -132,4 +150,46 @@ func (s Service) ExternalFrontends() []bpf.Frontend {
 		}
 	}
 	return out
+}
+
+// NodePortFrontends returns the services-map frontends of the service's
+// node ports (bpf.NodePort: any node address), one per family of its VIPs
+// and port with a nodePort, VIPs outer and ports inner. Ports that are not
+// valid are left out (Validate reports them).
+func (s Service) NodePortFrontends() []bpf.Frontend {
+	if !s.Spec.HasNodePorts() {
+		return nil
+	}
+	var out []bpf.Frontend
+	seen := map[bool]bool{}
+	for _, v := range s.Spec.VIPs {
+		a, err := parseUnicast(v)
+		if err != nil || seen[a.Is6()] {
+			continue
+		}
+		seen[a.Is6()] = true
+		for _, p := range s.Spec.Ports {
+			proto, err := serviceProtocol(p.Protocol)
+			if err != nil || p.NodePort == 0 {
+				continue
+			}
+			out = append(out, bpf.NodePort(a.Is6(), p.NodePort, protoNumber(proto)))
+		}
+	}
+	return out
+}
+
+// PortFor returns the port of the service that frontend f (one of its
+// frontends: at a VIP or an external address, or a node port) stands for.
+func (s Service) PortFor(f bpf.Frontend) (ServicePort, bool) {
+	for _, p := range s.Spec.Ports {
+		proto, err := serviceProtocol(p.Protocol)
+		if err != nil || protoNumber(proto) != f.Proto {
+			continue
+		}
+		if (f.IsNodePort() && p.NodePort == f.Port) || (!f.IsNodePort() && p.Port == f.Port) {
+			return p, true
+		}
+	}
+	return ServicePort{}, false
 }

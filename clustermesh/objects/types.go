@@ -67,7 +67,17 @@ type Service struct {
 // Service types (ServiceSpec.Type).
 const (
 	ServiceTypeClusterIP    = "ClusterIP"    // reachable at its VIPs inside the mesh (the default)
-	ServiceTypeLoadBalancer = "LoadBalancer" // also at load-balancer addresses, from outside
+	ServiceTypeNodePort     = "NodePort"     // also at every node's addresses on its ports' nodePorts
+	ServiceTypeLoadBalancer = "LoadBalancer" // also at load-balancer addresses, from outside (and at nodePorts where given)
+)
+
+// The node ports a service may ask for (ServicePort.NodePort): Kubernetes'
+// default range. Isthmus keeps it fixed: the node's SNAT picks its source
+// ports above it (gateway/northsouth), so a reply to a masqueraded flow is
+// never mistaken for a new flow to a node port.
+const (
+	NodePortMin = 30000
+	NodePortMax = 32767
 )
 
 // External traffic policies (ServiceSpec.ExternalTrafficPolicy).
@@ -93,7 +103,8 @@ type ServiceSpec struct {
 	// ready endpoints).
 	Backends []ExplicitBackend `json:"backends,omitempty"`
 
-	// Type is ServiceTypeClusterIP (default) or ServiceTypeLoadBalancer.
+	// Type is ServiceTypeClusterIP (default), ServiceTypeNodePort or
+	// ServiceTypeLoadBalancer.
 	Type string `json:"type,omitempty"`
 	// LoadBalancerIPs requests load-balancer addresses (type LoadBalancer
 	// only, at most one per family); LB-IPAM honours them or refuses the
@@ -106,7 +117,7 @@ type ServiceSpec struct {
 	ExternalIPs []string `json:"externalIPs,omitempty"`
 	// ExternalTrafficPolicy is TrafficPolicyCluster (default) or
 	// TrafficPolicyLocal; it applies to traffic from outside the mesh to
-	// load-balancer and external addresses.
+	// load-balancer and external addresses and to node ports.
 	ExternalTrafficPolicy string `json:"externalTrafficPolicy,omitempty"`
 }
 
@@ -121,6 +132,12 @@ func (s ServiceSpec) ExternalTraffic() string {
 // IsLoadBalancer reports whether the service asks for load-balancer
 // addresses.
 func (s ServiceSpec) IsLoadBalancer() bool { return s.Type == ServiceTypeLoadBalancer }
+
+// HasNodePorts reports whether the service's type lets it have node
+// ports (NodePort, and LoadBalancer where a port gives one).
+func (s ServiceSpec) HasNodePorts() bool {
+	return s.Type == ServiceTypeNodePort || s.Type == ServiceTypeLoadBalancer
+}
 
 // ServiceStatus is what Isthmus did with a service.
 type ServiceStatus struct {
@@ -155,6 +172,11 @@ type ServicePort struct {
 	TargetPort uint16 `json:"targetPort,omitempty"`
 	// Protocol is TCP (default) or UDP.
 	Protocol string `json:"protocol,omitempty"`
+	// NodePort is the port the service answers on at every node's
+	// addresses (NodePortMin-NodePortMax): required for type NodePort
+	// (Isthmus does not allocate them), optional for LoadBalancer, not
+	// allowed otherwise.
+	NodePort uint16 `json:"nodePort,omitempty"`
 }
 
 // Target returns the effective backend port.

@@ -166,9 +166,12 @@ func (s Service) Validate() error {
 // externalTrafficPolicy.
 func (s Service) validateExternal() error {
 	switch s.Spec.Type {
-	case "", ServiceTypeClusterIP, ServiceTypeLoadBalancer:
+	case "", ServiceTypeClusterIP, ServiceTypeNodePort, ServiceTypeLoadBalancer:
 	default:
-		return fieldError("spec.type", "must be %s or %s, got %q", ServiceTypeClusterIP, ServiceTypeLoadBalancer, s.Spec.Type)
+		return fieldError("spec.type", "must be %s, %s or %s, got %q", ServiceTypeClusterIP, ServiceTypeNodePort, ServiceTypeLoadBalancer, s.Spec.Type)
+	}
+	if err := s.validateNodePorts(); err != nil {
+		return err
 	}
 	switch s.Spec.ExternalTrafficPolicy {
 	case "", TrafficPolicyCluster, TrafficPolicyLocal:
@@ -219,6 +222,32 @@ func (s Service) validateExternal() error {
 		}
 	}
 	return check("spec.externalIPs", s.Spec.ExternalIPs, false)
+}
+
+// validateNodePorts checks the ports' nodePorts against the type and the
+// range, and that no two ports share one (per protocol).
+func (s Service) validateNodePorts() error {
+	seen := map[string]int{}
+	for i, p := range s.Spec.Ports {
+		path := fmt.Sprintf("spec.ports[%d].nodePort", i)
+		switch {
+		case p.NodePort == 0 && s.Spec.Type == ServiceTypeNodePort:
+			return fieldError(path, "required for spec.type %s (Isthmus does not allocate node ports): pick one in %d-%d", ServiceTypeNodePort, NodePortMin, NodePortMax)
+		case p.NodePort == 0:
+			continue
+		case !s.Spec.HasNodePorts():
+			return fieldError(path, "needs spec.type %s or %s", ServiceTypeNodePort, ServiceTypeLoadBalancer)
+		case p.NodePort < NodePortMin || p.NodePort > NodePortMax:
+			return fieldError(path, "must be in %d-%d, got %d", NodePortMin, NodePortMax, p.NodePort)
+		}
+		proto, _ := serviceProtocol(p.Protocol) // checked by the caller
+		key := fmt.Sprintf("%d/%s", p.NodePort, proto)
+		if j, dup := seen[key]; dup {
+			return fieldError(path, "node port %s is already used by spec.ports[%d]", key, j)
+		}
+		seen[key] = i
+	}
+	return nil
 }
 
 // serviceProtocol returns the upper-cased service protocol, TCP by default.

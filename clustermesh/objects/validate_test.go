@@ -261,6 +261,15 @@ func TestCheckConflicts(t *testing.T) {
 			s.Spec.ExternalIPs = []string{"203.0.113.10"}
 			return s
 		}(),
+		func() Service {
+			s := mk("default", "np", []string{"10.0.0.80", "fd00::80"}, ServicePort{Port: 80, NodePort: 30080})
+			s.Spec.Type = ServiceTypeNodePort
+			return s
+		}(),
+	}
+	nodePort := func(s Service, typ string) Service {
+		s.Spec.Type = typ
+		return s
 	}
 	withExternal := func(s Service, ips ...string) Service {
 		s.Spec.ExternalIPs = ips
@@ -289,6 +298,12 @@ func TestCheckConflicts(t *testing.T) {
 		{"external IP on another port", withExternal(mk("default", "x", []string{"10.0.0.71"}, ServicePort{Port: 443}), "203.0.113.10"), ""},
 		{"a VIP that is another service's external IP", mk("default", "x", []string{"203.0.113.10"}, ServicePort{Port: 80}),
 			"already used by service default/ext"},
+		{"node port clash", nodePort(mk("prod", "x", []string{"10.0.0.81"}, ServicePort{Port: 8080, NodePort: 30080}), ServiceTypeNodePort),
+			"service prod/x: node port 30080/tcp is already used by service default/np"},
+		{"node port clash in the other family only", nodePort(mk("prod", "x", []string{"fd00::81"}, ServicePort{Port: 8080, NodePort: 30080}), ServiceTypeLoadBalancer),
+			"node port 30080/tcp is already used by service default/np"},
+		{"node port other protocol", nodePort(mk("prod", "x", []string{"10.0.0.81"}, ServicePort{Port: 8080, NodePort: 30080, Protocol: "UDP"}), ServiceTypeNodePort), ""},
+		{"node port number as a port", mk("prod", "x", []string{"10.0.0.81"}, ServicePort{Port: 30080}), ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -303,6 +318,34 @@ func TestCheckConflicts(t *testing.T) {
 				t.Fatalf("CheckConflicts = %v, want containing %q", err, tt.want)
 			}
 		})
+	}
+}
+
+func TestNodePortFrontends(t *testing.T) {
+	s := validService()
+	s.Spec.VIPs = []string{"10.0.0.1", "fd00::1"}
+	s.Spec.Ports = []ServicePort{{Port: 80, TargetPort: 8080, NodePort: 30080}, {Port: 53, Protocol: "udp", NodePort: 30053}, {Port: 443}}
+	if got := s.NodePortFrontends(); got != nil {
+		t.Fatalf("ClusterIP: NodePortFrontends = %v, want none", got)
+	}
+	s.Spec.Type = ServiceTypeLoadBalancer
+	want := []bpf.Frontend{bpf.NodePort(false, 30080, bpf.ProtoTCP), bpf.NodePort(false, 30053, bpf.ProtoUDP),
+		bpf.NodePort(true, 30080, bpf.ProtoTCP), bpf.NodePort(true, 30053, bpf.ProtoUDP)}
+	if got := s.NodePortFrontends(); !slices.Equal(got, want) {
+		t.Fatalf("NodePortFrontends = %v, want %v", got, want)
+	}
+	if got := want[0].String(); got != "0.0.0.0:30080/tcp" {
+		t.Errorf("String = %q", got)
+	}
+	// PortFor tells a node port from a port of the same number.
+	if p, ok := s.PortFor(bpf.NodePort(true, 30080, bpf.ProtoTCP)); !ok || p.Target() != 8080 {
+		t.Errorf("PortFor(node port 30080) = %+v, %v", p, ok)
+	}
+	if _, ok := s.PortFor(bpf.NodePort(false, 30080, bpf.ProtoUDP)); ok {
+		t.Errorf("PortFor(node port 30080/udp) found a port")
+	}
+	if _, ok := s.PortFor(bpf.Frontend{VIP: netip.MustParseAddr("10.0.0.1"), Port: 30080, Proto: bpf.ProtoTCP}); ok {
+		t.Errorf("PortFor(10.0.0.1:30080) found a port")
 	}
 }
 

@@ -26,7 +26,10 @@
 // addresses is served without backends (its traffic is dropped). A named
 // targetPort is resolved from the slices' port of the same name and
 // protocol. Only the three isthmus.io/global, isthmus.io/shared and
-// isthmus.io/affinity annotations are kept.
+// isthmus.io/affinity annotations are kept. The node ports of NodePort and
+// LoadBalancer Services are carried (type NodePort, with
+// externalTrafficPolicy) when every port has one in 30000-32767; else they
+// are left out with a warning. Load-balancer and external IPs are not.
 //
 // NetworkPolicies. Kubernetes semantics on the Isthmus engine: the
 // podSelector selects pods of the policy's namespace; policyTypes

@@ -111,6 +111,8 @@ func ServiceWithWarnings(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) 
 		out.Spec.Ports = append(out.Spec.Ports, sp)
 	}
 
+	warnings = append(warnings, nodePorts(svc, &out)...)
+
 	// Backends: ready addresses of the slices not left out.
 	seen := map[netip.Addr]bool{}
 	var addrs []netip.Addr
@@ -145,6 +147,45 @@ func ServiceWithWarnings(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) 
 		return objects.Service{}, false, nil, fmt.Errorf("service %s: %w", where, err)
 	}
 	return out, true, warnings, nil
+}
+
+// nodePorts carries the node ports of a NodePort or LoadBalancer Service
+// (and its externalTrafficPolicy) into out, whose ports were translated in
+// the Service's order: out becomes an Isthmus NodePort Service. A
+// LoadBalancer's load-balancer addresses are not carried (not served in
+// Kubernetes mode), so the type says only what is served. The node ports
+// are left out, with a warning and the cluster IPs still served, when
+// Isthmus cannot serve them: a port without one (a LoadBalancer with
+// allocateLoadBalancerNodePorts false), or one outside Isthmus's fixed
+// range (an API server with another --service-node-port-range).
+func nodePorts(svc *corev1.Service, out *objects.Service) []string {
+	if svc.Spec.Type != corev1.ServiceTypeNodePort && svc.Spec.Type != corev1.ServiceTypeLoadBalancer {
+		return nil
+	}
+	has := false
+	for _, p := range svc.Spec.Ports {
+		has = has || p.NodePort != 0
+	}
+	if !has {
+		return nil // not allocated (yet, or allocateLoadBalancerNodePorts false)
+	}
+	where := svc.Namespace + "/" + svc.Name
+	for i, p := range svc.Spec.Ports {
+		if p.NodePort == 0 {
+			return []string{fmt.Sprintf("service %s: spec.ports[%d] has no nodePort: node ports not served (Isthmus serves them for every port or none)", where, i)}
+		}
+		if p.NodePort < objects.NodePortMin || p.NodePort > objects.NodePortMax {
+			return []string{fmt.Sprintf("service %s: spec.ports[%d].nodePort %d is outside %d-%d: node ports not served", where, i, p.NodePort, objects.NodePortMin, objects.NodePortMax)}
+		}
+	}
+	out.Spec.Type = objects.ServiceTypeNodePort
+	for i, p := range svc.Spec.Ports {
+		out.Spec.Ports[i].NodePort = uint16(p.NodePort)
+	}
+	if svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal {
+		out.Spec.ExternalTrafficPolicy = objects.TrafficPolicyLocal
+	}
+	return nil
 }
 
 // serviceProtocol maps a Kubernetes protocol (empty = TCP) to the Isthmus

@@ -155,6 +155,57 @@ func TestService(t *testing.T) {
 			}),
 		},
 		{
+			name: "NodePort: node ports and externalTrafficPolicy Local carried, both families",
+			svc: k8sService(func(s *corev1.Service) {
+				s.Spec.Type = corev1.ServiceTypeNodePort
+				s.Spec.ClusterIPs = []string{"10.96.0.10", "fd00:96::10"}
+				s.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal
+				s.Spec.Ports[0].NodePort = 30080
+				s.Spec.Ports = append(s.Spec.Ports, corev1.ServicePort{Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP, NodePort: 30080})
+			}),
+			served: true,
+			want: base(func(s *objects.Service) {
+				s.Spec.VIPs = []string{"10.96.0.10", "fd00:96::10"}
+				s.Spec.Type = objects.ServiceTypeNodePort
+				s.Spec.ExternalTrafficPolicy = objects.TrafficPolicyLocal
+				s.Spec.Ports = []objects.ServicePort{{Name: "http", Port: 80, TargetPort: 8080, Protocol: "TCP", NodePort: 30080}, {Name: "dns", Port: 53, Protocol: "UDP", NodePort: 30080}}
+			}),
+		},
+		{
+			name: "LoadBalancer: its node ports served (Cluster is the default), not its load-balancer addresses",
+			svc: k8sService(func(s *corev1.Service) {
+				s.Spec.Type = corev1.ServiceTypeLoadBalancer
+				s.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyCluster
+				s.Spec.Ports[0].NodePort = 31000
+				s.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{{IP: "203.0.113.7"}}
+			}),
+			served: true,
+			want: base(func(s *objects.Service) {
+				s.Spec.Type = objects.ServiceTypeNodePort
+				s.Spec.Ports[0].NodePort = 31000
+			}),
+		},
+		{
+			name: "node port outside the range: left out with a warning, the cluster IP served",
+			svc: k8sService(func(s *corev1.Service) {
+				s.Spec.Type = corev1.ServiceTypeNodePort
+				s.Spec.Ports[0].NodePort = 40000
+			}),
+			served:   true,
+			want:     base(nil),
+			warnings: []string{"service shop/web: spec.ports[0].nodePort 40000 is outside 30000-32767: node ports not served"},
+		},
+		{
+			name: "a port without a node port (allocateLoadBalancerNodePorts false): left out with a warning",
+			svc: k8sService(func(s *corev1.Service) {
+				s.Spec.Type = corev1.ServiceTypeLoadBalancer
+				s.Spec.Ports = append(s.Spec.Ports, corev1.ServicePort{Name: "https", Port: 443, NodePort: 30443})
+			}),
+			served:   true,
+			want:     base(func(s *objects.Service) { s.Spec.Ports = append(s.Spec.Ports, objects.ServicePort{Name: "https", Port: 443, Protocol: "TCP"}) }),
+			warnings: []string{"service shop/web: spec.ports[0] has no nodePort: node ports not served"},
+		},
+		{
 			name: "clusterIP without clusterIPs (older objects)",
 			svc: k8sService(func(s *corev1.Service) {
 				s.Spec.Type = corev1.ServiceTypeNodePort

@@ -191,6 +191,10 @@ func TestNorthSouth(t *testing.T) {
 		}
 	})
 
+	t.Run("NodePort: any node's address, from outside, another node and its pods; Cluster and Local", func(t *testing.T) {
+		checkNodePort(t, m, out)
+	})
+
 	t.Run("Local: only the node's own backend, the client's address kept", func(t *testing.T) {
 		m.apply(c1a, fmt.Sprintf(extWebService, "Local"))
 		for _, dst := range []netip.Prefix{netip.PrefixFrom(extWeb4, 32), netip.PrefixFrom(extWeb6, 128)} {
@@ -224,6 +228,65 @@ func TestNorthSouth(t *testing.T) {
 			}
 		}
 	})
+}
+
+// npWeb is extweb's pods at a node port, in c1 only.
+const npWeb = `apiVersion: isthmus.io/v1alpha1
+kind: Service
+metadata: {name: npweb}
+spec:
+  type: NodePort
+  vips: [10.96.0.71, "fd00:96::71"]
+  externalTrafficPolicy: %s
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+  selector: {app: extweb}
+`
+
+// checkNodePort: a NodePort service answers at <node IP>:30080 of either
+// c1 node, from outside, from the other node itself and from a pod on the
+// other node, balanced over both nodes' backends under Cluster; under
+// Local each node answers from outside with its own backend only and the
+// client's address.
+func checkNodePort(t *testing.T, m *mesh, out *lab.Outside) {
+	c1a, c1b := m.c1.Agents[0], m.c1.Agents[1]
+	m.apply(c1a, fmt.Sprintf(npWeb, "Cluster"))
+	pod := m.pod(c1b, "np-client", map[string]string{"app": "np-client"})
+	for i, v6 := range []bool{false, true} {
+		node1 := netip.AddrPortFrom(m.c1.NodeIPs(1)[i], 30080)
+		for _, from := range []struct{ what, path string }{
+			{"outside", out.Path()}, {"node c1-n2", c1b.Node.Path()}, {"a pod on c1-n2", pod.Path()},
+		} {
+			rs := spreadOver(t, from.path, node1, "ext-c1n1", "ext-c1n2")
+			if from.what == "outside" {
+				for _, r := range rs {
+					if r.Peer == out.Addr(v6) {
+						t.Fatalf("under Cluster, %s saw the client's own address %s", r.Pod, r.Peer)
+					}
+				}
+			}
+		}
+	}
+	m.apply(c1a, fmt.Sprintf(npWeb, "Local"))
+	for j, own := range map[int]string{1: "ext-c1n1", 2: "ext-c1n2"} {
+		for i, v6 := range []bool{false, true} {
+			dst := netip.AddrPortFrom(m.c1.NodeIPs(j)[i], 30080)
+			err := eventually(10*time.Second, func() error {
+				rs, err := outsideAnswers(out, dst, 10)
+				if err != nil {
+					return err
+				}
+				for _, r := range rs {
+					if r.Pod != own || r.Peer != out.Addr(v6) {
+						return fmt.Errorf("%s answered from %s seeing %s; want only %s seeing %s", dst, r.Pod, r.Peer, own, out.Addr(v6))
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatalf("Local: %v", err)
+			}
+		}
+	}
 }
 
 func counterOf(t *testing.T, ctx context.Context, a *lab.Agent, reason string) uint64 {

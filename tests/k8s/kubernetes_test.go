@@ -322,6 +322,44 @@ func TestKubernetesMode(t *testing.T) {
 		}
 	})
 
+	t.Run("a NodePort service answers at either node's address, from outside and from a pod", func(t *testing.T) {
+		np := e.service(e.k1, "echo-np", echoLabels, nil)
+		np.Spec.Type = corev1.ServiceTypeNodePort
+		np, err := e.k1.Client.CoreV1().Services("default").Update(ctx, np, metav1.UpdateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := uint16(np.Spec.Ports[0].NodePort) // allocated by the API server
+		out, err := e.c1.AddOutside("outside")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for j := 1; j <= 2; j++ {
+			for i, node := range e.c1.NodeIPs(j) {
+				dst := netip.AddrPortFrom(node, port)
+				for _, from := range []string{out.Path(), clEP.Netns} {
+					seen := map[string]bool{}
+					err := eventually(20*time.Second, func() error {
+						r, err := e.fetch(from, dst)
+						if err != nil {
+							return err
+						}
+						if from == out.Path() && r.Peer == out.Addr(i == 1) {
+							return fmt.Errorf("%s saw the client's own address under Cluster", r.Pod)
+						}
+						if seen[r.Pod] = true; len(seen) < 2 {
+							return fmt.Errorf("answered by %v only", seen)
+						}
+						return nil
+					})
+					if err != nil {
+						t.Errorf("%s -> %s: %v", from, dst, err)
+					}
+				}
+			}
+		}
+	})
+
 	t.Run("an in-cluster client reaches the API server through the kubernetes service", func(t *testing.T) {
 		pod := &corev1.Pod{
 			ObjectMeta: metav1.ObjectMeta{Name: "kube-api-client"},
