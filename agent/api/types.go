@@ -195,7 +195,10 @@ type L2Status struct {
 	NAReplies   uint64           `json:"naReplies"`
 	Gratuitous  uint64           `json:"gratuitous"` // gratuitous ARPs and unsolicited NAs
 	Heartbeat   string           `json:"heartbeat,omitempty"`
-	Errors      []string         `json:"errors,omitempty"`
+	// RejectedHeartbeats counts heartbeats from a peer's address whose
+	// signature or sequence number did not verify (forged or replayed).
+	RejectedHeartbeats uint64   `json:"rejectedHeartbeats,omitempty"`
+	Errors             []string `json:"errors,omitempty"`
 }
 
 // L2Address is one announced address.

@@ -1,7 +1,10 @@
 package l2
 
 import (
+	"bytes"
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,6 +15,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
@@ -82,6 +86,8 @@ type record struct {
 	TTLms  int64        `json:"ttlMs"` // of its lease
 	Member Member       `json:"member"`
 	Leads  []netip.Addr `json:"leads,omitempty"`
+	// Key is the Ed25519 public key its heartbeats are signed with.
+	Key []byte `json:"key,omitempty"`
 }
 
 // peer is another node as this one knows it.
@@ -90,6 +96,7 @@ type peer struct {
 	firstSeen time.Time // the record appeared (or came back)
 	lastHeard time.Time
 	hb        Member // from the last heartbeat
+	lastSeq   uint64 // of the last heartbeat counted (signed ones)
 }
 
 // Manager runs the election and the responders of one node.
@@ -100,24 +107,30 @@ type Manager struct {
 
 	wake chan struct{}
 
-	mu        sync.Mutex
-	in        Input
-	peers     map[string]*peer
-	lease     *kvstore.Lease
-	leaseID   kvstore.LeaseID // the lease the record was last written under
-	leaseErr  error
-	written   []byte // the record's value as last written
+	hbKey ed25519.PrivateKey // signs this node's heartbeats
+	hbSeq atomic.Uint64      // their sequence numbers
+	// rejected counts heartbeats from known peers' addresses that did not
+	// verify (a forged or replayed heartbeat, or a key not yet seen).
+	rejected atomic.Uint64
+
+	mu       sync.Mutex
+	in       Input
+	peers    map[string]*peer
+	lease    *kvstore.Lease
+	leaseID  kvstore.LeaseID // the lease the record was last written under
+	leaseErr error
+	written  []byte // the record's value as last written
 	// listed: the peers' records were listed; wroteAt: this node's record
 	// was first written under its lease. A node leads only DeadAfter after
 	// both, once every live peer had the time to be heard: else a
 	// restarted agent counts itself alone, leads every address and
 	// announces them, taking them from their leaders for a moment.
 	listed, wroteAt time.Time
-	leading   map[netip.Addr]time.Time
-	takeovers uint64
-	members   []string
-	status    api.L2Status
-	hbErr     error
+	leading         map[netip.Addr]time.Time
+	takeovers       uint64
+	members         []string
+	status          api.L2Status
+	hbErr           error
 
 	// The node's interfaces as last listed (see links).
 	linkMu    sync.Mutex
@@ -158,8 +171,14 @@ func (m *Manager) linksChanged() {
 // New returns a manager; Run starts it.
 func New(cfg Config) *Manager {
 	cfg.defaults()
+	// The heartbeat key lives as long as the process: a restarted agent
+	// publishes a new one, which voids every heartbeat of the old.
+	_, key, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		panic(fmt.Sprintf("l2: heartbeat key: %v", err)) // crypto/rand does not fail on Linux
+	}
 	return &Manager{cfg: cfg, log: cfg.Log, ann: gl2.NewAnnouncer(cfg.Announce, cfg.Log),
-		wake: make(chan struct{}, 1), peers: map[string]*peer{}, leading: map[netip.Addr]time.Time{}}
+		wake: make(chan struct{}, 1), peers: map[string]*peer{}, leading: map[netip.Addr]time.Time{}, hbKey: key}
 }
 
 // SetInput gives the manager the current policies and services (from the
@@ -344,7 +363,8 @@ func (m *Manager) statusLocked(p plan, leaders map[netip.Addr]string, members []
 	st := api.L2Status{Mode: "standalone", LeaseHeld: held, Members: m.members, Policies: p.policies, Takeovers: m.takeovers}
 	if m.clusterMode() {
 		st.Mode = "cluster"
-		st.Heartbeat = fmt.Sprintf("udp/%d every %v, dead after %v", m.cfg.HeartbeatPort, m.cfg.HeartbeatInterval, m.cfg.DeadAfter)
+		st.Heartbeat = fmt.Sprintf("udp/%d every %v, dead after %v, Ed25519-signed", m.cfg.HeartbeatPort, m.cfg.HeartbeatInterval, m.cfg.DeadAfter)
+		st.RejectedHeartbeats = m.rejected.Load()
 	}
 	if m.leaseErr != nil {
 		st.LeaseErr = m.leaseErr.Error()
@@ -401,7 +421,7 @@ func (m *Manager) send(ctx context.Context, conn *net.UDPConn) {
 		if !held {
 			continue
 		}
-		b, err := encodeHeartbeat(m.cfg.Cluster, self)
+		b, err := encodeHeartbeat(m.cfg.Cluster, self, m.hbSeq.Add(1), m.hbKey)
 		if err != nil || len(b) > maxHeartbeat {
 			m.log.Warn("l2: heartbeat too large or not encodable", "bytes", len(b), "err", err)
 			continue
@@ -424,13 +444,23 @@ func (m *Manager) receive(conn *net.UDPConn) {
 			}
 			continue
 		}
-		hb, err := decodeHeartbeat(buf[:n])
-		if err != nil || hb.V != heartbeatVersion || hb.Cluster != m.cfg.Cluster || hb.Node == m.cfg.Node {
+		hb, payload, sig, err := decodeHeartbeat(buf[:n])
+		if err != nil || hb.Cluster != m.cfg.Cluster || hb.Node == m.cfg.Node {
 			continue
 		}
 		m.mu.Lock()
 		p, ok := m.peers[hb.Node]
 		if ok && slices.Contains(p.rec.Addrs, unmap(from.Addr())) {
+			if err := verifyHeartbeat(hb, payload, sig, p.rec.Key, p.lastSeq); err != nil {
+				m.mu.Unlock()
+				if m.rejected.Add(1)%100 == 1 {
+					m.log.Warn("l2: dropping a heartbeat that does not verify", "node", hb.Node, "from", from, "err", err)
+				}
+				continue
+			}
+			if payload != nil {
+				p.lastSeq = hb.Seq
+			}
 			first := time.Since(p.lastHeard) >= m.cfg.DeadAfter
 			p.lastHeard = time.Now()
 			p.hb = hb.Member
@@ -507,6 +537,7 @@ func (m *Manager) publish(ctx context.Context, c *kvstore.Client, lease *kvstore
 	rec := record{V: 1, Port: m.cfg.HeartbeatPort, TTLms: lease.TTL().Milliseconds(),
 		Member: makePlan(m.in, m.cfg.Node, m.cfg.NodeLabels, links).self, Leads: slices.SortedFunc(maps.Keys(m.leading), netip.Addr.Compare)}
 	rec.Member.Node = ""
+	rec.Key = m.hbKey.Public().(ed25519.PublicKey)
 	if m.cfg.NodeIPs != nil {
 		for _, a := range m.cfg.NodeIPs() {
 			rec.Addrs = append(rec.Addrs, a.Unmap())
@@ -578,6 +609,9 @@ func (m *Manager) watchPeers(ctx context.Context, c *kvstore.Client) {
 			if !ok {
 				p = &peer{firstSeen: time.Now()}
 				m.peers[node] = p
+			}
+			if !bytes.Equal(p.rec.Key, rec.Key) {
+				p.lastSeq = 0 // a new incarnation counts from 1
 			}
 			p.rec = rec
 		}
