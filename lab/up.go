@@ -370,10 +370,7 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 	if progress == nil {
 		progress = func(string, ...any) {}
 	}
-	start := time.Now()
-	step := func(format string, args ...any) {
-		progress("[%5.1fs] "+format, append([]any{time.Since(start).Seconds()}, args...)...)
-	}
+	step := Stepper(progress)
 
 	findBinaries := o.Binaries
 	if findBinaries == nil {
@@ -416,7 +413,7 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 	// Clusters build in parallel: each waits mostly for its server and
 	// agents to come up.
 	clusters := make([]*Cluster, o.Clusters)
-	err = parallel(o.Clusters, func(i int) error {
+	err = Parallel(o.Clusters, func(i int) error {
 		t0 := time.Now()
 		c, err := l.AddCluster(ctx, i+1, ClusterOptions{Nodes: o.Nodes, Encryption: o.Encryption, NoStaticPodRoutes: o.BGP})
 		if err != nil {
@@ -466,7 +463,7 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 		}
 	}
 	pods := make([][]StatePod, len(jobs))
-	err = parallel(len(jobs), func(k int) error {
+	err = Parallel(len(jobs), func(k int) error {
 		c, j := jobs[k].c, jobs[k].j
 		a, node := c.Agents[j], c.Nodes[j]
 		var specs []StatePod
@@ -624,8 +621,17 @@ func Up(ctx context.Context, o UpOptions) (l *Lab, st *State, err error) {
 	return l, st, nil
 }
 
-// parallel runs fn(0..n-1) concurrently and joins their errors.
-func parallel(n int, fn func(i int) error) error {
+// Stepper returns a progress function that prefixes each line with the
+// seconds since Stepper was called ("[  5.6s] ...").
+func Stepper(progress func(format string, args ...any)) func(format string, args ...any) {
+	start := time.Now()
+	return func(format string, args ...any) {
+		progress("[%5.1fs] "+format, append([]any{time.Since(start).Seconds()}, args...)...)
+	}
+}
+
+// Parallel runs fn(0..n-1) concurrently and joins their errors.
+func Parallel(n int, fn func(i int) error) error {
 	errs := make([]error, n)
 	var wg sync.WaitGroup
 	for i := range n {
@@ -697,7 +703,7 @@ func (s *State) Check(ctx context.Context) []string {
 	}
 	nodes := s.Nodes()
 	problems := make([][]string, len(nodes))
-	_ = parallel(len(nodes), func(i int) error {
+	_ = Parallel(len(nodes), func(i int) error {
 		n := nodes[i]
 		bad := func(format string, args ...any) {
 			problems[i] = append(problems[i], n.Name+": "+fmt.Sprintf(format, args...))

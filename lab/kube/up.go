@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -118,10 +117,7 @@ func Up(ctx context.Context, o UpOptions) (kl *Lab, st *lab.State, err error) {
 	if progress == nil {
 		progress = func(string, ...any) {}
 	}
-	start := time.Now()
-	step := func(format string, args ...any) {
-		progress("[%5.1fs] "+format, append([]any{time.Since(start).Seconds()}, args...)...)
-	}
+	step := lab.Stepper(progress)
 
 	// Everything is found before anything is built.
 	findBinaries := o.Binaries
@@ -195,7 +191,7 @@ func Up(ctx context.Context, o UpOptions) (kl *Lab, st *lab.State, err error) {
 	kl.Clusters = make([]*lab.Cluster, o.Clusters)
 	kl.Kube = make([]*Cluster, o.Clusters)
 	kl.Values = make([]string, o.Clusters)
-	err = parallelDo(o.Clusters, func(i int) error {
+	err = lab.Parallel(o.Clusters, func(i int) error {
 		t0 := time.Now()
 		co := lab.ClusterOptions{Nodes: o.Nodes}
 		m.Enable(&co)
@@ -257,7 +253,7 @@ func Up(ctx context.Context, o UpOptions) (kl *Lab, st *lab.State, err error) {
 	step("workload in every cluster: %d echo pods per node, one denied pod, Service default/echo (global, ClusterIPs %s and %s), NetworkPolicy default/echo-from-echo",
 		o.PodsPerNode, ServiceVIPs[0], ServiceVIPs[1])
 	pods := make([][]lab.StatePod, len(kl.Clusters))
-	err = parallelDo(len(kl.Clusters), func(i int) error {
+	err = lab.Parallel(len(kl.Clusters), func(i int) error {
 		var err error
 		pods[i], err = deployWorkload(ctx, kl.Clusters[i], kl.Kube[i], st.Clusters[i], o.PodsPerNode)
 		return err
@@ -682,15 +678,4 @@ func sourceTree() string {
 func isExecutable(p string) bool {
 	st, err := os.Stat(p)
 	return err == nil && !st.IsDir() && st.Mode()&0o111 != 0
-}
-
-// parallelDo runs fn(0..n-1) concurrently and joins their errors.
-func parallelDo(n int, fn func(i int) error) error {
-	errs := make([]error, n)
-	var wg sync.WaitGroup
-	for i := range n {
-		wg.Go(func() { errs[i] = fn(i) })
-	}
-	wg.Wait()
-	return errors.Join(errs...)
 }
