@@ -144,6 +144,9 @@ type Mesh struct {
 	rereference chan struct{}
 	// workloadID is the identity of Config.Workload (0: none yet).
 	workloadID uint32
+	// configs keeps what applies and deletes decoded of the applied
+	// objects, so that each decodes only what changed since.
+	configs meshsync.ConfigCache
 }
 
 // New returns the cluster mode of one node; Run connects it.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"strings"
 	"time"
@@ -39,7 +40,7 @@ func (m *Mesh) Apply(ctx context.Context, objs []objects.Object) (api.ApplyResul
 	var res api.ApplyResult
 	var put map[string][]byte
 	for attempt := 1; ; attempt++ {
-		cur, err := readConfig(ctx, c, "")
+		cur, err := m.readConfig(ctx, c, "")
 		if err != nil {
 			return api.ApplyResult{}, api.WithStatus(http.StatusServiceUnavailable, err)
 		}
@@ -70,8 +71,12 @@ func (m *Mesh) Apply(ctx context.Context, objs []objects.Object) (api.ApplyResul
 	for _, r := range res.Objects {
 		m.log.Info("object applied to the cluster", "kind", r.Kind, "namespace", r.Namespace, "name", r.Name, "action", r.Action)
 	}
+	// Keys seen with what was applied are not looked at again: with a
+	// thousand objects, marshalling each one on every poll cost more than
+	// the apply itself.
+	pending := maps.Clone(put)
 	m.awaitObjects(ctx, func(set desired.Objects) bool {
-		for key, raw := range put {
+		for key, raw := range pending {
 			o, ok := set[key]
 			if !ok {
 				return false
@@ -82,6 +87,7 @@ func (m *Mesh) Apply(ctx context.Context, objs []objects.Object) (api.ApplyResul
 			if err != nil || !desired.JSONEqual(have, raw) {
 				return false
 			}
+			delete(pending, key)
 		}
 		return true
 	})
@@ -118,7 +124,7 @@ func (m *Mesh) DeleteObject(ctx context.Context, key string) error {
 	}
 	ctx = context.WithoutCancel(ctx)
 	for attempt := 1; ; attempt++ {
-		cur, err := readConfig(ctx, c, kindOfKey(key))
+		cur, err := m.readConfig(ctx, c, kindOfKey(key))
 		if err != nil {
 			return api.WithStatus(http.StatusServiceUnavailable, err)
 		}
@@ -154,10 +160,10 @@ const kvstoreReadTimeout = 10 * time.Second
 
 // readConfig reads the applied objects from etcd, failing within
 // kvstoreReadTimeout with an error that says the kvstore is unreachable.
-func readConfig(ctx context.Context, c *kvstore.Client, kind string) (meshsync.Config, error) {
+func (m *Mesh) readConfig(ctx context.Context, c *kvstore.Client, kind string) (meshsync.Config, error) {
 	rctx, cancel := context.WithTimeout(ctx, kvstoreReadTimeout)
 	defer cancel()
-	cur, err := meshsync.ReadConfig(rctx, c, kind)
+	cur, err := m.configs.Read(rctx, c, kind)
 	if err != nil {
 		return cur, fmt.Errorf("the cluster's kvstore is unreachable (is isthmus-clustermesh running? `isthmus status` shows the connection): %w", err)
 	}
