@@ -51,6 +51,10 @@ type Tables struct {
 	// already logged, so a problem is logged once, not per snapshot.
 	lbRecs   map[string]records.LBAssignment
 	lbLogged map[string]bool
+	// statusCache keeps objsSnap's copies of services whose object and
+	// assignment did not change, so that a rebuild costs little per
+	// unchanged service.
+	statusCache lbipam.StatusCache
 
 	// The ipcache deltas (TakeIPChanges): the prefixes whose entry in a
 	// usable cluster changed since the last take, and the clusters whose
@@ -758,11 +762,11 @@ func (t *Tables) ObjectsGen() (map[string]objects.Object, uint64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.objsSnap == nil || t.snapVer != t.objsVer {
-		asg := map[string]lbipam.Assignment{}
+		asg := make(map[string]lbipam.Assignment, len(t.lbRecs))
 		for k, r := range t.lbRecs {
 			asg[k] = lbipam.FromRecord(r)
 		}
-		snap, problems := lbipam.ApplyStatus(t.objs, asg)
+		snap, problems := t.statusCache.ApplyStatus(t.objs, asg)
 		logged := map[string]bool{}
 		for _, p := range problems {
 			if !t.lbLogged[p] {
