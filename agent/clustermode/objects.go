@@ -2,10 +2,8 @@ package clustermode
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
 	"net/http"
 	"strings"
 	"time"
@@ -71,26 +69,11 @@ func (m *Mesh) Apply(ctx context.Context, objs []objects.Object) (api.ApplyResul
 	for _, r := range res.Objects {
 		m.log.Info("object applied to the cluster", "kind", r.Kind, "namespace", r.Namespace, "name", r.Name, "action", r.Action)
 	}
-	// Keys seen with what was applied are not looked at again: with a
-	// thousand objects, marshalling each one on every poll cost more than
-	// the apply itself.
-	pending := maps.Clone(put)
-	m.awaitObjects(ctx, func(set desired.Objects) bool {
-		for key, raw := range pending {
-			o, ok := set[key]
-			if !ok {
-				return false
-			}
-			// The set carries what Isthmus fills in (LB-IPAM's status);
-			// what was applied is the object without it.
-			have, err := json.Marshal(objects.WithoutStatus(o))
-			if err != nil || !desired.JSONEqual(have, raw) {
-				return false
-			}
-			delete(pending, key)
-		}
-		return true
-	})
+	// The watch has delivered the objects when the tables hold the values
+	// written, byte for byte; the reconciler reads its objects from the
+	// same tables. (Comparing against the objects with status rebuilt
+	// that snapshot on every poll while a bulk apply streamed in.)
+	m.await(ctx, func() bool { return m.tables.HasObjects(put) })
 	return res, nil
 }
 
@@ -98,8 +81,13 @@ func (m *Mesh) Apply(ctx context.Context, objs []objects.Object) (api.ApplyResul
 // done and the datapath reflects them, at most reconcile.ConvergeTimeout. The change
 // is already stored cluster-wide, so running late is logged, not failed.
 func (m *Mesh) awaitObjects(ctx context.Context, done func(desired.Objects) bool) {
+	m.await(ctx, func() bool { return done(m.cfg.Objects()) })
+}
+
+// await is awaitObjects with a condition that reads what it needs itself.
+func (m *Mesh) await(ctx context.Context, done func() bool) {
 	deadline := time.Now().Add(reconcile.ConvergeTimeout)
-	for !done(m.cfg.Objects()) {
+	for !done() {
 		if time.Now().After(deadline) {
 			m.log.Warn("clustermesh: stored in the kvstore, but this node's watcher has not delivered it yet", "waited", reconcile.ConvergeTimeout)
 			return

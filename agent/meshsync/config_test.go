@@ -6,7 +6,9 @@ import (
 	"reflect"
 	"testing"
 
+	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 )
 
@@ -63,5 +65,47 @@ func TestConfigCacheReadsWhatIsStored(t *testing.T) {
 	third := check("a deleted, c fixed")
 	if _, ok := third.Objects["Service/default/a"]; ok {
 		t.Error("a is still read after its delete")
+	}
+}
+
+// HasObjects (what an apply waits for) holds once the tables are listed
+// and hold every value asked about byte for byte: not before the list,
+// not for an older value, not after a delete.
+func TestHasObjects(t *testing.T) {
+	tables := NewTables(Local{Cluster: "c1", ClusterID: 1, Node: "node1"}, nil, nil)
+	raw := func(vip string) []byte {
+		s := objects.Service{APIVersion: objects.APIVersion, Kind: objects.KindService,
+			Metadata: objects.Meta{Name: "a", Namespace: objects.DefaultNamespace},
+			Spec:     objects.ServiceSpec{VIPs: []string{vip}, Ports: []objects.ServicePort{{Port: 80, Protocol: "TCP"}}}}
+		b, err := json.Marshal(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	const key = "Service/default/a"
+	v1, v2 := raw("10.96.0.1"), raw("10.96.0.2")
+	upsert := func(v []byte) {
+		tables.Handle(ConfigPrefix, kvstore.Event{Type: kvstore.EventUpsert, Key: ConfigKey(key), Value: v})
+	}
+	upsert(v1)
+	if tables.HasObjects(map[string][]byte{key: v1}) {
+		t.Error("HasObjects before the objects were listed")
+	}
+	tables.Handle(ConfigPrefix, kvstore.Event{Type: kvstore.EventListDone})
+	tables.Handle(records.LBIPAMPrefix, kvstore.Event{Type: kvstore.EventListDone})
+	if !tables.HasObjects(map[string][]byte{key: v1}) {
+		t.Error("HasObjects false for the value held")
+	}
+	if tables.HasObjects(map[string][]byte{key: v2}) {
+		t.Error("HasObjects true for a value not yet delivered")
+	}
+	upsert(v2)
+	if !tables.HasObjects(map[string][]byte{key: v2}) || tables.HasObjects(map[string][]byte{key: v1}) {
+		t.Error("HasObjects does not follow the update")
+	}
+	tables.Handle(ConfigPrefix, kvstore.Event{Type: kvstore.EventDelete, Key: ConfigKey(key)})
+	if tables.HasObjects(map[string][]byte{key: v2}) {
+		t.Error("HasObjects true after the delete")
 	}
 }
