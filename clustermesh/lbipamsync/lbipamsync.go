@@ -98,7 +98,7 @@ type Syncer struct {
 	log *slog.Logger
 
 	// Owned by Run.
-	svcs   map[string]objects.Service            // by config key
+	svcs   map[string]*objects.Service           // by config key
 	pools  map[string]objects.LoadBalancerIPPool // by config key
 	out    map[string][]byte                     // what the output prefix holds
 	prev   map[string]lbipam.Assignment          // decodable records, by service key
@@ -128,7 +128,7 @@ func New(cfg Config) (*Syncer, error) {
 		cfg.Logger = slog.Default()
 	}
 	return &Syncer{cfg: cfg, log: cfg.Logger.With("component", "lbipam"),
-		svcs: map[string]objects.Service{}, pools: map[string]objects.LoadBalancerIPPool{},
+		svcs: map[string]*objects.Service{}, pools: map[string]objects.LoadBalancerIPPool{},
 		out: map[string][]byte{}, prev: map[string]lbipam.Assignment{}, listed: map[string]bool{}, added: map[string]bool{}}, nil
 }
 
@@ -196,7 +196,7 @@ func (s *Syncer) apply(prefix string, ev kvstore.Event) bool {
 		}
 		switch v := o.(type) {
 		case *objects.Service:
-			s.svcs[ev.Key] = *v
+			s.svcs[ev.Key] = v
 			if !hadSvc || s.added[ev.Key] {
 				s.added[ev.Key] = true // new since the last write
 			} else {
@@ -328,16 +328,9 @@ func (s *Syncer) extend(pools []objects.LoadBalancerIPPool) (lbipam.Result, []wr
 	}
 	added := make([]objects.Service, 0, len(s.added))
 	for k := range s.added {
-		added = append(added, s.svcs[k])
+		added = append(added, *s.svcs[k])
 	}
-	all := func(yield func(*objects.Service) bool) {
-		for _, v := range s.svcs {
-			if !yield(&v) {
-				return
-			}
-		}
-	}
-	res, ok := lbipam.Extend(pools, all, s.last, added)
+	res, ok := lbipam.Extend(pools, maps.Values(s.svcs), s.last, added)
 	if !ok {
 		return lbipam.Result{}, nil, nil
 	}
@@ -362,7 +355,10 @@ func (s *Syncer) extend(pools []objects.LoadBalancerIPPool) (lbipam.Result, []wr
 // allocate runs the whole allocation and returns the writes that make the
 // output prefix equal to it: deletes first.
 func (s *Syncer) allocate(pools []objects.LoadBalancerIPPool) (lbipam.Result, []write, error) {
-	svcs := slices.Collect(maps.Values(s.svcs))
+	svcs := make([]objects.Service, 0, len(s.svcs))
+	for _, v := range s.svcs {
+		svcs = append(svcs, *v)
+	}
 	res := lbipam.Allocate(pools, svcs, s.prev)
 	want := map[string][]byte{}
 	for key, a := range res.Assignments {
