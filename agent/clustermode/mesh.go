@@ -139,11 +139,17 @@ type Mesh struct {
 	referenced map[string]bool
 	// persisted is the objects-table version last written to the state dir.
 	persisted map[string]objects.Object
+	// persistedLB is what the state dir holds of LB-IPAM's assignments
+	// (nil: not known yet).
+	persistedLB map[string]lbipam.Assignment
 	// rereference asks maintain to take missing identity references now
 	// (after a lease loss dropped some).
 	rereference chan struct{}
 	// workloadID is the identity of Config.Workload (0: none yet).
 	workloadID uint32
+	// configs keeps what applies and deletes decoded of the applied
+	// objects, so that each decodes only what changed since.
+	configs meshsync.ConfigCache
 }
 
 // New returns the cluster mode of one node; Run connects it.
@@ -587,13 +593,28 @@ func (m *Mesh) persistObjects() {
 
 // persistLBAssignments writes the assignments read from etcd to the state
 // dir when they differ from what is there.
+// What was written last is kept to compare with: reading the file back
+// every time cost as much as writing it, every 2 s of a bulk apply.
 func (m *Mesh) persistLBAssignments() error {
 	cur := lbipam.FromRecords(m.tables.LBAssignments())
-	stored, err := m.cfg.Store.LBAssignments()
-	if err == nil && lbipam.Equal(cur, lbipam.FromRecords(stored)) {
-		return nil
+	m.mu.Lock()
+	last := m.persistedLB
+	m.mu.Unlock()
+	if last == nil {
+		if stored, err := m.cfg.Store.LBAssignments(); err == nil {
+			last = lbipam.FromRecords(stored)
+		}
 	}
-	return m.cfg.Store.SaveLBAssignments(lbipam.ToRecords(cur))
+	if last == nil || !lbipam.Equal(cur, last) {
+		if err := m.cfg.Store.SaveLBAssignments(lbipam.ToRecords(cur)); err != nil {
+			return err
+		}
+		last = cur
+	}
+	m.mu.Lock()
+	m.persistedLB = last
+	m.mu.Unlock()
+	return nil
 }
 
 // retry calls f until it succeeds, waiting longer after each failure (up

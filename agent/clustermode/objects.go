@@ -2,7 +2,6 @@ package clustermode
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -39,7 +38,7 @@ func (m *Mesh) Apply(ctx context.Context, objs []objects.Object) (api.ApplyResul
 	var res api.ApplyResult
 	var put map[string][]byte
 	for attempt := 1; ; attempt++ {
-		cur, err := readConfig(ctx, c, "")
+		cur, err := m.readConfig(ctx, c, "")
 		if err != nil {
 			return api.ApplyResult{}, api.WithStatus(http.StatusServiceUnavailable, err)
 		}
@@ -70,21 +69,11 @@ func (m *Mesh) Apply(ctx context.Context, objs []objects.Object) (api.ApplyResul
 	for _, r := range res.Objects {
 		m.log.Info("object applied to the cluster", "kind", r.Kind, "namespace", r.Namespace, "name", r.Name, "action", r.Action)
 	}
-	m.awaitObjects(ctx, func(set desired.Objects) bool {
-		for key, raw := range put {
-			o, ok := set[key]
-			if !ok {
-				return false
-			}
-			// The set carries what Isthmus fills in (LB-IPAM's status);
-			// what was applied is the object without it.
-			have, err := json.Marshal(objects.WithoutStatus(o))
-			if err != nil || !desired.JSONEqual(have, raw) {
-				return false
-			}
-		}
-		return true
-	})
+	// The watch has delivered the objects when the tables hold the values
+	// written, byte for byte; the reconciler reads its objects from the
+	// same tables. (Comparing against the objects with status rebuilt
+	// that snapshot on every poll while a bulk apply streamed in.)
+	m.await(ctx, func() bool { return m.tables.HasObjects(put) })
 	return res, nil
 }
 
@@ -92,8 +81,13 @@ func (m *Mesh) Apply(ctx context.Context, objs []objects.Object) (api.ApplyResul
 // done and the datapath reflects them, at most reconcile.ConvergeTimeout. The change
 // is already stored cluster-wide, so running late is logged, not failed.
 func (m *Mesh) awaitObjects(ctx context.Context, done func(desired.Objects) bool) {
+	m.await(ctx, func() bool { return done(m.cfg.Objects()) })
+}
+
+// await is awaitObjects with a condition that reads what it needs itself.
+func (m *Mesh) await(ctx context.Context, done func() bool) {
 	deadline := time.Now().Add(reconcile.ConvergeTimeout)
-	for !done(m.cfg.Objects()) {
+	for !done() {
 		if time.Now().After(deadline) {
 			m.log.Warn("clustermesh: stored in the kvstore, but this node's watcher has not delivered it yet", "waited", reconcile.ConvergeTimeout)
 			return
@@ -118,7 +112,7 @@ func (m *Mesh) DeleteObject(ctx context.Context, key string) error {
 	}
 	ctx = context.WithoutCancel(ctx)
 	for attempt := 1; ; attempt++ {
-		cur, err := readConfig(ctx, c, kindOfKey(key))
+		cur, err := m.readConfig(ctx, c, kindOfKey(key))
 		if err != nil {
 			return api.WithStatus(http.StatusServiceUnavailable, err)
 		}
@@ -154,10 +148,10 @@ const kvstoreReadTimeout = 10 * time.Second
 
 // readConfig reads the applied objects from etcd, failing within
 // kvstoreReadTimeout with an error that says the kvstore is unreachable.
-func readConfig(ctx context.Context, c *kvstore.Client, kind string) (meshsync.Config, error) {
+func (m *Mesh) readConfig(ctx context.Context, c *kvstore.Client, kind string) (meshsync.Config, error) {
 	rctx, cancel := context.WithTimeout(ctx, kvstoreReadTimeout)
 	defer cancel()
-	cur, err := meshsync.ReadConfig(rctx, c, kind)
+	cur, err := m.configs.Read(rctx, c, kind)
 	if err != nil {
 		return cur, fmt.Errorf("the cluster's kvstore is unreachable (is isthmus-clustermesh running? `isthmus status` shows the connection): %w", err)
 	}

@@ -1,6 +1,7 @@
 package meshsync
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -176,6 +177,33 @@ type Config struct {
 
 // ReadConfig reads the applied objects of kind ("" for every kind).
 func ReadConfig(ctx context.Context, c *kvstore.Client, kind string) (Config, error) {
+	return readConfig(ctx, c, kind, nil)
+}
+
+// ConfigCache keeps the objects a ReadConfig decoded, by key with the
+// value they were decoded from, so that the next read decodes only what
+// changed: an apply reads every applied object (for the conflict check),
+// and decoding 10,000 services on each of ten applies of 1,000 made a bulk
+// apply quadratic. The zero value is empty and ready; it is safe for
+// concurrent use.
+type ConfigCache struct {
+	mu      sync.Mutex
+	decoded map[string]cachedObject
+}
+
+type cachedObject struct {
+	raw []byte
+	obj objects.Object
+	err error
+}
+
+// Read is ReadConfig that reuses what earlier reads decoded: a value equal
+// to the one an object was decoded from decodes to the same object.
+func (cc *ConfigCache) Read(ctx context.Context, c *kvstore.Client, kind string) (Config, error) {
+	return readConfig(ctx, c, kind, cc)
+}
+
+func readConfig(ctx context.Context, c *kvstore.Client, kind string, cc *ConfigCache) (Config, error) {
 	guard, found, err := c.Get(ctx, ConfigGuardKey)
 	if err != nil {
 		return Config{}, err
@@ -192,15 +220,42 @@ func ReadConfig(ctx context.Context, c *kvstore.Client, kind string) (Config, er
 	if err != nil {
 		return Config{}, err
 	}
+	var prev, next map[string]cachedObject
+	if cc != nil {
+		cc.mu.Lock()
+		prev = cc.decoded
+		cc.mu.Unlock()
+		next = make(map[string]cachedObject, len(kvs))
+	}
 	for _, kv := range kvs {
 		k := strings.TrimPrefix(kv.Key, ConfigPrefix)
 		cfg.Raw[k] = kv.Value
-		o, err := DecodeObject(kv.Key, kv.Value)
+		var o objects.Object
+		var err error
+		if p, ok := prev[kv.Key]; ok && bytes.Equal(p.raw, kv.Value) {
+			o, err = p.obj, p.err
+		} else {
+			o, err = DecodeObject(kv.Key, kv.Value)
+		}
+		if next != nil {
+			next[kv.Key] = cachedObject{raw: kv.Value, obj: o, err: err}
+		}
 		if err != nil {
 			cfg.Invalid = append(cfg.Invalid, err)
 			continue
 		}
 		cfg.Objects[k] = o
+	}
+	if cc != nil {
+		// A read of one kind keeps the other kinds' entries.
+		for key, e := range prev {
+			if _, ok := next[key]; !ok && !strings.HasPrefix(key, prefix) {
+				next[key] = e
+			}
+		}
+		cc.mu.Lock()
+		cc.decoded = next
+		cc.mu.Unlock()
 	}
 	return cfg, nil
 }

@@ -1,6 +1,7 @@
 package meshsync
 
 import (
+	"bytes"
 	"cmp"
 	"errors"
 	"fmt"
@@ -43,6 +44,7 @@ type Tables struct {
 	clusters map[string]*cluster
 	listed   map[string]bool // watched prefix -> its first list is complete
 	objs     map[string]objects.Object
+	objsRaw  map[string][]byte // the values objs were decoded from
 	objsVer  uint64
 	objsSnap map[string]objects.Object // immutable copy of objs at objsSnapVer
 	snapVer  uint64
@@ -51,6 +53,10 @@ type Tables struct {
 	// already logged, so a problem is logged once, not per snapshot.
 	lbRecs   map[string]records.LBAssignment
 	lbLogged map[string]bool
+	// statusCache keeps objsSnap's copies of services whose object and
+	// assignment did not change, so that a rebuild costs little per
+	// unchanged service.
+	statusCache lbipam.StatusCache
 
 	// The ipcache deltas (TakeIPChanges): the prefixes whose entry in a
 	// usable cluster changed since the last take, and the clusters whose
@@ -136,7 +142,7 @@ func NewTables(local Local, log *slog.Logger, onChange func()) *Tables {
 		onChange = func() {}
 	}
 	t := &Tables{local: local, log: log, onChange: onChange, clusters: map[string]*cluster{},
-		listed: map[string]bool{}, objs: map[string]objects.Object{}, lbRecs: map[string]records.LBAssignment{}, lbLogged: map[string]bool{}, maxIPCache: records.DefaultMaxIPCacheEntries,
+		listed: map[string]bool{}, objs: map[string]objects.Object{}, objsRaw: map[string][]byte{}, lbRecs: map[string]records.LBAssignment{}, lbLogged: map[string]bool{}, maxIPCache: records.DefaultMaxIPCacheEntries,
 		dirty: map[netip.Prefix]struct{}{}, dirtyClusters: map[string]struct{}{}, strs: map[string]string{}}
 	own := newCluster(local.Cluster)
 	own.id = local.ClusterID
@@ -183,15 +189,29 @@ func WatchedPrefixes(cluster string) []string {
 
 // Handle applies one watch event of prefix.
 func (t *Tables) Handle(prefix string, ev kvstore.Event) {
+	// An applied object is decoded before the lock is taken: during a
+	// bulk apply the watch delivers thousands, and readers (the
+	// reconciler, an apply waiting for its objects) need the lock too.
+	var dec *decoded
+	if prefix == ConfigPrefix && ev.Type != kvstore.EventDelete && ev.Type != kvstore.EventListDone {
+		o, err := DecodeObject(ev.Key, ev.Value)
+		dec = &decoded{obj: o, err: err}
+	}
 	t.mu.Lock()
-	changed := t.handle(prefix, ev)
+	changed := t.handle(prefix, ev, dec)
 	t.mu.Unlock()
 	if changed {
 		t.onChange()
 	}
 }
 
-func (t *Tables) handle(prefix string, ev kvstore.Event) bool {
+// decoded is an applied object decoded outside the lock (or why not).
+type decoded struct {
+	obj objects.Object
+	err error
+}
+
+func (t *Tables) handle(prefix string, ev kvstore.Event, dec *decoded) bool {
 	if ev.Type == kvstore.EventListDone {
 		first := !t.listed[prefix]
 		t.listed[prefix] = true
@@ -210,7 +230,7 @@ func (t *Tables) handle(prefix string, ev kvstore.Event) bool {
 	case prefix == records.ClusterConfigPrefix:
 		err = t.clusterConfig(ev.Key, ev.Value, del)
 	case prefix == ConfigPrefix:
-		err = t.object(ev.Key, ev.Value, del)
+		err = t.object(ev.Key, ev.Value, del, dec)
 	case prefix == records.LBIPAMPrefix:
 		err = t.lbAssignment(ev.Key, ev.Value, del)
 	case prefix == records.SyncedPrefix:
@@ -650,22 +670,46 @@ func (t *Tables) syncGate(c *cluster) {
 }
 
 // object handles isthmus/config/<Kind>/<ns>/<name>.
-func (t *Tables) object(key string, value []byte, del bool) error {
+func (t *Tables) object(key string, value []byte, del bool, dec *decoded) error {
 	rest := strings.TrimPrefix(key, ConfigPrefix)
 	if _, had := t.objs[rest]; had {
 		delete(t.objs, rest)
+		delete(t.objsRaw, rest)
 		t.objsVer++
 	}
 	if del {
 		return nil
 	}
-	o, err := DecodeObject(key, value)
-	if err != nil {
-		return err
+	if dec == nil {
+		o, err := DecodeObject(key, value)
+		dec = &decoded{obj: o, err: err}
 	}
-	t.objs[rest] = o
+	if dec.err != nil {
+		return dec.err
+	}
+	t.objs[rest] = dec.obj
+	t.objsRaw[rest] = value
 	t.objsVer++
 	return nil
+}
+
+// HasObjects reports whether the applied objects are listed and hold
+// every key of want (objects.Key) with the value want gives, byte for
+// byte as it was written to etcd. It is what an apply waits for, and
+// costs the keys asked about, not the table (the snapshot with status
+// would be rebuilt on every check while the watch delivers).
+func (t *Tables) HasObjects(want map[string][]byte) bool {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	if !t.listed[ConfigPrefix] || !t.listed[records.LBIPAMPrefix] {
+		return false
+	}
+	for k, v := range want {
+		if have, ok := t.objsRaw[k]; !ok || !bytes.Equal(have, v) {
+			return false
+		}
+	}
+	return true
 }
 
 // lbAssignment handles isthmus/state/lbipam/v1/<ns>/<name>: the
@@ -758,11 +802,11 @@ func (t *Tables) ObjectsGen() (map[string]objects.Object, uint64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.objsSnap == nil || t.snapVer != t.objsVer {
-		asg := map[string]lbipam.Assignment{}
+		asg := make(map[string]lbipam.Assignment, len(t.lbRecs))
 		for k, r := range t.lbRecs {
 			asg[k] = lbipam.FromRecord(r)
 		}
-		snap, problems := lbipam.ApplyStatus(t.objs, asg)
+		snap, problems := t.statusCache.ApplyStatus(t.objs, asg)
 		logged := map[string]bool{}
 		for _, p := range problems {
 			if !t.lbLogged[p] {

@@ -18,6 +18,39 @@ import (
 // has no VIP of, are left out and described in problems (the store may
 // lag behind the objects, or hold a record written by hand).
 func ApplyStatus(objs map[string]objects.Object, asg map[string]Assignment) (out map[string]objects.Object, problems []string) {
+	return applyStatus(objs, asg, nil)
+}
+
+// StatusCache makes repeated ApplyStatus calls cheap when little changes:
+// a service whose object (the same pointer) and assignment are those of
+// the last call gets the same copy as then, without building it again.
+// An agent rebuilds its objects with status on every change of the
+// applied objects or of LB-IPAM's records; with 10,000 LoadBalancer
+// services, copying each one every time dominated a bulk apply. The
+// zero value is ready; it is not safe for concurrent use.
+type StatusCache struct {
+	last map[string]statusMemo // by ServiceKey
+}
+
+type statusMemo struct {
+	in  *objects.Service
+	a   Assignment
+	out *objects.Service
+}
+
+// ApplyStatus is ApplyStatus reusing the copies of the last call where
+// nothing changed. The caller must not modify the objects it passes or
+// gets back (they are shared with later calls).
+func (c *StatusCache) ApplyStatus(objs map[string]objects.Object, asg map[string]Assignment) (out map[string]objects.Object, problems []string) {
+	return applyStatus(objs, asg, c)
+}
+
+func applyStatus(objs map[string]objects.Object, asg map[string]Assignment, cache *StatusCache) (out map[string]objects.Object, problems []string) {
+	var next map[string]statusMemo
+	if cache != nil {
+		next = make(map[string]statusMemo, len(asg))
+		defer func() { cache.last = next }()
+	}
 	out = maps.Clone(objs)
 	if out == nil {
 		out = map[string]objects.Object{}
@@ -43,6 +76,16 @@ func ApplyStatus(objs map[string]objects.Object, asg map[string]Assignment) (out
 			problems = append(problems, fmt.Sprintf("assignment for service %s, which is not of type LoadBalancer", key))
 			continue
 		}
+		if m, ok := cache.lookup(key); ok && m.in == s && m.a.Equal(a) {
+			// Only copies without problems are remembered.
+			next[key] = m
+			out[objects.Key(m.out)] = m.out
+			for _, ad := range a.Addrs { // all went into the status
+				byPool[ad.Pool] = append(byPool[ad.Pool], ad.IP)
+			}
+			continue
+		}
+		nProblems := len(problems)
 		families := map[int]bool{}
 		for _, v := range s.Spec.VIPs {
 			if ip, err := netip.ParseAddr(v); err == nil {
@@ -64,6 +107,9 @@ func ApplyStatus(objs map[string]objects.Object, asg map[string]Assignment) (out
 			byPool[ad.Pool] = append(byPool[ad.Pool], ad.IP)
 		}
 		out[objects.Key(&c)] = &c
+		if next != nil && len(problems) == nProblems {
+			next[key] = statusMemo{in: s, a: a, out: &c}
+		}
 	}
 	for k, o := range objs {
 		p, ok := o.(*objects.LoadBalancerIPPool)
@@ -82,4 +128,12 @@ func ApplyStatus(objs map[string]objects.Object, asg map[string]Assignment) (out
 		out[k] = &c
 	}
 	return out, problems
+}
+
+func (c *StatusCache) lookup(key string) (statusMemo, bool) {
+	if c == nil {
+		return statusMemo{}, false
+	}
+	m, ok := c.last[key]
+	return m, ok
 }

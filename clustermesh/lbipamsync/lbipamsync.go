@@ -5,6 +5,17 @@
 // writes what changed in transactions. Only the server writes the
 // records; agents read them into the services' status.
 //
+// The applied objects are watched as one prefix, not one per kind: an
+// apply is one transaction whose events come in key order, so a pool
+// (LoadBalancerIPPool/...) edited in the same apply as a new service
+// (Service/...) is seen before the service. With a watch per kind the
+// service could come first and get an address of the old pool.
+//
+// When all that changed since the last write is services added (the
+// common bulk apply), only those are allocated (lbipam.Extend) and
+// written; anything else (a pool, a deleted or edited service, a record
+// written by someone else) runs the whole allocation again.
+//
 // Nothing is written before all three prefixes were listed once, so a
 // restarted server starts from what it stored: addresses stick across
 // restarts. A record that does not decode (or names another service than
@@ -37,7 +48,8 @@ import (
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
 
-// Watched prefixes of applied objects.
+// Keys of the applied objects LB-IPAM reads; both are under
+// records.ConfigPrefix, which is watched.
 const (
 	ServicePrefix = records.ConfigPrefix + objects.KindService + "/"
 	PoolPrefix    = records.ConfigPrefix + objects.KindLoadBalancerIPPool + "/"
@@ -86,11 +98,19 @@ type Syncer struct {
 	log *slog.Logger
 
 	// Owned by Run.
-	svcs   map[string]objects.Service            // by config key
+	svcs   map[string]*objects.Service           // by config key
 	pools  map[string]objects.LoadBalancerIPPool // by config key
 	out    map[string][]byte                     // what the output prefix holds
 	prev   map[string]lbipam.Assignment          // decodable records, by service key
 	listed map[string]bool
+	// last is the allocator's result of the last write, usable as the
+	// starting point of lbipam.Extend while lastOK; added are the config
+	// keys of the services added since, and changed says that something
+	// else changed (then the whole allocation runs).
+	last    lbipam.Result
+	lastOK  bool
+	added   map[string]bool
+	changed bool
 
 	mu    sync.Mutex
 	stats Stats
@@ -108,8 +128,8 @@ func New(cfg Config) (*Syncer, error) {
 		cfg.Logger = slog.Default()
 	}
 	return &Syncer{cfg: cfg, log: cfg.Logger.With("component", "lbipam"),
-		svcs: map[string]objects.Service{}, pools: map[string]objects.LoadBalancerIPPool{},
-		out: map[string][]byte{}, prev: map[string]lbipam.Assignment{}, listed: map[string]bool{}}, nil
+		svcs: map[string]*objects.Service{}, pools: map[string]objects.LoadBalancerIPPool{},
+		out: map[string][]byte{}, prev: map[string]lbipam.Assignment{}, listed: map[string]bool{}, added: map[string]bool{}}, nil
 }
 
 // Stats returns the counters.
@@ -121,7 +141,7 @@ func (s *Syncer) Stats() Stats {
 	return st
 }
 
-func prefixes() []string { return []string{ServicePrefix, PoolPrefix, records.LBIPAMPrefix} }
+func prefixes() []string { return []string{records.ConfigPrefix, records.LBIPAMPrefix} }
 
 // Run syncs until ctx ends.
 func (s *Syncer) Run(ctx context.Context) error {
@@ -151,31 +171,46 @@ func (s *Syncer) ready() bool {
 func (s *Syncer) apply(prefix string, ev kvstore.Event) bool {
 	if ev.Type == kvstore.EventListDone {
 		s.listed[prefix] = true
+		s.changed = true
 		return true
 	}
 	del := ev.Type == kvstore.EventDelete
 	switch prefix {
-	case ServicePrefix, PoolPrefix:
+	case records.ConfigPrefix:
+		isSvc := strings.HasPrefix(ev.Key, ServicePrefix)
+		if !isSvc && !strings.HasPrefix(ev.Key, PoolPrefix) {
+			return false // another kind: not LB-IPAM's input
+		}
+		_, hadSvc := s.svcs[ev.Key]
 		delete(s.svcs, ev.Key)
 		delete(s.pools, ev.Key)
 		if del {
+			s.changed = true
 			return true
 		}
 		o, err := decodeObject(ev.Key, ev.Value)
 		if err != nil {
 			s.invalid(ev.Key, err)
+			s.changed = true
 			return true
 		}
 		switch v := o.(type) {
 		case *objects.Service:
-			s.svcs[ev.Key] = *v
+			s.svcs[ev.Key] = v
+			if !hadSvc || s.added[ev.Key] {
+				s.added[ev.Key] = true // new since the last write
+			} else {
+				s.changed = true // an edit
+			}
 		case *objects.LoadBalancerIPPool:
 			s.pools[ev.Key] = *v
+			s.changed = true
 		}
 	case records.LBIPAMPrefix:
 		if !del && bytes.Equal(s.out[ev.Key], ev.Value) {
 			return false // our own write coming back
 		}
+		s.changed = true // not our write: the previous assignments changed
 		ns, name, kerr := records.ParseLBIPAMKey(ev.Key)
 		if kerr == nil {
 			delete(s.prev, ns+"/"+name)
@@ -223,44 +258,43 @@ func decodeObject(key string, value []byte) (objects.Object, error) {
 // result. Deletes go first, so an address a gone service frees is never
 // held by two records, and one transaction holds everything when it fits.
 func (s *Syncer) sync(ctx context.Context) error {
-	svcs := slices.Collect(maps.Values(s.svcs))
 	pools := slices.Collect(maps.Values(s.pools))
-	res := lbipam.Allocate(pools, svcs, s.prev)
-
-	want := map[string][]byte{}
-	for key, a := range res.Assignments {
-		r := a.Record(key)
-		raw, err := r.Marshal()
+	res, ops, err := s.extend(pools)
+	if err != nil {
+		return err
+	}
+	if ops == nil {
+		res, ops, err = s.allocate(pools)
 		if err != nil {
-			// The allocator's own output: a bug, not an input problem.
-			return fmt.Errorf("encode the assignment of %s: %w", key, err)
-		}
-		want[records.LBIPAMKey(r.Namespace, r.Name)] = raw
-	}
-	var dels, puts []kvstore.Op
-	for _, k := range slices.Sorted(maps.Keys(s.out)) {
-		if _, ok := want[k]; !ok {
-			dels = append(dels, kvstore.OpDelete(k))
+			return err
 		}
 	}
-	for _, k := range slices.Sorted(maps.Keys(want)) {
-		if cur, ok := s.out[k]; !ok || !bytes.Equal(cur, want[k]) {
-			puts = append(puts, kvstore.OpPut(k, want[k]))
+	for rest := ops; len(rest) > 0; {
+		n := min(len(rest), maxTxnOps)
+		txn := make([]kvstore.Op, n)
+		for i, w := range rest[:n] {
+			txn[i] = w.op()
 		}
-	}
-	ops := append(dels, puts...)
-	for len(ops) > 0 {
-		n := min(len(ops), maxTxnOps)
-		if _, err := s.cfg.Client.Txn(ctx, nil, ops[:n]); err != nil {
+		if _, err := s.cfg.Client.Txn(ctx, nil, txn); err != nil {
 			return err // the inputs stay: compared again on the retry
 		}
-		ops = ops[n:]
+		rest = rest[n:]
 	}
 	// The watch reports these writes back; knowing them now keeps the
 	// echo from triggering another sync.
-	s.out = want
+	puts, dels := 0, 0
+	for _, w := range ops {
+		if w.del {
+			delete(s.out, w.key)
+			dels++
+		} else {
+			s.out[w.key] = w.value
+			puts++
+		}
+	}
 	s.prev = res.Assignments
-
+	s.last, s.lastOK, s.changed = res, true, false
+	clear(s.added)
 	var ps []PoolStats
 	for _, p := range pools {
 		u := res.Pools[p.Metadata.Name]
@@ -273,14 +307,93 @@ func (s *Syncer) sync(ctx context.Context) error {
 	s.stats.Refused = res.Refused()
 	s.stats.Pools = ps
 	s.stats.Syncs++
-	s.stats.Puts += uint64(len(puts))
-	s.stats.Deletes += uint64(len(dels))
+	s.stats.Puts += uint64(puts)
+	s.stats.Deletes += uint64(dels)
 	s.stats.LastSync = time.Now().UTC()
 	s.stats.LastErr = ""
 	s.mu.Unlock()
-	if len(puts)+len(dels) > 0 {
-		s.log.Info("lbipam: assignments updated", "written", len(puts), "deleted", len(dels),
+	if puts+dels > 0 {
+		s.log.Info("lbipam: assignments updated", "written", puts, "deleted", dels,
 			"services", len(res.Assignments), "refused", res.Refused())
 	}
 	return nil
+}
+
+// extend allocates for the services added since the last write alone,
+// when nothing else changed and lbipam.Extend agrees; ops is nil when it
+// does not apply (then allocate runs).
+func (s *Syncer) extend(pools []objects.LoadBalancerIPPool) (lbipam.Result, []write, error) {
+	if !s.lastOK || s.changed || len(s.added) == 0 {
+		return lbipam.Result{}, nil, nil
+	}
+	added := make([]objects.Service, 0, len(s.added))
+	for k := range s.added {
+		added = append(added, *s.svcs[k])
+	}
+	res, ok := lbipam.Extend(pools, maps.Values(s.svcs), s.last, added)
+	if !ok {
+		return lbipam.Result{}, nil, nil
+	}
+	ops := []write{}
+	for _, sv := range added {
+		key := lbipam.ServiceKey(sv)
+		a, isLB := res.Assignments[key]
+		if !isLB {
+			continue // not of type LoadBalancer
+		}
+		r := a.Record(key)
+		raw, err := r.Marshal()
+		if err != nil {
+			return lbipam.Result{}, nil, fmt.Errorf("encode the assignment of %s: %w", key, err)
+		}
+		ops = append(ops, write{key: records.LBIPAMKey(r.Namespace, r.Name), value: raw})
+	}
+	slices.SortFunc(ops, func(a, b write) int { return strings.Compare(a.key, b.key) })
+	return res, ops, nil
+}
+
+// allocate runs the whole allocation and returns the writes that make the
+// output prefix equal to it: deletes first.
+func (s *Syncer) allocate(pools []objects.LoadBalancerIPPool) (lbipam.Result, []write, error) {
+	svcs := make([]objects.Service, 0, len(s.svcs))
+	for _, v := range s.svcs {
+		svcs = append(svcs, *v)
+	}
+	res := lbipam.Allocate(pools, svcs, s.prev)
+	want := map[string][]byte{}
+	for key, a := range res.Assignments {
+		r := a.Record(key)
+		raw, err := r.Marshal()
+		if err != nil {
+			// The allocator's own output: a bug, not an input problem.
+			return lbipam.Result{}, nil, fmt.Errorf("encode the assignment of %s: %w", key, err)
+		}
+		want[records.LBIPAMKey(r.Namespace, r.Name)] = raw
+	}
+	ops := []write{}
+	for _, k := range slices.Sorted(maps.Keys(s.out)) {
+		if _, ok := want[k]; !ok {
+			ops = append(ops, write{key: k, del: true})
+		}
+	}
+	for _, k := range slices.Sorted(maps.Keys(want)) {
+		if cur, ok := s.out[k]; !ok || !bytes.Equal(cur, want[k]) {
+			ops = append(ops, write{key: k, value: want[k]})
+		}
+	}
+	return res, ops, nil
+}
+
+// write is one change of the output prefix.
+type write struct {
+	key   string
+	value []byte
+	del   bool
+}
+
+func (w write) op() kvstore.Op {
+	if w.del {
+		return kvstore.OpDelete(w.key)
+	}
+	return kvstore.OpPut(w.key, w.value)
 }
