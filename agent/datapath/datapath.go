@@ -120,7 +120,7 @@ type Reconciler struct {
 	lbNode      map[bpf.Frontend][]bpf.Frontend
 	lbNodeOf    map[bpf.Frontend]bpf.Frontend
 	lbNodeAddrs []netip.Addr
-	lbCounts  atomic.Value                    // ExternalCounts after the last Sync
+	lbCounts    atomic.Value // ExternalCounts after the last Sync
 
 	// The inputs the policy (with the endpoints map) was last applied
 	// for; the zero value never matches.

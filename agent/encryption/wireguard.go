@@ -109,8 +109,8 @@ type Config struct {
 	NodeEncryption bool   // node-to-node traffic too
 	// Daemon adopts the device of `isthmus-agent wireguard-daemon` when
 	// the kernel has no WireGuard (wireguard.ModeUserspaceDaemon).
-	Daemon bool
-	StateDir       string // the key and the saved peers
+	Daemon   bool
+	StateDir string // the key and the saved peers
 	// Underlay returns the MTU of the node's underlay interface, and
 	// whether it is IPv6 only (20 bytes more overhead).
 	Underlay func() (mtu int, v6 bool)
