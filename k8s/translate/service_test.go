@@ -201,8 +201,10 @@ func TestService(t *testing.T) {
 				s.Spec.Type = corev1.ServiceTypeLoadBalancer
 				s.Spec.Ports = append(s.Spec.Ports, corev1.ServicePort{Name: "https", Port: 443, NodePort: 30443})
 			}),
-			served:   true,
-			want:     base(func(s *objects.Service) { s.Spec.Ports = append(s.Spec.Ports, objects.ServicePort{Name: "https", Port: 443, Protocol: "TCP"}) }),
+			served: true,
+			want: base(func(s *objects.Service) {
+				s.Spec.Ports = append(s.Spec.Ports, objects.ServicePort{Name: "https", Port: 443, Protocol: "TCP"})
+			}),
 			warnings: []string{"service shop/web: spec.ports[0] has no nodePort: node ports not served"},
 		},
 		{
