@@ -100,29 +100,29 @@ type Manager struct {
 
 	wake chan struct{}
 
-	mu        sync.Mutex
-	in        Input
-	peers     map[string]*peer
-	lease     *kvstore.Lease
-	leaseID   kvstore.LeaseID // the lease the record was last written under
-	leaseErr  error
-	written   []byte // the record's value as last written
+	mu       sync.Mutex
+	in       Input
+	peers    map[string]*peer
+	lease    *kvstore.Lease
+	leaseID  kvstore.LeaseID // the lease the record was last written under
+	leaseErr error
+	written  []byte // the record's value as last written
 	// listed: the peers' records were listed; wroteAt: this node's record
 	// was first written under its lease. A node leads only DeadAfter after
 	// both, once every live peer had the time to be heard: else a
 	// restarted agent counts itself alone, leads every address and
 	// announces them, taking them from their leaders for a moment.
 	listed, wroteAt time.Time
-	leading   map[netip.Addr]time.Time
-	takeovers uint64
-	members   []string
-	status    api.L2Status
-	hbErr     error
+	leading         map[netip.Addr]time.Time
+	takeovers       uint64
+	members         []string
+	status          api.L2Status
+	hbErr           error
 
 	// The node's interfaces as last listed (see links).
 	linkMu    sync.Mutex
 	linkCache []gl2.Link
-	linksAt   time.Time // zero: list again
+	linksAt   time.Time                  // zero: list again
 	listLinks func() ([]gl2.Link, error) // gl2.Links; tests count the calls
 }
 
