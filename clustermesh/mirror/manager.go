@@ -106,6 +106,10 @@ type Manager struct {
 	// statusMu serialises status writes and deletions in etcd.
 	statusMu sync.Mutex
 	written  map[string][]byte
+
+	// extraTxns holds a token per cache transaction in flight beyond the
+	// first of its kind mirror (see kindMirror.flush).
+	extraTxns chan struct{}
 }
 
 // New checks cfg and returns a Manager; Run starts it.
@@ -121,7 +125,7 @@ func New(cfg Config) (*Manager, error) {
 		cfg: cfg, kv: cfg.Client, log: cfg.Logger.With("component", "mirror"),
 		remotes: map[string]*remote{}, boxes: map[string]*statusBox{},
 		claims: map[string]records.ClusterConfig{}, stored: map[string]Status{},
-		written: map[string][]byte{},
+		written: map[string][]byte{}, extraTxns: make(chan struct{}, maxInflight-1),
 	}, nil
 }
 

@@ -16,16 +16,12 @@ import (
 	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 )
 
-// Batches of cache writes go out side by side (a live change does not wait
-// for the commit of the batch before it), but a batch that names a key of
-// one in flight waits for it: etcd may apply concurrent transactions in
-// any order, and a key's writes must land in the order they were queued.
-// The first batch is held; a disjoint second one must start meanwhile, a
-// third that deletes the first one's key must not, and the cache ends as
-// the remote is.
-func TestPipelinedBatchesKeepKeyOrder(t *testing.T) {
+// pipelineMirror is a kind mirror of c2's ipcache writing into a real
+// embedded etcd (fsync off).
+func pipelineMirror(t *testing.T) (context.Context, *etcdserver.Server, *kindMirror) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+	t.Cleanup(cancel)
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	srv, err := etcdserver.Start(ctx, etcdserver.Config{
 		ClusterName: "c1", ClusterID: 1, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")},
@@ -46,6 +42,18 @@ func TestPipelinedBatchesKeepKeyOrder(t *testing.T) {
 	sg := newSessionGate("c2", rcfg, m.cfg.limits())
 	close(sg.nodesListed)
 	km := newKindMirror(r, records.KindIP, 2, sg)
+	return ctx, srv, km
+}
+
+// Batches of cache writes go out side by side (a live change does not wait
+// for the commit of the batch before it), but a batch that names a key of
+// one in flight waits for it: etcd may apply concurrent transactions in
+// any order, and a key's writes must land in the order they were queued.
+// The first batch is held; a disjoint second one must start meanwhile, a
+// third that deletes the first one's key must not, and the cache ends as
+// the remote is.
+func TestPipelinedBatchesKeepKeyOrder(t *testing.T) {
+	ctx, srv, km := pipelineMirror(t)
 
 	// The commits, in the order they start; the first waits for release.
 	var mu sync.Mutex
@@ -140,5 +148,60 @@ func TestPipelinedBatchesKeepKeyOrder(t *testing.T) {
 	}
 	if _, found, err := srv.Client().Get(ctx, cacheB); err != nil || !found {
 		t.Fatalf("%s not in the cache (err %v)", cacheB, err)
+	}
+}
+
+// The transactions beyond a kind mirror's first are shared by all: with
+// none of them free (other remotes syncing), a second batch waits for the
+// first, as one transaction per kind mirror did before.
+func TestExtraTransactionsAreShared(t *testing.T) {
+	ctx, _, km := pipelineMirror(t)
+	for range cap(km.r.m.extraTxns) {
+		km.r.m.extraTxns <- struct{}{} // taken by others
+	}
+	var mu sync.Mutex
+	started := 0
+	release := make(chan struct{})
+	releaseOnce := sync.OnceFunc(func() { close(release) })
+	defer releaseOnce()
+	km.commit = func(ctx context.Context, ops []kvstore.Op) error {
+		mu.Lock()
+		started++
+		first := started == 1
+		mu.Unlock()
+		if first {
+			<-release
+		}
+		return km.write(ctx, ops)
+	}
+	put := func(a string) error {
+		p := netip.MustParsePrefix(a + "/32")
+		v, err := records.IPCacheEntry{Prefix: p, Identity: 2<<20 | 1, Cluster: "c2"}.Marshal()
+		if err != nil {
+			return err
+		}
+		if err := km.handle(ctx, kvstore.Event{Type: kvstore.EventUpsert, Key: records.IPCacheKey("c2", "n1", p), Value: v}); err != nil {
+			return err
+		}
+		return km.flush(ctx)
+	}
+	if err := put("10.2.0.1"); err != nil { // held
+		t.Fatal(err)
+	}
+	second := make(chan error, 1)
+	go func() { second <- put("10.2.0.2") }()
+	time.Sleep(200 * time.Millisecond)
+	mu.Lock()
+	n := started
+	mu.Unlock()
+	if n != 1 {
+		t.Fatalf("%d transactions started with no extra slot free, want 1", n)
+	}
+	releaseOnce()
+	if err := <-second; err != nil {
+		t.Fatal(err)
+	}
+	if err := km.wait(); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -454,7 +454,8 @@ const (
 	maxBatchBytes = 1 << 20
 	flushDelay    = 2 * time.Millisecond
 	// maxInflight bounds the transactions written at once by one kind
-	// mirror (and the memory of their batches).
+	// mirror (and the memory of their batches); maxInflight-1 are shared
+	// by all (Manager.extraTxns).
 	maxInflight = 4
 )
 
@@ -870,19 +871,27 @@ type txnInFlight struct {
 
 // flush starts writing the queued operations in one transaction, in the
 // background, so the next batch is built while etcd commits this one.
-// Up to maxInflight transactions are in flight at once: etcd commits the
-// ones that arrive together with one raft round and fsync, and a live
-// change need not wait for the commit of the batch before it. etcd may
-// apply concurrent transactions in any order, so a batch that names a key
-// of one in flight waits until that one is done: the writes of one key
-// are applied in the order they were queued. An error is returned by the
-// run loop, the next flush or wait, and ends the session (the next one
-// re-reads the cache and repairs it).
+// More than one may be in flight: etcd commits the ones that arrive
+// together with one raft round and fsync, and a live change need not wait
+// for the commit of the batch before it. A kind mirror always has one
+// transaction of its own; each further one (up to maxInflight) takes one of
+// the manager's extraTxns, so that a lone remote is pipelined while many
+// remotes syncing at once (which keep etcd busy already) do not pile up
+// transactions in it. etcd may apply concurrent transactions in any order,
+// so a batch that names a key of one in flight waits until that one is
+// done: the writes of one key are applied in the order they were queued.
+// An error is returned by the run loop, the next flush or wait, and ends
+// the session (the next one re-reads the cache and repairs it).
 func (k *kindMirror) flush(ctx context.Context) error {
 	if len(k.ops) == 0 {
 		return nil
 	}
-	for len(k.inflight) >= maxInflight || k.conflicts() {
+	extra := false
+	for len(k.inflight) > 0 {
+		if len(k.inflight) < maxInflight && !k.conflicts() && k.takeExtra() {
+			extra = true
+			break
+		}
 		if err := k.waitOldest(); err != nil {
 			return err
 		}
@@ -893,8 +902,24 @@ func (k *kindMirror) flush(ctx context.Context) error {
 	k.opBytes = 0
 	t := &txnInFlight{keys: keys, done: make(chan error, 1)}
 	k.inflight = append(k.inflight, t)
-	go func() { t.done <- k.commit(ctx, ops) }()
+	go func() {
+		err := k.commit(ctx, ops)
+		if extra {
+			<-k.r.m.extraTxns
+		}
+		t.done <- err
+	}()
 	return nil
+}
+
+// takeExtra takes one of the manager's extra transaction slots, if one is free.
+func (k *kindMirror) takeExtra() bool {
+	select {
+	case k.r.m.extraTxns <- struct{}{}:
+		return true
+	default:
+		return false
+	}
 }
 
 // conflicts reports whether a transaction in flight names a queued key.
