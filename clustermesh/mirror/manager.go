@@ -107,9 +107,10 @@ type Manager struct {
 	statusMu sync.Mutex
 	written  map[string][]byte
 
-	// extraTxns holds a token per cache transaction in flight beyond the
-	// first of its kind mirror (see kindMirror.flush).
-	extraTxns chan struct{}
+	// txns counts the cache transactions in flight, of all kind mirrors
+	// (see kindMirror.flush).
+	txnMu sync.Mutex
+	txns  int
 }
 
 // New checks cfg and returns a Manager; Run starts it.
@@ -125,7 +126,7 @@ func New(cfg Config) (*Manager, error) {
 		cfg: cfg, kv: cfg.Client, log: cfg.Logger.With("component", "mirror"),
 		remotes: map[string]*remote{}, boxes: map[string]*statusBox{},
 		claims: map[string]records.ClusterConfig{}, stored: map[string]Status{},
-		written: map[string][]byte{}, extraTxns: make(chan struct{}, maxInflight-1),
+		written: map[string][]byte{},
 	}, nil
 }
 

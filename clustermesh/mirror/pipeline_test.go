@@ -151,14 +151,13 @@ func TestPipelinedBatchesKeepKeyOrder(t *testing.T) {
 	}
 }
 
-// The transactions beyond a kind mirror's first are shared by all: with
-// none of them free (other remotes syncing), a second batch waits for the
-// first, as one transaction per kind mirror did before.
+// A kind mirror starts a transaction beyond its first only while fewer
+// than maxInflight are in flight in all: with other remotes' transactions
+// in flight, a second batch waits for the first, as one transaction per
+// kind mirror did before.
 func TestExtraTransactionsAreShared(t *testing.T) {
 	ctx, _, km := pipelineMirror(t)
-	for range cap(km.r.m.extraTxns) {
-		km.r.m.extraTxns <- struct{}{} // taken by others
-	}
+	km.r.m.txns = maxInflight // other remotes' transactions
 	var mu sync.Mutex
 	started := 0
 	release := make(chan struct{})
@@ -195,7 +194,7 @@ func TestExtraTransactionsAreShared(t *testing.T) {
 	n := started
 	mu.Unlock()
 	if n != 1 {
-		t.Fatalf("%d transactions started with no extra slot free, want 1", n)
+		t.Fatalf("%d transactions started while others had %d in flight, want 1", n, maxInflight)
 	}
 	releaseOnce()
 	if err := <-second; err != nil {

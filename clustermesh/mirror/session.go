@@ -454,8 +454,8 @@ const (
 	maxBatchBytes = 1 << 20
 	flushDelay    = 2 * time.Millisecond
 	// maxInflight bounds the transactions written at once by one kind
-	// mirror (and the memory of their batches); maxInflight-1 are shared
-	// by all (Manager.extraTxns).
+	// mirror (and the memory of their batches), and those beyond the first
+	// of each kind mirror by all of them together (see flush).
 	maxInflight = 4
 )
 
@@ -874,27 +874,29 @@ type txnInFlight struct {
 // More than one may be in flight: etcd commits the ones that arrive
 // together with one raft round and fsync, and a live change need not wait
 // for the commit of the batch before it. A kind mirror always has one
-// transaction of its own; each further one (up to maxInflight) takes one of
-// the manager's extraTxns, so that a lone remote is pipelined while many
-// remotes syncing at once (which keep etcd busy already) do not pile up
-// transactions in it. etcd may apply concurrent transactions in any order,
-// so a batch that names a key of one in flight waits until that one is
-// done: the writes of one key are applied in the order they were queued.
-// An error is returned by the run loop, the next flush or wait, and ends
-// the session (the next one re-reads the cache and repairs it).
+// transaction of its own; it starts more (up to maxInflight) only while
+// fewer than maxInflight are in flight in all: a lone remote is pipelined,
+// while remotes syncing at once (which keep etcd busy already) write one
+// each, as more would only add to etcd's work. etcd may apply concurrent
+// transactions in any order, so a batch that names a key of one in flight
+// waits until that one is done: the writes of one key are applied in the
+// order they were queued. An error is returned by the run loop, the next
+// flush or wait, and ends the session (the next one re-reads the cache
+// and repairs it).
 func (k *kindMirror) flush(ctx context.Context) error {
 	if len(k.ops) == 0 {
 		return nil
 	}
-	extra := false
 	for len(k.inflight) > 0 {
-		if len(k.inflight) < maxInflight && !k.conflicts() && k.takeExtra() {
-			extra = true
+		if len(k.inflight) < maxInflight && !k.conflicts() && k.r.m.startTxn(true) {
 			break
 		}
 		if err := k.waitOldest(); err != nil {
 			return err
 		}
+	}
+	if len(k.inflight) == 0 {
+		k.r.m.startTxn(false)
 	}
 	ops, keys := k.ops, k.opIndex
 	k.ops = make([]kvstore.Op, 0, maxBatchOps)
@@ -904,22 +906,28 @@ func (k *kindMirror) flush(ctx context.Context) error {
 	k.inflight = append(k.inflight, t)
 	go func() {
 		err := k.commit(ctx, ops)
-		if extra {
-			<-k.r.m.extraTxns
-		}
+		k.r.m.endTxn()
 		t.done <- err
 	}()
 	return nil
 }
 
-// takeExtra takes one of the manager's extra transaction slots, if one is free.
-func (k *kindMirror) takeExtra() bool {
-	select {
-	case k.r.m.extraTxns <- struct{}{}:
-		return true
-	default:
+// startTxn counts a cache transaction that starts; an extra one (beyond
+// its kind mirror's first) only while fewer than maxInflight are in flight.
+func (m *Manager) startTxn(extra bool) bool {
+	m.txnMu.Lock()
+	defer m.txnMu.Unlock()
+	if extra && m.txns >= maxInflight {
 		return false
 	}
+	m.txns++
+	return true
+}
+
+func (m *Manager) endTxn() {
+	m.txnMu.Lock()
+	m.txns--
+	m.txnMu.Unlock()
 }
 
 // conflicts reports whether a transaction in flight names a queued key.
