@@ -46,7 +46,7 @@
 // one gate change and one map entry of bookkeeping before it joins a
 // batch; batches of MaxTxnOps are written while the next one is built.
 // Each kind mirror has one transaction in flight of its own, and starts
-// more (up to four) while fewer than four are in flight in all: etcd
+// more (up to four) while no other kind mirror has one in flight: etcd
 // commits those that arrive together with one fsync, and remotes syncing
 // at once keep it busy already. Never two name the same key (a batch that
 // names a key of one in flight waits for it, so a key's writes land in
