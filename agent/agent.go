@@ -91,6 +91,10 @@ type Agent struct {
 	workloadIfIndex int
 	newRouter       func() (routes.Router, error)
 	detectNodeIPs   func() ([]netip.Addr, error)
+	// underlay caches detectNodeIPs for the runs (a dump of every route,
+	// each pod's included, and of addresses), invalidated by the address
+	// and default route watches.
+	underlay *node.AddrCache
 
 	mesh *clustermode.Mesh // the etcd source; nil in standalone mode
 	kube *kube.Source      // the API server's source; nil outside Kubernetes mode
@@ -147,6 +151,7 @@ func New(cfg Config) (*Agent, error) {
 		bgp:           bgp.New(log),
 	}
 	a.hostAddrs = node.NewAddrCache(func() ([]netip.Addr, error) { return a.nodeAddrs() }, reconcile.ResyncInterval)
+	a.underlay = node.NewAddrCache(func() ([]netip.Addr, error) { return a.detectNodeIPs() }, reconcile.ResyncInterval)
 	if cfg.ClusterMode() {
 		// Identities are global: allocated in the cluster's etcd.
 		a.mesh = clustermode.New(clustermode.Config{
@@ -318,9 +323,18 @@ func (a *Agent) Run(ctx context.Context) error {
 	wg.Go(func() {
 		node.WatchAddrs(ctx, a.log, func() {
 			a.hostAddrs.Invalidate()
+			a.underlay.Invalidate()
 			a.rec.Request()
 		})
 	})
+	if len(a.cfg.NodeIPs) == 0 {
+		wg.Go(func() {
+			node.WatchDefaultRoutes(ctx, a.log, func() {
+				a.underlay.Invalidate()
+				a.rec.Request()
+			})
+		})
+	}
 	wg.Go(func() { ms.Serve(ctx, a.log) })
 	wg.Go(func() { a.l2.Run(ctx) })
 	if a.kube != nil {
@@ -671,7 +685,7 @@ func (a *Agent) underlayIPs() []netip.Addr {
 	if len(a.cfg.NodeIPs) > 0 {
 		return a.cfg.NodeIPs
 	}
-	ips, _ := a.detectNodeIPs()
+	ips, _ := a.underlay.Get()
 	return ips
 }
 

@@ -135,12 +135,28 @@ type Manager struct {
 	// The node's interfaces as last listed (see links).
 	linkMu    sync.Mutex
 	linkCache []gl2.Link
-	linksAt   time.Time // zero: list again
+	linksAt   time.Time                  // zero: list again
+	listLinks func() ([]gl2.Link, error) // gl2.Links; tests count the calls
 }
 
 // linkCacheMaxAge bounds how long a listing of the interfaces is used
 // when the link watch said nothing (it may have been resubscribing).
 const linkCacheMaxAge = time.Second
+
+// policyLinks is links when there is an L2 announcement policy to match
+// them against, else none: only a policy looks at the interfaces (see
+// makePlan), and listing them is a netlink dump of every link of the node,
+// each pod's veth included, which the link watch invalidates whenever a
+// pod comes or goes. A node that announces nothing does not pay for it.
+func (m *Manager) policyLinks() ([]gl2.Link, error) {
+	m.mu.Lock()
+	none := len(m.in.Policies) == 0
+	m.mu.Unlock()
+	if none {
+		return nil, nil
+	}
+	return m.links()
+}
 
 // links returns the node's interfaces from a cache the link watch
 // invalidates (and at most linkCacheMaxAge old): the election runs every
@@ -152,7 +168,7 @@ func (m *Manager) links() ([]gl2.Link, error) {
 	if !m.linksAt.IsZero() && time.Since(m.linksAt) < linkCacheMaxAge {
 		return m.linkCache, nil
 	}
-	ls, err := gl2.Links()
+	ls, err := m.listLinks()
 	if err != nil {
 		return nil, err // not cached: the next call tries again
 	}
@@ -178,7 +194,7 @@ func New(cfg Config) *Manager {
 		panic(fmt.Sprintf("l2: heartbeat key: %v", err)) // crypto/rand does not fail on Linux
 	}
 	return &Manager{cfg: cfg, log: cfg.Log, ann: gl2.NewAnnouncer(cfg.Announce, cfg.Log),
-		wake: make(chan struct{}, 1), peers: map[string]*peer{}, leading: map[netip.Addr]time.Time{}, hbKey: key}
+		wake: make(chan struct{}, 1), peers: map[string]*peer{}, leading: map[netip.Addr]time.Time{}, listLinks: gl2.Links, hbKey: key}
 }
 
 // SetInput gives the manager the current policies and services (from the
@@ -284,7 +300,7 @@ func (m *Manager) aliveLocked(now time.Time) []Member {
 // elect computes the leaders and makes the responders answer for what
 // this node leads, on the interfaces of the policy that covers each.
 func (m *Manager) elect() {
-	links, linkErr := m.links()
+	links, linkErr := m.policyLinks()
 	m.mu.Lock()
 	now := time.Now()
 	p := makePlan(m.in, m.cfg.Node, m.cfg.NodeLabels, links)
@@ -407,7 +423,7 @@ func (m *Manager) send(ctx context.Context, conn *net.UDPConn) {
 			return
 		case <-t.C:
 		}
-		links, _ := m.links()
+		links, _ := m.policyLinks()
 		m.mu.Lock()
 		held := m.leaseHeldLocked(time.Now())
 		self := makePlan(m.in, m.cfg.Node, m.cfg.NodeLabels, links).self
@@ -532,7 +548,7 @@ func (m *Manager) runKV(ctx context.Context) {
 // publish writes the node's record when it changed or the lease was
 // re-granted.
 func (m *Manager) publish(ctx context.Context, c *kvstore.Client, lease *kvstore.Lease) {
-	links, _ := m.links()
+	links, _ := m.policyLinks()
 	m.mu.Lock()
 	rec := record{V: 1, Port: m.cfg.HeartbeatPort, TTLms: lease.TTL().Milliseconds(),
 		Member: makePlan(m.in, m.cfg.Node, m.cfg.NodeLabels, links).self, Leads: slices.SortedFunc(maps.Keys(m.leading), netip.Addr.Compare)}

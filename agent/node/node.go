@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 )
 
 // Addrs lists the node's own addresses (they map to the host identity).
@@ -83,6 +84,45 @@ func WatchAddrs(ctx context.Context, log *slog.Logger, changed func()) {
 				continue
 			}
 			changed()
+		}
+	}
+}
+
+// WatchDefaultRoutes calls changed whenever a default route (main table)
+// comes or goes, until ctx ends: with the node's global addresses they
+// decide DefaultRouteAddrs, which a cache can then keep between changes.
+// The routes of pods (one per pod, to its veth) are not reported.
+func WatchDefaultRoutes(ctx context.Context, log *slog.Logger, changed func()) {
+	watchDefaultRoutes(ctx, log, nil, changed)
+}
+
+// watchDefaultRoutes is WatchDefaultRoutes in the netns ns (nil: this
+// process's).
+func watchDefaultRoutes(ctx context.Context, log *slog.Logger, ns *netns.NsHandle, changed func()) {
+	ch := make(chan netlink.RouteUpdate, 64)
+	err := netlink.RouteSubscribeWithOptions(ch, ctx.Done(), netlink.RouteSubscribeOptions{
+		Namespace: ns,
+		ErrorCallback: func(err error) {
+			if ctx.Err() == nil {
+				log.Warn("default route watch", "err", err)
+			}
+		},
+	})
+	if err != nil {
+		log.Warn("cannot watch default routes; relying on periodic resync", "err", err)
+		return
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case u, ok := <-ch:
+			if !ok {
+				return
+			}
+			if ones, _ := maskOf(u.Route); ones == 0 && (u.Table == 0 || u.Table == 254) {
+				changed()
+			}
 		}
 	}
 }

@@ -100,7 +100,7 @@ type Store struct {
 
 	mu        sync.Mutex
 	nextID    uint32
-	savedNext uint32 // the nextID EndpointIDsFile holds
+	savedNext uint32 // the bound EndpointIDsFile holds
 	endpoints map[string]Endpoint
 	// gen counts the changes of endpoints: readers that keep what they
 	// derived from them know when to derive again. snap is the sorted
@@ -186,6 +186,10 @@ func (s *Store) Endpoint(namespace, name string) (Endpoint, bool) {
 	return e.clone(), ok
 }
 
+// idBlock is how far ahead of the next endpoint ID EndpointIDsFile is
+// written (see PutEndpoint).
+const idBlock = 64
+
 // AllocateEndpointID reserves a node-local endpoint ID. It is persisted with
 // the next endpoint write; an ID given out for an add that failed is skipped.
 func (s *Store) AllocateEndpointID() uint32 {
@@ -207,12 +211,20 @@ func (s *Store) PutEndpoint(e Endpoint) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.nextID != s.savedNext {
-		next := s.nextID
-		if err := writeJSON(s.path(EndpointIDsFile), idsFile{Version: fileVersion, NextID: next}); err != nil {
+	// EndpointIDsFile holds a bound no ID given out reaches. It moves
+	// idBlock IDs ahead of the next one, so that one add in idBlock writes
+	// it (each write is two fsyncs, on the path of every add otherwise); a
+	// restart skips the IDs left of the block. It is written again when the
+	// next ID passed it, or when the next ID wrapped around below it.
+	if s.nextID > s.savedNext || s.savedNext-s.nextID > idBlock {
+		bound := s.nextID + idBlock
+		if bound < s.nextID {
+			bound = s.nextID // no room for a block before the wrap
+		}
+		if err := writeJSON(s.path(EndpointIDsFile), idsFile{Version: fileVersion, NextID: bound}); err != nil {
 			return err
 		}
-		s.savedNext = next
+		s.savedNext = bound
 	}
 	if err := writeJSON(s.endpointPath(e.Namespace, e.Name), endpointFile{Version: fileVersion, Endpoint: e}); err != nil {
 		return err

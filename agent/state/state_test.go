@@ -82,9 +82,10 @@ func TestRoundTrip(t *testing.T) {
 	if len(objs) != 1 || !strings.Contains(string(objs["Service/default/web"]), `"web"`) {
 		t.Errorf("objects after reopen: %q", objs)
 	}
-	// IDs are never reused, also across restarts, even though b (ID 2) is gone.
-	if id := s2.AllocateEndpointID(); id != 3 {
-		t.Errorf("next ID after reopen = %d, want 3", id)
+	// IDs are never reused, also across restarts, even though b (ID 2) is
+	// gone; a restart skips the rest of the block the IDs file reserved.
+	if id := s2.AllocateEndpointID(); id != 3+idBlock {
+		t.Errorf("next ID after reopen = %d, want %d", id, 3+idBlock)
 	}
 }
 
@@ -260,5 +261,46 @@ func TestCNIFieldsAndOlderFiles(t *testing.T) {
 	got, ok := s2.Endpoint("default", "old")
 	if !ok || got.ContainerID != "" || got.PodIfName != "" || got.PodUID != "" || got.HostIfName != "isthaaaaaaaaaa" {
 		t.Errorf("endpoint of an older agent: %+v, %v", got, ok)
+	}
+}
+
+// The endpoint IDs file is written once per block of IDs, not at every
+// add (each write is two fsyncs on the add's path), and a restart still
+// never gives out an ID given before, whether its add completed or not.
+func TestEndpointIDsPersistedInBlocks(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writes, last := 0, ""
+	var maxID uint32
+	for i := range 100 {
+		id := s.AllocateEndpointID()
+		maxID = max(maxID, id)
+		if i%10 == 9 {
+			continue // an add that failed: its ID is not reused either
+		}
+		if err := s.PutEndpoint(testEndpoint("e"+string(rune('a'+i%26))+strings.Repeat("x", i/26), id)); err != nil {
+			t.Fatal(err)
+		}
+		b, err := os.ReadFile(filepath.Join(dir, EndpointIDsFile))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(b) != last {
+			writes++
+			last = string(b)
+		}
+	}
+	if writes > 2 {
+		t.Errorf("the IDs file was written %d times for 90 adds, want at most 2 (blocks of %d)", writes, idBlock)
+	}
+	s2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id := s2.AllocateEndpointID(); id <= maxID {
+		t.Fatalf("after a restart the next ID is %d; %d was given out before", id, maxID)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -38,7 +39,10 @@ func TestBenchMirror(t *testing.T) {
 	c1.Config.Mirror.MaxIPCachePerRemote = -1 // n is past the default cap
 	c1.Start(t)
 	// IPv6 endpoints: c2's IPv4 /16 holds fewer than n.
-	c2 := servertest.Start(t, "c2", 2, "10.2.0.0/16", "fd00:2::/48")
+	// c2 with fsync on too, as a real remote: a change's way is two commits.
+	c2 := servertest.New(t, "c2", 2, "10.2.0.0/16", "fd00:2::/48")
+	c2.Config.Server.UnsafeNoFsync = false
+	c2.Start(t)
 	ctx := context.Background()
 	var ops []kvstore.Op
 	for i := range n {
@@ -95,4 +99,110 @@ func TestBenchMirror(t *testing.T) {
 	slices.Sort(lat)
 	fmt.Printf("bench: mirror-propagation-p50 %.1f ms\n", float64(lat[len(lat)/2])/1e6)
 	fmt.Printf("bench: mirror-propagation-p99 %.1f ms\n", float64(lat[len(lat)*99/100])/1e6)
+	benchMirrorChurn(t, c1, c2)
+}
+
+// benchMirrorChurn writes 1,000 changes per second into c2 (32 writers,
+// one put or delete each, paced open loop) for ISTHMUS_BENCH_CHURN
+// seconds (default 10) and times each from just before its write until a
+// watch on c1's cache sees it: the mirror's share of the mesh bench's
+// churn figure.
+func benchMirrorChurn(t *testing.T, c1, c2 *servertest.Cluster) {
+	secs := 10
+	if v := os.Getenv("ISTHMUS_BENCH_CHURN"); v != "" {
+		if _, err := fmt.Sscan(v, &secs); err != nil {
+			t.Fatalf("ISTHMUS_BENCH_CHURN=%q: %v", v, err)
+		}
+	}
+	const rate = 1000
+	total := secs * rate
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	key := func(i int) (string, string, []byte) {
+		p := netip.PrefixFrom(netip.AddrFrom16([16]byte{0xfd, 0, 0, 2, 0, 0, 0, 1, 15: byte(i), 14: byte(i >> 8), 13: byte(i >> 16)}), 128)
+		k := records.IPCacheKey("c2", "n1", p)
+		ck, _ := records.CacheKey(k, "c2")
+		return k, ck, marshal(t, records.IPCacheEntry{Prefix: p, Identity: 2<<20 | 1, HostIP: netip.MustParseAddr("192.168.0.2"), Cluster: "c2"})
+	}
+	var mu sync.Mutex
+	started := map[string]time.Time{}
+	var lat, writeLat []time.Duration
+	events := c1.KV().WatchPrefix(ctx, records.CachePrefix(records.KindIP, "c2"))
+	for ev := range events { // the list of what is there first
+		if ev.Type == kvstore.EventListDone {
+			break
+		}
+	}
+	go func() {
+		for ev := range events {
+			now := time.Now()
+			mu.Lock()
+			if s, ok := started[ev.Key]; ok {
+				lat = append(lat, now.Sub(s))
+				delete(started, ev.Key)
+			}
+			mu.Unlock()
+		}
+	}()
+	// The changes: 1,500 adds, then in turn an add and a delete of the
+	// oldest key left.
+	type change struct {
+		n   int // the key's number
+		del bool
+	}
+	plan := make([]change, total)
+	added, deleted := 0, 0
+	for i := range plan {
+		if i < 1500 || i%2 == 0 {
+			plan[i] = change{n: added}
+			added++
+		} else {
+			plan[i] = change{n: deleted, del: true}
+			deleted++
+		}
+	}
+	ops := make(chan change, 1024)
+	var wg sync.WaitGroup
+	for range 32 {
+		wg.Go(func() {
+			for c := range ops {
+				k, ck, v := key(c.n)
+				start := time.Now()
+				mu.Lock()
+				started[ck] = start
+				mu.Unlock()
+				var err error
+				if c.del {
+					err = c2.KV().Delete(ctx, k)
+				} else {
+					err = c2.KV().Put(ctx, k, v)
+				}
+				if err != nil {
+					t.Errorf("change %+v: %v", c, err)
+				}
+				mu.Lock()
+				writeLat = append(writeLat, time.Since(start))
+				mu.Unlock()
+			}
+		})
+	}
+	t0 := time.Now()
+	for i, c := range plan {
+		time.Sleep(time.Until(t0.Add(time.Duration(i) * time.Second / rate)))
+		ops <- c
+	}
+	close(ops)
+	wg.Wait()
+	wrote := time.Since(t0)
+	time.Sleep(2 * time.Second)
+	mu.Lock()
+	defer mu.Unlock()
+	slices.Sort(lat)
+	fmt.Printf("bench: mirror-churn-p50 %.1f ms (%d changes in %s, %d timed, %d not seen)\n",
+		float64(lat[len(lat)/2])/1e6, total, wrote.Round(time.Millisecond), len(lat), len(started))
+	fmt.Printf("bench: mirror-churn-p99 %.1f ms\n", float64(lat[len(lat)*99/100])/1e6)
+	fmt.Printf("bench: mirror-churn-max %.1f ms\n", float64(lat[len(lat)-1])/1e6)
+	slices.Sort(writeLat)
+	fmt.Printf("bench: mirror-churn-c2-write-p50 %.1f ms (of which the write into c2's etcd; p99 %.1f ms)\n",
+		float64(writeLat[len(writeLat)/2])/1e6, float64(writeLat[len(writeLat)*99/100])/1e6)
 }

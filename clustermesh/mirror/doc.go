@@ -45,6 +45,12 @@
 // and each record costs one canonical decode (records.DecodeIPCacheEntry),
 // one gate change and one map entry of bookkeeping before it joins a
 // batch; batches of MaxTxnOps are written while the next one is built.
+// Each kind mirror has one transaction in flight of its own, and starts
+// more (up to four) while no other kind mirror has one in flight: etcd
+// commits those that arrive together with one fsync, and remotes syncing
+// at once keep it busy already. Never two name the same key (a batch that
+// names a key of one in flight waits for it, so a key's writes land in
+// order).
 //
 // Cache TTL: with CacheTTL 0 (the default, as in Cilium) the last state of
 // an unreachable remote is kept and served forever. With CacheTTL > 0 a

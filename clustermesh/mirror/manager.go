@@ -106,6 +106,11 @@ type Manager struct {
 	// statusMu serialises status writes and deletions in etcd.
 	statusMu sync.Mutex
 	written  map[string][]byte
+
+	// txns counts the cache transactions in flight, of all kind mirrors
+	// (see kindMirror.flush).
+	txnMu sync.Mutex
+	txns  int
 }
 
 // New checks cfg and returns a Manager; Run starts it.

@@ -453,6 +453,9 @@ const (
 	etcdMinTxnOps = 128
 	maxBatchBytes = 1 << 20
 	flushDelay    = 2 * time.Millisecond
+	// maxInflight bounds the transactions written at once by one kind
+	// mirror (and the memory of their batches); see flush.
+	maxInflight = 4
 )
 
 // MaxTxnOps is the transaction size the embedded etcd must accept.
@@ -477,10 +480,14 @@ type kindMirror struct {
 	invalid  map[string]struct{}
 	listed   bool // the first list is complete
 
-	ops      []kvstore.Op
-	opIndex  map[string]int
-	opBytes  int
-	inflight chan error // the transaction being written, if any
+	ops     []kvstore.Op
+	opIndex map[string]int // key -> index in ops
+	opBytes int
+	// inflight are the transactions being written, oldest first: at
+	// most maxInflight, no two naming the same key (see flush).
+	inflight []*txnInFlight
+	// commit writes one batch: write, but for tests that hold a batch.
+	commit func(ctx context.Context, ops []kvstore.Op) error
 
 	// validate checks a record against its key and the connection and,
 	// for the kinds of the gate, puts it into the gate.
@@ -497,6 +504,7 @@ func newKindMirror(r *remote, k records.Kind, id uint32, sg *sessionGate) *kindM
 	km := &kindMirror{r: r, kind: k, id: id, dst: records.CachePrefix(k, name),
 		keys: map[string]keyState{}, invalid: map[string]struct{}{},
 		opIndex: map[string]int{}}
+	km.commit = km.write
 	if k != records.KindIdentities {
 		km.gate, km.wake = sg, sg.wake[k]
 	}
@@ -575,8 +583,8 @@ func (k *kindMirror) run(ctx context.Context, cli *kvstore.Client) error {
 				return err
 			}
 			continue
-		case err := <-k.inflight: // nil channel while nothing is in flight
-			k.inflight = nil
+		case err := <-k.oldestDone(): // nil channel while nothing is in flight
+			k.inflight = k.inflight[1:]
 			if err != nil {
 				return err
 			}
@@ -854,35 +862,116 @@ func (k *kindMirror) queue(key string, op kvstore.Op, size int) {
 	k.opBytes += size
 }
 
+// txnInFlight is a transaction of cache writes being written.
+type txnInFlight struct {
+	keys map[string]int // the keys it writes
+	done chan error     // receives its result, once
+}
+
 // flush starts writing the queued operations in one transaction, in the
-// background, so the next batch is built while etcd commits this one. At
-// most one transaction is in flight: batches are applied in order. Its
-// error is returned by the next flush or wait.
+// background, so the next batch is built while etcd commits this one.
+// More than one may be in flight: etcd commits the ones that arrive
+// together with one raft round and fsync, and a live change need not wait
+// for the commit of the batch before it. A kind mirror always has one
+// transaction of its own; it starts more (up to maxInflight) only while
+// no other kind mirror has one in flight: a lone remote is pipelined,
+// while remotes syncing at once (which keep etcd busy already) write one
+// each, as more would only add to etcd's work (the sync of 4 remotes read
+// 15 % slower with more). etcd may apply concurrent
+// transactions in any order, so a batch that names a key of one in flight
+// waits until that one is done: the writes of one key are applied in the
+// order they were queued. An error is returned by the run loop, the next
+// flush or wait, and ends the session (the next one re-reads the cache
+// and repairs it).
 func (k *kindMirror) flush(ctx context.Context) error {
-	if err := k.wait(); err != nil {
-		return err
-	}
 	if len(k.ops) == 0 {
 		return nil
 	}
-	ops := k.ops
+	for len(k.inflight) > 0 {
+		if len(k.inflight) < maxInflight && !k.conflicts() && k.r.m.startTxn(len(k.inflight)) {
+			break
+		}
+		if err := k.waitOldest(); err != nil {
+			return err
+		}
+	}
+	if len(k.inflight) == 0 {
+		k.r.m.startTxn(0)
+	}
+	ops, keys := k.ops, k.opIndex
 	k.ops = make([]kvstore.Op, 0, maxBatchOps)
-	clear(k.opIndex)
+	k.opIndex = make(map[string]int, len(keys))
 	k.opBytes = 0
-	done := make(chan error, 1)
-	k.inflight = done
-	go func() { done <- k.write(ctx, ops) }()
+	t := &txnInFlight{keys: keys, done: make(chan error, 1)}
+	k.inflight = append(k.inflight, t)
+	go func() {
+		err := k.commit(ctx, ops)
+		k.r.m.endTxn()
+		t.done <- err
+	}()
 	return nil
 }
 
-// wait waits for the transaction in flight, if any.
-func (k *kindMirror) wait() error {
-	if k.inflight == nil {
+// startTxn counts a cache transaction that starts, of a kind mirror that
+// has mine in flight already: one beyond the first (mine > 0) only while
+// no other kind mirror has one in flight.
+func (m *Manager) startTxn(mine int) bool {
+	m.txnMu.Lock()
+	defer m.txnMu.Unlock()
+	if mine > 0 && m.txns > mine {
+		return false
+	}
+	m.txns++
+	return true
+}
+
+func (m *Manager) endTxn() {
+	m.txnMu.Lock()
+	m.txns--
+	m.txnMu.Unlock()
+}
+
+// conflicts reports whether a transaction in flight names a queued key.
+func (k *kindMirror) conflicts() bool {
+	for _, t := range k.inflight {
+		small, large := k.opIndex, t.keys
+		if len(small) > len(large) {
+			small, large = large, small
+		}
+		for key := range small {
+			if _, ok := large[key]; ok {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// oldestDone is the result channel of the oldest transaction in flight
+// (nil if none).
+func (k *kindMirror) oldestDone() <-chan error {
+	if len(k.inflight) == 0 {
 		return nil
 	}
-	err := <-k.inflight
-	k.inflight = nil
+	return k.inflight[0].done
+}
+
+// waitOldest waits for the oldest transaction in flight.
+func (k *kindMirror) waitOldest() error {
+	err := <-k.inflight[0].done
+	k.inflight = k.inflight[1:]
 	return err
+}
+
+// wait waits for every transaction in flight and returns the first error.
+func (k *kindMirror) wait() error {
+	var first error
+	for len(k.inflight) > 0 {
+		if err := k.waitOldest(); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
 }
 
 // write applies ops, retrying: they are plain puts and deletes, so
