@@ -23,7 +23,7 @@ func RESTConfig(path string) (*rest.Config, error) {
 		return c, nil
 	}
 	if _, err := os.Stat(path); err != nil {
-		return nil, fmt.Errorf("kubernetes: --kubeconfig: %w", err)
+		return nil, fmt.Errorf("kubernetes: kubeconfig: %w", err)
 	}
 	c, err := clientcmd.BuildConfigFromFlags("", path)
 	if err != nil {
