@@ -69,6 +69,18 @@ func WatchAddrs(ctx context.Context, log *slog.Logger, changed func()) {
 		log.Warn("cannot watch node addresses; relying on periodic resync", "err", err)
 		return
 	}
+	relay(ctx, ch, func(u netlink.AddrUpdate) bool {
+		// A pod's veth coming or going brings link-local addresses,
+		// which Addrs leaves out: no reason to list every address of
+		// the node again (that is a dump over every pod's veth).
+		ip, ok := netip.AddrFromSlice(u.LinkAddress.IP)
+		return !ok || hostAddr(ip.Unmap())
+	}, changed)
+}
+
+// relay calls changed for every update from ch that matters, until ctx
+// ends or ch closes.
+func relay[T any](ctx context.Context, ch <-chan T, matters func(T) bool, changed func()) {
 	for {
 		select {
 		case <-ctx.Done():
@@ -77,13 +89,9 @@ func WatchAddrs(ctx context.Context, log *slog.Logger, changed func()) {
 			if !ok {
 				return
 			}
-			// A pod's veth coming or going brings link-local addresses,
-			// which Addrs leaves out: no reason to list every address of
-			// the node again (that is a dump over every pod's veth).
-			if ip, ok := netip.AddrFromSlice(u.LinkAddress.IP); ok && !hostAddr(ip.Unmap()) {
-				continue
+			if matters(u) {
+				changed()
 			}
-			changed()
 		}
 	}
 }
@@ -112,19 +120,10 @@ func watchDefaultRoutes(ctx context.Context, log *slog.Logger, ns *netns.NsHandl
 		log.Warn("cannot watch default routes; relying on periodic resync", "err", err)
 		return
 	}
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case u, ok := <-ch:
-			if !ok {
-				return
-			}
-			if ones, _ := maskOf(u.Route); ones == 0 && (u.Table == 0 || u.Table == 254) {
-				changed()
-			}
-		}
-	}
+	relay(ctx, ch, func(u netlink.RouteUpdate) bool {
+		ones, _ := maskOf(u.Route)
+		return ones == 0 && (u.Table == 0 || u.Table == 254)
+	}, changed)
 }
 
 // DefaultRouteAddrs returns the global addresses of the interfaces that

@@ -31,8 +31,7 @@ const buildHint = "run 'make kube-binaries' (it builds Kubernetes " + Version + 
 func BinariesIn(dir string) (Binaries, error) {
 	var missing []string
 	for _, n := range binaryNames {
-		st, err := os.Stat(filepath.Join(dir, n))
-		if err != nil || st.IsDir() || st.Mode()&0o111 == 0 {
+		if !isExecutable(filepath.Join(dir, n)) {
 			missing = append(missing, n)
 		}
 	}
@@ -66,10 +65,7 @@ func FindBinaries() (Binaries, error) {
 		return b, nil
 	}
 	var tried []string
-	if exe, err := os.Executable(); err == nil {
-		if r, err := filepath.EvalSymlinks(exe); err == nil {
-			exe = r
-		}
+	if exe := executable(); exe != "" {
 		dir := filepath.Join(filepath.Dir(exe), "kubernetes", Version)
 		if _, err := os.Stat(dir); err == nil {
 			b, err := BinariesIn(dir)
@@ -80,20 +76,12 @@ func FindBinaries() (Binaries, error) {
 		}
 		tried = append(tried, dir)
 	}
-	if wd, err := os.Getwd(); err == nil {
-		for d := wd; ; d = filepath.Dir(d) {
-			if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
-				dir := filepath.Join(d, "bin", "kubernetes", Version)
-				b, err := BinariesIn(dir)
-				if err == nil {
-					b.From = "the source tree " + d
-				}
-				return b, err
-			}
-			if filepath.Dir(d) == d {
-				break
-			}
+	if d := sourceTree(); d != "" {
+		b, err := BinariesIn(filepath.Join(d, "bin", "kubernetes", Version))
+		if err == nil {
+			b.From = "the source tree " + d
 		}
+		return b, err
 	}
 	return Binaries{}, errors.New("kube: Kubernetes " + Version + " binaries not found (looked in $" + EnvBinDir + ", " +
 		strings.Join(append(tried, "bin/kubernetes/"+Version+" of the source tree"), ", ") + "): " + buildHint)

@@ -610,10 +610,7 @@ func podNetns(ctx context.Context, socket, pod string) (string, error) {
 func FindHelm() (string, error) {
 	name := "helm-" + HelmVersion
 	var tried []string
-	if exe, err := os.Executable(); err == nil {
-		if r, err := filepath.EvalSymlinks(exe); err == nil {
-			exe = r
-		}
+	if exe := executable(); exe != "" {
 		p := filepath.Join(filepath.Dir(exe), name)
 		if isExecutable(p) {
 			return p, nil
@@ -638,10 +635,7 @@ func FindHelm() (string, error) {
 // working directory.
 func FindChart() (string, error) {
 	var tried []string
-	if exe, err := os.Executable(); err == nil {
-		if r, err := filepath.EvalSymlinks(exe); err == nil {
-			exe = r
-		}
+	if exe := executable(); exe != "" {
 		d := filepath.Join(filepath.Dir(filepath.Dir(exe)), "deploy", "helm", "isthmus")
 		if _, err := os.Stat(filepath.Join(d, "Chart.yaml")); err == nil {
 			return d, nil
@@ -656,6 +650,18 @@ func FindChart() (string, error) {
 		tried = append(tried, d)
 	}
 	return "", fmt.Errorf("lab: the Helm chart was not found (looked in %s): pass --chart DIR (deploy/helm/isthmus of the source tree)", strings.Join(tried, ", "))
+}
+
+// executable is the running binary's path with symlinks resolved, or "".
+func executable() string {
+	exe, err := os.Executable()
+	if err != nil {
+		return ""
+	}
+	if r, err := filepath.EvalSymlinks(exe); err == nil {
+		exe = r
+	}
+	return exe
 }
 
 // sourceTree is the first directory at or above the working directory

@@ -90,21 +90,14 @@ func moduleRoot() (string, error) {
 	}
 }
 
-// StaticCLI builds the isthmus CLI without cgo into a temp dir of tb and
-// returns its path: the binary of the images the Kubernetes lab's pods run
-// (lab/kube.WriteImages), which have no libc.
+// StaticCLI returns the isthmus CLI of Binaries, which are static: the
+// binary of the images the Kubernetes lab's pods run (lab/kube.WriteImages),
+// which have no libc.
 func StaticCLI(tb testing.TB) string {
 	tb.Helper()
-	root, err := moduleRoot()
+	b, err := Binaries()
 	if err != nil {
 		tb.Fatal(err)
 	}
-	out := filepath.Join(tb.TempDir(), lab.CLIBinary)
-	cmd := exec.Command("go", "build", "-o", out, "./cmd/"+lab.CLIBinary)
-	cmd.Dir = root
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		tb.Fatalf("labtest: build a static %s: %v\n%s", lab.CLIBinary, err, b)
-	}
-	return out
+	return b.CLI
 }

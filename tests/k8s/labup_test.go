@@ -49,14 +49,12 @@ func TestLabUpKubernetes(t *testing.T) {
 	defer cancel()
 
 	tmp := t.TempDir()
-	binDir := filepath.Join(tmp, "bin")
-	step(t, "building the static binaries (what make lab builds)")
-	build := exec.Command("go", "build", "-o", binDir+"/", "./cmd/isthmus", "./cmd/isthmus-agent", "./cmd/isthmus-clustermesh", "./cmd/isthmus-cni")
-	build.Dir, build.Env = root, append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("static binaries: %v\n%s", err, out)
+	// Static and side by side, as make lab builds them.
+	bins, err := labtest.Binaries()
+	if err != nil {
+		t.Fatal(err)
 	}
-	cli := filepath.Join(binDir, "isthmus")
+	cli := bins.CLI
 	stateFile := filepath.Join(tmp, "up.json")
 	run := func(d time.Duration, args ...string) (string, error) {
 		cctx, cancel := context.WithTimeout(ctx, d)
