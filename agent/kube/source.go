@@ -445,10 +445,18 @@ func (s *Source) serviceChanged(n types.NamespacedName) {
 	if n.Name == "" {
 		return
 	}
+	// Translated and stored under one lock: the Service and EndpointSlice
+	// informers call this from their own goroutines, each after its
+	// indexer changed, so the last one to store has read the newest
+	// state. Without the lock a handler that read the indexers first
+	// could store last and leave the Service with stale backends until
+	// its next event.
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	key := serviceKey(n)
 	obj, exists, err := s.svcLister.GetByKey(n.Namespace + "/" + n.Name)
 	if err != nil || !exists {
-		s.set(key, nil, "", nil)
+		s.setLocked(key, nil, "", nil)
 		return
 	}
 	svc := obj.(*corev1.Service)
@@ -459,8 +467,9 @@ func (s *Source) serviceChanged(n types.NamespacedName) {
 	}
 	out, served, warnings, err := translate.ServiceWithWarnings(svc, slices)
 	s.warnService(key, warnings)
+	afterTranslate()
 	if err != nil || !served {
-		s.set(key, nil, svc.ResourceVersion, err)
+		s.setLocked(key, nil, svc.ResourceVersion, err)
 		return
 	}
 	if ex := s.exports.Load(); ex != nil {
@@ -471,8 +480,12 @@ func (s *Source) serviceChanged(n types.NamespacedName) {
 			out.Metadata.Annotations[servicesync.AnnotationGlobal] = "true"
 		}
 	}
-	s.set(key, &out, "", nil)
+	s.setLocked(key, &out, "", nil)
 }
+
+// afterTranslate is a test hook: it runs between a Service's translation
+// and its store.
+var afterTranslate = func() {}
 
 // warnService logs what the translation of a Service approximated or
 // left out (a named targetPort, node ports it cannot serve), once per
@@ -492,19 +505,21 @@ func (s *Source) k8sPolicyChanged(n types.NamespacedName) {
 	if n.Name == "" {
 		return
 	}
+	s.mu.Lock() // as in serviceChanged
+	defer s.mu.Unlock()
 	key := k8sPolicyKey(n)
 	obj, exists, err := s.cluster.Networking().V1().NetworkPolicies().Informer().GetIndexer().GetByKey(n.Namespace + "/" + n.Name)
 	if err != nil || !exists {
-		s.set(key, nil, "", nil)
+		s.setLocked(key, nil, "", nil)
 		return
 	}
 	np := obj.(*networkingv1.NetworkPolicy)
 	out, err := translate.NetworkPolicy(np)
 	if err != nil {
-		s.set(key, nil, np.ResourceVersion, err)
+		s.setLocked(key, nil, np.ResourceVersion, err)
 		return
 	}
-	s.set(key, &out, "", nil)
+	s.setLocked(key, &out, "", nil)
 }
 
 func (s *Source) crdPolicyChanged(o any, deleted bool) {
@@ -541,6 +556,11 @@ func CRDPolicy(u *unstructured.Unstructured) (objects.NetworkPolicy, error) {
 func (s *Source) set(key string, obj objects.Object, version string, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.setLocked(key, obj, version, err)
+}
+
+// setLocked is set with s.mu held.
+func (s *Source) setLocked(key string, obj objects.Object, version string, err error) {
 	if err != nil {
 		s.refusals.Add(1)
 		if s.refused[key] != version {

@@ -2,7 +2,11 @@ package kube
 
 import (
 	"context"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/tools/cache"
 	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -227,5 +231,57 @@ func TestNothingIsPublishedBeforeTheInformersListed(t *testing.T) {
 	s.mu.Unlock()
 	if objs, g := s.Objects(); g == gen || objs["Service/default/web"] == nil || changed != 1 {
 		t.Fatalf("not published once synced: gen %d, objects %v, %d change calls", g, objs, changed)
+	}
+}
+
+// TestConcurrentEventsLeaveTheLatestTranslation: the informers of Services
+// and of EndpointSlices call their handlers from their own goroutines, each
+// after its indexer changed. A handler that translated from the indexers,
+// then lost the CPU while another handler translated a newer state and
+// stored it, must not overwrite that with its older translation: the
+// Service would keep stale backends until its next event (seen once in CI
+// as a rolled agent serving a global service without its own cluster's
+// backends for over a minute).
+func TestConcurrentEventsLeaveTheLatestTranslation(t *testing.T) {
+	s, _ := newSource(t, "")
+	s.svcLister = cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{})
+	s.slices = cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{byService: sliceService})
+	if err := s.svcLister.Add(service("default", "web", "10.96.0.10")); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.slices.Add(slice("default", "web", "web-1")); err != nil { // no endpoint yet
+		t.Fatal(err)
+	}
+	web := types.NamespacedName{Namespace: "default", Name: "web"}
+
+	// The Service handler translates the empty slice, then stalls (up to
+	// 300 ms) until the EndpointSlice handler has run with the newer slice.
+	translated, newerDone := make(chan struct{}), make(chan struct{})
+	var first atomic.Bool
+	afterTranslate = func() {
+		if first.CompareAndSwap(false, true) {
+			close(translated)
+			select {
+			case <-newerDone:
+			case <-time.After(300 * time.Millisecond): // it waits for this one's lock
+			}
+		}
+	}
+	t.Cleanup(func() { afterTranslate = func() {} })
+	var wg sync.WaitGroup
+	wg.Go(func() { s.serviceChanged(web) })
+	<-translated
+	if err := s.slices.Update(slice("default", "web", "web-1", "10.1.1.5")); err != nil {
+		t.Fatal(err)
+	}
+	s.serviceChanged(web)
+	close(newerDone)
+	wg.Wait()
+
+	s.mu.Lock()
+	got := backendsOf(s.objs, "Service/default/web")
+	s.mu.Unlock()
+	if len(got) != 1 || got[0] != "10.1.1.5" {
+		t.Fatalf("backends %v after both handlers ran; the indexers hold 10.1.1.5", got)
 	}
 }

@@ -190,6 +190,13 @@ func TestLabUpKubernetes(t *testing.T) {
 		out, err := run(3*time.Minute, "connectivity", "test")
 		if err != nil || !strings.Contains(out, "18 passed, 0 failed") {
 			t.Errorf("connectivity test after the rollout: %v\n%s", err, out)
+			// What the API and the agents say, for the failure's cause.
+			for _, c := range []lab.StateCluster{c1, c2} {
+				out, _ := kubectl(c, "get", "endpointslices", "-A", "-o", "wide")
+				t.Logf("%s: endpointslices:\n%s", c.Name, out)
+				out, _ = kubectl(c, "-n", st.Kubernetes.Namespace, "logs", "-l", "app.kubernetes.io/component=agent", "--tail", "40", "--prefix")
+				t.Logf("%s: agent logs:\n%s", c.Name, out)
+			}
 		}
 	})
 
