@@ -35,6 +35,11 @@ const (
 	EncryptionTable = encryption.Table
 	// RouteProtocol marks the routes the agent installs ("proto 73").
 	RouteProtocol = routes.Protocol
+
+	// PolicyPeersCluster and PolicyPeersMesh are the values of
+	// --kubernetes-policy-peers.
+	PolicyPeersCluster = "cluster"
+	PolicyPeersMesh    = "mesh"
 )
 
 // DefaultWireGuardDevice names the device when --wireguard-device is not
@@ -101,6 +106,10 @@ type Config struct {
 	Kubernetes bool
 	Kubeconfig string
 	Kube       *kube.Source
+	// KubernetesPolicyPeers is what the pod and namespace peers of
+	// Kubernetes NetworkPolicies match: PolicyPeersCluster (the default,
+	// "" too) or PolicyPeersMesh.
+	KubernetesPolicyPeers string
 	// CNI, when its BinDir or ConfDir is set, makes the agent install the
 	// CNI plugin and a conflist pointing at its socket once it serves
 	// (Kubernetes mode); Socket and MTU are filled in by the agent.
@@ -158,7 +167,11 @@ func (c *Config) PrepareKubernetes(ctx context.Context) error {
 	if !c.Kubernetes {
 		return nil
 	}
-	src, err := kube.New(kube.Config{Kubeconfig: c.Kubeconfig, NodeName: c.NodeName, StateFile: c.KubernetesStateFile()})
+	kc := kube.Config{Kubeconfig: c.Kubeconfig, NodeName: c.NodeName, StateFile: c.KubernetesStateFile()}
+	if c.KubernetesPolicyPeers != PolicyPeersMesh {
+		kc.PolicyPeersCluster = c.ClusterName
+	}
+	src, err := kube.New(kc)
 	if err != nil {
 		return err
 	}
@@ -227,6 +240,9 @@ func (c Config) validate() error {
 	}
 	if c.Kubernetes && !c.ClusterMode() {
 		errs = append(errs, errors.New("kubernetes mode needs cluster mode (--kvstore-endpoints): identities are allocated in the cluster's etcd"))
+	}
+	if p := c.KubernetesPolicyPeers; p != "" && p != PolicyPeersCluster && p != PolicyPeersMesh {
+		errs = append(errs, fmt.Errorf("--kubernetes-policy-peers %q: must be %s or %s", p, PolicyPeersCluster, PolicyPeersMesh))
 	}
 	if c.Kubernetes && c.Kube == nil {
 		errs = append(errs, errors.New("kubernetes mode: not connected to the API server (call PrepareKubernetes)"))

@@ -68,6 +68,11 @@ type Config struct {
 	// StateFile keeps the last synced objects, so a restarted agent serves
 	// them until its informers have listed again ("" keeps nothing).
 	StateFile string
+	// PolicyPeersCluster, when not empty, limits the pod and namespace
+	// peers of Kubernetes NetworkPolicies to that cluster's pods (the
+	// agent's own cluster, by default); "" lets them match the whole mesh.
+	// See translate.NetworkPolicy.
+	PolicyPeersCluster string
 }
 
 // Source watches the API server.
@@ -514,7 +519,7 @@ func (s *Source) k8sPolicyChanged(n types.NamespacedName) {
 		return
 	}
 	np := obj.(*networkingv1.NetworkPolicy)
-	out, err := translate.NetworkPolicy(np)
+	out, err := translate.NetworkPolicy(np, s.cfg.PolicyPeersCluster)
 	if err != nil {
 		s.setLocked(key, nil, np.ResourceVersion, err)
 		return

@@ -361,7 +361,7 @@ func (s *Syncer) checkK8sPolicy(ctx context.Context, o any) {
 	if !ok {
 		return
 	}
-	if _, err := translate.NetworkPolicy(np); err != nil {
+	if _, err := translate.NetworkPolicy(np, ""); err != nil {
 		s.event(ctx, np, "NetworkPolicy", networkingv1.SchemeGroupVersion.String(), err)
 	}
 }

@@ -91,7 +91,9 @@ With --kubernetes (or --kubeconfig) the agent is the networking plugin of a
 Kubernetes node: the isthmus-cni plugin asks it for pod interfaces, the
 pod's and its namespace's labels make the identity, and Services (ClusterIP,
 from EndpointSlices, so no kube-proxy is needed), Kubernetes NetworkPolicies
-and isthmus.io NetworkPolicies come from the API server. The node's pod
+(whose pod and namespace peers match this cluster's pods unless
+--kubernetes-policy-peers=mesh) and isthmus.io NetworkPolicies (cluster-aware
+selectors) come from the API server. The node's pod
 CIDRs come from its Node object (spec.podCIDRs). Kubernetes mode runs in
 cluster mode: identities are mesh-wide, in the cluster's etcd.
 
@@ -138,6 +140,9 @@ through graceful restart; see docs/bgp.md.
 
 			if cfg.Kubeconfig != "" {
 				cfg.Kubernetes = true
+			}
+			if p := cfg.KubernetesPolicyPeers; p != agent.PolicyPeersCluster && p != agent.PolicyPeersMesh {
+				return fmt.Errorf("--kubernetes-policy-peers %q: must be %s or %s", p, agent.PolicyPeersCluster, agent.PolicyPeersMesh)
 			}
 			if join.server != "" && len(podCIDRs) > 0 {
 				return errors.New("--pod-cidr is not for --join: an external workload's address comes from its enrollment")
@@ -238,6 +243,9 @@ through graceful restart; see docs/bgp.md.
 	f.IntVar(&cfg.BigTCP.Size, "big-tcp-size", bigtcp.DefaultSize, "GSO/GRO size in bytes with BIG TCP, 65537-524288; each device gets at most its tso_max_size")
 	f.BoolVar(&cfg.Kubernetes, "kubernetes", false, "Kubernetes mode (needs --kvstore-endpoints): pods come from the isthmus-cni plugin, their labels, Services, EndpointSlices and NetworkPolicies from the API server, the pod CIDRs and node IPs (unless given) from this node's Node object; with the pod's service account unless --kubeconfig")
 	f.StringVar(&cfg.Kubeconfig, "kubeconfig", "", "Kubernetes mode: kubeconfig file of the API server (implies --kubernetes); default: the in-cluster service account")
+	f.StringVar(&cfg.KubernetesPolicyPeers, "kubernetes-policy-peers", agent.PolicyPeersCluster, "Kubernetes mode: what the podSelector and namespaceSelector peers of Kubernetes NetworkPolicies match: "+
+		"cluster (the pods of this node's cluster only: a policy written for one cluster does not admit pods another cluster labels alike) or mesh (alike-labelled pods of every cluster); "+
+		"isthmus.io NetworkPolicies name clusters explicitly")
 	f.StringVar(&cfg.CNI.BinDir, "cni-bin-dir", "", "Kubernetes mode: copy the CNI plugin (isthmus-cni) into this directory at start, e.g. /opt/cni/bin; \"\" (the default): do not")
 	f.StringVar(&cfg.CNI.ConfDir, "cni-conf-dir", "", "Kubernetes mode: write "+cniinstall.ConfListName+" (the plugin, pointed at --socket) into this directory at start, e.g. /etc/cni/net.d; \"\" (the default): do not")
 	f.StringVar(&cfg.CNI.PluginPath, "cni-plugin-path", "", "the isthmus-cni binary that --cni-bin-dir gets (default: isthmus-cni next to the agent's binary)")

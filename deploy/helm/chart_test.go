@@ -193,7 +193,7 @@ func checkAgent(t *testing.T, r rendered, image string) appsv1.DaemonSet {
 			t.Errorf("agent: host directory %s not mounted", p)
 		}
 	}
-	for _, a := range []string{"--kubernetes", "--node-name=$(NODE_NAME)", "--kvstore-bundle=/etc/isthmus/kvstore", "--cni-bin-dir=/opt/cni/bin", "--cni-conf-dir=/etc/cni/net.d", "--encryption=$(ENCRYPTION)"} {
+	for _, a := range []string{"--kubernetes", "--node-name=$(NODE_NAME)", "--kvstore-bundle=/etc/isthmus/kvstore", "--cni-bin-dir=/opt/cni/bin", "--cni-conf-dir=/etc/cni/net.d", "--encryption=$(ENCRYPTION)", "--kubernetes-policy-peers=cluster"} {
 		if !hasArg(c, a) {
 			t.Errorf("agent: no arg %s in %q", a, c.Args)
 		}
@@ -507,6 +507,7 @@ func TestTemplateRefusesBadValues(t *testing.T) {
 		"clustermesh.externalEtcd.endpoints={https://192.0.2.21:2379},clustermesh.externalEtcd.secretName=s": "needs pki.existingCASecret and pki.existingAgentsSecret",
 		"clustermesh.service.type=ExternalName": "clustermesh.service.type",
 		"pki.existingCASecret=x":                "go together",
+		"agent.kubernetesPolicyPeers=all":       "agent.kubernetesPolicyPeers",
 	} {
 		out, err := helm(t, "template", "rel", chart, "--set", set)
 		if err == nil || !strings.Contains(out, want) {

@@ -8,7 +8,7 @@
 //	func PodLabels(pod, namespace map[string]string) (map[string]string, []string)
 //	func Service(svc *corev1.Service, slices []*discoveryv1.EndpointSlice) (objects.Service, bool, error)
 //	func ServiceWithWarnings(svc *corev1.Service, slices []*discoveryv1.EndpointSlice) (objects.Service, bool, []string, error)
-//	func NetworkPolicy(np *networkingv1.NetworkPolicy) (objects.NetworkPolicy, error)
+//	func NetworkPolicy(np *networkingv1.NetworkPolicy, peersCluster string) (objects.NetworkPolicy, error)
 //
 // Identities. A pod's identity labels are its own labels, minus those whose
 // key prefix is or ends with isthmus.io (reserved; dropped with a
@@ -40,7 +40,11 @@
 // means the policy's namespace; a namespaceSelector (optionally with a
 // podSelector) means pods of the namespaces whose labels match, through
 // the NamespaceLabelKey labels and {isthmus.io/namespace Exists}. Peers
-// match every cluster of the mesh (the Isthmus meaning of a selector that
-// does not name isthmus.io/cluster). Named ports, SCTP and ipBlock are
-// errors ("unsupported: ..."), naming the field.
+// match the pods of one cluster, the policy's own (peersCluster, which
+// the agent sets by default: a policy written for one cluster must not
+// admit pods another cluster happens to label alike), or, with
+// peersCluster "", every cluster of the mesh (the Isthmus meaning of a
+// selector that does not name isthmus.io/cluster). Cluster-aware rules
+// are written as isthmus.io NetworkPolicies. Named ports, SCTP and ipBlock
+// are errors ("unsupported: ..."), naming the field.
 package translate

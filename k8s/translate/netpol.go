@@ -20,21 +20,25 @@ const MaxPortRange = 256
 
 // NetworkPolicy translates a Kubernetes NetworkPolicy into an Isthmus
 // NetworkPolicy with the same meaning; see the package documentation.
+// peersCluster, when not empty, limits every pod and namespace peer to the
+// pods of that cluster (the policy's own: a NetworkPolicy is written for
+// one cluster and should not admit whatever another cluster labels the
+// same); "" lets them match every cluster of the mesh.
 // What the Isthmus engine cannot express (named ports, SCTP, ipBlock, an
 // endPort range over MaxPortRange ports) is an error naming the field,
 // "unsupported: ...": the caller reports it and skips the policy.
-func NetworkPolicy(np *networkingv1.NetworkPolicy) (objects.NetworkPolicy, error) {
+func NetworkPolicy(np *networkingv1.NetworkPolicy, peersCluster string) (objects.NetworkPolicy, error) {
 	if np == nil {
 		return objects.NetworkPolicy{}, fmt.Errorf("networkpolicy: nil")
 	}
-	out, err := networkPolicy(np)
+	out, err := networkPolicy(np, peersCluster)
 	if err != nil {
 		return objects.NetworkPolicy{}, fmt.Errorf("networkpolicy %s/%s: %w", np.Namespace, np.Name, err)
 	}
 	return out, nil
 }
 
-func networkPolicy(np *networkingv1.NetworkPolicy) (objects.NetworkPolicy, error) {
+func networkPolicy(np *networkingv1.NetworkPolicy, peersCluster string) (objects.NetworkPolicy, error) {
 	out := objects.NetworkPolicy{
 		APIVersion: objects.APIVersion,
 		Kind:       objects.KindNetworkPolicy,
@@ -68,7 +72,7 @@ func networkPolicy(np *networkingv1.NetworkPolicy) (objects.NetworkPolicy, error
 		out.Spec.PolicyTypes = append(out.Spec.PolicyTypes, objects.PolicyTypeIngress)
 		for i, r := range np.Spec.Ingress {
 			path := fmt.Sprintf("spec.ingress[%d]", i)
-			peers, err := peers(path+".from", r.From)
+			peers, err := peers(path+".from", r.From, peersCluster)
 			if err != nil {
 				return out, err
 			}
@@ -83,7 +87,7 @@ func networkPolicy(np *networkingv1.NetworkPolicy) (objects.NetworkPolicy, error
 		out.Spec.PolicyTypes = append(out.Spec.PolicyTypes, objects.PolicyTypeEgress)
 		for i, r := range np.Spec.Egress {
 			path := fmt.Sprintf("spec.egress[%d]", i)
-			peers, err := peers(path+".to", r.To)
+			peers, err := peers(path+".to", r.To, peersCluster)
 			if err != nil {
 				return out, err
 			}
@@ -101,8 +105,9 @@ func networkPolicy(np *networkingv1.NetworkPolicy) (objects.NetworkPolicy, error
 }
 
 // peers translates the peers of one rule. No peers: nil, which the Isthmus
-// rule reads as any peer.
-func peers(path string, in []networkingv1.NetworkPolicyPeer) ([]objects.Selector, error) {
+// rule reads as any peer. cluster, when not empty, is required of every
+// peer (isthmus.io/cluster).
+func peers(path string, in []networkingv1.NetworkPolicyPeer, cluster string) ([]objects.Selector, error) {
 	var out []objects.Selector
 	for i, p := range in {
 		ppath := fmt.Sprintf("%s[%d]", path, i)
@@ -133,6 +138,14 @@ func peers(path string, in []networkingv1.NetworkPolicyPeer) ([]objects.Selector
 			maps.Copy(sel.MatchLabels, ns.MatchLabels)
 			sel.MatchExpressions = append(sel.MatchExpressions, ns.MatchExpressions...)
 			sel.MatchExpressions = append(sel.MatchExpressions, objects.LabelSelectorRequirement{Key: identity.LabelNamespace, Operator: objects.OpExists})
+		}
+		if cluster != "" {
+			// podSelector and namespaceSelector keys are never isthmus.io
+			// ones (refused or mapped below), so this adds, never replaces.
+			if sel.MatchLabels == nil {
+				sel.MatchLabels = map[string]string{}
+			}
+			sel.MatchLabels[identity.LabelCluster] = cluster
 		}
 		out = append(out, sel)
 	}

@@ -188,7 +188,7 @@ func TestNetworkPolicy(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := NetworkPolicy(k8sPolicy(tt.in))
+			got, err := NetworkPolicy(k8sPolicy(tt.in), "")
 			if tt.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.err) {
 					t.Fatalf("err = %v, want containing %q", err, tt.err)
@@ -203,7 +203,7 @@ func TestNetworkPolicy(t *testing.T) {
 			}
 		})
 	}
-	if _, err := NetworkPolicy(nil); err == nil {
+	if _, err := NetworkPolicy(nil, ""); err == nil {
 		t.Error("nil: no error")
 	}
 }
@@ -212,40 +212,56 @@ func TestNetworkPolicy(t *testing.T) {
 // Isthmus engine (namespace selection through the namespace labels in
 // identities, default deny without rules).
 func TestNetworkPolicyCompiles(t *testing.T) {
-	ident := func(id uint32, ns string, pod, nsLabels map[string]string) identity.Identity {
+	ident := func(id uint32, cluster, ns string, pod, nsLabels map[string]string) identity.Identity {
 		l, _ := PodLabels(pod, nsLabels)
 		l[identity.LabelNamespace] = ns
-		l[identity.LabelCluster] = "c1"
+		l[identity.LabelCluster] = cluster
 		return identity.Identity{ID: id, Labels: l}
 	}
 	ids := []identity.Identity{
-		ident(100, "shop", map[string]string{"app": "db"}, map[string]string{"kubernetes.io/metadata.name": "shop"}),
-		ident(101, "shop", map[string]string{"app": "web"}, map[string]string{"kubernetes.io/metadata.name": "shop"}),
-		ident(200, "ops", map[string]string{"app": "prom"}, map[string]string{"kubernetes.io/metadata.name": "ops", "team": "a"}),
-		ident(201, "ops", map[string]string{"app": "web"}, map[string]string{"kubernetes.io/metadata.name": "ops", "team": "a"}),
-		ident(300, "dev", map[string]string{"app": "prom"}, map[string]string{"kubernetes.io/metadata.name": "dev", "team": "b"}),
+		ident(100, "c1", "shop", map[string]string{"app": "db"}, map[string]string{"kubernetes.io/metadata.name": "shop"}),
+		ident(101, "c1", "shop", map[string]string{"app": "web"}, map[string]string{"kubernetes.io/metadata.name": "shop"}),
+		ident(200, "c1", "ops", map[string]string{"app": "prom"}, map[string]string{"kubernetes.io/metadata.name": "ops", "team": "a"}),
+		ident(201, "c1", "ops", map[string]string{"app": "web"}, map[string]string{"kubernetes.io/metadata.name": "ops", "team": "a"}),
+		ident(300, "c1", "dev", map[string]string{"app": "prom"}, map[string]string{"kubernetes.io/metadata.name": "dev", "team": "b"}),
+		// Another cluster's pods labelled as c1's admitted ones.
+		ident(0x20065, "c2", "shop", map[string]string{"app": "web"}, map[string]string{"kubernetes.io/metadata.name": "shop"}),
+		ident(0x200c8, "c2", "ops", map[string]string{"app": "prom"}, map[string]string{"kubernetes.io/metadata.name": "ops", "team": "a"}),
 	}
 	eps := []policy.Endpoint{{ID: 1, Namespace: "shop", Identity: 100, Labels: ids[0].Labels}, {ID: 2, Namespace: "shop", Identity: 101, Labels: ids[1].Labels}}
-	np, err := NetworkPolicy(k8sPolicy(networkingv1.NetworkPolicySpec{
+	spec := networkingv1.NetworkPolicySpec{
 		PodSelector: *app("db"),
 		PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress, networkingv1.PolicyTypeEgress},
 		Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{
 			{PodSelector: app("web")}, // shop's web only, not ops' web
 			{PodSelector: app("prom"), NamespaceSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"team": "a"}}}, // ops' prom, not dev's
 		}}},
-	}))
-	if err != nil {
-		t.Fatal(err)
 	}
-	res := policy.Compile([]objects.NetworkPolicy{np}, eps, ids, "c1")
-	want := []bpf.PolicyKey{
-		{EndpointID: 1, PeerIdentity: 101, Proto: bpf.ProtoAny, Direction: bpf.Ingress},
-		{EndpointID: 1, PeerIdentity: 200, Proto: bpf.ProtoAny, Direction: bpf.Ingress},
-	}
-	if !reflect.DeepEqual(res.Keys, want) {
-		t.Errorf("keys:\n got %v\nwant %v", res.Keys, want)
-	}
-	if !res.Ingress[1] || !res.Egress[1] || res.Ingress[2] || res.Egress[2] {
-		t.Errorf("enforcement: ingress %v egress %v", res.Ingress, res.Egress)
+	for _, tt := range []struct {
+		peersCluster string
+		want         []bpf.PolicyKey
+	}{
+		{"c1", []bpf.PolicyKey{ // the agent's default: c1's pods only
+			{EndpointID: 1, PeerIdentity: 101, Proto: bpf.ProtoAny, Direction: bpf.Ingress},
+			{EndpointID: 1, PeerIdentity: 200, Proto: bpf.ProtoAny, Direction: bpf.Ingress},
+		}},
+		{"", []bpf.PolicyKey{ // mesh-wide: c2's alike-labelled pods too
+			{EndpointID: 1, PeerIdentity: 101, Proto: bpf.ProtoAny, Direction: bpf.Ingress},
+			{EndpointID: 1, PeerIdentity: 200, Proto: bpf.ProtoAny, Direction: bpf.Ingress},
+			{EndpointID: 1, PeerIdentity: 0x20065, Proto: bpf.ProtoAny, Direction: bpf.Ingress},
+			{EndpointID: 1, PeerIdentity: 0x200c8, Proto: bpf.ProtoAny, Direction: bpf.Ingress},
+		}},
+	} {
+		np, err := NetworkPolicy(k8sPolicy(spec), tt.peersCluster)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res := policy.Compile([]objects.NetworkPolicy{np}, eps, ids, "c1")
+		if !reflect.DeepEqual(res.Keys, tt.want) {
+			t.Errorf("peers of cluster %q: keys:\n got %v\nwant %v", tt.peersCluster, res.Keys, tt.want)
+		}
+		if !res.Ingress[1] || !res.Egress[1] || res.Ingress[2] || res.Egress[2] {
+			t.Errorf("enforcement: ingress %v egress %v", res.Ingress, res.Egress)
+		}
 	}
 }

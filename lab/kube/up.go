@@ -18,12 +18,15 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/dynamic"
 	"sigs.k8s.io/yaml"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
 	"github.com/isthmus-mesh/isthmus/connectivity"
 	"github.com/isthmus-mesh/isthmus/internal/ociimage"
+	"github.com/isthmus-mesh/isthmus/k8s/apis/v1alpha1"
 	"github.com/isthmus-mesh/isthmus/lab"
 )
 
@@ -233,7 +236,7 @@ func Up(ctx context.Context, o UpOptions) (kl *Lab, st *lab.State, err error) {
 	}
 
 	st.Service = lab.StateService{Name: "echo", Namespace: "default", VIPs: ServiceVIPs, Port: 80, TargetPort: connectivity.EchoPort}
-	st.Policy = "default/echo-from-echo (networking.k8s.io/v1)"
+	st.Policy = "default/echo-from-echo (networking.k8s.io/v1) and default/echo-from-mesh (isthmus.io/v1alpha1)"
 	for i, c := range kl.Clusters {
 		k := kl.Kube[i]
 		sc := lab.StateCluster{Name: c.Name, ID: c.ID, Server: serverURL(c), Router: c.Router.FullName(), PodCIDRs: c.PodCIDRs(),
@@ -250,7 +253,7 @@ func Up(ctx context.Context, o UpOptions) (kl *Lab, st *lab.State, err error) {
 		st.Clusters = append(st.Clusters, sc)
 	}
 
-	step("workload in every cluster: %d echo pods per node, one denied pod, Service default/echo (global, ClusterIPs %s and %s), NetworkPolicy default/echo-from-echo",
+	step("workload in every cluster: %d echo pods per node, one denied pod, Service default/echo (global, ClusterIPs %s and %s), NetworkPolicies default/echo-from-echo and default/echo-from-mesh",
 		o.PodsPerNode, ServiceVIPs[0], ServiceVIPs[1])
 	pods := make([][]lab.StatePod, len(kl.Clusters))
 	err = lab.Parallel(len(kl.Clusters), func(i int) error {
@@ -497,6 +500,28 @@ func deployWorkload(ctx context.Context, c *lab.Cluster, k *Cluster, sc lab.Stat
 	}
 	if _, err := cs.NetworkingV1().NetworkPolicies("default").Create(ctx, np, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		return nil, fmt.Errorf("lab: cluster %s: NetworkPolicy: %w", c.Name, err)
+	}
+	// A Kubernetes NetworkPolicy admits its own cluster's pods (the
+	// agents' default, --kubernetes-policy-peers=cluster): the echo pods
+	// of the other clusters are admitted by an isthmus.io NetworkPolicy,
+	// whose selectors span the mesh unless they name a cluster.
+	dyn, err := dynamic.NewForConfig(k.Config)
+	if err != nil {
+		return nil, fmt.Errorf("lab: cluster %s: %w", c.Name, err)
+	}
+	mesh := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": v1alpha1.GroupVersion.String(), "kind": "NetworkPolicy",
+		"metadata": map[string]any{"name": "echo-from-mesh", "namespace": "default"},
+		"spec": map[string]any{
+			"endpointSelector": map[string]any{"matchLabels": map[string]any{"app": "echo"}},
+			"ingress": []any{map[string]any{
+				"fromEndpoints": []any{map[string]any{"matchLabels": map[string]any{"app": "echo"}}},
+				"toPorts":       []any{map[string]any{"port": int64(connectivity.EchoPort), "protocol": "TCP"}},
+			}},
+		},
+	}}
+	if _, err := dyn.Resource(v1alpha1.NetworkPolicyResource).Namespace("default").Create(ctx, mesh, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return nil, fmt.Errorf("lab: cluster %s: isthmus.io NetworkPolicy: %w", c.Name, err)
 	}
 	dual := corev1.IPFamilyPolicyRequireDualStack
 	svc := &corev1.Service{

@@ -725,6 +725,52 @@ func TestKubernetesMode(t *testing.T) {
 		checkServiceImports(t, e, "echo-exported")
 	})
 
+	// A client in c2 labelled like c1's (app=client).
+	if _, err := e.k2.Client.AppsV1().Deployments("default").Create(ctx, echoDeployment("c2", "client", 1, map[string]string{"app": "client"}), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c2client := e.endpointOf(e.c2, e.podsOf(e.k2, "app=client", 1)[0])
+
+	t.Run("a Kubernetes NetworkPolicy admits its own cluster's pods, not another cluster's labelled alike", func(t *testing.T) {
+		// In c2: echo admits app=client. c2's client is admitted, c1's
+		// (same labels, same namespace) is not: the agents' default
+		// --kubernetes-policy-peers=cluster.
+		np := &networkingv1.NetworkPolicy{
+			ObjectMeta: metav1.ObjectMeta{Name: "echo-from-client"},
+			Spec: networkingv1.NetworkPolicySpec{
+				PodSelector: metav1.LabelSelector{MatchLabels: echoLabels},
+				PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress},
+				Ingress: []networkingv1.NetworkPolicyIngressRule{{
+					From: []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "client"}}}},
+				}},
+			},
+		}
+		if _, err := e.k2.Client.NetworkingV1().NetworkPolicies("default").Create(ctx, np, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		dst := netip.AddrPortFrom(podAddr(echo2[0], false), connectivity.EchoPort)
+		if err := eventually(20*time.Second, func() error {
+			if _, err := e.fetch(clEP.Netns, dst); err == nil {
+				return errors.New("c1's app=client still admitted")
+			}
+			return nil
+		}); err != nil {
+			t.Error(err)
+		}
+		if _, err := e.fetch(c2client.Netns, dst); err != nil {
+			t.Errorf("c2's app=client -> c2 echo under the policy: %v", err)
+		}
+		if err := e.k2.Client.NetworkingV1().NetworkPolicies("default").Delete(ctx, np.Name, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := eventually(20*time.Second, func() error {
+			_, err := e.fetch(clEP.Netns, dst)
+			return err
+		}); err != nil {
+			t.Errorf("c1 client -> c2 echo after the policy was deleted: %v", err)
+		}
+	})
+
 	t.Run("an Isthmus NetworkPolicy admits only one cluster's clients", func(t *testing.T) {
 		// c2's echo pods admit clients of c1 only... none of c2's.
 		dyn, err := dynamic.NewForConfig(e.k2.Config)
@@ -745,10 +791,6 @@ func TestKubernetesMode(t *testing.T) {
 		if _, err := dyn.Resource(gvr).Namespace("default").Create(ctx, pol, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := e.k2.Client.AppsV1().Deployments("default").Create(ctx, echoDeployment("c2", "client", 1, map[string]string{"app": "client"}), metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		c2client := e.endpointOf(e.c2, e.podsOf(e.k2, "app=client", 1)[0])
 		dst := netip.AddrPortFrom(podAddr(echo2[0], false), connectivity.EchoPort)
 		if err := eventually(20*time.Second, func() error {
 			if _, err := e.fetch(c2client.Netns, dst); err == nil {

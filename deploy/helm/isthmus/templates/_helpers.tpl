@@ -77,6 +77,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- if not (has .Values.encryption.type (list "none" "wireguard")) -}}
 {{- fail "encryption.type must be none or wireguard" -}}
 {{- end -}}
+{{- if not (has .Values.agent.kubernetesPolicyPeers (list "cluster" "mesh")) -}}
+{{- fail "agent.kubernetesPolicyPeers must be cluster or mesh" -}}
+{{- end -}}
 {{- if .Values.clustermesh.externalEtcd.endpoints -}}
 {{- if not .Values.clustermesh.externalEtcd.secretName -}}
 {{- fail "clustermesh.externalEtcd.secretName: the Secret with the server's credential (ca.crt, client.crt, client.key) for the external etcd" -}}
