@@ -177,8 +177,20 @@ func TestRemoteFloodCapped(t *testing.T) {
 		t.Fatal(err)
 	}
 	put(t, c, remoteIPKey(t, "c3", "10.3.0.1/32"), ipRec(t, "c3", "10.3.0.1", 3<<20|1, "198.51.100.9"))
+	// In use too, not only counted: the canaries may be read after the
+	// entries (each kind has its own watch).
+	inUse := func(cluster string) int {
+		n := 0
+		for _, e := range tables.IPCache() {
+			if e.Cluster == cluster {
+				n++
+			}
+		}
+		return n
+	}
 	eventually(t, "c2 capped, c3 flowing", func() bool {
-		return clusterStatus(tables, "c2").Endpoints == limit && clusterStatus(tables, "c3").Endpoints == 1
+		return clusterStatus(tables, "c2").Endpoints == limit && clusterStatus(tables, "c3").Endpoints == 1 &&
+			inUse("c2") == limit && inUse("c3") == 1
 	})
 	if r := refusal(tables, "c2", records.ReasonOverCap); r.Now != 15 || r.Total != 15 {
 		t.Errorf("over-cap %+v", r)
