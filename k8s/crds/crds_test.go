@@ -47,7 +47,7 @@ func TestAll(t *testing.T) {
 			}
 		}
 	}
-	for _, p := range []string{"networkpolicies", "serviceexports", "serviceimports"} {
+	for _, p := range []string{"networkpolicies", "loadbalancerippools", "bgppeeringpolicies", "l2announcementpolicies", "externalworkloads", "serviceexports", "serviceimports"} {
 		if !plurals[p] {
 			t.Errorf("no %s CRD among %v", p, plurals)
 		}
