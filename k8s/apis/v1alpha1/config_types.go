@@ -265,7 +265,7 @@ type L2AnnouncementPolicyList struct {
 
 // L2AnnouncementPolicySpec mirrors objects.L2AnnouncementPolicySpec.
 //
-// +kubebuilder:validation:XValidation:rule="has(self.interfaces) && size(self.interfaces) > 0 ? !has(self.interfaceRegex) || self.interfaceRegex == ” : has(self.interfaceRegex) && self.interfaceRegex != ”",message="give interfaces or interfaceRegex, exactly one"
+// +kubebuilder:validation:XValidation:rule="has(self.interfaces) && size(self.interfaces) > 0 ? !has(self.interfaceRegex) || size(self.interfaceRegex) == 0 : has(self.interfaceRegex) && size(self.interfaceRegex) > 0",message="give interfaces or interfaceRegex, exactly one"
 // +kubebuilder:validation:XValidation:rule="!has(self.loadBalancerIPs) || !has(self.externalIPs) || self.loadBalancerIPs || self.externalIPs",message="loadBalancerIPs and externalIPs are both false: the policy would announce nothing"
 type L2AnnouncementPolicySpec struct {
 	// ServiceSelector picks services by their labels (plus
