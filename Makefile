@@ -46,6 +46,7 @@ generate:
 crds:
 	$(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_GEN_VERSION) \
 		object paths=./k8s/apis/... crd:crdVersions=v1 output:crd:dir=./k8s/crds
+	cp k8s/crds/*.yaml deploy/helm/isthmus/crds/
 
 test: lint kube-binaries helm
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...

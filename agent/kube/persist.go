@@ -19,6 +19,10 @@ import (
 type stateFile struct {
 	Services map[string]objects.Service       `json:"services"`
 	Policies map[string]objects.NetworkPolicy `json:"policies"`
+	// BGP and L2 policies (isthmus.io custom resources), so a restarted
+	// agent keeps announcing until its informers have listed.
+	BGP map[string]objects.BGPPeeringPolicy     `json:"bgp,omitempty"`
+	L2  map[string]objects.L2AnnouncementPolicy `json:"l2,omitempty"`
 }
 
 // Load reads the objects the previous run persisted and serves them until
@@ -53,6 +57,18 @@ func (s *Source) Load() error {
 		}
 		objs[k] = &v
 	}
+	for k, v := range st.BGP {
+		if !strings.HasPrefix(k, objects.KindBGPPeeringPolicy+"/") {
+			return fmt.Errorf("kubernetes: %s: BGP policy key %q", s.cfg.StateFile, k)
+		}
+		objs[k] = &v
+	}
+	for k, v := range st.L2 {
+		if !strings.HasPrefix(k, objects.KindL2AnnouncementPolicy+"/") {
+			return fmt.Errorf("kubernetes: %s: L2 policy key %q", s.cfg.StateFile, k)
+		}
+		objs[k] = &v
+	}
 	s.snap.Store(&snapshot{objs: objs, gen: 1})
 	return nil
 }
@@ -65,13 +81,18 @@ func (s *Source) saveLoop(ctx context.Context) {
 		case <-s.save:
 		}
 		objs, _ := s.Objects()
-		st := stateFile{Services: map[string]objects.Service{}, Policies: map[string]objects.NetworkPolicy{}}
+		st := stateFile{Services: map[string]objects.Service{}, Policies: map[string]objects.NetworkPolicy{},
+			BGP: map[string]objects.BGPPeeringPolicy{}, L2: map[string]objects.L2AnnouncementPolicy{}}
 		for k, o := range objs {
 			switch o := o.(type) {
 			case *objects.Service:
 				st.Services[k] = *o
 			case *objects.NetworkPolicy:
 				st.Policies[k] = *o
+			case *objects.BGPPeeringPolicy:
+				st.BGP[k] = *o
+			case *objects.L2AnnouncementPolicy:
+				st.L2[k] = *o
 			}
 		}
 		raw, err := json.Marshal(st)

@@ -8,6 +8,13 @@
 //	Service + EndpointSlice        → Services served by the eBPF datapath
 //	networking.k8s.io NetworkPolicy→ policies with Kubernetes semantics
 //	isthmus.io NetworkPolicy (CRD) → policies with Isthmus semantics
+//	isthmus.io BGPPeeringPolicy,   → the node's BGP speaker and ARP/NDP
+//	L2AnnouncementPolicy (CRDs)       answers (as applied in cluster mode)
+//
+// The addresses of a LoadBalancer Service are those of its
+// status.loadBalancer.ingress, which the clustermesh server writes from
+// LB-IPAM's assignment (k8s/translate). LoadBalancerIPPools and
+// ExternalWorkloads concern the server only.
 //
 // Objects are translated by package k8s/translate, one object per event:
 // a change costs the object it touches, and the result is handed to the
@@ -306,6 +313,22 @@ func (s *Source) Run(ctx context.Context) error {
 	// The CRD: only once the API serves it (it is installed with the
 	// chart; an agent started before it waits for it).
 	crdSynced := s.startDynamic(ctx, v1alpha1.NetworkPolicyResource, "isthmus.io NetworkPolicy", s.crdPolicyChanged, nil)
+	bgpSynced := s.startDynamic(ctx, v1alpha1.BGPPeeringPolicyResource, "isthmus.io BGPPeeringPolicy", s.configChanged(func(u *unstructured.Unstructured) (objects.Object, error) {
+		var p v1alpha1.BGPPeeringPolicy
+		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, &p); err != nil {
+			return nil, fmt.Errorf("decode: %w", err)
+		}
+		o, err := p.ToObject()
+		return &o, err
+	}), nil)
+	l2Synced := s.startDynamic(ctx, v1alpha1.L2AnnouncementPolicyResource, "isthmus.io L2AnnouncementPolicy", s.configChanged(func(u *unstructured.Unstructured) (objects.Object, error) {
+		var p v1alpha1.L2AnnouncementPolicy
+		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, &p); err != nil {
+			return nil, fmt.Errorf("decode: %w", err)
+		}
+		o, err := p.ToObject()
+		return &o, err
+	}), nil)
 	exportsSynced := s.startDynamic(ctx, mcs.ServiceExports, "multicluster.x-k8s.io ServiceExport", func(o any, _ bool) {
 		s.serviceChanged(metaKey(o))
 	}, func(idx cache.Indexer) { s.exports.Store(&idx) })
@@ -313,7 +336,7 @@ func (s *Source) Run(ctx context.Context) error {
 	if !cache.WaitForCacheSync(ctx.Done(), podInf.HasSynced, nsInf.HasSynced, svcInf.HasSynced, sliceInf.HasSynced, npInf.HasSynced) {
 		return ctx.Err()
 	}
-	for _, ch := range []<-chan struct{}{crdSynced, exportsSynced} {
+	for _, ch := range []<-chan struct{}{crdSynced, bgpSynced, l2Synced, exportsSynced} {
 		select {
 		case <-ch:
 		case <-ctx.Done():
@@ -543,6 +566,30 @@ func (s *Source) crdPolicyChanged(o any, deleted bool) {
 		return
 	}
 	s.set(key, &out, "", nil)
+}
+
+// configChanged returns the handler of a cluster-scoped isthmus.io kind
+// the agent uses as it is (BGP and L2 policies): convert, validated, kept
+// under its objects.Key. A refused one is left out (its Ready condition is
+// the server's).
+func (s *Source) configChanged(convert func(*unstructured.Unstructured) (objects.Object, error)) func(o any, deleted bool) {
+	return func(o any, deleted bool) {
+		u, ok := o.(*unstructured.Unstructured)
+		if !ok {
+			return
+		}
+		key := u.GetKind() + "/" + objects.DefaultNamespace + "/" + u.GetName()
+		if deleted {
+			s.set(key, nil, "", nil)
+			return
+		}
+		out, err := convert(u)
+		if err != nil {
+			s.set(key, nil, u.GetResourceVersion(), err)
+			return
+		}
+		s.set(key, out, "", nil)
+	}
 }
 
 // CRDPolicy converts an isthmus.io NetworkPolicy read through the dynamic

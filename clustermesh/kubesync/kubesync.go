@@ -44,6 +44,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/clustermesh/servicesync"
 	"github.com/isthmus-mesh/isthmus/k8s/apis/mcs"
 	"github.com/isthmus-mesh/isthmus/k8s/apis/v1alpha1"
@@ -79,6 +80,9 @@ type Syncer struct {
 	kick    chan struct{}
 	written map[string][]byte // config key -> value last written
 	synced  bool
+	// lb: LB-IPAM's assignments by ns/name, once listed (lbListed).
+	lb       map[string]records.LBAssignment
+	lbListed bool
 }
 
 // New makes a syncer.
@@ -95,7 +99,8 @@ func New(cfg Config) (*Syncer, error) {
 		cfg.Log = slog.Default()
 	}
 	return &Syncer{cfg: cfg, log: cfg.Log.With("source", "kubernetes"), client: client, dyn: dyn,
-		dirty: map[string]bool{}, kick: make(chan struct{}, 1), written: map[string][]byte{}}, nil
+		dirty: map[string]bool{}, kick: make(chan struct{}, 1), written: map[string][]byte{},
+		lb: map[string]records.LBAssignment{}}, nil
 }
 
 // Run syncs until ctx ends.
@@ -193,6 +198,8 @@ func (s *Syncer) Run(ctx context.Context) error {
 	ictx, stopImports := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	defer func() { stopImports(); wg.Wait() }()
+	wg.Go(func() { s.runConfigKinds(ictx, df) })
+	wg.Go(func() { s.watchLB(ictx, mark) })
 	if kubeclient.Served(s.client.Discovery(), mcs.ServiceImports) {
 		wg.Go(func() { s.runImports(ictx, svcInf) })
 	} else {
@@ -286,6 +293,13 @@ func (s *Syncer) flush(ctx context.Context) error {
 }
 
 func (s *Syncer) syncOne(ctx context.Context, nsname string) error {
+	if err := s.syncConfig(ctx, nsname); err != nil {
+		return err
+	}
+	return s.syncLBStatus(ctx, nsname)
+}
+
+func (s *Syncer) syncConfig(ctx context.Context, nsname string) error {
 	key := configKey(nsname)
 	want, err := s.desired(nsname)
 	if err != nil {
@@ -328,7 +342,7 @@ func (s *Syncer) desired(nsname string) ([]byte, error) {
 	if s.exports != nil {
 		_, exported, _ = s.exports.GetByKey(nsname)
 	}
-	if !exported && !strings.EqualFold(strings.TrimSpace(svc.Annotations[servicesync.AnnotationGlobal]), "true") {
+	if !exported && !strings.EqualFold(strings.TrimSpace(svc.Annotations[servicesync.AnnotationGlobal]), "true") && !isLoadBalancer(svc) {
 		return nil, nil
 	}
 	var sl []*discoveryv1.EndpointSlice
@@ -341,6 +355,9 @@ func (s *Syncer) desired(nsname string) ([]byte, error) {
 		return nil, err
 	}
 	out.APIVersion, out.Kind = objects.APIVersion, objects.KindService
+	// The status (the addresses LB-IPAM assigned, read back from the
+	// Service) is LB-IPAM's output, not its input.
+	out.Status = objects.ServiceStatus{}
 	if out.Metadata.Annotations == nil {
 		out.Metadata.Annotations = map[string]string{}
 	}

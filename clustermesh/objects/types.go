@@ -383,3 +383,10 @@ func namespaceOrDefault(ns string) string {
 	}
 	return ns
 }
+
+// Normalize fills in the defaults Decode fills in once an object is valid
+// (BGP timers and ports, L2 address switches, upper-case protocols). An
+// object converted from another source (the custom resources of k8s/apis)
+// is so stored exactly as `isthmus apply` would store it. Call it on an
+// object Validate accepts.
+func Normalize(o interface{ normalize() }) { o.normalize() }

@@ -262,15 +262,21 @@ func TestTemplateDefaults(t *testing.T) {
 		"discovery.k8s.io/endpointslices/:list", "discovery.k8s.io/endpointslices/:watch",
 		"networking.k8s.io/networkpolicies/:list", "networking.k8s.io/networkpolicies/:watch",
 		"isthmus.io/networkpolicies/:list", "isthmus.io/networkpolicies/:watch",
+		"isthmus.io/bgppeeringpolicies/:list", "isthmus.io/bgppeeringpolicies/:watch",
+		"isthmus.io/l2announcementpolicies/:list", "isthmus.io/l2announcementpolicies/:watch",
 		"multicluster.x-k8s.io/serviceexports/:list", "multicluster.x-k8s.io/serviceexports/:watch",
 	})
 	checkRules(t, r, "ClusterRole/rel-isthmus-clustermesh", []string{
-		"/services/:list", "/services/:watch",
+		"/services/:list", "/services/:watch", "/services/status/:update",
 		"discovery.k8s.io/endpointslices/:list", "discovery.k8s.io/endpointslices/:watch",
 		"networking.k8s.io/networkpolicies/:list", "networking.k8s.io/networkpolicies/:watch",
 		"multicluster.x-k8s.io/serviceexports/:list", "multicluster.x-k8s.io/serviceexports/:watch",
 		"isthmus.io/networkpolicies/:list", "isthmus.io/networkpolicies/:watch",
 		"isthmus.io/networkpolicies/status/:update",
+		"isthmus.io/loadbalancerippools/:list", "isthmus.io/loadbalancerippools/:watch", "isthmus.io/loadbalancerippools/status/:update",
+		"isthmus.io/bgppeeringpolicies/:list", "isthmus.io/bgppeeringpolicies/:watch", "isthmus.io/bgppeeringpolicies/status/:update",
+		"isthmus.io/l2announcementpolicies/:list", "isthmus.io/l2announcementpolicies/:watch", "isthmus.io/l2announcementpolicies/status/:update",
+		"isthmus.io/externalworkloads/:list", "isthmus.io/externalworkloads/:watch", "isthmus.io/externalworkloads/status/:update",
 		"/events/:create",
 	})
 	var role rbacv1.Role
@@ -329,7 +335,8 @@ func TestTemplateDefaults(t *testing.T) {
 	if _, ok := r["Job/rel-isthmus-mesh-peers"]; ok {
 		t.Error("a mesh-peers job without peers")
 	}
-	for _, crd := range []string{"networkpolicies.isthmus.io", "serviceexports.multicluster.x-k8s.io", "serviceimports.multicluster.x-k8s.io"} {
+	for _, crd := range []string{"networkpolicies.isthmus.io", "loadbalancerippools.isthmus.io", "bgppeeringpolicies.isthmus.io",
+		"l2announcementpolicies.isthmus.io", "externalworkloads.isthmus.io", "serviceexports.multicluster.x-k8s.io", "serviceimports.multicluster.x-k8s.io"} {
 		if _, ok := r["CustomResourceDefinition/"+crd]; !ok {
 			t.Errorf("CRD %s not in the chart", crd)
 		}

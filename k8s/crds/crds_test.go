@@ -1,6 +1,7 @@
 package crds
 
 import (
+	"strings"
 	"testing"
 
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -47,9 +48,20 @@ func TestAll(t *testing.T) {
 			}
 		}
 	}
-	for _, p := range []string{"networkpolicies", "serviceexports", "serviceimports"} {
+	for _, p := range []string{"networkpolicies", "loadbalancerippools", "bgppeeringpolicies", "l2announcementpolicies", "externalworkloads", "serviceexports", "serviceimports"} {
 		if !plurals[p] {
 			t.Errorf("no %s CRD among %v", p, plurals)
+		}
+	}
+}
+
+// gofmt rewrites '' and `` in doc comments as typographic quotes, which
+// would turn a CEL rule of a kubebuilder marker into one the API server
+// refuses: the markers must not hold them.
+func TestNoTypographicQuotes(t *testing.T) {
+	for i, b := range All() {
+		if s := string(b); strings.ContainsAny(s, "\u201c\u201d") {
+			t.Errorf("CRD %d holds a typographic quote (a marker with '' or `` that gofmt rewrote): write the rule without them", i)
 		}
 	}
 }

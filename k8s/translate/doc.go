@@ -29,7 +29,13 @@
 // isthmus.io/affinity annotations are kept. The node ports of NodePort and
 // LoadBalancer Services are carried (type NodePort, with
 // externalTrafficPolicy) when every port has one in 30000-32767; else they
-// are left out with a warning. Load-balancer and external IPs are not.
+// are left out with a warning. A LoadBalancer Service without
+// spec.loadBalancerClass is an Isthmus LoadBalancer Service: its
+// spec.loadBalancerIP is requested from LB-IPAM (loadBalancerIPs) and the
+// IPs of its status.loadBalancer.ingress (which the clustermesh server
+// writes from LB-IPAM's assignment) are served, as its spec.externalIPs
+// are for any type; an address that is not unicast or is listed twice is
+// left out with a warning.
 //
 // NetworkPolicies. Kubernetes semantics on the Isthmus engine: the
 // podSelector selects pods of the policy's namespace; policyTypes

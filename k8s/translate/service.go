@@ -112,6 +112,7 @@ func ServiceWithWarnings(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) 
 	}
 
 	warnings = append(warnings, nodePorts(svc, &out)...)
+	warnings = append(warnings, external(svc, &out)...)
 
 	// Backends: ready addresses of the slices not left out.
 	seen := map[netip.Addr]bool{}
@@ -151,11 +152,10 @@ func ServiceWithWarnings(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) 
 
 // nodePorts carries the node ports of a NodePort or LoadBalancer Service
 // (and its externalTrafficPolicy) into out, whose ports were translated in
-// the Service's order: out becomes an Isthmus NodePort Service. A
-// LoadBalancer's load-balancer addresses are not carried (not served in
-// Kubernetes mode), so the type says only what is served. The node ports
-// are left out, with a warning and the cluster IPs still served, when
-// Isthmus cannot serve them: a port without one (a LoadBalancer with
+// the Service's order: out becomes an Isthmus NodePort Service (external
+// makes a LoadBalancer one a LoadBalancer again). The node ports are left
+// out, with a warning and the cluster IPs still served, when Isthmus
+// cannot serve them: a port without one (a LoadBalancer with
 // allocateLoadBalancerNodePorts false), or one outside Isthmus's fixed
 // range (an API server with another --service-node-port-range).
 func nodePorts(svc *corev1.Service, out *objects.Service) []string {
@@ -186,6 +186,73 @@ func nodePorts(svc *corev1.Service, out *objects.Service) []string {
 		out.Spec.ExternalTrafficPolicy = objects.TrafficPolicyLocal
 	}
 	return nil
+}
+
+// external carries the addresses a Service answers on from outside the
+// mesh: for type LoadBalancer (with no spec.loadBalancerClass: another
+// class is another controller's), the requested spec.loadBalancerIP and
+// the addresses of status.loadBalancer.ingress (written by the clustermesh
+// server from LB-IPAM's assignment; the agents serve what the status
+// says, as kube-proxy does), with externalTrafficPolicy; for every type,
+// spec.externalIPs. Addresses Isthmus cannot serve (not unicast, already
+// a VIP, a second one of a family) are left out with a warning.
+func external(svc *corev1.Service, out *objects.Service) []string {
+	where := svc.Namespace + "/" + svc.Name
+	var warnings []string
+	vips := map[netip.Addr]bool{}
+	vipFamilies := map[bool]bool{}
+	for _, v := range out.Spec.VIPs {
+		if a, err := netip.ParseAddr(v); err == nil {
+			vips[a] = true
+			vipFamilies[a.Is4()] = true
+		}
+	}
+	// usable parses v and reports whether it is a unicast address not in
+	// seen (which it joins).
+	usable := func(field, v string, seen map[netip.Addr]bool) (netip.Addr, bool) {
+		a, err := netip.ParseAddr(v)
+		switch {
+		case err != nil || a.Zone() != "" || a.Is4In6() || a.IsUnspecified() || a.IsMulticast() || a.IsLoopback():
+			warnings = append(warnings, fmt.Sprintf("service %s: %s %q is not a unicast IP address: not served", where, field, v))
+		case seen[a]:
+			warnings = append(warnings, fmt.Sprintf("service %s: %s %s is listed twice (or is a cluster IP): served once", where, field, a))
+		default:
+			seen[a] = true
+			return a, true
+		}
+		return a, false
+	}
+	// The spec's lists may not share addresses (objects.Service.Validate);
+	// the status is what was assigned, so it holds the requested address.
+	spec := maps.Clone(vips)
+	if svc.Spec.Type == corev1.ServiceTypeLoadBalancer && svc.Spec.LoadBalancerClass == nil {
+		out.Spec.Type = objects.ServiceTypeLoadBalancer
+		if svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal {
+			out.Spec.ExternalTrafficPolicy = objects.TrafficPolicyLocal
+		}
+		if v := svc.Spec.LoadBalancerIP; v != "" {
+			if a, ok := usable("spec.loadBalancerIP", v, spec); ok && vipFamilies[a.Is4()] {
+				out.Spec.LoadBalancerIPs = []string{a.String()}
+			} else if ok {
+				warnings = append(warnings, fmt.Sprintf("service %s: spec.loadBalancerIP %s: the service has no cluster IP of its family: not requested", where, a))
+			}
+		}
+		status := maps.Clone(vips)
+		for i, in := range svc.Status.LoadBalancer.Ingress {
+			if in.IP == "" {
+				continue // a hostname: another controller's
+			}
+			if a, ok := usable(fmt.Sprintf("status.loadBalancer.ingress[%d].ip", i), in.IP, status); ok {
+				out.Status.LoadBalancer.Ingress = append(out.Status.LoadBalancer.Ingress, objects.LoadBalancerIngress{IP: a.String()})
+			}
+		}
+	}
+	for i, v := range svc.Spec.ExternalIPs {
+		if a, ok := usable(fmt.Sprintf("spec.externalIPs[%d]", i), v, spec); ok {
+			out.Spec.ExternalIPs = append(out.Spec.ExternalIPs, a.String())
+		}
+	}
+	return warnings
 }
 
 // serviceProtocol maps a Kubernetes protocol (empty = TCP) to the Isthmus

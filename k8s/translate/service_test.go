@@ -152,6 +152,7 @@ func TestService(t *testing.T) {
 			served: true,
 			want: base(func(s *objects.Service) {
 				s.Metadata.Annotations = map[string]string{"isthmus.io/global": "true", "isthmus.io/affinity": "local", "isthmus.io/shared": "false"}
+				s.Spec.Type = objects.ServiceTypeLoadBalancer
 			}),
 		},
 		{
@@ -172,7 +173,7 @@ func TestService(t *testing.T) {
 			}),
 		},
 		{
-			name: "LoadBalancer: its node ports served (Cluster is the default), not its load-balancer addresses",
+			name: "LoadBalancer: its node ports and its status's addresses served (Cluster is the default)",
 			svc: k8sService(func(s *corev1.Service) {
 				s.Spec.Type = corev1.ServiceTypeLoadBalancer
 				s.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyCluster
@@ -181,8 +182,52 @@ func TestService(t *testing.T) {
 			}),
 			served: true,
 			want: base(func(s *objects.Service) {
+				s.Spec.Type = objects.ServiceTypeLoadBalancer
+				s.Spec.Ports[0].NodePort = 31000
+				s.Status.LoadBalancer.Ingress = []objects.LoadBalancerIngress{{IP: "203.0.113.7"}}
+			}),
+		},
+		{
+			name: "LoadBalancer: loadBalancerIP requested, Local, externalIPs; hostnames and bad addresses left out",
+			svc: k8sService(func(s *corev1.Service) {
+				s.Spec.Type = corev1.ServiceTypeLoadBalancer
+				s.Spec.ClusterIPs = []string{"10.96.0.10", "fd00:96::10"}
+				s.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal
+				s.Spec.LoadBalancerIP = "203.0.113.9"
+				s.Spec.ExternalIPs = []string{"198.51.100.1", "224.0.0.1", "10.96.0.10", "203.0.113.9"}
+				s.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{{IP: "203.0.113.9"}, {Hostname: "lb.example"}, {IP: "2001:db8::9"}, {IP: "2001:db8::9"}}
+			}),
+			served: true,
+			want: base(func(s *objects.Service) {
+				s.Spec.VIPs = []string{"10.96.0.10", "fd00:96::10"}
+				s.Spec.Type = objects.ServiceTypeLoadBalancer
+				s.Spec.ExternalTrafficPolicy = objects.TrafficPolicyLocal
+				s.Spec.LoadBalancerIPs = []string{"203.0.113.9"}
+				s.Spec.ExternalIPs = []string{"198.51.100.1"}
+				// The requested address is also the assigned one.
+				s.Status.LoadBalancer.Ingress = []objects.LoadBalancerIngress{{IP: "203.0.113.9"}, {IP: "2001:db8::9"}}
+			}),
+			warnings: []string{
+				"service shop/web: status.loadBalancer.ingress[3].ip 2001:db8::9 is listed twice (or is a cluster IP): served once",
+				`service shop/web: spec.externalIPs[1] "224.0.0.1" is not a unicast IP address: not served`,
+				"service shop/web: spec.externalIPs[2] 10.96.0.10 is listed twice (or is a cluster IP): served once",
+				"service shop/web: spec.externalIPs[3] 203.0.113.9 is listed twice (or is a cluster IP): served once",
+			},
+		},
+		{
+			name: "LoadBalancer of another class: node ports only; externalIPs of a ClusterIP service carried",
+			svc: k8sService(func(s *corev1.Service) {
+				s.Spec.Type = corev1.ServiceTypeLoadBalancer
+				s.Spec.LoadBalancerClass = ptr("example.com/lb")
+				s.Spec.Ports[0].NodePort = 31000
+				s.Spec.ExternalIPs = []string{"198.51.100.1"}
+				s.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{{IP: "203.0.113.7"}}
+			}),
+			served: true,
+			want: base(func(s *objects.Service) {
 				s.Spec.Type = objects.ServiceTypeNodePort
 				s.Spec.Ports[0].NodePort = 31000
+				s.Spec.ExternalIPs = []string{"198.51.100.1"}
 			}),
 		},
 		{
@@ -204,6 +249,7 @@ func TestService(t *testing.T) {
 			served: true,
 			want: base(func(s *objects.Service) {
 				s.Spec.Ports = append(s.Spec.Ports, objects.ServicePort{Name: "https", Port: 443, Protocol: "TCP"})
+				s.Spec.Type = objects.ServiceTypeLoadBalancer
 			}),
 			warnings: []string{"service shop/web: spec.ports[0] has no nodePort: node ports not served"},
 		},

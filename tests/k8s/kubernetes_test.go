@@ -659,6 +659,10 @@ func TestKubernetesMode(t *testing.T) {
 		}
 	})
 
+	t.Run("isthmus.io custom resources and LoadBalancer Services", func(t *testing.T) {
+		checkCustomResources(t, e, echoLabels)
+	})
+
 	// Two clusters.
 	step(t, "connecting c1 and c2")
 	if err := lab.Connect(ctx, e.c1, e.c2); err != nil {

@@ -18,6 +18,15 @@ var SchemeGroupVersion = GroupVersion
 // NetworkPolicyResource is the resource of NetworkPolicy, for dynamic clients.
 var NetworkPolicyResource = GroupVersion.WithResource("networkpolicies")
 
+// Resources of the kinds the clustermesh server converts into the
+// cluster's etcd (config_types.go), for dynamic clients.
+var (
+	LoadBalancerIPPoolResource   = GroupVersion.WithResource("loadbalancerippools")
+	BGPPeeringPolicyResource     = GroupVersion.WithResource("bgppeeringpolicies")
+	L2AnnouncementPolicyResource = GroupVersion.WithResource("l2announcementpolicies")
+	ExternalWorkloadResource     = GroupVersion.WithResource("externalworkloads")
+)
+
 var (
 	// SchemeBuilder registers this package's kinds.
 	SchemeBuilder = runtime.NewSchemeBuilder(addKnownTypes)
@@ -31,7 +40,11 @@ func Resource(resource string) schema.GroupResource {
 }
 
 func addKnownTypes(s *runtime.Scheme) error {
-	s.AddKnownTypes(GroupVersion, &NetworkPolicy{}, &NetworkPolicyList{})
+	s.AddKnownTypes(GroupVersion, &NetworkPolicy{}, &NetworkPolicyList{},
+		&LoadBalancerIPPool{}, &LoadBalancerIPPoolList{},
+		&BGPPeeringPolicy{}, &BGPPeeringPolicyList{},
+		&L2AnnouncementPolicy{}, &L2AnnouncementPolicyList{},
+		&ExternalWorkload{}, &ExternalWorkloadList{})
 	metav1.AddToGroupVersion(s, GroupVersion)
 	return nil
 }
