@@ -300,6 +300,15 @@ func (s *Server) startEmbedded(ctx context.Context) error {
 	ecfg.Name = "isthmus-" + s.cfg.ClusterName
 	ecfg.Dir = filepath.Join(s.cfg.DataDir, "etcd")
 	ecfg.ListenClientUrls = []url.URL{clientURL}
+	// The client port serves gRPC only, on gRPC's own HTTP/2 transport:
+	// sharing the port with etcd's HTTP endpoints routes every call
+	// through net/http's HTTP/2 server and grpc's ServeHTTP, which took
+	// several times the CPU per message (mirror writes, agents' watches,
+	// remotes' lists). Nothing of Isthmus uses those endpoints (health and
+	// metrics are isthmus-clustermesh's own, --metrics-listen); they go to
+	// a port of their own on loopback, with the same TLS and client
+	// certificates. (ListenClient is never port 0, so the two never clash.)
+	ecfg.ListenClientHttpUrls = []url.URL{{Scheme: "https", Host: "127.0.0.1:0"}}
 	ecfg.AdvertiseClientUrls = []url.URL{clientURL}
 	ecfg.ListenPeerUrls = []url.URL{peerURL}
 	ecfg.AdvertisePeerUrls = []url.URL{peerURL}
