@@ -72,8 +72,8 @@ func (d *Datapath) IPCacheUpsert(p netip.Prefix, e IPCacheEntry) error {
 const IPCacheBatch = 1024
 
 // IPCacheUpsertBatch upserts ps[i] -> es[i] in order, IPCacheBatch entries
-// per BPF_MAP_UPDATE_BATCH call (the LPM trie has it since Linux 5.12; an
-// older kernel gets one update per entry). A full sync of 100,000 remote
+// per BPF_MAP_UPDATE_BATCH call (a kernel whose LPM trie has no batch
+// calls, ErrNotSupported, gets one update per entry). A full sync of 100,000 remote
 // endpoints is 100,000 updates: one syscall each cost the agent about
 // four times the CPU of the batches (measured on this project's VMs, where
 // a syscall is dear). It returns how many were written before the first
