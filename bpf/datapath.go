@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -22,7 +23,8 @@ type Datapath struct {
 	lbIDs    map[Frontend]uint32 // the same for isth_lb's frontends (one ID space)
 	usedIDs  map[uint32]bool
 	nextID   uint32
-	attachFn string // "tcx" or "tc" (clsact), whichever the kernel took
+	attachFn string      // "tcx" or "tc" (clsact), whichever the kernel took
+	noBatch  atomic.Bool // the kernel has no batch updates of the ipcache
 }
 
 // EnsureBPFFS mounts a bpf filesystem at root unless one is there already.

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -533,5 +534,44 @@ func TestReadIPCacheFromPins(t *testing.T) {
 	}
 	if e := got[netip.MustParsePrefix("10.9.0.1/32")]; e.Identity != 42 || e.HostIP != netip.MustParseAddr("192.0.2.1") {
 		t.Fatalf("ReadIPCache: %+v", got)
+	}
+}
+
+// IPCacheUpsertBatch writes more than one batch of IPv4 and IPv6 entries
+// as IPCacheUpsert would, on the kernel's batch call and on the fallback
+// one by one, and an invalid prefix stops it there, after the ones before
+// were written.
+func TestIPCacheUpsertBatch(t *testing.T) {
+	for _, oneByOne := range []bool{false, true} {
+		d := openTest(t)
+		d.noBatch.Store(oneByOne)
+		var ps []netip.Prefix
+		var es []IPCacheEntry
+		for i := range IPCacheBatch + 10 {
+			ps = append(ps, netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 7, byte(i >> 8), byte(i)}), 32))
+			es = append(es, IPCacheEntry{Identity: uint32(1<<20 + i), HostIP: netip.MustParseAddr("192.0.2.7")})
+		}
+		ps = append(ps, netip.MustParsePrefix("fd00:7::/64"), netip.MustParsePrefix("10.8.0.0/16"))
+		es = append(es, IPCacheEntry{Identity: 77, HostIP: netip.MustParseAddr("fd00::7")}, IPCacheEntry{Identity: 78})
+		if n, err := d.IPCacheUpsertBatch(ps, es); err != nil || n != len(ps) {
+			t.Fatalf("one by one %v: %d of %d written: %v", oneByOne, n, len(ps), err)
+		}
+		got, err := d.IPCacheList()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, p := range ps {
+			if got[p] != es[i] {
+				t.Errorf("one by one %v: %s: %+v, want %+v", oneByOne, p, got[p], es[i])
+			}
+		}
+		bad := []netip.Prefix{netip.MustParsePrefix("10.9.0.1/32"), netip.MustParsePrefix("::ffff:10.9.0.2/128"), netip.MustParsePrefix("10.9.0.3/32")}
+		n, err := d.IPCacheUpsertBatch(bad, make([]IPCacheEntry, 3))
+		if err == nil || n != 1 || !strings.Contains(err.Error(), "::ffff:10.9.0.2/128") {
+			t.Errorf("one by one %v: an invalid prefix second: %d written, %v", oneByOne, n, err)
+		}
+		if _, ok := d.IPCacheLookup(netip.MustParseAddr("10.9.0.1")); !ok {
+			t.Errorf("one by one %v: the entry before the invalid one is missing", oneByOne)
+		}
 	}
 }

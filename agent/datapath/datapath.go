@@ -30,6 +30,7 @@ type Datapath interface {
 	DetachEndpoint(ifname string) error
 	AttachMode() string
 	IPCacheUpsert(p netip.Prefix, e bpf.IPCacheEntry) error
+	IPCacheUpsertBatch(ps []netip.Prefix, es []bpf.IPCacheEntry) (int, error)
 	IPCacheDelete(p netip.Prefix) error
 	IPCacheList() (map[netip.Prefix]bpf.IPCacheEntry, error)
 	EndpointUpsert(ip netip.Addr, e bpf.EndpointInfo) error
@@ -103,6 +104,7 @@ type Reconciler struct {
 	// ipcListing delivers the background listing of the drift check (nil:
 	// none in flight); requestRun asks for a run when it is in.
 	ipcListing chan ipcList
+	ipcEpoch   uint16 // counts the listings started (ipVal.epoch)
 	requestRun func()
 	ipcDrift   atomic.Int64 // entries the drift checks found wrong and fixed
 

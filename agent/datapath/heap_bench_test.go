@@ -15,6 +15,9 @@ import (
 type sinkDatapath struct{ *agenttest.FakeDatapath }
 
 func (sinkDatapath) IPCacheUpsert(netip.Prefix, bpf.IPCacheEntry) error { return nil }
+func (sinkDatapath) IPCacheUpsertBatch(ps []netip.Prefix, _ []bpf.IPCacheEntry) (int, error) {
+	return len(ps), nil
+}
 
 // BenchmarkReconcilerHeapPerEntry: the heap one remote ipcache entry costs
 // in the datapath reconciler (its shadow of the BPF ipcache), at 60,000

@@ -345,3 +345,58 @@ func TestIPCacheDriftRepaired(t *testing.T) {
 		t.Errorf("after the drift check: %v (drift %d), want %v (3)", dp.IPCache, r.IPCacheDrift(), want)
 	}
 }
+
+// Entries written while the drift check's listing runs are not in the
+// listing: they are not drift, and not written again (a full sync during
+// a listing would write every entry twice).
+func TestIPCacheDriftSkipsWritesDuringListing(t *testing.T) {
+	m := newMeshModel(t)
+	for i := range 5 {
+		m.ip("c2", "n1", remoteIP, netip.AddrFrom4([4]byte{10, 2, 1, byte(i + 1)}), 2<<20|1)
+	}
+	dp := agenttest.NewFakeDatapath()
+	r := NewReconciler(dp)
+	listed := make(chan struct{}, 1)
+	r.OnBackgroundWork(func() { listed <- struct{}{} })
+	s := desired.State{Cluster: "c1", Identities: ids{}, HostAddrs: []netip.Addr{selfIP}, EndpointsGen: 1, ObjectsGen: 1,
+		Mesh: desired.Mesh{Ready: true, Cluster: "c1", Node: "node1", NodeIPs: []netip.Addr{selfIP}, View: m.tables.View(), IPs: m.tables}}
+	if _, err := r.Sync(s); err != nil {
+		t.Fatal(err)
+	}
+	// The next run starts a listing, which takes its copy and then holds.
+	copied, release := make(chan struct{}), make(chan struct{})
+	dp.AfterIPCacheList = func() { close(copied); <-release }
+	r.listedAt = time.Time{}
+	if _, err := r.Sync(s); err != nil {
+		t.Fatal(err)
+	}
+	<-copied
+	dp.TakeWrites()
+	// Meanwhile 100 entries come and are written.
+	for i := range 100 {
+		m.ip("c2", "n1", remoteIP, netip.AddrFrom4([4]byte{10, 2, 1, byte(i + 10)}), 2<<20|2)
+	}
+	s.Mesh.View = m.tables.View()
+	if _, err := r.Sync(s); err != nil {
+		t.Fatal(err)
+	}
+	want := maps.Clone(dp.IPCache)
+	if w := dp.TakeWrites(); len(w) != 100 {
+		t.Fatalf("%d writes during the listing, want the 100 new entries", len(w))
+	}
+	close(release)
+	select {
+	case <-listed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no background listing")
+	}
+	if _, err := r.Sync(s); err != nil {
+		t.Fatal(err)
+	}
+	if w := dp.TakeWrites(); len(w) != 0 || r.IPCacheDrift() != 0 {
+		t.Errorf("the drift check wrote %d entries (drift %d), want none", len(w), r.IPCacheDrift())
+	}
+	if !maps.Equal(dp.IPCache, want) {
+		t.Errorf("ipcache changed by the drift check: %v, want %v", dp.IPCache, want)
+	}
+}

@@ -68,6 +68,17 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 	if !full {
 		overflow = int(r.ipcOverflow.Load()) // those left out stay out until a full pass
 	}
+	// Upserts are queued and written in batches (one syscall per
+	// bpf.IPCacheBatch entries). The shadow takes them when queued, so
+	// that the limit counts them; a write that fails lists the map again
+	// next time (failed), which repairs the shadow.
+	var ups batchUpserts
+	flush := func() {
+		ups.flush(r.dp, func(err error) {
+			failed = true
+			res.Errs = append(res.Errs, err) // counted in res.IPCache when queued
+		})
+	}
 	write := func(p netip.Prefix, e bpf.IPCacheEntry, ok bool) {
 		h, had := have.get(p)
 		if ok && !had && len(have) >= r.ipcMeshLimit {
@@ -78,14 +89,18 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 		}
 		switch {
 		case ok && (!had || h != e):
-			if err := r.dp.IPCacheUpsert(p, e); err != nil {
-				failed = true
-				res.note(&res.IPCache, err)
-				return
-			}
-			have[keyOf(p)] = valOf(e)
+			ups.add(p, e)
+			v := valOf(e)
+			v.epoch = r.ipcEpoch
+			have[keyOf(p)] = v
 			res.IPCache++
+			if len(ups.ps) >= bpf.IPCacheBatch {
+				flush()
+			}
 		case !ok && had && s.Mesh.MayRemove(p):
+			// A delete goes after the upserts queued before it (one
+			// of them may name the same prefix).
+			flush()
 			if err := r.dp.IPCacheDelete(p); err != nil {
 				failed = true
 				res.note(&res.IPCache, err)
@@ -135,6 +150,7 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 			}
 		}
 	}
+	flush()
 	r.ipcLocal, r.ipcReady, r.ipcNodeIPs = local, s.Mesh.Ready, slices.Clone(s.Mesh.NodeIPs)
 	if failed {
 		r.ipcShadow = nil // list the map again next time, and a full pass
@@ -149,4 +165,30 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 func hasKey[K comparable, V any](m map[K]V, k K) bool {
 	_, ok := m[k]
 	return ok
+}
+
+// batchUpserts queues ipcache upserts for Datapath.IPCacheUpsertBatch.
+type batchUpserts struct {
+	ps []netip.Prefix
+	es []bpf.IPCacheEntry
+}
+
+func (b *batchUpserts) add(p netip.Prefix, e bpf.IPCacheEntry) {
+	b.ps, b.es = append(b.ps, p), append(b.es, e)
+}
+
+// flush writes the queued upserts. An entry that fails is reported to
+// failed and the ones after it are written still, as one by one.
+func (b *batchUpserts) flush(dp Datapath, failed func(error)) {
+	ps, es := b.ps, b.es
+	for len(ps) > 0 {
+		n, err := dp.IPCacheUpsertBatch(ps, es)
+		if err == nil {
+			break
+		}
+		failed(err)
+		n++ // the failed one
+		ps, es = ps[min(n, len(ps)):], es[min(n, len(es)):]
+	}
+	b.ps, b.es = b.ps[:0], b.es[:0]
 }

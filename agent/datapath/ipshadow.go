@@ -23,6 +23,10 @@ type ipVal struct {
 	identity uint32
 	host     [16]byte
 	fam      uint8 // of host: 0 none, 4, 6
+	// epoch is the Reconciler's ipcEpoch when the entry was written (in
+	// the padding: the struct stays 24 bytes). The drift check leaves
+	// alone what was written after its listing started.
+	epoch uint16
 }
 
 func keyOf(p netip.Prefix) ipKey {
@@ -76,6 +80,7 @@ func (s ipShadow) get(p netip.Prefix) (bpf.IPCacheEntry, bool) {
 type ipcList struct {
 	entries map[netip.Prefix]bpf.IPCacheEntry
 	err     error
+	epoch   uint16 // the ipcEpoch of the writes made since it started
 }
 
 // listIPCacheInBackground lists the BPF ipcache off the reconcile loop: at
@@ -87,9 +92,11 @@ func (r *Reconciler) listIPCacheInBackground() {
 	}
 	ch := make(chan ipcList, 1)
 	r.ipcListing = ch
+	r.ipcEpoch++
+	epoch := r.ipcEpoch
 	go func() {
 		entries, err := r.dp.IPCacheList()
-		ch <- ipcList{entries, err}
+		ch <- ipcList{entries, err, epoch}
 		if r.requestRun != nil {
 			r.requestRun()
 		}
@@ -99,10 +106,14 @@ func (r *Reconciler) listIPCacheInBackground() {
 // driftIPCache compares a background listing, if one is in, with the
 // shadow and writes again what differs, as the shadow says. The listing
 // may be older than writes made meanwhile, or have missed entries written
-// while it ran: for such an entry it differs from the shadow, and writing
-// the shadow's value again is harmless, so no difference is mistaken for
-// more than a rewrite. A listing that failed leaves the check to the next
-// interval.
+// while it ran: the entries the shadow has from writes since the listing
+// started (their epoch) are left alone, as they were just written (a full
+// sync during a listing writes 100,000 of them, and writing them all
+// again doubled the agent's syscalls). A prefix deleted meanwhile is
+// deleted again, which is harmless. A listing that failed leaves the
+// check to the next interval. (The epoch wraps after 65,536 listings,
+// about 45 days of them: an entry unchanged since then whose epoch comes
+// round again is checked at the next one.)
 func (r *Reconciler) driftIPCache(res *Result) {
 	if r.ipcListing == nil {
 		return
@@ -119,8 +130,11 @@ func (r *Reconciler) driftIPCache(res *Result) {
 	}
 	fixed := 0
 	for p, e := range l.entries {
-		want, ok := r.ipcShadow.get(p)
+		v, ok := r.ipcShadow[keyOf(p)]
+		want := v.entry()
 		switch {
+		case ok && v.epoch == l.epoch:
+			// written since the listing started
 		case !ok:
 			if err := r.dp.IPCacheDelete(p); err != nil {
 				res.note(&res.IPCache, err)
@@ -136,6 +150,9 @@ func (r *Reconciler) driftIPCache(res *Result) {
 		}
 	}
 	for k, v := range r.ipcShadow {
+		if v.epoch == l.epoch {
+			continue
+		}
 		p := k.prefix()
 		if _, ok := l.entries[p]; !ok {
 			if err := r.dp.IPCacheUpsert(p, v.entry()); err != nil {

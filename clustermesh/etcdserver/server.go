@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/isthmus-mesh/isthmus/internal/atomicfile"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -18,7 +17,13 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/isthmus-mesh/isthmus/internal/atomicfile"
+
 	"go.etcd.io/etcd/server/v3/embed"
+	"go.etcd.io/etcd/server/v3/etcdserver/api/v3client"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/kvstore"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
@@ -108,6 +113,9 @@ type Server struct {
 	etcd *embed.Etcd // nil in external mode
 	pki  *pki        // nil in external mode
 	kv   *kvstore.Client
+	// inproc calls the embedded etcd in this process as root (nil in
+	// external mode): see InProcessClient.
+	inproc *kvstore.Client
 
 	endpoints []string // for bundles
 	localURL  string   // a client URL that works on this host
@@ -300,6 +308,15 @@ func (s *Server) startEmbedded(ctx context.Context) error {
 	ecfg.Name = "isthmus-" + s.cfg.ClusterName
 	ecfg.Dir = filepath.Join(s.cfg.DataDir, "etcd")
 	ecfg.ListenClientUrls = []url.URL{clientURL}
+	// The client port serves gRPC only, on gRPC's own HTTP/2 transport:
+	// sharing the port with etcd's HTTP endpoints routes every call
+	// through net/http's HTTP/2 server and grpc's ServeHTTP, which took
+	// several times the CPU per message (mirror writes, agents' watches,
+	// remotes' lists). Nothing of Isthmus uses those endpoints (health and
+	// metrics are isthmus-clustermesh's own, --metrics-listen); they go to
+	// a port of their own on loopback, with the same TLS and client
+	// certificates. (ListenClient is never port 0, so the two never clash.)
+	ecfg.ListenClientHttpUrls = []url.URL{{Scheme: "https", Host: "127.0.0.1:0"}}
 	ecfg.AdvertiseClientUrls = []url.URL{clientURL}
 	ecfg.ListenPeerUrls = []url.URL{peerURL}
 	ecfg.AdvertisePeerUrls = []url.URL{peerURL}
@@ -380,6 +397,16 @@ func (s *Server) startEmbedded(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("clustermesh: connect to the embedded etcd: %w", err)
 	}
+	// The in-process client is root as the TLS client is: etcd takes the
+	// user of a request from the verified certificate of its TLS peer, so
+	// each request carries the root certificate as such. Nothing crosses
+	// a process boundary: it is this process's own credential.
+	rootPeer := &peer.Peer{Addr: inProcessAddr{}, AuthInfo: credentials.TLSInfo{
+		State: tls.ConnectionState{VerifiedChains: [][]*x509.Certificate{{root.cert}}}}}
+	s.inproc = kvstore.InProcess(v3client.New(e.Server), kvstore.Config{Endpoints: []string{"in-process"}, Logger: s.log,
+		Metrics: s.cfg.KVMetrics}, func(ctx context.Context) context.Context {
+		return metadata.NewIncomingContext(peer.NewContext(ctx, rootPeer), metadata.MD{})
+	})
 	return s.setupAuth(ctx)
 }
 
@@ -627,6 +654,23 @@ func (s *Server) heartbeat(ctx context.Context) {
 // Client returns the server's own etcd client (root in embedded mode).
 func (s *Server) Client() *kvstore.Client { return s.kv }
 
+// InProcessClient returns a root client that calls the embedded etcd
+// directly, without gRPC and TLS (kvstore.InProcess: requests only, no
+// watches or leases), for the mirror's cache writes; in external mode, the
+// TLS client.
+func (s *Server) InProcessClient() *kvstore.Client {
+	if s.inproc == nil {
+		return s.kv
+	}
+	return s.inproc
+}
+
+// inProcessAddr is the peer address of in-process requests.
+type inProcessAddr struct{}
+
+func (inProcessAddr) Network() string { return "in-process" }
+func (inProcessAddr) String() string  { return "in-process" }
+
 // Endpoints returns the client URLs put into bundles.
 func (s *Server) Endpoints() []string { return append([]string(nil), s.endpoints...) }
 
@@ -754,6 +798,9 @@ func (s *Server) Close() error {
 			s.cancel()
 		}
 		s.wg.Wait()
+		if s.inproc != nil {
+			s.inproc.Close()
+		}
 		if s.kv != nil {
 			s.kv.Close()
 		}

@@ -18,6 +18,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/internal/etcdtest"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	"go.etcd.io/etcd/server/v3/etcdserver/api/v3client"
 )
 
 var quiet = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
@@ -336,5 +337,33 @@ func TestExternalEtcd(t *testing.T) {
 	if _, err := Start(ctx, Config{ClusterName: "other", ClusterID: 8, EtcdEndpoints: []string{e.Endpoint}, Logger: quiet}); err == nil ||
 		!strings.Contains(err.Error(), `cluster "ext"`) {
 		t.Errorf("second cluster on one etcd = %v", err)
+	}
+}
+
+// The in-process client writes as root, what the TLS client reads; and
+// the identity it adds is what makes it root: the same in-process client
+// without it is refused (auth is on), so the root certificate in the
+// request's context is not a formality.
+func TestInProcessClientIsRoot(t *testing.T) {
+	s := start(t, testConfig(t))
+	ctx := testCtx(t)
+	ip := s.InProcessClient()
+	if ip == s.Client() {
+		t.Fatal("no in-process client")
+	}
+	key := "isthmus/cache/ip/v1/c9/n1/10.9.0.1"
+	ops := []kvstore.Op{kvstore.OpPut(key, []byte("v1"))}
+	if _, err := ip.Txn(ctx, nil, ops); err != nil {
+		t.Fatalf("in-process txn: %v", err)
+	}
+	if kv, found, err := s.Client().Get(ctx, key); err != nil || !found || string(kv.Value) != "v1" {
+		t.Fatalf("read back over TLS: %q %v %v", kv.Value, found, err)
+	}
+	bare := kvstore.InProcess(v3client.New(s.etcd.Server), kvstore.Config{Endpoints: []string{"in-process"}, Logger: quiet}, nil)
+	defer bare.Close()
+	if _, err := bare.Txn(ctx, nil, []kvstore.Op{kvstore.OpPut(key, []byte("v2"))}); err == nil {
+		t.Fatal("an in-process txn without the root identity was accepted")
+	} else {
+		t.Logf("refused as expected: %v", err)
 	}
 }

@@ -44,7 +44,9 @@
 // Cost of a full sync: the remote's list arrives page by page (kvstore),
 // and each record costs one canonical decode (records.DecodeIPCacheEntry),
 // one gate change and one map entry of bookkeeping before it joins a
-// batch; batches of MaxTxnOps are written while the next one is built.
+// batch; batches of MaxTxnOps are written while the next one is built,
+// through Config.Writer (the server's in-process client of its embedded
+// etcd: no gRPC or TLS on the way).
 // Each kind mirror has one transaction in flight of its own, and starts
 // more (up to four) while no other kind mirror has one in flight: etcd
 // commits those that arrive together with one fsync, and remotes syncing

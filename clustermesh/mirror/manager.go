@@ -24,6 +24,10 @@ type Config struct {
 	// Client is the local etcd, with write access to isthmus/ (the
 	// server's root client).
 	Client *kvstore.Client
+	// Writer writes the cache's batched transactions, the hot path of a
+	// full sync: the server gives its in-process client of the embedded
+	// etcd (etcdserver.Server.InProcessClient). Nil: Client.
+	Writer *kvstore.Client
 	// CacheTTL: a remote unreachable for longer than this has its cache,
 	// canaries and cluster config deleted. 0 keeps the last state of an
 	// unreachable remote forever (like Cilium's default).
@@ -89,6 +93,7 @@ func (c *Config) setDefaults() {
 type Manager struct {
 	cfg Config
 	kv  *kvstore.Client
+	w   *kvstore.Client // Config.Writer
 	log *slog.Logger
 
 	mu sync.Mutex
@@ -122,8 +127,12 @@ func New(cfg Config) (*Manager, error) {
 	if err := cfg.Local.Validate(); err != nil {
 		return nil, fmt.Errorf("mirror: local cluster: %w", err)
 	}
+	w := cfg.Writer
+	if w == nil {
+		w = cfg.Client
+	}
 	return &Manager{
-		cfg: cfg, kv: cfg.Client, log: cfg.Logger.With("component", "mirror"),
+		cfg: cfg, kv: cfg.Client, w: w, log: cfg.Logger.With("component", "mirror"),
 		remotes: map[string]*remote{}, boxes: map[string]*statusBox{},
 		claims: map[string]records.ClusterConfig{}, stored: map[string]Status{},
 		written: map[string][]byte{},

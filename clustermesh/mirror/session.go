@@ -979,7 +979,7 @@ func (k *kindMirror) wait() error {
 func (k *kindMirror) write(ctx context.Context, ops []kvstore.Op) error {
 	b := backoff.Backoff{Min: 50 * time.Millisecond, Max: 2 * time.Second}
 	for attempt := 0; ; attempt++ {
-		_, err := k.r.m.kv.Txn(ctx, nil, ops)
+		_, err := k.r.m.w.Txn(ctx, nil, ops)
 		if err != nil && len(ops) > etcdMinTxnOps && strings.Contains(err.Error(), "too many operations") {
 			err = k.writeChunks(ctx, ops)
 		}
@@ -1005,7 +1005,7 @@ func (k *kindMirror) write(ctx context.Context, ops []kvstore.Op) error {
 func (k *kindMirror) writeChunks(ctx context.Context, ops []kvstore.Op) error {
 	for len(ops) > 0 {
 		n := min(len(ops), etcdMinTxnOps)
-		if _, err := k.r.m.kv.Txn(ctx, nil, ops[:n]); err != nil {
+		if _, err := k.r.m.w.Txn(ctx, nil, ops[:n]); err != nil {
 			return err
 		}
 		ops = ops[n:]

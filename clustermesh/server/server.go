@@ -121,7 +121,7 @@ func Start(ctx context.Context, cfg Config) (*APIServer, error) {
 	local := srv.ClusterConfig()
 
 	mc := cfg.Mirror
-	mc.Local, mc.Client, mc.Logger = local, srv.Client(), a.log
+	mc.Local, mc.Client, mc.Writer, mc.Logger = local, srv.Client(), srv.InProcessClient(), a.log
 	if a.Mirror, err = mirror.New(mc); err != nil {
 		return nil, err
 	}

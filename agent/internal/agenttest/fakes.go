@@ -29,6 +29,9 @@ type FakeDatapath struct {
 	writes      []string
 	lists       int
 	FailEP      error // EndpointUpsert fails with it when set
+	// AfterIPCacheList, when set, runs after IPCacheList took its copy and
+	// before it returns (a listing that takes its time).
+	AfterIPCacheList func()
 }
 
 // Lists returns how many times a map was listed.
@@ -84,6 +87,16 @@ func (d *FakeDatapath) IPCacheUpsert(p netip.Prefix, e bpf.IPCacheEntry) error {
 	return nil
 }
 
+// IPCacheUpsertBatch upserts one by one, a write each, as IPCacheUpsert.
+func (d *FakeDatapath) IPCacheUpsertBatch(ps []netip.Prefix, es []bpf.IPCacheEntry) (int, error) {
+	for i, p := range ps {
+		if err := d.IPCacheUpsert(p, es[i]); err != nil {
+			return i, err
+		}
+	}
+	return len(ps), nil
+}
+
 func (d *FakeDatapath) IPCacheDelete(p netip.Prefix) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -94,9 +107,13 @@ func (d *FakeDatapath) IPCacheDelete(p netip.Prefix) error {
 
 func (d *FakeDatapath) IPCacheList() (map[netip.Prefix]bpf.IPCacheEntry, error) {
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	d.lists++
-	return maps.Clone(d.IPCache), nil
+	l, after := maps.Clone(d.IPCache), d.AfterIPCacheList
+	d.mu.Unlock()
+	if after != nil {
+		after()
+	}
+	return l, nil
 }
 
 func (d *FakeDatapath) EndpointUpsert(ip netip.Addr, e bpf.EndpointInfo) error {
