@@ -114,6 +114,10 @@ type Agent struct {
 	splitPols []objects.NetworkPolicy
 	splitL2   []objects.L2AnnouncementPolicy
 	splitGen  uint64
+	// runObjs are the objects of the current run: later steps read these
+	// rather than the source again, which may have moved on and would
+	// build another snapshot of every object.
+	runObjs desired.Objects
 
 	rec     *reconcile.Trigger
 	metrics *metrics.Registry // set at the start of Run
@@ -559,6 +563,7 @@ func (a *Agent) desiredState() (desired.State, error) {
 		a.splitL2 = objs.L2Policies()
 		a.splitGen = objGen
 	}
+	a.runObjs = objs
 	svcs, pols := a.splitSvcs, a.splitPols
 	eps, epGen := a.store.EndpointsGen()
 	s := desired.State{Cluster: a.cfg.ClusterName, Endpoints: eps, Services: svcs, Policies: pols,
@@ -655,7 +660,7 @@ func (a *Agent) bgpInput(want desired.State) bgp.Input {
 	if len(ips) == 0 {
 		ips = want.HostAddrs
 	}
-	return bgp.Input{Objects: a.objects(), Endpoints: want.Endpoints, NodeLabels: a.cfg.NodeLabels,
+	return bgp.Input{Objects: a.runObjs, Endpoints: want.Endpoints, NodeLabels: a.cfg.NodeLabels,
 		PodCIDRs: a.cfg.PodCIDRs, NodeIPs: ips}
 }
 

@@ -144,7 +144,9 @@ func (r *Resolver) diffServices(svcs []objects.Service, affected map[string]stru
 	}
 	for key, s := range next {
 		rs, ok := r.svcs[key]
-		if ok && reflect.DeepEqual(rs.svc, s) {
+		// Pointers: DeepEqual of the values would copy both into
+		// interfaces, two allocations per service on every run.
+		if ok && reflect.DeepEqual(&rs.svc, &s) {
 			continue
 		}
 		if ok {

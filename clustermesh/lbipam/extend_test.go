@@ -12,14 +12,15 @@ import (
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 )
 
-func allSvcs(svcs []objects.Service) func(func(*objects.Service) bool) {
-	return func(yield func(*objects.Service) bool) {
-		for i := range svcs {
-			if !yield(&svcs[i]) {
-				return
-			}
-		}
+// takenBy is the Taken index of svcs and prev, built from scratch as a
+// caller could keep it.
+func takenBy(svcs []objects.Service, prev Result) func(netip.Addr) bool {
+	t := NewTaken()
+	for i := range svcs {
+		t.Reserve(&svcs[i], true)
 	}
+	t.HoldOnly(prev.Assignments)
+	return t.Has
 }
 
 // Extend gives what Allocate gives, over random pools (small, selecting,
@@ -75,7 +76,7 @@ func TestExtendEqualsAllocate(t *testing.T) {
 			}
 			svcs = append(svcs, added...)
 			want := Allocate(pools, svcs, prev.Assignments)
-			got, ok := Extend(pools, allSvcs(svcs), prev, added)
+			got, ok := Extend(pools, takenBy(svcs, prev), prev, added)
 			if !ok {
 				declined++
 				prev = want
@@ -113,13 +114,13 @@ func TestExtendDeclines(t *testing.T) {
 		t.Fatalf("want one refused service, have %v", prev.Assignments)
 	}
 	more := []objects.Service{mkSvc("d", v4)}
-	if _, ok := Extend(pools, allSvcs(append(svcs, more...)), prev, more); ok {
+	if _, ok := Extend(pools, takenBy(append(svcs, more...), prev), prev, more); ok {
 		t.Error("Extend ran with a refused service in prev")
 	}
 	svcs = svcs[:1]
 	prev = Allocate(pools, svcs, nil)
 	more = []objects.Service{mkSvc("b", v4, "192.0.2.1")}
-	if _, ok := Extend(pools, allSvcs(append(svcs, more...)), prev, more); ok {
+	if _, ok := Extend(pools, takenBy(append(svcs, more...), prev), prev, more); ok {
 		t.Error("Extend ran for a service that requests an address")
 	}
 }
@@ -160,4 +161,28 @@ func TestStatusCacheEqualsApplyStatus(t *testing.T) {
 	delete(objs, objects.Key(&dns))
 	check("dns deleted")
 	check("dns deleted, again")
+}
+
+// Taken, kept as services come and go, counts an address two services
+// name: it stays reserved until the last of them goes. Held addresses are
+// those of the last result only.
+func TestTakenKeptIncrementally(t *testing.T) {
+	tk := NewTaken()
+	a, b := mkSvc("a", []string{"192.0.2.1"}), mkSvc("b", []string{"192.0.2.1"})
+	b.Spec.ExternalIPs = []string{"192.0.2.2"}
+	tk.Reserve(&a, true)
+	tk.Reserve(&b, true)
+	tk.Reserve(&a, false)
+	if !tk.Has(netip.MustParseAddr("192.0.2.1")) || !tk.Has(netip.MustParseAddr("192.0.2.2")) {
+		t.Fatal("b's VIP and external IP are no longer taken after a, which shared the VIP, went")
+	}
+	tk.Reserve(&b, false)
+	if tk.Has(netip.MustParseAddr("192.0.2.1")) || tk.Has(netip.MustParseAddr("192.0.2.2")) {
+		t.Fatal("addresses still taken after every service naming them went")
+	}
+	tk.Hold(Assignment{Addrs: []Addr{{IP: netip.MustParseAddr("198.51.100.1")}}})
+	tk.HoldOnly(map[string]Assignment{"default/c": {Addrs: []Addr{{IP: netip.MustParseAddr("198.51.100.2")}}}})
+	if tk.Has(netip.MustParseAddr("198.51.100.1")) || !tk.Has(netip.MustParseAddr("198.51.100.2")) {
+		t.Fatal("HoldOnly did not replace the held addresses")
+	}
 }
