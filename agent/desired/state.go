@@ -14,6 +14,11 @@ type State struct {
 	Cluster    string // this node's cluster, qualifies identity labels
 	Endpoints  []state.Endpoint
 	Services   []objects.Service
+	// ServiceSources are the objects Services are copies of, in the same
+	// order (nil: not known). The snapshots they come from are immutable,
+	// so a reconciler that meets the same pointer again knows the service
+	// is unchanged without comparing it.
+	ServiceSources []*objects.Service
 	Policies   []objects.NetworkPolicy
 	Identities Identities
 	HostAddrs  []netip.Addr // the node's own addresses: the host identity
