@@ -44,10 +44,10 @@ type Resolver struct {
 
 // resolved is one service as the Resolver last computed it.
 type resolved struct {
-	svc       objects.Service // namespace defaulted
+	svc       objects.Service  // namespace defaulted
 	src       *objects.Service // the object svc was copied from, if given
-	frontends []bpf.Frontend  // nil when the service is invalid
-	selKey    [2]string       // its entry in selIdx (if it has a selector)
+	frontends []bpf.Frontend   // nil when the service is invalid
+	selKey    [2]string        // its entry in selIdx (if it has a selector)
 	backends  map[bpf.Frontend][]bpf.Backend
 	external  []bpf.Frontend // those of frontends at load-balancer and external addresses
 }
