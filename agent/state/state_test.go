@@ -1,6 +1,7 @@
 package state
 
 import (
+	"encoding/json"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/internal/strictjson"
 )
 
 func testEndpoint(name string, id uint32) Endpoint {
@@ -302,5 +304,34 @@ func TestEndpointIDsPersistedInBlocks(t *testing.T) {
 	}
 	if id := s2.AllocateEndpointID(); id <= maxID {
 		t.Fatalf("after a restart the next ID is %d; %d was given out before", id, maxID)
+	}
+}
+
+// objects.json, written without encoding/json, reads back as written:
+// no objects, one, several (keys that need escaping, values with and
+// without white space, as files of older agents hold them).
+func TestEncodeObjectsReadsBack(t *testing.T) {
+	for _, objs := range []map[string]json.RawMessage{
+		{},
+		{"Service/default/a": json.RawMessage(`{"kind":"Service"}`)},
+		{
+			"Service/default/a":  json.RawMessage(`{"kind":"Service","spec":{"vips":["10.0.0.1"]}}`),
+			"Service/x/\"q\"\\<": json.RawMessage("{\n  \"kind\": \"Service\"\n}"),
+			"NetworkPolicy/b/c":  json.RawMessage(`[1, 2]`),
+		},
+	} {
+		data := encodeObjects(objs)
+		var of objectsFile
+		if err := strictjson.Decode(data, &of); err != nil {
+			t.Fatalf("%s does not decode: %v", data, err)
+		}
+		if of.Version != fileVersion || len(of.Objects) != len(objs) {
+			t.Fatalf("%s: version %d, %d objects", data, of.Version, len(of.Objects))
+		}
+		for k, v := range objs {
+			if string(of.Objects[k]) != string(v) {
+				t.Fatalf("%s: object %q reads back as %s, want %s", data, k, of.Objects[k], v)
+			}
+		}
 	}
 }
