@@ -186,3 +186,68 @@ func TestTakenKeptIncrementally(t *testing.T) {
 		t.Fatal("HoldOnly did not replace the held addresses")
 	}
 }
+
+// Patch, told what changed, gives what ApplyStatus gives, over random
+// changes of services (LoadBalancer or not, VIP families), pools (edited,
+// deleted) and assignments (moved, of gone services, of a family the
+// service lacks, kept outside a pool).
+func TestPatchEqualsApplyStatus(t *testing.T) {
+	for seed := range uint64(50) {
+		r := rand.New(rand.NewPCG(seed, 11))
+		objs := map[string]objects.Object{}
+		asg := map[string]Assignment{}
+		var c StatusCache
+		addr := func() Addr {
+			ips := []string{"192.0.2.1", "192.0.2.2", "192.0.2.9", "198.51.100.1", "2001:db8::1"}
+			return Addr{IP: netip.MustParseAddr(ips[r.IntN(len(ips))]), Pool: []string{"a", "b"}[r.IntN(2)]}
+		}
+		for step := range 60 {
+			var objKeys, asgKeys []string
+			for range 1 + r.IntN(3) {
+				switch r.IntN(4) {
+				case 0, 1:
+					s := mkSvc(fmt.Sprint("s", r.IntN(6)), [][]string{v4, v6, dual}[r.IntN(3)])
+					if r.IntN(5) == 0 {
+						s.Spec.Type = ""
+					}
+					if r.IntN(6) == 0 {
+						s.Status.LoadBalancer.Ingress = []objects.LoadBalancerIngress{{IP: "203.0.113.1"}} // stale
+					}
+					k := objects.Key(&s)
+					if r.IntN(4) == 0 {
+						delete(objs, k)
+					} else {
+						objs[k] = &s
+					}
+					objKeys = append(objKeys, k)
+				case 2:
+					p := mkPool([]string{"a", "b"}[r.IntN(2)], []string{"192.0.2.0/30", "192.0.2.0/29", "198.51.100.0/31"}[r.IntN(3)])
+					k := objects.Key(&p)
+					if r.IntN(4) == 0 {
+						delete(objs, k)
+					} else {
+						objs[k] = &p
+					}
+					objKeys = append(objKeys, k)
+				default:
+					k := fmt.Sprint("default/s", r.IntN(7))
+					if r.IntN(4) == 0 {
+						delete(asg, k)
+					} else {
+						a := Assignment{Addrs: []Addr{addr()}}
+						if r.IntN(3) == 0 {
+							a.Addrs = append(a.Addrs, addr())
+						}
+						asg[k] = a
+					}
+					asgKeys = append(asgKeys, k)
+				}
+			}
+			got, gotProblems := c.Patch(objs, asg, objKeys, asgKeys)
+			want, wantProblems := ApplyStatus(objs, asg)
+			if !reflect.DeepEqual(got, want) || !reflect.DeepEqual(gotProblems, wantProblems) {
+				t.Fatalf("seed %d step %d: Patch\n %v %q\nApplyStatus\n %v %q", seed, step, got, gotProblems, want, wantProblems)
+			}
+		}
+	}
+}
