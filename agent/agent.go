@@ -111,9 +111,14 @@ type Agent struct {
 	// The applied objects split by kind, at objects generation splitGen
 	// (reconcile loop only).
 	splitSvcs []objects.Service
+	splitSrc  []*objects.Service
 	splitPols []objects.NetworkPolicy
 	splitL2   []objects.L2AnnouncementPolicy
 	splitGen  uint64
+	// runObjs are the objects of the current run: later steps read these
+	// rather than the source again, which may have moved on and would
+	// build another snapshot of every object.
+	runObjs desired.Objects
 
 	rec     *reconcile.Trigger
 	metrics *metrics.Registry // set at the start of Run
@@ -555,13 +560,14 @@ func (a *Agent) desiredState() (desired.State, error) {
 	objs, objGen := a.objectsGen()
 	if objGen != a.splitGen || a.splitGen == 0 {
 		// Split sorts every object: once per generation, not per run.
-		a.splitSvcs, a.splitPols = objs.Split()
+		a.splitSvcs, a.splitSrc, a.splitPols = objs.SplitSources()
 		a.splitL2 = objs.L2Policies()
 		a.splitGen = objGen
 	}
+	a.runObjs = objs
 	svcs, pols := a.splitSvcs, a.splitPols
 	eps, epGen := a.store.EndpointsGen()
-	s := desired.State{Cluster: a.cfg.ClusterName, Endpoints: eps, Services: svcs, Policies: pols,
+	s := desired.State{Cluster: a.cfg.ClusterName, Endpoints: eps, Services: svcs, ServiceSources: a.splitSrc, Policies: pols,
 		Identities: a.ids, Mesh: a.mesh.Desired(), EndpointsGen: epGen + 1, ObjectsGen: objGen,
 		AllowLocalHostIngress: a.cfg.Kubernetes}
 	addrs, err := a.hostAddrs.Get()
@@ -655,7 +661,7 @@ func (a *Agent) bgpInput(want desired.State) bgp.Input {
 	if len(ips) == 0 {
 		ips = want.HostAddrs
 	}
-	return bgp.Input{Objects: a.objects(), Endpoints: want.Endpoints, NodeLabels: a.cfg.NodeLabels,
+	return bgp.Input{Objects: a.runObjs, Endpoints: want.Endpoints, NodeLabels: a.cfg.NodeLabels,
 		PodCIDRs: a.cfg.PodCIDRs, NodeIPs: ips}
 }
 

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"net/netip"
 	"slices"
 	"time"
@@ -32,8 +31,15 @@ func (s *Speaker) syncPaths(ctx context.Context, want []Path) error {
 		}
 		delete(s.paths, pfx)
 	}
-	for _, pfx := range slices.SortedFunc(maps.Keys(wantBy), comparePrefix) {
-		p := wantBy[pfx]
+	// Announced in prefix order; the agent's configuration comes sorted
+	// (and has no duplicates: Validate), so it needs no sort per run.
+	order := want
+	byPrefix := func(a, b Path) int { return comparePrefix(a.Prefix, b.Prefix) }
+	if !slices.IsSortedFunc(order, byPrefix) {
+		order = slices.SortedFunc(slices.Values(want), byPrefix)
+	}
+	for _, p := range order {
+		pfx := p.Prefix
 		if in, ok := s.paths[pfx]; ok && in.path.equal(p) {
 			continue
 		}

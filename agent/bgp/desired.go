@@ -46,7 +46,29 @@ type Plan struct {
 // Derive computes the speaker's configuration. One policy per node: when
 // several select it, the first by name is used and the others are
 // reported as ignored.
-func Derive(in Input) Plan {
+func Derive(in Input) Plan { return derive(in, nil) }
+
+// memo keeps, per service object, what it announces under one policy
+// object: the objects come from immutable snapshots, so an object seen
+// again announces the same (but under externalTrafficPolicy Local, which
+// depends on the endpoints and is not kept). With 10,000 services, parsing
+// every address and matching every selector on each run cost more than
+// the rest of the run.
+type memo struct {
+	pol  *objects.BGPPeeringPolicy
+	svcs map[*objects.Service][]announce
+}
+
+// announce is one prefix a service announces, for advertisement ad (an
+// index into the policy's advertisements), with its source (Plan.Sources),
+// a one-element slice shared by the plans that use it.
+type announce struct {
+	pfx    netip.Prefix
+	ad     int
+	source []string
+}
+
+func derive(in Input, m *memo) Plan {
 	var sel []*objects.BGPPeeringPolicy
 	for _, o := range in.Objects {
 		if p, ok := o.(*objects.BGPPeeringPolicy); ok && p.Spec.NodeSelector.Matches(in.NodeLabels) {
@@ -80,80 +102,152 @@ func Derive(in Input) Plan {
 	for _, n := range pol.Spec.Neighbors {
 		c.Peers = append(c.Peers, peer(n))
 	}
-	paths := map[netip.Prefix]*speaker.Path{}
-	add := func(pfx netip.Prefix, ad objects.BGPAdvertisement, source string) {
-		p := paths[pfx]
-		if p == nil {
-			p = &speaker.Path{Prefix: pfx}
-			paths[pfx] = p
-		}
-		// Several advertisements of one prefix: the union of their
-		// communities and the highest local preference.
+	// The communities of each advertisement, parsed once.
+	type parsed struct {
+		std   []uint32
+		large [][3]uint32
+	}
+	ads := pol.Spec.Advertisements
+	comms := make([]parsed, len(ads))
+	for i, ad := range ads {
 		for _, s := range ad.Communities {
 			std, large, err := objects.ParseCommunity(s)
 			switch {
 			case err != nil:
-			case std != nil && !slices.Contains(p.Communities, *std):
-				p.Communities = append(p.Communities, *std)
-			case large != nil && !slices.Contains(p.Large, *large):
-				p.Large = append(p.Large, *large)
+			case std != nil:
+				comms[i].std = append(comms[i].std, *std)
+			case large != nil:
+				comms[i].large = append(comms[i].large, *large)
 			}
 		}
-		if ad.LocalPreference != nil && *ad.LocalPreference > p.LocalPref {
-			p.LocalPref = *ad.LocalPreference
+	}
+	// One slice of paths (not one allocation per prefix), indexed by
+	// prefix.
+	var paths []speaker.Path
+	idx := map[netip.Prefix]int{}
+	add := func(pfx netip.Prefix, i int, source []string) {
+		j, ok := idx[pfx]
+		if !ok {
+			j = len(paths)
+			idx[pfx] = j
+			paths = append(paths, speaker.Path{Prefix: pfx})
 		}
-		if !slices.Contains(plan.Sources[pfx], source) {
-			plan.Sources[pfx] = append(plan.Sources[pfx], source)
+		p := &paths[j]
+		// Several advertisements of one prefix: the union of their
+		// communities and the highest local preference.
+		for _, v := range comms[i].std {
+			if !slices.Contains(p.Communities, v) {
+				p.Communities = append(p.Communities, v)
+			}
+		}
+		for _, v := range comms[i].large {
+			if !slices.Contains(p.Large, v) {
+				p.Large = append(p.Large, v)
+			}
+		}
+		if lp := ads[i].LocalPreference; lp != nil && *lp > p.LocalPref {
+			p.LocalPref = *lp
+		}
+		switch have := plan.Sources[pfx]; {
+		case len(have) == 0:
+			plan.Sources[pfx] = source // shared, and never appended to in place: cap 1
+		case !slices.Contains(have, source[0]):
+			plan.Sources[pfx] = append(slices.Clip(have), source[0])
+		}
+	}
+	for i, ad := range ads {
+		if ad.Type == objects.AdvertisePodCIDR {
+			for _, c := range in.PodCIDRs {
+				add(c.Masked(), i, []string{"pod-cidr"})
+			}
+		}
+	}
+	var next map[*objects.Service][]announce
+	if m != nil {
+		next = make(map[*objects.Service][]announce, len(m.svcs))
+		if m.pol != pol {
+			m.svcs = nil // another policy: nothing known
 		}
 	}
 	var local *localBackends
-	for _, ad := range pol.Spec.Advertisements {
-		if ad.Type == objects.AdvertisePodCIDR {
-			for _, c := range in.PodCIDRs {
-				add(c.Masked(), ad, "pod-cidr")
-			}
+	for _, o := range in.Objects {
+		s, ok := o.(*objects.Service)
+		if !ok {
 			continue
 		}
-		for _, o := range in.Objects {
-			s, ok := o.(*objects.Service)
-			if !ok || !ad.Selector.Matches(serviceLabels(s)) {
-				continue
-			}
-			if s.Spec.ExternalTraffic() == objects.TrafficPolicyLocal {
+		as, known := []announce(nil), false
+		if m != nil {
+			as, known = m.svcs[s]
+		}
+		if !known {
+			var cacheable bool
+			as, cacheable = announces(s, ads, func(s *objects.Service) bool {
 				if local == nil {
 					local = newLocalBackends(in.Endpoints)
 				}
-				if !local.serves(s) {
-					continue // only nodes with a ready local backend attract its traffic
-				}
+				return local.serves(s)
+			})
+			known = cacheable
+		}
+		if next != nil && known {
+			next[s] = as
+		}
+		for _, a := range as {
+			add(a.pfx, a.ad, a.source)
+		}
+	}
+	if m != nil {
+		m.pol, m.svcs = pol, next
+	}
+	slices.SortFunc(paths, func(a, b speaker.Path) int {
+		if c := a.Prefix.Addr().Compare(b.Prefix.Addr()); c != 0 {
+			return c
+		}
+		return a.Prefix.Bits() - b.Prefix.Bits()
+	})
+	for i := range paths {
+		slices.Sort(paths[i].Communities)
+		slices.SortFunc(paths[i].Large, func(a, b [3]uint32) int { return slices.Compare(a[:], b[:]) })
+	}
+	c.Paths = paths
+	plan.Config = c
+	return plan
+}
+
+// announces is what service s announces under the advertisements ads;
+// serves tells whether a ready local backend exists (for
+// externalTrafficPolicy Local). cacheable is false when the answer
+// depends on the endpoints.
+func announces(s *objects.Service, ads []objects.BGPAdvertisement, serves func(*objects.Service) bool) (as []announce, cacheable bool) {
+	cacheable = true
+	var ext map[netip.Addr]bool
+	for i, ad := range ads {
+		if ad.Type == objects.AdvertisePodCIDR || !ad.Selector.Matches(serviceLabels(s)) {
+			continue
+		}
+		if s.Spec.ExternalTraffic() == objects.TrafficPolicyLocal {
+			cacheable = false
+			if !serves(s) {
+				continue // only nodes with a ready local backend attract its traffic
 			}
-			ext := map[netip.Addr]bool{}
+		}
+		if ext == nil {
+			ext = map[netip.Addr]bool{}
 			for _, v := range s.Spec.ExternalIPs {
 				if a, err := netip.ParseAddr(v); err == nil {
 					ext[a] = true
 				}
 			}
-			for _, a := range s.ExternalAddrs() {
-				if ext[a] != (ad.Type == objects.AdvertiseExternalIP) {
-					continue // an address of the other type
-				}
-				add(netip.PrefixFrom(a, a.BitLen()), ad, ad.Type+" "+s.Metadata.Namespace+"/"+s.Metadata.Name)
+		}
+		source := []string{ad.Type + " " + s.Metadata.Namespace + "/" + s.Metadata.Name}
+		for _, a := range s.ExternalAddrs() {
+			if ext[a] != (ad.Type == objects.AdvertiseExternalIP) {
+				continue // an address of the other type
 			}
+			as = append(as, announce{pfx: netip.PrefixFrom(a, a.BitLen()), ad: i, source: source})
 		}
 	}
-	for _, pfx := range slices.SortedFunc(maps.Keys(paths), func(a, b netip.Prefix) int {
-		if c := a.Addr().Compare(b.Addr()); c != 0 {
-			return c
-		}
-		return a.Bits() - b.Bits()
-	}) {
-		p := paths[pfx]
-		slices.Sort(p.Communities)
-		slices.SortFunc(p.Large, func(a, b [3]uint32) int { return slices.Compare(a[:], b[:]) })
-		c.Paths = append(c.Paths, *p)
-	}
-	plan.Config = c
-	return plan
+	return as, cacheable
 }
 
 // serviceLabels are what an advertisement's selector sees: the service's

@@ -1,9 +1,11 @@
 package bgp
 
 import (
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -151,4 +153,59 @@ func hasPath(p Plan, s string) bool {
 		}
 	}
 	return false
+}
+
+// The reconciler's memoized derive gives what Derive gives, run after
+// run, as services come, change (new objects, as snapshots give them), go,
+// as the endpoints behind a Local service come and go, and as the policy
+// changes; an unchanged service is taken from the memo.
+func TestDeriveMemoEqualsDerive(t *testing.T) {
+	objs := decode(t, strings.Replace(policies, "passwordFile: PWFILE", "", 1))
+	in := Input{Objects: objs, NodeLabels: map[string]string{"rack": "r1"},
+		PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.1.1.0/24")}, NodeIPs: []netip.Addr{netip.MustParseAddr("10.101.0.11")}}
+	var m memo
+	check := func(step string) {
+		t.Helper()
+		got, want := derive(in, &m), Derive(in)
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("%s: memoized\n %+v\nDerive\n %+v", step, got, want)
+		}
+		if len(want.Config.Paths) == 0 {
+			t.Fatalf("%s: no paths: the comparison checks nothing", step)
+		}
+	}
+	with := func(key string, edit func(s *objects.Service)) {
+		next := maps.Clone(in.Objects)
+		c := *next[key].(*objects.Service)
+		edit(&c)
+		next[key] = &c
+		in.Objects = next
+	}
+	check("first")
+	check("nothing changed")
+	web := m.svcs[in.Objects["Service/shop/web"].(*objects.Service)]
+	if len(web) == 0 {
+		t.Fatal("web's announcements are not in the memo")
+	}
+	with("Service/shop/web", func(s *objects.Service) {
+		s.Status.LoadBalancer.Ingress = []objects.LoadBalancerIngress{{IP: "198.51.100.1"}}
+	})
+	check("web got a load-balancer address")
+	with("Service/shop/web", func(s *objects.Service) { s.Metadata.Labels = nil })
+	check("web no longer selected by the labelled advertisements")
+	in.Endpoints = []state.Endpoint{{Name: "l", Namespace: "default", Labels: map[string]string{"app": "local"}}}
+	check("a local backend for the Local service")
+	in.Endpoints = nil
+	check("the local backend went")
+	next := maps.Clone(in.Objects)
+	delete(next, "Service/default/explicit")
+	in.Objects = next
+	check("a service deleted")
+	pol := *in.Objects["BGPPeeringPolicy/default/b-rack"].(*objects.BGPPeeringPolicy)
+	pol.Spec.Advertisements = slices.Clone(pol.Spec.Advertisements)
+	pol.Spec.Advertisements[2].Communities = []string{"3:3"}
+	next = maps.Clone(in.Objects)
+	next["BGPPeeringPolicy/default/b-rack"] = &pol
+	in.Objects = next
+	check("the policy's communities changed")
 }

@@ -22,6 +22,7 @@ type Reconciler struct {
 	// Reconcile loop only.
 	gens    [2]uint64
 	derived time.Time
+	memo    memo // what each service announced at the last derive
 
 	mu   sync.Mutex
 	plan Plan
@@ -45,7 +46,7 @@ func (r *Reconciler) Sync(ctx context.Context, in Input, objectsGen, endpointsGe
 	if gens == r.gens && gens != [2]uint64{} && lastErr == nil && time.Since(r.derived) < rederiveInterval {
 		return nil
 	}
-	plan := Derive(in)
+	plan := derive(in, &r.memo)
 	r.gens, r.derived = gens, time.Now()
 	err := r.sp.Reconcile(ctx, plan.Config)
 	r.mu.Lock()

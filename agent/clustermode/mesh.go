@@ -596,7 +596,8 @@ func (m *Mesh) persistObjects() {
 // What was written last is kept to compare with: reading the file back
 // every time cost as much as writing it, every 2 s of a bulk apply.
 func (m *Mesh) persistLBAssignments() error {
-	cur := lbipam.FromRecords(m.tables.LBAssignments())
+	recs := m.tables.LBAssignments()
+	cur := lbipam.FromRecords(recs)
 	m.mu.Lock()
 	last := m.persistedLB
 	m.mu.Unlock()
@@ -606,7 +607,7 @@ func (m *Mesh) persistLBAssignments() error {
 		}
 	}
 	if last == nil || !lbipam.Equal(cur, last) {
-		if err := m.cfg.Store.SaveLBAssignments(lbipam.ToRecords(cur)); err != nil {
+		if err := m.cfg.Store.SaveLBAssignments(recs); err != nil { // the records cur was read from
 			return err
 		}
 		last = cur

@@ -44,7 +44,7 @@ func (r *Reconciler) syncServices(s desired.State, res *Result) error {
 	if s.EndpointsGen == 0 {
 		epGen = 0 // unknown: the Resolver looks
 	}
-	want, touched := r.resolver.Update(s.Services, s.ObjectsGen, seps, epGen, s.Mesh.View.RemoteServices, s.Mesh.View.Versions.Services)
+	want, touched := r.resolver.Update(s.Services, s.ServiceSources, s.ObjectsGen, seps, epGen, s.Mesh.View.RemoteServices, s.Mesh.View.Versions.Services)
 
 	full := false
 	if r.svcShadow == nil {

@@ -24,15 +24,31 @@ type Objects map[string]objects.Object
 
 // Split returns the services and the policies, in key order.
 func (s Objects) Split() (svcs []objects.Service, pols []objects.NetworkPolicy) {
-	for _, k := range slices.Sorted(maps.Keys(s)) {
+	svcs, _, pols = s.SplitSources()
+	return svcs, pols
+}
+
+// SplitSources is Split with the objects the services are copied from
+// (src[i] for svcs[i]; desired.State.ServiceSources).
+func (s Objects) SplitSources() (svcs []objects.Service, src []*objects.Service, pols []objects.NetworkPolicy) {
+	keys := slices.Sorted(maps.Keys(s))
+	nSvcs := 0
+	for _, o := range s {
+		if _, ok := o.(*objects.Service); ok {
+			nSvcs++
+		}
+	}
+	svcs, src = make([]objects.Service, 0, nSvcs), make([]*objects.Service, 0, nSvcs)
+	for _, k := range keys {
 		switch o := s[k].(type) {
 		case *objects.Service:
 			svcs = append(svcs, *o)
+			src = append(src, o)
 		case *objects.NetworkPolicy:
 			pols = append(pols, *o)
 		}
 	}
-	return svcs, pols
+	return svcs, src, pols
 }
 
 // L2Policies returns the L2 announcement policies, in key order.

@@ -11,13 +11,18 @@ import (
 
 // State is the desired state one reconcile run converges to.
 type State struct {
-	Cluster    string // this node's cluster, qualifies identity labels
-	Endpoints  []state.Endpoint
-	Services   []objects.Service
-	Policies   []objects.NetworkPolicy
-	Identities Identities
-	HostAddrs  []netip.Addr // the node's own addresses: the host identity
-	Mesh       Mesh
+	Cluster   string // this node's cluster, qualifies identity labels
+	Endpoints []state.Endpoint
+	Services  []objects.Service
+	// ServiceSources are the objects Services are copies of, in the same
+	// order (nil: not known). The snapshots they come from are immutable,
+	// so a reconciler that meets the same pointer again knows the service
+	// is unchanged without comparing it.
+	ServiceSources []*objects.Service
+	Policies       []objects.NetworkPolicy
+	Identities     Identities
+	HostAddrs      []netip.Addr // the node's own addresses: the host identity
+	Mesh           Mesh
 	// Workload is an external workload's own endpoint (isthmus-agent
 	// --join, docs/vms.md): the host's addresses under its identity, whose
 	// datapath is its WireGuard device (from_host, to_host). nil on a node

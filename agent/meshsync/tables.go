@@ -52,11 +52,15 @@ type Tables struct {
 	// the services of objsSnap; lbLogged holds the problems with them
 	// already logged, so a problem is logged once, not per snapshot.
 	lbRecs   map[string]records.LBAssignment
+	lbAsg    map[string]lbipam.Assignment // lbRecs converted, as of the last snapshot
 	lbLogged map[string]bool
 	// statusCache keeps objsSnap's copies of services whose object and
 	// assignment did not change, so that a rebuild costs little per
 	// unchanged service.
 	statusCache lbipam.StatusCache
+	// The keys of objs (objects.Key) and of lbRecs changed since the last
+	// snapshot: the next one patches those only (StatusCache.Patch).
+	objsDirty, lbDirty map[string]struct{}
 
 	// The ipcache deltas (TakeIPChanges): the prefixes whose entry in a
 	// usable cluster changed since the last take, and the clusters whose
@@ -142,7 +146,8 @@ func NewTables(local Local, log *slog.Logger, onChange func()) *Tables {
 		onChange = func() {}
 	}
 	t := &Tables{local: local, log: log, onChange: onChange, clusters: map[string]*cluster{},
-		listed: map[string]bool{}, objs: map[string]objects.Object{}, objsRaw: map[string][]byte{}, lbRecs: map[string]records.LBAssignment{}, lbLogged: map[string]bool{}, maxIPCache: records.DefaultMaxIPCacheEntries,
+		listed: map[string]bool{}, objs: map[string]objects.Object{}, objsRaw: map[string][]byte{}, lbRecs: map[string]records.LBAssignment{}, lbLogged: map[string]bool{},
+		lbAsg: map[string]lbipam.Assignment{}, objsDirty: map[string]struct{}{}, lbDirty: map[string]struct{}{}, maxIPCache: records.DefaultMaxIPCacheEntries,
 		dirty: map[netip.Prefix]struct{}{}, dirtyClusters: map[string]struct{}{}, strs: map[string]string{}}
 	own := newCluster(local.Cluster)
 	own.id = local.ClusterID
@@ -676,6 +681,7 @@ func (t *Tables) object(key string, value []byte, del bool, dec *decoded) error 
 		delete(t.objs, rest)
 		delete(t.objsRaw, rest)
 		t.objsVer++
+		t.objsDirty[rest] = struct{}{}
 	}
 	if del {
 		return nil
@@ -690,6 +696,7 @@ func (t *Tables) object(key string, value []byte, del bool, dec *decoded) error 
 	t.objs[rest] = dec.obj
 	t.objsRaw[rest] = value
 	t.objsVer++
+	t.objsDirty[rest] = struct{}{}
 	return nil
 }
 
@@ -725,6 +732,7 @@ func (t *Tables) lbAssignment(key string, value []byte, del bool) error {
 	if _, had := t.lbRecs[svc]; had {
 		delete(t.lbRecs, svc)
 		t.objsVer++
+		t.lbDirty[svc] = struct{}{}
 	}
 	if del {
 		return nil
@@ -735,6 +743,7 @@ func (t *Tables) lbAssignment(key string, value []byte, del bool) error {
 	}
 	t.lbRecs[svc] = r
 	t.objsVer++
+	t.lbDirty[svc] = struct{}{}
 	return nil
 }
 
@@ -802,11 +811,18 @@ func (t *Tables) ObjectsGen() (map[string]objects.Object, uint64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.objsSnap == nil || t.snapVer != t.objsVer {
-		asg := make(map[string]lbipam.Assignment, len(t.lbRecs))
-		for k, r := range t.lbRecs {
-			asg[k] = lbipam.FromRecord(r)
+		// The assignments are kept converted (t.lbAsg) as they change:
+		// converting all of them per snapshot cost O(all services).
+		for k := range t.lbDirty {
+			if r, ok := t.lbRecs[k]; ok {
+				t.lbAsg[k] = lbipam.FromRecord(r)
+			} else {
+				delete(t.lbAsg, k)
+			}
 		}
-		snap, problems := t.statusCache.ApplyStatus(t.objs, asg)
+		snap, problems := t.statusCache.Patch(t.objs, t.lbAsg, slices.Collect(maps.Keys(t.objsDirty)), slices.Collect(maps.Keys(t.lbDirty)))
+		clear(t.objsDirty)
+		clear(t.lbDirty)
 		logged := map[string]bool{}
 		for _, p := range problems {
 			if !t.lbLogged[p] {

@@ -44,9 +44,10 @@ type Resolver struct {
 
 // resolved is one service as the Resolver last computed it.
 type resolved struct {
-	svc       objects.Service // namespace defaulted
-	frontends []bpf.Frontend  // nil when the service is invalid
-	selKey    [2]string       // its entry in selIdx (if it has a selector)
+	svc       objects.Service  // namespace defaulted
+	src       *objects.Service // the object svc was copied from, if given
+	frontends []bpf.Frontend   // nil when the service is invalid
+	selKey    [2]string        // its entry in selIdx (if it has a selector)
 	backends  map[bpf.Frontend][]bpf.Backend
 	external  []bpf.Frontend // those of frontends at load-balancer and external addresses
 }
@@ -65,12 +66,17 @@ func NewResolver() *Resolver {
 // frontend with its backends, and the frontends whose backends may have
 // changed since the last call. The map is the Resolver's: read it, do not
 // keep or modify it. Every endpoint needs a Key unique among eps.
-func (r *Resolver) Update(svcs []objects.Service, svcGen uint64, eps []Endpoint, epGen uint64,
+//
+// src, when not nil, holds the objects svcs are copies of (src[i] for
+// svcs[i]), from immutable snapshots: a service whose object is the one
+// of the last call is unchanged without comparing it field by field,
+// which kept a run O(all services) however little changed.
+func (r *Resolver) Update(svcs []objects.Service, src []*objects.Service, svcGen uint64, eps []Endpoint, epGen uint64,
 	remote []records.ServiceRecord, remoteGen uint64) (map[bpf.Frontend][]bpf.Backend, []bpf.Frontend) {
 	affected := map[string]struct{}{}
 	touched := map[bpf.Frontend]struct{}{}
 	if !r.started || svcGen == 0 || svcGen != r.svcGen {
-		r.diffServices(svcs, affected, touched)
+		r.diffServices(svcs, src, affected, touched)
 	}
 	if !r.started || epGen == 0 || epGen != r.epGen {
 		r.diffEndpoints(eps, affected)
@@ -123,12 +129,14 @@ func (r *Resolver) External(f bpf.Frontend) (policy string, ok bool) {
 }
 
 // diffServices applies a new list of services: removed ones give up their
-// frontends; new and changed ones are affected.
-func (r *Resolver) diffServices(svcs []objects.Service, affected map[string]struct{}, touched map[bpf.Frontend]struct{}) {
-	next := make(map[string]objects.Service, len(svcs))
-	for _, s := range svcs {
-		s.Metadata.Namespace = namespaceOrDefault(s.Metadata.Namespace)
-		next[objects.Key(s)] = s
+// frontends; new and changed ones are affected. src is Update's.
+func (r *Resolver) diffServices(svcs []objects.Service, src []*objects.Service, affected map[string]struct{}, touched map[bpf.Frontend]struct{}) {
+	if src != nil && len(src) != len(svcs) {
+		src = nil // not the sources of svcs: compare the values
+	}
+	next := make(map[string]int, len(svcs)) // index in svcs
+	for i := range svcs {
+		next[objects.Key(&svcs[i])] = i
 	}
 	for key, rs := range r.svcs {
 		if _, ok := next[key]; !ok {
@@ -142,9 +150,21 @@ func (r *Resolver) diffServices(svcs []objects.Service, affected map[string]stru
 			}
 		}
 	}
-	for key, s := range next {
+	for key, i := range next {
+		var from *objects.Service
+		if src != nil {
+			from = src[i]
+		}
 		rs, ok := r.svcs[key]
-		if ok && reflect.DeepEqual(rs.svc, s) {
+		if ok && from != nil && rs.src == from {
+			continue // the same immutable object as last time
+		}
+		s := svcs[i]
+		s.Metadata.Namespace = namespaceOrDefault(s.Metadata.Namespace)
+		// Pointers: DeepEqual of the values would copy both into
+		// interfaces, two allocations per service.
+		if ok && reflect.DeepEqual(&rs.svc, &s) {
+			rs.src = from
 			continue
 		}
 		if ok {
@@ -153,7 +173,7 @@ func (r *Resolver) diffServices(svcs []objects.Service, affected map[string]stru
 			rs = &resolved{}
 			r.svcs[key] = rs
 		}
-		rs.svc = s
+		rs.svc, rs.src = s, from
 		r.byName[s.Metadata.Namespace+"/"+s.Metadata.Name] = key
 		r.indexService(key, rs)
 		affected[key] = struct{}{}

@@ -62,7 +62,9 @@ func checkResolver(t *testing.T, seed uint64) {
 		}
 		return netip.AddrFrom4([4]byte{10, 0, 0, byte(rng.IntN(50) + 1)})
 	}
-	svcs := map[string]objects.Service{}
+	// Every change is a new object, as in the agent's immutable
+	// snapshots; even seeds hand the objects to Update as sources.
+	svcs := map[string]*objects.Service{}
 	eps := map[string]Endpoint{}
 	var remote []records.ServiceRecord
 	r := NewResolver()
@@ -75,7 +77,8 @@ func checkResolver(t *testing.T, seed uint64) {
 			if _, ok := svcs[fmt.Sprint(i)]; ok && rng.IntN(3) == 0 {
 				delete(svcs, fmt.Sprint(i))
 			} else {
-				svcs[fmt.Sprint(i)] = newSvc(i)
+				s := newSvc(i)
+				svcs[fmt.Sprint(i)] = &s
 			}
 			svcGen++
 		case 2, 3, 4:
@@ -96,9 +99,16 @@ func checkResolver(t *testing.T, seed uint64) {
 		default:
 			// no change: the generations stay
 		}
-		sl := slices.Collect(maps.Values(svcs))
+		var sl []objects.Service
+		var src []*objects.Service
+		for _, s := range svcs {
+			sl, src = append(sl, *s), append(src, s)
+		}
+		if seed%2 == 1 {
+			src = nil
+		}
 		el := slices.Collect(maps.Values(eps))
-		got, touched := r.Update(sl, svcGen, el, epGen, remote, remoteGen)
+		got, touched := r.Update(sl, src, svcGen, el, epGen, remote, remoteGen)
 		want := Merge(Resolve(sl, el), sl, remote)
 		if !maps.EqualFunc(got, want, func(a, b []bpf.Backend) bool { return slices.Equal(a, b) }) {
 			t.Fatalf("step %d: resolver\n %v\nfrom scratch\n %v", step, got, want)
@@ -124,14 +134,14 @@ func TestResolverTouchesOnlySelectors(t *testing.T) {
 		eps = append(eps, Endpoint{Key: fmt.Sprint("ep", i), Namespace: "default", Labels: identity.Labels{"app": fmt.Sprint("g", i%10)}, IPs: []netip.Addr{netip.AddrFrom4([4]byte{10, 0, 0, byte(i + 1)})}})
 	}
 	r := NewResolver()
-	if _, touched := r.Update(svcs, 1, eps, 1, nil, 1); len(touched) != 100 {
+	if _, touched := r.Update(svcs, nil, 1, eps, 1, nil, 1); len(touched) != 100 {
 		t.Fatalf("first update touched %d frontends, want 100", len(touched))
 	}
-	if _, touched := r.Update(svcs, 1, eps, 1, nil, 1); len(touched) != 0 {
+	if _, touched := r.Update(svcs, nil, 1, eps, 1, nil, 1); len(touched) != 0 {
 		t.Fatalf("unchanged inputs touched %d frontends", len(touched))
 	}
 	eps[3].IPs = []netip.Addr{netip.MustParseAddr("10.0.1.3")} // app=g3: 10 services
-	out, touched := r.Update(svcs, 1, eps, 2, nil, 1)
+	out, touched := r.Update(svcs, nil, 1, eps, 2, nil, 1)
 	if len(touched) != 10 {
 		t.Fatalf("one endpoint touched %d frontends, want the 10 of g3's services", len(touched))
 	}

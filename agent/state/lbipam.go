@@ -1,6 +1,8 @@
 package state
 
 import (
+	"cmp"
+	"encoding/json"
 	"fmt"
 	"slices"
 	"strings"
@@ -50,16 +52,30 @@ func (s *Store) LBAssignments() ([]records.LBAssignment, error) {
 func (s *Store) SaveLBAssignments(as []records.LBAssignment) error {
 	as = slices.Clone(as)
 	slices.SortFunc(as, func(a, b records.LBAssignment) int {
-		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
+		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
 	})
+	// One record per line, each encoded on its own: MarshalIndent of the
+	// whole scanned and indented it all again, most of what an agent spent
+	// keeping this copy of 10,000 assignments.
+	b := fmt.Appendf(nil, "{\n  \"version\": %d,\n  \"assignments\": [", fileVersion)
 	for i := range as {
 		as[i].Version = records.CurrentVersion
 		if err := as[i].Validate(); err != nil {
 			return fmt.Errorf("store LB-IPAM assignments: %w", err)
 		}
+		raw, err := json.Marshal(as[i])
+		if err != nil {
+			return fmt.Errorf("store LB-IPAM assignments: %w", err)
+		}
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, "\n    "...)
+		b = append(b, raw...)
 	}
-	if as == nil {
-		as = []records.LBAssignment{}
+	if len(as) > 0 {
+		b = append(b, "\n  "...)
 	}
-	return writeJSON(s.path(LBIPAMFile), lbipamFile{Version: fileVersion, Assignments: as})
+	b = append(b, "]\n}\n"...)
+	return WriteFileAtomic(s.path(LBIPAMFile), b, 0o600)
 }

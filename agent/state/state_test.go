@@ -1,15 +1,20 @@
 package state
 
 import (
+	"cmp"
+	"encoding/json"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
+	"github.com/isthmus-mesh/isthmus/clustermesh/records"
+	"github.com/isthmus-mesh/isthmus/internal/strictjson"
 )
 
 func testEndpoint(name string, id uint32) Endpoint {
@@ -302,5 +307,73 @@ func TestEndpointIDsPersistedInBlocks(t *testing.T) {
 	}
 	if id := s2.AllocateEndpointID(); id <= maxID {
 		t.Fatalf("after a restart the next ID is %d; %d was given out before", id, maxID)
+	}
+}
+
+// objects.json, written without encoding/json, reads back as written:
+// no objects, one, several (keys that need escaping, values with and
+// without white space, as files of older agents hold them).
+func TestEncodeObjectsReadsBack(t *testing.T) {
+	for _, objs := range []map[string]json.RawMessage{
+		{},
+		{"Service/default/a": json.RawMessage(`{"kind":"Service"}`)},
+		{
+			"Service/default/a":  json.RawMessage(`{"kind":"Service","spec":{"vips":["10.0.0.1"]}}`),
+			"Service/x/\"q\"\\<": json.RawMessage("{\n  \"kind\": \"Service\"\n}"),
+			"NetworkPolicy/b/c":  json.RawMessage(`[1, 2]`),
+		},
+	} {
+		data := encodeObjects(objs)
+		var of objectsFile
+		if err := strictjson.Decode(data, &of); err != nil {
+			t.Fatalf("%s does not decode: %v", data, err)
+		}
+		if of.Version != fileVersion || len(of.Objects) != len(objs) {
+			t.Fatalf("%s: version %d, %d objects", data, of.Version, len(of.Objects))
+		}
+		for k, v := range objs {
+			if string(of.Objects[k]) != string(v) {
+				t.Fatalf("%s: object %q reads back as %s, want %s", data, k, of.Objects[k], v)
+			}
+		}
+	}
+}
+
+// LB-IPAM's assignments, written one per line, read back sorted by
+// namespace and name: none, one, several.
+func TestLBAssignmentsReadBack(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := func(ns, name, ip string) records.LBAssignment {
+		return records.LBAssignment{Version: records.CurrentVersion, Namespace: ns, Name: name,
+			Addresses: []records.LBAddress{{IP: netip.MustParseAddr(ip), Pool: "p"}}}
+	}
+	for _, as := range [][]records.LBAssignment{
+		{},
+		{rec("default", "web", "192.0.2.1")},
+		{rec("a-b", "c", "192.0.2.2"), rec("a", "b-c", "192.0.2.3"), {Version: records.CurrentVersion, Namespace: "default", Name: "refused", Refused: "no room"}},
+	} {
+		if err := s.SaveLBAssignments(as); err != nil {
+			t.Fatal(err)
+		}
+		got, err := s.LBAssignments()
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := slices.Clone(as)
+		slices.SortFunc(want, func(a, b records.LBAssignment) int {
+			return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
+		})
+		if len(want) == 0 {
+			want = nil
+		}
+		if len(got) == 0 {
+			got = nil
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("saved %v, read back %v", want, got)
+		}
 	}
 }

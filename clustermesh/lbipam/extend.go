@@ -1,7 +1,6 @@
 package lbipam
 
 import (
-	"iter"
 	"maps"
 	"math/big"
 	"net/netip"
@@ -11,14 +10,17 @@ import (
 )
 
 // Extend is Allocate for the common case of a bulk apply: since prev was
-// computed, services were only added (keys in added, by ServiceKey), and
-// the pools did not change. It then allocates for the added services
-// alone, in time proportional to them plus one pass over the addresses
-// in use and reserved, instead of building every service's state again.
-// svcs yields every service (the added ones included) for the VIPs and
-// external IPs that are never handed out; prev.Assignments must be what
-// Allocate returned for the same pools and the services before the
-// additions.
+// computed, services were only added (added, every one new), and the
+// pools did not change. It then allocates for the added services alone,
+// in time proportional to them: taken tells it which addresses are not
+// free (held by an assignment of prev, or a VIP or external IP of any
+// service, the added ones included), which the caller keeps up to date as
+// services come and go (Reserved, Held) instead of Extend walking every
+// service and assignment on each call. prev must be what Allocate (or
+// Extend) returned for the same pools and the services before the
+// additions; its Assignments map is extended in place and returned in
+// res (copying it would cost O(all services) per call again), so the
+// caller must not use prev afterwards.
 //
 // It returns ok false, and the caller runs Allocate, where the shortcut
 // could give another answer than Allocate: when a service in prev was
@@ -29,14 +31,12 @@ import (
 // the services of prev keep what they hold (none lacks an address, none
 // requests one it does not have), and the added ones get, in key order,
 // the lowest free address of the first pool that can give one, exactly
-// as Allocate's last step does.
-func Extend(pools []objects.LoadBalancerIPPool, svcs iter.Seq[*objects.Service], prev Result, added []objects.Service) (res Result, ok bool) {
+// as Allocate's last step does. prev is untouched when ok is false.
+func Extend(pools []objects.LoadBalancerIPPool, taken func(netip.Addr) bool, prev Result, added []objects.Service) (res Result, ok bool) {
 	if prev.Refused() > 0 {
 		return Result{}, false
 	}
-	a := &allocator{used: map[netip.Addr]*svc{}, reserved: map[netip.Addr]string{}}
 	b := newAllocator(pools, added)
-	a.pools = b.pools
 	for _, s := range b.svcs {
 		if len(s.request) > 0 {
 			return Result{}, false
@@ -45,31 +45,15 @@ func Extend(pools []objects.LoadBalancerIPPool, svcs iter.Seq[*objects.Service],
 			return Result{}, false // not added: the caller's bookkeeping is off
 		}
 	}
-	// Only whether an address is reserved matters below (the owner is
-	// named in request refusals, and there are no requests here).
-	for s := range svcs {
-		for _, v := range s.Spec.VIPs {
-			if ip, err := netip.ParseAddr(v); err == nil {
-				a.reserved[ip] = ""
-			}
-		}
-		for _, v := range s.Spec.ExternalIPs {
-			if ip, err := netip.ParseAddr(v); err == nil {
-				a.reserved[ip] = ""
-			}
-		}
-	}
-	held := &svc{} // the owner of prev's addresses: only presence matters here
-	for _, asg := range prev.Assignments {
-		for _, ad := range asg.Addrs {
-			a.used[ad.IP] = held
-		}
-	}
-	a.svcs = b.svcs
-	a.allocateRest()
-	more := a.result()
+	// The added services' own VIPs are in b.reserved too, but taken
+	// already answers for them; only whether an address is taken matters
+	// below (the owner is named in request refusals, and there are no
+	// requests here).
+	b.taken = taken
+	b.allocateRest()
+	more := b.result()
 
-	res = Result{Assignments: maps.Clone(prev.Assignments), Pools: map[string]PoolUsage{}}
+	res = Result{Assignments: prev.Assignments, Pools: map[string]PoolUsage{}}
 	if res.Assignments == nil {
 		res.Assignments = map[string]Assignment{}
 	}
@@ -84,4 +68,60 @@ func Extend(pools []objects.LoadBalancerIPPool, svcs iter.Seq[*objects.Service],
 		res.Pools[name] = p
 	}
 	return res, true
+}
+
+// Taken is an index of the addresses Extend must not hand out, kept up to
+// date by its caller: the VIPs and external IPs of every service
+// (counted, as two services may name one address until a conflict check
+// refuses the second) and the addresses held by the last result. The
+// zero value is not ready; use NewTaken.
+type Taken struct {
+	reserved map[netip.Addr]int
+	held     map[netip.Addr]struct{}
+}
+
+// NewTaken returns an empty index.
+func NewTaken() *Taken {
+	return &Taken{reserved: map[netip.Addr]int{}, held: map[netip.Addr]struct{}{}}
+}
+
+// Reserve counts s's VIPs and external IPs in (add true) or out.
+func (t *Taken) Reserve(s *objects.Service, add bool) {
+	for _, vs := range [][]string{s.Spec.VIPs, s.Spec.ExternalIPs} {
+		for _, v := range vs {
+			ip, err := netip.ParseAddr(v)
+			if err != nil {
+				continue
+			}
+			if add {
+				t.reserved[ip]++
+			} else if t.reserved[ip]--; t.reserved[ip] <= 0 {
+				delete(t.reserved, ip)
+			}
+		}
+	}
+}
+
+// Hold marks the addresses of asg as held.
+func (t *Taken) Hold(asg Assignment) {
+	for _, ad := range asg.Addrs {
+		t.held[ad.IP] = struct{}{}
+	}
+}
+
+// HoldOnly makes the held addresses those of asgs (after a whole
+// allocation).
+func (t *Taken) HoldOnly(asgs map[string]Assignment) {
+	clear(t.held)
+	for _, a := range asgs {
+		t.Hold(a)
+	}
+}
+
+// Has reports whether ip is reserved or held: Extend's taken.
+func (t *Taken) Has(ip netip.Addr) bool {
+	if _, ok := t.held[ip]; ok {
+		return true
+	}
+	return t.reserved[ip] > 0
 }

@@ -12,14 +12,15 @@ import (
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 )
 
-func allSvcs(svcs []objects.Service) func(func(*objects.Service) bool) {
-	return func(yield func(*objects.Service) bool) {
-		for i := range svcs {
-			if !yield(&svcs[i]) {
-				return
-			}
-		}
+// takenBy is the Taken index of svcs and prev, built from scratch as a
+// caller could keep it.
+func takenBy(svcs []objects.Service, prev Result) func(netip.Addr) bool {
+	t := NewTaken()
+	for i := range svcs {
+		t.Reserve(&svcs[i], true)
 	}
+	t.HoldOnly(prev.Assignments)
+	return t.Has
 }
 
 // Extend gives what Allocate gives, over random pools (small, selecting,
@@ -75,7 +76,7 @@ func TestExtendEqualsAllocate(t *testing.T) {
 			}
 			svcs = append(svcs, added...)
 			want := Allocate(pools, svcs, prev.Assignments)
-			got, ok := Extend(pools, allSvcs(svcs), prev, added)
+			got, ok := Extend(pools, takenBy(svcs, prev), prev, added)
 			if !ok {
 				declined++
 				prev = want
@@ -113,13 +114,13 @@ func TestExtendDeclines(t *testing.T) {
 		t.Fatalf("want one refused service, have %v", prev.Assignments)
 	}
 	more := []objects.Service{mkSvc("d", v4)}
-	if _, ok := Extend(pools, allSvcs(append(svcs, more...)), prev, more); ok {
+	if _, ok := Extend(pools, takenBy(append(svcs, more...), prev), prev, more); ok {
 		t.Error("Extend ran with a refused service in prev")
 	}
 	svcs = svcs[:1]
 	prev = Allocate(pools, svcs, nil)
 	more = []objects.Service{mkSvc("b", v4, "192.0.2.1")}
-	if _, ok := Extend(pools, allSvcs(append(svcs, more...)), prev, more); ok {
+	if _, ok := Extend(pools, takenBy(append(svcs, more...), prev), prev, more); ok {
 		t.Error("Extend ran for a service that requests an address")
 	}
 }
@@ -160,4 +161,93 @@ func TestStatusCacheEqualsApplyStatus(t *testing.T) {
 	delete(objs, objects.Key(&dns))
 	check("dns deleted")
 	check("dns deleted, again")
+}
+
+// Taken, kept as services come and go, counts an address two services
+// name: it stays reserved until the last of them goes. Held addresses are
+// those of the last result only.
+func TestTakenKeptIncrementally(t *testing.T) {
+	tk := NewTaken()
+	a, b := mkSvc("a", []string{"192.0.2.1"}), mkSvc("b", []string{"192.0.2.1"})
+	b.Spec.ExternalIPs = []string{"192.0.2.2"}
+	tk.Reserve(&a, true)
+	tk.Reserve(&b, true)
+	tk.Reserve(&a, false)
+	if !tk.Has(netip.MustParseAddr("192.0.2.1")) || !tk.Has(netip.MustParseAddr("192.0.2.2")) {
+		t.Fatal("b's VIP and external IP are no longer taken after a, which shared the VIP, went")
+	}
+	tk.Reserve(&b, false)
+	if tk.Has(netip.MustParseAddr("192.0.2.1")) || tk.Has(netip.MustParseAddr("192.0.2.2")) {
+		t.Fatal("addresses still taken after every service naming them went")
+	}
+	tk.Hold(Assignment{Addrs: []Addr{{IP: netip.MustParseAddr("198.51.100.1")}}})
+	tk.HoldOnly(map[string]Assignment{"default/c": {Addrs: []Addr{{IP: netip.MustParseAddr("198.51.100.2")}}}})
+	if tk.Has(netip.MustParseAddr("198.51.100.1")) || !tk.Has(netip.MustParseAddr("198.51.100.2")) {
+		t.Fatal("HoldOnly did not replace the held addresses")
+	}
+}
+
+// Patch, told what changed, gives what ApplyStatus gives, over random
+// changes of services (LoadBalancer or not, VIP families), pools (edited,
+// deleted) and assignments (moved, of gone services, of a family the
+// service lacks, kept outside a pool).
+func TestPatchEqualsApplyStatus(t *testing.T) {
+	for seed := range uint64(50) {
+		r := rand.New(rand.NewPCG(seed, 11))
+		objs := map[string]objects.Object{}
+		asg := map[string]Assignment{}
+		var c StatusCache
+		addr := func() Addr {
+			ips := []string{"192.0.2.1", "192.0.2.2", "192.0.2.9", "198.51.100.1", "2001:db8::1"}
+			return Addr{IP: netip.MustParseAddr(ips[r.IntN(len(ips))]), Pool: []string{"a", "b"}[r.IntN(2)]}
+		}
+		for step := range 60 {
+			var objKeys, asgKeys []string
+			for range 1 + r.IntN(3) {
+				switch r.IntN(4) {
+				case 0, 1:
+					s := mkSvc(fmt.Sprint("s", r.IntN(6)), [][]string{v4, v6, dual}[r.IntN(3)])
+					if r.IntN(5) == 0 {
+						s.Spec.Type = ""
+					}
+					if r.IntN(6) == 0 {
+						s.Status.LoadBalancer.Ingress = []objects.LoadBalancerIngress{{IP: "203.0.113.1"}} // stale
+					}
+					k := objects.Key(&s)
+					if r.IntN(4) == 0 {
+						delete(objs, k)
+					} else {
+						objs[k] = &s
+					}
+					objKeys = append(objKeys, k)
+				case 2:
+					p := mkPool([]string{"a", "b"}[r.IntN(2)], []string{"192.0.2.0/30", "192.0.2.0/29", "198.51.100.0/31"}[r.IntN(3)])
+					k := objects.Key(&p)
+					if r.IntN(4) == 0 {
+						delete(objs, k)
+					} else {
+						objs[k] = &p
+					}
+					objKeys = append(objKeys, k)
+				default:
+					k := fmt.Sprint("default/s", r.IntN(7))
+					if r.IntN(4) == 0 {
+						delete(asg, k)
+					} else {
+						a := Assignment{Addrs: []Addr{addr()}}
+						if r.IntN(3) == 0 {
+							a.Addrs = append(a.Addrs, addr())
+						}
+						asg[k] = a
+					}
+					asgKeys = append(asgKeys, k)
+				}
+			}
+			got, gotProblems := c.Patch(objs, asg, objKeys, asgKeys)
+			want, wantProblems := ApplyStatus(objs, asg)
+			if !reflect.DeepEqual(got, want) || !reflect.DeepEqual(gotProblems, wantProblems) {
+				t.Fatalf("seed %d step %d: Patch\n %v %q\nApplyStatus\n %v %q", seed, step, got, gotProblems, want, wantProblems)
+			}
+		}
+	}
 }

@@ -150,6 +150,9 @@ type allocator struct {
 	// reserved maps the VIPs and external IPs of every service to a
 	// description of their owner: never handed out.
 	reserved map[netip.Addr]string
+	// taken, when set (Extend), tells of more addresses that are not
+	// free: held by services the allocator does not know, or reserved.
+	taken func(netip.Addr) bool
 }
 
 func newAllocator(pools []objects.LoadBalancerIPPool, svcs []objects.Service) *allocator {
@@ -326,7 +329,7 @@ func (a *allocator) lowestFree(p *pool, f int) (netip.Addr, bool) {
 		for ip := p.next[i]; ip.IsValid() && r.Contains(ip); ip = ip.Next() {
 			_, taken := a.used[ip]
 			_, reserved := a.reserved[ip]
-			if !taken && !reserved {
+			if !taken && !reserved && (a.taken == nil || !a.taken(ip)) {
 				p.next[i] = ip.Next()
 				return ip, true
 			}

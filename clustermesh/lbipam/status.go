@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"reflect"
 	"slices"
+	"strings"
 
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 )
@@ -26,10 +27,22 @@ func ApplyStatus(objs map[string]objects.Object, asg map[string]Assignment) (out
 // the last call gets the same copy as then, without building it again.
 // An agent rebuilds its objects with status on every change of the
 // applied objects or of LB-IPAM's records; with 10,000 LoadBalancer
-// services, copying each one every time dominated a bulk apply. The
-// zero value is ready; it is not safe for concurrent use.
+// services, copying each one every time dominated a bulk apply. Patch
+// goes further: told what changed, it costs that rather than every
+// object. The zero value is ready; it is not safe for concurrent use.
 type StatusCache struct {
 	last map[string]statusMemo // by ServiceKey
+
+	// Patch's state, valid while patchable: the last result, and per
+	// service (by ServiceKey) the addresses that went into its status
+	// and its problems; the addresses of every status by pool (counted:
+	// a corrupt store may give one to two services); the pools' keys.
+	patchable bool
+	out       map[string]objects.Object
+	contrib   map[string][]Addr
+	problems  map[string][]string
+	byPool    map[string]map[netip.Addr]int
+	poolKeys  map[string]bool
 }
 
 type statusMemo struct {
@@ -42,14 +55,213 @@ type statusMemo struct {
 // nothing changed. The caller must not modify the objects it passes or
 // gets back (they are shared with later calls).
 func (c *StatusCache) ApplyStatus(objs map[string]objects.Object, asg map[string]Assignment) (out map[string]objects.Object, problems []string) {
+	c.patchable = false
 	return applyStatus(objs, asg, c)
+}
+
+// Patch is ApplyStatus for a caller that knows what changed since its
+// last call of Patch: the keys (objects.Key) of the objects added,
+// changed or removed, and the keys (ServiceKey) of the assignments
+// added, changed or removed. It gives what ApplyStatus gives, at the cost
+// of what changed, one copy of the result map and a pass over the
+// pools' addresses, instead of every object. The first call (or the
+// first after ApplyStatus) builds everything. The result must not be
+// modified.
+func (c *StatusCache) Patch(objs map[string]objects.Object, asg map[string]Assignment, objKeys, asgKeys []string) (out map[string]objects.Object, problems []string) {
+	if !c.patchable {
+		out, problems = applyStatus(objs, asg, c)
+		c.rebuildIndex(objs, asg)
+		return out, problems
+	}
+	if len(objKeys) == 0 && len(asgKeys) == 0 {
+		return c.out, c.allProblems()
+	}
+	out = maps.Clone(c.out)
+	svcKeys := map[string]bool{}
+	for _, k := range asgKeys {
+		svcKeys[k] = true
+	}
+	for _, k := range objKeys {
+		if rest, ok := strings.CutPrefix(k, objects.KindService+"/"); ok {
+			svcKeys[rest] = true
+			continue
+		}
+		delete(out, k)
+		delete(c.poolKeys, k)
+		switch o := objs[k].(type) {
+		case nil:
+		case *objects.LoadBalancerIPPool:
+			c.poolKeys[k] = true // its status is set below
+		default:
+			out[k] = o
+		}
+	}
+	for key := range svcKeys {
+		for _, ad := range c.contrib[key] {
+			if n := c.byPool[ad.Pool][ad.IP] - 1; n > 0 {
+				c.byPool[ad.Pool][ad.IP] = n
+			} else {
+				delete(c.byPool[ad.Pool], ad.IP)
+			}
+		}
+		delete(c.contrib, key)
+		delete(c.problems, key)
+		delete(out, objects.KindService+"/"+key)
+		if o, ok := objs[objects.KindService+"/"+key]; ok {
+			out[objects.KindService+"/"+key] = withoutStatus(o)
+		}
+		a, ok := asg[key]
+		if !ok {
+			delete(c.last, key)
+			continue
+		}
+		s, addrs, probs := c.serviceStatus(key, objs, a)
+		if s != nil {
+			out[objects.KindService+"/"+key] = s
+		}
+		c.contrib[key] = addrs
+		if len(probs) > 0 {
+			c.problems[key] = probs
+		}
+		for _, ad := range addrs {
+			if c.byPool[ad.Pool] == nil {
+				c.byPool[ad.Pool] = map[netip.Addr]int{}
+			}
+			c.byPool[ad.Pool][ad.IP]++
+		}
+	}
+	for k := range c.poolKeys {
+		out[k] = c.poolStatus(objs[k].(*objects.LoadBalancerIPPool))
+	}
+	c.out = out
+	return out, c.allProblems()
+}
+
+// rebuildIndex sets Patch's state from a whole ApplyStatus.
+func (c *StatusCache) rebuildIndex(objs map[string]objects.Object, asg map[string]Assignment) {
+	c.contrib, c.problems = map[string][]Addr{}, map[string][]string{}
+	c.byPool, c.poolKeys = map[string]map[netip.Addr]int{}, map[string]bool{}
+	for key, a := range asg {
+		// The status is in c.last's copies already; this recomputes
+		// only what went into it (addresses, problems).
+		_, addrs, probs := c.serviceStatus(key, objs, a)
+		c.contrib[key] = addrs
+		if len(probs) > 0 {
+			c.problems[key] = probs
+		}
+		for _, ad := range addrs {
+			if c.byPool[ad.Pool] == nil {
+				c.byPool[ad.Pool] = map[netip.Addr]int{}
+			}
+			c.byPool[ad.Pool][ad.IP]++
+		}
+	}
+	for k, o := range objs {
+		if _, ok := o.(*objects.LoadBalancerIPPool); ok {
+			c.poolKeys[k] = true
+		}
+	}
+	c.patchable = true
+}
+
+// allProblems are the problems of every assignment, in key order.
+func (c *StatusCache) allProblems() []string {
+	var out []string
+	for _, k := range slices.Sorted(maps.Keys(c.problems)) {
+		out = append(out, c.problems[k]...)
+	}
+	return out
+}
+
+// serviceStatus is the status of the service with ServiceKey key for
+// its assignment a: the copy with status (nil when the service does not
+// take one), the addresses that went into it, and the problems.
+func (c *StatusCache) serviceStatus(key string, objs map[string]objects.Object, a Assignment) (*objects.Service, []Addr, []string) {
+	o, ok := objs[objects.KindService+"/"+key]
+	s, isSvc := o.(*objects.Service)
+	switch {
+	case !ok:
+		return nil, nil, []string{fmt.Sprintf("assignment for service %s, which does not exist", key)}
+	case !isSvc || !s.Spec.IsLoadBalancer():
+		return nil, nil, []string{fmt.Sprintf("assignment for service %s, which is not of type LoadBalancer", key)}
+	}
+	if m, ok := c.lookup(key); ok && m.in == s && m.a.Equal(a) {
+		return m.out, a.Addrs, nil // only copies without problems are remembered
+	}
+	var problems []string
+	families := map[int]bool{}
+	for _, v := range s.Spec.VIPs {
+		if ip, err := netip.ParseAddr(v); err == nil {
+			families[ip.BitLen()] = true
+		}
+	}
+	cp := *s
+	cp.Status = objects.ServiceStatus{}
+	cp.Status.LoadBalancer.Refused = a.Refused
+	seen := map[int]bool{}
+	var addrs []Addr
+	for _, ad := range a.Addrs {
+		f := ad.IP.BitLen()
+		if !ad.IP.IsValid() || !families[f] || seen[f] {
+			problems = append(problems, fmt.Sprintf("assignment for service %s: address %s is of a family the service has no VIP of (or a second one of it)", key, ad.IP))
+			continue
+		}
+		seen[f] = true
+		cp.Status.LoadBalancer.Ingress = append(cp.Status.LoadBalancer.Ingress, objects.LoadBalancerIngress{IP: ad.IP.String(), Pool: ad.Pool, Kept: ad.Kept})
+		addrs = append(addrs, ad)
+	}
+	if c != nil {
+		if c.last == nil {
+			c.last = map[string]statusMemo{}
+		}
+		if len(problems) == 0 {
+			c.last[key] = statusMemo{in: s, a: a, out: &cp}
+		} else {
+			delete(c.last, key)
+		}
+	}
+	return &cp, addrs, problems
+}
+
+// poolStatus is p with its status from the addresses by pool.
+func (c *StatusCache) poolStatus(p *objects.LoadBalancerIPPool) *objects.LoadBalancerIPPool {
+	cp := *p
+	used := c.byPool[p.Metadata.Name]
+	n := 0
+	var kept []netip.Addr
+	rs := p.Ranges()
+	for ip, k := range used {
+		n += k
+		if !slices.ContainsFunc(rs, func(r objects.AddrRange) bool { return r.Contains(ip) }) {
+			for range k {
+				kept = append(kept, ip)
+			}
+		}
+	}
+	cp.Status = objects.LoadBalancerIPPoolStatus{Total: p.TotalAddresses().String(), Used: n}
+	slices.SortFunc(kept, netip.Addr.Compare)
+	for _, ip := range kept {
+		cp.Status.Kept = append(cp.Status.Kept, ip.String())
+	}
+	return &cp
+}
+
+// withoutStatus is o, or a copy of a service without the status it
+// carried (what objs carried may be stale).
+func withoutStatus(o objects.Object) objects.Object {
+	if s, ok := o.(*objects.Service); ok && !reflect.ValueOf(s.Status).IsZero() {
+		c := *s
+		c.Status = objects.ServiceStatus{}
+		return &c
+	}
+	return o
 }
 
 func applyStatus(objs map[string]objects.Object, asg map[string]Assignment, cache *StatusCache) (out map[string]objects.Object, problems []string) {
 	var next map[string]statusMemo
 	if cache != nil {
 		next = make(map[string]statusMemo, len(asg))
-		defer func() { cache.last = next }()
+		defer func() { cache.last = next; cache.out = out }()
 	}
 	out = maps.Clone(objs)
 	if out == nil {
@@ -57,58 +269,21 @@ func applyStatus(objs map[string]objects.Object, asg map[string]Assignment, cach
 	}
 	// Start from no status: what objs carried may be stale.
 	for k, o := range objs {
-		if s, ok := o.(*objects.Service); ok && !reflect.ValueOf(s.Status).IsZero() {
-			c := *s
-			c.Status = objects.ServiceStatus{}
-			out[k] = &c
-		}
+		out[k] = withoutStatus(o)
 	}
 	byPool := map[string][]netip.Addr{}
 	for _, key := range slices.Sorted(maps.Keys(asg)) {
-		a := asg[key]
-		o, ok := objs[objects.KindService+"/"+key]
-		s, isSvc := o.(*objects.Service)
-		switch {
-		case !ok:
-			problems = append(problems, fmt.Sprintf("assignment for service %s, which does not exist", key))
-			continue
-		case !isSvc || !s.Spec.IsLoadBalancer():
-			problems = append(problems, fmt.Sprintf("assignment for service %s, which is not of type LoadBalancer", key))
+		s, addrs, probs := cache.serviceStatus(key, objs, asg[key])
+		problems = append(problems, probs...)
+		if s == nil {
 			continue
 		}
-		if m, ok := cache.lookup(key); ok && m.in == s && m.a.Equal(a) {
-			// Only copies without problems are remembered.
-			next[key] = m
-			out[objects.Key(m.out)] = m.out
-			for _, ad := range a.Addrs { // all went into the status
-				byPool[ad.Pool] = append(byPool[ad.Pool], ad.IP)
-			}
-			continue
-		}
-		nProblems := len(problems)
-		families := map[int]bool{}
-		for _, v := range s.Spec.VIPs {
-			if ip, err := netip.ParseAddr(v); err == nil {
-				families[ip.BitLen()] = true
-			}
-		}
-		c := *s
-		c.Status = objects.ServiceStatus{}
-		c.Status.LoadBalancer.Refused = a.Refused
-		seen := map[int]bool{}
-		for _, ad := range a.Addrs {
-			f := ad.IP.BitLen()
-			if !ad.IP.IsValid() || !families[f] || seen[f] {
-				problems = append(problems, fmt.Sprintf("assignment for service %s: address %s is of a family the service has no VIP of (or a second one of it)", key, ad.IP))
-				continue
-			}
-			seen[f] = true
-			c.Status.LoadBalancer.Ingress = append(c.Status.LoadBalancer.Ingress, objects.LoadBalancerIngress{IP: ad.IP.String(), Pool: ad.Pool, Kept: ad.Kept})
+		out[objects.KindService+"/"+key] = s
+		for _, ad := range addrs {
 			byPool[ad.Pool] = append(byPool[ad.Pool], ad.IP)
 		}
-		out[objects.Key(&c)] = &c
-		if next != nil && len(problems) == nProblems {
-			next[key] = statusMemo{in: s, a: a, out: &c}
+		if next != nil && len(probs) == 0 {
+			next[key] = cache.last[key]
 		}
 	}
 	for k, o := range objs {

@@ -111,6 +111,10 @@ type Syncer struct {
 	lastOK  bool
 	added   map[string]bool
 	changed bool
+	// taken indexes the VIPs and external IPs of svcs and the addresses
+	// held in last, kept as they change, so that an extension costs what
+	// was added rather than a walk of every service.
+	taken *lbipam.Taken
 
 	mu    sync.Mutex
 	stats Stats
@@ -129,7 +133,8 @@ func New(cfg Config) (*Syncer, error) {
 	}
 	return &Syncer{cfg: cfg, log: cfg.Logger.With("component", "lbipam"),
 		svcs: map[string]*objects.Service{}, pools: map[string]objects.LoadBalancerIPPool{},
-		out: map[string][]byte{}, prev: map[string]lbipam.Assignment{}, listed: map[string]bool{}, added: map[string]bool{}}, nil
+		out: map[string][]byte{}, prev: map[string]lbipam.Assignment{}, listed: map[string]bool{}, added: map[string]bool{},
+		taken: lbipam.NewTaken()}, nil
 }
 
 // Stats returns the counters.
@@ -181,7 +186,10 @@ func (s *Syncer) apply(prefix string, ev kvstore.Event) bool {
 		if !isSvc && !strings.HasPrefix(ev.Key, PoolPrefix) {
 			return false // another kind: not LB-IPAM's input
 		}
-		_, hadSvc := s.svcs[ev.Key]
+		old, hadSvc := s.svcs[ev.Key]
+		if hadSvc {
+			s.taken.Reserve(old, false)
+		}
 		delete(s.svcs, ev.Key)
 		delete(s.pools, ev.Key)
 		if del {
@@ -197,6 +205,7 @@ func (s *Syncer) apply(prefix string, ev kvstore.Event) bool {
 		switch v := o.(type) {
 		case *objects.Service:
 			s.svcs[ev.Key] = v
+			s.taken.Reserve(v, true)
 			if !hadSvc || s.added[ev.Key] {
 				s.added[ev.Key] = true // new since the last write
 			} else {
@@ -263,7 +272,8 @@ func (s *Syncer) sync(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if ops == nil {
+	extended := ops != nil
+	if !extended {
 		res, ops, err = s.allocate(pools)
 		if err != nil {
 			return err
@@ -294,6 +304,15 @@ func (s *Syncer) sync(ctx context.Context) error {
 	}
 	s.prev = res.Assignments
 	s.last, s.lastOK, s.changed = res, true, false
+	if extended {
+		for k := range s.added {
+			if sv := s.svcs[k]; sv != nil {
+				s.taken.Hold(res.Assignments[lbipam.ServiceKey(*sv)])
+			}
+		}
+	} else {
+		s.taken.HoldOnly(res.Assignments)
+	}
 	clear(s.added)
 	var ps []PoolStats
 	for _, p := range pools {
@@ -330,10 +349,13 @@ func (s *Syncer) extend(pools []objects.LoadBalancerIPPool) (lbipam.Result, []wr
 	for k := range s.added {
 		added = append(added, *s.svcs[k])
 	}
-	res, ok := lbipam.Extend(pools, maps.Values(s.svcs), s.last, added)
+	res, ok := lbipam.Extend(pools, s.taken.Has, s.last, added)
 	if !ok {
 		return lbipam.Result{}, nil, nil
 	}
+	// Extend extended s.last's assignments in place: if a write below
+	// fails, the whole allocation runs on the retry.
+	s.lastOK = false
 	ops := []write{}
 	for _, sv := range added {
 		key := lbipam.ServiceKey(sv)

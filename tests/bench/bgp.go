@@ -2,14 +2,19 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/lab"
 )
+
+var bgpPerf = flag.String("bgp-perf", "", "bgp: `dir` for perf profiles (perf record -g) of both agents and the server during the 10,000 services")
 
 // bgpBench: a cluster of two nodes whose router runs BIRD, peered with
 // both agents (as in tests/e2e/bgp_test.go), and a LoadBalancerIPPool.
@@ -100,6 +105,30 @@ spec:
 		}
 		docs = append(docs, b.String())
 	}
+	var stopPerf []func() error
+	if *bgpPerf != "" {
+		if err := os.MkdirAll(*bgpPerf, 0o755); err != nil {
+			return err
+		}
+		for name, pid := range map[string]int{"agent1": a.Proc.Pid(), "agent2": c.Agents[1].Proc.Pid(), "server": c.Server.Pid()} {
+			stop, err := perfRecord(pid, filepath.Join(*bgpPerf, name+".perf"))
+			if err != nil {
+				return err
+			}
+			stopPerf = append(stopPerf, stop)
+		}
+	}
+	pids := []int{a.Proc.Pid(), c.Agents[1].Proc.Pid(), c.Server.Pid()}
+	cpu0 := make([]float64, len(pids))
+	for i, pid := range pids {
+		if cpu0[i], err = cpuSeconds([]int{pid}); err != nil {
+			return err
+		}
+	}
+	runs0, err := reconcileRuns(ctx, a)
+	if err != nil {
+		return err
+	}
 	start := time.Now()
 	for k, d := range docs {
 		t := time.Now()
@@ -113,8 +142,29 @@ spec:
 		return err
 	}
 	total := time.Since(start)
+	for _, stop := range stopPerf {
+		if err := stop(); err != nil {
+			fmt.Fprintln(os.Stderr, "bench bgp: perf:", err)
+		}
+	}
 	progress("bgp: %d LoadBalancer services: apply returned after %v, all addresses in BIRD's kernel table after %v", vips, applied.Round(time.Millisecond), total.Round(time.Millisecond))
 	line(fmt.Sprintf("bgp-%d-vips-advertised", vips), total.Seconds(), "s", "<= 5")
+	// Where the time went: CPU of the applying agent, the other agent
+	// and the server (etcd included), and the applying agent's runs.
+	var cpus []string
+	for i, pid := range pids {
+		cs, err := cpuSeconds([]int{pid})
+		if err != nil {
+			return err
+		}
+		cpus = append(cpus, fmt.Sprintf("%.2f", cs-cpu0[i]))
+	}
+	runs1, err := reconcileRuns(ctx, a)
+	if err != nil {
+		return err
+	}
+	line("bgp-10000-vips-reconciles", float64(runs1-runs0), "runs",
+		fmt.Sprintf("info: reconcile runs of the applying agent; CPU-s of it / the other agent / the server: %s", strings.Join(cpus, " / ")))
 	return nil
 }
 
