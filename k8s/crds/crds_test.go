@@ -55,7 +55,8 @@ func TestAll(t *testing.T) {
 	}
 }
 
-// gofmt rewrites '' and `` in doc comments as typographic quotes, which
+// gofmt rewrites two apostrophes (an empty CEL string) and two backquotes
+// in doc comments as typographic quotes, which
 // would turn a CEL rule of a kubebuilder marker into one the API server
 // refuses: the markers must not hold them.
 func TestNoTypographicQuotes(t *testing.T) {
