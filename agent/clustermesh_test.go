@@ -469,3 +469,24 @@ func TestClusterModeRefusesTakenNodeName(t *testing.T) {
 		t.Fatalf("node1's record was overwritten: %+v %v", n, err)
 	}
 }
+
+// TestClusterModeAddWaitsForTheFirstConnection: an endpoint add that
+// arrives while the agent is still connecting to etcd (a pod created as
+// its node's agent starts) waits for the connection instead of failing.
+func TestClusterModeAddWaitsForTheFirstConnection(t *testing.T) {
+	ctx := context.Background()
+	e := etcdtest.Start(t)
+	writeClusterConfig(t, kvClient(t, e), "c1", 1, "10.1.0.0/16", "fd00:1::/32")
+	e.Stop()
+	n1 := startMesh(t, meshConfig(t, e, "node1", "192.0.2.11", "10.1.1.0/24", "fd00:1:1::/64"), agenttest.NewFakeDatapath(), agenttest.NewFakePlumber())
+	done := make(chan error, 1)
+	go func() {
+		_, err := n1.client.AddEndpoint(ctx, api.EndpointRequest{Name: "early", Netns: "/netns/early", Labels: map[string]string{"app": "web"}})
+		done <- err
+	}()
+	time.Sleep(time.Second) // the add is waiting; etcd comes up
+	e.Restart(t)
+	if err := <-done; err != nil {
+		t.Fatalf("an add that arrived while the agent connected: %v", err)
+	}
+}

@@ -68,6 +68,12 @@ const (
 	// allocateTimeout bounds an identity allocation in etcd, so that an
 	// unreachable etcd fails an endpoint add instead of hanging it.
 	allocateTimeout = 15 * time.Second
+	// connectWait is how long an identity allocation that arrives before
+	// the first connection to etcd waits for it: a pod created as its
+	// node's agent starts (or a restarted agent's first add) should not
+	// fail for being a moment early, while an etcd that is away still
+	// fails adds soon.
+	connectWait = 5 * time.Second
 )
 
 // Validate checks the cluster-mode flags.
@@ -132,7 +138,9 @@ type Mesh struct {
 	alloc     *identity.Etcd
 	pub       *meshsync.Publisher
 	connected bool
-	lastErr   error
+	// allocReady is closed once alloc is set (the first connection).
+	allocReady chan struct{}
+	lastErr    error
 	routeErr  string // of the last route sync, "" when it worked
 	// referenced holds the endpoints (by key) whose identity this process
 	// holds a reference to in etcd.
@@ -161,6 +169,7 @@ func New(cfg Config) *Mesh {
 		nodeIPs:     slices.Clone(cfg.NodeIPs),
 		referenced:  map[string]bool{},
 		rereference: make(chan struct{}, 1),
+		allocReady:  make(chan struct{}),
 		lastErr:     fmt.Errorf("connecting to %s", strings.Join(cfg.Endpoints, ",")),
 	}
 	m.tables.SetMaxIPCachePerRemote(cfg.MaxRemoteIPCache)
@@ -317,6 +326,11 @@ func (m *Mesh) Run(ctx context.Context, kvMetrics *kvstore.Metrics) error {
 	m.mu.Lock()
 	m.client, m.alloc, m.pub = client, alloc, pub
 	m.connected, m.lastErr = true, nil
+	select {
+	case <-m.allocReady:
+	default:
+		close(m.allocReady)
+	}
 	m.mu.Unlock()
 	m.log.Info("clustermesh: connected", "endpoints", m.cfg.Endpoints, "leaseTTL", ttl)
 
@@ -649,6 +663,15 @@ type meshIdentities struct{ m *Mesh }
 
 func (i meshIdentities) Allocate(ctx context.Context, l identity.Labels) (uint32, error) {
 	alloc := i.m.allocator()
+	if alloc == nil {
+		wait, cancel := context.WithTimeout(ctx, connectWait)
+		select {
+		case <-i.m.allocReady:
+		case <-wait.Done():
+		}
+		cancel()
+		alloc = i.m.allocator()
+	}
 	if alloc == nil {
 		_, err := i.m.kv()
 		return 0, err
