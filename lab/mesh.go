@@ -106,6 +106,8 @@ type Cluster struct {
 	// nil when the server runs its embedded etcd.
 	Etcd *EtcdCluster
 	opts ClusterOptions
+	// outside is the cluster's outside client (AddOutside), if added.
+	outside *Outside
 }
 
 func (c *Cluster) underlay4(host int) netip.Addr {

@@ -34,8 +34,14 @@ func (o *Outside) Addr(v6 bool) netip.Addr {
 
 // AddOutside links a client namespace named name to c's router. The
 // router hashes multipath routes over the L4 header (both families), so
-// the connections of one client spread over ECMP next hops.
+// the connections of one client spread over ECMP next hops. A cluster has
+// at most one (its addresses are fixed): Outside returns it.
 func (c *Cluster) AddOutside(name string) (*Outside, error) {
+	if c.outside != nil {
+		// A second link with the same subnet on the router would leave
+		// one of the two clients unreachable.
+		return nil, fmt.Errorf("lab: cluster %s has an outside client already (%s); use Cluster.Outside", c.Name, c.outside.Name())
+	}
 	n, err := c.lab.AddNode(name) // a node's namespace: no IPv6 DAD to wait for
 	if err != nil {
 		return nil, err
@@ -68,7 +74,17 @@ func (c *Cluster) AddOutside(name string) (*Outside, error) {
 	}); err != nil {
 		return nil, fmt.Errorf("lab: multipath hashing on %s: %w", c.Router.Name(), err)
 	}
+	c.outside = o
 	return o, nil
+}
+
+// Outside returns the cluster's outside client, adding it (named name)
+// the first time.
+func (c *Cluster) Outside(name string) (*Outside, error) {
+	if c.outside != nil {
+		return c.outside, nil
+	}
+	return c.AddOutside(name)
 }
 
 // RouteVia routes dst on the cluster's router to the given nodes of the

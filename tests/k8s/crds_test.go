@@ -186,7 +186,7 @@ func checkCustomResources(t *testing.T, e *env, echoLabels map[string]string) {
 	}
 
 	t.Run("the LoadBalancer Service answers on its addresses from a node and from outside", func(t *testing.T) {
-		out, err := e.c1.AddOutside("ilab-lb-out")
+		out, err := e.c1.Outside("outside")
 		if err != nil {
 			t.Fatal(err)
 		}

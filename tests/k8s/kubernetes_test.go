@@ -330,7 +330,7 @@ func TestKubernetesMode(t *testing.T) {
 			t.Fatal(err)
 		}
 		port := uint16(np.Spec.Ports[0].NodePort) // allocated by the API server
-		out, err := e.c1.AddOutside("outside")
+		out, err := e.c1.Outside("outside")
 		if err != nil {
 			t.Fatal(err)
 		}
