@@ -141,7 +141,7 @@ type Mesh struct {
 	// allocReady is closed once alloc is set (the first connection).
 	allocReady chan struct{}
 	lastErr    error
-	routeErr  string // of the last route sync, "" when it worked
+	routeErr   string // of the last route sync, "" when it worked
 	// referenced holds the endpoints (by key) whose identity this process
 	// holds a reference to in etcd.
 	referenced map[string]bool
