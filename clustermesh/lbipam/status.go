@@ -119,22 +119,28 @@ func (c *StatusCache) Patch(objs map[string]objects.Object, asg map[string]Assig
 		if s != nil {
 			out[objects.KindService+"/"+key] = s
 		}
-		c.contrib[key] = addrs
-		if len(probs) > 0 {
-			c.problems[key] = probs
-		}
-		for _, ad := range addrs {
-			if c.byPool[ad.Pool] == nil {
-				c.byPool[ad.Pool] = map[netip.Addr]int{}
-			}
-			c.byPool[ad.Pool][ad.IP]++
-		}
+		c.noteService(key, addrs, probs)
 	}
 	for k := range c.poolKeys {
 		out[k] = c.poolStatus(objs[k].(*objects.LoadBalancerIPPool))
 	}
 	c.out = out
 	return out, c.allProblems()
+}
+
+// noteService records what one service's status holds: its addresses
+// (counted per pool) and its problems.
+func (c *StatusCache) noteService(key string, addrs []Addr, probs []string) {
+	c.contrib[key] = addrs
+	if len(probs) > 0 {
+		c.problems[key] = probs
+	}
+	for _, ad := range addrs {
+		if c.byPool[ad.Pool] == nil {
+			c.byPool[ad.Pool] = map[netip.Addr]int{}
+		}
+		c.byPool[ad.Pool][ad.IP]++
+	}
 }
 
 // rebuildIndex sets Patch's state from a whole ApplyStatus.
@@ -145,16 +151,7 @@ func (c *StatusCache) rebuildIndex(objs map[string]objects.Object, asg map[strin
 		// The status is in c.last's copies already; this recomputes
 		// only what went into it (addresses, problems).
 		_, addrs, probs := c.serviceStatus(key, objs, a)
-		c.contrib[key] = addrs
-		if len(probs) > 0 {
-			c.problems[key] = probs
-		}
-		for _, ad := range addrs {
-			if c.byPool[ad.Pool] == nil {
-				c.byPool[ad.Pool] = map[netip.Addr]int{}
-			}
-			c.byPool[ad.Pool][ad.IP]++
-		}
+		c.noteService(key, addrs, probs)
 	}
 	for k, o := range objs {
 		if _, ok := o.(*objects.LoadBalancerIPPool); ok {
