@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -115,6 +116,25 @@ func TestLabUpKubernetes(t *testing.T) {
 			label, data, _ := strings.Cut(strings.TrimSpace(out), " ")
 			if label != of.Name || len(data) < 100 {
 				t.Errorf("Secret isthmus-peer-%s in %s: label %q, %d bytes of bundle", of.Name, in.Name, label, len(data))
+			}
+		}
+	})
+
+	t.Run("every cluster keeps the ServiceImport of the global service", func(t *testing.T) {
+		// Written by each chart-installed server (its RBAC must allow it).
+		for _, c := range []lab.StateCluster{c1, c2} {
+			err := eventually(30*time.Second, func() error {
+				out, err := kubectl(c, "-n", "default", "get", "serviceimports.multicluster.x-k8s.io", "echo", "-o", "jsonpath={.status.clusters[*].cluster}")
+				if err != nil {
+					return fmt.Errorf("%v: %s", err, out)
+				}
+				if got := strings.Fields(out); !slices.Contains(got, c1.Name) || !slices.Contains(got, c2.Name) {
+					return fmt.Errorf("status.clusters %q, want %s and %s", out, c1.Name, c2.Name)
+				}
+				return nil
+			})
+			if err != nil {
+				t.Errorf("%s: ServiceImport default/echo: %v", c.Name, err)
 			}
 		}
 	})
