@@ -404,27 +404,11 @@ func (s *Syncer) checkCRDPolicy(ctx context.Context, o any) {
 		return
 	}
 	var np v1alpha1.NetworkPolicy
-	cond := metav1.Condition{Type: v1alpha1.ConditionReady, Status: metav1.ConditionTrue, Reason: v1alpha1.ReasonApplied,
-		Message: "enforced by the agents of cluster " + s.cfg.Cluster, ObservedGeneration: u.GetGeneration()}
+	status, reason, msg := metav1.ConditionTrue, v1alpha1.ReasonApplied, "enforced by the agents of cluster "+s.cfg.Cluster
 	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, &np); err != nil {
-		cond.Status, cond.Reason, cond.Message = metav1.ConditionFalse, v1alpha1.ReasonInvalid, "decode: "+err.Error()
+		status, reason, msg = metav1.ConditionFalse, v1alpha1.ReasonInvalid, "decode: "+err.Error()
 	} else if _, err := np.ToObject(); err != nil {
-		cond.Status, cond.Reason, cond.Message = metav1.ConditionFalse, v1alpha1.ReasonInvalid, err.Error()
+		status, reason, msg = metav1.ConditionFalse, v1alpha1.ReasonInvalid, err.Error()
 	}
-	if c := apimeta.FindStatusCondition(np.Status.Conditions, cond.Type); c != nil &&
-		c.Status == cond.Status && c.Reason == cond.Reason && c.Message == cond.Message && c.ObservedGeneration == cond.ObservedGeneration &&
-		np.Status.ObservedGeneration == u.GetGeneration() {
-		return
-	}
-	apimeta.SetStatusCondition(&np.Status.Conditions, cond)
-	np.Status.ObservedGeneration = u.GetGeneration()
-	st, err := runtime.DefaultUnstructuredConverter.ToUnstructured(&np.Status)
-	if err != nil {
-		return
-	}
-	u = u.DeepCopy()
-	u.Object["status"] = st
-	if _, err := s.dyn.Resource(v1alpha1.NetworkPolicyResource).Namespace(u.GetNamespace()).UpdateStatus(ctx, u, metav1.UpdateOptions{}); err != nil {
-		s.log.Warn("kubernetes: cannot set the status of an isthmus.io NetworkPolicy", "object", u.GetNamespace()+"/"+u.GetName(), "err", err)
-	}
+	s.setReady(ctx, v1alpha1.NetworkPolicyResource, u, status, reason, msg)
 }
