@@ -62,6 +62,11 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 	if r.ipcLocal == nil || s.Mesh.Ready != r.ipcReady || !slices.Equal(s.Mesh.NodeIPs, r.ipcNodeIPs) {
 		full = true
 	}
+	if n := len(r.ipcShadow) + len(changed); len(changed) > len(r.ipcShadow) && n > 1024 {
+		// Many new entries at once (a remote cluster came into use):
+		// grow the shadow once, not by doubling while writing them.
+		r.ipcShadow = r.ipcShadow.grown(n)
+	}
 	have := r.ipcShadow
 	failed := false
 	overflow := 0

@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"maps"
 	"net/netip"
 
 	"github.com/isthmus-mesh/isthmus/bpf"
@@ -69,6 +70,13 @@ func shadowOf(m map[netip.Prefix]bpf.IPCacheEntry) ipShadow {
 		s[keyOf(p)] = valOf(e)
 	}
 	return s
+}
+
+// grown returns s in a map with room for n entries.
+func (s ipShadow) grown(n int) ipShadow {
+	g := make(ipShadow, n)
+	maps.Copy(g, s)
+	return g
 }
 
 func (s ipShadow) get(p netip.Prefix) (bpf.IPCacheEntry, bool) {

@@ -515,12 +515,15 @@ func (t *Tables) state(c *cluster, key string, value []byte, del bool) error {
 		if err != nil {
 			return err
 		}
-		t.setIP(c, key, p, nil)
 		var e records.IPCacheEntry
 		if !del {
 			e, err = records.ValidateIPCacheEntry(key, value, c.name, c.id)
 		}
 		if del || err != nil {
+			// A deleted record's verdict is not drained: take its
+			// entry out here. (An upsert replaces it below, or is
+			// drained as refused or pending, which takes it out.)
+			t.setIP(c, key, p, nil)
 			c.gate.Delete(key)
 		} else {
 			e.Cluster = c.name // one string for all the cluster's entries
@@ -529,7 +532,9 @@ func (t *Tables) state(c *cluster, key string, value []byte, del bool) error {
 		}
 		t.syncGate(c)
 		if v, ok := c.gate.Get(key); ok && v.Accepted() {
-			t.setIP(c, key, p, v.IP)
+			if r := c.ips[p]; r.IPCacheEntry != v.IP { // not set by syncGate already
+				t.setIP(c, key, p, v.IP)
+			}
 		}
 		return err
 	case strings.HasPrefix(key, records.StatePrefix(records.KindServices)):
@@ -653,9 +658,10 @@ func (t *Tables) syncGate(c *cluster) {
 				}
 				t.vers.Nodes++
 			case v.IP != nil:
-				t.setIP(c, v.Key, v.IP.Prefix, nil)
 				if v.Accepted() {
 					t.setIP(c, v.Key, v.IP.Prefix, v.IP)
+				} else {
+					t.setIP(c, v.Key, v.IP.Prefix, nil)
 				}
 			case v.Service != nil:
 				delete(c.services, v.Service.Namespace+"/"+v.Service.Name)

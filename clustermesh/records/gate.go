@@ -56,8 +56,9 @@ type Gate struct {
 	nodeAddrs map[netip.Addr]int
 	// ipByNode indexes the ipcache entries by the node whose key prefix
 	// they sit under, to decide them again when that node's verdict or
-	// record changes.
-	ipByNode map[string]map[string]*gateEntry
+	// record changes. A list per node (each entry knows its slot), not a
+	// map: one pointer per entry, and no hashing of its key.
+	ipByNode map[string]*nodeIPs
 	ipCount  int
 	// ipByAddr indexes the single-address ipcache entries outside the
 	// cluster's pod CIDRs (only a node address makes them owned), to decide
@@ -66,8 +67,10 @@ type Gate struct {
 	// addresses and stay out of it (memory: one map entry less each).
 	ipByAddr map[netip.Addr]map[string]*gateEntry
 	capped   capSet
-	changed  map[Kind]map[string]struct{}
-	refused  map[string]int
+	// changed holds, per kind, the entries whose verdict changed since the
+	// last Drain (each once: queued); replaced and removed ones are gone.
+	changed [numGateKinds][]*gateEntry
+	refused map[string]int
 	// refusedGen counts the changes of refused (RefusedGen).
 	refusedGen uint64
 }
@@ -78,19 +81,58 @@ type Limits struct {
 	MaxIPCache int
 }
 
+// gateEntry is one record. Its fields are ordered to keep it small: the
+// Gate holds one per ipcache entry of the cluster (100,000s).
 type gateEntry struct {
 	key  string
-	kind Kind
 	node *Node
-	ip   *IPCacheEntry
+	ip   *IPCacheEntry // of an ipGateEntry: stored with the entry
 	svc  *ServiceRecord
 	raw  []byte
 
-	candidate bool  // node: its pod CIDRs are in nodeIdx
-	owned     error // ipcache: the verdict before the cap
-	verdict   error // nil: accepted
-	reported  error // the verdict Drain last returned
+	owned    error // ipcache: the verdict before the cap
+	verdict  error // nil: accepted
+	reported error // the verdict Drain last returned
+
+	slot      int32 // ipcache: its index in its node's ipByNode list
+	kind      gateKind
+	candidate bool // node: its pod CIDRs are in nodeIdx
 	hasReport bool
+	queued    bool // in changed, until the next Drain of its kind
+	gone      bool // replaced or deleted: no longer the record at key
+}
+
+// ipGateEntry is an ipcache entry's gateEntry with the record stored in
+// the same allocation.
+type ipGateEntry struct {
+	gateEntry
+	rec IPCacheEntry
+}
+
+// nodeIPs are the ipcache entries under one node's key prefix.
+type nodeIPs struct{ es []*gateEntry }
+
+// gateKind is the Kind of a gateEntry, as a small index.
+type gateKind uint8
+
+const (
+	gateNode gateKind = iota
+	gateIP
+	gateService
+	numGateKinds
+)
+
+var gateKinds = [numGateKinds]Kind{KindNodes, KindIP, KindServices}
+
+// gateKindOf returns the gateKind of k (ok false for a kind the Gate does
+// not hold).
+func gateKindOf(k Kind) (gateKind, bool) {
+	for i, gk := range gateKinds {
+		if gk == k {
+			return gateKind(i), true
+		}
+	}
+	return 0, false
 }
 
 // Verdict is a change of a record's verdict, reported by Drain.
@@ -115,9 +157,8 @@ func NewGate(cluster string, limits Limits) *Gate {
 	return &Gate{cluster: cluster, limits: limits,
 		entries: map[string]*gateEntry{},
 		byKind:  map[Kind]map[string]*gateEntry{KindNodes: {}, KindIP: {}, KindServices: {}},
-		nodeIdx: newPrefixIndex(), nodeAddrs: map[netip.Addr]int{}, ipByNode: map[string]map[string]*gateEntry{}, ipByAddr: map[netip.Addr]map[string]*gateEntry{},
+		nodeIdx: newPrefixIndex(), nodeAddrs: map[netip.Addr]int{}, ipByNode: map[string]*nodeIPs{}, ipByAddr: map[netip.Addr]map[string]*gateEntry{},
 		capped:  newCapSet(limits.MaxIPCache),
-		changed: map[Kind]map[string]struct{}{KindNodes: {}, KindIP: {}, KindServices: {}},
 		refused: map[string]int{}}
 }
 
@@ -180,7 +221,7 @@ func (g *Gate) PutNode(key string, n Node, raw []byte) {
 	if old != nil {
 		seeds = g.removeNode(old)
 	}
-	e := g.newEntry(key, KindNodes, old, raw)
+	e := g.newEntry(&gateEntry{}, key, gateNode, old, raw)
 	e.node = &n
 	g.classifyNode(e)
 	g.resolveNodes(g.component(append(seeds, n.PodCIDRs...), e))
@@ -190,17 +231,18 @@ func (g *Gate) PutNode(key string, n Node, raw []byte) {
 // PutIP adds or replaces the ipcache entry at key.
 func (g *Gate) PutIP(key string, ip IPCacheEntry, raw []byte) {
 	old := g.entries[key]
-	e := g.newEntry(key, KindIP, old, raw)
+	x := &ipGateEntry{rec: ip}
+	e := g.newEntry(&x.gateEntry, key, gateIP, old, raw)
 	if old != nil {
 		e.owned = old.owned
 	} else {
 		e.owned = ErrPending
 	}
-	e.ip = &ip
+	e.ip = &x.rec
 	if old != nil {
 		g.unindexIP(old)
 	}
-	addIndex(g.ipByNode, e.ipNode(), e)
+	g.indexIPNode(e)
 	g.ipCount++
 	if ip.Prefix.IsSingleIP() {
 		if g.mayBeNodeAddr(ip.Prefix) {
@@ -212,7 +254,7 @@ func (g *Gate) PutIP(key string, ip IPCacheEntry, raw []byte) {
 
 // PutService adds or replaces the service record at key.
 func (g *Gate) PutService(key string, s ServiceRecord, raw []byte) {
-	e := g.newEntry(key, KindServices, g.entries[key], raw)
+	e := g.newEntry(&gateEntry{}, key, gateService, g.entries[key], raw)
 	e.svc = &s
 	g.evalService(e)
 }
@@ -224,12 +266,12 @@ func (g *Gate) Delete(key string) {
 		return
 	}
 	switch e.kind {
-	case KindNodes:
+	case gateNode:
 		seeds := g.removeNode(e)
 		g.forget(e)
 		g.resolveNodes(g.component(seeds, nil))
 		g.nodeVerdictChanged(e.node.Name)
-	case KindIP:
+	case gateIP:
 		if e.owned == nil {
 			if promoted := g.capped.remove(key); promoted != "" {
 				g.evalIP(g.entries[promoted])
@@ -257,7 +299,7 @@ func (g *Gate) Keys(k Kind) []string {
 // kept in: one map entry each, not two).
 func (g *Gate) eachIP(f func(*gateEntry)) {
 	for _, node := range slices.Sorted(maps.Keys(g.ipByNode)) {
-		for _, e := range g.ipByNode[node] {
+		for _, e := range g.ipByNode[node].es {
 			f(e)
 		}
 	}
@@ -281,22 +323,30 @@ func (g *Gate) Get(key string) (Verdict, bool) {
 }
 
 // Dirty reports whether Drain(k) has something to report.
-func (g *Gate) Dirty(k Kind) bool { return len(g.changed[k]) > 0 }
+func (g *Gate) Dirty(k Kind) bool {
+	gk, ok := gateKindOf(k)
+	return ok && len(g.changed[gk]) > 0
+}
 
 // Drain returns, sorted by key, the records of kind k whose verdict
 // changed since the last Drain (or that were never reported): once per
 // change, not once per Put.
 func (g *Gate) Drain(k Kind) []Verdict {
+	gk, ok := gateKindOf(k)
+	if !ok {
+		return nil
+	}
 	var out []Verdict
-	for key := range g.changed[k] {
-		e, ok := g.entries[key]
-		if !ok || (e.hasReport && sameVerdict(e.reported, e.verdict)) {
+	for _, e := range g.changed[gk] {
+		e.queued = false
+		if e.gone || (e.hasReport && sameVerdict(e.reported, e.verdict)) {
 			continue
 		}
 		e.reported, e.hasReport = e.verdict, true
 		out = append(out, e.verdictOf())
 	}
-	clear(g.changed[k])
+	clear(g.changed[gk]) // no pointers kept to entries gone since
+	g.changed[gk] = g.changed[gk][:0]
 	slices.SortFunc(out, func(a, b Verdict) int { return strings.Compare(a.Key, b.Key) })
 	return out
 }
@@ -319,28 +369,41 @@ func sameVerdict(a, b error) bool {
 }
 
 func (e *gateEntry) verdictOf() Verdict {
-	return Verdict{Key: e.key, Kind: e.kind, Err: e.verdict, Node: e.node, IP: e.ip, Service: e.svc, Raw: e.raw}
+	return Verdict{Key: e.key, Kind: gateKinds[e.kind], Err: e.verdict, Node: e.node, IP: e.ip, Service: e.svc, Raw: e.raw}
 }
 
-// newEntry replaces old (if any) by a new entry at key; what Drain last
-// reported carries over, so an unchanged verdict is not reported again.
-func (g *Gate) newEntry(key string, k Kind, old *gateEntry, raw []byte) *gateEntry {
-	e := &gateEntry{key: key, kind: k, raw: raw, verdict: ErrPending}
+// newEntry makes e (new and empty) the entry at key of kind k, replacing
+// old (if any); what Drain last reported carries over, so an unchanged
+// verdict is not reported again, and so does a change not drained yet.
+func (g *Gate) newEntry(e *gateEntry, key string, k gateKind, old *gateEntry, raw []byte) *gateEntry {
+	e.key, e.kind, e.raw, e.verdict = key, k, raw, ErrPending
 	if old != nil {
 		e.verdict, e.reported, e.hasReport = old.verdict, old.reported, old.hasReport
+		old.gone = true
+		if old.queued {
+			g.queue(e)
+		}
 	}
 	g.entries[key] = e
-	if k != KindIP {
-		g.byKind[k][key] = e
+	if k != gateIP {
+		g.byKind[gateKinds[k]][key] = e
 	}
 	return e
+}
+
+// queue notes that e's verdict changed, for the next Drain of its kind.
+func (g *Gate) queue(e *gateEntry) {
+	if !e.queued {
+		e.queued = true
+		g.changed[e.kind] = append(g.changed[e.kind], e)
+	}
 }
 
 func (g *Gate) forget(e *gateEntry) {
 	g.count(e.verdict, -1)
 	delete(g.entries, e.key)
-	delete(g.byKind[e.kind], e.key)
-	delete(g.changed[e.kind], e.key)
+	delete(g.byKind[gateKinds[e.kind]], e.key)
+	e.gone = true
 }
 
 // set records a new verdict of e.
@@ -352,7 +415,7 @@ func (g *Gate) set(e *gateEntry, v error) {
 	g.count(e.verdict, -1)
 	g.count(v, 1)
 	e.verdict = v
-	g.changed[e.kind][e.key] = struct{}{}
+	g.queue(e)
 }
 
 func (g *Gate) count(v error, d int) {
@@ -447,8 +510,46 @@ func (e *gateEntry) ipNode() string {
 	return node
 }
 
+// indexIPNode adds e to its node's list.
+func (g *Gate) indexIPNode(e *gateEntry) {
+	node := e.ipNode()
+	l := g.ipByNode[node]
+	if l == nil {
+		l = &nodeIPs{}
+		g.ipByNode[node] = l
+	}
+	e.slot = int32(len(l.es))
+	l.es = append(l.es, e)
+}
+
+// unindexIPNode takes e out of its node's list: the last entry moves into
+// its slot.
+func (g *Gate) unindexIPNode(e *gateEntry) {
+	node := e.ipNode()
+	l := g.ipByNode[node]
+	if l == nil {
+		return
+	}
+	i := int(e.slot)
+	if i >= len(l.es) || l.es[i] != e {
+		// Not where it should be (a bug): find it rather than corrupt
+		// the list.
+		if i = slices.Index(l.es, e); i < 0 {
+			return
+		}
+	}
+	last := len(l.es) - 1
+	l.es[i] = l.es[last]
+	l.es[i].slot = int32(i)
+	l.es[last] = nil
+	l.es = l.es[:last]
+	if len(l.es) == 0 {
+		delete(g.ipByNode, node)
+	}
+}
+
 func (g *Gate) unindexIP(e *gateEntry) {
-	delIndex(g.ipByNode, e.ipNode(), e.key)
+	g.unindexIPNode(e)
 	g.ipCount--
 	if e.ip.Prefix.IsSingleIP() {
 		delIndex(g.ipByAddr, e.ip.Prefix.Addr(), e.key)
@@ -473,8 +574,14 @@ func delIndex[K comparable](m map[K]map[string]*gateEntry, k K, key string) {
 
 // nodeVerdictChanged decides again the ipcache entries the node published.
 func (g *Gate) nodeVerdictChanged(node string) {
-	for _, key := range slices.Sorted(maps.Keys(g.ipByNode[node])) {
-		if e, ok := g.entries[key]; ok {
+	l := g.ipByNode[node]
+	if l == nil {
+		return
+	}
+	es := slices.Clone(l.es)
+	slices.SortFunc(es, func(a, b *gateEntry) int { return strings.Compare(a.key, b.key) })
+	for _, e := range es {
+		if !e.gone {
 			g.evalIP(e)
 		}
 	}
@@ -609,7 +716,7 @@ func (g *Gate) resolveNodes(nodes []*gateEntry) {
 func (g *Gate) unaccept(e *gateEntry) {
 	if e.verdict == nil {
 		e.verdict = ErrPending
-		g.changed[KindNodes][e.key] = struct{}{}
+		g.queue(e)
 		g.nodeAddrsDel(e.node)
 		g.nodeVerdictChanged(e.node.Name)
 	}

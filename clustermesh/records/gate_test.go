@@ -226,6 +226,20 @@ func (c consumer) sync(g *Gate, key string) {
 // records, and c with g's accepted records.
 func checkGate(t *testing.T, g *Gate, c consumer, limits Limits) {
 	t.Helper()
+	// The per-node lists of ipcache entries: each entry knows its slot,
+	// and is the entry at its key.
+	n := 0
+	for node, l := range g.ipByNode {
+		for i, e := range l.es {
+			if int(e.slot) != i || e.gone || g.entries[e.key] != e || e.ipNode() != node {
+				t.Fatalf("ipByNode[%s][%d] = %s (slot %d, gone %v): out of place", node, i, e.key, e.slot, e.gone)
+			}
+		}
+		n += len(l.es)
+	}
+	if n != g.ipCount {
+		t.Fatalf("ipByNode holds %d entries, ipCount %d", n, g.ipCount)
+	}
 	fresh := NewGate(g.cluster, limits)
 	if o, ok := g.Owner(); ok {
 		cfg := ClusterConfig{Name: o.Cluster, ID: o.ID, PodCIDRs: o.PodCIDRs}
@@ -315,6 +329,23 @@ func gateOps(t *testing.T, seed uint64, n int) {
 		}
 		c.sync(g, key)
 		checkGate(t, g, c, limits)
+	}
+}
+
+// TestGateDrainAfterReplace: a record replaced before its change was
+// drained still reports that change (once).
+func TestGateDrainAfterReplace(t *testing.T) {
+	g := NewGate("c2", Limits{})
+	g.SetConfig(&gateCfg)
+	g.Drain(KindIP)
+	key := putIP(g, gIP("10.2.1.1/32", 2<<20|1)) // pending -> accepted, not drained
+	putIP(g, gIP("10.2.1.1/32", 2<<20|2))        // replaced, still accepted
+	vs := g.Drain(KindIP)
+	if len(vs) != 1 || vs[0].Key != key || !vs[0].Accepted() || vs[0].IP.Identity != 2<<20|2 {
+		t.Fatalf("drained %+v, want the accepted replacement once", vs)
+	}
+	if vs := g.Drain(KindIP); len(vs) != 0 {
+		t.Fatalf("drained again: %+v", vs)
 	}
 }
 

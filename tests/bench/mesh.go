@@ -559,25 +559,36 @@ func (w *writer) putAll(ctx context.Context, addrs []netip.Addr, writers, perTxn
 	return nil
 }
 
-// waitAll waits until ipc maps every address to id. It checks the
-// addresses in order and stops a round at the first one still missing, so
-// a round costs a few lookups while nothing arrives and the whole wait
-// about one lookup per address.
+// waitAll waits until ipc maps every address to id. While the first
+// missing address is missing, a round is one lookup (every millisecond);
+// once it is there, a round is one pass over the addresses still missing.
+// So the wait costs about one lookup per address, and the check's own time
+// after the last write is a pass over what that write brought, not over
+// every address: the datapath writes in its own order (a whole remote
+// cluster's entries arrive in one reconcile), and a check in the order of
+// addrs would otherwise start counting only once nearly all are in.
 func waitAll(ctx context.Context, ipc *bpf.PinnedIPCache, addrs []netip.Addr, id uint32, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
-	i := 0
-	for i < len(addrs) {
-		if e, ok := ipc.Lookup(addrs[i]); ok && e.Identity == id {
-			i++
+	present := func(a netip.Addr) bool { e, ok := ipc.Lookup(a); return ok && e.Identity == id }
+	missing := addrs
+	for len(missing) > 0 {
+		if !present(missing[0]) {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("%d of %d addresses in the BPF ipcache after %s (first missing: %s)", len(addrs)-len(missing), len(addrs), timeout, missing[0])
+			}
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			time.Sleep(time.Millisecond)
 			continue
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%d of %d addresses in the BPF ipcache after %s (first missing: %s)", i, len(addrs), timeout, addrs[i])
+		var still []netip.Addr
+		for _, a := range missing[1:] {
+			if !present(a) {
+				still = append(still, a)
+			}
 		}
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		time.Sleep(time.Millisecond)
+		missing = still
 	}
 	return nil
 }
