@@ -74,16 +74,16 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 		overflow = int(r.ipcOverflow.Load()) // those left out stay out until a full pass
 	}
 	// Upserts are queued and written in batches (one syscall per
-	// bpf.IPCacheBatch entries). The shadow takes them when queued, so
-	// that the limit counts them; a write that fails lists the map again
-	// next time (failed), which repairs the shadow.
+	// bpf.IPCacheBatch entries), each in the background while the next
+	// one is built. The shadow takes them when queued, so that the limit
+	// counts them; a write that fails lists the map again next time
+	// (failed), which repairs the shadow.
 	var ups batchUpserts
-	flush := func() {
-		ups.flush(r.dp, func(err error) {
-			failed = true
-			res.Errs = append(res.Errs, err) // counted in res.IPCache when queued
-		})
+	onFail := func(err error) {
+		failed = true
+		res.Errs = append(res.Errs, err) // counted in res.IPCache when queued
 	}
+	flush := func() { ups.flush(r.dp, onFail) }
 	write := func(p netip.Prefix, e bpf.IPCacheEntry, ok bool) {
 		h, had := have.get(p)
 		if ok && !had && len(have) >= r.ipcMeshLimit {
@@ -100,7 +100,7 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 			have[keyOf(p)] = v
 			res.IPCache++
 			if len(ups.ps) >= bpf.IPCacheBatch {
-				flush()
+				ups.start(r.dp, onFail)
 			}
 		case !ok && had && s.Mesh.MayRemove(p):
 			// A delete goes after the upserts queued before it (one
@@ -173,27 +173,67 @@ func hasKey[K comparable, V any](m map[K]V, k K) bool {
 }
 
 // batchUpserts queues ipcache upserts for Datapath.IPCacheUpsertBatch.
+// start writes the queued ones in the background, while the caller queues
+// the next batch (at most one batch in flight: the datapath is never
+// called from two goroutines at once); flush writes what is queued and
+// waits until everything is written.
 type batchUpserts struct {
 	ps []netip.Prefix
 	es []bpf.IPCacheEntry
+	// The batch in flight: its failures come on done.
+	done chan []error
+	// spare buffers, of the last batch written
+	spareP []netip.Prefix
+	spareE []bpf.IPCacheEntry
 }
 
 func (b *batchUpserts) add(p netip.Prefix, e bpf.IPCacheEntry) {
 	b.ps, b.es = append(b.ps, p), append(b.es, e)
 }
 
-// flush writes the queued upserts. An entry that fails is reported to
-// failed and the ones after it are written still, as one by one.
-func (b *batchUpserts) flush(dp Datapath, failed func(error)) {
+// start waits for the batch in flight (its failures go to failed) and
+// starts writing the queued upserts in the background.
+func (b *batchUpserts) start(dp Datapath, failed func(error)) {
+	b.wait(failed)
+	if len(b.ps) == 0 {
+		return
+	}
 	ps, es := b.ps, b.es
+	b.ps, b.es = b.spareP[:0], b.spareE[:0]
+	b.done = make(chan []error, 1)
+	go func(done chan<- []error) { done <- writeUpserts(dp, ps, es) }(b.done)
+	b.spareP, b.spareE = ps, es // written by the time wait returns
+}
+
+// wait waits for the batch in flight, if any; its failures go to failed.
+func (b *batchUpserts) wait(failed func(error)) {
+	if b.done == nil {
+		return
+	}
+	for _, err := range <-b.done {
+		failed(err)
+	}
+	b.done = nil
+}
+
+// flush writes the queued upserts and waits until every batch is written.
+func (b *batchUpserts) flush(dp Datapath, failed func(error)) {
+	b.start(dp, failed)
+	b.wait(failed)
+}
+
+// writeUpserts writes ps[i] -> es[i]. An entry that fails is reported and
+// the ones after it are written still, as one by one.
+func writeUpserts(dp Datapath, ps []netip.Prefix, es []bpf.IPCacheEntry) []error {
+	var errs []error
 	for len(ps) > 0 {
 		n, err := dp.IPCacheUpsertBatch(ps, es)
 		if err == nil {
 			break
 		}
-		failed(err)
+		errs = append(errs, err)
 		n++ // the failed one
 		ps, es = ps[min(n, len(ps)):], es[min(n, len(es)):]
 	}
-	b.ps, b.es = b.ps[:0], b.es[:0]
+	return errs
 }
