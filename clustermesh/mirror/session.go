@@ -453,6 +453,10 @@ const (
 	etcdMinTxnOps = 128
 	maxBatchBytes = 1 << 20
 	flushDelay    = 2 * time.Millisecond
+	// maxBatchAge bounds how long a live change (after the first list)
+	// waits in a batch while further changes keep coming without a pause
+	// of flushDelay.
+	maxBatchAge = 5 * time.Millisecond
 	// maxInflight bounds the transactions written at once by one kind
 	// mirror (and the memory of their batches); see flush.
 	maxInflight = 4
@@ -483,6 +487,8 @@ type kindMirror struct {
 	ops     []kvstore.Op
 	opIndex map[string]int // key -> index in ops
 	opBytes int
+	// opsSince is when the first of ops was queued.
+	opsSince time.Time
 	// inflight are the transactions being written, oldest first: at
 	// most maxInflight, no two naming the same key (see flush).
 	inflight []*txnInFlight
@@ -561,8 +567,8 @@ func (k *kindMirror) run(ctx context.Context, cli *kvstore.Client) error {
 	ch := cli.WatchPrefix(ctx, k.src)
 	// Writes are batched: a batch goes out when it is full, at the end of
 	// a list, or when no further event came within flushDelay (the events
-	// of a list arrive back to back; a live change waits at most that
-	// long).
+	// of a list arrive back to back), and once the first list is complete
+	// at the latest maxBatchAge after its first change (flushIn).
 	pause := time.NewTimer(time.Hour)
 	pause.Stop()
 	defer pause.Stop()
@@ -570,7 +576,7 @@ func (k *kindMirror) run(ctx context.Context, cli *kvstore.Client) error {
 	for {
 		var pauseC <-chan time.Time
 		if len(k.ops) > 0 {
-			pause.Reset(flushDelay)
+			pause.Reset(k.flushIn())
 			pauseC = pause.C
 		}
 		var ev kvstore.Event
@@ -612,7 +618,24 @@ func (k *kindMirror) run(ctx context.Context, cli *kvstore.Client) error {
 			}
 			return err
 		}
+		if len(k.ops) > 0 && k.flushIn() <= 0 {
+			if err := k.flush(ctx); err != nil {
+				return err
+			}
+		}
 	}
+}
+
+// flushIn returns how long the queued batch may wait for more: flushDelay
+// after the last event, and for live changes (once the first list is
+// complete) no longer than maxBatchAge after its first, so that a steady
+// stream of changes is written every maxBatchAge instead of only when the
+// batch is full. The events of a list come back to back and fill batches.
+func (k *kindMirror) flushIn() time.Duration {
+	if !k.listed {
+		return flushDelay
+	}
+	return min(flushDelay, maxBatchAge-time.Since(k.opsSince))
 }
 
 func (k *kindMirror) handle(ctx context.Context, ev kvstore.Event) error {
@@ -853,6 +876,9 @@ func (k *kindMirror) put(ctx context.Context, key string, value []byte) error {
 }
 
 func (k *kindMirror) queue(key string, op kvstore.Op, size int) {
+	if len(k.ops) == 0 {
+		k.opsSince = time.Now()
+	}
 	if i, ok := k.opIndex[key]; ok {
 		k.ops[i] = op
 	} else {
