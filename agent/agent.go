@@ -662,7 +662,22 @@ func (a *Agent) bgpInput(want desired.State) bgp.Input {
 		ips = want.HostAddrs
 	}
 	return bgp.Input{Objects: a.runObjs, Endpoints: want.Endpoints, NodeLabels: a.cfg.NodeLabels,
-		PodCIDRs: a.cfg.PodCIDRs, NodeIPs: ips}
+		PodCIDRs: a.cfg.PodCIDRs, NodeIPs: ips, ChangedSince: a.objectsChangedSince(want.ObjectsGen)}
+}
+
+// objectsChangedSince returns what tells the keys of the objects changed
+// between an earlier generation (objectsGen's) and current, where the
+// source knows (cluster mode: etcd's tables); nil otherwise.
+func (a *Agent) objectsChangedSince(current uint64) func(since uint64) ([]string, bool) {
+	if a.kube != nil || a.mesh == nil || current%2 == 0 {
+		return nil
+	}
+	return func(since uint64) ([]string, bool) {
+		if since%2 == 0 {
+			return nil, false // the local table's generation
+		}
+		return a.mesh.ObjectsChangedSince((since-1)/2, (current-1)/2)
+	}
 }
 
 // northSouthInput is what the north-south reconciler converges in one run.

@@ -794,6 +794,16 @@ func (m *Mesh) ObjectsGen() (objs desired.Objects, gen uint64, ok bool) {
 	return desired.Objects(objs), gen, true
 }
 
+// ObjectsChangedSince is the tables' ObjectsChangedSince: the keys of the
+// objects changed between the snapshots of generations since and current
+// (as ObjectsGen gave them).
+func (m *Mesh) ObjectsChangedSince(since, current uint64) (keys []string, ok bool) {
+	if m == nil {
+		return nil, false
+	}
+	return m.tables.ObjectsChangedSince(since, current)
+}
+
 func (m *Mesh) logErr(what string, err error) {
 	if err != nil {
 		m.log.Error(what, "err", err)
