@@ -173,6 +173,8 @@ func New(cfg Config) *Mesh {
 		lastErr:     fmt.Errorf("connecting to %s", strings.Join(cfg.Endpoints, ",")),
 	}
 	m.tables.SetMaxIPCachePerRemote(cfg.MaxRemoteIPCache)
+	// What the watch decoded is not decoded again by an apply's read.
+	m.configs.Known = m.tables.DecodedObject
 	return m
 }
 

@@ -722,6 +722,23 @@ func (t *Tables) HasObjects(want map[string][]byte) bool {
 	return true
 }
 
+// DecodedObject returns the object the watch decoded for key (an etcd key
+// under ConfigPrefix) when it was decoded from raw, byte for byte: what
+// DecodeObject(key, raw) gives, without decoding again
+// (ConfigCache.Known).
+func (t *Tables) DecodedObject(key string, raw []byte) (objects.Object, bool) {
+	rest, ok := strings.CutPrefix(key, ConfigPrefix)
+	if !ok {
+		return nil, false
+	}
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	if have, ok := t.objsRaw[rest]; !ok || !bytes.Equal(have, raw) {
+		return nil, false
+	}
+	return t.objs[rest], true
+}
+
 // lbAssignment handles isthmus/state/lbipam/v1/<ns>/<name>: the
 // addresses go into the service's status when the objects snapshot is
 // built. An invalid record is dropped (the service shows no addresses
