@@ -52,6 +52,7 @@ type Tables struct {
 	// the services of objsSnap; lbLogged holds the problems with them
 	// already logged, so a problem is logged once, not per snapshot.
 	lbRecs   map[string]records.LBAssignment
+	lbVer    uint64                       // counts the changes of lbRecs
 	lbAsg    map[string]lbipam.Assignment // lbRecs converted, as of the last snapshot
 	lbLogged map[string]bool
 	// statusCache keeps objsSnap's copies of services whose object and
@@ -749,6 +750,7 @@ func (t *Tables) lbAssignment(key string, value []byte, del bool) error {
 		return err
 	}
 	svc := ns + "/" + name
+	t.lbVer++
 	if _, had := t.lbRecs[svc]; had {
 		delete(t.lbRecs, svc)
 		t.objsVer++
@@ -769,9 +771,23 @@ func (t *Tables) lbAssignment(key string, value []byte, del bool) error {
 
 // LBAssignments returns LB-IPAM's assignments as read from etcd.
 func (t *Tables) LBAssignments() []records.LBAssignment {
+	recs, _ := t.LBAssignmentsGen()
+	return recs
+}
+
+// LBAssignmentsGen is LBAssignments with a generation: equal generations,
+// same assignments.
+func (t *Tables) LBAssignmentsGen() ([]records.LBAssignment, uint64) {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
-	return slices.Collect(maps.Values(t.lbRecs))
+	return slices.Collect(maps.Values(t.lbRecs)), t.lbVer
+}
+
+// LBAssignmentsVer is the generation LBAssignmentsGen would give.
+func (t *Tables) LBAssignmentsVer() uint64 {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.lbVer
 }
 
 // DecodeObject decodes and validates an applied object read at key.

@@ -13,11 +13,15 @@ import (
 // Forget. The zero value is ready; it is safe for concurrent use.
 type DecodeCache struct {
 	mu sync.Mutex
-	m  map[string]decodedValue
+	m  map[string]*decodedValue
 }
 
+// decodedValue is one decoded value; done is closed once objs and err
+// are set (a reader that comes while another decodes waits for it: the
+// syncers see each event at about the same time).
 type decodedValue struct {
 	raw  []byte
+	done chan struct{}
 	objs []Object
 	err  error
 }
@@ -28,19 +32,20 @@ func (c *DecodeCache) Decode(key string, raw []byte) ([]Object, error) {
 		return Decode(raw)
 	}
 	c.mu.Lock()
-	d, ok := c.m[key]
-	c.mu.Unlock()
-	if ok && bytes.Equal(d.raw, raw) {
+	if d, ok := c.m[key]; ok && bytes.Equal(d.raw, raw) {
+		c.mu.Unlock()
+		<-d.done
 		return d.objs, d.err
 	}
-	objs, err := Decode(raw)
-	c.mu.Lock()
+	d := &decodedValue{raw: raw, done: make(chan struct{})}
 	if c.m == nil {
-		c.m = map[string]decodedValue{}
+		c.m = map[string]*decodedValue{}
 	}
-	c.m[key] = decodedValue{raw: raw, objs: objs, err: err}
+	c.m[key] = d
 	c.mu.Unlock()
-	return objs, err
+	d.objs, d.err = Decode(raw)
+	close(d.done)
+	return d.objs, d.err
 }
 
 // Forget drops what is kept for key (it was deleted).

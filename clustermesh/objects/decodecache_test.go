@@ -1,7 +1,9 @@
 package objects
 
 import (
+	"fmt"
 	"reflect"
+	"sync"
 	"testing"
 )
 
@@ -32,6 +34,19 @@ func TestDecodeCache(t *testing.T) {
 	}
 	if _, err := c.Decode("bad", []byte(`{"kind":"Service"}`)); err == nil {
 		t.Error("an invalid value decoded")
+	}
+	// Readers that come at once share one decode.
+	for i := range 20 {
+		v := fmt.Appendf(nil, `{"apiVersion":"isthmus.io/v1alpha1","kind":"Service","metadata":{"name":"a"},"spec":{"vips":["10.96.1.%d"],"ports":[{"port":80}]}}`, i)
+		var got [2][]Object
+		var wg sync.WaitGroup
+		for j := range got {
+			wg.Go(func() { got[j], _ = c.Decode("k", v) })
+		}
+		wg.Wait()
+		if got[0][0] != got[1][0] {
+			t.Fatal("two readers at once decoded the same value twice")
+		}
 	}
 	var none *DecodeCache
 	if b, err := none.Decode("k", v1); err != nil || !reflect.DeepEqual(b, want1) {
