@@ -109,12 +109,14 @@ type Agent struct {
 	ns     *northsouth.Reconciler // the way in from outside: external devices, SNAT
 	l2     *l2.Manager            // ARP/NDP answers for the service addresses this node leads
 	// The applied objects split by kind, at objects generation splitGen
-	// (reconcile loop only).
-	splitSvcs []objects.Service
-	splitSrc  []*objects.Service
-	splitPols []objects.NetworkPolicy
-	splitL2   []objects.L2AnnouncementPolicy
-	splitGen  uint64
+	// (reconcile loop only); the services only when asked for
+	// (splitServices): the datapath and BGP take the changed ones from
+	// the objects.
+	splitSvcs  []objects.Service
+	splitSvcOK bool
+	splitPols  []objects.NetworkPolicy
+	splitL2    []objects.L2AnnouncementPolicy
+	splitGen   uint64
 	// runObjs are the objects of the current run: later steps read these
 	// rather than the source again, which may have moved on and would
 	// build another snapshot of every object.
@@ -512,7 +514,7 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	}
 	if a.enc != nil {
 		if a.cfg.ExternalWorkload != nil {
-			a.enc.SetServiceRoutes(serviceVIPs(want.Services))
+			a.enc.SetServiceRoutes(serviceVIPs(a.splitServices()))
 		}
 		n, err := a.enc.Sync(want.Mesh)
 		routeChanges += n
@@ -528,7 +530,13 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	// L2 announcements elect and answer on their own clock (a dead peer
 	// must be noticed within a second, not at the next run); a run only
 	// hands them the policies, services and local backends.
-	a.l2.SetInput(l2.Input{Policies: a.splitL2, Services: want.Services, HasLocalBackend: localBackend(want.Endpoints)})
+	// The services only for policies to select from: splitting them
+	// costs every service.
+	var l2Svcs []objects.Service
+	if len(a.splitL2) > 0 {
+		l2Svcs = a.splitServices()
+	}
+	a.l2.SetInput(l2.Input{Policies: a.splitL2, Services: l2Svcs, HasLocalBackend: localBackend(want.Endpoints)})
 	// Device sizes: a device that refuses is rolled back and reported,
 	// which fails nothing else. The reconciler does only what changed.
 	if err := a.bigtcp.Sync(a.bigTCPInput(want)); err != nil {
@@ -558,16 +566,28 @@ func (a *Agent) reconcile(ctx context.Context) error {
 // desiredState is what one reconcile run converges to.
 func (a *Agent) desiredState() (desired.State, error) {
 	objs, objGen := a.objectsGen()
+	changed := a.objectsChangedSince(objGen)
 	if objGen != a.splitGen || a.splitGen == 0 {
-		// Split sorts every object: once per generation, not per run.
-		a.splitSvcs, a.splitSrc, a.splitPols = objs.SplitSources()
-		a.splitL2 = objs.L2Policies()
+		// The policies are sorted out again when one changed, once per
+		// generation; the services are not split at all (splitServices).
+		var keys []string
+		known := false
+		if changed != nil && a.splitGen != 0 {
+			keys, known = changed(a.splitGen)
+		}
+		if !known || slices.ContainsFunc(keys, func(k string) bool {
+			return strings.HasPrefix(k, objects.KindNetworkPolicy+"/") || strings.HasPrefix(k, objects.KindL2AnnouncementPolicy+"/")
+		}) {
+			a.splitPols = objs.Policies()
+			a.splitL2 = objs.L2Policies()
+		}
+		a.splitSvcs, a.splitSvcOK = nil, false
 		a.splitGen = objGen
 	}
 	a.runObjs = objs
-	svcs, pols := a.splitSvcs, a.splitPols
 	eps, epGen := a.store.EndpointsGen()
-	s := desired.State{Cluster: a.cfg.ClusterName, Endpoints: eps, Services: svcs, ServiceSources: a.splitSrc, Policies: pols,
+	s := desired.State{Cluster: a.cfg.ClusterName, Endpoints: eps, Policies: a.splitPols,
+		Objects: objs, ObjectsChangedSince: changed,
 		Identities: a.ids, Mesh: a.mesh.Desired(), EndpointsGen: epGen + 1, ObjectsGen: objGen,
 		AllowLocalHostIngress: a.cfg.Kubernetes}
 	addrs, err := a.hostAddrs.Get()
@@ -577,6 +597,16 @@ func (a *Agent) desiredState() (desired.State, error) {
 	s.HostAddrs = addrs
 	s.Workload = a.workloadEndpoint()
 	return s, nil
+}
+
+// splitServices are the services of the run's objects, in key order,
+// split once per generation when asked for.
+func (a *Agent) splitServices() []objects.Service {
+	if !a.splitSvcOK {
+		a.splitSvcs, _ = a.runObjs.Split()
+		a.splitSvcOK = true
+	}
+	return a.splitSvcs
 }
 
 // objects are the applied objects: in cluster mode etcd's once it was
@@ -662,7 +692,22 @@ func (a *Agent) bgpInput(want desired.State) bgp.Input {
 		ips = want.HostAddrs
 	}
 	return bgp.Input{Objects: a.runObjs, Endpoints: want.Endpoints, NodeLabels: a.cfg.NodeLabels,
-		PodCIDRs: a.cfg.PodCIDRs, NodeIPs: ips}
+		PodCIDRs: a.cfg.PodCIDRs, NodeIPs: ips, ChangedSince: a.objectsChangedSince(want.ObjectsGen)}
+}
+
+// objectsChangedSince returns what tells the keys of the objects changed
+// between an earlier generation (objectsGen's) and current, where the
+// source knows (cluster mode: etcd's tables); nil otherwise.
+func (a *Agent) objectsChangedSince(current uint64) func(since uint64) ([]string, bool) {
+	if a.kube != nil || a.mesh == nil || current%2 == 0 {
+		return nil
+	}
+	return func(since uint64) ([]string, bool) {
+		if since%2 == 0 {
+			return nil, false // the local table's generation
+		}
+		return a.mesh.ObjectsChangedSince((since-1)/2, (current-1)/2)
+	}
 }
 
 // northSouthInput is what the north-south reconciler converges in one run.

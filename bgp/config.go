@@ -54,7 +54,8 @@ type Path struct {
 	LocalPref   uint32      // 0: none (sent to iBGP peers only)
 }
 
-func (p Path) equal(q Path) bool {
+// Equal reports whether p and q are the same path.
+func (p Path) Equal(q Path) bool {
 	return p.Prefix == q.Prefix && p.LocalPref == q.LocalPref && slices.Equal(p.Communities, q.Communities) && slices.Equal(p.Large, q.Large)
 }
 

@@ -9,6 +9,7 @@
 //
 //	func New(log *slog.Logger) *Speaker
 //	func (s *Speaker) Reconcile(ctx context.Context, want Config) error
+//	func (s *Speaker) ReconcileChanges(ctx context.Context, want Config, set []Path, del []netip.Prefix) error
 //	func (s *Speaker) Peers(ctx context.Context) []PeerStatus
 //	func (s *Speaker) Routes(ctx context.Context) ([]Route, error)
 //	func (s *Speaker) Detach(ctx context.Context) // process exit: peers keep routes (graceful restart)
@@ -16,8 +17,10 @@
 //
 // Reconcile diffs: peers are added, updated (deleted and re-added when a
 // setting that needs a new session changed) or deleted; paths are added or
-// withdrawn one by one for what changed only, so a change costs what it
-// touches, not the size of the table. A change of the local AS or router
+// withdrawn one by one for what changed only. ReconcileChanges takes the
+// paths as changes against the last call (Reconcile works out the changes
+// from the whole list), so a change costs what it touches, not the size of
+// the table. A change of the local AS or router
 // ID restarts the speaker (the sessions go down with a Cease).
 //
 // Graceful restart (RFC 4724). GoBGP's Stop (and DeletePeer) sends a

@@ -13,16 +13,22 @@ import (
 	"github.com/osrg/gobgp/v3/pkg/packet/bgp"
 )
 
-// syncPaths announces what is new or changed in want and withdraws what
-// is gone, one path at a time: the cost is the difference, not the table.
-func (s *Speaker) syncPaths(ctx context.Context, want []Path) error {
-	wantBy := make(map[netip.Prefix]Path, len(want))
-	for _, p := range want {
-		wantBy[p.Prefix] = p
-	}
+// syncPaths announces what is new or changed in s.want and withdraws what
+// is gone, one path at a time, looking only at the pending prefixes: the
+// cost is the difference, not the table. A prefix that fails stays
+// pending for the next call.
+func (s *Speaker) syncPaths(ctx context.Context) error {
 	var errs []error
-	for pfx, in := range s.paths {
-		if _, ok := wantBy[pfx]; ok {
+	// Withdrawals first, then announcements in prefix order.
+	order := make([]netip.Prefix, 0, len(s.pending))
+	for pfx := range s.pending {
+		if _, ok := s.want[pfx]; ok {
+			order = append(order, pfx)
+			continue
+		}
+		in, ok := s.paths[pfx]
+		if !ok {
+			delete(s.pending, pfx)
 			continue
 		}
 		if err := s.srv.DeletePath(ctx, &api.DeletePathRequest{TableType: api.TableType_GLOBAL, Family: family(pfx.Addr()), Uuid: in.uuid}); err != nil {
@@ -30,17 +36,13 @@ func (s *Speaker) syncPaths(ctx context.Context, want []Path) error {
 			continue
 		}
 		delete(s.paths, pfx)
+		delete(s.pending, pfx)
 	}
-	// Announced in prefix order; the agent's configuration comes sorted
-	// (and has no duplicates: Validate), so it needs no sort per run.
-	order := want
-	byPrefix := func(a, b Path) int { return comparePrefix(a.Prefix, b.Prefix) }
-	if !slices.IsSortedFunc(order, byPrefix) {
-		order = slices.SortedFunc(slices.Values(want), byPrefix)
-	}
-	for _, p := range order {
-		pfx := p.Prefix
-		if in, ok := s.paths[pfx]; ok && in.path.equal(p) {
+	slices.SortFunc(order, comparePrefix)
+	for _, pfx := range order {
+		p := s.want[pfx]
+		if in, ok := s.paths[pfx]; ok && in.path.Equal(p) {
+			delete(s.pending, pfx)
 			continue
 		}
 		ap, err := apiPath(p)
@@ -56,6 +58,7 @@ func (s *Speaker) syncPaths(ctx context.Context, want []Path) error {
 			continue
 		}
 		s.paths[pfx] = installed{path: p, uuid: res.GetUuid()}
+		delete(s.pending, pfx)
 	}
 	if len(errs) > 3 {
 		errs = append(errs[:3], fmt.Errorf("and %d more path errors", len(errs)-3))

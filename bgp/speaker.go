@@ -28,6 +28,11 @@ type Speaker struct {
 	peers map[netip.Addr]Peer
 	// paths are the announced paths with the UUIDs GoBGP gave them.
 	paths map[netip.Prefix]installed
+	// want are the paths to announce, and pending the prefixes of want or
+	// paths not converged yet (changed, or failed last time): a run looks
+	// at those only, so its cost is the change, not the table.
+	want    map[netip.Prefix]Path
+	pending map[netip.Prefix]struct{}
 	// restarted: no session has been opened yet by this process, so the
 	// first ones say "restarting, forwarding kept" (the R and F bits):
 	// the peer keeps the routes it holds from our previous life until our
@@ -47,7 +52,8 @@ func New(log *slog.Logger) *Speaker {
 		log = slog.Default()
 	}
 	log = log.With("component", "bgp")
-	return &Speaker{log: log, events: newEvents(log), peers: map[netip.Addr]Peer{}, paths: map[netip.Prefix]installed{}, restarted: true}
+	return &Speaker{log: log, events: newEvents(log), peers: map[netip.Addr]Peer{}, paths: map[netip.Prefix]installed{},
+		want: map[netip.Prefix]Path{}, pending: map[netip.Prefix]struct{}{}, restarted: true}
 }
 
 // Reconcile converges the speaker to want: it starts, restarts (another
@@ -60,6 +66,60 @@ func (s *Speaker) Reconcile(ctx context.Context, want Config) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	wantBy := make(map[netip.Prefix]Path, len(want.Paths))
+	for _, p := range want.Paths {
+		wantBy[p.Prefix] = p
+		if have, ok := s.want[p.Prefix]; !ok || !have.Equal(p) {
+			s.pending[p.Prefix] = struct{}{}
+		}
+	}
+	for pfx := range s.want {
+		if _, ok := wantBy[pfx]; !ok {
+			s.pending[pfx] = struct{}{}
+		}
+	}
+	s.want = wantBy
+	return s.reconcileLocked(ctx, want)
+}
+
+// ReconcileChanges is Reconcile for a caller that tracks its paths by
+// difference: want.Paths is ignored; the paths are those of the last call
+// with set added or replaced and the prefixes of del withdrawn (a set
+// path with a repeated prefix: the last wins). It costs the changes (and
+// what failed before), not every path.
+func (s *Speaker) ReconcileChanges(ctx context.Context, want Config, set []Path, del []netip.Prefix) error {
+	want.Paths = nil
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	// The changes are taken even when want is refused below: they are
+	// the caller's and it does not give them again.
+	var errs []error
+	for _, pfx := range del {
+		if _, ok := s.want[pfx]; ok {
+			delete(s.want, pfx)
+			s.pending[pfx] = struct{}{}
+		}
+	}
+	for _, p := range set {
+		if !p.Prefix.IsValid() || p.Prefix.Masked() != p.Prefix {
+			errs = append(errs, fmt.Errorf("bgp: path %v is not a prefix", p.Prefix))
+			continue
+		}
+		if have, ok := s.want[p.Prefix]; !ok || !have.Equal(p) {
+			s.want[p.Prefix] = p
+			s.pending[p.Prefix] = struct{}{}
+		}
+	}
+	if err := want.Validate(); err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	if !want.Enabled() && len(s.want) > 0 {
+		return errors.Join(append(errs, errors.New("bgp: paths without a local ASN"))...)
+	}
+	return errors.Join(append(errs, s.reconcileLocked(ctx, want))...)
+}
+
+func (s *Speaker) reconcileLocked(ctx context.Context, want Config) error {
 	if s.srv != nil && (!want.Enabled() || want.ASN != s.cur.ASN || want.RouterID != s.cur.RouterID || want.ListenPort != s.cur.ListenPort) {
 		if want.Enabled() {
 			s.log.Info("local AS, router ID or listen port changed: restarting the speaker (sessions reset)",
@@ -79,7 +139,7 @@ func (s *Speaker) Reconcile(ctx context.Context, want Config) error {
 		}
 	}
 	errPeers := s.syncPeers(ctx, want.Peers)
-	errPaths := s.syncPaths(ctx, want.Paths)
+	errPaths := s.syncPaths(ctx)
 	return errors.Join(errPeers, errPaths)
 }
 
@@ -135,6 +195,9 @@ func (s *Speaker) stopLocked(ctx context.Context) {
 	s.srv, s.cur = nil, Config{}
 	clear(s.peers)
 	clear(s.paths)
+	for pfx := range s.want {
+		s.pending[pfx] = struct{}{} // announced again at the next start
+	}
 	s.events.forgetAll()
 }
 

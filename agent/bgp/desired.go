@@ -30,6 +30,10 @@ type Input struct {
 	PodCIDRs   []netip.Prefix
 	// NodeIPs give the default router ID (the first IPv4 one).
 	NodeIPs []netip.Addr
+	// ChangedSince, when not nil, returns the keys (objects.Key) of the
+	// objects changed since the objects of generation gen (ok false: not
+	// known). Derive ignores it.
+	ChangedSince func(gen uint64) (keys []string, ok bool)
 }
 
 // Plan is the derived configuration and how it was chosen.
@@ -46,18 +50,7 @@ type Plan struct {
 // Derive computes the speaker's configuration. One policy per node: when
 // several select it, the first by name is used and the others are
 // reported as ignored.
-func Derive(in Input) Plan { return derive(in, nil) }
-
-// memo keeps, per service object, what it announces under one policy
-// object: the objects come from immutable snapshots, so an object seen
-// again announces the same (but under externalTrafficPolicy Local, which
-// depends on the endpoints and is not kept). With 10,000 services, parsing
-// every address and matching every selector on each run cost more than
-// the rest of the run.
-type memo struct {
-	pol  *objects.BGPPeeringPolicy
-	svcs map[*objects.Service][]announce
-}
+func Derive(in Input) Plan { return derive(in) }
 
 // announce is one prefix a service announces, for advertisement ad (an
 // index into the policy's advertisements), with its source (Plan.Sources),
@@ -68,59 +61,12 @@ type announce struct {
 	source []string
 }
 
-func derive(in Input, m *memo) Plan {
-	var sel []*objects.BGPPeeringPolicy
-	for _, o := range in.Objects {
-		if p, ok := o.(*objects.BGPPeeringPolicy); ok && p.Spec.NodeSelector.Matches(in.NodeLabels) {
-			sel = append(sel, p)
-		}
-	}
-	if len(sel) == 0 {
-		return Plan{}
-	}
-	slices.SortFunc(sel, func(a, b *objects.BGPPeeringPolicy) int { return strings.Compare(a.Metadata.Name, b.Metadata.Name) })
-	pol := sel[0]
-	plan := Plan{Policy: pol.Metadata.Name, Sources: map[netip.Prefix][]string{}}
-	for _, p := range sel[1:] {
-		plan.Ignored = append(plan.Ignored, p.Metadata.Name)
-	}
-	c := speaker.Config{ASN: pol.Spec.LocalASN}
-	if pol.Spec.RouterID != "" {
-		c.RouterID, _ = netip.ParseAddr(pol.Spec.RouterID) // validated
-	} else {
-		for _, a := range in.NodeIPs {
-			if a.Is4() && !a.IsLoopback() {
-				c.RouterID = a
-				break
-			}
-		}
-	}
-	if !c.RouterID.IsValid() {
-		plan.Err = fmt.Sprintf("policy %s: no routerID and the node has no IPv4 address to default to", pol.Metadata.Name)
+func derive(in Input) Plan {
+	plan, pol, comms := base(in, selected(in.Objects, in.NodeLabels))
+	if pol == nil || plan.Err != "" {
 		return plan
 	}
-	for _, n := range pol.Spec.Neighbors {
-		c.Peers = append(c.Peers, peer(n))
-	}
-	// The communities of each advertisement, parsed once.
-	type parsed struct {
-		std   []uint32
-		large [][3]uint32
-	}
 	ads := pol.Spec.Advertisements
-	comms := make([]parsed, len(ads))
-	for i, ad := range ads {
-		for _, s := range ad.Communities {
-			std, large, err := objects.ParseCommunity(s)
-			switch {
-			case err != nil:
-			case std != nil:
-				comms[i].std = append(comms[i].std, *std)
-			case large != nil:
-				comms[i].large = append(comms[i].large, *large)
-			}
-		}
-	}
 	// One slice of paths (not one allocation per prefix), indexed by
 	// prefix.
 	var paths []speaker.Path
@@ -162,42 +108,19 @@ func derive(in Input, m *memo) Plan {
 			}
 		}
 	}
-	var next map[*objects.Service][]announce
-	if m != nil {
-		next = make(map[*objects.Service][]announce, len(m.svcs))
-		if m.pol != pol {
-			m.svcs = nil // another policy: nothing known
-		}
-	}
 	var local *localBackends
-	for _, o := range in.Objects {
-		s, ok := o.(*objects.Service)
-		if !ok {
-			continue
+	serves := func(s *objects.Service) bool {
+		if local == nil {
+			local = newLocalBackends(in.Endpoints)
 		}
-		as, known := []announce(nil), false
-		if m != nil {
-			as, known = m.svcs[s]
-		}
-		if !known {
-			var cacheable bool
-			as, cacheable = announces(s, ads, func(s *objects.Service) bool {
-				if local == nil {
-					local = newLocalBackends(in.Endpoints)
-				}
-				return local.serves(s)
-			})
-			known = cacheable
-		}
-		if next != nil && known {
-			next[s] = as
-		}
-		for _, a := range as {
-			add(a.pfx, a.ad, a.source)
-		}
+		return local.serves(s)
 	}
-	if m != nil {
-		m.pol, m.svcs = pol, next
+	for _, o := range in.Objects {
+		if s, ok := o.(*objects.Service); ok {
+			for _, a := range announces(s, ads, serves) {
+				add(a.pfx, a.ad, a.source)
+			}
+		}
 	}
 	slices.SortFunc(paths, func(a, b speaker.Path) int {
 		if c := a.Prefix.Addr().Compare(b.Prefix.Addr()); c != 0 {
@@ -209,27 +132,87 @@ func derive(in Input, m *memo) Plan {
 		slices.Sort(paths[i].Communities)
 		slices.SortFunc(paths[i].Large, func(a, b [3]uint32) int { return slices.Compare(a[:], b[:]) })
 	}
-	c.Paths = paths
-	plan.Config = c
+	plan.Config.Paths = paths
 	return plan
+}
+
+// selected are the policies that select a node with labels nodeLabels.
+func selected(objs desired.Objects, nodeLabels map[string]string) []*objects.BGPPeeringPolicy {
+	var sel []*objects.BGPPeeringPolicy
+	for _, o := range objs {
+		if p, ok := o.(*objects.BGPPeeringPolicy); ok && p.Spec.NodeSelector.Matches(nodeLabels) {
+			sel = append(sel, p)
+		}
+	}
+	return sel
+}
+
+// parsed are the communities of one advertisement, parsed.
+type parsed struct {
+	std   []uint32
+	large [][3]uint32
+}
+
+// base is the plan of the policies sel without paths: the policy in use
+// (nil for none), the others ignored, the speaker's identity and peers,
+// and the communities of each of its advertisements.
+func base(in Input, sel []*objects.BGPPeeringPolicy) (Plan, *objects.BGPPeeringPolicy, []parsed) {
+	if len(sel) == 0 {
+		return Plan{}, nil, nil
+	}
+	slices.SortFunc(sel, func(a, b *objects.BGPPeeringPolicy) int { return strings.Compare(a.Metadata.Name, b.Metadata.Name) })
+	pol := sel[0]
+	plan := Plan{Policy: pol.Metadata.Name, Sources: map[netip.Prefix][]string{}}
+	for _, p := range sel[1:] {
+		plan.Ignored = append(plan.Ignored, p.Metadata.Name)
+	}
+	c := speaker.Config{ASN: pol.Spec.LocalASN}
+	if pol.Spec.RouterID != "" {
+		c.RouterID, _ = netip.ParseAddr(pol.Spec.RouterID) // validated
+	} else {
+		for _, a := range in.NodeIPs {
+			if a.Is4() && !a.IsLoopback() {
+				c.RouterID = a
+				break
+			}
+		}
+	}
+	if !c.RouterID.IsValid() {
+		plan.Err = fmt.Sprintf("policy %s: no routerID and the node has no IPv4 address to default to", pol.Metadata.Name)
+		return plan, pol, nil
+	}
+	for _, n := range pol.Spec.Neighbors {
+		c.Peers = append(c.Peers, peer(n))
+	}
+	ads := pol.Spec.Advertisements
+	comms := make([]parsed, len(ads))
+	for i, ad := range ads {
+		for _, s := range ad.Communities {
+			std, large, err := objects.ParseCommunity(s)
+			switch {
+			case err != nil:
+			case std != nil:
+				comms[i].std = append(comms[i].std, *std)
+			case large != nil:
+				comms[i].large = append(comms[i].large, *large)
+			}
+		}
+	}
+	plan.Config = c
+	return plan, pol, comms
 }
 
 // announces is what service s announces under the advertisements ads;
 // serves tells whether a ready local backend exists (for
-// externalTrafficPolicy Local). cacheable is false when the answer
-// depends on the endpoints.
-func announces(s *objects.Service, ads []objects.BGPAdvertisement, serves func(*objects.Service) bool) (as []announce, cacheable bool) {
-	cacheable = true
+// externalTrafficPolicy Local).
+func announces(s *objects.Service, ads []objects.BGPAdvertisement, serves func(*objects.Service) bool) (as []announce) {
 	var ext map[netip.Addr]bool
 	for i, ad := range ads {
 		if ad.Type == objects.AdvertisePodCIDR || !ad.Selector.Matches(serviceLabels(s)) {
 			continue
 		}
-		if s.Spec.ExternalTraffic() == objects.TrafficPolicyLocal {
-			cacheable = false
-			if !serves(s) {
-				continue // only nodes with a ready local backend attract its traffic
-			}
+		if s.Spec.ExternalTraffic() == objects.TrafficPolicyLocal && !serves(s) {
+			continue // only nodes with a ready local backend attract its traffic
 		}
 		if ext == nil {
 			ext = map[netip.Addr]bool{}
@@ -247,7 +230,7 @@ func announces(s *objects.Service, ads []objects.BGPAdvertisement, serves func(*
 			as = append(as, announce{pfx: netip.PrefixFrom(a, a.BitLen()), ad: i, source: source})
 		}
 	}
-	return as, cacheable
+	return as
 }
 
 // serviceLabels are what an advertisement's selector sees: the service's

@@ -1,7 +1,9 @@
 package bgp
 
 import (
+	"fmt"
 	"maps"
+	"math/rand/v2"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -12,6 +14,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/state"
+	speaker "github.com/isthmus-mesh/isthmus/bgp"
 	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 )
 
@@ -155,57 +158,115 @@ func hasPath(p Plan, s string) bool {
 	return false
 }
 
-// The reconciler's memoized derive gives what Derive gives, run after
-// run, as services come, change (new objects, as snapshots give them), go,
-// as the endpoints behind a Local service come and go, and as the policy
-// changes; an unchanged service is taken from the memo.
-func TestDeriveMemoEqualsDerive(t *testing.T) {
+// The reconciler's incremental deriver, told what changed, hands the
+// speaker what Derive computes from scratch, after every step of random
+// sequences of services added, changed (new objects, as snapshots give
+// them) and deleted, endpoints behind Local services coming and going,
+// and policy edits; the paths it hands over as changes, applied to what
+// it handed before, are Derive's paths, and so are its sources.
+func TestDeriverMatchesDerive(t *testing.T) {
 	objs := decode(t, strings.Replace(policies, "passwordFile: PWFILE", "", 1))
 	in := Input{Objects: objs, NodeLabels: map[string]string{"rack": "r1"},
 		PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.1.1.0/24")}, NodeIPs: []netip.Addr{netip.MustParseAddr("10.101.0.11")}}
-	var m memo
-	check := func(step string) {
-		t.Helper()
-		got, want := derive(in, &m), Derive(in)
-		if !reflect.DeepEqual(got, want) {
-			t.Fatalf("%s: memoized\n %+v\nDerive\n %+v", step, got, want)
+	for seed := range int64(20) {
+		rng := rand.New(rand.NewPCG(uint64(seed), 1))
+		in.Objects, in.Endpoints = objs, nil
+		d := newDeriver()
+		handed := map[netip.Prefix]speaker.Path{} // what the speaker was given
+		check := func(step string, changed []string, known, endpoints bool) {
+			t.Helper()
+			d.update(in, changed, known, endpoints, false)
+			set, del := d.take()
+			for _, pfx := range del {
+				delete(handed, pfx)
+			}
+			for _, p := range set {
+				handed[p.Prefix] = p
+			}
+			want := Derive(in)
+			got := slices.SortedFunc(maps.Values(handed), byPrefix)
+			if !reflect.DeepEqual(got, want.Config.Paths) && (len(got) > 0 || len(want.Config.Paths) > 0) {
+				t.Fatalf("seed %d, %s: handed to the speaker\n %+v\nDerive\n %+v", seed, step, got, want.Config.Paths)
+			}
+			plan := d.plan
+			plan.Config.Paths, want.Config.Paths = nil, nil
+			wantSrc := want.Sources
+			plan.Sources, want.Sources = nil, nil
+			if !reflect.DeepEqual(plan, want) {
+				t.Fatalf("seed %d, %s: plan\n %+v\nDerive\n %+v", seed, step, plan, want)
+			}
+			for pfx, src := range wantSrc {
+				if g := d.sources(pfx); !slices.Equal(slices.Sorted(slices.Values(g)), slices.Sorted(slices.Values(src))) {
+					t.Fatalf("seed %d, %s: sources of %s: %v, Derive %v", seed, step, pfx, g, src)
+				}
+			}
+			if len(d.paths) != len(got) {
+				t.Fatalf("seed %d, %s: %d paths kept, %d handed", seed, step, len(d.paths), len(got))
+			}
 		}
-		if len(want.Config.Paths) == 0 {
-			t.Fatalf("%s: no paths: the comparison checks nothing", step)
+		check("first", nil, false, true)
+		for i := range 60 {
+			next := maps.Clone(in.Objects)
+			var changed []string
+			endpoints := false
+			switch op := rng.IntN(10); {
+			case op < 6: // a service added or replaced
+				k := fmt.Sprintf("svc%d", rng.IntN(8))
+				s := &objects.Service{Metadata: objects.Meta{Name: k, Namespace: "default", Labels: map[string]string{}}}
+				s.Kind, s.APIVersion = objects.KindService, "isthmus.io/v1alpha1"
+				s.Spec.VIPs = []string{fmt.Sprintf("10.96.1.%d", rng.IntN(8))}
+				s.Spec.Ports = []objects.ServicePort{{Port: 80}}
+				s.Spec.Selector = map[string]string{"app": fmt.Sprintf("a%d", rng.IntN(3))}
+				if rng.IntN(2) == 0 {
+					s.Metadata.Labels["bgp"] = "on"
+				}
+				for range rng.IntN(3) {
+					s.Spec.ExternalIPs = append(s.Spec.ExternalIPs, fmt.Sprintf("192.0.2.%d", rng.IntN(6)))
+				}
+				if rng.IntN(2) == 0 {
+					s.Spec.Type = objects.ServiceTypeLoadBalancer
+					s.Status.LoadBalancer.Ingress = []objects.LoadBalancerIngress{{IP: fmt.Sprintf("198.51.100.%d", rng.IntN(6))}}
+				}
+				if rng.IntN(3) == 0 {
+					s.Spec.ExternalTrafficPolicy = objects.TrafficPolicyLocal
+				}
+				next[objects.Key(s)] = s
+				changed = append(changed, objects.Key(s))
+			case op < 8: // a service deleted
+				for k := range next {
+					if strings.HasPrefix(k, "Service/") {
+						delete(next, k)
+						changed = append(changed, k)
+						break
+					}
+				}
+			case op < 9: // a local endpoint came or went
+				if len(in.Endpoints) > 0 && rng.IntN(2) == 0 {
+					in.Endpoints = in.Endpoints[1:]
+				} else {
+					in.Endpoints = append(slices.Clip(in.Endpoints), state.Endpoint{Name: fmt.Sprint(i), Namespace: "default",
+						Labels: map[string]string{"app": fmt.Sprintf("a%d", rng.IntN(3))}, IPs: []netip.Addr{netip.MustParseAddr("10.1.1.5")}})
+				}
+				endpoints = true
+			default: // the policy's communities and preference changed
+				pol := *next["BGPPeeringPolicy/default/b-rack"].(*objects.BGPPeeringPolicy)
+				pol.Spec.Advertisements = slices.Clone(pol.Spec.Advertisements)
+				pol.Spec.Advertisements[2].Communities = []string{fmt.Sprintf("%d:3", rng.IntN(3))}
+				lp := uint32(rng.IntN(200))
+				pol.Spec.Advertisements[3].LocalPreference = &lp
+				next["BGPPeeringPolicy/default/b-rack"] = &pol
+				changed = append(changed, "BGPPeeringPolicy/default/b-rack")
+			}
+			in.Objects = next
+			check(fmt.Sprintf("step %d", i), changed, true, endpoints)
 		}
 	}
-	with := func(key string, edit func(s *objects.Service)) {
-		next := maps.Clone(in.Objects)
-		c := *next[key].(*objects.Service)
-		edit(&c)
-		next[key] = &c
-		in.Objects = next
+}
+
+// byPrefix is Derive's order of the paths.
+func byPrefix(a, b speaker.Path) int {
+	if c := a.Prefix.Addr().Compare(b.Prefix.Addr()); c != 0 {
+		return c
 	}
-	check("first")
-	check("nothing changed")
-	web := m.svcs[in.Objects["Service/shop/web"].(*objects.Service)]
-	if len(web) == 0 {
-		t.Fatal("web's announcements are not in the memo")
-	}
-	with("Service/shop/web", func(s *objects.Service) {
-		s.Status.LoadBalancer.Ingress = []objects.LoadBalancerIngress{{IP: "198.51.100.1"}}
-	})
-	check("web got a load-balancer address")
-	with("Service/shop/web", func(s *objects.Service) { s.Metadata.Labels = nil })
-	check("web no longer selected by the labelled advertisements")
-	in.Endpoints = []state.Endpoint{{Name: "l", Namespace: "default", Labels: map[string]string{"app": "local"}}}
-	check("a local backend for the Local service")
-	in.Endpoints = nil
-	check("the local backend went")
-	next := maps.Clone(in.Objects)
-	delete(next, "Service/default/explicit")
-	in.Objects = next
-	check("a service deleted")
-	pol := *in.Objects["BGPPeeringPolicy/default/b-rack"].(*objects.BGPPeeringPolicy)
-	pol.Spec.Advertisements = slices.Clone(pol.Spec.Advertisements)
-	pol.Spec.Advertisements[2].Communities = []string{"3:3"}
-	next = maps.Clone(in.Objects)
-	next["BGPPeeringPolicy/default/b-rack"] = &pol
-	in.Objects = next
-	check("the policy's communities changed")
+	return a.Prefix.Bits() - b.Prefix.Bits()
 }

@@ -32,7 +32,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"net/http"
 	"net/netip"
 	"slices"
@@ -145,11 +144,14 @@ type Mesh struct {
 	// referenced holds the endpoints (by key) whose identity this process
 	// holds a reference to in etcd.
 	referenced map[string]bool
-	// persisted is the objects-table version last written to the state dir.
-	persisted map[string]objects.Object
-	// persistedLB is what the state dir holds of LB-IPAM's assignments
-	// (nil: not known yet).
-	persistedLB map[string]lbipam.Assignment
+	// persisted is the objects-table version last written to the state
+	// dir, persistedGen its generation.
+	persisted    map[string]objects.Object
+	persistedGen uint64
+	// persistedLBVer is the generation of LB-IPAM's assignments last
+	// written to the state dir (or found there), once persistedLBOnce.
+	persistedLBVer  uint64
+	persistedLBOnce bool
 	// rereference asks maintain to take missing identity references now
 	// (after a lease loss dropped some).
 	rereference chan struct{}
@@ -173,6 +175,8 @@ func New(cfg Config) *Mesh {
 		lastErr:     fmt.Errorf("connecting to %s", strings.Join(cfg.Endpoints, ",")),
 	}
 	m.tables.SetMaxIPCachePerRemote(cfg.MaxRemoteIPCache)
+	// What the watch decoded is not decoded again by an apply's read.
+	m.configs.Known = m.tables.DecodedObject
 	return m
 }
 
@@ -554,11 +558,11 @@ func (m *Mesh) persistObjects() {
 	if !m.tables.ObjectsListed() {
 		return
 	}
-	cur := m.tables.Objects()
+	cur, gen := m.tables.ObjectsGen()
 	m.mu.Lock()
-	prev := m.persisted
+	prev, prevGen := m.persisted, m.persistedGen
 	m.mu.Unlock()
-	if prev != nil && maps.Equal(prev, cur) {
+	if prev != nil && gen == prevGen {
 		return
 	}
 	// LB-IPAM's assignments go to their own file (objects.json keeps
@@ -567,27 +571,52 @@ func (m *Mesh) persistObjects() {
 		m.log.Warn("clustermesh: cannot persist LB-IPAM's assignments", "err", err)
 		return
 	}
-	stored := m.cfg.Store.Objects()
+	// The objects changed since the last write, when the tables know
+	// them: then a tick costs what changed (and the write), not a pass
+	// over every object and a copy of every stored one.
+	var changed []string
+	known := false
+	if prev != nil {
+		changed, known = m.tables.ObjectsChangedSince(prevGen, gen)
+	}
 	put := map[string][]byte{}
-	for k, o := range cur {
+	var del []string
+	note := func(k string, o objects.Object, stored func(string) ([]byte, bool)) {
 		if prev != nil && prev[k] == o {
 			// The same decoded object as at the last write: it is on
 			// disk. Marshalling only what changed keeps a bulk apply
 			// of thousands of services from costing O(all) per tick.
-			continue
+			return
 		}
 		raw, err := json.Marshal(objects.WithoutStatus(o))
 		if err != nil {
-			continue
+			return
 		}
-		if old, ok := stored[k]; !ok || !desired.JSONEqual(old, raw) {
+		if old, ok := stored(k); !ok || !desired.JSONEqual(old, raw) {
 			put[k] = raw
 		}
 	}
-	var del []string
-	for k := range stored {
-		if _, ok := cur[k]; !ok {
-			del = append(del, k)
+	if known {
+		for _, k := range changed {
+			if _, done := put[k]; done {
+				continue
+			}
+			if o, ok := cur[k]; ok {
+				note(k, o, m.cfg.Store.Object)
+			} else if _, ok := m.cfg.Store.Object(k); ok && !slices.Contains(del, k) {
+				del = append(del, k)
+			}
+		}
+	} else {
+		stored := m.cfg.Store.Objects()
+		lookup := func(k string) ([]byte, bool) { v, ok := stored[k]; return v, ok }
+		for k, o := range cur {
+			note(k, o, lookup)
+		}
+		for k := range stored {
+			if _, ok := cur[k]; !ok {
+				del = append(del, k)
+			}
 		}
 	}
 	if prev == nil && len(del) > 0 {
@@ -601,33 +630,36 @@ func (m *Mesh) persistObjects() {
 		}
 	}
 	m.mu.Lock()
-	m.persisted = cur
+	m.persisted, m.persistedGen = cur, gen
 	m.mu.Unlock()
 }
 
 // persistLBAssignments writes the assignments read from etcd to the state
-// dir when they differ from what is there.
-// What was written last is kept to compare with: reading the file back
-// every time cost as much as writing it, every 2 s of a bulk apply.
+// dir when they changed since the last write (the tables' generation of
+// them), or, the first time, when they differ from what is there: reading
+// the file back every time cost as much as writing it, and comparing
+// every assignment each 2 s of a bulk apply nearly as much.
 func (m *Mesh) persistLBAssignments() error {
-	recs := m.tables.LBAssignments()
-	cur := lbipam.FromRecords(recs)
 	m.mu.Lock()
-	last := m.persistedLB
+	lastVer, written := m.persistedLBVer, m.persistedLBOnce
 	m.mu.Unlock()
-	if last == nil {
+	if written && m.tables.LBAssignmentsVer() == lastVer {
+		return nil
+	}
+	recs, ver := m.tables.LBAssignmentsGen()
+	same := false
+	if !written {
 		if stored, err := m.cfg.Store.LBAssignments(); err == nil {
-			last = lbipam.FromRecords(stored)
+			same = lbipam.Equal(lbipam.FromRecords(recs), lbipam.FromRecords(stored))
 		}
 	}
-	if last == nil || !lbipam.Equal(cur, last) {
-		if err := m.cfg.Store.SaveLBAssignments(recs); err != nil { // the records cur was read from
+	if !same {
+		if err := m.cfg.Store.SaveLBAssignments(recs); err != nil {
 			return err
 		}
-		last = cur
 	}
 	m.mu.Lock()
-	m.persistedLB = last
+	m.persistedLBVer, m.persistedLBOnce = ver, true
 	m.mu.Unlock()
 	return nil
 }
@@ -792,6 +824,16 @@ func (m *Mesh) ObjectsGen() (objs desired.Objects, gen uint64, ok bool) {
 	}
 	objs, gen = m.tables.ObjectsGen()
 	return desired.Objects(objs), gen, true
+}
+
+// ObjectsChangedSince is the tables' ObjectsChangedSince: the keys of the
+// objects changed between the snapshots of generations since and current
+// (as ObjectsGen gave them).
+func (m *Mesh) ObjectsChangedSince(since, current uint64) (keys []string, ok bool) {
+	if m == nil {
+		return nil, false
+	}
+	return m.tables.ObjectsChangedSince(since, current)
 }
 
 func (m *Mesh) logErr(what string, err error) {

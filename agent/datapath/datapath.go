@@ -114,6 +114,13 @@ type Reconciler struct {
 	lbShadow  map[bpf.Frontend]bpf.External   // isth_lb as last written; nil: list the map
 	lbWant    map[bpf.Frontend]bpf.External   // the external frontends wanted at the last run
 	lbEPGen   uint64                          // the EndpointsGen lbWant was computed with
+	// Kept with lbWant (setLBWant, delLBWant), so that a run writes what
+	// changed without going over every frontend: the frontends changed
+	// since the last write, the frontends of lbWant per address, and the
+	// counts by policy.
+	lbDirty   map[bpf.Frontend]struct{}
+	lbAddrRef map[netip.Addr]int
+	lbCounts0 ExternalCounts
 	// The node ports: each services-map node-port frontend (at the
 	// unspecified address) becomes one isth_lb frontend per node address
 	// of its family. lbNode holds what each became at the last run,

@@ -31,6 +31,7 @@ func (r *Reconciler) syncExternal(s desired.State, want map[bpf.Frontend][]bpf.B
 	if r.lbWant == nil {
 		r.lbWant = map[bpf.Frontend]bpf.External{}
 		r.lbNode, r.lbNodeOf = map[bpf.Frontend][]bpf.Frontend{}, map[bpf.Frontend]bpf.Frontend{}
+		r.lbDirty, r.lbAddrRef, r.lbCounts0 = map[bpf.Frontend]struct{}{}, map[netip.Addr]int{}, ExternalCounts{}
 		full = true
 	}
 	nodeAddrs := nodePortAddrs(s.HostAddrs)
@@ -93,31 +94,20 @@ func (r *Reconciler) syncExternal(s desired.State, want map[bpf.Frontend][]bpf.B
 		}
 		policy, ext := r.resolver.External(f)
 		if !ext {
-			if _, had := r.lbWant[f]; had {
-				delete(r.lbWant, f)
-				changed = true
-			}
+			changed = r.delLBWant(f) || changed
 			continue
 		}
 		e := external(f, policy)
 		if old, had := r.lbWant[f]; !had || !sameExternal(old, e) {
-			r.lbWant[f] = e
+			r.setLBWant(f, e)
 			changed = true
 		}
 	}
 	if !changed {
 		return nil
 	}
-	var counts ExternalCounts
-	for _, e := range r.lbWant {
-		if e.Policy == bpf.ExternalLocal {
-			counts.Local++
-		} else {
-			counts.Cluster++
-		}
-	}
-
-	// The frontends, then the known addresses: added before, removed after.
+	counts := r.lbCounts0
+	counts.Addresses = len(r.lbAddrRef)
 	failed := false
 	note := func(err error) {
 		res.note(&res.External, err)
@@ -127,47 +117,106 @@ func (r *Reconciler) syncExternal(s desired.State, want map[bpf.Frontend][]bpf.B
 	for _, a := range nodeAddrs {
 		isNode[a] = true
 	}
-	addrs := map[bpf.Frontend]bpf.External{}
-	for f := range r.lbWant {
-		addrs[bpf.ExternalAddr(f.VIP)] = bpf.External{Node: isNode[f.VIP]}
-	}
-	for f, e := range r.lbWant {
-		if h, had := r.lbShadow[f]; !had || !sameExternal(h, e) {
-			err := r.dp.ExternalUpsert(f, e)
-			note(err)
-			if err == nil {
-				r.lbShadow[f] = e
+	// An address's entry is wanted while a frontend of lbWant is at it.
+	addrWant := func(f bpf.Frontend) bool { return f == bpf.ExternalAddr(f.VIP) && r.lbAddrRef[f.VIP] > 0 }
+	write := func(f bpf.Frontend) {
+		if e, ok := r.lbWant[f]; ok {
+			if h, had := r.lbShadow[f]; !had || !sameExternal(h, e) {
+				err := r.dp.ExternalUpsert(f, e)
+				note(err)
+				if err == nil {
+					r.lbShadow[f] = e
+				}
+			}
+		}
+		if a := bpf.ExternalAddr(f.VIP); addrWant(a) {
+			e := bpf.External{Node: isNode[f.VIP]}
+			if h, had := r.lbShadow[a]; !had || h.Node != e.Node {
+				err := r.dp.ExternalUpsert(a, e)
+				note(err)
+				if err == nil {
+					r.lbShadow[a] = e
+				}
 			}
 		}
 	}
-	for a, e := range addrs {
-		if h, had := r.lbShadow[a]; !had || h.Node != e.Node {
-			err := r.dp.ExternalUpsert(a, e)
-			note(err)
-			if err == nil {
-				r.lbShadow[a] = e
+	remove := func(f bpf.Frontend) {
+		if _, frontend := r.lbWant[f]; frontend || addrWant(f) {
+			return
+		}
+		if _, had := r.lbShadow[f]; !had {
+			return
+		}
+		err := r.dp.ExternalDelete(f)
+		note(err)
+		if err == nil {
+			delete(r.lbShadow, f)
+		}
+	}
+	// The frontends, then the known addresses: added before, removed
+	// after. All of them after a listing; else the changed ones.
+	if full {
+		for f := range r.lbWant {
+			write(f)
+		}
+		if s.Mesh.Ready {
+			for f := range r.lbShadow {
+				remove(f)
+			}
+		}
+	} else {
+		for f := range r.lbDirty {
+			write(f)
+		}
+		if s.Mesh.Ready {
+			for f := range r.lbDirty {
+				remove(f)
+				remove(bpf.ExternalAddr(f.VIP))
 			}
 		}
 	}
-	if s.Mesh.Ready {
-		for f := range r.lbShadow {
-			_, frontend := r.lbWant[f]
-			if _, addr := addrs[f]; frontend || addr {
-				continue
-			}
-			err := r.dp.ExternalDelete(f)
-			note(err)
-			if err == nil {
-				delete(r.lbShadow, f)
-			}
-		}
-	}
+	clear(r.lbDirty)
 	if failed {
 		r.lbShadow = nil // list again next time
 	}
-	counts.Addresses = len(addrs)
 	r.lbCounts.Store(counts)
 	return nil
+}
+
+// setLBWant puts f's external frontend e into lbWant, keeping the counts,
+// the frontends per address and the changed ones.
+func (r *Reconciler) setLBWant(f bpf.Frontend, e bpf.External) {
+	if old, had := r.lbWant[f]; had {
+		r.countLB(old, -1)
+	} else {
+		r.lbAddrRef[f.VIP]++
+	}
+	r.lbWant[f] = e
+	r.countLB(e, 1)
+	r.lbDirty[f] = struct{}{}
+}
+
+// delLBWant takes f out of lbWant; it reports whether it was in.
+func (r *Reconciler) delLBWant(f bpf.Frontend) bool {
+	old, had := r.lbWant[f]
+	if !had {
+		return false
+	}
+	r.countLB(old, -1)
+	if r.lbAddrRef[f.VIP]--; r.lbAddrRef[f.VIP] <= 0 {
+		delete(r.lbAddrRef, f.VIP)
+	}
+	delete(r.lbWant, f)
+	r.lbDirty[f] = struct{}{}
+	return true
+}
+
+func (r *Reconciler) countLB(e bpf.External, n int) {
+	if e.Policy == bpf.ExternalLocal {
+		r.lbCounts0.Local += n
+	} else {
+		r.lbCounts0.Cluster += n
+	}
 }
 
 // wantNodePort puts into lbWant the isth_lb frontends node port f (at the
@@ -190,13 +239,13 @@ func (r *Reconciler) wantNodePort(f bpf.Frontend, nodeAddrs []netip.Addr, extern
 	changed := !slices.Equal(old, now)
 	for _, c := range old {
 		if !slices.Contains(now, c) {
-			delete(r.lbWant, c)
+			r.delLBWant(c)
 			delete(r.lbNodeOf, c)
 		}
 	}
 	for _, c := range now {
 		if h, had := r.lbWant[c]; !had || !sameExternal(h, e) {
-			r.lbWant[c] = e
+			r.setLBWant(c, e)
 			changed = true
 		}
 		r.lbNodeOf[c] = f

@@ -1,7 +1,11 @@
 package datapath
 
 import (
+	"fmt"
+	"maps"
+	"math/rand/v2"
 	"net/netip"
+	"reflect"
 	"slices"
 	"testing"
 
@@ -186,5 +190,81 @@ spec:
 	sync()
 	if len(dp.Ext) != 0 || len(dp.Svcs) != 0 {
 		t.Fatalf("after the service went: isth_lb %v, services %v", dp.Ext, dp.Svcs)
+	}
+}
+
+// isth_lb as runs keep it, writing only what changed, is what a fresh
+// reconciler writes from scratch for the same state, after every step of
+// random sequences of services added, changed and deleted (external IPs
+// and load-balancer addresses shared between services, node ports,
+// Cluster and Local), local endpoints coming and going and the node's
+// addresses changing; the counts agree too.
+func TestSyncExternalMatchesFresh(t *testing.T) {
+	for seed := range uint64(15) {
+		rng := rand.New(rand.NewPCG(seed, 3))
+		s := desired.State{Cluster: "c1", Identities: ids{}, Mesh: desired.Mesh{Ready: true},
+			HostAddrs: []netip.Addr{netip.MustParseAddr("192.168.1.1")}, EndpointsGen: 1, ObjectsGen: 1}
+		svcs := map[string]objects.Service{}
+		dp := agenttest.NewFakeDatapath()
+		r := NewReconciler(dp)
+		for step := range 80 {
+			switch op := rng.IntN(10); {
+			case op < 5:
+				name := fmt.Sprintf("s%d", rng.IntN(6))
+				svc := objects.Service{APIVersion: "isthmus.io/v1alpha1", Kind: objects.KindService, Metadata: objects.Meta{Name: name, Namespace: "default"}}
+				svc.Spec.VIPs = []string{fmt.Sprintf("10.96.0.%d", rng.IntN(4)+1)}
+				svc.Spec.Selector = map[string]string{"app": fmt.Sprintf("a%d", rng.IntN(2))}
+				svc.Spec.Ports = []objects.ServicePort{{Port: uint16(80 + rng.IntN(2)), TargetPort: 8080}}
+				if rng.IntN(3) == 0 {
+					svc.Spec.Type = objects.ServiceTypeNodePort
+					svc.Spec.Ports[0].NodePort = uint16(30080 + rng.IntN(2))
+				}
+				for range rng.IntN(3) {
+					svc.Spec.ExternalIPs = append(svc.Spec.ExternalIPs, fmt.Sprintf("203.0.113.%d", rng.IntN(4)+1))
+				}
+				svc.Spec.ExternalIPs = slices.Compact(slices.Sorted(slices.Values(svc.Spec.ExternalIPs)))
+				if rng.IntN(2) == 0 {
+					svc.Status.LoadBalancer.Ingress = []objects.LoadBalancerIngress{{IP: fmt.Sprintf("198.51.100.%d", rng.IntN(3)+1)}}
+				}
+				if rng.IntN(3) == 0 {
+					svc.Spec.ExternalTrafficPolicy = objects.TrafficPolicyLocal
+				}
+				svcs[name] = svc
+				s.ObjectsGen++
+			case op < 7:
+				delete(svcs, fmt.Sprintf("s%d", rng.IntN(6)))
+				s.ObjectsGen++
+			case op < 9:
+				if len(s.Endpoints) > 0 && rng.IntN(2) == 0 {
+					s.Endpoints = s.Endpoints[1:]
+				} else {
+					i := len(s.Endpoints) + step*10
+					s.Endpoints = append(slices.Clip(s.Endpoints), state.Endpoint{Name: fmt.Sprint("e", i), Namespace: "default",
+						Labels: identity.Labels{"app": fmt.Sprintf("a%d", rng.IntN(2))}, ID: uint32(i + 1), Identity: 1<<20 | 1,
+						IPs: []netip.Addr{netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)})}, HostMAC: "02:00:00:00:00:01", PodMAC: "02:00:00:00:01:01", IfIndex: 7})
+				}
+				s.EndpointsGen++
+			default:
+				s.HostAddrs = []netip.Addr{netip.AddrFrom4([4]byte{192, 168, 1, byte(rng.IntN(2) + 1)})}
+			}
+			s.Services = nil
+			for _, k := range slices.Sorted(maps.Keys(svcs)) {
+				s.Services = append(s.Services, svcs[k])
+			}
+			if res, err := r.Sync(s); err != nil || len(res.Errs) != 0 {
+				t.Fatalf("seed %d step %d: Sync: %v %v", seed, step, err, res.Errs)
+			}
+			fresh := agenttest.NewFakeDatapath()
+			fr := NewReconciler(fresh)
+			if res, err := fr.Sync(s); err != nil || len(res.Errs) != 0 {
+				t.Fatalf("seed %d step %d: fresh Sync: %v %v", seed, step, err, res.Errs)
+			}
+			if !reflect.DeepEqual(dp.Ext, fresh.Ext) {
+				t.Fatalf("seed %d step %d: isth_lb\n %v\nfrom scratch\n %v", seed, step, dp.Ext, fresh.Ext)
+			}
+			if r.ExternalCounts() != fr.ExternalCounts() {
+				t.Fatalf("seed %d step %d: counts %+v, from scratch %+v", seed, step, r.ExternalCounts(), fr.ExternalCounts())
+			}
+		}
 	}
 }

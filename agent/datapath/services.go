@@ -44,7 +44,13 @@ func (r *Reconciler) syncServices(s desired.State, res *Result) error {
 	if s.EndpointsGen == 0 {
 		epGen = 0 // unknown: the Resolver looks
 	}
-	want, touched := r.resolver.Update(s.Services, s.ServiceSources, s.ObjectsGen, seps, epGen, s.Mesh.View.RemoteServices, s.Mesh.View.Versions.Services)
+	var want map[bpf.Frontend][]bpf.Backend
+	var touched []bpf.Frontend
+	if s.Objects != nil {
+		want, touched = r.resolver.UpdateObjects(s.Objects, s.ObjectsChangedSince, s.ObjectsGen, seps, epGen, s.Mesh.View.RemoteServices, s.Mesh.View.Versions.Services)
+	} else {
+		want, touched = r.resolver.Update(s.Services, s.ServiceSources, s.ObjectsGen, seps, epGen, s.Mesh.View.RemoteServices, s.Mesh.View.Versions.Services)
+	}
 
 	full := false
 	if r.svcShadow == nil {

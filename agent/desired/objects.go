@@ -51,6 +51,23 @@ func (s Objects) SplitSources() (svcs []objects.Service, src []*objects.Service,
 	return svcs, src, pols
 }
 
+// Policies returns the network policies, in key order, without copying
+// the services.
+func (s Objects) Policies() []objects.NetworkPolicy {
+	var keys []string
+	for k, o := range s {
+		if _, ok := o.(*objects.NetworkPolicy); ok {
+			keys = append(keys, k)
+		}
+	}
+	slices.Sort(keys)
+	var out []objects.NetworkPolicy
+	for _, k := range keys {
+		out = append(out, *s[k].(*objects.NetworkPolicy))
+	}
+	return out
+}
+
 // L2Policies returns the L2 announcement policies, in key order.
 func (s Objects) L2Policies() []objects.L2AnnouncementPolicy {
 	var out []objects.L2AnnouncementPolicy

@@ -39,6 +39,14 @@ type State struct {
 	// objects): equal values, same content. Reconcilers skip what depends
 	// only on inputs they already applied (0: unknown, always apply).
 	EndpointsGen, ObjectsGen uint64
+
+	// Objects, when not nil, are the applied objects Services were split
+	// from (by objects.Key), and ObjectsChangedSince, when not nil,
+	// returns the keys of the objects changed since an earlier
+	// ObjectsGen (ok false: not known). With them a reconciler looks at
+	// the services that changed only, and Services may be left nil.
+	Objects             Objects
+	ObjectsChangedSince func(since uint64) (keys []string, ok bool)
 }
 
 // WorkloadEndpointID is the endpoint ID of an external workload's own

@@ -187,6 +187,13 @@ func ReadConfig(ctx context.Context, c *kvstore.Client, kind string) (Config, er
 // apply quadratic. The zero value is empty and ready; it is safe for
 // concurrent use.
 type ConfigCache struct {
+	// Known, when not nil, returns the object that value raw of key (an
+	// etcd key) decodes to, if the caller holds it decoded already (the
+	// watch's tables): the objects an apply wrote are read by the next
+	// apply, and were decoded once by the watch. It must give what
+	// DecodeObject gives.
+	Known func(key string, raw []byte) (objects.Object, bool)
+
 	mu      sync.Mutex
 	decoded map[string]cachedObject
 }
@@ -232,9 +239,13 @@ func readConfig(ctx context.Context, c *kvstore.Client, kind string, cc *ConfigC
 		cfg.Raw[k] = kv.Value
 		var o objects.Object
 		var err error
+		known := false
 		if p, ok := prev[kv.Key]; ok && bytes.Equal(p.raw, kv.Value) {
-			o, err = p.obj, p.err
-		} else {
+			o, err, known = p.obj, p.err, true
+		} else if cc != nil && cc.Known != nil {
+			o, known = cc.Known(kv.Key, kv.Value)
+		}
+		if !known {
 			o, err = DecodeObject(kv.Key, kv.Value)
 		}
 		if next != nil {

@@ -66,6 +66,23 @@ func TestConfigCacheReadsWhatIsStored(t *testing.T) {
 	if _, ok := third.Objects["Service/default/a"]; ok {
 		t.Error("a is still read after its delete")
 	}
+
+	// With the watch's tables as Known: a value they hold decoded, byte
+	// for byte, is their object; one they hold another value of (stale)
+	// is decoded from what is stored.
+	tables := NewTables(Local{Cluster: "c1", ClusterID: 1, Node: "node1"}, nil, nil)
+	tables.Handle(ConfigPrefix, kvstore.Event{Type: kvstore.EventUpsert, Key: ConfigKey("Service/default/d"), Value: svc("d", "10.96.0.5")})
+	tables.Handle(ConfigPrefix, kvstore.Event{Type: kvstore.EventUpsert, Key: ConfigKey("Service/default/e"), Value: svc("e", "10.96.0.6")})
+	put(t, c, ConfigKey("Service/default/d"), svc("d", "10.96.0.5"))
+	put(t, c, ConfigKey("Service/default/e"), svc("e", "10.96.0.7"))
+	cc.Known = tables.DecodedObject
+	fourth := check("d and e, known to the tables")
+	if fourth.Objects["Service/default/d"] != tables.Objects()["Service/default/d"] {
+		t.Error("d, as the tables hold it, was decoded again")
+	}
+	if vips := fourth.Objects["Service/default/e"].(*objects.Service).Spec.VIPs; vips[0] != "10.96.0.7" {
+		t.Errorf("e read as %v: the tables' stale value", vips)
+	}
 }
 
 // HasObjects (what an apply waits for) holds once the tables are listed

@@ -52,12 +52,16 @@ type Tables struct {
 	// the services of objsSnap; lbLogged holds the problems with them
 	// already logged, so a problem is logged once, not per snapshot.
 	lbRecs   map[string]records.LBAssignment
+	lbVer    uint64                       // counts the changes of lbRecs
 	lbAsg    map[string]lbipam.Assignment // lbRecs converted, as of the last snapshot
 	lbLogged map[string]bool
 	// statusCache keeps objsSnap's copies of services whose object and
 	// assignment did not change, so that a rebuild costs little per
 	// unchanged service.
 	statusCache lbipam.StatusCache
+	// changes is the log of the last snapshots' changed keys, for
+	// ObjectsChangedSince.
+	changes []snapChange
 	// The keys of objs (objects.Key) and of lbRecs changed since the last
 	// snapshot: the next one patches those only (StatusCache.Patch).
 	objsDirty, lbDirty map[string]struct{}
@@ -725,6 +729,23 @@ func (t *Tables) HasObjects(want map[string][]byte) bool {
 	return true
 }
 
+// DecodedObject returns the object the watch decoded for key (an etcd key
+// under ConfigPrefix) when it was decoded from raw, byte for byte: what
+// DecodeObject(key, raw) gives, without decoding again
+// (ConfigCache.Known).
+func (t *Tables) DecodedObject(key string, raw []byte) (objects.Object, bool) {
+	rest, ok := strings.CutPrefix(key, ConfigPrefix)
+	if !ok {
+		return nil, false
+	}
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	if have, ok := t.objsRaw[rest]; !ok || !bytes.Equal(have, raw) {
+		return nil, false
+	}
+	return t.objs[rest], true
+}
+
 // lbAssignment handles isthmus/state/lbipam/v1/<ns>/<name>: the
 // addresses go into the service's status when the objects snapshot is
 // built. An invalid record is dropped (the service shows no addresses
@@ -735,6 +756,7 @@ func (t *Tables) lbAssignment(key string, value []byte, del bool) error {
 		return err
 	}
 	svc := ns + "/" + name
+	t.lbVer++
 	if _, had := t.lbRecs[svc]; had {
 		delete(t.lbRecs, svc)
 		t.objsVer++
@@ -755,9 +777,23 @@ func (t *Tables) lbAssignment(key string, value []byte, del bool) error {
 
 // LBAssignments returns LB-IPAM's assignments as read from etcd.
 func (t *Tables) LBAssignments() []records.LBAssignment {
+	recs, _ := t.LBAssignmentsGen()
+	return recs
+}
+
+// LBAssignmentsGen is LBAssignments with a generation: equal generations,
+// same assignments.
+func (t *Tables) LBAssignmentsGen() ([]records.LBAssignment, uint64) {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
-	return slices.Collect(maps.Values(t.lbRecs))
+	return slices.Collect(maps.Values(t.lbRecs)), t.lbVer
+}
+
+// LBAssignmentsVer is the generation LBAssignmentsGen would give.
+func (t *Tables) LBAssignmentsVer() uint64 {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.lbVer
 }
 
 // DecodeObject decodes and validates an applied object read at key.
@@ -826,7 +862,10 @@ func (t *Tables) ObjectsGen() (map[string]objects.Object, uint64) {
 				delete(t.lbAsg, k)
 			}
 		}
-		snap, problems := t.statusCache.Patch(t.objs, t.lbAsg, slices.Collect(maps.Keys(t.objsDirty)), slices.Collect(maps.Keys(t.lbDirty)))
+		full := t.objsSnap == nil
+		objKeys, asgKeys := slices.Collect(maps.Keys(t.objsDirty)), slices.Collect(maps.Keys(t.lbDirty))
+		snap, problems := t.statusCache.Patch(t.objs, t.lbAsg, objKeys, asgKeys)
+		t.logChange(full, objKeys, asgKeys)
 		clear(t.objsDirty)
 		clear(t.lbDirty)
 		logged := map[string]bool{}
@@ -841,6 +880,66 @@ func (t *Tables) ObjectsGen() (map[string]objects.Object, uint64) {
 		t.snapVer = t.objsVer
 	}
 	return t.objsSnap, t.snapVer + 1
+}
+
+// snapChange is what one snapshot (gen) changed against the one before
+// it (prev): the objects.Keys whose object differs, or, when full,
+// everything.
+type snapChange struct {
+	prev, gen uint64
+	keys      []string
+	full      bool
+}
+
+// maxChangeLog bounds the change log: a reader further behind reads
+// everything.
+const maxChangeLog = 64
+
+// logChange records the snapshot being built at t.objsVer: the objects
+// changed and those of the changed assignments (their services' status),
+// and every pool (Patch recomputes the pools' usage each time).
+func (t *Tables) logChange(full bool, objKeys, asgKeys []string) {
+	c := snapChange{prev: t.snapVer + 1, gen: t.objsVer + 1, full: full}
+	if !full {
+		c.keys = append(c.keys, objKeys...)
+		for _, k := range asgKeys {
+			c.keys = append(c.keys, objects.KindService+"/"+k)
+		}
+		c.keys = append(c.keys, t.statusCache.PoolKeys()...)
+	}
+	if len(t.changes) >= maxChangeLog {
+		t.changes = slices.Delete(t.changes, 0, len(t.changes)-maxChangeLog+1)
+	}
+	t.changes = append(t.changes, c)
+}
+
+// ObjectsChangedSince returns the keys (objects.Key) of the objects that
+// differ between the snapshot of generation since (as ObjectsGen gave it)
+// and the current one, possibly with repeats; ok is false when that is
+// not known (too far behind, or the current snapshot is not built yet:
+// call ObjectsGen first) and the caller must look at everything. Its cost
+// is the changes, not the objects: what lets a reconciler do per run the
+// work of what changed.
+func (t *Tables) ObjectsChangedSince(since, current uint64) (keys []string, ok bool) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	if since == current {
+		return nil, true
+	}
+	i := slices.IndexFunc(t.changes, func(c snapChange) bool { return c.prev == since })
+	if i < 0 {
+		return nil, false
+	}
+	for _, c := range t.changes[i:] {
+		if c.full {
+			return nil, false
+		}
+		keys = append(keys, c.keys...)
+		if c.gen == current {
+			return keys, true
+		}
+	}
+	return nil, false
 }
 
 // OwnConfig returns the own cluster's cluster-config, if it was read and

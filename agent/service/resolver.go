@@ -73,10 +73,52 @@ func NewResolver() *Resolver {
 // which kept a run O(all services) however little changed.
 func (r *Resolver) Update(svcs []objects.Service, src []*objects.Service, svcGen uint64, eps []Endpoint, epGen uint64,
 	remote []records.ServiceRecord, remoteGen uint64) (map[bpf.Frontend][]bpf.Backend, []bpf.Frontend) {
+	return r.update(func(affected map[string]struct{}, touched map[bpf.Frontend]struct{}) {
+		r.diffServices(svcs, src, affected, touched)
+	}, svcGen, eps, epGen, remote, remoteGen)
+}
+
+// UpdateObjects is Update with the services given as the objects
+// snapshot objs (by objects.Key; other kinds are skipped, the services
+// are used as they are, not copied) and, when changed is not nil, what
+// returns the keys of the objects changed since an earlier generation
+// (ok false: not known). Then a run looks at the services changed since
+// the last call only: its cost is the change, not every service.
+func (r *Resolver) UpdateObjects(objs map[string]objects.Object, changed func(since uint64) ([]string, bool), svcGen uint64,
+	eps []Endpoint, epGen uint64, remote []records.ServiceRecord, remoteGen uint64) (map[bpf.Frontend][]bpf.Backend, []bpf.Frontend) {
+	return r.update(func(affected map[string]struct{}, touched map[bpf.Frontend]struct{}) {
+		if changed != nil && r.started && r.svcGen != 0 && svcGen != 0 {
+			if keys, ok := changed(r.svcGen); ok {
+				for _, key := range keys {
+					if !strings.HasPrefix(key, objects.KindService+"/") {
+						continue
+					}
+					if s, ok := objs[key].(*objects.Service); ok {
+						r.upsertService(key, *s, s, affected)
+					} else if rs, ok := r.svcs[key]; ok {
+						r.removeService(key, rs, touched)
+					}
+				}
+				return
+			}
+		}
+		var svcs []objects.Service
+		var src []*objects.Service
+		for _, o := range objs {
+			if s, ok := o.(*objects.Service); ok {
+				svcs, src = append(svcs, *s), append(src, s)
+			}
+		}
+		r.diffServices(svcs, src, affected, touched)
+	}, svcGen, eps, epGen, remote, remoteGen)
+}
+
+func (r *Resolver) update(diffSvcs func(affected map[string]struct{}, touched map[bpf.Frontend]struct{}), svcGen uint64, eps []Endpoint, epGen uint64,
+	remote []records.ServiceRecord, remoteGen uint64) (map[bpf.Frontend][]bpf.Backend, []bpf.Frontend) {
 	affected := map[string]struct{}{}
 	touched := map[bpf.Frontend]struct{}{}
 	if !r.started || svcGen == 0 || svcGen != r.svcGen {
-		r.diffServices(svcs, src, affected, touched)
+		diffSvcs(affected, touched)
 	}
 	if !r.started || epGen == 0 || epGen != r.epGen {
 		r.diffEndpoints(eps, affected)
@@ -140,14 +182,7 @@ func (r *Resolver) diffServices(svcs []objects.Service, src []*objects.Service, 
 	}
 	for key, rs := range r.svcs {
 		if _, ok := next[key]; !ok {
-			r.unclaim(key, rs)
-			r.unindexService(key, rs)
-			delete(r.byName, rs.svc.Metadata.Namespace+"/"+rs.svc.Metadata.Name)
-			delete(r.svcs, key)
-			// Its frontends go, or to whoever else claims them.
-			for _, f := range rs.frontends {
-				touched[f] = struct{}{}
-			}
+			r.removeService(key, rs, touched)
 		}
 	}
 	for key, i := range next {
@@ -155,29 +190,46 @@ func (r *Resolver) diffServices(svcs []objects.Service, src []*objects.Service, 
 		if src != nil {
 			from = src[i]
 		}
-		rs, ok := r.svcs[key]
-		if ok && from != nil && rs.src == from {
-			continue // the same immutable object as last time
-		}
-		s := svcs[i]
-		s.Metadata.Namespace = namespaceOrDefault(s.Metadata.Namespace)
-		// Pointers: DeepEqual of the values would copy both into
-		// interfaces, two allocations per service.
-		if ok && reflect.DeepEqual(&rs.svc, &s) {
-			rs.src = from
-			continue
-		}
-		if ok {
-			r.unindexService(key, rs)
-		} else {
-			rs = &resolved{}
-			r.svcs[key] = rs
-		}
-		rs.svc, rs.src = s, from
-		r.byName[s.Metadata.Namespace+"/"+s.Metadata.Name] = key
-		r.indexService(key, rs)
-		affected[key] = struct{}{}
+		r.upsertService(key, svcs[i], from, affected)
 	}
+}
+
+// removeService takes out a service that went: it gives up its
+// frontends (they go, or to whoever else claims them).
+func (r *Resolver) removeService(key string, rs *resolved, touched map[bpf.Frontend]struct{}) {
+	r.unclaim(key, rs)
+	r.unindexService(key, rs)
+	delete(r.byName, rs.svc.Metadata.Namespace+"/"+rs.svc.Metadata.Name)
+	delete(r.svcs, key)
+	for _, f := range rs.frontends {
+		touched[f] = struct{}{}
+	}
+}
+
+// upsertService takes in service s (copied from the object from, if not
+// nil) with key key: new or changed, it is affected.
+func (r *Resolver) upsertService(key string, s objects.Service, from *objects.Service, affected map[string]struct{}) {
+	rs, ok := r.svcs[key]
+	if ok && from != nil && rs.src == from {
+		return // the same immutable object as last time
+	}
+	s.Metadata.Namespace = namespaceOrDefault(s.Metadata.Namespace)
+	// Pointers: DeepEqual of the values would copy both into
+	// interfaces, two allocations per service.
+	if ok && reflect.DeepEqual(&rs.svc, &s) {
+		rs.src = from
+		return
+	}
+	if ok {
+		r.unindexService(key, rs)
+	} else {
+		rs = &resolved{}
+		r.svcs[key] = rs
+	}
+	rs.svc, rs.src = s, from
+	r.byName[s.Metadata.Namespace+"/"+s.Metadata.Name] = key
+	r.indexService(key, rs)
+	affected[key] = struct{}{}
 }
 
 // diffEndpoints applies a new list of endpoints: every service that

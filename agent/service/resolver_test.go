@@ -63,24 +63,39 @@ func checkResolver(t *testing.T, seed uint64) {
 		return netip.AddrFrom4([4]byte{10, 0, 0, byte(rng.IntN(50) + 1)})
 	}
 	// Every change is a new object, as in the agent's immutable
-	// snapshots; even seeds hand the objects to Update as sources.
+	// snapshots; even seeds hand the objects to Update as sources; seeds
+	// 7, 11, 19, 23 hand them as a snapshot with the keys changed per
+	// generation (UpdateObjects), seeds 3, 15, 27 as a snapshot without.
 	svcs := map[string]*objects.Service{}
+	var svcGen uint64 = 1
+	changes := map[uint64][]string{} // the keys changed to reach each svcGen
+	changedSince := func(since uint64) ([]string, bool) {
+		var keys []string
+		for g := since + 1; g <= svcGen; g++ {
+			keys = append(keys, changes[g]...)
+		}
+		return keys, true
+	}
 	eps := map[string]Endpoint{}
 	var remote []records.ServiceRecord
 	r := NewResolver()
-	var svcGen, epGen, remoteGen uint64 = 1, 1, 1
+	var epGen, remoteGen uint64 = 1, 1
 	selected := 0
 	for step := range 400 {
 		switch rng.IntN(8) {
 		case 0, 1:
 			i := rng.IntN(12)
+			svcGen++
+			if old, ok := svcs[fmt.Sprint(i)]; ok {
+				changes[svcGen] = append(changes[svcGen], objects.Key(old))
+			}
 			if _, ok := svcs[fmt.Sprint(i)]; ok && rng.IntN(3) == 0 {
 				delete(svcs, fmt.Sprint(i))
 			} else {
 				s := newSvc(i)
 				svcs[fmt.Sprint(i)] = &s
+				changes[svcGen] = append(changes[svcGen], objects.Key(&s))
 			}
-			svcGen++
 		case 2, 3, 4:
 			k := fmt.Sprint("ep", rng.IntN(40))
 			if _, ok := eps[k]; ok && rng.IntN(3) == 0 {
@@ -108,7 +123,21 @@ func checkResolver(t *testing.T, seed uint64) {
 			src = nil
 		}
 		el := slices.Collect(maps.Values(eps))
-		got, touched := r.Update(sl, src, svcGen, el, epGen, remote, remoteGen)
+		var got map[bpf.Frontend][]bpf.Backend
+		var touched []bpf.Frontend
+		if seed%4 == 3 {
+			objs := map[string]objects.Object{"NetworkPolicy/default/other": &objects.NetworkPolicy{}}
+			for _, s := range svcs {
+				objs[objects.Key(s)] = s
+			}
+			changed := changedSince
+			if seed%3 == 0 {
+				changed = nil
+			}
+			got, touched = r.UpdateObjects(objs, changed, svcGen, el, epGen, remote, remoteGen)
+		} else {
+			got, touched = r.Update(sl, src, svcGen, el, epGen, remote, remoteGen)
+		}
 		want := Merge(Resolve(sl, el), sl, remote)
 		if !maps.EqualFunc(got, want, func(a, b []bpf.Backend) bool { return slices.Equal(a, b) }) {
 			t.Fatalf("step %d: resolver\n %v\nfrom scratch\n %v", step, got, want)

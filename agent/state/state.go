@@ -109,6 +109,10 @@ type Store struct {
 	snap    []Endpoint
 	snapGen uint64
 	objects map[string]json.RawMessage
+	// lbLines keeps each assignment SaveLBAssignments encoded, by
+	// service, with the line it became: an unchanged one is not validated
+	// and encoded again.
+	lbLines map[string]lbLine
 }
 
 // Open loads the state in dir, creating the directory (0700) if needed.

@@ -3,6 +3,9 @@ package state
 import (
 	"cmp"
 	"encoding/json"
+	"fmt"
+	"maps"
+	"math/rand/v2"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -375,5 +378,54 @@ func TestLBAssignmentsReadBack(t *testing.T) {
 		if !reflect.DeepEqual(got, want) {
 			t.Fatalf("saved %v, read back %v", want, got)
 		}
+	}
+}
+
+// Saving again after edits (encoding only the assignments that changed)
+// writes the file a fresh store writes for the same assignments, byte for
+// byte, over random sequences of edits; an invalid assignment is refused
+// whether or not one of its name was saved before.
+func TestLBAssignmentsSavedAgain(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 5))
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur := map[string]records.LBAssignment{}
+	for step := range 100 {
+		for range rng.IntN(4) {
+			name := fmt.Sprint("s", rng.IntN(10))
+			if rng.IntN(4) == 0 {
+				delete(cur, name)
+				continue
+			}
+			r := records.LBAssignment{Namespace: "default", Name: name}
+			if rng.IntN(5) == 0 {
+				r.Refused = "no room"
+			} else {
+				r.Addresses = []records.LBAddress{{IP: netip.AddrFrom4([4]byte{192, 0, 2, byte(rng.IntN(6) + 1)}), Pool: fmt.Sprint("p", rng.IntN(2))}}
+			}
+			cur[name] = r
+		}
+		as := slices.Collect(maps.Values(cur))
+		if err := s.SaveLBAssignments(as); err != nil {
+			t.Fatal(err)
+		}
+		fresh, err := Open(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := fresh.SaveLBAssignments(as); err != nil {
+			t.Fatal(err)
+		}
+		got, _ := os.ReadFile(s.path(LBIPAMFile))
+		want, _ := os.ReadFile(fresh.path(LBIPAMFile))
+		if string(got) != string(want) {
+			t.Fatalf("step %d: saved again\n%s\nfresh\n%s", step, got, want)
+		}
+	}
+	bad := records.LBAssignment{Namespace: "default", Name: "s1", Addresses: []records.LBAddress{{Pool: "p"}}}
+	if err := s.SaveLBAssignments([]records.LBAssignment{bad}); err == nil {
+		t.Error("an invalid assignment was saved")
 	}
 }

@@ -128,6 +128,10 @@ func (c *StatusCache) Patch(objs map[string]objects.Object, asg map[string]Assig
 	return out, c.allProblems()
 }
 
+// PoolKeys are the keys (objects.Key) of the pools Patch knows of: each
+// Patch gives every pool a new status.
+func (c *StatusCache) PoolKeys() []string { return slices.Collect(maps.Keys(c.poolKeys)) }
+
 // noteService records what one service's status holds: its addresses
 // (counted per pool) and its problems.
 func (c *StatusCache) noteService(key string, addrs []Addr, probs []string) {

@@ -64,6 +64,10 @@ type Config struct {
 	// Debounce is the shortest time between two writes (default 10 ms).
 	Debounce time.Duration
 	Logger   *slog.Logger
+	// Decoded, when not nil, decodes the applied objects, shared with
+	// the other readers of them (the server's service syncer): each value
+	// is decoded once.
+	Decoded *objects.DecodeCache
 }
 
 // PoolStats is the usage of one pool after the last sync.
@@ -193,10 +197,11 @@ func (s *Syncer) apply(prefix string, ev kvstore.Event) bool {
 		delete(s.svcs, ev.Key)
 		delete(s.pools, ev.Key)
 		if del {
+			s.cfg.Decoded.Forget(ev.Key)
 			s.changed = true
 			return true
 		}
-		o, err := decodeObject(ev.Key, ev.Value)
+		o, err := decodeObject(s.cfg.Decoded, ev.Key, ev.Value)
 		if err != nil {
 			s.invalid(ev.Key, err)
 			s.changed = true
@@ -249,8 +254,8 @@ func (s *Syncer) invalid(key string, err error) {
 
 // decodeObject decodes an applied object read at key and checks it
 // belongs there.
-func decodeObject(key string, value []byte) (objects.Object, error) {
-	objs, err := objects.Decode(value)
+func decodeObject(dc *objects.DecodeCache, key string, value []byte) (objects.Object, error) {
+	objs, err := dc.Decode(key, value)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", key, err)
 	}

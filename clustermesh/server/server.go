@@ -28,6 +28,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 	"github.com/isthmus-mesh/isthmus/clustermesh/lbipamsync"
 	"github.com/isthmus-mesh/isthmus/clustermesh/mirror"
+	"github.com/isthmus-mesh/isthmus/clustermesh/objects"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 	"github.com/isthmus-mesh/isthmus/clustermesh/servicesync"
 )
@@ -125,13 +126,16 @@ func Start(ctx context.Context, cfg Config) (*APIServer, error) {
 	if a.Mirror, err = mirror.New(mc); err != nil {
 		return nil, err
 	}
+	// The two syncers watch the same applied services: each value is
+	// decoded once for both.
+	decoded := &objects.DecodeCache{}
 	sc := cfg.ServiceSync
-	sc.Cluster, sc.ClusterID, sc.Client, sc.Logger = local.Name, local.ID, srv.Client(), a.log
+	sc.Cluster, sc.ClusterID, sc.Client, sc.Logger, sc.Decoded = local.Name, local.ID, srv.Client(), a.log, decoded
 	sc.PodCIDRs = local.PodCIDRs
 	if a.Services, err = servicesync.New(sc); err != nil {
 		return nil, err
 	}
-	if a.LBIPAM, err = lbipamsync.New(lbipamsync.Config{Client: srv.Client(), Logger: a.log}); err != nil {
+	if a.LBIPAM, err = lbipamsync.New(lbipamsync.Config{Client: srv.Client(), Logger: a.log, Decoded: decoded}); err != nil {
 		return nil, err
 	}
 	var gc *identity.Etcd

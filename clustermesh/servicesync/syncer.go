@@ -44,6 +44,10 @@ type Config struct {
 	// batches, at most one per Debounce.
 	Debounce time.Duration
 	Logger   *slog.Logger
+	// Decoded, when not nil, decodes the applied services, shared with
+	// the other readers of them (the server's LB-IPAM syncer): each
+	// value is decoded once.
+	Decoded *objects.DecodeCache
 }
 
 // Stats counts what a Syncer did.
@@ -151,9 +155,10 @@ func (s *Syncer) apply(prefix string, ev kvstore.Event) bool {
 	case ServiceConfigPrefix:
 		if del {
 			s.t.deleteService(ev.Key)
+			s.cfg.Decoded.Forget(ev.Key)
 			return true
 		}
-		svc, err := decodeService(ev.Key, ev.Value)
+		svc, err := decodeService(s.cfg.Decoded, ev.Key, ev.Value)
 		if err != nil {
 			s.t.deleteService(ev.Key)
 			s.invalid(ev.Key, err)
@@ -229,8 +234,8 @@ func (s *Syncer) setErr(err error) {
 }
 
 // decodeService decodes an applied Service read at key.
-func decodeService(key string, value []byte) (objects.Service, error) {
-	objs, err := objects.Decode(value)
+func decodeService(dc *objects.DecodeCache, key string, value []byte) (objects.Service, error) {
+	objs, err := dc.Decode(key, value)
 	if err != nil {
 		return objects.Service{}, fmt.Errorf("%s: %w", key, err)
 	}
