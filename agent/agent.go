@@ -117,13 +117,19 @@ type Agent struct {
 	splitPols  []objects.NetworkPolicy
 	splitL2    []objects.L2AnnouncementPolicy
 	splitGen   uint64
-	// runObjs are the objects of the current run: later steps read these
-	// rather than the source again, which may have moved on and would
-	// build another snapshot of every object.
-	runObjs desired.Objects
-
-	rec     *reconcile.Trigger
-	metrics *metrics.Registry // set at the start of Run
+	// rec is the datapath loop (reconcile), which API calls wait for;
+	// follow the follow-up loop (followUp), requested after every
+	// datapath run with the snapshot that run converged to (followIn):
+	// later steps read those objects rather than the source again, which
+	// may have moved on and would build another snapshot of every object.
+	rec      *reconcile.Trigger
+	follow   *reconcile.Trigger
+	followMu sync.Mutex
+	followIn *followUpInput
+	// beforeFollowUp, when set (tests), runs at the start of every
+	// follow-up run.
+	beforeFollowUp func()
+	metrics        *metrics.Registry // set at the start of Run
 }
 
 // New validates cfg and loads the desired state from cfg.StateDir. It
@@ -155,6 +161,7 @@ func New(cfg Config) (*Agent, error) {
 		newRouter:     routes.NewNetlink,
 		detectNodeIPs: node.DefaultRouteAddrs,
 		rec:           reconcile.New(),
+		follow:        reconcile.New(),
 		bgp:           bgp.New(log),
 	}
 	a.hostAddrs = node.NewAddrCache(func() ([]netip.Addr, error) { return a.nodeAddrs() }, reconcile.ResyncInterval)
@@ -307,6 +314,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		// Keep going: the loop retries, and the API can still report why.
 		a.log.Error("initial reconcile failed", "err", err)
 	}
+	gen = a.follow.Start()
+	a.follow.Finish(gen, a.followUp(ctx))
 
 	if a.cfg.CNI.Enabled() {
 		// Once the node is restored and its datapath loaded: a runtime
@@ -327,6 +336,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer cancel(nil)
 	var wg sync.WaitGroup
 	wg.Go(func() { a.rec.Loop(ctx, a.log, a.reconcile) })
+	wg.Go(func() { a.follow.Loop(ctx, a.log, a.followUp) })
 	wg.Go(func() {
 		node.WatchAddrs(ctx, a.log, func() {
 			a.hostAddrs.Invalidate()
@@ -486,16 +496,20 @@ func splitKey(k string) (namespace, name string) {
 	return namespace, name
 }
 
-// reconcile is one run: the reconcilers in order over one snapshot of the
-// desired state. Routes and tunnels that cannot be made concern traffic to
-// some nodes only: they are reported in the status and retried soon
-// (SoftFail), and do not fail the run, which would roll back unrelated API
-// calls.
+// reconcile is one run of the datapath loop: the BPF maps (ipcache,
+// endpoints, policy, services) over one snapshot of the desired state.
+// That is what enforces an endpoint's identity and policy, so API calls
+// wait for it (Converge) and a failure here fails them. The steps that
+// enforce nothing an API call waits for (routes, tunnels, L2, device
+// sizes, BGP, north-south) run after it in their own loop (followUp), so
+// that a slow one (device sizes enter every new pod's netns) never delays
+// the next datapath run: adds of pods created together would queue behind
+// it.
 func (a *Agent) reconcile(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	want, err := a.desiredState()
+	want, objs, l2pols, err := a.desiredState()
 	if err != nil {
 		return err
 	}
@@ -503,68 +517,109 @@ func (a *Agent) reconcile(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if res.Overflow > 0 {
+		a.log.Error("BPF ipcache full: mesh entries left out (their pods are \"world\" to this node); cap the remote clusters' entries (--max-remote-ipcache)",
+			"leftOut", res.Overflow, "capacity", bpf.IPCacheMaxEntries, "reservedForNode", datapath.IPCacheReserve)
+	}
+	if res.Changes() > 0 {
+		a.log.Info("datapath reconciled", "ipcacheChanges", res.IPCache, "endpointChanges", res.Endpoints,
+			"policyChanges", res.Policy, "serviceChanges", res.Services, "errors", len(res.Errs))
+	}
+	// The follow-up steps converge to what the datapath now serves. The
+	// services are split here (this loop owns the split) and only for
+	// what needs them all: L2 policies to select from, an external
+	// workload's routes to the service addresses. Splitting costs every
+	// service.
+	var svcs []objects.Service
+	if len(l2pols) > 0 || a.cfg.ExternalWorkload != nil {
+		svcs = a.splitServices(objs)
+	}
+	a.followMu.Lock()
+	a.followIn = &followUpInput{want: want, objs: objs, l2: l2pols, services: svcs}
+	a.followMu.Unlock()
+	a.follow.Request()
+	return oneline.Join(res.Errs...)
+}
+
+// followUpInput is what a datapath run hands the follow-up loop: the
+// snapshot it converged the maps to.
+type followUpInput struct {
+	want     desired.State
+	objs     desired.Objects
+	l2       []objects.L2AnnouncementPolicy
+	services []objects.Service // split only when l2 or an external workload needs them
+}
+
+// followUp is one run of the follow-up loop, over the snapshot of the
+// latest datapath run. Routes and tunnels that cannot be made concern
+// traffic to some nodes only: they are reported in the status and retried
+// soon (SoftFail); nothing here fails an API call.
+func (a *Agent) followUp(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	a.followMu.Lock()
+	in := a.followIn
+	a.followMu.Unlock()
+	if in == nil {
+		return nil // no datapath run yet
+	}
+	if a.beforeFollowUp != nil {
+		a.beforeFollowUp()
+	}
+	want := in.want
 	routeChanges := 0
 	if a.routes != nil {
 		n, err := a.routes.SyncRoutes(want.Mesh.PodRoutes(), want.Mesh.Ready)
 		routeChanges += n
 		a.mesh.SetRouteErr(err)
 		if err != nil {
-			a.rec.SoftFail()
+			a.follow.SoftFail()
 		}
 	}
 	if a.enc != nil {
 		if a.cfg.ExternalWorkload != nil {
-			a.enc.SetServiceRoutes(serviceVIPs(a.splitServices()))
+			a.enc.SetServiceRoutes(serviceVIPs(in.services))
 		}
 		n, err := a.enc.Sync(want.Mesh)
 		routeChanges += n
 		if err != nil {
-			a.rec.SoftFail()
+			a.follow.SoftFail()
 			a.log.Warn("wireguard: peers or tunnel routes incomplete; retrying", "err", err)
 		}
-	}
-	if res.Overflow > 0 {
-		a.log.Error("BPF ipcache full: mesh entries left out (their pods are \"world\" to this node); cap the remote clusters' entries (--max-remote-ipcache)",
-			"leftOut", res.Overflow, "capacity", bpf.IPCacheMaxEntries, "reservedForNode", datapath.IPCacheReserve)
 	}
 	// L2 announcements elect and answer on their own clock (a dead peer
 	// must be noticed within a second, not at the next run); a run only
 	// hands them the policies, services and local backends.
-	// The services only for policies to select from: splitting them
-	// costs every service.
-	var l2Svcs []objects.Service
-	if len(a.splitL2) > 0 {
-		l2Svcs = a.splitServices()
-	}
-	a.l2.SetInput(l2.Input{Policies: a.splitL2, Services: l2Svcs, HasLocalBackend: localBackend(want.Endpoints)})
+	a.l2.SetInput(l2.Input{Policies: in.l2, Services: in.services, HasLocalBackend: localBackend(want.Endpoints)})
 	// Device sizes: a device that refuses is rolled back and reported,
 	// which fails nothing else. The reconciler does only what changed.
 	if err := a.bigtcp.Sync(a.bigTCPInput(want)); err != nil {
-		a.rec.SoftFail()
+		a.follow.SoftFail()
 		a.log.Warn("big tcp: devices not all read; retrying", "err", err)
 	}
 	// BGP announces what the datapath now serves; a peer or path that
 	// cannot be set up concerns BGP only.
-	if err := a.bgp.Sync(ctx, a.bgpInput(want), want.ObjectsGen, want.EndpointsGen); err != nil {
-		a.rec.SoftFail()
+	if err := a.bgp.Sync(ctx, a.bgpInput(want, in.objs), want.ObjectsGen, want.EndpointsGen); err != nil {
+		a.follow.SoftFail()
 		a.log.Warn("bgp: speaker not converged; retrying", "err", err)
 	}
 	// The way in from outside: programs on the external devices, and the
 	// SNAT table while a frontend under Cluster needs it. A device that
 	// refuses concerns traffic from outside only.
 	if err := a.ns.Sync(a.northSouthInput(want)); err != nil {
-		a.rec.SoftFail()
+		a.follow.SoftFail()
 		a.log.Warn("north-south: external devices or SNAT table incomplete; retrying", "err", err)
 	}
-	if res.Changes()+routeChanges > 0 {
-		a.log.Info("datapath reconciled", "ipcacheChanges", res.IPCache, "endpointChanges", res.Endpoints,
-			"policyChanges", res.Policy, "serviceChanges", res.Services, "routeChanges", routeChanges, "errors", len(res.Errs))
+	if routeChanges > 0 {
+		a.log.Info("routes reconciled", "routeChanges", routeChanges)
 	}
-	return oneline.Join(res.Errs...)
+	return nil
 }
 
-// desiredState is what one reconcile run converges to.
-func (a *Agent) desiredState() (desired.State, error) {
+// desiredState is what one reconcile run converges to, with the objects
+// it was built from and their L2 announcement policies.
+func (a *Agent) desiredState() (desired.State, desired.Objects, []objects.L2AnnouncementPolicy, error) {
 	objs, objGen := a.objectsGen()
 	changed := a.objectsChangedSince(objGen)
 	if objGen != a.splitGen || a.splitGen == 0 {
@@ -584,7 +639,6 @@ func (a *Agent) desiredState() (desired.State, error) {
 		a.splitSvcs, a.splitSvcOK = nil, false
 		a.splitGen = objGen
 	}
-	a.runObjs = objs
 	eps, epGen := a.store.EndpointsGen()
 	s := desired.State{Cluster: a.cfg.ClusterName, Endpoints: eps, Policies: a.splitPols,
 		Objects: objs, ObjectsChangedSince: changed,
@@ -592,18 +646,18 @@ func (a *Agent) desiredState() (desired.State, error) {
 		AllowLocalHostIngress: a.cfg.Kubernetes}
 	addrs, err := a.hostAddrs.Get()
 	if err != nil {
-		return s, fmt.Errorf("list node addresses: %w", err)
+		return s, objs, a.splitL2, fmt.Errorf("list node addresses: %w", err)
 	}
 	s.HostAddrs = addrs
 	s.Workload = a.workloadEndpoint()
-	return s, nil
+	return s, objs, a.splitL2, nil
 }
 
 // splitServices are the services of the run's objects, in key order,
-// split once per generation when asked for.
-func (a *Agent) splitServices() []objects.Service {
+// split once per generation when asked for (reconcile loop only).
+func (a *Agent) splitServices(objs desired.Objects) []objects.Service {
 	if !a.splitSvcOK {
-		a.splitSvcs, _ = a.runObjs.Split()
+		a.splitSvcs, _ = objs.Split()
 		a.splitSvcOK = true
 	}
 	return a.splitSvcs
@@ -686,12 +740,12 @@ func (a *Agent) bigTCPInput(want desired.State) bigtcp.Input {
 }
 
 // bgpInput is what the BGP speaker's configuration is derived from.
-func (a *Agent) bgpInput(want desired.State) bgp.Input {
+func (a *Agent) bgpInput(want desired.State, objs desired.Objects) bgp.Input {
 	ips := a.underlayIPs()
 	if len(ips) == 0 {
 		ips = want.HostAddrs
 	}
-	return bgp.Input{Objects: a.runObjs, Endpoints: want.Endpoints, NodeLabels: a.cfg.NodeLabels,
+	return bgp.Input{Objects: objs, Endpoints: want.Endpoints, NodeLabels: a.cfg.NodeLabels,
 		PodCIDRs: a.cfg.PodCIDRs, NodeIPs: ips, ChangedSince: a.objectsChangedSince(want.ObjectsGen)}
 }
 

@@ -351,3 +351,75 @@ func v6RouteMTU(t *testing.T, h *netlink.Handle, l netlink.Link) int {
 	t.Fatal("no IPv6 default route in the pod")
 	return 0
 }
+
+// An add sizes its pod's veth itself (SizeEndpoint), before it returns
+// and side by side with other adds; the next run takes that result
+// instead of visiting the pod again, also when the add was still on
+// (not in the run's endpoints) during a run in between.
+func TestSizeEndpointBeforeTheRun(t *testing.T) {
+	s := newScratch(t)
+	s.in(t, func() {
+		h := &netlink.Handle{}
+		ep := state.Endpoint{Namespace: "default", Name: "new", NetnsPath: "/var/run/netns/" + s.pod, HostIfName: "isthbtnew",
+			IPs: []netip.Addr{netip.MustParseAddr("10.9.0.6"), netip.MustParseAddr("fd00:9::6")}}
+		res, err := endpoint.Create(endpoint.Spec{NetnsPath: ep.NetnsPath, HostIfName: ep.HostIfName, Addrs: ep.IPs, MTU: 1500})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ep.IfIndex = res.HostIfIndex
+		pns, err := netns.GetFromName(s.pod)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pns.Close()
+		ph, err := netlink.NewHandleAt(pns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ph.Close()
+		r, err := New(Config{}, slog.Default())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !r.v4ok {
+			testenv.Skip(t, "the kernel has no IPv4 BIG TCP attributes (Linux >= 6.3)")
+		}
+
+		r.SizeEndpoint(ep)
+		for _, l := range []netlink.Link{mustLink(t, h, ep.HostIfName), mustLink(t, ph, "eth0")} {
+			if got := sizesOf(l); got.gso != DefaultSize || got.gso4 != DefaultSize {
+				t.Errorf("after SizeEndpoint %s holds %+v, want %d", l.Attrs().Name, got, DefaultSize)
+			}
+		}
+		if e := r.Endpoint(ep.Key()); e == nil || e.IPv6 != DefaultSize || e.IPv4 != DefaultSize {
+			t.Errorf("endpoint status after SizeEndpoint: %+v", e)
+		}
+
+		// A run while the add is still on: the endpoint is not in it yet.
+		if err := r.Sync(Input{}); err != nil {
+			t.Fatal(err)
+		}
+		// Changed behind the reconciler's back: a run that visited the
+		// pod would size it again.
+		if _, err := converge(h, mustLink(t, h, ep.HostIfName), plan(Config{IPv6: Off, IPv4: Off}.WithDefaults(), sizesOf(mustLink(t, h, ep.HostIfName)))); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Sync(Input{Endpoints: []state.Endpoint{ep}, EndpointsGen: 2}); err != nil {
+			t.Fatal(err)
+		}
+		if got := sizesOf(mustLink(t, h, ep.HostIfName)); got.gso != LegacySize {
+			t.Errorf("the run visited the pod its add had sized: host veth holds %+v", got)
+		}
+		if st := r.Status(); len(st.Endpoints) != 1 || st.Endpoints[0].IPv6 != DefaultSize {
+			t.Errorf("status after the run: %+v", st.Endpoints)
+		}
+		// Taken once: a full run visits it as before.
+		r.fullAt = time.Time{}
+		if err := r.Sync(Input{Endpoints: []state.Endpoint{ep}, EndpointsGen: 3}); err != nil {
+			t.Fatal(err)
+		}
+		if got := sizesOf(mustLink(t, h, ep.HostIfName)); got.gso != DefaultSize {
+			t.Errorf("a full run left the host veth at %+v", got)
+		}
+	})
+}

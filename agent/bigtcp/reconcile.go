@@ -55,6 +55,12 @@ type epDone struct {
 	err      error
 }
 
+// sizedEp is an endpoint its add sized, and when.
+type sizedEp struct {
+	epDone
+	at time.Time
+}
+
 func plumbingOf(e state.Endpoint) string {
 	return fmt.Sprint(e.HostIfName, "/", e.IfIndex, "/", e.NetnsPath)
 }
@@ -75,7 +81,11 @@ type Reconciler struct {
 	// network namespace: at a thousand pods, visiting them all takes a
 	// quarter of a second, and finding the external devices dumps every
 	// route (one per pod).
-	done    map[string]epDone  // by endpoint key
+	done map[string]epDone // by endpoint key
+	// sized are the endpoints their adds sized (SizeEndpoint) since the
+	// last run, by key; guarded by mu. The next run takes them instead of
+	// visiting the pods again.
+	sized   map[string]sizedEp
 	ext     []api.BigTCPDevice // the external devices as last converged
 	extErr  error
 	extKey  string // the node's addresses, IPs and WireGuard device ext was found with
@@ -192,11 +202,33 @@ func (r *Reconciler) sync(in Input, full, devices bool) error {
 	// visited again.
 	eps := map[string]api.EndpointBigTCP{}
 	done := make(map[string]epDone, len(in.Endpoints))
+	r.mu.Lock()
+	sized := r.sized
+	r.sized = map[string]sizedEp{}
+	r.mu.Unlock()
+	defer func() {
+		// An add that sized its pod and is not in the endpoints yet (or
+		// failed): kept for the next run while the add may still be on.
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		for k, s := range sized {
+			if _, ok := r.sized[k]; !ok && !slices.ContainsFunc(in.Endpoints, func(e state.Endpoint) bool { return e.Key() == k }) && time.Since(s.at) < reconcile.ConvergeTimeout {
+				r.sized[k] = s
+			}
+		}
+	}()
 	for _, e := range in.Endpoints {
 		d, ok := r.done[e.Key()]
 		if !ok || full || d.err != nil || d.plumbing != plumbingOf(e) {
-			d.plumbing = plumbingOf(e)
-			d.eb, d.devs, d.err = r.endpoint(e)
+			if s, ok := sized[e.Key()]; ok && !full && s.err == nil && s.plumbing == plumbingOf(e) {
+				d = s.epDone // its add sized it
+			} else {
+				d.plumbing = plumbingOf(e)
+				d.eb, d.devs, d.err = r.endpoint(e)
+			}
+			for _, dev := range d.devs {
+				r.note(dev)
+			}
 		} else {
 			for _, dev := range d.devs { // keep their warnings alive
 				r.seen[dev.Endpoint+"/"+dev.Name] = true
@@ -223,12 +255,20 @@ func (r *Reconciler) sync(in Input, full, devices bool) error {
 	return errors.Join(errs...)
 }
 
-// device converges one device in the handle's netns; refused says the
-// kernel refused a write and the device was rolled back.
-func (r *Reconciler) device(h *netlink.Handle, l netlink.Link, role, ep string) (d api.BigTCPDevice, refused bool) {
+// device converges one device in the handle's netns and logs what
+// changed in why it is left at 65536 (reconcile loop only).
+func (r *Reconciler) device(h *netlink.Handle, l netlink.Link, role, ep string) api.BigTCPDevice {
+	d := r.size(h, l, role, ep)
+	r.note(d)
+	return d
+}
+
+// size converges one device in the handle's netns. It reads only the
+// configuration, so adds size their pods' veths side by side.
+func (r *Reconciler) size(h *netlink.Handle, l netlink.Link, role, ep string) api.BigTCPDevice {
 	w := plan(r.cfg, sizesOf(l))
 	got, err := converge(h, l, w)
-	d = api.BigTCPDevice{Name: l.Attrs().Name, Role: role, Endpoint: ep,
+	d := api.BigTCPDevice{Name: l.Attrs().Name, Role: role, Endpoint: ep,
 		TSOMax: got.tsoMax, GSO: got.gso, GRO: got.gro, GSOIPv4: got.gso4, GROIPv4: got.gro4}
 	var why []string
 	if err != nil {
@@ -245,25 +285,53 @@ func (r *Reconciler) device(h *netlink.Handle, l netlink.Link, role, ep string) 
 	if role == RoleWireGuard && d.Reason != "" && err == nil {
 		d.Reason = "a WireGuard TUN device (the embedded wireguard-go's) carries 64 KiB at most: " + d.Reason
 	}
-	key := ep + "/" + d.Name
+	return d
+}
+
+// note logs a device's reason to stay at 65536 when it changed, and marks
+// it as seen in this run (reconcile loop only).
+func (r *Reconciler) note(d api.BigTCPDevice) {
+	key := d.Endpoint + "/" + d.Name
 	r.seen[key] = true
 	if last, ok := r.warned[key]; !ok || d.Reason != last {
 		switch {
 		case d.Reason != "":
-			r.log.Warn("big tcp: device left at 65536", "device", d.Name, "role", role, "endpoint", ep, "reason", d.Reason)
-		case ep != "": // one line per pod veth end is too many at info
-			r.log.Debug("big tcp: device sized", "device", d.Name, "role", role, "endpoint", ep, "ipv6", d.GSO, "ipv4", d.GSOIPv4)
+			r.log.Warn("big tcp: device left at 65536", "device", d.Name, "role", d.Role, "endpoint", d.Endpoint, "reason", d.Reason)
+		case d.Endpoint != "": // one line per pod veth end is too many at info
+			r.log.Debug("big tcp: device sized", "device", d.Name, "role", d.Role, "endpoint", d.Endpoint, "ipv6", d.GSO, "ipv4", d.GSOIPv4)
 		default:
-			r.log.Info("big tcp: device sized", "device", d.Name, "role", role, "ipv6", d.GSO, "ipv4", d.GSOIPv4)
+			r.log.Info("big tcp: device sized", "device", d.Name, "role", d.Role, "ipv6", d.GSO, "ipv4", d.GSOIPv4)
 		}
 		r.warned[key] = d.Reason
 	}
-	return d, err != nil
+}
+
+// SizeEndpoint sizes the veth of an endpoint being added, before its add
+// returns: the pod's first connections take their segment size from its
+// interface when they open, so it is sized before the pod runs. Adds call
+// it side by side rather than waiting for a run of the reconcile loop,
+// which would size every new pod one after the other; the next run takes
+// the result (and logs its warnings). Safe for concurrent use.
+func (r *Reconciler) SizeEndpoint(e state.Endpoint) {
+	if r == nil {
+		return
+	}
+	eb, devs, err := r.endpoint(e)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.sized == nil {
+		r.sized = map[string]sizedEp{}
+	}
+	r.sized[e.Key()] = sizedEp{epDone{plumbing: plumbingOf(e), eb: eb, devs: devs, err: err}, time.Now()}
+	if err == nil {
+		r.eps[e.Key()] = eb // what the endpoint list shows, until the run
+	}
 }
 
 // endpoint converges both ends of one pod veth and the pod's IPv6 route
 // MTU. When one end cannot take the size or refuses it, both go back to
-// 65536.
+// 65536. Like size, it reads only the configuration: the add of the pod
+// calls it too (SizeEndpoint), side by side with other adds.
 func (r *Reconciler) endpoint(e state.Endpoint) (api.EndpointBigTCP, []api.BigTCPDevice, error) {
 	eb := api.EndpointBigTCP{Endpoint: e.Key(), IPv6: LegacySize, IPv4: LegacySize}
 	fail := func(err error) (api.EndpointBigTCP, []api.BigTCPDevice, error) {
@@ -288,27 +356,27 @@ func (r *Reconciler) endpoint(e state.Endpoint) (api.EndpointBigTCP, []api.BigTC
 	if err != nil {
 		return fail(fmt.Errorf("pod interface %s in %s: %w", endpoint.DefaultPodIfName, e.NetnsPath, err))
 	}
-	hd, _ := r.device(&netlink.Handle{}, host, RolePodHost, e.Key())
-	pd, _ := r.device(ph, pod, RolePod, e.Key())
+	hd := r.size(&netlink.Handle{}, host, RolePodHost, e.Key())
+	pd := r.size(ph, pod, RolePod, e.Key())
 	if hostLeft, podLeft := hd.Reason != "", pd.Reason != ""; hostLeft != podLeft {
 		// One end cannot (or refused): the other goes back to 65536 too,
 		// since a pair that differs only moves the segmentation from one
 		// end to the other.
 		cfg := r.cfg
 		cfg.IPv6, cfg.IPv4 = Off, Off
-		off := Reconciler{cfg: cfg, log: r.log, warned: map[string]string{}, seen: map[string]bool{}}
+		off := Reconciler{cfg: cfg, log: r.log}
 		// From the kernel's sizes now, not those read before the write.
 		if podLeft {
 			if host, err = netlink.LinkByIndex(host.Attrs().Index); err != nil {
 				return fail(fmt.Errorf("host veth %s: %w", e.HostIfName, err))
 			}
-			hd, _ = off.device(&netlink.Handle{}, host, RolePodHost, e.Key())
+			hd = off.size(&netlink.Handle{}, host, RolePodHost, e.Key())
 			hd.Reason = "rolled back with its pod end"
 		} else {
 			if pod, err = ph.LinkByIndex(pod.Attrs().Index); err != nil {
 				return fail(fmt.Errorf("pod interface in %s: %w", e.NetnsPath, err))
 			}
-			pd, _ = off.device(ph, pod, RolePod, e.Key())
+			pd = off.size(ph, pod, RolePod, e.Key())
 			pd.Reason = "rolled back with its host end"
 		}
 	}
@@ -463,7 +531,7 @@ func (r *Reconciler) externalDevices(in Input) ([]api.BigTCPDevice, error) {
 			errs = append(errs, fmt.Errorf("device %d: %w", e.idx, err))
 			continue
 		}
-		d, _ := r.device(h, l, strings.Join(e.roles, ","), "")
+		d := r.device(h, l, strings.Join(e.roles, ","), "")
 		devs = append(devs, d)
 	}
 	return devs, errors.Join(errs...)

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -320,6 +321,13 @@ func sysctlPath(family int, ifname, key string) string {
 func setIfSysctls(family int, ifname string, kv map[string]string) error {
 	for k, v := range kv {
 		p := sysctlPath(family, ifname, k)
+		// A new interface mostly has the value already (from the
+		// namespace's defaults): a write would still take the RTNL lock
+		// for forwarding, which IPv6 takes even for the same value, and
+		// spins for it while pods are created around it.
+		if cur, err := os.ReadFile(p); err == nil && strings.TrimSpace(string(cur)) == v {
+			continue
+		}
 		if err := os.WriteFile(p, []byte(v), 0o644); err != nil {
 			return fmt.Errorf("set %s=%s: %w", p, v, err)
 		}

@@ -19,6 +19,11 @@
 // old owner would otherwise reach the new one). Allocation steps over used
 // addresses only, so a /64 works without enumerating it.
 //
+// Allocate and Release return once the change is on disk. Allocations made
+// together (pods created at once) share one write of the state file (a
+// group commit); Get and Allocations may show an allocation whose write is
+// still under way.
+//
 // When persisted allocations lie outside the configured CIDRs (the node's
 // CIDR changed), New returns a working IPAM that keeps them together with an
 // error wrapping ErrOutsideCIDRs that names them; the caller decides whether

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 )
 
 var (
@@ -36,6 +37,13 @@ type IPAM struct {
 	pools  []*pool // in the order the CIDRs were given
 	owners map[string][]netip.Addr
 	used   map[netip.Addr]string // address -> owner
+	// An allocation is in memory (under mu) before it is on disk, and
+	// returns once a write covered it (commit): version counts the
+	// changes, saved is the version the file holds. saveMu orders the
+	// writes; it is taken before mu.
+	version, saved uint64
+	saveMu         sync.Mutex
+	writes         atomic.Int64 // state files written, for tests
 }
 
 // pool is one CIDR and the range of addresses it may hand out.
@@ -247,8 +255,8 @@ func (a *IPAM) Allocate(owner string) ([]netip.Addr, error) {
 		return nil, errors.New("ipam: allocate: empty owner")
 	}
 	a.mu.Lock()
-	defer a.mu.Unlock()
 	if addrs, ok := a.owners[owner]; ok {
+		a.mu.Unlock()
 		return nil, fmt.Errorf("ipam: allocate for %q: %w: %v", owner, ErrAllocated, addrs)
 	}
 
@@ -256,6 +264,7 @@ func (a *IPAM) Allocate(owner string) ([]netip.Addr, error) {
 	for _, p := range a.pools {
 		ip, err := p.pick(a.used)
 		if err != nil {
+			a.mu.Unlock()
 			return nil, fmt.Errorf("ipam: allocate for %q: %w", owner, err)
 		}
 		addrs = append(addrs, ip)
@@ -268,20 +277,65 @@ func (a *IPAM) Allocate(owner string) ([]netip.Addr, error) {
 		a.used[addrs[i]] = owner
 	}
 	a.owners[owner] = addrs
-	if err := a.save(); err != nil {
+	a.version++
+	v := a.version
+	a.mu.Unlock()
+
+	// Saved outside a.mu: allocations made meanwhile share the write.
+	undo := func() {
 		for i, p := range a.pools {
-			p.cursor = prevCursors[i]
+			if p.cursor == addrs[i] { // no allocation moved it since
+				p.cursor = prevCursors[i]
+			}
 			delete(a.used, addrs[i])
 		}
 		delete(a.owners, owner)
+	}
+	if err := a.commit(v, undo); err != nil {
 		return nil, err
 	}
 	return slices.Clone(addrs), nil
 }
 
+// commit makes the state up to version v durable: a group commit. Writes
+// are one at a time (saveMu); each writes the whole state as it is when it
+// starts, which covers every change made before, so the allocations of
+// pods created together share one write (two fsyncs) rather than queue one
+// write each. When the write covering v fails, undo (called under a.mu and
+// saveMu, before another write starts) takes the caller's change back, so
+// no later write persists it.
+func (a *IPAM) commit(v uint64, undo func()) error {
+	a.saveMu.Lock()
+	defer a.saveMu.Unlock()
+	a.mu.Lock()
+	if a.saved >= v {
+		a.mu.Unlock()
+		return nil // a write that started after the change covered it
+	}
+	data, err := a.encode()
+	cur := a.version
+	a.mu.Unlock()
+	if err == nil {
+		err = a.write(data)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err != nil {
+		undo()
+		a.version++ // the state written no longer matches memory
+		return err
+	}
+	a.saved = max(a.saved, cur)
+	return nil
+}
+
 // Release frees the addresses of owner. The cursors do not move back, so
 // the addresses are handed out again only after a full round.
 func (a *IPAM) Release(owner string) error {
+	// Saved under a.mu: a release is not on the path of a pod's start,
+	// and a failed one is restored before its addresses can be taken.
+	a.saveMu.Lock()
+	defer a.saveMu.Unlock()
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	addrs, ok := a.owners[owner]
@@ -292,6 +346,7 @@ func (a *IPAM) Release(owner string) error {
 	for _, ip := range addrs {
 		delete(a.used, ip)
 	}
+	a.version++
 	if err := a.save(); err != nil {
 		a.owners[owner] = addrs
 		for _, ip := range addrs {
@@ -299,6 +354,7 @@ func (a *IPAM) Release(owner string) error {
 		}
 		return err
 	}
+	a.saved = a.version
 	return nil
 }
 
@@ -330,9 +386,18 @@ func (a *IPAM) CIDRs() []netip.Prefix {
 	return out
 }
 
-// save writes the whole state; callers hold a.mu and undo their change when
-// it fails, so memory never runs ahead of disk.
+// save writes the whole state; callers hold a.mu and saveMu and undo
+// their change when it fails, so memory never runs ahead of disk for them.
 func (a *IPAM) save() error {
+	data, err := a.encode()
+	if err != nil {
+		return err
+	}
+	return a.write(data)
+}
+
+// encode is the whole state as saved; callers hold a.mu.
+func (a *IPAM) encode() ([]byte, error) {
 	st := state{Version: stateVersion, Allocations: a.owners, Cursors: map[string]netip.Addr{}}
 	for _, p := range a.pools {
 		if p.cursor.IsValid() {
@@ -341,9 +406,15 @@ func (a *IPAM) save() error {
 	}
 	data, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
-		return fmt.Errorf("ipam: encode state: %w", err)
+		return nil, fmt.Errorf("ipam: encode state: %w", err)
 	}
-	if err := atomicfile.Write(a.path, append(data, '\n'), 0o600); err != nil {
+	return append(data, '\n'), nil
+}
+
+// write replaces the state file; callers hold saveMu.
+func (a *IPAM) write(data []byte) error {
+	a.writes.Add(1)
+	if err := atomicfile.Write(a.path, data, 0o600); err != nil {
 		return fmt.Errorf("ipam: save state: %w", err)
 	}
 	return nil

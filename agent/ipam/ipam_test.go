@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -398,5 +399,46 @@ func TestConcurrent(t *testing.T) {
 	}
 	if len(b.Allocations()) != len(all) {
 		t.Errorf("reopened state has %d allocations, want %d", len(b.Allocations()), len(all))
+	}
+}
+
+// Allocations made while a write is in progress (pods created together)
+// share the next write instead of queueing one write each, and every one
+// of them is on disk when its Allocate returns.
+func TestConcurrentAllocationsShareWrites(t *testing.T) {
+	a, path := newTestIPAM(t, netip.MustParsePrefix("10.0.0.0/24"), netip.MustParsePrefix("fd00::/64"))
+	const n = 10
+	a.saveMu.Lock() // a write in progress
+	before := a.writes.Load()
+	errs := make(chan error, n)
+	for i := range n {
+		go func() {
+			_, err := a.Allocate(fmt.Sprintf("pod%d", i))
+			errs <- err
+		}()
+	}
+	for len(a.Allocations()) < n { // all of them in memory, waiting for the write
+		runtime.Gosched()
+	}
+	select {
+	case err := <-errs:
+		t.Fatalf("an Allocate returned before any write covered it: %v", err)
+	default:
+	}
+	a.saveMu.Unlock()
+	for range n {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if w := a.writes.Load() - before; w != 1 {
+		t.Errorf("%d allocations made together took %d writes, want 1", n, w)
+	}
+	b, err := New(path, a.CIDRs()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := len(b.Allocations()); got != n {
+		t.Errorf("the state file holds %d allocations, want %d", got, n)
 	}
 }

@@ -86,7 +86,7 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	// held for the local steps only, not while the identity is allocated
 	// (in etcd in cluster mode), so other pods' adds and the reads go on.
 	key := state.EndpointKey(ns, name)
-	defer h.endpointLocks.lock(key)()
+	defer h.endpointLocks.Lock(key)()
 
 	// A repeated ADD; the endpoint of an older sandbox of the pod.
 	var replaced *state.Endpoint
@@ -106,6 +106,7 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		replaced = &old
 	}
 
+	phases := phaseTimer{last: arrived}
 	labels := identity.Labels(req.Labels).Clone()
 	if len(labels) == 0 && h.labelsFor != nil {
 		l, err := h.labelsFor(ctx, ns, name, req.PodUID)
@@ -115,7 +116,6 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		}
 		labels = identity.Labels(l).Clone()
 	}
-	phases := phaseTimer{last: arrived}
 	phases.mark("labels")
 	if err := labels.Validate(); err != nil {
 		return api.Endpoint{}, api.WithStatus(http.StatusBadRequest, err)
@@ -145,16 +145,14 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	}
 	owner := ownerOf(ns, name)
 
-	// Local checks and the addresses, under the API lock. The netns stays
-	// reserved until the endpoint is in the store or rolled back.
+	// Local checks under the API lock. The netns stays reserved until the
+	// endpoint is in the store or rolled back.
 	h.mu.Lock()
-	ips, err := h.reserve(key, req.Netns, owner)
+	err := h.reserve(key, req.Netns)
 	h.mu.Unlock()
-	phases.mark("addresses")
 	if err != nil {
 		return api.Endpoint{}, err
 	}
-	undo = append(undo, func() { h.logErr("release addresses", h.ipam.Release(owner)) })
 	unreserved := false // guarded by h.mu
 	unreserve := func() {
 		if !unreserved {
@@ -167,6 +165,14 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		unreserve()
 		h.mu.Unlock()
 	}()
+	// The addresses, without the API lock: the IPAM has its own, and the
+	// adds of pods created together share its writes.
+	ips, err := h.allocate(owner)
+	phases.mark("addresses")
+	if err != nil {
+		return api.Endpoint{}, err
+	}
+	undo = append(undo, func() { h.logErr("release addresses", h.ipam.Release(owner)) })
 
 	// The identity, without the API lock.
 	id, err := h.ids.Allocate(ctx, desired.IdentityLabels(h.cluster, ns, labels))
@@ -185,18 +191,23 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		return fail(fmt.Errorf("plumb endpoint %s/%s: %w", ns, name, err))
 	}
 	undo = append(undo, func() { h.logErr("delete veth", h.plumb.Delete(hostIf)) })
+	phases.mark("veth")
 
 	if err := h.dp.AttachEndpoint(hostIf, res.HostIfIndex); err != nil {
 		return fail(fmt.Errorf("attach datapath to %s: %w", hostIf, err))
 	}
 	undo = append(undo, func() { h.logErr("detach datapath", h.dp.DetachEndpoint(hostIf)) })
-	phases.mark("plumb")
+	phases.mark("attach")
+	// The veth's BIG TCP sizes, here rather than in a reconcile run that
+	// would size the pods created together one after the other; still
+	// before the pod runs (see bigtcp.SizeEndpoint).
+	h.bigtcp.SizeEndpoint(state.Endpoint{Name: name, Namespace: ns, NetnsPath: req.Netns, HostIfName: hostIf, IfIndex: res.HostIfIndex, IPs: ips})
+	phases.mark("bigtcp")
 
-	// The store, under the API lock again.
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	phases.mark("lock")
-
+	// The store, without the API lock too: this endpoint's lock keeps its
+	// other calls out and its netns stays reserved until the store holds
+	// it, and the adds of pods created together write their files side by
+	// side.
 	e := state.Endpoint{
 		Name: name, Namespace: ns, Labels: labels,
 		NetnsPath: req.Netns, HostIfName: hostIf, IfIndex: res.HostIfIndex,
@@ -208,25 +219,26 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	if err := h.store.PutEndpoint(e); err != nil {
 		return fail(err)
 	}
+	h.mu.Lock()
 	unreserve() // the store holds the netns now
+	h.mu.Unlock()
 	undo = append(undo, func() {
 		h.logErr("forget endpoint", h.store.DeleteEndpoint(ns, name))
 		h.rec.Request() // take its entries out of the maps again
 	})
-
 	phases.mark("store")
-	// Wait for a reconcile run without the API lock: adds that arrive
-	// together (a Deployment scaled up) share runs instead of queueing one
-	// run each behind the lock. This endpoint's own lock still keeps its
-	// other calls out.
-	h.mu.Unlock()
-	err = h.rec.Converge(ctx)
-	h.mu.Lock()
-	if err != nil {
+
+	// Wait for the datapath loop to take the endpoint: its identity and
+	// policy are enforced when the add returns, before the pod runs. That
+	// loop writes the maps only (see agent.reconcile), and adds that
+	// arrive together share its runs.
+	if err := h.rec.Converge(ctx); err != nil {
 		return fail(fmt.Errorf("the datapath did not take endpoint %s/%s, so it was rolled back: %w", ns, name, err))
 	}
 	phases.mark("datapath")
+	h.mu.Lock()
 	h.mesh.EndpointAddedLocked(e)
+	h.mu.Unlock()
 	phases.mark("mesh")
 	took := time.Since(arrived)
 	h.setAddDuration(e, took)
@@ -266,22 +278,28 @@ func (h *Handlers) forgetAddDuration(e state.Endpoint) {
 }
 
 // reserve checks that endpoint key can be added with netns (no endpoint
-// of that name, no other endpoint or pending add in that netns), allocates
-// its addresses and reserves the netns. Callers hold the API lock.
-func (h *Handlers) reserve(key, netns, owner string) ([]netip.Addr, error) {
+// of that name, no other endpoint or pending add in that netns) and
+// reserves the netns. Callers hold the API lock.
+func (h *Handlers) reserve(key, netns string) error {
 	if _, ok := h.store.Endpoint(splitKey(key)); ok {
-		return nil, api.Errorf(http.StatusConflict, "endpoint %s already exists", key)
+		return api.Errorf(http.StatusConflict, "endpoint %s already exists", key)
 	}
 	for _, other := range h.store.Endpoints() {
 		if other.NetnsPath == netns {
-			return nil, api.Errorf(http.StatusConflict, "netns %s is already used by endpoint %s", netns, other.Key())
+			return api.Errorf(http.StatusConflict, "netns %s is already used by endpoint %s", netns, other.Key())
 		}
 	}
 	for other, p := range h.pendingNetns {
 		if p == netns {
-			return nil, api.Errorf(http.StatusConflict, "netns %s is already used by endpoint %s (being added)", netns, other)
+			return api.Errorf(http.StatusConflict, "netns %s is already used by endpoint %s (being added)", netns, other)
 		}
 	}
+	h.pendingNetns[key] = netns
+	return nil
+}
+
+// allocate gives owner its addresses.
+func (h *Handlers) allocate(owner string) ([]netip.Addr, error) {
 	ips, err := h.ipam.Allocate(owner)
 	if err != nil {
 		if errors.Is(err, ipam.ErrExhausted) {
@@ -289,7 +307,6 @@ func (h *Handlers) reserve(key, netns, owner string) ([]netip.Addr, error) {
 		}
 		return nil, fmt.Errorf("allocate addresses: %w", err)
 	}
-	h.pendingNetns[key] = netns
 	return ips, nil
 }
 
@@ -332,7 +349,7 @@ func (h *Handlers) deleteEndpoint(ctx context.Context, namespace, name, containe
 	if namespace == "" {
 		namespace = "default"
 	}
-	defer h.endpointLocks.lock(state.EndpointKey(namespace, name))()
+	defer h.endpointLocks.Lock(state.EndpointKey(namespace, name))()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	e, ok := h.store.Endpoint(namespace, name)
@@ -386,7 +403,7 @@ func (h *Handlers) CollectEndpoints(ctx context.Context, req api.GCRequest) (api
 			continue
 		}
 		func() {
-			defer h.endpointLocks.lock(cand.Key())()
+			defer h.endpointLocks.Lock(cand.Key())()
 			h.mu.Lock()
 			defer h.mu.Unlock()
 			e, ok := h.store.Endpoint(cand.Namespace, cand.Name)

@@ -9,12 +9,16 @@
 //
 // Locking: calls for one endpoint run one after the other (a per-endpoint
 // lock), so each sees the state the previous one left. The API lock
-// (Config.Lock) is held only for local steps: checks, IPAM, plumbing,
-// the store and waiting for the datapath; never across a call to etcd.
-// An endpoint add allocates its identity (in cluster mode in etcd)
-// without it, so adds of other pods, deletes and applies proceed while
-// etcd is slow or unreachable. Reads (status, endpoint list, get,
-// identities) take no lock that is held across I/O and never call etcd.
+// (Config.Lock) is held only for local steps, never across a call to
+// etcd. An endpoint add takes it only to check and reserve the pod's
+// netns and to publish the endpoint to the mesh: its addresses (the IPAM
+// has its own lock and shares a write among adds made together), its
+// identity (in cluster mode in etcd), the plumbing, its file in the store
+// and the wait for the datapath happen without it, so the adds of pods
+// created together proceed side by side, and adds of other pods, deletes
+// and applies proceed while etcd is slow or unreachable. Reads (status,
+// endpoint list, get, identities) take no lock that is held across I/O
+// and never call etcd.
 //
 //	endpoints.go  add and delete (allocate, plumb, attach, persist), and at
 //	              start RestoreEndpoints and CollectGarbage
@@ -36,6 +40,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/datapath"
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/encryption"
+	"github.com/isthmus-mesh/isthmus/agent/internal/keyed"
 	"github.com/isthmus-mesh/isthmus/agent/ipam"
 	"github.com/isthmus-mesh/isthmus/agent/reconcile"
 	"github.com/isthmus-mesh/isthmus/agent/state"
@@ -51,9 +56,9 @@ type Config struct {
 	Log           *slog.Logger
 
 	// Lock serialises the local steps of API mutations (endpoint
-	// add/delete, apply, delete): each sees the state the previous one
-	// left and waits for the datapath to take it before the next one
-	// starts. It is never held across a call to etcd; the reconcilers
+	// add/delete, apply, delete) that must see the state the previous one
+	// left; an endpoint add holds it for its checks only (see the package
+	// comment). It is never held across a call to etcd; the reconcilers
 	// never take it.
 	Lock *sync.Mutex
 
@@ -105,7 +110,7 @@ type Handlers struct {
 	started       time.Time
 	log           *slog.Logger
 	mu            *sync.Mutex
-	endpointLocks keyedMutex
+	endpointLocks keyed.Mutex
 	// pendingNetns holds the netns of adds that passed their checks and
 	// are not in the store yet (allocating an identity), by endpoint key;
 	// guarded by mu.
@@ -154,41 +159,5 @@ func New(cfg Config) *Handlers {
 func (h *Handlers) logErr(what string, err error) {
 	if err != nil {
 		h.log.Error(what, "err", err)
-	}
-}
-
-// keyedMutex is one mutex per key, created on demand and dropped when no
-// one holds or waits for it.
-type keyedMutex struct {
-	mu    sync.Mutex
-	locks map[string]*keyedEntry
-}
-
-type keyedEntry struct {
-	sync.Mutex
-	users int
-}
-
-// lock locks key and returns its unlock.
-func (k *keyedMutex) lock(key string) func() {
-	k.mu.Lock()
-	if k.locks == nil {
-		k.locks = map[string]*keyedEntry{}
-	}
-	e := k.locks[key]
-	if e == nil {
-		e = &keyedEntry{}
-		k.locks[key] = e
-	}
-	e.users++
-	k.mu.Unlock()
-	e.Lock()
-	return func() {
-		e.Unlock()
-		k.mu.Lock()
-		if e.users--; e.users == 0 {
-			delete(k.locks, key)
-		}
-		k.mu.Unlock()
 	}
 }

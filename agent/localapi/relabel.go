@@ -19,7 +19,7 @@ import (
 func (h *Handlers) RelabelEndpoint(ctx context.Context, namespace, name string, labels map[string]string) error {
 	ctx = context.WithoutCancel(ctx)
 	key := state.EndpointKey(namespace, name)
-	defer h.endpointLocks.lock(key)()
+	defer h.endpointLocks.Lock(key)()
 	h.mu.Lock()
 	e, ok := h.store.Endpoint(namespace, name)
 	h.mu.Unlock()

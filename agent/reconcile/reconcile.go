@@ -3,8 +3,10 @@
 // backoff, and every ResyncInterval), and a caller that changed the desired
 // state can wait until a run covering its change finished (Converge).
 //
-// It knows nothing of what a run does; the agent's run calls the datapath,
-// routes and WireGuard reconcilers in order.
+// It knows nothing of what a run does. The agent has two Triggers: the
+// datapath loop (the BPF maps), which API calls wait for, and the
+// follow-up loop (routes, WireGuard, L2, BIG TCP, BGP, north-south), which
+// each datapath run requests and nothing waits for.
 package reconcile
 
 import (

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/isthmus-mesh/isthmus/agent/internal/keyed"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 	"github.com/isthmus-mesh/isthmus/internal/atomicfile"
 )
@@ -98,7 +99,10 @@ type objectsFile struct {
 type Store struct {
 	dir string
 
-	mu        sync.Mutex
+	mu sync.Mutex
+	// keys serialises the writes of one endpoint's file (and its entry in
+	// endpoints), which happen without mu.
+	keys      keyed.Mutex
 	nextID    uint32
 	savedNext uint32 // the bound EndpointIDsFile holds
 	endpoints map[string]Endpoint
@@ -208,18 +212,44 @@ func (s *Store) AllocateEndpointID() uint32 {
 }
 
 // PutEndpoint adds or replaces an endpoint and persists it (its own file;
-// the next endpoint ID first, if it moved).
+// the next endpoint ID first, if it moved). The file is written without
+// the store's lock, under the endpoint's own: pods added together write
+// theirs side by side (the file system commits their syncs together)
+// instead of one after the other.
 func (s *Store) PutEndpoint(e Endpoint) error {
 	if err := checkFileName(e.Namespace, e.Name); err != nil {
 		return err
 	}
+	defer s.keys.Lock(e.Key())()
+	if err := s.saveNextID(); err != nil {
+		return err
+	}
+	if err := writeJSON(s.endpointPath(e.Namespace, e.Name), endpointFile{Version: fileVersion, Endpoint: e}); err != nil {
+		return err
+	}
+	if afterEndpointWrite != nil {
+		afterEndpointWrite(e)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	// EndpointIDsFile holds a bound no ID given out reaches. It moves
-	// idBlock IDs ahead of the next one, so that one add in idBlock writes
-	// it (each write is two fsyncs, on the path of every add otherwise); a
-	// restart skips the IDs left of the block. It is written again when the
-	// next ID passed it, or when the next ID wrapped around below it.
+	s.endpoints[e.Key()] = e.clone()
+	s.gen++
+	return nil
+}
+
+// afterEndpointWrite, when set (tests), runs in PutEndpoint between the
+// endpoint's file and its entry in memory: a write that takes its time.
+var afterEndpointWrite func(Endpoint)
+
+// saveNextID keeps EndpointIDsFile ahead of every ID given out so far.
+// EndpointIDsFile holds a bound no ID given out reaches. It moves idBlock
+// IDs ahead of the next one, so that one add in idBlock writes it (each
+// write is two fsyncs, on the path of every add otherwise); a restart skips
+// the IDs left of the block. It is written again when the next ID passed
+// it, or when the next ID wrapped around below it.
+func (s *Store) saveNextID() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if s.nextID > s.savedNext || s.savedNext-s.nextID > idBlock {
 		bound := s.nextID + idBlock
 		if bound < s.nextID {
@@ -230,26 +260,25 @@ func (s *Store) PutEndpoint(e Endpoint) error {
 		}
 		s.savedNext = bound
 	}
-	if err := writeJSON(s.endpointPath(e.Namespace, e.Name), endpointFile{Version: fileVersion, Endpoint: e}); err != nil {
-		return err
-	}
-	s.endpoints[e.Key()] = e.clone()
-	s.gen++
 	return nil
 }
 
 // DeleteEndpoint removes an endpoint and persists the removal. A missing
 // endpoint is not an error.
 func (s *Store) DeleteEndpoint(namespace, name string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	k := EndpointKey(namespace, name)
-	if _, ok := s.endpoints[k]; !ok {
+	defer s.keys.Lock(k)()
+	s.mu.Lock()
+	_, ok := s.endpoints[k]
+	s.mu.Unlock()
+	if !ok {
 		return nil
 	}
 	if err := atomicfile.Remove(s.endpointPath(namespace, name)); err != nil {
 		return err
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	delete(s.endpoints, k)
 	s.gen++
 	return nil

@@ -429,3 +429,64 @@ func TestLBAssignmentsSavedAgain(t *testing.T) {
 		t.Error("an invalid assignment was saved")
 	}
 }
+
+// Endpoint files are written without the store's lock, each endpoint's
+// under its own: while one endpoint's write takes its time, another
+// endpoint is put and the endpoints are read, and a delete of the same
+// endpoint waits for the write, so memory and disk agree.
+func TestSlowEndpointWriteBlocksOnlyItsEndpoint(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inWrite, release := make(chan struct{}), make(chan struct{})
+	afterEndpointWrite = func(e Endpoint) {
+		if e.Name == "slow" {
+			close(inWrite)
+			<-release
+		}
+	}
+	t.Cleanup(func() { afterEndpointWrite = nil })
+	put := make(chan error, 1)
+	go func() { put <- s.PutEndpoint(testEndpoint("slow", 1)) }()
+	<-inWrite
+
+	done := make(chan error, 1)
+	go func() {
+		err := s.PutEndpoint(testEndpoint("other", 2))
+		s.Endpoints()
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a put of another endpoint waited for a slow write")
+	}
+
+	del := make(chan error, 1)
+	go func() { del <- s.DeleteEndpoint("default", "slow") }()
+	select {
+	case err := <-del:
+		t.Fatalf("a delete of the endpoint returned during its put's write (%v)", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(release)
+	if err := <-put; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-del; err != nil {
+		t.Fatal(err)
+	}
+	again, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem, disk := s.Endpoints(), again.Endpoints()
+	if !reflect.DeepEqual(mem, disk) || len(mem) != 1 || mem[0].Name != "other" {
+		t.Errorf("in memory %v, on disk %v; want other alone in both", mem, disk)
+	}
+}
