@@ -812,7 +812,6 @@ func (s *Server) Close() error {
 	return nil
 }
 
-// MaxTxnOps is the embedded etcd's limit of operations per transaction; it
-// must be at least mirror.MaxTxnOps (the mirror imports this package, so the
-// value is repeated here and checked by a test).
-const MaxTxnOps = 1024
+// MaxTxnOps is the embedded etcd's limit of operations per transaction:
+// what kvstore.Client.WriteOps writes at once (the mirror's batches, LB-IPAM).
+const MaxTxnOps = kvstore.EmbeddedMaxTxnOps

@@ -497,6 +497,51 @@ func (o Op) etcd() (clientv3.Op, LeaseID) {
 	return o.op, 0
 }
 
+// Etcd's limits of operations per transaction: its default (an external
+// etcd as configured out of the box), and what Isthmus's embedded etcd
+// accepts (etcdserver.MaxTxnOps).
+const (
+	DefaultMaxTxnOps  = 128
+	EmbeddedMaxTxnOps = 1024
+)
+
+// TooManyOps reports whether err is etcd refusing a transaction for its
+// number of operations.
+func TooManyOps(err error) bool {
+	return err != nil && strings.Contains(err.Error(), "too many operations")
+}
+
+// WriteOps applies plain puts and deletes (no conditions, no order among
+// transactions) in transactions of up to EmbeddedMaxTxnOps; an etcd that
+// refuses that many gets transactions of DefaultMaxTxnOps instead. The
+// whole is not atomic: after an error, some transactions may have applied.
+func (c *Client) WriteOps(ctx context.Context, ops []Op) error {
+	for len(ops) > 0 {
+		n := min(len(ops), EmbeddedMaxTxnOps)
+		_, err := c.Txn(ctx, nil, ops[:n])
+		if n > DefaultMaxTxnOps && TooManyOps(err) {
+			err = c.writeChunks(ctx, ops[:n], DefaultMaxTxnOps)
+		}
+		if err != nil {
+			return err
+		}
+		ops = ops[n:]
+	}
+	return nil
+}
+
+// writeChunks applies ops in transactions of size ops each.
+func (c *Client) writeChunks(ctx context.Context, ops []Op, size int) error {
+	for len(ops) > 0 {
+		n := min(len(ops), size)
+		if _, err := c.Txn(ctx, nil, ops[:n]); err != nil {
+			return err
+		}
+		ops = ops[n:]
+	}
+	return nil
+}
+
 // Txn applies ops atomically if all conds hold and reports whether they
 // did. It is not retried: after an ambiguous error (timeout, lost
 // connection) the caller cannot know whether it applied and must re-read.

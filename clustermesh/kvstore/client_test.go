@@ -271,3 +271,29 @@ func TestConnectSkipsDeadFirstEndpoint(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// WriteOps writes in transactions of EmbeddedMaxTxnOps, and in etcd's
+// default size where the etcd refuses that many (this test etcd keeps its
+// default limit).
+func TestWriteOpsFallsBackToTheDefaultTxnSize(t *testing.T) {
+	ctx := testCtx(t)
+	c := connect(t, etcdtest.Start(t).Endpoint)
+	ops := make([]Op, 1500)
+	for i := range ops {
+		ops[i] = OpPut(fmt.Sprintf("w/%04d", i), []byte("v"))
+	}
+	if _, err := c.Txn(ctx, nil, ops[:EmbeddedMaxTxnOps]); !TooManyOps(err) {
+		t.Fatalf("a transaction of %d: %v, want etcd's too many operations", EmbeddedMaxTxnOps, err)
+	}
+	ops = append(ops, OpDelete("w/0000"))
+	if err := c.WriteOps(ctx, ops); err != nil {
+		t.Fatal(err)
+	}
+	kvs, _, err := c.GetPrefix(ctx, "w/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(kvs) != 1499 || kvs[0].Key != "w/0001" {
+		t.Fatalf("%d keys from %q, want 1499 from w/0001", len(kvs), kvs[0].Key)
+	}
+}

@@ -55,9 +55,6 @@ const (
 	PoolPrefix    = records.ConfigPrefix + objects.KindLoadBalancerIPPool + "/"
 )
 
-// maxTxnOps is etcd's default limit of operations per transaction.
-const maxTxnOps = 128
-
 // Config configures a Syncer.
 type Config struct {
 	Client *kvstore.Client
@@ -284,16 +281,15 @@ func (s *Syncer) sync(ctx context.Context) error {
 			return err
 		}
 	}
-	for rest := ops; len(rest) > 0; {
-		n := min(len(rest), maxTxnOps)
-		txn := make([]kvstore.Op, n)
-		for i, w := range rest[:n] {
-			txn[i] = w.op()
-		}
-		if _, err := s.cfg.Client.Txn(ctx, nil, txn); err != nil {
-			return err // the inputs stay: compared again on the retry
-		}
-		rest = rest[n:]
+	// Plain puts and deletes, in transactions as large as the etcd takes
+	// (each one commit: 10,000 new services are 10 of them in the embedded
+	// etcd, not 79).
+	txn := make([]kvstore.Op, len(ops))
+	for i, w := range ops {
+		txn[i] = w.op()
+	}
+	if err := s.cfg.Client.WriteOps(ctx, txn); err != nil {
+		return err // the inputs stay: compared again on the retry
 	}
 	// The watch reports these writes back; knowing them now keeps the
 	// echo from triggering another sync.

@@ -445,12 +445,11 @@ func (r *remote) refuse(ctx context.Context, err error) error {
 // Batching of cache writes. Each transaction costs a raft round and an
 // fsync, so large batches are what makes a full sync fast; the embedded etcd
 // accepts maxBatchOps operations per transaction. An external etcd keeps
-// its default limit (etcdMinTxnOps) unless raised: a batch it refuses is
-// written in chunks of that size instead. The byte bound stays well below
-// etcd's 1.5 MiB request limit.
+// its default limit unless raised: a batch it refuses is written in chunks
+// of that size instead (kvstore.Client.WriteOps). The byte bound stays
+// well below etcd's 1.5 MiB request limit.
 const (
-	maxBatchOps   = 1024
-	etcdMinTxnOps = 128
+	maxBatchOps   = kvstore.EmbeddedMaxTxnOps
 	maxBatchBytes = 1 << 20
 	flushDelay    = 2 * time.Millisecond
 	// maxBatchAge bounds how long a live change (after the first list)
@@ -1005,10 +1004,7 @@ func (k *kindMirror) wait() error {
 func (k *kindMirror) write(ctx context.Context, ops []kvstore.Op) error {
 	b := backoff.Backoff{Min: 50 * time.Millisecond, Max: 2 * time.Second}
 	for attempt := 0; ; attempt++ {
-		_, err := k.r.m.w.Txn(ctx, nil, ops)
-		if err != nil && len(ops) > etcdMinTxnOps && strings.Contains(err.Error(), "too many operations") {
-			err = k.writeChunks(ctx, ops)
-		}
+		err := k.r.m.w.WriteOps(ctx, ops) // one transaction: a batch is at most MaxTxnOps
 		if err == nil {
 			break
 		}
@@ -1023,19 +1019,6 @@ func (k *kindMirror) write(ctx context.Context, ops []kvstore.Op) error {
 		}
 	}
 	k.r.box.update(func(s *Status) { s.LastChange = time.Now().UTC() })
-	return nil
-}
-
-// writeChunks writes ops in transactions of etcd's default size, for an
-// etcd that refuses larger ones.
-func (k *kindMirror) writeChunks(ctx context.Context, ops []kvstore.Op) error {
-	for len(ops) > 0 {
-		n := min(len(ops), etcdMinTxnOps)
-		if _, err := k.r.m.w.Txn(ctx, nil, ops[:n]); err != nil {
-			return err
-		}
-		ops = ops[n:]
-	}
 	return nil
 }
 
