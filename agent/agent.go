@@ -804,6 +804,7 @@ func (a *Agent) metricsSources() metrics.Sources {
 			return metrics.Counts{Endpoints: len(a.store.Endpoints()), Identities: len(a.ids.List()), Services: len(svcs), Policies: len(pols)}
 		},
 		Reconcile:       a.rec.Stats,
+		FollowUp:        a.follow.Stats,
 		IPCacheEntries:  func() int { return a.maps.IPCacheEntries() },
 		IPCacheOverflow: func() int { return a.maps.IPCacheOverflow() },
 		IPCacheDrift:    func() int { return a.maps.IPCacheDrift() },

@@ -119,6 +119,13 @@ func TestMetricsStandalone(t *testing.T) {
 	if n := fams.Must(t, "isthmus_agent_reconcile_duration_seconds"); n != fams.Must(t, "isthmus_agent_reconcile_runs_total") {
 		t.Errorf("reconcile duration count %v != runs", n)
 	}
+	// The follow-up loop runs after every reconcile run (at start too).
+	if runs := fams.Must(t, "isthmus_agent_followup_runs_total"); runs < 1 {
+		t.Errorf("follow-up runs = %v after start", runs)
+	}
+	if n := fams.Must(t, "isthmus_agent_followup_duration_seconds"); n != fams.Must(t, "isthmus_agent_followup_runs_total") {
+		t.Errorf("follow-up duration count %v != runs", n)
+	}
 	if ts := fams.Must(t, "isthmus_agent_reconcile_last_success_timestamp_seconds"); time.Since(time.Unix(int64(ts), 0)) > time.Minute {
 		t.Errorf("last success at %v", ts)
 	}

@@ -52,9 +52,12 @@ type Sources struct {
 	ClusterMode   bool
 	Log           *slog.Logger
 
-	Datapath       func() datapath.Datapath // the loaded datapath's maps
-	Desired        func() Counts
-	Reconcile      func() reconcile.Stats
+	Datapath  func() datapath.Datapath // the loaded datapath's maps
+	Desired   func() Counts
+	Reconcile func() reconcile.Stats
+	// FollowUp is the loop that runs after the datapath's (routes,
+	// WireGuard, L2, BIG TCP, BGP, north-south; nil: not reported).
+	FollowUp       func() reconcile.Stats
 	IPCacheEntries func() int // after the last reconcile
 	// IPCacheOverflow counts the mesh entries left out of a full ipcache
 	// (nil: not reported).
@@ -161,6 +164,9 @@ var (
 	descRecLastSuccess = desc("isthmus_agent_reconcile_last_success_timestamp_seconds", "Unix time of the last successful reconcile run (0: none yet).")
 	descRecPending     = desc("isthmus_agent_reconcile_pending", "Changes to the desired state that no finished reconcile run covers yet (the reconcile queue's depth; requests coalesce into one run).")
 	descRecDuration    = desc("isthmus_agent_reconcile_duration_seconds", "Time spent in reconcile runs.")
+	descFollowRuns     = desc("isthmus_agent_followup_runs_total", "Runs of the follow-up loop (routes, WireGuard, L2, BIG TCP, BGP, north-south after each reconcile run; API calls do not wait for it).")
+	descFollowPending  = desc("isthmus_agent_followup_pending", "Reconcile runs whose snapshot no finished follow-up run covers yet.")
+	descFollowDuration = desc("isthmus_agent_followup_duration_seconds", "Time spent in follow-up runs.")
 
 	// Cluster mode.
 	descKVConnected  = desc("isthmus_agent_kvstore_connected", "1 when the cluster's etcd answered the last probe (every 5 s).")
@@ -220,6 +226,7 @@ var (
 		descBigTCPPath, descBigTCPRefused, descBigTCPSize,
 		descInfo, descReady, descEndpoints, descIdentities, descServices, descPolicies,
 		descRecRuns, descRecErrors, descRecFailing, descRecLastSuccess, descRecPending, descRecDuration,
+		descFollowRuns, descFollowPending, descFollowDuration,
 		descKVConnected, descPublished, descPublishedN, descRouteError, descInvalidAll,
 		descClSynced, descClError, descClNodes, descClEndpoints, descClIdentities, descClServices, descClInvalid,
 		descWGPeers, descWGUnencrypted, descWGRefused, descWGHandshake, descWGRx, descWGTx,
@@ -296,6 +303,12 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descRecLastSuccess, promutil.UnixSeconds(rm.LastSuccess))
 	gauge(descRecPending, float64(rm.Pending))
 	ch <- prometheus.MustNewConstSummary(descRecDuration, rm.Runs, rm.Busy.Seconds(), nil)
+	if src.FollowUp != nil {
+		fm := src.FollowUp()
+		counter(descFollowRuns, float64(fm.Runs))
+		gauge(descFollowPending, float64(fm.Pending))
+		ch <- prometheus.MustNewConstSummary(descFollowDuration, fm.Runs, fm.Busy.Seconds(), nil)
+	}
 
 	if st := src.ClusterMesh(); st != nil {
 		gauge(descKVConnected, promutil.Bool(st.Connected))
