@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -187,8 +188,10 @@ func KillCgroups(dirs []string) (map[[2]uint64]bool, error) {
 
 // UnmountUnder unmounts (lazily, deepest first) every mount point at or
 // below one of dirs, and every CRI sandbox namespace /run/netns/cni-* whose
-// namespace is in nets (then removes its file).
+// namespace is in nets or that a kube node's containerd under dirs
+// recorded (then removes its file).
 func UnmountUnder(dirs []string, nets map[[2]uint64]bool) error {
+	recorded := recordedSandboxNetns(dirs)
 	var points []string
 	var nsFiles []string
 	err := readMountinfo(func(mp, fsType string) {
@@ -198,9 +201,9 @@ func UnmountUnder(dirs []string, nets map[[2]uint64]bool) error {
 				return
 			}
 		}
-		if fsType == "nsfs" && (strings.HasPrefix(mp, "/run/netns/cni-") || strings.HasPrefix(mp, "/var/run/netns/cni-")) && len(nets) > 0 {
+		if fsType == "nsfs" && (strings.HasPrefix(mp, "/run/netns/cni-") || strings.HasPrefix(mp, "/var/run/netns/cni-")) {
 			var st unix.Stat_t
-			if err := unix.Stat(mp, &st); err == nil && nets[[2]uint64{st.Dev, st.Ino}] {
+			if recorded[filepath.Base(mp)] || (unix.Stat(mp, &st) == nil && nets[[2]uint64{st.Dev, st.Ino}]) {
 				points = append(points, mp)
 				nsFiles = append(nsFiles, mp)
 			}
@@ -222,6 +225,37 @@ func UnmountUnder(dirs []string, nets map[[2]uint64]bool) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// sandboxNetnsRE matches the path of a CRI sandbox namespace.
+var sandboxNetnsRE = regexp.MustCompile(`/run/netns/(cni-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})`)
+
+// recordedSandboxNetns returns the names (cni-<uuid>) of the sandbox
+// namespaces that the Isthmus agents of the kube nodes under dirs (a lab's
+// temp dir) hold endpoints in: their state files (<dir>/helm-state/<node>/
+// endpoints/*.json, the chart's agent.stateDir in the lab) name each pod's
+// namespace. A sandbox stopped before the lab went down whose network
+// teardown did not finish is among them: no process holds its namespace
+// any more, so KillCgroups does not find it, while its bind mount stays
+// until containerd's teardown succeeds, which it no longer tries.
+func recordedSandboxNetns(dirs []string) map[string]bool {
+	out := map[string]bool{}
+	for _, d := range dirs {
+		if d == "" {
+			continue
+		}
+		files, _ := filepath.Glob(filepath.Join(d, "helm-state", "*", "endpoints", "*.json"))
+		for _, f := range files {
+			b, err := os.ReadFile(f)
+			if err != nil {
+				continue
+			}
+			for _, m := range sandboxNetnsRE.FindAllSubmatch(b, -1) {
+				out[string(m[1])] = true
+			}
+		}
+	}
+	return out
 }
 
 // removeShimSockets removes the sockets of the containerd shims of every
