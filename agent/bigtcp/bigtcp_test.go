@@ -88,6 +88,35 @@ func (s scratch) in(t *testing.T, fn func()) {
 	<-done
 }
 
+// podAndReconciler plumbs ep's veth into the scratch pod and returns the
+// result, a handle in the pod's namespace (closed at the test's end) and a
+// new Reconciler.
+func (s scratch) podAndReconciler(t *testing.T, ep state.Endpoint) (endpoint.Result, *netlink.Handle, *Reconciler) {
+	t.Helper()
+	res, err := endpoint.Create(endpoint.Spec{NetnsPath: ep.NetnsPath, HostIfName: ep.HostIfName, Addrs: ep.IPs, MTU: 1500})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pns, err := netns.GetFromName(s.pod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pns.Close() })
+	ph, err := netlink.NewHandleAt(pns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ph.Close)
+	r, err := New(Config{}, slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.v4ok {
+		testenv.Skip(t, "the kernel has no IPv4 BIG TCP attributes (Linux >= 6.3)")
+	}
+	return res, ph, r
+}
+
 func mustLink(t *testing.T, h *netlink.Handle, name string) netlink.Link {
 	t.Helper()
 	l, err := h.LinkByName(name)
@@ -147,27 +176,7 @@ func TestSyncRealDevices(t *testing.T) {
 		}
 		ep := state.Endpoint{Namespace: "default", Name: "web", NetnsPath: "/var/run/netns/" + s.pod, HostIfName: "isthbtweb",
 			IPs: []netip.Addr{netip.MustParseAddr("10.9.0.5"), netip.MustParseAddr("fd00:9::5")}}
-		if _, err := endpoint.Create(endpoint.Spec{NetnsPath: ep.NetnsPath, HostIfName: ep.HostIfName, Addrs: ep.IPs, MTU: 1500}); err != nil {
-			t.Fatal(err)
-		}
-		pns, err := netns.GetFromName(s.pod)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer pns.Close()
-		ph, err := netlink.NewHandleAt(pns)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ph.Close()
-
-		r, err := New(Config{}, slog.Default())
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !r.v4ok {
-			testenv.Skip(t, "the kernel has no IPv4 BIG TCP attributes (Linux >= 6.3)")
-		}
+		_, ph, r := s.podAndReconciler(t, ep)
 		in := Input{Endpoints: []state.Endpoint{ep}, NodeIPs: []netip.Addr{netip.MustParseAddr("192.0.2.1")}}
 		if err := r.Sync(in); err != nil {
 			t.Fatal(err)
@@ -362,28 +371,8 @@ func TestSizeEndpointBeforeTheRun(t *testing.T) {
 		h := &netlink.Handle{}
 		ep := state.Endpoint{Namespace: "default", Name: "new", NetnsPath: "/var/run/netns/" + s.pod, HostIfName: "isthbtnew",
 			IPs: []netip.Addr{netip.MustParseAddr("10.9.0.6"), netip.MustParseAddr("fd00:9::6")}}
-		res, err := endpoint.Create(endpoint.Spec{NetnsPath: ep.NetnsPath, HostIfName: ep.HostIfName, Addrs: ep.IPs, MTU: 1500})
-		if err != nil {
-			t.Fatal(err)
-		}
+		res, ph, r := s.podAndReconciler(t, ep)
 		ep.IfIndex = res.HostIfIndex
-		pns, err := netns.GetFromName(s.pod)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer pns.Close()
-		ph, err := netlink.NewHandleAt(pns)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ph.Close()
-		r, err := New(Config{}, slog.Default())
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !r.v4ok {
-			testenv.Skip(t, "the kernel has no IPv4 BIG TCP attributes (Linux >= 6.3)")
-		}
 
 		r.SizeEndpoint(ep)
 		for _, l := range []netlink.Link{mustLink(t, h, ep.HostIfName), mustLink(t, ph, "eth0")} {
