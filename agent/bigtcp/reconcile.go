@@ -212,7 +212,8 @@ func (r *Reconciler) sync(in Input, full, devices bool) error {
 		r.mu.Lock()
 		defer r.mu.Unlock()
 		for k, s := range sized {
-			if _, ok := r.sized[k]; !ok && !slices.ContainsFunc(in.Endpoints, func(e state.Endpoint) bool { return e.Key() == k }) && time.Since(s.at) < reconcile.ConvergeTimeout {
+			_, newer := r.sized[k]
+			if _, taken := done[k]; !taken && !newer && time.Since(s.at) < reconcile.ConvergeTimeout {
 				r.sized[k] = s
 			}
 		}
