@@ -155,7 +155,7 @@ func New(cfg Config) (*Agent, error) {
 		cfg: cfg, log: log, store: store, ipam: pool,
 		plumb: localapi.NetlinkPlumber{},
 		openDatapath: func(c Config) (datapath.Datapath, error) {
-			return datapath.Open(c.BPFFSRoot, c.PinDir(), c.ResetDatapath)
+			return datapath.Open(c.BPFFSRoot, c.PinDir(), c.ResetDatapath, c.EndpointAttach)
 		},
 		nodeAddrs:     node.Addrs,
 		newRouter:     routes.NewNetlink,

@@ -17,6 +17,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/kube"
 	"github.com/isthmus-mesh/isthmus/agent/metrics"
 	"github.com/isthmus-mesh/isthmus/agent/routes"
+	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/identity"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
@@ -97,6 +98,10 @@ type Config struct {
 	// BigTCP sets GSO/GRO sizes beyond 64 KiB (agent/bigtcp); the zero
 	// value is auto for both families at bigtcp.DefaultSize.
 	BigTCP bigtcp.Config
+
+	// EndpointAttach is how the pod programs go onto each pod's veth:
+	// bpf.AttachTC ("" too) or bpf.AttachTCX (--endpoint-attach).
+	EndpointAttach string
 
 	// Kubernetes mode (agent/kube), which needs cluster mode: pods come
 	// from the CNI plugin, their labels, the Services and the
@@ -228,6 +233,9 @@ func (c Config) validate() error {
 	}
 	if err := c.BigTCP.WithDefaults().Validate(); err != nil {
 		errs = append(errs, err)
+	}
+	if _, err := bpf.ParseEndpointAttach(c.EndpointAttach); err != nil {
+		errs = append(errs, fmt.Errorf("--endpoint-attach: %w", err))
 	}
 	errs = append(errs, encryption.Validate(c.Encryption, c.NodeEncryption, c.ClusterMode(), c.WireGuardPort)...)
 	if w := c.ExternalWorkload; w != nil {

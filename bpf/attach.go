@@ -13,8 +13,43 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// AttachMode says how programs were attached: "tcx" (kernel >= 6.6) or "tc"
-// (clsact qdisc with direct-action cls_bpf filters, the fallback).
+// Endpoint attach modes (Datapath.SetEndpointAttach): how the pod
+// programs go onto a pod's host-side veth.
+const (
+	// AttachTC is a clsact qdisc with direct-action cls_bpf filters. The
+	// kernel takes it without waiting for an RCU grace period, so the
+	// pods of a burst are plumbed side by side. The default.
+	AttachTC = "tc"
+	// AttachTCX is pinned tcx links (Linux >= 6.6; tc where the kernel has
+	// no tcx). Each attach and detach waits for an RCU grace period while
+	// it holds the RTNL lock (about 15 ms on a 2-core VM, 100 times a tc
+	// attach), and every netlink user of the node waits with it: 25 pods
+	// created at once queue for most of a second behind two of them per pod.
+	AttachTCX = "tcx"
+)
+
+// ParseEndpointAttach checks an endpoint attach mode ("" is AttachTC).
+func ParseEndpointAttach(m string) (string, error) {
+	switch m {
+	case "", AttachTC:
+		return AttachTC, nil
+	case AttachTCX:
+		return AttachTCX, nil
+	}
+	return "", fmt.Errorf("endpoint attach mode %q: want %s or %s", m, AttachTC, AttachTCX)
+}
+
+// SetEndpointAttach sets how AttachEndpoint attaches (AttachTC or
+// AttachTCX; anything else is AttachTC). Endpoints attached the other way
+// move over when they are attached again (the agent does at start).
+func (d *Datapath) SetEndpointAttach(m string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.endpointAttach = m
+}
+
+// AttachMode says how the pod programs were last attached: "tcx" or "tc"
+// (clsact qdisc with direct-action cls_bpf filters); "" before the first.
 func (d *Datapath) AttachMode() string {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -26,24 +61,35 @@ func (d *Datapath) linkPin(ifname, dir string) string {
 }
 
 // AttachEndpoint attaches from_pod to the ingress and to_pod to the egress of
-// the host-side veth of a pod. An existing pinned link on the same device is
-// updated in place, so re-attaching after a restart has no gap.
+// the host-side veth of a pod, the way SetEndpointAttach chose. Attaching
+// again replaces the programs in place (a tc filter or a pinned tcx link
+// updated), so re-attaching after a restart has no gap; programs attached
+// the other way are removed after the new ones are in, since tcx programs
+// run before tc's and both would judge each packet.
 func (d *Datapath) AttachEndpoint(ifname string, ifindex int) error {
-	err := d.attachTCX(ifname, ifindex, "ingress", ebpf.AttachTCXIngress, d.objs.FromPod)
-	if err == nil {
-		err = d.attachTCX(ifname, ifindex, "egress", ebpf.AttachTCXEgress, d.objs.ToPod)
-	}
-	if err == nil {
-		d.setMode("tcx")
-		return nil
-	}
-	if !errors.Is(err, ebpf.ErrNotSupported) {
-		return err
+	d.mu.Lock()
+	mode := d.endpointAttach
+	d.mu.Unlock()
+	if mode == AttachTCX {
+		err := d.attachTCX(ifname, ifindex, "ingress", ebpf.AttachTCXIngress, d.objs.FromPod)
+		if err == nil {
+			err = d.attachTCX(ifname, ifindex, "egress", ebpf.AttachTCXEgress, d.objs.ToPod)
+		}
+		if err == nil {
+			d.setMode(AttachTCX)
+			return d.detachClsact(ifindex)
+		}
+		if !errors.Is(err, ebpf.ErrNotSupported) {
+			return err
+		}
 	}
 	if err := d.attachClsact(ifindex); err != nil {
 		return fmt.Errorf("attach datapath to %s: %w", ifname, err)
 	}
-	d.setMode("tc")
+	d.setMode(AttachTC)
+	if err := d.detachPinned(ifname); err != nil {
+		return fmt.Errorf("detach the tcx links of %s: %w", ifname, err)
+	}
 	return nil
 }
 
@@ -86,10 +132,19 @@ func (d *Datapath) attachTCX(ifname string, ifindex int, dir string, at ebpf.Att
 func (d *Datapath) DetachEndpoint(ifname string) error {
 	err := d.detachPinned(ifname)
 	if nl, lerr := netlink.LinkByName(ifname); lerr == nil {
-		// clsact fallback: the qdisc takes its filters with it.
-		_ = netlink.QdiscDel(&netlink.GenericQdisc{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: nl.Attrs().Index, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT}, QdiscType: "clsact"})
+		err = errors.Join(err, d.detachClsact(nl.Attrs().Index))
 	}
 	return err
+}
+
+// detachClsact removes the clsact qdisc, and its filters with it, from a
+// device; a device without one is not an error.
+func (d *Datapath) detachClsact(ifindex int) error {
+	err := netlink.QdiscDel(&netlink.GenericQdisc{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: ifindex, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT}, QdiscType: "clsact"})
+	if err == nil || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENODEV) {
+		return nil
+	}
+	return fmt.Errorf("remove the clsact qdisc of ifindex %d: %w", ifindex, err)
 }
 
 // detachPinned detaches and unpins the ingress and egress links pinned
@@ -133,7 +188,8 @@ func (d *Datapath) pinnedLinks(prefix string) ([]string, error) {
 	return out, nil
 }
 
-// attachClsact is the fallback for kernels without tcx (< 6.6).
+// attachClsact attaches the pod programs with a clsact qdisc and
+// direct-action cls_bpf filters; replacing them is atomic.
 func (d *Datapath) attachClsact(ifindex int) error {
 	qdisc := &netlink.GenericQdisc{
 		QdiscAttrs: netlink.QdiscAttrs{LinkIndex: ifindex, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT},

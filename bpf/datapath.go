@@ -23,8 +23,10 @@ type Datapath struct {
 	lbIDs    map[Frontend]uint32 // the same for isth_lb's frontends (one ID space)
 	usedIDs  map[uint32]bool
 	nextID   uint32
-	attachFn string      // "tcx" or "tc" (clsact), whichever the kernel took
-	noBatch  atomic.Bool // the kernel has no batch updates of the ipcache
+	attachFn string // "tcx" or "tc" (clsact): how the pod programs were last attached
+	// endpointAttach is how AttachEndpoint attaches (SetEndpointAttach).
+	endpointAttach string
+	noBatch        atomic.Bool // the kernel has no batch updates of the ipcache
 }
 
 // EnsureBPFFS mounts a bpf filesystem at root unless one is there already.

@@ -59,8 +59,9 @@ var _ Datapath = (*bpf.Datapath)(nil)
 // Open loads the node's datapath, pinned in pinDir on the bpffs mounted at
 // bpffsRoot (mounting it when needed). With reset, the pinned maps and
 // links are removed first: every flow and every program attachment starts
-// over.
-func Open(bpffsRoot, pinDir string, reset bool) (Datapath, error) {
+// over. endpointAttach is how the pod programs are attached (bpf.AttachTC
+// or bpf.AttachTCX; "" is tc).
+func Open(bpffsRoot, pinDir string, reset bool, endpointAttach string) (Datapath, error) {
 	// The agent owns the bpffs mount its pins live on.
 	if err := bpf.EnsureBPFFS(bpffsRoot); err != nil {
 		return nil, err
@@ -70,7 +71,16 @@ func Open(bpffsRoot, pinDir string, reset bool) (Datapath, error) {
 			return nil, fmt.Errorf("reset datapath: %w", err)
 		}
 	}
-	return bpf.Open(pinDir)
+	mode, err := bpf.ParseEndpointAttach(endpointAttach)
+	if err != nil {
+		return nil, err
+	}
+	dp, err := bpf.Open(pinDir)
+	if err != nil {
+		return nil, err
+	}
+	dp.SetEndpointAttach(mode)
+	return dp, nil
 }
 
 // Reconciler converges the maps of one Datapath. Only one Sync runs at a

@@ -22,6 +22,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/bigtcp"
 	"github.com/isthmus-mesh/isthmus/agent/cniinstall"
 	"github.com/isthmus-mesh/isthmus/agent/l2"
+	"github.com/isthmus-mesh/isthmus/bpf"
 	"github.com/isthmus-mesh/isthmus/clustermesh/records"
 )
 
@@ -241,6 +242,7 @@ through graceful restart; see docs/bgp.md.
 	f.StringVar(&bigTCP6, "ipv6-big-tcp", string(bigtcp.Auto), "IPv6 BIG TCP (GSO/GRO beyond 64 KiB) on the external devices and pod veths: off, on, or auto (on where the kernel and each device support it)")
 	f.StringVar(&bigTCP4, "ipv4-big-tcp", string(bigtcp.Auto), "IPv4 BIG TCP (gso_ipv4_max_size, Linux >= 6.3): off, on (an error on an older kernel), or auto")
 	f.IntVar(&cfg.BigTCP.Size, "big-tcp-size", bigtcp.DefaultSize, "GSO/GRO size in bytes with BIG TCP, 65537-524288; each device gets at most its tso_max_size")
+	f.StringVar(&cfg.EndpointAttach, "endpoint-attach", bpf.AttachTC, "how the pod programs are attached to each pod's veth: tc (a clsact qdisc with direct-action filters, taken without waiting for an RCU grace period) or tcx (pinned BPF links, Linux >= 6.6: each attach and detach holds the node's RTNL lock through a grace period, about 15 ms, so pods created together wait for each other); veths attached the other way move over at the agent's start")
 	f.BoolVar(&cfg.Kubernetes, "kubernetes", false, "Kubernetes mode (needs --kvstore-endpoints): pods come from the isthmus-cni plugin, their labels, Services, EndpointSlices and NetworkPolicies from the API server, the pod CIDRs and node IPs (unless given) from this node's Node object; with the pod's service account unless --kubeconfig")
 	f.StringVar(&cfg.Kubeconfig, "kubeconfig", "", "Kubernetes mode: kubeconfig file of the API server (implies --kubernetes); default: the in-cluster service account")
 	f.StringVar(&cfg.KubernetesPolicyPeers, "kubernetes-policy-peers", agent.PolicyPeersCluster, "Kubernetes mode: what the podSelector and namespaceSelector peers of Kubernetes NetworkPolicies match: "+

@@ -54,6 +54,7 @@ var (
 	k8sCNIPods    = flag.Int("k8s-cni-pods", 50, "k8s: replicas of the Deployment whose CNI ADDs are timed")
 	k8sRemotePods = flag.Int("k8s-remote-pods", 20, "k8s: pods created one by one and reached from the other cluster")
 	k8sDeletePods = flag.Int("k8s-delete-pods", 10, "k8s: pods deleted one by one (at most -k8s-remote-pods)")
+	k8sAttach     = flag.String("k8s-endpoint-attach", "", "k8s: the agents' --endpoint-attach (tc or tcx; \"\": the agent's default), to compare the two")
 )
 
 // Goals of the k8s section.
@@ -126,6 +127,9 @@ func k8sBench(ctx context.Context) error {
 	m := kube.NewMesh(kube.MeshOptions{Images: images, Binaries: &bins})
 	var o lab.ClusterOptions
 	m.Enable(&o)
+	if *k8sAttach != "" {
+		o.AgentArgs = append(o.AgentArgs, "--endpoint-attach="+*k8sAttach)
+	}
 	start = time.Now()
 	c1, err := l.AddCluster(ctx, 1, o)
 	if err != nil {
