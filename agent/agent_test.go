@@ -458,10 +458,19 @@ func TestRestartCollectsLeftovers(t *testing.T) {
 	if _, err := plumb.Create(endpoint.Spec{HostIfName: ghostIf}); err != nil {
 		t.Fatal(err)
 	}
+	// A crash while an add plumbed its veth before its addresses were
+	// written (they are written side by side): a veth nothing names.
+	unwrittenIf := endpoint.HostIfName("node1", "default", "unwritten")
+	if _, err := plumb.Create(endpoint.Spec{HostIfName: unwrittenIf}); err != nil {
+		t.Fatal(err)
+	}
 
 	n := start(t, cfg, dp, plumb)
 	if _, ok := plumb.Links[ghostIf]; ok {
 		t.Error("leftover veth survived the restart")
+	}
+	if _, ok := plumb.Links[unwrittenIf]; ok {
+		t.Error("a veth without an endpoint or addresses survived the restart")
 	}
 	for _, id := range mustIdentities(t, n.client) {
 		if id.ID > identity.MaxReserved {

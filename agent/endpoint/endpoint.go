@@ -45,7 +45,39 @@ type Result struct {
 // restarts, unique per node/namespace/name, and within IFNAMSIZ.
 func HostIfName(node, namespace, name string) string {
 	sum := sha256.Sum256([]byte(node + "\x00" + namespace + "\x00" + name))
-	return "isth" + hex.EncodeToString(sum[:])[:10]
+	return hostIfPrefix + hex.EncodeToString(sum[:])[:hostIfHexLen]
+}
+
+const (
+	hostIfPrefix = "isth"
+	hostIfHexLen = 10
+)
+
+// isHostIfName reports whether name has the form HostIfName gives.
+func isHostIfName(name string) bool {
+	h, ok := strings.CutPrefix(name, hostIfPrefix)
+	if !ok || len(h) != hostIfHexLen {
+		return false
+	}
+	_, err := hex.DecodeString(h)
+	return err == nil
+}
+
+// List returns the names of the node's veths named like HostIfName's:
+// the host ends of pods, this agent's or leftovers of an add that did not
+// finish.
+func List() ([]string, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	var names []string
+	for _, l := range links {
+		if l.Type() == "veth" && isHostIfName(l.Attrs().Name) {
+			names = append(names, l.Attrs().Name)
+		}
+	}
+	return names, nil
 }
 
 // CheckNetns reports whether path names an existing network namespace.
@@ -94,13 +126,6 @@ func Create(spec Spec) (res Result, err error) {
 	}
 	defer pod.Close()
 
-	if _, err := netlink.LinkByName(spec.HostIfName); err == nil {
-		return Result{}, fmt.Errorf("host interface %s already exists", spec.HostIfName)
-	}
-	if _, err := pod.LinkByName(spec.PodIfName); err == nil {
-		return Result{}, fmt.Errorf("netns %s already has an interface %s", spec.NetnsPath, spec.PodIfName)
-	}
-
 	// The peer is created directly inside the pod namespace (by fd) under its
 	// final name: one netlink call, no temporary device in the node namespace.
 	veth := &netlink.Veth{
@@ -110,6 +135,14 @@ func Create(spec Spec) (res Result, err error) {
 		PeerTxQLen:    -1,
 	}
 	if err := netlink.LinkAdd(veth); err != nil {
+		// Which name is taken, looked up only now: an add makes no
+		// netlink round trip it does not need.
+		if _, lerr := netlink.LinkByName(spec.HostIfName); lerr == nil {
+			return Result{}, fmt.Errorf("host interface %s already exists", spec.HostIfName)
+		}
+		if _, lerr := pod.LinkByName(spec.PodIfName); lerr == nil {
+			return Result{}, fmt.Errorf("netns %s already has an interface %s", spec.NetnsPath, spec.PodIfName)
+		}
 		return Result{}, fmt.Errorf("create veth %s with peer %s in %s: %w", spec.HostIfName, spec.PodIfName, spec.NetnsPath, err)
 	}
 	defer func() {

@@ -41,6 +41,43 @@ func TestHostIfName(t *testing.T) {
 	}
 }
 
+func TestIsHostIfName(t *testing.T) {
+	for name, want := range map[string]bool{
+		HostIfName("node1", "default", "web"): true,
+		"isth0123456789":                      true,
+		"isthwg12345678":                      false, // not hex: the WireGuard device's form
+		"isth012345678":                       false,
+		"isth0123456789a":                     false,
+		"eth0":                                false,
+	} {
+		if got := isHostIfName(name); got != want {
+			t.Errorf("isHostIfName(%q) = %v, want %v", name, got, want)
+		}
+	}
+}
+
+// List finds the pod veths by their names, and nothing else.
+func TestList(t *testing.T) {
+	l := newLab(t)
+	pod := HostIfName("node1", "default", "listed")
+	var names []string
+	var err error
+	in(t, l.nodePath, func() {
+		for _, n := range []string{pod, "isthnotapod"} {
+			if err = netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: n}, PeerName: n + "p"}); err != nil {
+				return
+			}
+		}
+		names, err = List()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(names) != 1 || names[0] != pod {
+		t.Fatalf("List() = %v, want [%s]", names, pod)
+	}
+}
+
 func TestCheckNetns(t *testing.T) {
 	err := CheckNetns("/nonexistent/netns/x")
 	if err == nil || err.Error() != "netns /nonexistent/netns/x does not exist" {

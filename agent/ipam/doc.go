@@ -7,6 +7,7 @@
 //
 //	func New(stateFile string, cidrs ...netip.Prefix) (*IPAM, error)
 //	func (a *IPAM) Allocate(owner string) ([]netip.Addr, error) // one per CIDR, in CIDR order
+//	func (a *IPAM) AllocateAsync(owner string) ([]netip.Addr, func() error, error) // the write goes on; the func waits for it
 //	func (a *IPAM) Release(owner string) error                   // unknown owner: wraps ErrNotFound
 //	func (a *IPAM) Get(owner string) ([]netip.Addr, bool)
 //	func (a *IPAM) Allocations() map[string][]netip.Addr

@@ -251,21 +251,39 @@ func (a *IPAM) cidrList() string {
 // Allocate hands owner one address from every CIDR, in CIDR order. Either
 // all are allocated and persisted, or none.
 func (a *IPAM) Allocate(owner string) ([]netip.Addr, error) {
+	addrs, durable, err := a.AllocateAsync(owner)
+	if err != nil {
+		return nil, err
+	}
+	if err := durable(); err != nil {
+		return nil, err
+	}
+	return addrs, nil
+}
+
+// AllocateAsync is Allocate without waiting for the write: it returns the
+// addresses, taken in memory, and durable, which returns once they are on
+// disk (or the error of the write, which took them back). A caller may use
+// the addresses meanwhile, but must call durable before it records
+// anything that needs them to survive a restart: the CNI add plumbs the
+// pod's veth while the state file is written. durable writes once; every
+// call (concurrent ones wait) returns that write's result.
+func (a *IPAM) AllocateAsync(owner string) (addrs []netip.Addr, durable func() error, err error) {
 	if owner == "" {
-		return nil, errors.New("ipam: allocate: empty owner")
+		return nil, nil, errors.New("ipam: allocate: empty owner")
 	}
 	a.mu.Lock()
 	if addrs, ok := a.owners[owner]; ok {
 		a.mu.Unlock()
-		return nil, fmt.Errorf("ipam: allocate for %q: %w: %v", owner, ErrAllocated, addrs)
+		return nil, nil, fmt.Errorf("ipam: allocate for %q: %w: %v", owner, ErrAllocated, addrs)
 	}
 
-	addrs := make([]netip.Addr, 0, len(a.pools))
+	addrs = make([]netip.Addr, 0, len(a.pools))
 	for _, p := range a.pools {
 		ip, err := p.pick(a.used)
 		if err != nil {
 			a.mu.Unlock()
-			return nil, fmt.Errorf("ipam: allocate for %q: %w", owner, err)
+			return nil, nil, fmt.Errorf("ipam: allocate for %q: %w", owner, err)
 		}
 		addrs = append(addrs, ip)
 	}
@@ -291,10 +309,8 @@ func (a *IPAM) Allocate(owner string) ([]netip.Addr, error) {
 		}
 		delete(a.owners, owner)
 	}
-	if err := a.commit(v, undo); err != nil {
-		return nil, err
-	}
-	return slices.Clone(addrs), nil
+	durable = sync.OnceValue(func() error { return a.commit(v, undo) })
+	return slices.Clone(addrs), durable, nil
 }
 
 // commit makes the state up to version v durable: a group commit. Writes

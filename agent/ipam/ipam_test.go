@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 var (
@@ -440,5 +441,55 @@ func TestConcurrentAllocationsShareWrites(t *testing.T) {
 	}
 	if got := len(b.Allocations()); got != n {
 		t.Errorf("the state file holds %d allocations, want %d", got, n)
+	}
+}
+
+// AllocateAsync hands out the addresses before their write; durable waits
+// for it (one write, the same result for every call), and a failed write
+// takes them back.
+func TestAllocateAsync(t *testing.T) {
+	a, path := newTestIPAM(t, v4CIDR)
+	a.saveMu.Lock() // a write in progress: the allocation's waits
+	addrs, durable, err := a.AllocateAsync("a")
+	if err != nil || len(addrs) != 1 || addrs[0].String() != "10.244.1.2" {
+		t.Fatalf("AllocateAsync: %v, %v", addrs, err)
+	}
+	done := make(chan error, 2)
+	go func() { done <- durable() }()
+	go func() { done <- durable() }()
+	select {
+	case err := <-done:
+		t.Fatalf("durable returned before the write: %v", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	before := a.writes.Load()
+	a.saveMu.Unlock()
+	for range 2 {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := durable(); err != nil || a.writes.Load()-before != 1 {
+		t.Fatalf("durable again: %v; %d writes, want 1", err, a.writes.Load()-before)
+	}
+	if b, err := New(path, v4CIDR); err != nil || len(b.Allocations()) != 1 {
+		t.Fatalf("the state file after durable: %v, %v", b.Allocations(), err)
+	}
+
+	dir := filepath.Dir(path)
+	os.RemoveAll(dir)
+	os.WriteFile(dir, nil, 0o600) // a file where the directory was: writes fail
+	addrs, durable, err = a.AllocateAsync("b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := a.Get("b"); !ok {
+		t.Fatal("b's addresses are not taken before the write")
+	}
+	if err := durable(); err == nil {
+		t.Fatal("durable with an unwritable state file: want an error")
+	}
+	if _, ok := a.Get("b"); ok {
+		t.Errorf("b still holds %v after its write failed", addrs)
 	}
 }

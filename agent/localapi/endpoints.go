@@ -27,6 +27,7 @@ type Plumber interface {
 	Create(spec endpoint.Spec) (endpoint.Result, error)
 	Delete(hostIfName string) error
 	Lookup(hostIfName string) (endpoint.Result, error)
+	List() ([]string, error)
 }
 
 // NetlinkPlumber is the Plumber of agent/endpoint.
@@ -37,6 +38,7 @@ func (NetlinkPlumber) CheckNetns(p string) error                       { return 
 func (NetlinkPlumber) Create(s endpoint.Spec) (endpoint.Result, error) { return endpoint.Create(s) }
 func (NetlinkPlumber) Delete(n string) error                           { return endpoint.Delete(n) }
 func (NetlinkPlumber) Lookup(n string) (endpoint.Result, error)        { return endpoint.Lookup(n) }
+func (NetlinkPlumber) List() ([]string, error)                         { return endpoint.List() }
 
 // reservedLabelPrefix marks labels the agent sets itself.
 const reservedLabelPrefix = "isthmus.io/"
@@ -166,13 +168,23 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		h.mu.Unlock()
 	}()
 	// The addresses, without the API lock: the IPAM has its own, and the
-	// adds of pods created together share its writes.
-	ips, err := h.allocate(owner)
+	// adds of pods created together share its writes. The write goes on
+	// while the veth is plumbed; the endpoint is stored only once the
+	// addresses are on disk, so a stored endpoint's addresses survive a
+	// restart (a crash before leaves a veth without an endpoint, which
+	// the pod's runtime retries or tears down).
+	ips, durable, err := h.allocate(owner)
 	phases.mark("addresses")
 	if err != nil {
 		return api.Endpoint{}, err
 	}
-	undo = append(undo, func() { h.logErr("release addresses", h.ipam.Release(owner)) })
+	go func() { _ = durable() }() // starts the write; the add waits for its result below
+	undo = append(undo, func() {
+		// A failed write took the addresses back already.
+		if durable() == nil {
+			h.logErr("release addresses", h.ipam.Release(owner))
+		}
+	})
 
 	// The identity, without the API lock.
 	id, err := h.ids.Allocate(ctx, desired.IdentityLabels(h.cluster, ns, labels))
@@ -203,6 +215,11 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	// before the pod runs (see bigtcp.SizeEndpoint).
 	h.bigtcp.SizeEndpoint(state.Endpoint{Name: name, Namespace: ns, NetnsPath: req.Netns, HostIfName: hostIf, IfIndex: res.HostIfIndex, IPs: ips})
 	phases.mark("bigtcp")
+
+	if err := durable(); err != nil {
+		return fail(fmt.Errorf("store the addresses of %s: %w", key, err))
+	}
+	phases.mark("addresses-written")
 
 	// The store, without the API lock too: this endpoint's lock keeps its
 	// other calls out and its netns stays reserved until the store holds
@@ -299,15 +316,15 @@ func (h *Handlers) reserve(key, netns string) error {
 }
 
 // allocate gives owner its addresses.
-func (h *Handlers) allocate(owner string) ([]netip.Addr, error) {
-	ips, err := h.ipam.Allocate(owner)
+func (h *Handlers) allocate(owner string) ([]netip.Addr, func() error, error) {
+	ips, durable, err := h.ipam.AllocateAsync(owner)
 	if err != nil {
 		if errors.Is(err, ipam.ErrExhausted) {
-			return nil, api.Errorf(http.StatusServiceUnavailable, "no free pod address: %w", err)
+			return nil, nil, api.Errorf(http.StatusServiceUnavailable, "no free pod address: %w", err)
 		}
-		return nil, fmt.Errorf("allocate addresses: %w", err)
+		return nil, nil, fmt.Errorf("allocate addresses: %w", err)
 	}
-	return ips, nil
+	return ips, durable, nil
 }
 
 func splitKey(key string) (namespace, name string) {
@@ -593,6 +610,22 @@ func (h *Handlers) CollectGarbage(ctx context.Context) {
 			continue
 		}
 		h.logErr("release leftover addresses", h.ipam.Release(owner))
+	}
+	// A veth whose add stopped before its addresses were written: the
+	// loop above does not know its owner.
+	ifs := map[string]bool{}
+	for _, e := range eps {
+		ifs[e.HostIfName] = true
+	}
+	names, err := h.plumb.List()
+	h.logErr("list veths", err)
+	for _, n := range names {
+		if ifs[n] {
+			continue
+		}
+		h.log.Warn("removing a pod veth no endpoint has", "interface", n)
+		h.logErr("detach datapath", h.dp.DetachEndpoint(n))
+		h.logErr("delete leftover veth", h.plumb.Delete(n))
 	}
 	// Valid for the node-local allocator only, where every reference is this
 	// node's: an etcd-backed one lists the whole cluster's identities.

@@ -301,6 +301,12 @@ func (p *FakePlumber) Delete(n string) error {
 	return nil
 }
 
+func (p *FakePlumber) List() ([]string, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Sorted(maps.Keys(p.Links)), nil
+}
+
 func (p *FakePlumber) Lookup(n string) (endpoint.Result, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
