@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+
+	"github.com/isthmus-mesh/isthmus/internal/nldump"
 )
 
 // AgentOptions configure an agent started on a lab node.
@@ -168,7 +170,7 @@ func (a *Agent) AddPod(ctx context.Context, name, namespace string, labels map[s
 	if err != nil {
 		return nil, fmt.Errorf("lab: pod %s has no eth0 after endpoint add: %w", name, err)
 	}
-	addrs, err := h.AddrList(link, netlink.FAMILY_ALL)
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.AddrList(link, netlink.FAMILY_ALL) })
 	if err != nil {
 		return nil, err
 	}

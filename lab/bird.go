@@ -14,6 +14,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/isthmus-mesh/isthmus/internal/nldump"
 )
 
 // BIRD (BIRD 2, Debian's bird2) runs as a top-of-rack router in a lab
@@ -270,7 +272,9 @@ func (ns *Netns) KernelRoutes() ([]KernelRoute, error) {
 		return nil, err
 	}
 	defer h.Close()
-	rs, err := h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	rs, err := nldump.Retry(func() ([]netlink.Route, error) {
+		return h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	})
 	if err != nil {
 		return nil, fmt.Errorf("lab: routes of %s: %w", ns.full, err)
 	}

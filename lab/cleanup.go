@@ -15,6 +15,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/isthmus-mesh/isthmus/internal/nldump"
 )
 
 // CleanupPrefix removes the leftovers of a (crashed) run by name prefix:
@@ -187,7 +189,7 @@ func hostLinks() ([]netlink.Link, error) {
 		return nil, err
 	}
 	defer h.Close()
-	links, err := h.LinkList()
+	links, err := nldump.Retry(h.LinkList)
 	if err != nil {
 		return nil, fmt.Errorf("lab: list host links: %w", err)
 	}

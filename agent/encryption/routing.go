@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/isthmus-mesh/isthmus/agent/routes"
+	"github.com/isthmus-mesh/isthmus/internal/nldump"
 )
 
 // syncRouting converges the rules and the tunnel table.
@@ -54,9 +55,11 @@ type routeKey struct {
 
 // syncTable makes the agent's routes in Table equal to want.
 func syncTable(h *netlink.Handle, want []netlink.Route) (int, error) {
-	have, err := h.RouteListFiltered(netlink.FAMILY_ALL,
-		&netlink.Route{Table: Table, Protocol: routes.Protocol},
-		netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
+	have, err := nldump.Retry(func() ([]netlink.Route, error) {
+		return h.RouteListFiltered(netlink.FAMILY_ALL,
+			&netlink.Route{Table: Table, Protocol: routes.Protocol},
+			netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
+	})
 	if err != nil {
 		return 0, fmt.Errorf("list routes of table %d: %w", Table, err)
 	}

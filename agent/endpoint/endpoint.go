@@ -13,6 +13,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/isthmus-mesh/isthmus/internal/nldump"
 )
 
 // Gateway addresses the pod routes through. No device owns them: the pod
@@ -67,7 +69,7 @@ func isHostIfName(name string) bool {
 // the host ends of pods, this agent's or leftovers of an add that did not
 // finish.
 func List() ([]string, error) {
-	links, err := netlink.LinkList()
+	links, err := nldump.Retry(netlink.LinkList)
 	if err != nil {
 		return nil, fmt.Errorf("list links: %w", err)
 	}
@@ -390,7 +392,9 @@ func PrepareNode() error {
 // it. It reports whether it changed the route. BIG TCP uses it to leave
 // room for the kernel's jumbo hop-by-hop header (agent/bigtcp).
 func SetIPv6RouteMTU(pod *netlink.Handle, ifindex, mtu int) (bool, error) {
-	routes, err := pod.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{LinkIndex: ifindex}, netlink.RT_FILTER_OIF)
+	routes, err := nldump.Retry(func() ([]netlink.Route, error) {
+		return pod.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{LinkIndex: ifindex}, netlink.RT_FILTER_OIF)
+	})
 	if err != nil {
 		return false, fmt.Errorf("list IPv6 routes: %w", err)
 	}

@@ -19,18 +19,16 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/isthmus-mesh/isthmus/internal/nldump"
 )
 
 // Addrs lists the node's own addresses (they map to the host identity).
 // Link-local addresses are left out: they are not unique to the node.
 func Addrs() ([]netip.Addr, error) {
-	list, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
-	// The kernel interrupts a dump when an address changes during it (a
-	// new pod's veth gets its link-local address): list again, the
-	// answer may be inconsistent.
-	for try := 0; errors.Is(err, netlink.ErrDumpInterrupted) && try < 5; try++ {
-		list, err = netlink.AddrList(nil, netlink.FAMILY_ALL)
-	}
+	// A new pod's veth getting its link-local address interrupts the
+	// dump: nldump asks again.
+	list, err := nldump.Retry(func() ([]netlink.Addr, error) { return netlink.AddrList(nil, netlink.FAMILY_ALL) })
 	if err != nil {
 		return nil, err
 	}
@@ -135,7 +133,7 @@ func DefaultRouteAddrs() ([]netip.Addr, error) { return defaultRouteAddrsOf(&net
 func defaultRouteAddrsOf(h *netlink.Handle) ([]netip.Addr, error) {
 	var out []netip.Addr
 	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		routes, err := h.RouteListFiltered(family, &netlink.Route{}, 0)
+		routes, err := nldump.Retry(func() ([]netlink.Route, error) { return h.RouteListFiltered(family, &netlink.Route{}, 0) })
 		if err != nil {
 			return nil, err
 		}
@@ -150,7 +148,7 @@ func defaultRouteAddrsOf(h *netlink.Handle) ([]netip.Addr, error) {
 			if err != nil {
 				continue
 			}
-			addrs, err := h.AddrList(link, family)
+			addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.AddrList(link, family) })
 			if err != nil {
 				continue
 			}
@@ -183,7 +181,7 @@ func maskOf(rt netlink.Route) (int, bool) {
 // none does), and whether the underlay is IPv6 only.
 func UnderlayMTU(ips []netip.Addr) (int, bool) {
 	v6 := len(ips) > 0 && !slices.ContainsFunc(ips, netip.Addr.Is4)
-	addrs, _ := netlink.AddrList(nil, netlink.FAMILY_ALL) // every link's
+	addrs, _ := nldump.Retry(func() ([]netlink.Addr, error) { return netlink.AddrList(nil, netlink.FAMILY_ALL) }) // every link's
 	for _, ad := range addrs {
 		if a, ok := netip.AddrFromSlice(ad.IP); ok && slices.Contains(ips, a.Unmap()) {
 			if l, err := netlink.LinkByIndex(ad.LinkIndex); err == nil {
@@ -259,7 +257,7 @@ func DefaultRouteLinks() ([]int, error) {
 	h := &netlink.Handle{}
 	links := map[int]bool{}
 	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		routes, err := h.RouteListFiltered(family, &netlink.Route{}, 0)
+		routes, err := nldump.Retry(func() ([]netlink.Route, error) { return h.RouteListFiltered(family, &netlink.Route{}, 0) })
 		if err != nil {
 			return nil, err
 		}
@@ -279,7 +277,7 @@ func DefaultRouteLinks() ([]int, error) {
 
 // LinksHolding returns the indexes of the interfaces that hold one of ips.
 func LinksHolding(ips []netip.Addr) ([]int, error) {
-	addrs, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return netlink.AddrList(nil, netlink.FAMILY_ALL) })
 	if err != nil {
 		return nil, err
 	}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/internal/oneline"
+	"github.com/isthmus-mesh/isthmus/internal/nldump"
 )
 
 // Protocol marks the routes the agent installs (the rtm_protocol field,
@@ -50,9 +51,11 @@ func NewNetlink() (Router, error) {
 // a route the agent did not make is left alone (with an error saying so):
 // whoever made it knows better.
 func (r netlinkRouter) SyncRoutes(want []desired.PodRoute, prune bool) (int, error) {
-	have, err := r.h.RouteListFiltered(netlink.FAMILY_ALL,
-		&netlink.Route{Protocol: Protocol, Table: unix.RT_TABLE_MAIN},
-		netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	have, err := nldump.Retry(func() ([]netlink.Route, error) {
+		return r.h.RouteListFiltered(netlink.FAMILY_ALL,
+			&netlink.Route{Protocol: Protocol, Table: unix.RT_TABLE_MAIN},
+			netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	})
 	if err != nil {
 		return 0, fmt.Errorf("list routes: %w", err)
 	}
@@ -134,9 +137,11 @@ func (r netlinkRouter) foreignRoute(dst netip.Prefix) (bool, error) {
 	if dst.Addr().Is6() {
 		family = netlink.FAMILY_V6
 	}
-	routes, err := r.h.RouteListFiltered(family,
-		&netlink.Route{Dst: IPNet(dst), Table: unix.RT_TABLE_MAIN},
-		netlink.RT_FILTER_DST|netlink.RT_FILTER_TABLE)
+	routes, err := nldump.Retry(func() ([]netlink.Route, error) {
+		return r.h.RouteListFiltered(family,
+			&netlink.Route{Dst: IPNet(dst), Table: unix.RT_TABLE_MAIN},
+			netlink.RT_FILTER_DST|netlink.RT_FILTER_TABLE)
+	})
 	if err != nil {
 		return false, fmt.Errorf("list routes to %s: %w", dst, err)
 	}

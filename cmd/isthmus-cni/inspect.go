@@ -9,6 +9,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
+	"github.com/isthmus-mesh/isthmus/internal/nldump"
 )
 
 // inspectPod looks into the pod's namespace: the interface exists with the
@@ -35,7 +36,7 @@ func inspectPod(nsPath, ifName string, ep *api.Endpoint, mtu int) []string {
 	if mtu != 0 && link.Attrs().MTU != mtu {
 		problems = append(problems, fmt.Sprintf("%s has MTU %d, the config says %d", ifName, link.Attrs().MTU, mtu))
 	}
-	addrs, err := h.AddrList(link, netlink.FAMILY_ALL)
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.AddrList(link, netlink.FAMILY_ALL) })
 	if err != nil {
 		return append(problems, fmt.Sprintf("addresses of %s: %v", ifName, err))
 	}

@@ -6,6 +6,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/isthmus-mesh/isthmus/internal/nldump"
 )
 
 // Link is an interface of the node as the announcer sees it.
@@ -22,7 +24,7 @@ type Link struct {
 
 // Links lists the node's interfaces.
 func Links() ([]Link, error) {
-	ls, err := netlink.LinkList()
+	ls, err := nldump.Retry(netlink.LinkList)
 	if err != nil {
 		return nil, fmt.Errorf("list interfaces: %w", err)
 	}
