@@ -280,80 +280,68 @@ func TestMD5(t *testing.T) {
 // TestGracefulRestart: a detached speaker's routes stay at the peer (the
 // kernel table is polled throughout); a new speaker re-establishes,
 // announces again and ends with End-of-RIB, after which the peer drops the
-// stale route the new speaker no longer has. A withdrawal instead drops
-// the routes at once.
+// stale routes the new speaker no longer has. The IPv6 session is held
+// back until the IPv4 one has finished (End-of-RIB sent): a session that
+// comes up after another must still open as "restarted, forwarding kept"
+// (GoBGP v3 ended restarting for every neighbour at the first End-of-RIB,
+// so the late session opened without the bits and BIRD dropped that
+// family's routes at session start). A withdrawal drops the routes at once.
 func TestGracefulRestart(t *testing.T) {
 	r := newRig(t, (*rig).birdNeighbors)
-	keep := Path{Prefix: netip.MustParsePrefix("10.77.3.0/24")}
-	gone := Path{Prefix: netip.MustParsePrefix("10.77.4.0/24")}
-	// One neighbour: with two, GoBGP ends "restarting" for both at the
-	// first End-of-RIB, and the second session may open without the bits
-	// (the limitation noted in peers.go).
-	config := func(paths ...Path) Config {
-		c := r.config(paths...)
-		c.Peers = c.Peers[:1]
-		return c
-	}
+	keep4, gone4 := Path{Prefix: netip.MustParsePrefix("10.77.3.0/24")}, Path{Prefix: netip.MustParsePrefix("10.77.4.0/24")}
+	keep6, gone6 := Path{Prefix: netip.MustParsePrefix("fd00:77:0:3::/64")}, Path{Prefix: netip.MustParsePrefix("fd00:77:0:4::/64")}
+	kept, all := []netip.Prefix{keep4.Prefix, keep6.Prefix}, []netip.Prefix{keep4.Prefix, keep6.Prefix, gone4.Prefix, gone6.Prefix}
 	s1 := New(nil)
-	if err := s1.Reconcile(t.Context(), config(keep, gone)); err != nil {
+	if err := s1.Reconcile(t.Context(), r.config(keep4, keep6, gone4, gone6)); err != nil {
 		t.Fatal(err)
 	}
-	r.established(t, s1, r.remote4)
+	r.established(t, s1, r.remote4, r.remote6)
 	eventually(t, 5*time.Second, "routes in the router's table", func() (bool, string) {
-		a, _ := r.kernelHas(t, keep.Prefix)
-		b, _ := r.kernelHas(t, gone.Prefix)
-		return a && b, ""
+		return r.missing(t, all) == "", r.missing(t, all)
 	})
 
 	s1.Detach(t.Context())
-	// The session is down at BIRD, in graceful restart, routes kept.
-	eventually(t, 5*time.Second, "BIRD notices the closed session", func() (bool, string) {
-		p, err := r.bird.Protocol(t.Context(), r.local4)
-		return err == nil && p.Info != "Established", fmt.Sprintf("%+v", p)
-	})
+	// The sessions are down at BIRD, in graceful restart, routes kept.
+	for _, a := range []netip.Addr{r.local4, r.local6} {
+		eventually(t, 5*time.Second, "BIRD notices the closed session with "+a.String(), func() (bool, string) {
+			p, err := r.bird.Protocol(t.Context(), a)
+			return err == nil && p.Info != "Established", fmt.Sprintf("%+v", p)
+		})
+	}
 	hold := time.Now().Add(3 * time.Second)
 	for time.Now().Before(hold) {
-		for _, p := range []netip.Prefix{keep.Prefix, gone.Prefix} {
-			if ok, _ := r.kernelHas(t, p); !ok {
-				d, _ := r.bird.ProtocolDetails(t.Context(), r.local4)
-				t.Fatalf("%s left the router's table while the speaker was away:\n%s", p, d)
-			}
+		if m := r.missing(t, all); m != "" {
+			t.Fatalf("%s left the router's table while the speaker was away:\n%s", m, r.details(t))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 
+	unblock := r.blockSessions(t, r.local6)
 	s2 := newSpeaker(t)
 	done := make(chan error, 1)
-	go func() { done <- s2.Reconcile(t.Context(), config(keep)) }()
-	// Throughout the re-establishment the kept route never leaves.
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if ok, _ := r.kernelHas(t, keep.Prefix); !ok {
-			t.Fatalf("%s left the router's table during the restart", keep.Prefix)
-		}
-		goneThere, _ := r.kernelHas(t, gone.Prefix)
-		p, _ := r.bird.Protocol(t.Context(), r.local4)
-		if p.Info == "Established" && !goneThere {
-			break // End-of-RIB arrived: the stale route was flushed
-		}
-		if time.Now().After(deadline) {
-			d, _ := r.bird.ProtocolDetails(t.Context(), r.local4)
-			t.Fatalf("no End-of-RIB flush within 20s (stale %s still there: %v):\n%s", gone.Prefix, goneThere, d)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	go func() { done <- s2.Reconcile(t.Context(), r.config(keep4, keep6)) }()
+	// Throughout the re-establishment the kept routes never leave; each
+	// family's stale route goes at its session's End-of-RIB.
+	r.restartedUntil(t, kept, r.local4, gone4.Prefix)
+	unblock()
+	r.restartedUntil(t, kept, r.local6, gone6.Prefix)
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	// The new session said "restarted, forwarding preserved" (R and F
+	// Each new session said "restarted, forwarding preserved" (R and F
 	// bits), so BIRD kept the stale routes until End-of-RIB rather than
 	// flushing them at session start.
-	d, err := r.bird.ProtocolDetails(t.Context(), r.local4)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !strings.Contains(d, "Restart recovery") || !strings.Contains(d, "AF preserved: ipv4") {
-		t.Errorf("BIRD did not see the restart and forwarding bits:\n%s", d)
+	for _, c := range []struct {
+		a  netip.Addr
+		af string
+	}{{r.local4, "ipv4"}, {r.local6, "ipv6"}} {
+		d, err := r.bird.ProtocolDetails(t.Context(), c.a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(d, "Restart recovery") || !strings.Contains(d, "AF preserved: "+c.af) {
+			t.Errorf("BIRD did not see the restart and forwarding bits from %s:\n%s", c.a, d)
+		}
 	}
 
 	// A deliberate withdrawal: the routes go at once.
@@ -361,7 +349,74 @@ func TestGracefulRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, time.Second, "withdrawn at once", func() (bool, string) {
-		ok, _ := r.kernelHas(t, keep.Prefix)
+		ok, _ := r.kernelHas(t, keep4.Prefix)
 		return !ok, "still there"
 	})
+}
+
+// missing returns the first of pfxs the router's kernel table lacks, ""
+// when it has them all.
+func (r *rig) missing(t *testing.T, pfxs []netip.Prefix) string {
+	for _, p := range pfxs {
+		if ok, _ := r.kernelHas(t, p); !ok {
+			return p.String()
+		}
+	}
+	return ""
+}
+
+func (r *rig) details(t *testing.T) string {
+	var b strings.Builder
+	for _, a := range []netip.Addr{r.local4, r.local6} {
+		d, _ := r.bird.ProtocolDetails(t.Context(), a)
+		b.WriteString(d)
+	}
+	return b.String()
+}
+
+// restartedUntil polls the router's table until BIRD's session with
+// local is established and the stale prefix gone has been flushed (the
+// speaker's End-of-RIB arrived), failing if a kept prefix leaves it.
+func (r *rig) restartedUntil(t *testing.T, kept []netip.Prefix, local netip.Addr, gone netip.Prefix) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if m := r.missing(t, kept); m != "" {
+			t.Fatalf("%s left the router's table during the restart:\n%s", m, r.details(t))
+		}
+		goneThere, _ := r.kernelHas(t, gone)
+		p, _ := r.bird.Protocol(t.Context(), local)
+		if p.Info == "Established" && !goneThere {
+			return // End-of-RIB arrived: the stale route was flushed
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no End-of-RIB flush from %s within 20s (stale %s still there: %v):\n%s", local, gone, goneThere, r.details(t))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// blockSessions drops BGP packets from the speaker's address a at the
+// router until the returned func is called.
+func (r *rig) blockSessions(t *testing.T, a netip.Addr) (unblock func()) {
+	t.Helper()
+	table := fmt.Sprintf("bgphold%x", randBytes(3))
+	rule := fmt.Sprintf("table inet %s { chain in { type filter hook input priority 0; ip6 saddr %s tcp dport 179 drop; ip6 saddr %s tcp sport 179 drop; }; }", table, a, a)
+	if a.Is4() {
+		rule = strings.ReplaceAll(rule, "ip6 saddr", "ip saddr")
+	}
+	if _, err := r.router.Exec(t.Context(), "nft", rule); err != nil {
+		t.Fatal(err)
+	}
+	done := false
+	unblock = func() {
+		if !done {
+			done = true
+			if _, err := r.router.Exec(context.Background(), "nft", "delete", "table", "inet", table); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	t.Cleanup(unblock)
+	return unblock
 }

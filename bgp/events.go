@@ -24,6 +24,9 @@ type events struct {
 	mu     sync.Mutex
 	wanted map[netip.Addr]Peer
 	errs   map[netip.Addr]peerError
+	// syncFinished, when set, is called on GoBGP's "sync finished" (a
+	// restarted speaker has all its established peers' End-of-RIBs).
+	syncFinished func()
 }
 
 type peerError struct {
@@ -76,6 +79,9 @@ func (e *events) forgetAll() {
 
 // record derives a peer error from one GoBGP log message.
 func (e *events) record(msg string, f log.Fields) {
+	if msg == "sync finished" && e.syncFinished != nil {
+		e.syncFinished()
+	}
 	key, _ := f["Key"].(string)
 	addr, err := netip.ParseAddr(key)
 	if err != nil {

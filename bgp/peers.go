@@ -57,14 +57,10 @@ func apiPeer(p Peer, restarting bool) *api.Peer {
 			// peer sent End-of-RIB, at most this long; we import nothing,
 			// so there is nothing worth waiting for.
 			//
-			// Known GoBGP v3 limitation: the first End-of-RIB a restarted
-			// speaker receives ends "restarting" for every neighbour,
-			// also one whose session is not up yet (it counts as having
-			// sent all its End-of-RIBs). That neighbour's OPEN then lacks
-			// the Restart State and Forwarding bits, so it drops our stale
-			// routes at session start and takes them again right after:
-			// a short withdrawal, only with several neighbours and only
-			// when one comes up after another's End-of-RIB (docs/bgp.md).
+			// GoBGP v3 ends "restarting" for every neighbour at the
+			// first End-of-RIB a restarted speaker receives, also for
+			// one whose session is not up yet; Speaker.rearm gives such
+			// a neighbour its R bit back.
 			DeferralTime: 1,
 		}
 		ap.AfiSafis[0].MpGracefulRestart = &api.MpGracefulRestart{Config: &api.MpGracefulRestartConfig{Enabled: true}}
@@ -94,6 +90,7 @@ func (s *Speaker) syncPeers(ctx context.Context, want []Peer) error {
 			continue
 		}
 		delete(s.peers, addr)
+		delete(s.restarting, addr)
 		if !ok {
 			s.log.Info("peer removed", "peer", addr)
 		}
@@ -108,6 +105,9 @@ func (s *Speaker) syncPeers(ctx context.Context, want []Peer) error {
 			continue
 		}
 		s.peers[addr] = p
+		if s.restarted && p.GracefulRestart {
+			s.restarting[addr] = true
+		}
 		s.log.Info("peer configured", "peer", addr, "asn", p.ASN, "port", p.port(), "md5", p.Password != "",
 			"gracefulRestart", p.GracefulRestart, "restarting", s.restarted && p.GracefulRestart)
 	}
@@ -224,4 +224,55 @@ func sessionState(s api.PeerState_SessionState) string {
 		return StateEstablished
 	}
 	return strings.ToLower(s.String())
+}
+
+// rearm runs after GoBGP's "sync finished": a restarted speaker received
+// End-of-RIB from every established peer and cleared "restarting" for
+// every neighbour. GoBGP v3 counts a neighbour whose session is not up
+// yet as done (fixed in v4.6.0, osrg/gobgp#3432), so that neighbour's
+// OPEN would go out without the Restart State and Forwarding bits and its
+// router would drop our stale routes at session start (RFC 4724 4.2) and
+// learn them again a moment later: with an IPv4 and an IPv6 neighbour,
+// the one that connects second loses its family for a moment on nearly
+// every restart. Such a neighbour, not past Active (no OPEN sent), is
+// added again as restarting; one whose OPEN went out (with the bits) or
+// whose session is up is left alone.
+func (s *Speaker) rearm() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.srv == nil || len(s.restarting) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	states := map[string]api.PeerState_SessionState{}
+	err := s.srv.ListPeer(ctx, &api.ListPeerRequest{}, func(p *api.Peer) {
+		if p.Conf != nil && p.State != nil {
+			states[p.Conf.NeighborAddress] = p.State.SessionState
+		}
+	})
+	if err != nil {
+		s.log.Warn("graceful restart: list peers", "err", err)
+		return
+	}
+	for _, addr := range slices.SortedFunc(maps.Keys(s.restarting), netip.Addr.Compare) {
+		switch states[addr.String()] {
+		case api.PeerState_OPENSENT, api.PeerState_OPENCONFIRM, api.PeerState_ESTABLISHED:
+			delete(s.restarting, addr)
+			continue
+		}
+		p := s.peers[addr]
+		err := s.srv.DeletePeer(ctx, &api.DeletePeerRequest{Address: addr.String()})
+		if err == nil {
+			err = s.srv.AddPeer(ctx, &api.AddPeerRequest{Peer: apiPeer(p, true)})
+		}
+		if err != nil {
+			// The next Reconcile adds it (without the bits).
+			delete(s.peers, addr)
+			delete(s.restarting, addr)
+			s.log.Warn("graceful restart: could not mark a peer not up yet as restarting again", "peer", addr, "err", err)
+			continue
+		}
+		s.log.Info("graceful restart: a peer not up yet when the others finished their sync is marked restarting again", "peer", addr)
+	}
 }

@@ -38,6 +38,9 @@ type Speaker struct {
 	// the peer keeps the routes it holds from our previous life until our
 	// End-of-RIB instead of dropping them when the session comes up.
 	restarted bool
+	// restarting are the peers added with the R bit whose session has
+	// not been seen up since (see rearm).
+	restarting map[netip.Addr]bool
 }
 
 type installed struct {
@@ -52,8 +55,12 @@ func New(log *slog.Logger) *Speaker {
 		log = slog.Default()
 	}
 	log = log.With("component", "bgp")
-	return &Speaker{log: log, events: newEvents(log), peers: map[netip.Addr]Peer{}, paths: map[netip.Prefix]installed{},
-		want: map[netip.Prefix]Path{}, pending: map[netip.Prefix]struct{}{}, restarted: true}
+	s := &Speaker{log: log, events: newEvents(log), peers: map[netip.Addr]Peer{}, paths: map[netip.Prefix]installed{},
+		want: map[netip.Prefix]Path{}, pending: map[netip.Prefix]struct{}{}, restarted: true, restarting: map[netip.Addr]bool{}}
+	// GoBGP logs "sync finished" from its event loop, which the API
+	// calls of rearm need free.
+	s.events.syncFinished = func() { go s.rearm() }
+	return s
 }
 
 // Reconcile converges the speaker to want: it starts, restarts (another
@@ -194,6 +201,7 @@ func (s *Speaker) stopLocked(ctx context.Context) {
 	_ = s.srv.StopBgp(ctx, &api.StopBgpRequest{})
 	s.srv, s.cur = nil, Config{}
 	clear(s.peers)
+	clear(s.restarting)
 	clear(s.paths)
 	for pfx := range s.want {
 		s.pending[pfx] = struct{}{} // announced again at the next start
