@@ -145,9 +145,13 @@ func (s *Speaker) reconcileLocked(ctx context.Context, want Config) error {
 			return err
 		}
 	}
-	errPeers := s.syncPeers(ctx, want.Peers)
+	// Paths first: a session can only open after its peer is added, so a
+	// restarted speaker's first End-of-RIB (at the latest a deferral time
+	// after the session came up) always follows every path of this call,
+	// however many there are.
 	errPaths := s.syncPaths(ctx)
-	return errors.Join(errPeers, errPaths)
+	errPeers := s.syncPeers(ctx, want.Peers)
+	return errors.Join(errPaths, errPeers)
 }
 
 // startLocked starts GoBGP with the global settings of c and the import
