@@ -117,6 +117,14 @@ func yamlToGeneric(doc []byte) (any, error) {
 	if v, ok := jsonToGeneric(doc); ok {
 		return v, nil
 	}
+	if v, ok := parseSimpleYAML(doc); ok {
+		return v, nil
+	}
+	return yamlToGenericViaLibrary(doc)
+}
+
+// yamlToGenericViaLibrary is yamlToGeneric through the YAML library.
+func yamlToGenericViaLibrary(doc []byte) (any, error) {
 	var y any
 	if err := yamlv2.UnmarshalStrict(doc, &y); err != nil {
 		return nil, err // what YAMLToJSONStrict returns

@@ -461,3 +461,37 @@ func TestDecodeCanonicalTakesStoredObjects(t *testing.T) {
 		}
 	}
 }
+
+// parseSimpleYAML gives, for what it takes, what the YAML library's path
+// gives.
+func FuzzSimpleYAMLMatchesLibrary(f *testing.F) {
+	for _, s := range decodeSeeds(f) {
+		f.Add(s)
+	}
+	for _, s := range []string{
+		"a: 1\nb:\n  - x\n  - {c: d, e: [f, 'g', \"h\"]}\n- z\n",
+		"a:\n- 1\n- -2\n- 0x1F\n- 0o17\n- 1_000\n- 0b101\n- 1.5\n- .5\n- 1e3\n- 2001-12-14\n- 9223372036854775808\n- 18446744073709551616\n",
+		"a: yes\nb: No\nc: ~\nd: null\ne:\nf: on # comment\ng: .inf\nh: 10.98.0.1\ni: fd00::1\nj: http://x/y\n",
+		"a: b\n  c\n", "a: b\n  # c\nd: e\n", "a: 'it''s'\n", "a: \"x\\ty\"\n", "a: b: c\n", "a: [b, c,]\n", "a: {b: c, b: d}\n",
+		"a: 1\na: 2\n", "- a: 1\n  b: 2\n- c\n", "yes: 1\n", "<<: {a: 1}\n", "a: [fd00::1]\n", "a: &x 1\nb: *x\n",
+		"  a: 1\nb: 2\n", "a:\n  b: 1\n c: 2\n", "a: x#y\n", "a: 'x'#y\n", "a: -\n", "a: - b\n", "a:    \n  - b\n",
+		"a: {}\nb: []\nc: [ ]\nd: {b: [], c: {}}\n", "key with spaces: value with  spaces   # c\n", "a:b: c\n",
+		strings.Repeat("+", 1100) + "a: -A", // a key too long to be one
+		"... 0:",                            // a document marker
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, doc []byte) {
+		v, ok := parseSimpleYAML(doc)
+		if !ok {
+			return
+		}
+		ref, err := yamlToGenericViaLibrary(doc)
+		if err != nil {
+			t.Fatalf("parseSimpleYAML took what the library refuses (%v): %q", err, doc)
+		}
+		if !reflect.DeepEqual(v, ref) {
+			t.Fatalf("parseSimpleYAML gave %#v, the library %#v: %q", v, ref, doc)
+		}
+	})
+}
