@@ -31,6 +31,13 @@ func validateDNSLabel(path, s string) error {
 // validateLabelMap checks keys and values of a label map or selector, in key
 // order so the first error is stable.
 func validateLabelMap(path string, m map[string]string) error {
+	valid := true
+	for k, v := range m {
+		valid = valid && identity.ValidateLabelKey(k) == nil && identity.ValidateLabelValue(v) == nil
+	}
+	if valid {
+		return nil // the keys are sorted for the error only
+	}
 	for _, k := range slices.Sorted(maps.Keys(m)) {
 		if err := identity.ValidateLabelKey(k); err != nil {
 			return fieldError(path, "%v", err)
@@ -59,6 +66,13 @@ func validateHeader(apiVersion, kind, wantKind string, m Meta) error {
 		return err
 	}
 	// Annotation values are free-form; keys follow the label key rules.
+	valid := true
+	for k := range m.Annotations {
+		valid = valid && identity.ValidateLabelKey(k) == nil
+	}
+	if valid {
+		return nil
+	}
 	for _, k := range slices.Sorted(maps.Keys(m.Annotations)) {
 		if err := identity.ValidateLabelKey(k); err != nil {
 			return fieldError("metadata.annotations", "%v", err)
