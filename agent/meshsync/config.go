@@ -354,7 +354,8 @@ func WriteConfig(ctx context.Context, c *kvstore.Client, read Config, cluster st
 	if err != nil {
 		return err
 	}
-	var ops []kvstore.Op
+	// Sized once: an op is large, and a bulk apply writes a thousand.
+	ops := make([]kvstore.Op, 0, len(put)+len(del)+1)
 	for _, k := range slices.Sorted(maps.Keys(put)) {
 		ops = append(ops, kvstore.OpPut(ConfigKey(k), put[k]))
 	}
