@@ -277,21 +277,26 @@ func flowSeq(text string) (any, string, bool) {
 			return nil, "", false
 		}
 		out = append(out, v)
-		rest = strings.TrimLeft(rest, " ")
-		switch {
-		case strings.HasPrefix(rest, "]"):
-			return out, rest[1:], true
-		case strings.HasPrefix(rest, ", "):
-			text = strings.TrimLeft(rest[2:], " ")
-		case strings.HasPrefix(rest, ","):
-			text = strings.TrimLeft(rest[1:], " ")
-		default:
-			return nil, "", false
-		}
-		if text == "" || text[0] == ']' || text[0] == ',' {
-			return nil, "", false
+		var done bool
+		if text, done, ok = afterEntry(rest, ']'); !ok || done {
+			return out, text, ok
 		}
 	}
+}
+
+// afterEntry reads what follows an entry of a flow collection: its
+// closing byte (done, and the text after it), or a ',' and the text of
+// the next entry (not empty, no second ',').
+func afterEntry(rest string, closing byte) (text string, done, ok bool) {
+	rest = strings.TrimLeft(rest, " ")
+	switch {
+	case rest != "" && rest[0] == closing:
+		return rest[1:], true, true
+	case rest != "" && rest[0] == ',':
+		text = strings.TrimLeft(rest[1:], " ")
+		return text, false, text != "" && text[0] != closing && text[0] != ','
+	}
+	return "", false, false
 }
 
 // flowMap parses the entries of a flow mapping after its '{'.
@@ -318,17 +323,9 @@ func flowMap(text string) (any, string, bool) {
 			return nil, "", false
 		}
 		m[key] = v
-		rest = strings.TrimLeft(rest, " ")
-		switch {
-		case strings.HasPrefix(rest, "}"):
-			return m, rest[1:], true
-		case strings.HasPrefix(rest, ","):
-			text = strings.TrimLeft(rest[1:], " ")
-		default:
-			return nil, "", false
-		}
-		if text == "" || text[0] == '}' || text[0] == ',' {
-			return nil, "", false
+		var done bool
+		if text, done, ok = afterEntry(rest, '}'); !ok || done {
+			return m, text, ok
 		}
 	}
 }
