@@ -160,6 +160,9 @@ type Mesh struct {
 	// configs keeps what applies and deletes decoded of the applied
 	// objects, so that each decodes only what changed since.
 	configs meshsync.ConfigCache
+	// frontends keeps the frontends of the applied services for the
+	// conflict check of the next apply (the cache gives the same objects).
+	frontends desired.FrontendMemo
 }
 
 // New returns the cluster mode of one node; Run connects it.

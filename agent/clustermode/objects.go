@@ -42,7 +42,7 @@ func (m *Mesh) Apply(ctx context.Context, objs []objects.Object) (api.ApplyResul
 		if err != nil {
 			return api.ApplyResult{}, api.WithStatus(http.StatusServiceUnavailable, err)
 		}
-		if err := batch.CheckConflicts(desired.Objects(cur.Objects)); err != nil {
+		if err := batch.CheckConflictsMemo(desired.Objects(cur.Objects), &m.frontends); err != nil {
 			return api.ApplyResult{}, err
 		}
 		res, put, err = batch.Plan(func(key string) ([]byte, bool) {

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 
 	"github.com/isthmus-mesh/isthmus/agent/api"
@@ -196,17 +197,26 @@ func (b Batch) Plan(stored func(key string) ([]byte, bool)) (api.ApplyResult, ma
 // same batch. An index of frontends keeps this linear in the number of services;
 // the message comes from objects.CheckConflicts.
 func (b Batch) CheckConflicts(cur Objects) error {
+	return b.CheckConflictsMemo(cur, nil)
+}
+
+// CheckConflictsMemo is CheckConflicts taking the frontends of cur's
+// services from memo (nil: none), which a caller keeps from one apply to
+// the next when cur holds the same objects each time (cluster mode reads
+// them through a cache): the frontends of every applied service,
+// computed again per apply, were a tenth of a bulk apply's CPU.
+func (b Batch) CheckConflictsMemo(cur Objects, memo *FrontendMemo) error {
 	owner := map[bpf.Frontend]*objects.Service{}
-	index := func(s *objects.Service) {
-		fs, _ := s.AllFrontends()
+	index := func(s *objects.Service, fs []bpf.Frontend) {
 		for _, f := range fs {
 			owner[f] = s
 		}
 	}
+	defer memo.done()
 	for key, o := range cur {
 		if s, ok := o.(*objects.Service); ok {
 			if _, replaced := b.Objects[key]; !replaced {
-				index(s)
+				index(s, memo.frontends(s))
 			}
 		}
 	}
@@ -228,9 +238,47 @@ func (b Batch) CheckConflicts(cur Objects) error {
 				return api.WithStatus(http.StatusConflict, err)
 			}
 		}
-		index(s)
+		index(s, fs)
 	}
 	return b.checkPools(cur)
+}
+
+// FrontendMemo keeps Service.AllFrontends per service object (objects
+// are immutable once decoded) for CheckConflictsMemo; it holds those of
+// the last call's services only. The zero value is ready; it is safe for
+// concurrent use (one call at a time).
+type FrontendMemo struct {
+	mu         sync.Mutex
+	last, next map[*objects.Service][]bpf.Frontend
+}
+
+// frontends returns s.AllFrontends(), from the memo when it has them; a
+// nil memo computes them. The first use in a call locks the memo until
+// done.
+func (m *FrontendMemo) frontends(s *objects.Service) []bpf.Frontend {
+	if m == nil {
+		fs, _ := s.AllFrontends()
+		return fs
+	}
+	if m.next == nil {
+		m.mu.Lock()
+		m.next = map[*objects.Service][]bpf.Frontend{}
+	}
+	fs, ok := m.last[s]
+	if !ok {
+		fs, _ = s.AllFrontends()
+	}
+	m.next[s] = fs
+	return fs
+}
+
+// done ends a call: what it did not use is forgotten.
+func (m *FrontendMemo) done() {
+	if m == nil || m.next == nil {
+		return
+	}
+	m.last, m.next = m.next, nil
+	m.mu.Unlock()
 }
 
 // checkPools refuses a batch in which a LoadBalancerIPPool shares an

@@ -1,6 +1,8 @@
 package desired
 
 import (
+	"fmt"
+	"maps"
 	"net/http"
 	"strings"
 	"testing"
@@ -85,6 +87,38 @@ func TestCheckConflictsServices(t *testing.T) {
 	} {
 		if err := decodeBatch(t, yaml).CheckConflicts(cur); err != nil {
 			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
+
+// The memo gives the answers CheckConflicts gives, call after call, and
+// a service replaced by a new object is checked with its new frontends.
+func TestCheckConflictsMemo(t *testing.T) {
+	np := func(port string) string { return "  type: NodePort\n  ports: [{port: 80, nodePort: " + port + "}]\n" }
+	cur := Objects(decodeBatch(t, svcYAML("a", "10.96.0.1", np("30080"))+svcYAML("e", "10.96.0.5", np("30085"))).Objects)
+	moved := maps.Clone(cur)
+	maps.Copy(moved, decodeBatch(t, svcYAML("a", "10.96.0.1", np("30090"))).Objects)
+	var memo FrontendMemo
+	for i, tc := range []struct {
+		cur      Objects
+		yaml     string
+		conflict bool
+	}{
+		{cur, svcYAML("b", "10.96.0.2", np("30080")), true},
+		{cur, svcYAML("b", "10.96.0.2", np("30085")), true},
+		{cur, svcYAML("b", "10.96.0.2", np("30086")), false},
+		{moved, svcYAML("b", "10.96.0.2", np("30080")), false},
+		{moved, svcYAML("b", "10.96.0.2", np("30090")), true},
+		{cur, svcYAML("b", "10.96.0.2", np("30080")), true},
+	} {
+		b := decodeBatch(t, tc.yaml)
+		want := b.CheckConflicts(tc.cur)
+		got := b.CheckConflictsMemo(tc.cur, &memo)
+		if (want != nil) != tc.conflict || fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("call %d: with the memo %v, without %v (conflict expected: %v)", i, got, want, tc.conflict)
+		}
+		if len(memo.last) != len(tc.cur) {
+			t.Errorf("call %d: the memo holds %d services, want those of the call (%d)", i, len(memo.last), len(tc.cur))
 		}
 	}
 }

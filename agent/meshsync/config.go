@@ -196,6 +196,11 @@ type ConfigCache struct {
 
 	mu      sync.Mutex
 	decoded map[string]cachedObject
+	// rev is the revision at which decoded held every applied object
+	// (0: unknown): a read of every kind then asks etcd for what changed
+	// since, not for every value (GetPrefixSince). A read of one kind
+	// keeps it: what that read took is at least as new.
+	rev int64
 }
 
 type cachedObject struct {
@@ -215,60 +220,126 @@ func readConfig(ctx context.Context, c *kvstore.Client, kind string, cc *ConfigC
 	if err != nil {
 		return Config{}, err
 	}
-	cfg := Config{Objects: map[string]objects.Object{}, Raw: map[string][]byte{}}
+	var guardRev int64
 	if found {
-		cfg.guardRev = guard.ModRevision
+		guardRev = guard.ModRevision
 	}
+	if cc != nil && kind == "" {
+		cfg, ok, err := cc.readSince(ctx, c)
+		if err != nil || ok {
+			cfg.guardRev = guardRev
+			return cfg, err
+		}
+	}
+	cfg := Config{Objects: map[string]objects.Object{}, Raw: map[string][]byte{}, guardRev: guardRev}
 	prefix := ConfigPrefix
 	if kind != "" {
 		prefix += kind + "/"
 	}
-	kvs, _, err := c.GetPrefix(ctx, prefix)
+	kvs, rev, err := c.GetPrefix(ctx, prefix)
 	if err != nil {
 		return Config{}, err
 	}
-	var prev, next map[string]cachedObject
-	if cc != nil {
-		cc.mu.Lock()
-		prev = cc.decoded
-		cc.mu.Unlock()
-		next = make(map[string]cachedObject, len(kvs))
+	if cc == nil {
+		for _, kv := range kvs {
+			cfg.add(kv.Key, decodeValue(kv.Key, kv.Value))
+		}
+		return cfg, nil
 	}
+	cc.mu.Lock()
+	prev := cc.decoded
+	cc.mu.Unlock()
+	next := make(map[string]cachedObject, len(kvs))
 	for _, kv := range kvs {
-		k := strings.TrimPrefix(kv.Key, ConfigPrefix)
-		cfg.Raw[k] = kv.Value
-		var o objects.Object
-		var err error
-		known := false
-		if p, ok := prev[kv.Key]; ok && bytes.Equal(p.raw, kv.Value) {
-			o, err, known = p.obj, p.err, true
-		} else if cc != nil && cc.Known != nil {
-			o, known = cc.Known(kv.Key, kv.Value)
+		e := cc.entry(prev, kv.Key, kv.Value)
+		next[kv.Key] = e
+		cfg.add(kv.Key, e)
+	}
+	// A read of one kind keeps the other kinds' entries.
+	for key, e := range prev {
+		if _, ok := next[key]; !ok && !strings.HasPrefix(key, prefix) {
+			next[key] = e
 		}
-		if !known {
-			o, err = DecodeObject(kv.Key, kv.Value)
-		}
-		if next != nil {
-			next[kv.Key] = cachedObject{raw: kv.Value, obj: o, err: err}
-		}
-		if err != nil {
-			cfg.Invalid = append(cfg.Invalid, err)
+	}
+	cc.mu.Lock()
+	cc.decoded = next
+	if kind == "" {
+		cc.rev = rev
+	}
+	cc.mu.Unlock()
+	return cfg, nil
+}
+
+// readSince reads what changed since the cache's revision and returns
+// every applied object; ok is false when it cannot tell (no revision yet,
+// keys deleted since: the caller reads everything).
+func (cc *ConfigCache) readSince(ctx context.Context, c *kvstore.Client) (Config, bool, error) {
+	cc.mu.Lock()
+	prev, since := cc.decoded, cc.rev
+	cc.mu.Unlock()
+	if since == 0 {
+		return Config{}, false, nil
+	}
+	kvs, count, rev, err := c.GetPrefixSince(ctx, ConfigPrefix, since+1)
+	if err != nil {
+		return Config{}, false, err
+	}
+	next := maps.Clone(prev)
+	for _, kv := range kvs {
+		next[kv.Key] = cc.entry(prev, kv.Key, kv.Value)
+	}
+	// Every key stored now was written since (in kvs) or was there at
+	// since (in prev): more keys than stored means some were deleted.
+	if int64(len(next)) != count {
+		return Config{}, false, nil
+	}
+	cfg := Config{Objects: make(map[string]objects.Object, len(next)), Raw: make(map[string][]byte, len(next))}
+	var invalid []string
+	for key, e := range next {
+		if e.err != nil {
+			invalid = append(invalid, key)
 			continue
 		}
-		cfg.Objects[k] = o
+		cfg.add(key, e)
 	}
-	if cc != nil {
-		// A read of one kind keeps the other kinds' entries.
-		for key, e := range prev {
-			if _, ok := next[key]; !ok && !strings.HasPrefix(key, prefix) {
-				next[key] = e
-			}
+	slices.Sort(invalid) // Invalid in key order, as a full read lists it
+	for _, key := range invalid {
+		cfg.add(key, next[key])
+	}
+	cc.mu.Lock()
+	cc.decoded, cc.rev = next, rev
+	cc.mu.Unlock()
+	return cfg, true, nil
+}
+
+// entry is the decoded value raw of key (an etcd key): prev's when it
+// decoded the same value, the Known one, or decoded now.
+func (cc *ConfigCache) entry(prev map[string]cachedObject, key string, raw []byte) cachedObject {
+	if p, ok := prev[key]; ok && bytes.Equal(p.raw, raw) {
+		return p
+	}
+	if cc.Known != nil {
+		if o, ok := cc.Known(key, raw); ok {
+			return cachedObject{raw: raw, obj: o}
 		}
-		cc.mu.Lock()
-		cc.decoded = next
-		cc.mu.Unlock()
 	}
-	return cfg, nil
+	return decodeValue(key, raw)
+}
+
+func decodeValue(key string, raw []byte) cachedObject {
+	o, err := DecodeObject(key, raw)
+	return cachedObject{raw: raw, obj: o, err: err}
+}
+
+// add puts the value of an etcd key into the configuration.
+func (cfg *Config) add(key string, e cachedObject) {
+	k := strings.TrimPrefix(key, ConfigPrefix)
+	cfg.Raw[k] = e.raw
+	if e.err != nil {
+		cfg.Invalid = append(cfg.Invalid, e.err)
+		return
+	}
+	cfg.Objects[k] = e.obj
 }
 
 // ErrConcurrentChange says the applied objects changed between ReadConfig
@@ -283,7 +354,8 @@ func WriteConfig(ctx context.Context, c *kvstore.Client, read Config, cluster st
 	if err != nil {
 		return err
 	}
-	var ops []kvstore.Op
+	// Sized once: an op is large, and a bulk apply writes a thousand.
+	ops := make([]kvstore.Op, 0, len(put)+len(del)+1)
 	for _, k := range slices.Sorted(maps.Keys(put)) {
 		ops = append(ops, kvstore.OpPut(ConfigKey(k), put[k]))
 	}

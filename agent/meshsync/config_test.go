@@ -3,6 +3,8 @@ package meshsync
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"math/rand/v2"
 	"reflect"
 	"testing"
 
@@ -82,6 +84,62 @@ func TestConfigCacheReadsWhatIsStored(t *testing.T) {
 	}
 	if vips := fourth.Objects["Service/default/e"].(*objects.Service).Spec.VIPs; vips[0] != "10.96.0.7" {
 		t.Errorf("e read as %v: the tables' stale value", vips)
+	}
+}
+
+// Reads through a ConfigCache (incremental while nothing was deleted,
+// full otherwise, of every kind or of one) give what ReadConfig gives,
+// over random puts, edits, invalid values and deletes.
+func TestConfigCacheMatchesReadConfig(t *testing.T) {
+	e := etcdtest.Start(t)
+	c := connect(t, e)
+	ctx := context.Background()
+	r := rand.New(rand.NewPCG(1, 2))
+	value := func(kind, name string) []byte {
+		if r.IntN(6) == 0 {
+			return []byte(`{"kind":"` + kind + `"}`) // does not decode
+		}
+		var o any = objects.Service{APIVersion: objects.APIVersion, Kind: objects.KindService,
+			Metadata: objects.Meta{Name: name, Namespace: objects.DefaultNamespace},
+			Spec:     objects.ServiceSpec{VIPs: []string{fmt.Sprintf("10.96.0.%d", r.IntN(200)+1)}, Ports: []objects.ServicePort{{Port: 80, Protocol: "TCP"}}}}
+		if kind == objects.KindLoadBalancerIPPool {
+			o = objects.LoadBalancerIPPool{APIVersion: objects.APIVersion, Kind: kind, Metadata: objects.Meta{Name: name, Namespace: objects.DefaultNamespace},
+				Spec: objects.LoadBalancerIPPoolSpec{Blocks: []objects.PoolBlock{{CIDR: fmt.Sprintf("192.0.%d.0/24", r.IntN(200))}}}}
+		}
+		raw, err := json.Marshal(o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return raw
+	}
+	var cc ConfigCache
+	kinds := []string{objects.KindService, objects.KindLoadBalancerIPPool}
+	for step := range 300 {
+		kind, name := kinds[r.IntN(2)], fmt.Sprint("o", r.IntN(6))
+		key := ConfigKey(kind + "/default/" + name)
+		switch r.IntN(5) {
+		case 0:
+			del(t, c, key)
+		case 1, 2:
+			put(t, c, key, value(kind, name))
+		default:
+			readKind := ""
+			if r.IntN(4) == 0 {
+				readKind = kinds[r.IntN(2)]
+			}
+			got, err := cc.Read(ctx, c, readKind)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want, err := ReadConfig(ctx, c, readKind)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(got.Objects, want.Objects) || !reflect.DeepEqual(got.Raw, want.Raw) ||
+				fmt.Sprint(got.Invalid) != fmt.Sprint(want.Invalid) || got.guardRev != want.guardRev {
+				t.Fatalf("step %d, read of %q: cached\n%v %v\nReadConfig\n%v %v", step, readKind, got.Raw, got.Invalid, want.Raw, want.Invalid)
+			}
+		}
 	}
 }
 

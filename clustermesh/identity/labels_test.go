@@ -2,6 +2,7 @@ package identity
 
 import (
 	"maps"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -183,4 +184,45 @@ func FuzzParseLabels(f *testing.F) {
 			t.Fatalf("String not stable: %q != %q", back.String(), str)
 		}
 	})
+}
+
+// The hand-written matchers accept exactly what the patterns they
+// replaced accept: every string of up to four bytes over an alphabet
+// with a byte of each class (end, inner only, outside), and the fuzzer's.
+func TestNameMatchersMatchPatterns(t *testing.T) {
+	alphabet := []byte("aZ09-_.A/ \xff")
+	var gen func(prefix []byte, n int)
+	gen = func(prefix []byte, n int) {
+		checkNameMatchers(t, string(prefix))
+		if n == 0 {
+			return
+		}
+		for _, c := range alphabet {
+			gen(append(prefix, c), n-1)
+		}
+	}
+	gen(nil, 4)
+}
+
+func FuzzNameMatchers(f *testing.F) {
+	for _, s := range []string{"", "a", "a-b", "-a", "a.", "A_b.c", "app.kubernetes.io"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) { checkNameMatchers(t, s) })
+}
+
+// The patterns the matchers replaced.
+var (
+	labelNamePattern = regexp.MustCompile(`^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$`)
+	dnsLabelPattern  = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
+)
+
+func checkNameMatchers(t *testing.T, s string) {
+	t.Helper()
+	if got, want := isLabelName(s), labelNamePattern.MatchString(s); got != want {
+		t.Fatalf("isLabelName(%q) = %v, the pattern says %v", s, got, want)
+	}
+	if got, want := IsDNSLabel(s), dnsLabelPattern.MatchString(s); got != want {
+		t.Fatalf("IsDNSLabel(%q) = %v, the pattern says %v", s, got, want)
+	}
 }

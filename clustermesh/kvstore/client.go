@@ -359,8 +359,23 @@ func (c *Client) listPages(ctx context.Context, prefix string, page func([]KeyVa
 // GetPrefix reads every key under prefix, sorted by key, as one consistent
 // snapshot, and returns the revision of that snapshot.
 func (c *Client) GetPrefix(ctx context.Context, prefix string) (kvs []KeyValue, rev int64, err error) {
+	kvs, _, rev, err = c.getPrefix(ctx, prefix, 0)
+	return kvs, rev, err
+}
+
+// GetPrefixSince is GetPrefix for a reader that holds the keys under
+// prefix as of an earlier revision since-1: it returns only the keys
+// modified since (ModRevision >= since), and count, the number of keys
+// under prefix in the snapshot. Keys deleted since are not returned;
+// the reader knows of some when it holds more keys than count after
+// taking in kvs. Values that did not change do not cross the wire.
+func (c *Client) GetPrefixSince(ctx context.Context, prefix string, since int64) (kvs []KeyValue, count, rev int64, err error) {
+	return c.getPrefix(ctx, prefix, since)
+}
+
+func (c *Client) getPrefix(ctx context.Context, prefix string, since int64) (kvs []KeyValue, count, rev int64, err error) {
 	err = c.do(ctx, opGetPrefix, prefix, func(ctx context.Context) error {
-		kvs, rev = nil, 0
+		kvs, count, rev = nil, 0, 0
 		end := clientv3.GetPrefixRangeEnd(prefix)
 		from := prefix
 		for {
@@ -368,12 +383,15 @@ func (c *Client) GetPrefix(ctx context.Context, prefix string) (kvs []KeyValue, 
 			if rev != 0 {
 				opts = append(opts, clientv3.WithRev(rev))
 			}
+			if since > 0 {
+				opts = append(opts, clientv3.WithMinModRev(since))
+			}
 			resp, err := c.cli.Get(ctx, from, opts...)
 			if err != nil {
 				return err
 			}
 			if rev == 0 {
-				rev = resp.Header.Revision
+				rev, count = resp.Header.Revision, resp.Count // the first page counts the whole prefix
 			}
 			for _, kv := range resp.Kvs {
 				kvs = append(kvs, toKV(kv))
@@ -384,7 +402,7 @@ func (c *Client) GetPrefix(ctx context.Context, prefix string) (kvs []KeyValue, 
 			from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 		}
 	})
-	return kvs, rev, err
+	return kvs, count, rev, err
 }
 
 // Put writes key without a lease: it stays until deleted.

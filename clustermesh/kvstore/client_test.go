@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -111,6 +112,50 @@ func TestBasicOps(t *testing.T) {
 	st := c.Stats()
 	if st.Ops["put"].Count < 11 || st.Ops["get_prefix"].Count != 1 || st.Ops["delete"].Count != 2 || st.Ops["put"].Latency <= 0 {
 		t.Errorf("stats not counted: %+v", st.Ops)
+	}
+}
+
+// GetPrefixSince returns the keys written since a revision, in pages,
+// and the count of every key under the prefix, from which a reader
+// tells that keys were deleted.
+func TestGetPrefixSince(t *testing.T) {
+	ctx := testCtx(t)
+	c := connect(t, etcdtest.Start(t).Endpoint)
+	defer func(n int64) { listPageSize = n }(listPageSize)
+	listPageSize = 2
+	for i := range 10 {
+		if err := c.Put(ctx, fmt.Sprintf("p/%02d", i), []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, rev, err := c.GetPrefix(ctx, "p/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"p/03", "p/07", "p/10", "p/05"} {
+		if err := c.Put(ctx, k, []byte("new")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.Delete(ctx, "p/01"); err != nil {
+		t.Fatal(err)
+	}
+	kvs, count, rev2, err := c.GetPrefixSince(ctx, "p/", rev+1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	for _, kv := range kvs {
+		keys = append(keys, kv.Key)
+		if string(kv.Value) != "new" {
+			t.Errorf("%s = %q", kv.Key, kv.Value)
+		}
+	}
+	if want := []string{"p/03", "p/05", "p/07", "p/10"}; !slices.Equal(keys, want) || count != 10 || rev2 != rev+5 {
+		t.Fatalf("GetPrefixSince = %v, count %d at rev %d; want %v, count 10 at rev %d", keys, count, rev2, want, rev+5)
+	}
+	if kvs, count, _, err := c.GetPrefixSince(ctx, "p/", rev2+1); err != nil || len(kvs) != 0 || count != 10 {
+		t.Fatalf("nothing changed: %v, count %d, %v", kvs, count, err)
 	}
 }
 

@@ -43,6 +43,14 @@ type StatusCache struct {
 	problems  map[string][]string
 	byPool    map[string]map[netip.Addr]int
 	poolKeys  map[string]bool
+	// A pool's status is kept up to date per address, so that a Patch
+	// costs what changed, not every address of the pools: per pool
+	// name, its ranges (those of the pool object, nil when there is
+	// none), how many addresses it has in statuses, and those of them
+	// outside its ranges (counted like byPool).
+	poolRanges map[string][]objects.AddrRange
+	poolUsed   map[string]int
+	poolKept   map[string]map[netip.Addr]int
 }
 
 type statusMemo struct {
@@ -77,6 +85,7 @@ func (c *StatusCache) Patch(objs map[string]objects.Object, asg map[string]Assig
 		return c.out, c.allProblems()
 	}
 	out = maps.Clone(c.out)
+	var changedPools []string
 	svcKeys := map[string]bool{}
 	for _, k := range asgKeys {
 		svcKeys[k] = true
@@ -87,6 +96,9 @@ func (c *StatusCache) Patch(objs map[string]objects.Object, asg map[string]Assig
 			continue
 		}
 		delete(out, k)
+		if _, isPool := objs[k].(*objects.LoadBalancerIPPool); isPool || c.poolKeys[k] {
+			changedPools = append(changedPools, k)
+		}
 		delete(c.poolKeys, k)
 		switch o := objs[k].(type) {
 		case nil:
@@ -98,11 +110,7 @@ func (c *StatusCache) Patch(objs map[string]objects.Object, asg map[string]Assig
 	}
 	for key := range svcKeys {
 		for _, ad := range c.contrib[key] {
-			if n := c.byPool[ad.Pool][ad.IP] - 1; n > 0 {
-				c.byPool[ad.Pool][ad.IP] = n
-			} else {
-				delete(c.byPool[ad.Pool], ad.IP)
-			}
+			c.countAddr(ad, -1)
 		}
 		delete(c.contrib, key)
 		delete(c.problems, key)
@@ -121,11 +129,58 @@ func (c *StatusCache) Patch(objs map[string]objects.Object, asg map[string]Assig
 		}
 		c.noteService(key, addrs, probs)
 	}
+	for _, k := range changedPools {
+		c.setPoolRanges(k, objs)
+	}
 	for k := range c.poolKeys {
 		out[k] = c.poolStatus(objs[k].(*objects.LoadBalancerIPPool))
 	}
 	c.out = out
 	return out, c.allProblems()
+}
+
+// setPoolRanges takes the ranges of the pool with objects.Key key from
+// objs (none when it is not there) and sorts its addresses into those
+// inside and outside them again.
+func (c *StatusCache) setPoolRanges(key string, objs map[string]objects.Object) {
+	name := key[strings.LastIndexByte(key, '/')+1:] // pools have no namespace
+	delete(c.poolRanges, name)
+	if p, ok := objs[key].(*objects.LoadBalancerIPPool); ok {
+		c.poolRanges[name] = p.Ranges()
+	}
+	delete(c.poolKept, name)
+	for ip, n := range c.byPool[name] {
+		if !c.inRanges(name, ip) {
+			if c.poolKept[name] == nil {
+				c.poolKept[name] = map[netip.Addr]int{}
+			}
+			c.poolKept[name][ip] = n
+		}
+	}
+}
+
+// inRanges reports whether ip is in the ranges of pool name.
+func (c *StatusCache) inRanges(name string, ip netip.Addr) bool {
+	return slices.ContainsFunc(c.poolRanges[name], func(r objects.AddrRange) bool { return r.Contains(ip) })
+}
+
+// countAddr adds d (1 or -1) to the count of address ad in its pool.
+func (c *StatusCache) countAddr(ad Addr, d int) {
+	add := func(m map[string]map[netip.Addr]int) {
+		if m[ad.Pool] == nil {
+			m[ad.Pool] = map[netip.Addr]int{}
+		}
+		if n := m[ad.Pool][ad.IP] + d; n > 0 {
+			m[ad.Pool][ad.IP] = n
+		} else {
+			delete(m[ad.Pool], ad.IP)
+		}
+	}
+	add(c.byPool)
+	c.poolUsed[ad.Pool] += d
+	if !c.inRanges(ad.Pool, ad.IP) {
+		add(c.poolKept)
+	}
 }
 
 // PoolKeys are the keys (objects.Key) of the pools Patch knows of: each
@@ -140,10 +195,7 @@ func (c *StatusCache) noteService(key string, addrs []Addr, probs []string) {
 		c.problems[key] = probs
 	}
 	for _, ad := range addrs {
-		if c.byPool[ad.Pool] == nil {
-			c.byPool[ad.Pool] = map[netip.Addr]int{}
-		}
-		c.byPool[ad.Pool][ad.IP]++
+		c.countAddr(ad, 1)
 	}
 }
 
@@ -151,6 +203,12 @@ func (c *StatusCache) noteService(key string, addrs []Addr, probs []string) {
 func (c *StatusCache) rebuildIndex(objs map[string]objects.Object, asg map[string]Assignment) {
 	c.contrib, c.problems = map[string][]Addr{}, map[string][]string{}
 	c.byPool, c.poolKeys = map[string]map[netip.Addr]int{}, map[string]bool{}
+	c.poolRanges, c.poolUsed, c.poolKept = map[string][]objects.AddrRange{}, map[string]int{}, map[string]map[netip.Addr]int{}
+	for _, o := range objs {
+		if p, ok := o.(*objects.LoadBalancerIPPool); ok {
+			c.poolRanges[p.Metadata.Name] = p.Ranges()
+		}
+	}
 	for key, a := range asg {
 		// The status is in c.last's copies already; this recomputes
 		// only what went into it (addresses, problems).
@@ -224,22 +282,16 @@ func (c *StatusCache) serviceStatus(key string, objs map[string]objects.Object, 
 	return &cp, addrs, problems
 }
 
-// poolStatus is p with its status from the addresses by pool.
+// poolStatus is p with its status from the counts of its addresses.
 func (c *StatusCache) poolStatus(p *objects.LoadBalancerIPPool) *objects.LoadBalancerIPPool {
 	cp := *p
-	used := c.byPool[p.Metadata.Name]
-	n := 0
 	var kept []netip.Addr
-	rs := p.Ranges()
-	for ip, k := range used {
-		n += k
-		if !slices.ContainsFunc(rs, func(r objects.AddrRange) bool { return r.Contains(ip) }) {
-			for range k {
-				kept = append(kept, ip)
-			}
+	for ip, k := range c.poolKept[p.Metadata.Name] {
+		for range k {
+			kept = append(kept, ip)
 		}
 	}
-	cp.Status = objects.LoadBalancerIPPoolStatus{Total: p.TotalAddresses().String(), Used: n}
+	cp.Status = objects.LoadBalancerIPPoolStatus{Total: p.TotalAddresses().String(), Used: c.poolUsed[p.Metadata.Name]}
 	slices.SortFunc(kept, netip.Addr.Compare)
 	for _, ip := range kept {
 		cp.Status.Kept = append(cp.Status.Kept, ip.String())

@@ -1,6 +1,8 @@
 package objects
 
 import (
+	"bytes"
+	"encoding/json"
 	"reflect"
 	"strings"
 	"testing"
@@ -356,4 +358,140 @@ func TestDecodeJSONFastPath(t *testing.T) {
 			t.Errorf("%s: Decode accepted %s", name, in)
 		}
 	}
+}
+
+// decodeSeeds are documents of every kind, in YAML, in their stored
+// (canonical JSON) form and in JSON forms the fast paths must not take as
+// they are.
+func decodeSeeds(t testing.TB) [][]byte {
+	yamls := []string{webService, denyPolicy, bgpPolicyYAML, l2Policy,
+		pool("  blocks:\n  - cidr: 192.0.2.0/28\n  - start: 2001:db8::10\n    stop: 2001:db8::1f\n  serviceSelector:\n    matchLabels: {tier: web}\n  disabled: true\n") + "status: {used: 3, total: \"99\"}\n",
+		benchServiceYAML(7),
+		"apiVersion: isthmus.io/v1alpha1\nkind: Service\nmetadata: {name: s, namespace: prod, labels: {a: b}, annotations: {x/y: z}}\n" +
+			"spec: {type: LoadBalancer, vips: [10.0.0.1, \"fd00::1\"], ports: [{name: p, port: 80, protocol: udp, nodePort: 30001}], backends: [{ip: 10.1.0.1}], " +
+			"loadBalancerIPs: [192.0.2.1], externalIPs: [192.0.2.9], externalTrafficPolicy: Local}\nstatus: {loadBalancer: {ingress: [{ip: 192.0.2.1, pool: p}]}}\n",
+	}
+	var out [][]byte
+	for _, y := range yamls {
+		out = append(out, []byte(y))
+		objs, err := Decode([]byte(y))
+		if err != nil {
+			t.Fatalf("seed does not decode: %v\n%s", err, y)
+		}
+		js, err := json.Marshal(objs[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, js,
+			bytes.Replace(js, []byte(`"metadata"`), []byte(`"Metadata"`), 1),          // case
+			bytes.Replace(js, []byte(`"spec":{`), []byte(`"spec":{"x":1,`), 1),        // unknown field
+			bytes.Replace(js, []byte(`{"name":`), []byte(`{"name":"dup","name":`), 1), // duplicate
+			bytes.Replace(js, []byte(`"port":80`), []byte(`"port":"80"`), 1),          // number as string
+			append(bytes.Clone(js), "\n "...),
+		)
+	}
+	return out
+}
+
+func jsonToGenericTakes(doc []byte) bool {
+	_, ok := jsonToGeneric(doc)
+	return ok
+}
+
+// The fast paths of Decode give what the generic path gives:
+// genericOfYAML what sigs.k8s.io/yaml's conversion through JSON text
+// gives;
+// decodeCanonical, for the documents it takes, what decoding the generic
+// value gives; assignGeneric, where it takes a generic value, what
+// decoding its JSON text with encoding/json gives (decodeGeneric, the way
+// every document went before).
+func FuzzDecodeFastPathsMatchGeneric(f *testing.F) {
+	for _, s := range decodeSeeds(f) {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, doc []byte) {
+		raw, err := yamlToGeneric(doc)
+		if viaJSON, errJSON := yamlToGenericViaJSON(doc); jsonToGenericTakes(doc) {
+			// decided by jsonToGeneric, tested by TestDecodeJSONFastPath
+		} else if (err == nil) != (errJSON == nil) || err != nil && err.Error() != errJSON.Error() || !reflect.DeepEqual(raw, viaJSON) {
+			t.Fatalf("yamlToGeneric gave %#v, %v; through JSON text %#v, %v: %q", raw, err, viaJSON, errJSON, doc)
+		}
+		if err != nil {
+			if _, ok := decodeCanonical(doc); ok {
+				t.Fatalf("decodeCanonical took what the generic path refuses: %s", doc)
+			}
+			return
+		}
+		for _, kind := range []string{KindService, KindNetworkPolicy, KindLoadBalancerIPPool, KindBGPPeeringPolicy, KindL2AnnouncementPolicy} {
+			fast := newObject(kind)
+			if !assignGeneric(raw, reflect.ValueOf(fast).Elem()) {
+				continue
+			}
+			ref := newObject(kind)
+			if err := decodeGeneric(raw, ref); err != nil {
+				t.Fatalf("assignGeneric took a %s that decodeGeneric refuses (%v): %s", kind, err, doc)
+			}
+			if !reflect.DeepEqual(fast, ref) {
+				t.Fatalf("%s: assignGeneric gave\n%#v\ndecodeGeneric\n%#v", kind, fast, ref)
+			}
+		}
+		o, ok := decodeCanonical(doc)
+		if !ok {
+			return
+		}
+		ref, err := decodeObject(raw)
+		if err != nil {
+			t.Fatalf("decodeCanonical took what decodeObject refuses (%v): %s", err, doc)
+		}
+		if !reflect.DeepEqual(o, ref) {
+			t.Fatalf("decodeCanonical gave\n%#v\ndecodeObject\n%#v", o, ref)
+		}
+	})
+}
+
+// Stored objects take the canonical path: a bulk apply's services are
+// decoded there by every agent and the server.
+func TestDecodeCanonicalTakesStoredObjects(t *testing.T) {
+	for i, s := range decodeSeeds(t) {
+		if i%7 != 1 { // the stored form of each YAML seed
+			continue
+		}
+		if _, ok := decodeCanonical(s); !ok {
+			t.Errorf("the canonical path did not take %s", s)
+		}
+	}
+}
+
+// parseSimpleYAML gives, for what it takes, what the YAML library's path
+// gives.
+func FuzzSimpleYAMLMatchesLibrary(f *testing.F) {
+	for _, s := range decodeSeeds(f) {
+		f.Add(s)
+	}
+	for _, s := range []string{
+		"a: 1\nb:\n  - x\n  - {c: d, e: [f, 'g', \"h\"]}\n- z\n",
+		"a:\n- 1\n- -2\n- 0x1F\n- 0o17\n- 1_000\n- 0b101\n- 1.5\n- .5\n- 1e3\n- 2001-12-14\n- 9223372036854775808\n- 18446744073709551616\n",
+		"a: yes\nb: No\nc: ~\nd: null\ne:\nf: on # comment\ng: .inf\nh: 10.98.0.1\ni: fd00::1\nj: http://x/y\n",
+		"a: b\n  c\n", "a: b\n  # c\nd: e\n", "a: 'it''s'\n", "a: \"x\\ty\"\n", "a: b: c\n", "a: [b, c,]\n", "a: {b: c, b: d}\n",
+		"a: 1\na: 2\n", "- a: 1\n  b: 2\n- c\n", "yes: 1\n", "<<: {a: 1}\n", "a: [fd00::1]\n", "a: &x 1\nb: *x\n",
+		"  a: 1\nb: 2\n", "a:\n  b: 1\n c: 2\n", "a: x#y\n", "a: 'x'#y\n", "a: -\n", "a: - b\n", "a:    \n  - b\n",
+		"a: {}\nb: []\nc: [ ]\nd: {b: [], c: {}}\n", "key with spaces: value with  spaces   # c\n", "a:b: c\n",
+		strings.Repeat("+", 1100) + "a: -A", // a key too long to be one
+		"... 0:",                            // a document marker
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, doc []byte) {
+		v, ok := parseSimpleYAML(doc)
+		if !ok {
+			return
+		}
+		ref, err := yamlToGenericViaLibrary(doc)
+		if err != nil {
+			t.Fatalf("parseSimpleYAML took what the library refuses (%v): %q", err, doc)
+		}
+		if !reflect.DeepEqual(v, ref) {
+			t.Fatalf("parseSimpleYAML gave %#v, the library %#v: %q", v, ref, doc)
+		}
+	})
 }

@@ -2,7 +2,10 @@ package records
 
 import (
 	"bytes"
+	"net/netip"
+	"reflect"
 	"testing"
+	"time"
 )
 
 // Every decoder of remote data is fuzzed: it must never panic, and what it
@@ -113,4 +116,43 @@ func FuzzParseKeys(f *testing.F) {
 			}
 		}
 	})
+}
+
+// decode's canonical fast path gives, for what it takes, what the strict
+// decoder gives, for every record type.
+func FuzzDecodeCanonicalMatchesStrict(f *testing.F) {
+	lb := LBAssignment{Namespace: "default", Name: "s", Addresses: []LBAddress{{IP: netip.MustParseAddr("192.0.2.1"), Pool: "p", Kept: "k"}}, Refused: "r"}
+	for _, m := range []marshaler{testNode, testIP, testService, testConfig, testIdentity, IdentityRef{ID: 1<<20 | 1}, lb, Stamp{Cluster: "c", Time: time.Date(2026, 12, 6, 12, 0, 0, 5, time.UTC)}} {
+		raw := mustMarshal(f, m)
+		f.Add(raw)
+		f.Add(bytes.Replace(raw, []byte(`"version"`), []byte(`"Version"`), 1))
+		f.Add(bytes.Replace(raw, []byte(`{"version":1`), []byte(`{"version":1,"version":1`), 1))
+		f.Add(bytes.Replace(raw, []byte(`{"version":1`), []byte(`{"version":2`), 1))
+		f.Add(append(bytes.Clone(raw), ' '))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		checkCanonical[Node](t, data)
+		checkCanonical[IPCacheEntry](t, data)
+		checkCanonical[ServiceRecord](t, data)
+		checkCanonical[ClusterConfig](t, data)
+		checkCanonical[IdentityRecord](t, data)
+		checkCanonical[IdentityRef](t, data)
+		checkCanonical[LBAssignment](t, data)
+		checkCanonical[Stamp](t, data)
+	})
+}
+
+func checkCanonical[T validator](t *testing.T, data []byte) {
+	t.Helper()
+	v, ok := decodeCanonical[T](data)
+	if !ok {
+		return
+	}
+	want, err := decodeStrict[T]("record", data)
+	if err != nil {
+		t.Fatalf("%T: the canonical path took what the strict decoder refuses (%v): %q", v, err, data)
+	}
+	if !reflect.DeepEqual(v, want) {
+		t.Fatalf("%T: canonical %#v, strict %#v", v, v, want)
+	}
 }
