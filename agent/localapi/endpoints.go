@@ -284,10 +284,8 @@ func (h *Handlers) reserve(key, netns string) error {
 	if _, ok := h.store.Endpoint(splitKey(key)); ok {
 		return api.Errorf(http.StatusConflict, "endpoint %s already exists", key)
 	}
-	for _, other := range h.store.Endpoints() {
-		if other.NetnsPath == netns {
-			return api.Errorf(http.StatusConflict, "netns %s is already used by endpoint %s", netns, other.Key())
-		}
+	if other, ok := h.store.EndpointInNetns(netns); ok {
+		return api.Errorf(http.StatusConflict, "netns %s is already used by endpoint %s", netns, other)
 	}
 	for other, p := range h.pendingNetns {
 		if p == netns {
