@@ -138,19 +138,6 @@ func (c *Compiler) rulesOf(p *compiledPolicy) []compiledRule {
 	return p.rules
 }
 
-// AllowHostIngress adds, for every endpoint whose ingress is enforced, an
-// entry that admits the local host identity on every port and protocol
-// (Kubernetes mode: kubelet probes), keeping the keys sorted.
-func (r *Result) AllowHostIngress() {
-	for id, enforced := range r.Ingress {
-		if enforced {
-			r.Keys = append(r.Keys, hostIngressKey(id))
-		}
-	}
-	slices.SortFunc(r.Keys, CompareKeys)
-	r.Keys = slices.Compact(r.Keys)
-}
-
 // hostIngressKey admits the local host identity into endpoint id on every
 // port and protocol.
 func hostIngressKey(id uint32) bpf.PolicyKey {
