@@ -752,7 +752,7 @@ func localBackend(eps []state.Endpoint) func(objects.Service) bool {
 
 // bigTCPInput is what the BIG TCP reconciler converges in one run.
 func (a *Agent) bigTCPInput(want desired.State) bigtcp.Input {
-	in := bigtcp.Input{Endpoints: want.Endpoints, EndpointsGen: want.EndpointsGen, NodeAddrs: want.HostAddrs}
+	in := bigtcp.Input{Endpoints: want.Endpoints, EndpointsGen: want.EndpointsGen, EndpointsChangedSince: want.EndpointsChangedSince, NodeAddrs: want.HostAddrs}
 	if a.mesh != nil {
 		in.NodeIPs = a.underlayIPs()
 	}
