@@ -165,22 +165,24 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		unreserve()
 		h.mu.Unlock()
 	}()
+	// The identity, without the API lock, allocated while the addresses
+	// are and the pod is plumbed: its write (or its round trip to etcd in
+	// cluster mode) and theirs do not wait for each other.
+	identity := h.allocateIdentity(ctx, desired.IdentityLabels(h.cluster, ns, labels))
+	undo = append(undo, func() {
+		if id, err := identity(); err == nil {
+			h.releaseIdentity(ctx, id)
+		}
+	})
+
 	// The addresses, without the API lock: the IPAM has its own, and the
 	// adds of pods created together share its writes.
 	ips, err := h.allocate(owner)
 	phases.mark("addresses")
 	if err != nil {
-		return api.Endpoint{}, err
+		return fail(err)
 	}
 	undo = append(undo, func() { h.logErr("release addresses", h.ipam.Release(owner)) })
-
-	// The identity, without the API lock.
-	id, err := h.ids.Allocate(ctx, desired.IdentityLabels(h.cluster, ns, labels))
-	if err != nil {
-		return fail(fmt.Errorf("allocate identity: %w", err))
-	}
-	undo = append(undo, func() { h.releaseIdentity(ctx, id) })
-	phases.mark("identity")
 
 	// Plumbing, without the API lock too: the veth and its program belong
 	// to this endpoint alone (its lock is held, its addresses and netns
@@ -203,6 +205,11 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	// before the pod runs (see bigtcp.SizeEndpoint).
 	h.bigtcp.SizeEndpoint(state.Endpoint{Name: name, Namespace: ns, NetnsPath: req.Netns, HostIfName: hostIf, IfIndex: res.HostIfIndex, IPs: ips})
 	phases.mark("bigtcp")
+	id, err := identity()
+	phases.mark("identity") // what was left of it
+	if err != nil {
+		return fail(fmt.Errorf("allocate identity: %w", err))
+	}
 
 	// The store, without the API lock too: this endpoint's lock keeps its
 	// other calls out and its netns stays reserved until the store holds
@@ -274,6 +281,22 @@ func (h *Handlers) forgetAddDuration(e state.Endpoint) {
 	defer h.addDurMu.Unlock()
 	if a, ok := h.addDurations[e.Key()]; ok && a.id == e.ID {
 		delete(h.addDurations, e.Key())
+	}
+}
+
+// allocateIdentity starts allocating the identity of labels and returns
+// what waits for it.
+func (h *Handlers) allocateIdentity(ctx context.Context, labels identity.Labels) func() (uint32, error) {
+	done := make(chan struct{})
+	var id uint32
+	var err error
+	go func() {
+		defer close(done)
+		id, err = h.ids.Allocate(ctx, labels)
+	}()
+	return func() (uint32, error) {
+		<-done
+		return id, err
 	}
 }
 
