@@ -639,10 +639,15 @@ func (a *Agent) desiredState() (desired.State, desired.Objects, []objects.L2Anno
 		a.splitSvcs, a.splitSvcOK = nil, false
 		a.splitGen = objGen
 	}
+	// The identities' version before the endpoints: an identity allocated
+	// in between makes the next run look at every endpoint again, which
+	// is safe; the other order could miss it.
+	idGen := a.identitiesGen()
 	eps, epGen := a.store.EndpointsGen()
 	s := desired.State{Cluster: a.cfg.ClusterName, Endpoints: eps, Policies: a.splitPols,
 		Objects: objs, ObjectsChangedSince: changed,
-		Identities: a.ids, Mesh: a.mesh.Desired(), EndpointsGen: epGen + 1, ObjectsGen: objGen,
+		Identities: a.ids, IdentitiesGen: idGen, Mesh: a.mesh.Desired(), EndpointsGen: epGen + 1, ObjectsGen: objGen,
+		EndpointsChangedSince: a.endpointsChangedSince(epGen),
 		AllowLocalHostIngress: a.cfg.Kubernetes}
 	addrs, err := a.hostAddrs.Get()
 	if err != nil {
@@ -651,6 +656,27 @@ func (a *Agent) desiredState() (desired.State, desired.Objects, []objects.L2Anno
 	s.HostAddrs = addrs
 	s.Workload = a.workloadEndpoint()
 	return s, objs, a.splitL2, nil
+}
+
+// endpointsChangedSince is desired.State.EndpointsChangedSince for the
+// store's endpoints at generation current (the state's generations are
+// the store's plus one: 0 means unknown).
+func (a *Agent) endpointsChangedSince(current uint64) func(since uint64) ([]string, bool) {
+	return func(since uint64) ([]string, bool) {
+		if since == 0 {
+			return nil, false
+		}
+		return a.store.EndpointsChangedSince(since-1, current)
+	}
+}
+
+// identitiesGen is desired.State.IdentitiesGen: the allocator's version
+// where it has one (the node-local allocator's); 0 otherwise.
+func (a *Agent) identitiesGen() uint64 {
+	if v, ok := a.ids.(interface{ Version() uint64 }); ok {
+		return v.Version()
+	}
+	return 0
 }
 
 // splitServices are the services of the run's objects, in key order,
@@ -726,7 +752,7 @@ func localBackend(eps []state.Endpoint) func(objects.Service) bool {
 
 // bigTCPInput is what the BIG TCP reconciler converges in one run.
 func (a *Agent) bigTCPInput(want desired.State) bigtcp.Input {
-	in := bigtcp.Input{Endpoints: want.Endpoints, EndpointsGen: want.EndpointsGen, NodeAddrs: want.HostAddrs}
+	in := bigtcp.Input{Endpoints: want.Endpoints, EndpointsGen: want.EndpointsGen, EndpointsChangedSince: want.EndpointsChangedSince, NodeAddrs: want.HostAddrs}
 	if a.mesh != nil {
 		in.NodeIPs = a.underlayIPs()
 	}

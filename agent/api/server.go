@@ -11,6 +11,7 @@ import (
 	"maps"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"slices"
@@ -51,6 +52,13 @@ func NewServer(b Backend, log *slog.Logger) *Server {
 		return http.StatusOK, map[string]string{"status": "ok"}, nil
 	}})
 	s.route("/", map[string]handler{})
+	// Go's profiles (CPU, heap, goroutines) on the socket, which is root's
+	// alone: whoever may add endpoints may profile the agent. They cost
+	// nothing until asked for, and they are how a slow path is found on a
+	// shared machine where wall clock is noise (tests/bench -svc-profile).
+	s.mux.HandleFunc("/debug/pprof/", pprof.Index)
+	s.mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	s.mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return s
 }
 

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -42,6 +43,11 @@ type Input struct {
 	// EndpointsGen is the generation of Endpoints (state.Store): equal to
 	// the last run's, the endpoints did not change (0: unknown).
 	EndpointsGen uint64
+	// EndpointsChangedSince, when not nil, returns the keys of the
+	// endpoints changed since an earlier EndpointsGen (ok false: not
+	// known; desired.State's): a run then visits those alone, without
+	// going over every endpoint. Endpoints are sorted by key.
+	EndpointsChangedSince func(since uint64) (keys []string, ok bool)
 	// NodeAddrs are the node's addresses: when they change, its external
 	// devices may have.
 	NodeAddrs []netip.Addr
@@ -72,28 +78,39 @@ type Reconciler struct {
 	log  *slog.Logger
 	v4ok bool
 
+	// What the last runs did, written by the reconcile loop under mu: a
+	// run does only what changed since (the endpoints that changed, those
+	// that failed), and visits everything every reconcile.ResyncInterval
+	// (fullAt). Visiting a pod means entering its network namespace: at a
+	// thousand pods, visiting them all takes a quarter of a second, and
+	// finding the external devices dumps every route (one per pod). The
+	// status is built from it when asked for, not by every run.
 	mu     sync.Mutex
-	status api.BigTCPStatus
-	eps    map[string]api.EndpointBigTCP
-	// What the last runs did (the reconcile loop's only): a run does only
-	// what changed since, and visits everything every
-	// reconcile.ResyncInterval (fullAt). Visiting a pod means entering its
-	// network namespace: at a thousand pods, visiting them all takes a
-	// quarter of a second, and finding the external devices dumps every
-	// route (one per pod).
-	done map[string]epDone // by endpoint key
+	ran    bool
+	done   map[string]epDone  // by endpoint key
+	failed map[string]bool    // keys of done whose visit failed: visited by every run
+	ext    []api.BigTCPDevice // the external devices as last converged
+	extErr error
+	paths  pathInput                     // what the last run's paths depend on
+	eps    map[string]api.EndpointBigTCP // by key: done's, and what adds sized since
+	status *api.BigTCPStatus             // built from the above; nil: build again
 	// sized are the endpoints their adds sized (SizeEndpoint) since the
 	// last run, by key; guarded by mu. The next run takes them instead of
 	// visiting the pods again.
-	sized   map[string]sizedEp
-	ext     []api.BigTCPDevice // the external devices as last converged
-	extErr  error
+	sized map[string]sizedEp
+
+	// The reconcile loop's only.
 	extKey  string // the node's addresses, IPs and WireGuard device ext was found with
 	gen     uint64 // the EndpointsGen of the last run
 	lastErr error
 	fullAt  time.Time
 	warned  map[string]string // <endpoint>/<device> -> the reason last logged
-	seen    map[string]bool   // keys of warned met in this run
+}
+
+// pathInput is what the paths in the status depend on besides the devices.
+type pathInput struct {
+	nodeIPs   []netip.Addr
+	wireGuard string
 }
 
 // New checks cfg against the kernel: --ipv4-big-tcp=on on a kernel
@@ -107,11 +124,11 @@ func New(cfg Config, log *slog.Logger) (*Reconciler, error) {
 	if err != nil {
 		return nil, fmt.Errorf("big tcp: probe the kernel on lo: %w", err)
 	}
-	r := &Reconciler{cfg: cfg, log: log, v4ok: sizesOf(lo).v4Supported(), eps: map[string]api.EndpointBigTCP{}, warned: map[string]string{}, seen: map[string]bool{}}
+	r := &Reconciler{cfg: cfg, log: log, v4ok: sizesOf(lo).v4Supported(), eps: map[string]api.EndpointBigTCP{}, warned: map[string]string{},
+		done: map[string]epDone{}, failed: map[string]bool{}}
 	if cfg.IPv4 == On && !r.v4ok {
 		return nil, errors.New("--ipv4-big-tcp=on: this kernel has no IPv4 BIG TCP (gso_ipv4_max_size needs Linux 6.3 or later); use auto or off")
 	}
-	r.status = r.baseStatus()
 	return r, nil
 }
 
@@ -129,10 +146,34 @@ func (r *Reconciler) Status() *api.BigTCPStatus {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	st := r.status
+	if r.status == nil {
+		r.status = r.buildStatus()
+	}
+	st := *r.status
 	st.Paths = slices.Clone(st.Paths)
 	st.Devices = slices.Clone(st.Devices)
 	st.Endpoints = slices.Clone(st.Endpoints)
+	return &st
+}
+
+// buildStatus is the status of what the last runs did; callers hold mu.
+func (r *Reconciler) buildStatus() *api.BigTCPStatus {
+	st := r.baseStatus()
+	if !r.ran {
+		return &st
+	}
+	st.Devices = append(st.Devices, r.ext...)
+	errs := []error{r.extErr}
+	for _, k := range slices.Sorted(maps.Keys(r.done)) {
+		d := r.done[k]
+		st.Endpoints = append(st.Endpoints, d.eb)
+		st.Devices = append(st.Devices, d.devs...)
+		errs = append(errs, d.err)
+	}
+	st.Paths = r.pathsOf(st, r.paths)
+	if err := errors.Join(errs...); err != nil {
+		st.LastError = err.Error()
+	}
 	return &st
 }
 
@@ -161,7 +202,12 @@ func (r *Reconciler) Sync(in Input) error {
 	if !devices && in.EndpointsGen != 0 && in.EndpointsGen == r.gen && r.lastErr == nil {
 		return nil // nothing changed
 	}
-	err := r.sync(in, full, devices)
+	var changed []string
+	known := false
+	if !full && r.ran && r.gen != 0 && in.EndpointsGen != 0 && in.EndpointsChangedSince != nil {
+		changed, known = in.EndpointsChangedSince(r.gen)
+	}
+	err := r.sync(in, full, devices, changed, known)
 	r.gen, r.extKey, r.lastErr = in.EndpointsGen, extKey, err
 	if full {
 		r.fullAt = time.Now()
@@ -170,90 +216,115 @@ func (r *Reconciler) Sync(in Input) error {
 }
 
 // sync is one run: the external devices when devices is set, the pod
-// veths that are new or plumbed anew (all of them when full).
-func (r *Reconciler) sync(in Input, full, devices bool) error {
-	st := r.baseStatus()
-	clear(r.seen)
-	defer func() {
-		for k := range r.warned {
-			if !r.seen[k] {
-				delete(r.warned, k) // a device or endpoint that is gone
-			}
-		}
-	}()
-	var errs []error
-
-	// The node's external devices, each once (with all its roles): found
-	// again only when they may have changed.
+// veths that are new or plumbed anew: among the endpoints of changed and
+// those that failed when known, else among all (every one when full).
+func (r *Reconciler) sync(in Input, full, devices bool, changed []string, known bool) error {
+	ext, extErr := r.ext, r.extErr
 	if devices {
-		r.ext, r.extErr = r.externalDevices(in)
-	} else {
-		for _, d := range r.ext { // keep their warnings alive
-			r.seen["/"+d.Name] = true
-		}
-	}
-	st.Devices = append(st.Devices, r.ext...)
-	if r.extErr != nil {
-		errs = append(errs, r.extErr)
+		ext, extErr = r.externalDevices(in)
+		r.forget(r.ext, ext)
 	}
 
 	// Pod veths, both ends; an endpoint that refuses is rolled back alone.
-	// Only new or replumbed ones, but for a full run; one that failed is
-	// visited again.
-	eps := map[string]api.EndpointBigTCP{}
-	done := make(map[string]epDone, len(in.Endpoints))
 	r.mu.Lock()
 	sized := r.sized
 	r.sized = map[string]sizedEp{}
-	r.mu.Unlock()
-	defer func() {
-		// An add that sized its pod and is not in the endpoints yet (or
-		// failed): kept for the next run while the add may still be on.
-		r.mu.Lock()
-		defer r.mu.Unlock()
-		for k, s := range sized {
-			_, newer := r.sized[k]
-			if _, taken := done[k]; !taken && !newer && time.Since(s.at) < reconcile.ConvergeTimeout {
-				r.sized[k] = s
-			}
-		}
-	}()
-	for _, e := range in.Endpoints {
-		d, ok := r.done[e.Key()]
-		if !ok || full || d.err != nil || d.plumbing != plumbingOf(e) {
-			if s, ok := sized[e.Key()]; ok && !full && s.err == nil && s.plumbing == plumbingOf(e) {
-				d = s.epDone // its add sized it
-			} else {
-				d.plumbing = plumbingOf(e)
-				d.eb, d.devs, d.err = r.endpoint(e)
-			}
-			for _, dev := range d.devs {
-				r.note(dev)
-			}
-		} else {
-			for _, dev := range d.devs { // keep their warnings alive
-				r.seen[dev.Endpoint+"/"+dev.Name] = true
-			}
-		}
-		done[e.Key()] = d
-		eb, devs, err := d.eb, d.devs, d.err
-		if err != nil {
-			errs = append(errs, err)
-		}
-		eps[e.Key()] = eb
-		st.Endpoints = append(st.Endpoints, eb)
-		st.Devices = append(st.Devices, devs...)
+	keys := changed
+	for k := range r.failed {
+		keys = append(keys, k)
 	}
-	st.Paths = r.paths(st, in)
-	if err := errors.Join(errs...); err != nil {
-		st.LastError = err.Error()
+	r.mu.Unlock()
+	next := map[string]*epDone{} // nil: gone
+	visit := func(e state.Endpoint) {
+		d, ok := r.done[e.Key()]
+		if ok && !full && d.err == nil && d.plumbing == plumbingOf(e) {
+			return
+		}
+		old := d.devs
+		if s, ok := sized[e.Key()]; ok && !full && s.err == nil && s.plumbing == plumbingOf(e) {
+			d = s.epDone // its add sized it
+		} else {
+			d.plumbing = plumbingOf(e)
+			d.eb, d.devs, d.err = r.endpoint(e)
+		}
+		for _, dev := range d.devs {
+			r.note(dev)
+		}
+		r.forget(old, d.devs)
+		next[e.Key()] = &d
+	}
+	if known {
+		for _, k := range keys {
+			if _, dup := next[k]; dup {
+				continue // changed and failed before
+			}
+			if i, ok := state.SearchEndpoints(in.Endpoints, k); ok {
+				visit(in.Endpoints[i])
+			} else if _, had := r.done[k]; had {
+				next[k] = nil
+			}
+		}
+	} else {
+		present := make(map[string]bool, len(in.Endpoints))
+		for _, e := range in.Endpoints {
+			present[e.Key()] = true
+			visit(e)
+		}
+		for k := range r.done {
+			if !present[k] {
+				next[k] = nil
+			}
+		}
 	}
 
-	r.done = done
 	r.mu.Lock()
-	r.status, r.eps = st, eps
-	r.mu.Unlock()
+	defer r.mu.Unlock()
+	for k, d := range next {
+		if d == nil {
+			r.forget(r.done[k].devs, nil)
+			delete(r.done, k)
+			delete(r.failed, k)
+			delete(r.eps, k)
+			continue
+		}
+		r.done[k], r.eps[k] = *d, d.eb
+		if d.err != nil {
+			r.failed[k] = true
+		} else {
+			delete(r.failed, k)
+		}
+	}
+	// An add that sized its pod and is not in the endpoints yet (or
+	// failed): kept for the next run while the add may still be on.
+	for k, s := range sized {
+		_, newer := r.sized[k]
+		switch {
+		case next[k] == nil && !newer && time.Since(s.at) < reconcile.ConvergeTimeout:
+			r.sized[k] = s
+		case !newer:
+			if _, ok := r.done[k]; !ok {
+				delete(r.eps, k) // an add that did not make it
+			}
+		}
+	}
+	r.ran, r.ext, r.extErr, r.status = true, ext, extErr, nil
+	r.paths = pathInput{nodeIPs: in.NodeIPs, wireGuard: in.WireGuard}
+	errs := []error{extErr}
+	for _, k := range slices.Sorted(maps.Keys(r.failed)) {
+		errs = append(errs, r.done[k].err)
+	}
 	return errors.Join(errs...)
+}
+
+// forget drops the warnings logged for the devices of old that are not
+// among now (gone, or their endpoint is), so that they are logged again
+// should they come back.
+func (r *Reconciler) forget(old, now []api.BigTCPDevice) {
+	for _, d := range old {
+		if !slices.ContainsFunc(now, func(n api.BigTCPDevice) bool { return n.Endpoint == d.Endpoint && n.Name == d.Name }) {
+			delete(r.warned, d.Endpoint+"/"+d.Name)
+		}
+	}
 }
 
 // device converges one device in the handle's netns and logs what
@@ -289,11 +360,10 @@ func (r *Reconciler) size(h *netlink.Handle, l netlink.Link, role, ep string) ap
 	return d
 }
 
-// note logs a device's reason to stay at 65536 when it changed, and marks
-// it as seen in this run (reconcile loop only).
+// note logs a device's reason to stay at 65536 when it changed
+// (reconcile loop only).
 func (r *Reconciler) note(d api.BigTCPDevice) {
 	key := d.Endpoint + "/" + d.Name
-	r.seen[key] = true
 	if last, ok := r.warned[key]; !ok || d.Reason != last {
 		switch {
 		case d.Reason != "":
@@ -407,9 +477,9 @@ func (r *Reconciler) endpoint(e state.Endpoint) (api.EndpointBigTCP, []api.BigTC
 
 func hasV6(ips []netip.Addr) bool { return slices.ContainsFunc(ips, netip.Addr.Is6) }
 
-// paths says, per family, which paths carry BIG TCP: every device on the
+// pathsOf says, per family, which paths carry BIG TCP: every device on the
 // path (the pod veths included) must.
-func (r *Reconciler) paths(st api.BigTCPStatus, in Input) []api.BigTCPPath {
+func (r *Reconciler) pathsOf(st api.BigTCPStatus, in pathInput) []api.BigTCPPath {
 	var out []api.BigTCPPath
 	for _, fam := range []struct {
 		name string
@@ -481,9 +551,9 @@ func (r *Reconciler) paths(st api.BigTCPStatus, in Input) []api.BigTCPPath {
 		}
 		clear, wg := "", ""
 		switch {
-		case len(in.NodeIPs) == 0:
+		case len(in.nodeIPs) == 0:
 			clear, wg = "not used: standalone node", "not used: standalone node"
-		case in.WireGuard != "":
+		case in.wireGuard != "":
 			clear = "not used: pod traffic to other nodes goes through WireGuard"
 		default:
 			wg = "not used: encryption is off"

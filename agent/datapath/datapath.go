@@ -13,6 +13,7 @@ package datapath
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/agent/policy"
 	"github.com/isthmus-mesh/isthmus/agent/reconcile"
 	"github.com/isthmus-mesh/isthmus/agent/service"
+	"github.com/isthmus-mesh/isthmus/agent/state"
 	"github.com/isthmus-mesh/isthmus/bpf"
 )
 
@@ -91,17 +93,20 @@ func Open(bpffsRoot, pinDir string, reset bool, endpointAttach string) (Datapath
 // reconcile.ResyncInterval, and after a failed write, to catch drift); the
 // ipcache takes only the prefixes that changed (desired.Mesh.TakeIPChanges
 // and the node's own entries); policy, endpoints and services are derived
-// again only when their inputs' generations moved.
+// again only when their inputs' generations moved, and for the endpoints
+// that changed only when nothing else did (desired.State.
+// EndpointsChangedSince).
 type Reconciler struct {
 	dp Datapath
 
 	listedAt time.Time // of the shadows below
 	// ipcShadow is the BPF ipcache as last written; ipcLocal the node's own
-	// part of the desired ipcache at the last run (its changes are diffed,
-	// not taken from a source); ipcReady and ipcNodeIPs what the mesh part
-	// was read with (a change of either makes a full pass).
+	// part of the desired ipcache at the last run (its base is diffed, its
+	// pods' part follows the endpoints that changed; nil: a full pass);
+	// ipcReady and ipcNodeIPs what the mesh part was read with (a change of
+	// either makes a full pass).
 	ipcShadow  ipShadow
-	ipcLocal   map[netip.Prefix]bpf.IPCacheEntry
+	ipcLocal   *localIPs
 	ipcReady   bool
 	ipcNodeIPs []netip.Addr
 	ipcEntries atomic.Int64 // after the last Sync, for /metrics
@@ -142,8 +147,13 @@ type Reconciler struct {
 	lbCounts    atomic.Value // ExternalCounts after the last Sync
 
 	// The inputs the policy (with the endpoints map) was last applied
-	// for; the zero value never matches.
-	polApplied policyInputs
+	// for; the zero value never matches. polCompiler compiles the
+	// policies of those inputs for one endpoint; epEntries is what each
+	// endpoint (by key; the workload under workloadKey) made of the maps:
+	// a run in which only endpoints changed compiles and writes theirs.
+	polApplied  policyInputs
+	polCompiler *policy.Compiler
+	epEntries   map[string]epEntries
 
 	// The services: resolved incrementally; svcEPIn and svcEPGen identify
 	// the endpoints last given to the resolver; svcReady the mesh's
@@ -157,9 +167,21 @@ type Reconciler struct {
 // policyInputs identifies what policy and the endpoints map derive from.
 type policyInputs struct {
 	endpoints, objects, identities, listed uint64
+	localIDs                               uint64 // desired.State.IdentitiesGen
 	ready                                  bool
 	cluster                                string
 	workload                               uint32 // the external workload's identity (0: none)
+}
+
+// onlyEndpointsMoved reports whether in differs from applied in the
+// endpoints only, with every generation known: then the endpoints that
+// changed are all that changed for policy.
+func (in policyInputs) onlyEndpointsMoved(applied policyInputs) bool {
+	if in.endpoints == 0 || applied.endpoints == 0 || in.objects == 0 || in.localIDs == 0 {
+		return false
+	}
+	applied.endpoints = in.endpoints
+	return in == applied
 }
 
 // OnBackgroundWork sets what the Reconciler calls when work it did in the
@@ -231,16 +253,28 @@ func (r *Reconciler) Sync(s desired.State) (Result, error) {
 		return res, err
 	}
 	// 2.-4. Policy, endpoints: they depend on the objects, the endpoints
-	// and the identities (unknown generations, 0: always applied).
+	// and the identities (unknown generations, 0: always applied). When
+	// only endpoints changed, only theirs are compiled and written.
 	polIn := policyInputs{endpoints: s.EndpointsGen, objects: s.ObjectsGen, identities: s.Mesh.View.Versions.Identities,
-		listed: s.Mesh.View.Versions.Listed, ready: s.Mesh.Ready, cluster: s.Cluster}
+		listed: s.Mesh.View.Versions.Listed, localIDs: s.IdentitiesGen, ready: s.Mesh.Ready, cluster: s.Cluster}
 	if s.Workload != nil {
 		polIn.workload = s.Workload.Identity
 	}
 	if s.EndpointsGen == 0 || s.ObjectsGen == 0 || polIn != r.polApplied || r.epShadow == nil || r.polShadow == nil {
+		var changed []string
+		known := false
+		if polIn.onlyEndpointsMoved(r.polApplied) && r.epShadow != nil && r.polShadow != nil && s.EndpointsChangedSince != nil {
+			changed, known = s.EndpointsChangedSince(r.polApplied.endpoints)
+		}
 		r.polApplied = policyInputs{}
 		before := len(res.Errs)
-		if err := r.syncPolicy(s, &res); err != nil {
+		var err error
+		if known {
+			err = r.syncPolicyOf(s, changed, &res)
+		} else {
+			err = r.syncPolicy(s, &res)
+		}
+		if err != nil {
 			return res, oneline.Join(append(res.Errs, err)...)
 		}
 		if len(res.Errs) == before {
@@ -260,37 +294,103 @@ func (r *Reconciler) Sync(s desired.State) (Result, error) {
 // order that keeps allowed flows flowing.
 // An error means it stopped early; failed writes are in res.Errs.
 func (r *Reconciler) syncPolicy(s desired.State, res *Result) error {
-	compiled := compilePolicy(s)
+	r.polCompiler = newCompiler(s)
+	r.epEntries = make(map[string]epEntries, len(s.Endpoints)+1)
+	var keys []bpf.PolicyKey
+	wantKeys := map[bpf.PolicyKey]struct{}{}
+	infos := map[netip.Addr]bpf.EndpointInfo{}
+	add := func(key string, e epEntries) {
+		r.epEntries[key] = e
+		keys = append(keys, e.keys...)
+		for _, k := range e.keys {
+			wantKeys[k] = struct{}{}
+		}
+		for _, i := range e.infos {
+			infos[i.ip] = i.info
+		}
+	}
+	for _, ep := range s.Endpoints {
+		add(ep.Key(), r.entriesOf(s, ep, res))
+	}
+	if w := s.Workload; w != nil {
+		add(workloadKey, workloadEntries(r.polCompiler, s.Cluster, w))
+	}
 	// New policy entries first.
-	if err := r.addPolicy(compiled, res); err != nil {
+	if err := r.addPolicy(keys, res); err != nil {
 		return err
 	}
 	// Endpoints map, with the enforcement flags.
-	clean, err := r.syncEndpoints(s, compiled, res)
+	clean, err := r.syncEndpoints(infos, nil, true, res)
 	if err != nil {
 		return err
 	}
 	// Stale policy entries, once no endpoint relies on them.
 	if clean && s.Mesh.Ready {
-		r.prunePolicy(compiled, res)
+		r.prunePolicy(wantKeys, res)
 	}
 	return nil
 }
 
-// compilePolicy compiles the policies for every local endpoint.
-func compilePolicy(s desired.State) policy.Result {
-	peps := make([]policy.Endpoint, 0, len(s.Endpoints)+1)
-	for _, ep := range s.Endpoints {
-		peps = append(peps, policy.Endpoint{ID: ep.ID, Namespace: ep.Namespace, Identity: ep.Identity, Labels: desired.IdentityLabels(s.Cluster, ep.Namespace, ep.Labels)})
+// syncPolicyOf is syncPolicy for the endpoints of keys (changed since the
+// last run, which applied every other input of s): it compiles theirs
+// and writes what differs from what they made of the maps before.
+func (r *Reconciler) syncPolicyOf(s desired.State, keys []string, res *Result) error {
+	next := make(map[string]epEntries, len(keys))
+	for _, k := range keys {
+		if i, ok := state.SearchEndpoints(s.Endpoints, k); ok {
+			next[k] = r.entriesOf(s, s.Endpoints[i], res)
+		} else {
+			next[k] = epEntries{} // gone
+		}
 	}
-	if w := s.Workload; w != nil {
-		// An external workload's host: policies select it by its labels
-		// like a pod (to_host enforces its ingress rules).
-		peps = append(peps, policy.Endpoint{ID: w.ID, Namespace: w.Namespace, Identity: w.Identity, Labels: desired.IdentityLabels(s.Cluster, w.Namespace, w.Labels)})
+	var add, stale []bpf.PolicyKey
+	var consider []netip.Addr
+	infos := map[netip.Addr]bpf.EndpointInfo{}
+	for k, e := range next {
+		old := r.epEntries[k]
+		add = append(add, e.keys...)
+		for _, key := range old.keys {
+			if _, kept := slices.BinarySearchFunc(e.keys, key, policy.CompareKeys); !kept {
+				stale = append(stale, key)
+			}
+		}
+		for _, i := range old.infos {
+			consider = append(consider, i.ip)
+		}
+		for _, i := range e.infos {
+			infos[i.ip] = i.info
+			consider = append(consider, i.ip)
+		}
 	}
-	res := policy.Compile(s.Policies, peps, s.Identities.List(), s.Cluster)
-	if s.AllowLocalHostIngress {
-		res.AllowHostIngress()
+	if err := r.addPolicy(add, res); err != nil {
+		return err
 	}
-	return res
+	clean, err := r.syncEndpoints(infos, consider, false, res)
+	if err != nil {
+		return err
+	}
+	for k, e := range next {
+		if len(e.keys) == 0 && len(e.infos) == 0 {
+			delete(r.epEntries, k)
+		} else {
+			r.epEntries[k] = e
+		}
+	}
+	// Stale policy entries, once no endpoint relies on them; otherwise
+	// the full run that follows a failed write, or the mesh being
+	// listed, prunes them.
+	if clean && s.Mesh.Ready {
+		r.removePolicy(stale, res)
+	}
+	return nil
+}
+
+// entriesOf is endpointEntries with the run's compiler; a bad MAC is
+// reported in res.
+func (r *Reconciler) entriesOf(s desired.State, ep state.Endpoint, res *Result) epEntries {
+	e, err := endpointEntries(r.polCompiler, s.Cluster, ep)
+	if err != nil {
+		res.Errs = append(res.Errs, err)
+	}
+	return e
 }

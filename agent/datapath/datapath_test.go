@@ -26,7 +26,7 @@ func (l ids) Get(id uint32) (identity.Labels, bool) {
 	return nil, false
 }
 
-func decode[T any](t *testing.T, doc string) T {
+func decode[T any](t testing.TB, doc string) T {
 	t.Helper()
 	objs, err := objects.Decode([]byte(doc))
 	if err != nil {

@@ -9,38 +9,75 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/policy"
+	"github.com/isthmus-mesh/isthmus/agent/state"
 	"github.com/isthmus-mesh/isthmus/bpf"
 )
 
-// syncEndpoints makes the endpoints map hold every local endpoint's
-// addresses with its enforcement flags. clean reports that every write
-// went through, so policy entries no endpoint needs may go.
-func (r *Reconciler) syncEndpoints(s desired.State, compiled policy.Result, res *Result) (clean bool, err error) {
-	want := map[netip.Addr]bpf.EndpointInfo{}
-	for _, ep := range s.Endpoints {
-		hostMAC, err1 := net.ParseMAC(ep.HostMAC)
-		podMAC, err2 := net.ParseMAC(ep.PodMAC)
-		if err := errors.Join(err1, err2); err != nil {
-			res.Errs = append(res.Errs, fmt.Errorf("endpoint %s: bad MAC in state: %w", ep.Key(), err))
-			continue
-		}
-		for _, ip := range ep.IPs {
-			want[ip] = bpf.EndpointInfo{
-				ID: ep.ID, IfIndex: uint32(ep.IfIndex), Identity: ep.Identity,
-				PodMAC: podMAC, HostMAC: hostMAC,
-				PolicyIngress: compiled.Ingress[ep.ID], PolicyEgress: compiled.Egress[ep.ID],
-			}
-		}
+// epEntries is what one endpoint (or the external workload) makes of the
+// endpoints map and of the policy map. The reconciler keeps them per
+// endpoint, so that a run in which only some endpoints changed derives
+// and writes theirs alone.
+type epEntries struct {
+	infos []epInfo
+	keys  []bpf.PolicyKey // sorted, no repeats
+}
+
+// epInfo is one address's entry in the endpoints map.
+type epInfo struct {
+	ip   netip.Addr
+	info bpf.EndpointInfo
+}
+
+// workloadKey keys the external workload's entries among the endpoints'
+// (no endpoint key is empty).
+const workloadKey = ""
+
+// newCompiler prepares the policies of s for one endpoint at a time.
+func newCompiler(s desired.State) *policy.Compiler {
+	c := policy.NewCompiler(s.Policies, s.Identities.List(), s.Cluster)
+	c.HostIngress = s.AllowLocalHostIngress
+	return c
+}
+
+// endpointEntries derives what ep makes of the maps. A bad MAC in its
+// state leaves it out of the endpoints map, with an error.
+func endpointEntries(c *policy.Compiler, cluster string, ep state.Endpoint) (epEntries, error) {
+	var out epEntries
+	var in, eg bool
+	out.keys, in, eg = c.Endpoint(policy.Endpoint{ID: ep.ID, Namespace: ep.Namespace, Identity: ep.Identity, Labels: desired.IdentityLabels(cluster, ep.Namespace, ep.Labels)})
+	hostMAC, err1 := net.ParseMAC(ep.HostMAC)
+	podMAC, err2 := net.ParseMAC(ep.PodMAC)
+	if err := errors.Join(err1, err2); err != nil {
+		return out, fmt.Errorf("endpoint %s: bad MAC in state: %w", ep.Key(), err)
 	}
-	if w := s.Workload; w != nil {
-		// The host of an external workload, enforced on its WireGuard
-		// device (from_host, to_host) like a pod on its veth; the device
-		// is L3: no MACs.
-		for _, ip := range w.IPs {
-			want[ip] = bpf.EndpointInfo{ID: w.ID, IfIndex: uint32(w.IfIndex), Identity: w.Identity,
-				PolicyIngress: compiled.Ingress[w.ID], PolicyEgress: compiled.Egress[w.ID]}
-		}
+	for _, ip := range ep.IPs {
+		out.infos = append(out.infos, epInfo{ip, bpf.EndpointInfo{
+			ID: ep.ID, IfIndex: uint32(ep.IfIndex), Identity: ep.Identity,
+			PodMAC: podMAC, HostMAC: hostMAC, PolicyIngress: in, PolicyEgress: eg,
+		}})
 	}
+	return out, nil
+}
+
+// workloadEntries derives what an external workload's host makes of the
+// maps: enforced on its WireGuard device (from_host, to_host) like a pod
+// on its veth; the device is L3: no MACs.
+func workloadEntries(c *policy.Compiler, cluster string, w *state.Endpoint) epEntries {
+	var out epEntries
+	var in, eg bool
+	out.keys, in, eg = c.Endpoint(policy.Endpoint{ID: w.ID, Namespace: w.Namespace, Identity: w.Identity, Labels: desired.IdentityLabels(cluster, w.Namespace, w.Labels)})
+	for _, ip := range w.IPs {
+		out.infos = append(out.infos, epInfo{ip, bpf.EndpointInfo{ID: w.ID, IfIndex: uint32(w.IfIndex), Identity: w.Identity,
+			PolicyIngress: in, PolicyEgress: eg}})
+	}
+	return out
+}
+
+// syncEndpoints makes the entries of the endpoints map at the addresses
+// of consider, or at every address (in want or in the map) with all,
+// equal to want. clean reports that every write went through, so policy
+// entries no endpoint needs may go.
+func (r *Reconciler) syncEndpoints(want map[netip.Addr]bpf.EndpointInfo, consider []netip.Addr, all bool, res *Result) (clean bool, err error) {
 	if r.epShadow == nil {
 		have, err := r.dp.EndpointList()
 		if err != nil {
@@ -50,22 +87,37 @@ func (r *Reconciler) syncEndpoints(s desired.State, compiled policy.Result, res 
 	}
 	have := r.epShadow
 	before := len(res.Errs)
-	for ip, e := range want {
-		if h, ok := have[ip]; !ok || !sameEndpointInfo(h, e) {
+	write := func(ip netip.Addr) {
+		e, ok := want[ip]
+		h, had := have[ip]
+		switch {
+		case ok && (!had || !sameEndpointInfo(h, e)):
 			err := r.dp.EndpointUpsert(ip, e)
 			res.note(&res.Endpoints, err)
 			if err == nil {
 				have[ip] = e
 			}
-		}
-	}
-	for ip := range have {
-		if _, ok := want[ip]; !ok {
+		case !ok && had:
 			err := r.dp.EndpointDelete(ip)
 			res.note(&res.Endpoints, err)
 			if err == nil {
 				delete(have, ip)
 			}
+		}
+	}
+	if all {
+		// Additions and changes first, then what goes.
+		for ip := range want {
+			write(ip)
+		}
+		for ip := range have {
+			if _, ok := want[ip]; !ok {
+				write(ip)
+			}
+		}
+	} else {
+		for _, ip := range consider {
+			write(ip)
 		}
 	}
 	clean = len(res.Errs) == before

@@ -6,37 +6,124 @@ import (
 	"slices"
 
 	"github.com/isthmus-mesh/isthmus/agent/desired"
+	"github.com/isthmus-mesh/isthmus/agent/state"
 	"github.com/isthmus-mesh/isthmus/bpf"
 )
 
-// localIPCache is the part of the desired ipcache the node decides itself,
+// localIPs is the part of the desired ipcache the node decides itself,
 // which overrides the mesh's entries: the world by default, the own
 // cluster's other nodes (remote-node), the node's addresses (host), its
 // pods' addresses (their identities), each overriding the one before.
-// Its size is the node's, not the mesh's.
-func localIPCache(s desired.State) map[netip.Prefix]bpf.IPCacheEntry {
-	want := map[netip.Prefix]bpf.IPCacheEntry{
+// Its size is the node's, not the mesh's. The pods' part is kept per
+// endpoint, so that a run updates it for the endpoints that changed only.
+// (An address is one endpoint's: IPAM gives it to one.)
+type localIPs struct {
+	base  map[netip.Prefix]bpf.IPCacheEntry // the world, the nodes, the node's addresses
+	eps   map[netip.Prefix]bpf.IPCacheEntry // the pods' addresses
+	of    map[string][]netip.Prefix         // the prefixes of each endpoint, by key
+	epGen uint64                            // the EndpointsGen of eps
+}
+
+// localBase is the node's part of the desired ipcache but its pods'.
+func localBase(s desired.State) map[netip.Prefix]bpf.IPCacheEntry {
+	base := map[netip.Prefix]bpf.IPCacheEntry{
 		netip.MustParsePrefix("0.0.0.0/0"): {Identity: bpf.IdentityWorld},
 		netip.MustParsePrefix("::/0"):      {Identity: bpf.IdentityWorld},
 	}
-	maps.Copy(want, s.Mesh.NodeIPCache())
+	maps.Copy(base, s.Mesh.NodeIPCache())
 	for _, ip := range s.HostAddrs {
-		want[netip.PrefixFrom(ip, ip.BitLen())] = bpf.IPCacheEntry{Identity: bpf.IdentityHost}
+		base[netip.PrefixFrom(ip, ip.BitLen())] = bpf.IPCacheEntry{Identity: bpf.IdentityHost}
 	}
+	return base
+}
+
+// newLocalIPs derives the node's part of s from scratch.
+func newLocalIPs(s desired.State) *localIPs {
+	l := &localIPs{base: localBase(s), eps: map[netip.Prefix]bpf.IPCacheEntry{}, of: map[string][]netip.Prefix{}, epGen: s.EndpointsGen}
 	for _, ep := range s.Endpoints {
-		for _, ip := range ep.IPs {
-			want[netip.PrefixFrom(ip, ip.BitLen())] = bpf.IPCacheEntry{Identity: ep.Identity}
+		l.addEndpoint(ep)
+	}
+	return l
+}
+
+// addEndpoint adds ep's addresses and returns their prefixes.
+func (l *localIPs) addEndpoint(ep state.Endpoint) []netip.Prefix {
+	ps := make([]netip.Prefix, 0, len(ep.IPs))
+	for _, ip := range ep.IPs {
+		p := netip.PrefixFrom(ip, ip.BitLen())
+		l.eps[p] = bpf.IPCacheEntry{Identity: ep.Identity}
+		ps = append(ps, p)
+	}
+	l.of[ep.Key()] = ps
+	return ps
+}
+
+// update brings l to s, deriving again the base and the endpoints that
+// changed since l's, and returns the prefixes whose entry may have
+// changed; ok is false when the changed endpoints are not known and l was
+// derived from scratch (any entry may have changed).
+func (l *localIPs) update(s desired.State) (changed []netip.Prefix, ok bool) {
+	keys, known := []string(nil), false
+	if s.EndpointsGen != 0 && s.EndpointsChangedSince != nil {
+		keys, known = s.EndpointsChangedSince(l.epGen)
+	}
+	if !known {
+		*l = *newLocalIPs(s)
+		return nil, false
+	}
+	base := localBase(s)
+	for p, e := range base {
+		if old, ok := l.base[p]; !ok || old != e {
+			changed = append(changed, p)
 		}
 	}
-	return want
+	for p := range l.base {
+		if _, ok := base[p]; !ok {
+			changed = append(changed, p)
+		}
+	}
+	l.base = base
+	for _, k := range keys {
+		for _, p := range l.of[k] {
+			delete(l.eps, p)
+			changed = append(changed, p)
+		}
+		delete(l.of, k)
+		if i, ok := state.SearchEndpoints(s.Endpoints, k); ok {
+			changed = append(changed, l.addEndpoint(s.Endpoints[i])...)
+		}
+	}
+	l.epGen = s.EndpointsGen
+	return changed, true
+}
+
+// get returns the node's entry for p.
+func (l *localIPs) get(p netip.Prefix) (bpf.IPCacheEntry, bool) {
+	if e, ok := l.eps[p]; ok {
+		return e, true
+	}
+	e, ok := l.base[p]
+	return e, ok
+}
+
+// rangeAll calls f with every entry.
+func (l *localIPs) rangeAll(f func(netip.Prefix, bpf.IPCacheEntry)) {
+	for p, e := range l.base {
+		if _, over := l.eps[p]; !over {
+			f(p, e)
+		}
+	}
+	for p, e := range l.eps {
+		f(p, e)
+	}
 }
 
 // wantIPCache is the whole desired ipcache: the mesh's entries under the
 // local ones.
-func wantIPCache(s desired.State, local map[netip.Prefix]bpf.IPCacheEntry) map[netip.Prefix]bpf.IPCacheEntry {
+func wantIPCache(s desired.State, local *localIPs) map[netip.Prefix]bpf.IPCacheEntry {
 	want := map[netip.Prefix]bpf.IPCacheEntry{}
 	s.Mesh.AddIPCache(want)
-	maps.Copy(want, local)
+	local.rangeAll(func(p netip.Prefix, e bpf.IPCacheEntry) { want[p] = e })
 	return want
 }
 
@@ -49,7 +136,15 @@ func wantIPCache(s desired.State, local map[netip.Prefix]bpf.IPCacheEntry) map[n
 func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 	r.driftIPCache(res)
 	changed, full := s.Mesh.TakeIPChanges()
-	local := localIPCache(s)
+	var localChanged []netip.Prefix
+	if r.ipcLocal == nil {
+		r.ipcLocal, full = newLocalIPs(s), true
+	} else if c, ok := r.ipcLocal.update(s); ok {
+		localChanged = c
+	} else {
+		full = true
+	}
+	local := r.ipcLocal
 	if r.ipcShadow == nil {
 		have, err := r.dp.IPCacheList()
 		if err != nil {
@@ -59,7 +154,7 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 		r.ipcShadow = shadowOf(have)
 		full = true
 	}
-	if r.ipcLocal == nil || s.Mesh.Ready != r.ipcReady || !slices.Equal(s.Mesh.NodeIPs, r.ipcNodeIPs) {
+	if s.Mesh.Ready != r.ipcReady || !slices.Equal(s.Mesh.NodeIPs, r.ipcNodeIPs) {
 		full = true
 	}
 	if n := len(r.ipcShadow) + len(changed); len(changed) > len(r.ipcShadow) && n > 1024 {
@@ -87,7 +182,7 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 	write := func(p netip.Prefix, e bpf.IPCacheEntry, ok bool) {
 		h, had := have.get(p)
 		if ok && !had && len(have) >= r.ipcMeshLimit {
-			if _, mine := local[p]; !mine {
+			if _, mine := local.get(p); !mine {
 				overflow++ // a mesh entry past the limit: the node's own come first
 				return
 			}
@@ -124,17 +219,15 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 				write(p, bpf.IPCacheEntry{}, false)
 			}
 		}
-		for p, e := range local {
-			write(p, e, true)
-		}
+		local.rangeAll(func(p netip.Prefix, e bpf.IPCacheEntry) { write(p, e, true) })
 		for p, e := range want {
-			if _, mine := local[p]; !mine {
+			if _, mine := local.get(p); !mine {
 				write(p, e, true)
 			}
 		}
 	} else {
 		one := func(p netip.Prefix) {
-			if e, ok := local[p]; ok {
+			if e, ok := local.get(p); ok {
 				write(p, e, true)
 				return
 			}
@@ -144,19 +237,12 @@ func (r *Reconciler) syncIPCache(s desired.State, res *Result) error {
 		for _, p := range changed {
 			one(p)
 		}
-		for p, e := range local {
-			if old, ok := r.ipcLocal[p]; !ok || old != e {
-				one(p)
-			}
-		}
-		for p := range r.ipcLocal {
-			if _, ok := local[p]; !ok {
-				one(p)
-			}
+		for _, p := range localChanged {
+			one(p)
 		}
 	}
 	flush()
-	r.ipcLocal, r.ipcReady, r.ipcNodeIPs = local, s.Mesh.Ready, slices.Clone(s.Mesh.NodeIPs)
+	r.ipcReady, r.ipcNodeIPs = s.Mesh.Ready, slices.Clone(s.Mesh.NodeIPs)
 	if failed {
 		r.ipcShadow = nil // list the map again next time, and a full pass
 	}

@@ -3,7 +3,6 @@ package datapath
 import (
 	"fmt"
 
-	"github.com/isthmus-mesh/isthmus/agent/policy"
 	"github.com/isthmus-mesh/isthmus/bpf"
 )
 
@@ -23,17 +22,17 @@ func (r *Reconciler) policyShadow() (map[bpf.PolicyKey]struct{}, error) {
 	return r.polShadow, nil
 }
 
-// addPolicy writes the compiled entries the map lacks, keeping the ones it
-// has (they go in prunePolicy, once no endpoint relies on them). An error
+// addPolicy writes the entries of want the map lacks, keeping the ones it
+// has (they go in removePolicy, once no endpoint relies on them). An error
 // stops the run: without the new entries, switching enforcement on would
 // drop allowed traffic.
-func (r *Reconciler) addPolicy(compiled policy.Result, res *Result) error {
+func (r *Reconciler) addPolicy(want []bpf.PolicyKey, res *Result) error {
 	have, err := r.policyShadow()
 	if err != nil {
 		return err
 	}
 	var add []bpf.PolicyKey
-	for _, k := range compiled.Keys {
+	for _, k := range want {
 		if _, ok := have[k]; !ok {
 			add = append(add, k)
 		}
@@ -52,28 +51,35 @@ func (r *Reconciler) addPolicy(compiled policy.Result, res *Result) error {
 	return nil
 }
 
-// prunePolicy removes the entries the map has that are no longer compiled.
-func (r *Reconciler) prunePolicy(compiled policy.Result, res *Result) {
-	want := make(map[bpf.PolicyKey]struct{}, len(compiled.Keys))
-	for _, k := range compiled.Keys {
-		want[k] = struct{}{}
-	}
+// prunePolicy removes the entries the map has that want lacks.
+func (r *Reconciler) prunePolicy(want map[bpf.PolicyKey]struct{}, res *Result) {
 	var stale []bpf.PolicyKey
 	for k := range r.polShadow {
 		if _, ok := want[k]; !ok {
 			stale = append(stale, k)
 		}
 	}
-	if len(stale) == 0 {
+	r.removePolicy(stale, res)
+}
+
+// removePolicy removes the entries of stale from the map (those it has).
+func (r *Reconciler) removePolicy(stale []bpf.PolicyKey, res *Result) {
+	var del []bpf.PolicyKey
+	for _, k := range stale {
+		if _, ok := r.polShadow[k]; ok {
+			del = append(del, k)
+		}
+	}
+	if len(del) == 0 {
 		return
 	}
-	if err := r.dp.PolicyUpdate(nil, stale); err != nil {
+	if err := r.dp.PolicyUpdate(nil, del); err != nil {
 		r.polShadow = nil
 		res.Errs = append(res.Errs, fmt.Errorf("remove policy entries: %w", err))
 		return
 	}
-	for _, k := range stale {
+	for _, k := range del {
 		delete(r.polShadow, k)
 	}
-	res.Policy += len(stale)
+	res.Policy += len(del)
 }

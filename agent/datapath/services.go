@@ -6,6 +6,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/agent/desired"
 	"github.com/isthmus-mesh/isthmus/agent/service"
+	"github.com/isthmus-mesh/isthmus/agent/state"
 	"github.com/isthmus-mesh/isthmus/bpf"
 )
 
@@ -15,6 +16,43 @@ import (
 type svcEndpointInputs struct {
 	endpoints, ownIPs, identities uint64
 	nodeIPs                       string
+}
+
+// serviceEndpoint is a local endpoint as services select it.
+func serviceEndpoint(cluster string, ep state.Endpoint) service.Endpoint {
+	return service.Endpoint{Key: "local/" + ep.Key(), Namespace: ep.Namespace,
+		Labels: desired.IdentityLabels(cluster, ep.Namespace, ep.Labels), IPs: ep.IPs}
+}
+
+// changeServiceEndpoints hands the Resolver the local endpoints changed
+// since the last run, when they are all that changed of what services
+// select from and are known, and reports whether it did; otherwise the
+// Resolver is given every endpoint.
+func (r *Reconciler) changeServiceEndpoints(s desired.State, in svcEndpointInputs) bool {
+	last := r.svcEPIn
+	if r.resolver == nil || s.EndpointsGen == 0 || last.endpoints == 0 || s.EndpointsChangedSince == nil {
+		return false
+	}
+	last.endpoints = in.endpoints
+	if last != in {
+		return false
+	}
+	keys, ok := s.EndpointsChangedSince(r.svcEPIn.endpoints)
+	if !ok {
+		return false
+	}
+	var ups []service.Endpoint
+	var gone []string
+	for _, k := range keys {
+		if i, ok := state.SearchEndpoints(s.Endpoints, k); ok {
+			ups = append(ups, serviceEndpoint(s.Cluster, s.Endpoints[i]))
+		} else {
+			gone = append(gone, "local/"+k)
+		}
+	}
+	r.resolver.ChangeEndpoints(ups, gone)
+	r.svcEPIn = in
+	return true
 }
 
 // syncServices resolves the services against the endpoints that may back
@@ -30,13 +68,12 @@ func (r *Reconciler) syncServices(s desired.State, res *Result) error {
 	in := svcEndpointInputs{endpoints: s.EndpointsGen, ownIPs: s.Mesh.View.Versions.OwnIPs,
 		identities: s.Mesh.View.Versions.Identities, nodeIPs: fmt.Sprint(s.Mesh.NodeIPs)}
 	var seps []service.Endpoint
-	if s.EndpointsGen == 0 || in != r.svcEPIn {
+	if (s.EndpointsGen == 0 || in != r.svcEPIn) && !r.changeServiceEndpoints(s, in) {
 		r.svcEPIn = in
 		r.svcEPGen++
 		seps = make([]service.Endpoint, 0, len(s.Endpoints))
 		for _, ep := range s.Endpoints {
-			seps = append(seps, service.Endpoint{Key: "local/" + ep.Key(), Namespace: ep.Namespace,
-				Labels: desired.IdentityLabels(s.Cluster, ep.Namespace, ep.Labels), IPs: ep.IPs})
+			seps = append(seps, serviceEndpoint(s.Cluster, ep))
 		}
 		seps = append(seps, s.Mesh.ClusterEndpoints(s.Identities)...) // the own cluster's other nodes
 	}

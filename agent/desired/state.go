@@ -39,6 +39,15 @@ type State struct {
 	// objects): equal values, same content. Reconcilers skip what depends
 	// only on inputs they already applied (0: unknown, always apply).
 	EndpointsGen, ObjectsGen uint64
+	// EndpointsChangedSince, when not nil, returns the keys
+	// (state.Endpoint.Key) of the endpoints changed since an earlier
+	// EndpointsGen, each once (ok false: not known). With it a reconciler derives
+	// and writes again what the changed endpoints make, not what every
+	// endpoint does: a run costs the change, not the node.
+	EndpointsChangedSince func(since uint64) (keys []string, ok bool)
+	// IdentitiesGen identifies the set of Identities: equal values, same
+	// identities (0: unknown; any endpoint change may have changed it).
+	IdentitiesGen uint64
 
 	// Objects, when not nil, are the applied objects Services were split
 	// from (by objects.Key), and ObjectsChangedSince, when not nil,

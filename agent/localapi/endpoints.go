@@ -167,6 +167,16 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		unreserve()
 		h.mu.Unlock()
 	}()
+	// The identity, without the API lock, allocated while the addresses
+	// are and the pod is plumbed: its write (or its round trip to etcd in
+	// cluster mode) and theirs do not wait for each other.
+	identity := h.allocateIdentity(ctx, desired.IdentityLabels(h.cluster, ns, labels))
+	undo = append(undo, func() {
+		if id, err := identity(); err == nil {
+			h.releaseIdentity(ctx, id)
+		}
+	})
+
 	// The addresses, without the API lock: the IPAM has its own, and the
 	// adds of pods created together share its writes. The write goes on
 	// while the veth is plumbed; the endpoint is stored only once the
@@ -176,7 +186,7 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	ips, durable, err := h.allocate(owner)
 	phases.mark("addresses")
 	if err != nil {
-		return api.Endpoint{}, err
+		return fail(err)
 	}
 	go func() { _ = durable() }() // starts the write; the add waits for its result below
 	undo = append(undo, func() {
@@ -185,14 +195,6 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 			h.logErr("release addresses", h.ipam.Release(owner))
 		}
 	})
-
-	// The identity, without the API lock.
-	id, err := h.ids.Allocate(ctx, desired.IdentityLabels(h.cluster, ns, labels))
-	if err != nil {
-		return fail(fmt.Errorf("allocate identity: %w", err))
-	}
-	undo = append(undo, func() { h.releaseIdentity(ctx, id) })
-	phases.mark("identity")
 
 	// Plumbing, without the API lock too: the veth and its program belong
 	// to this endpoint alone (its lock is held, its addresses and netns
@@ -215,6 +217,11 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	// before the pod runs (see bigtcp.SizeEndpoint).
 	h.bigtcp.SizeEndpoint(state.Endpoint{Name: name, Namespace: ns, NetnsPath: req.Netns, HostIfName: hostIf, IfIndex: res.HostIfIndex, IPs: ips})
 	phases.mark("bigtcp")
+	id, err := identity()
+	phases.mark("identity") // what was left of it
+	if err != nil {
+		return fail(fmt.Errorf("allocate identity: %w", err))
+	}
 
 	if err := durable(); err != nil {
 		return fail(fmt.Errorf("store the addresses of %s: %w", key, err))
@@ -294,6 +301,22 @@ func (h *Handlers) forgetAddDuration(e state.Endpoint) {
 	}
 }
 
+// allocateIdentity starts allocating the identity of labels and returns
+// what waits for it.
+func (h *Handlers) allocateIdentity(ctx context.Context, labels identity.Labels) func() (uint32, error) {
+	done := make(chan struct{})
+	var id uint32
+	var err error
+	go func() {
+		defer close(done)
+		id, err = h.ids.Allocate(ctx, labels)
+	}()
+	return func() (uint32, error) {
+		<-done
+		return id, err
+	}
+}
+
 // reserve checks that endpoint key can be added with netns (no endpoint
 // of that name, no other endpoint or pending add in that netns) and
 // reserves the netns. Callers hold the API lock.
@@ -301,10 +324,8 @@ func (h *Handlers) reserve(key, netns string) error {
 	if _, ok := h.store.Endpoint(splitKey(key)); ok {
 		return api.Errorf(http.StatusConflict, "endpoint %s already exists", key)
 	}
-	for _, other := range h.store.Endpoints() {
-		if other.NetnsPath == netns {
-			return api.Errorf(http.StatusConflict, "netns %s is already used by endpoint %s", netns, other.Key())
-		}
+	if other, ok := h.store.EndpointInNetns(netns); ok {
+		return api.Errorf(http.StatusConflict, "netns %s is already used by endpoint %s", netns, other)
 	}
 	for other, p := range h.pendingNetns {
 		if p == netns {

@@ -6,6 +6,8 @@
 //	type Endpoint struct { ID uint32; Namespace string; Identity uint32; Labels identity.Labels }
 //	type Result struct { Keys []bpf.PolicyKey; Ingress map[uint32]bool; Egress map[uint32]bool }
 //	func Compile(policies []objects.NetworkPolicy, endpoints []Endpoint, identities []identity.Identity, localCluster string) Result
+//	func NewCompiler(policies []objects.NetworkPolicy, identities []identity.Identity, localCluster string) *Compiler
+//	func (c *Compiler) Endpoint(ep Endpoint) (keys []bpf.PolicyKey, ingress, egress bool) // Compile for one endpoint
 //
 // Semantics:
 //

@@ -37,78 +37,111 @@ type portProto struct {
 }
 
 // Compile turns policies into policy map entries for the given endpoints;
-// see the package documentation for the semantics.
+// see the package documentation for the semantics. It is a Compiler's
+// work over every endpoint.
 func Compile(policies []objects.NetworkPolicy, endpoints []Endpoint, identities []identity.Identity, localCluster string) Result {
 	res := Result{
 		Ingress: make(map[uint32]bool, len(endpoints)),
 		Egress:  make(map[uint32]bool, len(endpoints)),
 	}
+	c := NewCompiler(policies, identities, localCluster)
 	for _, ep := range endpoints {
-		res.Ingress[ep.ID] = false
-		res.Egress[ep.ID] = false
+		var keys []bpf.PolicyKey
+		keys, res.Ingress[ep.ID], res.Egress[ep.ID] = c.Endpoint(ep)
+		res.Keys = append(res.Keys, keys...)
 	}
-	keys := map[bpf.PolicyKey]bool{}
-	idx := indexIdentities(identities)
-
-	for _, pol := range policies {
-		ns := namespaceOrDefault(pol.Metadata.Namespace)
-		var selected []Endpoint
-		for _, ep := range endpoints {
-			if namespaceOrDefault(ep.Namespace) == ns && pol.Spec.EndpointSelector.Matches(ep.Labels) {
-				selected = append(selected, ep)
-			}
-		}
-		if len(selected) == 0 {
-			continue
-		}
-		for _, r := range pol.Spec.Ingress {
-			peers := rulePeers(r.FromEndpoints, r.FromEntities, ns, idx, localCluster)
-			addKeys(keys, selected, bpf.Ingress, peers, rulePorts(r.ToPorts))
-		}
-		for _, r := range pol.Spec.Egress {
-			peers := rulePeers(r.ToEndpoints, r.ToEntities, ns, idx, localCluster)
-			addKeys(keys, selected, bpf.Egress, peers, rulePorts(r.ToPorts))
-		}
-		enforceIn, enforceOut := pol.Spec.Enforces(objects.PolicyTypeIngress), pol.Spec.Enforces(objects.PolicyTypeEgress)
-		for _, ep := range selected {
-			if enforceIn {
-				res.Ingress[ep.ID] = true
-			}
-			if enforceOut {
-				res.Egress[ep.ID] = true
-			}
-		}
+	slices.SortFunc(res.Keys, CompareKeys)
+	res.Keys = slices.Compact(res.Keys) // two endpoints given the same ID
+	if res.Keys == nil {
+		res.Keys = []bpf.PolicyKey{}
 	}
-
-	res.Keys = make([]bpf.PolicyKey, 0, len(keys))
-	for k := range keys {
-		res.Keys = append(res.Keys, k)
-	}
-	slices.SortFunc(res.Keys, compareKeys)
 	return res
 }
 
-// AllowHostIngress adds, for every endpoint whose ingress is enforced, an
-// entry that admits the local host identity on every port and protocol
-// (Kubernetes mode: kubelet probes), keeping the keys sorted.
-func (r *Result) AllowHostIngress() {
-	for id, enforced := range r.Ingress {
-		if enforced {
-			r.Keys = append(r.Keys, bpf.PolicyKey{EndpointID: id, PeerIdentity: bpf.IdentityHost, Port: 0, Proto: bpf.ProtoAny, Direction: bpf.Ingress})
-		}
-	}
-	slices.SortFunc(r.Keys, compareKeys)
-	r.Keys = slices.Compact(r.Keys)
+// Compiler compiles policies for one endpoint at a time, each rule's
+// peers and ports resolved once, when an endpoint it applies to first
+// needs them: compiling an endpoint that changed costs the policies that
+// select it, not every endpoint of the node. A Compiler is for one set of
+// policies and identities; it is not safe for concurrent use.
+type Compiler struct {
+	// HostIngress admits the local host identity into every endpoint
+	// whose ingress is enforced, on every port and protocol (Kubernetes
+	// mode: kubelet probes).
+	HostIngress bool
+	cluster     string
+	idx         identityIndex
+	pols        []compiledPolicy
 }
 
-func addKeys(keys map[bpf.PolicyKey]bool, eps []Endpoint, dir bpf.Direction, peers []uint32, ports []portProto) {
-	for _, ep := range eps {
-		for _, peer := range peers {
-			for _, pp := range ports {
-				keys[bpf.PolicyKey{EndpointID: ep.ID, PeerIdentity: peer, Port: pp.port, Proto: pp.proto, Direction: dir}] = true
+// compiledPolicy is one policy as a Compiler applies it.
+type compiledPolicy struct {
+	pol                   *objects.NetworkPolicy
+	ns                    string
+	enforceIn, enforceOut bool
+	rules                 []compiledRule // ingress then egress; nil until needed
+}
+
+// compiledRule is one rule's peers and ports.
+type compiledRule struct {
+	dir   bpf.Direction
+	peers []uint32
+	ports []portProto
+}
+
+// NewCompiler prepares policies for Endpoint against identities.
+func NewCompiler(policies []objects.NetworkPolicy, identities []identity.Identity, localCluster string) *Compiler {
+	c := &Compiler{cluster: localCluster, idx: indexIdentities(identities), pols: make([]compiledPolicy, len(policies))}
+	for i := range policies {
+		pol := &policies[i]
+		c.pols[i] = compiledPolicy{pol: pol, ns: namespaceOrDefault(pol.Metadata.Namespace),
+			enforceIn: pol.Spec.Enforces(objects.PolicyTypeIngress), enforceOut: pol.Spec.Enforces(objects.PolicyTypeEgress)}
+	}
+	return c
+}
+
+// Endpoint returns the allow entries of ep, sorted and without repeats,
+// and whether its ingress and its egress are enforced.
+func (c *Compiler) Endpoint(ep Endpoint) (keys []bpf.PolicyKey, ingress, egress bool) {
+	for i := range c.pols {
+		p := &c.pols[i]
+		if namespaceOrDefault(ep.Namespace) != p.ns || !p.pol.Spec.EndpointSelector.Matches(ep.Labels) {
+			continue
+		}
+		for _, r := range c.rulesOf(p) {
+			for _, peer := range r.peers {
+				for _, pp := range r.ports {
+					keys = append(keys, bpf.PolicyKey{EndpointID: ep.ID, PeerIdentity: peer, Port: pp.port, Proto: pp.proto, Direction: r.dir})
+				}
 			}
 		}
+		ingress, egress = ingress || p.enforceIn, egress || p.enforceOut
 	}
+	if c.HostIngress && ingress {
+		keys = append(keys, hostIngressKey(ep.ID))
+	}
+	slices.SortFunc(keys, CompareKeys)
+	return slices.Compact(keys), ingress, egress
+}
+
+// rulesOf resolves a policy's rules the first time an endpoint needs them.
+func (c *Compiler) rulesOf(p *compiledPolicy) []compiledRule {
+	if p.rules != nil {
+		return p.rules
+	}
+	p.rules = make([]compiledRule, 0, len(p.pol.Spec.Ingress)+len(p.pol.Spec.Egress))
+	for _, r := range p.pol.Spec.Ingress {
+		p.rules = append(p.rules, compiledRule{bpf.Ingress, rulePeers(r.FromEndpoints, r.FromEntities, p.ns, c.idx, c.cluster), rulePorts(r.ToPorts)})
+	}
+	for _, r := range p.pol.Spec.Egress {
+		p.rules = append(p.rules, compiledRule{bpf.Egress, rulePeers(r.ToEndpoints, r.ToEntities, p.ns, c.idx, c.cluster), rulePorts(r.ToPorts)})
+	}
+	return p.rules
+}
+
+// hostIngressKey admits the local host identity into endpoint id on every
+// port and protocol.
+func hostIngressKey(id uint32) bpf.PolicyKey {
+	return bpf.PolicyKey{EndpointID: id, PeerIdentity: bpf.IdentityHost, Port: 0, Proto: bpf.ProtoAny, Direction: bpf.Ingress}
 }
 
 // identityIndex finds the identities a selector may match without a scan
@@ -239,7 +272,9 @@ func rulePorts(rules []objects.PortRule) []portProto {
 	return out
 }
 
-func compareKeys(a, b bpf.PolicyKey) int {
+// CompareKeys orders policy keys as Compile and Compiler.Endpoint sort
+// them.
+func CompareKeys(a, b bpf.PolicyKey) int {
 	return cmp.Or(
 		cmp.Compare(a.EndpointID, b.EndpointID),
 		cmp.Compare(a.Direction, b.Direction),

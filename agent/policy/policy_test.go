@@ -275,7 +275,7 @@ func TestCompileDeterministic(t *testing.T) {
 			[]objects.EgressRule{{ToEndpoints: from(nil, db)}}),
 	}
 	first := Compile(policies, testEndpoints, testIdentities, "c1")
-	if !slices.IsSortedFunc(first.Keys, compareKeys) {
+	if !slices.IsSortedFunc(first.Keys, CompareKeys) {
 		t.Fatal("keys are not sorted")
 	}
 	for range 20 {
@@ -377,30 +377,23 @@ func TestNodeEntities(t *testing.T) {
 	}
 }
 
-func TestAllowHostIngress(t *testing.T) {
-	r := Result{
-		Keys:    []bpf.PolicyKey{{EndpointID: 1, PeerIdentity: 300, Port: 80, Proto: bpf.ProtoTCP, Direction: bpf.Ingress}},
-		Ingress: map[uint32]bool{1: true, 2: false, 3: true},
-		Egress:  map[uint32]bool{1: false, 2: true, 3: false},
-	}
-	r.AllowHostIngress()
-	r.AllowHostIngress() // idempotent
+// With HostIngress, an endpoint whose ingress is enforced admits the host
+// on every port, besides what its policies allow; one without enforced
+// ingress gets no entry (everything is admitted already).
+func TestCompilerHostIngress(t *testing.T) {
+	p := pol("default", db, []objects.IngressRule{{FromEndpoints: from(map[string]string{"app": "web"}), ToPorts: []objects.PortRule{{Port: 5432}}}}, nil)
+	c := NewCompiler([]objects.NetworkPolicy{p}, testIdentities, "c1")
+	c.HostIngress = true
+	keys, ingress, _ := c.Endpoint(testEndpoints[0]) // db in default
 	want := []bpf.PolicyKey{
-		{EndpointID: 1, PeerIdentity: bpf.IdentityHost, Port: 0, Proto: bpf.ProtoAny, Direction: bpf.Ingress},
-		{EndpointID: 1, PeerIdentity: 300, Port: 80, Proto: bpf.ProtoTCP, Direction: bpf.Ingress},
-		{EndpointID: 3, PeerIdentity: bpf.IdentityHost, Port: 0, Proto: bpf.ProtoAny, Direction: bpf.Ingress},
+		in(10, bpf.IdentityHost, 0, bpf.ProtoAny),
+		in(10, webDefault, 5432, bpf.ProtoTCP),
+		in(10, webRemote, 5432, bpf.ProtoTCP), // every cluster's web in default
 	}
-	// Endpoint 2 enforces no ingress (everything is admitted already):
-	// no entry for it.
-	if len(r.Keys) != len(want) {
-		t.Fatalf("keys %v, want %v", r.Keys, want)
+	if !ingress || !slices.Equal(keys, want) {
+		t.Errorf("db: keys %v (ingress enforced %v), want %v", keys, ingress, want)
 	}
-	for _, k := range want {
-		if !slices.Contains(r.Keys, k) {
-			t.Errorf("missing %+v in %v", k, r.Keys)
-		}
-	}
-	if !slices.IsSortedFunc(r.Keys, compareKeys) {
-		t.Errorf("keys not sorted: %v", r.Keys)
+	if keys, ingress, _ := c.Endpoint(testEndpoints[1]); ingress || len(keys) != 0 { // web: not selected
+		t.Errorf("web: keys %v (ingress enforced %v), want none", keys, ingress)
 	}
 }

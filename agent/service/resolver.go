@@ -40,6 +40,9 @@ type Resolver struct {
 	// first holds it.
 	claims map[bpf.Frontend][]string
 	out    map[bpf.Frontend][]bpf.Backend
+	// pending are the services ChangeEndpoints affected, resolved by the
+	// next Update.
+	pending map[string]struct{}
 }
 
 // resolved is one service as the Resolver last computed it.
@@ -58,6 +61,7 @@ func NewResolver() *Resolver {
 		svcs: map[string]*resolved{}, byName: map[string]string{}, eps: map[string]Endpoint{},
 		epIdx: map[string]map[[2]string]map[string]struct{}{}, selIdx: map[string]map[[2]string]map[string]struct{}{},
 		remote: map[string][]records.ServiceRecord{}, claims: map[bpf.Frontend][]string{}, out: map[bpf.Frontend][]bpf.Backend{},
+		pending: map[string]struct{}{},
 	}
 }
 
@@ -115,7 +119,8 @@ func (r *Resolver) UpdateObjects(objs map[string]objects.Object, changed func(si
 
 func (r *Resolver) update(diffSvcs func(affected map[string]struct{}, touched map[bpf.Frontend]struct{}), svcGen uint64, eps []Endpoint, epGen uint64,
 	remote []records.ServiceRecord, remoteGen uint64) (map[bpf.Frontend][]bpf.Backend, []bpf.Frontend) {
-	affected := map[string]struct{}{}
+	affected := r.pending
+	r.pending = map[string]struct{}{}
 	touched := map[bpf.Frontend]struct{}{}
 	if !r.started || svcGen == 0 || svcGen != r.svcGen {
 		diffSvcs(affected, touched)
@@ -237,24 +242,59 @@ func (r *Resolver) upsertService(key string, s objects.Service, from *objects.Se
 func (r *Resolver) diffEndpoints(eps []Endpoint, affected map[string]struct{}) {
 	next := make(map[string]Endpoint, len(eps))
 	for _, ep := range eps {
-		ep.Namespace = namespaceOrDefault(ep.Namespace)
 		next[ep.Key] = ep
 	}
-	for key, old := range r.eps {
-		if ep, ok := next[key]; !ok || !sameEndpoint(old, ep) {
-			r.selecting(old, affected)
-			r.unindexEndpoint(key, old)
-			delete(r.eps, key)
+	for key := range r.eps {
+		if _, ok := next[key]; !ok {
+			r.removeEndpoint(key, affected)
 		}
 	}
-	for key, ep := range next {
-		if _, ok := r.eps[key]; ok {
-			continue // the same as before
-		}
-		r.eps[key] = ep
-		r.indexEndpoint(key, ep)
-		r.selecting(ep, affected)
+	for _, ep := range next {
+		r.putEndpoint(ep, affected)
 	}
+}
+
+// ChangeEndpoints applies changes of the endpoints without the whole list
+// (what Update's eps would have been, the endpoints of the last call with
+// these changes): upserts are endpoints new or changed, removed the keys
+// of endpoints gone, each key in one of them at most. The next Update, given the endpoint generation of the
+// last call (so that it does not diff a list), resolves the services they
+// touched: the cost is the change, not every endpoint.
+func (r *Resolver) ChangeEndpoints(upserts []Endpoint, removed []string) {
+	for _, key := range removed {
+		r.removeEndpoint(key, r.pending)
+	}
+	for _, ep := range upserts {
+		r.putEndpoint(ep, r.pending)
+	}
+}
+
+// putEndpoint takes in ep, new or changed (or the same as before: then
+// nothing happens); the services that select it, before or after, are
+// affected.
+func (r *Resolver) putEndpoint(ep Endpoint, affected map[string]struct{}) {
+	ep.Namespace = namespaceOrDefault(ep.Namespace)
+	if old, ok := r.eps[ep.Key]; ok {
+		if sameEndpoint(old, ep) {
+			return
+		}
+		r.removeEndpoint(ep.Key, affected)
+	}
+	r.eps[ep.Key] = ep
+	r.indexEndpoint(ep.Key, ep)
+	r.selecting(ep, affected)
+}
+
+// removeEndpoint takes out the endpoint of key, if any; the services that
+// selected it are affected.
+func (r *Resolver) removeEndpoint(key string, affected map[string]struct{}) {
+	old, ok := r.eps[key]
+	if !ok {
+		return
+	}
+	r.selecting(old, affected)
+	r.unindexEndpoint(key, old)
+	delete(r.eps, key)
 }
 
 // diffRemote applies new remote service records: the services of the

@@ -17,8 +17,8 @@ import (
 // The Resolver gives what Resolve and Merge give from scratch, after any
 // sequence of changes: services added, changed (selector, VIP, annotations,
 // explicit backends), removed, two of them contending for a VIP; endpoints
-// coming, relabelled, readdressed, going; remote records of global
-// services changing.
+// coming, relabelled, readdressed, going, given as a new list or as
+// changes (ChangeEndpoints); remote records of global services changing.
 func TestResolverMatchesResolve(t *testing.T) {
 	for seed := range uint64(30) {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) { checkResolver(t, seed) })
@@ -97,13 +97,33 @@ func checkResolver(t *testing.T, seed uint64) {
 				changes[svcGen] = append(changes[svcGen], objects.Key(&s))
 			}
 		case 2, 3, 4:
-			k := fmt.Sprint("ep", rng.IntN(40))
-			if _, ok := eps[k]; ok && rng.IntN(3) == 0 {
-				delete(eps, k)
-			} else {
-				eps[k] = Endpoint{Key: k, Namespace: []string{"default", "prod"}[rng.IntN(2)], Labels: labels(), IPs: []netip.Addr{addr()}}
+			// Half of the changes go in as such (ChangeEndpoints, the
+			// generation kept), a few at a time; the others as a new list.
+			delta := rng.IntN(2) == 0
+			changed := map[string]bool{}
+			for range 1 + rng.IntN(3) {
+				k := fmt.Sprint("ep", rng.IntN(40))
+				changed[k] = true
+				if _, ok := eps[k]; ok && rng.IntN(3) == 0 {
+					delete(eps, k)
+				} else {
+					eps[k] = Endpoint{Key: k, Namespace: []string{"default", "prod"}[rng.IntN(2)], Labels: labels(), IPs: []netip.Addr{addr()}}
+				}
 			}
-			epGen++
+			if delta {
+				var ups []Endpoint
+				var gone []string
+				for k := range changed {
+					if ep, ok := eps[k]; ok {
+						ups = append(ups, ep)
+					} else {
+						gone = append(gone, k)
+					}
+				}
+				r.ChangeEndpoints(ups, gone)
+			} else {
+				epGen++
+			}
 		case 5:
 			remote = nil
 			for c := range uint32(rng.IntN(3)) {

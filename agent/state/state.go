@@ -107,9 +107,12 @@ type Store struct {
 	savedNext uint32 // the bound EndpointIDsFile holds
 	endpoints map[string]Endpoint
 	// gen counts the changes of endpoints: readers that keep what they
-	// derived from them know when to derive again. snap is the sorted
-	// copy EndpointsGen last made, at snapGen.
+	// derived from them know when to derive again, and changes (the last
+	// maxChangeLog) which endpoint each changed, so that they derive again
+	// only what changed (EndpointsChangedSince). snap is the sorted
+	// snapshot EndpointsGen last made, at snapGen.
 	gen     uint64
+	changes []keyChange
 	snap    []Endpoint
 	snapGen uint64
 	objects map[string]json.RawMessage
@@ -233,7 +236,7 @@ func (s *Store) PutEndpoint(e Endpoint) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.endpoints[e.Key()] = e.clone()
-	s.gen++
+	s.changed(e.Key())
 	return nil
 }
 
@@ -280,8 +283,74 @@ func (s *Store) DeleteEndpoint(namespace, name string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.endpoints, k)
-	s.gen++
+	s.changed(k)
 	return nil
+}
+
+// keyChange is one change of the endpoints: the generation it made and
+// the key of the endpoint it put or deleted.
+type keyChange struct {
+	gen uint64
+	key string
+}
+
+// maxChangeLog bounds the change log: a reader further behind derives
+// everything again, which costs what it would have without the log.
+const maxChangeLog = 4096
+
+// changed records a change of endpoint key; callers hold mu.
+func (s *Store) changed(key string) {
+	s.gen++
+	if len(s.changes) >= maxChangeLog {
+		s.changes = slices.Delete(s.changes, 0, len(s.changes)-maxChangeLog/2)
+	}
+	s.changes = append(s.changes, keyChange{gen: s.gen, key: key})
+}
+
+// changedSince returns the keys changed after generation since up to
+// current, each once; ok is false when the log does not reach back that
+// far. Callers hold mu.
+func (s *Store) changedSince(since, current uint64) (keys []string, ok bool) {
+	if since == current {
+		return nil, true
+	}
+	if since > current || current > s.gen || len(s.changes) == 0 || s.changes[0].gen > since+1 {
+		return nil, false
+	}
+	// The log holds one entry per generation, in order.
+	first := int(since + 1 - s.changes[0].gen)
+	seen := map[string]bool{}
+	for _, c := range s.changes[first : first+int(current-since)] {
+		if !seen[c.key] {
+			seen[c.key] = true
+			keys = append(keys, c.key)
+		}
+	}
+	return keys, true
+}
+
+// EndpointsChangedSince returns the keys of the endpoints put or deleted
+// between generation since and current (EndpointsGen's), each once; ok
+// is false when that is not known (too far behind) and the caller must
+// look at every endpoint. Its cost is the changes, not the endpoints:
+// what lets a reconciler do per run the work of what changed.
+func (s *Store) EndpointsChangedSince(since, current uint64) (keys []string, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.changedSince(since, current)
+}
+
+// EndpointInNetns returns the key of the endpoint plumbed into the
+// network namespace at path, if any (without copying every endpoint).
+func (s *Store) EndpointInNetns(path string) (string, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for k, e := range s.endpoints {
+		if e.NetnsPath == path {
+			return k, true
+		}
+	}
+	return "", false
 }
 
 // checkFileName refuses names that cannot be a file name of EndpointsDir
@@ -376,20 +445,55 @@ func (s *Store) migrateLegacy() error {
 }
 
 // EndpointsGen returns the endpoints, sorted by key, with the generation
-// they are at (equal generations: same endpoints). The slice is shared
-// until the next change (a reconcile of an unchanged node copies
-// nothing): it must not be modified.
+// they are at (equal generations: same endpoints). The slice and the
+// endpoints in it are shared (with the next snapshots too) and must not be
+// modified: a reconcile of an unchanged node copies nothing, and one
+// after a change copies the slice, not every endpoint's labels and
+// addresses (the store never modifies an endpoint it holds; PutEndpoint
+// replaces it).
 func (s *Store) EndpointsGen() ([]Endpoint, uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.snap == nil || s.snapGen != s.gen {
+	if s.snap != nil && s.snapGen == s.gen {
+		return s.snap, s.gen
+	}
+	keys, ok := s.changedSince(s.snapGen, s.gen)
+	if s.snap == nil || !ok || len(keys) > len(s.snap)/4 {
 		s.snap = make([]Endpoint, 0, len(s.endpoints))
 		for _, k := range slices.Sorted(maps.Keys(s.endpoints)) {
-			s.snap = append(s.snap, s.endpoints[k].clone())
+			s.snap = append(s.snap, s.endpoints[k])
 		}
-		s.snapGen = s.gen
+	} else {
+		s.snap = s.patchSnapshot(keys)
 	}
+	s.snapGen = s.gen
 	return s.snap, s.gen
+}
+
+// SearchEndpoints returns the position of the endpoint with key key in
+// eps, which are sorted by key (as EndpointsGen gives them), or where it
+// would be, and whether it is there.
+func SearchEndpoints(eps []Endpoint, key string) (int, bool) {
+	return slices.BinarySearchFunc(eps, key, func(e Endpoint, k string) int { return strings.Compare(e.Key(), k) })
+}
+
+// patchSnapshot returns a copy of the snapshot with the endpoints of keys
+// as they are now. Callers hold mu.
+func (s *Store) patchSnapshot(keys []string) []Endpoint {
+	snap := slices.Clone(s.snap)
+	for _, k := range keys {
+		i, found := SearchEndpoints(snap, k)
+		e, ok := s.endpoints[k]
+		switch {
+		case ok && found:
+			snap[i] = e
+		case ok:
+			snap = slices.Insert(snap, i, e)
+		case found:
+			snap = slices.Delete(snap, i, i+1)
+		}
+	}
+	return snap
 }
 
 // Objects returns the applied objects as JSON documents by key.

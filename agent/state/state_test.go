@@ -490,3 +490,80 @@ func TestSlowEndpointWriteBlocksOnlyItsEndpoint(t *testing.T) {
 		t.Errorf("in memory %v, on disk %v; want other alone in both", mem, disk)
 	}
 }
+
+// The snapshot EndpointsGen patches from the change log equals a sorted
+// copy of every endpoint, and EndpointsChangedSince names every endpoint
+// that differs between two snapshots, after random puts and deletes (in
+// namespaces whose keys sort apart from their names: "a-b/x" < "a/x").
+func TestEndpointsSnapshotFollowsChanges(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	type snapshot struct {
+		eps []Endpoint
+		gen uint64
+	}
+	var taken []snapshot
+	for step := range 300 {
+		e := testEndpoint(fmt.Sprint("e", rng.IntN(12)), uint32(step+1))
+		e.Namespace = []string{"a", "a-b", "b"}[rng.IntN(3)]
+		e.NetnsPath += e.Namespace
+		if rng.IntN(3) == 0 {
+			err = s.DeleteEndpoint(e.Namespace, e.Name)
+		} else {
+			err = s.PutEndpoint(e)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rng.IntN(4) > 0 {
+			continue // several changes between two snapshots
+		}
+		eps, gen := s.EndpointsGen()
+		if want := s.Endpoints(); !reflect.DeepEqual(slices.Clip(eps), want) && !(len(eps) == 0 && len(want) == 0) {
+			t.Fatalf("step %d: snapshot %v, want %v", step, eps, want)
+		}
+		for _, old := range taken {
+			keys, ok := s.EndpointsChangedSince(old.gen, gen)
+			if !ok {
+				t.Fatalf("step %d: changes since %d not known", step, old.gen)
+			}
+			for _, k := range diffKeys(old.eps, eps) {
+				if !slices.Contains(keys, k) {
+					t.Fatalf("step %d: changes since %d are %v, without %s", step, old.gen, keys, k)
+				}
+			}
+		}
+		taken = append(taken, snapshot{eps, gen})
+	}
+	_, gen := s.EndpointsGen()
+	if _, ok := s.EndpointsChangedSince(gen, gen+1); ok {
+		t.Error("changes past the last are known")
+	}
+}
+
+// diffKeys returns the keys of the endpoints that differ between a and b.
+func diffKeys(a, b []Endpoint) []string {
+	byKey := func(l []Endpoint) map[string]Endpoint {
+		m := map[string]Endpoint{}
+		for _, e := range l {
+			m[e.Key()] = e
+		}
+		return m
+	}
+	ma, mb := byKey(a), byKey(b)
+	var out []string
+	for k, e := range ma {
+		if f, ok := mb[k]; !ok || !reflect.DeepEqual(e, f) {
+			out = append(out, k)
+		}
+	}
+	for k := range mb {
+		if _, ok := ma[k]; !ok {
+			out = append(out, k)
+		}
+	}
+	return out
+}

@@ -32,6 +32,9 @@ type Local struct {
 	// forward (wrapping), so a freed ID is not handed out again right away
 	// and a stale reference to it is less likely to hit a new owner.
 	next uint32
+	// version counts the changes of the set of identities (not of their
+	// references), from 1: see Version.
+	version uint64
 }
 
 type entry struct {
@@ -75,6 +78,7 @@ func NewLocal(stateFile string, clusterID uint32) (*Local, error) {
 		byID:      map[uint32]*entry{},
 		byKey:     map[string]uint32{},
 		next:      1,
+		version:   1,
 	}
 	data, err := os.ReadFile(stateFile)
 	switch {
@@ -170,6 +174,7 @@ func (a *Local) Allocate(ctx context.Context, l Labels) (uint32, error) {
 		a.next = prevNext
 		return 0, err
 	}
+	a.version++
 	return id, nil
 }
 
@@ -229,7 +234,18 @@ func (a *Local) Release(ctx context.Context, id uint32) error {
 		a.byKey[key] = id
 		return err
 	}
+	a.version++
 	return nil
+}
+
+// Version identifies the set of identities List returns: it changes when
+// an identity is allocated or freed, not when one gains or loses a
+// reference. What derives from the whole set (policy peers) is derived
+// again only when it moved.
+func (a *Local) Version() uint64 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.version
 }
 
 // Get implements Allocator. Reserved identities have the single label

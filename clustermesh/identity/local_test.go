@@ -379,3 +379,27 @@ func TestClusterIDOf(t *testing.T) {
 		}
 	}
 }
+
+// Version moves with the set of identities, and only with it: a new
+// reference to an existing identity, or one of several dropped, leaves
+// it; a new identity or a freed one moves it.
+func TestLocalVersion(t *testing.T) {
+	ctx := context.Background()
+	a, _ := newTestLocal(t, 1)
+	v := a.Version()
+	step := func(what string, moves bool, fn func() error) {
+		t.Helper()
+		if err := fn(); err != nil {
+			t.Fatal(err)
+		}
+		if nv := a.Version(); (nv != v) != moves {
+			t.Errorf("%s: version %d -> %d, want moved %v", what, v, nv, moves)
+		}
+		v = a.Version()
+	}
+	var id uint32
+	step("new identity", true, func() (err error) { id, err = a.Allocate(ctx, labels("web")); return err })
+	step("another reference", false, func() error { _, err := a.Allocate(ctx, labels("web")); return err })
+	step("one reference dropped", false, func() error { return a.Release(ctx, id) })
+	step("last reference dropped", true, func() error { return a.Release(ctx, id) })
+}

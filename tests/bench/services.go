@@ -25,8 +25,13 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"net/netip"
+	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -38,10 +43,12 @@ import (
 )
 
 var (
-	svcCount    = flag.Int("svc-services", 1000, "service-backend: services")
-	svcBackends = flag.Int("svc-backends", 10, "service-backend: endpoints (backends) per service")
-	svcEPs      = flag.Int("svc-endpoints", 1000, "service-backend: endpoints, in groups of -svc-backends that back services/groups services each")
-	svcChanges  = flag.Int("svc-changes", 200, "service-backend: endpoint changes measured (half deletes, half adds)")
+	svcCount      = flag.Int("svc-services", 1000, "service-backend: services")
+	svcBackends   = flag.Int("svc-backends", 10, "service-backend: endpoints (backends) per service")
+	svcEPs        = flag.Int("svc-endpoints", 1000, "service-backend: endpoints, in groups of -svc-backends that back services/groups services each")
+	svcChanges    = flag.Int("svc-changes", 200, "service-backend: endpoint changes measured (half deletes, half adds)")
+	svcProfile    = flag.String("svc-profile", "", "service-backend: write a CPU profile of the agent from the start of the churn to this file (go tool pprof)")
+	svcProfileFor = flag.Duration("svc-profile-for", 15*time.Second, "service-backend: length of the -svc-profile profile")
 )
 
 // svcPodCIDR holds the section's pods: a /16, room for 65,000 endpoints.
@@ -158,6 +165,14 @@ func serviceBackendBench(ctx context.Context) error {
 	// 3. Churn: delete an endpoint of group k, then add it again; the
 	// next pair goes to the next group (and the next of its endpoints),
 	// so every change lands on services in their steady state.
+	prof, err := startAgentProfile(ctx, a.Socket, *svcProfile)
+	if err != nil {
+		return err
+	}
+	before, err := readAgentCounters(ctx, a)
+	if err != nil {
+		return err
+	}
 	var all, dels, adds, calls []time.Duration
 	for k := 0; k < *svcChanges/2; k++ {
 		g := k % groups
@@ -198,6 +213,13 @@ func serviceBackendBench(ctx context.Context) error {
 			}
 		}
 	}
+	after, err := readAgentCounters(ctx, a)
+	if err != nil {
+		return err
+	}
+	if err := prof.stop(); err != nil {
+		return err
+	}
 	for _, s := range [][]time.Duration{all, dels, adds, calls} {
 		slices.Sort(s)
 	}
@@ -208,6 +230,34 @@ func serviceBackendBench(ctx context.Context) error {
 	line("service-backend-delete-p50", ms(pct(dels, 50)), "ms", fmt.Sprintf("info: deletes only; p99 %.2f ms", ms(pct(dels, 99))))
 	line("service-backend-add-p50", ms(pct(adds, 50)), "ms", fmt.Sprintf("info: adds only (the pod's veth made first); p99 %.2f ms", ms(pct(adds, 99))))
 	line("service-backend-api-call-p50", ms(pct(calls, 50)), "ms", fmt.Sprintf("info: the API calls until they answered; p99 %.2f ms", ms(pct(calls, 99))))
+	perChange := func(sec float64) float64 { return 1000 * sec / float64(len(all)) }
+	line("service-backend-agent-cpu", perChange(after.user-before.user+after.sys-before.sys), "ms/change",
+		fmt.Sprintf("info: utime+stime of the agent per endpoint change of the churn, %.2f ms of it in user space (the rest the kernel's: veths, programs, maps, files); the machine's load inflates it less than the latencies",
+			perChange(after.user-before.user)))
+	// Where the adds' time went, from the phases the agent logs for each:
+	// the plumbing (veth, programs attached) is the kernel's, the rest
+	// the agent's (addresses, identity, store, the datapath run).
+	if phases, err := addPhases(a.Proc.Log(), len(adds)); err == nil {
+		plumb := make([]time.Duration, len(phases))
+		dp := make([]time.Duration, len(phases))
+		for i, ph := range phases {
+			plumb[i], dp[i] = ph["veth"]+ph["attach"], ph["datapath"]
+		}
+		slices.Sort(plumb)
+		slices.Sort(dp)
+		line("service-backend-add-plumbing-p50", ms(pct(plumb, 50)), "ms",
+			fmt.Sprintf("info: of each add, the veth made and the programs attached (kernel work before the agent's state changes); p99 %.2f ms", ms(pct(plumb, 99))))
+		line("service-backend-add-datapath-p50", ms(pct(dp, 50)), "ms",
+			fmt.Sprintf("info: of each add, the wait for the datapath loop to take it; p99 %.2f ms", ms(pct(dp, 99))))
+	} else {
+		progress("service-backend: the adds' phases: %v", err)
+	}
+	for _, lp := range []struct{ name, metric string }{{"datapath", "isthmus_agent_reconcile"}, {"followup", "isthmus_agent_followup"}} {
+		runs := after.loops[lp.metric+"_runs_total"] - before.loops[lp.metric+"_runs_total"]
+		busy := after.loops[lp.metric+"_duration_seconds_sum"] - before.loops[lp.metric+"_duration_seconds_sum"]
+		line("service-backend-"+lp.name+"-run", 1000*busy/max(runs, 1), "ms",
+			fmt.Sprintf("info: mean length of a run of the agent's %s loop in the churn, %.2f runs per change", lp.name, runs/float64(len(all))))
+	}
 	line(fmt.Sprintf("service-backend-setup-%d", len(eps)), podsTook.Seconds(), "s",
 		fmt.Sprintf("info: adding the endpoints (4 workers), then %s applying the %d services", applyTook.Round(time.Millisecond), nSvc))
 	line("service-backend-add-retries", float64(setupRetries+retried.Load()), "adds",
@@ -283,4 +333,141 @@ func pollBackends(ctx context.Context, svcs *bpf.PinnedServices, fs []bpf.Fronte
 		}
 		time.Sleep(pollInterval)
 	}
+}
+
+// agentProfile is a CPU profile of the agent being taken over its API
+// socket (/debug/pprof/profile) while the churn runs.
+type agentProfile struct{ done chan error }
+
+// startAgentProfile starts a CPU profile of -svc-profile-seconds of the
+// agent behind socket into path ("": none). The agent writes nothing of a
+// profile cut short, so it runs its full length: give the churn enough
+// changes (-svc-changes) to fill it.
+func startAgentProfile(ctx context.Context, socket, path string) (*agentProfile, error) {
+	if path == "" {
+		return nil, nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, err
+	}
+	hc := socketClient(socket)
+	url := fmt.Sprintf("http://agent/debug/pprof/profile?seconds=%d", int(svcProfileFor.Seconds()))
+	p := &agentProfile{done: make(chan error, 1)}
+	go func() {
+		defer f.Close()
+		p.done <- func() error {
+			req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+			if err != nil {
+				return err
+			}
+			resp, err := hc.Do(req)
+			if err != nil {
+				return err
+			}
+			defer resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				return fmt.Errorf("agent profile: %s", resp.Status)
+			}
+			_, err = io.Copy(f, resp.Body)
+			return err
+		}()
+	}()
+	return p, nil
+}
+
+// stop waits for the profile (nil: none) to be written.
+func (p *agentProfile) stop() error {
+	if p == nil {
+		return nil
+	}
+	if err := <-p.done; err != nil {
+		return fmt.Errorf("agent profile: %w", err)
+	}
+	return nil
+}
+
+// socketClient is an HTTP client of the agent's API socket.
+func socketClient(socket string) *http.Client {
+	return &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", socket)
+	}}}
+}
+
+// agentCounters are the agent's CPU seconds (user, kernel) and the
+// counters of its loops, read before and after the churn.
+type agentCounters struct {
+	user, sys float64
+	loops     map[string]float64
+}
+
+func readAgentCounters(ctx context.Context, a *lab.Agent) (agentCounters, error) {
+	var c agentCounters
+	var err error
+	if c.user, c.sys, err = procCPU(a.Proc.Pid()); err != nil {
+		return c, err
+	}
+	c.loops, err = agentLoops(ctx, a.Socket)
+	return c, err
+}
+
+// agentLoops reads the counters of the agent's loops from its /metrics
+// (isthmus_agent_reconcile_* and isthmus_agent_followup_*, by name).
+func agentLoops(ctx context.Context, socket string) (map[string]float64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent/metrics", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := socketClient(socket).Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]float64{}
+	for _, l := range strings.Split(string(body), "\n") {
+		name, v, ok := strings.Cut(l, " ")
+		if !ok || !(strings.HasPrefix(name, "isthmus_agent_reconcile_") || strings.HasPrefix(name, "isthmus_agent_followup_")) {
+			continue
+		}
+		if f, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil {
+			out[name] = f
+		}
+	}
+	return out, nil
+}
+
+// addPhases returns the phases of the last n endpoint adds the agent
+// logged ("endpoint added ... phases=\"labels=0s addresses=1.2ms ...\""),
+// by name.
+func addPhases(log string, n int) ([]map[string]time.Duration, error) {
+	var out []map[string]time.Duration
+	for _, l := range strings.Split(log, "\n") {
+		if !strings.Contains(l, `msg="endpoint added"`) {
+			continue
+		}
+		_, rest, ok := strings.Cut(l, ` phases="`)
+		if !ok {
+			continue
+		}
+		list, _, _ := strings.Cut(rest, `"`)
+		ph := map[string]time.Duration{}
+		for _, kv := range strings.Fields(list) {
+			k, v, _ := strings.Cut(kv, "=")
+			d, err := time.ParseDuration(v)
+			if err != nil {
+				return nil, fmt.Errorf("phase %q: %w", kv, err)
+			}
+			ph[k] = d
+		}
+		out = append(out, ph)
+	}
+	if len(out) < n || n == 0 {
+		return nil, fmt.Errorf("%d adds with phases in the agent's log, want %d", len(out), n)
+	}
+	return out[len(out)-n:], nil
 }

@@ -236,27 +236,36 @@ func iperfBytes(ctx context.Context, ns *lab.Netns, server string) (float64, int
 // cpuSeconds sums utime and stime (fields 14 and 15 of /proc/<pid>/stat,
 // all threads, children excluded) of the processes.
 func cpuSeconds(pids []int) (float64, error) {
-	var ticks int64
+	total := 0.0
 	for _, pid := range pids {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		user, sys, err := procCPU(pid)
 		if err != nil {
 			return 0, err
 		}
-		// The command name (field 2) may hold spaces; count from after it.
-		s := string(b)
-		f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-		if len(f) < 13 {
-			return 0, fmt.Errorf("/proc/%d/stat: too few fields", pid)
-		}
-		for _, v := range f[11:13] { // fields 14 and 15
-			n, err := strconv.ParseInt(v, 10, 64)
-			if err != nil {
-				return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
-			}
-			ticks += n
+		total += user + sys
+	}
+	return total, nil
+}
+
+// procCPU returns the utime and stime of process pid, in seconds.
+func procCPU(pid int) (user, sys float64, err error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	// The command name (field 2) may hold spaces; count from after it.
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(f) < 13 {
+		return 0, 0, fmt.Errorf("/proc/%d/stat: too few fields", pid)
+	}
+	var ticks [2]int64
+	for i, v := range f[11:13] { // fields 14 and 15
+		if ticks[i], err = strconv.ParseInt(v, 10, 64); err != nil {
+			return 0, 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
 		}
 	}
-	return float64(ticks) / userHZ, nil
+	return float64(ticks[0]) / userHZ, float64(ticks[1]) / userHZ, nil
 }
 
 // agentSetup builds cluster index with two agents (encryption "" or

@@ -1,0 +1,24 @@
+package main
+
+import (
+	"testing"
+	"time"
+)
+
+// addPhases reads the phases of the last adds from the agent's log lines.
+func TestAddPhases(t *testing.T) {
+	log := `time=x level=INFO msg="endpoint added" name=a took=9ms phases="labels=0s addresses=1ms veth=2ms attach=3ms datapath=700µs"
+time=x level=INFO msg="datapath reconciled" ipcacheChanges=1
+time=x level=INFO msg="endpoint added" name=b took=9ms phases="labels=0s addresses=1.5ms veth=4ms attach=20ms datapath=1.2ms"
+`
+	got, err := addPhases(log, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got[0]["attach"] != 20*time.Millisecond || got[0]["datapath"] != 1200*time.Microsecond {
+		t.Errorf("phases %v, want b's", got)
+	}
+	if _, err := addPhases(log, 3); err == nil {
+		t.Error("3 adds found in a log of 2")
+	}
+}
