@@ -170,9 +170,9 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	// The identity, without the API lock, allocated while the addresses
 	// are and the pod is plumbed: its write (or its round trip to etcd in
 	// cluster mode) and theirs do not wait for each other.
-	identity := h.allocateIdentity(ctx, desired.IdentityLabels(h.cluster, ns, labels))
+	allocatedID := h.allocateIdentity(ctx, desired.IdentityLabels(h.cluster, ns, labels))
 	undo = append(undo, func() {
-		if id, err := identity(); err == nil {
+		if id, err := allocatedID(); err == nil {
 			h.releaseIdentity(ctx, id)
 		}
 	})
@@ -217,7 +217,7 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	// before the pod runs (see bigtcp.SizeEndpoint).
 	h.bigtcp.SizeEndpoint(state.Endpoint{Name: name, Namespace: ns, NetnsPath: req.Netns, HostIfName: hostIf, IfIndex: res.HostIfIndex, IPs: ips})
 	phases.mark("bigtcp")
-	id, err := identity()
+	id, err := allocatedID()
 	phases.mark("identity") // what was left of it
 	if err != nil {
 		return fail(fmt.Errorf("allocate identity: %w", err))
