@@ -93,6 +93,34 @@ func (d *Datapath) AttachEndpoint(ifname string, ifindex int) error {
 	return nil
 }
 
+// ClsactForNewEndpoints says whether a pod veth is created with a clsact
+// qdisc (endpoint.Spec.Clsact) for AttachNewEndpoint's filters: in tc
+// mode.
+func (d *Datapath) ClsactForNewEndpoints() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.endpointAttach != AttachTCX
+}
+
+// AttachNewEndpoint attaches the pod programs to a host-side veth just
+// created: when ClsactForNewEndpoints, the veth was created with its
+// clsact qdisc, and the filters alone go on it; otherwise as
+// AttachEndpoint.
+func (d *Datapath) AttachNewEndpoint(ifname string, ifindex int) error {
+	if !d.ClsactForNewEndpoints() {
+		return d.AttachEndpoint(ifname, ifindex)
+	}
+	if err := d.addFilters(ifindex); err != nil {
+		return fmt.Errorf("attach datapath to %s: %w", ifname, err)
+	}
+	d.setMode(AttachTC)
+	// Pins of an earlier veth of that name in tcx mode, if any.
+	if err := d.detachPinned(ifname); err != nil {
+		return fmt.Errorf("detach the tcx links of %s: %w", ifname, err)
+	}
+	return nil
+}
+
 func (d *Datapath) setMode(m string) {
 	d.mu.Lock()
 	d.attachFn = m
@@ -198,6 +226,12 @@ func (d *Datapath) attachClsact(ifindex int) error {
 	if err := netlink.QdiscReplace(qdisc); err != nil {
 		return fmt.Errorf("add clsact qdisc: %w", err)
 	}
+	return d.addFilters(ifindex)
+}
+
+// addFilters adds (or replaces) the pod programs' filters on the clsact
+// qdisc of ifindex.
+func (d *Datapath) addFilters(ifindex int) error {
 	for _, f := range []struct {
 		parent uint32
 		prog   *ebpf.Program

@@ -362,6 +362,69 @@ func v6RouteMTU(t *testing.T, h *netlink.Handle, l netlink.Link) int {
 	return 0
 }
 
+// A veth created with VethSizes holds them, with the pod's IPv6 route
+// MTU, and SizeEndpoint takes it as created; one whose sizes the
+// reconciler would not keep is converged instead.
+func TestVethCreatedSized(t *testing.T) {
+	s := newScratch(t)
+	s.in(t, func() {
+		h := &netlink.Handle{}
+		r, err := New(Config{}, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ep := state.Endpoint{Namespace: "default", Name: "sized", NetnsPath: "/var/run/netns/" + s.pod, HostIfName: "isthbtsized",
+			IPs: []netip.Addr{netip.MustParseAddr("10.9.0.7"), netip.MustParseAddr("fd00:9::7")}}
+		sizes, routeMTU := r.VethSizes(1500)
+		if sizes.GSO != DefaultSize || sizes.GROIPv4 != DefaultSize || routeMTU != 1500-JumboHeader {
+			t.Fatalf("VethSizes(1500) = %+v, %d", sizes, routeMTU)
+		}
+		res, err := endpoint.Create(endpoint.Spec{NetnsPath: ep.NetnsPath, HostIfName: ep.HostIfName, Addrs: ep.IPs, MTU: 1500, Sizes: sizes, IPv6RouteMTU: routeMTU})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ep.IfIndex = res.HostIfIndex
+		pns, err := netns.GetFromName(s.pod)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pns.Close()
+		ph, err := netlink.NewHandleAt(pns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ph.Close()
+		for _, l := range []netlink.Link{mustLink(t, h, ep.HostIfName), mustLink(t, ph, "eth0")} {
+			if got := sizesOf(l); got.gso != DefaultSize || got.gro != DefaultSize || got.gso4 != DefaultSize || got.gro4 != DefaultSize {
+				t.Errorf("%s created with %+v", l.Attrs().Name, got)
+			}
+		}
+		if mtu := v6RouteMTU(t, ph, mustLink(t, ph, "eth0")); mtu != 1500-JumboHeader {
+			t.Errorf("pod IPv6 default route mtu %d, want %d", mtu, 1500-JumboHeader)
+		}
+		if eb, devs, ok := r.createdSized(ep, res); !ok || eb.IPv6 != DefaultSize || eb.IPv4 != DefaultSize || len(devs) != 2 || eb.Reason != "" {
+			t.Errorf("createdSized = %+v, %+v, %v", eb, devs, ok)
+		}
+		r.SizeEndpoint(ep, res)
+		if e := r.Endpoint(ep.Key()); e == nil || e.IPv6 != DefaultSize || e.IPv4 != DefaultSize {
+			t.Errorf("endpoint status after SizeEndpoint: %+v", e)
+		}
+
+		// Off: the created sizes are not what the configuration wants.
+		off, err := New(Config{IPv6: Off, IPv4: Off}, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, ok := off.createdSized(ep, res); ok {
+			t.Error("createdSized took sizes the configuration does not want")
+		}
+		off.SizeEndpoint(ep, res)
+		if got := sizesOf(mustLink(t, h, ep.HostIfName)); got.gso != LegacySize {
+			t.Errorf("with BIG TCP off, SizeEndpoint left %+v", got)
+		}
+	})
+}
+
 // An add sizes its pod's veth itself (SizeEndpoint), before it returns
 // and side by side with other adds; the next run takes that result
 // instead of visiting the pod again, also when the add was still on
@@ -375,7 +438,7 @@ func TestSizeEndpointBeforeTheRun(t *testing.T) {
 		res, ph, r := s.podAndReconciler(t, ep)
 		ep.IfIndex = res.HostIfIndex
 
-		r.SizeEndpoint(ep)
+		r.SizeEndpoint(ep, res) // created without sizes: converged as a run would
 		for _, l := range []netlink.Link{mustLink(t, h, ep.HostIfName), mustLink(t, ph, "eth0")} {
 			if got := sizesOf(l); got.gso != DefaultSize || got.gso4 != DefaultSize {
 				t.Errorf("after SizeEndpoint %s holds %+v, want %d", l.Attrs().Name, got, DefaultSize)

@@ -340,6 +340,12 @@ func (r *Reconciler) device(h *netlink.Handle, l netlink.Link, role, ep string) 
 func (r *Reconciler) size(h *netlink.Handle, l netlink.Link, role, ep string) api.BigTCPDevice {
 	w := plan(r.cfg, sizesOf(l))
 	got, err := converge(h, l, w)
+	return deviceStatus(l, role, ep, got, w, err)
+}
+
+// deviceStatus is the status of device l in role after converging it to
+// w: it holds got, err says why that was refused.
+func deviceStatus(l netlink.Link, role, ep string, got sizes, w want, err error) api.BigTCPDevice {
 	d := api.BigTCPDevice{Name: l.Attrs().Name, Role: role, Endpoint: ep,
 		TSOMax: got.tsoMax, GSO: got.gso, GRO: got.gro, GSOIPv4: got.gso4, GROIPv4: got.gro4}
 	var why []string
@@ -383,11 +389,20 @@ func (r *Reconciler) note(d api.BigTCPDevice) {
 // it side by side rather than waiting for a run of the reconcile loop,
 // which would size every new pod one after the other; the next run takes
 // the result (and logs its warnings). Safe for concurrent use.
-func (r *Reconciler) SizeEndpoint(e state.Endpoint) {
+//
+// created is the veth as endpoint.Create left it, created with
+// VethSizes: when both ends hold what the configuration wants, nothing
+// is read or written again. Otherwise (an older veth, a kernel that did
+// not keep a size) both ends are converged as a run would.
+func (r *Reconciler) SizeEndpoint(e state.Endpoint, created endpoint.Result) {
 	if r == nil {
 		return
 	}
-	eb, devs, err := r.endpoint(e)
+	eb, devs, ok := r.createdSized(e, created)
+	var err error
+	if !ok {
+		eb, devs, err = r.endpoint(e)
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.sized == nil {
@@ -397,6 +412,64 @@ func (r *Reconciler) SizeEndpoint(e state.Endpoint) {
 	if err == nil {
 		r.eps[e.Key()] = eb // what the endpoint list shows, until the run
 	}
+}
+
+// VethSizes are the sizes a pod veth of MTU mtu is created with
+// (endpoint.Spec.Sizes) and the MTU of its pod's IPv6 default route
+// (endpoint.Spec.IPv6RouteMTU), so that an add finds it sized.
+func (r *Reconciler) VethSizes(mtu int) (endpoint.Sizes, int) {
+	if r == nil {
+		return endpoint.Sizes{}, 0
+	}
+	// A veth takes any size the kernel does (its tso_max_size is the
+	// kernel's largest); the sizes as created are checked (createdSized).
+	s := sizes{}
+	if r.v4ok {
+		s.gso4 = 1 // only says the kernel has the IPv4 attributes
+	}
+	w := plan(r.cfg, s)
+	sz := endpoint.Sizes{GSO: w.v6, GRO: w.v6}
+	if r.v4ok {
+		sz.GSOIPv4, sz.GROIPv4 = w.v4, w.v4
+	}
+	routeMTU := 0
+	if w.v6 > LegacySize {
+		routeMTU = mtu - JumboHeader
+	}
+	return sz, routeMTU
+}
+
+// createdSized is the BIG TCP status of a veth created with VethSizes,
+// from the ends as endpoint.Create reported them; ok is false when
+// either end does not hold what the configuration wants of it.
+func (r *Reconciler) createdSized(e state.Endpoint, c endpoint.Result) (api.EndpointBigTCP, []api.BigTCPDevice, bool) {
+	if c.Host == nil || c.Pod == nil {
+		return api.EndpointBigTCP{}, nil, false
+	}
+	var devs []api.BigTCPDevice
+	for _, d := range []struct {
+		l    netlink.Link
+		role string
+	}{{c.Host, RolePodHost}, {c.Pod, RolePod}} {
+		got := sizesOf(d.l)
+		w := plan(r.cfg, got)
+		if !got.holds(w) {
+			return api.EndpointBigTCP{}, nil, false
+		}
+		devs = append(devs, deviceStatus(d.l, d.role, e.Key(), got, w, nil))
+	}
+	eb := api.EndpointBigTCP{Endpoint: e.Key(), IPv6: min(devs[0].GSO, devs[1].GSO), IPv4: min(devs[0].GSOIPv4, devs[1].GSOIPv4)}
+	if eb.IPv4 == 0 {
+		eb.IPv4 = LegacySize // a kernel without the IPv4 attribute
+	}
+	var why []string
+	for _, d := range devs {
+		if d.Reason != "" {
+			why = append(why, d.Name+": "+d.Reason)
+		}
+	}
+	eb.Reason = strings.Join(why, "; ")
+	return eb, devs, true
 }
 
 // endpoint converges both ends of one pod veth and the pod's IPv6 route

@@ -29,6 +29,8 @@ import (
 // Datapath is what the agent uses of *bpf.Datapath; tests substitute a fake.
 type Datapath interface {
 	AttachEndpoint(ifname string, ifindex int) error
+	ClsactForNewEndpoints() bool
+	AttachNewEndpoint(ifname string, ifindex int) error
 	DetachEndpoint(ifname string) error
 	AttachMode() string
 	IPCacheUpsert(p netip.Prefix, e bpf.IPCacheEntry) error

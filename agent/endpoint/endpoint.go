@@ -1,19 +1,26 @@
 package endpoint
 
 import (
+	"crypto/rand"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
+	"syscall"
+	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/isthmus-mesh/isthmus/internal/nlbatch"
 	"github.com/isthmus-mesh/isthmus/internal/nldump"
 )
 
@@ -34,6 +41,28 @@ type Spec struct {
 	PodIfName  string       // inside the pod; DefaultPodIfName when empty
 	Addrs      []netip.Addr // pod addresses, installed as /32 and /128
 	MTU        int          // both ends; 1500 when zero
+
+	// Sizes are the GSO/GRO sizes both ends are created with (BIG TCP);
+	// zero fields keep the kernel's.
+	Sizes Sizes
+	// IPv6RouteMTU is the MTU metric of the pod's IPv6 default route (0:
+	// none); BIG TCP leaves room for its jumbo header with it.
+	IPv6RouteMTU int
+	// Clsact creates a clsact qdisc on the host end right after the pair,
+	// for BeforeUp's tc filters. Created apart from them, it has usually
+	// seen an RCU grace period pass when they come: the kernel then does
+	// not wait for one, under the RTNL lock, to take each of them.
+	Clsact bool
+	// BeforeUp, when set, runs once the pod end is configured and before
+	// the host end goes up, with the host end's index: the datapath
+	// attaches there, before any packet can pass.
+	BeforeUp func(hostIfIndex int) error
+}
+
+// Sizes are a device's GSO and GRO size limits (IFLA_GSO_MAX_SIZE and
+// the rest); 0 leaves one as the kernel has it.
+type Sizes struct {
+	GSO, GRO, GSOIPv4, GROIPv4 uint32
 }
 
 // Result identifies the created (or found) pair.
@@ -41,6 +70,12 @@ type Result struct {
 	HostIfIndex int
 	HostMAC     net.HardwareAddr
 	PodMAC      net.HardwareAddr
+
+	// Host and Pod are both ends as the kernel reported them after
+	// creating them (Create only).
+	Host, Pod netlink.Link
+	// Steps says how long each step of Create took, for the agent's log.
+	Steps string
 }
 
 // HostIfName derives the host-side veth name of a pod: stable across agent
@@ -104,6 +139,14 @@ func CheckNetns(path string) error {
 // Create builds the veth pair for spec and configures both ends. On any
 // failure it removes what it created and returns an error naming the step and
 // the device.
+//
+// The kernel work is four batches of netlink requests (see
+// internal/nlbatch): the pair, created with its sizes; the programs (Spec.BeforeUp); the host end up with its routes; the pod's
+// addresses, neighbours and routes. Each batch queues once for the RTNL
+// lock, where one request at a time queued twenty times behind the other
+// pods of a burst. The pod's interface comes back from the kernel's
+// notification in the pod namespace and the host's from the echo of the
+// create, so nothing is looked up.
 func Create(spec Spec) (res Result, err error) {
 	if spec.PodIfName == "" {
 		spec.PodIfName = DefaultPodIfName
@@ -122,30 +165,63 @@ func Create(spec Spec) (res Result, err error) {
 		return Result{}, fmt.Errorf("open netns %s: %w", spec.NetnsPath, err)
 	}
 	defer ns.Close()
-	pod, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		return Result{}, fmt.Errorf("netlink handle in netns %s: %w", spec.NetnsPath, err)
+	hasV6 := slices.ContainsFunc(spec.Addrs, netip.Addr.Is6)
+	var steps []string
+	last := time.Now()
+	step := func(name string) {
+		now := time.Now()
+		steps = append(steps, fmt.Sprintf("%s=%s", name, now.Sub(last).Round(100*time.Microsecond)))
+		last = now
+	}
+	defer func() { res.Steps = strings.Join(steps, " ") }()
+
+	// In the pod namespace: a socket that hears of the pod's interface,
+	// and, with IPv6, no duplicate address detection on interfaces created
+	// from now on, so that neither the pod end's link-local address nor
+	// its addresses are ever tentative. The namespace is the pod's own, so
+	// its defaults are too.
+	var pod *nlbatch.Socket
+	loUp := false
+	if err := inNetns(ns, func() error {
+		// Whether lo is up (the container runtime's loopback plugin sets
+		// it up), asked without the RTNL lock.
+		loUp = ifUp("lo")
+		if hasV6 {
+			if err := setIfSysctls(6, "default", map[string]string{"accept_dad": "0"}); err != nil {
+				return fmt.Errorf("disable DAD: %w", err)
+			}
+		}
+		pod, err = nlbatch.Open(unix.RTMGRP_LINK)
+		return err
+	}); err != nil {
+		return Result{}, fmt.Errorf("prepare netns %s: %w", spec.NetnsPath, err)
 	}
 	defer pod.Close()
-
-	// The peer is created directly inside the pod namespace (by fd) under its
-	// final name: one netlink call, no temporary device in the node namespace.
-	veth := &netlink.Veth{
-		LinkAttrs:     netlink.LinkAttrs{Name: spec.HostIfName, MTU: spec.MTU, TxQLen: -1},
-		PeerName:      spec.PodIfName,
-		PeerNamespace: netlink.NsFd(ns),
-		PeerTxQLen:    -1,
+	host, err := nlbatch.Open(0)
+	if err != nil {
+		return Result{}, err
 	}
-	if err := netlink.LinkAdd(veth); err != nil {
-		// Which name is taken, looked up only now: an add makes no
-		// netlink round trip it does not need.
-		if _, lerr := netlink.LinkByName(spec.HostIfName); lerr == nil {
-			return Result{}, fmt.Errorf("host interface %s already exists", spec.HostIfName)
-		}
-		if _, lerr := pod.LinkByName(spec.PodIfName); lerr == nil {
+	defer host.Close()
+	step("sockets")
+
+	// The pair, the peer directly in the pod namespace under its final
+	// name, both ends with their sizes; the host end stays down until its
+	// sysctls and programs are set, the pod end until its addresses are.
+	podMAC, err := randomMAC()
+	if err != nil {
+		return Result{}, err
+	}
+	add := newVethRequest(spec, int(ns), podMAC)
+	if err := host.Do(add); err != nil {
+		if errors.Is(err, unix.EEXIST) {
+			// Which name is taken, looked up only now: an add makes no
+			// netlink round trip it does not need.
+			if _, lerr := netlink.LinkByName(spec.HostIfName); lerr == nil {
+				return Result{}, fmt.Errorf("host interface %s already exists", spec.HostIfName)
+			}
 			return Result{}, fmt.Errorf("netns %s already has an interface %s", spec.NetnsPath, spec.PodIfName)
 		}
-		return Result{}, fmt.Errorf("create veth %s with peer %s in %s: %w", spec.HostIfName, spec.PodIfName, spec.NetnsPath, err)
+		return Result{}, err
 	}
 	defer func() {
 		if err != nil {
@@ -154,63 +230,242 @@ func Create(spec Spec) (res Result, err error) {
 			_ = Delete(spec.HostIfName)
 		}
 	}()
-
-	host, err := netlink.LinkByName(spec.HostIfName)
+	step("create")
+	hostLink, err := linkOf(add)
 	if err != nil {
-		return Result{}, fmt.Errorf("find %s after creating it: %w", spec.HostIfName, err)
+		return Result{}, fmt.Errorf("create veth %s: %w", spec.HostIfName, err)
 	}
-	peer, err := pod.LinkByName(spec.PodIfName)
+	note, err := pod.Wait(nlbatch.Timeout, func(m syscall.NetlinkMessage) bool {
+		if m.Header.Type != unix.RTM_NEWLINK {
+			return false
+		}
+		l, err := netlink.LinkDeserialize(nil, m.Data)
+		return err == nil && l.Attrs().Name == spec.PodIfName
+	})
 	if err != nil {
-		return Result{}, fmt.Errorf("find %s in %s after creating it: %w", spec.PodIfName, spec.NetnsPath, err)
+		return Result{}, fmt.Errorf("wait for %s in %s: %w", spec.PodIfName, spec.NetnsPath, err)
 	}
-	res = Result{HostIfIndex: host.Attrs().Index, HostMAC: host.Attrs().HardwareAddr, PodMAC: peer.Attrs().HardwareAddr}
+	podLink, err := netlink.LinkDeserialize(nil, note.Data)
+	if err != nil {
+		return Result{}, fmt.Errorf("read %s in %s: %w", spec.PodIfName, spec.NetnsPath, err)
+	}
+	step("notified")
+	hostIndex, podIndex := hostLink.Attrs().Index, podLink.Attrs().Index
+	res = Result{HostIfIndex: hostIndex, HostMAC: hostLink.Attrs().HardwareAddr, PodMAC: podLink.Attrs().HardwareAddr, Host: hostLink, Pod: podLink}
 
-	hasV6 := false
-	for _, a := range spec.Addrs {
-		hasV6 = hasV6 || a.Is6()
+	if spec.Clsact {
+		if err := host.Do(clsactRequest(spec.HostIfName, hostIndex)); err != nil {
+			return Result{}, err
+		}
+		step("clsact")
 	}
 	if err := configureHost(spec.HostIfName, hasV6); err != nil {
 		return Result{}, err
 	}
-	if hasV6 {
-		// Before the device goes up, so neither the pod's addresses nor its
-		// link-local address sit in tentative state.
-		if err := inNetns(ns, func() error { return setIfSysctls(6, spec.PodIfName, map[string]string{"accept_dad": "0"}) }); err != nil {
-			return Result{}, fmt.Errorf("disable DAD on %s in %s: %w", spec.PodIfName, spec.NetnsPath, err)
-		}
-	}
+
+	podIf := spec.PodIfName + " in " + spec.NetnsPath
+	var inPod []*nlbatch.Request
 	for _, a := range spec.Addrs {
-		addr := &netlink.Addr{IPNet: hostPrefix(a)}
-		if a.Is6() {
-			addr.Flags = unix.IFA_F_NODAD
+		inPod = append(inPod, addrRequest(podIf, podIndex, a))
+	}
+	if !loUp {
+		inPod = append(inPod, setUpRequest("lo in "+spec.NetnsPath, loopbackIndex))
+	}
+	inPod = append(inPod, setUpRequest(podIf, podIndex))
+	for _, gw := range []struct {
+		addr netip.Addr
+		def  netip.Prefix
+		mtu  int
+	}{
+		{GatewayIPv4, netip.MustParsePrefix("0.0.0.0/0"), 0},
+		{GatewayIPv6, netip.MustParsePrefix("::/0"), spec.IPv6RouteMTU},
+	} {
+		if !slices.ContainsFunc(spec.Addrs, func(a netip.Addr) bool { return a.Is4() == gw.addr.Is4() }) {
+			continue
 		}
-		if err := pod.AddrAdd(peer, addr); err != nil {
-			return Result{}, fmt.Errorf("add address %s to %s in %s: %w", a, spec.PodIfName, spec.NetnsPath, err)
-		}
+		inPod = append(inPod, neighRequest(podIf, podIndex, gw.addr, res.HostMAC),
+			routeRequest(podIf, podIndex, gw.def, gw.addr, gw.mtu))
 	}
-
-	if lo, err := pod.LinkByName("lo"); err == nil {
-		if err := pod.LinkSetUp(lo); err != nil {
-			return Result{}, fmt.Errorf("set lo up in %s: %w", spec.NetnsPath, err)
-		}
-	}
-	if err := netlink.LinkSetUp(host); err != nil {
-		return Result{}, fmt.Errorf("set %s up: %w", spec.HostIfName, err)
-	}
-	if err := pod.LinkSetUp(peer); err != nil {
-		return Result{}, fmt.Errorf("set %s up in %s: %w", spec.PodIfName, spec.NetnsPath, err)
-	}
-
-	if err := configurePodRoutes(pod, peer.Attrs().Index, res.HostMAC, spec); err != nil {
+	if err := pod.Do(inPod...); err != nil {
 		return Result{}, err
 	}
+	step("pod")
+
+	if spec.BeforeUp != nil {
+		if err := spec.BeforeUp(hostIndex); err != nil {
+			return Result{}, err
+		}
+		step("before-up")
+	}
+	up := []*nlbatch.Request{setUpRequest(spec.HostIfName, hostIndex)}
 	for _, a := range spec.Addrs {
-		r := &netlink.Route{LinkIndex: res.HostIfIndex, Dst: hostPrefix(a), Scope: netlink.SCOPE_LINK}
-		if err := netlink.RouteReplace(r); err != nil {
-			return Result{}, fmt.Errorf("add route %s dev %s: %w", r.Dst, spec.HostIfName, err)
+		up = append(up, routeRequest(spec.HostIfName, hostIndex, netip.PrefixFrom(a, a.BitLen()), netip.Addr{}, 0))
+	}
+	if err := host.Do(up...); err != nil {
+		return Result{}, err
+	}
+	step("host-up")
+	return res, nil
+}
+
+// ifUp reports whether interface name of the calling thread's namespace
+// is up (SIOCGIFFLAGS, which reads under RCU); false when it cannot tell.
+func ifUp(name string) bool {
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		return false
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return false
+	}
+	return ifr.Uint16()&unix.IFF_UP != 0
+}
+
+// loopbackIndex is the interface index of lo in every network namespace.
+const loopbackIndex = 1
+
+// newVethRequest creates the pair of spec, both ends down, the pod end in
+// the namespace of podNsFd with podMAC, and echoes the host end.
+func newVethRequest(spec Spec, podNsFd int, podMAC net.HardwareAddr) *nlbatch.Request {
+	r := nlbatch.New(fmt.Sprintf("create veth %s with peer %s in %s", spec.HostIfName, spec.PodIfName, spec.NetnsPath),
+		unix.RTM_NEWLINK, unix.NLM_F_CREATE|unix.NLM_F_EXCL|unix.NLM_F_ECHO, nl.NewIfInfomsg(unix.AF_UNSPEC))
+	deviceAttrs := func(add func(int, []byte), name string) {
+		add(unix.IFLA_IFNAME, nl.ZeroTerminated(name))
+		add(unix.IFLA_MTU, nl.Uint32Attr(uint32(spec.MTU)))
+		// One queue each, as a veth uses: without the attributes it gets
+		// one per CPU and then drops to one, waiting for an RCU grace
+		// period under the RTNL lock.
+		add(unix.IFLA_NUM_TX_QUEUES, nl.Uint32Attr(1))
+		add(unix.IFLA_NUM_RX_QUEUES, nl.Uint32Attr(1))
+		for _, s := range []struct {
+			attr int
+			v    uint32
+		}{
+			// IPv6 sizes first, as the kernel resets the IPv4 ones when
+			// an IPv6 size at or below 64 KiB is set.
+			{unix.IFLA_GSO_MAX_SIZE, spec.Sizes.GSO}, {unix.IFLA_GRO_MAX_SIZE, spec.Sizes.GRO},
+			{unix.IFLA_GSO_IPV4_MAX_SIZE, spec.Sizes.GSOIPv4}, {unix.IFLA_GRO_IPV4_MAX_SIZE, spec.Sizes.GROIPv4},
+		} {
+			if s.v != 0 {
+				add(s.attr, nl.Uint32Attr(s.v))
+			}
 		}
 	}
-	return res, nil
+	deviceAttrs(func(t int, b []byte) { r.Msg.AddData(nl.NewRtAttr(t, b)) }, spec.HostIfName)
+	info := nl.NewRtAttr(unix.IFLA_LINKINFO, nil)
+	info.AddRtAttr(nl.IFLA_INFO_KIND, nl.NonZeroTerminated("veth"))
+	data := info.AddRtAttr(nl.IFLA_INFO_DATA, nil)
+	peer := data.AddRtAttr(nl.VETH_INFO_PEER, nil)
+	// Down: a veth end cannot open before its pair is complete (ENOTCONN).
+	nl.NewIfInfomsgChild(peer, unix.AF_UNSPEC)
+	deviceAttrs(func(t int, b []byte) { peer.AddRtAttr(t, b) }, spec.PodIfName)
+	peer.AddRtAttr(unix.IFLA_ADDRESS, podMAC)
+	peer.AddRtAttr(unix.IFLA_NET_NS_FD, nl.Uint32Attr(uint32(podNsFd)))
+	r.Msg.AddData(info)
+	return r
+}
+
+// linkOf is the link a request with NLM_F_ECHO created.
+func linkOf(r *nlbatch.Request) (netlink.Link, error) {
+	for _, m := range r.Replies {
+		if m.Header.Type == unix.RTM_NEWLINK {
+			return netlink.LinkDeserialize(nil, m.Data)
+		}
+	}
+	return nil, errors.New("the kernel did not echo the new device")
+}
+
+func clsactRequest(dev string, index int) *nlbatch.Request {
+	m := &nl.TcMsg{Family: unix.AF_UNSPEC, Ifindex: int32(index), Handle: 0xffff0000, Parent: netlink.HANDLE_CLSACT}
+	return nlbatch.New("add clsact qdisc to "+dev, unix.RTM_NEWQDISC, unix.NLM_F_CREATE|unix.NLM_F_EXCL, m,
+		nl.NewRtAttr(nl.TCA_KIND, nl.ZeroTerminated("clsact")))
+}
+
+func setUpRequest(what string, index int) *nlbatch.Request {
+	m := nl.NewIfInfomsg(unix.AF_UNSPEC)
+	m.Index = int32(index)
+	m.Flags, m.Change = unix.IFF_UP, unix.IFF_UP
+	return nlbatch.New("set "+what+" up", unix.RTM_NEWLINK, 0, m)
+}
+
+func addrRequest(dev string, index int, a netip.Addr) *nlbatch.Request {
+	m := nl.NewIfAddrmsg(family(a))
+	m.Index = uint32(index)
+	m.Prefixlen = uint8(a.BitLen())
+	if a.Is6() {
+		m.Flags = unix.IFA_F_NODAD
+	}
+	return nlbatch.New(fmt.Sprintf("add address %s to %s", a, dev), unix.RTM_NEWADDR, unix.NLM_F_CREATE|unix.NLM_F_EXCL, m,
+		nl.NewRtAttr(unix.IFA_LOCAL, a.AsSlice()), nl.NewRtAttr(unix.IFA_ADDRESS, a.AsSlice()))
+}
+
+// neighRequest makes a permanent neighbour entry (replacing one).
+func neighRequest(dev string, index int, ip netip.Addr, mac net.HardwareAddr) *nlbatch.Request {
+	var ndm [12]byte // struct ndmsg
+	ndm[0] = byte(family(ip))
+	binary.NativeEndian.PutUint32(ndm[4:], uint32(index))
+	binary.NativeEndian.PutUint16(ndm[8:], netlink.NUD_PERMANENT)
+	return nlbatch.New(fmt.Sprintf("add neighbour %s lladdr %s dev %s", ip, mac, dev), unix.RTM_NEWNEIGH, unix.NLM_F_CREATE|unix.NLM_F_REPLACE,
+		rawData(ndm[:]), nl.NewRtAttr(unix.NDA_DST, ip.AsSlice()), nl.NewRtAttr(unix.NDA_LLADDR, mac))
+}
+
+// routeRequest adds (or replaces) a main-table route to dst through dev:
+// on-link without gw, through gw otherwise; mtu > 0 is its MTU metric.
+func routeRequest(dev string, index int, dst netip.Prefix, gw netip.Addr, mtu int) *nlbatch.Request {
+	m := nl.NewRtMsg()
+	m.Family = uint8(family(dst.Addr()))
+	m.Dst_len = uint8(dst.Bits())
+	if !gw.IsValid() {
+		m.Scope = unix.RT_SCOPE_LINK
+	}
+	what := fmt.Sprintf("add route %s dev %s", dst, dev)
+	attrs := []nl.NetlinkRequestData{m}
+	if dst.Bits() > 0 {
+		attrs = append(attrs, nl.NewRtAttr(unix.RTA_DST, dst.Addr().AsSlice()))
+	}
+	if gw.IsValid() {
+		what = fmt.Sprintf("add route %s via %s dev %s", dst, gw, dev)
+		if gw.Is4() {
+			// The gateway is outside every pod prefix and no device
+			// has it: on-link through dev.
+			m.Flags |= unix.RTNH_F_ONLINK
+		}
+		attrs = append(attrs, nl.NewRtAttr(unix.RTA_GATEWAY, gw.AsSlice()))
+	}
+	attrs = append(attrs, nl.NewRtAttr(unix.RTA_OIF, nl.Uint32Attr(uint32(index))))
+	if mtu > 0 {
+		attrs = append(attrs, nl.NewRtAttr(unix.RTA_METRICS, nl.NewRtAttr(unix.RTAX_MTU, nl.Uint32Attr(uint32(mtu))).Serialize()))
+	}
+	return nlbatch.New(what, unix.RTM_NEWROUTE, unix.NLM_F_CREATE|unix.NLM_F_REPLACE, attrs...)
+}
+
+func family(a netip.Addr) int {
+	if a.Is4() {
+		return unix.AF_INET
+	}
+	return unix.AF_INET6
+}
+
+// rawData is a request's fixed header that package nl has no type for.
+type rawData []byte
+
+func (d rawData) Len() int          { return len(d) }
+func (d rawData) Serialize() []byte { return d }
+
+// randomMAC is a random unicast, locally administered address, as the
+// kernel gives a veth end that has none.
+func randomMAC() (net.HardwareAddr, error) {
+	mac := make(net.HardwareAddr, 6)
+	if _, err := rand.Read(mac); err != nil {
+		return nil, fmt.Errorf("random MAC address: %w", err)
+	}
+	mac[0] = mac[0]&^0x01 | 0x02
+	return mac, nil
 }
 
 func (s Spec) validate() error {
@@ -243,52 +498,6 @@ func configureHost(ifname string, v6 bool) error {
 	if v6 {
 		if err := setIfSysctls(6, ifname, map[string]string{"forwarding": "1", "accept_dad": "0"}); err != nil {
 			return fmt.Errorf("configure %s: %w", ifname, err)
-		}
-	}
-	return nil
-}
-
-// configurePodRoutes installs, inside the pod, the gateway routes and the
-// permanent gateway neighbours for each family the pod has an address in.
-func configurePodRoutes(pod *netlink.Handle, ifindex int, hostMAC net.HardwareAddr, spec Spec) error {
-	var v4, v6 bool
-	for _, a := range spec.Addrs {
-		v4, v6 = v4 || a.Is4(), v6 || a.Is6()
-	}
-	type gw struct {
-		on     bool
-		addr   netip.Addr
-		family int
-		def    netip.Prefix
-	}
-	for _, g := range []gw{
-		{v4, GatewayIPv4, netlink.FAMILY_V4, netip.MustParsePrefix("0.0.0.0/0")},
-		{v6, GatewayIPv6, netlink.FAMILY_V6, netip.MustParsePrefix("::/0")},
-	} {
-		if !g.on {
-			continue
-		}
-		neigh := &netlink.Neigh{
-			LinkIndex:    ifindex,
-			Family:       g.family,
-			State:        netlink.NUD_PERMANENT,
-			IP:           g.addr.AsSlice(),
-			HardwareAddr: hostMAC,
-		}
-		if err := pod.NeighSet(neigh); err != nil {
-			return fmt.Errorf("add neighbour %s lladdr %s dev %s in %s: %w", g.addr, hostMAC, spec.PodIfName, spec.NetnsPath, err)
-		}
-		routes := []*netlink.Route{
-			{LinkIndex: ifindex, Dst: prefixNet(g.def), Gw: g.addr.AsSlice()},
-		}
-		if g.addr.Is4() {
-			// The IPv4 gateway is outside every pod prefix: make it on-link first.
-			routes = append([]*netlink.Route{{LinkIndex: ifindex, Dst: hostPrefix(g.addr), Scope: netlink.SCOPE_LINK}}, routes...)
-		}
-		for _, r := range routes {
-			if err := pod.RouteReplace(r); err != nil {
-				return fmt.Errorf("add route %s dev %s in %s: %w", r, spec.PodIfName, spec.NetnsPath, err)
-			}
 		}
 	}
 	return nil

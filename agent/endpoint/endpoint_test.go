@@ -411,3 +411,91 @@ func udpEcho(t *testing.T, l *lab, dst netip.Addr) {
 		t.Errorf("UDP echo pod -> %s: %q, %v", dst, buf[:n], err)
 	}
 }
+
+// Create's order, which keeps the pod's packets out until the datapath
+// is there and keeps the kernel from waiting for RCU grace periods under
+// RTNL: when BeforeUp runs, the clsact qdisc is on the host end, the pod
+// end is configured and the host end is still down; each end has one
+// queue; lo ends up up; a failing BeforeUp removes the pair.
+func TestCreateOrder(t *testing.T) {
+	l := newLab(t)
+	nodeH, podH := handle(t, l.nodePath), handle(t, l.podPath)
+	pod4, pod6 := netip.MustParseAddr("10.200.0.11"), netip.MustParseAddr("fd00:200::11")
+	const hostIf = "isthtest3"
+	var res Result
+	var err error
+	ran := false
+	in(t, l.nodePath, func() {
+		res, err = Create(Spec{NetnsPath: l.podPath, HostIfName: hostIf, Addrs: []netip.Addr{pod4, pod6}, Clsact: true,
+			BeforeUp: func(ifindex int) error {
+				ran = true
+				host, err := nodeH.LinkByIndex(ifindex)
+				if err != nil || host.Attrs().Name != hostIf {
+					t.Errorf("BeforeUp(%d): %v, %v", ifindex, host, err)
+					return nil
+				}
+				if host.Attrs().Flags&net.FlagUp != 0 {
+					t.Error("the host end is up before BeforeUp")
+				}
+				qs, err := nodeH.QdiscList(host)
+				if err != nil {
+					t.Error(err)
+				}
+				if !slices.ContainsFunc(qs, func(q netlink.Qdisc) bool { return q.Type() == "clsact" }) {
+					t.Errorf("no clsact qdisc on %s before BeforeUp: %v", hostIf, qs)
+				}
+				eth0, err := podH.LinkByName("eth0")
+				if err != nil {
+					t.Error(err)
+					return nil
+				}
+				if eth0.Attrs().Flags&net.FlagUp == 0 {
+					t.Error("the pod end is not up before BeforeUp")
+				}
+				if rs, err := podH.RouteGet(net.ParseIP("198.51.100.1")); err != nil || len(rs) != 1 || !rs[0].Gw.Equal(GatewayIPv4.AsSlice()) {
+					t.Errorf("pod default route before BeforeUp: %v, %v", rs, err)
+				}
+				return nil
+			}})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ran {
+		t.Fatal("BeforeUp did not run")
+	}
+	if res.Host == nil || res.Pod == nil || res.Steps == "" {
+		t.Errorf("Result without the created ends: %+v", res)
+	}
+	for _, lk := range []struct {
+		h    *netlink.Handle
+		name string
+	}{{nodeH, hostIf}, {podH, "eth0"}, {podH, "lo"}} {
+		got, err := lk.h.LinkByName(lk.name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a := got.Attrs()
+		if a.Flags&net.FlagUp == 0 {
+			t.Errorf("%s is down after Create", lk.name)
+		}
+		if lk.name != "lo" && (a.NumTxQueues != 1 || a.NumRxQueues != 1) {
+			t.Errorf("%s has %d tx and %d rx queues, want 1 each", lk.name, a.NumTxQueues, a.NumRxQueues)
+		}
+	}
+
+	// A BeforeUp that fails leaves nothing.
+	in(t, l.nodePath, func() {
+		_, err = Create(Spec{NetnsPath: l.podPath, HostIfName: "isthtest4", PodIfName: "eth1", Addrs: []netip.Addr{netip.MustParseAddr("10.200.0.12")},
+			BeforeUp: func(int) error { return errors.New("no programs") }})
+	})
+	if err == nil || !strings.Contains(err.Error(), "no programs") {
+		t.Fatalf("Create with a failing BeforeUp: %v", err)
+	}
+	if _, lerr := nodeH.LinkByName("isthtest4"); lerr == nil {
+		t.Error("a failed BeforeUp left the host veth behind")
+	}
+	if _, lerr := podH.LinkByName("eth1"); lerr == nil {
+		t.Error("a failed BeforeUp left the pod end behind")
+	}
+}

@@ -200,22 +200,31 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 	// to this endpoint alone (its lock is held, its addresses and netns
 	// reserved), and pods created together plumb side by side.
 	hostIf := endpoint.HostIfName(h.node, ns, name)
-	res, err := h.plumb.Create(endpoint.Spec{NetnsPath: req.Netns, HostIfName: hostIf, PodIfName: podIf, Addrs: ips, MTU: h.mtu})
+	// The veth is created with its BIG TCP sizes and its clsact qdisc,
+	// and the datapath attaches before its host end goes up (see
+	// endpoint.Create).
+	sizes, routeMTU := h.bigtcp.VethSizes(h.mtu)
+	attached := false
+	res, err := h.plumb.Create(endpoint.Spec{NetnsPath: req.Netns, HostIfName: hostIf, PodIfName: podIf, Addrs: ips, MTU: h.mtu,
+		Sizes: sizes, IPv6RouteMTU: routeMTU, Clsact: h.dp.ClsactForNewEndpoints(),
+		BeforeUp: func(ifindex int) error {
+			attached = true
+			if err := h.dp.AttachNewEndpoint(hostIf, ifindex); err != nil {
+				return fmt.Errorf("attach datapath to %s: %w", hostIf, err)
+			}
+			return nil
+		}})
+	if attached {
+		undo = append(undo, func() { h.logErr("detach datapath", h.dp.DetachEndpoint(hostIf)) })
+	}
 	if err != nil {
 		return fail(fmt.Errorf("plumb endpoint %s/%s: %w", ns, name, err))
 	}
 	undo = append(undo, func() { h.logErr("delete veth", h.plumb.Delete(hostIf)) })
-	phases.mark("veth")
-
-	if err := h.dp.AttachEndpoint(hostIf, res.HostIfIndex); err != nil {
-		return fail(fmt.Errorf("attach datapath to %s: %w", hostIf, err))
-	}
-	undo = append(undo, func() { h.logErr("detach datapath", h.dp.DetachEndpoint(hostIf)) })
-	phases.mark("attach")
-	// The veth's BIG TCP sizes, here rather than in a reconcile run that
-	// would size the pods created together one after the other; still
-	// before the pod runs (see bigtcp.SizeEndpoint).
-	h.bigtcp.SizeEndpoint(state.Endpoint{Name: name, Namespace: ns, NetnsPath: req.Netns, HostIfName: hostIf, IfIndex: res.HostIfIndex, IPs: ips})
+	phases.mark("veth(" + res.Steps + ")")
+	// The veth's BIG TCP status, here rather than in a reconcile run
+	// (see bigtcp.SizeEndpoint).
+	h.bigtcp.SizeEndpoint(state.Endpoint{Name: name, Namespace: ns, NetnsPath: req.Netns, HostIfName: hostIf, IfIndex: res.HostIfIndex, IPs: ips}, res)
 	phases.mark("bigtcp")
 	id, err := allocatedID()
 	phases.mark("identity") // what was left of it

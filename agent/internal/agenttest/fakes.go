@@ -70,6 +70,12 @@ func (d *FakeDatapath) AttachEndpoint(ifname string, ifindex int) error {
 	return nil
 }
 
+func (d *FakeDatapath) ClsactForNewEndpoints() bool { return false }
+
+func (d *FakeDatapath) AttachNewEndpoint(ifname string, ifindex int) error {
+	return d.AttachEndpoint(ifname, ifindex)
+}
+
 func (d *FakeDatapath) DetachEndpoint(ifname string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -288,6 +294,13 @@ func (p *FakePlumber) Create(s endpoint.Spec) (endpoint.Result, error) {
 		HostIfIndex: p.next,
 		HostMAC:     net.HardwareAddr{2, 0, 0, 0, 0, byte(p.next)},
 		PodMAC:      net.HardwareAddr{2, 0, 0, 0, 1, byte(p.next)},
+	}
+	if s.BeforeUp != nil {
+		// As endpoint.Create: the datapath attaches before the host end is
+		// up; a failure removes the pair.
+		if err := s.BeforeUp(r.HostIfIndex); err != nil {
+			return endpoint.Result{}, err
+		}
 	}
 	p.Links[s.HostIfName] = r
 	return r, nil
