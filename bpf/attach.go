@@ -165,6 +165,14 @@ func (d *Datapath) DetachEndpoint(ifname string) error {
 	return err
 }
 
+// ReleaseEndpoint lets go of the programs of a pod's host-side veth that
+// is about to be deleted: the deletion removes its tc filters with it, so
+// only tcx pins are dropped here. A netlink request the RTNL lock queues
+// for saved, on every pod deletion.
+func (d *Datapath) ReleaseEndpoint(ifname string) error {
+	return d.detachPinned(ifname)
+}
+
 // detachClsact removes the clsact qdisc, and its filters with it, from a
 // device; a device without one is not an error.
 func (d *Datapath) detachClsact(ifindex int) error {

@@ -31,7 +31,7 @@ type Datapath interface {
 	AttachEndpoint(ifname string, ifindex int) error
 	ClsactForNewEndpoints() bool
 	AttachNewEndpoint(ifname string, ifindex int) error
-	DetachEndpoint(ifname string) error
+	ReleaseEndpoint(ifname string) error
 	AttachMode() string
 	IPCacheUpsert(p netip.Prefix, e bpf.IPCacheEntry) error
 	IPCacheUpsertBatch(ps []netip.Prefix, es []bpf.IPCacheEntry) (int, error)

@@ -48,14 +48,13 @@ type Spec struct {
 	// IPv6RouteMTU is the MTU metric of the pod's IPv6 default route (0:
 	// none); BIG TCP leaves room for its jumbo header with it.
 	IPv6RouteMTU int
-	// Clsact creates a clsact qdisc on the host end right after the pair,
-	// for BeforeUp's tc filters. Created apart from them, it has usually
-	// seen an RCU grace period pass when they come: the kernel then does
-	// not wait for one, under the RTNL lock, to take each of them.
+	// Clsact creates a clsact qdisc on the host end before BeforeUp, for
+	// its tc filters, while the end is down: on a device that is up the
+	// kernel would wait for an RCU grace period under the RTNL lock.
 	Clsact bool
-	// BeforeUp, when set, runs once the pod end is configured and before
-	// the host end goes up, with the host end's index: the datapath
-	// attaches there, before any packet can pass.
+	// BeforeUp, when set, runs while the host end is down (beside the pod
+	// end's configuration, on another goroutine), with the host end's
+	// index: the datapath attaches there, before any packet can pass.
 	BeforeUp func(hostIfIndex int) error
 }
 
@@ -253,13 +252,24 @@ func Create(spec Spec) (res Result, err error) {
 	hostIndex, podIndex := hostLink.Attrs().Index, podLink.Attrs().Index
 	res = Result{HostIfIndex: hostIndex, HostMAC: hostLink.Attrs().HardwareAddr, PodMAC: podLink.Attrs().HardwareAddr, Host: hostLink, Pod: podLink}
 
-	if spec.Clsact {
-		if err := host.Do(clsactRequest(spec.HostIfName, hostIndex)); err != nil {
-			return Result{}, err
+	// The programs go onto the host end while the pod end is configured:
+	// two sockets, so neither waits for the other's answers.
+	attached := make(chan error, 1)
+	go func() {
+		if spec.Clsact {
+			if err := host.Do(clsactRequest(spec.HostIfName, hostIndex)); err != nil {
+				attached <- err
+				return
+			}
 		}
-		step("clsact")
-	}
+		if spec.BeforeUp != nil {
+			attached <- spec.BeforeUp(hostIndex)
+			return
+		}
+		attached <- nil
+	}()
 	if err := configureHost(spec.HostIfName, hasV6); err != nil {
+		<-attached
 		return Result{}, err
 	}
 
@@ -286,20 +296,32 @@ func Create(spec Spec) (res Result, err error) {
 		inPod = append(inPod, neighRequest(podIf, podIndex, gw.addr, res.HostMAC),
 			routeRequest(podIf, podIndex, gw.def, gw.addr, gw.mtu))
 	}
-	if err := pod.Do(inPod...); err != nil {
+	podErr := pod.Do(inPod...)
+	step("pod")
+	if err := <-attached; err != nil {
 		return Result{}, err
 	}
-	step("pod")
-
-	if spec.BeforeUp != nil {
-		if err := spec.BeforeUp(hostIndex); err != nil {
-			return Result{}, err
-		}
-		step("before-up")
+	if podErr != nil {
+		return Result{}, podErr
 	}
-	up := []*nlbatch.Request{setUpRequest(spec.HostIfName, hostIndex)}
+	step("attached")
+
+	var up []*nlbatch.Request
+	if hasV6 {
+		// No IPv6 link-local address on the host end: each one is a
+		// fe80::/64 route beside every other pod's, which the kernel walks
+		// to add the next, an address event every address watcher of the
+		// node hears, and DAD work taking the RTNL lock. The host reaches
+		// the pod's IPv6 addresses through permanent neighbour entries,
+		// with no solicitation (which would need that address).
+		up = append(up, addrGenNoneRequest(spec.HostIfName, hostIndex))
+	}
+	up = append(up, setUpRequest(spec.HostIfName, hostIndex))
 	for _, a := range spec.Addrs {
 		up = append(up, routeRequest(spec.HostIfName, hostIndex, netip.PrefixFrom(a, a.BitLen()), netip.Addr{}, 0))
+		if a.Is6() {
+			up = append(up, neighRequest(spec.HostIfName, hostIndex, a, res.PodMAC))
+		}
 	}
 	if err := host.Do(up...); err != nil {
 		return Result{}, err
@@ -384,6 +406,19 @@ func clsactRequest(dev string, index int) *nlbatch.Request {
 	m := &nl.TcMsg{Family: unix.AF_UNSPEC, Ifindex: int32(index), Handle: 0xffff0000, Parent: netlink.HANDLE_CLSACT}
 	return nlbatch.New("add clsact qdisc to "+dev, unix.RTM_NEWQDISC, unix.NLM_F_CREATE|unix.NLM_F_EXCL, m,
 		nl.NewRtAttr(nl.TCA_KIND, nl.ZeroTerminated("clsact")))
+}
+
+// addrGenModeNone is IN6_ADDR_GEN_MODE_NONE (linux/if_link.h).
+const addrGenModeNone = 1
+
+// addrGenNoneRequest turns off IPv6 address generation (no link-local
+// address) on a device that is down.
+func addrGenNoneRequest(dev string, index int) *nlbatch.Request {
+	m := nl.NewIfInfomsg(unix.AF_UNSPEC)
+	m.Index = int32(index)
+	af := nl.NewRtAttr(unix.IFLA_AF_SPEC, nil)
+	af.AddRtAttr(unix.AF_INET6, nil).AddRtAttr(unix.IFLA_INET6_ADDR_GEN_MODE, []byte{addrGenModeNone})
+	return nlbatch.New("turn off IPv6 address generation on "+dev, unix.RTM_NEWLINK, 0, m, af)
 }
 
 func setUpRequest(what string, index int) *nlbatch.Request {
@@ -490,13 +525,14 @@ func (s Spec) validate() error {
 }
 
 // configureHost sets the host veth's sysctls: it forwards, accepts pod
-// sources without a reverse-path check, and answers no ARP on anyone's behalf.
+// sources without a reverse-path check, and answers no ARP on anyone's
+// behalf. (It has no IPv6 address, so no DAD to turn off.)
 func configureHost(ifname string, v6 bool) error {
 	if err := setIfSysctls(4, ifname, map[string]string{"forwarding": "1", "rp_filter": "0", "proxy_arp": "0"}); err != nil {
 		return fmt.Errorf("configure %s: %w", ifname, err)
 	}
 	if v6 {
-		if err := setIfSysctls(6, ifname, map[string]string{"forwarding": "1", "accept_dad": "0"}); err != nil {
+		if err := setIfSysctls(6, ifname, map[string]string{"forwarding": "1"}); err != nil {
 			return fmt.Errorf("configure %s: %w", ifname, err)
 		}
 	}
@@ -506,15 +542,16 @@ func configureHost(ifname string, v6 bool) error {
 // Delete removes the pair whose host end is hostIfName, together with the
 // peer and every route through it. A missing device is not an error.
 func Delete(hostIfName string) error {
-	link, err := netlink.LinkByName(hostIfName)
+	// By name, in one request: no lookup queueing for the RTNL lock first.
+	s, err := nlbatch.Open(0)
 	if err != nil {
-		if isNotFound(err) {
-			return nil
-		}
-		return fmt.Errorf("find %s: %w", hostIfName, err)
-	}
-	if err := netlink.LinkDel(link); err != nil && !isNotFound(err) {
 		return fmt.Errorf("delete %s: %w", hostIfName, err)
+	}
+	defer s.Close()
+	err = s.Do(nlbatch.New("delete "+hostIfName, unix.RTM_DELLINK, 0, nl.NewIfInfomsg(unix.AF_UNSPEC),
+		nl.NewRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated(hostIfName))))
+	if err != nil && !errors.Is(err, unix.ENODEV) {
+		return err
 	}
 	return nil
 }

@@ -215,7 +215,7 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 			return nil
 		}})
 	if attached {
-		undo = append(undo, func() { h.logErr("detach datapath", h.dp.DetachEndpoint(hostIf)) })
+		undo = append(undo, func() { h.logErr("release datapath", h.dp.ReleaseEndpoint(hostIf)) })
 	}
 	if err != nil {
 		return fail(fmt.Errorf("plumb endpoint %s/%s: %w", ns, name, err))
@@ -473,8 +473,8 @@ func (h *Handlers) CollectEndpoints(ctx context.Context, req api.GCRequest) (api
 // is gone: until then the IPAM owner is how a restarted agent finds the
 // leftover (see CollectGarbage).
 func (h *Handlers) teardown(ctx context.Context, e state.Endpoint) error {
-	if err := h.dp.DetachEndpoint(e.HostIfName); err != nil {
-		h.log.Warn("detach datapath", "interface", e.HostIfName, "err", err)
+	if err := h.dp.ReleaseEndpoint(e.HostIfName); err != nil {
+		h.log.Warn("release datapath", "interface", e.HostIfName, "err", err)
 	}
 	if err := h.plumb.Delete(e.HostIfName); err != nil {
 		return err
@@ -634,7 +634,7 @@ func (h *Handlers) CollectGarbage(ctx context.Context) {
 		ns, name, _ := strings.Cut(owner, "/")
 		hostIf := endpoint.HostIfName(h.node, ns, name)
 		h.log.Warn("removing leftovers of an endpoint that does not exist", "owner", owner, "interface", hostIf)
-		h.logErr("detach datapath", h.dp.DetachEndpoint(hostIf))
+		h.logErr("release datapath", h.dp.ReleaseEndpoint(hostIf))
 		if err := h.plumb.Delete(hostIf); err != nil {
 			h.logErr("delete leftover veth", err)
 			continue
@@ -654,28 +654,30 @@ func (h *Handlers) CollectGarbage(ctx context.Context) {
 			continue
 		}
 		h.log.Warn("removing a pod veth no endpoint has", "interface", n)
-		h.logErr("detach datapath", h.dp.DetachEndpoint(n))
+		h.logErr("release datapath", h.dp.ReleaseEndpoint(n))
 		h.logErr("delete leftover veth", h.plumb.Delete(n))
 	}
 	// Valid for the node-local allocator only, where every reference is this
-	// node's: an etcd-backed one lists the whole cluster's identities.
-	if h.mesh != nil {
+	// node's: an etcd-backed one lists the whole cluster's identities. Its
+	// counts in memory are the endpoints' (it writes only changes of the
+	// set of identities): it frees those no endpoint uses.
+	local, ok := h.ids.(interface {
+		SetRefs(map[uint32]uint64) ([]uint32, error)
+	})
+	if h.mesh != nil || !ok {
 		return
 	}
-	for _, id := range h.ids.List() {
-		if refs[id.ID] > 0 {
-			continue
-		}
-		h.log.Warn("releasing identity no endpoint uses", "identity", id.ID, "labels", id.Labels.String())
-		// Each Allocate took one reference; drop all of them.
-		for range 1 << 16 {
-			if err := h.ids.Release(ctx, id.ID); err != nil {
-				if !errors.Is(err, identity.ErrNotFound) {
-					h.logErr("release identity", err)
-				}
-				break
-			}
-		}
+	counts := map[uint32]uint64{}
+	for id, n := range refs {
+		counts[id] = uint64(n)
+	}
+	freed, err := local.SetRefs(counts)
+	if err != nil {
+		h.logErr("set identity references from the endpoints", err)
+		return
+	}
+	for _, id := range freed {
+		h.log.Warn("released identity no endpoint uses", "identity", id)
 	}
 }
 

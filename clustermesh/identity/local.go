@@ -15,7 +15,15 @@ import (
 )
 
 // Local is an Allocator that keeps its state in memory and in a JSON file,
-// written atomically after every change. It is safe for concurrent use.
+// written atomically whenever the set of identities changes. It is safe
+// for concurrent use.
+//
+// A reference taken on or dropped from an identity that stays is counted
+// in memory only: each write is two fsyncs, and most endpoint adds and
+// deletes of a node only move a count. The counts in the file are as of
+// the last change of the set, so after a restart the user sets them
+// again from what uses them (SetRefs; the agent does, from its
+// endpoints) before it allocates or releases anything.
 //
 // Every change rewrites the whole file, which is fine for the few hundred
 // identities one node or a test uses; the etcd allocator is the scalable one.
@@ -150,12 +158,7 @@ func (a *Local) Allocate(ctx context.Context, l Labels) (uint32, error) {
 	defer a.mu.Unlock()
 
 	if id, ok := a.byKey[key]; ok {
-		e := a.byID[id]
-		e.refs++
-		if err := a.save(); err != nil {
-			e.refs--
-			return 0, err
-		}
+		a.byID[id].refs++ // in memory only (see Local)
 		return id, nil
 	}
 
@@ -219,11 +222,7 @@ func (a *Local) Release(ctx context.Context, id uint32) error {
 	}
 	e.refs--
 	if e.refs > 0 {
-		if err := a.save(); err != nil {
-			e.refs++
-			return err
-		}
-		return nil
+		return nil // in memory only (see Local)
 	}
 	key := e.labels.String()
 	delete(a.byID, id)
@@ -236,6 +235,40 @@ func (a *Local) Release(ctx context.Context, id uint32) error {
 	}
 	a.version++
 	return nil
+}
+
+// SetRefs sets the reference count of every identity to refs[id], the
+// number of its users, and frees those with none; it returns the freed
+// IDs. The agent calls it at start, from its endpoints (see Local).
+func (a *Local) SetRefs(refs map[uint32]uint64) ([]uint32, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	old := make(map[uint32]entry, len(a.byID))
+	var freed []uint32
+	for id, e := range a.byID {
+		old[id] = *e
+		if refs[id] == 0 {
+			freed = append(freed, id)
+			continue
+		}
+		e.refs = refs[id]
+	}
+	for _, id := range freed {
+		delete(a.byKey, a.byID[id].labels.String())
+		delete(a.byID, id)
+	}
+	if err := a.save(); err != nil {
+		for id, e := range old {
+			a.byID[id] = &entry{labels: e.labels, refs: e.refs}
+			a.byKey[e.labels.String()] = id
+		}
+		return nil, err
+	}
+	if len(freed) > 0 {
+		a.version++
+	}
+	slices.Sort(freed)
+	return freed, nil
 }
 
 // Version identifies the set of identities List returns: it changes when

@@ -403,3 +403,63 @@ func TestLocalVersion(t *testing.T) {
 	step("one reference dropped", false, func() error { return a.Release(ctx, id) })
 	step("last reference dropped", true, func() error { return a.Release(ctx, id) })
 }
+
+// A reference on an identity that stays is not written (two fsyncs on
+// every endpoint add and delete otherwise); after a restart SetRefs sets
+// the counts from the users and frees the identities nobody uses.
+func TestRefsInMemoryAndSetRefs(t *testing.T) {
+	ctx := context.Background()
+	a, path := newTestLocal(t, 5)
+	web, _ := a.Allocate(ctx, labels("web"))
+	db, _ := a.Allocate(ctx, labels("db"))
+	before, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if id, err := a.Allocate(ctx, labels("web")); err != nil || id != web {
+			t.Fatalf("Allocate web again = %d, %v", id, err)
+		}
+	}
+	if err := a.Release(ctx, web); err != nil {
+		t.Fatal(err)
+	}
+	if after, _ := os.ReadFile(path); string(after) != string(before) {
+		t.Errorf("a reference on an identity that stays rewrote the state:\n%s\nwant\n%s", after, before)
+	}
+
+	// A restart: the users say web has three references and db none.
+	b, err := NewLocal(path, 5)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := b.Version()
+	freed, err := b.SetRefs(map[uint32]uint64{web: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(freed) != 1 || freed[0] != db {
+		t.Errorf("SetRefs freed %v, want [%d]", freed, db)
+	}
+	if _, ok := b.Get(db); ok || b.Version() == v {
+		t.Error("db is still there, or the version did not move")
+	}
+	for i := range 3 {
+		if _, ok := b.Get(web); !ok {
+			t.Fatalf("web gone after %d of its 3 releases", i)
+		}
+		if err := b.Release(ctx, web); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, ok := b.Get(web); ok {
+		t.Error("web survived its last release")
+	}
+	c, err := NewLocal(path, 5)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.List(); len(got) != 0 {
+		t.Errorf("the file still holds %v", got)
+	}
+}

@@ -76,7 +76,7 @@ func (d *FakeDatapath) AttachNewEndpoint(ifname string, ifindex int) error {
 	return d.AttachEndpoint(ifname, ifindex)
 }
 
-func (d *FakeDatapath) DetachEndpoint(ifname string) error {
+func (d *FakeDatapath) ReleaseEndpoint(ifname string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	delete(d.Attached, ifname)
