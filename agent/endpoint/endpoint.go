@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"syscall"
@@ -54,7 +55,8 @@ type Spec struct {
 	Clsact bool
 	// BeforeUp, when set, runs while the host end is down (beside the pod
 	// end's configuration, on another goroutine), with the host end's
-	// index: the datapath attaches there, before any packet can pass.
+	// index: the datapath attaches there, before any packet can pass (the
+	// pair has no carrier until the host end is up).
 	BeforeUp func(hostIfIndex int) error
 }
 
@@ -252,26 +254,27 @@ func Create(spec Spec) (res Result, err error) {
 	hostIndex, podIndex := hostLink.Attrs().Index, podLink.Attrs().Index
 	res = Result{HostIfIndex: hostIndex, HostMAC: hostLink.Attrs().HardwareAddr, PodMAC: podLink.Attrs().HardwareAddr, Host: hostLink, Pod: podLink}
 
-	// The programs go onto the host end while the pod end is configured:
-	// two sockets, so neither waits for the other's answers.
-	attached := make(chan error, 1)
-	go func() {
-		if spec.Clsact {
-			if err := host.Do(clsactRequest(spec.HostIfName, hostIndex)); err != nil {
-				attached <- err
-				return
-			}
-		}
-		if spec.BeforeUp != nil {
-			attached <- spec.BeforeUp(hostIndex)
-			return
-		}
-		attached <- nil
-	}()
 	if err := configureHost(spec.HostIfName, hasV6); err != nil {
-		<-attached
 		return Result{}, err
 	}
+	// The host end (its qdisc, the programs, then up with its routes)
+	// while the pod end is configured: two sockets, and each batch waits
+	// for the RTNL lock beside the other instead of after it.
+	// Whether the node has IPv6 (not ipv6.disable=1), from this thread,
+	// which is in the node's namespace.
+	_, err = os.Stat(sysctlPath(6, spec.HostIfName, "addr_gen_mode"))
+	nodeV6 := err == nil
+	hostDone := make(chan error, 1)
+	go func() {
+		defer func() {
+			// As in the caller's goroutine (an API handler's, which the
+			// HTTP server recovers): a bug fails this add, not the agent.
+			if r := recover(); r != nil {
+				hostDone <- fmt.Errorf("configure %s: panic: %v\n%s", spec.HostIfName, r, debug.Stack())
+			}
+		}()
+		hostDone <- hostSide(host, spec, hostIndex, res.PodMAC, nodeV6)
+	}()
 
 	podIf := spec.PodIfName + " in " + spec.NetnsPath
 	var inPod []*nlbatch.Request
@@ -298,36 +301,49 @@ func Create(spec Spec) (res Result, err error) {
 	}
 	podErr := pod.Do(inPod...)
 	step("pod")
-	if err := <-attached; err != nil {
+	if err := <-hostDone; err != nil {
 		return Result{}, err
 	}
 	if podErr != nil {
 		return Result{}, podErr
 	}
-	step("attached")
+	step("host")
+	return res, nil
+}
 
-	var up []*nlbatch.Request
-	if hasV6 {
-		// No IPv6 link-local address on the host end: each one is a
-		// fe80::/64 route beside every other pod's, which the kernel walks
-		// to add the next, an address event every address watcher of the
-		// node hears, and DAD work taking the RTNL lock. The host reaches
-		// the pod's IPv6 addresses through permanent neighbour entries,
-		// with no solicitation (which would need that address).
-		up = append(up, addrGenNoneRequest(spec.HostIfName, hostIndex))
-	}
-	up = append(up, setUpRequest(spec.HostIfName, hostIndex))
-	for _, a := range spec.Addrs {
-		up = append(up, routeRequest(spec.HostIfName, hostIndex, netip.PrefixFrom(a, a.BitLen()), netip.Addr{}, 0))
-		if a.Is6() {
-			up = append(up, neighRequest(spec.HostIfName, hostIndex, a, res.PodMAC))
+// hostSide configures the host end of a pair created down: the clsact
+// qdisc (Spec.Clsact) and Spec.BeforeUp while it is down, then the end
+// up with its routes and the neighbour entries of the pod's IPv6
+// addresses. It may run on any thread: it uses the host socket only.
+func hostSide(host *nlbatch.Socket, spec Spec, index int, podMAC net.HardwareAddr, nodeV6 bool) error {
+	if spec.Clsact {
+		if err := host.Do(clsactRequest(spec.HostIfName, index)); err != nil {
+			return err
 		}
 	}
-	if err := host.Do(up...); err != nil {
-		return Result{}, err
+	if spec.BeforeUp != nil {
+		if err := spec.BeforeUp(index); err != nil {
+			return err
+		}
 	}
-	step("host-up")
-	return res, nil
+	// No IPv6 address on the host end: a link-local one per veth is a
+	// fe80::/64 route beside every other pod's, which the kernel walks to
+	// add the next, an address event every address watcher of the node
+	// hears, and DAD work taking the RTNL lock. The host reaches the pod's
+	// IPv6 addresses through permanent neighbour entries, with no
+	// solicitation (which would need that address).
+	var up []*nlbatch.Request
+	if nodeV6 { // a node without IPv6 refuses the request
+		up = append(up, addrGenNoneRequest(spec.HostIfName, index))
+	}
+	up = append(up, setUpRequest(spec.HostIfName, index))
+	for _, a := range spec.Addrs {
+		up = append(up, routeRequest(spec.HostIfName, index, netip.PrefixFrom(a, a.BitLen()), netip.Addr{}, 0))
+		if a.Is6() {
+			up = append(up, neighRequest(spec.HostIfName, index, a, podMAC))
+		}
+	}
+	return host.Do(up...)
 }
 
 // ifUp reports whether interface name of the calling thread's namespace

@@ -471,6 +471,12 @@ func TestCreateOrder(t *testing.T) {
 		if lk.name != "lo" && (a.NumTxQueues != 1 || a.NumRxQueues != 1) {
 			t.Errorf("%s has %d tx and %d rx queues, want 1 each", lk.name, a.NumTxQueues, a.NumRxQueues)
 		}
+		if lk.name == hostIf {
+			// No IPv6 address (not even link-local) on the host end.
+			if addrs, err := nodeH.AddrList(got, netlink.FAMILY_V6); err != nil || len(addrs) != 0 {
+				t.Errorf("host end IPv6 addresses %v, %v; want none", addrs, err)
+			}
+		}
 	}
 
 	// A BeforeUp that fails leaves nothing.
