@@ -98,6 +98,13 @@ func (s scratch) podAndReconciler(t *testing.T, ep state.Endpoint) (endpoint.Res
 	if err != nil {
 		t.Fatal(err)
 	}
+	return res, s.podHandle(t), newReconciler(t)
+}
+
+// podHandle is a netlink handle in the scratch pod's namespace, closed at
+// the test's end.
+func (s scratch) podHandle(t *testing.T) *netlink.Handle {
+	t.Helper()
 	pns, err := netns.GetFromName(s.pod)
 	if err != nil {
 		t.Fatal(err)
@@ -108,6 +115,13 @@ func (s scratch) podAndReconciler(t *testing.T, ep state.Endpoint) (endpoint.Res
 		t.Fatal(err)
 	}
 	t.Cleanup(ph.Close)
+	return ph
+}
+
+// newReconciler is a Reconciler with the defaults, on a kernel with the
+// IPv4 BIG TCP attributes.
+func newReconciler(t *testing.T) *Reconciler {
+	t.Helper()
 	r, err := New(Config{}, slog.Default())
 	if err != nil {
 		t.Fatal(err)
@@ -115,7 +129,7 @@ func (s scratch) podAndReconciler(t *testing.T, ep state.Endpoint) (endpoint.Res
 	if !r.v4ok {
 		testenv.Skip(t, "the kernel has no IPv4 BIG TCP attributes (Linux >= 6.3)")
 	}
-	return res, ph, r
+	return r
 }
 
 func mustLink(t *testing.T, h *netlink.Handle, name string) netlink.Link {
@@ -369,10 +383,7 @@ func TestVethCreatedSized(t *testing.T) {
 	s := newScratch(t)
 	s.in(t, func() {
 		h := &netlink.Handle{}
-		r, err := New(Config{}, slog.New(slog.DiscardHandler))
-		if err != nil {
-			t.Fatal(err)
-		}
+		r := newReconciler(t)
 		ep := state.Endpoint{Namespace: "default", Name: "sized", NetnsPath: "/var/run/netns/" + s.pod, HostIfName: "isthbtsized",
 			IPs: []netip.Addr{netip.MustParseAddr("10.9.0.7"), netip.MustParseAddr("fd00:9::7")}}
 		sizes, routeMTU := r.VethSizes(1500)
@@ -384,16 +395,7 @@ func TestVethCreatedSized(t *testing.T) {
 			t.Fatal(err)
 		}
 		ep.IfIndex = res.HostIfIndex
-		pns, err := netns.GetFromName(s.pod)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer pns.Close()
-		ph, err := netlink.NewHandleAt(pns)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ph.Close()
+		ph := s.podHandle(t)
 		for _, l := range []netlink.Link{mustLink(t, h, ep.HostIfName), mustLink(t, ph, "eth0")} {
 			if got := sizesOf(l); got.gso != DefaultSize || got.gro != DefaultSize || got.gso4 != DefaultSize || got.gro4 != DefaultSize {
 				t.Errorf("%s created with %+v", l.Attrs().Name, got)

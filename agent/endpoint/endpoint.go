@@ -3,7 +3,6 @@ package endpoint
 import (
 	"crypto/rand"
 	"crypto/sha256"
-	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -419,13 +418,10 @@ func linkOf(r *nlbatch.Request) (netlink.Link, error) {
 }
 
 func clsactRequest(dev string, index int) *nlbatch.Request {
-	m := &nl.TcMsg{Family: unix.AF_UNSPEC, Ifindex: int32(index), Handle: 0xffff0000, Parent: netlink.HANDLE_CLSACT}
+	m := &nl.TcMsg{Family: unix.AF_UNSPEC, Ifindex: int32(index), Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT}
 	return nlbatch.New("add clsact qdisc to "+dev, unix.RTM_NEWQDISC, unix.NLM_F_CREATE|unix.NLM_F_EXCL, m,
 		nl.NewRtAttr(nl.TCA_KIND, nl.ZeroTerminated("clsact")))
 }
-
-// addrGenModeNone is IN6_ADDR_GEN_MODE_NONE (linux/if_link.h).
-const addrGenModeNone = 1
 
 // addrGenNoneRequest turns off IPv6 address generation (no link-local
 // address) on a device that is down.
@@ -433,7 +429,7 @@ func addrGenNoneRequest(dev string, index int) *nlbatch.Request {
 	m := nl.NewIfInfomsg(unix.AF_UNSPEC)
 	m.Index = int32(index)
 	af := nl.NewRtAttr(unix.IFLA_AF_SPEC, nil)
-	af.AddRtAttr(unix.AF_INET6, nil).AddRtAttr(unix.IFLA_INET6_ADDR_GEN_MODE, []byte{addrGenModeNone})
+	af.AddRtAttr(unix.AF_INET6, nil).AddRtAttr(unix.IFLA_INET6_ADDR_GEN_MODE, []byte{nl.IN6_ADDR_GEN_MODE_NONE})
 	return nlbatch.New("turn off IPv6 address generation on "+dev, unix.RTM_NEWLINK, 0, m, af)
 }
 
@@ -457,12 +453,9 @@ func addrRequest(dev string, index int, a netip.Addr) *nlbatch.Request {
 
 // neighRequest makes a permanent neighbour entry (replacing one).
 func neighRequest(dev string, index int, ip netip.Addr, mac net.HardwareAddr) *nlbatch.Request {
-	var ndm [12]byte // struct ndmsg
-	ndm[0] = byte(family(ip))
-	binary.NativeEndian.PutUint32(ndm[4:], uint32(index))
-	binary.NativeEndian.PutUint16(ndm[8:], netlink.NUD_PERMANENT)
+	m := &netlink.Ndmsg{Family: uint8(family(ip)), Index: uint32(index), State: netlink.NUD_PERMANENT}
 	return nlbatch.New(fmt.Sprintf("add neighbour %s lladdr %s dev %s", ip, mac, dev), unix.RTM_NEWNEIGH, unix.NLM_F_CREATE|unix.NLM_F_REPLACE,
-		rawData(ndm[:]), nl.NewRtAttr(unix.NDA_DST, ip.AsSlice()), nl.NewRtAttr(unix.NDA_LLADDR, mac))
+		m, nl.NewRtAttr(unix.NDA_DST, ip.AsSlice()), nl.NewRtAttr(unix.NDA_LLADDR, mac))
 }
 
 // routeRequest adds (or replaces) a main-table route to dst through dev:
@@ -501,12 +494,6 @@ func family(a netip.Addr) int {
 	}
 	return unix.AF_INET6
 }
-
-// rawData is a request's fixed header that package nl has no type for.
-type rawData []byte
-
-func (d rawData) Len() int          { return len(d) }
-func (d rawData) Serialize() []byte { return d }
 
 // randomMAC is a random unicast, locally administered address, as the
 // kernel gives a veth end that has none.

@@ -1,11 +1,7 @@
-package nlbatch
+package nlbatch_test
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"net"
-	"os/exec"
-	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -13,62 +9,34 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
-	"github.com/isthmus-mesh/isthmus/internal/testenv"
+	"github.com/isthmus-mesh/isthmus/internal/nlbatch"
+	"github.com/isthmus-mesh/isthmus/lab/labtest"
 )
 
-// inScratchNetns runs fn on a thread inside a new network namespace,
-// removed at the end of the test.
+// inScratchNetns runs fn on a thread inside a namespace of a lab (removed
+// at the end of the test), with a handle in it.
 func inScratchNetns(t *testing.T, fn func(h *netlink.Handle)) {
 	t.Helper()
-	testenv.Root(t, "creates a network namespace")
-	b := make([]byte, 4)
-	_, _ = rand.Read(b)
-	name := "isthnlb-" + hex.EncodeToString(b)
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
-	}
-	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", name).Run() })
-	ns, err := netns.GetFromName(name)
+	ns, err := labtest.New(t).AddPodNetns("nlb")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
+	h, err := ns.Handle()
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(ns); err != nil {
-			t.Error(err)
-			return
-		}
-		defer func() {
-			if netns.Set(orig) == nil {
-				runtime.UnlockOSThread()
-			}
-		}()
-		fn(h)
-	}()
-	<-done
+	if err := ns.Do(func() error { fn(h); return nil }); err != nil {
+		t.Fatal(err)
+	}
 }
 
-func addrRequest(index int, ip net.IP) *Request {
+func addrRequest(index int, ip net.IP) *nlbatch.Request {
 	m := nl.NewIfAddrmsg(unix.AF_INET)
 	m.Index, m.Prefixlen = uint32(index), 32
-	return New("add address "+ip.String(), unix.RTM_NEWADDR, unix.NLM_F_CREATE|unix.NLM_F_EXCL, m,
+	return nlbatch.New("add address "+ip.String(), unix.RTM_NEWADDR, unix.NLM_F_CREATE|unix.NLM_F_EXCL, m,
 		nl.NewRtAttr(unix.IFA_LOCAL, ip.To4()), nl.NewRtAttr(unix.IFA_ADDRESS, ip.To4()))
 }
 
@@ -76,15 +44,15 @@ func addrRequest(index int, ip net.IP) *Request {
 // ones after it, and its error names it with the kernel's words.
 func TestDoAppliesInOrderAndAttributesErrors(t *testing.T) {
 	inScratchNetns(t, func(h *netlink.Handle) {
-		s, err := Open(0)
+		s, err := nlbatch.Open(0)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer s.Close()
-		up := nl.NewIfInfomsg(unix.AF_UNSPEC)
-		up.Index, up.Flags, up.Change = 1, unix.IFF_UP, unix.IFF_UP
-		reqs := []*Request{
-			New("set lo up", unix.RTM_NEWLINK, 0, up),
+		lom := nl.NewIfInfomsg(unix.AF_UNSPEC)
+		lom.Index = 1
+		reqs := []*nlbatch.Request{
+			nlbatch.New("set lo's MTU", unix.RTM_NEWLINK, 0, lom, nl.NewRtAttr(unix.IFLA_MTU, nl.Uint32Attr(1280))),
 			addrRequest(9999, net.ParseIP("10.1.2.3")), // no such device
 			addrRequest(1, net.ParseIP("10.1.2.4")),
 			addrRequest(1, net.ParseIP("10.1.2.4")), // exists (NLM_F_EXCL)
@@ -104,8 +72,8 @@ func TestDoAppliesInOrderAndAttributesErrors(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if lo.Attrs().Flags&net.FlagUp == 0 {
-			t.Error("lo is not up")
+		if lo.Attrs().MTU != 1280 {
+			t.Errorf("lo's MTU is %d after the batch, want 1280", lo.Attrs().MTU)
 		}
 		addrs, err := h.AddrList(lo, netlink.FAMILY_V4)
 		if err != nil {
@@ -129,12 +97,12 @@ func TestDoAppliesInOrderAndAttributesErrors(t *testing.T) {
 // hears of devices through Wait.
 func TestEchoAndWait(t *testing.T) {
 	inScratchNetns(t, func(h *netlink.Handle) {
-		s, err := Open(unix.RTMGRP_LINK)
+		s, err := nlbatch.Open(unix.RTMGRP_LINK)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer s.Close()
-		r := New("create veth", unix.RTM_NEWLINK, unix.NLM_F_CREATE|unix.NLM_F_EXCL|unix.NLM_F_ECHO, nl.NewIfInfomsg(unix.AF_UNSPEC),
+		r := nlbatch.New("create veth", unix.RTM_NEWLINK, unix.NLM_F_CREATE|unix.NLM_F_EXCL|unix.NLM_F_ECHO, nl.NewIfInfomsg(unix.AF_UNSPEC),
 			nl.NewRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated("nlbtest0")))
 		info := nl.NewRtAttr(unix.IFLA_LINKINFO, nil)
 		info.AddRtAttr(nl.IFLA_INFO_KIND, nl.NonZeroTerminated("veth"))
