@@ -71,8 +71,11 @@ const (
 	// the first connection to etcd waits for it: a pod created as its
 	// node's agent starts (or a restarted agent's first add) should not
 	// fail for being a moment early, while an etcd that is away still
-	// fails adds soon.
-	connectWait = 5 * time.Second
+	// fails adds soon. It outlasts a first connection attempt that times
+	// out (the kvstore's 5 s dial timeout) and its retry, so that one lost
+	// attempt does not fail the add, and an add that fails says why the
+	// attempts failed rather than only that they are under way.
+	connectWait = 12 * time.Second
 )
 
 // Validate checks the cluster-mode flags.

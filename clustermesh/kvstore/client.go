@@ -13,6 +13,8 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -43,6 +45,10 @@ type Config struct {
 	// NewMetrics); several clients may share one.
 	Metrics *Metrics
 }
+
+// dialBackoffMin is the first wait before a failed connection to etcd is
+// dialled again.
+const dialBackoffMin = 200 * time.Millisecond
 
 func (c *Config) setDefaults() {
 	if c.DialTimeout <= 0 {
@@ -121,6 +127,16 @@ func Connect(ctx context.Context, cfg Config) (*Client, error) {
 		// Ping also while no call is in flight, so that a dead connection
 		// is noticed (and re-dialled) before the next call needs it.
 		PermitWithoutStream: true,
+		// gRPC's own re-dial backoff starts at 1 s and grows to 120 s: a
+		// first attempt lost to a network that is still settling (a node
+		// just joined its segment) left no second attempt inside
+		// DialTimeout, and after a long etcd outage the mesh came back
+		// up to two minutes late. Re-dial from 200 ms up to BackoffMax,
+		// giving each attempt DialTimeout.
+		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           grpcbackoff.Config{BaseDelay: dialBackoffMin, Multiplier: 1.6, Jitter: 0.2, MaxDelay: cfg.BackoffMax},
+			MinConnectTimeout: cfg.DialTimeout,
+		})},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("kvstore: connect to %s: %w", strings.Join(cfg.Endpoints, ","), err)
