@@ -239,8 +239,10 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 
 	// The store, without the API lock too: this endpoint's lock keeps its
 	// other calls out and its netns stays reserved until the store holds
-	// it, and the adds of pods created together write their files side by
-	// side.
+	// it. The endpoint is in memory at once and its file is written while
+	// the datapath loop takes it (see state.StageEndpoint): the add
+	// answers only when both are done, so an answered add is durable, and
+	// a crash before leaves no file, so the maps drop it on restart.
 	e := state.Endpoint{
 		Name: name, Namespace: ns, Labels: labels,
 		NetnsPath: req.Netns, HostIfName: hostIf, IfIndex: res.HostIfIndex,
@@ -249,26 +251,35 @@ func (h *Handlers) AddEndpoint(ctx context.Context, req api.EndpointRequest) (ap
 		Created:     time.Now().UTC().Truncate(time.Microsecond),
 		ContainerID: req.ContainerID, PodIfName: podIf, PodUID: req.PodUID,
 	}
-	if err := h.store.PutEndpoint(e); err != nil {
+	commit, err := h.store.StageEndpoint(e)
+	if err != nil {
 		return fail(err)
 	}
+	written := make(chan error, 1)
+	go func() { written <- commit() }()
 	h.mu.Lock()
 	unreserve() // the store holds the netns now
 	h.mu.Unlock()
 	undo = append(undo, func() {
+		// After the write: the delete waits for it.
 		h.logErr("forget endpoint", h.store.DeleteEndpoint(ns, name))
 		h.rec.Request() // take its entries out of the maps again
 	})
-	phases.mark("store")
+	phases.mark("staged")
 
 	// Wait for the datapath loop to take the endpoint: its identity and
 	// policy are enforced when the add returns, before the pod runs. That
 	// loop writes the maps only (see agent.reconcile), and adds that
 	// arrive together share its runs.
-	if err := h.rec.Converge(ctx); err != nil {
-		return fail(fmt.Errorf("the datapath did not take endpoint %s/%s, so it was rolled back: %w", ns, name, err))
-	}
+	convergeErr := h.rec.Converge(ctx)
 	phases.mark("datapath")
+	if err := <-written; err != nil {
+		return fail(fmt.Errorf("store endpoint %s/%s: %w", ns, name, err))
+	}
+	phases.mark("store")
+	if convergeErr != nil {
+		return fail(fmt.Errorf("the datapath did not take endpoint %s/%s, so it was rolled back: %w", ns, name, convergeErr))
+	}
 	h.mu.Lock()
 	h.mesh.EndpointAddedLocked(e)
 	h.mu.Unlock()

@@ -224,6 +224,51 @@ func (s *Store) PutEndpoint(e Endpoint) error {
 		return err
 	}
 	defer s.keys.Lock(e.Key())()
+	if err := s.writeEndpoint(e); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.endpoints[e.Key()] = e.clone()
+	s.changed(e.Key())
+	return nil
+}
+
+// StageEndpoint adds a new endpoint to memory at once, so that the
+// datapath can take it while its file is written, and returns the function
+// that writes the file (as PutEndpoint does). An add answers only after
+// commit returned nil, so an endpoint is durable before its caller hears
+// of it, while the maps may hold it a moment before the disk does: a
+// restart in that moment finds no file, the maps are rebuilt from the
+// files, and the caller, never answered, tries again.
+//
+// commit must be called once; the endpoint's other calls (a delete) wait
+// for it. When it fails the endpoint is still in memory, and the caller
+// removes it with DeleteEndpoint, as for any add rolled back. An endpoint
+// that exists already is an error: replacing one goes through PutEndpoint.
+func (s *Store) StageEndpoint(e Endpoint) (commit func() error, err error) {
+	if err := checkFileName(e.Namespace, e.Name); err != nil {
+		return nil, err
+	}
+	unlock := s.keys.Lock(e.Key())
+	s.mu.Lock()
+	if _, ok := s.endpoints[e.Key()]; ok {
+		s.mu.Unlock()
+		unlock()
+		return nil, fmt.Errorf("endpoint %s exists already", e.Key())
+	}
+	s.endpoints[e.Key()] = e.clone()
+	s.changed(e.Key())
+	s.mu.Unlock()
+	return sync.OnceValue(func() error {
+		defer unlock()
+		return s.writeEndpoint(e)
+	}), nil
+}
+
+// writeEndpoint writes e's file, the next endpoint ID first if it moved.
+// The caller holds e's key lock.
+func (s *Store) writeEndpoint(e Endpoint) error {
 	if err := s.saveNextID(); err != nil {
 		return err
 	}
@@ -233,15 +278,12 @@ func (s *Store) PutEndpoint(e Endpoint) error {
 	if afterEndpointWrite != nil {
 		afterEndpointWrite(e)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.endpoints[e.Key()] = e.clone()
-	s.changed(e.Key())
 	return nil
 }
 
-// afterEndpointWrite, when set (tests), runs in PutEndpoint between the
-// endpoint's file and its entry in memory: a write that takes its time.
+// afterEndpointWrite, when set (tests), runs after an endpoint's file is
+// written (in PutEndpoint before its entry in memory): a write that takes
+// its time.
 var afterEndpointWrite func(Endpoint)
 
 // saveNextID keeps EndpointIDsFile ahead of every ID given out so far.

@@ -567,3 +567,87 @@ func diffKeys(a, b []Endpoint) []string {
 	}
 	return out
 }
+
+// A staged endpoint is in memory before its file is written, reaches the
+// disk only through commit (a reopened store sees it only after), makes
+// a delete wait for the write, and cannot replace an endpoint; a commit
+// that fails leaves it in memory for the caller's DeleteEndpoint.
+func TestStageEndpoint(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	commit, err := s.StageEndpoint(testEndpoint("a", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := s.Endpoint("default", "a"); !ok {
+		t.Fatal("a staged endpoint is not in memory")
+	}
+	if s2, err := Open(dir); err != nil {
+		t.Fatal(err)
+	} else if _, ok := s2.Endpoint("default", "a"); ok {
+		t.Fatal("a staged endpoint was on disk before its commit")
+	}
+	del := make(chan error, 1)
+	go func() { del <- s.DeleteEndpoint("default", "a") }()
+	select {
+	case err := <-del:
+		t.Fatalf("a delete returned before the staged endpoint's commit (%v)", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	if err := commit(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-del; err != nil {
+		t.Fatal(err)
+	}
+
+	commit, err = s.StageEndpoint(testEndpoint("b", 3))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := commit(); err != nil {
+		t.Fatal(err)
+	}
+	if s2, err := Open(dir); err != nil {
+		t.Fatal(err)
+	} else if got, ok := s2.Endpoint("default", "b"); !ok || got.ID != 3 {
+		t.Fatalf("after the commit a reopened store has %+v (%v), want b", got, ok)
+	}
+	if _, err := s.StageEndpoint(testEndpoint("b", 5)); err == nil {
+		t.Fatal("an existing endpoint was staged again")
+	}
+
+	// A write that fails: a file stands where the endpoints directory was.
+	commit, err = s.StageEndpoint(testEndpoint("c", 4))
+	if err != nil {
+		t.Fatal(err)
+	}
+	epDir := filepath.Join(dir, EndpointsDir)
+	if err := os.RemoveAll(epDir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(epDir, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := commit(); err == nil {
+		t.Fatal("a commit into a file succeeded")
+	}
+	if err := os.Remove(epDir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(epDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := s.Endpoint("default", "c"); !ok {
+		t.Fatal("a failed commit took the endpoint out of memory; the caller's rollback does")
+	}
+	if err := s.DeleteEndpoint("default", "c"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := s.Endpoint("default", "c"); ok {
+		t.Fatal("the rollback left the endpoint")
+	}
+}

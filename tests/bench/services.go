@@ -221,6 +221,7 @@ func serviceBackendBench(ctx context.Context) error {
 	if err := prof.stop(); err != nil {
 		return err
 	}
+	addsInOrder := slices.Clone(adds)
 	for _, s := range [][]time.Duration{all, dels, adds, calls} {
 		slices.Sort(s)
 	}
@@ -251,6 +252,15 @@ func serviceBackendBench(ctx context.Context) error {
 		line("service-backend-add-datapath-p50", ms(pct(dp, 50)), "ms",
 			fmt.Sprintf("info: of each add, the wait for the datapath loop to take it; p99 %.2f ms", ms(pct(dp, 99))))
 		progress("service-backend: the adds' phases, p50/p99 ms: %s", phaseSummary(phases))
+		// The slowest adds, phase by phase: what their tail is made of.
+		order := make([]int, len(addsInOrder))
+		for i := range order {
+			order[i] = i
+		}
+		slices.SortFunc(order, func(a, b int) int { return int(addsInOrder[b] - addsInOrder[a]) })
+		for _, i := range order[:min(3, len(order))] {
+			progress("service-backend: an add of %.2f ms: %s", ms(addsInOrder[i]), phaseSummary(phases[i:i+1]))
+		}
 	} else {
 		progress("service-backend: the adds' phases: %v", err)
 	}
