@@ -155,16 +155,6 @@ func (d *Datapath) attachTCX(ifname string, ifindex int, dir string, at ebpf.Att
 	return nil
 }
 
-// DetachEndpoint removes the programs from a pod's host-side veth. Deleting
-// the veth detaches them too; this also drops the pins.
-func (d *Datapath) DetachEndpoint(ifname string) error {
-	err := d.detachPinned(ifname)
-	if nl, lerr := netlink.LinkByName(ifname); lerr == nil {
-		err = errors.Join(err, d.detachClsact(nl.Attrs().Index))
-	}
-	return err
-}
-
 // ReleaseEndpoint lets go of the programs of a pod's host-side veth that
 // is about to be deleted: the deletion removes its tc filters with it, so
 // only tcx pins are dropped here. A netlink request the RTNL lock queues

@@ -118,11 +118,18 @@ func TestAttachEndpointModes(t *testing.T) {
 		}
 		check(s.step, s.mode)
 	}
-	if err := d.DetachEndpoint(name); err != nil {
+	// ReleaseEndpoint (a veth about to be deleted) drops the tcx links'
+	// pins, which detaches them; tc filters go with the veth.
+	d.SetEndpointAttach(AttachTCX)
+	if err := d.AttachEndpoint(name, ifindex); err != nil {
+		t.Fatal(err)
+	}
+	check("tcx before the release", AttachTCX)
+	if err := d.ReleaseEndpoint(name); err != nil {
 		t.Fatal(err)
 	}
 	if tcx, tc := attachedPrograms(t, ifindex); len(tcx)+len(tc) != 0 {
-		t.Fatalf("after DetachEndpoint: tcx %v, tc %v", tcx, tc)
+		t.Fatalf("after ReleaseEndpoint: tcx %v, tc %v", tcx, tc)
 	}
 }
 

@@ -31,13 +31,17 @@ type want struct {
 
 // plan is what a device with s should hold under c: the configured size,
 // capped by its tso_max_size; 65536 where that leaves nothing above it.
-func plan(c Config, s sizes) want {
+func plan(c Config, s sizes) want { return planFor(c, s.tsoMax, s.v4Supported()) }
+
+// planFor is plan for a device that takes GSO packets up to tsoMax (0: any
+// size the kernel does) on a kernel that has the IPv4 attributes or not.
+func planFor(c Config, tsoMax uint32, v4Supported bool) want {
 	w := want{v6: LegacySize, v4: LegacySize}
 	size := uint32(c.Size)
-	if s.tsoMax > 0 && s.tsoMax < size {
-		size = s.tsoMax
+	if tsoMax > 0 && tsoMax < size {
+		size = tsoMax
 	}
-	tooSmall := fmt.Sprintf("tso_max_size %d: the device takes no GSO packet beyond 64 KiB", s.tsoMax)
+	tooSmall := fmt.Sprintf("tso_max_size %d: the device takes no GSO packet beyond 64 KiB", tsoMax)
 	if c.Enabled(true) {
 		if size > LegacySize {
 			w.v6 = size
@@ -47,7 +51,7 @@ func plan(c Config, s sizes) want {
 	}
 	if c.Enabled(false) {
 		switch {
-		case !s.v4Supported():
+		case !v4Supported:
 			w.why4 = "the kernel has no IPv4 BIG TCP (gso_ipv4_max_size, Linux >= 6.3)"
 		case size > LegacySize:
 			w.v4 = size

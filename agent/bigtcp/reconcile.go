@@ -423,11 +423,7 @@ func (r *Reconciler) VethSizes(mtu int) (endpoint.Sizes, int) {
 	}
 	// A veth takes any size the kernel does (its tso_max_size is the
 	// kernel's largest); the sizes as created are checked (createdSized).
-	s := sizes{}
-	if r.v4ok {
-		s.gso4 = 1 // only says the kernel has the IPv4 attributes
-	}
-	w := plan(r.cfg, s)
+	w := planFor(r.cfg, 0, r.v4ok)
 	sz := endpoint.Sizes{GSO: w.v6, GRO: w.v6}
 	if r.v4ok {
 		sz.GSOIPv4, sz.GROIPv4 = w.v4, w.v4
