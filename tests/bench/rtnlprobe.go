@@ -25,6 +25,8 @@ type rtnlProbe struct {
 	done  chan struct{}
 	lat   []time.Duration
 	err   error
+	start time.Time
+	span  time.Duration // from the first request to the stop
 }
 
 func startRTNLProbe(every time.Duration) (*rtnlProbe, error) {
@@ -56,6 +58,8 @@ func startRTNLProbe(every time.Duration) (*rtnlProbe, error) {
 			return
 		}
 		defer s.Close()
+		p.start = time.Now()
+		defer func() { p.span = time.Since(p.start) }()
 		ready <- nil
 		m := nl.NewIfInfomsg(unix.AF_UNSPEC)
 		m.Index, m.Flags, m.Change = 1, unix.IFF_UP, unix.IFF_UP
@@ -87,6 +91,22 @@ func (p *rtnlProbe) Stop() ([]time.Duration, error) {
 	<-p.done
 	p.remove()
 	return p.lat, p.err
+}
+
+// stalled is the share of the probe's span it spent in requests that
+// waited longer than over: the percentiles count a long stall once, as one
+// request, however long it held every other request up.
+func (p *rtnlProbe) stalled(over time.Duration) float64 {
+	var sum time.Duration
+	for _, l := range p.lat {
+		if l > over {
+			sum += l
+		}
+	}
+	if p.span <= 0 {
+		return 0
+	}
+	return float64(sum) / float64(p.span)
 }
 
 func (p *rtnlProbe) remove() { _ = exec.Command("ip", "netns", "del", p.netns).Run() }

@@ -28,3 +28,15 @@ time=x level=INFO msg="endpoint added" name=b took=9ms phases="labels=0s address
 		}
 	}
 }
+
+// The probe's stalled share counts the time of the long waits, not their
+// number.
+func TestProbeStalled(t *testing.T) {
+	p := &rtnlProbe{lat: []time.Duration{time.Millisecond, 20 * time.Millisecond, 30 * time.Millisecond}, span: 100 * time.Millisecond}
+	if got := p.stalled(10 * time.Millisecond); got != 0.5 {
+		t.Errorf("stalled %v, want 0.5", got)
+	}
+	if got := (&rtnlProbe{}).stalled(time.Millisecond); got != 0 {
+		t.Errorf("stalled of an empty probe %v, want 0", got)
+	}
+}
