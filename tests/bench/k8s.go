@@ -210,7 +210,7 @@ func k8sCNIAdd(ctx context.Context, k *kube.Cluster, c *lab.Cluster) error {
 	line("k8s-cni-add-p99", ms(pct(durs, 99)), "ms", k8sCNIAddGoal)
 	slices.Sort(waits)
 	line("k8s-rtnl-request-during-burst-p99", ms(pct(waits, 99)), "ms",
-		fmt.Sprintf("info: one rtnetlink request that takes the RTNL lock (lo up in a namespace of its own), every 5 ms while the %d pods started (%d requests): what each RTNL request of a pod's plumbing waits then; p50 %.2f ms, p90 %.2f ms, max %.2f ms; %.0f%% of the time in waits over 10 ms", n, len(waits), ms(pct(waits, 50)), ms(pct(waits, 90)), ms(waits[len(waits)-1]), 100*probe.stalled(10*time.Millisecond)))
+		fmt.Sprintf("info: one rtnetlink request that takes the RTNL lock (lo up in a namespace of its own), every 5 ms while the %d pods started (%d requests): what each RTNL request of a pod's plumbing waits then; p50 %.2f ms, p90 %.2f ms, max %.2f ms; %.0f%% of the time in waits over 10 ms, %.0f%% over 100 ms", n, len(waits), ms(pct(waits, 50)), ms(pct(waits, 90)), ms(waits[len(waits)-1]), 100*probe.stalled(10*time.Millisecond), 100*probe.stalled(100*time.Millisecond)))
 
 	// Clean up before the next measurements.
 	if err := deps.Delete(ctx, "cni-bench", metav1.DeleteOptions{}); err != nil {
