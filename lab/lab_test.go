@@ -609,3 +609,47 @@ func TestAddClusterServerOnlyTakesNoNodes(t *testing.T) {
 		t.Fatalf("the refused cluster left its router %s", ns.FullName())
 	}
 }
+
+// A process outlives the thread that asked for it: Linux sends a child's
+// Pdeathsig when the thread that forked it ends, and a goroutine that ends
+// locked to its thread (one that entered a namespace and did not come
+// back) ends that thread. Start and Exec fork from the lab's spawner
+// thread instead. Four goroutines ask, so that at least three run on
+// threads that end (the runtime keeps the main thread).
+func TestProcessOutlivesTheThreadThatStartedIt(t *testing.T) {
+	l := newLab(t)
+	n := mustNode(t, l, "n1")
+	ctx := context.Background()
+	type result struct {
+		p   *Proc
+		err error
+	}
+	results := make(chan result, 4)
+	for range 4 {
+		go func() {
+			runtime.LockOSThread() // never unlocked: the thread ends with this goroutine
+			p, err := n.Start(ctx, "sleep", "1000")
+			results <- result{p, err}
+		}()
+	}
+	var procs []*Proc
+	for range 4 {
+		r := <-results
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		procs = append(procs, r.p)
+	}
+	// The asking threads are gone (or going) now; give a SIGKILL time to land.
+	time.Sleep(500 * time.Millisecond)
+	for i, p := range procs {
+		if p.Exited() {
+			t.Errorf("process %d died with the thread that started it: %v", i, p.Wait())
+		}
+	}
+	for _, p := range procs {
+		if err := p.Kill(); err != nil {
+			t.Error(err)
+		}
+	}
+}

@@ -66,7 +66,7 @@ func (ns *Netns) StartEnv(ctx context.Context, env []string, args ...string) (*P
 		l.mu.Unlock()
 		return nil, err
 	}
-	if err := cmd.Start(); err != nil {
+	if err := StartCommand(cmd); err != nil {
 		l.mu.Unlock()
 		return nil, fmt.Errorf("lab: start %q in %s: %w", strings.Join(args, " "), ns.full, err)
 	}

@@ -406,6 +406,13 @@ func endpointsByName(ctx context.Context, c *lab.Cluster) (map[string]api.Endpoi
 	for _, a := range c.Agents {
 		eps, err := api.NewClient(a.Socket).ListEndpoints(ctx)
 		if err != nil {
+			// Whether the agent is still there says which side failed.
+			select {
+			case <-a.Proc.Done():
+				err = fmt.Errorf("%w; the agent exited: %v", err, a.Proc.Wait())
+			case <-time.After(time.Second):
+				err = fmt.Errorf("%w; the agent still runs (pid %d)", err, a.Proc.Pid())
+			}
 			return nil, fmt.Errorf("endpoints of %s: %w", a.Node.NodeName(), err)
 		}
 		for _, e := range eps {

@@ -293,7 +293,7 @@ func captureGARP(ctx context.Context, client *lab.SegmentClient, addr netip.Addr
 	cmd := client.Command(cctx, "tcpdump", "-l", "-nn", "-e", "--time-stamp-precision=micro", "-tt", "-i", client.Dev, "arp")
 	var out strings.Builder
 	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
+	if err := lab.StartCommand(cmd); err != nil {
 		return 0, 0, err
 	}
 	for i := 0; i < 250 && !strings.Contains(out.String(), "listening on"); i++ {

@@ -45,9 +45,23 @@ func startRTNLProbe(every time.Duration) (*rtnlProbe, error) {
 	go func() {
 		defer close(p.done)
 		defer ns.Close()
-		// The thread stays in the probe's namespace: locked, it ends with
-		// this goroutine.
+		// The thread goes back to the node's namespace before it is
+		// unlocked: a goroutine that ends locked ends its thread too, and
+		// the lab's processes started from that thread would get SIGKILL
+		// (their Pdeathsig).
 		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			ready <- err
+			return
+		}
+		defer orig.Close()
+		defer func() {
+			if netns.Set(orig) == nil {
+				runtime.UnlockOSThread()
+			}
+		}()
 		if err := netns.Set(ns); err != nil {
 			ready <- err
 			return

@@ -348,7 +348,7 @@ func (x *l2Lab) captureGratuitous(t *testing.T, ctx context.Context, fn func()) 
 	cmd := x.client.Command(cctx, "tcpdump", "-l", "-nn", "-e", "-i", x.client.Dev, "arp")
 	var out strings.Builder
 	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
+	if err := lab.StartCommand(cmd); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(5 * time.Second)
@@ -410,7 +410,7 @@ func (x *l2Lab) captureReplies(t *testing.T, ctx context.Context, addr netip.Add
 	cmd := x.client.Command(cctx, "tcpdump", "-l", "-nn", "-e", "-vv", "-i", x.client.Dev, "arp or (icmp6 and ip6[40] == 136)")
 	var out strings.Builder
 	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
+	if err := lab.StartCommand(cmd); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(5 * time.Second)
