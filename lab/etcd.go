@@ -108,7 +108,7 @@ func (e *EtcdCluster) Ctl(ctx context.Context, members []*EtcdMember, args ...st
 		"--dial-timeout", "3s", "--command-timeout", "10s"}, args...)
 	cmd := e.cluster.Router.Command(ctx, full...)
 	cmd.Env = append(cmd.Env, "ETCDCTL_API=3")
-	out, err := cmd.CombinedOutput()
+	out, err := CombinedOutput(cmd)
 	if err != nil {
 		return out, fmt.Errorf("etcdctl %s (members %s): %v: %s", strings.Join(args, " "), strings.Join(eps, ","), err, strings.TrimSpace(string(out)))
 	}

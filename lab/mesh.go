@@ -470,7 +470,7 @@ func (c *Cluster) CLI(ctx context.Context, args ...string) ([]byte, error) {
 	// The server listens inside the router's namespace; reach it from there.
 	cmd := c.Router.Command(ctx, append([]string{cli}, args...)...)
 	cmd.Env = append(os.Environ(), "ISTHMUS_KVSTORE_ENDPOINTS="+c.ServerAddr(), "ISTHMUS_KVSTORE_BUNDLE="+c.Bundle("root"))
-	out, err := cmd.CombinedOutput()
+	out, err := CombinedOutput(cmd)
 	if err != nil {
 		return out, fmt.Errorf("isthmus %s (cluster %s): %v: %s", strings.Join(args, " "), c.Name, err, strings.TrimSpace(string(out)))
 	}

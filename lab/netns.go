@@ -202,8 +202,8 @@ func (ns *Netns) Handle() (*netlink.Handle, error) {
 // Command returns an *exec.Cmd that runs args in the namespace through
 // `nsenter --net=<path> --`, in its own process group, with EnvPrefix set.
 // Exec and Start use it; it is exported for callers that need stdin or pipes,
-// who start it with StartCommand (see spawn.go: the command dies with the
-// thread that started it).
+// who start it with StartCommand or CombinedOutput (see spawn.go: the
+// command dies with the thread that started it).
 func (ns *Netns) Command(ctx context.Context, args ...string) *exec.Cmd {
 	argv := append([]string{"--net=" + ns.Path(), "--"}, args...)
 	cmd := exec.CommandContext(ctx, "nsenter", argv...)
@@ -228,14 +228,7 @@ func (ns *Netns) Exec(ctx context.Context, args ...string) ([]byte, error) {
 	if len(args) == 0 {
 		return nil, errors.New("lab: Exec: no command")
 	}
-	cmd := ns.Command(ctx, args...)
-	var b bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &b, &b
-	err := StartCommand(cmd)
-	if err == nil {
-		err = cmd.Wait()
-	}
-	out := b.Bytes()
+	out, err := CombinedOutput(ns.Command(ctx, args...))
 	if err != nil {
 		return out, fmt.Errorf("lab: %q in %s: %w: %s", strings.Join(args, " "), ns.full, err, bytes.TrimSpace(out))
 	}

@@ -1,6 +1,7 @@
 package lab
 
 import (
+	"bytes"
 	"os/exec"
 	"runtime"
 	"sync"
@@ -41,4 +42,16 @@ func StartCommand(cmd *exec.Cmd) error {
 	r := spawnRequest{cmd: cmd, err: make(chan error, 1)}
 	spawns <- r
 	return <-r.err
+}
+
+// CombinedOutput is cmd.CombinedOutput with cmd started on the spawner
+// thread.
+func CombinedOutput(cmd *exec.Cmd) ([]byte, error) {
+	var b bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &b, &b
+	err := StartCommand(cmd)
+	if err == nil {
+		err = cmd.Wait()
+	}
+	return b.Bytes(), err
 }

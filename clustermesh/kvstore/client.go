@@ -38,6 +38,8 @@ type Config struct {
 	MaxRetries int
 	// BackoffMin and BackoffMax bound the jittered exponential waits
 	// between retries and between watch re-lists. Defaults 50 ms and 5 s.
+	// BackoffMax also caps the wait before etcd is dialled again (which
+	// starts at dialBackoffMin).
 	BackoffMin, BackoffMax time.Duration
 	// Logger receives the client's log lines. Default slog.Default().
 	Logger *slog.Logger

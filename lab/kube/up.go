@@ -296,7 +296,7 @@ func (kl *Lab) HelmInstall(ctx context.Context, i int, verb string, extra ...str
 		"-f", kl.Values[i], "--timeout", "5m"}, extra...)
 	cmd := k.ControlPlane.Command(ctx, args...)
 	cmd.Env = append(os.Environ(), "HELM_CACHE_HOME="+home+"/cache", "HELM_CONFIG_HOME="+home+"/config", "HELM_DATA_HOME="+home+"/data")
-	if out, err := cmd.CombinedOutput(); err != nil {
+	if out, err := lab.CombinedOutput(cmd); err != nil {
 		return fmt.Errorf("lab: cluster %s: helm %s: %v\n%s%s", k.Name, verb, err, out, kl.Diagnose(i))
 	}
 	return nil

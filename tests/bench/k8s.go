@@ -168,7 +168,11 @@ func k8sCNIAdd(ctx context.Context, k *kube.Cluster, c *lab.Cluster) error {
 	n := *k8sCNIPods
 	labels := map[string]string{"app": "cni-bench"}
 	deps := k.Client.AppsV1().Deployments("default")
-	probe, err := startRTNLProbe(5 * time.Millisecond)
+	probeNs, err := c.Lab().AddPodNetns("rtnlprobe")
+	if err != nil {
+		return err
+	}
+	probe, err := startRTNLProbe(probeNs, 5*time.Millisecond)
 	if err != nil {
 		return err
 	}

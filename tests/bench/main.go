@@ -478,7 +478,7 @@ func iptablesCPS(ctx context.Context, l *lab.Lab) (float64, float64, error) {
 		b.WriteString("COMMIT\n")
 		cmd := router.Command(ctx, "iptables-restore")
 		cmd.Stdin = strings.NewReader(b.String())
-		if out, err := cmd.CombinedOutput(); err != nil {
+		if out, err := lab.CombinedOutput(cmd); err != nil {
 			return fmt.Errorf("iptables-restore: %v: %s", err, out)
 		}
 		return nil

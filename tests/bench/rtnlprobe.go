@@ -1,18 +1,13 @@
 package main
 
 import (
-	"crypto/rand"
-	"encoding/hex"
-	"fmt"
-	"os/exec"
-	"runtime"
 	"time"
 
 	"github.com/vishvananda/netlink/nl"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/isthmus-mesh/isthmus/internal/nlbatch"
+	"github.com/isthmus-mesh/isthmus/lab"
 )
 
 // rtnlProbe times one rtnetlink request that takes the kernel's RTNL lock
@@ -20,80 +15,57 @@ import (
 // else) again and again: how long any request of a pod's plumbing waits
 // for that lock, one for the whole host, at that moment.
 type rtnlProbe struct {
-	netns string
-	stop  chan struct{}
-	done  chan struct{}
-	lat   []time.Duration
-	err   error
-	start time.Time
-	span  time.Duration // from the first request to the stop
+	stop chan struct{}
+	done chan struct{}
+	lat  []time.Duration
+	err  error
+	span time.Duration // from the first request to the stop
 }
 
-func startRTNLProbe(every time.Duration) (*rtnlProbe, error) {
-	b := make([]byte, 4)
-	_, _ = rand.Read(b)
-	p := &rtnlProbe{netns: "isthprobe-" + hex.EncodeToString(b), stop: make(chan struct{}), done: make(chan struct{})}
-	if out, err := exec.Command("ip", "netns", "add", p.netns).CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("ip netns add %s: %v: %s", p.netns, err, out)
-	}
-	ns, err := netns.GetFromName(p.netns)
-	if err != nil {
-		p.remove()
-		return nil, err
-	}
+// startRTNLProbe runs the probe in ns (a namespace of the lab's, which
+// removes it) every so often until Stop.
+func startRTNLProbe(ns *lab.Netns, every time.Duration) (*rtnlProbe, error) {
+	p := &rtnlProbe{stop: make(chan struct{}), done: make(chan struct{})}
 	ready := make(chan error, 1)
 	go func() {
 		defer close(p.done)
-		defer ns.Close()
-		// The thread goes back to the node's namespace before it is
-		// unlocked: a goroutine that ends locked ends its thread too, and
-		// the lab's processes started from that thread would get SIGKILL
-		// (their Pdeathsig).
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
+		started := false
+		// Do returns the thread to the node's namespace and unlocks it: a
+		// thread that ended here would take the lab processes it started
+		// with it (their Pdeathsig).
+		err := ns.Do(func() error {
+			s, err := nlbatch.Open(0)
+			if err != nil {
+				return err
+			}
+			defer s.Close()
+			started = true
+			ready <- nil
+			start := time.Now()
+			defer func() { p.span = time.Since(start) }()
+			m := nl.NewIfInfomsg(unix.AF_UNSPEC)
+			m.Index, m.Flags, m.Change = 1, unix.IFF_UP, unix.IFF_UP
+			for {
+				select {
+				case <-p.stop:
+					return nil
+				case <-time.After(every):
+				}
+				t0 := time.Now()
+				if err := s.Do(nlbatch.New("set lo up", unix.RTM_NEWLINK, 0, m)); err != nil {
+					return err
+				}
+				p.lat = append(p.lat, time.Since(t0))
+			}
+		})
+		if !started {
 			ready <- err
 			return
 		}
-		defer orig.Close()
-		defer func() {
-			if netns.Set(orig) == nil {
-				runtime.UnlockOSThread()
-			}
-		}()
-		if err := netns.Set(ns); err != nil {
-			ready <- err
-			return
-		}
-		s, err := nlbatch.Open(0)
-		if err != nil {
-			ready <- err
-			return
-		}
-		defer s.Close()
-		p.start = time.Now()
-		defer func() { p.span = time.Since(p.start) }()
-		ready <- nil
-		m := nl.NewIfInfomsg(unix.AF_UNSPEC)
-		m.Index, m.Flags, m.Change = 1, unix.IFF_UP, unix.IFF_UP
-		for {
-			select {
-			case <-p.stop:
-				return
-			case <-time.After(every):
-			}
-			t0 := time.Now()
-			if err := s.Do(nlbatch.New("set lo up", unix.RTM_NEWLINK, 0, m)); err != nil {
-				p.err = err
-				return
-			}
-			p.lat = append(p.lat, time.Since(t0))
-		}
+		p.err = err
 	}()
 	if err := <-ready; err != nil {
 		<-p.done
-		p.remove()
 		return nil, err
 	}
 	return p, nil
@@ -103,7 +75,6 @@ func startRTNLProbe(every time.Duration) (*rtnlProbe, error) {
 func (p *rtnlProbe) Stop() ([]time.Duration, error) {
 	close(p.stop)
 	<-p.done
-	p.remove()
 	return p.lat, p.err
 }
 
@@ -122,5 +93,3 @@ func (p *rtnlProbe) stalled(over time.Duration) float64 {
 	}
 	return float64(sum) / float64(p.span)
 }
-
-func (p *rtnlProbe) remove() { _ = exec.Command("ip", "netns", "del", p.netns).Run() }
